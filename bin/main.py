@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""mgmlora command line: `python bin/main.py {fit,validate,test,predict} --config configs/<x>.yaml`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
+
+from mgmlora.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""ChatDataModule: conversations in JSONL, pre-tokenised once, served in accumulation-aware batches."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
+from mgmlora.data.collate import pad_collate
+from mgmlora.data.sampling import WindowBatchSampler, WindowKey
+
+log = logging.getLogger(__name__)
+
+
+class _Samples(Dataset):
+    """Pre-tokenised samples; indexed by int (evaluation) or by WindowKey (training)."""
+
+    def __init__(self, samples: list[TokenizedSample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | WindowKey) -> tuple[TokenizedSample, int | None]:
+        if isinstance(key, WindowKey):
+            return self.samples[key.index], key.window_tokens
+        return self.samples[key], None
+
+
+def _collate(items: list[tuple[TokenizedSample, int | None]], pad_id: int) -> dict:
+    return pad_collate([s for s, _ in items], pad_id, window_tokens=items[0][1])
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Chat JSONL files (`{"messages": [...]}` per line) for causal-LM fine-tuning.
+
+    Samples are tokenised once in `setup` through the model tokenizer's chat template; labels cover assistant turns
+    only. Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
+    `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
+
+    Args:
+        train_path: training conversations (JSONL).
+        val_path: validation conversations (JSONL); null disables validation.
+        test_path: conversations for the `test` subcommand (JSONL).
+        tokenizer_path: tokenizer directory; null uses the model's tokenizer.
+        max_length: longest sample in tokens (oldest turns are dropped first; a target that cannot fit is skipped).
+        train_on: supervise every assistant turn or only the last one.
+        batch_size: micro-batch size per device.
+        eval_batch_size: micro-batch size for validation/test.
+        num_workers: DataLoader worker processes (collation only; tokenisation happens once in setup).
+        shuffle: reshuffle training data every epoch.
+        seed: seed of the shuffling (same on every rank).
+        drop_last: drop the last incomplete global batch instead of wrapping around.
+    """
+
+    def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
+                 tokenizer_path: str | None = None, max_length: int = 2048, train_on: TrainOn = "all_assistant",
+                 batch_size: int = 1, eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits: dict[str, list[TokenizedSample]] = {}
+        self.tokenizer = None
+        self._resume: dict[str, int] | None = None
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _get_tokenizer(self):
+        if self.hparams.tokenizer_path:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.hparams.tokenizer_path, local_files_only=True)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or getattr(module, "tokenizer", None) is None:
+            raise ValueError("ChatDataModule needs a tokenizer: set data.tokenizer_path, or attach it to a trainer "
+                             "whose LightningModule has one.")
+        return module.tokenizer
+
+    def setup(self, stage: str) -> None:
+        """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
+        self.tokenizer = self.tokenizer or self._get_tokenizer()
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for split in wanted:
+            path = self.hparams.get(f"{split}_path")
+            if split in self.splits or path is None:
+                continue
+            chat = ChatTokenizer(self.tokenizer, self.hparams.max_length, self.hparams.train_on)
+            samples = [s for s in map(chat, read_chat_jsonl(path)) if s is not None]
+            if chat.skipped:
+                log.warning("%s: skipped %d conversation(s) whose final assistant turn cannot fit max_length=%d",
+                            path, chat.skipped, self.hparams.max_length)
+            if not samples:
+                raise ValueError(f"{path}: no usable sample (all {chat.skipped} exceed max_length="
+                                 f"{self.hparams.max_length}); raise data.max_length.")
+            self.splits[split] = samples
+        if stage == "validate" and "val" not in self.splits:
+            raise ValueError("`validate` needs data.val_path.")
+        if stage == "test" and "test" not in self.splits:
+            raise ValueError("`test` needs data.test_path.")
+
+    # -- loaders -------------------------------------------------------------------------------------------------
+    def _collate(self):
+        return functools.partial(_collate, pad_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        """Window-aware, rank-sharded, seeded training batches."""
+        trainer = self.trainer
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("set trainer.use_distributed_sampler: false. mgmlora's sampler shards the data across "
+                             "ranks itself (it must, to normalise the loss over the whole accumulation window).")
+        samples = self.splits["train"]
+        sampler = WindowBatchSampler(
+            [s.num_supervised for s in samples], batch_size=self.hparams.batch_size,
+            accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
+            rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
+        )
+        if self._resume:
+            sampler.resume_from(self._resume["epoch"], self._resume["batches_consumed"])
+        return DataLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate(),
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        samples = self.splits[split]
+        shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
+        return DataLoader(_Samples(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches (each rank gets a disjoint shard); empty when no val_path is set."""
+        return self._eval_loader("val") if "val" in self.splits else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches from `test_path`."""
+        return self._eval_loader("test")
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the current epoch, so that a resumed run sees exactly the remaining batches."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the position saved by `state_dict`."""
+        self._resume = dict(state_dict) or None

@@ -1,0 +1,87 @@
+"""Batches grouped into gradient-accumulation windows, with the window's supervised-token count attached.
+
+Why: the loss must be normalised by the number of supervised tokens of the *whole* optimizer step (every micro-batch
+of the accumulation window, on every rank), so that `accumulate_grad_batches=4` with batch 1 gives the same gradient
+as batch 4 without accumulation. A per-micro-batch mean weights short samples up; a mean of means is wrong whenever
+lengths differ. The count must be known when the window's *first* micro-batch is processed, before any backward.
+Every rank draws the same global permutation from (seed, epoch), so each rank can count the tokens of all ranks'
+micro-batches itself, with no communication. The sampler also resumes mid-epoch by skipping consumed batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class WindowKey:
+    """What the dataset receives instead of a bare index: the index and its window's global token count."""
+
+    index: int
+    window_tokens: int
+
+
+class WindowBatchSampler(Sampler[list[WindowKey]]):
+    """Deterministic, distributed-aware batch sampler whose batches know their accumulation window's token count.
+
+    Args:
+        num_supervised: supervised-token count of every sample, in dataset order.
+        batch_size: micro-batch size per rank.
+        accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches).
+        shuffle: draw a new permutation each epoch (seeded by `seed + epoch`); else dataset order.
+        seed: base seed of the permutation; identical on every rank.
+        rank: this process's rank; world_size: number of data-parallel ranks.
+        drop_last: drop the final global batch when it is incomplete; otherwise it is filled by wrapping around to the
+            start of the permutation (like torch's DistributedSampler), so that every rank runs the same number of steps.
+    """
+
+    def __init__(self, num_supervised: Sequence[int], batch_size: int, accumulate: int = 1, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        if batch_size < 1 or accumulate < 1:
+            raise ValueError(f"batch_size ({batch_size}) and accumulate ({accumulate}) must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.num_supervised = list(num_supervised)
+        self.batch_size, self.accumulate, self.shuffle, self.seed = batch_size, accumulate, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches_consumed: int) -> None:
+        """Skip the first `batches_consumed` batches when iterating `epoch` (mid-epoch resume)."""
+        self._resume = (epoch, batches_consumed)
+
+    def _global_batches(self) -> list[list[int]]:
+        n = len(self.num_supervised)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        step = self.batch_size * self.world_size
+        if n % step and not self.drop_last:
+            order += (order * (step // n + 1))[: step - n % step]
+        return [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
+
+    def __len__(self) -> int:
+        n, step = len(self.num_supervised), self.batch_size * self.world_size
+        return n // step if self.drop_last else -(-n // step)
+
+    def __iter__(self) -> Iterator[list[WindowKey]]:
+        batches = self._global_batches()
+        skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        for w in range(0, len(batches), self.accumulate):
+            window = batches[w : w + self.accumulate]
+            tokens = sum(self.num_supervised[i] for batch in window for i in batch)
+            for j, batch in enumerate(window):
+                if w + j < skip:
+                    continue
+                mine = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                yield [WindowKey(i, tokens) for i in mine]

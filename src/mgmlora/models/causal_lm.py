@@ -1,0 +1,168 @@
+"""Loading text causal LMs (Qwen3 dense and MoE, or any transformers causal LM) for LoRA training.
+
+Weights come only from a local directory (`model_path`), or are randomly initialised from a registry preset (tiny
+test models, or real shapes for benchmarks). Nothing is ever downloaded: every transformers call runs with
+`local_files_only=True`, and remote code stays off unless the user turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mgmlora.models.registry import MOE_MODEL_TYPES, ModelPreset, get_preset
+
+PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ModelArgs:
+    """Which model to train and how to load it.
+
+    Attributes:
+        preset: registry preset (architecture, MoE flag, LoRA anchoring). Required unless `model_path` is set.
+        model_path: local Hugging Face directory (config.json, *.safetensors or *.bin, tokenizer). Its weights are
+            loaded; when it is null the model is randomly initialised from the preset's architecture.
+        tokenizer_path: tokenizer directory; null means `model_path`.
+        dtype: dtype of the frozen base weights. bfloat16 on GPU; float32 is faster on CPU.
+        attn_implementation: `sdpa` (PyTorch's fused kernels, default), `flash_attention_2` (needs the `flash`
+            extra), `flex_attention` or `eager`.
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
+        trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
+        init_seed: seed for random initialisation (only used without `model_path`).
+    """
+
+    preset: PresetName | None = None
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset is None and self.model_path is None:
+            raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "(pip install 'mgmlora[flash]' --no-build-isolation); use `sdpa` otherwise, which runs PyTorch's "
+                "own flash kernels."
+            )
+
+
+def _check_model_dir(path: Path) -> None:
+    """Fails early, naming what is missing, instead of letting transformers try the Hub."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.model_path {str(path)!r} is not a directory. Point it at a local Hugging Face "
+                                "model directory (with config.json and weight files); mgmlora never downloads.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}/config.json is missing: model.model_path must be a Hugging Face model "
+                                "directory (download it once with `hf download <repo> --local-dir <dir>`).")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"{path} has config.json but no *.safetensors or *.bin weight files.")
+
+
+def resolve_preset(args: ModelArgs) -> ModelPreset | None:
+    """Returns the registry preset for `args` (None for an unregistered model loaded from `model_path`)."""
+    return get_preset(args.preset) if args.preset else None
+
+
+def is_moe(model: PreTrainedModel) -> bool:
+    """True when the model's MLPs are mixture-of-experts with fused expert weights."""
+    return getattr(model.config, "model_type", None) in MOE_MODEL_TYPES
+
+
+def build_config(args: ModelArgs):
+    """The transformers config of the model, without loading any weights."""
+    if args.model_path:
+        _check_model_dir(Path(args.model_path))
+        return AutoConfig.from_pretrained(
+            args.model_path, local_files_only=True, trust_remote_code=args.trust_remote_code
+        )
+    preset = get_preset(args.preset)
+    return AutoConfig.for_model(preset.model_type, **preset.architecture)
+
+
+def load_causal_lm(args: ModelArgs) -> PreTrainedModel:
+    """Loads (or randomly initialises) the causal LM described by `args`, ready for LoRA.
+
+    Safetensors are preferred over `.bin` files, and `.bin` files are read with `weights_only=True` (transformers'
+    own behaviour, pinned here with `use_safetensors=None`).
+    """
+    dtype = DTYPES[args.dtype]
+    common = dict(dtype=dtype, attn_implementation=args.attn_implementation)
+    if args.model_path:
+        _check_model_dir(Path(args.model_path))
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_path, local_files_only=True, trust_remote_code=args.trust_remote_code,
+            use_safetensors=None, **common,
+        )
+    else:
+        config = build_config(args)
+        torch.manual_seed(args.init_seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code, **common)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Turns on non-reentrant activation checkpointing.
+
+    Non-reentrant checkpointing works with frozen inputs (the embeddings of a LoRA model are frozen), so no input
+    require-grad hook is needed. transformers 5.23 renamed the method to `activation_checkpointing_enable`; older 5.x
+    releases (the GPU image runs 5.17) only have `gradient_checkpointing_enable`.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer from `tokenizer_path` or `model_path` and checks it can serve training.
+
+    Raises:
+        ValueError: when no tokenizer location is configured, or the tokenizer has no chat template.
+    """
+    path = args.tokenizer_path or args.model_path
+    if path is None:
+        raise ValueError(f"model.preset={args.preset} has no bundled weights or tokenizer: set model.tokenizer_path "
+                         "(tests/assets/tokenizer for the tiny presets) or model.model_path.")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (model.tokenizer_path / model_path).")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
+    if not tok.chat_template:
+        raise ValueError(f"the tokenizer in {path} has no chat template; mgmlora builds prompts through it. Add a "
+                         "chat_template.jinja to that directory.")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # only used for padding; padded positions are masked out of attention and loss
+    return tok
+
+
+def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Raises when the tokenizer can emit ids the embedding table does not have."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+                         f"{n_embed} rows; use the tokenizer that belongs to this model.")
+
+
+def describe_source(args: ModelArgs) -> str:
+    """One line saying where the weights come from, for the start-of-run report."""
+    if args.model_path:
+        cfg = json.loads((Path(args.model_path) / "config.json").read_text())
+        return f"weights from {args.model_path} ({cfg.get('model_type', '?')})"
+    return f"random init of preset {args.preset} (seed {args.init_seed})"

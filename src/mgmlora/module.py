@@ -1,0 +1,184 @@
+"""LoraLitModule: the one LightningModule for every model family.
+
+Family differences (how a model is built, where its decoder layers are) live in the loaders and the preset registry;
+this module only knows "a causal LM wrapped by PEFT" and the loss.
+
+Loss normalisation. The gradient of one optimizer step is d/dθ [ Σ token losses over the accumulation window, on all
+ranks ] / N_window, where N_window is the number of supervised tokens in that window (after the causal shift).
+Each micro-batch returns loss_sum * A * W / N_window: Lightning divides the returned loss by A
+(accumulate_grad_batches) and DDP averages gradients over the W ranks, which cancels both factors. N_window arrives
+with the batch, computed by the WindowBatchSampler before the window's first backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mgmlora.data.chat import IGNORE_INDEX
+from mgmlora.lora import LoraArgs, apply_lora, count_parameters, lora_report, plan_lora
+from mgmlora.models.causal_lm import (
+    ModelArgs,
+    build_config,
+    check_vocab,
+    describe_source,
+    is_moe,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_preset,
+)
+from mgmlora.optim import OptimArgs, build_optimizer
+
+
+def _norm(value):
+    """Config values compare equal whether a JSON round trip made them lists or they are still sets."""
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+class LoraLitModule(L.LightningModule):
+    """LoRA fine-tuning of a causal LM.
+
+    Args:
+        model: which model and how to load it.
+        lora: LoRA preset and overrides (PEFT field names).
+        optim: AdamW and learning-rate schedule.
+    """
+
+    def __init__(self, model: ModelArgs, lora: LoraArgs | None = None, optim: OptimArgs | None = None):
+        super().__init__()
+        self.model_args, self.lora_args, self.optim_args = model, lora or LoraArgs(), optim or OptimArgs()
+        self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
+                                   "optim": asdict(self.optim_args)})
+        self.tokenizer = load_tokenizer(self.model_args)  # small; the DataModule borrows it
+        self.vocab_size = build_config(self.model_args).vocab_size
+        self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
+        self.plan = None
+        self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
+        self.val_loss = MeanMetric()
+        self.val_token_acc = MulticlassAccuracy(num_classes=self.vocab_size, ignore_index=IGNORE_INDEX,
+                                                average="micro")
+        self._window_loss = 0.0
+        self._window_tokens = 0
+
+    # -- model -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Loads the base model and wraps it with LoRA (once; Lightning calls this for every stage)."""
+        if self.model is not None:
+            return
+        base = load_causal_lm(self.model_args)
+        check_vocab(base, self.tokenizer, "model")
+        preset = resolve_preset(self.model_args)
+        decoder_layers = preset.decoder_layers if preset else "model.layers"
+        self.plan = plan_lora(base, self.lora_args, decoder_layers=decoder_layers, moe=is_moe(base))
+        self.model = apply_lora(base, self.plan)
+        # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
+        self.model.peft_config["default"].base_model_name_or_path = self.model_args.model_path or self.model_args.preset
+        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{lora_report(self.model, self.plan)}")
+
+    def on_fit_start(self) -> None:
+        """Logs parameter counts and the LoRA report next to the run."""
+        trainable, total = count_parameters(self.model)
+        if self.logger is not None:
+            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("lora", "```\n" + lora_report(self.model, self.plan) + "\n```", 0)
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over supervised positions, their count, and the shifted logits."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, (targets != IGNORE_INDEX).sum(), logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One micro-batch; see the module docstring for the normalisation."""
+        loss_sum, n_tokens, _ = self._loss_sum(batch)
+        window = batch.get("window_tokens", n_tokens)  # plain loaders (no window sampler) fall back to a batch mean
+        self._window_loss = self._window_loss + loss_sum.detach()  # tensors: no host sync per micro-batch
+        self._window_tokens = self._window_tokens + n_tokens
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / window.clamp(min=1)
+        return loss_sum * scale
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step."""
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        loss = torch.as_tensor(self._window_loss, dtype=torch.float32) / max(int(self._window_tokens), 1)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._window_loss, self._window_tokens = 0.0, 0
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        loss_sum, n_tokens, logits = self._loss_sum(batch)
+        if n_tokens > 0:
+            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)  # token-weighted mean over the epoch
+            self.val_token_acc.update(logits.argmax(-1), batch["labels"][:, 1:])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulates token-weighted loss and token accuracy."""
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Same metrics as validation, logged under test/."""
+        self._eval_step(batch)
+
+    def _log_eval(self, prefix: str) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/ppl": torch.exp(loss.clamp(max=50)),
+                       f"{prefix}/token_acc": self.val_token_acc.compute()}, prog_bar=prefix == "val")
+        self.val_loss.reset()
+        self.val_token_acc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs val/loss, val/ppl (exp of the token-mean loss) and val/token_acc."""
+        if self.val_loss.update_count:
+            self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Logs test/loss, test/ppl and test/token_acc."""
+        if self.val_loss.update_count:
+            self._log_eval("test")
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        """AdamW over trainable parameters with warmup + decay over the run's optimizer steps."""
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 1
+        return build_optimizer(self.model, self.optim_args, total)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Replaces the full state dict with the PEFT adapter: checkpoints never contain the frozen base."""
+        checkpoint["state_dict"] = {}
+        checkpoint["peft"] = {"config": self.model.peft_config["default"],
+                              "adapter": get_peft_model_state_dict(self.model)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores the adapter saved by `on_save_checkpoint`, after checking it fits this configuration."""
+        peft = checkpoint.get("peft")
+        if peft is None:
+            raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
+        self.configure_model()
+        saved, current = peft["config"], self.model.peft_config["default"]
+        diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
+                 for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
+                 if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
+        if diffs:
+            raise ValueError("the checkpoint's adapter does not match the configured LoRA: " + "; ".join(diffs))
+        result = set_peft_model_state_dict(self.model, peft["adapter"])
+        if result.unexpected_keys:
+            raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")

@@ -1,0 +1,114 @@
+"""Builds the bundled sample data and the tiny tokenizer, offline and deterministically.
+
+Run once from the repository root (`python tests/assets/make_assets.py`); the outputs are committed so that no test
+or demo ever needs the network. The dialogues are synthetic: four invented characters, each with a fixed speaking
+style, so that a tiny model has something learnable and the demo's loss falls visibly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+CHARACTERS = {
+    "CAPTAIN MORROW": {
+        "profile": "a weathered sea captain who speaks in short, salty sentences",
+        "openers": ["Arr, steady now.", "Hold fast, sailor.", "By the tides,"],
+        "closers": ["Mind the rigging.", "The sea waits for no one.", "Now get to the deck."],
+    },
+    "LADY WREN": {
+        "profile": "a formal aristocrat who answers with elaborate courtesy",
+        "openers": ["My dear friend,", "How very kind of you to ask;", "If I may be so bold,"],
+        "closers": ["I remain ever at your service.", "Do give my regards to your family.", "How delightful."],
+    },
+    "DEX": {
+        "profile": "a cheerful surfer who is relaxed about everything",
+        "openers": ["Dude, totally.", "Whoa, chill.", "Oh man, no worries."],
+        "closers": ["Catch you on the next wave.", "It's all good, bro.", "Stay stoked."],
+    },
+    "DR. VOSS": {
+        "profile": "a precise scientist who answers with numbers and caveats",
+        "openers": ["Strictly speaking,", "The data suggest", "To a first approximation,"],
+        "closers": ["Error bars apply.", "Further experiments are needed.", "I will log this result."],
+    },
+}
+
+TOPICS = [
+    ("Where are we going tomorrow?", "we head north at first light"),
+    ("Did you see the storm last night?", "the storm was loud but brief"),
+    ("What should we eat for dinner?", "we eat whatever is fresh today"),
+    ("Can you help me with this map?", "the map shows a path along the river"),
+    ("Why are you awake so early?", "early hours are the quietest"),
+    ("Who left the door open?", "the door was open before I arrived"),
+    ("How long will the journey take?", "the journey takes about three days"),
+    ("Is the old bridge safe to cross?", "the old bridge holds if we go one at a time"),
+    ("What do you think of the new recruit?", "the new recruit learns quickly"),
+    ("Shall we light a fire?", "a small fire will keep the cold away"),
+]
+
+
+def _answer(rng: random.Random, style: dict, fact: str) -> str:
+    return f"{rng.choice(style['openers'])} {fact[0].upper() + fact[1:]}. {rng.choice(style['closers'])}"
+
+
+def make_dialogues(n: int, seed: int) -> list[dict]:
+    """Returns `n` chat records `{"messages": [...]}`, one character per record, 1-3 exchanges each."""
+    rng = random.Random(seed)
+    names = sorted(CHARACTERS)
+    records = []
+    for i in range(n):
+        name = names[i % len(names)]
+        style = CHARACTERS[name]
+        messages = [{"role": "system", "content": f"You are {name}, {style['profile']}. Stay in character."}]
+        for question, fact in rng.sample(TOPICS, k=rng.randint(1, 3)):
+            messages.append({"role": "user", "content": question})
+            messages.append({"role": "assistant", "content": _answer(rng, style, fact)})
+        records.append({"id": f"demo-{i:03d}", "character": name, "messages": messages})
+    return records
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = 512) -> None:
+    """Trains a byte-level BPE on `corpus` and saves it with a ChatML template (the layout Qwen3 uses)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<image>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 4096
+    tok.save_pretrained(out_dir)
+
+
+def main() -> None:
+    train, val = make_dialogues(96, seed=0), make_dialogues(16, seed=1)
+    for name, rows in (("persona_chat_train.jsonl", train), ("persona_chat_val.jsonl", val)):
+        with open(HERE / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    corpus = [m["content"] for r in train + val for m in r["messages"]] + ["system", "user", "assistant"]
+    build_tokenizer(corpus, HERE / "tokenizer")
+
+
+if __name__ == "__main__":
+    main()

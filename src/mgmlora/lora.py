@@ -207,7 +207,8 @@ def plan_lora(model: nn.Module, args: LoraArgs, decoder_layers: str = "model.lay
         init_lora_weights=args.init_lora_weights,
         exclude_modules=args.exclude_modules,
         modules_to_save=args.modules_to_save,
-        task_type="CAUSAL_LM",
+        # PeftModelForCausalLM for transformers LMs (generation helpers); a plain PeftModel for composite models.
+        task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
     return LoraPlan(config, modules, expert_params, values["lora_dropout"], skipped)
 

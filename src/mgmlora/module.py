@@ -165,7 +165,7 @@ class LoraLitModule(L.LightningModule):
         """Replaces the full state dict with the PEFT adapter: checkpoints never contain the frozen base."""
         checkpoint["state_dict"] = {}
         checkpoint["peft"] = {"config": self.model.peft_config["default"],
-                              "adapter": get_peft_model_state_dict(self.model)}
+                              "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter saved by `on_save_checkpoint`, after checking it fits this configuration."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
-
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,6 +27,26 @@ class _Samples(Dataset):
         if isinstance(key, WindowKey):
             return self.samples[key.index], key.window_tokens
         return self.samples[key], None
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning stores in checkpoints, so that a resumed run continues mid-epoch.
+
+    The position is the trainer's count of *processed* batches (not what the loader has prefetched), read through
+    `position_fn` when Lightning saves the checkpoint.
+    """
+
+    def __init__(self, *args, position_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches already trained on in it."""
+        return self._position_fn()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Makes the sampler skip the batches the checkpointed run already trained on."""
+        self.batch_sampler.resume_from(state["epoch"], state["batches_consumed"])
 
 
 def _collate(items: list[tuple[TokenizedSample, int | None]], pad_id: int) -> dict:
@@ -65,7 +83,6 @@ class ChatDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.splits: dict[str, list[TokenizedSample]] = {}
         self.tokenizer = None
-        self._resume: dict[str, int] | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _get_tokenizer(self):
@@ -117,10 +134,9 @@ class ChatDataModule(L.LightningDataModule):
             accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
             rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
         )
-        if self._resume:
-            sampler.resume_from(self._resume["epoch"], self._resume["batches_consumed"])
-        return DataLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate(),
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        return _ResumableLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate(),
+                                num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                                position_fn=self._position)
 
     def _eval_loader(self, split: str) -> DataLoader:
         samples = self.splits[split]
@@ -136,14 +152,6 @@ class ChatDataModule(L.LightningDataModule):
         """Test batches from `test_path`."""
         return self._eval_loader("test")
 
-    # -- resume --------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Where training stands in the current epoch, so that a resumed run sees exactly the remaining batches."""
-        if self.trainer is None:
-            return {}
+    def _position(self) -> dict[str, int]:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the position saved by `state_dict`."""
-        self._resume = dict(state_dict) or None

@@ -25,6 +25,28 @@ class WindowKey:
     window_tokens: int
 
 
+class SeededPermutation(Sampler[int]):
+    """The epoch's global sample order: a permutation drawn from `seed + epoch` (or dataset order).
+
+    It is the `.sampler` of WindowBatchSampler because Lightning calls `set_epoch` on `batch_sampler.sampler`.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
 class WindowBatchSampler(Sampler[list[WindowKey]]):
     """Deterministic, distributed-aware batch sampler whose batches know their accumulation window's token count.
 
@@ -46,14 +68,19 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_supervised = list(num_supervised)
-        self.batch_size, self.accumulate, self.shuffle, self.seed = batch_size, accumulate, shuffle, seed
+        self.sampler = SeededPermutation(len(self.num_supervised), shuffle, seed)
+        self.batch_size, self.accumulate = batch_size, accumulate
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed in it)
 
+    @property
+    def epoch(self) -> int:
+        """The current epoch (set through `self.sampler.set_epoch`)."""
+        return self.sampler.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
+        """Sets the epoch of the underlying permutation."""
+        self.sampler.set_epoch(epoch)
 
     def resume_from(self, epoch: int, batches_consumed: int) -> None:
         """Skip the first `batches_consumed` batches when iterating `epoch` (mid-epoch resume)."""
@@ -61,10 +88,7 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
 
     def _global_batches(self) -> list[list[int]]:
         n = len(self.num_supervised)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(n))
+        order = list(self.sampler)
         step = self.batch_size * self.world_size
         if n % step and not self.drop_last:
             order += (order * (step // n + 1))[: step - n % step]

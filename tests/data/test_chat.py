@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from mgmlora.data.chat import IGNORE_INDEX, ChatTokenizer, DataFormatError, read_chat_jsonl
+from tests.conftest import TRAIN
+
+CONV = [
+    {"role": "system", "content": "You are DEX."},
+    {"role": "user", "content": "Where are we going tomorrow?"},
+    {"role": "assistant", "content": "Dude, totally. We head north."},
+    {"role": "user", "content": "Shall we light a fire?"},
+    {"role": "assistant", "content": "Whoa, chill. A small fire will keep the cold away."},
+]
+
+
+def _supervised_text(tokenizer, sample):
+    return tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX])
+
+
+def test_labels_cover_only_assistant_turns_and_their_end_of_turn_token(tokenizer):
+    sample = ChatTokenizer(tokenizer, 512)(CONV)
+    assert len(sample.input_ids) == len(sample.labels)
+    assert _supervised_text(tokenizer, sample) == (
+        "Dude, totally. We head north.<|im_end|>Whoa, chill. A small fire will keep the cold away.<|im_end|>")
+    # every supervised position holds its own input token (labels are unshifted; the loss shifts)
+    assert all(y in (IGNORE_INDEX, x) for x, y in zip(sample.input_ids, sample.labels))
+    assert tokenizer.decode(sample.input_ids) == tokenizer.apply_chat_template(CONV, tokenize=False)
+
+
+def test_last_assistant_only(tokenizer):
+    sample = ChatTokenizer(tokenizer, 512, train_on="last_assistant")(CONV)
+    assert _supervised_text(tokenizer, sample) == "Whoa, chill. A small fire will keep the cold away.<|im_end|>"
+
+
+def test_truncation_drops_oldest_exchange_and_keeps_system_and_target(tokenizer):
+    full = len(ChatTokenizer(tokenizer, 512)(CONV).input_ids)
+    chat = ChatTokenizer(tokenizer, full - 1)
+    sample = chat(CONV)
+    text = tokenizer.decode(sample.input_ids)
+    assert "You are DEX." in text and "Where are we going" not in text and "Shall we light a fire?" in text
+    assert _supervised_text(tokenizer, sample).endswith("keep the cold away.<|im_end|>")
+    assert chat.skipped == 0
+
+
+def test_sample_whose_target_cannot_fit_is_skipped_and_counted(tokenizer):
+    chat = ChatTokenizer(tokenizer, 12)
+    assert chat(CONV) is None and chat.skipped == 1
+
+
+def test_reads_the_bundled_sample():
+    conversations = read_chat_jsonl(TRAIN)
+    assert len(conversations) == 96 and conversations[0][0]["role"] == "system"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", r"bad.jsonl:2: not valid JSON"),
+    (json.dumps({"text": "hi"}), r"bad.jsonl:2: missing key 'messages'"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), r"bad.jsonl:2: messages\[0\].role is 'bot'; use one"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}]}), r"messages\[0\].content must be a string"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"no message has role 'assistant'"),
+])
+def test_bad_records_name_file_line_and_key(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": CONV}) + "\n" + line + "\n")
+    with pytest.raises(DataFormatError, match=message):
+        read_chat_jsonl(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_chat_jsonl(tmp_path / "nope.jsonl")

@@ -1,0 +1,56 @@
+import pytest
+
+from mgmlora.data.sampling import WindowBatchSampler
+
+COUNTS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+
+
+def _batches(sampler):
+    return [[(k.index, k.window_tokens) for k in batch] for batch in sampler]
+
+
+def test_window_tokens_is_the_sum_over_the_window_on_all_ranks():
+    world, bs, acc = 2, 2, 2
+    per_rank = [_batches(WindowBatchSampler(COUNTS, bs, acc, seed=3, rank=r, world_size=world)) for r in range(world)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 11 samples, 4 per global batch, padded by wrap-around
+    for start in range(0, 3, acc):
+        window = [b for rank in per_rank for b in rank[start:start + acc]]
+        total = sum(COUNTS[i] for batch in window for i, _ in batch)
+        assert {w for batch in window for _, w in batch} == {total}
+
+
+def test_ranks_are_disjoint_and_cover_the_data():
+    seen = [i for r in range(3) for b in _batches(WindowBatchSampler(COUNTS, 1, 1, seed=0, rank=r, world_size=3))
+            for i, _ in b]
+    assert sorted(set(seen)) == list(range(len(COUNTS)))
+    assert len(seen) == 12  # padded to a multiple of world_size * batch_size
+
+
+def test_same_seed_same_order_and_epochs_differ():
+    a = WindowBatchSampler(COUNTS, 2, seed=7)
+    b = WindowBatchSampler(COUNTS, 2, seed=7)
+    assert _batches(a) == _batches(b)
+    b.set_epoch(1)
+    assert _batches(a) != _batches(b)
+    assert _batches(WindowBatchSampler(COUNTS, 2, shuffle=False))[0] == [(0, 4), (1, 4)]
+
+
+def test_resume_skips_exactly_the_consumed_batches():
+    full = _batches(WindowBatchSampler(COUNTS, 1, 4, seed=1))
+    resumed = WindowBatchSampler(COUNTS, 1, 4, seed=1)
+    resumed.resume_from(epoch=0, batches_consumed=4)
+    assert _batches(resumed) == full[4:]
+    resumed.set_epoch(1)  # other epochs are complete
+    assert len(_batches(resumed)) == len(full)
+
+
+def test_drop_last_and_len():
+    assert len(WindowBatchSampler(COUNTS, 4, drop_last=True)) == len(list(WindowBatchSampler(COUNTS, 4, drop_last=True)))
+    assert len(WindowBatchSampler(COUNTS, 4)) == 3
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        WindowBatchSampler(COUNTS, 0)
+    with pytest.raises(ValueError):
+        WindowBatchSampler(COUNTS, 1, rank=2, world_size=2)

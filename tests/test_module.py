@@ -1,0 +1,122 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mgmlora.checkpoint import AdapterCheckpointIO
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.lora import LoraArgs
+from mgmlora.models.causal_lm import ModelArgs
+from mgmlora.module import LoraLitModule
+from mgmlora.optim import OptimArgs
+from tests.conftest import TOKENIZER, TRAIN, tiny_model
+
+
+def _module(**lora):
+    model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32", gradient_checkpointing=False)
+    return LoraLitModule(model, LoraArgs(preset="balanced", lora_dropout=0.0, init_lora_weights="gaussian", **lora),
+                         OptimArgs(lr=1e-2, warmup_ratio=0.0))
+
+
+def _subset(tmp_path, n):
+    path = tmp_path / f"train{n}.jsonl"
+    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:n]))
+    return str(path)
+
+
+class _GradCapture(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+
+
+def _grads(train_path, batch_size, accumulate):
+    torch.manual_seed(0)
+    module, capture = _module(), _GradCapture()
+    data = ChatDataModule(train_path, batch_size=batch_size, shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[capture], plugins=[AdapterCheckpointIO()])
+    trainer.fit(module, data)
+    return capture.grads, module, data
+
+
+def test_accumulation_gives_the_same_gradient_as_one_big_batch(tmp_path):
+    path = _subset(tmp_path, 4)
+    big, module, data = _grads(path, batch_size=4, accumulate=1)
+    accumulated, _, _ = _grads(path, batch_size=1, accumulate=4)
+    assert big.keys() == accumulated.keys() and len(big) > 0
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # The test can fail: a mean of per-sample means (what per-micro-batch averaging gives) is a different gradient,
+    # because the samples' supervised-token counts differ.
+    counts = [s.num_supervised for s in data.splits["train"]]
+    assert len(set(counts)) > 1
+    fresh = _module()
+    fresh.configure_model()
+    fresh.model.load_state_dict(module.model.state_dict())
+    fresh.model.zero_grad()
+    for sample in data.splits["train"]:
+        batch = {"input_ids": torch.tensor([sample.input_ids]), "labels": torch.tensor([sample.labels]),
+                 "attention_mask": torch.ones(1, len(sample.input_ids), dtype=torch.long)}
+        loss_sum, n, _ = fresh._loss_sum(batch)
+        (loss_sum / n / 4).backward()
+    naive = {n: p.grad for n, p in fresh.model.named_parameters() if p.grad is not None}
+    assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
+
+
+def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2):
+    torch.manual_seed(0)
+    module = _module()
+    data = ChatDataModule(_subset(tmp_path, 16), batch_size=2, shuffle=True, seed=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / name, filename="{step:06d}", every_n_train_steps=every,
+                                 save_top_k=-1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[checkpoint], plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module
+
+
+def test_checkpoint_is_adapter_only_and_loads_with_plain_peft(tmp_path):
+    module = _fit(tmp_path, "a", max_steps=2)
+    ckpt = tmp_path / "a" / "step=000002.ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "trainer_state.pt"]
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["state_dict"] == {} and state["global_step"] == 2 and state["optimizer_states"]
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-qwen3"
+
+    reloaded = PeftModel.from_pretrained(tiny_model(), ckpt).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
+    straight = _fit(tmp_path, "straight", max_steps=6)  # 16 samples / batch 2 / accumulate 2 = 4 steps per epoch
+    resumed = _fit(tmp_path, "resumed", max_steps=6, ckpt_path=tmp_path / "straight" / "step=000002.ckpt")
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    for name, p in a.items():
+        if p.requires_grad:
+            torch.testing.assert_close(b[name], p, rtol=0, atol=1e-6, msg=name)
+    before = _module()
+    before.configure_model()
+    assert any(not torch.allclose(before.model.state_dict()[n], p) for n, p in a.items() if p.requires_grad)
+
+
+def test_resume_rejects_a_checkpoint_of_another_lora_config(tmp_path):
+    _fit(tmp_path, "a", max_steps=2)
+    module = _module(r=4)
+    data = ChatDataModule(_subset(tmp_path, 16), batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="r: checkpoint 16 vs config 4"):
+        trainer.fit(module, data, ckpt_path=tmp_path / "a" / "step=000002.ckpt")

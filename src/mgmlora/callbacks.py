@@ -45,8 +45,8 @@ class ThroughputMonitor(L.Callback):
             return
         self._sync(pl_module)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {"perf/tokens_per_s": self._tokens / elapsed, "perf/supervised_tokens_per_s": self._supervised / elapsed,
-                   "perf/step_time_s": elapsed}
+        metrics = {"perf/tokens_per_s": self._tokens / elapsed, "perf/step_time_s": elapsed,
+                   "perf/supervised_tokens_per_s": self._supervised / elapsed}
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["perf/peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30

@@ -168,7 +168,8 @@ def plan_lora(model: nn.Module, args: LoraArgs, decoder_layers: str = "model.lay
                 problems.append(f"lora.target_modules has {present} without {sorted(set(parts) - set(present))}: they "
                                 f"are fused into mlp.experts.{param} in transformers 5, so target both or neither")
             elif present:
-                expert_params += [n for n in fused if n.endswith("." + param) and not _excluded(n, args.exclude_modules)]
+                expert_params += [n for n in fused if n.endswith("." + param)
+                                  and not _excluded(n, args.exclude_modules)]
                 if len(parts) > 1:
                     rank_pattern[rf".*\.{param}"] = values["r"] * len(parts)
                     alpha_pattern[rf".*\.{param}"] = values["lora_alpha"] * len(parts)

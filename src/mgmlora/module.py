@@ -52,9 +52,9 @@ class LoraLitModule(L.LightningModule):
         optim: AdamW and learning-rate schedule.
     """
 
-    def __init__(self, model: ModelArgs, lora: LoraArgs | None = None, optim: OptimArgs | None = None):
+    def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs()):
         super().__init__()
-        self.model_args, self.lora_args, self.optim_args = model, lora or LoraArgs(), optim or OptimArgs()
+        self.model_args, self.lora_args, self.optim_args = model, lora, optim
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
                                    "optim": asdict(self.optim_args)})
         self.tokenizer = load_tokenizer(self.model_args)  # small; the DataModule borrows it

@@ -45,7 +45,8 @@ def test_resume_skips_exactly_the_consumed_batches():
 
 
 def test_drop_last_and_len():
-    assert len(WindowBatchSampler(COUNTS, 4, drop_last=True)) == len(list(WindowBatchSampler(COUNTS, 4, drop_last=True)))
+    dropped = WindowBatchSampler(COUNTS, 4, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 2
     assert len(WindowBatchSampler(COUNTS, 4)) == 3
 
 

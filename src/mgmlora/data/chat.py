@@ -33,7 +33,8 @@ def _check_messages(messages: object, where: str) -> list[dict]:
         if m["role"] not in ROLES:
             raise DataFormatError(f"{where}: messages[{i}].role is {m['role']!r}; use one of {', '.join(ROLES)}.")
         if not isinstance(m["content"], str):
-            raise DataFormatError(f"{where}: messages[{i}].content must be a string, got {type(m['content']).__name__}.")
+            kind = type(m["content"]).__name__
+            raise DataFormatError(f"{where}: messages[{i}].content must be a string, got {kind}.")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataFormatError(f"{where}: no message has role 'assistant', so there is nothing to learn; add the "
                               "reply to predict or remove the record.")
@@ -61,7 +62,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from err
+                raise DataFormatError(f"{where}: not valid JSON ({err.msg}); write one JSON object per line.") from err
             if not isinstance(record, dict) or "messages" not in record:
                 raise DataFormatError(f"{where}: missing key 'messages' (expected {{\"messages\": [...]}}).")
             conversations.append(_check_messages(record["messages"], where))
@@ -133,7 +134,7 @@ class ChatTokenizer:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             if len(enc["input_ids"]) <= self.max_length:
                 break
-            # Drop the oldest exchange after any leading system prompt, keeping the conversation starting on a user turn.
+            # Drop the oldest exchange after any leading system prompt; the rest still starts on a user turn.
             head = 1 if messages[0]["role"] == "system" else 0
             rest = messages[head + 1:]
             while rest and rest[0]["role"] != "user":

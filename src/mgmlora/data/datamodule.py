@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 

@@ -58,7 +58,7 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         seed: base seed of the permutation; identical on every rank.
         rank: this process's rank; world_size: number of data-parallel ranks.
         drop_last: drop the final global batch when it is incomplete; otherwise it is filled by wrapping around to the
-            start of the permutation (like torch's DistributedSampler), so that every rank runs the same number of steps.
+            start of the permutation (like torch's DistributedSampler), so every rank runs the same number of steps.
     """
 
     def __init__(self, num_supervised: Sequence[int], batch_size: int, accumulate: int = 1, shuffle: bool = True,

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from mgmlora.models.causal_lm import ModelArgs, check_vocab, load_causal_lm, load_tokenizer
+from tests.conftest import TOKENIZER, tiny_model
+
+
+def test_loads_weights_from_a_local_safetensors_directory(tmp_path):
+    model = tiny_model(seed=1)
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    loaded = load_causal_lm(ModelArgs(model_path=str(tmp_path), dtype="float32"))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert loaded.config.use_cache is False
+
+
+def test_loads_bin_weights_safely(tmp_path):
+    model = tiny_model(seed=2)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = load_causal_lm(ModelArgs(model_path=str(tmp_path), dtype="float32"))
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_random_init_is_seeded_and_in_the_requested_dtype():
+    a = load_causal_lm(ModelArgs(preset="tiny-qwen3", dtype="bfloat16", init_seed=5))
+    b = load_causal_lm(ModelArgs(preset="tiny-qwen3", dtype="bfloat16", init_seed=5))
+    assert a.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+    assert a.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "is not a directory"),
+    (lambda d: d.mkdir(), "config.json is missing"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "no \\*.safetensors or \\*.bin"),
+])
+def test_bad_model_path_fails_with_a_clear_message(tmp_path, setup, message):
+    path = tmp_path / "model"
+    setup(path)
+    with pytest.raises(FileNotFoundError, match=message):
+        load_causal_lm(ModelArgs(model_path=str(path)))
+
+
+def test_model_args_need_a_source_and_flash_attn_is_checked():
+    with pytest.raises(ValueError, match="set `preset`"):
+        ModelArgs()
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ValueError, match="flash-attn"):
+            ModelArgs(preset="tiny-qwen3", attn_implementation="flash_attention_2")
+
+
+def test_tokenizer_and_vocab_checks(tmp_path):
+    tok = load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER)))
+    assert tok.chat_template and tok.pad_token_id is not None
+    check_vocab(tiny_model(), tok, "model")
+    with pytest.raises(ValueError, match="tokenizer_path"):
+        load_tokenizer(ModelArgs(preset="qwen3-8b"))
+    small = load_causal_lm(ModelArgs(preset="tiny-qwen3", dtype="float32"))
+    small.resize_token_embeddings(100)
+    with pytest.raises(ValueError, match="512 tokens but the model's embedding table has 100 rows"):
+        check_vocab(small, tok, "model")
+
+
+def test_real_presets_build_on_the_meta_device():
+    from transformers import AutoModelForCausalLM
+
+    from mgmlora.models.causal_lm import build_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(build_config(ModelArgs(preset="qwen3-30b-a3b")))
+    total = sum(p.numel() for p in model.parameters())
+    assert 30.0e9 < total < 31.0e9  # Qwen3-30B-A3B: 30.5B parameters

@@ -1,0 +1,69 @@
+"""End-to-end runs of bin/main.py on CPU, asserting the artifacts a run writes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_demo_fit_writes_config_tensorboard_checkpoints_and_adapter(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 3
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    out = _run("fit", "--config", str(tmp_path / "demo.yaml"), "--trainer.max_steps", "6",
+               "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path))
+    assert "trainable params: 29,696 / 169,344" in out and "model.layers.*.self_attn.q_proj  x2" in out
+    run = tmp_path / "demo" / "version_0"
+    assert (run / "config.yaml").is_file() and "preset: balanced" in (run / "config.yaml").read_text()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step=000003.ckpt", "step=000006.ckpt"]
+    for ckpt in ckpts:
+        names = sorted(p.name for p in (run / "checkpoints" / ckpt).iterdir())
+        assert names == ["adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"]
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 6 * 2 and all("lora_" in k for k in adapter)
+    final = load_file(run / "checkpoints" / "step=000006.ckpt" / "adapter_model.safetensors")
+    assert all(torch.equal(adapter[k], final[k]) for k in adapter)
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "val/loss", "val/ppl", "val/token_acc", "perf/tokens_per_s",
+            "params/trainable", "lr-AdamW"} <= tags, tags
+    assert len(events.Scalars("train/loss")) == 6
+
+    # resume from the step-3 checkpoint to step 8, then validate from the final checkpoint
+    resumed = tmp_path / "resumed"
+    _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
+         "--trainer.logger.init_args.save_dir", str(resumed),
+         "--ckpt_path", str(run / "checkpoints" / "step=000003.ckpt"))
+    assert (resumed / "demo" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+    out = _run("validate", "--config", "configs/demo.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path / "v"),
+               "--ckpt_path", str(run / "checkpoints" / "step=000006.ckpt"))
+    assert "val/loss" in out
+
+
+def test_demo_loss_falls(tmp_path):
+    _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false",
+         "--trainer.log_every_n_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path),
+         "--trainer.enable_checkpointing", "true")
+    events = EventAccumulator(str(tmp_path / "demo" / "version_0"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[-1] < 0.75 * losses[0], losses

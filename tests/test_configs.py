@@ -1,0 +1,78 @@
+"""Every YAML in configs/ parses against the CLI, and typos are rejected at parse time."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mgmlora.cli import main
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def _parse(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses(path, capsys, in_repo_root):
+    code, out, err = _parse(capsys, "--config", str(path))
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["model"]["lora"]["preset"] in {"conservative", "balanced", "aggressive", "chameleons"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_writes_every_key_and_a_launch_header(path):
+    text = path.read_text()
+    assert "python bin/main.py fit --config configs/" in text.split("seed_everything")[0]
+    raw = yaml.safe_load(text)
+    for section, keys in {"model": ["model", "lora", "optim"], "data": ["class_path", "init_args"]}.items():
+        assert set(keys) <= set(raw[section])
+    from dataclasses import fields
+
+    from mgmlora.lora import LoraArgs
+    from mgmlora.models.causal_lm import ModelArgs
+    from mgmlora.optim import OptimArgs
+
+    for key, cls in {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs}.items():
+        assert set(raw["model"][key]) == {f.name for f in fields(cls)}, f"{path.name}: model.{key} keys"
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--model.lora.preset", "balance"], "Expected a typing.Literal\\['conservative', 'balanced'"),
+    (["--model.lora.rr", "3"], "unrecognized arguments: --model.lora.rr"),
+    (["--trainer.max_stepz", "3"], "max_stepz"),
+    (["--model.model.dtype", "bf16"], "Expected a typing.Literal\\['bfloat16', 'float16', 'float32'\\]"),
+    (["--model.model.preset", "qwen-3"], "tiny-qwen3"),
+])
+def test_typos_are_rejected_with_the_valid_names(override, message, capsys, in_repo_root):
+    code, _, err = _parse(capsys, "--config", "configs/demo.yaml", *override)
+    assert code == 2
+    assert __import__("re").search(message, err), err
+
+
+def test_preset_literal_lists_every_registry_preset():
+    from typing import get_args
+
+    from mgmlora.models.causal_lm import PresetName
+    from mgmlora.models.registry import PRESETS
+
+    assert set(get_args(PresetName)) == set(PRESETS)
+
+
+def test_configs_readme_lists_every_config():
+    table = (ROOT / "configs" / "README.md").read_text()
+    for path in CONFIGS:
+        assert str(Path(path).relative_to(ROOT / "configs")) in table
+
+
+def test_a_typo_inside_a_yaml_file_is_rejected(tmp_path, capsys, in_repo_root):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  lora:\n    lora_alpah: 3\n")
+    code, _, err = _parse(capsys, "--config", "configs/demo.yaml", "--config", str(typo))
+    assert code == 2 and "does not accept option" in err and "lora_alpah" in err

@@ -49,6 +49,8 @@ def test_config_writes_every_key_and_a_launch_header(path):
     (["--trainer.max_stepz", "3"], "max_stepz"),
     (["--model.model.dtype", "bf16"], "Expected a typing.Literal\\['bfloat16', 'float16', 'float32'\\]"),
     (["--model.model.preset", "qwen-3"], "tiny-qwen3"),
+    (["--data.init_args.ablation", "context"], "context_only"),
+    (["--data.init_args.split", "by_user"], "held_out_users"),
 ])
 def test_typos_are_rejected_with_the_valid_names(override, message, capsys, in_repo_root):
     code, _, err = _parse(capsys, "--config", "configs/demo.yaml", *override)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
+import torch  # noqa: E402
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # Without it, `import deepspeed` on a CPU-only machine prints a [WARNING] line to stdout, which corrupts
+    # `--print_config > file.yaml` for configs that name a DeepSpeed strategy.
+    os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +24,7 @@ import lightning as L  # noqa: E402
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
@@ -29,10 +36,12 @@ class MgmCLI(LightningCLI):
     """LightningCLI with mgmlora's defaults: adapter-only checkpoints and an overwritable saved config."""
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO unless the config names a CheckpointIO of its own."""
+        """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints)."""
         plugins = kwargs.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
+        strategy = kwargs.get("strategy")
+        deepspeed = isinstance(strategy, DeepSpeedStrategy) or (isinstance(strategy, str) and "deepspeed" in strategy)
+        if not deepspeed and not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AdapterCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)

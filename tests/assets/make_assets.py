@@ -100,13 +100,65 @@ def build_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = 512) -> 
     tok.save_pretrained(out_dir)
 
 
+CHAMELEONS_DESCRIPTION = "基于角色在电影中的历史对话数据，模拟该角色的对话风格和行为模式"
+PARTNERS = ["NORA", "SILAS", "BEA", "OTTO", "小林", "MIRA"]
+GENDERS = {"CAPTAIN MORROW": "m", "LADY WREN": "f", "DEX": "m", "DR. VOSS": "?"}
+
+
+def _user_hash(rng: random.Random) -> str:
+    return "".join(rng.choice("0123456789abcdef") for _ in range(32))
+
+
+def make_chameleons(seed: int) -> list[dict]:
+    """Chameleons-format records (schema of ../shared/docs/chameleons.md section 1.1), invented text.
+
+    Four characters; two of them have two records under the same user_hash, as in the real file. Some data_items
+    end on the character's own turn (dropped by extraction), some have an empty context (kept), one partner line
+    carries CJK text and an emoji so that Unicode round-trips are exercised.
+    """
+    rng = random.Random(seed)
+    records = []
+    for name in sorted(CHARACTERS):
+        style, user_hash = CHARACTERS[name], _user_hash(rng)
+        for _ in range(2 if name in ("DEX", "LADY WREN") else 1):
+            items = []
+            for _ in range(rng.randint(8, 14)):
+                turns = []
+                for question, fact in rng.sample(TOPICS, k=rng.randint(0, 3)):
+                    partner = rng.choice(PARTNERS)
+                    line = question if partner != "小林" else question + " 🙂 好吗？"
+                    reply = _answer(rng, style, fact)
+                    turns += [{"source": partner, "content": line}, {"source": name, "content": reply}]
+                question, fact = rng.choice(TOPICS)
+                if rng.random() < 0.9 or not turns:  # usually the partner speaks last: the item is kept
+                    turns.append({"source": rng.choice(PARTNERS[:4]), "content": question})
+                if rng.random() < 0.15:
+                    turns = []  # the character's opening line
+                items.append({"context": turns, "continuation": _answer(rng, style, fact)})
+            records.append({
+                "user_hash": user_hash,
+                "user": {"profile": {"name": name, "gender": GENDERS[name]}},
+                "task": {"description": CHAMELEONS_DESCRIPTION,
+                         "task_behavior_collections": [{"type": "dialogue", "data": items}]},
+            })
+    return records
+
+
 def main() -> None:
     train, val = make_dialogues(96, seed=0), make_dialogues(16, seed=1)
     for name, rows in (("persona_chat_train.jsonl", train), ("persona_chat_val.jsonl", val)):
         with open(HERE / name, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+    chameleons = make_chameleons(seed=2)
+    with open(HERE / "chameleons_demo.json", "w", encoding="utf-8") as f:
+        json.dump(chameleons, f, indent=1, ensure_ascii=False)
     corpus = [m["content"] for r in train + val for m in r["messages"]] + ["system", "user", "assistant"]
+    # The persona prompt's fixed text, so that the tiny tokenizer has merges for it too.
+    from mgmlora.data.prompts import CHAMELEONS_TASK, CONTINUE, NOTE
+
+    corpus += [CHAMELEONS_TASK, CONTINUE, NOTE, "[USER_HASH=", "[RECENT_DIALOGUE]", "[ANSWER]", "[/ANSWER]", "User:",
+               "Assistant:", "[TASK]", "[HISTORY]", "[USER_PROFILE]", "[USER_NAME=", "[USER_GENDER="] * 20
     build_tokenizer(corpus, HERE / "tokenizer")
 
 

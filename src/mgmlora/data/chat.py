@@ -77,6 +77,7 @@ class TokenizedSample:
 
     input_ids: list[int]
     labels: list[int]
+    meta: dict | None = None  # source information (e.g. user_hash), carried for inspection tools
 
     @property
     def num_supervised(self) -> int:
@@ -126,14 +127,22 @@ class ChatTokenizer:
             cursor = end
         return spans
 
+    def encode(self, messages: list[dict]) -> TokenizedSample:
+        """Tokenises `messages` as rendered by the chat template, labelling the assistant spans; no truncation."""
+        text = self.render(messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = self._assistant_spans(text, messages)
+        labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+                  for tok, (s, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return TokenizedSample(list(enc["input_ids"]), labels)
+
     def __call__(self, messages: list[dict]) -> TokenizedSample | None:
         """Tokenises one conversation, or returns None (and counts it) when its target cannot fit `max_length`."""
         messages = list(messages)
         while True:
-            text = self.render(messages)
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            if len(enc["input_ids"]) <= self.max_length:
-                break
+            sample = self.encode(messages)
+            if len(sample.input_ids) <= self.max_length:
+                return sample
             # Drop the oldest exchange after any leading system prompt; the rest still starts on a user turn.
             head = 1 if messages[0]["role"] == "system" else 0
             rest = messages[head + 1:]
@@ -143,8 +152,3 @@ class ChatTokenizer:
                 self.skipped += 1
                 return None
             messages = messages[:head] + rest
-        spans = self._assistant_spans(text, messages)
-        labels = []
-        for tok, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-            labels.append(tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX)
-        return TokenizedSample(list(enc["input_ids"]), labels)

@@ -1,4 +1,9 @@
-"""ChatDataModule: conversations in JSONL, pre-tokenised once, served in accumulation-aware batches."""
+"""DataModules: pre-tokenised samples served in accumulation-aware, rank-sharded, resumable batches.
+
+`TokenizedDataModule` owns the loaders; a subclass only turns its files into `TokenizedSample` lists per split
+(`_build_splits`). `ChatDataModule` reads chat JSONL; `ChameleonsDataModule` (mgmlora.data.persona) reads the
+persona-dialogue JSON.
+"""
 
 from __future__ import annotations
 
@@ -54,12 +59,87 @@ def _collate(items: list[tuple[TokenizedSample, int | None]], pad_id: int) -> di
     return pad_collate([s for s, _ in items], pad_id, window_tokens=items[0][1])
 
 
-class ChatDataModule(L.LightningDataModule):
+class TokenizedDataModule(L.LightningDataModule):
+    """Loader machinery shared by mgmlora's data sources (see the module docstring).
+
+    Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
+    `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
+    Subclasses call `save_hyperparameters()` with at least: tokenizer_path, batch_size, eval_batch_size, num_workers,
+    shuffle, seed, drop_last.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.splits: dict[str, list[TokenizedSample]] = {}
+        self.tokenizer = None
+
+    def _build_splits(self, stage: str) -> None:
+        """Fills `self.splits` with the splits `stage` needs ("train", "val", "test")."""
+        raise NotImplementedError
+
+    def _get_tokenizer(self):
+        if self.hparams.tokenizer_path:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.hparams.tokenizer_path, local_files_only=True)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or getattr(module, "tokenizer", None) is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: set data.tokenizer_path, or attach it to a "
+                             "trainer whose LightningModule has one.")
+        return module.tokenizer
+
+    def setup(self, stage: str) -> None:
+        """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
+        self.tokenizer = self.tokenizer or self._get_tokenizer()
+        self._build_splits(stage)
+        if stage == "validate" and "val" not in self.splits:
+            raise ValueError("`validate` needs a validation split (set the data's validation path or ratio).")
+        if stage == "test" and "test" not in self.splits:
+            raise ValueError("`test` needs data.init_args.test_path.")
+
+    def _collate_fn(self):
+        return functools.partial(_collate, pad_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        """Window-aware, rank-sharded, seeded, resumable training batches."""
+        trainer = self.trainer
+        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("set trainer.use_distributed_sampler: false. mgmlora's sampler shards the data across "
+                             "ranks itself (it must, to normalise the loss over the whole accumulation window).")
+        samples = self.splits["train"]
+        sampler = WindowBatchSampler(
+            [s.num_supervised for s in samples], batch_size=self.hparams.batch_size,
+            accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
+            rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
+        )
+        return _ResumableLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate_fn(),
+                                num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                                position_fn=self._position)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        samples = self.splits[split]
+        shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
+        return DataLoader(_Samples(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches (each rank gets a disjoint shard); empty when there is no validation split."""
+        return self._eval_loader("val") if self.splits.get("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._eval_loader("test")
+
+    def _position(self) -> dict[str, int]:
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}
+
+
+class ChatDataModule(TokenizedDataModule):
     """Chat JSONL files (`{"messages": [...]}` per line) for causal-LM fine-tuning.
 
     Samples are tokenised once in `setup` through the model tokenizer's chat template; labels cover assistant turns
-    only. Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
-    `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
+    only.
 
     Args:
         train_path: training conversations (JSONL).
@@ -82,24 +162,8 @@ class ChatDataModule(L.LightningDataModule):
                  seed: int = 0, drop_last: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.splits: dict[str, list[TokenizedSample]] = {}
-        self.tokenizer = None
 
-    # -- setup ---------------------------------------------------------------------------------------------------
-    def _get_tokenizer(self):
-        if self.hparams.tokenizer_path:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(self.hparams.tokenizer_path, local_files_only=True)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or getattr(module, "tokenizer", None) is None:
-            raise ValueError("ChatDataModule needs a tokenizer: set data.tokenizer_path, or attach it to a trainer "
-                             "whose LightningModule has one.")
-        return module.tokenizer
-
-    def setup(self, stage: str) -> None:
-        """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
-        self.tokenizer = self.tokenizer or self._get_tokenizer()
+    def _build_splits(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
         for split in wanted:
             path = self.hparams.get(f"{split}_path")
@@ -114,45 +178,3 @@ class ChatDataModule(L.LightningDataModule):
                 raise ValueError(f"{path}: no usable sample (all {chat.skipped} exceed max_length="
                                  f"{self.hparams.max_length}); raise data.max_length.")
             self.splits[split] = samples
-        if stage == "validate" and "val" not in self.splits:
-            raise ValueError("`validate` needs data.val_path.")
-        if stage == "test" and "test" not in self.splits:
-            raise ValueError("`test` needs data.test_path.")
-
-    # -- loaders -------------------------------------------------------------------------------------------------
-    def _collate(self):
-        return functools.partial(_collate, pad_id=self.tokenizer.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        """Window-aware, rank-sharded, seeded training batches."""
-        trainer = self.trainer
-        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError("set trainer.use_distributed_sampler: false. mgmlora's sampler shards the data across "
-                             "ranks itself (it must, to normalise the loss over the whole accumulation window).")
-        samples = self.splits["train"]
-        sampler = WindowBatchSampler(
-            [s.num_supervised for s in samples], batch_size=self.hparams.batch_size,
-            accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
-            rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
-        )
-        return _ResumableLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate(),
-                                num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-                                position_fn=self._position)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        samples = self.splits[split]
-        shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
-        return DataLoader(_Samples(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches (each rank gets a disjoint shard); empty when no val_path is set."""
-        return self._eval_loader("val") if "val" in self.splits else []
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches from `test_path`."""
-        return self._eval_loader("test")
-
-    def _position(self) -> dict[str, int]:
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Print the samples a config trains on, one JSON line each, before spending GPU hours.
+
+    python bin/show_samples.py --config configs/demo.yaml [--split train|val|test] [--n 5]
+
+Each line: user_hash (when the source has one), text (the full decoded sequence), target (the decoded supervised
+tokens only), num_tokens, num_label_tokens. Only the tokenizer is loaded, never the model weights.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
+
+from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
+
+
+def build_datamodule(config_path: str):
+    """The config's DataModule with the config's tokenizer attached (no trainer, no model)."""
+    config = yaml.safe_load(Path(config_path).read_text())
+    module_name, _, class_name = config["data"]["class_path"].rpartition(".")
+    data_cls = getattr(importlib.import_module(module_name), class_name)
+    datamodule = data_cls(**config["data"].get("init_args", {}))
+    tokenizer_path = datamodule.hparams.get("tokenizer_path")
+    model_args = ModelArgs(**config["model"]["model"])
+    if tokenizer_path:
+        model_args.tokenizer_path = tokenizer_path
+    datamodule.tokenizer = load_tokenizer(model_args)
+    return datamodule
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Prints and returns the first `n` samples of a split."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--split", choices=["train", "val", "test"], default="train")
+    parser.add_argument("--n", type=int, default=3)
+    args = parser.parse_args(argv)
+    datamodule = build_datamodule(args.config)
+    datamodule.setup("test" if args.split == "test" else "fit")
+    tok = datamodule.tokenizer
+    rows = []
+    for sample in datamodule.splits.get(args.split, [])[: args.n]:
+        label_ids = [t for t in sample.labels if t != IGNORE_INDEX]
+        row = {"user_hash": (sample.meta or {}).get("user_hash"), "text": tok.decode(sample.input_ids),
+               "target": tok.decode(label_ids), "num_tokens": len(sample.input_ids),
+               "num_label_tokens": len(label_ids)}
+        print(json.dumps(row, ensure_ascii=False))
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -47,9 +47,10 @@ def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int) -> dict
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in params)  # the fused CUDA kernel is one launch per step instead of one per tensor
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=args.betas, eps=args.eps,
-                                  fused=fused or None)
+    # Not `fused=True`: Lightning refuses gradient clipping with a fused optimizer under mixed precision (it assumes
+    # the optimizer unscales gradients itself; seen on an H100 with bf16-mixed). torch's default multi-tensor
+    # (`foreach`) kernel is used on CUDA instead; with LoRA's few parameters the optimizer step is a small cost.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=args.betas, eps=args.eps)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
     name, extra = {
         "cosine": ("cosine_with_min_lr", {"min_lr_rate": args.min_lr_ratio}),

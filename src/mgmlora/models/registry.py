@@ -116,3 +116,31 @@ def get_preset(name: str) -> ModelPreset:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(PRESETS))}.") from None
+
+
+# MGM presets: complete config.json contents (Gemma keys + mm_* keys), as an original MGM checkpoint carries them.
+# The real one is MGM-2B (../shared/docs/mgm.md sections 1 and 2.3); the tiny one uses the same code paths with
+# tower architectures given inline (`mm_vision_tower_config`, `mm_vision_tower_aux_config`), as test checkpoints do.
+MGM_PRESETS: dict[str, dict[str, Any]] = {
+    "mgm-2b": dict(
+        vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+        hidden_act="gelu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        mm_vision_tower="model_zoo/OpenAI/clip-vit-large-patch14-336",
+        mm_vision_tower_aux="model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup",
+        mm_hidden_size=1024, mm_hidden_size_aux=2880, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch", image_size_aux=768, tokenizer_model_max_length=2048,
+    ),
+    # CLIP 48 px / patch 8 -> a 6x6 grid of 36 image tokens; ConvNeXt at 96 px -> stage 0 is 24x24 -> 4x4 windows.
+    "tiny-mgm": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=1024, hidden_act="gelu", tie_word_embeddings=True,
+        initializer_range=0.3, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        mm_vision_tower="tiny-clip", mm_vision_tower_aux="tiny-convnext", mm_hidden_size=32, mm_hidden_size_aux=80,
+        mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+        image_size_aux=96, tokenizer_model_max_length=512,
+        mm_vision_tower_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    image_size=48, patch_size=8),
+        mm_vision_tower_aux_config=dict(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32]),
+    ),
+}

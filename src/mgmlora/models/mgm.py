@@ -1,0 +1,264 @@
+"""MGM-2B (Mini-Gemini): Gemma LLM + CLIP tower + ConvNeXt aux tower + patch-info mining + projector.
+
+A re-implementation on transformers 5 classes, following ../shared/docs/mgm.md:
+
+    images_aux (B,3,768,768) -> ConvNeXt stages -> upsample 1-3 to stage 0, concat      -> (B, 2880, 192, 192)
+    images     (B,3,336,336) -> CLIP hidden_states[-2], CLS dropped                     -> (B, 576, 1024)
+    patch-info mining: each CLIP token attends over its own 8x8 window of the HR map    -> (B, 576, 1024), + residual
+    mm_projector (mlp2x_gelu)                                                            -> (B, 576, 2048)
+
+The image placeholder id (-200) in `input_ids` expands to the image's 576 embeddings, labelled -100. In transformers
+5 Gemma scales token embeddings inside `embed_tokens` (by sqrt(hidden)), no longer the whole `inputs_embeds`, so the
+projected image features are multiplied by the same `embed_scale` before splicing: that reproduces the original
+(transformers 4.38), which scaled the whole spliced sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, GemmaConfig, GemmaForCausalLM
+
+from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+
+# CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), the tower every MGM-2B config names.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
+MM_KEYS = ("mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size", "mm_hidden_size_aux", "mm_projector_type",
+           "mm_vision_select_layer", "mm_vision_select_feature", "image_size_aux", "tokenizer_model_max_length",
+           "mm_vision_tower_config", "mm_vision_tower_aux_config")
+
+
+def _tower_name(path: str | None) -> str:
+    return PurePath(str(path or "")).name.lower()
+
+
+@dataclass
+class MGMConfig:
+    """The parts of an MGM config.json mgmlora uses: the Gemma config plus the `mm_*` keys.
+
+    Towers are built from architecture configs, never downloaded: `mm_vision_tower` / `mm_vision_tower_aux` are matched
+    by their last path component (CLIP ViT-L/14-336, open_clip ConvNeXt-L), unless the config carries
+    `mm_vision_tower_config` (CLIPVisionConfig fields) or `mm_vision_tower_aux_config` (`depths`, `dims`), which
+    take precedence (tiny test checkpoints use them).
+    """
+
+    text: dict[str, Any]
+    mm_vision_tower: str = "model_zoo/OpenAI/clip-vit-large-patch14-336"
+    mm_vision_tower_aux: str = "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
+    mm_hidden_size: int = 1024
+    mm_hidden_size_aux: int = 2880
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    image_size_aux: int = 768
+    tokenizer_model_max_length: int = 2048
+    mm_vision_tower_config: dict[str, Any] | None = None
+    mm_vision_tower_aux_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> MGMConfig:
+        """Splits an MGM config.json into the Gemma part and the multimodal keys.
+
+        Raises:
+            ValueError: when the mandatory `mm_*` keys are missing (the directory is not an MGM checkpoint).
+        """
+        missing = [k for k in ("mm_vision_tower", "mm_vision_tower_aux", "mm_hidden_size") if k not in raw]
+        if missing:
+            raise ValueError(f"{where}: not an MGM config (missing {missing}); MGM is recognised by its mm_* keys.")
+        mm = {k: raw[k] for k in MM_KEYS if k in raw}
+        text = {k: v for k, v in raw.items() if k not in mm and not k.startswith(("mm_", "image_", "tune_", "freeze_"))}
+        for key in ("model_type", "architectures", "auto_map", "torch_dtype", "transformers_version"):
+            text.pop(key, None)
+        if mm.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise ValueError(f"{where}: mm_projector_type {mm['mm_projector_type']!r} is not supported (mlp2x_gelu).")
+        if mm.get("mm_vision_select_feature", "patch") != "patch":
+            raise ValueError(f"{where}: mm_vision_select_feature must be 'patch' (CLS dropped), as MGM-2B.")
+        extra = {k: v for k, v in raw.items() if k.startswith(("mm_", "image_", "tune_", "freeze_")) and k not in mm}
+        return cls(text=text, extra=extra, **mm)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json of the original layout (Gemma keys + mm_* keys)."""
+        out = {**self.text, **self.extra, "architectures": ["MGMGemmaForCausalLM"], "model_type": "mgm_gemma"}
+        for key in MM_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def clip_config(self) -> CLIPVisionConfig:
+        """The low-resolution tower's architecture."""
+        if self.mm_vision_tower_config:
+            return CLIPVisionConfig(**self.mm_vision_tower_config)
+        name = _tower_name(self.mm_vision_tower)
+        if "clip-vit-large-patch14-336" in name:
+            return CLIPVisionConfig(**CLIP_L_336)
+        raise ValueError(f"unknown vision tower {self.mm_vision_tower!r}: add `mm_vision_tower_config` "
+                         "(CLIPVisionConfig fields) to config.json; mgmlora never downloads towers.")
+
+    def convnext_config(self) -> dict[str, Any]:
+        """The aux tower's `depths` and `dims`."""
+        if self.mm_vision_tower_aux_config:
+            return {k: tuple(self.mm_vision_tower_aux_config[k]) for k in ("depths", "dims")}
+        name = _tower_name(self.mm_vision_tower_aux)
+        if "convnext" in name and "large" in name:
+            return dict(CONVNEXT_LARGE)
+        raise ValueError(f"unknown aux tower {self.mm_vision_tower_aux!r}: add `mm_vision_tower_aux_config` "
+                         "({\"depths\": [...], \"dims\": [...]}) to config.json.")
+
+
+@dataclass
+class MGMOutput:
+    """Logits over the expanded sequence and the labels aligned with them."""
+
+    logits: torch.Tensor  # (B, T', V)
+    labels: torch.Tensor | None  # (B, T') with IGNORE_INDEX on image, prompt and padding positions
+    attention_mask: torch.Tensor  # (B, T')
+
+
+def _ln_linear(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
+
+
+class MGMForCausalLM(nn.Module):
+    """The MGM-2B module tree (see the module docstring); parameter names map 1:1 to the original checkpoint."""
+
+    def __init__(self, config: MGMConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        text = GemmaConfig(**config.text)
+        if "hidden_act" in config.text:
+            # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation; MGM-2B was
+            # trained on 4.38, which applied the exact GELU the config names (../shared/docs/mgm.md section 10.2).
+            text.hidden_act = config.text["hidden_act"]
+        text._attn_implementation = attn_implementation
+        self.llm = GemmaForCausalLM(text)
+        clip = config.clip_config()
+        clip._attn_implementation = attn_implementation
+        self.vision_tower = CLIPVisionModel(clip)
+        aux = config.convnext_config()
+        self.vision_tower_aux = ConvNeXtTrunk(**aux)
+        if sum(aux["dims"]) != config.mm_hidden_size_aux or clip.hidden_size != config.mm_hidden_size:
+            raise ValueError(f"mm_hidden_size_aux={config.mm_hidden_size_aux} must equal sum(dims)={sum(aux['dims'])} "
+                             f"and mm_hidden_size={config.mm_hidden_size} the CLIP width {clip.hidden_size}.")
+        h, h_aux, d = config.mm_hidden_size, config.mm_hidden_size_aux, text.hidden_size
+        self.mm_projector = nn.Sequential(nn.Linear(h, d), nn.GELU(), nn.Linear(d, d))
+        self.vlm_uni_query_projector = _ln_linear(h, h)
+        self.vlm_uni_aux_projector = _ln_linear(h_aux, h)
+        self.vlm_uni_val_projector = _ln_linear(h_aux, h)
+        self.towers_trainable = False
+
+    # -- towers ---------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> MGMForCausalLM:
+        """Frozen towers stay in eval mode (MGM ran its aux tower with drop-path in train mode; we do not)."""
+        super().train(mode)
+        if not self.towers_trainable:
+            self.vision_tower.eval()
+            self.vision_tower_aux.eval()
+        return self
+
+    def encode_images(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S), (B,3,S_aux,S_aux) -> projected image tokens (B, N, hidden); N = 576 for MGM-2B."""
+        dtype = self.mm_projector[0].weight.dtype
+        with torch.set_grad_enabled(self.towers_trainable and torch.is_grad_enabled()):
+            hidden = self.vision_tower(images.to(dtype), output_hidden_states=True).hidden_states
+            feats = hidden[self.config.mm_vision_select_layer][:, 1:]  # (B, N, 1024), CLS dropped, no post-LN
+            stages = self.vision_tower_aux(images_aux.to(dtype))
+            size = stages[0].shape[-2:]
+            aux = torch.cat([stages[0]] + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False)
+                                           .to(s.dtype) for s in stages[1:]], dim=1)  # (B, 2880, 192, 192)
+        mined = self.mine(feats.to(dtype), aux.to(dtype))
+        return self.mm_projector(mined)  # (B, N, hidden)
+
+    def mine(self, feats: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """Patch-info mining: every low-res token attends over its own window of the high-res map.
+
+        feats (B, N, C) on a g x g grid (row-major), aux (B, C_aux, H, H) with H = g * w -> (B, N, C).
+        """
+        b, n, c = feats.shape
+        g = math.isqrt(n)
+        w = aux.shape[-1] // g
+        if g * g != n or g * w != aux.shape[-1]:
+            raise ValueError(f"cannot tile a {aux.shape[-1]}px aux map into {n} windows")
+        windows = aux.reshape(b, aux.shape[1], g, w, g, w).permute(0, 2, 4, 3, 5, 1)  # (B, g, g, w, w, C_aux)
+        windows = windows.reshape(b, n, w * w, aux.shape[1])  # (B, N, w*w, C_aux)
+        q = self.vlm_uni_query_projector(feats).unsqueeze(2)  # (B, N, 1, C)
+        k = self.vlm_uni_aux_projector(windows)  # (B, N, w*w, C)
+        v = self.vlm_uni_val_projector(windows)  # (B, N, w*w, C)
+        attn = torch.nan_to_num(q @ k.transpose(-1, -2) / math.sqrt(c)).softmax(dim=-1)  # (B, N, 1, w*w)
+        return feats + (attn @ v).squeeze(2)  # residual onto the raw CLIP features
+
+    # -- sequence assembly ----------------------------------------------------------------------------------------
+    def _image_scale(self) -> float | torch.Tensor:
+        embed = self.llm.get_input_embeddings()
+        return getattr(embed, "embed_scale", 1.0)  # transformers 5 scales inside embed_tokens; 4.x scaled inputs_embeds
+
+    def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                       image_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                   torch.Tensor]:
+        """Splices image embeddings at IMAGE_TOKEN_INDEX, truncates to tokenizer_model_max_length, right-pads.
+
+        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T').
+        """
+        embed = self.llm.get_input_embeddings()
+        scale = self._image_scale()
+        rows, row_labels = [], []
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()
+            ids, lab = input_ids[b][keep], labels[b][keep] if labels is not None else None
+            spots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+            if len(spots) > 1:
+                raise ValueError(f"sample {b} has {len(spots)} <image> tokens; MGM-2B takes one image per sample.")
+            pieces, piece_labels, start = [], [], 0
+            for spot in spots + [len(ids)]:
+                text = ids[start:spot]
+                pieces.append(embed(text))
+                if lab is not None:
+                    piece_labels.append(lab[start:spot])
+                if spot < len(ids):
+                    img = image_tokens[b] * scale
+                    pieces.append(img.to(pieces[-1].dtype))
+                    if lab is not None:
+                        piece_labels.append(torch.full((img.shape[0],), IGNORE_INDEX, dtype=lab.dtype,
+                                                       device=lab.device))
+                start = spot + 1
+            row = torch.cat(pieces)
+            if not spots and image_tokens is not None:
+                row = row + image_tokens[b][:0].sum() * 0  # keeps the projector in the graph (text-only sample)
+            limit = self.config.tokenizer_model_max_length
+            rows.append(row[:limit])
+            row_labels.append(torch.cat(piece_labels)[:limit] if lab is not None else None)
+        longest = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), longest, hidden)  # (B, T', H)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=input_ids.device)
+        positions = torch.zeros(len(rows), longest, dtype=torch.long, device=input_ids.device)
+        out_labels = (torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+                      if labels is not None else None)
+        for b, row in enumerate(rows):
+            n = row.shape[0]
+            embeds[b, :n], mask[b, :n] = row, 1
+            positions[b, :n] = torch.arange(n, device=input_ids.device)
+            if out_labels is not None:
+                out_labels[b, :n] = row_labels[b]
+        return embeds, mask, out_labels, positions
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None) -> MGMOutput:
+        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa)."""
+        image_tokens = self.encode_images(images, images_aux) if images is not None else None
+        if image_tokens is None and (input_ids == IMAGE_TOKEN_INDEX).any():
+            raise ValueError("input_ids contain <image> placeholders but no images were given.")
+        embeds, mask, labels, positions = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        return MGMOutput(out.logits, labels, mask)

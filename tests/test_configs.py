@@ -62,9 +62,9 @@ def test_preset_literal_lists_every_registry_preset():
     from typing import get_args
 
     from mgmlora.models.causal_lm import PresetName
-    from mgmlora.models.registry import PRESETS
+    from mgmlora.models.registry import MGM_PRESETS, PRESETS
 
-    assert set(get_args(PresetName)) == set(PRESETS)
+    assert set(get_args(PresetName)) == set(PRESETS) | set(MGM_PRESETS)
 
 
 def test_configs_readme_lists_every_config():

@@ -12,6 +12,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import save_file
+
+from mgmlora.checkpoint import TRAINABLES
 
 
 class ThroughputMonitor(L.Callback):
@@ -57,7 +60,8 @@ class ThroughputMonitor(L.Callback):
 class AdapterExport(L.Callback):
     """Writes the final adapter in PEFT format to `<log_dir>/<dirname>` when fit ends.
 
-    The directory loads with plain `peft.PeftModel.from_pretrained(base_model, path)`.
+    The directory loads with plain `peft.PeftModel.from_pretrained(base_model, path)`; other trained weights (MGM's
+    projector and mining modules) go beside it in `non_lora_trainables.safetensors`.
     """
 
     def __init__(self, dirname: str = "adapter") -> None:
@@ -67,5 +71,11 @@ class AdapterExport(L.Callback):
         if not trainer.is_global_zero or trainer.log_dir is None:
             return
         out = Path(trainer.log_dir) / self.dirname
-        pl_module.model.save_pretrained(str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        if getattr(pl_module, "plan", None) is not None:
+            pl_module.model.save_pretrained(str(out))
+        trainables = pl_module.non_lora_trainables()
+        if trainables:
+            save_file({k: v.contiguous().cpu() for k, v in trainables.items()}, out / TRAINABLES,
+                      metadata={"format": "pt"})
         rank_zero_info(f"mgmlora: adapter written to {out}")

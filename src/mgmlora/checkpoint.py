@@ -1,14 +1,16 @@
 """Adapter-only checkpoints: a directory per checkpoint, in PEFT's format plus what resume needs.
 
     step=000010.ckpt/
-        adapter_config.json         PEFT LoraConfig (loadable with peft.PeftModel.from_pretrained)
-        adapter_model.safetensors   the adapter (and modules_to_save), never the frozen base
-        trainer_state.pt            optimizer, scheduler, loop and callback state (tensors and plain containers)
+        adapter_config.json              PEFT LoraConfig (loadable with peft.PeftModel.from_pretrained)
+        adapter_model.safetensors        the adapter (and modules_to_save), never the frozen base
+        non_lora_trainables.safetensors  other trained weights (MGM projector + mining), when there are any
+        trainer_state.pt                 optimizer, scheduler, loop and callback state (tensors and plain containers)
 
-The LightningModule puts the adapter under `checkpoint["peft"]` and empties `state_dict`; this CheckpointIO writes
-the pieces. Writes go to a temporary sibling directory that is renamed into place, so a crash mid-save never
-leaves a half-written checkpoint behind, and a previous checkpoint of the same name survives until the new one is
-complete. Loading uses `torch.load(weights_only=True)`: no pickled code is executed.
+The LightningModule puts the adapter under `checkpoint["peft"]` (absent without LoRA) and the other trained weights
+under `checkpoint["trainables"]`, and empties `state_dict`; this CheckpointIO writes the pieces. Writes go to a
+temporary sibling directory that is renamed into place, so a crash mid-save never leaves a half-written checkpoint
+behind, and a previous checkpoint of the same name survives until the new one is complete. Loading uses
+`torch.load(weights_only=True)`: no pickled code is executed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+TRAINABLES = "non_lora_trainables.safetensors"
 
 
 def write_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -53,14 +56,20 @@ class AdapterCheckpointIO(CheckpointIO):
                         storage_options: Any | None = None) -> None:
         """Atomically writes `checkpoint` to the directory `path`."""
         checkpoint = dict(checkpoint)
-        peft = checkpoint.pop("peft", None)
-        if peft is None:
+        peft, trainables = checkpoint.pop("peft", None), checkpoint.pop("trainables", None)
+        if peft is None and not trainables:
             raise RuntimeError("AdapterCheckpointIO needs the LightningModule to put its adapter under "
-                               "checkpoint['peft'] (mgmlora's LoraLitModule does).")
+                               "checkpoint['peft'] or its trained weights under checkpoint['trainables'] (mgmlora's "
+                               "LoraLitModule does).")
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            write_adapter(tmp, peft["config"], peft["adapter"])
+            tmp.mkdir(parents=True)
+            if peft is not None:
+                write_adapter(tmp, peft["config"], peft["adapter"])
+            if trainables:
+                save_file({k: v.detach().contiguous().cpu() for k, v in trainables.items()}, tmp / TRAINABLES,
+                          metadata={"format": "pt"})
             torch.save(checkpoint, tmp / TRAINER_STATE)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -76,12 +85,15 @@ class AdapterCheckpointIO(CheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Reads a checkpoint directory back into Lightning's checkpoint dict."""
         path = Path(path)
-        if not path.is_dir():
+        if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} is not an mgmlora checkpoint directory (expected "
-                                    f"{ADAPTER_CONFIG}, {ADAPTER_WEIGHTS} and {TRAINER_STATE} inside).")
-        config, adapter = read_adapter(path)
+                                    f"{TRAINER_STATE} and {ADAPTER_WEIGHTS} and/or {TRAINABLES} inside).")
         checkpoint = torch.load(path / TRAINER_STATE, map_location=map_location or "cpu", weights_only=True)
-        checkpoint["peft"] = {"config": config, "adapter": adapter}
+        if (path / ADAPTER_CONFIG).is_file():
+            config, adapter = read_adapter(path)
+            checkpoint["peft"] = {"config": config, "adapter": adapter}
+        if (path / TRAINABLES).is_file():
+            checkpoint["trainables"] = load_file(path / TRAINABLES)
         return checkpoint
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:

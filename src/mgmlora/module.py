@@ -24,18 +24,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mgmlora.data.chat import IGNORE_INDEX
-from mgmlora.lora import LoraArgs, apply_lora, count_parameters, lora_report, plan_lora
-from mgmlora.models.causal_lm import (
-    ModelArgs,
-    build_config,
-    check_vocab,
-    describe_source,
-    is_moe,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_preset,
-)
+from mgmlora.lora import LoraArgs, count_parameters, lora_report
+from mgmlora.models import load_model, model_info
+from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
+from mgmlora.trainable import Trainability, apply_trainability, component_report
 
 
 def _norm(value):
@@ -44,21 +37,24 @@ def _norm(value):
 
 
 class LoraLitModule(L.LightningModule):
-    """LoRA fine-tuning of a causal LM.
+    """LoRA fine-tuning of a causal LM or of MGM.
 
     Args:
         model: which model and how to load it.
         lora: LoRA preset and overrides (PEFT field names).
         optim: AdamW and learning-rate schedule.
+        trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
     """
 
-    def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs()):
+    def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
+                 trainable: Trainability = Trainability()):
         super().__init__()
-        self.model_args, self.lora_args, self.optim_args = model, lora, optim
+        self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
-                                   "optim": asdict(self.optim_args)})
+                                   "optim": asdict(self.optim_args), "trainable": asdict(self.trainable)})
         self.tokenizer = load_tokenizer(self.model_args)  # small; the DataModule borrows it
-        self.vocab_size = build_config(self.model_args).vocab_size
+        self.info = model_info(self.model_args)  # family and image geometry, read by the DataModule too
+        self.vocab_size = self.info.vocab_size
         self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
         self.plan = None
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
@@ -73,15 +69,28 @@ class LoraLitModule(L.LightningModule):
         """Loads the base model and wraps it with LoRA (once; Lightning calls this for every stage)."""
         if self.model is not None:
             return
-        base = load_causal_lm(self.model_args)
-        check_vocab(base, self.tokenizer, "model")
-        preset = resolve_preset(self.model_args)
-        decoder_layers = preset.decoder_layers if preset else "model.layers"
-        self.plan = plan_lora(base, self.lora_args, decoder_layers=decoder_layers, moe=is_moe(base))
-        self.model = apply_lora(base, self.plan)
-        # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
-        self.model.peft_config["default"].base_model_name_or_path = self.model_args.model_path or self.model_args.preset
-        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{lora_report(self.model, self.plan)}")
+        loaded = load_model(self.model_args)
+        check_vocab(loaded.model.llm if loaded.info.family == "mgm" else loaded.model, self.tokenizer, "model")
+        self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
+        if self.plan is not None:
+            # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
+            source = self.model_args.model_path or self.model_args.preset
+            self.model.peft_config["default"].base_model_name_or_path = source
+        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{self.report()}")
+
+    def report(self) -> str:
+        """What trains: the LoRA report (when LoRA is on) and trainable parameters per component."""
+        head = lora_report(self.model, self.plan) if self.plan is not None else f"LoRA off (trainable.llm=" \
+            f"{self.trainable.llm})"
+        return f"{head}\ntrainable parameters per component:\n{component_report(self.model)}"
+
+    def _base(self):
+        return self.model.get_base_model() if self.plan is not None else self.model
+
+    def non_lora_trainables(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters PEFT's adapter does not hold (MGM projector/mining, a fully trained LLM)."""
+        return {n: p.detach() for n, p in self._base().named_parameters()
+                if p.requires_grad and "lora_" not in n and "modules_to_save" not in n}
 
     def on_fit_start(self) -> None:
         """Logs parameter counts and the LoRA report next to the run."""
@@ -90,21 +99,30 @@ class LoraLitModule(L.LightningModule):
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                experiment.add_text("lora", "```\n" + lora_report(self.model, self.plan) + "\n```", 0)
+                experiment.add_text("lora", "```\n" + self.report() + "\n```", 0)
 
     # -- loss --------------------------------------------------------------------------------------------------
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over supervised positions, their count, and the shifted logits."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        targets = batch["labels"][:, 1:]  # (B, T-1)
+    def _loss_sum(self, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over supervised positions, their count, the shifted logits and targets.
+
+        MGM returns the labels aligned with its expanded sequence (image placeholders become 576 ignored positions).
+        """
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_aux") if k in batch}
+        if "images" in inputs:
+            inputs["labels"] = batch["labels"]
+        out = self.model(**inputs)
+        labels = getattr(out, "labels", None)
+        labels = batch["labels"] if labels is None else labels
+        logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        targets = labels[:, 1:]  # (B, T-1)
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, (targets != IGNORE_INDEX).sum(), logits
+        return loss_sum, (targets != IGNORE_INDEX).sum(), logits, targets
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch; see the module docstring for the normalisation."""
-        loss_sum, n_tokens, _ = self._loss_sum(batch)
+        loss_sum, n_tokens, _, _ = self._loss_sum(batch)
         window = batch.get("window_tokens", n_tokens)  # plain loaders (no window sampler) fall back to a batch mean
         self._window_loss = self._window_loss + loss_sum.detach()  # tensors: no host sync per micro-batch
         self._window_tokens = self._window_tokens + n_tokens
@@ -123,10 +141,10 @@ class LoraLitModule(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss_sum, n_tokens, logits = self._loss_sum(batch)
+        loss_sum, n_tokens, logits, targets = self._loss_sum(batch)
         if n_tokens > 0:
             self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)  # token-weighted mean over the epoch
-            self.val_token_acc.update(logits.argmax(-1), batch["labels"][:, 1:])
+            self.val_token_acc.update(logits.argmax(-1), targets)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulates token-weighted loss and token accuracy."""
@@ -162,17 +180,24 @@ class LoraLitModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Replaces the full state dict with the PEFT adapter: checkpoints never contain the frozen base."""
+        """Replaces the full state dict with what trains: checkpoints never contain the frozen base."""
         checkpoint["state_dict"] = {}
-        checkpoint["peft"] = {"config": self.model.peft_config["default"],
-                              "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False)}
+        if self.plan is not None:
+            checkpoint["peft"] = {"config": self.model.peft_config["default"],
+                                  "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False)}
+        checkpoint["trainables"] = self.non_lora_trainables()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the adapter saved by `on_save_checkpoint`, after checking it fits this configuration."""
+        """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""
+        self.configure_model()
+        self._load_trainables(checkpoint.get("trainables") or {})
         peft = checkpoint.get("peft")
+        if self.plan is None:
+            if peft is not None:
+                raise ValueError("the checkpoint holds a LoRA adapter but trainable.llm is not `lora`.")
+            return
         if peft is None:
             raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
-        self.configure_model()
         saved, current = peft["config"], self.model.peft_config["default"]
         diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
                  for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
@@ -182,3 +207,14 @@ class LoraLitModule(L.LightningModule):
         result = set_peft_model_state_dict(self.model, peft["adapter"])
         if result.unexpected_keys:
             raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")
+
+    def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self._base().named_parameters())
+        unknown = [k for k in tensors if k not in params]
+        missing = [k for k in self.non_lora_trainables() if k not in tensors]
+        if unknown or missing:
+            raise ValueError(f"checkpoint trainables do not match the configured model: unknown {unknown[:5]}, "
+                             f"missing {missing[:5]} (check trainable.* against the run that saved it).")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)

@@ -144,6 +144,71 @@ def make_chameleons(seed: int) -> list[dict]:
     return records
 
 
+SHAPES = ["circle", "square", "triangle"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+QUESTIONS = ["What is in the image?", "Describe the image briefly.", "What colour is the shape?"]
+
+
+def make_llava(out_dir: Path, seed: int) -> list[dict]:
+    """Small synthetic images (one coloured shape each; some non-square, one greyscale) and LLaVA-format records
+    (single- and multi-turn, plus text-only ones), so that the tiny MGM demo has something visual to learn."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(24):
+        shape, colour = SHAPES[i % 3], sorted(COLOURS)[(i // 3) % 4]
+        size = rng.choice([(64, 64), (80, 56), (48, 72)])
+        img = Image.new("RGB", size, (245, 245, 245))
+        draw, (w, h) = ImageDraw.Draw(img), size
+        box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(w // 2, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4)], fill=fill)
+        if i == 5:
+            img = img.convert("L")
+        name = f"images/{i:02d}_{colour}_{shape}.png"
+        img.save(out_dir / name)
+        answer = f"A {colour} {shape} on a white background."
+        conversations = [{"from": "human", "value": f"{rng.choice(QUESTIONS)}\n<image>" if i % 4 == 0
+                          else f"<image>\n{rng.choice(QUESTIONS)}"}, {"from": "gpt", "value": answer}]
+        if i % 6 == 1:
+            conversations += [{"from": "human", "value": "What shape is it?"}, {"from": "gpt", "value": f"A {shape}."}]
+        records.append({"id": f"img-{i:02d}", "image": name, "conversations": conversations})
+    for j, (question, fact) in enumerate(TOPICS[:6]):
+        answer = fact[0].upper() + fact[1:] + "."
+        records.append({"id": f"text-{j}", "conversations": [{"from": "human", "value": question},
+                                                            {"from": "gpt", "value": answer}]})
+    return records
+
+
+def build_gemma_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = 512) -> None:
+    """A tiny byte-level BPE with Gemma's special tokens at Gemma's ids (pad 0, eos 1, bos 2, unk 3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.model_max_length = 4096
+    tok.chat_template = (  # Gemma's layout (MGM's own training template is built in mgmlora.data.llava)
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    tok.save_pretrained(out_dir)
+
+
 def main() -> None:
     train, val = make_dialogues(96, seed=0), make_dialogues(16, seed=1)
     for name, rows in (("persona_chat_train.jsonl", train), ("persona_chat_val.jsonl", val)):
@@ -160,6 +225,15 @@ def main() -> None:
     corpus += [CHAMELEONS_TASK, CONTINUE, NOTE, "[USER_HASH=", "[RECENT_DIALOGUE]", "[ANSWER]", "[/ANSWER]", "User:",
                "Assistant:", "[TASK]", "[HISTORY]", "[USER_PROFILE]", "[USER_NAME=", "[USER_GENDER="] * 20
     build_tokenizer(corpus, HERE / "tokenizer")
+    llava = make_llava(HERE / "llava", seed=3)
+    with open(HERE / "llava" / "llava_demo.json", "w", encoding="utf-8") as f:
+        json.dump(llava, f, indent=1, ensure_ascii=False)
+    # Validation: the same 24 images with other question wordings and no text-only records.
+    val = [r for r in make_llava(HERE / "llava", seed=4) if "image" in r][::3]
+    with open(HERE / "llava" / "llava_demo_val.json", "w", encoding="utf-8") as f:
+        json.dump(val, f, indent=1, ensure_ascii=False)
+    gemma_corpus = [t["value"] for r in llava for t in r["conversations"]] + ["user", "model", "<image>"] * 10
+    build_gemma_tokenizer(gemma_corpus + corpus, HERE / "gemma_tokenizer")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,11 @@ class TokenizedDataModule(L.LightningDataModule):
             raise ValueError("`test` needs data.init_args.test_path.")
 
     def _collate_fn(self):
+        """Batch assembly; sources with more than text (images) override it together with `_dataset`."""
         return functools.partial(_collate, pad_id=self.tokenizer.pad_token_id)
+
+    def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
+        return _Samples(samples)
 
     def train_dataloader(self) -> DataLoader:
         """Window-aware, rank-sharded, seeded, resumable training batches."""
@@ -112,14 +116,14 @@ class TokenizedDataModule(L.LightningDataModule):
             accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
             rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
         )
-        return _ResumableLoader(_Samples(samples), batch_sampler=sampler, collate_fn=self._collate_fn(),
+        return _ResumableLoader(self._dataset(samples), batch_sampler=sampler, collate_fn=self._collate_fn(),
                                 num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
                                 position_fn=self._position)
 
     def _eval_loader(self, split: str) -> DataLoader:
         samples = self.splits[split]
         shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
-        return DataLoader(_Samples(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
+        return DataLoader(self._dataset(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
                           collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mgmlora.models.registry import MOE_MODEL_TYPES, ModelPreset, get_preset
+from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
 
-PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b"]
+PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "tiny-mgm", "mgm-2b"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -73,8 +73,8 @@ def _check_model_dir(path: Path) -> None:
 
 
 def resolve_preset(args: ModelArgs) -> ModelPreset | None:
-    """Returns the registry preset for `args` (None for an unregistered model loaded from `model_path`)."""
-    return get_preset(args.preset) if args.preset else None
+    """Returns the text-model registry preset for `args` (None for MGM presets or a bare `model_path`)."""
+    return get_preset(args.preset) if args.preset and args.preset not in MGM_PRESETS else None
 
 
 def is_moe(model: PreTrainedModel) -> bool:

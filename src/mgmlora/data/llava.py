@@ -1,0 +1,116 @@
+r"""LLaVA-style image-text JSON and MGM's Gemma conversation template.
+
+Records: `{"id": str, "image": "relative/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value":
+str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). `<image>` anywhere in a
+message is moved to the front of the first human turn (`"<image>\n" + rest`).
+
+Template (MGM `conv_gemma`, both stages of MGM-2B; ../shared/docs/mgm.md section 4.2):
+
+    <bos><start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n<eos>
+
+Supervised per round: the answer, `<end_of_turn>`, `\n` and `<eos>`; `<bos>` and the user turn are masked. The text
+is split at `<image>` and each chunk tokenised on its own with one IMAGE_TOKEN_INDEX between chunks, as the original
+`tokenizer_image_token`; labels come from character spans, so chunk boundaries cannot shift them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
+
+IMAGE = "<image>"
+USER, MODEL, END, BOS, EOS = "<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<bos>", "<eos>"
+
+
+class LlavaFormatError(ValueError):
+    """A LLaVA record is malformed; the message names the file, the record, the key and the fix."""
+
+
+def read_llava_json(path: str | Path) -> list[dict]:
+    """Reads and validates a LLaVA JSON list (or JSONL, one record per line).
+
+    Raises:
+        FileNotFoundError: when `path` does not exist.
+        LlavaFormatError: naming file, record index and id, and key, for any malformed record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA data file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
+                                                                          if x.strip()]
+    except json.JSONDecodeError as err:
+        raise LlavaFormatError(f"{path}: not valid JSON at line {err.lineno} ({err.msg}).") from err
+    if not records:
+        raise LlavaFormatError(f"{path}: no records.")
+    for i, record in enumerate(records):
+        where = f"{path}: record {i} (id={record.get('id') if isinstance(record, dict) else None!r})"
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise LlavaFormatError(f"{where}: key 'conversations' must be a list of {{from, value}} turns.")
+        if "image" in record and not isinstance(record["image"], str):
+            raise LlavaFormatError(f"{where}: key 'image' must be a path string (one image per sample for MGM-2B).")
+        for k, turn in enumerate(record["conversations"]):
+            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(
+                    turn.get("value"), str):
+                raise LlavaFormatError(f"{where}: conversations[{k}] must be {{\"from\": \"human\"|\"gpt\", \"value\": "
+                                       f"str}}, got {turn!r:.80}.")
+    return records
+
+
+def render(record: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The Gemma-template text of a record and the character spans that are supervised."""
+    turns = list(record["conversations"])
+    if turns and turns[0]["from"] == "gpt":
+        turns = turns[1:]  # the original drops a leading gpt turn
+    has_image = "image" in record
+    text, spans = BOS, []
+    for i in range(0, len(turns) - 1, 2):
+        question, answer = turns[i]["value"], turns[i + 1]["value"]
+        if turns[i]["from"] != "human" or turns[i + 1]["from"] != "gpt":
+            raise LlavaFormatError(f"record id={record.get('id')!r}: conversations must alternate human/gpt.")
+        if IMAGE in question or (i == 0 and has_image):
+            question = question.replace(IMAGE, "").strip()
+            question = f"{IMAGE}\n{question}" if i == 0 and has_image else question
+        text += USER + question + END + MODEL
+        start = len(text)
+        text += answer + END + EOS
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> TokenizedSample:
+    """Token ids with one IMAGE_TOKEN_INDEX per image, and labels on the answers only (unexpanded)."""
+    text, spans = render(record)
+    ids, labels, offset = [], [], 0
+    for k, chunk in enumerate(text.split(IMAGE)):
+        if k:
+            ids.append(IMAGE_TOKEN_INDEX)
+            labels.append(IGNORE_INDEX)
+            offset += len(IMAGE)
+        enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+        for tok, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            ids.append(tok)
+            labels.append(tok if any(a <= offset + s < b for a, b in spans) else IGNORE_INDEX)
+        offset += len(chunk)
+    return TokenizedSample(ids, labels, meta={"id": record.get("id"), "image": record.get("image")})
+
+
+def fit_after_expansion(sample: TokenizedSample, image_tokens: int, max_length: int) -> TokenizedSample | None:
+    """Truncates so that the sequence *after* image expansion fits `max_length` (the model then cuts nothing).
+
+    Returns None when no supervised token would survive (the original trained on such samples with an all-ignored
+    loss; mgmlora skips and counts them).
+    """
+    n_images = sum(1 for t in sample.input_ids if t == IMAGE_TOKEN_INDEX)
+    budget = max_length - n_images * (image_tokens - 1)
+    if len(sample.input_ids) > budget:
+        sample = TokenizedSample(sample.input_ids[:max(budget, 0)], sample.labels[:max(budget, 0)], sample.meta)
+        if n_images and IMAGE_TOKEN_INDEX not in sample.input_ids:
+            return None
+    return sample if sample.num_supervised > 0 else None

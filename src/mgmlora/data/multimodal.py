@@ -1,0 +1,138 @@
+"""LlavaDataModule: LLaVA-style image-text JSON for MGM, tokenised once, images loaded lazily per batch."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from mgmlora.data.chat import TokenizedSample
+from mgmlora.data.collate import pad_collate
+from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.images import AspectRatio, blank, load_rgb, preprocess
+from mgmlora.data.llava import fit_after_expansion, read_llava_json, tokenize_record
+from mgmlora.data.sampling import WindowKey
+
+
+class _ImageSamples(Dataset):
+    """Pre-tokenised samples whose images are read and preprocessed when the batch is built (in workers)."""
+
+    def __init__(self, samples: list[TokenizedSample], folder: Path, size: int, size_aux: int, aspect: AspectRatio):
+        self.samples, self.folder, self.size, self.size_aux, self.aspect = samples, folder, size, size_aux, aspect
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | WindowKey):
+        index, window = (key.index, key.window_tokens) if isinstance(key, WindowKey) else (key, None)
+        sample = self.samples[index]
+        image = sample.meta.get("image")
+        pixels = (preprocess(load_rgb(self.folder / image), self.size_aux, self.size, self.aspect) if image
+                  else blank(self.size_aux, self.size))
+        return sample, window, pixels
+
+
+def _collate_images(items, pad_id: int) -> dict[str, torch.Tensor]:
+    batch = pad_collate([s for s, _, _ in items], pad_id, window_tokens=items[0][1])
+    batch["images"] = torch.stack([p[0] for _, _, p in items])  # (B, 3, S, S)
+    batch["images_aux"] = torch.stack([p[1] for _, _, p in items])  # (B, 3, S_aux, S_aux)
+    return batch
+
+
+class LlavaDataModule(TokenizedDataModule):
+    """LLaVA-style image-text JSON (`id`, optional `image`, `conversations`) for MGM.
+
+    Image geometry (576 tokens per image, 336/768 px) and the post-expansion length limit come from the model's
+    config, through the LightningModule, so they cannot drift from the model.
+
+    Args:
+        train_path: training records (JSON list or JSONL).
+        image_folder: directory the records' `image` paths are relative to.
+        val_path: validation records (null: no validation).
+        test_path: records for the `test` subcommand.
+        image_aspect_ratio: pad (to a square with the mean colour; MGM stage 2) or square (centre crop; stage 1).
+        skip_bad_images: skip (and count) records whose image is missing or unreadable instead of failing at setup.
+        tokenizer_path: tokenizer directory; null uses the model's tokenizer.
+        max_length: length limit after image expansion; null takes the model's tokenizer_model_max_length. Samples
+            are cut at the end to fit; one left without a supervised token is skipped and counted.
+        batch_size: micro-batch size per device.
+        eval_batch_size: micro-batch size for validation/test.
+        num_workers: DataLoader worker processes (image decoding happens there).
+        shuffle: reshuffle training data every epoch.
+        seed: seed of the shuffling (same on every rank).
+        drop_last: drop the last incomplete global batch instead of wrapping around.
+    """
+
+    def __init__(self, train_path: str, image_folder: str, val_path: str | None = None, test_path: str | None = None,
+                 image_aspect_ratio: AspectRatio = "pad", skip_bad_images: bool = False,
+                 tokenizer_path: str | None = None, max_length: int | None = None, batch_size: int = 1,
+                 eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.geometry: dict[str, int] | None = None
+        self.stats: dict[str, int] = {}
+
+    def _model_geometry(self) -> dict[str, int]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        info = getattr(module, "info", None)
+        if info is None or info.family != "mgm":
+            raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
+                             "model_path): image geometry comes from its config.")
+        return {"image_tokens": info.image_tokens, "size": info.image_size, "size_aux": info.image_size_aux,
+                "max_length": info.max_length}
+
+    def _image_ok(self, record: dict, path: Path) -> str | None:
+        image = self.hparams.image_folder and Path(self.hparams.image_folder) / record["image"]
+        try:
+            with Image.open(image) as img:
+                img.verify()
+            return None
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            return (f"{path}: record id={record.get('id')!r}: image {str(image)!r} is missing or unreadable ({err}). "
+                    "Fix data.init_args.image_folder or the record, or set data.init_args.skip_bad_images: true.")
+
+    def _build(self, split: str, path: str) -> None:
+        hp, geo = self.hparams, self.geometry
+        max_length = hp.max_length or geo["max_length"]
+        samples, bad_images, too_long = [], 0, 0
+        for record in read_llava_json(path):
+            if "image" in record and (problem := self._image_ok(record, Path(path))):
+                if not hp.skip_bad_images:
+                    raise FileNotFoundError(problem)
+                bad_images += 1
+                continue
+            fitted = fit_after_expansion(tokenize_record(self.tokenizer, record), geo["image_tokens"], max_length)
+            if fitted is None:
+                too_long += 1
+                continue
+            samples.append(fitted)
+        self.splits[split] = samples
+        self.stats.update({f"{split}:samples": len(samples), f"{split}:skipped_bad_image": bad_images,
+                           f"{split}:skipped_no_supervision": too_long})
+        with_images = sum(1 for s in samples if s.meta.get("image"))
+        rank_zero_info(f"LLaVA {split} {path}: {len(samples)} samples ({with_images} with an image, "
+                       f"{len(samples) - with_images} text-only); skipped {bad_images} bad image(s), {too_long} "
+                       f"without a supervised token after truncation to {max_length}.")
+        if bad_images or too_long:
+            rank_zero_warn(f"LLaVA {split}: {bad_images + too_long} record(s) skipped (see the line above).")
+
+    def _build_splits(self, stage: str) -> None:
+        self.geometry = self.geometry or self._model_geometry()
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for split in wanted:
+            path = self.hparams.get(f"{split}_path")
+            if split not in self.splits and path is not None:
+                self._build(split, path)
+
+    def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
+        geo = self.geometry
+        return _ImageSamples(samples, Path(self.hparams.image_folder), geo["size"], geo["size_aux"],
+                             self.hparams.image_aspect_ratio)
+
+    def _collate_fn(self):
+        return functools.partial(_collate_images, pad_id=self.tokenizer.pad_token_id)

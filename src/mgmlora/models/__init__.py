@@ -1,0 +1,98 @@
+"""Model loading for every family, behind one function: `load_model(ModelArgs) -> LoadedModel`.
+
+Family differences live here (and in the registry), not in the LightningModule: a text causal LM (Qwen3 dense or MoE,
+any transformers causal LM) or MGM (Gemma + vision towers). MGM is recognised by the `mm_*` keys of its config.json,
+never by `model_type` (original checkpoints carry several names).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from mgmlora.models.causal_lm import (
+    DTYPES,
+    ModelArgs,
+    build_config,
+    enable_gradient_checkpointing,
+    is_moe,
+    load_causal_lm,
+    resolve_preset,
+)
+from mgmlora.models.registry import MGM_PRESETS
+
+Family = Literal["causal_lm", "mgm"]
+
+
+@dataclass
+class ModelInfo:
+    """What the data side and the LightningModule need to know before any weight is loaded."""
+
+    family: Family
+    vocab_size: int
+    image_tokens: int = 0  # image embeddings per image (576 for MGM-2B)
+    image_size: int = 0  # CLIP input size (336)
+    image_size_aux: int = 0  # ConvNeXt input size (768)
+    max_length: int = 0  # MGM: truncation length after image expansion (tokenizer_model_max_length)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded base model and where its LoRA targets live."""
+
+    model: nn.Module
+    info: ModelInfo
+    decoder_layers: str
+    moe: bool
+
+
+def _mgm_config_dict(args: ModelArgs) -> dict | None:
+    if args.model_path:
+        path = Path(args.model_path) / "config.json"
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            return raw if "mm_vision_tower" in raw else None
+        return None
+    return MGM_PRESETS.get(args.preset)
+
+
+def model_info(args: ModelArgs) -> ModelInfo:
+    """Family, vocabulary and image geometry, from config files only."""
+    raw = _mgm_config_dict(args)
+    if raw is None:
+        return ModelInfo("causal_lm", build_config(args).vocab_size)
+    from mgmlora.models.mgm import MGMConfig
+
+    config = MGMConfig.from_dict(raw)
+    clip = config.clip_config()
+    return ModelInfo("mgm", config.text["vocab_size"], (clip.image_size // clip.patch_size) ** 2, clip.image_size,
+                     config.image_size_aux, config.tokenizer_model_max_length)
+
+
+def load_model(args: ModelArgs) -> LoadedModel:
+    """Loads (or randomly initialises) the model `args` describes, with gradient checkpointing as configured."""
+    info = model_info(args)
+    if info.family == "causal_lm":
+        model = load_causal_lm(args)
+        preset = resolve_preset(args)
+        return LoadedModel(model, info, preset.decoder_layers if preset else "model.layers", is_moe(model))
+    from mgmlora.models.mgm import MGMConfig
+    from mgmlora.models.mgm_checkpoint import build_mgm, load_mgm
+
+    dtype = DTYPES[args.dtype]
+    if args.model_path:
+        model = load_mgm(args.model_path, dtype, args.attn_implementation)
+    else:
+        model = build_mgm(MGMConfig.from_dict(MGM_PRESETS[args.preset]), dtype, args.attn_implementation,
+                          seed=args.init_seed)
+    model.llm.config.use_cache = False
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model.llm)
+    return LoadedModel(model, info, "llm.model.layers", moe=False)
+
+
+__all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "load_model", "model_info"]

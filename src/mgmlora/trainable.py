@@ -1,0 +1,83 @@
+"""Trainability per component: language model, multimodal projector, vision towers.
+
+The language model trains through LoRA, is frozen, or trains in full; the multimodal projector (MGM's `mm_projector`
++ patch-info-mining `vlm_uni_*`) trains in full or is frozen; the vision towers are always frozen, in eval mode,
+under no_grad.
+
+MGM's recipes in these terms: stage 1 = llm frozen + projector full; stage 2 LoRA = llm lora + projector full (the
+original LoRA path, where the projector and mining modules stayed trainable); full fine-tune = llm full + projector
+full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from mgmlora.lora import LoraArgs, LoraPlan, apply_lora, plan_lora
+from mgmlora.models import LoadedModel
+
+PROJECTOR_PREFIXES = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
+
+
+@dataclass
+class Trainability:
+    """Which components train.
+
+    Attributes:
+        llm: lora (PEFT adapters on the decoder layers), frozen, or full (every LLM weight; needs the memory).
+        projector: MGM's mm_projector and mining modules: full or frozen. Not applicable to text-only models.
+        towers: vision towers; frozen is the only supported choice (they stay in eval mode under no_grad).
+    """
+
+    llm: Literal["lora", "frozen", "full"] = "lora"
+    projector: Literal["full", "frozen"] = "full"
+    towers: Literal["frozen"] = "frozen"
+
+
+def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
+                       trainable: Trainability) -> tuple[nn.Module, LoraPlan | None]:
+    """Freezes and unfreezes the components of `loaded.model`, wrapping it with LoRA when `trainable.llm` is lora.
+
+    Raises:
+        ValueError: when nothing would train.
+    """
+    model, plan = loaded.model, None
+    if trainable.llm == "lora":
+        plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
+        model = apply_lora(model, plan)  # PEFT freezes every base weight
+    else:
+        model.requires_grad_(False)
+        if trainable.llm == "full":
+            llm = model.llm if loaded.info.family == "mgm" else model
+            llm.requires_grad_(True)
+    if loaded.info.family == "mgm" and trainable.projector == "full":
+        base = model.get_base_model() if plan else model
+        for name, param in base.named_parameters():
+            if name.startswith(PROJECTOR_PREFIXES):
+                param.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"nothing would train: trainable.llm={trainable.llm}, trainable.projector="
+                         f"{trainable.projector} on a {loaded.info.family} model.")
+    return model, plan
+
+
+def component_report(model: nn.Module) -> str:
+    """Trainable parameter counts per component, for the start-of-run report."""
+    groups: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        name = name.removeprefix("base_model.model.")
+        if "lora_" in name:
+            key = "lora adapters"
+        elif name.startswith(PROJECTOR_PREFIXES):
+            key = "projector + mining"
+        elif name.startswith(("vision_tower.", "vision_tower_aux.")):
+            key = "vision towers"
+        else:
+            key = "language model"
+        counts = groups.setdefault(key, [0, 0])
+        counts[0] += param.numel() if param.requires_grad else 0
+        counts[1] += param.numel()
+    return "\n".join(f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in groups.items())

@@ -3,8 +3,10 @@
 
     python bin/show_samples.py --config configs/demo.yaml [--split train|val|test] [--n 5]
 
-Each line: user_hash (when the source has one), text (the full decoded sequence), target (the decoded supervised
-tokens only), num_tokens, num_label_tokens. Only the tokenizer is loaded, never the model weights.
+Each line: user_hash (persona data) or id (image-text data), text (the full decoded sequence; an image placeholder
+shows as <image>), target (the decoded supervised tokens only), num_tokens, num_label_tokens (before image
+expansion; each image adds the model's image tokens, all unsupervised). Only the tokenizer and config files are
+read, never the model weights.
 """
 
 import argparse
@@ -18,7 +20,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
 from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.models import model_info  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 
 
 def build_datamodule(config_path: str):
@@ -32,7 +36,22 @@ def build_datamodule(config_path: str):
     if tokenizer_path:
         model_args.tokenizer_path = tokenizer_path
     datamodule.tokenizer = load_tokenizer(model_args)
+    if hasattr(datamodule, "geometry"):  # image-text data: image geometry from the model's config
+        info = model_info(model_args)
+        datamodule.geometry = {"image_tokens": info.image_tokens, "size": info.image_size,
+                               "size_aux": info.image_size_aux, "max_length": info.max_length}
     return datamodule
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    pieces, chunk = [], []
+    for t in ids + [None]:
+        if t is None or t == IMAGE_TOKEN_INDEX:
+            pieces.append(tokenizer.decode(chunk))
+            chunk = []
+        else:
+            chunk.append(t)
+    return "<image>".join(pieces)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -48,7 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for sample in datamodule.splits.get(args.split, [])[: args.n]:
         label_ids = [t for t in sample.labels if t != IGNORE_INDEX]
-        row = {"user_hash": (sample.meta or {}).get("user_hash"), "text": tok.decode(sample.input_ids),
+        meta = sample.meta or {}
+        source = {"id": meta["id"]} if "id" in meta else {"user_hash": meta.get("user_hash")}
+        row = {**source, "text": _decode(tok, sample.input_ids),
                "target": tok.decode(label_ids), "num_tokens": len(sample.input_ids),
                "num_label_tokens": len(label_ids)}
         print(json.dumps(row, ensure_ascii=False))

@@ -22,14 +22,14 @@ def _run(*args, cwd=ROOT):
 
 
 def test_demo_fit_writes_config_tensorboard_checkpoints_and_adapter(tmp_path):
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "demo_chameleons.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 3
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     out = _run("fit", "--config", str(tmp_path / "demo.yaml"), "--trainer.max_steps", "6",
                "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path))
     assert "trainable params: 29,696 / 169,344" in out and "model.layers.*.self_attn.q_proj  x2" in out
-    run = tmp_path / "demo" / "version_0"
+    run = tmp_path / "demo_chameleons" / "version_0"
     assert (run / "config.yaml").is_file() and "preset: balanced" in (run / "config.yaml").read_text()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step=000003.ckpt", "step=000006.ckpt"]
@@ -50,20 +50,28 @@ def test_demo_fit_writes_config_tensorboard_checkpoints_and_adapter(tmp_path):
 
     # resume from the step-3 checkpoint to step 8, then validate from the final checkpoint
     resumed = tmp_path / "resumed"
-    _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
-         "--trainer.logger.init_args.save_dir", str(resumed),
+    _run("fit", "--config", "configs/demo_chameleons.yaml", "--trainer.max_steps", "8",
+         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(resumed),
          "--ckpt_path", str(run / "checkpoints" / "step=000003.ckpt"))
-    assert (resumed / "demo" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
-    out = _run("validate", "--config", "configs/demo.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path / "v"),
-               "--ckpt_path", str(run / "checkpoints" / "step=000006.ckpt"))
+    assert (resumed / "demo_chameleons" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+    out = _run("validate", "--config", "configs/demo_chameleons.yaml", "--trainer.logger.init_args.save_dir",
+               str(tmp_path / "v"), "--ckpt_path", str(run / "checkpoints" / "step=000006.ckpt"))
     assert "val/loss" in out
 
 
-def test_demo_loss_falls(tmp_path):
-    _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false",
-         "--trainer.log_every_n_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path),
-         "--trainer.enable_checkpointing", "true")
-    events = EventAccumulator(str(tmp_path / "demo" / "version_0"))
+def test_mgm_demo_trains_checkpoints_resumes_and_its_loss_falls(tmp_path):
+    out = _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "30", "--trainer.enable_progress_bar",
+               "false", "--trainer.log_every_n_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path))
+    assert "projector + mining: 12,896 trainable / 12,896" in out and "vision towers: 0 trainable" in out
+    run = tmp_path / "demo" / "version_0"
+    ckpt = run / "checkpoints" / "step=000030.ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "non_lora_trainables.safetensors", "trainer_state.pt"]
+    assert sorted(load_file(run / "adapter" / "non_lora_trainables.safetensors")) == sorted(
+        load_file(ckpt / "non_lora_trainables.safetensors"))
+    events = EventAccumulator(str(run))
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
-    assert losses[-1] < 0.75 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
+    _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "32", "--trainer.enable_progress_bar",
+         "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "resumed"), "--ckpt_path", str(ckpt))

@@ -31,15 +31,17 @@ def test_config_writes_every_key_and_a_launch_header(path):
     text = path.read_text()
     assert "python bin/main.py fit --config configs/" in text.split("seed_everything")[0]
     raw = yaml.safe_load(text)
-    for section, keys in {"model": ["model", "lora", "optim"], "data": ["class_path", "init_args"]}.items():
+    sections = {"model": ["model", "lora", "optim", "trainable"], "data": ["class_path", "init_args"]}
+    for section, keys in sections.items():
         assert set(keys) <= set(raw[section])
     from dataclasses import fields
 
     from mgmlora.lora import LoraArgs
     from mgmlora.models.causal_lm import ModelArgs
     from mgmlora.optim import OptimArgs
+    from mgmlora.trainable import Trainability
 
-    for key, cls in {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs}.items():
+    for key, cls in {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs, "trainable": Trainability}.items():
         assert set(raw["model"][key]) == {f.name for f in fields(cls)}, f"{path.name}: model.{key} keys"
 
 
@@ -53,7 +55,7 @@ def test_config_writes_every_key_and_a_launch_header(path):
     (["--data.init_args.split", "by_user"], "held_out_users"),
 ])
 def test_typos_are_rejected_with_the_valid_names(override, message, capsys, in_repo_root):
-    code, _, err = _parse(capsys, "--config", "configs/demo.yaml", *override)
+    code, _, err = _parse(capsys, "--config", "configs/demo_chameleons.yaml", *override)
     assert code == 2
     assert __import__("re").search(message, err), err
 

@@ -1,0 +1,126 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mgmlora.data.chat import IGNORE_INDEX
+from mgmlora.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOUR, load_rgb, preprocess
+from mgmlora.data.llava import LlavaFormatError, fit_after_expansion, read_llava_json, render, tokenize_record
+from mgmlora.data.multimodal import LlavaDataModule
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
+from tests.conftest import ASSETS
+
+LLAVA = ASSETS / "llava"
+
+
+@pytest.fixture(scope="module")
+def gemma_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "gemma_tokenizer")
+
+
+def _supervised(tok, sample):
+    return tok.decode([t for t in sample.labels if t != IGNORE_INDEX])
+
+
+def test_gemma_template_labels_answers_end_of_turn_and_eos(gemma_tok):
+    record = {"id": "x", "image": "a.png", "conversations": [
+        {"from": "gpt", "value": "dropped"},  # a leading gpt turn is dropped, as the original
+        {"from": "human", "value": "Question one?\n<image>"}, {"from": "gpt", "value": "Answer one."},
+        {"from": "human", "value": "Two?"}, {"from": "gpt", "value": "Answer two."}]}
+    text, _ = render(record)
+    assert text == ("<bos><start_of_turn>user\n<image>\nQuestion one?<end_of_turn>\n<start_of_turn>model\nAnswer one."
+                    "<end_of_turn>\n<eos><start_of_turn>user\nTwo?<end_of_turn>\n<start_of_turn>model\nAnswer two."
+                    "<end_of_turn>\n<eos>")
+    sample = tokenize_record(gemma_tok, record)
+    assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == 1 and sample.input_ids[0] == gemma_tok.bos_token_id
+    assert _supervised(gemma_tok, sample) == "Answer one.<end_of_turn>\n<eos>Answer two.<end_of_turn>\n<eos>"
+    assert sample.labels[sample.input_ids.index(IMAGE_TOKEN_INDEX)] == IGNORE_INDEX
+
+
+def test_text_only_records_have_no_image_token(gemma_tok):
+    record = {"id": "t", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    sample = tokenize_record(gemma_tok, record)
+    assert IMAGE_TOKEN_INDEX not in sample.input_ids and _supervised(gemma_tok, sample) == "Hello.<end_of_turn>\n<eos>"
+
+
+def test_truncation_happens_after_expansion_and_never_leaves_zero_supervision(gemma_tok):
+    records = read_llava_json(LLAVA / "llava_demo.json")
+    sample = tokenize_record(gemma_tok, records[1])  # multi-turn, one image
+    n = len(sample.input_ids)
+    fitted = fit_after_expansion(sample, image_tokens=36, max_length=n + 35)
+    assert len(fitted.input_ids) == n  # expanded length n - 1 + 36 fits exactly
+    cut = fit_after_expansion(sample, image_tokens=36, max_length=n + 30)
+    assert len(cut.input_ids) == n - 5 and cut.num_supervised > 0
+    assert fit_after_expansion(sample, image_tokens=36, max_length=45) is None  # only the prompt would remain
+
+
+def test_preprocessing_pads_non_square_and_greyscale_images_with_the_mean_colour(tmp_path):
+    Image.new("L", (40, 20), 255).save(tmp_path / "grey.png")
+    img = load_rgb(tmp_path / "grey.png")
+    low, aux = preprocess(img, size_aux=96, size=48, aspect="pad")
+    assert aux.shape == (3, 96, 96) and low.shape == (3, 48, 48)
+    mean_normalised = torch.tensor([(c / 255 - m) / s for c, m, s in zip(PAD_COLOUR, CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(aux[:, 0, 48], mean_normalised, atol=1e-6, rtol=0)  # top row: padding
+    white = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(aux[:, 48, 48], white, atol=1e-5, rtol=0)  # centre: the image
+    torch.testing.assert_close(low, F.interpolate(aux[None], size=(48, 48), mode="bilinear")[0])
+    _, cropped = preprocess(img, size_aux=96, size=48, aspect="square")
+    torch.testing.assert_close(cropped[:, 0, 48], white, atol=1e-5, rtol=0)  # centre crop: no padding
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"id": "a"}, "record 0 \\(id='a'\\): key 'conversations' must be a list"),
+    ({"id": "b", "image": ["x.png"], "conversations": []}, "key 'image' must be a path string"),
+    ({"id": "c", "conversations": [{"from": "bot", "value": "x"}]}, r"conversations\[0\] must be"),
+])
+def test_bad_records_are_named(tmp_path, record, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([record]))
+    with pytest.raises(LlavaFormatError, match=message):
+        read_llava_json(path)
+
+
+class _Geometry(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        from mgmlora.models import ModelArgs, model_info
+
+        self.info = model_info(ModelArgs(preset="tiny-mgm"))
+
+
+def _datamodule(tmp_path=None, records=None, **kwargs):
+    train = LLAVA / "llava_demo.json"
+    if records is not None:
+        train = tmp_path / "train.json"
+        train.write_text(json.dumps(records))
+    dm = LlavaDataModule(str(train), image_folder=str(LLAVA), tokenizer_path=str(ASSETS / "gemma_tokenizer"),
+                         batch_size=4, **kwargs)
+    trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)
+    trainer.strategy.connect(_Geometry())
+    dm.trainer = trainer
+    dm.setup("fit")
+    return dm
+
+
+def test_datamodule_mixes_text_only_and_image_samples_in_batches():
+    dm = _datamodule()
+    assert dm.stats["train:samples"] == 30
+    batch = next(iter(dm._eval_loader("train")))
+    assert batch["images"].shape == (1, 3, 48, 48) and batch["images_aux"].shape == (1, 3, 96, 96)
+    text_only = [i for i, s in enumerate(dm.splits["train"]) if not s.meta.get("image")][0]
+    _, _, (low, aux) = dm._dataset(dm.splits["train"])[text_only]
+    assert not low.any() and not aux.any()  # zero images for text-only samples, as MGM
+
+
+def test_missing_image_is_an_error_naming_the_record_or_a_counted_skip(tmp_path):
+    records = read_llava_json(LLAVA / "llava_demo.json")[:3]
+    records[1]["image"] = "images/nope.png"
+    with pytest.raises(FileNotFoundError, match="record id='img-01': image .*nope.png.*skip_bad_images"):
+        _datamodule(tmp_path, records)
+    dm = _datamodule(tmp_path, records, skip_bad_images=True)
+    assert dm.stats["train:samples"] == 2 and dm.stats["train:skipped_bad_image"] == 1

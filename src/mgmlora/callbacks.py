@@ -15,14 +15,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
 from mgmlora.checkpoint import TRAINABLES
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 
 
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s, supervised tokens/s and step time per optimizer step, and peak GPU memory on CUDA.
 
-    Token counts are those of this rank (non-padding tokens from the attention mask); multiply by the number of
-    ranks for the job's total. Peak memory is `torch.cuda.max_memory_allocated` since the previous optimizer step,
-    in GiB, with reserved memory beside it (the allocator's footprint, what `nvidia-smi` roughly shows).
+    Token counts are those of this rank (non-padding tokens from the attention mask, each image placeholder counted
+    as the image embeddings it expands to); multiply by the number of ranks for the job's total. Peak memory is
+    `torch.cuda.max_memory_allocated` since the previous optimizer step, in GiB, with reserved memory beside it (the
+    allocator's footprint, what `nvidia-smi` roughly shows).
     """
 
     def __init__(self) -> None:
@@ -42,7 +44,9 @@ class ThroughputMonitor(L.Callback):
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        self._tokens += int(batch["attention_mask"].sum())
+        image_tokens = getattr(getattr(pl_module, "info", None), "image_tokens", 0)
+        placeholders = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) if image_tokens else 0
+        self._tokens += int(batch["attention_mask"].sum()) + placeholders * (image_tokens - 1)
         self._supervised += int((batch["labels"][:, 1:] != -100).sum())
         if trainer.fit_loop._should_accumulate():
             return

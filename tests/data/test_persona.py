@@ -56,8 +56,8 @@ def test_on_the_fly_sampling_equals_the_sampling_command(tmp_path):
 
 
 def test_show_samples_prints_what_the_config_trains_on(in_repo_root):
-    proc = subprocess.run([sys.executable, "bin/show_samples.py", "--config", "configs/demo.yaml", "--n", "2"],
-                          capture_output=True, text=True, check=True)
+    command = [sys.executable, "bin/show_samples.py", "--config", "configs/demo_chameleons.yaml", "--n", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
@@ -311,13 +310,3 @@ def lora_report(peft_model: nn.Module, plan: LoraPlan) -> str:
     if cfg.modules_to_save:
         lines.append(f"trained in full and saved with the adapter: {cfg.modules_to_save}")
     return "\n".join(lines)
-
-
-def lora_args_dict(args: LoraArgs) -> dict:
-    """The LoRA arguments plus their resolved values, for logging next to the run."""
-    return {**asdict(args), "resolved": args.resolved()}
-
-
-def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors of `module`, detached (for adapter-only checkpoints)."""
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}

@@ -37,3 +37,15 @@ def test_mgm_deepspeed_strategy_matches_plain_lightning(stage):
 def test_lightning_deepspeed_strategy_alone_is_off_by_the_accumulation_factor():
     # Documents the upstream bug this strategy fixes; if Lightning fixes it, this test tells us to drop ours.
     assert _delta("lightning_ds", 2) == pytest.approx(EXPECTED / 4, rel=1e-5)
+
+
+def test_zero2_fit_saves_adapter_only_and_resumes(tmp_path):
+    script = ROOT / "tests" / "scripts" / "ds_fit_resume.py"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["resumed_global_step"] == 4
+    keys = summary["model_state_keys"]
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights

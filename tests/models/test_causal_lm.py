@@ -65,6 +65,13 @@ def test_tokenizer_and_vocab_checks(tmp_path):
         check_vocab(small, tok, "model")
 
 
+def test_vocab_check_reads_the_full_shape_of_a_zero3_partitioned_embedding():
+    model = tiny_model()
+    model.get_input_embeddings().weight.data = torch.empty(0)  # what a ZeRO-3 partition placeholder looks like
+    model.get_input_embeddings().weight.ds_shape = torch.Size([512, 64])
+    check_vocab(model, load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER))), "model")
+
+
 def test_real_presets_build_on_the_meta_device():
     from transformers import AutoModelForCausalLM
 

@@ -154,7 +154,8 @@ def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
     """Raises when the tokenizer can emit ids the embedding table does not have."""
-    n_embed = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    n_embed = (weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape)[0]  # ZeRO-3 partitions are empty
     if len(tokenizer) > n_embed:
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
                          f"{n_embed} rows; use the tokenizer that belongs to this model.")

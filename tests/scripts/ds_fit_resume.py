@@ -1,0 +1,60 @@
+"""Fits the tiny Qwen3 LoRA module under DeepSpeed (CPU, gloo) with checkpoints, then resumes; prints a JSON summary.
+
+    python tests/scripts/ds_fit_resume.py OUT_DIR STAGE
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mgmlora.data.datamodule import ChatDataModule  # noqa: E402
+from mgmlora.lora import LoraArgs  # noqa: E402
+from mgmlora.models.causal_lm import ModelArgs  # noqa: E402
+from mgmlora.module import LoraLitModule  # noqa: E402
+from mgmlora.optim import OptimArgs  # noqa: E402
+from mgmlora.strategies import MgmDeepSpeedStrategy  # noqa: E402
+
+
+class CpuDeepSpeed(MgmDeepSpeedStrategy):
+    def setup_environment(self):
+        DDPStrategy.setup_environment(self)  # skip DeepSpeed's "CUDA only" check
+
+    def _get_process_group_backend(self):
+        return "gloo"
+
+
+def fit(out: Path, stage: int, steps: int, ckpt=None):
+    torch.manual_seed(0)
+    model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(ROOT / "tests/assets/tokenizer"), dtype="float32",
+                      gradient_checkpointing=False)
+    module = LoraLitModule(model, LoraArgs(lora_dropout=0.0), OptimArgs(lr=1e-2, warmup_ratio=0))
+    train = out / "train.jsonl"
+    train.write_text("".join((ROOT / "tests/assets/persona_chat_train.jsonl").read_text().splitlines(True)[:16]))
+    strategy = CpuDeepSpeed(stage=stage, parallel_devices=[torch.device("cpu", 0)], exclude_frozen_parameters=True)
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
+                                                   save_top_k=-1)], default_root_dir=out)
+    trainer.fit(module, ChatDataModule(str(train), batch_size=2), ckpt_path=ckpt)
+    return trainer
+
+
+def main():
+    out, stage = Path(sys.argv[1]), int(sys.argv[2])
+    fit(out, stage, 2)
+    states = sorted((out / "ckpt" / "step=2.ckpt" / "checkpoint").glob("*model_states.pt"))
+    keys = sorted(torch.load(states[0], map_location="cpu", weights_only=False)["module"])  # DeepSpeed's own file
+    resumed = fit(out, stage, 4, ckpt=out / "ckpt" / "step=2.ckpt")
+    print(json.dumps({"model_state_keys": keys, "resumed_global_step": resumed.global_step}))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,13 +39,16 @@ def test_lightning_deepspeed_strategy_alone_is_off_by_the_accumulation_factor():
     assert _delta("lightning_ds", 2) == pytest.approx(EXPECTED / 4, rel=1e-5)
 
 
-def test_zero2_fit_saves_adapter_only_and_resumes(tmp_path):
+@pytest.mark.parametrize("stage,preset,resume", [(2, "tiny-qwen3", True), (3, "tiny-qwen3-moe", False)])
+def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(tmp_path, stage, preset, resume):
     script = ROOT / "tests" / "scripts" / "ds_fit_resume.py"
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    args = [sys.executable, str(script), str(tmp_path), str(stage), preset] + (["--resume"] if resume else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["resumed_global_step"] == 4
-    keys = summary["model_state_keys"]
-    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights
+    assert summary["resumed_global_step"] == (4 if resume else None)
+    assert summary["lora_b_absmax_at_start"] == 0.0  # 0.177 under ZeRO-3 without strategies.zero3_build
+    if stage == 2:
+        keys = summary["model_state_keys"]
+        assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights

@@ -28,6 +28,7 @@ from mgmlora.lora import LoraArgs, count_parameters, lora_report
 from mgmlora.models import load_model, model_info
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
+from mgmlora.strategies import zero3_build
 from mgmlora.trainable import Trainability, apply_trainability, component_report
 
 
@@ -69,9 +70,11 @@ class LoraLitModule(L.LightningModule):
         """Loads the base model and wraps it with LoRA (once; Lightning calls this for every stage)."""
         if self.model is not None:
             return
-        loaded = load_model(self.model_args)
-        check_vocab(loaded.model.llm if loaded.info.family == "mgm" else loaded.model, self.tokenizer, "model")
-        self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
+        with zero3_build(self._trainer) as peft_context:
+            loaded = load_model(self.model_args)
+            check_vocab(loaded.model.llm if loaded.info.family == "mgm" else loaded.model, self.tokenizer, "model")
+            with peft_context():
+                self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
         if self.plan is not None:
             # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
             source = self.model_args.model_path or self.model_args.preset

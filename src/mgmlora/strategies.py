@@ -1,4 +1,4 @@
-"""Training strategies: Lightning's DeepSpeedStrategy with the gradient-accumulation scaling fixed.
+"""Training strategies: DeepSpeed with the gradient-accumulation scaling fixed, and help for building under ZeRO-3.
 
 Lightning 2.6 divides the training-step loss by `accumulate_grad_batches` before backward, and DeepSpeed's
 `engine.backward(loss, scale_wrt_gas=True)` divides it by `gradient_accumulation_steps` again, so every gradient
@@ -9,6 +9,8 @@ mgmlora keeps Lightning's division (its loss normalisation relies on it) and tur
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -24,3 +26,43 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+
+def zero3_config(trainer: Any) -> dict | None:
+    """The DeepSpeed config when `trainer` runs ZeRO stage 3, else None."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        return strategy.config
+    return None
+
+
+@contextmanager
+def zero3_build(trainer: Any) -> Iterator[Callable[[], AbstractContextManager]]:
+    """Context for building a model inside `configure_model` under ZeRO-3; yields a factory of "PEFT-safe" contexts.
+
+    Two silent failures of ZeRO-3 + transformers + PEFT (../shared/docs/stack.md section 0.2, verified there):
+    transformers must see a live `HfDeepSpeedConfig` while `from_config`/`from_pretrained` run (else size-mismatch
+    errors or NaN gradients), and `get_peft_model` must run outside `deepspeed.zero.Init` (else PEFT's zero init of
+    LoRA B hits the empty partition placeholder and the adapter does not start as a no-op). Outside ZeRO-3 both are
+    no-ops.
+    """
+    config = zero3_config(trainer)
+    if config is None:
+        yield nullcontext
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+    from transformers.integrations import HfDeepSpeedConfig
+
+    @contextmanager
+    def outside_zero_init() -> Iterator[None]:
+        shutdown_init_context()
+        try:
+            yield
+        finally:
+            restore_init_context()
+
+    keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weak reference to it
+    try:
+        yield outside_zero_init
+    finally:
+        del keep_alive

@@ -8,7 +8,8 @@ import yaml
 from mgmlora.cli import main
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
 
 
 def _parse(capsys, *args):
@@ -71,8 +72,31 @@ def test_preset_literal_lists_every_registry_preset():
 
 def test_configs_readme_lists_every_config():
     table = (ROOT / "configs" / "README.md").read_text()
-    for path in CONFIGS:
+    for path in CONFIGS + FRAGMENTS:
         assert str(Path(path).relative_to(ROOT / "configs")) in table
+
+
+@pytest.mark.parametrize("path", FRAGMENTS, ids=[p.name for p in FRAGMENTS])
+def test_strategy_fragments_compose_and_build(path, capsys, in_repo_root):
+    code, out, err = _parse(capsys, "--config", "configs/demo_chameleons.yaml", "--config", str(path))
+    assert code == 0, err
+    strategy = yaml.safe_load(out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "mgmlora.strategies.MgmDeepSpeedStrategy"
+    assert f"--config configs/strategy/{path.name}" in path.read_text()
+    from mgmlora.strategies import MgmDeepSpeedStrategy
+
+    built = MgmDeepSpeedStrategy(**{k: v for k, v in strategy["init_args"].items() if v is not None})
+    zero = built.config["zero_optimization"]
+    assert zero["stage"] == (3 if "zero3" in path.name else 2)
+    assert bool(zero.get("offload_optimizer")) == ("offload" in path.name)
+    assert built.config.get("zero_force_ds_cpu_optimizer", True) is ("offload" not in path.name)
+
+
+def test_invalid_strategy_combination_is_rejected_before_any_model_loads(capsys, in_repo_root):
+    from mgmlora.strategies import MgmDeepSpeedStrategy
+
+    with pytest.raises(ValueError, match="offload_parameters: true needs stage: 3 \\(got stage: 2\\)"):
+        MgmDeepSpeedStrategy(stage=2, offload_parameters=True)
 
 
 def test_a_typo_inside_a_yaml_file_is_rejected(tmp_path, capsys, in_repo_root):

@@ -19,8 +19,26 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 class MgmDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeedStrategy whose backward does not scale the loss by the accumulation steps a second time.
 
-    Takes exactly DeepSpeedStrategy's arguments (stage, offload_optimizer, bucket sizes, ...).
+    Takes exactly DeepSpeedStrategy's arguments (stage, offload_optimizer, bucket sizes, ...). Invalid combinations are
+    rejected at construction, before any model loads. With `offload_optimizer`, DeepSpeed runs mgmlora's torch AdamW
+    on the CPU copies (`zero_force_ds_cpu_optimizer: false`) instead of refusing it: with LoRA the optimizer state is
+    small, and DeepSpeedCPUAdam would need a compiled op.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        zero = self.config.get("zero_optimization", {})
+        stage = zero.get("stage")
+        problems = []
+        if zero.get("offload_param") and stage != 3:
+            problems.append(f"offload_parameters: true needs stage: 3 (got stage: {stage}); ZeRO-2 cannot offload "
+                            "parameters")
+        if stage not in (0, 1, 2, 3):
+            problems.append(f"stage must be 0, 1, 2 or 3 (got {stage})")
+        if problems:
+            raise ValueError("trainer.strategy.init_args: " + "; ".join(problems) + ".")
+        if zero.get("offload_optimizer"):
+            self.config["zero_force_ds_cpu_optimizer"] = False
 
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""

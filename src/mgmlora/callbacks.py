@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from mgmlora.checkpoint import TRAINABLES
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
+from mgmlora.strategies import gathered
 
 
 class ThroughputMonitor(L.Callback):
@@ -72,14 +73,17 @@ class AdapterExport(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        if trainer.log_dir is None:
             return
         out = Path(trainer.log_dir) / self.dirname
-        out.mkdir(parents=True, exist_ok=True)
-        if getattr(pl_module, "plan", None) is not None:
-            pl_module.model.save_pretrained(str(out))
-        trainables = pl_module.non_lora_trainables()
-        if trainables:
-            save_file({k: v.contiguous().cpu() for k, v in trainables.items()}, out / TRAINABLES,
-                      metadata={"format": "pt"})
+        with gathered(pl_module.model, trainer):  # every rank gathers under ZeRO-3; rank 0 writes
+            if not trainer.is_global_zero:
+                return
+            out.mkdir(parents=True, exist_ok=True)
+            if getattr(pl_module, "plan", None) is not None:
+                pl_module.model.save_pretrained(str(out))
+            trainables = pl_module.non_lora_trainables()
+            if trainables:
+                save_file({k: v.contiguous().cpu() for k, v in trainables.items()}, out / TRAINABLES,
+                          metadata={"format": "pt"})
         rank_zero_info(f"mgmlora: adapter written to {out}")

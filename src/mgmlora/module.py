@@ -28,7 +28,7 @@ from mgmlora.lora import LoraArgs, count_parameters, lora_report
 from mgmlora.models import load_model, model_info
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
-from mgmlora.strategies import zero3_build
+from mgmlora.strategies import gathered, zero3_build
 from mgmlora.trainable import Trainability, apply_trainability, component_report
 
 
@@ -185,10 +185,12 @@ class LoraLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replaces the full state dict with what trains: checkpoints never contain the frozen base."""
         checkpoint["state_dict"] = {}
-        if self.plan is not None:
-            checkpoint["peft"] = {"config": self.model.peft_config["default"],
-                                  "adapter": get_peft_model_state_dict(self.model, save_embedding_layers=False)}
-        checkpoint["trainables"] = self.non_lora_trainables()
+        with gathered(self.model, self._trainer):  # ZeRO-3: full tensors, not partition placeholders
+            if self.plan is not None:
+                adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+                checkpoint["peft"] = {"config": self.model.peft_config["default"],
+                                      "adapter": {k: v.detach().clone() for k, v in adapter.items()}}
+            checkpoint["trainables"] = {k: v.clone() for k, v in self.non_lora_trainables().items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""

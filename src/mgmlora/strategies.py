@@ -84,3 +84,17 @@ def zero3_build(trainer: Any) -> Iterator[Callable[[], AbstractContextManager]]:
         yield outside_zero_init
     finally:
         del keep_alive
+
+
+def gathered(module: Any, trainer: Any) -> AbstractContextManager:
+    """Under ZeRO-3, gathers `module`'s trainable parameters (a collective: every rank must enter); else a no-op.
+
+    Without it, saving a PEFT adapter under ZeRO-3 writes the empty partition placeholders (the "40-byte adapter"
+    failure reported by PEFT and DeepSpeed users).
+    """
+    if zero3_config(trainer) is None:
+        return nullcontext()
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mgmlora.callbacks import AdapterExport  # noqa: E402
 from mgmlora.data.datamodule import ChatDataModule  # noqa: E402
 from mgmlora.lora import LoraArgs  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs  # noqa: E402
@@ -55,14 +56,24 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
     trainer = L.Trainer(strategy=strategy, max_steps=steps, accumulate_grad_batches=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
-                                                   save_top_k=-1), start := LoraBAtStart()], default_root_dir=out)
+                                                   save_top_k=-1), start := LoraBAtStart(), AdapterExport()],
+                        default_root_dir=out)
     trainer.fit(module, ChatDataModule(str(train), batch_size=2), ckpt_path=ckpt)
     return trainer, start.absmax
 
 
 def main():
     out, stage, preset = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    _, lora_b = fit(out, stage, preset, 2)
+    trainer, lora_b = fit(out, stage, preset, 2)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from mgmlora.models.causal_lm import load_causal_lm
+
+    exported = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = load_causal_lm(ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=False))
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    b_reloaded = max(p.abs().max().item() for n, p in reloaded.named_parameters() if "lora_B" in n)
     states = sorted((out / "ckpt" / "step=2.ckpt" / "checkpoint").glob("*model_states.pt"))
     keys = sorted(torch.load(states[0], map_location="cpu", weights_only=False)["module"])  # DeepSpeed's own file
     if stage == 3:  # ZeRO-3 keeps parameters in the optimizer shards; the module file lists none
@@ -73,7 +84,9 @@ def main():
         # model built in one process fails in transformers' experts forward ("ParametrizedQwen3MoeExperts has no
         # attribute config"); users resume in a new process, which this script does not cover.
         step = fit(out, stage, preset, 4, ckpt=out / "ckpt" / "step=2.ckpt")[0].global_step
-    print(json.dumps({"model_state_keys": keys, "resumed_global_step": step, "lora_b_absmax_at_start": lora_b}))
+    print(json.dumps({"model_state_keys": keys, "resumed_global_step": step, "lora_b_absmax_at_start": lora_b,
+                      "adapter_numels": sorted({v.numel() for v in exported.values()}),
+                      "reloaded_lora_b_absmax": b_reloaded}))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,16 @@ def test_lightning_deepspeed_strategy_alone_is_off_by_the_accumulation_factor():
     assert _delta("lightning_ds", 2) == pytest.approx(EXPECTED / 4, rel=1e-5)
 
 
-@pytest.mark.parametrize("stage,preset,resume", [(2, "tiny-qwen3", True), (3, "tiny-qwen3-moe", False)])
-def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(tmp_path, stage, preset, resume):
+@pytest.mark.parametrize("stage,preset,resume,ranks", [
+    (2, "tiny-qwen3", True, 1),
+    (3, "tiny-qwen3-moe", False, 1),  # ZeRO-3 with LoRA on the fused experts
+    (3, "tiny-qwen3", False, 2),  # 2 ranks: without the gather in strategies.gathered the exported adapter is empty
+])
+def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(tmp_path, stage, preset, resume, ranks):
     script = ROOT / "tests" / "scripts" / "ds_fit_resume.py"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MGM_TEST_RANKS=str(ranks))
     args = [sys.executable, str(script), str(tmp_path), str(stage), preset] + (["--resume"] if resume else [])
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["resumed_global_step"] == (4 if resume else None)

@@ -81,7 +81,7 @@ class AdapterExport(L.Callback):
                 return
             out.mkdir(parents=True, exist_ok=True)
             if getattr(pl_module, "plan", None) is not None:
-                pl_module.model.save_pretrained(str(out))
+                pl_module.model.save_pretrained(str(out), save_embedding_layers=False)  # embeddings never adapted
             trainables = pl_module.non_lora_trainables()
             if trainables:
                 save_file({k: v.contiguous().cpu() for k, v in trainables.items()}, out / TRAINABLES,

@@ -7,6 +7,7 @@ starts (0 when the adapter starts as a no-op, which ZeRO-3 breaks unless PEFT ru
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,11 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
     module = LoraLitModule(model, lora, OptimArgs(lr=1e-2, warmup_ratio=0))
     train = out / "train.jsonl"
     train.write_text("".join((ROOT / "tests/assets/persona_chat_train.jsonl").read_text().splitlines(True)[:16]))
-    strategy = CpuDeepSpeed(stage=stage, parallel_devices=[torch.device("cpu", 0)], exclude_frozen_parameters=True)
+    devices = [torch.device("cpu", i) for i in range(int(os.environ.get("MGM_TEST_RANKS", "1")))]
+    strategy = CpuDeepSpeed(stage=stage, parallel_devices=devices, exclude_frozen_parameters=True)
+    # Partition even tiny tensors (by default ZeRO-3 keeps tensors under 1e5 elements whole, which would hide
+    # partitioning bugs that real-size LoRA weights hit).
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     trainer = L.Trainer(strategy=strategy, max_steps=steps, accumulate_grad_batches=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
@@ -65,6 +70,8 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
 def main():
     out, stage, preset = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     trainer, lora_b = fit(out, stage, preset, 2)
+    if trainer.global_rank != 0:
+        return
     from peft import PeftModel
     from safetensors.torch import load_file
 

@@ -120,3 +120,26 @@ def test_resume_rejects_a_checkpoint_of_another_lora_config(tmp_path):
                         use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="r: checkpoint 16 vs config 4"):
         trainer.fit(module, data, ckpt_path=tmp_path / "a" / "step=000002.ckpt")
+
+
+def test_plain_loader_without_window_counts_averages_micro_batch_means(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mgmlora.data.collate import pad_collate
+
+    data = ChatDataModule(_subset(tmp_path, 1), tokenizer_path=str(TOKENIZER))
+    data.setup("fit")
+    batch = pad_collate(data.splits["train"][:1], data.tokenizer.pad_token_id)  # no window_tokens
+
+    def grads(copies, accumulate):
+        torch.manual_seed(0)
+        module, capture = _module(), _GradCapture()
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[capture], plugins=[AdapterCheckpointIO()])
+        trainer.fit(module, DataLoader([batch] * copies, batch_size=None))
+        return capture.grads
+
+    once, twice = grads(1, 1), grads(2, 2)  # the same micro-batch twice: the mean of means equals one of them
+    for name in once:
+        torch.testing.assert_close(twice[name], once[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -126,7 +126,9 @@ class LoraLitModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch; see the module docstring for the normalisation."""
         loss_sum, n_tokens, _, _ = self._loss_sum(batch)
-        window = batch.get("window_tokens", n_tokens)  # plain loaders (no window sampler) fall back to a batch mean
+        # Plain loaders (no WindowBatchSampler) fall back to a mean of per-micro-batch token means: each micro-batch
+        # then stands for 1/A of the window.
+        window = batch.get("window_tokens", n_tokens * self.trainer.accumulate_grad_batches)
         self._window_loss = self._window_loss + loss_sum.detach()  # tensors: no host sync per micro-batch
         self._window_tokens = self._window_tokens + n_tokens
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / window.clamp(min=1)

@@ -58,3 +58,26 @@ def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(t
     if stage == 2:
         keys = summary["model_state_keys"]
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights
+
+
+def test_drop_frozen_removes_tied_weights_under_every_name():
+    import torch
+
+    from mgmlora.models.mgm import MGMConfig
+    from mgmlora.models.mgm_checkpoint import build_mgm
+    from mgmlora.models.registry import MGM_PRESETS
+    from mgmlora.strategies import drop_frozen
+
+    model = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32)
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    state = model.state_dict()
+    assert "llm.lm_head.weight" in state  # tied to the embeddings: one parameter, two state-dict names
+    deepspeed_style = {k: v for k, v in state.items()
+                       if not any(k == n and not p.requires_grad for n, p in model.named_parameters())}
+    assert "llm.lm_head.weight" in deepspeed_style  # what DeepSpeed's own filter leaves behind
+    kept = drop_frozen(dict(state), model)
+    assert sorted(kept) == sorted(k for k in state if k.startswith("mm_projector.")) + sorted(
+        k for k in state if not k.startswith("mm_projector.") and k not in dict(model.named_parameters(
+            remove_duplicate=False)))
+    assert "llm.lm_head.weight" not in kept and "llm.model.embed_tokens.weight" not in kept

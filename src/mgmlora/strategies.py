@@ -16,6 +16,14 @@ from typing import Any
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 
+def drop_frozen(state: dict, module: Any) -> dict:
+    """`state` without any frozen parameter, under every name it has (tied weights have several)."""
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            state.pop(name, None)
+    return state
+
+
 class MgmDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeedStrategy whose backward does not scale the loss by the accumulation steps a second time.
 
@@ -39,6 +47,25 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError("trainer.strategy.init_args: " + "; ".join(problems) + ".")
         if zero.get("offload_optimizer"):
             self.config["zero_force_ds_cpu_optimizer"] = False
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's save, with frozen weights shared under two names (tied embeddings) excluded too.
+
+        DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight once, so the second
+        name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM checkpoint (seen on an H100).
+        """
+        engine = self.deepspeed_engine
+        original = engine.module_state_dict
+
+        def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kwargs: Any) -> dict:
+            state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+            return drop_frozen(state, engine.module) if exclude_frozen_parameters and state is not None else state
+
+        engine.module_state_dict = module_state_dict
+        try:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            del engine.module_state_dict  # back to the class method
 
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""

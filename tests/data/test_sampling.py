@@ -55,3 +55,15 @@ def test_invalid_arguments():
         WindowBatchSampler(COUNTS, 0)
     with pytest.raises(ValueError):
         WindowBatchSampler(COUNTS, 1, rank=2, world_size=2)
+
+
+def test_whole_windows_keeps_only_complete_accumulation_windows():
+    sampler = WindowBatchSampler(COUNTS, 1, accumulate=4, whole_windows=True)  # 11 batches -> 2 whole windows
+    batches = _batches(sampler)
+    assert len(sampler) == len(batches) == 8
+    for start in (0, 4):
+        window = batches[start:start + 4]
+        assert {w for b in window for _, w in b} == {sum(COUNTS[i] for b in window for i, _ in b)}
+    assert len(WindowBatchSampler(COUNTS, 1, accumulate=4)) == 11  # plain Lightning steps on the partial window
+    with pytest.raises(ValueError, match="fewer than one accumulation window \\(20\\)"):
+        WindowBatchSampler(COUNTS, 1, accumulate=20, whole_windows=True)

@@ -11,6 +11,7 @@ import functools
 import logging
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
@@ -115,6 +116,7 @@ class TokenizedDataModule(L.LightningDataModule):
             [s.num_supervised for s in samples], batch_size=self.hparams.batch_size,
             accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
             rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
+            whole_windows=isinstance(trainer.strategy, DeepSpeedStrategy),  # DeepSpeed steps across epoch ends
         )
         return _ResumableLoader(self._dataset(samples), batch_sampler=sampler, collate_fn=self._collate_fn(),
                                 num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,

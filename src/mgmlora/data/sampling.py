@@ -59,10 +59,14 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         rank: this process's rank; world_size: number of data-parallel ranks.
         drop_last: drop the final global batch when it is incomplete; otherwise it is filled by wrapping around to the
             start of the permutation (like torch's DistributedSampler), so every rank runs the same number of steps.
+        whole_windows: keep only whole accumulation windows in each epoch. Needed under DeepSpeed, which steps every
+            `accumulate` micro-batches across epoch boundaries (plain Lightning steps at each epoch's end), so a
+            partial last window would be merged with the next epoch's first one and mis-normalised.
     """
 
     def __init__(self, num_supervised: Sequence[int], batch_size: int, accumulate: int = 1, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 whole_windows: bool = False):
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size ({batch_size}) and accumulate ({accumulate}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -71,6 +75,11 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         self.sampler = SeededPermutation(len(self.num_supervised), shuffle, seed)
         self.batch_size, self.accumulate = batch_size, accumulate
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.whole_windows = whole_windows
+        if whole_windows and self._batches_per_epoch() == 0:
+            raise ValueError(f"one epoch holds {self._raw_batches()} global batch(es), fewer than one accumulation "
+                             f"window ({accumulate}); under DeepSpeed every optimizer step needs a whole window. Add "
+                             "data, or lower accumulate_grad_batches or the batch size.")
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed in it)
 
     @property
@@ -92,11 +101,19 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         step = self.batch_size * self.world_size
         if n % step and not self.drop_last:
             order += (order * (step // n + 1))[: step - n % step]
-        return [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
+        batches = [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
+        return batches[: self._batches_per_epoch()]
 
-    def __len__(self) -> int:
+    def _raw_batches(self) -> int:
         n, step = len(self.num_supervised), self.batch_size * self.world_size
         return n // step if self.drop_last else -(-n // step)
+
+    def _batches_per_epoch(self) -> int:
+        raw = self._raw_batches()
+        return raw - raw % self.accumulate if self.whole_windows else raw
+
+    def __len__(self) -> int:
+        return self._batches_per_epoch()
 
     def __iter__(self) -> Iterator[list[WindowKey]]:
         batches = self._global_batches()

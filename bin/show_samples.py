@@ -20,6 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
 from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.data.multimodal import image_geometry  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
@@ -37,9 +38,7 @@ def build_datamodule(config_path: str):
         model_args.tokenizer_path = tokenizer_path
     datamodule.tokenizer = load_tokenizer(model_args)
     if hasattr(datamodule, "geometry"):  # image-text data: image geometry from the model's config
-        info = model_info(model_args)
-        datamodule.geometry = {"image_tokens": info.image_tokens, "size": info.image_size,
-                               "size_aux": info.image_size_aux, "max_length": info.max_length}
+        datamodule.geometry = image_geometry(model_info(model_args))
     return datamodule
 
 

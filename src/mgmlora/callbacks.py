@@ -12,9 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
 
-from mgmlora.checkpoint import TRAINABLES
+from mgmlora.checkpoint import TRAINABLES, write_tensors
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 from mgmlora.strategies import gathered
 
@@ -84,6 +83,5 @@ class AdapterExport(L.Callback):
                 pl_module.model.save_pretrained(str(out), save_embedding_layers=False)  # embeddings never adapted
             trainables = pl_module.non_lora_trainables()
             if trainables:
-                save_file({k: v.contiguous().cpu() for k, v in trainables.items()}, out / TRAINABLES,
-                          metadata={"format": "pt"})
+                write_tensors(out / TRAINABLES, trainables)
         rank_zero_info(f"mgmlora: adapter written to {out}")

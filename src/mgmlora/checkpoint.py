@@ -32,13 +32,17 @@ TRAINER_STATE = "trainer_state.pt"
 TRAINABLES = "non_lora_trainables.safetensors"
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
 def write_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
     """Writes a PEFT adapter directory (the same files `PeftModel.save_pretrained` writes)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(**{**config.to_dict(), "inference_mode": True})
     config.save_pretrained(str(directory))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / ADAPTER_WEIGHTS,
-              metadata={"format": "pt"})
+    write_tensors(directory / ADAPTER_WEIGHTS, tensors)
 
 
 def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -68,8 +72,7 @@ class AdapterCheckpointIO(CheckpointIO):
             if peft is not None:
                 write_adapter(tmp, peft["config"], peft["adapter"])
             if trainables:
-                save_file({k: v.detach().contiguous().cpu() for k, v in trainables.items()}, tmp / TRAINABLES,
-                          metadata={"format": "pt"})
+                write_tensors(tmp / TRAINABLES, trainables)
             torch.save(checkpoint, tmp / TRAINER_STATE)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")

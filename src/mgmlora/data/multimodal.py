@@ -36,6 +36,12 @@ class _ImageSamples(Dataset):
         return sample, window, pixels
 
 
+def image_geometry(info) -> dict[str, int]:
+    """Image tokens per image, CLIP and aux input sizes and the post-expansion length limit of an MGM `ModelInfo`."""
+    return {"image_tokens": info.image_tokens, "size": info.image_size, "size_aux": info.image_size_aux,
+            "max_length": info.max_length}
+
+
 def _collate_images(items, pad_id: int) -> dict[str, torch.Tensor]:
     batch = pad_collate([s for s, _, _ in items], pad_id, window_tokens=items[0][1])
     batch["images"] = torch.stack([p[0] for _, _, p in items])  # (B, 3, S, S)
@@ -83,8 +89,7 @@ class LlavaDataModule(TokenizedDataModule):
         if info is None or info.family != "mgm":
             raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
                              "model_path): image geometry comes from its config.")
-        return {"image_tokens": info.image_tokens, "size": info.image_size, "size_aux": info.image_size_aux,
-                "max_length": info.max_length}
+        return image_geometry(info)
 
     def _image_ok(self, record: dict, path: Path) -> str | None:
         image = self.hparams.image_folder and Path(self.hparams.image_folder) / record["image"]

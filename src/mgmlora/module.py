@@ -187,12 +187,16 @@ class LoraLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replaces the full state dict with what trains: checkpoints never contain the frozen base."""
         checkpoint["state_dict"] = {}
+        # Copies go straight to host memory (the writer puts them there anyway): cloning on the GPU would add the size
+        # of everything trainable to peak memory at each save (5 GB for a full MGM fine-tune). Copies, not views,
+        # because ZeRO-3 frees the gathered tensors when the context exits.
+        to_host = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
         with gathered(self.model, self._trainer):  # ZeRO-3: full tensors, not partition placeholders
             if self.plan is not None:
                 adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
                 checkpoint["peft"] = {"config": self.model.peft_config["default"],
-                                      "adapter": {k: v.detach().clone() for k, v in adapter.items()}}
-            checkpoint["trainables"] = {k: v.clone() for k, v in self.non_lora_trainables().items()}
+                                      "adapter": {k: to_host(v) for k, v in adapter.items()}}
+            checkpoint["trainables"] = {k: to_host(v) for k, v in self.non_lora_trainables().items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""

@@ -1,10 +1,14 @@
 """Runs `bin/main.py fit` in-process with the given arguments and records what the run logged, as JSON.
 
-    python bench/fit_smoke.py OUT.json fit --config configs/<x>.yaml [--overrides ...]
+    python bench/fit_smoke.py OUT.json [--memory_cap_gib 24] fit --config configs/<x>.yaml [--overrides ...]
 
 Not a speed comparison (that is bench/train_step.py, issue 6): it measures our own training loop as users run it,
 for the configs/README.md table. Tokens/s and step time are medians over the steps after the first two (warm-up);
 peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step.
+
+`--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
+prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,
+with the peak reached), not dropped. Checkpoint directories written by the run are listed with their sizes.
 """
 
 import json
@@ -29,19 +33,40 @@ from mgmlora.lora import count_parameters  # noqa: E402
 def main() -> None:
     """Runs the CLI and writes OUT.json."""
     out, args = Path(sys.argv[1]), sys.argv[2:]
+    cap = None
+    if args[:1] == ["--memory_cap_gib"]:
+        cap, args = float(args[1]), args[2:]
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total)
+    command = "python bench/fit_smoke.py OUT.json " + (f"--memory_cap_gib {cap:g} " if cap else "") + " ".join(args)
+    head = {"command": command, "memory_cap_gib": cap,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__, "lightning": lightning.__version__,
+                         "python": platform.python_version()}}
     start = time.perf_counter()
-    cli = cli_main(args)
+    try:
+        cli = cli_main(args)
+    except torch.cuda.OutOfMemoryError as error:
+        result = {**head, "oom": True, "error": str(error).splitlines()[0],
+                  "peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+                  "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                  "wall_s": round(time.perf_counter() - start, 1)}
+        _write(out, result)
+        return
     wall = time.perf_counter() - start
     events = EventAccumulator(cli.trainer.log_dir)
     events.Reload()
     scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     steady = lambda xs: xs[2:] or xs  # noqa: E731  (drop warm-up steps)
     trainable, total = count_parameters(cli.model.model)
+    checkpoints = {}
+    for ckpt in sorted(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt")):
+        files = [f for f in ckpt.rglob("*") if f.is_file()] if ckpt.is_dir() else [ckpt]
+        checkpoints[ckpt.name] = {str(f.relative_to(ckpt.parent)): f.stat().st_size for f in files}
     result = {
-        "command": "python bench/fit_smoke.py OUT.json " + " ".join(args),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "lightning": lightning.__version__, "python": platform.python_version()},
+        **head,
+        "oom": False,
         "trainable_params": trainable,
         "total_params": total,
         "optimizer_steps": cli.trainer.global_step,
@@ -53,7 +78,14 @@ def main() -> None:
         "peak_mem_reserved_gib": max(scalars.get("perf/peak_mem_reserved_gib", [0])),
         "train_loss_first_last": [scalars["train/loss"][0], scalars["train/loss"][-1]] if "train/loss" in scalars
         else None,
+        "train_loss": scalars.get("train/loss"),
+        "grad_norm": scalars.get("train/grad_norm"),
+        "checkpoint_files_bytes": checkpoints,
     }
+    _write(out, result)
+
+
+def _write(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -28,7 +28,7 @@ from mgmlora.lora import LoraArgs, count_parameters, lora_report
 from mgmlora.models import load_model, model_info
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
-from mgmlora.strategies import gathered, zero3_build
+from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
 from mgmlora.trainable import Trainability, apply_trainability, component_report
 
 
@@ -64,6 +64,8 @@ class LoraLitModule(L.LightningModule):
                                                 average="micro")
         self._window_loss = 0.0
         self._window_tokens = 0
+        self._window_batches = 0
+        self._deepspeed_stepped = False
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -75,6 +77,7 @@ class LoraLitModule(L.LightningModule):
             check_vocab(loaded.model.llm if loaded.info.family == "mgm" else loaded.model, self.tokenizer, "model")
             with peft_context():
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
+            mark_moe_leaves(self.model, self._trainer)  # before deepspeed.initialize installs its fetch hooks
         if self.plan is not None:
             # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
             source = self.model_args.model_path or self.model_args.preset
@@ -131,18 +134,37 @@ class LoraLitModule(L.LightningModule):
         window = batch.get("window_tokens", n_tokens * self.trainer.accumulate_grad_batches)
         self._window_loss = self._window_loss + loss_sum.detach()  # tensors: no host sync per micro-batch
         self._window_tokens = self._window_tokens + n_tokens
+        self._window_batches += 1
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / window.clamp(min=1)
         return loss_sum * scale
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step."""
+        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
+
+        Under DeepSpeed, Lightning calls the optimizer step after every micro-batch and DeepSpeed's engine steps only
+        at the window's end, so this hook returns early until the window is complete. DeepSpeed keeps the gradients
+        in its own (partitioned) buffers, so its norm is read from the engine after the step (`on_train_batch_end`).
+        """
+        if self.trainer.strategy.handles_gradient_accumulation:
+            if self._window_batches < self.trainer.accumulate_grad_batches:
+                return
+            self._deepspeed_stepped = True
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         loss = torch.as_tensor(self._window_loss, dtype=torch.float32) / max(int(self._window_tokens), 1)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self._window_loss, self._window_tokens = 0.0, 0
+        self._window_loss, self._window_tokens, self._window_batches = 0.0, 0, 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Under DeepSpeed, logs the engine's pre-clipping gradient norm of the step that just ran."""
+        if not self._deepspeed_stepped:
+            return
+        self._deepspeed_stepped = False
+        norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
+        if norm is not None:
+            self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:

@@ -113,6 +113,26 @@ def zero3_build(trainer: Any) -> Iterator[Callable[[], AbstractContextManager]]:
         del keep_alive
 
 
+def mark_moe_leaves(model: Any, trainer: Any) -> list[str]:
+    """Under ZeRO-3, makes every mixture-of-experts block a DeepSpeed leaf module; returns the class names marked.
+
+    ZeRO-3 fetches parameters per submodule through forward hooks. An MoE block only runs the experts its tokens were
+    routed to, so ranks whose tokens hit different experts wait on different all-gathers and hang; the per-expert
+    weights also change from step to step, which defeats ZeRO-3's prefetch trace. A leaf module is gathered whole
+    before its forward. MoE blocks are recognised structurally (a child `experts` next to a router `gate`), so any
+    transformers MoE family works, not only Qwen3-MoE. Outside ZeRO-3 nothing is marked.
+    """
+    if zero3_config(trainer) is None:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(m) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")},
+                     key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
+
+
 def gathered(module: Any, trainer: Any) -> AbstractContextManager:
     """Under ZeRO-3, gathers `module`'s trainable parameters (a collective: every rank must enter); else a no-op.
 

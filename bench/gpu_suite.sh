@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
+#
+#   bash bench/gpu_suite.sh tests|mgm|qwen [OUT_DIR]
+#
+# Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
+# jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
+# Parts (each fits one 10-minute call):
+#   tests  every GPU-marked test (DeepSpeed ZeRO-2/3 save/reload with plain PEFT, accumulate 128 vs plain, bf16 fit)
+#   mgm    MGM-2B at real shapes capped at 24 GiB: LoRA (configs/mgm2b_lora.yaml as written: ZeRO-2, accumulate 128,
+#          realistic lengths, a checkpoint at step 2) and the full fine-tune without and with optimizer offload
+#   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3, synthetic Chameleons-length data
+# Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
+set -uo pipefail
+part=${1:?part: tests|mgm|qwen}
+out=${2:-bench/results/new}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+day=$(date -u +%F)
+gpu=$(python3 -c "import torch; n=torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+smoke() {  # NAME LIMIT_S ARGS...: one bench/fit_smoke.py run, killed after LIMIT_S seconds
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" python3 bench/fit_smoke.py "$out/$day-$name-$gpu.json" "$@" > "$out/$name.log" 2>&1
+  echo "rc=$? $(grep -E '"(oom|peak_mem_alloc_gib|step_time_s_median|tokens_per_s_median|optimizer_steps)"' \
+    "$out/$day-$name-$gpu.json" 2>/dev/null | tr -d '\n ')"
+  tail -n 3 "$out/$name.log"
+}
+common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir /tmp/tb"
+case $part in
+  tests)
+    python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$out/gpu_tests.log"
+    ;;
+  mgm)
+    python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11
+    mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
+         --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
+         --data.init_args.num_workers 4 $common"
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_zero2_24gib 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+      --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps=2 \
+      --trainer.callbacks.filename=probe-{step}
+    full="--model.trainable.llm full --model.optim.lr 1e-5 --trainer.max_steps 2 --trainer.accumulate_grad_batches 4"
+    # shellcheck disable=SC2086
+    smoke mgm2b_full_zero2_24gib 120 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $full
+    # shellcheck disable=SC2086
+    smoke mgm2b_full_zero2_offload_24gib 240 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml \
+      --config configs/strategy/zero2_offload.yaml $mgm $full
+    ;;
+  qwen)
+    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
+    qwen="--model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
+          --data.init_args.train_path /tmp/chameleons_synth.json --trainer.devices 1 --trainer.max_steps 6
+          --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common"
+    for stage in 2 3; do
+      # shellcheck disable=SC2086
+      smoke qwen3-30b-a3b_lora_chameleons_zero${stage}_1gpu 280 fit \
+        --config configs/qwen3-30b-a3b_lora_chameleons.yaml --config configs/strategy/zero${stage}.yaml $qwen
+    done
+    ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac

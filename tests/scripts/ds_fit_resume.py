@@ -102,7 +102,8 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
         # Partition even tiny tensors (by default ZeRO-3 keeps tensors under 1e5 elements whole, which would hide
         # partitioning bugs that real-size LoRA weights hit).
         kwargs["strategy"].config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=ACCUM, logger=False, gradient_clip_val=float(os.environ.get("MGM_TEST_CLIP", "1.0")) or None,
+    clip = float(os.environ.get("MGM_TEST_CLIP", "1.0")) or None
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=ACCUM, logger=False, gradient_clip_val=clip,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
                                                    save_top_k=-1), record := Record(), AdapterExport()],
@@ -125,7 +126,8 @@ def main():
     from safetensors.torch import load_file
 
     exported = load_file(out / "adapter" / "adapter_model.safetensors")
-    base = load_causal_lm(ModelArgs(model_path=str(base_dir(out, preset)), dtype="float32", gradient_checkpointing=False))
+    base = load_causal_lm(ModelArgs(model_path=str(base_dir(out, preset)), dtype="float32",
+                                    gradient_checkpointing=False))
     reloaded = PeftModel.from_pretrained(base, out / "adapter")
     b_reloaded = max(p.abs().max().item() for n, p in reloaded.named_parameters() if "lora_B" in n)
     from peft import get_peft_model_state_dict
@@ -145,7 +147,8 @@ def main():
         # attribute config"); users resume in a new process, which this script does not cover.
         step = fit(out, stage, preset, STEPS + 2, ckpt=out / "ckpt" / "step=2.ckpt")[0].global_step
     print(json.dumps({"model_state_keys": keys, "resumed_global_step": step, "lora_b_absmax_at_start": record.absmax,
-                      "losses": record.losses, "lrs": record.lrs, "grad_norms": record.grad_norms, "z3_leaf_modules": leaves,
+                      "losses": record.losses, "lrs": record.lrs, "grad_norms": record.grad_norms,
+                      "z3_leaf_modules": leaves,
                       "checkpoint_bytes": ckpt_bytes,
                       "adapter_numels": sorted({v.numel() for v in exported.values()}),
                       "reloaded_lora_b_absmax": b_reloaded, "reload_max_abs_diff": reload_diff}))

@@ -32,17 +32,19 @@ def test_config_writes_every_key_and_a_launch_header(path):
     text = path.read_text()
     assert "python bin/main.py fit --config configs/" in text.split("seed_everything")[0]
     raw = yaml.safe_load(text)
-    sections = {"model": ["model", "lora", "optim", "trainable"], "data": ["class_path", "init_args"]}
+    sections = {"model": ["model", "lora", "optim", "trainable", "speed"], "data": ["class_path", "init_args"]}
     for section, keys in sections.items():
         assert set(keys) <= set(raw[section])
     from dataclasses import fields
 
     from mgmlora.lora import LoraArgs
+    from mgmlora.loss import SpeedArgs
     from mgmlora.models.causal_lm import ModelArgs
     from mgmlora.optim import OptimArgs
     from mgmlora.trainable import Trainability
 
-    for key, cls in {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs, "trainable": Trainability}.items():
+    classes = {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs, "trainable": Trainability, "speed": SpeedArgs}
+    for key, cls in classes.items():
         assert set(raw["model"][key]) == {f.name for f in fields(cls)}, f"{path.name}: model.{key} keys"
 
 

@@ -63,8 +63,8 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(tmp_path):
     for sample in data.splits["train"]:
         batch = {"input_ids": torch.tensor([sample.input_ids]), "labels": torch.tensor([sample.labels]),
                  "attention_mask": torch.ones(1, len(sample.input_ids), dtype=torch.long)}
-        loss_sum, n, _, _ = fresh._loss_sum(batch)
-        (loss_sum / n / 4).backward()
+        out = fresh._loss_sum(batch)
+        (out.loss_sum / out.n_tokens / 4).backward()
     naive = {n: p.grad for n, p in fresh.model.named_parameters() if p.grad is not None}
     assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
 

@@ -17,7 +17,6 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
@@ -25,7 +24,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mgmlora.data.chat import IGNORE_INDEX
 from mgmlora.lora import LoraArgs, count_parameters, lora_report
-from mgmlora.models import load_model, model_info
+from mgmlora.loss import LossOut, SpeedArgs, lm_loss
+from mgmlora.models import forward_hidden, load_model, model_info
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
 from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
@@ -45,14 +45,17 @@ class LoraLitModule(L.LightningModule):
         lora: LoRA preset and overrides (PEFT field names).
         optim: AdamW and learning-rate schedule.
         trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
+        speed: loss implementation and padding-free micro-batches (mgmlora.loss); none changes what is learned.
     """
 
     def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
-                 trainable: Trainability = Trainability()):
+                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs()):
         super().__init__()
         self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
+        self.speed = speed
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
-                                   "optim": asdict(self.optim_args), "trainable": asdict(self.trainable)})
+                                   "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
+                                   "speed": asdict(self.speed)})
         self.tokenizer = load_tokenizer(self.model_args)  # small; the DataModule borrows it
         self.info = model_info(self.model_args)  # family and image geometry, read by the DataModule too
         self.vocab_size = self.info.vocab_size
@@ -108,27 +111,18 @@ class LoraLitModule(L.LightningModule):
                 experiment.add_text("lora", "```\n" + self.report() + "\n```", 0)
 
     # -- loss --------------------------------------------------------------------------------------------------
-    def _loss_sum(self, batch: dict[str, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over supervised positions, their count, the shifted logits and targets.
+    def _loss_sum(self, batch: dict[str, torch.Tensor], with_preds: bool = False) -> LossOut:
+        """Summed next-token cross-entropy over supervised positions and their count (mgmlora.loss).
 
         MGM returns the labels aligned with its expanded sequence (image placeholders become 576 ignored positions).
         """
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "images", "images_aux") if k in batch}
-        if "images" in inputs:
-            inputs["labels"] = batch["labels"]
-        out = self.model(**inputs)
-        labels = getattr(out, "labels", None)
-        labels = batch["labels"] if labels is None else labels
-        logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        targets = labels[:, 1:]  # (B, T-1)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, (targets != IGNORE_INDEX).sum(), logits, targets
+        hidden, labels, head = forward_hidden(self._base(), self.info.family, batch, self.speed.packing)
+        return lm_loss(hidden, labels, head, self.speed.loss, self.speed.loss_chunk_size, with_preds)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One micro-batch; see the module docstring for the normalisation."""
-        loss_sum, n_tokens, _, _ = self._loss_sum(batch)
+        out = self._loss_sum(batch)
+        loss_sum, n_tokens = out.loss_sum, out.n_tokens
         # Plain loaders (no WindowBatchSampler) fall back to a mean of per-micro-batch token means: each micro-batch
         # then stands for 1/A of the window.
         window = batch.get("window_tokens", n_tokens * self.trainer.accumulate_grad_batches)
@@ -168,10 +162,10 @@ class LoraLitModule(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss_sum, n_tokens, logits, targets = self._loss_sum(batch)
-        if n_tokens > 0:
-            self.val_loss.update(loss_sum / n_tokens, weight=n_tokens)  # token-weighted mean over the epoch
-            self.val_token_acc.update(logits.argmax(-1), targets)
+        out = self._loss_sum(batch, with_preds=True)
+        if out.n_tokens > 0:
+            self.val_loss.update(out.loss_sum / out.n_tokens, weight=out.n_tokens)  # token-weighted epoch mean
+            self.val_token_acc.update(out.preds, out.targets)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulates token-weighted loss and token accuracy."""

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
+from mgmlora.loss import pack_padded
 from mgmlora.models.causal_lm import (
     DTYPES,
     ModelArgs,
@@ -95,4 +97,26 @@ def load_model(args: ModelArgs) -> LoadedModel:
     return LoadedModel(model, info, "llm.model.layers", moe=False)
 
 
-__all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "load_model", "model_info"]
+def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tensor], packed: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Runs the model up to (not through) the LM head: final hidden states, the labels aligned with them, the head.
+
+    `model` is the base model with LoRA layers injected (PEFT's wrapper adds nothing to a plain LoRA forward). MGM
+    aligns labels with its image-expanded sequence; `packed` drops padding (see mgmlora.loss).
+    Returns hidden (B, T, H) or (1, N, H) when packed, labels of the same leading shape, and the LM head module.
+    """
+    if family == "mgm":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    images=batch.get("images"), images_aux=batch.get("images_aux"), packed=packed, hidden_only=True)
+        return out.hidden_states, out.labels, model.llm.get_output_embeddings()
+    ids, mask, labels, positions = batch["input_ids"], batch["attention_mask"], batch["labels"], None
+    if packed:
+        ids, positions, labels = pack_padded(ids, mask, labels)
+        mask = None  # transformers builds the per-sample causal mask from the restarting position ids
+    decoder = getattr(model, model.base_model_prefix)  # e.g. Qwen3ForCausalLM.model
+    # no KV cache: with one, transformers would also ignore the packed layout's restarting positions
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.last_hidden_state, labels, model.get_output_embeddings()
+
+
+__all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "forward_hidden", "load_model", "model_info"]

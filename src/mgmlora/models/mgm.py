@@ -121,9 +121,10 @@ class MGMConfig:
 class MGMOutput:
     """Logits over the expanded sequence and the labels aligned with them."""
 
-    logits: torch.Tensor  # (B, T', V)
+    logits: torch.Tensor | None  # (B, T', V); None with hidden_only
     labels: torch.Tensor | None  # (B, T') with IGNORE_INDEX on image, prompt and padding positions
-    attention_mask: torch.Tensor  # (B, T')
+    attention_mask: torch.Tensor | None  # (B, T'); None when packed
+    hidden_states: torch.Tensor | None = None  # (B, T', H) with hidden_only
 
 
 def _ln_linear(d_in: int, d_out: int) -> nn.Sequential:
@@ -204,11 +205,12 @@ class MGMForCausalLM(nn.Module):
         return getattr(embed, "embed_scale", 1.0)  # transformers 5 scales inside embed_tokens; 4.x scaled inputs_embeds
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                   torch.Tensor]:
+                       image_tokens: torch.Tensor | None, packed: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """Splices image embeddings at IMAGE_TOKEN_INDEX, truncates to tokenizer_model_max_length, right-pads.
 
         Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T').
+        With `packed`, the rows are concatenated without padding instead: (1, N, H), None, (1, N), (1, N).
         """
         embed = self.llm.get_input_embeddings()
         scale = self._image_scale()
@@ -238,6 +240,15 @@ class MGMForCausalLM(nn.Module):
             limit = self.config.tokenizer_model_max_length
             rows.append(row[:limit])
             row_labels.append(torch.cat(piece_labels)[:limit] if lab is not None else None)
+        if packed:
+            # One row of every sample's real positions (no padding), positions restarting per sample; transformers
+            # derives the per-sample causal mask from the position ids when attention_mask is None.
+            embeds = torch.cat(rows).unsqueeze(0)  # (1, N, H)
+            positions = torch.cat([torch.arange(r.shape[0], device=input_ids.device) for r in rows]).unsqueeze(0)
+            out_labels = None
+            if labels is not None:  # each sample's first label would be the target of the previous sample's last
+                out_labels = torch.cat(row_labels).masked_fill(positions[0] == 0, IGNORE_INDEX).unsqueeze(0)
+            return embeds, None, out_labels, positions
         longest = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[-1]
         embeds = rows[0].new_zeros(len(rows), longest, hidden)  # (B, T', H)
@@ -254,11 +265,20 @@ class MGMForCausalLM(nn.Module):
         return embeds, mask, out_labels, positions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None) -> MGMOutput:
-        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa)."""
+                images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None, packed: bool = False,
+                hidden_only: bool = False) -> MGMOutput:
+        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa).
+
+        `packed` drops the padding (one row, per-sample positions); `hidden_only` skips the LM head and returns the
+        final hidden states, for losses that apply the head themselves (mgmlora.loss).
+        """
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
         if image_tokens is None and (input_ids == IMAGE_TOKEN_INDEX).any():
             raise ValueError("input_ids contain <image> placeholders but no images were given.")
-        embeds, mask, labels, positions = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        embeds, mask, labels, positions = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens, packed)
+        # No KV cache in training: with a cache transformers also ignores the packed layout's restarting positions.
+        if hidden_only:
+            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            return MGMOutput(None, labels, mask, out.last_hidden_state)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         return MGMOutput(out.logits, labels, mask)

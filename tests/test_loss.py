@@ -1,0 +1,136 @@
+"""The fast loss paths and padding-free micro-batches compute what the plain path computes (mgmlora.loss)."""
+
+import lightning as L
+import pytest
+import torch
+
+from mgmlora.checkpoint import AdapterCheckpointIO
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.lora import LoraArgs
+from mgmlora.loss import SpeedArgs, lm_loss, pack_padded
+from mgmlora.models import forward_hidden
+from mgmlora.models.causal_lm import ModelArgs
+from mgmlora.models.mgm import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MGMConfig
+from mgmlora.models.mgm_checkpoint import build_mgm
+from mgmlora.models.registry import MGM_PRESETS
+from mgmlora.module import LoraLitModule
+from mgmlora.optim import OptimArgs
+from tests.conftest import TOKENIZER, TRAIN, tiny_model
+
+X = IGNORE_INDEX
+
+
+def _text_batch():
+    """Two right-padded rows of different lengths with answer-only labels."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    labels = ids.clone()
+    labels[:, :4] = X
+    labels[mask == 0] = X
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(model, family, batch, impl, packed, chunk=3):
+    model.zero_grad()
+    hidden, labels, head = forward_hidden(model, family, batch, packed)
+    out = lm_loss(hidden, labels, head, impl, chunk)
+    out.loss_sum.backward()
+    return out, _grads(model)
+
+
+def test_pack_padded_drops_padding_and_masks_each_samples_first_label():
+    batch = _text_batch()
+    ids, positions, labels = pack_padded(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert ids.shape == positions.shape == labels.shape == (1, 15)
+    assert positions[0].tolist() == list(range(9)) + list(range(6))
+    assert labels[0, 9] == X  # would otherwise be the target of sample 0's last position
+    # the same supervised targets as the padded layout after the causal shift
+    padded_targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != X].tolist()
+    assert labels[0, 1:][labels[0, 1:] != X].tolist() == padded_targets
+
+
+@pytest.mark.parametrize("impl,packed", [("chunked", False), ("full", True), ("chunked", True)])
+def test_fast_paths_give_the_plain_loss_and_gradients_on_a_text_lm(impl, packed):
+    model = tiny_model("tiny-qwen3")
+    model.requires_grad_(True)
+    batch = _text_batch()
+    ref, ref_grads = _run(model, "causal_lm", batch, "full", False)
+    out, grads = _run(model, "causal_lm", batch, impl, packed)
+    assert out.n_tokens == ref.n_tokens == 7
+    torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fast_paths_give_the_plain_loss_and_gradients_on_mgm(packed):
+    torch.manual_seed(0)
+    model = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32)
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    model.llm.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.tensor([[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9], [2, 5, 6, 7, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[X, X, X, 7, 8, 9], [X, X, 6, 7, X, X]]),
+             "images": torch.randn(2, 3, 48, 48, generator=g), "images_aux": torch.randn(2, 3, 96, 96, generator=g)}
+    ref, ref_grads = _run(model, "mgm", batch, "full", False)
+    out, grads = _run(model, "mgm", batch, "chunked", packed, chunk=2)
+    assert out.n_tokens == ref.n_tokens == 5
+    torch.testing.assert_close(out.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(ref_grads) and grads
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+def test_evaluation_predictions_match_the_full_logits_argmax():
+    model = tiny_model("tiny-qwen3")
+    batch = _text_batch()
+    with torch.no_grad():
+        hidden, labels, head = forward_hidden(model, "causal_lm", batch, False)
+        full = lm_loss(hidden, labels, head, "full", 3, with_preds=True)
+        chunked = lm_loss(hidden, labels, head, "chunked", 3, with_preds=True)
+    assert torch.equal(full.preds, chunked.preds) and torch.equal(full.targets, chunked.targets)
+
+
+def test_liger_without_the_package_is_a_clear_config_error():
+    pytest.importorskip("torch")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="speed.loss=liger needs Liger-Kernel"):
+            SpeedArgs(loss="liger")
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        SpeedArgs(loss_chunk_size=0)
+
+
+def _fit_losses(tmp_path, speed, steps=50):
+    torch.manual_seed(0)
+    model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32", gradient_checkpointing=False)
+    module = LoraLitModule(model, LoraArgs(preset="balanced", lora_dropout=0.0), OptimArgs(lr=3e-3, warmup_ratio=0.0),
+                           speed=speed)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(trainer.callback_metrics["train/loss"].item())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[Record()], plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, ChatDataModule(str(TRAIN), batch_size=4, seed=1))
+    return losses
+
+
+@pytest.mark.slow
+def test_fifty_steps_of_the_fast_path_learn_what_the_plain_path_learns(tmp_path):
+    plain = _fit_losses(tmp_path, SpeedArgs(loss="full", packing=False))
+    fast = _fit_losses(tmp_path, SpeedArgs(loss="chunked", loss_chunk_size=16, packing=True))
+    assert len(plain) == len(fast) == 50
+    assert plain[-1] < plain[0] - 1.0  # it learns, so the comparison means something
+    assert fast == pytest.approx(plain, rel=1e-3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|qwen [OUT_DIR]
+#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -9,10 +9,11 @@
 #   tests  every GPU-marked test (DeepSpeed ZeRO-2/3 save/reload with plain PEFT, accumulate 128 vs plain, bf16 fit)
 #   mgm    MGM-2B at real shapes capped at 24 GiB: LoRA (configs/mgm2b_lora.yaml as written: ZeRO-2, accumulate 128,
 #          realistic lengths, a checkpoint at step 2) and the full fine-tune without and with optimizer offload
-#   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3, synthetic Chameleons-length data
+#   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3 (STAGES="2 3"), synthetic Chameleons-length data
+#   speed  bench/train_step.py: plain transformers + PEFT vs mgmlora's step, MGM-2B and Qwen3-30B-A3B
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
-part=${1:?part: tests|mgm|qwen}
+part=${1:?part: tests|mgm|mgm_full|qwen|speed}
 out=${2:-bench/results/new}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -33,19 +34,21 @@ smoke() {  # NAME LIMIT_S ARGS...: one bench/fit_smoke.py run, killed after LIMI
   tail -n 3 "$out/$name.log"
 }
 common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir /tmp/tb"
+mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
+     --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
+     --data.init_args.num_workers 4 $common"
+[[ $part == mgm* ]] && python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11
 case $part in
   tests)
     python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$out/gpu_tests.log"
     ;;
   mgm)
-    python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11
-    mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
-         --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
-         --data.init_args.num_workers 4 $common"
     # shellcheck disable=SC2086
     smoke mgm2b_lora_zero2_24gib 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
       --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps=2 \
       --trainer.callbacks.filename=probe-{step}
+    ;;&
+  mgm|mgm_full)
     full="--model.trainable.llm full --model.optim.lr 1e-5 --trainer.max_steps 2 --trainer.accumulate_grad_batches 4"
     # shellcheck disable=SC2086
     smoke mgm2b_full_zero2_24gib 120 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $full
@@ -58,11 +61,18 @@ case $part in
     qwen="--model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
           --data.init_args.train_path /tmp/chameleons_synth.json --trainer.devices 1 --trainer.max_steps 6
           --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common"
-    for stage in 2 3; do
+    for stage in ${STAGES:-2 3}; do
       # shellcheck disable=SC2086
       smoke qwen3-30b-a3b_lora_chameleons_zero${stage}_1gpu 280 fit \
         --config configs/qwen3-30b-a3b_lora_chameleons.yaml --config configs/strategy/zero${stage}.yaml $qwen
     done
+    ;;
+  speed)
+    timeout 240 python3 bench/train_step.py --model mgm-2b --variants plain,chunked,liger \
+      --out "$out/$day-train_step-mgm2b-$gpu.json" 2>&1 | tail -n 8
+    timeout 330 python3 bench/train_step.py --model qwen3-30b-a3b \
+      --variants plain,chunked,chunked+packing,chunked+packingx8,liger+packingx8 \
+      --out "$out/$day-train_step-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 10
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -1,0 +1,278 @@
+"""One LoRA training step, the plain transformers + PEFT way and mgmlora's way, on the same model and batches.
+
+    python bench/train_step.py --model mgm-2b --out bench/results/<date>-train_step-mgm2b-h100.json
+    python bench/train_step.py --model qwen3-30b-a3b --out ...      # Chameleons-like lengths, micro-batch 2
+    python bench/train_step.py --model tiny-qwen3 --steps 2 --warmup 1 --out /tmp/x.json   # CPU smoke run
+
+The model is built once through mgmlora's own builders (random init at the real shapes, bf16, gradient checkpointing,
+LoRA from the preset the configs use) and every variant trains that same PEFT model:
+
+- `plain`: what a transformers + PEFT script does: `peft_model(input_ids, attention_mask, labels)`, i.e. the LM head
+  on every position and transformers' loss over fp32-upcast full-vocabulary logits (for MGM, the original's
+  cross-entropy over its full logits), padded micro-batches.
+- `chunked`: mgmlora's loss (`speed.loss: chunked`): head + cross-entropy only on supervised positions, chunked.
+- `liger`: the same with Liger-Kernel's fused linear cross-entropy (CUDA, when liger-kernel is installed).
+- `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch).
+- `...xN`: the same with N samples per micro-batch (micro-batch sizing; padding no longer costs compute).
+
+Each variant: a fresh AdamW over the LoRA (and projector) parameters, `--warmup` untimed steps, then the median of
+`--steps` timed steps (forward, backward, optimizer step; CUDA synchronised), peak memory after a reset (weights
+included), tokens/s over real positions (MGM: image embeddings included), and MFU from the FLOP count written out in
+`flops_per_token` (6 x active language-model parameters per position for LoRA with checkpointing: forward, recompute,
+input-gradient backward; plus causal attention). Writes one JSON and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
+from mgmlora.loss import lm_loss  # noqa: E402
+from mgmlora.models import forward_hidden, load_model  # noqa: E402
+from mgmlora.models.causal_lm import ModelArgs  # noqa: E402
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
+from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
+
+PEAK_TFLOPS = 800.0  # H100/H200 bf16 dense ceiling measured on these machines (../shared/docs/gpu.md)
+DEFAULTS = {  # model -> (LoRA preset, default variants, default micro-batch)
+    "mgm-2b": ("balanced", "plain,chunked", 1),
+    "tiny-mgm": ("balanced", "plain,chunked,chunked+packing", 2),
+    "qwen3-30b-a3b": ("chameleons", "plain,chunked,chunked+packing,chunked+packingx8", 2),
+    "qwen3-8b": ("chameleons", "plain,chunked,chunked+packing,chunked+packingx8", 2),
+    "tiny-qwen3": ("chameleons", "plain,chunked,chunked+packing,chunked+packingx4", 2),
+    "tiny-qwen3-moe": ("chameleons", "plain,chunked,chunked+packing", 2),
+}
+
+
+def chameleons_lengths(n: int, gen: torch.Generator, lo: int = 200, hi: int = 1024) -> list[int]:
+    """Lengths like the Chameleons prompts (bench/make_chameleons.py measured p10 388, median 532, p90 789, max 1024)."""
+    z = torch.randn(n, generator=gen)
+    return [int(min(hi, max(lo, math.exp(math.log(530) + 0.35 * float(v))))) for v in z]
+
+
+def text_sample(length: int, vocab: int, gen: torch.Generator, answer_frac: float = 0.15) -> tuple[list, list]:
+    """Random token ids; the last `answer_frac` of the positions are supervised (the character's line)."""
+    ids = torch.randint(10, vocab, (length,), generator=gen).tolist()
+    n_answer = max(2, int(length * answer_frac))
+    return ids, [IGNORE_INDEX] * (length - n_answer) + ids[length - n_answer :]
+
+
+def pad(samples: list[tuple[list, list]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded micro-batch (B, T)."""
+    longest = max(len(ids) for ids, _ in samples)
+    ids = torch.full((len(samples), longest), pad_id)
+    labels = torch.full((len(samples), longest), IGNORE_INDEX)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for b, (i, lab) in enumerate(samples):
+        ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+    """The same deterministic samples for every variant (a variant with a bigger micro-batch groups more of them)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        if info.family == "mgm":
+            text = args.seq - info.image_tokens  # rows of exactly --seq positions after the image is spliced in
+            samples = []
+            for _ in range(batch_size):
+                ids, labels = text_sample(text, vocab, gen, answer_frac=0.9)
+                ids[1], labels[1] = IMAGE_TOKEN_INDEX, IGNORE_INDEX
+                samples.append((ids, labels))
+            batch = pad(samples)
+            batch["images"] = torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen)
+            batch["images_aux"] = torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)
+        elif args.lengths == "fixed":
+            batch = pad([text_sample(args.seq, vocab, gen) for _ in range(batch_size)])
+        else:
+            batch = pad([text_sample(n, vocab, gen) for n in chameleons_lengths(batch_size, gen)])
+        batches.append(batch)
+    return batches
+
+
+def plain_loss(model, family: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain transformers + PEFT step's loss."""
+    if family == "mgm":
+        out = model(**batch)  # full (B, T', V) logits over the expanded sequence
+        logits, labels = out.logits[:, :-1], out.labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def fast_loss(model, family: str, batch: dict[str, torch.Tensor], impl: str, packed: bool, chunk: int
+              ) -> torch.Tensor:
+    """mgmlora's step's loss (what LoraLitModule._loss_sum computes), as a token mean for comparability."""
+    hidden, labels, head = forward_hidden(model.get_base_model(), family, batch, packed)
+    out = lm_loss(hidden, labels, head, impl, chunk)
+    return out.loss_sum / out.n_tokens.clamp(min=1)
+
+
+def positions(batch: dict[str, torch.Tensor], info) -> int:
+    """Real (non-pad) positions the model computes on, image embeddings included."""
+    n = int(batch["attention_mask"].sum())
+    if info.family == "mgm":
+        n += int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) * (info.image_tokens - 1)
+    return n
+
+
+def active_params(model, info) -> int:
+    """Language-model parameters used per position: MoE experts count top_k / num_experts of their size."""
+    llm = model.get_base_model()
+    llm = llm.llm if info.family == "mgm" else llm
+    cfg = llm.config
+    k, e = getattr(cfg, "num_experts_per_tok", 1), getattr(cfg, "num_experts", 1)
+    total = 0
+    for name, p in llm.named_parameters():
+        if "embed_tokens" in name or "lora_" in name:
+            continue
+        total += p.numel() * (k / e if ".experts." in name else 1)
+    if getattr(cfg, "tie_word_embeddings", False):
+        total += llm.get_input_embeddings().weight.numel()  # the head is the embedding matrix
+    return int(total)
+
+
+def flops_per_token(model, info, mean_len: float) -> float:
+    """6 x active params (forward + recompute + input-gradient backward) + causal attention (same three passes)."""
+    cfg = (model.get_base_model().llm if info.family == "mgm" else model.get_base_model()).config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 3 * 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * mean_len / 2  # QK^T and AV
+    return 6 * active_params(model, info) + attention
+
+
+def run_variant(model, family, batches, variant, chunk, warmup, steps, device) -> dict:
+    """Times one variant; returns its record."""
+    packed = "packing" in variant
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+        if "images" in batch:
+            batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = plain_loss(model, family, batch) if variant == "plain" else \
+                fast_loss(model, family, batch, variant.split("+")[0].split("x")[0], packed, chunk)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del optimizer
+    return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
+            "loss_first_last": [losses[0], losses[-1]]}
+
+
+def main() -> None:
+    """Builds the model, runs every variant, writes the JSON, prints the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(DEFAULTS))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default=None, help="comma-separated; default depends on --model")
+    parser.add_argument("--batch_size", type=int, default=None, help="plain path's micro-batch (samples)")
+    parser.add_argument("--seq", type=int, default=2048, help="MGM row length / fixed text length")
+    parser.add_argument("--lengths", choices=["chameleons", "fixed"], default="chameleons")
+    parser.add_argument("--lora_preset", default=None)
+    parser.add_argument("--target_experts", action="store_true")
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    preset, variants, batch_size = DEFAULTS[args.model]
+    variants = (args.variants or variants).split(",")
+    batch_size = args.batch_size or batch_size
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+
+    model_args = ModelArgs(preset=args.model, dtype=dtype, gradient_checkpointing=True)
+    start = time.perf_counter()
+    with device:  # random init directly on the GPU, in bf16
+        loaded = load_model(model_args)
+    lora = LoraArgs(preset=args.lora_preset or preset, lora_dropout=0.0, target_experts=args.target_experts)
+    model, _ = apply_trainability(loaded, lora, Trainability())
+    model.to(device)
+    build_s = time.perf_counter() - start
+    info = loaded.info
+    trainable, total = count_parameters(model)
+
+    records = {}
+    for variant in variants:
+        per_batch = int(variant.split("x")[-1]) if "x" in variant.split("+")[-1] else batch_size
+        batches = make_batches(args, info, info.vocab_size, per_batch, n_batches=args.warmup + args.steps)
+        n_pos = statistics.mean(positions(b, info) for b in batches)
+        lengths = [int(x) for b in batches for x in b["attention_mask"].sum(-1)]
+        try:
+            rec = run_variant(model, info.family, batches, variant, args.chunk, args.warmup, args.steps, device)
+        except torch.cuda.OutOfMemoryError as error:
+            rec = {"oom": str(error).splitlines()[0]}
+            torch.cuda.empty_cache()
+        rec.update({"samples_per_step": per_batch, "positions_per_step": n_pos,
+                    "padded_positions_per_step": statistics.mean(b["input_ids"].numel() for b in batches)
+                    + (0 if info.family != "mgm" else per_batch * (info.image_tokens - 1)),
+                    "sample_lengths": [min(lengths), statistics.median(lengths), max(lengths)]})
+        if "step_s_median" in rec:
+            rec["tokens_per_s"] = n_pos / rec["step_s_median"]
+            mean_len = n_pos / per_batch
+            rec["flops_per_token"] = flops_per_token(model, info, mean_len)
+            rec["mfu"] = rec["tokens_per_s"] * rec["flops_per_token"] / (PEAK_TFLOPS * 1e12) if device.type == "cuda" \
+                else None
+        records[variant] = rec
+        print(variant, json.dumps({k: v for k, v in rec.items() if k != "step_s_all"}), flush=True)
+
+    base = records.get("plain", {}).get("tokens_per_s")
+    for rec in records.values():
+        if base and "tokens_per_s" in rec:
+            rec["speedup_vs_plain"] = rec["tokens_per_s"] / base
+    result = {
+        "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+        "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts},
+        "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1),
+        "peak_tflops_assumed": PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps, "variants": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\n{'variant':28} {'samples':>7} {'tok/step':>9} {'step s':>8} {'tok/s':>9} {'x plain':>7} {'GiB':>6} "
+          f"{'MFU':>6}")
+    for name, rec in records.items():
+        if "oom" in rec:
+            print(f"{name:28} {rec['samples_per_step']:>7} OOM")
+            continue
+        gib = f"{rec['peak_alloc_gib']:.2f}" if rec["peak_alloc_gib"] is not None else "-"
+        mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"
+        print(f"{name:28} {rec['samples_per_step']:>7} {rec['positions_per_step']:>9.0f} {rec['step_s_median']:>8.3f} "
+              f"{rec['tokens_per_s']:>9.0f} {rec.get('speedup_vs_plain', 1):>7.2f} {gib:>6} {mfu:>6}")
+
+
+if __name__ == "__main__":
+    main()

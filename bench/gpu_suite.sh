@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed [OUT_DIR]
+#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -11,9 +11,11 @@
 #          realistic lengths, a checkpoint at step 2) and the full fine-tune without and with optimizer offload
 #   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3 (STAGES="2 3"), synthetic Chameleons-length data
 #   speed  bench/train_step.py: plain transformers + PEFT vs mgmlora's step, MGM-2B and Qwen3-30B-A3B
+#   parity the same from identical LoRA weights without warm-up: per-step losses of the fast paths vs the plain path
+#          at real shapes, and the plain path at 8 samples per micro-batch
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
-part=${1:?part: tests|mgm|mgm_full|qwen|speed}
+part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity}
 out=${2:-bench/results/new}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -73,6 +75,13 @@ case $part in
     timeout 330 python3 bench/train_step.py --model qwen3-30b-a3b \
       --variants plain,chunked,chunked+packing,chunked+packingx8,liger+packingx8 \
       --out "$out/$day-train_step-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 10
+    ;;
+  parity)
+    timeout 200 python3 bench/train_step.py --model mgm-2b --variants plain,chunked,liger --warmup 0 --steps 30 \
+      --lr 1e-4 --out "$out/$day-train_step_parity-mgm2b-$gpu.json" 2>&1 | tail -n 6
+    timeout 300 python3 bench/train_step.py --model qwen3-30b-a3b \
+      --variants plain,chunked+packing,liger+packing,plainx8 --warmup 0 --steps 20 --lr 1e-4 \
+      --out "$out/$day-train_step_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 7
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

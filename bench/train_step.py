@@ -13,7 +13,12 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 - `chunked`: mgmlora's loss (`speed.loss: chunked`): head + cross-entropy only on supervised positions, chunked.
 - `liger`: the same with Liger-Kernel's fused linear cross-entropy (CUDA, when liger-kernel is installed).
 - `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch).
-- `...xN`: the same with N samples per micro-batch (micro-batch sizing; padding no longer costs compute).
+- `...xN`: the same with N samples per micro-batch (micro-batch sizing; padding no longer costs compute);
+  `plainxN` is the plain path at N samples per micro-batch.
+
+Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
+the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
+path's (same micro-batch size only).
 
 Each variant: a fresh AdamW over the LoRA (and projector) parameters, `--warmup` untimed steps, then the median of
 `--steps` timed steps (forward, backward, optimizer step; CUDA synchronised), peak memory after a reset (weights
@@ -61,7 +66,7 @@ DEFAULTS = {  # model -> (LoRA preset, default variants, default micro-batch)
 
 
 def chameleons_lengths(n: int, gen: torch.Generator, lo: int = 200, hi: int = 1024) -> list[int]:
-    """Lengths like the Chameleons prompts (bench/make_chameleons.py measured p10 388, median 532, p90 789, max 1024)."""
+    """Lengths like Chameleons prompts (bench/make_chameleons.py measured p10 388, median 532, p90 789, max 1024)."""
     z = torch.randn(n, generator=gen)
     return [int(min(hi, max(lo, math.exp(math.log(530) + 0.35 * float(v))))) for v in z]
 
@@ -119,7 +124,7 @@ def plain_loss(model, family: str, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def fast_loss(model, family: str, batch: dict[str, torch.Tensor], impl: str, packed: bool, chunk: int
               ) -> torch.Tensor:
-    """mgmlora's step's loss (what LoraLitModule._loss_sum computes), as a token mean for comparability."""
+    """The loss of mgmlora's step (what LoraLitModule._loss_sum computes), as a token mean for comparability."""
     hidden, labels, head = forward_hidden(model.get_base_model(), family, batch, packed)
     out = lm_loss(hidden, labels, head, impl, chunk)
     return out.loss_sum / out.n_tokens.clamp(min=1)
@@ -157,11 +162,12 @@ def flops_per_token(model, info, mean_len: float) -> float:
     return 6 * active_params(model, info) + attention
 
 
-def run_variant(model, family, batches, variant, chunk, warmup, steps, device) -> dict:
+def run_variant(model, family, batches, variant, chunk, warmup, steps, device, lr) -> dict:
     """Times one variant; returns its record."""
     packed = "packing" in variant
+    plain = variant.split("x")[0] == "plain"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -175,7 +181,7 @@ def run_variant(model, family, batches, variant, chunk, warmup, steps, device) -
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = plain_loss(model, family, batch) if variant == "plain" else \
+            loss = plain_loss(model, family, batch) if plain else \
                 fast_loss(model, family, batch, variant.split("+")[0].split("x")[0], packed, chunk)
         loss.backward()
         optimizer.step()
@@ -188,7 +194,7 @@ def run_variant(model, family, batches, variant, chunk, warmup, steps, device) -
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del optimizer
     return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
-            "loss_first_last": [losses[0], losses[-1]]}
+            "loss_first_last": [losses[0], losses[-1]], "losses": losses}
 
 
 def main() -> None:
@@ -205,6 +211,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
     preset, variants, batch_size = DEFAULTS[args.model]
     variants = (args.variants or variants).split(",")
@@ -223,14 +230,22 @@ def main() -> None:
     info = loaded.info
     trainable, total = count_parameters(model)
 
+    # Every variant starts from the same LoRA weights and sees the same batches in the same order, so with
+    # --warmup 0 their per-step losses are a learning-parity check (plain vs fast path), not only a timing.
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     records = {}
     for variant in variants:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in initial:
+                    p.copy_(initial[n])
         per_batch = int(variant.split("x")[-1]) if "x" in variant.split("+")[-1] else batch_size
         batches = make_batches(args, info, info.vocab_size, per_batch, n_batches=args.warmup + args.steps)
         n_pos = statistics.mean(positions(b, info) for b in batches)
         lengths = [int(x) for b in batches for x in b["attention_mask"].sum(-1)]
         try:
-            rec = run_variant(model, info.family, batches, variant, args.chunk, args.warmup, args.steps, device)
+            rec = run_variant(model, info.family, batches, variant, args.chunk, args.warmup, args.steps, device,
+                              args.lr)
         except torch.cuda.OutOfMemoryError as error:
             rec = {"oom": str(error).splitlines()[0]}
             torch.cuda.empty_cache()
@@ -245,12 +260,16 @@ def main() -> None:
             rec["mfu"] = rec["tokens_per_s"] * rec["flops_per_token"] / (PEAK_TFLOPS * 1e12) if device.type == "cuda" \
                 else None
         records[variant] = rec
-        print(variant, json.dumps({k: v for k, v in rec.items() if k != "step_s_all"}), flush=True)
+        print(variant, json.dumps({k: v for k, v in rec.items() if k not in ("step_s_all", "losses")}), flush=True)
 
     base = records.get("plain", {}).get("tokens_per_s")
     for rec in records.values():
         if base and "tokens_per_s" in rec:
             rec["speedup_vs_plain"] = rec["tokens_per_s"] / base
+        if "losses" in rec and "losses" in records.get("plain", {}) and len(rec["losses"]) == len(
+                records["plain"]["losses"]) and rec["samples_per_step"] == records["plain"]["samples_per_step"]:
+            diffs = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], records["plain"]["losses"])]
+            rec["loss_max_rel_diff_vs_plain"] = max(diffs)
     result = {
         "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -53,8 +53,11 @@ def fit_summary(out, stage, preset, resume=False, **env):
 def moe_runs(tmp_path_factory):
     """Tiny Qwen3-MoE with expert LoRA, 4 accumulated micro-batches per step, plain Lightning vs ZeRO-2 vs ZeRO-3."""
     base = tmp_path_factory.mktemp("moe")
-    return {stage: fit_summary(tmp_path_factory.mktemp(f"stage{stage}"), stage, "tiny-qwen3-moe", accum=4,
-                               base=base / "model") for stage in (0, 2, 3)}
+    runs = {}
+    for stage in (0, 2, 3):
+        out = tmp_path_factory.mktemp(f"stage{stage}")
+        runs[stage] = {**fit_summary(out, stage, "tiny-qwen3-moe", accum=4, base=base / "model"), "out": out}
+    return runs
 
 
 def test_deepspeed_logs_the_window_loss_and_schedule_of_plain_lightning(moe_runs):
@@ -113,3 +116,29 @@ def test_drop_frozen_removes_tied_weights_under_every_name():
         k for k in state if not k.startswith("mm_projector.") and k not in dict(model.named_parameters(
             remove_duplicate=False)))
     assert "llm.lm_head.weight" not in kept and "llm.model.embed_tokens.weight" not in kept
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoints_export_and_merge_like_plain_ones(moe_runs, stage, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from mgmlora.export import build_trained_model, merge_and_save, model_args_for, read_run_adapter
+    from mgmlora.models import load_model
+
+    out = moe_runs[stage]["out"]
+    run = read_run_adapter(out / "ckpt" / "step=2.ckpt")  # DeepSpeed's model-states file, read with weights_only
+    assert run.lora_config is not None and run.adapter and min(v.numel() for v in run.adapter.values()) > 0
+    args = model_args_for(run)  # the base directory the run trained from, recorded in its hyperparameters
+    ids = torch.tensor([[5, 17, 33, 48, 9, 70, 11]])
+    with torch.no_grad():
+        adapted = build_trained_model(run, args)[0].eval()(input_ids=ids).logits
+        final = PeftModel.from_pretrained(load_model(args).model, out / "adapter").eval()(input_ids=ids).logits
+    # the step-2 checkpoint is the end of training, so it equals the final exported adapter
+    torch.testing.assert_close(adapted, final, rtol=1e-5, atol=1e-5)
+    merged_dir = merge_and_save(run, args, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ needs per-batch lambdas (not expressible in YAML) and logs samples, not supervis
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from mgmlora.checkpoint import TRAINABLES, write_tensors
+from mgmlora.checkpoint import RUN_SETTINGS, TRAINABLES, write_tensors
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 from mgmlora.strategies import gathered
 
@@ -84,4 +85,6 @@ class AdapterExport(L.Callback):
             trainables = pl_module.non_lora_trainables()
             if trainables:
                 write_tensors(out / TRAINABLES, trainables)
+            # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
+            (out / RUN_SETTINGS).write_text(json.dumps(dict(pl_module.hparams), indent=2, default=str))
         rank_zero_info(f"mgmlora: adapter written to {out}")

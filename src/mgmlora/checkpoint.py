@@ -30,6 +30,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 TRAINABLES = "non_lora_trainables.safetensors"
+RUN_SETTINGS = "mgmlora_run.json"  # beside an exported adapter: the run's hyperparameters (model, lora, ...)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -37,10 +38,11 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
-def write_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(directory: Path, config: LoraConfig | dict, tensors: dict[str, torch.Tensor]) -> None:
     """Writes a PEFT adapter directory (the same files `PeftModel.save_pretrained` writes)."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(**{**config.to_dict(), "inference_mode": True})
+    config = config.to_dict() if isinstance(config, LoraConfig) else config
+    config = LoraConfig(**{**config, "inference_mode": True})
     config.save_pretrained(str(directory))
     write_tensors(directory / ADAPTER_WEIGHTS, tensors)
 

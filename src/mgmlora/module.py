@@ -12,13 +12,14 @@ with the batch, computed by the WindowBatchSampler before the window's first bac
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -210,7 +211,9 @@ class LoraLitModule(L.LightningModule):
         with gathered(self.model, self._trainer):  # ZeRO-3: full tensors, not partition placeholders
             if self.plan is not None:
                 adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
-                checkpoint["peft"] = {"config": self.model.peft_config["default"],
+                # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
+                config = json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
+                checkpoint["peft"] = {"config": config,
                                       "adapter": {k: to_host(v) for k, v in adapter.items()}}
             checkpoint["trainables"] = {k: to_host(v) for k, v in self.non_lora_trainables().items()}
 
@@ -226,6 +229,7 @@ class LoraLitModule(L.LightningModule):
         if peft is None:
             raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
         saved, current = peft["config"], self.model.peft_config["default"]
+        saved = LoraConfig(**saved) if isinstance(saved, dict) else saved
         diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
                  for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
                  if _norm(getattr(saved, k)) != _norm(getattr(current, k))]

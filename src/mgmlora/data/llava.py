@@ -84,9 +84,16 @@ def render(record: dict) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> TokenizedSample:
-    """Token ids with one IMAGE_TOKEN_INDEX per image, and labels on the answers only (unexpanded)."""
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str, has_image: bool) -> list[int]:
+    """Token ids of a one-question prompt in the training template, ending with the model turn's header."""
+    record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": ""}],
+              **({"image": "image"} if has_image else {})}
     text, spans = render(record)
+    return _tokenize(tokenizer, text[:spans[-1][0]], [])[0]  # cut where the (empty) answer starts
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]) -> tuple[list, list]:
+    """Ids with IMAGE_TOKEN_INDEX for each <image>, and labels on the characters inside `spans`."""
     ids, labels, offset = [], [], 0
     for k, chunk in enumerate(text.split(IMAGE)):
         if k:
@@ -98,6 +105,12 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> Tokeniz
             ids.append(tok)
             labels.append(tok if any(a <= offset + s < b for a, b in spans) else IGNORE_INDEX)
         offset += len(chunk)
+    return ids, labels
+
+
+def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> TokenizedSample:
+    """Token ids with one IMAGE_TOKEN_INDEX per image, and labels on the answers only (unexpanded)."""
+    ids, labels = _tokenize(tokenizer, *render(record))
     return TokenizedSample(ids, labels, meta={"id": record.get("id"), "image": record.get("image")})
 
 

@@ -22,7 +22,7 @@ from mgmlora.data.chameleons import (
     sample_data_items,
     split_samples,
 )
-from mgmlora.data.chat import ChatTokenizer, TokenizedSample
+from mgmlora.data.chat import IGNORE_INDEX, ChatTokenizer, TokenizedSample
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.prompts import AblationName, PromptStyle, build_messages, build_system_prompt, get_ablation
 
@@ -40,6 +40,7 @@ class PersonaEncoder:
         self.chat = ChatTokenizer(tokenizer, max_length, train_on="last_assistant")
         self.max_length = max_length
         self.ablation = get_ablation(ablation)
+        self.ablation_name = ablation
         self.prompt_role = prompt_role
         self.mark_omitted = mark_omitted
         self.skipped = 0
@@ -52,6 +53,34 @@ class PersonaEncoder:
     def generation_messages(self, sample: DialogueSample) -> list[dict]:
         """Messages for generation: the training prompt without the reply (use add_generation_prompt=True)."""
         return build_messages(self.prompt(sample), None, self.prompt_role)
+
+    def generation_prompt(self, sample: DialogueSample, max_new_tokens: int) -> list[int]:
+        """Token ids of the training prompt plus the assistant header, for generation.
+
+        Fitted like training samples (oldest context turns dropped first, then history lines) so that the prompt plus
+        `max_new_tokens` fits max_length.
+        """
+        budget = self.max_length - max_new_tokens
+
+        def encode(keep_turns: int | None, keep_history: int | None) -> TokenizedSample:
+            messages = build_messages(self.prompt(sample, keep_turns, keep_history), None, self.prompt_role)
+            text = self.chat.render(messages, add_generation_prompt=True)
+            ids = self.chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return TokenizedSample(list(ids), [IGNORE_INDEX] * len(ids))
+
+        encoded = encode(None, None)
+        if len(encoded.input_ids) > budget:
+            limit, self.max_length = self.max_length, budget
+            try:
+                turns = len(sample.context) if self.ablation.use_context else 0
+                _, fitted = self._largest_fitting(turns, lambda k: encode(k, None))
+                if fitted is None:
+                    hist = len(sample.history) if self.ablation.use_history else 0
+                    _, fitted = self._largest_fitting(hist, lambda k: encode(0, k))
+            finally:
+                self.max_length = limit
+            encoded = fitted or encode(0, 0)  # the bare prompt, even if over budget: every item gets an answer
+        return encoded.input_ids
 
     def _encode(self, sample: DialogueSample, keep_turns: int | None, keep_history: int | None) -> TokenizedSample:
         return self.chat.encode(build_messages(self.prompt(sample, keep_turns, keep_history), sample.target,

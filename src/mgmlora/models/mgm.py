@@ -282,3 +282,21 @@ class MGMForCausalLM(nn.Module):
             return MGMOutput(None, labels, mask, out.last_hidden_state)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         return MGMOutput(out.logits, labels, mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None = None,
+                 images_aux: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Replies to prompts (B, T) with one image each (or none): the new token ids only (B * n_return, T_new).
+
+        The prompts are spliced exactly as in training, then left-padded so every row ends where generation starts,
+        and Gemma generates from those embeddings with a KV cache.
+        """
+        image_tokens = self.encode_images(images, images_aux) if images is not None else None
+        embeds, mask, _, _ = self.prepare_inputs(input_ids, attention_mask, None, image_tokens)
+        lengths = mask.sum(-1)  # (B,)
+        left = torch.zeros_like(embeds)
+        left_mask = torch.zeros_like(mask)
+        for b, n in enumerate(lengths.tolist()):
+            left[b, embeds.shape[1] - n:] = embeds[b, :n]
+            left_mask[b, embeds.shape[1] - n:] = 1
+        return self.llm.generate(inputs_embeds=left, attention_mask=left_mask, use_cache=True, **generate_kwargs)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Generate with a trained adapter, using the training prompts.
+
+    # one question, optionally about an image (MGM); prints the replies as JSON
+    python bin/generate.py --checkpoint <ckpt or adapter dir> --prompt "What is in the picture?" --image cat.jpg
+    # Chameleons test leaderboard: every data_item gets --n continuations (resumable)
+    python bin/generate.py --checkpoint <ckpt or adapter dir> --chameleons test_leaderboard.json \
+        --output predictions.json [--n 5] [--train_path train.json]   # history source for history ablations
+
+The base model, tokenizer and data settings (ablation, prompt role, max_length, training file for history) come from
+the run (checkpoint hyperparameters, `<log_dir>/config.yaml`); flags override them. Sampling flags are
+transformers.generate's (mgmlora.generate.GenerationArgs). `--model_path` points at local base weights.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
+
+import torch  # noqa: E402
+
+from mgmlora.export import build_trained_model, model_args_for, read_run_adapter  # noqa: E402
+from mgmlora.generate import GenerationArgs, generate_batch  # noqa: E402
+from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
+
+
+def _data_settings(run) -> dict:
+    if run.run_config is None:
+        return {}
+    return (yaml.safe_load(run.run_config.read_text()).get("data") or {}).get("init_args") or {}
+
+
+def main(argv: list[str] | None = None):
+    """Parses arguments, loads the trained model and generates; returns the replies or the leaderboard summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--model_path", default=None)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="one question (a user turn; Chameleons models expect --chameleons)")
+    mode.add_argument("--chameleons", help="test_leaderboard.json to answer")
+    parser.add_argument("--image", default=None, help="image for --prompt (MGM)")
+    parser.add_argument("--output", type=Path, default=None, help="predictions file for --chameleons")
+    parser.add_argument("--n", type=int, default=5, help="continuations per data_item (--chameleons)")
+    parser.add_argument("--ablation", default=None)
+    parser.add_argument("--prompt_role", choices=["system", "user"], default=None)
+    parser.add_argument("--max_length", type=int, default=None)
+    parser.add_argument("--train_path", default=None, help="training file for history ablations")
+    parser.add_argument("--image_aspect_ratio", choices=["pad", "square"], default=None)
+    for f in fields(GenerationArgs):
+        parser.add_argument(f"--{f.name}", type=type(f.default) if not isinstance(f.default, bool) else
+                            lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+    args = parser.parse_args(argv)
+    gen = GenerationArgs(**{f.name: getattr(args, f.name) for f in fields(GenerationArgs)})
+
+    run = read_run_adapter(args.checkpoint)
+    model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    model, info = build_trained_model(run, model_args)
+    model.to(args.device).eval()
+    tokenizer = load_tokenizer(model_args)
+    data = _data_settings(run)
+
+    if args.chameleons:
+        from mgmlora.data.persona import ChameleonsDataModule, PersonaEncoder
+        from mgmlora.leaderboard import predict_leaderboard
+
+        if args.output is None:
+            parser.error("--chameleons needs --output")
+        settings = {"ablation": args.ablation or data.get("ablation", "context_only"),
+                    "prompt_role": args.prompt_role or data.get("prompt_role", "system"),
+                    "max_length": args.max_length or data.get("max_length", 1024)}
+        encoder = PersonaEncoder(tokenizer, settings["max_length"], settings["ablation"], settings["prompt_role"],
+                                 data.get("mark_omitted", False))
+        history = None
+        train_path = args.train_path or data.get("train_path")
+        if encoder.ablation.use_history:
+            if not train_path or not Path(train_path).is_file():
+                parser.error(f"ablation {settings['ablation']} uses history: pass --train_path (the training file).")
+            dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
+                "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
+            dm.tokenizer = tokenizer
+            dm._train_val()
+            history = dm.dialogues["train"]
+        summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,
+                                      data.get("max_history", 15))
+        print(json.dumps(summary, indent=2))
+        return summary
+
+    if info.family == "mgm":
+        from mgmlora.data.images import blank, load_rgb, preprocess
+        from mgmlora.data.llava import generation_prompt
+
+        aspect = args.image_aspect_ratio or data.get("image_aspect_ratio", "pad")
+        low, aux = (preprocess(load_rgb(args.image), info.image_size_aux, info.image_size, aspect) if args.image
+                    else blank(info.image_size_aux, info.image_size))
+        rows = [generation_prompt(tokenizer, args.prompt, has_image=args.image is not None)]
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        replies = generate_batch(target, tokenizer, rows, gen, low[None], aux[None])[0]
+    else:
+        if args.image:
+            parser.error("--image needs an MGM model.")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        replies = generate_batch(model, tokenizer, rows, gen)[0]
+    print(json.dumps({"prompt": args.prompt, "image": args.image, "replies": replies}, ensure_ascii=False, indent=2))
+    return replies
+
+
+if __name__ == "__main__":
+    main()

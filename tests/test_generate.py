@@ -1,0 +1,137 @@
+"""Generation with the training prompts (mgmlora.generate, bin/generate.py) and the Chameleons leaderboard."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from mgmlora.data.persona import PersonaEncoder
+from mgmlora.export import build_trained_model, model_args_for, read_run_adapter
+from mgmlora.generate import GenerationArgs, generate_batch, left_pad
+from mgmlora.leaderboard import clean_reply, leaderboard_samples, predict_leaderboard
+from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX, MGMConfig
+from mgmlora.models.mgm_checkpoint import build_mgm
+from mgmlora.models.registry import MGM_PRESETS
+from tests.conftest import ASSETS, ROOT, tiny_model
+from tests.test_export import _train
+
+spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "bin" / "generate.py")
+generate_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate_cli)
+GREEDY = GenerationArgs(max_new_tokens=6, do_sample=False, num_return_sequences=1)
+
+
+def test_left_padded_batches_generate_what_single_prompts_generate(tokenizer):
+    model = tiny_model("tiny-qwen3").eval()
+    prompts = [[5, 17, 33, 48, 9, 70, 11, 12], [3, 44, 21]]
+    ids, mask = left_pad(prompts, 0)
+    assert mask.tolist()[1] == [0] * 5 + [1] * 3 and ids[1, -3:].tolist() == prompts[1]
+    batched = generate_batch(model, tokenizer, prompts, GREEDY)
+    single = [generate_batch(model, tokenizer, [p], GREEDY)[0] for p in prompts]
+    assert batched == single
+
+
+def test_mgm_generation_splices_the_image_and_continues_the_forward_pass():
+    torch.manual_seed(0)
+    model = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32).eval()
+    model.llm.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(0)
+    images, aux = torch.randn(2, 3, 48, 48, generator=g), torch.randn(2, 3, 96, 96, generator=g)
+    prompts = [[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9], [2, IMAGE_TOKEN_INDEX, 6]]
+    ids, mask = left_pad(prompts, 0)
+    # MGM's prepare_inputs expects right padding (training layout); generate() takes right-padded prompts
+    right = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        right[b, :len(p)] = torch.tensor(p)
+    right_mask = (right != 0).long()
+    new = model.generate(right, right_mask, images, aux, max_new_tokens=4, do_sample=False, eos_token_id=[],
+                         pad_token_id=0)
+    assert new.shape == (2, 4)
+    for b, p in enumerate(prompts):  # greedy first token == argmax of the training forward at the last position
+        with torch.no_grad():
+            logits = model(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), images=images[b:b + 1],
+                           images_aux=aux[b:b + 1]).logits
+        assert new[b, 0] == logits[0, -1].argmax()
+        alone = model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), images[b:b + 1],
+                               aux[b:b + 1], max_new_tokens=4, do_sample=False, eos_token_id=[], pad_token_id=0)
+        assert torch.equal(alone[0], new[b])  # left padding inside the batch changes nothing
+
+
+def test_clean_reply_keeps_the_answer_span_only():
+    assert clean_reply("[ANSWER]\nHold fast.\n[/ANSWER]<|im_end|> trailing") == "Hold fast."
+    assert clean_reply("no tags<end_of_turn>") == "no tags"
+
+
+@pytest.fixture(scope="module")
+def trained_qwen(tmp_path_factory):
+    ckpt, adapter = _train(tmp_path_factory.mktemp("qwen"), "tiny-qwen3")
+    return ckpt
+
+
+def _leaderboard_file(tmp_path):
+    """The bundled Chameleons sample without continuations, plus an empty-context item and one ending on the
+    character's own line (both skipped by training extraction, both must be answered)."""
+    records = json.loads((ASSETS / "chameleons_demo.json").read_text())
+    for record in records:
+        for collection in record["task"]["task_behavior_collections"]:
+            for item in collection["data"]:
+                item.pop("continuation", None)
+    name = records[0]["user"]["profile"]["name"]
+    records[0]["task"]["task_behavior_collections"][0]["data"] += [
+        {"context": []}, {"context": [{"source": "OTTO", "content": "Hi."}, {"source": name, "content": "Aye."}]}]
+    path = tmp_path / "test_leaderboard.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return path, records
+
+
+def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen):
+    path, records = _leaderboard_file(tmp_path)
+    run = read_run_adapter(trained_qwen)
+    args = model_args_for(run, dtype="float32")
+    model, _ = build_trained_model(run, args)
+    tokenizer = load_tokenizer(args)
+    encoder = PersonaEncoder(tokenizer, 512, "context_only", "system")
+    gen = GenerationArgs(max_new_tokens=6, batch_size=4)
+    out = tmp_path / "pred.json"
+    summary = predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=2)
+    total = len(leaderboard_samples(records, path))
+    assert summary["data_items"] == total == summary["generated_now"] and summary["empty_context_items"] >= 1
+    predicted = json.loads(out.read_text())
+    items = [item for r in predicted for c in r["task"]["task_behavior_collections"] for item in c["data"]]
+    assert len(items) == total and all(len(i["continuations"]) == 2 for i in items)
+    assert all(isinstance(t, str) and "[ANSWER]" not in t for i in items for t in i["continuations"])
+    for item in items:
+        item.pop("continuations")
+    assert predicted == records  # nothing dropped, reordered or changed
+
+    # interrupted after 5 items (the 6th line cut mid-write): a rerun generates only the rest
+    progress = tmp_path / "pred.json.partial.jsonl"
+    lines = progress.read_text().splitlines()
+    kept = {tuple(json.loads(line)["index"]): json.loads(line)["continuations"] for line in lines[:5]}
+    progress.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    out.unlink()
+    again = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
+    assert again["resumed_from_progress"] == 5 and again["generated_now"] == total - 5
+    repredicted = json.loads(out.read_text())
+    for (r, c, i), continuations in kept.items():
+        assert repredicted[r]["task"]["task_behavior_collections"][c]["data"][i]["continuations"] == continuations
+    assert json.loads((tmp_path / "pred.summary.json").read_text())["generated_now"] == total - 5
+
+
+def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
+    path, _ = _leaderboard_file(tmp_path)
+    summary = generate_cli.main(["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output",
+                                 str(tmp_path / "p.json"), "--n", "3", "--max_new_tokens", "4", "--dtype", "float32",
+                                 "--max_length", "512"])
+    assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
+
+
+def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
+    ckpt, adapter = _train(tmp_path, "tiny-mgm")
+    image = sorted((ASSETS / "llava" / "images").iterdir())[0]
+    replies = generate_cli.main(["--checkpoint", str(adapter), "--prompt", "What is in the picture?", "--image",
+                                 str(image), "--max_new_tokens", "5", "--num_return_sequences", "2",
+                                 "--dtype", "float32"])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)

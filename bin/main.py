@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""mgmlora command line: `python bin/main.py {fit,validate,test,predict} --config configs/<x>.yaml`."""
+"""mgmlora command line: `python bin/main.py {fit,validate,test} --config configs/<x>.yaml`.
+
+Generation and the Chameleons leaderboard: `bin/generate.py`; export and merge: `bin/export.py`.
+"""
 
 import sys
 from pathlib import Path

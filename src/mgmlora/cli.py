@@ -1,4 +1,4 @@
-"""The LightningCLI behind `bin/main.py` (fit / validate / test / predict).
+"""The LightningCLI behind `bin/main.py` (fit / validate / test; generation is `bin/generate.py`).
 
 Every key of the YAML is checked at parse time against typed signatures: a typo in a key, or a value outside a
 `Literal` (e.g. `lora.preset: balance`), is rejected with the valid names before any model loads. The resolved
@@ -34,6 +34,17 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass att
 
 class MgmCLI(LightningCLI):
     """LightningCLI with mgmlora's defaults: adapter-only checkpoints and an overwritable saved config."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """The subcommands: fit, validate and test.
+
+        Generation has its own entry point (`bin/generate.py`: sampling settings, batched left-padded generation, the
+        Chameleons leaderboard), so `predict` is not offered half-working.
+        """
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict", None)
+        return commands
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints)."""

@@ -162,6 +162,7 @@ def build_trained_model(run: RunAdapter, args: ModelArgs):
 def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout."""
     out = Path(out)
+    tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     model, info = build_trained_model(run, args)
     model.eval()
     if run.lora_config is not None:
@@ -176,7 +177,7 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
         model.save_pretrained(str(out), max_shard_size=max_shard_bytes, safe_serialization=True)
         if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
             _write_single_shard_index(out)
-    load_tokenizer(args).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
     if run.run_config is not None:
         shutil.copy(run.run_config, out / "training_config.yaml")
     return out

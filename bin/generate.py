@@ -29,6 +29,19 @@ from mgmlora.generate import GenerationArgs, generate_batch  # noqa: E402
 from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
 
 
+def generation_args(path: Path | None, overrides: dict) -> GenerationArgs:
+    """GenerationArgs from a YAML file (unknown keys are an error naming them), then command-line overrides."""
+    values = {}
+    if path is not None:
+        values = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(values) - {f.name for f in fields(GenerationArgs)})
+        if unknown:
+            raise ValueError(f"{path}: unknown generation settings {unknown}; valid: "
+                             f"{[f.name for f in fields(GenerationArgs)]}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationArgs(**values)
+
+
 def _data_settings(run) -> dict:
     if run.run_config is None:
         return {}
@@ -54,11 +67,14 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--max_length", type=int, default=None)
     parser.add_argument("--train_path", default=None, help="training file for history ablations")
     parser.add_argument("--image_aspect_ratio", choices=["pad", "square"], default=None)
+    parser.add_argument("--generation_config", type=Path, default=None,
+                        help="YAML with GenerationArgs fields (e.g. configs/generate/chameleons_leaderboard.yaml); "
+                             "flags given on the command line override it")
     for f in fields(GenerationArgs):
         parser.add_argument(f"--{f.name}", type=type(f.default) if not isinstance(f.default, bool) else
-                            lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+                            lambda v: v.lower() in ("1", "true", "yes"), default=None)
     args = parser.parse_args(argv)
-    gen = GenerationArgs(**{f.name: getattr(args, f.name) for f in fields(GenerationArgs)})
+    gen = generation_args(args.generation_config, {f.name: getattr(args, f.name) for f in fields(GenerationArgs)})
 
     run = read_run_adapter(args.checkpoint)
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype)

@@ -135,3 +135,15 @@ def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
                                  str(image), "--max_new_tokens", "5", "--num_return_sequences", "2",
                                  "--dtype", "float32"])
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_generation_config_files_parse_and_reject_typos(tmp_path):
+    for path in sorted((ROOT / "configs" / "generate").glob("*.yaml")):
+        args = generate_cli.generation_args(path, {})
+        assert isinstance(args, GenerationArgs) and args.max_new_tokens > 0
+        assert "python bin/generate.py" in path.read_text().split("\n\n")[0]
+    assert generate_cli.generation_args(path, {"temperature": 0.3}).temperature == 0.3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temprature: 0.3\n")
+    with pytest.raises(ValueError, match="temprature"):
+        generate_cli.generation_args(bad, {})

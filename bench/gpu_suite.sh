@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity [OUT_DIR]
+#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity|profile [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -13,9 +13,10 @@
 #   speed  bench/train_step.py: plain transformers + PEFT vs mgmlora's step, MGM-2B and Qwen3-30B-A3B
 #   parity the same from identical LoRA weights without warm-up: per-step losses of the fast paths vs the plain path
 #          at real shapes, and the plain path at 8 samples per micro-batch
+#   profile  MGM-2B step profiles (plain vs chunked) and Qwen3-30B-A3B expert LoRA vs attention-only (r8, 8 samples)
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
-part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity}
+part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
 out=${2:-bench/results/new}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -82,6 +83,15 @@ case $part in
     timeout 300 python3 bench/train_step.py --model qwen3-30b-a3b \
       --variants plain,chunked+packing,liger+packing,plainx8 --warmup 0 --steps 20 --lr 1e-4 \
       --out "$out/$day-train_step_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 7
+    ;;
+  profile)
+    timeout 100 python3 bench/train_step.py --model mgm-2b --variants plain,chunked --warmup 1 --steps 3 --profile \
+      --out "$out/$day-train_step_profile-mgm2b-$gpu.json" 2>&1 | tail -n 4
+    for experts in "" "--target_experts"; do
+      name=attention; [ -n "$experts" ] && name=experts
+      timeout 100 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants chunked+packingx8 \
+        --warmup 1 --steps 4 --out "$out/$day-train_step_r8_${name}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+    done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

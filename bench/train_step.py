@@ -197,6 +197,20 @@ def run_variant(model, family, batches, variant, chunk, warmup, steps, device, l
             "loss_first_last": [losses[0], losses[-1]], "losses": losses}
 
 
+def profile_step(model, family, batches, variant, chunk, device, top: int = 15) -> list[dict]:
+    """One more step under torch.profiler: the operators that took the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_variant(model, family, batches[:1], variant, chunk, 0, 1, device, 0.0)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
+    return [{"op": e.key, "ms": round(getattr(e, key, 0) / 1000, 2), "share": round(getattr(e, key, 0) / total, 3),
+             "calls": e.count} for e in events]
+
+
 def main() -> None:
     """Builds the model, runs every variant, writes the JSON, prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -208,6 +222,9 @@ def main() -> None:
     parser.add_argument("--lengths", choices=["chameleons", "fixed"], default="chameleons")
     parser.add_argument("--lora_preset", default=None)
     parser.add_argument("--target_experts", action="store_true")
+    parser.add_argument("--r", type=int, default=None, help="LoRA rank override (lora_alpha = 2r)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one more step of each variant (top operators by device time)")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -223,7 +240,8 @@ def main() -> None:
     start = time.perf_counter()
     with device:  # random init directly on the GPU, in bf16
         loaded = load_model(model_args)
-    lora = LoraArgs(preset=args.lora_preset or preset, lora_dropout=0.0, target_experts=args.target_experts)
+    rank = {"r": args.r, "lora_alpha": 2 * args.r} if args.r else {}
+    lora = LoraArgs(preset=args.lora_preset or preset, lora_dropout=0.0, target_experts=args.target_experts, **rank)
     model, _ = apply_trainability(loaded, lora, Trainability())
     model.to(device)
     build_s = time.perf_counter() - start
@@ -246,6 +264,8 @@ def main() -> None:
         try:
             rec = run_variant(model, info.family, batches, variant, args.chunk, args.warmup, args.steps, device,
                               args.lr)
+            if args.profile:
+                rec["profile_top_ops"] = profile_step(model, info.family, batches, variant, args.chunk, device)
         except torch.cuda.OutOfMemoryError as error:
             rec = {"oom": str(error).splitlines()[0]}
             torch.cuda.empty_cache()
@@ -275,7 +295,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
-        "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts},
+        "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts, "r": args.r},
         "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1),
         "peak_tflops_assumed": PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps, "variants": records,
     }
@@ -289,8 +309,9 @@ def main() -> None:
             continue
         gib = f"{rec['peak_alloc_gib']:.2f}" if rec["peak_alloc_gib"] is not None else "-"
         mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"
+        speedup = f"{rec['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in rec else "-"
         print(f"{name:28} {rec['samples_per_step']:>7} {rec['positions_per_step']:>9.0f} {rec['step_s_median']:>8.3f} "
-              f"{rec['tokens_per_s']:>9.0f} {rec.get('speedup_vs_plain', 1):>7.2f} {gib:>6} {mfu:>6}")
+              f"{rec['tokens_per_s']:>9.0f} {speedup:>7} {gib:>6} {mfu:>6}")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
     return model, plan
 
 
-def component_report(model: nn.Module) -> str:
-    """Trainable parameter counts per component, for the start-of-run report."""
+def component_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(trainable, total) parameter counts per component: LLM, LoRA adapters, projector + mining, vision towers."""
     groups: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
         name = name.removeprefix("base_model.model.")
@@ -80,4 +80,9 @@ def component_report(model: nn.Module) -> str:
         counts = groups.setdefault(key, [0, 0])
         counts[0] += param.numel() if param.requires_grad else 0
         counts[1] += param.numel()
-    return "\n".join(f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in groups.items())
+    return {k: (t, n) for k, (t, n) in groups.items()}
+
+
+def component_report(model: nn.Module) -> str:
+    """Trainable parameter counts per component, for the start-of-run report."""
+    return "\n".join(f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in component_counts(model).items())

@@ -1,0 +1,283 @@
+"""Peak GPU memory per device, estimated from a config before any weight is loaded.
+
+The model is built on PyTorch's meta device (shapes and dtypes, no storage), LoRA and trainability are applied exactly
+as in training, and each block of memory is computed from the parameter counts and the run's settings:
+
+- frozen weights (vision towers on their own line) in the model dtype; divided by the data-parallel size under ZeRO-3,
+  gone from the GPU with parameter offload;
+- trainable weights, gradients and AdamW states. Plain Lightning (bf16-mixed) keeps LoRA adapters in fp32 and fully
+  trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
+  keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
+  on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
+- activations: with gradient checkpointing the input of every decoder layer plus one layer's recomputed internals;
+  without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
+  top_k x the expert width);
+- the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
+  and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
+  nothing;
+- a fixed allowance for CUDA workspaces and allocator rounding.
+
+The coefficients are physics first, then checked against every committed GPU measurement (tests/test_memory.py keeps
+the estimate within 15% of each); the estimate is of `torch.cuda.max_memory_allocated`, not of reserved memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mgmlora.lora import LoraArgs
+from mgmlora.loss import SpeedArgs
+from mgmlora.models import LoadedModel, load_model, model_info
+from mgmlora.models.causal_lm import DTYPES, ModelArgs, build_config, is_moe, resolve_preset
+from mgmlora.trainable import Trainability, apply_trainability, component_counts
+
+GIB = 2**30
+ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
+WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
+
+
+@dataclass
+class RunShape:
+    """What the estimate needs from a config besides the model: batch geometry and the training strategy."""
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16-mixed"
+    world_size: int = 1
+    zero_stage: int = 0  # 0 = no DeepSpeed
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    reduce_bucket_size: float = 5e8
+
+
+@dataclass
+class Estimate:
+    """An itemised peak-memory estimate (GiB per device) and the trainable parameters per component."""
+
+    items: dict[str, float]
+    total_gib: float
+    trainable: dict[str, list[int]]
+    settings: dict = field(default_factory=dict)
+
+    def fits(self, budget_gib: float) -> bool:
+        """Whether the estimate stays within `budget_gib`."""
+        return self.total_gib <= budget_gib
+
+
+def _text_config(model) -> object:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.llm.config if hasattr(base, "llm") else base.config
+
+
+def _meta_model(args: ModelArgs) -> LoadedModel:
+    """The model's architecture on the meta device: from config.json only when `model_path` is set (never weights)."""
+    if not args.model_path:
+        return load_model(args)
+    info = model_info(args)
+    dtype = DTYPES[args.dtype]
+    if info.family == "mgm":
+        from mgmlora.models.mgm import MGMConfig
+        from mgmlora.models.mgm_checkpoint import build_mgm
+
+        raw = json.loads((Path(args.model_path) / "config.json").read_text())
+        return LoadedModel(build_mgm(MGMConfig.from_dict(raw), dtype), info, "llm.model.layers", moe=False)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(build_config(args), dtype=dtype,
+                                             trust_remote_code=args.trust_remote_code)
+    preset = resolve_preset(args)
+    return LoadedModel(model, info, preset.decoder_layers if preset else "model.layers", is_moe(model))
+
+
+def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+             shape: RunShape) -> Estimate:
+    """The itemised estimate for one device (see the module docstring)."""
+    with torch.device("meta"):
+        loaded = _meta_model(replace(model_args, gradient_checkpointing=False))
+        model, _ = apply_trainability(loaded, lora, trainable)
+    info = loaded.info
+    dtype_bytes = torch.finfo(DTYPES[model_args.dtype]).bits // 8
+    deepspeed = shape.zero_stage > 0
+    w = max(shape.world_size, 1)
+
+    frozen = towers = 0
+    lora_params = full_params = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if "lora_" in name:
+                lora_params += p.numel()
+            else:
+                full_params += p.numel()
+        elif ".vision_tower" in name or name.startswith("vision_tower"):
+            towers += p.numel()
+        else:
+            frozen += p.numel()
+    n_train = lora_params + full_params
+    items: dict[str, float] = {}
+    shard = w if shape.zero_stage == 3 else 1
+    on_gpu = 0.0 if shape.offload_parameters else 1.0
+    items["base weights (frozen)"] = frozen * dtype_bytes / shard * on_gpu
+    if towers:
+        items["vision towers (frozen)"] = towers * dtype_bytes / shard * on_gpu
+    if deepspeed:
+        items["trainable weights"] = n_train * 2 / shard * on_gpu  # DeepSpeed runs the module in bf16
+        # with optimizer offload, gradients leave for the CPU bucket by bucket (the bucket line below)
+        items["gradients"] = 0.0 if shape.offload_optimizer else n_train * 2 / (w if shape.zero_stage >= 2 else 1)
+        items["optimizer states (fp32 master + AdamW)"] = 0.0 if shape.offload_optimizer else n_train * 12 / w
+        items["DeepSpeed buffers (reduce bucket)"] = min(shape.reduce_bucket_size, n_train) * 2
+    else:
+        train_bytes = lora_params * 4 + full_params * dtype_bytes
+        items["trainable weights"] = train_bytes
+        items["gradients"] = train_bytes
+        items["optimizer states (AdamW)"] = 2 * train_bytes
+
+    cfg = _text_config(model)
+    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    mlp = getattr(cfg, "moe_intermediate_size", None)
+    mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
+    tokens = shape.batch_size * shape.seq_len
+    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * 2
+    if model_args.gradient_checkpointing:
+        items["activations (checkpointed)"] = layers * tokens * hidden * 2 + per_layer
+    else:
+        items["activations"] = layers * per_layer
+    if info.family == "mgm":
+        # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining
+        # attention, layer-normed and projected to keys/values; kept for backward when the projector trains.
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        aux_positions = (info.image_size_aux // 4) ** 2
+        per_position = 4 * config.mm_hidden_size_aux + 4 * config.mm_hidden_size
+        if not trainable.projector == "full":
+            per_position = 2 * config.mm_hidden_size_aux  # transient: no graph through frozen towers and mining
+        items["vision path (aux maps, mining)"] = shape.batch_size * aux_positions * per_position * 2
+    head_bytes = 2 + 4 + 4  # bf16 logits, their fp32 copy, the fp32 gradient
+    supervisable = shape.batch_size * max(shape.seq_len - info.image_tokens, 1)  # image positions carry no loss
+    if speed.loss == "full":
+        items[f"LM head + loss (full logits, vocab {vocab:,})"] = tokens * vocab * head_bytes
+    elif speed.loss == "chunked":
+        rows = min(supervisable, speed.loss_chunk_size)
+        items[f"LM head + loss (chunked, vocab {vocab:,})"] = rows * vocab * head_bytes
+    else:
+        items["LM head + loss (liger)"] = tokens * hidden * 4 * 2
+    items["CUDA workspace"] = WORKSPACE_GIB * GIB
+    items = {k: v / GIB for k, v in items.items()}
+    counts = {k: list(v) for k, v in component_counts(model).items()}
+    settings = {"model": asdict(model_args), "lora": asdict(lora), "trainable": asdict(trainable),
+                "speed": asdict(speed), "shape": asdict(shape), "family": info.family}
+    return Estimate(items, sum(items.values()), counts, settings)
+
+
+def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+                 shape: RunShape, budget_gib: float) -> tuple[str, Estimate] | None:
+    """The first change, in order of what it costs the run, that brings the estimate under `budget_gib`."""
+    candidates = []
+    if not model_args.gradient_checkpointing:
+        candidates.append(("model.model.gradient_checkpointing: true (about 30% more compute)",
+                           (replace(model_args, gradient_checkpointing=True), lora, speed, shape)))
+    if speed.loss == "full":
+        candidates.append(("model.speed.loss: chunked (same result, no full-vocabulary logits)",
+                           (model_args, lora, replace(speed, loss="chunked"), shape)))
+    if shape.batch_size > 1:
+        candidates.append((f"data.batch_size: 1 with accumulate_grad_batches x{shape.batch_size} (same global batch)",
+                           (model_args, lora, speed, replace(shape, batch_size=1))))
+    if not shape.offload_optimizer:
+        stage = max(shape.zero_stage, 2)
+        candidates.append((f"--config configs/strategy/zero{stage}_offload.yaml (optimizer states on the CPU)",
+                           (model_args, lora, speed, replace(shape, zero_stage=stage, offload_optimizer=True))))
+    if shape.zero_stage < 3 and shape.world_size > 1:
+        candidates.append(("--config configs/strategy/zero3.yaml (weights partitioned over the GPUs)",
+                           (model_args, lora, speed, replace(shape, zero_stage=3))))
+    if trainable.llm == "lora" and (lora.r or 16) > 8:
+        candidates.append(("model.lora.r: 8", (model_args, replace(lora, r=8, lora_alpha=16), speed, shape)))
+    for seq in (shape.seq_len // 2, shape.seq_len // 4):
+        if seq >= 256:
+            candidates.append((f"data max_length {seq}", (model_args, lora, speed, replace(shape, seq_len=seq))))
+    for what, (m, lo, sp, sh) in candidates:
+        est = estimate(m, lo, trainable, sp, sh)
+        if est.fits(budget_gib):
+            return what, est
+    return None
+
+
+def format_estimate(est: Estimate, budget_gib: float | None = None) -> str:
+    """The itemised table, trainable counts per component, and the verdict."""
+    width = max(len(k) for k in est.items) + 2
+    lines = [f"{k:<{width}}{v:>9.2f} GiB" for k, v in est.items.items()]
+    lines.append(f"{'total (peak, per device)':<{width}}{est.total_gib:>9.2f} GiB")
+    lines.append("trainable parameters per component:")
+    lines += [f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in est.trainable.items()]
+    if budget_gib is not None:
+        verdict = "fits" if est.fits(budget_gib) else "does NOT fit"
+        lines.append(f"verdict: {verdict} in {budget_gib:g} GiB")
+    return "\n".join(lines)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    """Sets a dotted key; keys under lists (callbacks) do not affect memory and are skipped."""
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            return
+    tree[keys[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and "class_path" not in value:
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run_from_config(paths: list[str], overrides: list[str] | None = None
+                    ) -> tuple[ModelArgs, LoraArgs, Trainability, SpeedArgs, RunShape]:
+    """The estimate's inputs from composed YAML configs plus `--a.b value` overrides (bin/main.py's syntax).
+
+    Sequence length: the data's max_length (for MGM, null means the checkpoint's limit after image expansion).
+    """
+    import yaml
+
+    tree: dict = {}
+    for path in paths:
+        _merge(tree, yaml.safe_load(Path(path).read_text()) or {})
+    pending = list(overrides or [])
+    while pending:
+        key = pending.pop(0)
+        if not key.startswith("--"):
+            raise ValueError(f"unexpected argument {key!r}; overrides look like --model.lora.r 8")
+        key, _, value = key[2:].partition("=")
+        if not value:
+            value = pending.pop(0) if pending else "true"
+        _set(tree, key, yaml.safe_load(value))
+    model = tree.get("model", {})
+    model_args = ModelArgs(**model.get("model", {}))
+    path = model_args.model_path
+    if path and not (Path(path) / "config.json").is_file():
+        if not model_args.preset:
+            raise FileNotFoundError(f"model.model.model_path {path!r} has no config.json here; the estimate needs "
+                                    "only that file (or a registry preset).")
+        model_args = replace(model_args, model_path=None)  # same architecture from the registry preset
+    lora = LoraArgs(**model.get("lora", {}))
+    trainable = Trainability(**model.get("trainable", {}))
+    speed = SpeedArgs(**model.get("speed", {}))
+    data = (tree.get("data") or {}).get("init_args", {})
+    trainer = tree.get("trainer", {})
+    strategy = trainer.get("strategy")
+    init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    is_ds = isinstance(strategy, dict) and "DeepSpeed" in strategy.get("class_path", "")
+    seq = data.get("max_length") or model_info(model_args).max_length or 2048
+    devices = trainer.get("devices", 1)
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(trainer.get("num_nodes", 1) or 1)
+    shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq),
+                     precision=str(trainer.get("precision", "bf16-mixed")), world_size=world,
+                     zero_stage=int(init.get("stage", 2)) if is_ds else 0,
+                     offload_optimizer=bool(init.get("offload_optimizer", False)),
+                     offload_parameters=bool(init.get("offload_parameters", False)),
+                     reduce_bucket_size=float(init.get("reduce_bucket_size", 5e8)))
+    return model_args, lora, trainable, speed, shape

@@ -1,0 +1,100 @@
+"""The memory estimator against every committed GPU measurement (bench/results), and bin/estimate.py."""
+
+import importlib.util
+import json
+import shlex
+
+import pytest
+
+from mgmlora.lora import LoraArgs
+from mgmlora.loss import SpeedArgs
+from mgmlora.memory import RunShape, estimate, run_from_config
+from mgmlora.models.causal_lm import ModelArgs
+from mgmlora.trainable import Trainability
+from tests.conftest import ROOT
+
+RESULTS = ROOT / "bench" / "results"
+spec = importlib.util.spec_from_file_location("estimate_cli", ROOT / "bin" / "estimate.py")
+estimate_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(estimate_cli)
+TOLERANCE = 0.15  # the issue's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
+# Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
+FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
+                          "2026-11-23-mgm2b_full_zero2_24gib-h100.json",
+                          "2026-11-23-mgm2b_full_zero2_offload_24gib-h100.json",
+                          "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero2_1gpu-h100.json",
+                          "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero3_1gpu-h100.json"}
+# Smoke runs trained on the bundled ~315-token sample under max_length 1024: their rows were far shorter than the
+# config's limit, so the config cannot describe them (they are not memory measurements of the config).
+SHORT_ROW_SMOKE_RUNS = {"2026-11-23-mgm2b_lora-smoke-h100.json", "2026-11-23-qwen3-8b_lora_chameleons-smoke-h100.json",
+                        "2026-11-23-qwen3-30b-a3b_lora_chameleons-smoke-h100.json"}
+
+
+def _fit_smoke_cases():
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        if not result.get("command", "").startswith("python bench/fit_smoke.py") or path.name in SHORT_ROW_SMOKE_RUNS:
+            continue
+        yield pytest.param(path.name, result, id=path.name)
+
+
+def _train_step_cases():
+    for path in sorted(RESULTS.glob("*train_step*.json")):
+        result = json.loads(path.read_text())
+        for variant, rec in result["variants"].items():
+            if "peak_alloc_gib" in rec:
+                yield pytest.param(result, variant, rec, id=f"{path.name}:{variant}")
+
+
+@pytest.mark.parametrize("name,result", list(_fit_smoke_cases()))
+def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
+    args = shlex.split(result["command"])[3:]
+    if args[0] == "--memory_cap_gib":
+        args = args[2:]
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    overrides = [a for i, a in enumerate(args[1:]) if a != "--config" and args[i] != "--config"]
+    if name in FULL_LOSS_BEFORE_SPEED:
+        overrides += ["--model.speed.loss", "full"]
+    est = estimate(*run_from_config(configs, overrides))
+    if result.get("oom"):  # the run asked for more than its cap: the estimate must not say it fits
+        assert est.total_gib > result["memory_cap_gib"], est.items
+        return
+    measured = result["peak_mem_alloc_gib"]
+    assert abs(est.total_gib / measured - 1) <= TOLERANCE, (est.total_gib, measured, est.items)
+
+
+@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases()))
+def test_estimate_matches_committed_benchmark_steps(result, variant, rec):
+    name = variant.split("+")[0].split("x")[0]
+    lora = LoraArgs(preset=result["lora"]["preset"], lora_dropout=0.0,
+                    target_experts=result["lora"].get("target_experts", False),
+                    **({"r": result["lora"]["r"], "lora_alpha": 2 * result["lora"]["r"]} if result["lora"].get("r")
+                       else {}))
+    speed = SpeedArgs(loss="full" if name == "plain" else "chunked")
+    if name == "liger":
+        speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
+    packed = "packing" in variant
+    samples = rec["samples_per_step"]
+    if packed:
+        shape = RunShape(batch_size=1, seq_len=int(rec["positions_per_step"]))
+    else:
+        shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples))
+    est = estimate(ModelArgs(preset=result["model"]), lora, Trainability(), speed, shape)
+    assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= TOLERANCE, (est.total_gib, rec["peak_alloc_gib"])
+
+
+def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys):
+    result = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24",
+                                "--model.trainable.llm", "full"])
+    assert result["fits"] is False and "offload" in result["cheapest_fix"]["change"]
+    assert result["cheapest_fix"]["total_gib"] <= 24
+    out = capsys.readouterr().out
+    assert "optimizer states" in out and "LM head + loss" in out and "does NOT fit" in out
+    lora = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
+    assert lora["fits"] is True and lora["trainable_per_component"]["lora adapters"][0] > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_can_be_estimated(path, in_repo_root):
+    est = estimate(*run_from_config([str(path)]))
+    assert est.total_gib > 0 and all(v >= 0 for v in est.items.values())

@@ -1,0 +1,49 @@
+"""The tiny sweep end to end (bench/sweep.py on configs/sweep/demo.yaml) and the comparison it writes."""
+
+import importlib.util
+
+import pytest
+
+from mgmlora.report import COLUMNS
+from tests.conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root):
+    sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
+    md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--",
+                     "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+                     "--trainer.limit_val_batches", "2"])
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| run"))
+    assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split("|")[1].strip() for r in rows] == ["r8_conservative", "r16_balanced", "r32_aggressive", "full"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    rank = COLUMNS.index("rank")
+    assert [cells[n][rank] for n in ("r8_conservative", "r16_balanced", "r32_aggressive")] == ["8", "16", "32"]
+    params = COLUMNS.index("trainable params")
+    counts = [int(cells[n][params].replace(",", "")) for n in ("r8_conservative", "r16_balanced", "r32_aggressive",
+                                                               "full")]
+    assert counts == sorted(counts)  # more rank / more targets / full fine-tune train more parameters
+    for name in ("final train loss", "best val loss", "tokens/s"):
+        assert all(cells[n][COLUMNS.index(name)] != "-" for n in cells), name
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["peak_memory.png", "train_loss_vs_step.png", "train_loss_vs_tokens.png",
+                                      "val_loss.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 1000 for p in pngs)
+
+
+def test_compare_rejects_a_directory_without_logs(tmp_path):
+    compare_cli = _load(ROOT / "bin" / "compare.py", "compare_cli")
+    with pytest.raises(FileNotFoundError, match="no TensorBoard scalars"):
+        compare_cli.main([str(tmp_path), "--output", str(tmp_path / "out")])

@@ -37,7 +37,7 @@ from mgmlora.checkpoint import (
     write_tensors,
 )
 from mgmlora.models import load_model
-from mgmlora.models.causal_lm import DTYPES, ModelArgs, load_tokenizer
+from mgmlora.models.causal_lm import ModelArgs, load_tokenizer
 
 ExportDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -201,5 +201,5 @@ def _write_single_shard_index(out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-__all__ = ["DTYPES", "RunAdapter", "build_trained_model", "export_adapter", "merge_and_save", "model_args_for",
+__all__ = ["RunAdapter", "build_trained_model", "export_adapter", "merge_and_save", "model_args_for",
            "read_run_adapter"]

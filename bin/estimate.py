@@ -6,8 +6,10 @@
 
 Prints an itemised estimate per device (base weights, vision towers, LoRA/trainable weights, gradients, optimizer
 states with the ZeRO stage and offload, activations with or without checkpointing, the LM head + loss block,
-DeepSpeed buffers), trainable parameters per component, and with --gpu_memory_gib a verdict plus the cheapest change
-that would fit. The method and its accuracy against measured runs: mgmlora.memory.
+DeepSpeed buffers), trainable parameters per component, and with --gpu_memory_gib a verdict, the cheapest change that
+would fit, and the largest micro-batch that fits (micro-batch sizing from memory; with `speed.packing` padding costs
+nothing, so more samples per micro-batch is the main speed lever measured in configs/README.md; the estimate was
+checked up to 8 samples per micro-batch, larger ones are extrapolations). Method and accuracy: mgmlora.memory.
 """
 
 import argparse
@@ -17,7 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
-from mgmlora.memory import cheapest_fix, estimate, format_estimate, run_from_config  # noqa: E402
+from mgmlora.memory import (  # noqa: E402
+    cheapest_fix,
+    estimate,
+    format_estimate,
+    largest_batch_size,
+    run_from_config,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,10 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
         if not result["fits"]:
             fix = cheapest_fix(*run, args.gpu_memory_gib)
             result["cheapest_fix"] = {"change": fix[0], "total_gib": fix[1].total_gib} if fix else None
+        result["largest_batch_size"] = largest_batch_size(*run, args.gpu_memory_gib)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(format_estimate(est, args.gpu_memory_gib))
+        if "largest_batch_size" in result:
+            print(f"largest micro-batch that fits at this length: {result['largest_batch_size']} "
+                  f"(data.batch_size; divide accumulate_grad_batches to keep the global batch)")
         if result.get("fits") is False:
             fix = result["cheapest_fix"]
             print(f"cheapest change that fits: {fix['change']} -> {fix['total_gib']:.2f} GiB" if fix else

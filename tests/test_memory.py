@@ -98,3 +98,17 @@ def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys)
 def test_every_config_can_be_estimated(path, in_repo_root):
     est = estimate(*run_from_config([str(path)]))
     assert est.total_gib > 0 and all(v >= 0 for v in est.items.values())
+
+
+def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
+    from dataclasses import replace
+
+    from mgmlora.memory import largest_batch_size
+
+    run = run_from_config(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], ["--model.speed.packing", "true"])
+    model_args, lora, trainable, speed, shape = run
+    best = largest_batch_size(*run, 80)
+    assert best >= 1
+    assert estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best)).fits(80)
+    assert not estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best + 1)).fits(80)
+    assert largest_batch_size(*run, 10) == 0  # 57 GiB of frozen weights never fit 10 GiB

@@ -203,6 +203,23 @@ def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability,
     return None
 
 
+def largest_batch_size(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+                       shape: RunShape, budget_gib: float, limit: int = 256) -> int:
+    """The largest micro-batch (samples of `shape.seq_len`) whose estimate fits `budget_gib`; 0 if none does.
+
+    With `speed.packing` the padding costs nothing, so this is the number of samples to pack per micro-batch; keep
+    the global batch by dividing `accumulate_grad_batches` accordingly.
+    """
+    lo, hi = 0, limit
+    while lo < hi:  # the estimate grows with the batch size
+        mid = (lo + hi + 1) // 2
+        if estimate(model_args, lora, trainable, speed, replace(shape, batch_size=mid)).fits(budget_gib):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def format_estimate(est: Estimate, budget_gib: float | None = None) -> str:
     """The itemised table, trainable counts per component, and the verdict."""
     width = max(len(k) for k in est.items) + 2

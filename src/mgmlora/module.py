@@ -220,6 +220,11 @@ class LoraLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""
         self.configure_model()
+        # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
+        with gathered(self.model, self._trainer, modifier_rank=0):
+            self._load_checkpoint_tensors(checkpoint)
+
+    def _load_checkpoint_tensors(self, checkpoint: dict) -> None:
         self._load_trainables(checkpoint.get("trainables") or {})
         peft = checkpoint.get("peft")
         if self.plan is None:

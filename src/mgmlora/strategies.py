@@ -133,15 +133,16 @@ def mark_moe_leaves(model: Any, trainer: Any) -> list[str]:
     return [c.__name__ for c in classes]
 
 
-def gathered(module: Any, trainer: Any) -> AbstractContextManager:
+def gathered(module: Any, trainer: Any, modifier_rank: int | None = None) -> AbstractContextManager:
     """Under ZeRO-3, gathers `module`'s trainable parameters (a collective: every rank must enter); else a no-op.
 
     Without it, saving a PEFT adapter under ZeRO-3 writes the empty partition placeholders (the "40-byte adapter"
-    failure reported by PEFT and DeepSpeed users).
+    failure reported by PEFT and DeepSpeed users), and loading one into them fails with a size mismatch.
+    `modifier_rank=0` re-partitions rank 0's values when the context exits (for loading); None only reads.
     """
     if zero3_config(trainer) is None:
         return nullcontext()
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

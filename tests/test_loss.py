@@ -134,3 +134,28 @@ def test_fifty_steps_of_the_fast_path_learn_what_the_plain_path_learns(tmp_path)
     assert len(plain) == len(fast) == 50
     assert plain[-1] < plain[0] - 1.0  # it learns, so the comparison means something
     assert fast == pytest.approx(plain, rel=1e-3)
+
+
+def test_fast_loss_applies_the_logit_softcapping_the_model_applies():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0,
+                          use_cache=False)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits large enough for the soft cap to matter
+    batch = _text_batch()
+    batch["input_ids"] = batch["input_ids"] % 128
+    batch["labels"] = torch.where(batch["labels"] == X, X, batch["labels"] % 128)
+    with torch.no_grad():
+        out = model(**batch)
+        logits, targets = out.logits[:, :-1], batch["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 128).float(), targets.reshape(-1),
+                                                     ignore_index=X, reduction="sum")
+        hidden, labels, head = forward_hidden(model, "causal_lm", batch, packed=False)
+        got = lm_loss(hidden, labels, head, "chunked", 3)
+        plain_head = lm_loss(hidden, labels, model.lm_head, "chunked", 3)
+    torch.testing.assert_close(got.loss_sum, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(plain_head.loss_sum, expected, rtol=1e-2)  # without the cap the loss differs

@@ -121,6 +121,9 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
     if h.shape[0] == 0:
         return LossOut(hidden.sum() * 0.0, n, y if with_preds else None, y if with_preds else None)
     if impl == "liger":
+        if not isinstance(head, nn.Linear):
+            raise ValueError("speed.loss=liger needs a plain linear LM head; this model transforms its logits after "
+                             "the head (soft-capping or scaling): use speed.loss=chunked.")
         loss_sum = _liger_loss(h, head, y)
         preds = torch.cat([head(h[s:s + chunk_size]).argmax(-1) for s in range(0, len(y), chunk_size)]) \
             if with_preds else None

@@ -97,6 +97,34 @@ def load_model(args: ModelArgs) -> LoadedModel:
     return LoadedModel(model, info, "llm.model.layers", moe=False)
 
 
+class PostProcessedHead(nn.Module):
+    """The LM head followed by the logit transforms some families apply after it in their `forward`.
+
+    Gemma-2/3 soft-cap the logits (`final_logit_softcapping`), Cohere multiplies them (`logit_scale`), Granite divides
+    them (`logits_scaling`). The fast losses call the head themselves, so they must apply the same transforms.
+    """
+
+    def __init__(self, head: nn.Module, scale: float, softcap: float | None):
+        super().__init__()
+        self.head, self.scale, self.softcap = head, scale, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module that maps final hidden states to the logits `model.forward` returns."""
+    head, config = model.get_output_embeddings(), model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return head if scale == 1.0 and softcap is None else PostProcessedHead(head, scale, softcap)
+
+
 def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tensor], packed: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Runs the model up to (not through) the LM head: final hidden states, the labels aligned with them, the head.
@@ -108,7 +136,7 @@ def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tens
     if family == "mgm":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     images=batch.get("images"), images_aux=batch.get("images_aux"), packed=packed, hidden_only=True)
-        return out.hidden_states, out.labels, model.llm.get_output_embeddings()
+        return out.hidden_states, out.labels, output_head(model.llm)
     ids, mask, labels, positions = batch["input_ids"], batch["attention_mask"], batch["labels"], None
     if packed:
         ids, positions, labels = pack_padded(ids, mask, labels)
@@ -116,7 +144,7 @@ def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tens
     decoder = getattr(model, model.base_model_prefix)  # e.g. Qwen3ForCausalLM.model
     # no KV cache: with one, transformers would also ignore the packed layout's restarting positions
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    return out.last_hidden_state, labels, model.get_output_embeddings()
+    return out.last_hidden_state, labels, output_head(model)
 
 
 __all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "forward_hidden", "load_model", "model_info"]

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
     runs = yaml.safe_load(args.sweep.read_text())["runs"]
+    existing = [n for n in runs if (args.output / "runs" / n).exists()]
+    if existing:  # their old event files would be mixed into the new comparison
+        raise SystemExit(f"{args.output}/runs already holds {existing}: choose a new --output or remove them.")
     done, failed = [], []
     for name, run_args in runs.items():
         cmd = [sys.executable, str(ROOT / "bin" / "main.py"), "fit", *map(str, run_args), *common,

@@ -118,6 +118,13 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
     for (r, c, i), continuations in kept.items():
         assert repredicted[r]["task"]["task_behavior_collections"][c]["data"][i]["continuations"] == continuations
     assert json.loads((tmp_path / "pred.summary.json").read_text())["generated_now"] == total - 5
+    readable = []
+    for line in progress.read_text().splitlines():
+        try:
+            readable.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    assert len(readable) == total  # the cut line stays alone; no new entry was glued onto it
 
 
 def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
@@ -147,3 +154,8 @@ def test_generation_config_files_parse_and_reject_typos(tmp_path):
     bad.write_text("temprature: 0.3\n")
     with pytest.raises(ValueError, match="temprature"):
         generate_cli.generation_args(bad, {})
+
+
+def test_greedy_decoding_with_several_replies_is_a_clear_error():
+    with pytest.raises(ValueError, match="do_sample true"):
+        GenerationArgs(do_sample=False, num_return_sequences=5)

@@ -112,3 +112,17 @@ def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
     assert estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best)).fits(80)
     assert not estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best + 1)).fits(80)
     assert largest_batch_size(*run, 10) == 0  # 57 GiB of frozen weights never fit 10 GiB
+
+
+def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
+    short = run_from_config(["configs/mgm2b_lora.yaml"], [
+        "--data.max_length", "512", "--data.batch_size", "4", "--trainer.strategy.stage", "3", "--trainer.devices",
+        "[0,1]"])
+    long = run_from_config(["configs/mgm2b_lora.yaml"], ["--data.init_args.max_length", "512",
+                                                         "--data.init_args.batch_size", "4",
+                                                         "--trainer.strategy.init_args.stage", "3",
+                                                         "--trainer.devices", "2"])
+    assert short[-1] == long[-1]
+    assert (short[-1].seq_len, short[-1].batch_size, short[-1].zero_stage, short[-1].world_size) == (512, 4, 3, 2)
+    named = run_from_config(["configs/demo_chat.yaml"], ["--trainer.strategy", "deepspeed_stage_2_offload"])[-1]
+    assert (named.zero_stage, named.offload_optimizer) == (2, True)

@@ -32,6 +32,7 @@ class ThroughputMonitor(L.Callback):
         self._t0: float | None = None
         self._tokens = 0
         self._supervised = 0
+        self._seen = 0  # tokens since the start of fit (this rank), logged as a running total
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -53,8 +54,9 @@ class ThroughputMonitor(L.Callback):
             return
         self._sync(pl_module)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        self._seen += self._tokens
         metrics = {"perf/tokens_per_s": self._tokens / elapsed, "perf/step_time_s": elapsed,
-                   "perf/supervised_tokens_per_s": self._supervised / elapsed}
+                   "perf/supervised_tokens_per_s": self._supervised / elapsed, "perf/tokens_seen": float(self._seen)}
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["perf/peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30

@@ -59,7 +59,13 @@ def _lora_config(value) -> LoraConfig:
 
 
 def _find_run_config(path: Path) -> Path | None:
-    """`<log_dir>/config.yaml` for `<log_dir>/checkpoints/x.ckpt` or `<log_dir>/adapter`."""
+    """The run's LightningCLI config, if it can be found.
+
+    Inside an exported adapter it is `training_config.yaml`; beside a run it is `<log_dir>/config.yaml` for
+    `<log_dir>/checkpoints/x.ckpt` and `<log_dir>/adapter`.
+    """
+    if (path / "training_config.yaml").is_file():
+        return path / "training_config.yaml"
     for parent in (path.parent, path.parent.parent):
         if (parent / "config.yaml").is_file():
             return parent / "config.yaml"

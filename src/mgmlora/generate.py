@@ -43,6 +43,13 @@ class GenerationArgs:
     seed: int = 0
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError(f"greedy decoding (do_sample false) gives one reply per prompt, not "
+                             f"{self.num_return_sequences}: set do_sample true for several replies (or ask for 1).")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1.")
+
     def kwargs(self) -> dict:
         """Keyword arguments for `generate`."""
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,

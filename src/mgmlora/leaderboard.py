@@ -82,7 +82,10 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
     todo = [s for s in samples if tuple(s.index) not in done]
     gen = replace(gen, num_return_sequences=n)
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    cut = progress.is_file() and progress.stat().st_size and not progress.read_bytes().endswith(b"\n")
     with progress.open("a", encoding="utf-8") as log:
+        if cut:
+            log.write("\n")  # close a line cut by an interruption, so the next entry starts on its own line
         for b in range(0, len(todo), gen.batch_size):
             batch = todo[b:b + gen.batch_size]
             rows = [encoder.generation_prompt(s, gen.max_new_tokens) for s in batch]

@@ -243,6 +243,30 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
+def _long_form(tree: dict, key: str) -> str:
+    """LightningCLI's short forms (`data.max_length`, `trainer.strategy.stage`) -> the `init_args` keys they set."""
+    for prefix in ("data.", "trainer.strategy."):
+        node = tree.get("data") if prefix == "data." else (tree.get("trainer") or {}).get("strategy")
+        if key.startswith(prefix) and isinstance(node, dict) and "class_path" in node:
+            rest = key[len(prefix):]
+            if not rest.startswith(("init_args.", "class_path")):
+                return f"{prefix}init_args.{rest}"
+    return key
+
+
+def _world_size(devices, num_nodes) -> int:
+    """Data-parallel ranks from trainer.devices (an int, a list of ids, "auto"/-1 = every visible GPU) and nodes."""
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        per_node = int(devices)
+    else:
+        per_node = devices if isinstance(devices, int) else -1
+    if per_node < 1:  # "auto" or -1: the GPUs of this machine
+        per_node = max(torch.cuda.device_count(), 1)
+    return per_node * int(num_nodes or 1)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and "class_path" not in value:
@@ -271,7 +295,7 @@ def run_from_config(paths: list[str], overrides: list[str] | None = None
         key, _, value = key[2:].partition("=")
         if not value:
             value = pending.pop(0) if pending else "true"
-        _set(tree, key, yaml.safe_load(value))
+        _set(tree, _long_form(tree, key), yaml.safe_load(value))
     model = tree.get("model", {})
     model_args = ModelArgs(**model.get("model", {}))
     path = model_args.model_path
@@ -286,11 +310,14 @@ def run_from_config(paths: list[str], overrides: list[str] | None = None
     data = (tree.get("data") or {}).get("init_args", {})
     trainer = tree.get("trainer", {})
     strategy = trainer.get("strategy")
-    init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    init = dict(strategy.get("init_args", {})) if isinstance(strategy, dict) else {}
     is_ds = isinstance(strategy, dict) and "DeepSpeed" in strategy.get("class_path", "")
+    if isinstance(strategy, str) and strategy.startswith("deepspeed"):  # Lightning's names: deepspeed_stage_2_offload
+        is_ds = True
+        init = {"stage": int(strategy.split("_")[2]) if strategy.count("_") >= 2 else 2,
+                "offload_optimizer": "offload" in strategy, "offload_parameters": strategy.endswith("3_offload")}
     seq = data.get("max_length") or model_info(model_args).max_length or 2048
-    devices = trainer.get("devices", 1)
-    world = (devices if isinstance(devices, int) and devices > 0 else 1) * int(trainer.get("num_nodes", 1) or 1)
+    world = _world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
     shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq),
                      precision=str(trainer.get("precision", "bf16-mixed")), world_size=world,
                      zero_stage=int(init.get("stage", 2)) if is_ds else 0,

@@ -54,12 +54,8 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
     trainable, total = values("params/trainable"), values("params/total")
     val = values("val/loss")
     train = scalars.get("train/loss", [])
-    tokens_per_step = [a.value * b.value for a, b in zip(scalars.get("perf/tokens_per_s", []),
-                                                           scalars.get("perf/step_time_s", []))]
-    cumulative, seen = [], 0.0
-    for n in tokens_per_step:
-        seen += n
-        cumulative.append(seen)
+    # a running total, so it stays right when metrics are logged only every log_every_n_steps
+    seen = {e.step: e.value for e in scalars.get("perf/tokens_seen", [])}
     row = {
         "run": name or run_dir.parent.name,
         "trainable.llm": llm,
@@ -78,8 +74,8 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
     }
     curves = {"train/loss": [(e.step, e.value) for e in train],
               "val/loss": [(e.step, e.value) for e in scalars.get("val/loss", [])]}
-    if len(cumulative) == len(train):
-        curves["train/loss vs tokens"] = [(t, e.value) for t, e in zip(cumulative, train)]
+    if seen:
+        curves["train/loss vs tokens"] = [(seen[e.step], e.value) for e in train if e.step in seen]
     return RunSummary(row["run"], row, curves)
 
 

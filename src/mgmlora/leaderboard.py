@@ -7,6 +7,8 @@ Prompts are the training prompts (same ablation, role, history from the training
 
 Resumable: each finished item is appended to `<output>.partial.jsonl` as soon as its batch is generated, and a rerun
 skips the items found there; the final JSON is written atomically at the end, with a summary JSON beside it.
+The progress file belongs to one checkpoint and one set of settings: for another checkpoint or another `n`, write to
+a new output path (a rerun into the same path keeps the continuations already there).
 """
 
 from __future__ import annotations

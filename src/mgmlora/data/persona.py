@@ -60,7 +60,6 @@ class PersonaEncoder:
         Fitted like training samples (oldest context turns dropped first, then history lines) so that the prompt plus
         `max_new_tokens` fits max_length.
         """
-        budget = self.max_length - max_new_tokens
 
         def encode(keep_turns: int | None, keep_history: int | None) -> TokenizedSample:
             messages = build_messages(self.prompt(sample, keep_turns, keep_history), None, self.prompt_role)
@@ -68,48 +67,49 @@ class PersonaEncoder:
             ids = self.chat.tokenizer(text, add_special_tokens=False)["input_ids"]
             return TokenizedSample(list(ids), [IGNORE_INDEX] * len(ids))
 
-        encoded = encode(None, None)
-        if len(encoded.input_ids) > budget:
-            limit, self.max_length = self.max_length, budget
-            try:
-                turns = len(sample.context) if self.ablation.use_context else 0
-                _, fitted = self._largest_fitting(turns, lambda k: encode(k, None))
-                if fitted is None:
-                    hist = len(sample.history) if self.ablation.use_history else 0
-                    _, fitted = self._largest_fitting(hist, lambda k: encode(0, k))
-            finally:
-                self.max_length = limit
-            encoded = fitted or encode(0, 0)  # the bare prompt, even if over budget: every item gets an answer
-        return encoded.input_ids
+        encoded, _ = self._fit(sample, encode, self.max_length - max_new_tokens)
+        return (encoded or encode(0, 0)).input_ids  # the bare prompt, even if over budget: every item is answered
 
     def _encode(self, sample: DialogueSample, keep_turns: int | None, keep_history: int | None) -> TokenizedSample:
         return self.chat.encode(build_messages(self.prompt(sample, keep_turns, keep_history), sample.target,
                                                self.prompt_role))
 
-    def _largest_fitting(self, n: int, encode) -> tuple[int, TokenizedSample | None]:
+    def _fit(self, sample: DialogueSample, encode, limit: int) -> tuple[TokenizedSample | None, bool]:
+        """The encoding that fits `limit`, and whether anything was dropped to fit it.
+
+        Whole if it fits, else the most recent context turns, else the most recent history lines without context;
+        (None, True) when even the bare prompt is too long.
+        """
+        encoded = encode(None, None)
+        if len(encoded.input_ids) <= limit:
+            return encoded, False
+        turns = len(sample.context) if self.ablation.use_context else 0
+        encoded = self._largest_fitting(turns, lambda k: encode(k, None), limit)
+        if encoded is None:
+            hist = len(sample.history) if self.ablation.use_history else 0
+            encoded = self._largest_fitting(hist, lambda k: encode(0, k), limit)
+        return encoded, True
+
+    @staticmethod
+    def _largest_fitting(n: int, encode, limit: int) -> TokenizedSample | None:
+        """The encoding keeping the most items (0..n) that fits `limit` (binary search: length grows with items)."""
         lo, hi, best = 0, n, None  # invariant: keeping `lo` fits once `best` is set
         while lo <= hi:
             mid = (lo + hi) // 2
             encoded = encode(mid)
-            if len(encoded.input_ids) <= self.max_length:
-                lo, best = mid + 1, (mid, encoded)
+            if len(encoded.input_ids) <= limit:
+                lo, best = mid + 1, encoded
             else:
                 hi = mid - 1
-        return best if best else (0, None)
+        return best
 
     def __call__(self, sample: DialogueSample) -> TokenizedSample | None:
         """The tokenised sample, or None when even the target with the bare prompt exceeds max_length."""
-        encoded = self._encode(sample, None, None)
-        if len(encoded.input_ids) > self.max_length:
-            turns = len(sample.context) if self.ablation.use_context else 0
-            kept, encoded = self._largest_fitting(turns, lambda k: self._encode(sample, k, None))
-            if encoded is None:
-                hist = len(sample.history) if self.ablation.use_history else 0
-                _, encoded = self._largest_fitting(hist, lambda k: self._encode(sample, 0, k))
-            if encoded is None:
-                self.skipped += 1
-                return None
-            self.truncated += 1
+        encoded, dropped = self._fit(sample, lambda t, h: self._encode(sample, t, h), self.max_length)
+        if encoded is None:
+            self.skipped += 1
+            return None
+        self.truncated += dropped
         encoded.meta = {"user_hash": sample.user_hash, "index": list(sample.index)}
         return encoded
 

@@ -46,7 +46,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
-from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample  # noqa: E402
+from mgmlora.data.collate import pad_collate  # noqa: E402
 from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.loss import lm_loss  # noqa: E402
 from mgmlora.models import forward_hidden, load_model  # noqa: E402
@@ -78,15 +79,10 @@ def text_sample(length: int, vocab: int, gen: torch.Generator, answer_frac: floa
     return ids, [IGNORE_INDEX] * (length - n_answer) + ids[length - n_answer :]
 
 
-def pad(samples: list[tuple[list, list]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded micro-batch (B, T)."""
-    longest = max(len(ids) for ids, _ in samples)
-    ids = torch.full((len(samples), longest), pad_id)
-    labels = torch.full((len(samples), longest), IGNORE_INDEX)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    for b, (i, lab) in enumerate(samples):
-        ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def pad(samples: list[tuple[list, list]]) -> dict[str, torch.Tensor]:
+    """Right-padded micro-batch (B, T) through the training collate, padded to the longest sample only."""
+    batch = pad_collate([TokenizedSample(ids, labels) for ids, labels in samples], pad_id=0, pad_to_multiple_of=1)
+    return {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
 
 
 def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:

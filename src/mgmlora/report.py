@@ -8,6 +8,7 @@ LightningCLI saves beside them. Nothing is re-run: the report reads what the run
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
     llm = model.get("trainable", {}).get("llm", "lora")
     values = lambda tag: [e.value for e in scalars.get(tag, [])]  # noqa: E731
     trainable, total = values("params/trainable"), values("params/total")
+    rates = values("perf/tokens_per_s")[1:] or values("perf/tokens_per_s")  # the first step includes warm-up
     val = values("val/loss")
     train = scalars.get("train/loss", [])
     # a running total, so it stays right when metrics are logged only every log_every_n_steps
@@ -66,7 +68,7 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
         "trainable params": int(trainable[-1]) if trainable else None,
         "trainable %": 100 * trainable[-1] / total[-1] if trainable and total else None,
         "peak GiB": max(values("perf/peak_mem_alloc_gib"), default=None),
-        "tokens/s": _median(values("perf/tokens_per_s")[1:] or values("perf/tokens_per_s")),
+        "tokens/s": statistics.median(rates) if rates else None,
         "wall time s": wall,
         "final train loss": train[-1].value if train else None,
         "best val loss": min(val, default=None),
@@ -77,13 +79,6 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
     if seen:
         curves["train/loss vs tokens"] = [(seen[e.step], e.value) for e in train if e.step in seen]
     return RunSummary(row["run"], row, curves)
-
-
-def _median(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2
 
 
 def _cell(value) -> str:

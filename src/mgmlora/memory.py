@@ -93,30 +93,55 @@ def _meta_model(args: ModelArgs) -> LoadedModel:
     return LoadedModel(model, info, preset.decoder_layers if preset else "model.layers", is_moe(model))
 
 
+@dataclass
+class _ModelFacts:
+    """What the estimate reads from the (meta) model: counts per component and the text model's dimensions."""
+
+    info: object
+    counts: dict[str, tuple[int, int]]
+    hidden: int
+    layers: int
+    vocab: int
+    mlp: int  # MLP width per token (MoE: top_k x expert width)
+    mining: tuple[int, int] | None  # MGM: (aux channels, CLIP hidden size)
+
+
+_FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
+
+
+def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability) -> _ModelFacts:
+    model_args = replace(model_args, gradient_checkpointing=False)  # does not change any parameter
+    key = repr((model_args, lora, trainable))
+    if key not in _FACTS:
+        with torch.device("meta"):
+            loaded = _meta_model(model_args)
+            model, _ = apply_trainability(loaded, lora, trainable)
+        cfg = _text_config(model)
+        mlp = getattr(cfg, "moe_intermediate_size", None)
+        mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
+        mining = None
+        if loaded.info.family == "mgm":
+            config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+            mining = (config.mm_hidden_size_aux, config.mm_hidden_size)
+        _FACTS[key] = _ModelFacts(loaded.info, component_counts(model), cfg.hidden_size, cfg.num_hidden_layers,
+                                  cfg.vocab_size, mlp, mining)
+    return _FACTS[key]
+
+
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
              shape: RunShape) -> Estimate:
     """The itemised estimate for one device (see the module docstring)."""
-    with torch.device("meta"):
-        loaded = _meta_model(replace(model_args, gradient_checkpointing=False))
-        model, _ = apply_trainability(loaded, lora, trainable)
-    info = loaded.info
+    facts = _model_facts(model_args, lora, trainable)
+    info = facts.info
     dtype_bytes = torch.finfo(DTYPES[model_args.dtype]).bits // 8
     deepspeed = shape.zero_stage > 0
     w = max(shape.world_size, 1)
 
-    frozen = towers = 0
-    lora_params = full_params = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            if "lora_" in name:
-                lora_params += p.numel()
-            else:
-                full_params += p.numel()
-        elif ".vision_tower" in name or name.startswith("vision_tower"):
-            towers += p.numel()
-        else:
-            frozen += p.numel()
-    n_train = lora_params + full_params
+    lora_params = facts.counts.get("lora adapters", (0, 0))[0]
+    n_train = sum(t for t, _ in facts.counts.values())
+    full_params = n_train - lora_params
+    towers = facts.counts.get("vision towers", (0, 0))[1] - facts.counts.get("vision towers", (0, 0))[0]
+    frozen = sum(n for _, n in facts.counts.values()) - n_train - towers
     items: dict[str, float] = {}
     shard = w if shape.zero_stage == 3 else 1
     on_gpu = 0.0 if shape.offload_parameters else 1.0
@@ -135,24 +160,21 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["gradients"] = train_bytes
         items["optimizer states (AdamW)"] = 2 * train_bytes
 
-    cfg = _text_config(model)
-    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    mlp = getattr(cfg, "moe_intermediate_size", None)
-    mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
+    hidden, layers, vocab, mlp = facts.hidden, facts.layers, facts.vocab, facts.mlp
     tokens = shape.batch_size * shape.seq_len
     per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * 2
     if model_args.gradient_checkpointing:
         items["activations (checkpointed)"] = layers * tokens * hidden * 2 + per_layer
     else:
         items["activations"] = layers * per_layer
-    if info.family == "mgm":
+    if facts.mining is not None:
         # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining
         # attention, layer-normed and projected to keys/values; kept for backward when the projector trains.
-        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        aux_channels, clip_hidden = facts.mining
         aux_positions = (info.image_size_aux // 4) ** 2
-        per_position = 4 * config.mm_hidden_size_aux + 4 * config.mm_hidden_size
+        per_position = 4 * aux_channels + 4 * clip_hidden
         if not trainable.projector == "full":
-            per_position = 2 * config.mm_hidden_size_aux  # transient: no graph through frozen towers and mining
+            per_position = 2 * aux_channels  # transient: no graph through frozen towers and mining
         items["vision path (aux maps, mining)"] = shape.batch_size * aux_positions * per_position * 2
     head_bytes = 2 + 4 + 4  # bf16 logits, their fp32 copy, the fp32 gradient
     supervisable = shape.batch_size * max(shape.seq_len - info.image_tokens, 1)  # image positions carry no loss
@@ -165,7 +187,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["LM head + loss (liger)"] = tokens * hidden * 4 * 2
     items["CUDA workspace"] = WORKSPACE_GIB * GIB
     items = {k: v / GIB for k, v in items.items()}
-    counts = {k: list(v) for k, v in component_counts(model).items()}
+    counts = {k: list(v) for k, v in facts.counts.items()}
     settings = {"model": asdict(model_args), "lora": asdict(lora), "trainable": asdict(trainable),
                 "speed": asdict(speed), "shape": asdict(shape), "family": info.family}
     return Estimate(items, sum(items.values()), counts, settings)

@@ -103,8 +103,9 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
     if (path / RUN_SETTINGS).is_file():
         hparams = json.loads((path / RUN_SETTINGS).read_text())
     if (path / TRAINER_STATE).is_file():
-        hparams = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True).get("hyper_parameters") \
-            or hparams
+        # mmap: only the small hyperparameter dict is read, not the optimizer state stored beside it
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        hparams = state.get("hyper_parameters") or hparams
     config = LoraConfig.from_pretrained(str(path)) if has_adapter else None
     adapter = load_file(path / ADAPTER_WEIGHTS) if has_adapter else {}
     trainables = load_file(path / TRAINABLES) if has_trainables else {}

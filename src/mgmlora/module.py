@@ -69,7 +69,6 @@ class LoraLitModule(L.LightningModule):
         self._window_loss = 0.0
         self._window_tokens = 0
         self._window_batches = 0
-        self._deepspeed_stepped = False
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -143,7 +142,6 @@ class LoraLitModule(L.LightningModule):
         if self.trainer.strategy.handles_gradient_accumulation:
             if self._window_batches < self.trainer.accumulate_grad_batches:
                 return
-            self._deepspeed_stepped = True
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
@@ -154,9 +152,8 @@ class LoraLitModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Under DeepSpeed, logs the engine's pre-clipping gradient norm of the step that just ran."""
-        if not self._deepspeed_stepped:
-            return
-        self._deepspeed_stepped = False
+        if not self.trainer.strategy.handles_gradient_accumulation or self._window_batches:
+            return  # not DeepSpeed, or mid-window (the window counter is reset when the step runs)
         norm = self.trainer.strategy.deepspeed_engine.get_global_grad_norm()
         if norm is not None:
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)

@@ -15,6 +15,11 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 - `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch).
 - `...xN`: the same with N samples per micro-batch (micro-batch sizing; padding no longer costs compute);
   `plainxN` is the plain path at N samples per micro-batch.
+- `+nocast`: `speed.peft_input_cast: false` (PEFT's fp32 copies of LoRA inputs skipped; exact under autocast).
+- `+fused`: `optim.fused: true` (torch's fused AdamW instead of the multi-tensor default).
+- `+compile`: `speed.compile: true` (each decoder layer torch.compile'd; compiled in the warm-up steps).
+- `+nockpt`: gradient checkpointing off (speed for memory: no recompute).
+- `+eagerexperts`: MoE experts as transformers' per-expert loop instead of its default grouped GEMM.
 
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
@@ -33,6 +38,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,10 +54,11 @@ import transformers  # noqa: E402
 
 from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample  # noqa: E402
 from mgmlora.data.collate import pad_collate  # noqa: E402
+from mgmlora.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
 from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.loss import lm_loss  # noqa: E402
 from mgmlora.models import forward_hidden, load_model  # noqa: E402
-from mgmlora.models.causal_lm import ModelArgs  # noqa: E402
+from mgmlora.models.causal_lm import ModelArgs, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
 
@@ -158,48 +165,94 @@ def flops_per_token(model, info, mean_len: float) -> float:
     return 6 * active_params(model, info) + attention
 
 
-def run_variant(model, family, batches, variant, chunk, warmup, steps, device, lr) -> dict:
+FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts"}
+
+
+def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
+    """`impl[+flag...][xN]` -> (loss implementation or `plain`, flags, samples per micro-batch or None)."""
+    parts = variant.split("+")
+    match = re.fullmatch(r"(.*?)x(\d+)", parts[-1])
+    per_batch = None
+    if match:
+        parts[-1], per_batch = match[1], int(match[2])
+    impl, flags = parts[0], set(parts[1:])
+    if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
+        raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
+    return impl, flags, per_batch
+
+
+def _llm(model, family):
+    base = model.get_base_model()
+    return base.llm if family == "mgm" else base
+
+
+def configure(model, loaded, flags: set[str], on: bool) -> None:
+    """Switches a variant's model-level flags on (before it runs) or back off (after)."""
+    family = loaded.info.family
+    if "nocast" in flags:
+        set_peft_input_cast(model, not on)
+    if "nockpt" in flags:
+        if on:
+            llm = _llm(model, family)  # transformers 5.23 renamed it; 5.17 (the GPU image) has the old name only
+            (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+        else:
+            enable_gradient_checkpointing(_llm(model, family))
+    if "eagerexperts" in flags:
+        _llm(model, family).set_experts_implementation("eager" if on else "grouped_mm")
+    if "compile" in flags:
+        if on:
+            compile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
+        else:
+            uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
+            torch._dynamo.reset()
+
+
+def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, lr) -> dict:
     """Times one variant; returns its record."""
-    packed = "packing" in variant
-    plain = variant.split("x")[0] == "plain"
+    impl, flags, _ = parse_variant(variant)
+    family = loaded.info.family
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, fused=True if "fused" in flags else None)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    configure(model, loaded, flags, True)
     times, losses = [], []
-    for i in range(warmup + steps):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
-        if "images" in batch:
-            batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = plain_loss(model, family, batch) if plain else \
-                fast_loss(model, family, batch, variant.split("+")[0].split("x")[0], packed, chunk)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
+    try:
+        for i in range(warmup + steps):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+            if "images" in batch:
+                batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = plain_loss(model, family, batch) if impl == "plain" else \
+                    fast_loss(model, family, batch, impl, "packing" in flags, chunk)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+                losses.append(loss.item())
+    finally:
+        configure(model, loaded, flags, False)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del optimizer
     return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
             "loss_first_last": [losses[0], losses[-1]], "losses": losses}
 
 
-def profile_step(model, family, batches, variant, chunk, device, top: int = 15) -> list[dict]:
+def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> list[dict]:
     """One more step under torch.profiler: the operators that took the most device (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_variant(model, family, batches[:1], variant, chunk, 0, 1, device, 0.0)
+        run_variant(model, loaded, batches[:1], variant, chunk, 0, 1, device, 0.0)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -253,15 +306,14 @@ def main() -> None:
             for n, p in model.named_parameters():
                 if n in initial:
                     p.copy_(initial[n])
-        per_batch = int(variant.split("x")[-1]) if "x" in variant.split("+")[-1] else batch_size
+        per_batch = parse_variant(variant)[2] or batch_size
         batches = make_batches(args, info, info.vocab_size, per_batch, n_batches=args.warmup + args.steps)
         n_pos = statistics.mean(positions(b, info) for b in batches)
         lengths = [int(x) for b in batches for x in b["attention_mask"].sum(-1)]
         try:
-            rec = run_variant(model, info.family, batches, variant, args.chunk, args.warmup, args.steps, device,
-                              args.lr)
+            rec = run_variant(model, loaded, batches, variant, args.chunk, args.warmup, args.steps, device, args.lr)
             if args.profile:
-                rec["profile_top_ops"] = profile_step(model, info.family, batches, variant, args.chunk, device)
+                rec["profile_top_ops"] = profile_step(model, loaded, batches, variant, args.chunk, device)
         except torch.cuda.OutOfMemoryError as error:
             rec = {"oom": str(error).splitlines()[0]}
             torch.cuda.empty_cache()

@@ -46,11 +46,18 @@ class SpeedArgs:
             `loss_chunk_size x vocab` floats.
         packing: drop padding inside each micro-batch (one row per micro-batch, per-sample attention through
             position ids). Raise `data.batch_size` with it: padding no longer costs compute.
+        peft_input_cast: keep PEFT's cast of each LoRA layer's input to the adapter dtype. `false` skips it where that
+            is bit-identical (bf16 autocast, DeepSpeed bf16 or fp32 models; LoRA layers without dropout): two
+            activation-sized copies per adapted projection fewer (mgmlora.fastpath).
+        compile: torch.compile each decoder layer (regional compilation; compiled during the first steps). Fuses the
+            element-wise work that dominates small micro-batches (mgmlora.fastpath).
     """
 
     loss: LossImpl = "chunked"
     loss_chunk_size: int = 2048
     packing: bool = False
+    peft_input_cast: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

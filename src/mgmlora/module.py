@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mgmlora.data.chat import IGNORE_INDEX
+from mgmlora.fastpath import apply_fast_path
 from mgmlora.lora import LoraArgs, count_parameters, lora_report
 from mgmlora.loss import LossOut, SpeedArgs, lm_loss
 from mgmlora.models import forward_hidden, load_model, model_info
@@ -81,11 +82,23 @@ class LoraLitModule(L.LightningModule):
             with peft_context():
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
             mark_moe_leaves(self.model, self._trainer)  # before deepspeed.initialize installs its fetch hooks
+        fast = apply_fast_path(self.model, loaded.decoder_layers, self.speed, self._same_compute_dtype())
         if self.plan is not None:
             # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
             source = self.model_args.model_path or self.model_args.preset
             self.model.peft_config["default"].base_model_name_or_path = source
-        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{self.report()}")
+        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{self.report()}"
+                       + "".join(f"\nspeed: {line}" for line in fast))
+
+    def _same_compute_dtype(self) -> bool:
+        """Whether LoRA matmuls run in their input's dtype anyway (then PEFT's input cast is a wasted copy)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        precision = str(trainer.precision)
+        deepspeed = type(trainer.strategy).__name__ == "DeepSpeedStrategy"  # casts the whole module to one dtype
+        return precision.endswith("-mixed") or precision in ("bf16-true", "16-true") or deepspeed or \
+            self.model_args.dtype == "float32"
 
     def report(self) -> str:
         """What trains: the LoRA report (when LoRA is on) and trainable parameters per component."""
@@ -195,7 +208,27 @@ class LoraLitModule(L.LightningModule):
         """AdamW over trainable parameters with warmup + decay over the run's optimizer steps."""
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 1
+        if self.optim_args.fused and str(self.trainer.precision).startswith("16"):
+            raise ValueError("optim.fused: true cannot be clipped correctly under fp16 (its loss scaler leaves scaled "
+                             "gradients at clipping time); use precision bf16-mixed or optim.fused: false.")
         return build_optimizer(self.model, self.optim_args, total)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clips as Lightning does, and also for a fused AdamW under bf16 (`optim.fused`).
+
+        Lightning refuses to clip for optimizers that unscale gradients themselves (fused AdamW says it does) under
+        mixed precision. bf16 has no loss scaler, so the gradients are already true gradients and are clipped here.
+        """
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not (fused and gradient_clip_val and str(self.trainer.precision).startswith("bf16")):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

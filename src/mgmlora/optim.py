@@ -23,6 +23,10 @@ class OptimArgs:
         warmup_steps: absolute warmup length; overrides warmup_ratio when set.
         scheduler: decay after warmup: cosine (to min_lr_ratio * lr), linear (to 0) or constant.
         min_lr_ratio: floor of the cosine schedule, as a fraction of lr.
+        fused: torch's fused AdamW (one kernel for all parameters instead of a few per tensor group). Lightning
+            refuses gradient clipping with a fused optimizer under mixed precision, assuming it unscales gradients
+            itself; under bf16 there is no loss scaler, so LoraLitModule clips the gradients directly then. Not
+            with `16-mixed` (its scaler would leave clipping on scaled gradients).
     """
 
     lr: float = 2e-4
@@ -33,6 +37,7 @@ class OptimArgs:
     warmup_steps: int | None = None
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
@@ -47,10 +52,9 @@ def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int) -> dict
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # Not `fused=True`: Lightning refuses gradient clipping with a fused optimizer under mixed precision (it assumes
-    # the optimizer unscales gradients itself; seen on an H100 with bf16-mixed). torch's default multi-tensor
-    # (`foreach`) kernel is used on CUDA instead; with LoRA's few parameters the optimizer step is a small cost.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=args.betas, eps=args.eps)
+    # `fused` replaces torch's default multi-tensor (`foreach`) kernels; clipping with it: LoraLitModule.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=args.betas, eps=args.eps,
+                                  fused=args.fused or None)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
     name, extra = {
         "cosine": ("cosine_with_min_lr", {"min_lr_rate": args.min_lr_ratio}),

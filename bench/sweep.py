@@ -5,11 +5,17 @@
 Each variant is `python bin/main.py fit <its arguments> <common arguments> --trainer.max_steps N` with its own
 TensorBoard logger (`DIR/runs/<variant>`), in a fresh process so that one run's memory does not bleed into the next
 one's peak. A variant that fails is reported and left out of the comparison; the others still run.
+
+`--gpus 0,1,...` runs variants side by side, one per listed GPU at a time (each process sees only its GPU through
+CUDA_VISIBLE_DEVICES; their logs go to DIR/runs/<variant>.log): each run's timing then covers its own GPU only.
 """
 
 import argparse
+import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -29,26 +35,59 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--sweep", required=True, type=Path)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to run variants on side by side")
     args = parser.parse_args(argv)
     runs = yaml.safe_load(args.sweep.read_text())["runs"]
     existing = [n for n in runs if (args.output / "runs" / n).exists()]
     if existing:  # their old event files would be mixed into the new comparison
         raise SystemExit(f"{args.output}/runs already holds {existing}: choose a new --output or remove them.")
-    done, failed = [], []
+    commands = {}
     for name, run_args in runs.items():
-        cmd = [sys.executable, str(ROOT / "bin" / "main.py"), "fit", *map(str, run_args), *common,
-               "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
-               "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-               "--trainer.logger.save_dir", str(args.output / "runs"), "--trainer.logger.name", name,
-               "--trainer.logger.version", "0"]
-        print("==", name, " ".join(cmd[1:]), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT)
-        (done if proc.returncode == 0 else failed).append(name)
+        commands[name] = [sys.executable, str(ROOT / "bin" / "main.py"), "fit", *map(str, run_args), *common,
+                          "--trainer.max_steps", str(args.steps), "--trainer.enable_progress_bar", "false",
+                          "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                          "--trainer.logger.save_dir", str(args.output / "runs"), "--trainer.logger.name", name,
+                          "--trainer.logger.version", "0"]
+    results = run_all(commands, args.gpus.split(",") if args.gpus else [None], args.output / "runs")
+    done = [n for n in runs if results[n] == 0]
+    failed = [n for n in runs if results[n] != 0]
     if failed:
         print(f"failed runs (left out of the comparison): {failed}", flush=True)
     if not done:
         raise SystemExit("no run of the sweep finished")
     return compare([args.output / "runs" / n / "version_0" for n in done], args.output, done)
+
+
+def run_all(commands: dict[str, list[str]], gpus: list[str | None], log_dir: Path) -> dict[str, int]:
+    """Runs the commands, one per GPU at a time (`[None]`: one after another, output to the console)."""
+    todo: queue.Queue = queue.Queue()
+    for name in commands:
+        todo.put(name)
+    codes: dict[str, int] = {}
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            print(f"== {name}" + (f" (GPU {gpu})" if gpu is not None else ""), " ".join(commands[name][1:]), flush=True)
+            if gpu is None:
+                codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env).returncode
+                continue
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_dir / f"{name}.log", "w") as log:
+                codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT).returncode
+            print(f"== {name} exited {codes[name]}", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return codes
 
 
 if __name__ == "__main__":

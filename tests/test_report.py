@@ -20,7 +20,9 @@ def _load(path, name):
 @pytest.mark.slow
 def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root):
     sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
-    md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--",
+    # --gpus: two variants at a time, each with its own CUDA_VISIBLE_DEVICES (ignored on this CPU machine) and log
+    md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--gpus", "0,1",
+                     "--",
                      "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
                      "--trainer.limit_val_batches", "2"])
     lines = md.read_text().splitlines()
@@ -37,6 +39,9 @@ def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_rep
     assert counts == sorted(counts)  # more rank / more targets / full fine-tune train more parameters
     for name in ("final train loss", "best val loss", "tokens/s"):
         assert all(cells[n][COLUMNS.index(name)] != "-" for n in cells), name
+    logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
+    assert logs == sorted(f"{n}.log" for n in cells)
+    assert all((tmp_path / "runs" / n).stat().st_size > 0 for n in logs)
     pngs = sorted(tmp_path.glob("*.png"))
     assert [p.name for p in pngs] == ["peak_memory.png", "train_loss_vs_step.png", "train_loss_vs_tokens.png",
                                       "val_loss.png"]

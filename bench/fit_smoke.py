@@ -9,6 +9,12 @@ peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer st
 `--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
 prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,
 with the peak reached), not dropped. Checkpoint directories written by the run are listed with their sizes.
+
+On several GPUs (`--trainer.devices N`: Lightning starts one process per GPU running this same script) every rank
+records its own peak memory (`peak_mem_alloc_gib_per_rank`), only rank 0 writes the JSON, and each checkpoint the run
+wrote is read back through `mgmlora.export.read_run_adapter` and compared with the adapter in memory after the run
+(`checkpoint_adapter_identical`; gathered first under ZeRO-3), which with a checkpoint at the last step proves the
+adapter was saved whole, once, and reloads bit for bit.
 """
 
 import json
@@ -27,7 +33,20 @@ import transformers  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from mgmlora.cli import main as cli_main  # noqa: E402
+from mgmlora.export import read_run_adapter  # noqa: E402
 from mgmlora.lora import count_parameters  # noqa: E402
+from mgmlora.strategies import gathered  # noqa: E402
+
+_RUN_PEAK = [0.0]  # bytes: the allocator peak over the whole run, kept across the per-step resets of ThroughputMonitor
+_reset_peak = torch.cuda.reset_peak_memory_stats
+
+
+def _reset_keeping_run_peak(device=None) -> None:
+    _RUN_PEAK[0] = max(_RUN_PEAK[0], torch.cuda.max_memory_allocated(device))
+    _reset_peak(device)
+
+
+torch.cuda.reset_peak_memory_stats = _reset_keeping_run_peak
 
 
 def main() -> None:
@@ -55,15 +74,24 @@ def main() -> None:
         _write(out, result)
         return
     wall = time.perf_counter() - start
-    events = EventAccumulator(cli.trainer.log_dir)
+    run_peak = max(_RUN_PEAK[0], torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
+    peaks = _per_rank(run_peak / 2**30)  # the whole run on each rank, checkpoint saves included
+    live = _live_adapter(cli)  # every rank takes part (ZeRO-3 gathers)
+    log_dir = cli.trainer.log_dir  # a broadcast: every rank too
+    if cli.trainer.global_rank != 0:
+        return
+    events = EventAccumulator(log_dir)
     events.Reload()
     scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     steady = lambda xs: xs[2:] or xs  # noqa: E731  (drop warm-up steps)
     trainable, total = count_parameters(cli.model.model)
-    checkpoints = {}
-    for ckpt in sorted(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt")):
+    checkpoints, identical = {}, {}
+    for ckpt in sorted(Path(log_dir).glob("checkpoints/*.ckpt")):
         files = [f for f in ckpt.rglob("*") if f.is_file()] if ckpt.is_dir() else [ckpt]
         checkpoints[ckpt.name] = {str(f.relative_to(ckpt.parent)): f.stat().st_size for f in files}
+        if ckpt.is_dir() and live:
+            saved = read_run_adapter(ckpt).adapter
+            identical[ckpt.name] = saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in live)
     result = {
         **head,
         "oom": False,
@@ -81,8 +109,36 @@ def main() -> None:
         "train_loss": scalars.get("train/loss"),
         "grad_norm": scalars.get("train/grad_norm"),
         "checkpoint_files_bytes": checkpoints,
+        "world_size": cli.trainer.world_size,
+        "peak_mem_alloc_gib_per_rank": peaks,
+        "adapter_tensors": len(live),
+        "adapter_nonzero_lora_B": sum(bool(v.any()) for k, v in live.items() if "lora_B" in k),
+        "checkpoint_adapter_identical": identical,
     }
     _write(out, result)
+
+
+def _per_rank(value: float) -> list[float]:
+    """`value` from every rank, in rank order (just this one without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _live_adapter(cli) -> dict[str, torch.Tensor]:
+    """The LoRA weights in memory after the run, whole (gathered under ZeRO-3), on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    module = cli.model
+    if getattr(module, "plan", None) is None:
+        return {}
+    with gathered(module.model, cli.trainer):
+        state = get_peft_model_state_dict(module.model, save_embedding_layers=False)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def _write(out: Path, result: dict) -> None:

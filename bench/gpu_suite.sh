@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity|profile [OUT_DIR]
+#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity|profile|levers|sweep|levers+sweep|multi [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -14,6 +14,12 @@
 #   parity the same from identical LoRA weights without warm-up: per-step losses of the fast paths vs the plain path
 #          at real shapes, and the plain path at 8 samples per micro-batch
 #   profile  MGM-2B step profiles (plain vs chunked) and Qwen3-30B-A3B expert LoRA vs attention-only (r8, 8 samples)
+#   levers the fast path's model-level switches (+nocast, +fused, +compile, +nockpt) on MGM-2B, and Qwen3-30B-A3B's
+#          experts as grouped GEMM vs transformers' per-expert loop
+#   sweep  configs/sweep/mgm2b_lora_vs_full.yaml at real shapes (random init, synthetic rows), table + plots
+#   levers+sweep  both at once on a 2-GPU machine: levers on GPU 0, the sweep on GPU 1
+#   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
+#          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
@@ -40,7 +46,26 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* ]] && python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11
+[[ $part == mgm* || $part == *sweep || $part == multi ]] && \
+  python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
+  python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
+levers() {
+  timeout 300 python3 bench/train_step.py --model mgm-2b --variants \
+    plain,chunked,chunked+nocast,chunked+fused,chunked+nocast+fused,chunked+nocast+fused+compile,\
+chunked+nocast+fused+nockpt,liger+nocast+fused,plain+nockpt \
+    --out "$out/$day-train_step_levers-mgm2b-$gpu.json" 2>&1 | tail -n 12
+  timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 --target_experts --warmup 1 --steps 4 \
+    --variants liger+packingx8,liger+packing+eagerexpertsx8,liger+packing+nocast+fusedx8 \
+    --out "$out/$day-train_step_levers-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
+}
+sweep() {  # 10 optimizer steps of 8 micro-batches per variant (not the recipe's 128: GPU minutes), same rows
+  OMP_NUM_THREADS=8 timeout ${SWEEP_LIMIT:-560} python3 bench/sweep.py --sweep configs/sweep/mgm2b_lora_vs_full.yaml \
+    --steps 10 --output "$out/sweep_mgm2b" ${SWEEP_GPUS:+--gpus $SWEEP_GPUS} -- $mgm \
+    --data.init_args.val_path /tmp/mgm_val.json --trainer.limit_val_batches 8 --trainer.val_check_interval 40 \
+    --trainer.accumulate_grad_batches 8 --trainer.log_every_n_steps 1 \
+    > "$out/sweep.log" 2>&1
+  echo "sweep rc=$?"; tail -n 5 "$out/sweep.log"
+}
 case $part in
   tests)
     python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$out/gpu_tests.log"
@@ -92,6 +117,34 @@ case $part in
       timeout 100 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants chunked+packingx8 \
         --warmup 1 --steps 4 --out "$out/$day-train_step_r8_${name}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     done
+    ;;
+  levers)
+    levers
+    ;;
+  sweep)
+    sweep
+    ;;
+  levers+sweep)
+    SWEEP_GPUS=1 sweep &
+    CUDA_VISIBLE_DEVICES=0 levers
+    wait
+    ;;
+  multi)
+    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
+    qwen="--model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
+          --data.init_args.train_path /tmp/chameleons_synth.json --trainer.max_steps 6
+          --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common
+          --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps=6"
+    for run in "2 1" "2 2" "3 2"; do
+      set -- $run
+      # shellcheck disable=SC2086
+      smoke qwen3-30b-a3b_lora_chameleons_zero${1}_${2}gpu 200 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+        --config configs/strategy/zero${1}.yaml $qwen --trainer.devices $2
+    done
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_zero2_2gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 2 \
+      --trainer.accumulate_grad_batches 64 --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint \
+      --trainer.callbacks.every_n_train_steps=2
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

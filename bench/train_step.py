@@ -317,6 +317,9 @@ def main() -> None:
         except torch.cuda.OutOfMemoryError as error:
             rec = {"oom": str(error).splitlines()[0]}
             torch.cuda.empty_cache()
+        except Exception as error:  # noqa: BLE001  (one broken variant must not cost the others' GPU minutes)
+            rec = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+            torch.cuda.empty_cache()
         rec.update({"samples_per_step": per_batch, "positions_per_step": n_pos,
                     "padded_positions_per_step": statistics.mean(b["input_ids"].numel() for b in batches)
                     + (0 if info.family != "mgm" else per_batch * (info.image_tokens - 1)),
@@ -352,8 +355,8 @@ def main() -> None:
     print(f"\n{'variant':28} {'samples':>7} {'tok/step':>9} {'step s':>8} {'tok/s':>9} {'x plain':>7} {'GiB':>6} "
           f"{'MFU':>6}")
     for name, rec in records.items():
-        if "oom" in rec:
-            print(f"{name:28} {rec['samples_per_step']:>7} OOM")
+        if "oom" in rec or "error" in rec:
+            print(f"{name:28} {rec['samples_per_step']:>7} {'OOM' if 'oom' in rec else rec['error'][:60]}")
             continue
         gib = f"{rec['peak_alloc_gib']:.2f}" if rec["peak_alloc_gib"] is not None else "-"
         mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"

@@ -18,6 +18,10 @@
 #          experts as grouped GEMM vs transformers' per-expert loop
 #   sweep  configs/sweep/mgm2b_lora_vs_full.yaml at real shapes (random init, synthetic rows), table + plots
 #   levers+sweep  both at once on a 2-GPU machine: levers on GPU 0, the sweep on GPU 1
+#   fast   the fast path's switches combined, without another job on the machine: MGM-2B (10 timed steps) and
+#          Qwen3-30B-A3B attention LoRA r64 (plain at 2 and 8 samples vs liger + packing at 8)
+#   fitpath the switches in the real training loop (MGM-2B, ZeRO-2, 8 micro-batches per step, off vs on), and
+#          MGM-2B LoRA on one GPU with accumulation 64 (the 1-GPU reference for the multi part's 2-GPU run)
 #   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
@@ -46,7 +50,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == *sweep || $part == multi ]] && \
+[[ $part == mgm* || $part == *sweep || $part == multi || $part == fitpath ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -128,6 +132,25 @@ case $part in
     SWEEP_GPUS=1 sweep &
     CUDA_VISIBLE_DEVICES=0 levers
     wait
+    ;;
+  fast)
+    timeout 300 python3 bench/train_step.py --model mgm-2b --steps 10 --variants plain,chunked,chunked+nocast+fused,\
+chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fused+compile,plain+nockpt \
+      --out "$out/$day-train_step_fast-mgm2b-$gpu.json" 2>&1 | tail -n 10
+    timeout 250 python3 bench/train_step.py --model qwen3-30b-a3b \
+      --variants plain,liger+packingx8,liger+packing+nocast+fusedx8,plainx8 \
+      --out "$out/$day-train_step_fast-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 7
+    ;;
+  fitpath)
+    steps="--trainer.accumulate_grad_batches 8 --trainer.max_steps 6 --trainer.log_every_n_steps 1"
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_zero2_acc8_fastpath_off 150 fit --config configs/mgm2b_lora.yaml $mgm $steps
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_zero2_acc8_fastpath_on 200 fit --config configs/mgm2b_lora.yaml $mgm $steps \
+      --model.speed.compile true --model.optim.fused true
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_zero2_1gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 1 \
+      --trainer.accumulate_grad_batches 64 --trainer.max_steps 2
     ;;
   multi)
     python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12

@@ -14,9 +14,17 @@ from mgmlora.trainable import Trainability
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "bench" / "results"
-spec = importlib.util.spec_from_file_location("estimate_cli", ROOT / "bin" / "estimate.py")
-estimate_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(estimate_cli)
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
+train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
 TOLERANCE = 0.15  # the bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
 # Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
 FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
@@ -65,7 +73,7 @@ def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
 
 @pytest.mark.parametrize("result,variant,rec", list(_train_step_cases()))
 def test_estimate_matches_committed_benchmark_steps(result, variant, rec):
-    name = variant.split("+")[0].split("x")[0]
+    name, flags, _ = train_step.parse_variant(variant)
     lora = LoraArgs(preset=result["lora"]["preset"], lora_dropout=0.0,
                     target_experts=result["lora"].get("target_experts", False),
                     **({"r": result["lora"]["r"], "lora_alpha": 2 * result["lora"]["r"]} if result["lora"].get("r")
@@ -73,13 +81,14 @@ def test_estimate_matches_committed_benchmark_steps(result, variant, rec):
     speed = SpeedArgs(loss="full" if name == "plain" else "chunked")
     if name == "liger":
         speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
-    packed = "packing" in variant
+    packed = "packing" in flags
     samples = rec["samples_per_step"]
     if packed:
         shape = RunShape(batch_size=1, seq_len=int(rec["positions_per_step"]))
     else:
         shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples))
-    est = estimate(ModelArgs(preset=result["model"]), lora, Trainability(), speed, shape)
+    model = ModelArgs(preset=result["model"], gradient_checkpointing="nockpt" not in flags)
+    est = estimate(model, lora, Trainability(), speed, shape)
     assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= TOLERANCE, (est.total_gib, rec["peak_alloc_gib"])
 
 

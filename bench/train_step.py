@@ -27,7 +27,8 @@ path's (same micro-batch size only).
 
 Each variant: a fresh AdamW over the LoRA (and projector) parameters, `--warmup` untimed steps, then the median of
 `--steps` timed steps (forward, backward, optimizer step; CUDA synchronised), peak memory after a reset (weights
-included), tokens/s over real positions (MGM: image embeddings included), and MFU from the FLOP count written out in
+included; on the CPU, one extra step's allocator peak read from torch.profiler), tokens/s over real
+positions (MGM: image embeddings included), and MFU from the FLOP count written out in
 `flops_per_token` (6 x active language-model parameters per position for LoRA with checkpointing: forward, recompute,
 input-gradient backward; plus causal attention). Writes one JSON and prints a table.
 """
@@ -57,6 +58,7 @@ from mgmlora.data.collate import pad_collate  # noqa: E402
 from mgmlora.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
 from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.loss import lm_loss  # noqa: E402
+from mgmlora.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.models import forward_hidden, load_model  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
@@ -219,29 +221,37 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
         torch.cuda.reset_peak_memory_stats()
     configure(model, loaded, flags, True)
     times, losses = [], []
+
+    def step(i: int) -> torch.Tensor:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
+        if "images" in batch and cuda:
+            batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = plain_loss(model, family, batch) if impl == "plain" else \
+                fast_loss(model, family, batch, impl, "packing" in flags, chunk)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    peak = None
     try:
         for i in range(warmup + steps):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
-            if "images" in batch:
-                batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = plain_loss(model, family, batch) if impl == "plain" else \
-                    fast_loss(model, family, batch, impl, "packing" in flags, chunk)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = step(i)
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
                 losses.append(loss.item())
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:  # one more step, its allocations read from the profiler: the CPU allocator's peak
+            peak = cpu_peak_bytes(lambda: step(warmup + steps), resident_bytes(model, optimizer)) / 2**30
     finally:
         configure(model, loaded, flags, False)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    del optimizer
     return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
             "loss_first_last": [losses[0], losses[-1]], "losses": losses}
 

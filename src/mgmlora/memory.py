@@ -9,13 +9,20 @@ as in training, and each block of memory is computed from the parameter counts a
   trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
-- activations: with gradient checkpointing the input of every decoder layer plus one layer's recomputed internals;
+- activations: with gradient checkpointing the input of every decoder layer plus half of one layer's recomputed
+  internals (they are freed as that layer's backward runs);
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
+- with packing, the (T, T) attention mask of the packed row (boolean, plus SDPA's additive float copy);
 - the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
   and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
   nothing;
-- a fixed allowance for CUDA workspaces and allocator rounding.
+- a fixed allowance for CUDA workspaces and allocator rounding (GPU only).
+
+Activations and logits are counted in the compute dtype: bf16/fp16 under mixed or half precision, the model's dtype
+under `32-true` (the CPU runs). On the CPU the peak is measured with torch.profiler's allocation events
+(`cpu_peak_bytes`), the counterpart of `torch.cuda.max_memory_allocated`; tests/test_memory.py holds the tiny CPU
+models to 25% of it.
 
 The coefficients are physics first, then checked against every committed GPU measurement (tests/test_memory.py keeps
 the estimate within 15% of each); the estimate is of `torch.cuda.max_memory_allocated`, not of reserved memory.
@@ -24,8 +31,10 @@ the estimate within 15% of each); the estimate is of `torch.cuda.max_memory_allo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,6 +46,7 @@ from mgmlora.trainable import Trainability, apply_trainability, component_counts
 
 GIB = 2**30
 ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
+RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals alive at the backward peak
 WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
 
 
@@ -52,6 +62,7 @@ class RunShape:
     offload_optimizer: bool = False
     offload_parameters: bool = False
     reduce_bucket_size: float = 5e8
+    device: Literal["cuda", "cpu"] = "cuda"
 
 
 @dataclass
@@ -134,6 +145,8 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     facts = _model_facts(model_args, lora, trainable)
     info = facts.info
     dtype_bytes = torch.finfo(DTYPES[model_args.dtype]).bits // 8
+    half = shape.precision.startswith(("bf16", "16"))  # mixed or half precision, DeepSpeed's bf16 too
+    act_bytes = 2 if half else dtype_bytes  # activations and logits in the compute dtype
     deepspeed = shape.zero_stage > 0
     w = max(shape.world_size, 1)
 
@@ -162,11 +175,18 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
 
     hidden, layers, vocab, mlp = facts.hidden, facts.layers, facts.vocab, facts.mlp
     tokens = shape.batch_size * shape.seq_len
-    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * 2
+    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * act_bytes
     if model_args.gradient_checkpointing:
-        items["activations (checkpointed)"] = layers * tokens * hidden * 2 + per_layer
+        # the recomputed layer's internals are freed one by one as its backward consumes them. Counting all of them
+        # put the tiny CPU models (where this term dominates) 11-28% high; half of them, within 8%. On the GPU
+        # rows the term is small beside the weights either way.
+        items["activations (checkpointed)"] = layers * tokens * hidden * act_bytes + per_layer * RECOMPUTE_LIVE
     else:
         items["activations"] = layers * per_layer
+    if speed.packing:
+        # one row of all the micro-batch's samples: transformers builds a (T, T) boolean block-diagonal mask and SDPA
+        # an additive float copy of it, per layer call (seen on the CPU as aten::where; noise on a GPU-sized run)
+        items["attention mask (packed row, T x T)"] = tokens ** 2 * (1 + 4)
     if facts.mining is not None:
         # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining
         # attention, layer-normed and projected to keys/values; kept for backward when the projector trains.
@@ -175,8 +195,8 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         per_position = 4 * aux_channels + 4 * clip_hidden
         if not trainable.projector == "full":
             per_position = 2 * aux_channels  # transient: no graph through frozen towers and mining
-        items["vision path (aux maps, mining)"] = shape.batch_size * aux_positions * per_position * 2
-    head_bytes = 2 + 4 + 4  # bf16 logits, their fp32 copy, the fp32 gradient
+        items["vision path (aux maps, mining)"] = shape.batch_size * aux_positions * per_position * act_bytes
+    head_bytes = act_bytes + (4 if act_bytes != 4 else 0) + 4  # logits, their fp32 copy (if not fp32), fp32 gradient
     supervisable = shape.batch_size * max(shape.seq_len - info.image_tokens, 1)  # image positions carry no loss
     if speed.loss == "full":
         items[f"LM head + loss (full logits, vocab {vocab:,})"] = tokens * vocab * head_bytes
@@ -185,12 +205,48 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items[f"LM head + loss (chunked, vocab {vocab:,})"] = rows * vocab * head_bytes
     else:
         items["LM head + loss (liger)"] = tokens * hidden * 4 * 2
-    items["CUDA workspace"] = WORKSPACE_GIB * GIB
+    if shape.device == "cuda":
+        items["CUDA workspace"] = WORKSPACE_GIB * GIB
     items = {k: v / GIB for k, v in items.items()}
     counts = {k: list(v) for k, v in facts.counts.items()}
     settings = {"model": asdict(model_args), "lora": asdict(lora), "trainable": asdict(trainable),
                 "speed": asdict(speed), "shape": asdict(shape), "family": info.family}
     return Estimate(items, sum(items.values()), counts, settings)
+
+
+def cpu_peak_bytes(fn: Callable[[], object], resident_bytes: int) -> int:
+    """The CPU allocator's peak while `fn` runs: `resident_bytes` (what already lives) + the largest net allocation.
+
+    Reads torch.profiler's allocation events (`profile_memory=True`): each allocation and free with its size, in time
+    order, so the running sum is the live memory `fn` added and its maximum the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return resident_bytes + peak
+
+
+def resident_bytes(*tensor_sources) -> int:
+    """Bytes of the distinct storages among modules' parameters and buffers and optimizers' states."""
+    seen, total = set(), 0
+    for source in tensor_sources:
+        if isinstance(source, torch.nn.Module):
+            tensors = [*source.parameters(), *source.buffers()]
+        else:  # an optimizer
+            tensors = [t for state in source.state.values() for t in state.values() if torch.is_tensor(t)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen and t.device.type == "cpu":
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
 
 def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
@@ -345,5 +401,6 @@ def run_from_config(paths: list[str], overrides: list[str] | None = None
                      zero_stage=int(init.get("stage", 2)) if is_ds else 0,
                      offload_optimizer=bool(init.get("offload_optimizer", False)),
                      offload_parameters=bool(init.get("offload_parameters", False)),
-                     reduce_bucket_size=float(init.get("reduce_bucket_size", 5e8)))
+                     reduce_bucket_size=float(init.get("reduce_bucket_size", 5e8)),
+                     device="cpu" if trainer.get("accelerator") == "cpu" else "cuda")
     return model_args, lora, trainable, speed, shape

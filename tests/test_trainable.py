@@ -12,7 +12,7 @@ from mgmlora.models.mgm_checkpoint import build_mgm
 from mgmlora.models.registry import MGM_PRESETS
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs
-from mgmlora.trainable import PROJECTOR_PREFIXES, Trainability, apply_trainability
+from mgmlora.trainable import PROJECTOR_PREFIXES, Trainability, apply_trainability, load_trainables
 from tests.conftest import ASSETS
 
 TINY_MGM = ModelArgs(preset="tiny-mgm", tokenizer_path=str(ASSETS / "gemma_tokenizer"), dtype="float32",
@@ -78,3 +78,14 @@ def test_mgm_checkpoint_restores_lora_and_projector_and_loads_with_plain_peft(tm
     base = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "mgm.ckpt")
     torch.testing.assert_close(reloaded.state_dict()[name], trained_state[name])
+
+
+def test_load_trainables_casts_by_name_and_refuses_unknown_names_before_copying():
+    model = load_model(TINY_MGM).model
+    name, param = next((n, p) for n, p in model.named_parameters() if n.startswith("mm_projector"))
+    saved = torch.full_like(param, 0.5, dtype=torch.bfloat16)
+    load_trainables(model, {name: saved}, "ckpt")
+    assert param.dtype == torch.float32 and torch.equal(param, saved.float())
+    with pytest.raises(ValueError, match=r"ckpt: trained weights \['vision_tower.nope'\] do not exist"):
+        load_trainables(model, {name: torch.zeros_like(param), "vision_tower.nope": torch.zeros(1)}, "ckpt")
+    assert torch.equal(param, saved.float())  # nothing copied

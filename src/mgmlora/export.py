@@ -38,6 +38,7 @@ from mgmlora.checkpoint import (
 )
 from mgmlora.models import load_model
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer
+from mgmlora.trainable import load_trainables
 
 ExportDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -148,14 +149,7 @@ def build_trained_model(run: RunAdapter, args: ModelArgs):
     """The base model with the run's adapter and trainables applied (unmerged PEFT model, or the plain model)."""
     loaded = load_model(args)
     model = loaded.model
-    base_params = dict(model.named_parameters())
-    unknown = [k for k in run.trainables if k not in base_params]
-    if unknown:
-        raise ValueError(f"{run.source}: trained weights {unknown[:5]} do not exist in the base model "
-                         f"({args.model_path or args.preset}); is this the model the run trained?")
-    with torch.no_grad():
-        for name, tensor in run.trainables.items():
-            base_params[name].copy_(tensor.to(base_params[name].dtype))
+    load_trainables(model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:
         return model, loaded.info
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})

@@ -31,7 +31,7 @@ from mgmlora.models import forward_hidden, load_model, model_info
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
 from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
-from mgmlora.trainable import Trainability, apply_trainability, component_report
+from mgmlora.trainable import Trainability, apply_trainability, component_report, load_trainables
 
 
 def _norm(value):
@@ -275,12 +275,8 @@ class LoraLitModule(L.LightningModule):
             raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")
 
     def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self._base().named_parameters())
-        unknown = [k for k in tensors if k not in params]
         missing = [k for k in self.non_lora_trainables() if k not in tensors]
-        if unknown or missing:
-            raise ValueError(f"checkpoint trainables do not match the configured model: unknown {unknown[:5]}, "
-                             f"missing {missing[:5]} (check trainable.* against the run that saved it).")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
+        if missing:
+            raise ValueError(f"checkpoint trainables do not match the configured model: missing {missing[:5]} "
+                             "(check trainable.* against the run that saved it).")
+        load_trainables(self._base(), tensors, "checkpoint")

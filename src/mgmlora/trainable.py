@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from mgmlora.lora import LoraArgs, LoraPlan, apply_lora, plan_lora
@@ -86,3 +87,21 @@ def component_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
 def component_report(model: nn.Module) -> str:
     """Trainable parameter counts per component, for the start-of-run report."""
     return "\n".join(f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in component_counts(model).items())
+
+
+def load_trainables(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copies saved trained weights (projector, mining, a fully trained LLM) into `model`'s parameters by name.
+
+    Each tensor is cast to its parameter's dtype (a checkpoint written under DeepSpeed holds bf16 copies).
+
+    Raises:
+        ValueError: naming `source` and the saved names the model does not have, before anything is copied.
+    """
+    params = dict(model.named_parameters())
+    unknown = [k for k in tensors if k not in params]
+    if unknown:
+        raise ValueError(f"{source}: trained weights {unknown[:5]} do not exist in the model; was it saved from "
+                         "another model or with other trainable.* settings?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].dtype))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|mgm_full|qwen|speed|parity|profile|levers|sweep|levers+sweep|multi [OUT_DIR]
+#   bash bench/gpu_suite.sh tests|mgm|mgm_lora|mgm_full|qwen|speed|parity|profile|levers|sweep|levers+sweep|multi [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -9,6 +9,7 @@
 #   tests  every GPU-marked test (DeepSpeed ZeRO-2/3 save/reload with plain PEFT, accumulate 128 vs plain, bf16 fit)
 #   mgm    MGM-2B at real shapes capped at 24 GiB: LoRA (configs/mgm2b_lora.yaml as written: ZeRO-2, accumulate 128,
 #          realistic lengths, a checkpoint at step 2) and the full fine-tune without and with optimizer offload
+#          (mgm_lora: the LoRA run alone)
 #   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3 (STAGES="2 3"), synthetic Chameleons-length data
 #   speed  bench/train_step.py: plain transformers + PEFT vs mgmlora's step, MGM-2B and Qwen3-30B-A3B
 #   parity the same from identical LoRA weights without warm-up: per-step losses of the fast paths vs the plain path
@@ -74,11 +75,12 @@ case $part in
   tests)
     python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$out/gpu_tests.log"
     ;;
-  mgm)
+  mgm|mgm_lora)
     # shellcheck disable=SC2086
     smoke mgm2b_lora_zero2_24gib 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
       --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps=2 \
       --trainer.callbacks.filename=probe-{step}
+    [[ $part == mgm_lora ]] && exit 0
     ;;&
   mgm|mgm_full)
     full="--model.trainable.llm full --model.optim.lr 1e-5 --trainer.max_steps 2 --trainer.accumulate_grad_batches 4"

@@ -13,11 +13,13 @@ with the peak reached), not dropped. Checkpoint directories written by the run a
 On several GPUs (`--trainer.devices N`: Lightning starts one process per GPU running this same script) every rank
 records its own peak memory (`peak_mem_alloc_gib_per_rank`), only rank 0 writes the JSON, and each checkpoint the run
 wrote is read back through `mgmlora.export.read_run_adapter` and compared with the adapter in memory after the run
-(`checkpoint_adapter_identical`; gathered first under ZeRO-3), which with a checkpoint at the last step proves the
-adapter was saved whole, once, and reloads bit for bit.
+(`checkpoint_adapter_identical`; gathered first under ZeRO-3). Only a checkpoint of the last step can be equal; for it,
+`true` proves the adapter was saved whole and reloads bit for bit (under DeepSpeed bf16 these are the module's bf16
+weights: the fp32 master copy lives in the optimizer-state files, which are not compared).
 """
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -67,8 +69,12 @@ def main() -> None:
     try:
         cli = cli_main(args)
     except torch.cuda.OutOfMemoryError as error:
+        # per rank: on several GPUs each rank that runs out writes OUT.rank<N>.json (the others may hang in a
+        # collective until the launcher's timeout)
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        out = out if rank == 0 else out.with_suffix(f".rank{rank}.json")
         result = {**head, "oom": True, "error": str(error).splitlines()[0],
-                  "peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+                  "peak_mem_alloc_gib": max(_RUN_PEAK[0], torch.cuda.max_memory_allocated()) / 2**30,
                   "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                   "wall_s": round(time.perf_counter() - start, 1)}
         _write(out, result)

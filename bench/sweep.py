@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids to run variants on side by side")
     args = parser.parse_args(argv)
+    devices = [common[i + 1] for i, a in enumerate(common[:-1]) if a == "--trainer.devices"]
+    devices += [a.partition("=")[2] for a in common if a.startswith("--trainer.devices=")]
+    if args.gpus and any(d not in ("1", "[0]") for d in devices):
+        raise SystemExit("--gpus gives each run one GPU; drop --trainer.devices from the common arguments.")
     runs = yaml.safe_load(args.sweep.read_text())["runs"]
     existing = [n for n in runs if (args.output / "runs" / n).exists()]
     if existing:  # their old event files would be mixed into the new comparison
@@ -65,24 +69,32 @@ def run_all(commands: dict[str, list[str]], gpus: list[str | None], log_dir: Pat
         todo.put(name)
     codes: dict[str, int] = {}
 
-    def worker(gpu: str | None) -> None:
+    def worker(index: int, gpu: str | None) -> None:
         while True:
             try:
                 name = todo.get_nowait()
             except queue.Empty:
                 return
-            env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            codes[name] = -1  # until the run says otherwise: a launch that raises counts as failed
+            env = dict(os.environ)
+            if gpu is not None:
+                # its own GPU, and its own rendezvous port: DeepSpeed starts a process group even on one GPU, and runs
+                # started side by side would otherwise all bind the default port
+                env.update(CUDA_VISIBLE_DEVICES=gpu, MASTER_PORT=str(29500 + 17 * (index + 1)))
             print(f"== {name}" + (f" (GPU {gpu})" if gpu is not None else ""), " ".join(commands[name][1:]), flush=True)
-            if gpu is None:
-                codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env).returncode
-                continue
-            log_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_dir / f"{name}.log", "w") as log:
-                codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT).returncode
+            try:
+                if gpu is None:
+                    codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env).returncode
+                    continue
+                log_dir.mkdir(parents=True, exist_ok=True)
+                with open(log_dir / f"{name}.log", "w") as log:
+                    codes[name] = subprocess.run(commands[name], cwd=ROOT, env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT).returncode
+            except OSError as error:
+                print(f"== {name} could not run: {error}", flush=True)
             print(f"== {name} exited {codes[name]}", flush=True)
 
-    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
+    threads = [threading.Thread(target=worker, args=(i, gpu)) for i, gpu in enumerate(gpus)]
     for thread in threads:
         thread.start()
     for thread in threads:

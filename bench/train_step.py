@@ -188,29 +188,49 @@ def _llm(model, family):
     return base.llm if family == "mgm" else base
 
 
-def configure(model, loaded, flags: set[str], on: bool) -> None:
-    """Switches a variant's model-level flags on (before it runs) or back off (after)."""
+def switch_on(model, loaded, flags: set[str]) -> list:
+    """Switches a variant's model-level flags on; returns the undo actions, most recent last.
+
+    Each flag's undo restores the state it found (checkpointing on or off, the experts implementation in use), and is
+    registered as soon as the flag is on, so a failure half-way still leaves a model the next variant can use.
+    """
     family = loaded.info.family
+    llm = _llm(model, family)
+    undo = []
+    if "eagerexperts" in flags and not loaded.moe:
+        raise ValueError("+eagerexperts needs a mixture-of-experts model")
     if "nocast" in flags:
-        set_peft_input_cast(model, not on)
-    if "nockpt" in flags:
-        if on:
-            llm = _llm(model, family)  # transformers 5.23 renamed it; 5.17 (the GPU image) has the old name only
-            (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
-        else:
-            enable_gradient_checkpointing(_llm(model, family))
+        set_peft_input_cast(model, False)
+        undo.append(lambda: set_peft_input_cast(model, True))
+    if "nockpt" in flags and llm.is_gradient_checkpointing:
+        # transformers 5.23 renamed it; 5.17 (the GPU image) has the old name only
+        (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+        undo.append(lambda: enable_gradient_checkpointing(llm))
     if "eagerexperts" in flags:
-        _llm(model, family).set_experts_implementation("eager" if on else "grouped_mm")
+        previous = getattr(llm.config, "_experts_implementation", None)
+        llm.set_experts_implementation("eager")
+        undo.append(lambda: llm.set_experts_implementation(previous or "grouped_mm"))
     if "compile" in flags:
-        if on:
-            compile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
-        else:
-            uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
-            torch._dynamo.reset()
+        undo.append(lambda: (uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers),
+                             torch._dynamo.reset()))
+        compile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
+    return undo
 
 
-def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, lr) -> dict:
-    """Times one variant; returns its record."""
+def switch_off(undo: list) -> None:
+    """Runs the undo actions in reverse order; every one runs even if another fails (the first error is raised)."""
+    errors = []
+    for action in reversed(undo):
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, lr, measure_cpu_peak=True) -> dict:
+    """Times one variant; returns its record (`measure_cpu_peak=False` inside another profiler session)."""
     impl, flags, _ = parse_variant(variant)
     family = loaded.info.family
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +239,6 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    configure(model, loaded, flags, True)
     times, losses = [], []
 
     def step(i: int) -> torch.Tensor:
@@ -234,8 +253,9 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    peak = None
+    peak, undo = None, []
     try:
+        undo = switch_on(model, loaded, flags)
         for i in range(warmup + steps):
             if cuda:
                 torch.cuda.synchronize()
@@ -248,10 +268,10 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
                 losses.append(loss.item())
         if cuda:
             peak = torch.cuda.max_memory_allocated() / 2**30
-        else:  # one more step, its allocations read from the profiler: the CPU allocator's peak
+        elif measure_cpu_peak:  # one more step, its allocations read from the profiler: the CPU allocator's peak
             peak = cpu_peak_bytes(lambda: step(warmup + steps), resident_bytes(model, optimizer)) / 2**30
     finally:
-        configure(model, loaded, flags, False)
+        switch_off(undo)
     return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
             "loss_first_last": [losses[0], losses[-1]], "losses": losses}
 
@@ -262,7 +282,7 @@ def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) 
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_variant(model, loaded, batches[:1], variant, chunk, 0, 1, device, 0.0)
+        run_variant(model, loaded, batches[:1], variant, chunk, 0, 1, device, 0.0, measure_cpu_peak=False)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -291,6 +311,8 @@ def main() -> None:
     args = parser.parse_args()
     preset, variants, batch_size = DEFAULTS[args.model]
     variants = (args.variants or variants).split(",")
+    for variant in variants:  # every name checked before any GPU minute is spent
+        parse_variant(variant)
     batch_size = args.batch_size or batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -323,7 +345,10 @@ def main() -> None:
         try:
             rec = run_variant(model, loaded, batches, variant, args.chunk, args.warmup, args.steps, device, args.lr)
             if args.profile:
-                rec["profile_top_ops"] = profile_step(model, loaded, batches, variant, args.chunk, device)
+                try:
+                    rec["profile_top_ops"] = profile_step(model, loaded, batches, variant, args.chunk, device)
+                except Exception as error:  # noqa: BLE001  (keep the timing that succeeded)
+                    rec["profile_error"] = f"{type(error).__name__}: {error}"
         except torch.cuda.OutOfMemoryError as error:
             rec = {"oom": str(error).splitlines()[0]}
             torch.cuda.empty_cache()

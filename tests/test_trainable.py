@@ -89,3 +89,6 @@ def test_load_trainables_casts_by_name_and_refuses_unknown_names_before_copying(
     with pytest.raises(ValueError, match=r"ckpt: trained weights \['vision_tower.nope'\] do not exist"):
         load_trainables(model, {name: torch.zeros_like(param), "vision_tower.nope": torch.zeros(1)}, "ckpt")
     assert torch.equal(param, saved.float())  # nothing copied
+    with pytest.raises(ValueError, match="other shapes"):  # copy_ would broadcast a row into the matrix
+        load_trainables(model, {name: torch.zeros(param.shape[-1])}, "ckpt")
+    assert torch.equal(param, saved.float())

@@ -52,7 +52,12 @@ def compile_decoder_layers(model: nn.Module, path: str, backend: str = "inductor
     `nn.Module.compile` keeps the module object (names, state dict keys, PEFT wrappers and hooks are untouched), so
     checkpoints and adapters are written exactly as without compilation.
     """
-    layers = model.get_submodule(path)
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"speed.compile: the model has no decoder layer list at {path!r} (the registry's "
+                         "`decoder_layers` for presets, else `model.layers`); add a preset for this architecture or "
+                         "set speed.compile: false.") from None
     for layer in layers:
         layer.compile(backend=backend, **options)
     return len(layers)

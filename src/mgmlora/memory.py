@@ -9,11 +9,11 @@ as in training, and each block of memory is computed from the parameter counts a
   trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
-- activations: with gradient checkpointing the input of every decoder layer plus half of one layer's recomputed
-  internals (they are freed as that layer's backward runs);
+- activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
+  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`);
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
-- with packing, the (T, T) attention mask of the packed row (boolean, plus SDPA's additive float copy);
+- with packing, the (T, T) attention mask of the packed row (boolean, plus SDPA's additive copy; none for flash-attn);
 - the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
   and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
   nothing;
@@ -46,7 +46,7 @@ from mgmlora.trainable import Trainability, apply_trainability, component_counts
 
 GIB = 2**30
 ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
-RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals alive at the backward peak
+RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (empirical)
 WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
 
 
@@ -148,6 +148,9 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     half = shape.precision.startswith(("bf16", "16"))  # mixed or half precision, DeepSpeed's bf16 too
     act_bytes = 2 if half else dtype_bytes  # activations and logits in the compute dtype
     deepspeed = shape.zero_stage > 0
+    # the residual stream (what checkpointing keeps per layer) stays in the weights' dtype under autocast: fp32
+    # weights with bf16-mixed keep fp32 layer inputs; DeepSpeed casts the module itself to bf16
+    resid_bytes = act_bytes if deepspeed or dtype_bytes < 4 else dtype_bytes
     w = max(shape.world_size, 1)
 
     lora_params = facts.counts.get("lora adapters", (0, 0))[0]
@@ -177,16 +180,18 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     tokens = shape.batch_size * shape.seq_len
     per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * act_bytes
     if model_args.gradient_checkpointing:
-        # the recomputed layer's internals are freed one by one as its backward consumes them. Counting all of them
-        # put the tiny CPU models (where this term dominates) 11-28% high; half of them, within 8%. On the GPU
-        # rows the term is small beside the weights either way.
-        items["activations (checkpointed)"] = layers * tokens * hidden * act_bytes + per_layer * RECOMPUTE_LIVE
+        # RECOMPUTE_LIVE is empirical: non-reentrant checkpointing recomputes the whole layer at the start of its
+        # backward, yet counting all of `per_layer` put the tiny CPU models (where this term dominates) 11-28% above
+        # their measured peak, half of it within 8% (ACT_HIDDEN/ACT_MLP were fitted on GPU rows where the term is
+        # small, so they may be what is high); the committed GPU rows move by at most ~1.5% either way.
+        items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
     else:
         items["activations"] = layers * per_layer
-    if speed.packing:
+    if speed.packing and model_args.attn_implementation != "flash_attention_2":
         # one row of all the micro-batch's samples: transformers builds a (T, T) boolean block-diagonal mask and SDPA
-        # an additive float copy of it, per layer call (seen on the CPU as aten::where; noise on a GPU-sized run)
-        items["attention mask (packed row, T x T)"] = tokens ** 2 * (1 + 4)
+        # an additive copy of it in the compute dtype, per layer call (seen on the CPU as aten::where); flash-attn's
+        # varlen path needs none. Grows as T^2: 0.05 GiB at 4k packed tokens, 0.75 GiB at 16k.
+        items["attention mask (packed row, T x T)"] = tokens ** 2 * (1 + act_bytes)
     if facts.mining is not None:
         # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining
         # attention, layer-normed and projected to keys/values; kept for backward when the projector trains.

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
@@ -96,7 +97,7 @@ class LoraLitModule(L.LightningModule):
         if trainer is None:
             return False
         precision = str(trainer.precision)
-        deepspeed = type(trainer.strategy).__name__ == "DeepSpeedStrategy"  # casts the whole module to one dtype
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)  # casts the whole module to one dtype
         return precision.endswith("-mixed") or precision in ("bf16-true", "16-true") or deepspeed or \
             self.model_args.dtype == "float32"
 
@@ -208,9 +209,11 @@ class LoraLitModule(L.LightningModule):
         """AdamW over trainable parameters with warmup + decay over the run's optimizer steps."""
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 1
-        if self.optim_args.fused and str(self.trainer.precision).startswith("16"):
-            raise ValueError("optim.fused: true cannot be clipped correctly under fp16 (its loss scaler leaves scaled "
-                             "gradients at clipping time); use precision bf16-mixed or optim.fused: false.")
+        scaled = str(self.trainer.precision) == "16-mixed" and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if self.optim_args.fused and scaled and self.trainer.gradient_clip_val:
+            raise ValueError("optim.fused: true with gradient clipping under 16-mixed: the fused optimizer unscales "
+                             "inside its step, after clipping, so the clip would see scaled gradients; use "
+                             "precision bf16-mixed, drop trainer.gradient_clip_val, or set optim.fused: false.")
         return build_optimizer(self.model, self.optim_args, total)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val=None,
@@ -221,7 +224,10 @@ class LoraLitModule(L.LightningModule):
         mixed precision. bf16 has no loss scaler, so the gradients are already true gradients and are clipped here.
         """
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if not (fused and gradient_clip_val and str(self.trainer.precision).startswith("bf16")):
+        # only where this process holds whole gradients (one device or DDP): sharded strategies clip their own way
+        whole = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and \
+            not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if not (fused and gradient_clip_val and whole and str(self.trainer.precision).startswith("bf16")):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -95,13 +95,18 @@ def load_trainables(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
     Each tensor is cast to its parameter's dtype (a checkpoint written under DeepSpeed holds bf16 copies).
 
     Raises:
-        ValueError: naming `source` and the saved names the model does not have, before anything is copied.
+        ValueError: naming `source` and the saved names the model does not have (or whose shapes differ), before
+            anything is copied.
     """
     params = dict(model.named_parameters())
     unknown = [k for k in tensors if k not in params]
     if unknown:
         raise ValueError(f"{source}: trained weights {unknown[:5]} do not exist in the model; was it saved from "
                          "another model or with other trainable.* settings?")
+    shapes = [f"{k} {tuple(t.shape)} vs {tuple(params[k].shape)}" for k, t in tensors.items()
+              if t.shape != params[k].shape]
+    if shapes:
+        raise ValueError(f"{source}: trained weights have other shapes than the model's: {shapes[:5]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(params[name].dtype))

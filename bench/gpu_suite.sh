@@ -23,6 +23,8 @@
 #          Qwen3-30B-A3B attention LoRA r64 (plain at 2 and 8 samples vs liger + packing at 8)
 #   fitpath the switches in the real training loop (MGM-2B, ZeRO-2, 8 micro-batches per step, off vs on), and
 #          MGM-2B LoRA on one GPU with accumulation 64 (the 1-GPU reference for the multi part's 2-GPU run)
+#   fill   the configs without a GPU row yet: qwen3-8b_lora_chameleons.yaml as written (plain Lightning, fused AdamW
+#          with clipping) on synthetic Chameleons data, mgm2b_stage1.yaml (accumulate 16 instead of 64)
 #   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
@@ -51,7 +53,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == *sweep || $part == multi || $part == fitpath ]] && \
+[[ $part == mgm* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -153,6 +155,17 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # shellcheck disable=SC2086
     smoke mgm2b_lora_zero2_1gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 1 \
       --trainer.accumulate_grad_batches 64 --trainer.max_steps 2
+    ;;
+  fill)
+    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
+    # shellcheck disable=SC2086
+    smoke qwen3-8b_lora_chameleons_1gpu 170 fit --config configs/qwen3-8b_lora_chameleons.yaml \
+      --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+      --data.init_args.train_path /tmp/chameleons_synth.json --trainer.max_steps 6 --trainer.log_every_n_steps 1 \
+      --trainer.num_sanity_val_steps 0 $common
+    # shellcheck disable=SC2086
+    smoke mgm2b_stage1_zero2 200 fit --config configs/mgm2b_stage1.yaml $mgm --trainer.accumulate_grad_batches 16 \
+      --trainer.max_steps 3
     ;;
   multi)
     python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12

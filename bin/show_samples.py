@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print the samples a config trains on, one JSON line each, before spending GPU hours.
 
-    python bin/show_samples.py --config configs/demo.yaml [--split train|val|test] [--n 5]
+    python bin/show_samples.py --config configs/demo.yaml [--split train|val|test] [--n 5] [--data.max_length 512 ...]
 
 Each line: user_hash (persona data) or id (image-text data), text (the full decoded sequence; an image placeholder
 shows as <image>), target (the decoded supervised tokens only), num_tokens, num_label_tokens (before image
@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
+from mgmlora.cli import parse_config  # noqa: E402
 from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
 from mgmlora.data.multimodal import image_geometry  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
@@ -26,9 +25,12 @@ from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 
 
-def build_datamodule(config_path: str):
-    """The config's DataModule with the config's tokenizer attached (no trainer, no model)."""
-    config = yaml.safe_load(Path(config_path).read_text())
+def build_datamodule(config_paths: list[str], overrides: list[str] | None = None):
+    """The config's DataModule with the config's tokenizer attached (no trainer, no model).
+
+    The configs and overrides are parsed by `bin/main.py`'s own parser (composition, short forms, validation).
+    """
+    config = parse_config([a for path in config_paths for a in ("--config", path)] + list(overrides or []))
     module_name, _, class_name = config["data"]["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module_name), class_name)
     datamodule = data_cls(**config["data"].get("init_args", {}))
@@ -56,11 +58,11 @@ def _decode(tokenizer, ids: list[int]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Prints and returns the first `n` samples of a split."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, action="append", help="repeatable, composed in order")
     parser.add_argument("--split", choices=["train", "val", "test"], default="train")
     parser.add_argument("--n", type=int, default=3)
-    args = parser.parse_args(argv)
-    datamodule = build_datamodule(args.config)
+    args, overrides = parser.parse_known_args(argv)  # the rest: bin/main.py overrides, e.g. --data.max_length 512
+    datamodule = build_datamodule(args.config, overrides)
     datamodule.setup("test" if args.split == "test" else "fit")
     tok = datamodule.tokenizer
     rows = []

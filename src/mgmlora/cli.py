@@ -58,6 +58,27 @@ class MgmCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+class _ParseOnly(MgmCLI):
+    """Parses and checks a run's configs and overrides exactly as `bin/main.py` does, and instantiates nothing."""
+
+    def _set_seed(self) -> None:  # no global RNG side effect: only the config is wanted
+        pass
+
+    def instantiate_classes(self) -> None:  # no model, data or trainer: nothing loads, no GPU is needed
+        pass
+
+
+def parse_config(args: list[str]) -> dict:
+    """The run's full config as plain dicts, every default filled in.
+
+    `args` are `bin/main.py fit`'s, without the subcommand (e.g. `["--config", "configs/x.yaml", "--data.max_length",
+    "512"]`): composed, short forms resolved and validated by LightningCLI's own parser.
+    """
+    cli = _ParseOnly(LoraLitModule, L.LightningDataModule, subclass_mode_data=True,
+                     parser_kwargs={"parser_mode": "yaml"}, args=args, run=False)
+    return cli.config.as_dict()
+
+
 def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:
     """Entry point: `python bin/main.py fit --config configs/demo.yaml [--trainer.max_steps 5 ...]`."""
     return MgmCLI(

@@ -316,27 +316,6 @@ def format_estimate(est: Estimate, budget_gib: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _set(tree: dict, dotted: str, value) -> None:
-    """Sets a dotted key; keys under lists (callbacks) do not affect memory and are skipped."""
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):
-            return
-    tree[keys[-1]] = value
-
-
-def _long_form(tree: dict, key: str) -> str:
-    """LightningCLI's short forms (`data.max_length`, `trainer.strategy.stage`) -> the `init_args` keys they set."""
-    for prefix in ("data.", "trainer.strategy."):
-        node = tree.get("data") if prefix == "data." else (tree.get("trainer") or {}).get("strategy")
-        if key.startswith(prefix) and isinstance(node, dict) and "class_path" in node:
-            rest = key[len(prefix):]
-            if not rest.startswith(("init_args.", "class_path")):
-                return f"{prefix}init_args.{rest}"
-    return key
-
-
 def _world_size(devices, num_nodes) -> int:
     """Data-parallel ranks from trainer.devices (an int, a list of ids, "auto"/-1 = every visible GPU) and nodes."""
     if isinstance(devices, (list, tuple)):
@@ -350,35 +329,18 @@ def _world_size(devices, num_nodes) -> int:
     return per_node * int(num_nodes or 1)
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and "class_path" not in value:
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def run_from_config(paths: list[str], overrides: list[str] | None = None
                     ) -> tuple[ModelArgs, LoraArgs, Trainability, SpeedArgs, RunShape]:
     """The estimate's inputs from composed YAML configs plus `--a.b value` overrides (bin/main.py's syntax).
 
-    Sequence length: the data's max_length (for MGM, null means the checkpoint's limit after image expansion).
+    Parsed by LightningCLI's own parser (mgmlora.cli.parse_config): the same composition, short forms, defaults and
+    validation as `bin/main.py fit`, with nothing instantiated. Sequence length: the data's max_length (for MGM, null
+    means the checkpoint's limit after image expansion).
     """
-    import yaml
+    from mgmlora.cli import parse_config
 
-    tree: dict = {}
-    for path in paths:
-        _merge(tree, yaml.safe_load(Path(path).read_text()) or {})
-    pending = list(overrides or [])
-    while pending:
-        key = pending.pop(0)
-        if not key.startswith("--"):
-            raise ValueError(f"unexpected argument {key!r}; overrides look like --model.lora.r 8")
-        key, _, value = key[2:].partition("=")
-        if not value:
-            value = pending.pop(0) if pending else "true"
-        _set(tree, _long_form(tree, key), yaml.safe_load(value))
+    args = [a for path in paths for a in ("--config", str(path))] + list(overrides or [])
+    tree = parse_config(args)
     model = tree.get("model", {})
     model_args = ModelArgs(**model.get("model", {}))
     path = model_args.model_path
@@ -402,10 +364,10 @@ def run_from_config(paths: list[str], overrides: list[str] | None = None
     seq = data.get("max_length") or model_info(model_args).max_length or 2048
     world = _world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
     shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq),
-                     precision=str(trainer.get("precision", "bf16-mixed")), world_size=world,
+                     precision=str(trainer.get("precision") or "32-true"), world_size=world,
                      zero_stage=int(init.get("stage", 2)) if is_ds else 0,
                      offload_optimizer=bool(init.get("offload_optimizer", False)),
                      offload_parameters=bool(init.get("offload_parameters", False)),
-                     reduce_bucket_size=float(init.get("reduce_bucket_size", 5e8)),
+                     reduce_bucket_size=float(init.get("reduce_bucket_size", 2e8)),  # DeepSpeedStrategy default
                      device="cpu" if trainer.get("accelerator") == "cpu" else "cuda")
     return model_args, lora, trainable, speed, shape

@@ -37,7 +37,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mgmlora.cli import main as cli_main  # noqa: E402
 from mgmlora.export import read_run_adapter  # noqa: E402
 from mgmlora.lora import count_parameters  # noqa: E402
-from mgmlora.strategies import gathered  # noqa: E402
 
 _RUN_PEAK = [0.0]  # bytes: the allocator peak over the whole run, kept across the per-step resets of ThroughputMonitor
 _reset_peak = torch.cuda.reset_peak_memory_stats
@@ -82,7 +81,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     run_peak = max(_RUN_PEAK[0], torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
     peaks = _per_rank(run_peak / 2**30)  # the whole run on each rank, checkpoint saves included
-    live = _live_adapter(cli)  # every rank takes part (ZeRO-3 gathers)
+    live = cli.model.trained_on_host()[0]  # the adapter after the run; every rank takes part (ZeRO-3 gathers)
     log_dir = cli.trainer.log_dir  # a broadcast: every rank too
     if cli.trainer.global_rank != 0:
         return
@@ -133,18 +132,6 @@ def _per_rank(value: float) -> list[float]:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def _live_adapter(cli) -> dict[str, torch.Tensor]:
-    """The LoRA weights in memory after the run, whole (gathered under ZeRO-3), on the CPU."""
-    from peft import get_peft_model_state_dict
-
-    module = cli.model
-    if getattr(module, "plan", None) is None:
-        return {}
-    with gathered(module.model, cli.trainer):
-        state = get_peft_model_state_dict(module.model, save_embedding_layers=False)
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def _write(out: Path, result: dict) -> None:

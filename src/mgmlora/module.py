@@ -237,21 +237,29 @@ class LoraLitModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
+    def trained_on_host(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LoRA adapter, other trainables): whole tensors, copied to the CPU; the adapter is {} without LoRA.
+
+        A collective under ZeRO-3 (every rank must call it): the partitions are gathered first. Copies go straight to
+        host memory (a checkpoint writer puts them there anyway): cloning on the GPU would add the size of everything
+        trainable to peak memory at each save (5 GB for a full MGM fine-tune). Copies, not views, because ZeRO-3 frees
+        the gathered tensors when the context exits.
+        """
+        to_host = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        with gathered(self.model, self._trainer):
+            adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False) if self.plan is not None \
+                else {}
+            return ({k: to_host(v) for k, v in adapter.items()},
+                    {k: to_host(v) for k, v in self.non_lora_trainables().items()})
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replaces the full state dict with what trains: checkpoints never contain the frozen base."""
         checkpoint["state_dict"] = {}
-        # Copies go straight to host memory (the writer puts them there anyway): cloning on the GPU would add the size
-        # of everything trainable to peak memory at each save (5 GB for a full MGM fine-tune). Copies, not views,
-        # because ZeRO-3 frees the gathered tensors when the context exits.
-        to_host = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
-        with gathered(self.model, self._trainer):  # ZeRO-3: full tensors, not partition placeholders
-            if self.plan is not None:
-                adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
-                # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
-                config = json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
-                checkpoint["peft"] = {"config": config,
-                                      "adapter": {k: to_host(v) for k, v in adapter.items()}}
-            checkpoint["trainables"] = {k: to_host(v) for k, v in self.non_lora_trainables().items()}
+        adapter, checkpoint["trainables"] = self.trained_on_host()
+        if self.plan is not None:
+            # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
+            config = json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
+            checkpoint["peft"] = {"config": config, "adapter": adapter}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""

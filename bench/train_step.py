@@ -60,7 +60,11 @@ from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.loss import lm_loss  # noqa: E402
 from mgmlora.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.models import forward_hidden, load_model  # noqa: E402
-from mgmlora.models.causal_lm import ModelArgs, enable_gradient_checkpointing  # noqa: E402
+from mgmlora.models.causal_lm import (  # noqa: E402
+    ModelArgs,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+)
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
 
@@ -203,8 +207,7 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         set_peft_input_cast(model, False)
         undo.append(lambda: set_peft_input_cast(model, True))
     if "nockpt" in flags and llm.is_gradient_checkpointing:
-        # transformers 5.23 renamed it; 5.17 (the GPU image) has the old name only
-        (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+        disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
     if "eagerexperts" in flags:
         previous = getattr(llm.config, "_experts_implementation", None)

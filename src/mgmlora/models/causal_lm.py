@@ -131,6 +131,11 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def disable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Turns activation checkpointing off (the benchmark's no-recompute variant), under either method name."""
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
     """Loads the tokenizer from `tokenizer_path` or `model_path` and checks it can serve training.
 

@@ -76,12 +76,12 @@ def test_layers_with_lora_dropout_keep_the_cast_their_exactness_needs():
 def test_the_input_cast_is_kept_where_skipping_it_would_break():
     model, loaded = _lora_model("tiny-qwen3", "bfloat16", preset="balanced", lora_dropout=0.0)
     # without autocast, a bf16 input meets fp32 adapters: only PEFT's cast makes this work
-    assert apply_fast_path(model, loaded.decoder_layers, SpeedArgs(), same_compute_dtype=False) == []
+    assert apply_fast_path(model.get_base_model(), loaded.decoder_layers, SpeedArgs(), same_compute_dtype=False) == []
     _loss_and_grads(model, _batch(loaded.info.vocab_size), autocast=False)
     set_peft_input_cast(model, False)
     with pytest.raises(RuntimeError):  # the switch really removes the cast
         _loss_and_grads(model, _batch(loaded.info.vocab_size), autocast=False)
-    applied = apply_fast_path(model, loaded.decoder_layers, SpeedArgs(peft_input_cast=True), True)
+    applied = apply_fast_path(model.get_base_model(), loaded.decoder_layers, SpeedArgs(peft_input_cast=True), True)
     assert applied == []  # asked to keep it
 
 

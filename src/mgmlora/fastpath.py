@@ -70,10 +70,10 @@ def uncompile_decoder_layers(model: nn.Module, path: str) -> None:
 
 
 def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
-    """Applies `speed.peft_input_cast` and `speed.compile` to a built (PEFT-wrapped or plain) model.
+    """Applies `speed.peft_input_cast` and `speed.compile` to a built model.
 
     Args:
-        model: the trained model; PEFT's wrapper is unwrapped to find the decoder layers.
+        model: the unwrapped model (PEFT's `get_base_model()`; PEFT injects its LoRA layers into it in place).
         decoder_layers: dotted path of the decoder layer list in the unwrapped model (`LoadedModel.decoder_layers`).
         speed: the run's switches.
         same_compute_dtype: whether LoRA matmuls run in the input's dtype anyway (autocast, DeepSpeed's bf16, or an
@@ -88,6 +88,5 @@ def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, sam
         if n:
             done.append(f"PEFT input casts off in {n} LoRA layers")
     if speed.compile:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        done.append(f"{compile_decoder_layers(base, decoder_layers)} decoder layers compiled (torch.compile)")
+        done.append(f"{compile_decoder_layers(model, decoder_layers)} decoder layers compiled (torch.compile)")
     return done

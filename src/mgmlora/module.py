@@ -83,7 +83,7 @@ class LoraLitModule(L.LightningModule):
             with peft_context():
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
             mark_moe_leaves(self.model, self._trainer)  # before deepspeed.initialize installs its fetch hooks
-        fast = apply_fast_path(self.model, loaded.decoder_layers, self.speed, self._same_compute_dtype())
+        fast = apply_fast_path(self._base(), loaded.decoder_layers, self.speed, self._same_compute_dtype())
         if self.plan is not None:
             # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
             source = self.model_args.model_path or self.model_args.preset

@@ -42,8 +42,13 @@ _RUN_PEAK = [0.0]  # bytes: the allocator peak over the whole run, kept across t
 _reset_peak = torch.cuda.reset_peak_memory_stats
 
 
+def _run_peak(device=None) -> int:
+    """Bytes: the allocator's peak since the process started, across the resets."""
+    return max(_RUN_PEAK[0], torch.cuda.max_memory_allocated(device))
+
+
 def _reset_keeping_run_peak(device=None) -> None:
-    _RUN_PEAK[0] = max(_RUN_PEAK[0], torch.cuda.max_memory_allocated(device))
+    _RUN_PEAK[0] = _run_peak(device)
     _reset_peak(device)
 
 
@@ -73,14 +78,13 @@ def main() -> None:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         out = out if rank == 0 else out.with_suffix(f".rank{rank}.json")
         result = {**head, "oom": True, "error": str(error).splitlines()[0],
-                  "peak_mem_alloc_gib": max(_RUN_PEAK[0], torch.cuda.max_memory_allocated()) / 2**30,
+                  "peak_mem_alloc_gib": _run_peak() / 2**30,
                   "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                   "wall_s": round(time.perf_counter() - start, 1)}
         _write(out, result)
         return
     wall = time.perf_counter() - start
-    run_peak = max(_RUN_PEAK[0], torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
-    peaks = _per_rank(run_peak / 2**30)  # the whole run on each rank, checkpoint saves included
+    peaks = _per_rank(_run_peak() / 2**30 if torch.cuda.is_available() else 0.0)  # whole run per rank, saves included
     live = cli.model.trained_on_host()[0]  # the adapter after the run; every rank takes part (ZeRO-3 gathers)
     log_dir = cli.trainer.log_dir  # a broadcast: every rank too
     if cli.trainer.global_rank != 0:

@@ -147,10 +147,15 @@ def positions(batch: dict[str, torch.Tensor], info) -> int:
     return n
 
 
+def _llm(model, family):
+    """The language model inside the PEFT wrapper (MGM's Gemma, or the causal LM itself)."""
+    base = model.get_base_model()
+    return base.llm if family == "mgm" else base
+
+
 def active_params(model, info) -> int:
     """Language-model parameters used per position: MoE experts count top_k / num_experts of their size."""
-    llm = model.get_base_model()
-    llm = llm.llm if info.family == "mgm" else llm
+    llm = _llm(model, info.family)
     cfg = llm.config
     k, e = getattr(cfg, "num_experts_per_tok", 1), getattr(cfg, "num_experts", 1)
     total = 0
@@ -165,7 +170,7 @@ def active_params(model, info) -> int:
 
 def flops_per_token(model, info, mean_len: float) -> float:
     """6 x active params (forward + recompute + input-gradient backward) + causal attention (same three passes)."""
-    cfg = (model.get_base_model().llm if info.family == "mgm" else model.get_base_model()).config
+    cfg = _llm(model, info.family).config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 3 * 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * mean_len / 2  # QK^T and AV
     return 6 * active_params(model, info) + attention
@@ -185,11 +190,6 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
         raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
     return impl, flags, per_batch
-
-
-def _llm(model, family):
-    base = model.get_base_model()
-    return base.llm if family == "mgm" else base
 
 
 def switch_on(model, loaded, flags: set[str]) -> list:

@@ -51,6 +51,9 @@ class SpeedArgs:
             activation-sized copies per adapted projection fewer (mgmlora.fastpath).
         compile: torch.compile each decoder layer (regional compilation; compiled during the first steps). Fuses the
             element-wise work that dominates small micro-batches (mgmlora.fastpath).
+        pad_to_multiple: with `packing`, pad each packed row to a multiple of this many positions (a trailing segment
+            of its own, no loss), so the GPU sees a few distinct shapes instead of one per row length; 0 = off
+            (mgmlora.models.attention.bucket_padding).
     """
 
     loss: LossImpl = "chunked"
@@ -58,10 +61,14 @@ class SpeedArgs:
     packing: bool = False
     peft_input_cast: bool = False
     compile: bool = False
+    pad_to_multiple: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:
             raise ValueError(f"speed.loss_chunk_size must be >= 1 (got {self.loss_chunk_size}).")
+        if self.pad_to_multiple < 0 or (self.pad_to_multiple > 1 and not self.packing):
+            raise ValueError(f"speed.pad_to_multiple={self.pad_to_multiple}: must be >= 0 and needs speed.packing: "
+                             "true (the padding is a segment of the packed row).")
         if self.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
             raise ValueError("speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
                              "use `chunked` otherwise (same result, pure PyTorch).")

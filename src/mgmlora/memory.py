@@ -13,7 +13,8 @@ as in training, and each block of memory is computed from the parameter counts a
   recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`);
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
-- with packing, the (T, T) attention mask of the packed row (boolean, plus SDPA's additive copy; none for flash-attn);
+- with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
+  and FlexAttention);
 - the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
   and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
   nothing;
@@ -187,10 +188,11 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
     else:
         items["activations"] = layers * per_layer
-    if speed.packing and model_args.attn_implementation != "flash_attention_2":
-        # one row of all the micro-batch's samples: transformers builds a (T, T) boolean block-diagonal mask and SDPA
-        # an additive copy of it in the compute dtype, per layer call (seen on the CPU as aten::where); flash-attn's
-        # varlen path needs none. Grows as T^2: 0.05 GiB at 4k packed tokens, 0.75 GiB at 16k.
+    if speed.packing and model_args.attn_implementation == "eager":
+        # one row of all the micro-batch's samples: under `eager` transformers builds a (T, T) boolean block-diagonal
+        # mask and an additive copy of it in the compute dtype. `sdpa` runs mgmlora's packed attention and
+        # flash-attn its varlen kernel (no mask); FlexAttention's block mask is (T / 128)^2. Grows as T^2: 0.05 GiB
+        # at 4k packed tokens, 0.75 GiB at 16k.
         items["attention mask (packed row, T x T)"] = tokens ** 2 * (1 + act_bytes)
     if facts.mining is not None:
         # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining

@@ -54,7 +54,7 @@ def test_image_tokens_expand_with_ignored_labels_and_scaled_features(tiny):
     ids, mask, labels, images, aux = _batch()
     with torch.no_grad():
         tokens = tiny.encode_images(images, aux)
-        embeds, out_mask, out_labels, positions = tiny.prepare_inputs(ids, mask, labels, tokens)
+        embeds, out_mask, out_labels, positions, _ = tiny.prepare_inputs(ids, mask, labels, tokens)
     assert tokens.shape == (2, 36, 64)
     assert embeds.shape[:2] == (2, 5 + 36) and out_mask.sum(1).tolist() == [41, 4]
     assert out_labels[0].tolist() == [IGNORE_INDEX] * 38 + [7, 8, 9]

@@ -15,7 +15,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mgmlora.data.chat import IGNORE_INDEX
 from mgmlora.loss import pack_padded
+from mgmlora.models.attention import bucket_padding, packed_attention, varlen_kwargs
 from mgmlora.models.causal_lm import (
     DTYPES,
     ModelArgs,
@@ -75,11 +77,16 @@ def model_info(args: ModelArgs) -> ModelInfo:
                      config.image_size_aux, config.tokenizer_model_max_length)
 
 
-def load_model(args: ModelArgs) -> LoadedModel:
-    """Loads (or randomly initialises) the model `args` describes, with gradient checkpointing as configured."""
+def load_model(args: ModelArgs, packing: bool = False) -> LoadedModel:
+    """Loads (or randomly initialises) the model `args` describes, with gradient checkpointing as configured.
+
+    `packing` (the run's `speed.packing`) picks an attention implementation whose cost on packed rows is linear in
+    the number of samples (mgmlora.models.attention): `sdpa` becomes mgmlora's packed SDPA.
+    """
     info = model_info(args)
+    attn = packed_attention(args.attn_implementation, packing)
     if info.family == "causal_lm":
-        model = load_causal_lm(args)
+        model = load_causal_lm(args, attn)
         preset = resolve_preset(args)
         return LoadedModel(model, info, preset.decoder_layers if preset else "model.layers", is_moe(model))
     from mgmlora.models.mgm import MGMConfig
@@ -87,10 +94,9 @@ def load_model(args: ModelArgs) -> LoadedModel:
 
     dtype = DTYPES[args.dtype]
     if args.model_path:
-        model = load_mgm(args.model_path, dtype, args.attn_implementation)
+        model = load_mgm(args.model_path, dtype, attn)
     else:
-        model = build_mgm(MGMConfig.from_dict(MGM_PRESETS[args.preset]), dtype, args.attn_implementation,
-                          seed=args.init_seed)
+        model = build_mgm(MGMConfig.from_dict(MGM_PRESETS[args.preset]), dtype, attn, seed=args.init_seed)
     model.llm.config.use_cache = False
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.llm)
@@ -125,25 +131,35 @@ def output_head(model: nn.Module) -> nn.Module:
     return head if scale == 1.0 and softcap is None else PostProcessedHead(head, scale, softcap)
 
 
-def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tensor], packed: bool
+def forward_hidden(model: nn.Module, family: Family, batch: dict[str, torch.Tensor], packed: bool, pad_to: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Runs the model up to (not through) the LM head: final hidden states, the labels aligned with them, the head.
 
     `model` is the base model with LoRA layers injected (PEFT's wrapper adds nothing to a plain LoRA forward). MGM
-    aligns labels with its image-expanded sequence; `packed` drops padding (see mgmlora.loss).
+    aligns labels with its image-expanded sequence; `packed` drops padding (see mgmlora.loss) and `pad_to` then pads
+    the packed row to a multiple of that many positions with a segment of its own (mgmlora.models.attention).
     Returns hidden (B, T, H) or (1, N, H) when packed, labels of the same leading shape, and the LM head module.
     """
     if family == "mgm":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    images=batch.get("images"), images_aux=batch.get("images_aux"), packed=packed, hidden_only=True)
+                    images=batch.get("images"), images_aux=batch.get("images_aux"), packed=packed, pad_to=pad_to,
+                    hidden_only=True)
         return out.hidden_states, out.labels, output_head(model.llm)
     ids, mask, labels, positions = batch["input_ids"], batch["attention_mask"], batch["labels"], None
+    segments = {}
     if packed:
+        lengths = [n for n in mask.sum(-1).tolist() if n]  # one host sync per micro-batch, not one per layer
         ids, positions, labels = pack_padded(ids, mask, labels)
-        mask = None  # transformers builds the per-sample causal mask from the restarting position ids
+        mask = None  # per-sample attention comes from the sample boundaries (mgmlora.models.attention)
+        if pad := bucket_padding(ids.shape[1], pad_to):  # (1, N) -> (1, N + pad): a trailing segment, no loss
+            ids = torch.cat([ids, ids.new_zeros(1, pad)], 1)
+            positions = torch.cat([positions, torch.arange(pad, device=ids.device)[None]], 1)
+            labels = torch.cat([labels, labels.new_full((1, pad), IGNORE_INDEX)], 1) if labels is not None else None
+            lengths.append(pad)
+        segments = varlen_kwargs(lengths, ids.device)
     decoder = getattr(model, model.base_model_prefix)  # e.g. Qwen3ForCausalLM.model
     # no KV cache: with one, transformers would also ignore the packed layout's restarting positions
-    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **segments)
     return out.last_hidden_state, labels, output_head(model)
 
 

@@ -93,14 +93,15 @@ def build_config(args: ModelArgs):
     return AutoConfig.for_model(preset.model_type, **preset.architecture)
 
 
-def load_causal_lm(args: ModelArgs) -> PreTrainedModel:
+def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None) -> PreTrainedModel:
     """Loads (or randomly initialises) the causal LM described by `args`, ready for LoRA.
 
     Safetensors are preferred over `.bin` files, and `.bin` files are read with `weights_only=True` (transformers'
-    own behaviour, pinned here with `use_safetensors=None`).
+    own behaviour, pinned here with `use_safetensors=None`). `attn_implementation` overrides the configured one
+    (packed micro-batches load mgmlora's packed attention, mgmlora.models.attention).
     """
     dtype = DTYPES[args.dtype]
-    common = dict(dtype=dtype, attn_implementation=args.attn_implementation)
+    common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
     if args.model_path:
         _check_model_dir(Path(args.model_path))
         model = AutoModelForCausalLM.from_pretrained(

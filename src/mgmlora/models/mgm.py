@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, GemmaConfig, GemmaForCausalLM
 
+from mgmlora.models.attention import PACKED_SDPA, bucket_padding, varlen_kwargs
 from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
 
 IMAGE_TOKEN_INDEX = -200
@@ -145,7 +146,8 @@ class MGMForCausalLM(nn.Module):
         text._attn_implementation = attn_implementation
         self.llm = GemmaForCausalLM(text)
         clip = config.clip_config()
-        clip._attn_implementation = attn_implementation
+        # the towers see no packed rows: mgmlora's packed attention (mgmlora.models.attention) is for the LLM only
+        clip._attn_implementation = "sdpa" if attn_implementation == PACKED_SDPA else attn_implementation
         self.vision_tower = CLIPVisionModel(clip)
         aux = config.convnext_config()
         self.vision_tower_aux = ConvNeXtTrunk(**aux)
@@ -205,12 +207,15 @@ class MGMForCausalLM(nn.Module):
         return getattr(embed, "embed_scale", 1.0)  # transformers 5 scales inside embed_tokens; 4.x scaled inputs_embeds
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None, packed: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+                       image_tokens: torch.Tensor | None, packed: bool = False, pad_to: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor,
+                                  list[int] | None]:
         """Splices image embeddings at IMAGE_TOKEN_INDEX, truncates to tokenizer_model_max_length, right-pads.
 
-        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T').
-        With `packed`, the rows are concatenated without padding instead: (1, N, H), None, (1, N), (1, N).
+        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T'), None.
+        With `packed`, the rows are concatenated without padding instead: (1, N, H), None, (1, N), (1, N), and the
+        positions of each sample in the row (for per-sample attention, mgmlora.models.attention); `pad_to` pads that
+        row to a multiple of so many positions with a trailing segment of zero embeddings and ignored labels.
         """
         embed = self.llm.get_input_embeddings()
         scale = self._image_scale()
@@ -243,12 +248,16 @@ class MGMForCausalLM(nn.Module):
         if packed:
             # One row of every sample's real positions (no padding), positions restarting per sample; transformers
             # derives the per-sample causal mask from the position ids when attention_mask is None.
+            if pad := bucket_padding(sum(r.shape[0] for r in rows), pad_to):
+                rows.append(rows[0].new_zeros(pad, rows[0].shape[-1]))
+                if labels is not None:
+                    row_labels.append(torch.full((pad,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
             embeds = torch.cat(rows).unsqueeze(0)  # (1, N, H)
             positions = torch.cat([torch.arange(r.shape[0], device=input_ids.device) for r in rows]).unsqueeze(0)
             out_labels = None
             if labels is not None:  # each sample's first label would be the target of the previous sample's last
                 out_labels = torch.cat(row_labels).masked_fill(positions[0] == 0, IGNORE_INDEX).unsqueeze(0)
-            return embeds, None, out_labels, positions
+            return embeds, None, out_labels, positions, [r.shape[0] for r in rows]
         longest = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[-1]
         embeds = rows[0].new_zeros(len(rows), longest, hidden)  # (B, T', H)
@@ -262,10 +271,11 @@ class MGMForCausalLM(nn.Module):
             positions[b, :n] = torch.arange(n, device=input_ids.device)
             if out_labels is not None:
                 out_labels[b, :n] = row_labels[b]
-        return embeds, mask, out_labels, positions
+        return embeds, mask, out_labels, positions, None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None, packed: bool = False,
+                pad_to: int = 0,
                 hidden_only: bool = False) -> MGMOutput:
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa).
 
@@ -275,12 +285,15 @@ class MGMForCausalLM(nn.Module):
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
         if image_tokens is None and (input_ids == IMAGE_TOKEN_INDEX).any():
             raise ValueError("input_ids contain <image> placeholders but no images were given.")
-        embeds, mask, labels, positions = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens, packed)
+        embeds, mask, labels, positions, lengths = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens,
+                                                                       packed, pad_to)
+        segments = varlen_kwargs(lengths, embeds.device) if lengths else {}
         # No KV cache in training: with a cache transformers also ignores the packed layout's restarting positions.
         if hidden_only:
-            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                                 **segments)
             return MGMOutput(None, labels, mask, out.last_hidden_state)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **segments)
         return MGMOutput(out.logits, labels, mask)
 
     @torch.no_grad()
@@ -292,7 +305,7 @@ class MGMForCausalLM(nn.Module):
         and Gemma generates from those embeddings with a KV cache.
         """
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
-        embeds, mask, _, _ = self.prepare_inputs(input_ids, attention_mask, None, image_tokens)
+        embeds, mask, _, _, _ = self.prepare_inputs(input_ids, attention_mask, None, image_tokens)
         lengths = mask.sum(-1)  # (B,)
         left = torch.zeros_like(embeds)
         left_mask = torch.zeros_like(mask)

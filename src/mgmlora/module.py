@@ -29,6 +29,7 @@ from mgmlora.fastpath import apply_fast_path
 from mgmlora.lora import LoraArgs, count_parameters, lora_report
 from mgmlora.loss import LossOut, SpeedArgs, lm_loss
 from mgmlora.models import forward_hidden, load_model, model_info
+from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
 from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
@@ -78,12 +79,14 @@ class LoraLitModule(L.LightningModule):
         if self.model is not None:
             return
         with zero3_build(self._trainer) as peft_context:
-            loaded = load_model(self.model_args)
+            loaded = load_model(self.model_args, packing=self.speed.packing)
             check_vocab(loaded.model.llm if loaded.info.family == "mgm" else loaded.model, self.tokenizer, "model")
             with peft_context():
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
             mark_moe_leaves(self.model, self._trainer)  # before deepspeed.initialize installs its fetch hooks
         fast = apply_fast_path(self._base(), loaded.decoder_layers, self.speed, self._same_compute_dtype())
+        if self.speed.packing:
+            fast.append(f"packed micro-batches, attention: {describe_packed_attention(self.model_args)}")
         if self.plan is not None:
             # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
             source = self.model_args.model_path or self.model_args.preset
@@ -96,9 +99,13 @@ class LoraLitModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return False
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # No autocast under DeepSpeed. ZeRO-1/2 cast the whole module to one dtype. ZeRO-3 leaves the LoRA weights
+            # PEFT adds outside zero.Init in fp32 while the activations are bf16, so their input cast is needed there
+            # (without it the first forward fails in DeepSpeed's linear wrapper: "BFloat16 != float", seen on a GPU).
+            return not trainer.strategy.zero_stage_3
         precision = str(trainer.precision)
-        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)  # casts the whole module to one dtype
-        return precision.endswith("-mixed") or precision in ("bf16-true", "16-true") or deepspeed or \
+        return precision.endswith("-mixed") or precision in ("bf16-true", "16-true") or \
             self.model_args.dtype == "float32"
 
     def report(self) -> str:
@@ -130,7 +137,8 @@ class LoraLitModule(L.LightningModule):
 
         MGM returns the labels aligned with its expanded sequence (image placeholders become 576 ignored positions).
         """
-        hidden, labels, head = forward_hidden(self._base(), self.info.family, batch, self.speed.packing)
+        hidden, labels, head = forward_hidden(self._base(), self.info.family, batch, self.speed.packing,
+                                              self.speed.pad_to_multiple)
         return lm_loss(hidden, labels, head, self.speed.loss, self.speed.loss_chunk_size, with_preds)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

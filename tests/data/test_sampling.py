@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from mgmlora.data.sampling import WindowBatchSampler
 
@@ -67,3 +68,14 @@ def test_whole_windows_keeps_only_complete_accumulation_windows():
     assert len(WindowBatchSampler(COUNTS, 1, accumulate=4)) == 11  # plain Lightning steps on the partial window
     with pytest.raises(ValueError, match="fewer than one accumulation window \\(20\\)"):
         WindowBatchSampler(COUNTS, 1, accumulate=20, whole_windows=True)
+
+
+def test_rank_batches_are_slices_of_the_seeded_global_batches():
+    world, bs, epoch = 3, 2, 4
+    order = torch.randperm(len(COUNTS), generator=torch.Generator().manual_seed(9 + epoch)).tolist()
+    order += order[: -len(order) % (world * bs)]  # 11 -> 12: wrapped around
+    for rank in range(world):
+        sampler = WindowBatchSampler(COUNTS, bs, seed=9, rank=rank, world_size=world)
+        sampler.set_epoch(epoch)
+        expected = [order[g + rank * bs : g + (rank + 1) * bs] for g in range(0, len(order), world * bs)]
+        assert [[i for i, _ in b] for b in _batches(sampler)] == expected

@@ -12,11 +12,12 @@ import logging
 
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
-from mgmlora.data.sampling import WindowBatchSampler, WindowKey
+from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,22 @@ class _ResumableLoader(DataLoader):
         self.batch_sampler.resume_from(state["epoch"], state["batches_consumed"])
 
 
+def _warn_if_epochs_vary(trainer: L.Trainer, batches: int) -> None:
+    """Warns when a token-budget run goes past this epoch with a loader that Lightning will not rebuild.
+
+    Lightning reads the loader's length once per build and ends every epoch at it; a token-budget epoch's count
+    depends on its packing, so a later epoch that packs into more micro-batches would lose its last ones.
+    """
+    epoch_steps = -(-batches // trainer.accumulate_grad_batches)
+    more_epochs = trainer.max_epochs != 1 and (trainer.max_steps < 0
+                                               or trainer.max_steps > trainer.global_step + epoch_steps)
+    if more_epochs and trainer.reload_dataloaders_every_n_epochs != 1:
+        rank_zero_warn(f"data.max_tokens: this epoch packs into {batches} micro-batches and the next ones may pack "
+                       "into a few more, which Lightning would cut off (it ends every epoch at the count of the "
+                       "epoch the loader was built for). Set trainer.reload_dataloaders_every_n_epochs: 1 to rebuild "
+                       "the loader, and its count, every epoch.")
+
+
 def _collate(items: list[tuple[TokenizedSample, int | None]], pad_id: int) -> dict:
     return pad_collate([s for s, _ in items], pad_id, window_tokens=items[0][1])
 
@@ -65,8 +82,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
     Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
     `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
-    Subclasses call `save_hyperparameters()` with at least: tokenizer_path, batch_size, eval_batch_size, num_workers,
-    shuffle, seed, drop_last.
+    With `max_tokens` set, a TokenBudgetBatchSampler fills micro-batches up to that many positions instead (costs from
+    `_costs`). Subclasses call `save_hyperparameters()` with at least: tokenizer_path, batch_size, eval_batch_size,
+    num_workers, shuffle, seed, drop_last; and max_tokens to offer the token budget.
     """
 
     def __init__(self):
@@ -105,21 +123,37 @@ class TokenizedDataModule(L.LightningDataModule):
     def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
         return _Samples(samples)
 
+    def _costs(self, samples: list[TokenizedSample]) -> list[int]:
+        """Positions each sample occupies in the model, for the token budget; sources that expand tokens override it."""
+        return [len(s.input_ids) for s in samples]
+
+    def _train_sampler(self) -> WindowBatchSampler:
+        trainer, hp, samples = self.trainer, self.hparams, self.splits["train"]
+        supervised = [s.num_supervised for s in samples]
+        common = dict(accumulate=trainer.accumulate_grad_batches, shuffle=hp.shuffle, seed=hp.seed,
+                      rank=trainer.global_rank, world_size=trainer.world_size, drop_last=hp.drop_last,
+                      whole_windows=isinstance(trainer.strategy, DeepSpeedStrategy))  # DeepSpeed steps across epochs
+        max_tokens = hp.get("max_tokens")
+        if max_tokens is None:
+            return WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)
+        if hp.batch_size == 1:
+            rank_zero_warn(f"data.max_tokens={max_tokens} with data.batch_size=1: batch_size caps the samples per "
+                           "micro-batch, so every micro-batch holds one sample. Raise data.batch_size.")
+        sampler = TokenBudgetBatchSampler(supervised, self._costs(samples), max_tokens, batch_size=hp.batch_size,
+                                          **common)
+        sampler.set_epoch(trainer.current_epoch)  # len() is the count of the epoch about to run
+        _warn_if_epochs_vary(trainer, len(sampler))
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
         """Window-aware, rank-sharded, seeded, resumable training batches."""
         trainer = self.trainer
         if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
             raise ValueError("set trainer.use_distributed_sampler: false. mgmlora's sampler shards the data across "
                              "ranks itself (it must, to normalise the loss over the whole accumulation window).")
-        samples = self.splits["train"]
-        sampler = WindowBatchSampler(
-            [s.num_supervised for s in samples], batch_size=self.hparams.batch_size,
-            accumulate=trainer.accumulate_grad_batches, shuffle=self.hparams.shuffle, seed=self.hparams.seed,
-            rank=trainer.global_rank, world_size=trainer.world_size, drop_last=self.hparams.drop_last,
-            whole_windows=isinstance(trainer.strategy, DeepSpeedStrategy),  # DeepSpeed steps across epoch ends
-        )
-        return _ResumableLoader(self._dataset(samples), batch_sampler=sampler, collate_fn=self._collate_fn(),
-                                num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+        return _ResumableLoader(self._dataset(self.splits["train"]), batch_sampler=self._train_sampler(),
+                                collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
+                                persistent_workers=self.hparams.num_workers > 0,
                                 position_fn=self._position)
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -160,12 +194,15 @@ class ChatDataModule(TokenizedDataModule):
         shuffle: reshuffle training data every epoch.
         seed: seed of the shuffling (same on every rank).
         drop_last: drop the last incomplete global batch instead of wrapping around.
+        max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
+            filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
+            micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
     """
 
     def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
                  tokenizer_path: str | None = None, max_length: int = 2048, train_on: TrainOn = "all_assistant",
                  batch_size: int = 1, eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, max_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
 

@@ -16,6 +16,7 @@ from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.images import AspectRatio, blank, load_rgb, preprocess
 from mgmlora.data.llava import fit_after_expansion, read_llava_json, tokenize_record
 from mgmlora.data.sampling import WindowKey
+from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 
 
 class _ImageSamples(Dataset):
@@ -71,13 +72,16 @@ class LlavaDataModule(TokenizedDataModule):
         shuffle: reshuffle training data every epoch.
         seed: seed of the shuffling (same on every rank).
         drop_last: drop the last incomplete global batch instead of wrapping around.
+        max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
+            filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
+            micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
     """
 
     def __init__(self, train_path: str, image_folder: str, val_path: str | None = None, test_path: str | None = None,
                  image_aspect_ratio: AspectRatio = "pad", skip_bad_images: bool = False,
                  tokenizer_path: str | None = None, max_length: int | None = None, batch_size: int = 1,
                  eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, max_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.geometry: dict[str, int] | None = None
@@ -141,3 +145,8 @@ class LlavaDataModule(TokenizedDataModule):
 
     def _collate_fn(self):
         return functools.partial(_collate_images, pad_id=self.tokenizer.pad_token_id)
+
+    def _costs(self, samples: list[TokenizedSample]) -> list[int]:
+        """Positions after expansion: each `<image>` placeholder becomes `image_tokens` positions in the model."""
+        extra = self.geometry["image_tokens"] - 1
+        return [len(s.input_ids) + extra * s.input_ids.count(IMAGE_TOKEN_INDEX) for s in samples]

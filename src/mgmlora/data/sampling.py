@@ -6,15 +6,21 @@ as batch 4 without accumulation. A per-micro-batch mean weights short samples up
 lengths differ. The count must be known when the window's *first* micro-batch is processed, before any backward.
 Every rank draws the same global permutation from (seed, epoch), so each rank can count the tokens of all ranks'
 micro-batches itself, with no communication. The sampler also resumes mid-epoch by skipping consumed batches.
+
+WindowBatchSampler fills micro-batches with `batch_size` samples; TokenBudgetBatchSampler fills them up to a budget of
+positions (length-grouped), for sequence packing, where a micro-batch costs the sum of its samples' lengths.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,11 @@ class SeededPermutation(Sampler[int]):
 class WindowBatchSampler(Sampler[list[WindowKey]]):
     """Deterministic, distributed-aware batch sampler whose batches know their accumulation window's token count.
 
+    The epoch is a list of global steps of `world_size` micro-batches each (rank r takes the r-th); every rank
+    builds the same list from (seed, epoch), so each rank yields the same number of micro-batches and can count the
+    supervised tokens of all ranks' micro-batches of its window itself. Subclasses change only how the micro-batches
+    are formed (`_micro_batches`, `_raw_steps`); windows, sharding and resume are shared.
+
     Args:
         num_supervised: supervised-token count of every sample, in dataset order.
         batch_size: micro-batch size per rank.
@@ -76,8 +87,8 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         self.batch_size, self.accumulate = batch_size, accumulate
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.whole_windows = whole_windows
-        if whole_windows and self._batches_per_epoch() == 0:
-            raise ValueError(f"one epoch holds {self._raw_batches()} global batch(es), fewer than one accumulation "
+        if whole_windows and self._steps_per_epoch() == 0:
+            raise ValueError(f"one epoch holds {self._raw_steps()} global batch(es), fewer than one accumulation "
                              f"window ({accumulate}); under DeepSpeed every optimizer step needs a whole window. Add "
                              "data, or lower accumulate_grad_batches or the batch size.")
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed in it)
@@ -95,34 +106,139 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         """Skip the first `batches_consumed` batches when iterating `epoch` (mid-epoch resume)."""
         self._resume = (epoch, batches_consumed)
 
-    def _global_batches(self) -> list[list[int]]:
+    def _micro_batches(self) -> list[list[int]]:
+        """The epoch's micro-batches of every rank: global step s is [s * world_size, (s + 1) * world_size).
+
+        Its length is a multiple of world_size (the last incomplete global batch wrapped around or dropped).
+        """
         n = len(self.num_supervised)
         order = list(self.sampler)
         step = self.batch_size * self.world_size
         if n % step and not self.drop_last:
             order += (order * (step // n + 1))[: step - n % step]
-        batches = [order[i : i + step] for i in range(0, len(order) - step + 1, step)]
-        return batches[: self._batches_per_epoch()]
+        order = order[: len(order) - len(order) % step]
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def _raw_batches(self) -> int:
+    def _raw_steps(self) -> int:
+        """Global steps of the current epoch before `whole_windows` trimming (what `_micro_batches` holds)."""
         n, step = len(self.num_supervised), self.batch_size * self.world_size
         return n // step if self.drop_last else -(-n // step)
 
-    def _batches_per_epoch(self) -> int:
-        raw = self._raw_batches()
+    def _steps_per_epoch(self) -> int:
+        raw = self._raw_steps()
         return raw - raw % self.accumulate if self.whole_windows else raw
 
     def __len__(self) -> int:
-        return self._batches_per_epoch()
+        return self._steps_per_epoch()
 
     def __iter__(self) -> Iterator[list[WindowKey]]:
-        batches = self._global_batches()
+        batches, world = self._micro_batches(), self.world_size  # (steps * world) lists of indices
+        steps = self._steps_per_epoch()
         skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
-        for w in range(0, len(batches), self.accumulate):
-            window = batches[w : w + self.accumulate]
-            tokens = sum(self.num_supervised[i] for batch in window for i in batch)
-            for j, batch in enumerate(window):
-                if w + j < skip:
-                    continue
-                mine = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-                yield [WindowKey(i, tokens) for i in mine]
+        for w in range(0, steps, self.accumulate):
+            window = range(w, min(w + self.accumulate, steps))
+            tokens = sum(self.num_supervised[i] for s in window for batch in batches[s * world : (s + 1) * world]
+                         for i in batch)
+            for s in window:
+                if s >= skip:
+                    yield [WindowKey(i, tokens) for i in batches[s * world + self.rank]]
+
+
+def pack_by_cost(indices: Sequence[int], costs: Sequence[int], max_tokens: int, max_samples: int) -> list[list[int]]:
+    """Greedily cuts `indices`, in their given order, into micro-batches of summed cost <= max_tokens.
+
+    A micro-batch also closes at `max_samples` samples. A sample costlier than `max_tokens` on its own gets a
+    micro-batch of its own: it is never dropped, and the caller reports it.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in indices:
+        if current and (used + costs[i] > max_tokens or len(current) == max_samples):
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += costs[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudgetBatchSampler(WindowBatchSampler):
+    """A WindowBatchSampler whose micro-batches hold up to `max_tokens` positions instead of `batch_size` samples.
+
+    Why: with sequence packing a micro-batch costs the sum of its samples' lengths, so a fixed sample count either
+    wastes memory on short samples or runs out of it on long ones; a position budget keeps every step near the
+    memory the run was sized for. Per epoch: the seeded global permutation is cut into mega-chunks of about
+    `chunk_steps` global steps' worth of samples; each chunk is sorted by cost (stably, so equal costs keep their
+    random order) and packed greedily (`pack_by_cost`). Sorting inside chunks only keeps the micro-batches' make-up
+    random from epoch to epoch while their samples have similar lengths (little padding when packing is off).
+    The micro-batch order is then shuffled from (seed, epoch), so long and short micro-batches interleave rather
+    than each chunk running from short to long. Rank sharding, accumulation windows and resume are the parent's.
+
+    The number of micro-batches depends on the packing, hence on the epoch: `len()` is exact for the current epoch
+    (call `set_epoch` first). Lightning reads it when the loader is built: its LR schedule total
+    (`estimated_stepping_batches`) is estimated from the count at fit start, and it ends every epoch at that count,
+    which cuts short a later epoch that packs into more micro-batches unless the loader is rebuilt each epoch
+    (`trainer.reload_dataloaders_every_n_epochs: 1`).
+
+    Args:
+        num_supervised: supervised-token count of every sample, in dataset order.
+        costs: positions every sample occupies in the model (image positions included), in dataset order.
+        max_tokens: summed cost per micro-batch; a single sample above it gets a micro-batch of its own (logged).
+        batch_size: most samples per micro-batch (null: no cap).
+        accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches).
+        shuffle: new permutation and micro-batch order each epoch; else dataset order, packed in order.
+        seed: base seed of both shuffles; identical on every rank.
+        rank: this process's rank; world_size: number of data-parallel ranks.
+        drop_last: drop the last incomplete global step; otherwise it is filled with the epoch's first micro-batches.
+        whole_windows: keep only whole accumulation windows in each epoch (DeepSpeed; see WindowBatchSampler).
+        chunk_steps: global steps' worth of samples per length-sorted mega-chunk (larger: less padding, less
+            randomness in which samples share a micro-batch).
+    """
+
+    _ORDER_STREAM = 1 << 40  # keeps the micro-batch order's generator apart from the permutation's (seed + epoch)
+
+    def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], max_tokens: int,
+                 batch_size: int | None = None, accumulate: int = 1, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, whole_windows: bool = False,
+                 chunk_steps: int = 64):
+        if len(costs) != len(num_supervised):
+            raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
+        if max_tokens < 1 or chunk_steps < 1:
+            raise ValueError(f"max_tokens ({max_tokens}) and chunk_steps ({chunk_steps}) must be >= 1")
+        self.costs, self.max_tokens, self.chunk_steps = list(costs), max_tokens, chunk_steps
+        self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
+        super().__init__(num_supervised, batch_size if batch_size is not None else max(len(self.costs), 1),
+                         accumulate, shuffle, seed, rank, world_size, drop_last, whole_windows)
+        oversize = sum(c > max_tokens for c in self.costs)
+        if oversize and rank == 0:
+            log.warning("%d sample(s) cost more than max_tokens=%d positions (longest: %d); each is a micro-batch of "
+                        "its own, above the budget.", oversize, max_tokens, max(self.costs))
+
+    def _chunk_size(self) -> int:
+        """Samples per mega-chunk: `chunk_steps` global steps of the mean number of samples a budget holds."""
+        per_batch = self.max_tokens * len(self.costs) // max(sum(self.costs), 1)
+        return self.chunk_steps * self.world_size * max(1, min(self.batch_size, per_batch))
+
+    def _micro_batches(self) -> list[list[int]]:
+        if self._packed is not None and self._packed[0] == self.epoch:
+            return self._packed[1]
+        order, chunk = list(self.sampler), self._chunk_size()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            by_cost = sorted(order[start : start + chunk], key=self.costs.__getitem__)
+            batches += pack_by_cost(by_cost, self.costs, self.max_tokens, self.batch_size)
+        if self.sampler.shuffle:
+            generator = torch.Generator().manual_seed(self.sampler.seed + self.epoch + self._ORDER_STREAM)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        short = len(batches) % self.world_size
+        if short and self.drop_last:
+            batches = batches[:-short]
+        elif short:
+            batches += (batches * (self.world_size // len(batches) + 1))[: self.world_size - short]
+        self._packed = (self.epoch, batches)
+        return batches
+
+    def _raw_steps(self) -> int:
+        return len(self._micro_batches()) // self.world_size

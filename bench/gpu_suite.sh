@@ -27,13 +27,18 @@
 #          with clipping) on synthetic Chameleons data, mgm2b_stage1.yaml (accumulate 16 instead of 64)
 #   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
+#   budget_qwen / budget_mgm  issue 14: each path's fastest variant within 80 / 24 GiB (bench/train_step.py
+#          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
 out=${2:-bench/results/new}
 mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  touch /tmp/site/.installed  # parts started side by side install once
+fi
+if [ -d /tmp/site ]; then
   export PYTHONPATH=/tmp/site:$PWD/src
 else
   export PYTHONPATH=$PWD/src
@@ -53,7 +58,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
+[[ $part == mgm* || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -183,6 +188,95 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     smoke mgm2b_lora_zero2_2gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 2 \
       --trainer.accumulate_grad_batches 64 --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint \
       --trainer.callbacks.every_n_train_steps=2
+    ;;
+  budget_qwen)
+    # issue 14: each path's best within 80 GiB (Qwen3-30B-A3B attention LoRA r64, Chameleons-like lengths), packed
+    # rows through mgmlora's packed attention (varlen kernel) vs FlexAttention; then r8 attention vs expert LoRA at the
+    # best pack with a profile of each
+    q="liger+packing+nocast+fused"
+    timeout 330 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --variants \
+      plain,plainx8,plainx16,${q}x8,${q}x16,${q}x32,${q}x48,${q}+flexx32,${q}+densex16 \
+      --out "$out/$day-train_step_budget-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 13
+    for experts in "" "--target_experts"; do
+      name=attention; [ -n "$experts" ] && name=experts
+      timeout 100 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants ${q}x32 --profile \
+        --warmup 1 --steps 4 --out "$out/$day-train_step_r8_${name}_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+    done
+    ;;
+  budget_mgm)
+    # issue 14: each path's best within 24 GiB (MGM-2B, 2048-position rows): micro-batch, packing (mgmlora's packed
+    # attention vs FlexAttention), checkpointing on/off
+    c="chunked+nocast+fused+compile"; cp="chunked+packing+nocast+fused+compile"; lp="liger+packing+nocast+fused+compile"
+    timeout 500 python3 bench/train_step.py --model mgm-2b --budget_gib 24 --steps 5 --variants \
+      plain,plainx2,plain+nockpt,$c,$c+nockpt,${cp}x8,${cp}+nockptx2,${lp}+nockptx2,${lp}+nockptx3,${lp}x8 \
+      --out "$out/$day-train_step_budget-mgm2b-$gpu.json" 2>&1 | tail -n 18
+    ;;
+  fitloop)
+    # issue 14: the recipes as now written in the real fit loop, 4 optimizer steps each (medians over steps 3-4, so
+    # compilation is excluded), with the GPU-marked tests beside them (tiny models) to save a machine start
+    python3 -m pytest -m gpu -q -s tests > "$out/gpu_tests.log" 2>&1 &
+    python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
+    long="--data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib 240 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $long
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_packed_24gib 200 --memory_cap_gib 24 fit --config configs/mgm2b_lora_packed.yaml $mgm $long
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_1gpu_x32 150 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+      --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+      --data.init_args.train_path /tmp/chameleons_big.json --trainer.devices 1 --trainer.max_steps 5 \
+      --data.init_args.batch_size 32 --trainer.accumulate_grad_batches 2 --trainer.log_every_n_steps 1 \
+      --trainer.num_sanity_val_steps 0 $common
+    wait
+    tail -n 3 "$out/gpu_tests.log"
+    ;;
+  parity14)
+    # issue 14: learning parity of the new packed settings at real shapes (same micro-batch, identical LoRA weights,
+    # no warm-up), then where MGM-2B's loop loses time against its step: the recipe (accumulate 16 here, 6 steps) on
+    # 2048-position rows (the step's shapes), and on realistic rows without compile / with expandable segments
+    timeout 150 python3 bench/train_step.py --model mgm-2b --variants \
+      plainx2,chunked+packing+nocast+fused+nockptx2,chunked+packing+nocast+fused+compile+nockptx2 --warmup 0 \
+      --steps 30 --lr 1e-4 --out "$out/$day-train_step_parity_packed-mgm2b-$gpu.json" 2>&1 | tail -n 5
+    timeout 130 python3 bench/train_step.py --model qwen3-30b-a3b --variants plainx8,liger+packing+nocast+fusedx8 \
+      --warmup 0 --steps 30 --lr 1e-4 --out "$out/$day-train_step_parity_packed-qwen3-30b-a3b-$gpu.json" 2>&1 \
+      | tail -n 4
+    python3 bench/make_long_llava.py /tmp/mgm_2048.json --copies 6
+    diag="--trainer.accumulate_grad_batches 16 --trainer.max_steps 6"
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib_rows2048_acc16 80 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $diag \
+      --data.init_args.train_path /tmp/mgm_2048.json
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib_acc16 80 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $diag
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib_acc16_nocompile 70 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $diag \
+      --model.speed.compile false
+    ;;
+  loopdiag)
+    # issue 14: MGM-2B's loop on realistic rows (acc 16, 6 steps) with the allocator's expandable segments, and without
+    # the 24 GiB cap: is the loop's loss on varying row lengths the capped caching allocator's churn?
+    diag="--trainer.accumulate_grad_batches 16 --trainer.max_steps 6"
+    # shellcheck disable=SC2086
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True smoke mgm2b_lora_24gib_acc16_expandable 80 --memory_cap_gib 24 \
+      fit --config configs/mgm2b_lora.yaml $mgm $diag
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_nocap_acc16 80 fit --config configs/mgm2b_lora.yaml $mgm $diag
+    ;;
+  loopshapes)
+    # issue 14: the same loop on rows of about 1,576 positions (576 image + ~1,000 text: a handful of distinct
+    # lengths): per-micro-batch cost vs realistic rows (about 200 distinct lengths) and vs 2048-position rows
+    python3 bench/make_long_llava.py /tmp/mgm_1000.json --text_tokens 1000 1000 --copies 6
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib_acc16_text1000 80 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+      --trainer.accumulate_grad_batches 16 --trainer.max_steps 6 --data.init_args.train_path /tmp/mgm_1000.json
+    ;;
+  loopbucket)
+    # issue 14: realistic rows at micro-batch 1, each row packed and padded to a multiple of 128 positions
+    # (speed.pad_to_multiple): a dozen distinct shapes instead of hundreds
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_24gib_acc16_bucket128 90 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+      --trainer.accumulate_grad_batches 16 --trainer.max_steps 6 --model.speed.packing true \
+      --model.speed.pad_to_multiple 128
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -12,7 +12,10 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   cross-entropy over its full logits), padded micro-batches.
 - `chunked`: mgmlora's loss (`speed.loss: chunked`): head + cross-entropy only on supervised positions, chunked.
 - `liger`: the same with Liger-Kernel's fused linear cross-entropy (CUDA, when liger-kernel is installed).
-- `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch).
+- `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch), with the attention a
+  packed run loads (`sdpa` becomes mgmlora's packed SDPA: per-sample attention, PyTorch's varlen flash kernel on CUDA;
+  mgmlora.models.attention). `+flex`: FlexAttention's block mask instead; `+dense`: transformers' `sdpa` with its
+  dense (N x N) mask over the packed row (what packing did before; quadratic in the pack).
 - `...xN`: the same with N samples per micro-batch (micro-batch sizing; padding no longer costs compute);
   `plainxN` is the plain path at N samples per micro-batch.
 - `+nocast`: `speed.peft_input_cast: false` (PEFT's fp32 copies of LoRA inputs skipped; exact under autocast).
@@ -24,6 +27,9 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
 path's (same micro-batch size only).
+
+`--budget_gib X` picks, for the plain path and for mgmlora's, the fastest variant whose peak stays within X GiB, and
+records their ratio and MFU (`best_within_budget`): the speed a user gets from a GPU of that size.
 
 Each variant: a fresh AdamW over the LoRA (and projector) parameters, `--warmup` untimed steps, then the median of
 `--steps` timed steps (forward, backward, optimizer step; CUDA synchronised), peak memory after a reset (weights
@@ -60,6 +66,7 @@ from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.loss import lm_loss  # noqa: E402
 from mgmlora.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.models import forward_hidden, load_model  # noqa: E402
+from mgmlora.models.attention import packed_attention  # noqa: E402
 from mgmlora.models.causal_lm import (  # noqa: E402
     ModelArgs,
     disable_gradient_checkpointing,
@@ -176,7 +183,7 @@ def flops_per_token(model, info, mean_len: float) -> float:
     return 6 * active_params(model, info) + attention
 
 
-FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts"}
+FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "flex", "dense"}
 
 
 def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
@@ -189,6 +196,9 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     impl, flags = parts[0], set(parts[1:])
     if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
         raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
+    if flags & {"flex", "dense"} and "packing" not in flags or {"flex", "dense"} <= flags:
+        raise SystemExit(f"variant {variant!r}: +flex or +dense choose the attention of packed rows (one of them, "
+                         "with +packing)")
     return impl, flags, per_batch
 
 
@@ -203,6 +213,11 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     undo = []
     if "eagerexperts" in flags and not loaded.moe:
         raise ValueError("+eagerexperts needs a mixture-of-experts model")
+    if "packing" in flags:
+        previous = llm.config._attn_implementation
+        attn = "flex_attention" if "flex" in flags else "sdpa" if "dense" in flags else packed_attention("sdpa", True)
+        llm.set_attn_implementation(attn)
+        undo.append(lambda: llm.set_attn_implementation(previous))
     if "nocast" in flags:
         set_peft_input_cast(model, False)
         undo.append(lambda: set_peft_input_cast(model, True))
@@ -293,6 +308,26 @@ def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) 
              "calls": e.count} for e in events]
 
 
+def best_within_budget(records: dict[str, dict], budget_gib: float) -> dict:
+    """Each path's fastest variant whose peak fits `budget_gib`, and the ratio of their tokens/s (same run).
+
+    The plain path is every `plain...` variant; mgmlora's path every other one. A path with no fitting variant
+    gets None (and so does the ratio).
+    """
+    def best(names):
+        fits = [n for n in names if records[n].get("tokens_per_s") and records[n].get("peak_alloc_gib") is not None
+                and records[n]["peak_alloc_gib"] <= budget_gib]
+        return max(fits, key=lambda n: records[n]["tokens_per_s"], default=None)
+
+    plain = best([n for n in records if n.startswith("plain")])
+    ours = best([n for n in records if not n.startswith("plain")])
+    pick = lambda n: None if n is None else {k: records[n].get(k) for k in  # noqa: E731
+                                             ("tokens_per_s", "peak_alloc_gib", "mfu", "samples_per_step")}
+    ratio = records[ours]["tokens_per_s"] / records[plain]["tokens_per_s"] if plain and ours else None
+    return {"budget_gib": budget_gib, "plain": plain, "ours": ours, "plain_record": pick(plain),
+            "ours_record": pick(ours), "ratio": round(ratio, 3) if ratio else None}
+
+
 def main() -> None:
     """Builds the model, runs every variant, writes the JSON, prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -311,6 +346,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--budget_gib", type=float, default=None,
+                        help="also report each path's fastest variant within this peak memory, and their ratio")
     args = parser.parse_args()
     preset, variants, batch_size = DEFAULTS[args.model]
     variants = (args.variants or variants).split(",")
@@ -375,10 +412,12 @@ def main() -> None:
     for rec in records.values():
         if base and "tokens_per_s" in rec:
             rec["speedup_vs_plain"] = rec["tokens_per_s"] / base
-        if "losses" in rec and "losses" in records.get("plain", {}) and len(rec["losses"]) == len(
-                records["plain"]["losses"]) and rec["samples_per_step"] == records["plain"]["samples_per_step"]:
-            diffs = [abs(a - b) / abs(b) for a, b in zip(rec["losses"], records["plain"]["losses"])]
-            rec["loss_max_rel_diff_vs_plain"] = max(diffs)
+        # parity against the plain path at the same samples per micro-batch (`plain` or `plainxN`)
+        ref = next((r for n, r in records.items() if n.startswith("plain") and r is not rec and "losses" in r
+                    and r["samples_per_step"] == rec["samples_per_step"]), None)
+        if "losses" in rec and ref is not None and len(rec["losses"]) == len(ref["losses"]):
+            rec["loss_max_rel_diff_vs_plain"] = max(abs(a - b) / abs(b) for a, b in zip(rec["losses"], ref["losses"]))
+    best = best_within_budget(records, args.budget_gib) if args.budget_gib else None
     result = {
         "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -387,6 +426,7 @@ def main() -> None:
         "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts, "r": args.r},
         "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1),
         "peak_tflops_assumed": PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps, "variants": records,
+        "best_within_budget": best,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -401,6 +441,9 @@ def main() -> None:
         speedup = f"{rec['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in rec else "-"
         print(f"{name:28} {rec['samples_per_step']:>7} {rec['positions_per_step']:>9.0f} {rec['step_s_median']:>8.3f} "
               f"{rec['tokens_per_s']:>9.0f} {speedup:>7} {gib:>6} {mfu:>6}")
+    if best:
+        print(f"\nwithin {best['budget_gib']} GiB: plain {best['plain']} vs ours {best['ours']}: "
+              f"{best['ratio'] if best['ratio'] is not None else '-'}x")
 
 
 if __name__ == "__main__":

@@ -12,24 +12,64 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
     out = tmp_path / "bench.json"
     # inductor needs a C++ compiler on the CPU; without one, tests/test_fastpath.py covers compile with aot_eager
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    variants = "plain,chunked,chunked+packing,plainx4,chunked+nocast+fused+nockpt"
+    variants = "plain,chunked,chunked+packing,chunked+packing+dense,plainx4,chunked+nocast+fused+nockpt"
     variants += ",chunked+compile" if compiler else ""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", "tiny-qwen3",
                            "--variants", variants, "--warmup", "0", "--steps", "4",
-                           "--lr", "1e-3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--lr", "1e-3", "--budget_gib", "1000", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     variants = result["variants"]
-    assert set(variants) == {"plain", "chunked", "chunked+packing", "plainx4", "chunked+nocast+fused+nockpt"} | (
+    assert set(variants) == {"plain", "chunked", "chunked+packing", "chunked+packing+dense", "plainx4",
+                             "chunked+nocast+fused+nockpt"} | (
         {"chunked+compile"} if compiler else set())
     for name, rec in variants.items():
         assert rec["tokens_per_s"] > 0 and rec["flops_per_token"] > 0 and len(rec["losses"]) == 4, name
     # same weights, same batches, fp32: the fast paths follow the plain path step by step
     assert variants["chunked"]["loss_max_rel_diff_vs_plain"] < 1e-4
     assert variants["chunked+packing"]["loss_max_rel_diff_vs_plain"] < 1e-4
+    assert variants["chunked+packing+dense"]["loss_max_rel_diff_vs_plain"] < 1e-4  # dense mask vs per-sample attention
+    # every variant fits 1000 GiB: each path's best is its fastest variant (recomputed here from the records)
+    best = result["best_within_budget"]
+    fastest = lambda names: max(names, key=lambda n: variants[n]["tokens_per_s"])  # noqa: E731
+    assert best["plain"] == fastest([n for n in variants if n.startswith("plain")])
+    assert best["ours"] == fastest([n for n in variants if not n.startswith("plain")])
+    assert abs(best["ratio"] - variants[best["ours"]]["tokens_per_s"] / variants[best["plain"]]["tokens_per_s"]) < 1e-3
     assert variants["chunked+nocast+fused+nockpt"]["loss_max_rel_diff_vs_plain"] < 1e-4  # each switch is exact
     if compiler:
         assert variants["chunked+compile"]["loss_max_rel_diff_vs_plain"] < 1e-3  # inductor reorders float sums
     assert variants["plainx4"]["samples_per_step"] == 4 and "loss_max_rel_diff_vs_plain" not in variants["plainx4"]
     assert variants["plain"]["padded_positions_per_step"] >= variants["plain"]["positions_per_step"]
     assert "plain" in proc.stdout and "x plain" in proc.stdout  # the printed table
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_best_within_budget_excludes_variants_over_the_budget_and_failed_ones():
+    records = {"plain": {"tokens_per_s": 100, "peak_alloc_gib": 10},
+               "plainx4": {"tokens_per_s": 300, "peak_alloc_gib": 30},  # faster, but over 24 GiB
+               "chunked": {"tokens_per_s": 150, "peak_alloc_gib": 9},
+               "chunked+packingx8": {"tokens_per_s": 400, "peak_alloc_gib": 20},
+               "chunked+packingx16": {"oom": "CUDA out of memory"}}
+    best = _bench_module().best_within_budget(records, 24)
+    assert (best["plain"], best["ours"], best["ratio"]) == ("plain", "chunked+packingx8", 4.0)
+    assert _bench_module().best_within_budget(records, 5)["ratio"] is None  # nothing fits: no ratio
+
+
+def test_packed_attention_flags_need_packing():
+    parse = _bench_module().parse_variant
+    assert parse("chunked+packing+flexx8") == ("chunked", {"packing", "flex"}, 8)
+    for bad in ("chunked+flex", "chunked+packing+flex+dense"):
+        try:
+            parse(bad)
+        except SystemExit:
+            continue
+        raise AssertionError(f"{bad} was accepted")

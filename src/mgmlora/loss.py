@@ -69,9 +69,17 @@ class SpeedArgs:
         if self.pad_to_multiple < 0 or (self.pad_to_multiple > 1 and not self.packing):
             raise ValueError(f"speed.pad_to_multiple={self.pad_to_multiple}: must be >= 0 and needs speed.packing: "
                              "true (the padding is a segment of the packed row).")
-        if self.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
-            raise ValueError("speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
-                             "use `chunked` otherwise (same result, pure PyTorch).")
+
+
+def check_available(speed: SpeedArgs) -> None:
+    """Fails before any model is loaded when the configured loss needs a package that is not installed.
+
+    Checked when a run starts, not when the config is parsed, so the estimator and the sample viewer still read a
+    Liger config on a machine without Liger.
+    """
+    if speed.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
+                         "use `chunked` otherwise (same result, pure PyTorch).")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mgmlora.data.chat import IGNORE_INDEX
 from mgmlora.fastpath import apply_fast_path
 from mgmlora.lora import LoraArgs, count_parameters, lora_report
-from mgmlora.loss import LossOut, SpeedArgs, lm_loss
+from mgmlora.loss import LossOut, SpeedArgs, check_available, lm_loss
 from mgmlora.models import forward_hidden, load_model, model_info
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
@@ -57,6 +57,7 @@ class LoraLitModule(L.LightningModule):
         super().__init__()
         self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
         self.speed = speed
+        check_available(speed)
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
                                    "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
                                    "speed": asdict(self.speed)})

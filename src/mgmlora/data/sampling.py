@@ -111,12 +111,7 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
 
         Its length is a multiple of world_size (the last incomplete global batch wrapped around or dropped).
         """
-        n = len(self.num_supervised)
-        order = list(self.sampler)
-        step = self.batch_size * self.world_size
-        if n % step and not self.drop_last:
-            order += (order * (step // n + 1))[: step - n % step]
-        order = order[: len(order) - len(order) % step]
+        order = _to_multiple(list(self.sampler), self.batch_size * self.world_size, self.drop_last)
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def _raw_steps(self) -> int:
@@ -142,6 +137,19 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
             for s in window:
                 if s >= skip:
                     yield [WindowKey(i, tokens) for i in batches[s * world + self.rank]]
+
+
+def _to_multiple(items: list, multiple: int, drop_last: bool) -> list:
+    """`items` cut to a multiple of `multiple` (drop_last), or filled up to one by cycling from its start.
+
+    How both samplers make every rank run the same number of micro-batches (like torch's DistributedSampler).
+    """
+    short = len(items) % multiple
+    if not short:
+        return items
+    if drop_last:
+        return items[:-short]
+    return items + (items * (multiple // len(items) + 1))[: multiple - short]
 
 
 def pack_by_cost(indices: Sequence[int], costs: Sequence[int], max_tokens: int, max_samples: int) -> list[list[int]]:
@@ -232,11 +240,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
         if self.sampler.shuffle:
             generator = torch.Generator().manual_seed(self.sampler.seed + self.epoch + self._ORDER_STREAM)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        short = len(batches) % self.world_size
-        if short and self.drop_last:
-            batches = batches[:-short]
-        elif short:
-            batches += (batches * (self.world_size // len(batches) + 1))[: self.world_size - short]
+        batches = _to_multiple(batches, self.world_size, self.drop_last)
         self._packed = (self.epoch, batches)
         return batches
 

@@ -87,8 +87,12 @@ def bucket_padding(n: int, multiple: int) -> int:
     return (-n) % multiple if multiple > 1 else 0
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _kernel_ok(query: torch.Tensor) -> bool:
-    return _VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    """Whether PyTorch's varlen flash kernel can take this query (CUDA, half precision, a torch that has it)."""
+    return _VARLEN is not None and query.is_cuda and query.dtype in _KERNEL_DTYPES
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -203,9 +207,9 @@ def describe_packed_attention(args) -> str:
     requested = args.attn_implementation
     if requested != "sdpa":
         return requested + ("" if requested in _LINEAR_IN_PACK else " (dense N x N mask: quadratic in the pack)")
-    cuda = torch.cuda.is_available() and args.dtype in ("bfloat16", "float16")
-    kernel = "PyTorch's varlen flash kernel" if _VARLEN is not None and cuda else "one causal SDPA call per sample"
-    return f"{PACKED_SDPA} ({kernel})"
+    if _VARLEN is None:
+        return f"{PACKED_SDPA} (one causal SDPA call per sample: this torch has no varlen kernel)"
+    return f"{PACKED_SDPA} (PyTorch's varlen flash kernel for bf16/fp16 on CUDA, else one causal SDPA call per sample)"
 
 
 __all__ = ["PACKED_SDPA", "bucket_padding", "describe_packed_attention", "packed_attention", "packed_sdpa_forward",

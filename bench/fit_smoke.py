@@ -4,7 +4,9 @@
 
 Not a speed comparison (that is bench/train_step.py, issue 6): it measures our own training loop as users run it,
 for the configs/README.md table. Tokens/s and step time are medians over the steps after the first two (warm-up);
-peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step.
+peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
+loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
+the first two optimizer steps, and the tokens/s inside them.
 
 `--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
 prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,
@@ -32,8 +34,10 @@ import lightning  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from loop_timing import MicroBatchTiming  # noqa: E402  (bench/, this script's folder)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from mgmlora.callbacks import batch_positions  # noqa: E402
 from mgmlora.cli import main as cli_main  # noqa: E402
 from mgmlora.export import read_run_adapter  # noqa: E402
 from mgmlora.lora import count_parameters  # noqa: E402
@@ -71,7 +75,7 @@ def main() -> None:
                          "python": platform.python_version()}}
     start = time.perf_counter()
     try:
-        cli = cli_main(args)
+        cli = cli_main(args + ["--trainer.callbacks+=__main__._CountingTiming"] if args[:1] == ["fit"] else args)
     except torch.cuda.OutOfMemoryError as error:
         # per rank: on several GPUs each rank that runs out writes OUT.rank<N>.json (the others may hang in a
         # collective until the launcher's timeout)
@@ -123,8 +127,30 @@ def main() -> None:
         "adapter_tensors": len(live),
         "adapter_nonzero_lora_B": sum(bool(v.any()) for k, v in live.items() if "lora_B" in k),
         "checkpoint_adapter_identical": identical,
+        "loop_timing": _TIMING[-1].summary(_TIMING[-1].tokens) if _TIMING else None,
     }
     _write(out, result)
+
+
+class _CountingTiming(MicroBatchTiming):
+    """MicroBatchTiming that also sums the positions of the micro-batches it measures (on the GPU, read at the end)."""
+
+    def __init__(self):
+        super().__init__(skip_steps=2)
+        self._tokens = 0
+        _TIMING.append(self)  # built by the CLI from its class path; main() reads it back here
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if self._start is not None:
+            self._tokens = self._tokens + batch_positions(batch, pl_module.info.image_tokens)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @property
+    def tokens(self) -> float | None:
+        return float(self._tokens) if self.events else None
+
+
+_TIMING: list[_CountingTiming] = []
 
 
 def _per_rank(value: float) -> list[float]:

@@ -27,6 +27,9 @@
 #          with clipping) on synthetic Chameleons data, mgm2b_stage1.yaml (accumulate 16 instead of 64)
 #   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
+#   moe_loop  issue 14 (2 GPUs, side by side): Qwen3-30B-A3B with transformers' vs mgmlora's experts within 80 GiB,
+#          r8 expert LoRA vs attention; MGM-2B recipes in the fit loop with the loop-overhead figure
+#   chameleons_1v2  issue 14 (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
 #   budget_qwen / budget_mgm  issue 14: each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
@@ -230,6 +233,49 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.num_sanity_val_steps 0 $common
     wait
     tail -n 3 "$out/gpu_tests.log"
+    ;;
+  moe_loop)
+    # issue 14 on a 2-GPU machine, two jobs side by side (one per GPU; they share the host's CPUs): GPU 0 Qwen3-30B-A3B
+    # within 80 GiB with transformers' experts vs mgmlora's (model.experts_implementation), then r8 attention vs
+    # expert LoRA with mgmlora's experts; GPU 1 the MGM-2B recipes in the fit loop as written (4 optimizer steps each,
+    # medians over steps 3-4) with the loop-overhead figure
+    q="liger+packing+nocast+fused"
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 300 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --variants \
+        plainx8,${q}x32,${q}+fastexpertsx32,${q}x48,${q}+fastexpertsx48 \
+        --out "$out/$day-train_step_experts-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 9
+      for experts in "" "--target_experts"; do
+        name=attention; [ -n "$experts" ] && name=experts
+        timeout 110 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants ${q}+fastexpertsx32 \
+          --profile --warmup 1 --steps 4 \
+          --out "$out/$day-train_step_r8_${name}_fastexperts_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+      done
+    ) > "$out/moe.log" 2>&1 &
+    python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
+    long="--data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=1 smoke mgm2b_lora_24gib_loop 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml \
+      $mgm $long
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=1 smoke mgm2b_lora_packed_24gib_loop 200 --memory_cap_gib 24 fit \
+      --config configs/mgm2b_lora_packed.yaml $mgm $long
+    wait
+    cat "$out/moe.log"
+    ;;
+  chameleons_1v2)
+    # issue 14 on a 2-GPU machine: the Chameleons recipe's optimizer step (global batch 64 = 8 packed samples per
+    # micro-batch x accumulation x GPUs) on 1 GPU (accumulate 8) and 2 GPUs (accumulate 4), ZeRO-2 as written,
+    # synthetic Chameleons-length data, 6 steps each (medians over steps 3-6)
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    for n in 1 2; do
+      # shellcheck disable=SC2086
+      smoke qwen3-30b-a3b_lora_chameleons_${n}gpu_global64 240 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+        --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+        --data.init_args.train_path /tmp/chameleons_big.json --trainer.devices $n --trainer.max_steps 6 \
+        --trainer.accumulate_grad_batches $((8 / n)) --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 \
+        $common ${EXPERTS:+--model.model.experts_implementation $EXPERTS}
+    done
     ;;
   parity14)
     # issue 14: learning parity of the new packed settings at real shapes (same micro-batch, identical LoRA weights,

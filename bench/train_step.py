@@ -22,7 +22,8 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 - `+fused`: `optim.fused: true` (torch's fused AdamW instead of the multi-tensor default).
 - `+compile`: `speed.compile: true` (each decoder layer torch.compile'd; compiled in the warm-up steps).
 - `+nockpt`: gradient checkpointing off (speed for memory: no recompute).
-- `+eagerexperts`: MoE experts as transformers' per-expert loop instead of its default grouped GEMM.
+- `+eagerexperts`: MoE experts as transformers' per-expert loop instead of its default grouped GEMM;
+  `+fastexperts`: mgmlora's grouped GEMM (`model.experts_implementation: mgmlora_grouped_mm`, mgmlora.models.experts).
 
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
@@ -72,6 +73,7 @@ from mgmlora.models.causal_lm import (  # noqa: E402
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
 )
+from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
 
@@ -183,7 +185,7 @@ def flops_per_token(model, info, mean_len: float) -> float:
     return 6 * active_params(model, info) + attention
 
 
-FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "flex", "dense"}
+FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "flex", "dense"}
 
 
 def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
@@ -211,8 +213,9 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     family = loaded.info.family
     llm = _llm(model, family)
     undo = []
-    if "eagerexperts" in flags and not loaded.moe:
-        raise ValueError("+eagerexperts needs a mixture-of-experts model")
+    experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
+    if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
+        raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
     if "packing" in flags:
         previous = llm.config._attn_implementation
         attn = "flex_attention" if "flex" in flags else "sdpa" if "dense" in flags else packed_attention("sdpa", True)
@@ -224,9 +227,9 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     if "nockpt" in flags and llm.is_gradient_checkpointing:
         disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
-    if "eagerexperts" in flags:
+    if chosen := [experts[f] for f in flags & experts.keys()]:
         previous = getattr(llm.config, "_experts_implementation", None)
-        llm.set_experts_implementation("eager")
+        llm.set_experts_implementation(chosen[0])
         undo.append(lambda: llm.set_experts_implementation(previous or "grouped_mm"))
     if "compile" in flags:
         undo.append(lambda: (uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers),

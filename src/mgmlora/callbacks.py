@@ -15,23 +15,36 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mgmlora.checkpoint import RUN_SETTINGS, TRAINABLES, write_tensors
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
+from mgmlora.models.mgm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.strategies import gathered
+
+
+def batch_positions(batch: dict[str, torch.Tensor], image_tokens: int) -> torch.Tensor:
+    """Positions the model computes for a padded micro-batch, as a 0-d tensor on the batch's device (no host sync).
+
+    Non-padding tokens from the attention mask, each image placeholder counted as the `image_tokens` embeddings it
+    expands to (0 for text-only models).
+    """
+    tokens = batch["attention_mask"].sum()
+    if image_tokens:
+        tokens = tokens + (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum() * (image_tokens - 1)
+    return tokens
 
 
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s, supervised tokens/s and step time per optimizer step, and peak GPU memory on CUDA.
 
-    Token counts are those of this rank (non-padding tokens from the attention mask, each image placeholder counted
-    as the image embeddings it expands to); multiply by the number of ranks for the job's total. Peak memory is
-    `torch.cuda.max_memory_allocated` since the previous optimizer step, in GiB, with reserved memory beside it (the
-    allocator's footprint, what `nvidia-smi` roughly shows).
+    Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total.
+    They are summed on the device and read once per optimizer step, where the monitor synchronises anyway: a host
+    read per micro-batch would stall the CPU until the GPU finished each one, and the next micro-batch's launches would
+    start on an idle GPU. Peak memory is `torch.cuda.max_memory_allocated` since the previous optimizer step, in GiB,
+    with reserved memory beside it (the allocator's footprint, what `nvidia-smi` roughly shows).
     """
 
     def __init__(self) -> None:
         self._t0: float | None = None
-        self._tokens = 0
-        self._supervised = 0
+        self._tokens: torch.Tensor | int = 0
+        self._supervised: torch.Tensor | int = 0
         self._seen = 0  # tokens since the start of fit (this rank), logged as a running total
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -47,16 +60,16 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         image_tokens = getattr(getattr(pl_module, "info", None), "image_tokens", 0)
-        placeholders = int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) if image_tokens else 0
-        self._tokens += int(batch["attention_mask"].sum()) + placeholders * (image_tokens - 1)
-        self._supervised += int((batch["labels"][:, 1:] != -100).sum())
+        self._tokens = self._tokens + batch_positions(batch, image_tokens)
+        self._supervised = self._supervised + (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if trainer.fit_loop._should_accumulate():
             return
         self._sync(pl_module)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        self._seen += self._tokens
-        metrics = {"perf/tokens_per_s": self._tokens / elapsed, "perf/step_time_s": elapsed,
-                   "perf/supervised_tokens_per_s": self._supervised / elapsed, "perf/tokens_seen": float(self._seen)}
+        tokens, supervised = int(self._tokens), int(self._supervised)
+        self._seen += tokens
+        metrics = {"perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed,
+                   "perf/supervised_tokens_per_s": supervised / elapsed, "perf/tokens_seen": float(self._seen)}
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["perf/peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
 
 PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "tiny-mgm", "mgm-2b"]
@@ -34,6 +35,9 @@ class ModelArgs:
         dtype: dtype of the frozen base weights. bfloat16 on GPU; float32 is faster on CPU.
         attn_implementation: `sdpa` (PyTorch's fused kernels, default), `flash_attention_2` (needs the `flash`
             extra), `flex_attention` or `eager`.
+        experts_implementation: how fused MoE experts run (MoE models only): `grouped_mm` (transformers' grouped
+            GEMM), `mgmlora_grouped_mm` (the same GEMMs without expert-parallel masks, routing weights applied before
+            the down projection: mgmlora.models.experts) or `eager` (transformers' loop over experts).
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
         trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
         init_seed: seed for random initialisation (only used without `model_path`).
@@ -44,6 +48,7 @@ class ModelArgs:
     tokenizer_path: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
+    experts_implementation: Literal["grouped_mm", "mgmlora_grouped_mm", "eager"] = "grouped_mm"
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
     init_seed: int = 0
@@ -102,6 +107,8 @@ def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None) -> P
     """
     dtype = DTYPES[args.dtype]
     common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
+    if build_config(args).model_type in MOE_MODEL_TYPES:  # dense models refuse an experts implementation
+        common["experts_implementation"] = args.experts_implementation
     if args.model_path:
         _check_model_dir(Path(args.model_path))
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,0 +1,85 @@
+"""mgmlora's MoE experts forward: transformers' grouped GEMM without the expert-parallel masks, weighted earlier.
+
+transformers runs fused MoE experts (Qwen3-MoE's `mlp.experts.gate_up_proj` / `down_proj`, 3-D tensors) through an
+"experts implementation" chosen by name (`grouped_mm` by default). Profiled on Qwen3-30B-A3B (H200, 32 packed
+Chameleons samples, transformers 5.17), `grouped_mm` spends more time around the GEMMs than in them: its
+expert-parallel sentinel masking runs three bf16 `masked_fill` passes per layer (432 calls, 7.2% of the step) even
+when nothing is expert-parallel, and the routing weight multiplies the (tokens x top_k, hidden) output of the down
+projection. Newer transformers releases skip the masks without expert parallelism; the weighting is unchanged.
+
+`mgmlora_grouped_mm` (registered with transformers' own `ExpertsInterface`, selected by
+`model.experts_implementation`) computes the same function with the same kernels (`grouped_mm`), but:
+- no sentinel masks (mgmlora never shards experts across ranks; an expert-parallel module is handed back to
+  transformers' implementation);
+- the routing weight multiplies the (S, intermediate) activation before the down projection instead of its
+  (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
+  tensor 2.7x smaller for Qwen3-30B-A3B (768 vs 2048 columns), forward and backward.
+Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
+Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); its speed is measured in
+bench/train_step.py (`+fastexperts`), not assumed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+FAST_EXPERTS = "mgmlora_grouped_mm"
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(S, in) @ per-group (E, in, out) -> (S, out); rows [offsets[e-1], offsets[e]) use expert e's matrix.
+
+    PyTorch's public `torch.nn.functional.grouped_mm` where the release has it, its earlier name otherwise (the GPU
+    image's torch 2.11 has both).
+    """
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return grouped(x.to(weight.dtype), weight, offs=offsets)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+    # weight (E, out, in) as nn.Linear stores it, or (E, in, out) when the model keeps it transposed
+    return _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
+
+
+def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts of one MoE layer over its tokens: sum over k of weight_k * expert_k(token).
+
+    Args:
+        self: the experts module (transformers' `use_experts_implementation` class: `gate_up_proj`, `down_proj`,
+            `num_experts`, `_apply_gate`).
+        hidden_states: (T, H) the layer's tokens.
+        top_k_index: (T, k) the experts each token is routed to.
+        top_k_weights: (T, k) their routing weights.
+
+    Returns:
+        (T, H) in the dtype of `hidden_states`.
+    """
+    if (getattr(self, "_is_expert_parallel", False) or getattr(self, "has_bias", False)
+            or not getattr(self, "has_gate", True) or getattr(self, "has_post_expert_norm", False)):
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, hidden = hidden_states.shape
+    k = top_k_index.shape[-1]
+    transposed = getattr(self, "is_transposed", False)
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))  # (S,) S = T * k, grouped by expert
+    # histc (not bincount) keeps this free of host syncs; CPU histc takes floats only
+    ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
+    offsets = torch.cumsum(torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1), 0,
+                           dtype=torch.int32)  # (E,) end of each expert's rows
+    x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
+    gate_up = _linear(x, self.gate_up_proj, offsets, transposed)  # (S, 2I)
+    weights = top_k_weights.reshape(-1)[order].to(gate_up.dtype)  # (S,)
+    if hasattr(self, "_apply_gate"):
+        inter = self._apply_gate(gate_up)  # (S, I)
+    else:  # transformers releases before the gate hook: gate and up concatenated
+        gate, up = gate_up.chunk(2, dim=-1)
+        inter = self.act_fn(gate) * up  # (S, I)
+    inter = inter * weights[:, None]  # weighted here, before the linear down projection
+    out = _linear(inter, self.down_proj, offsets, transposed)  # (S, H)
+    routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)
+    return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
+
+
+ALL_EXPERTS_FUNCTIONS.register(FAST_EXPERTS, fast_experts_forward)

@@ -1,0 +1,92 @@
+"""mgmlora's experts forward (mgmlora.models.experts): the function transformers' experts compute, by another route."""
+
+import pytest
+import torch
+
+import mgmlora.models.experts as experts
+from mgmlora.lora import LoraArgs, apply_lora, plan_lora
+from mgmlora.models import load_model
+from mgmlora.models.causal_lm import ModelArgs
+from mgmlora.models.experts import FAST_EXPERTS
+from tests.conftest import tiny_model
+
+
+def _experts_modules(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+
+
+def _loss_and_grads(model, ids, implementation):
+    model.set_experts_implementation(implementation)
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [None, LoraArgs(preset="chameleons", target_experts=True, lora_dropout=0.0)])
+def test_same_loss_and_gradients_as_transformers_per_expert_loop(lora, monkeypatch):
+    """Reference: transformers' `eager` experts (a Python loop over experts, no grouped GEMM, weights after down)."""
+    model = tiny_model("tiny-qwen3-moe", seed=4)
+    if lora is None:
+        model.requires_grad_(True)
+    else:  # LoRA on the fused expert weights (PEFT's parametrization of gate_up_proj / down_proj) and attention
+        model = apply_lora(model, plan_lora(model, lora, moe=True))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero so that the experts' LoRA changes the forward and gets gradients
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    calls = []
+    real = experts._grouped_mm
+    monkeypatch.setattr(experts, "_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(3, 500, (3, 19), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(model, ids, "eager")
+    loss, grads = _loss_and_grads(model, ids, FAST_EXPERTS)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * layers  # our path ran: gate_up and down once per layer
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    if lora is not None:
+        assert any("experts" in n and "lora" in n for n in grads)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item() + 1e-7,
+                                   msg=name)
+
+
+def test_hand_computed_two_experts():
+    """One token routed to two experts: out = sum_k w_k * down_k(silu(gate_k x) * up_k x), written out by hand."""
+    model = tiny_model("tiny-qwen3-moe", seed=1)
+    module = _experts_modules(model)[0]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, module.hidden_dim, generator=g)
+    index, weights = torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    expected = torch.zeros(1, module.hidden_dim)
+    for e, w in zip(index[0].tolist(), weights[0].tolist(), strict=True):
+        gate, up = (module.gate_up_proj[e] @ x[0]).chunk(2)
+        expected += w * (module.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+    with torch.no_grad():
+        torch.testing.assert_close(experts.fast_experts_forward(module, x, index, weights), expected,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_expert_parallel_modules_go_back_to_transformers(monkeypatch):
+    """Sharded experts need transformers' sentinel masks: such a module is never run by the mask-free path."""
+    module = _experts_modules(tiny_model("tiny-qwen3-moe"))[0]
+    monkeypatch.setattr(experts, "_grouped_mm", lambda *a: pytest.fail("the mask-free path ran"))
+    monkeypatch.setattr(module, "_is_expert_parallel", True)
+    x = torch.randn(4, module.hidden_dim)
+    index, weights = torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5)
+    assert experts.fast_experts_forward(module, x, index, weights).shape == x.shape
+
+
+def test_transformers_experts_attributes_this_path_reads():
+    """Fence: the attributes of transformers' experts class the dispatch reads. Fails when upstream renames them."""
+    module = _experts_modules(tiny_model("tiny-qwen3-moe"))[0]
+    for name in ("_is_expert_parallel", "has_gate", "has_bias", "is_transposed", "num_experts", "gate_up_proj",
+                 "down_proj"):
+        assert hasattr(module, name), name
+
+
+def test_model_args_choose_the_experts_implementation():
+    args = dict(preset="tiny-qwen3-moe", dtype="float32", gradient_checkpointing=False)
+    assert load_model(ModelArgs(**args)).model.config._experts_implementation == "grouped_mm"
+    assert load_model(ModelArgs(**args, experts_implementation=FAST_EXPERTS)).model.config._experts_implementation \
+        == FAST_EXPERTS

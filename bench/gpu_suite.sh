@@ -263,14 +263,34 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     wait
     cat "$out/moe.log"
     ;;
-  chameleons_1v2)
+  combo14)
+    # issue 14 in one 2-GPU call: side by side, GPU 0 Qwen3-30B-A3B with transformers' vs mgmlora's experts within
+    # 80 GiB and r8 expert LoRA with mgmlora's experts, GPU 1 configs/mgm2b_lora.yaml without DeepSpeed (plain
+    # Lightning strategy, 4 steps of accumulate 128: is ZeRO-2's per-micro-batch work the loop's overhead?); then the
+    # chameleons_1v2 part
+    q="liger+packing+nocast+fused"
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --steps 4 --variants \
+        ${q}x32,${q}+fastexpertsx32,${q}x48,${q}+fastexpertsx48 \
+        --out "$out/$day-train_step_experts-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 8
+    ) > "$out/moe.log" 2>&1 &
+    python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=1 smoke mgm2b_lora_24gib_loop_nodeepspeed 220 --memory_cap_gib 24 fit \
+      --config configs/mgm2b_lora.yaml $mgm --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4 \
+      --trainer.strategy auto
+    wait
+    cat "$out/moe.log"
+    ;;&
+  combo14|chameleons_1v2)
     # issue 14 on a 2-GPU machine: the Chameleons recipe's optimizer step (global batch 64 = 8 packed samples per
     # micro-batch x accumulation x GPUs) on 1 GPU (accumulate 8) and 2 GPUs (accumulate 4), ZeRO-2 as written,
     # synthetic Chameleons-length data, 6 steps each (medians over steps 3-6)
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     for n in 1 2; do
       # shellcheck disable=SC2086
-      smoke qwen3-30b-a3b_lora_chameleons_${n}gpu_global64 240 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+      smoke qwen3-30b-a3b_lora_chameleons_${n}gpu_global64 170 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
         --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
         --data.init_args.train_path /tmp/chameleons_big.json --trainer.devices $n --trainer.max_steps 6 \
         --trainer.accumulate_grad_batches $((8 / n)) --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 \

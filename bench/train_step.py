@@ -217,10 +217,10 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
     if "packing" in flags:
-        previous = llm.config._attn_implementation
+        previous_attn = llm.config._attn_implementation
         attn = "flex_attention" if "flex" in flags else "sdpa" if "dense" in flags else packed_attention("sdpa", True)
         llm.set_attn_implementation(attn)
-        undo.append(lambda: llm.set_attn_implementation(previous))
+        undo.append(lambda: llm.set_attn_implementation(previous_attn))
     if "nocast" in flags:
         set_peft_input_cast(model, False)
         undo.append(lambda: set_peft_input_cast(model, True))
@@ -228,9 +228,9 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
     if chosen := [experts[f] for f in flags & experts.keys()]:
-        previous = getattr(llm.config, "_experts_implementation", None)
+        previous_experts = getattr(llm.config, "_experts_implementation", None)
         llm.set_experts_implementation(chosen[0])
-        undo.append(lambda: llm.set_experts_implementation(previous or "grouped_mm"))
+        undo.append(lambda: llm.set_experts_implementation(previous_experts or "grouped_mm"))
     if "compile" in flags:
         undo.append(lambda: (uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers),
                              torch._dynamo.reset()))

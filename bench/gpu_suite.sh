@@ -7,7 +7,7 @@
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
 # Parts (each fits one 10-minute call):
 #   tests  every GPU-marked test (DeepSpeed ZeRO-2/3 save/reload with plain PEFT, accumulate 128 vs plain, bf16 fit)
-#   mgm    MGM-2B at real shapes capped at 24 GiB: LoRA (configs/mgm2b_lora.yaml as written: ZeRO-2, accumulate 128,
+#   mgm    MGM-2B at real shapes capped at 24 GiB: LoRA (configs/mgm2b_lora.yaml as written: one GPU, accumulate 128,
 #          realistic lengths, a checkpoint at step 2) and the full fine-tune without and with optimizer offload
 #          (mgm_lora: the LoRA run alone)
 #   qwen   Qwen3-30B-A3B LoRA on one GPU, ZeRO-2 and ZeRO-3 (STAGES="2 3"), synthetic Chameleons-length data
@@ -29,6 +29,8 @@
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
 #   moe_loop  issue 14 (2 GPUs, side by side): Qwen3-30B-A3B with transformers' vs mgmlora's experts within 80 GiB,
 #          r8 expert LoRA vs attention; MGM-2B recipes in the fit loop with the loop-overhead figure
+#   experts14  issue 14 (1 GPU): Qwen3-30B-A3B with mgmlora's experts vs plain within 80 GiB + parity, r8 expert
+#          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  issue 14 (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
 #   budget_qwen / budget_mgm  issue 14: each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
@@ -57,6 +59,7 @@ smoke() {  # NAME LIMIT_S ARGS...: one bench/fit_smoke.py run, killed after LIMI
     "$out/$day-$name-$gpu.json" 2>/dev/null | tr -d '\n ')"
   tail -n 3 "$out/$name.log"
 }
+z2="--config configs/strategy/zero2.yaml"  # configs/mgm2b_lora.yaml runs without DeepSpeed since 2026-11-30
 common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir /tmp/tb"
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
@@ -87,7 +90,7 @@ case $part in
     ;;
   mgm|mgm_lora)
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_zero2_24gib 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+    smoke mgm2b_lora_1gpu_24gib 330 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
       --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every_n_train_steps=2 \
       --trainer.callbacks.filename=probe-{step}
     [[ $part == mgm_lora ]] && exit 0
@@ -95,7 +98,8 @@ case $part in
   mgm|mgm_full)
     full="--model.trainable.llm full --model.optim.lr 1e-5 --trainer.max_steps 2 --trainer.accumulate_grad_batches 4"
     # shellcheck disable=SC2086
-    smoke mgm2b_full_zero2_24gib 120 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $full
+    smoke mgm2b_full_zero2_24gib 120 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml \
+      --config configs/strategy/zero2.yaml $mgm $full
     # shellcheck disable=SC2086
     smoke mgm2b_full_zero2_offload_24gib 240 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml \
       --config configs/strategy/zero2_offload.yaml $mgm $full
@@ -156,12 +160,12 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   fitpath)
     steps="--trainer.accumulate_grad_batches 8 --trainer.max_steps 6 --trainer.log_every_n_steps 1"
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_zero2_acc8_fastpath_off 150 fit --config configs/mgm2b_lora.yaml $mgm $steps
+    smoke mgm2b_lora_zero2_acc8_fastpath_off 150 fit --config configs/mgm2b_lora.yaml $z2 $mgm $steps
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_zero2_acc8_fastpath_on 200 fit --config configs/mgm2b_lora.yaml $mgm $steps \
+    smoke mgm2b_lora_zero2_acc8_fastpath_on 200 fit --config configs/mgm2b_lora.yaml $z2 $mgm $steps \
       --model.speed.compile true --model.optim.fused true
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_zero2_1gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 1 \
+    smoke mgm2b_lora_zero2_1gpu 200 fit --config configs/mgm2b_lora.yaml $z2 $mgm --trainer.devices 1 \
       --trainer.accumulate_grad_batches 64 --trainer.max_steps 2
     ;;
   fill)
@@ -188,7 +192,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
         --config configs/strategy/zero${1}.yaml $qwen --trainer.devices $2
     done
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_zero2_2gpu 200 fit --config configs/mgm2b_lora.yaml $mgm --trainer.devices 2 \
+    smoke mgm2b_lora_zero2_2gpu 200 fit --config configs/mgm2b_lora.yaml $z2 $mgm --trainer.devices 2 \
       --trainer.accumulate_grad_batches 64 --trainer.max_steps 2 --trainer.callbacks+=ModelCheckpoint \
       --trainer.callbacks.every_n_train_steps=2
     ;;
@@ -262,6 +266,29 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --config configs/mgm2b_lora_packed.yaml $mgm $long
     wait
     cat "$out/moe.log"
+    ;;
+  experts14)
+    # issue 14, one GPU: Qwen3-30B-A3B with mgmlora's experts against the plain path within 80 GiB in one run, which
+    # doubles as the learning-parity check (30 steps from identical LoRA weights, no warm-up; parity at the same
+    # micro-batch: x8); r8 attention vs expert LoRA with mgmlora's experts; the Chameleons recipe as now written
+    # (mgmlora's experts) on one GPU at its global batch 64 (8 packed x accumulate 8), 6 steps
+    q="liger+packing+nocast+fused+fastexperts"
+    timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --warmup 0 --steps 30 --lr 1e-4 \
+      --variants plainx8,${q}x8,${q}x48 --out "$out/$day-train_step_budget_fastexperts-qwen3-30b-a3b-$gpu.json" \
+      2>&1 | tail -n 6
+    for experts in "" "--target_experts"; do
+      name=attention; [ -n "$experts" ] && name=experts
+      timeout 100 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants ${q}x32 \
+        --warmup 1 --steps 4 --out "$out/$day-train_step_r8_${name}_fastexperts_x32-qwen3-30b-a3b-$gpu.json" 2>&1 \
+        | tail -n 2
+    done
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_1gpu_global64_fastexperts 150 fit \
+      --config configs/qwen3-30b-a3b_lora_chameleons.yaml --model.model.model_path null \
+      --model.model.tokenizer_path tests/assets/tokenizer --data.init_args.train_path /tmp/chameleons_big.json \
+      --trainer.devices 1 --trainer.max_steps 6 --trainer.accumulate_grad_batches 8 --trainer.log_every_n_steps 1 \
+      --trainer.num_sanity_val_steps 0 $common
     ;;
   combo14)
     # issue 14 in one 2-GPU call: side by side, GPU 0 Qwen3-30B-A3B with transformers' vs mgmlora's experts within

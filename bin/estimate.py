@@ -9,7 +9,9 @@ states with the ZeRO stage and offload, activations with or without checkpointin
 DeepSpeed buffers), trainable parameters per component, and with --gpu_memory_gib a verdict, the cheapest change that
 would fit, and the largest micro-batch that fits (micro-batch sizing from memory; with `speed.packing` padding costs
 nothing, so more samples per micro-batch is the main speed lever measured in configs/README.md; the estimate was
-checked up to 8 samples per micro-batch, larger ones are extrapolations). Method and accuracy: mgmlora.memory.
+checked up to 48 samples per micro-batch, larger ones are extrapolations), and the fastest setting that fits
+(checkpointing on or off, samples per micro-batch: mgmlora.speed_plan, a throughput model fitted to the measurements).
+Method and accuracy: mgmlora.memory.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from mgmlora.memory import (  # noqa: E402
     largest_batch_size,
     run_from_config,
 )
+from mgmlora.speed_plan import candidates  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             fix = cheapest_fix(*run, args.gpu_memory_gib)
             result["cheapest_fix"] = {"change": fix[0], "total_gib": fix[1].total_gib} if fix else None
         result["largest_batch_size"] = largest_batch_size(*run, args.gpu_memory_gib)
+        result["fastest_fitting"] = [vars(s) for s in candidates(*run, args.gpu_memory_gib)]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -53,6 +57,13 @@ def main(argv: list[str] | None = None) -> dict:
         if "largest_batch_size" in result:
             print(f"largest micro-batch that fits at this length: {result['largest_batch_size']} "
                   f"(data.batch_size; divide accumulate_grad_batches to keep the global batch)")
+        if result.get("fastest_fitting"):
+            best = candidates(*run, args.gpu_memory_gib)
+            packing = "" if run[3].packing else " with model.speed.packing true (padding would cost compute)"
+            print(f"fastest setting that fits (mgmlora.speed_plan){packing}: {best[0].describe()}")
+            for other in best[1:]:
+                print(f"  then: {other.describe()} (relative speed {other.relative_speed:g} vs "
+                      f"{best[0].relative_speed:g})")
         if result.get("fits") is False:
             fix = result["cheapest_fix"]
             print(f"cheapest change that fits: {fix['change']} -> {fix['total_gib']:.2f} GiB" if fix else

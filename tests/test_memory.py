@@ -67,15 +67,26 @@ def _train_step_cases():
 
 
 # Configs changed after some runs: each entry restores a config's settings as they were when the run was made (before
-# the run's own overrides, which still win). (date prefix, config) -> overrides.
+# the run's own overrides, which still win). (result file name prefix, config) -> overrides; every matching prefix
+# applies, in order.
+ZERO2 = ["--config", "configs/strategy/zero2.yaml"]  # mgm2b_lora.yaml ran under ZeRO-2 until 2026-11-30's loop runs
+_MGM_BEFORE_PACKING = ["--model.speed.packing", "false", "--model.speed.pad_to_multiple", "0"]
 CONFIG_AS_RUN = {
-    ("2026-11-23", "configs/mgm2b_lora.yaml"): ["--model.model.gradient_checkpointing", "true",
-                                                "--model.speed.packing", "false", "--model.speed.pad_to_multiple", "0"],
-    ("2026-11-30", "configs/mgm2b_lora.yaml"): ["--model.speed.packing", "false", "--model.speed.pad_to_multiple", "0"],
+    ("2026-11-23", "configs/mgm2b_lora.yaml"): ["--model.model.gradient_checkpointing", "true", *_MGM_BEFORE_PACKING,
+                                                *ZERO2],
+    **{(prefix, "configs/mgm2b_lora.yaml"): [*_MGM_BEFORE_PACKING, *ZERO2]
+       for prefix in ("2026-11-30-mgm2b_lora_24gib-", "2026-11-30-mgm2b_lora_24gib_acc16",
+                      "2026-11-30-mgm2b_lora_24gib_rows2048", "2026-11-30-mgm2b_lora_nocap")},
+    ("2026-11-30-mgm2b_lora_24gib_loop-", "configs/mgm2b_lora.yaml"): ZERO2,
     ("2026-11-23", "configs/qwen3-30b-a3b_lora_chameleons.yaml"): [
         "--model.speed.packing", "false", "--model.speed.loss", "chunked", "--data.init_args.batch_size", "2",
         "--trainer.accumulate_grad_batches", "4"],
 }
+
+
+def _config_as_run(name: str, config: str) -> list[str]:
+    return [o for (prefix, path), overrides in CONFIG_AS_RUN.items() if path == config and name.startswith(prefix)
+            for o in overrides]
 
 
 @pytest.mark.parametrize("name,result", list(_fit_smoke_cases()))
@@ -85,7 +96,10 @@ def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
         args = args[2:]
     configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
     overrides = [a for i, a in enumerate(args[1:]) if a != "--config" and args[i] != "--config"]
-    overrides = [o for c in configs for o in CONFIG_AS_RUN.get((name[:10], c), [])] + overrides
+    restored = [o for c in configs for o in _config_as_run(name, c)]
+    if any(c.startswith("configs/strategy/") for c in configs):  # the run named its strategy: it wins
+        restored = [o for i, o in enumerate(restored) if ZERO2 not in (restored[i:i + 2], restored[i - 1:i + 1])]
+    overrides = restored + overrides
     if name in FULL_LOSS_BEFORE_SPEED:
         overrides += ["--model.speed.loss", "full"]
     est = estimate(*run_from_config(configs, overrides))
@@ -178,14 +192,33 @@ def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
 
 
 def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
-    short = run_from_config(["configs/mgm2b_lora.yaml"], [
+    short = run_from_config(["configs/mgm2b_lora.yaml", "configs/strategy/zero2.yaml"], [
         "--data.max_length", "512", "--data.batch_size", "4", "--trainer.strategy.stage", "3", "--trainer.devices",
         "[0,1]"])
-    long = run_from_config(["configs/mgm2b_lora.yaml"], ["--data.init_args.max_length", "512",
-                                                         "--data.init_args.batch_size", "4",
-                                                         "--trainer.strategy.init_args.stage", "3",
-                                                         "--trainer.devices", "2"])
+    long = run_from_config(["configs/mgm2b_lora.yaml", "configs/strategy/zero2.yaml"], [
+        "--data.init_args.max_length", "512", "--data.init_args.batch_size", "4",
+        "--trainer.strategy.init_args.stage", "3", "--trainer.devices", "2"])
     assert short[-1] == long[-1]
     assert (short[-1].seq_len, short[-1].batch_size, short[-1].zero_stage, short[-1].world_size) == (512, 4, 3, 2)
     named = run_from_config(["configs/demo_chat.yaml"], ["--trainer.strategy", "deepspeed_stage_2_offload"])[-1]
     assert (named.zero_stage, named.offload_optimizer) == (2, True)
+
+
+def test_fastest_fitting_setting_follows_the_measured_saturation_points(in_repo_root):
+    """By hand from mgmlora.speed_plan's model: MGM-2B (dense, 2048-position rows) saturates at 2 rows, so with room
+    for 2 rows without checkpointing that wins (speed 1.0 vs 0.75); Qwen3-30B-A3B (MoE) at ~545 tokens per sample
+    saturates at ceil(32768 / 545) = 61 samples, reachable only with checkpointing within 80 GiB."""
+    from mgmlora.speed_plan import candidates
+
+    mgm = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 80)
+    assert (mgm[0].gradient_checkpointing, mgm[0].batch_size, mgm[0].relative_speed) == (False, 2, 1.0)
+    qwen_run = run_from_config(["configs/qwen3-30b-a3b_lora_chameleons.yaml"],
+                               ["--model.model.model_path", "null", "--data.init_args.max_length", "545"])
+    qwen = candidates(*qwen_run, 80)
+    assert (qwen[0].gradient_checkpointing, qwen[0].batch_size, qwen[0].relative_speed) == (True, 61, 0.75)
+    assert all(s.total_gib <= 80 for s in mgm + qwen)
+    assert [s.relative_speed for s in qwen] == sorted((s.relative_speed for s in qwen), reverse=True)
+    tight = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 24)
+    assert tight and all(s.total_gib <= 24 for s in tight)
+    printed = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
+    assert printed["fastest_fitting"][0] == vars(tight[0])

@@ -87,6 +87,6 @@ def test_transformers_experts_attributes_this_path_reads():
 
 def test_model_args_choose_the_experts_implementation():
     args = dict(preset="tiny-qwen3-moe", dtype="float32", gradient_checkpointing=False)
-    assert load_model(ModelArgs(**args)).model.config._experts_implementation == "grouped_mm"
-    assert load_model(ModelArgs(**args, experts_implementation=FAST_EXPERTS)).model.config._experts_implementation \
-        == FAST_EXPERTS
+    assert load_model(ModelArgs(**args)).model.config._experts_implementation == FAST_EXPERTS
+    assert load_model(ModelArgs(**args, experts_implementation="grouped_mm")).model.config._experts_implementation \
+        == "grouped_mm"

@@ -90,8 +90,9 @@ def image_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return "the file does not exist"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return (f"{err} If you trust the data, raise data.init_args.max_image_pixels (null: no limit), or shrink the "
-                "image")
+        return (f"{err} The limit is data.init_args.max_image_pixels = {Image.MAX_IMAGE_PIXELS} pixels (Pillow "
+                "errors above twice that, and mgmlora above it); if you trust the data, raise it (null: no limit), or "
+                "shrink the image")
     except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
         return f"{type(err).__name__}: {err}"
     return None

@@ -1,8 +1,9 @@
 r"""LLaVA-style image-text JSON and MGM's Gemma conversation template.
 
 Records: `{"id": str, "image": "relative/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value":
-str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). `<image>` anywhere in a
-message is moved to the front of the first human turn (`"<image>\n" + rest`).
+str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). A record with an `image`
+has at most one `<image>` tag, in a human turn; it is moved to the front of the first human turn (`"<image>\n" +
+rest`), and put there when the record has none. A record without `image` has no tag (a text-only sample).
 
 Template (MGM `conv_gemma`, both stages of MGM-2B; ../shared/docs/mgm.md section 4.2):
 

@@ -95,3 +95,8 @@ def test_a_missing_or_empty_tokenizer_directory_names_the_path_and_the_key(tmp_p
         ChatDataModule(str(TRAIN), tokenizer_path=str(missing)).setup("fit")
     with pytest.raises(FileNotFoundError, match=r"data.init_args.tokenizer_path: .* holds no tokenizer"):
         ChatDataModule(str(TRAIN), tokenizer_path=str(tmp_path)).setup("fit")
+
+    from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # the model's tokenizer: the same check, its key
+
+    with pytest.raises(FileNotFoundError, match=r"model.model.tokenizer_path: tokenizer directory .* does not exist"):
+        load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(missing)))

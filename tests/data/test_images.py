@@ -58,18 +58,23 @@ def _case(mode: str, tmp_path):
     elif mode == "RGBA":
         a = rng.integers(0, 256, (8, 16, 4), dtype=np.uint8)
         img, expected = Image.fromarray(a, mode="RGBA"), _composite(a[..., :3].astype(float), a[..., 3])
+    elif mode == "L+tRNS":  # greyscale PNG whose value 0 is the transparent colour key
+        grey = rng.integers(0, 4, (8, 16), dtype=np.uint8) * 60
+        img = Image.fromarray(grey, mode="L")
+        img.info["transparency"] = 0
+        expected = _grey(np.where(grey == 0, 255, grey))
     elif mode == "1":
         bits = rng.integers(0, 2, (8, 16)).astype(bool)
         img, expected = Image.fromarray(bits), _grey(bits * 255)
     else:
         raise AssertionError(mode)
-    path = tmp_path / f"{mode.replace(';', '_')}.{'tif' if mode in ('F', 'I', 'CMYK') else 'png'}"
-    img.save(path)
-    assert Image.open(path).mode == mode  # the file really holds that mode
+    path = tmp_path / f"{mode.replace(';', '_').replace('+', '_')}.{'tif' if mode in ('F', 'I', 'CMYK') else 'png'}"
+    img.save(path, **({"transparency": 0} if mode == "L+tRNS" else {}))
+    assert Image.open(path).mode == mode.split("+")[0]  # the file really holds that mode
     return path, expected
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F", "CMYK", "P", "LA", "RGBA", "1"])
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "CMYK", "P", "LA", "RGBA", "L+tRNS", "1"])
 def test_every_common_mode_converts_to_rgb_by_the_documented_rule(tmp_path, mode):
     path, expected = _case(mode, tmp_path)
     got = _rgb(path)

@@ -7,7 +7,7 @@ what the towers see does not depend on how a file happened to be saved:
     L, 1, P (opaque), CMYK   Pillow's conversion (CMYK: R = (255 - C)(255 - K) / 255, no ICC colour management)
     I;16*, I                 16-bit grey: v * 255 / 65535, rounded (values outside 0..65535 are clipped)
     F                        float grey in [0, 1]: v * 255, rounded (values outside [0, 1] are clipped)
-    RGBA, LA, PA, P + transparency
+    RGBA, LA, PA, and P, L or RGB with a transparent palette entry or colour key (PNG tRNS)
                              composited over ALPHA_BACKGROUND (white), as image viewers show them; dropping the
                              alpha channel instead would show whatever colour transparent pixels happen to store
 
@@ -47,17 +47,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     Raises:
         ValueError: for a mode Pillow cannot convert to RGB (its own message).
     """
-    if img.mode == "RGB":
-        return img.copy()  # a copy, so that it outlives the file it was read from
     if img.mode.startswith(("I", "F")):  # "I", "I;16", "I;16B", "I;16L", "I;16N", "F": more than 8 bits per value
         full_scale = 65535.0 if img.mode.startswith("I") else 1.0
         # float keeps the precision; F -> L rounds and clips to 0..255 (I -> L would truncate instead)
         grey = img.convert("F").point(lambda v: v * (255.0 / full_scale)).convert("L")
         return grey.convert("RGB")
-    if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:  # an alpha channel, or a transparent palette/colour key
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img.copy()  # a copy, so that it outlives the file it was read from
     return img.convert("RGB")
 
 

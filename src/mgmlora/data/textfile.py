@@ -6,6 +6,7 @@ position 1234"), which leaves the user searching a multi-gigabyte JSON for one L
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 
@@ -15,12 +16,14 @@ def read_utf8(path: Path, error: type[Exception]) -> str:
     Raises:
         error: naming the file, line and column of the first byte that is not UTF-8, and the fix.
     """
-    data = path.read_bytes()
+    raw = path.read_bytes()
+    data = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise error(f"{path}: line {line}, column {column} (byte {err.start}): byte 0x{data[err.start]:02x} is not "
-                    f"UTF-8 ({err.reason}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
-                    "fixed.json).") from err
+        column = len(data[data.rfind(b"\n", 0, err.start) + 1:err.start].decode("utf-8")) + 1  # in characters
+        byte = err.start + len(raw) - len(data)
+        raise error(f"{path}: line {line}, column {column} (byte {byte}): byte 0x{data[err.start]:02x} is not UTF-8 "
+                    f"({err.reason}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
+                    f"{path.stem}.utf8{path.suffix}).") from err

@@ -272,7 +272,8 @@ class LoraLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""
-        check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable, self.info.family)
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # evaluation restores no optimizer state
+            check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable, self.info.family)
         self.configure_model()
         # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
         with gathered(self.model, self._trainer, modifier_rank=0):

@@ -143,3 +143,31 @@ def test_plain_loader_without_window_counts_averages_micro_batch_means(tmp_path)
     once, twice = grads(1, 1), grads(2, 2)  # the same micro-batch twice: the mean of means equals one of them
     for name in once:
         torch.testing.assert_close(twice[name], once[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _fit_mgm(tmp_path, projector, max_steps, ckpt_path=None, fn="fit"):
+    from mgmlora.data.multimodal import LlavaDataModule
+    from mgmlora.trainable import Trainability
+    from tests.conftest import ASSETS
+
+    torch.manual_seed(0)
+    model = ModelArgs(preset="tiny-mgm", tokenizer_path=str(ASSETS / "gemma_tokenizer"), dtype="float32",
+                      gradient_checkpointing=False)
+    module = LoraLitModule(model, LoraArgs(preset="balanced", lora_dropout=0.0), OptimArgs(warmup_ratio=0.0),
+                           Trainability(projector=projector))
+    data = LlavaDataModule(str(ASSETS / "llava" / "llava_demo.json"), str(ASSETS / "llava"), batch_size=2,
+                           val_path=str(ASSETS / "llava" / "llava_demo_val.json"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path,
+                        callbacks=[ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1)])
+    getattr(trainer, fn)(module, data, ckpt_path=ckpt_path)
+
+
+def test_resume_with_other_trainable_settings_names_the_keys_that_differ(tmp_path):
+    _fit_mgm(tmp_path, "full", max_steps=1)
+    ckpt = tmp_path / "ckpt" / "step=1.ckpt"
+    with pytest.raises(ValueError, match=r"model.trainable.projector: checkpoint 'full' vs config 'frozen'.*Set these "
+                                         r"keys back to the checkpoint's values"):
+        _fit_mgm(tmp_path, "frozen", max_steps=2, ckpt_path=ckpt)
+    _fit_mgm(tmp_path, "frozen", max_steps=2, ckpt_path=ckpt, fn="validate")  # no optimizer state: evaluates

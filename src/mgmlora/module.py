@@ -33,7 +33,7 @@ from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
 from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
-from mgmlora.trainable import Trainability, apply_trainability, component_report, load_trainables
+from mgmlora.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
 
 
 def _norm(value):
@@ -272,6 +272,8 @@ class LoraLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # evaluation restores no optimizer state
+            check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable, self.info.family)
         self.configure_model()
         # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
         with gathered(self.model, self._trainer, modifier_rank=0):

@@ -65,6 +65,27 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
     return model, plan
 
 
+def check_resume(saved: dict | None, current: Trainability, family: str) -> None:
+    """Refuses to resume a run whose checkpoint trained other components than this config does.
+
+    The optimizer state in the checkpoint holds one entry per trainable parameter of the run that wrote it; with other
+    `trainable.*` settings, Lightning fails deep inside the optimizer load ("different number of parameter groups")
+    or, worse, when the counts happen to match, pairs Adam moments with the wrong parameters. `saved` is the
+    checkpoint's `trainable` hyper-parameters (None for checkpoints without them: nothing to compare).
+
+    Raises:
+        ValueError: naming each `model.trainable.*` key that differs, both values and the fix.
+    """
+    keys = ("llm", "projector") if family == "mgm" else ("llm",)  # the projector exists only in MGM
+    diffs = [f"model.trainable.{k}: checkpoint {saved[k]!r} vs config {getattr(current, k)!r}"
+             for k in keys if saved and k in saved and saved[k] != getattr(current, k)]
+    if diffs:
+        raise ValueError(f"cannot resume: the checkpoint was trained with other trainable settings ("
+                         f"{'; '.join(diffs)}), so its optimizer state belongs to other parameters. Set these keys "
+                         "back to the checkpoint's values to resume, or start a new run without ckpt_path to train "
+                         "with the new ones.")
+
+
 def component_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(trainable, total) parameter counts per component: LLM, LoRA adapters, projector + mining, vision towers."""
     groups: dict[str, list[int]] = {}

@@ -70,3 +70,33 @@ def test_bad_records_name_file_line_and_key(tmp_path, line, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_chat_jsonl(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("reader", ["chat", "llava", "chameleons"])
+def test_bytes_that_are_not_utf8_are_named_by_file_line_and_column(tmp_path, reader):
+    from mgmlora.data.chameleons import load_records
+    from mgmlora.data.llava import read_llava_json
+
+    read = {"chat": read_chat_jsonl, "llava": read_llava_json, "chameleons": load_records}[reader]
+    path = tmp_path / "latin1.json"
+    # a Latin-1 e-acute at line 2, column 12 (byte 22 of the file)
+    path.write_bytes(b'[{"a": 1},\n {"b": "caf' + "\u00e9".encode("latin-1") + b'"}]\n')
+    with pytest.raises(ValueError, match=r"latin1.json: line 2, column 12 \(byte 22\): byte 0xe9 is not UTF-8 .*"
+                                         r"re-save the file as UTF-8"):
+        read(path)
+
+
+def test_a_missing_or_empty_tokenizer_directory_names_the_path_and_the_key(tmp_path):
+    from mgmlora.data.datamodule import ChatDataModule
+
+    missing = tmp_path / "no_such_tokenizer"
+    with pytest.raises(FileNotFoundError, match=rf"data.init_args.tokenizer_path: tokenizer directory "
+                                                rf"'{missing}' does not exist; set data.init_args.tokenizer_path"):
+        ChatDataModule(str(TRAIN), tokenizer_path=str(missing)).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"data.init_args.tokenizer_path: .* holds no tokenizer"):
+        ChatDataModule(str(TRAIN), tokenizer_path=str(tmp_path)).setup("fit")
+
+    from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # the model's tokenizer: the same check, its key
+
+    with pytest.raises(FileNotFoundError, match=r"model.model.tokenizer_path: tokenizer directory .* does not exist"):
+        load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(missing)))

@@ -77,6 +77,18 @@ def test_preprocessing_pads_non_square_and_greyscale_images_with_the_mean_colour
     ({"id": "a"}, "record 0 \\(id='a'\\): key 'conversations' must be a list"),
     ({"id": "b", "image": ["x.png"], "conversations": []}, "key 'image' must be a path string"),
     ({"id": "c", "conversations": [{"from": "bot", "value": "x"}]}, r"conversations\[0\] must be"),
+    ({"id": "d", "image": "a.png", "conversations": [{"from": "human", "value": "<image> and <image>?"},
+                                                     {"from": "gpt", "value": "Two."}]},
+     r"record 0 \(id='d'\): 2 <image> tags .*one image per sample; keep one <image> tag"),
+    ({"id": "e", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt",
+                                                     "value": "B."}, {"from": "human", "value": "<image>\nC?"},
+                                                     {"from": "gpt", "value": "D."}]},
+     r"2 <image> tags \(in conversations\[0, 2\]\)"),
+    ({"id": "f", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A."}]},
+     r"record 0 \(id='f'\): conversations\[0\] has an <image> tag but the record has no 'image' key; add"),
+    ({"id": "g", "image": "a.png", "conversations": [{"from": "human", "value": "Q?"},
+                                                     {"from": "gpt", "value": "<image> A."}]},
+     r"the <image> tag is in a gpt turn \(conversations\[1\]\)"),
 ])
 def test_bad_records_are_named(tmp_path, record, message):
     path = tmp_path / "bad.json"
@@ -98,8 +110,8 @@ def _datamodule(tmp_path=None, records=None, **kwargs):
     if records is not None:
         train = tmp_path / "train.json"
         train.write_text(json.dumps(records))
-    dm = LlavaDataModule(str(train), image_folder=str(LLAVA), tokenizer_path=str(ASSETS / "gemma_tokenizer"),
-                         batch_size=4, **kwargs)
+    dm = LlavaDataModule(str(train), tokenizer_path=str(ASSETS / "gemma_tokenizer"), batch_size=4,
+                         **{"image_folder": str(LLAVA), **kwargs})
     trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)
     trainer.strategy.connect(_Geometry())
     dm.trainer = trainer
@@ -120,7 +132,22 @@ def test_datamodule_mixes_text_only_and_image_samples_in_batches():
 def test_missing_image_is_an_error_naming_the_record_or_a_counted_skip(tmp_path):
     records = read_llava_json(LLAVA / "llava_demo.json")[:3]
     records[1]["image"] = "images/nope.png"
-    with pytest.raises(FileNotFoundError, match="record id='img-01': image .*nope.png.*skip_bad_images"):
+    with pytest.raises(OSError, match=r"record 1 \(id='img-01'\): image .*nope.png.*does not exist.*skip_bad_images"):
         _datamodule(tmp_path, records)
     dm = _datamodule(tmp_path, records, skip_bad_images=True)
     assert dm.stats["train:samples"] == 2 and dm.stats["train:skipped_bad_image"] == 1
+
+
+def test_text_only_data_modules_refuse_an_mgm_model(tmp_path):
+    from mgmlora.data.datamodule import ChatDataModule
+    from mgmlora.data.persona import ChameleonsDataModule
+    from tests.conftest import TOKENIZER, TRAIN
+
+    for dm in (ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER)),
+               ChameleonsDataModule(str(ASSETS / "chameleons_demo.json"), tokenizer_path=str(TOKENIZER))):
+        trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)
+        trainer.strategy.connect(_Geometry())
+        dm.trainer = trainer
+        with pytest.raises(ValueError, match=rf"data.class_path \S+{type(dm).__name__} has no images but the model "
+                                             r"is MGM.*data.class_path: mgmlora.data.multimodal.LlavaDataModule"):
+            dm.setup("fit")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mgmlora.data.textfile import read_utf8
+
 SplitMode = Literal["per_user", "held_out_users"]
 
 
@@ -66,12 +68,13 @@ def load_records(path: str | Path) -> list[dict]:
 
     Raises:
         FileNotFoundError: when `path` does not exist.
-        ChameleonsFormatError: for invalid JSON, an empty file, or a top level that is not a non-empty array.
+        ChameleonsFormatError: for bytes that are not UTF-8, invalid JSON, an empty file, or a top level that is not
+            a non-empty array.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Chameleons file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, ChameleonsFormatError)
     if not text.strip():
         raise ChameleonsFormatError(f"{path}: the file is empty; expected a JSON array of records.")
     try:

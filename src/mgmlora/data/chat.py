@@ -15,6 +15,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from mgmlora.data.textfile import read_utf8
+
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -48,24 +50,24 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
 
     Raises:
         FileNotFoundError: when `path` does not exist.
-        DataFormatError: naming the file, line number and key, for invalid JSON or an invalid conversation.
+        DataFormatError: naming the file, line number and key, for bytes that are not UTF-8, invalid JSON or an
+            invalid conversation.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{where}: not valid JSON ({err.msg}); write one JSON object per line.") from err
-            if not isinstance(record, dict) or "messages" not in record:
-                raise DataFormatError(f"{where}: missing key 'messages' (expected {{\"messages\": [...]}}).")
-            conversations.append(_check_messages(record["messages"], where))
+    for line_no, line in enumerate(read_utf8(path, DataFormatError).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{where}: not valid JSON ({err.msg}); write one JSON object per line.") from err
+        if not isinstance(record, dict) or "messages" not in record:
+            raise DataFormatError(f"{where}: missing key 'messages' (expected {{\"messages\": [...]}}).")
+        conversations.append(_check_messages(record["messages"], where))
     if not conversations:
         raise DataFormatError(f"{path}: no conversations found (the file is empty).")
     return conversations

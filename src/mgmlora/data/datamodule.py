@@ -87,6 +87,8 @@ class TokenizedDataModule(L.LightningDataModule):
     num_workers, shuffle, seed, drop_last; and max_tokens to offer the token budget.
     """
 
+    takes_images = False  # whether samples carry images (an MGM model trained on text-only data is refused)
+
     def __init__(self):
         super().__init__()
         self.splits: dict[str, list[TokenizedSample]] = {}
@@ -98,9 +100,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _get_tokenizer(self):
         if self.hparams.tokenizer_path:
-            from transformers import AutoTokenizer
+            from mgmlora.models.causal_lm import load_tokenizer_dir
 
-            return AutoTokenizer.from_pretrained(self.hparams.tokenizer_path, local_files_only=True)
+            return load_tokenizer_dir(self.hparams.tokenizer_path, "data.init_args.tokenizer_path")
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or getattr(module, "tokenizer", None) is None:
             raise ValueError(f"{type(self).__name__} needs a tokenizer: set data.tokenizer_path, or attach it to a "
@@ -109,12 +111,23 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
+        self._check_model_family()
         self.tokenizer = self.tokenizer or self._get_tokenizer()
         self._build_splits(stage)
         if stage == "validate" and "val" not in self.splits:
             raise ValueError("`validate` needs a validation split (set the data's validation path or ratio).")
         if stage == "test" and "test" not in self.splits:
             raise ValueError("`test` needs data.init_args.test_path.")
+
+    def _check_model_family(self) -> None:
+        """Refuses text-only data for an image model, where every sample would silently train without its image."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        info = getattr(module, "info", None)
+        if getattr(info, "family", None) == "mgm" and not self.takes_images:
+            raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
+                             "model is MGM, so every sample would train text-only. Set data.class_path: "
+                             "mgmlora.data.multimodal.LlavaDataModule (LLaVA JSON; records without an image are "
+                             "allowed there), or a text model in model.model.preset / model.model.model_path.")
 
     def _collate_fn(self):
         """Batch assembly; sources with more than text (images) override it together with `_dataset`."""

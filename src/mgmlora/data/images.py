@@ -1,13 +1,31 @@
-"""MGM image preprocessing with Pillow and torch (transformers' CLIPImageProcessor needs torchvision).
+"""MGM image loading and preprocessing with Pillow and torch (transformers' CLIPImageProcessor needs torchvision).
 
-As MGM's processor, re-targeted to the aux size (../shared/docs/mgm.md section 4.4): optionally pad to a square with
-the CLIP mean colour (`pad`, stage 2 and eval) or resize the shortest edge and centre-crop (`square`, stage 1), then a
-bicubic resize to the aux size, scale to [0, 1] and CLIP normalisation -> the aux image (3, 768, 768). The low-res CLIP
-input is a bilinear downsample of that *normalised* tensor (not a fresh resize) -> (3, 336, 336).
+Loading (`load_rgb`) decodes the whole file and brings every common mode to 8-bit RGB with a defined rule, so that
+what the towers see does not depend on how a file happened to be saved:
+
+    RGB                      as is
+    L, 1, P (opaque), CMYK   Pillow's conversion (CMYK: R = (255 - C)(255 - K) / 255, no ICC colour management)
+    I;16*, I                 16-bit grey: v * 255 / 65535, rounded (values outside 0..65535 are clipped)
+    F                        float grey in [0, 1]: v * 255, rounded (values outside [0, 1] are clipped)
+    RGBA, LA, PA, and P, L or RGB with a transparent palette entry or colour key (PNG tRNS)
+                             composited over ALPHA_BACKGROUND (white), as image viewers show them; dropping the
+                             alpha channel instead would show whatever colour transparent pixels happen to store
+
+Image size is bounded by Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`), which the LLaVA data
+module sets from `data.init_args.max_image_pixels`.
+
+Preprocessing as MGM's processor, re-targeted to the aux size (../shared/docs/mgm.md section 4.4): optionally pad to a
+square with the CLIP mean colour (`pad`, stage 2 and eval) or resize the shortest edge and centre-crop (`square`,
+stage 1), then a bicubic resize to the aux size, scale to [0, 1] and CLIP normalisation -> the aux image
+(3, 768, 768). The low-res CLIP input is a bilinear downsample of that *normalised* tensor (not a fresh resize)
+-> (3, 336, 336).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -18,13 +36,80 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
+ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become
 AspectRatio = Literal["pad", "square"]
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image, by the rules in the module docstring.
+
+    Raises:
+        ValueError: for a mode Pillow cannot convert to RGB (its own message).
+    """
+    if img.mode.startswith(("I", "F")):  # "I", "I;16", "I;16B", "I;16L", "I;16N", "F": more than 8 bits per value
+        full_scale = 65535.0 if img.mode.startswith("I") else 1.0
+        # float keeps the precision; F -> L rounds and clips to 0..255 (I -> L would truncate instead)
+        grey = img.convert("F").point(lambda v: v * (255.0 / full_scale)).convert("L")
+        return grey.convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:  # an alpha channel, or a transparent palette/colour key
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img.copy()  # a copy, so that it outlives the file it was read from
+    return img.convert("RGB")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Opens an image as RGB (greyscale, palette and RGBA images are converted)."""
+    """Opens and fully decodes an image, as 8-bit RGB (see the module docstring for each mode).
+
+    Decoding everything (`load`), not only the header, is what surfaces a truncated or corrupt pixel stream here
+    rather than later in a training step.
+
+    Raises:
+        OSError: missing, unreadable or corrupt file (`PIL.UnidentifiedImageError` is one).
+        PIL.Image.DecompressionBombError: more than twice `Image.MAX_IMAGE_PIXELS` pixels (Pillow warns above once).
+    """
     with Image.open(path) as img:
-        return img.convert("RGB")
+        img.load()
+        return to_rgb(img)
+
+
+class ImageLoadError(OSError):
+    """An image of a data record cannot be used; the message names the data file, the record, the image and the fix."""
+
+
+def image_problem(path: Path) -> str | None:
+    """Why the image at `path` cannot be trained on, in one line; None when it decodes and converts.
+
+    It runs `load_rgb`, the very function training uses, so a file that passes here loads in training too.
+    """
+    try:
+        load_rgb(path)
+    except FileNotFoundError:
+        return "the file does not exist"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return (f"{err} The limit is data.init_args.max_image_pixels = {Image.MAX_IMAGE_PIXELS} pixels (Pillow "
+                "errors above twice that, and mgmlora above it); if you trust the data, raise it (null: no limit), or "
+                "shrink the image")
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def find_bad_images(paths: list[Path], workers: int | None = None) -> dict[Path, str]:
+    """Decodes every image in `paths` in full (threads: Pillow's decoders release the GIL) -> {path: problem}.
+
+    Over `Image.MAX_IMAGE_PIXELS`, Pillow only warns (DecompressionBombWarning) up to twice the limit; here that warning
+    is an error too, so the limit the user configured is the limit that holds.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    with warnings.catch_warnings():  # global filters: the pool's threads see this one
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = dict(zip(paths, pool.map(image_problem, paths)))
+    return {path: problem for path, problem in problems.items() if problem}
 
 
 def _pad_to_square(img: Image.Image) -> Image.Image:

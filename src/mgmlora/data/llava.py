@@ -1,8 +1,9 @@
 r"""LLaVA-style image-text JSON and MGM's Gemma conversation template.
 
 Records: `{"id": str, "image": "relative/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value":
-str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). `<image>` anywhere in a
-message is moved to the front of the first human turn (`"<image>\n" + rest`).
+str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). A record with an `image`
+has at most one `<image>` tag, in a human turn; it is moved to the front of the first human turn (`"<image>\n" +
+rest`), and put there when the record has none. A record without `image` has no tag (a text-only sample).
 
 Template (MGM `conv_gemma`, both stages of MGM-2B; ../shared/docs/mgm.md section 4.2):
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample
+from mgmlora.data.textfile import read_utf8
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 
 IMAGE = "<image>"
@@ -41,7 +43,7 @@ def read_llava_json(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LLaVA data file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, LlavaFormatError)
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
                                                                           if x.strip()]
@@ -60,7 +62,29 @@ def read_llava_json(path: str | Path) -> list[dict]:
                     turn.get("value"), str):
                 raise LlavaFormatError(f"{where}: conversations[{k}] must be {{\"from\": \"human\"|\"gpt\", \"value\": "
                                        f"str}}, got {turn!r:.80}.")
+        _check_image_tags(record, where)
     return records
+
+
+def _check_image_tags(record: dict, where: str) -> None:
+    """One image per sample, and an `<image>` tag only where there is an image.
+
+    A record with an `image` and no tag is fine (the tag is put in front of the first question), and so is a record
+    with neither (a text-only sample, part of MGM's recipe). Two tags would be merged into one image slot, and a tag
+    without an image would be dropped and the record trained text-only: both mean the data is not what its author
+    thinks it is.
+    """
+    tags = [k for k, turn in enumerate(record["conversations"]) for _ in range(turn["value"].count(IMAGE))]
+    if len(tags) > 1:
+        raise LlavaFormatError(f"{where}: {len(tags)} {IMAGE} tags (in conversations{sorted(set(tags))}), but MGM "
+                               f"takes one image per sample; keep one {IMAGE} tag and split the rest into records of "
+                               "their own.")
+    if tags and "image" not in record:
+        raise LlavaFormatError(f"{where}: conversations[{tags[0]}] has an {IMAGE} tag but the record has no 'image' "
+                               f"key; add the image's path under 'image', or remove the tag for a text-only sample.")
+    if tags and record["conversations"][tags[0]]["from"] != "human":
+        raise LlavaFormatError(f"{where}: the {IMAGE} tag is in a gpt turn (conversations[{tags[0]}]); move it to a "
+                               "human turn (the model cannot be trained to emit an image).")
 
 
 def render(record: dict) -> tuple[str, list[tuple[int, int]]]:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.datamodule import TokenizedDataModule
-from mgmlora.data.images import AspectRatio, blank, load_rgb, preprocess
+from mgmlora.data.images import AspectRatio, ImageLoadError, blank, find_bad_images, load_rgb, preprocess
 from mgmlora.data.llava import fit_after_expansion, read_llava_json, tokenize_record
 from mgmlora.data.sampling import WindowKey
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
@@ -22,8 +22,10 @@ from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 class _ImageSamples(Dataset):
     """Pre-tokenised samples whose images are read and preprocessed when the batch is built (in workers)."""
 
-    def __init__(self, samples: list[TokenizedSample], folder: Path, size: int, size_aux: int, aspect: AspectRatio):
+    def __init__(self, samples: list[TokenizedSample], folder: Path, size: int, size_aux: int, aspect: AspectRatio,
+                 max_pixels: int | None = Image.MAX_IMAGE_PIXELS):
         self.samples, self.folder, self.size, self.size_aux, self.aspect = samples, folder, size, size_aux, aspect
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -32,8 +34,17 @@ class _ImageSamples(Dataset):
         index, window = (key.index, key.window_tokens) if isinstance(key, WindowKey) else (key, None)
         sample = self.samples[index]
         image = sample.meta.get("image")
-        pixels = (preprocess(load_rgb(self.folder / image), self.size_aux, self.size, self.aspect) if image
-                  else blank(self.size_aux, self.size))
+        if not image:
+            return sample, window, blank(self.size_aux, self.size)
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # per process: spawned workers start from Pillow's default
+        try:
+            pixels = preprocess(load_rgb(self.folder / image), self.size_aux, self.size, self.aspect)
+        except Exception as err:  # whatever Pillow raises, say which record it was
+            meta = sample.meta
+            raise ImageLoadError(f"{meta.get('file')}: record {meta.get('record')} (id={meta.get('id')!r}): image "
+                                 f"{str(self.folder / image)!r} failed to load during training ({type(err).__name__}: "
+                                 f"{err}); it decoded at set-up, so the file changed since. Restore or replace it, "
+                                 "then resume from the last checkpoint.") from err
         return sample, window, pixels
 
 
@@ -62,7 +73,11 @@ class LlavaDataModule(TokenizedDataModule):
         val_path: validation records (null: no validation).
         test_path: records for the `test` subcommand.
         image_aspect_ratio: pad (to a square with the mean colour; MGM stage 2) or square (centre crop; stage 1).
-        skip_bad_images: skip (and count) records whose image is missing or unreadable instead of failing at setup.
+        skip_bad_images: skip (count, and name in a warning) records whose image is missing, corrupt or too large,
+            instead of failing at set-up. Set-up decodes every image in full (threads), so a bad file cannot stop
+            training mid-epoch.
+        max_image_pixels: Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, default its own 89.5 M
+            pixels); a larger image is a bad image. Raise it (null: no limit) only for data you trust.
         tokenizer_path: tokenizer directory; null uses the model's tokenizer.
         max_length: length limit after image expansion; null takes the model's tokenizer_model_max_length. Samples
             are cut at the end to fit; one left without a supervised token is skipped and counted.
@@ -77,8 +92,11 @@ class LlavaDataModule(TokenizedDataModule):
             micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
     """
 
+    takes_images = True
+
     def __init__(self, train_path: str, image_folder: str, val_path: str | None = None, test_path: str | None = None,
                  image_aspect_ratio: AspectRatio = "pad", skip_bad_images: bool = False,
+                 max_image_pixels: int | None = 89_478_485,
                  tokenizer_path: str | None = None, max_length: int | None = None, batch_size: int = 1,
                  eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, max_tokens: int | None = None):
@@ -95,43 +113,47 @@ class LlavaDataModule(TokenizedDataModule):
                              "model_path): image geometry comes from its config.")
         return image_geometry(info)
 
-    def _image_ok(self, record: dict, path: Path) -> str | None:
-        image = self.hparams.image_folder and Path(self.hparams.image_folder) / record["image"]
-        try:
-            with Image.open(image) as img:
-                img.verify()
-            return None
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            return (f"{path}: record id={record.get('id')!r}: image {str(image)!r} is missing or unreadable ({err}). "
-                    "Fix data.init_args.image_folder or the record, or set data.init_args.skip_bad_images: true.")
-
     def _build(self, split: str, path: str) -> None:
         hp, geo = self.hparams, self.geometry
         max_length = hp.max_length or geo["max_length"]
-        samples, bad_images, too_long = [], 0, 0
-        for record in read_llava_json(path):
-            if "image" in record and (problem := self._image_ok(record, Path(path))):
+        records, folder = read_llava_json(path), Path(hp.image_folder)
+        bad = find_bad_images(sorted({folder / r["image"] for r in records if "image" in r}))
+        samples, skipped, too_long = [], [], 0
+        for i, record in enumerate(records):
+            where = f"record {i} (id={record.get('id')!r})"
+            if "image" in record and (problem := bad.get(folder / record["image"])):
                 if not hp.skip_bad_images:
-                    raise FileNotFoundError(problem)
-                bad_images += 1
+                    more = sum(1 for r in records if "image" in r and folder / r["image"] in bad) - 1
+                    raise ImageLoadError(
+                        f"{path}: {where}: image {str(folder / record['image'])!r}: {problem}. Fix the file, the "
+                        "record's 'image' or data.init_args.image_folder, or set data.init_args.skip_bad_images: true "
+                        f"to skip such records{f' ({more} more record(s) have a bad image)' if more else ''}.")
+                skipped.append(f"{where}: {problem}")
                 continue
-            fitted = fit_after_expansion(tokenize_record(self.tokenizer, record), geo["image_tokens"], max_length)
+            sample = tokenize_record(self.tokenizer, record)
+            sample.meta.update(record=i, file=str(path))  # named by errors while loading its image in training
+            fitted = fit_after_expansion(sample, geo["image_tokens"], max_length)
             if fitted is None:
                 too_long += 1
                 continue
             samples.append(fitted)
         self.splits[split] = samples
-        self.stats.update({f"{split}:samples": len(samples), f"{split}:skipped_bad_image": bad_images,
+        self.stats.update({f"{split}:samples": len(samples), f"{split}:skipped_bad_image": len(skipped),
                            f"{split}:skipped_no_supervision": too_long})
         with_images = sum(1 for s in samples if s.meta.get("image"))
         rank_zero_info(f"LLaVA {split} {path}: {len(samples)} samples ({with_images} with an image, "
-                       f"{len(samples) - with_images} text-only); skipped {bad_images} bad image(s), {too_long} "
+                       f"{len(samples) - with_images} text-only); skipped {len(skipped)} bad image(s), {too_long} "
                        f"without a supervised token after truncation to {max_length}.")
-        if bad_images or too_long:
-            rank_zero_warn(f"LLaVA {split}: {bad_images + too_long} record(s) skipped (see the line above).")
+        if skipped:
+            rank_zero_warn(f"LLaVA {split} {path}: skipped {len(skipped)} record(s) whose image cannot be used "
+                           f"(data.init_args.skip_bad_images): {'; '.join(skipped[:5])}"
+                           f"{f'; and {len(skipped) - 5} more' if len(skipped) > 5 else ''}.")
+        if too_long:
+            rank_zero_warn(f"LLaVA {split}: {too_long} record(s) skipped (see the line above).")
 
     def _build_splits(self, stage: str) -> None:
         self.geometry = self.geometry or self._model_geometry()
+        Image.MAX_IMAGE_PIXELS = self.hparams.max_image_pixels  # Pillow's decompression-bomb guard, for the check
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
         for split in wanted:
             path = self.hparams.get(f"{split}_path")
@@ -141,7 +163,7 @@ class LlavaDataModule(TokenizedDataModule):
     def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
         geo = self.geometry
         return _ImageSamples(samples, Path(self.hparams.image_folder), geo["size"], geo["size_aux"],
-                             self.hparams.image_aspect_ratio)
+                             self.hparams.image_aspect_ratio, self.hparams.max_image_pixels)
 
     def _collate_fn(self):
         return functools.partial(_collate_images, pad_id=self.tokenizer.pad_token_id)

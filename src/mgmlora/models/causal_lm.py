@@ -145,19 +145,41 @@ def disable_gradient_checkpointing(model: PreTrainedModel) -> None:
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer_dir(path: str | Path, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer in the local directory `path`, which the config key `key` set.
+
+    Checked first because transformers takes a path that does not exist for a Hub repo id and fails with a chain of
+    errors about repo names, and an empty directory with one about sentencepiece; neither names the key to fix.
+
+    Raises:
+        FileNotFoundError: naming `path`, what is missing and `key`.
+    """
+    where = Path(path)
+    if not where.is_dir():
+        raise FileNotFoundError(f"{key}: tokenizer directory {str(path)!r} does not exist; set {key} to a local "
+                                "directory with tokenizer.json (mgmlora never downloads).")
+    if not any((where / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{key}: {str(path)!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); set {key} "
+                                "to the directory the model's tokenizer was saved in.")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
     """Loads the tokenizer from `tokenizer_path` or `model_path` and checks it can serve training.
 
     Raises:
         ValueError: when no tokenizer location is configured, or the tokenizer has no chat template.
+        FileNotFoundError: when the configured directory does not exist or holds no tokenizer.
     """
     path = args.tokenizer_path or args.model_path
     if path is None:
         raise ValueError(f"model.preset={args.preset} has no bundled weights or tokenizer: set model.tokenizer_path "
                          "(tests/assets/tokenizer for the tiny presets) or model.model_path.")
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (model.tokenizer_path / model_path).")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
+    key = "model.model.tokenizer_path" if args.tokenizer_path else "model.model.model_path"
+    tok = load_tokenizer_dir(path, key, args.trust_remote_code)
     if not tok.chat_template:
         raise ValueError(f"the tokenizer in {path} has no chat template; mgmlora builds prompts through it. Add a "
                          "chat_template.jinja to that directory.")

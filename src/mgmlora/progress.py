@@ -13,9 +13,11 @@ is right). mgmlora.cli adds this bar to every run that has a progress bar, unles
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -36,18 +38,18 @@ class StepProgressBar(TQDMProgressBar):
 
     def _show(self, n: int) -> None:
         bar = self.train_progress_bar
-        if bar.total is not None and math.isfinite(bar.total) and n > bar.total:  # never claim more than the total
+        if bar.total is not None and n > bar.total:  # never claim more than the total (an estimate fell short)
             bar.total = n
         bar.n = n
         bar.refresh()
 
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
-        super().on_train_start(trainer, pl_module)
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's training bar, created with the fit's step total, the resumed step and `step` as its unit."""
         total = self.total_train_batches
-        self.train_progress_bar.reset(total=None if math.isinf(total) else total)
-        self.train_progress_bar.unit = "step"
-        self.train_progress_bar.initial = trainer.global_step  # a resumed run starts where it stopped
-        self._show(trainer.global_step)
+        return Tqdm(desc=self.epoch_description(), total=None if math.isinf(total) else total,
+                    initial=self.trainer.global_step, unit="step", position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *_: Any) -> None:  # noqa: D102
         # one bar for the whole fit: a new epoch only changes the label (Lightning's bar resets to 0 here)

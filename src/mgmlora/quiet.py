@@ -39,8 +39,10 @@ def silence_known_notices() -> None:
     """Installs the filters above (idempotent: a second call adds nothing)."""
     for message, category, module in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    # Lightning's rank_zero_info logs through the logger of lightning.fabric.utilities.rank_zero; the filter sits on
-    # that one logger (created here if Lightning is not imported yet: the same object is returned to Lightning).
-    log = logging.getLogger("lightning.fabric.utilities.rank_zero")
-    if not any(isinstance(f, _DropLitLoggerTip) for f in log.filters):
-        log.addFilter(_DropLitLoggerTip())
+    # Lightning's rank_zero_info logs through the logger of whichever of these two modules was imported last (each
+    # repoints lightning_utilities' module-level logger at its own); the filter sits on those two loggers only
+    # (created here if Lightning is not imported yet: logging returns the same objects to Lightning).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLitLoggerTip) for f in log.filters):
+            log.addFilter(_DropLitLoggerTip())

@@ -37,3 +37,29 @@ def test_the_readmes_estimate_figures_are_what_bin_estimate_prints(capsys, in_re
     assert "verdict: does NOT fit" in out
     fix = re.search(r"cheapest change that fits: (.+) -> ([\d.]+) GiB", out)
     assert fix and full["fix"] in fix.group(1) and fix.group(2) == full["fixed"], out
+
+
+def test_the_configs_readmes_demo_chat_start_loss_is_what_the_demo_logs(tmp_path, in_repo_root):
+    import lightning as L
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mgmlora.cli import main
+
+    row = next(line for line in (ROOT / "configs" / "README.md").read_text().splitlines()
+               if line.startswith("| `demo_chat.yaml` |"))
+    quoted = re.search(r"train ([\d.]+) →", row).group(1)
+    log_every = 5  # demo_chat.yaml's log_every_n_steps: its first logged train/loss is step 5's
+    cli = main(["--config", "configs/demo_chat.yaml", "--trainer.limit_val_batches", "0",
+                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)],
+               run=False)
+
+    class StopAfterFirstLog(L.Callback):  # the config's max_steps stays: it shapes the learning-rate schedule
+        def on_train_batch_end(self, trainer, *_):
+            trainer.should_stop = trainer.global_step >= log_every
+
+    cli.trainer.callbacks.append(StopAfterFirstLog())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    events = EventAccumulator(str(tmp_path / "demo_chat" / "version_0"))
+    events.Reload()
+    first = events.Scalars("train/loss")[0]
+    assert first.step == log_every - 1 and f"{first.value:.2f}" == quoted

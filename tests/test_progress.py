@@ -4,6 +4,7 @@ import math
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from mgmlora.cli import main
 
@@ -12,10 +13,10 @@ TRAIN_SAMPLES = 96  # lines of tests/assets/persona_chat_train.jsonl (demo_chat.
 
 def _shown(bar) -> tuple[float, float | None, str]:
     """(counter, total, label) of the training bar as displayed, for Lightning's TQDM and Rich bars alike."""
-    if hasattr(bar, "train_progress_bar"):
+    if isinstance(bar, TQDMProgressBar):
         shown = bar.train_progress_bar
         return shown.n, shown.total, shown.desc
-    task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)
+    task = next(t for t in bar.progress.tasks if t.id == bar.train_progress_bar_id)  # RichProgressBar
     return task.completed, task.total, task.description
 
 

@@ -68,7 +68,8 @@ class MgmCLI(LightningCLI):
         if not deepspeed and not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AdapterCheckpointIO())
         kwargs["plugins"] = plugins
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
         if trainer_config.get("enable_progress_bar") is not False:  # None and True both mean a bar
             callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]

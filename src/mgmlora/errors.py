@@ -3,7 +3,7 @@
 Every `bin/*.py` script and `bench/sweep.py` runs its `main` through `run()`. What it does with an exception that
 reaches it:
 
-- a user error prints `error: <message>` (the exception's own message, first line) on stderr and exits with
+- a user error prints `error: <message>` (the exception's own message, joined into one line) on stderr and exits with
   `USAGE` (2) when the command line or config was rejected, or `RUNTIME` (1) when the run could not go on
   (missing file, bad data, bad checkpoint, our own checks). User errors are:
   - `MgmloraError` and its subclasses, wherever raised (`UsageError` exits 2);
@@ -64,7 +64,7 @@ def _raised_by_own_check(error: BaseException) -> bool:
     *_, innermost = traceback.extract_tb(tb)
     path = Path(innermost.filename).resolve()
     line = (innermost.line or "").strip()
-    explicit = line.startswith("raise ") and not line.startswith("raise from")  # not a bare re-raise
+    explicit = line.startswith("raise ")  # `raise X(...)`: not a bare `raise` passing on someone else's error
     return explicit and any(path.is_relative_to(root) for root in _OWN_CODE)
 
 

@@ -23,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mgmlora.errors import MgmloraError, UsageError, run  # noqa: E402
 from mgmlora.report import compare  # noqa: E402
 
 
@@ -40,11 +41,11 @@ def main(argv: list[str] | None = None) -> Path:
     devices = [common[i + 1] for i, a in enumerate(common[:-1]) if a == "--trainer.devices"]
     devices += [a.partition("=")[2] for a in common if a.startswith("--trainer.devices=")]
     if args.gpus and any(d not in ("1", "[0]") for d in devices):
-        raise SystemExit("--gpus gives each run one GPU; drop --trainer.devices from the common arguments.")
+        raise UsageError("--gpus gives each run one GPU; drop --trainer.devices from the common arguments.")
     runs = yaml.safe_load(args.sweep.read_text())["runs"]
     existing = [n for n in runs if (args.output / "runs" / n).exists()]
     if existing:  # their old event files would be mixed into the new comparison
-        raise SystemExit(f"{args.output}/runs already holds {existing}: choose a new --output or remove them.")
+        raise UsageError(f"{args.output}/runs already holds {existing}: choose a new --output or remove them.")
     commands = {}
     for name, run_args in runs.items():
         commands[name] = [sys.executable, str(ROOT / "bin" / "main.py"), "fit", *map(str, run_args), *common,
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> Path:
     if failed:
         print(f"failed runs (left out of the comparison): {failed}", flush=True)
     if not done:
-        raise SystemExit("no run of the sweep finished")
-    return compare([args.output / "runs" / n / "version_0" for n in done], args.output, done)
+        raise MgmloraError(f"no run of the sweep finished (their output: {args.output / 'runs'})")
+    md = compare([args.output / "runs" / n / "version_0" for n in done], args.output, done)
+    print(f"sweep report: {md} (table, notes and plots in {md.parent})", flush=True)
+    return md
 
 
 def run_all(commands: dict[str, list[str]], gpus: list[str | None], log_dir: Path) -> dict[str, int]:
@@ -103,4 +106,4 @@ def run_all(commands: dict[str, list[str]], gpus: list[str | None], log_dir: Pat
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

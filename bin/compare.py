@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
+from mgmlora.errors import run  # noqa: E402
 from mgmlora.report import compare  # noqa: E402
 
 
@@ -29,8 +30,9 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--names has {len(args.names)} entries for {len(args.runs)} runs")
     md = compare(args.runs, args.output, args.names)
     print(md.read_text())
+    print(f"report: {md} (plots beside it)")
     return md
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
+from mgmlora.errors import run  # noqa: E402
 from mgmlora.memory import (  # noqa: E402
     cheapest_fix,
     estimate,
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
+from mgmlora.errors import run  # noqa: E402
 from mgmlora.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
 
 
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 import torch  # noqa: E402
 
+from mgmlora.errors import run  # noqa: E402
 from mgmlora.export import build_trained_model, model_args_for, read_run_adapter  # noqa: E402
 from mgmlora.generate import GenerationArgs, generate_batch  # noqa: E402
 from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
@@ -131,4 +132,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
 from mgmlora.data.chameleons import load_records, sample_data_items  # noqa: E402
+from mgmlora.errors import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

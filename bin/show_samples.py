@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from mgmlora.cli import parse_config  # noqa: E402
 from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
 from mgmlora.data.multimodal import image_geometry  # noqa: E402
+from mgmlora.errors import run  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

@@ -18,13 +18,14 @@ def _load(path, name):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root):
+def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root, capsys):
     sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
     # --gpus: two variants at a time, each with its own CUDA_VISIBLE_DEVICES (ignored on this CPU machine) and log
     md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--gpus", "0,1",
                      "--",
                      "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
                      "--trainer.limit_val_batches", "2"])
+    assert f"sweep report: {md}" in capsys.readouterr().out  # the sweep says where its report is
     lines = md.read_text().splitlines()
     header = next(line for line in lines if line.startswith("| run"))
     assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
@@ -43,9 +44,23 @@ def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_rep
     assert logs == sorted(f"{n}.log" for n in cells)
     assert all((tmp_path / "runs" / n).stat().st_size > 0 for n in logs)
     pngs = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in pngs] == ["peak_memory.png", "train_loss_vs_step.png", "train_loss_vs_tokens.png",
-                                      "val_loss.png"]
+    # CPU runs log no peak GPU memory: that chart is left out, and the report says so instead of showing zeros
+    assert [p.name for p in pngs] == ["train_loss_vs_step.png", "train_loss_vs_tokens.png", "val_loss.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 1000 for p in pngs)
+    assert any("`peak_memory.png` left out" in line for line in lines)
+    assert not any("peak_memory.png)" in line for line in lines)
+
+    # tokens/s is the whole run's: every step's tokens over every step's time (each step logged here), not one step's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in cells:
+        events = EventAccumulator(str(tmp_path / "runs" / name / "version_0"))
+        events.Reload()
+        rates, times = events.Scalars("perf/tokens_per_s"), events.Scalars("perf/step_time_s")
+        assert len(rates) == len(times) == 4
+        whole = sum(r.value * t.value for r, t in zip(rates, times)) / sum(t.value for t in times)
+        shown = float(cells[name][COLUMNS.index("tokens/s")].replace(",", ""))
+        assert abs(shown - whole) <= 0.5 + 1e-6 * whole, (name, shown, whole)
 
 
 def test_compare_rejects_a_directory_without_logs(tmp_path):

@@ -34,6 +34,9 @@ def batch_positions(batch: dict[str, torch.Tensor], image_tokens: int) -> torch.
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s, supervised tokens/s and step time per optimizer step, and peak GPU memory on CUDA.
 
+    Also running totals since the start of fit: tokens seen and time spent in optimizer steps (validation and
+    checkpointing excluded), whose ratio is the run's whole-run throughput however often metrics are logged.
+
     Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total.
     They are summed on the device and read once per optimizer step, where the monitor synchronises anyway: a host
     read per micro-batch would stall the CPU until the GPU finished each one, and the next micro-batch's launches would
@@ -46,6 +49,7 @@ class ThroughputMonitor(L.Callback):
         self._tokens: torch.Tensor | int = 0
         self._supervised: torch.Tensor | int = 0
         self._seen = 0  # tokens since the start of fit (this rank), logged as a running total
+        self._train_time = 0.0  # seconds spent in optimizer steps since the start of fit, logged as a running total
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -68,8 +72,11 @@ class ThroughputMonitor(L.Callback):
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         tokens, supervised = int(self._tokens), int(self._supervised)
         self._seen += tokens
+        self._train_time += elapsed
+        # tokens_seen / train_time_s at any logged step is the run's whole throughput so far (mgmlora.report)
         metrics = {"perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed,
-                   "perf/supervised_tokens_per_s": supervised / elapsed, "perf/tokens_seen": float(self._seen)}
+                   "perf/supervised_tokens_per_s": supervised / elapsed, "perf/tokens_seen": float(self._seen),
+                   "perf/train_time_s": self._train_time}
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             metrics["perf/peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 
 import torch  # noqa: E402
 
@@ -23,13 +24,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
+from mgmlora.errors import USAGE, one_line  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
+from mgmlora.progress import StepProgressBar  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
+
+# exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
+# text (about 90 lines for `fit`, with the one line that matters at the bottom); main() and mgmlora.errors.run print
+# the message alone.
+PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False}
 
 
 class MgmCLI(LightningCLI):
@@ -47,7 +56,11 @@ class MgmCLI(LightningCLI):
         return commands
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints)."""
+        """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints).
+
+        Also adds StepProgressBar (optimizer steps against the run's real total) when the run shows a progress bar
+        and the config names none.
+        """
         plugins = kwargs.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         strategy = kwargs.get("strategy")
@@ -55,6 +68,13 @@ class MgmCLI(LightningCLI):
         if not deepspeed and not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AdapterCheckpointIO())
         kwargs["plugins"] = plugins
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        if trainer_config.get("enable_progress_bar") is not False:  # None and True both mean a bar
+            callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
+                kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.progress)
         return super().instantiate_trainer(**kwargs)
 
 
@@ -75,22 +95,34 @@ def parse_config(args: list[str]) -> dict:
     "512"]`): composed, short forms resolved and validated by LightningCLI's own parser.
     """
     cli = _ParseOnly(LoraLitModule, L.LightningDataModule, subclass_mode_data=True,
-                     parser_kwargs={"parser_mode": "yaml"}, args=args, run=False)
+                     parser_kwargs=PARSER_KWARGS, args=args, run=False)
     return cli.config.as_dict()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:
-    """Entry point: `python bin/main.py fit --config configs/demo.yaml [--trainer.max_steps 5 ...]`."""
-    return MgmCLI(
-        LoraLitModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "yaml"},
-        args=args,
-        run=run,
-    )
+    """Entry point: `python bin/main.py fit --config configs/demo.yaml [--trainer.max_steps 5 ...]`.
+
+    A parse error (typo in a key, wrong type, value outside a Literal, missing config file) prints
+    `error: <the parser's message>` on stderr and exits 2 (SystemExit), as the parser itself would, without the
+    usage text; `--help` has it. Everything after parsing raises; `bin/main.py` runs this through
+    `mgmlora.errors.run`, which prints user errors as one line.
+    """
+    try:
+        return MgmCLI(
+            LoraLitModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=PARSER_KWARGS,
+            args=args,
+            run=run,
+        )
+    except ArgumentError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(USAGE) from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from mgmlora.errors import run as run_main
+
+    run_main(main)

@@ -138,10 +138,11 @@ class MGMForCausalLM(nn.Module):
     def __init__(self, config: MGMConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        text = GemmaConfig(**config.text)
+        # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation (with a notice at
+        # every run); MGM-2B was trained on 4.38, which applied the exact GELU the config names
+        # (../shared/docs/mgm.md section 10.2). So the config is built without the key, which is then set as named.
+        text = GemmaConfig(**{k: v for k, v in config.text.items() if k != "hidden_act"})
         if "hidden_act" in config.text:
-            # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation; MGM-2B was
-            # trained on 4.38, which applied the exact GELU the config names (../shared/docs/mgm.md section 10.2).
             text.hidden_act = config.text["hidden_act"]
         text._attn_implementation = attn_implementation
         self.llm = GemmaForCausalLM(text)

@@ -1,0 +1,142 @@
+"""How the command-line tools end: a user's mistake is one line on stderr, a bug keeps its traceback.
+
+Every `bin/*.py` script and `bench/sweep.py` runs its `main` through `run()`. What it does with an exception that
+reaches it:
+
+- a user error prints `error: <message>` (the exception's own message, joined into one line) on stderr and exits with
+  `USAGE` (2) when the command line or config was rejected, or `RUNTIME` (1) when the run could not go on
+  (missing file, bad data, bad checkpoint, our own checks). User errors are:
+  - `MgmloraError` and its subclasses, wherever raised (`UsageError` exits 2);
+  - the parsers' `argparse.ArgumentError` (jsonargparse's too): exit 2;
+  - exception classes defined in mgmlora (the data format errors are ValueError subclasses), wherever raised;
+  - `ValueError` or `OSError` raised by an explicit `raise` statement of mgmlora's own code (the innermost frame
+    of the traceback is a `raise ...` line in `src/mgmlora`, `bin/` or `bench/`): that is one of our checks. A
+    ValueError that Python or a library raises inside our code (a failed unpacking, a bad tensor shape) stays a
+    bug;
+  - `OSError` about a file (it has a `filename`: missing, not a directory, no permission, ...), wherever raised;
+  - `torch.OutOfMemoryError`, with the hint to run `bin/estimate.py`.
+- anything else is a bug (ours or a library's): its full traceback is printed, as Python would, then one line
+  saying so, exit 1. A bug is never hidden behind one line.
+- `--debug` anywhere on the command line (removed before `main` sees it) or `MGMLORA_DEBUG=1` prints the full
+  traceback of user errors too, with the same exit code.
+- `SystemExit` passes through untouched (help, `--print_config`, exit codes other code chose on purpose, e.g. after
+  a signal), and `KeyboardInterrupt` prints `interrupted` and exits 130 (128 + SIGINT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, NoReturn
+
+USAGE = 2  # the command line or config was rejected: nothing ran (argparse's own code for parse errors)
+RUNTIME = 1  # the run started and could not go on
+INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+_PACKAGE = Path(__file__).resolve().parent
+_OWN_CODE = (_PACKAGE, _PACKAGE.parents[1] / "bin", _PACKAGE.parents[1] / "bench")
+
+
+class MgmloraError(Exception):
+    """Base of mgmlora's own user-facing errors: the message says what is wrong, where, and the fix.
+
+    Raise it (or a subclass) for a mistake the user can correct; `run()` prints it as one line. Existing checks
+    that raise ValueError subclasses (data format errors) are treated the same way without deriving from it.
+    """
+
+    exit_code: int = RUNTIME
+
+
+class UsageError(MgmloraError):
+    """A command line or config that cannot work, found after parsing (e.g. two flags that exclude each other)."""
+
+    exit_code = USAGE
+
+
+def _raised_by_own_check(error: BaseException) -> bool:
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    *_, innermost = traceback.extract_tb(tb)
+    path = Path(innermost.filename).resolve()
+    line = (innermost.line or "").strip()
+    explicit = line.startswith("raise ")  # `raise X(...)`: not a bare `raise` passing on someone else's error
+    return explicit and any(path.is_relative_to(root) for root in _OWN_CODE)
+
+
+def classify(error: BaseException) -> tuple[Literal["user", "bug"], int]:
+    """Whether an exception is a user error (one line) or a bug (traceback), and the exit code it gets."""
+    if isinstance(error, MgmloraError):
+        return "user", error.exit_code
+    if isinstance(error, argparse.ArgumentError):
+        return "user", USAGE
+    if isinstance(error, OSError) and getattr(error, "filename", None) is not None:
+        return "user", RUNTIME
+    if type(error).__module__.split(".")[0] == "mgmlora":
+        return "user", RUNTIME
+    if isinstance(error, (ValueError, OSError)) and _raised_by_own_check(error):
+        return "user", RUNTIME
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return "user", RUNTIME
+    return "bug", RUNTIME
+
+
+def one_line(error: BaseException) -> str:
+    """The message `run()` prints for a user error (without the `error: ` prefix)."""
+    text = str(error).strip()
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.strerror}: {error.filename!r}" if not text or text.startswith("[Errno") else text
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        first = text.splitlines()[0] if text else "out of memory"
+        return f"{first} (bin/estimate.py --config <your configs> --gpu_memory_gib N shows what fits)"
+    if not text:
+        return type(error).__name__
+    # multi-line messages (jsonargparse's "Parser key ...:\n  Expected ...") joined, so it stays one line
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """`--debug` on the command line or MGMLORA_DEBUG set to anything but empty/0/false."""
+    flag = os.environ.get("MGMLORA_DEBUG", "").strip().lower()
+    return "--debug" in argv or flag not in ("", "0", "false", "no")
+
+
+def run(main: Callable[[], object], argv: list[str] | None = None) -> NoReturn:
+    """Runs a tool's `main()` on `argv` (default: the command line) and exits with its outcome.
+
+    What is printed and which exit code: the module docstring.
+    """
+    from mgmlora.quiet import silence_known_notices
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    if debug:
+        os.environ["MGMLORA_DEBUG"] = "1"  # processes the run starts (one per GPU) inherit it
+    # main() reads sys.argv itself, as without this wrapper: LightningCLI warns when given args while sys.argv has
+    # some, and Lightning relaunches sys.argv for each GPU process
+    sys.argv[1:] = [a for a in argv if a != "--debug"]
+    silence_known_notices()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nerror: interrupted", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - sorted into user errors and bugs right here
+        kind, code = classify(error)
+        sys.stdout.flush()
+        if kind == "bug":
+            traceback.print_exc()
+            print(f"error: unexpected {type(error).__name__} (a bug, not a setting: the traceback above says where)",
+                  file=sys.stderr, flush=True)
+        else:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(code)
+    sys.exit(0)

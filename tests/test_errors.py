@@ -1,0 +1,97 @@
+"""The entry wrapper (mgmlora.errors.run): user errors as one line with exit 2 / 1, bugs with their traceback."""
+
+import argparse
+import ast
+import importlib.util
+import sys
+
+import pytest
+
+from mgmlora.errors import USAGE, MgmloraError, UsageError, classify, run
+from tests.conftest import ROOT
+
+ENTRY_POINTS = sorted((ROOT / "bin").glob("*.py")) + [ROOT / "bench" / "sweep.py"]
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(main, argv, capsys, monkeypatch):
+    monkeypatch.delenv("MGMLORA_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tool.py"])  # run() rewrites sys.argv[1:] for main(); restored afterwards
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS, ids=[p.name for p in ENTRY_POINTS])
+def test_every_entry_point_runs_its_main_through_the_wrapper(path):
+    tree = ast.parse(path.read_text())
+    guard = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+    assert [ast.unparse(stmt) for stmt in guard.body] == ["run(main)"], path
+
+
+def test_a_config_key_typo_prints_the_parsers_message_alone_with_exit_2(capsys, in_repo_root):
+    from mgmlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo_chat.yaml", "--trainer.max_stepz", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == USAGE
+    assert err.strip().splitlines() == ["error: unrecognized arguments: --trainer.max_stepz 3"]  # no usage text
+
+
+def test_a_typo_in_a_tool_that_parses_configs_is_one_line_with_exit_2(capsys, monkeypatch, in_repo_root):
+    estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
+    code, out, err = _run(estimate_cli.main, ["--config", "configs/demo.yaml", "--model.lora.rr", "3"], capsys,
+                          monkeypatch)
+    assert code == USAGE and out == ""
+    assert err.strip().splitlines() == ["error: unrecognized arguments: --model.lora.rr 3"]
+
+
+def test_our_runtime_error_is_one_line_with_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    export_cli = _load(ROOT / "bin" / "export.py", "export_cli")
+    argv = ["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    code, _, err = _run(export_cli.main, argv, capsys, monkeypatch)
+    assert code == 1
+    assert err.strip().splitlines() == [f"error: --checkpoint '{tmp_path / 'missing'}' is not a directory (expected "
+                                        "a *.ckpt checkpoint directory or an adapter directory)."]
+    code, _, err = _run(export_cli.main, [*argv, "--debug"], capsys, monkeypatch)
+    assert code == 1 and "Traceback (most recent call last)" in err and "read_run_adapter" in err
+    assert err.strip().splitlines()[-1].startswith("error: --checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    def main():
+        return {}["a key nobody set"]
+
+    code, _, err = _run(main, [], capsys, monkeypatch)
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a key nobody set'" in err
+    assert err.strip().splitlines()[-1].startswith("error: unexpected KeyError")
+
+
+def test_which_exceptions_are_user_errors(tmp_path):
+    from mgmlora.strategies import MgmDeepSpeedStrategy
+
+    with pytest.raises(ValueError) as ours:  # one of our checks: an explicit raise in mgmlora's code
+        MgmDeepSpeedStrategy(stage=2, offload_parameters=True)
+    assert classify(ours.value) == ("user", 1)
+    # Python's own ValueError inside mgmlora's code (a failed unpacking) is a bug, not a setting: compiled here under
+    # the name of a module of the package, so its innermost frame is "in" mgmlora but on no `raise` line
+    with pytest.raises(ValueError) as implicit:
+        exec(compile("a, b = [1, 2, 3]", str(ROOT / "src" / "mgmlora" / "report.py"), "exec"), {})
+    assert classify(implicit.value) == ("bug", 1)
+    with pytest.raises(FileNotFoundError) as missing:
+        open(tmp_path / "missing.json")
+    assert classify(missing.value) == ("user", 1)
+    assert classify(MgmloraError("x")) == ("user", 1)
+    assert classify(UsageError("x")) == ("user", USAGE)
+    assert classify(argparse.ArgumentError(None, "x")) == ("user", USAGE)
+    assert classify(TypeError("x")) == ("bug", 1)

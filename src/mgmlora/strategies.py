@@ -5,15 +5,67 @@ Lightning 2.6 divides the training-step loss by `accumulate_grad_batches` before
 (and with it gradient clipping and the logged grad norm) is `accumulate_grad_batches` times too small: 128x with the
 MGM-2B recipe (reported as Lightning-AI/pytorch-lightning#6170, verified in ../shared/docs/stack.md section 0.1).
 mgmlora keeps Lightning's division (its loss normalisation relies on it) and turns DeepSpeed's off.
+
+Resuming never unpickles code: DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, so
+`MgmDeepSpeedStrategy.load_checkpoint` first loads every file DeepSpeed will read with `weights_only=True`
+(`check_deepspeed_checkpoint`) and refuses the checkpoint if one needs more than tensors, plain containers and the
+few DeepSpeed bookkeeping types in `DEEPSPEED_TRUSTED`.
 """
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from mgmlora.checkpoint import UnsafeCheckpointError, safe_load
+
+
+def deepspeed_trusted() -> tuple[type, ...]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its ZeRO optimizer-state files (seen on CPU runs).
+
+    ZeRO-1/2/3 write `loss_scaler` (a `LossScaler`; `DynamicLossScaler` under fp16) and `zero_stage` (a
+    `ZeroStageEnum`); ZeRO-1/2 also `param_slice_mappings` (`fragment_address` tuples). Each holds numbers only, and
+    none runs code when unpickled (no `__reduce__`/`__setstate__` of its own). Nothing else is trusted.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+def check_deepspeed_checkpoint(path: str | os.PathLike) -> None:
+    """Loads every file DeepSpeed will read from checkpoint `path` with `weights_only=True`; raises if one needs more.
+
+    A directory: the tag named by its `latest` / `latest_universal` files must be a plain directory name inside it,
+    and every `*.pt` below that directory (model states, optimizer states, universal-checkpoint fragments) must load.
+    A single file (ZeRO-3 `load_full_weights`) must load itself. Files are memory-mapped: only the pickled structure
+    is read, not the tensors.
+
+    Raises:
+        UnsafeCheckpointError: naming the file and what it needs (or the `latest` file and the tag it names).
+    """
+    path = Path(path)
+    trusted = deepspeed_trusted()
+    if path.is_file():
+        safe_load(path, allowed=trusted, mmap=zipfile.is_zipfile(path))
+        return
+    for latest in (path / "latest", path / "latest_universal"):
+        if not latest.is_file():
+            continue
+        tag = latest.read_text().strip()
+        if not tag or tag in (".", "..") or Path(tag).name != tag or not (path / tag).is_dir():
+            raise UnsafeCheckpointError(f"{latest}: names {tag!r}, which is not a directory inside {path}; DeepSpeed "
+                                        "would read checkpoint files from there. Resume from a checkpoint your own "
+                                        "run wrote.")
+        for file in sorted((path / tag).rglob("*.pt")):
+            safe_load(file, allowed=trusted, mmap=zipfile.is_zipfile(file))
 
 
 def drop_frozen(state: dict, module: Any) -> dict:
@@ -66,6 +118,11 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             super().save_checkpoint(checkpoint, filepath, storage_options)
         finally:
             del engine.module_state_dict  # back to the class method
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed's load, after `check_deepspeed_checkpoint` has found nothing in it that would run code."""
+        check_deepspeed_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""

@@ -1,6 +1,7 @@
 """AdapterCheckpointIO under interrupted saves: no debris survives the next save, and `last.ckpt` never goes missing."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,41 @@ def test_a_pickled_payload_in_trainer_state_is_refused_without_running(tmp_path)
     with pytest.raises(UnsafeCheckpointError, match=r"trainer_state\.pt: refused to load: it needs posix\.system"):
         AdapterCheckpointIO().load_checkpoint(path)
     assert not marker.exists()
+
+
+class _FakeEngine:
+    """Stands for DeepSpeed's engine: writes a model-states file, then an optimizer-states file (or is killed)."""
+
+    def __init__(self, step, killed=False):
+        self.step, self.killed, self.module = step, killed, torch.nn.Linear(1, 1)
+
+    def module_state_dict(self, *args, exclude_frozen_parameters=False, **kwargs):
+        return {}
+
+    def save_checkpoint(self, save_dir, client_state, tag, exclude_frozen_parameters):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"step": self.step}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        if self.killed:
+            raise _Killed
+        torch.save({"step": self.step}, Path(save_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        (Path(save_dir) / "latest").write_text(tag)
+
+
+def test_a_deepspeed_save_killed_midway_leaves_the_previous_last_whole(tmp_path):
+    from mgmlora.strategies import MgmDeepSpeedStrategy
+
+    def save(step, killed=False):
+        strategy = MgmDeepSpeedStrategy(stage=2)
+        strategy.model = _FakeEngine(step, killed)  # what `deepspeed_engine` returns
+        strategy.save_checkpoint({"global_step": step}, tmp_path / "last.ckpt")
+
+    def steps():
+        files = sorted((tmp_path / "last.ckpt" / "checkpoint").iterdir())
+        return [torch.load(f, weights_only=True)["step"] for f in files]
+
+    save(1)
+    with pytest.raises(_Killed):
+        save(2, killed=True)  # DeepSpeed wrote the new model states, not yet the optimizer states
+    assert steps() == [1, 1]  # in place, last.ckpt would now mix step 2's model with step 1's optimizer
+    save(3)
+    assert steps() == [3, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -115,6 +115,45 @@ def recover(directory: Path) -> list[str]:
     return done
 
 
+def fresh_tmp(path: Path) -> Path:
+    """A new temporary sibling of `path` to write a checkpoint into (a name `recover` knows as debris)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    # No rename replaces a non-empty directory: move the old one aside first. A crash between the two renames is
+    # repaired by `recover` (the old one is complete), and `readable` reads the old one meanwhile.
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def readable(path: Path) -> Path:
+    """`path`, or while a crash has left it renamed away, the complete previous checkpoint of that name."""
+    if path.exists():
+        return path
+    olds = [p for p, name, kind in _debris(path.parent) if kind == "old" and name == path.name]
+    if olds:
+        rank_zero_info(f"mgmlora: {path} is missing (a save was interrupted); loading {olds[0].name}, the complete "
+                       "checkpoint it replaced. The next save puts it back under its name.")
+        return olds[0]
+    return path
+
+
+def recover_once(directory: Path, done: set[Path]) -> None:
+    """`recover(directory)` unless `directory` is in `done` (this process cleaned it already); logs what it did."""
+    if directory.resolve() in done:
+        return
+    for line in recover(directory):
+        rank_zero_info(f"mgmlora: {directory}: {line} (left by an interrupted save)")
+    done.add(directory.resolve())
+
+
 class AdapterCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO that stores adapter-only checkpoints as directories (see the module docstring)."""
 
@@ -132,11 +171,8 @@ class AdapterCheckpointIO(CheckpointIO):
                                "checkpoint['peft'] or its trained weights under checkpoint['trainables'] (mgmlora's "
                                "LoraLitModule does).")
         path = Path(path)
-        if path.parent.resolve() not in self._recovered:
-            for line in recover(path.parent):
-                rank_zero_info(f"mgmlora: {path.parent}: {line} (left by an interrupted save)")
-            self._recovered.add(path.parent.resolve())
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        recover_once(path.parent, self._recovered)
+        tmp = fresh_tmp(path)
         try:
             tmp.mkdir(parents=True)
             if peft is not None:
@@ -144,34 +180,14 @@ class AdapterCheckpointIO(CheckpointIO):
             if trainables:
                 write_tensors(tmp / TRAINABLES, trainables)
             torch.save(checkpoint, tmp / TRAINER_STATE)
-            if path.exists():
-                # No rename replaces a non-empty directory: move the old one aside first. A crash between the two
-                # renames is repaired by `recover` (the old one is complete) and `_readable` reads it meanwhile.
-                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _readable(path: Path) -> Path:
-        """`path`, or while a crash has left it renamed away, the complete previous checkpoint of that name."""
-        if path.exists():
-            return path
-        olds = [p for p, name, kind in _debris(path.parent) if kind == "old" and name == path.name]
-        if olds:
-            rank_zero_info(f"mgmlora: {path} is missing (a save was interrupted); loading {olds[0].name}, the "
-                           "complete checkpoint it replaced. The next save puts it back under its name.")
-            return olds[0]
-        return path
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Reads a checkpoint directory back into Lightning's checkpoint dict (never unpickling code)."""
-        path = self._readable(Path(path))
+        path = readable(Path(path))
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} is not an mgmlora checkpoint directory (expected "
                                     f"{TRAINER_STATE} and {ADAPTER_WEIGHTS} and/or {TRAINABLES} inside).")

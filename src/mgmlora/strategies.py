@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from mgmlora.checkpoint import UnsafeCheckpointError, safe_load
+from mgmlora.checkpoint import UnsafeCheckpointError, fresh_tmp, publish, readable, recover_once, safe_load
 
 
 def deepspeed_trusted() -> tuple[type, ...]:
@@ -99,13 +99,22 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError("trainer.strategy.init_args: " + "; ".join(problems) + ".")
         if zero.get("offload_optimizer"):
             self.config["zero_force_ds_cpu_optimizer"] = False
+        self._recovered: set[Path] = set()  # checkpoint directories this process has cleaned (mgmlora.checkpoint)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """DeepSpeed's save, with frozen weights shared under two names (tied embeddings) excluded too.
+        """DeepSpeed's save, into a temporary directory renamed into place, with frozen tied weights excluded too.
 
-        DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight once, so the second
-        name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM checkpoint (seen on an H100).
+        Crash safety as for mgmlora's own format (mgmlora.checkpoint): every rank writes its files into one
+        `.<name>.tmp-<hex8>` directory, and once all have, rank 0 renames it to `filepath` (on a filesystem it does
+        not share, each node's local rank 0 does). Overwriting `last.ckpt` in place would leave a mix of two steps
+        after a crash. DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight
+        once, so the second name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM
+        checkpoint (seen on an H100).
         """
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            recover_once(path.parent, self._recovered)
+        tmp = Path(self.broadcast(str(fresh_tmp(path)) if self.is_global_zero else None))
         engine = self.deepspeed_engine
         original = engine.module_state_dict
 
@@ -115,14 +124,26 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
 
         engine.module_state_dict = module_state_dict
         try:
-            super().save_checkpoint(checkpoint, filepath, storage_options)
+            super().save_checkpoint(checkpoint, tmp, storage_options)
         finally:
             del engine.module_state_dict  # back to the class method
+        self.barrier("mgmlora: checkpoint files written")
+        if self.is_global_zero:
+            publish(tmp, path)
+        self.barrier("mgmlora: checkpoint renamed")
+        if self.local_rank == 0 and tmp.exists():
+            publish(tmp, path)  # a node-local filesystem, where rank 0's rename did not happen
+        self.barrier("mgmlora: checkpoint renamed on every node")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """DeepSpeed's load, after `check_deepspeed_checkpoint` has found nothing in it that would run code."""
-        check_deepspeed_checkpoint(checkpoint_path)
-        return super().load_checkpoint(checkpoint_path, weights_only=True)
+        """DeepSpeed's load, after `check_deepspeed_checkpoint` has found nothing in it that would run code.
+
+        While an interrupted save has left `checkpoint_path` renamed away, the complete previous checkpoint of that
+        name is loaded (mgmlora.checkpoint.readable).
+        """
+        path = readable(Path(checkpoint_path))
+        check_deepspeed_checkpoint(path)
+        return super().load_checkpoint(path, weights_only=True)
 
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""

@@ -117,6 +117,7 @@ def test_a_checkpoint_file_cannot_switch_on_remote_code_or_change_paths(tmp_path
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
                            "configs/demo_chameleons.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
                            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+                           "--trainer.default_root_dir", str(tmp_path),
                            "--ckpt_path", str(ckpt)],
                           cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert not marker.exists(), "code from the checkpoint's model_path ran"

@@ -9,7 +9,7 @@ mgmlora keeps Lightning's division (its loss normalisation relies on it) and tur
 Resuming never unpickles code: DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, so
 `MgmDeepSpeedStrategy.load_checkpoint` first loads every file DeepSpeed will read with `weights_only=True`
 (`check_deepspeed_checkpoint`) and refuses the checkpoint if one needs more than tensors, plain containers and the
-few DeepSpeed bookkeeping types in `DEEPSPEED_TRUSTED`.
+few DeepSpeed bookkeeping types of `deepspeed_trusted()`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def deepspeed_trusted() -> tuple[type, ...]:
     """The non-tensor classes DeepSpeed 0.19 pickles into its ZeRO optimizer-state files (seen on CPU runs).
 
     ZeRO-1/2/3 write `loss_scaler` (a `LossScaler`; `DynamicLossScaler` under fp16) and `zero_stage` (a
-    `ZeroStageEnum`); ZeRO-1/2 also `param_slice_mappings` (`fragment_address` tuples). Each holds numbers only, and
-    none runs code when unpickled (no `__reduce__`/`__setstate__` of its own). Nothing else is trusted.
+    `ZeroStageEnum`); ZeRO-1/2 also `param_slice_mappings` (`fragment_address` dataclasses). Unpickling one only
+    sets attributes to numbers (or looks up an enum member); none defines `__setstate__`. Nothing else is trusted.
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -15,6 +15,7 @@ takes two renames: the old directory to `.last.ckpt.old-<hex8>`, then the new on
 leaves no `last.ckpt` for a moment: loading `last.ckpt` then reads the complete old directory, and the next save into
 that directory renames it back. That save also deletes what killed saves left behind (`.*.tmp-<hex8>` directories,
 superseded `.*.old-<hex8>` ones), only those names and only in its own directory: one run per checkpoint directory.
+`MgmDeepSpeedStrategy` writes DeepSpeed's checkpoint directories the same way (`fresh_tmp`, `publish`, `readable`).
 
 Loading uses `torch.load(weights_only=True)` (`safe_load`): no pickled code is executed, and a file that needs it is
 refused with `UnsafeCheckpointError`.

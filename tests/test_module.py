@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import lightning as L
 import pytest
@@ -13,12 +14,13 @@ from mgmlora.lora import LoraArgs
 from mgmlora.models.causal_lm import ModelArgs
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs
-from tests.conftest import TOKENIZER, TRAIN, tiny_model
+from tests.conftest import TOKENIZER, TRAIN, VAL, tiny_model
 
 
 def _module(**lora):
     model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32", gradient_checkpointing=False)
-    return LoraLitModule(model, LoraArgs(preset="balanced", lora_dropout=0.0, init_lora_weights="gaussian", **lora),
+    lora = {"lora_dropout": 0.0, **lora}
+    return LoraLitModule(model, LoraArgs(preset="balanced", init_lora_weights="gaussian", **lora),
                          OptimArgs(lr=1e-2, warmup_ratio=0.0))
 
 
@@ -69,16 +71,30 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(tmp_path):
     assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
 
 
-def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2):
+class _StepLosses(L.Callback):
+    """The logged train/loss of each optimizer step, by global step."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "train/loss" in trainer.callback_metrics:
+            self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
+
+
+def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2, dropout=0.0, val=False):
     torch.manual_seed(0)
-    module = _module()
-    data = ChatDataModule(_subset(tmp_path, 16), batch_size=2, shuffle=True, seed=3)
+    module, record = _module(lora_dropout=dropout), _StepLosses()
+    data = ChatDataModule(_subset(tmp_path, 16), val_path=str(VAL) if val else None, batch_size=2, shuffle=True,
+                          seed=3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, filename="{step:06d}", every_n_train_steps=every,
                                  save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[checkpoint], plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+                        callbacks=[checkpoint, record], plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path,
+                        val_check_interval=2 if val else None, limit_val_batches=1, num_sanity_val_steps=int(val))
     trainer.fit(module, data, ckpt_path=ckpt_path)
+    module.step_losses = record.losses
     return module
 
 
@@ -100,16 +116,31 @@ def test_checkpoint_is_adapter_only_and_loads_with_plain_peft(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
-    straight = _fit(tmp_path, "straight", max_steps=6)  # 16 samples / batch 2 / accumulate 2 = 4 steps per epoch
-    resumed = _fit(tmp_path, "resumed", max_steps=6, ckpt_path=tmp_path / "straight" / "step=000002.ckpt")
-    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
-    for name, p in a.items():
-        if p.requires_grad:
-            torch.testing.assert_close(b[name], p, rtol=0, atol=1e-6, msg=name)
+def test_resume_with_dropout_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    # Dropout draws random numbers: the checkpoint must carry them. Validation every 2 steps and the DataLoader's
+    # iterator creation draw from the same generators between training steps, differently in the two runs.
+    straight = _fit(tmp_path, "straight", max_steps=7, dropout=0.1, val=True)  # 4 steps per epoch
+    assert sorted(straight.step_losses) == list(range(1, 8))
     before = _module()
     before.configure_model()
-    assert any(not torch.allclose(before.model.state_dict()[n], p) for n, p in a.items() if p.requires_grad)
+    trained = dict(straight.model.named_parameters())
+    assert any(not torch.allclose(before.model.state_dict()[n], p) for n, p in trained.items() if p.requires_grad)
+    for stop in (2, 4):  # mid-epoch, and at the end of the first epoch
+        resumed = _fit(tmp_path, f"resumed{stop}", max_steps=7, dropout=0.1, val=True,
+                       ckpt_path=tmp_path / "straight" / f"step={stop:06d}.ckpt")
+        later = {s: v for s, v in straight.step_losses.items() if s > stop}
+        assert {s: resumed.step_losses[s] for s in later} == later, stop  # bit-identical, not approximately
+        a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+        assert all(torch.equal(a[n], b[n]) for n in a if a[n].requires_grad), stop
+
+    # The test can fail: the same checkpoint without its random-number state resumes with other dropout masks.
+    ckpt = tmp_path / "norng" / "step=000002.ckpt"
+    shutil.copytree(tmp_path / "straight" / "step=000002.ckpt", ckpt)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    del state["rng_states"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    other = _fit(tmp_path, "other", max_steps=3, dropout=0.1, val=True, ckpt_path=ckpt)  # step 3: no update yet
+    assert other.step_losses[3] != straight.step_losses[3]
 
 
 def test_resume_rejects_a_checkpoint_of_another_lora_config(tmp_path):

@@ -85,8 +85,13 @@ def test_zero3_marks_the_moe_block_as_a_leaf_and_adapts_the_experts(moe_runs):
     (3, "tiny-qwen3", False, 2),  # 2 ranks: without the gather in strategies.gathered the exported adapter is empty
 ])
 def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(tmp_path, stage, preset, resume, ranks):
-    summary = fit_summary(tmp_path, stage, preset, resume, ranks=ranks)
+    # resume: 4 steps with LoRA dropout, then again from the step-2 checkpoint to step 4 (same data, same schedule)
+    summary = fit_summary(tmp_path, stage, preset, resume, ranks=ranks,
+                          **(dict(steps=4, resume_to=4, dropout=0.1) if resume else {}))
     assert summary["resumed_global_step"] == (4 if resume else None)
+    if resume:  # dropout's random numbers are in DeepSpeed's checkpoint too: the same losses, bit for bit
+        later = {s: v for s, v in summary["losses_by_step"].items() if int(s) > 2}
+        assert sorted(later) == ["3", "4"] and summary["resumed_losses_by_step"] == later
     assert summary["lora_b_absmax_at_start"] == 0.0  # 0.177 under ZeRO-3 without strategies.zero3_build
     # the exported adapter holds full tensors (not ZeRO-3's empty placeholders), and plain PEFT reloads trained weights
     assert min(summary["adapter_numels"]) > 0 and summary["reloaded_lora_b_absmax"] > 0

@@ -7,15 +7,25 @@
         trainer_state.pt                 optimizer, scheduler, loop and callback state (tensors and plain containers)
 
 The LightningModule puts the adapter under `checkpoint["peft"]` (absent without LoRA) and the other trained weights
-under `checkpoint["trainables"]`, and empties `state_dict`; this CheckpointIO writes the pieces. Writes go to a
-temporary sibling directory that is renamed into place, so a crash mid-save never leaves a half-written checkpoint
-behind, and a previous checkpoint of the same name survives until the new one is complete. Loading uses
-`torch.load(weights_only=True)`: no pickled code is executed.
+under `checkpoint["trainables"]`, and empties `state_dict`; this CheckpointIO writes the pieces.
+
+Crash safety. A save writes `.step=000010.ckpt.tmp-<hex8>/` beside the checkpoint and renames it into place, so a
+crash mid-save never leaves a half-written checkpoint under the real name. Overwriting an existing name (`last.ckpt`)
+takes two renames: the old directory to `.last.ckpt.old-<hex8>`, then the new one into place. A crash between them
+leaves no `last.ckpt` for a moment: loading `last.ckpt` then reads the complete old directory, and the next save into
+that directory renames it back. That save also deletes what killed saves left behind (`.*.tmp-<hex8>` directories,
+superseded `.*.old-<hex8>` ones), only those names and only in its own directory: one run per checkpoint directory.
+`MgmDeepSpeedStrategy` writes DeepSpeed's checkpoint directories the same way (`fresh_tmp`, `publish`, `readable`).
+
+Loading uses `torch.load(weights_only=True)` (`safe_load`): no pickled code is executed, and a file that needs it is
+refused with `UnsafeCheckpointError`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -23,6 +33,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +42,30 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 TRAINABLES = "non_lora_trainables.safetensors"
 RUN_SETTINGS = "mgmlora_run.json"  # beside an exported adapter: the run's hyperparameters (model, lora, ...)
+_DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")  # what AdapterCheckpointIO's saves leave
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects that would run code (or anything else outside the allow-list)."""
+
+
+def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)`, with the classes in `allowed` trusted too; refuses anything else.
+
+    Raises:
+        UnsafeCheckpointError: naming the file and the first global the file needs that is not allowed.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))  # torch names the global it refused
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        what = found.group(1) if found else (lines[-1][:200] if lines else "an unsupported pickle operation")
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it needs {what}, which is not a tensor, a plain container or a type mgmlora "
+            "trusts, and loading it could run code; it was not written by mgmlora, or was altered. Resume from a "
+            "checkpoint your own run wrote.") from None
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -55,12 +90,81 @@ def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     return LoraConfig.from_pretrained(str(directory)), load_file(directory / ADAPTER_WEIGHTS)
 
 
+def _debris(directory: Path) -> list[tuple[Path, str, str]]:
+    """(path, checkpoint name, "tmp" | "old") of every directory in `directory` that an interrupted save left."""
+    if not directory.is_dir():
+        return []
+    found = [(p, m["name"], m["kind"]) for p in directory.iterdir() if (m := _DEBRIS.match(p.name)) and p.is_dir()]
+    return sorted(found, key=lambda f: f[0].stat().st_mtime, reverse=True)  # newest first
+
+
+def recover(directory: Path) -> list[str]:
+    """Puts back checkpoints a crash left renamed away, deletes the rest of the debris; returns what it did.
+
+    An `.old-` directory is a complete checkpoint (only complete ones are renamed away): it is renamed back when
+    nothing has taken its name since, else deleted. `.tmp-` directories are deleted: they were never renamed into
+    place, so they may be incomplete.
+    """
+    done = []
+    for path, name, kind in _debris(directory):
+        if kind == "old" and not (directory / name).exists():
+            os.replace(path, directory / name)
+            done.append(f"restored {name} from {path.name}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"deleted {path.name}")
+    return done
+
+
+def fresh_tmp(path: Path) -> Path:
+    """A new temporary sibling of `path` to write a checkpoint into (a name `recover` knows as debris)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    # No rename replaces a non-empty directory: move the old one aside first. A crash between the two renames is
+    # repaired by `recover` (the old one is complete), and `readable` reads the old one meanwhile.
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def readable(path: Path) -> Path:
+    """`path`, or while a crash has left it renamed away, the complete previous checkpoint of that name."""
+    if path.exists():
+        return path
+    olds = [p for p, name, kind in _debris(path.parent) if kind == "old" and name == path.name]
+    if olds:
+        rank_zero_info(f"mgmlora: {path} is missing (a save was interrupted); loading {olds[0].name}, the complete "
+                       "checkpoint it replaced. The next save puts it back under its name.")
+        return olds[0]
+    return path
+
+
+def recover_once(directory: Path, done: set[Path]) -> None:
+    """`recover(directory)` unless `directory` is in `done` (this process cleaned it already); logs what it did."""
+    if directory.resolve() in done:
+        return
+    for line in recover(directory):
+        rank_zero_info(f"mgmlora: {directory}: {line} (left by an interrupted save)")
+    done.add(directory.resolve())
+
+
 class AdapterCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO that stores adapter-only checkpoints as directories (see the module docstring)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._recovered: set[Path] = set()  # directories already cleaned by this process
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
-        """Atomically writes `checkpoint` to the directory `path`."""
+        """Atomically writes `checkpoint` to the directory `path` (first cleaning what interrupted saves left)."""
         checkpoint = dict(checkpoint)
         peft, trainables = checkpoint.pop("peft", None), checkpoint.pop("trainables", None)
         if peft is None and not trainables:
@@ -68,7 +172,8 @@ class AdapterCheckpointIO(CheckpointIO):
                                "checkpoint['peft'] or its trained weights under checkpoint['trainables'] (mgmlora's "
                                "LoraLitModule does).")
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        recover_once(path.parent, self._recovered)
+        tmp = fresh_tmp(path)
         try:
             tmp.mkdir(parents=True)
             if peft is not None:
@@ -76,24 +181,18 @@ class AdapterCheckpointIO(CheckpointIO):
             if trainables:
                 write_tensors(tmp / TRAINABLES, trainables)
             torch.save(checkpoint, tmp / TRAINER_STATE)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Reads a checkpoint directory back into Lightning's checkpoint dict."""
-        path = Path(path)
+        """Reads a checkpoint directory back into Lightning's checkpoint dict (never unpickling code)."""
+        path = readable(Path(path))
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} is not an mgmlora checkpoint directory (expected "
                                     f"{TRAINER_STATE} and {ADAPTER_WEIGHTS} and/or {TRAINABLES} inside).")
-        checkpoint = torch.load(path / TRAINER_STATE, map_location=map_location or "cpu", weights_only=True)
+        checkpoint = safe_load(path / TRAINER_STATE, map_location=map_location or "cpu")
         if (path / ADAPTER_CONFIG).is_file():
             config, adapter = read_adapter(path)
             checkpoint["peft"] = {"config": config, "adapter": adapter}

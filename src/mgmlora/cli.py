@@ -55,6 +55,18 @@ class MgmCLI(LightningCLI):
         commands.pop("predict", None)
         return commands
 
+    def _parse_ckpt_path(self) -> None:
+        """Does nothing: a checkpoint never changes the run's config.
+
+        LightningCLI (2.6) merges the `hyper_parameters` of a `--ckpt_path` *file* into the config before anything is
+        instantiated, so a checkpoint could switch on `trust_remote_code` or point `model_path` at a directory with
+        code in it. mgmlora's checkpoints (and DeepSpeed's) are directories, which LightningCLI never merges, so this
+        only disables the foreign case. The config comes from the YAML files and the command line alone; a checkpoint
+        restores weights, optimizer, scheduler, loop, callback and random-number state, and its adapter is checked
+        against the configured LoRA. Overrides a private LightningCLI method (the only hook before instantiation);
+        tests/test_security.py fails if LightningCLI stops calling it.
+        """
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints).
 

@@ -32,6 +32,7 @@ from mgmlora.models import forward_hidden, load_model, model_info
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
+from mgmlora.rng import RNG_KEY, TrainingRng
 from mgmlora.strategies import gathered, mark_moe_leaves, zero3_build
 from mgmlora.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
 
@@ -73,6 +74,7 @@ class LoraLitModule(L.LightningModule):
         self._window_loss = 0.0
         self._window_tokens = 0
         self._window_batches = 0
+        self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.rng)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -153,7 +155,12 @@ class LoraLitModule(L.LightningModule):
         self._window_tokens = self._window_tokens + n_tokens
         self._window_batches += 1
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / window.clamp(min=1)
+        self._rng.leave()  # the forward drew this micro-batch's dropout masks; backward recomputes under a forked RNG
         return loss_sum * scale
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Continues training's random-number stream where the previous micro-batch (or the checkpoint) left it."""
+        self._rng.enter()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
@@ -262,8 +269,9 @@ class LoraLitModule(L.LightningModule):
                     {k: to_host(v) for k, v in self.non_lora_trainables().items()})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Replaces the full state dict with what trains: checkpoints never contain the frozen base."""
+        """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
         checkpoint["state_dict"] = {}
+        checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
         adapter, checkpoint["trainables"] = self.trained_on_host()
         if self.plan is not None:
             # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
@@ -271,9 +279,18 @@ class LoraLitModule(L.LightningModule):
             checkpoint["peft"] = {"config": config, "adapter": adapter}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config."""
-        if self._trainer is not None and self._trainer.state.fn == "fit":  # evaluation restores no optimizer state
+        """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config.
+
+        Also takes this rank's random-number state, which the first resumed training micro-batch continues from.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":  # evaluation restores no optimizer state
             check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable, self.info.family)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        why_not = self._rng.load(checkpoint.get(RNG_KEY), rank, world)
+        if why_not is not None:
+            rank_zero_info(f"mgmlora: {why_not}; dropout continues from fresh random numbers, so the resumed run is "
+                           "not bit-identical to an unbroken one.")
         self.configure_model()
         # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
         with gathered(self.model, self._trainer, modifier_rank=0):

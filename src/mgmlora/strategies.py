@@ -5,15 +5,67 @@ Lightning 2.6 divides the training-step loss by `accumulate_grad_batches` before
 (and with it gradient clipping and the logged grad norm) is `accumulate_grad_batches` times too small: 128x with the
 MGM-2B recipe (reported as Lightning-AI/pytorch-lightning#6170, verified in ../shared/docs/stack.md section 0.1).
 mgmlora keeps Lightning's division (its loss normalisation relies on it) and turns DeepSpeed's off.
+
+Resuming never unpickles code: DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, so
+`MgmDeepSpeedStrategy.load_checkpoint` first loads every file DeepSpeed will read with `weights_only=True`
+(`check_deepspeed_checkpoint`) and refuses the checkpoint if one needs more than tensors, plain containers and the
+few DeepSpeed bookkeeping types of `deepspeed_trusted()`.
 """
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from mgmlora.checkpoint import UnsafeCheckpointError, fresh_tmp, publish, readable, recover_once, safe_load
+
+
+def deepspeed_trusted() -> tuple[type, ...]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its ZeRO optimizer-state files (seen on CPU runs).
+
+    ZeRO-1/2/3 write `loss_scaler` (a `LossScaler`; `DynamicLossScaler` under fp16) and `zero_stage` (a
+    `ZeroStageEnum`); ZeRO-1/2 also `param_slice_mappings` (`fragment_address` dataclasses). Unpickling one only
+    sets attributes to numbers (or looks up an enum member); none defines `__setstate__`. Nothing else is trusted.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+def check_deepspeed_checkpoint(path: str | os.PathLike) -> None:
+    """Loads every file DeepSpeed will read from checkpoint `path` with `weights_only=True`; raises if one needs more.
+
+    A directory: the tag named by its `latest` / `latest_universal` files must be a plain directory name inside it,
+    and every `*.pt` below that directory (model states, optimizer states, universal-checkpoint fragments) must load.
+    A single file (ZeRO-3 `load_full_weights`) must load itself. Files are memory-mapped: only the pickled structure
+    is read, not the tensors.
+
+    Raises:
+        UnsafeCheckpointError: naming the file and what it needs (or the `latest` file and the tag it names).
+    """
+    path = Path(path)
+    trusted = deepspeed_trusted()
+    if path.is_file():
+        safe_load(path, allowed=trusted, mmap=zipfile.is_zipfile(path))
+        return
+    for latest in (path / "latest", path / "latest_universal"):
+        if not latest.is_file():
+            continue
+        tag = latest.read_text().strip()
+        if not tag or tag in (".", "..") or Path(tag).name != tag or not (path / tag).is_dir():
+            raise UnsafeCheckpointError(f"{latest}: names {tag!r}, which is not a directory inside {path}; DeepSpeed "
+                                        "would read checkpoint files from there. Resume from a checkpoint your own "
+                                        "run wrote.")
+        for file in sorted((path / tag).rglob("*.pt")):
+            safe_load(file, allowed=trusted, mmap=zipfile.is_zipfile(file))
 
 
 def drop_frozen(state: dict, module: Any) -> dict:
@@ -47,13 +99,22 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError("trainer.strategy.init_args: " + "; ".join(problems) + ".")
         if zero.get("offload_optimizer"):
             self.config["zero_force_ds_cpu_optimizer"] = False
+        self._recovered: set[Path] = set()  # checkpoint directories this process has cleaned (mgmlora.checkpoint)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """DeepSpeed's save, with frozen weights shared under two names (tied embeddings) excluded too.
+        """DeepSpeed's save, into a temporary directory renamed into place, with frozen tied weights excluded too.
 
-        DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight once, so the second
-        name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM checkpoint (seen on an H100).
+        Crash safety as for mgmlora's own format (mgmlora.checkpoint): every rank writes its files into one
+        `.<name>.tmp-<hex8>` directory, and once all have, rank 0 renames it to `filepath` (on a filesystem it does
+        not share, each node's local rank 0 does). Overwriting `last.ckpt` in place would leave a mix of two steps
+        after a crash. DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight
+        once, so the second name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM
+        checkpoint (seen on an H100).
         """
+        path = Path(self.broadcast(str(filepath)))
+        if self.is_global_zero:
+            recover_once(path.parent, self._recovered)
+        tmp = Path(self.broadcast(str(fresh_tmp(path)) if self.is_global_zero else None))
         engine = self.deepspeed_engine
         original = engine.module_state_dict
 
@@ -63,9 +124,26 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
 
         engine.module_state_dict = module_state_dict
         try:
-            super().save_checkpoint(checkpoint, filepath, storage_options)
+            super().save_checkpoint(checkpoint, tmp, storage_options)
         finally:
             del engine.module_state_dict  # back to the class method
+        self.barrier("mgmlora: checkpoint files written")
+        if self.is_global_zero:
+            publish(tmp, path)
+        self.barrier("mgmlora: checkpoint renamed")
+        if self.local_rank == 0 and tmp.exists():
+            publish(tmp, path)  # a node-local filesystem, where rank 0's rename did not happen
+        self.barrier("mgmlora: checkpoint renamed on every node")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed's load, after `check_deepspeed_checkpoint` has found nothing in it that would run code.
+
+        While an interrupted save has left `checkpoint_path` renamed away, the complete previous checkpoint of that
+        name is loaded (mgmlora.checkpoint.readable).
+        """
+        path = readable(Path(checkpoint_path))
+        check_deepspeed_checkpoint(path)
+        return super().load_checkpoint(path, weights_only=True)
 
     def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """Runs DeepSpeed's backward with `scale_wrt_gas=False` (Lightning already divided the loss)."""

@@ -1,13 +1,16 @@
 """Fits the tiny Qwen3 LoRA module under DeepSpeed (CPU, gloo) with checkpoints, then resumes; prints a JSON summary.
 
-    python tests/scripts/ds_fit_resume.py OUT_DIR STAGE PRESET [--resume]
+    python tests/scripts/ds_fit_resume.py OUT_DIR STAGE PRESET [--resume | --resume_from CHECKPOINT]
 
 With PRESET tiny-qwen3-moe the experts carry LoRA too. The summary includes the largest |LoRA B| when training
 starts (0 when the adapter starts as a no-op, which ZeRO-3 breaks unless PEFT runs outside zero.Init), the train loss
 and learning rate of every optimizer step, and the classes ZeRO-3 treats as leaf modules.
 STAGE 0 runs plain Lightning (no DeepSpeed) for comparison. Environment: MGM_TEST_RANKS (CPU processes, default 1),
 MGM_TEST_ACCEL (`cpu`, the default, with gloo; or `gpu`: one CUDA device, bf16-mixed), MGM_TEST_ACCUM (accumulated
-micro-batches per optimizer step, default 2) and MGM_TEST_STEPS (optimizer steps before the resume, default 2).
+micro-batches per optimizer step, default 2), MGM_TEST_STEPS (optimizer steps before the resume, default 2),
+MGM_TEST_RESUME_TO (optimizer steps of the run resumed from step 2, default STEPS + 2) and MGM_TEST_DROPOUT (LoRA
+dropout, default 0). Both runs train on the same file, so with RESUME_TO == STEPS the resumed run's losses can be
+compared with the first run's. --resume_from only resumes from CHECKPOINT (errors propagate: exit status 1).
 """
 
 import contextlib
@@ -39,6 +42,7 @@ class Record(L.Callback):
 
     def __init__(self):
         self.losses, self.lrs, self.grad_norms = [], [], []
+        self.by_step = {}  # global step -> train/loss of the optimizer step that reached it
 
     def on_train_start(self, trainer, pl_module):
         params = [p for n, p in pl_module.model.named_parameters() if "lora_B" in n]
@@ -51,6 +55,8 @@ class Record(L.Callback):
             self.absmax = max(p.abs().max().item() for p in params)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "train/loss" in trainer.callback_metrics:
+            self.by_step[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
         if trainer.global_step > len(self.losses) and "train/loss" in trainer.callback_metrics:
             self.losses.append(trainer.callback_metrics["train/loss"].item())
             self.lrs.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0])
@@ -69,6 +75,8 @@ GPU = os.environ.get("MGM_TEST_ACCEL", "cpu") == "gpu"
 ACCUM = int(os.environ.get("MGM_TEST_ACCUM", "2"))
 STEPS = int(os.environ.get("MGM_TEST_STEPS", "2"))
 STAGE = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+RESUME_TO = int(os.environ.get("MGM_TEST_RESUME_TO", str(STEPS + 2)))
+DROPOUT = float(os.environ.get("MGM_TEST_DROPOUT", "0"))
 
 
 def base_dir(out: Path, preset: str) -> Path:
@@ -85,11 +93,12 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
     torch.manual_seed(0)
     model = ModelArgs(model_path=str(base), tokenizer_path=str(ROOT / "tests/assets/tokenizer"),
                       dtype="bfloat16" if GPU else "float32", gradient_checkpointing=True)
-    lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=preset.endswith("moe"))
+    lora = LoraArgs(preset="aggressive", lora_dropout=DROPOUT, target_experts=preset.endswith("moe"))
     module = LoraLitModule(model, lora, OptimArgs(lr=1e-2, warmup_ratio=0.25))
     train = out / "train.jsonl"
     rows = (ROOT / "tests/assets/persona_chat_train.jsonl").read_text().splitlines(True)
-    train.write_text("".join((rows * (1 + 2 * ACCUM * steps // len(rows)))[:2 * ACCUM * steps]))
+    n = 2 * ACCUM * (max(STEPS, RESUME_TO) if "--resume" in sys.argv else steps)  # the same file for both runs
+    train.write_text("".join((rows * (1 + n // len(rows)))[:n]))
     if GPU:
         kwargs = dict(accelerator="gpu", devices=1, precision="bf16-mixed")
         if stage:
@@ -114,6 +123,9 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
 
 def main():
     out, stage, preset = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if "--resume_from" in sys.argv:
+        fit(out, stage, preset, STEPS, ckpt=sys.argv[sys.argv.index("--resume_from") + 1])
+        return
     trainer, record = fit(out, stage, preset, STEPS)
     leaves = []
     if stage == 3:
@@ -140,13 +152,15 @@ def main():
         keys = sorted(torch.load(states[0], map_location="cpu", weights_only=False)["module"])  # DeepSpeed's own file
         if stage == 3:  # ZeRO-3 keeps parameters in the optimizer shards; the module file lists none
             keys = [k for k in keys if "lora_" in k] or ["(partitioned)"]
-    step = None
+    step, resumed_losses = None, {}
     if "--resume" in sys.argv:
         # Resumed in the same process. Known issue (for issue 5): with ZeRO-3 and LoRA on Qwen3-MoE experts, a second
         # model built in one process fails in transformers' experts forward ("ParametrizedQwen3MoeExperts has no
         # attribute config"); users resume in a new process, which this script does not cover.
-        step = fit(out, stage, preset, STEPS + 2, ckpt=out / "ckpt" / "step=2.ckpt")[0].global_step
+        resumed, resumed_record = fit(out, stage, preset, RESUME_TO, ckpt=out / "ckpt" / "step=2.ckpt")
+        step, resumed_losses = resumed.global_step, {s: v for s, v in resumed_record.by_step.items() if s > 2}
     print(json.dumps({"model_state_keys": keys, "resumed_global_step": step, "lora_b_absmax_at_start": record.absmax,
+                      "losses_by_step": record.by_step, "resumed_losses_by_step": resumed_losses,
                       "losses": record.losses, "lrs": record.lrs, "grad_norms": record.grad_norms,
                       "z3_leaf_modules": leaves,
                       "checkpoint_bytes": ckpt_bytes,

@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
+from mgmlora.preemption import PreemptionCheckpoint  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -47,7 +48,7 @@ class MgmCLI(LightningCLI):
         return commands
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints)."""
+        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint."""
         plugins = kwargs.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         strategy = kwargs.get("strategy")
@@ -55,7 +56,10 @@ class MgmCLI(LightningCLI):
         if not deepspeed and not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AdapterCheckpointIO())
         kwargs["plugins"] = plugins
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
+            trainer.callbacks.append(PreemptionCheckpoint())
+        return trainer
 
 
 class _ParseOnly(MgmCLI):

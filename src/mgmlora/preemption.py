@@ -1,0 +1,138 @@
+"""Preemption: on SIGTERM/SIGINT a run stops at the next micro-batch, saves a checkpoint and the adapter, exits 143/130.
+
+The exit status is 128 + signal (143 for SIGTERM, 130 for SIGINT), so that a scheduler records the run as stopped,
+not done, and `fit --ckpt_path` continues from where it stopped.
+
+Built on Lightning's own SIGTERM handling (`trainer.received_sigterm`): Lightning's handler sets the flag, its training
+loop raises `SIGTERMException` after the micro-batch in flight (on every rank: it broadcasts the flag), and its
+exception path calls `Callback.on_exception`. By itself that exits 0 and saves nothing; SIGINT raises
+KeyboardInterrupt and exits 1, also saving nothing. `PreemptionCheckpoint` (added to every `bin/main.py` run):
+
+- routes SIGINT during training into the same flag (a second SIGINT still interrupts at once);
+- in `on_exception`, saves `<checkpoint dir>/interrupted-step=NNNNNN.ckpt` through `trainer.save_checkpoint` (the
+  configured CheckpointIO, or DeepSpeed's own format), so `fit --ckpt_path` resumes it, and writes the adapter
+  through the run's `AdapterExport`; then sets the exit code;
+- in `on_save_checkpoint`, makes any checkpoint taken in the middle of a gradient-accumulation window describe the
+  window's start: the weights, optimizer and scheduler there are still those of the last optimizer step (only
+  gradients have accumulated since, and those are not saved), so the loop counters and the data position are wound
+  back by the window's finished micro-batches. A resumed run then replays the whole window, and its optimizer step
+  sees every micro-batch's gradient, as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mgmlora.callbacks import AdapterExport
+
+
+def request_stop(trainer: L.Trainer) -> None:
+    """Raises Lightning's own stop flag, the one its SIGTERM handler raises (`trainer.received_sigterm`).
+
+    Private Lightning attribute, used here only: Lightning offers no public setter, and this flag is what its training
+    loop checks after every micro-batch and broadcasts to the other ranks. tests/test_preemption.py fails if it moves.
+    """
+    trainer._signal_connector.received_sigterm = True
+
+
+def _partial_window(trainer: L.Trainer) -> int:
+    """Micro-batches of the current epoch trained since the last optimizer step (0 at a window boundary).
+
+    Windows start at every multiple of `accumulate_grad_batches` within an epoch; an epoch's last micro-batch always
+    ends its window (Lightning steps there, or, under DeepSpeed, the sampler yields whole windows only).
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch:
+        return 0
+    return progress.current.processed % trainer.accumulate_grad_batches
+
+
+def _rewind(checkpoint: dict[str, Any], micro_batches: int) -> None:
+    """Winds a checkpoint's training-loop position back by `micro_batches` (see the module docstring)."""
+    loop = checkpoint["loops"]["fit_loop"]
+    for scope in ("total", "current"):
+        counters = loop["epoch_loop.batch_progress"][scope]
+        for key in ("ready", "started", "processed", "completed"):
+            counters[key] -= micro_batches
+    for state in loop["state_dict"].get("combined_loader", []):  # mgmlora's resumable loader: batches consumed
+        if isinstance(state, dict) and "batches_consumed" in state:
+            state["batches_consumed"] -= micro_batches
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Stops on SIGTERM/SIGINT at a micro-batch boundary with a resumable checkpoint and the adapter (module docstring).
+
+    Args:
+        filename: checkpoint name (in the ModelCheckpoint's directory, else `<log_dir>/checkpoints`); `{step}` is the
+            optimizer step the checkpoint resumes from.
+    """
+
+    def __init__(self, filename: str = "interrupted-step={step:06d}.ckpt") -> None:
+        self.filename = filename
+        self.signum: int | None = None  # the signal that stopped the run (SIGINT when ours, else Lightning's SIGTERM)
+        self.saved: Path | None = None
+        self._trainer: L.Trainer | None = None
+        self._previous_sigint: Any = None
+
+    # ---- SIGINT into Lightning's stop flag, during training only ----------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self.signum, self.saved, self._trainer = None, None, trainer
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # Lightning's teardown also restores the handlers it found when fit began (ours is installed after that)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.signum is not None or self._trainer is None:  # pressed again: the user wants out now
+            self._restore_sigint()
+            raise KeyboardInterrupt
+        self.signum = signum
+        rank_zero_info("mgmlora: SIGINT received; stopping after this micro-batch with a checkpoint (press Ctrl+C "
+                       "again to abort without one).")
+        request_stop(self._trainer)
+
+    # ---- mid-window checkpoints describe the window's start ----------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        if trainer.state.fn == TrainerFn.FITTING and "loops" in checkpoint:
+            partial = _partial_window(trainer)
+            if partial:
+                _rewind(checkpoint, partial)
+
+    # ---- the stop itself ---------------------------------------------------------------------------------------------
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        if not isinstance(exception, SIGTERMException):
+            return
+        signum = self.signum or signal.SIGTERM
+        exception.code = 128 + signum  # SIGTERMException is a SystemExit: this becomes the process's exit status
+        if trainer.state.fn != TrainerFn.FITTING or trainer.model is None:
+            return
+        path = self._path(trainer)
+        trainer.save_checkpoint(path)  # every rank: DeepSpeed saves collectively; Lightning's flag stops them together
+        self.saved = path
+        for callback in trainer.callbacks:
+            if isinstance(callback, AdapterExport):
+                callback.export(trainer, pl_module)
+        name = signal.Signals(signum).name
+        rank_zero_warn(f"mgmlora: stopped by {name} at optimizer step {trainer.global_step}; resumable checkpoint "
+                       f"written to {path} (resume with: fit ... --ckpt_path {path}); exiting with {128 + signum}.")
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if folder is None:
+            folder = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / self.filename.format(step=trainer.global_step)

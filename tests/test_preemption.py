@@ -1,5 +1,6 @@
 """SIGTERM / SIGINT: stop at the next micro-batch, resumable checkpoint + adapter, exit 143 / 130 (preemption.py)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +114,15 @@ def test_main_fit_on_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, 
                     "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
                     str(tmp_path / "resumed"), "--ckpt_path", str(interrupted[0])])
     assert cli.trainer.global_step == step + 2 and not cli.trainer.interrupted
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_run_stopped_mid_window_resumes_to_the_unstopped_result(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ds_preempt.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["exit_code"] == 143 and summary["checkpoints"] == ["interrupted-step=000002.ckpt"]
+    assert summary["adapter_written"] and summary["resumed_global_step"] == 4
+    assert summary["max_abs_diff"] < 1e-6  # DeepSpeed's own checkpoint format, wound back to the window start too

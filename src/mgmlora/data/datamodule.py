@@ -22,6 +22,13 @@ from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, W
 log = logging.getLogger(__name__)
 
 
+class NoTrainingSampleError(ValueError):
+    """`fit` would train on nothing: no training sample has a supervised token (the message says why, per reason).
+
+    Without this check the run prints Lightning's "No training batches", writes an untrained adapter and exits 0.
+    """
+
+
 class _Samples(Dataset):
     """Pre-tokenised samples; indexed by int (evaluation) or by WindowKey (training)."""
 
@@ -111,10 +118,26 @@ class TokenizedDataModule(L.LightningDataModule):
         """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
         self.tokenizer = self.tokenizer or self._get_tokenizer()
         self._build_splits(stage)
+        if stage == "fit":
+            self._require_training_samples()
         if stage == "validate" and "val" not in self.splits:
             raise ValueError("`validate` needs a validation split (set the data's validation path or ratio).")
         if stage == "test" and "test" not in self.splits:
             raise ValueError("`test` needs data.init_args.test_path.")
+
+    def drop_reasons(self, split: str) -> dict[str, int]:
+        """Records of `split` left out of it, counted per reason (a phrase that says why); sources override it."""
+        return {}
+
+    def _require_training_samples(self) -> None:
+        samples = self.splits.get("train") or []
+        if any(s.num_supervised for s in samples):
+            return
+        reasons = {reason: n for reason, n in self.drop_reasons("train").items() if n}
+        why = "; ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no record was dropped"
+        raise NoTrainingSampleError(
+            f"{self.hparams.get('train_path')}: no training sample with a supervised token ({len(samples)} samples "
+            f"kept). Left out: {why}. Fix the data file, or raise data.init_args.max_length if targets are too long.")
 
     def _collate_fn(self):
         """Batch assembly; sources with more than text (images) override it together with `_dataset`."""

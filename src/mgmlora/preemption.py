@@ -79,28 +79,34 @@ class PreemptionCheckpoint(L.Callback):
         self.filename = filename
         self.signum: int | None = None  # the signal that stopped the run (SIGINT when ours, else Lightning's SIGTERM)
         self.saved: Path | None = None
-        self._trainer: L.Trainer | None = None
+        self._trainer: L.Trainer | None = None  # set while fitting
         self._previous_sigint: Any = None
 
-    # ---- SIGINT into Lightning's stop flag, during training only ----------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+    # ---- SIGINT into Lightning's stop flag, while fitting ----------------------------------------------------------
+    # Installed in on_fit_start, before the training loader forks its workers (they inherit it and so do not die of a
+    # KeyboardInterrupt under the main process) and before Lightning records the handlers it restores at teardown (it
+    # then restores this one: outside a fit it passes the signal on to the handler it replaced).
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.signum, self.saved, self._trainer = None, None, trainer
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
-        # Lightning's teardown also restores the handlers it found when fit began (ours is installed after that)
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            if previous != self._on_sigint:  # a second fit with the same callback keeps the first one's original
+                self._previous_sigint = previous
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self._restore_sigint()
-
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+    def teardown(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
+        self._trainer = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.signum is not None or self._trainer is None:  # pressed again: the user wants out now
-            self._restore_sigint()
-            raise KeyboardInterrupt
+        if self._trainer is None or self.signum is not None:  # not fitting, or pressed again: the user wants out now
+            self._trainer = None
+            previous = self._previous_sigint
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         rank_zero_info("mgmlora: SIGINT received; stopping after this micro-batch with a checkpoint (press Ctrl+C "
                        "again to abort without one).")
@@ -115,6 +121,7 @@ class PreemptionCheckpoint(L.Callback):
 
     # ---- the stop itself ---------------------------------------------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        self._trainer = None  # from here on SIGINT interrupts as it would without this callback
         if not isinstance(exception, SIGTERMException):
             return
         signum = self.signum or signal.SIGTERM

@@ -28,7 +28,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mgmlora.callbacks import AdapterExport
@@ -129,13 +129,14 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING or trainer.model is None:
             return
         path = self._path(trainer)
-        trainer.save_checkpoint(path)  # every rank: DeepSpeed saves collectively; Lightning's flag stops them together
+        # every rank calls it (DeepSpeed saves collectively); Lightning's broadcast flag stops the ranks together
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
         for callback in trainer.callbacks:
             if isinstance(callback, AdapterExport):
                 callback.export(trainer, pl_module)
         name = signal.Signals(signum).name
-        rank_zero_warn(f"mgmlora: stopped by {name} at optimizer step {trainer.global_step}; resumable checkpoint "
+        rank_zero_info(f"mgmlora: stopped by {name} at optimizer step {trainer.global_step}; resumable checkpoint "
                        f"written to {path} (resume with: fit ... --ckpt_path {path}); exiting with {128 + signum}.")
 
     def _path(self, trainer: L.Trainer) -> Path:

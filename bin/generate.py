@@ -15,7 +15,7 @@ transformers.generate's (mgmlora.generate.GenerationArgs). `--model_path` points
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -91,25 +91,34 @@ def main(argv: list[str] | None = None):
 
     run = read_run_adapter(args.checkpoint)
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    data = _data_settings(run)
+    if args.chameleons:  # everything that can be refused is checked before the model loads
+        from mgmlora.data.prompts import get_ablation
+        from mgmlora.leaderboard import read_progress, run_settings
+
+        ablation = args.ablation or data.get("ablation", "context_only")
+        prompt_role = args.prompt_role or data.get("prompt_role", "system")
+        max_length = args.max_length or data.get("max_length", 1024)
+        train_path = args.train_path or data.get("train_path")
+        use_history = get_ablation(ablation).use_history
+        if use_history and (not train_path or not Path(train_path).is_file()):
+            parser.error(f"ablation {ablation} uses history: pass --train_path (the training file).")
+        gen = replace(gen, num_return_sequences=args.n)  # greedy decoding with --n > 1 is refused here
+        read_progress(args.output, run_settings(args.chameleons, args.n, gen, ablation, prompt_role, max_length,
+                                                data.get("mark_omitted", False), use_history,
+                                                data.get("max_history", 15), args.checkpoint))
+
     model, info = build_trained_model(run, model_args)
     model.to(args.device).eval()
     tokenizer = load_tokenizer(model_args)
-    data = _data_settings(run)
 
     if args.chameleons:
         from mgmlora.data.persona import ChameleonsDataModule, PersonaEncoder
         from mgmlora.leaderboard import predict_leaderboard
 
-        settings = {"ablation": args.ablation or data.get("ablation", "context_only"),
-                    "prompt_role": args.prompt_role or data.get("prompt_role", "system"),
-                    "max_length": args.max_length or data.get("max_length", 1024)}
-        encoder = PersonaEncoder(tokenizer, settings["max_length"], settings["ablation"], settings["prompt_role"],
-                                 data.get("mark_omitted", False))
+        encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data.get("mark_omitted", False))
         history = None
-        train_path = args.train_path or data.get("train_path")
-        if encoder.ablation.use_history:
-            if not train_path or not Path(train_path).is_file():
-                parser.error(f"ablation {settings['ablation']} uses history: pass --train_path (the training file).")
+        if use_history:
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
                 "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
             dm.tokenizer = tokenizer

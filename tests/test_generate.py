@@ -137,6 +137,25 @@ def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
     assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
 
 
+def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loading_the_model(tmp_path, trained_qwen,
+                                                                                            monkeypatch):
+    from mgmlora.leaderboard import ProgressMismatchError
+
+    path, _ = _leaderboard_file(tmp_path)
+    args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+    first = generate_cli.main(args + ["--n", "2"])
+    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
+    assert again["generated_now"] == 0 and again["resumed_from_progress"] == first["data_items"]
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the progress file was checked")
+
+    monkeypatch.setattr(generate_cli, "build_trained_model", no_loading)
+    with pytest.raises(ProgressMismatchError, match="n: 2 there, 3 now"):
+        generate_cli.main(args + ["--n", "3"])
+
+
 def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
     ckpt, adapter = _train(tmp_path, "tiny-mgm")
     image = sorted((ASSETS / "llava" / "images").iterdir())[0]

@@ -58,12 +58,26 @@ def clean_reply(text: str) -> str:
     return answer.strip()
 
 
-def _read_progress(path: Path, settings: dict) -> dict[tuple[int, int, int], list[str]]:
-    """Continuations already generated with exactly `settings` (the first line of the file records its settings).
+def run_settings(input_path: str | Path, n: int, gen: GenerationArgs, ablation: str, prompt_role: str,
+                 max_length: int, mark_omitted: bool, history: bool, max_history: int,
+                 checkpoint: str | Path | None = None) -> dict:
+    """Everything that shapes the continuations, as recorded in (and compared with) the progress file."""
+    return {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
+            "input": str(Path(input_path).resolve()), "n": n,
+            "generation": asdict(replace(gen, num_return_sequences=n)), "ablation": ablation,
+            "prompt_role": prompt_role, "max_length": max_length, "mark_omitted": mark_omitted, "history": history,
+            "max_history": max_history}
+
+
+def read_progress(output_path: str | Path, settings: dict) -> dict[tuple[int, int, int], list[str]]:
+    """Continuations already generated for `output_path` with exactly `settings` (the file's first line records them).
+
+    Cheap: `bin/generate.py` calls it before loading the model, so a mismatch is refused at once.
 
     Raises:
         ProgressMismatchError: when the file was written with other settings, or records none (an older format).
     """
+    path = output_files(output_path)["progress file"]
     done: dict[tuple[int, int, int], list[str]] = {}
     if not path.is_file() or not path.stat().st_size:
         return done
@@ -72,7 +86,7 @@ def _read_progress(path: Path, settings: dict) -> dict[tuple[int, int, int], lis
         recorded = json.loads(lines[0]).get("settings")
     except (json.JSONDecodeError, AttributeError):
         recorded = None
-    fix = (f"Write to a new --output, or delete {path} to generate every item again with the current settings.")
+    fix = f"Write to a new --output, or delete {path} to generate every item again with the current settings."
     if not isinstance(recorded, dict):
         raise ProgressMismatchError(f"{path}: the progress file does not record the settings it was made with, so "
                                     f"its continuations cannot be trusted to match this run. {fix}")
@@ -119,13 +133,10 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
     outputs = output_files(output_path)
     refuse_overwrite(outputs, files={"input": input_path})
     gen = replace(gen, num_return_sequences=n)
-    settings = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
-                "input": str(input_path.resolve()), "n": n, "generation": asdict(gen),
-                "ablation": encoder.ablation_name, "prompt_role": encoder.prompt_role,
-                "max_length": encoder.max_length, "mark_omitted": encoder.mark_omitted,
-                "history": history_from is not None, "max_history": max_history}
+    settings = run_settings(input_path, n, gen, encoder.ablation_name, encoder.prompt_role, encoder.max_length,
+                            encoder.mark_omitted, history_from is not None, max_history, checkpoint)
     progress = outputs["progress file"]
-    done = _read_progress(progress, settings)  # before any work: a mismatch costs nothing
+    done = read_progress(output_path, settings)  # before any work: a mismatch costs nothing
     records = load_records(input_path)
     samples = leaderboard_samples(records, input_path)
     if encoder.ablation.use_history and history_from is not None:

@@ -45,9 +45,10 @@ def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS):
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
                         logger=L.pytorch.loggers.TensorBoardLogger(root, "run"), enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
-                        plugins=[AdapterCheckpointIO()], callbacks=[
-                            ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=2,
-                                            save_top_k=-1), AdapterExport(), PreemptionCheckpoint(), *callbacks])
+                        plugins=[AdapterCheckpointIO()], callbacks=[  # the signal first: noted after that micro-batch
+                            *callbacks, ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
+                                                        every_n_train_steps=2, save_top_k=-1),
+                            AdapterExport(), PreemptionCheckpoint()])
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.model.named_parameters() if v.requires_grad}, trainer
 
@@ -124,13 +125,27 @@ def test_main_fit_on_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, 
     assert cli.trainer.global_step == step + 2 and not cli.trainer.interrupted
 
 
+def _preempt_script(out, mode):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "preempt_fit.py"), str(out), mode],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=out)
+    assert proc.returncode in (0, 143), proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_run_stopped_mid_window_resumes_to_the_unstopped_result(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "ds_preempt.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = _preempt_script(tmp_path, "zero2")
     assert summary["exit_code"] == 143 and summary["checkpoints"] == ["interrupted-step=000002.ckpt"]
     assert summary["adapter_written"] and summary["resumed_global_step"] == 4
     assert summary["max_abs_diff"] < 1e-6  # DeepSpeed's own checkpoint format, wound back to the window start too
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_stops_together_when_one_rank_gets_the_signal(tmp_path):
+    # Lightning's own handler runs a collective inside the signal handler and stops each rank on its own flag: the
+    # other rank went on into the next backward and died ("Connection closed by peer"). Both ranks stop together here.
+    summary = _preempt_script(tmp_path, "ddp2")
+    assert summary["exit_code"] == 143
+    assert "ckpt/interrupted-step=000002.ckpt" in summary["files"] and "adapter/adapter_model.safetensors" in summary[
+        "files"], summary

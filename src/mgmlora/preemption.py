@@ -3,12 +3,14 @@
 The exit status is 128 + signal (143 for SIGTERM, 130 for SIGINT), so that a scheduler records the run as stopped,
 not done, and `fit --ckpt_path` continues from where it stopped.
 
-Built on Lightning's own SIGTERM handling (`trainer.received_sigterm`): Lightning's handler sets the flag, its training
-loop raises `SIGTERMException` after the micro-batch in flight (on every rank: it broadcasts the flag), and its
-exception path calls `Callback.on_exception`. By itself that exits 0 and saves nothing; SIGINT raises
-KeyboardInterrupt and exits 1, also saving nothing. `PreemptionCheckpoint` (added to every `bin/main.py` run):
+Built on Lightning's own SIGTERM handling (`trainer.received_sigterm`): when that flag is up, Lightning's training loop
+raises `SIGTERMException` after the micro-batch in flight and its exception path calls `Callback.on_exception`. By
+itself that exits 0 and saves nothing; SIGINT raises KeyboardInterrupt and exits 1, also saving nothing.
+`PreemptionCheckpoint` (added to every `bin/main.py` run):
 
-- routes SIGINT during training into the same flag (a second SIGINT still interrupts at once);
+- notes SIGTERM and SIGINT during training and raises that flag on all ranks after the same micro-batch (a second
+  SIGINT still interrupts at once). A signal during a validation pass takes effect at the first training micro-batch
+  after it: ranks may hold one validation batch more than another, so agreeing there could not be a collective;
 - in `on_exception`, saves `<checkpoint dir>/interrupted-step=NNNNNN.ckpt` through `trainer.save_checkpoint` (the
   configured CheckpointIO, or DeepSpeed's own format), so `fit --ckpt_path` resumes it, and writes the adapter
   through the run's `AdapterExport`; then sets the exit code;
@@ -80,37 +82,57 @@ class PreemptionCheckpoint(L.Callback):
         self.signum: int | None = None  # the signal that stopped the run (SIGINT when ours, else Lightning's SIGTERM)
         self.saved: Path | None = None
         self._trainer: L.Trainer | None = None  # set while fitting
-        self._previous_sigint: Any = None
+        self._previous: dict[int, Any] = {}  # the handlers ours replaced, by signal
 
-    # ---- SIGINT into Lightning's stop flag, while fitting ----------------------------------------------------------
-    # Installed in on_fit_start, before the training loader forks its workers (they inherit it and so do not die of a
-    # KeyboardInterrupt under the main process) and before Lightning records the handlers it restores at teardown (it
-    # then restores this one: outside a fit it passes the signal on to the handler it replaced).
+    # ---- signals into Lightning's stop flag, decided by all ranks together ----------------------------------------
+    # SIGINT is taken in on_fit_start, before the training loader forks its workers (they inherit the handler, so they
+    # do not die of a KeyboardInterrupt under the main process). SIGTERM is taken in on_train_start, after Lightning
+    # installed its own: that one runs a collective (`dist.broadcast`) inside the signal handler and each rank then
+    # stops on its own flag, so a 2-rank DDP run stopped mid collective and crashed (gloo: "Connection closed by
+    # peer"). Here a handler only notes the signal; after every micro-batch all ranks agree (one all-reduce of a bool,
+    # as Lightning itself broadcasts a flag per micro-batch) and raise Lightning's flag together. Lightning restores
+    # the handlers it found when the run ends; outside a fit this one passes a signal on to the handler it replaced.
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.signum, self.saved, self._trainer = None, None, trainer
+        self._take(signal.SIGINT)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._trainer = trainer
+        self._take(signal.SIGTERM)
+
+    def _take(self, signum: int) -> None:
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
-            if previous != self._on_sigint:  # a second fit with the same callback keeps the first one's original
-                self._previous_sigint = previous
+            previous = signal.signal(signum, self._on_signal)
+            if previous != self._on_signal:  # a second fit with the same callback keeps the first one's original
+                self._previous[signum] = previous
 
     def teardown(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
         self._trainer = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == self._on_sigint:
-            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+        for signum, previous in self._previous.items():
+            if threading.current_thread() is threading.main_thread() and signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._trainer is None or self.signum is not None:  # not fitting, or pressed again: the user wants out now
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        again = signum == signal.SIGINT and self.signum is not None
+        if self._trainer is None or again:  # not fitting, or Ctrl+C pressed again: the user wants out now
             self._trainer = None
-            previous = self._previous_sigint
+            previous = self._previous.get(signum)
             if callable(previous):
                 previous(signum, frame)
-            elif previous != signal.SIG_IGN:
+            elif previous == signal.SIG_DFL and signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
             return
-        self.signum = signum
-        rank_zero_info("mgmlora: SIGINT received; stopping after this micro-batch with a checkpoint (press Ctrl+C "
-                       "again to abort without one).")
-        request_stop(self._trainer)
+        if self.signum is None:
+            self.signum = signum
+            rank_zero_info(f"mgmlora: {signal.Signals(signum).name} received; stopping after this micro-batch with "
+                           "a checkpoint" + (" (Ctrl+C again aborts without one)." if signum == signal.SIGINT else "."))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None or trainer.received_sigterm, all=False):
+            request_stop(trainer)  # on every rank: Lightning raises SIGTERMException after this micro-batch
 
     # ---- mid-window checkpoints describe the window's start ----------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:  # noqa: D102
@@ -124,7 +146,7 @@ class PreemptionCheckpoint(L.Callback):
         self._trainer = None  # from here on SIGINT interrupts as it would without this callback
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signum or signal.SIGTERM
+        signum = self.signum or signal.SIGTERM  # Lightning's own SIGTERM handler (before training started)
         exception.code = 128 + signum  # SIGTERMException is a SystemExit: this becomes the process's exit status
         if trainer.state.fn != TrainerFn.FITTING or trainer.model is None:
             return

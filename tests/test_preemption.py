@@ -91,7 +91,7 @@ def test_sigint_stops_like_sigterm_with_exit_130_and_a_second_one_interrupts_as_
 
 
 @pytest.mark.slow
-def test_main_fit_on_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, in_repo_root):
+def test_main_fit_on_sigterm_to_its_process_group_exits_143_with_a_checkpoint_that_resumes(tmp_path, in_repo_root):
     config = yaml.safe_load((ROOT / "configs" / "demo_chameleons.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
@@ -99,14 +99,14 @@ def test_main_fit_on_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, 
     proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
                              str(tmp_path / "demo.yaml"), "--trainer.max_steps", "100000",
                              "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
-                             str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(tmp_path), "--data.init_args.num_workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (run / "checkpoints" / "step=000002.ckpt").is_dir():  # training is under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # as schedulers do: the whole group, DataLoader workers included
         sent = time.monotonic()
         out = proc.communicate(timeout=120)[0]
     finally:

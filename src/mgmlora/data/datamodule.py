@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
+from mgmlora.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +178,14 @@ class TokenizedDataModule(L.LightningDataModule):
         return _ResumableLoader(self._dataset(self.splits["train"]), batch_sampler=self._train_sampler(),
                                 collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
                                 persistent_workers=self.hparams.num_workers > 0,
-                                position_fn=self._position)
+                                position_fn=self._position, worker_init_fn=ignore_stop_signals)
 
     def _eval_loader(self, split: str) -> DataLoader:
         samples = self.splits[split]
         shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
         return DataLoader(self._dataset(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers)
+                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
+                          worker_init_fn=ignore_stop_signals)  # workers are stopped by this process (preemption)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (each rank gets a disjoint shard); empty when there is no validation split."""

@@ -30,13 +30,14 @@ from mgmlora.memory import (  # noqa: E402
     run_from_config,
 )
 from mgmlora.speed_plan import candidates  # noqa: E402
+from mgmlora.tool_args import positive_float  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, estimates, prints; returns the JSON-able result."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", required=True, help="YAML config; repeat to compose")
-    parser.add_argument("--gpu_memory_gib", type=float, default=None)
+    parser.add_argument("--gpu_memory_gib", type=positive_float, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args, overrides = parser.parse_known_args(argv)
     run = run_from_config(args.config, overrides)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 from mgmlora.errors import run  # noqa: E402
 from mgmlora.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
+from mgmlora.tool_args import positive_float, refuse_overwrite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -33,14 +34,18 @@ def main(argv: list[str] | None = None) -> Path:
                         help="dtype of the merged weights (default: the run's model.dtype)")
     parser.add_argument("--model_path", default=None, help="local base model directory (overrides the run's)")
     parser.add_argument("--preset", default=None, help="registry preset of the base (random-init runs)")
-    parser.add_argument("--max_shard_gib", type=float, default=5.0)
+    parser.add_argument("--max_shard_gib", type=positive_float, default=5.0)
     args = parser.parse_args(argv)
+    refuse_overwrite({"--output": args.output}, folders={"--checkpoint": args.checkpoint})
     run = read_run_adapter(args.checkpoint)
     if not args.merge:
         out = export_adapter(run, args.output)
         print(f"mgmlora: adapter exported to {out}")
         return out
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    # the run's own base too, not only --model_path: the merge must never write into the weights it reads
+    refuse_overwrite({"--output": args.output}, folders={"--model_path": model_args.model_path,
+                                                         "tokenizer_path": model_args.tokenizer_path})
     out = merge_and_save(run, model_args, args.output, int(args.max_shard_gib * 2**30))
     print(f"mgmlora: merged model written to {out}")
     return out

@@ -15,7 +15,7 @@ transformers.generate's (mgmlora.generate.GenerationArgs). `--model_path` points
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -28,6 +28,11 @@ from mgmlora.errors import run  # noqa: E402
 from mgmlora.export import build_trained_model, model_args_for, read_run_adapter  # noqa: E402
 from mgmlora.generate import GenerationArgs, generate_batch  # noqa: E402
 from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
+from mgmlora.tool_args import non_negative_int, positive_float, positive_int, refuse_overwrite  # noqa: E402
+
+# count-like and size-like sampling flags: refused by argparse itself, before the model loads
+_FLAG_TYPES = {"max_new_tokens": positive_int, "num_return_sequences": positive_int, "batch_size": positive_int,
+               "top_k": non_negative_int, "temperature": positive_float, "repetition_penalty": positive_float}
 
 
 def generation_args(path: Path | None, overrides: dict) -> GenerationArgs:
@@ -62,51 +67,66 @@ def main(argv: list[str] | None = None):
     mode.add_argument("--chameleons", help="test_leaderboard.json to answer")
     parser.add_argument("--image", default=None, help="image for --prompt (MGM)")
     parser.add_argument("--output", type=Path, default=None, help="predictions file for --chameleons")
-    parser.add_argument("--n", type=int, default=5, help="continuations per data_item (--chameleons)")
+    parser.add_argument("--n", type=positive_int, default=5, help="continuations per data_item (--chameleons)")
     parser.add_argument("--ablation", default=None)
     parser.add_argument("--prompt_role", choices=["system", "user"], default=None)
-    parser.add_argument("--max_length", type=int, default=None)
+    parser.add_argument("--max_length", type=positive_int, default=None)
     parser.add_argument("--train_path", default=None, help="training file for history ablations")
     parser.add_argument("--image_aspect_ratio", choices=["pad", "square"], default=None)
     parser.add_argument("--generation_config", type=Path, default=None,
                         help="YAML with GenerationArgs fields (e.g. configs/generate/chameleons_leaderboard.yaml); "
                              "flags given on the command line override it")
     for f in fields(GenerationArgs):
-        parser.add_argument(f"--{f.name}", type=type(f.default) if not isinstance(f.default, bool) else
-                            lambda v: v.lower() in ("1", "true", "yes"), default=None)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name}", type=_FLAG_TYPES.get(f.name, kind), default=None)
     args = parser.parse_args(argv)
     gen = generation_args(args.generation_config, {f.name: getattr(args, f.name) for f in fields(GenerationArgs)})
+    if args.chameleons:
+        if args.output is None:
+            parser.error("--chameleons needs --output")
+        from mgmlora.leaderboard import output_files
+
+        refuse_overwrite(output_files(args.output), files={"--chameleons": args.chameleons,
+                                                           "--train_path": args.train_path},
+                         folders={"--checkpoint": args.checkpoint, "--model_path": args.model_path})
 
     run = read_run_adapter(args.checkpoint)
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    data = _data_settings(run)
+    if args.chameleons:  # everything that can be refused is checked before the model loads
+        from mgmlora.data.prompts import get_ablation
+        from mgmlora.leaderboard import read_progress, run_settings
+
+        ablation = args.ablation or data.get("ablation", "context_only")
+        prompt_role = args.prompt_role or data.get("prompt_role", "system")
+        max_length = args.max_length or data.get("max_length", 1024)
+        train_path = args.train_path or data.get("train_path")
+        use_history = get_ablation(ablation).use_history
+        if use_history and (not train_path or not Path(train_path).is_file()):
+            parser.error(f"ablation {ablation} uses history: pass --train_path (the training file).")
+        gen = replace(gen, num_return_sequences=args.n)  # greedy decoding with --n > 1 is refused here
+        read_progress(args.output, run_settings(args.chameleons, args.n, gen, ablation, prompt_role, max_length,
+                                                data.get("mark_omitted", False), use_history,
+                                                data.get("max_history", 15), args.checkpoint))
+
     model, info = build_trained_model(run, model_args)
     model.to(args.device).eval()
     tokenizer = load_tokenizer(model_args)
-    data = _data_settings(run)
 
     if args.chameleons:
         from mgmlora.data.persona import ChameleonsDataModule, PersonaEncoder
         from mgmlora.leaderboard import predict_leaderboard
 
-        if args.output is None:
-            parser.error("--chameleons needs --output")
-        settings = {"ablation": args.ablation or data.get("ablation", "context_only"),
-                    "prompt_role": args.prompt_role or data.get("prompt_role", "system"),
-                    "max_length": args.max_length or data.get("max_length", 1024)}
-        encoder = PersonaEncoder(tokenizer, settings["max_length"], settings["ablation"], settings["prompt_role"],
-                                 data.get("mark_omitted", False))
+        encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data.get("mark_omitted", False))
         history = None
-        train_path = args.train_path or data.get("train_path")
-        if encoder.ablation.use_history:
-            if not train_path or not Path(train_path).is_file():
-                parser.error(f"ablation {settings['ablation']} uses history: pass --train_path (the training file).")
+        if use_history:
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
                 "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
             dm.tokenizer = tokenizer
             dm._train_val()
             history = dm.dialogues["train"]
         summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,
-                                      data.get("max_history", 15))
+                                      data.get("max_history", 15), checkpoint=args.checkpoint)
         print(json.dumps(summary, indent=2))
         return summary
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 from mgmlora.data.chameleons import load_records, sample_data_items  # noqa: E402
 from mgmlora.errors import run  # noqa: E402
+from mgmlora.tool_args import positive_int, refuse_overwrite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,9 +26,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--max_data_items", type=int, default=10)
+    parser.add_argument("--max_data_items", type=positive_int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
+    refuse_overwrite({"OUTPUT": args.output}, files={"INPUT": args.input})
     records = load_records(args.input)
     sampled = sample_data_items(records, args.max_data_items, args.seed, args.input)
     args.output.parent.mkdir(parents=True, exist_ok=True)

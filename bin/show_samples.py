@@ -24,6 +24,7 @@ from mgmlora.errors import run  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
+from mgmlora.tool_args import positive_int  # noqa: E402
 
 
 def build_datamodule(config_paths: list[str], overrides: list[str] | None = None):
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append", help="repeatable, composed in order")
     parser.add_argument("--split", choices=["train", "val", "test"], default="train")
-    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--n", type=positive_int, default=3)
     args, overrides = parser.parse_known_args(argv)  # the rest: bin/main.py overrides, e.g. --data.max_length 512
     datamodule = build_datamodule(args.config, overrides)
     datamodule.setup("test" if args.split == "test" else "fit")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,9 +109,10 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
 
     # interrupted after 5 items (the 6th line cut mid-write): a rerun generates only the rest
     progress = tmp_path / "pred.json.partial.jsonl"
-    lines = progress.read_text().splitlines()
+    header, *lines = progress.read_text().splitlines()
+    assert json.loads(header)["settings"]["n"] == 2
     kept = {tuple(json.loads(line)["index"]): json.loads(line)["continuations"] for line in lines[:5]}
-    progress.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    progress.write_text("\n".join([header, *lines[:5]]) + "\n" + lines[5][:10])
     out.unlink()
     again = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
     assert again["resumed_from_progress"] == 5 and again["generated_now"] == total - 5
@@ -124,7 +126,7 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
             readable.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    assert len(readable) == total  # the cut line stays alone; no new entry was glued onto it
+    assert len(readable) == total + 1  # header + one per item: the cut line stays alone, nothing glued onto it
 
 
 def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
@@ -133,6 +135,25 @@ def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
                                  str(tmp_path / "p.json"), "--n", "3", "--max_new_tokens", "4", "--dtype", "float32",
                                  "--max_length", "512"])
     assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
+
+
+def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loading_the_model(tmp_path, trained_qwen,
+                                                                                            monkeypatch):
+    from mgmlora.leaderboard import ProgressMismatchError
+
+    path, _ = _leaderboard_file(tmp_path)
+    args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+    first = generate_cli.main(args + ["--n", "2"])
+    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
+    assert again["generated_now"] == 0 and again["resumed_from_progress"] == first["data_items"]
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the progress file was checked")
+
+    monkeypatch.setattr(generate_cli, "build_trained_model", no_loading)
+    with pytest.raises(ProgressMismatchError, match="n: 2 there, 3 now"):
+        generate_cli.main(args + ["--n", "3"])
 
 
 def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
@@ -159,3 +180,34 @@ def test_generation_config_files_parse_and_reject_typos(tmp_path):
 def test_greedy_decoding_with_several_replies_is_a_clear_error():
     with pytest.raises(ValueError, match="do_sample true"):
         GenerationArgs(do_sample=False, num_return_sequences=5)
+
+
+def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path, trained_qwen):
+    from mgmlora.leaderboard import ProgressMismatchError
+
+    path, records = _leaderboard_file(tmp_path)
+    run = read_run_adapter(trained_qwen)
+    args = model_args_for(run, dtype="float32")
+    model, _ = build_trained_model(run, args)
+    tokenizer = load_tokenizer(args)
+    encoder = PersonaEncoder(tokenizer, 512, "context_only", "system")
+    gen, out = GenerationArgs(max_new_tokens=3, batch_size=8), tmp_path / "pred.json"
+    with pytest.raises(ValueError, match="n .*>= 1"):
+        predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=0)
+    assert not out.exists() and not (tmp_path / "pred.json.partial.jsonl").exists()
+    predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+    progress = (tmp_path / "pred.json.partial.jsonl").read_text()
+    for change, message in ((dict(n=2), "n: 1 there, 2 now"), (dict(gen=replace(gen, temperature=0.3)), "generation"),
+                            (dict(checkpoint=tmp_path), "checkpoint")):
+        kwargs = dict(n=1, gen=gen, checkpoint=trained_qwen) | change
+        with pytest.raises(ProgressMismatchError, match=message):
+            predict_leaderboard(model, tokenizer, encoder, path, out, **kwargs)
+    assert (tmp_path / "pred.json.partial.jsonl").read_text() == progress  # untouched
+    items = [i for r in json.loads(out.read_text()) for c in r["task"]["task_behavior_collections"] for i in c["data"]]
+    assert {len(i["continuations"]) for i in items} == {1}
+    # the same settings resume (everything is already there), and a progress file without settings is refused
+    assert predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)[
+        "generated_now"] == 0
+    (tmp_path / "pred.json.partial.jsonl").write_text("\n".join(progress.splitlines()[1:]) + "\n")
+    with pytest.raises(ProgressMismatchError, match="does not record the settings"):
+        predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)

@@ -1,4 +1,4 @@
-"""Callbacks: throughput and memory logging, and the final adapter export.
+"""Callbacks: throughput and memory logging, and the final adapter export (mgmlora.preemption: stopping on signals).
 
 Kept out of the LightningModule so that `training_step` stays about the loss. Lightning's own ThroughputMonitor
 needs per-batch lambdas (not expressible in YAML) and logs samples, not supervised tokens; this one is ~50 lines.
@@ -95,6 +95,10 @@ class AdapterExport(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Writes the adapter as it is now; every rank must call it (ZeRO-3 gathers). Also used on preemption."""
         if trainer.log_dir is None:
             return
         out = Path(trainer.log_dir) / self.dirname

@@ -32,6 +32,7 @@ from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.errors import USAGE, one_line  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
 from mgmlora.progress import StepProgressBar  # noqa: E402
+from mgmlora.preemption import PreemptionCheckpoint  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -68,7 +69,7 @@ class MgmCLI(LightningCLI):
         """
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO unless the config names a CheckpointIO or uses DeepSpeed (own checkpoints).
+        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.
 
         Also adds StepProgressBar (optimizer steps against the run's real total) when the run shows a progress bar
         and the config names none.
@@ -87,7 +88,10 @@ class MgmCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.progress)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
+            trainer.callbacks.append(PreemptionCheckpoint())
+        return trainer
 
 
 class _ParseOnly(MgmCLI):

@@ -38,6 +38,7 @@ from mgmlora.checkpoint import (
 )
 from mgmlora.models import load_model
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer
+from mgmlora.tool_args import refuse_overwrite
 from mgmlora.trainable import load_trainables
 
 ExportDtype = Literal["bfloat16", "float16", "float32"]
@@ -132,7 +133,12 @@ def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str |
 
 
 def export_adapter(run: RunAdapter, out: str | Path) -> Path:
-    """Writes a PEFT adapter directory (+ non-LoRA trainables, + the run's config) that plain PEFT loads."""
+    """Writes a PEFT adapter directory (+ non-LoRA trainables, + the run's config) that plain PEFT loads.
+
+    Raises:
+        OutputPathError: when `out` is the run's directory or inside it.
+    """
+    refuse_overwrite({"output": out}, folders={"checkpoint": run.source})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if run.lora_config is not None:
@@ -161,7 +167,14 @@ def build_trained_model(run: RunAdapter, args: ModelArgs):
 
 
 def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout."""
+    """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout.
+
+    Raises:
+        OutputPathError: when `out` is (or lies inside) the base model, its tokenizer or the run's directory: the merge
+            reads the base's weights and would overwrite them with merged ones.
+    """
+    refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
+                                               "tokenizer_path": args.tokenizer_path})
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     model, info = build_trained_model(run, args)

@@ -44,11 +44,18 @@ class GenerationArgs:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        counts = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                  "num_return_sequences": self.num_return_sequences}
+        bad = {k: v for k, v in counts.items() if v < 1}
+        if bad:
+            raise ValueError(f"generation settings {bad} must be >= 1.")
+        if self.top_k < 0 or not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
+            raise ValueError(f"generation settings out of range (top_k={self.top_k} must be >= 0, temperature="
+                             f"{self.temperature} > 0, top_p={self.top_p} in (0, 1], repetition_penalty="
+                             f"{self.repetition_penalty} > 0).")
         if not self.do_sample and self.num_return_sequences > 1:
             raise ValueError(f"greedy decoding (do_sample false) gives one reply per prompt, not "
                              f"{self.num_return_sequences}: set do_sample true for several replies (or ask for 1).")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1.")
 
     def kwargs(self) -> dict:
         """Keyword arguments for `generate`."""

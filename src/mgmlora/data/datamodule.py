@@ -18,8 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
+from mgmlora.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
+
+
+class NoTrainingSampleError(ValueError):
+    """`fit` would train on nothing: no training sample has a supervised token (the message says why, per reason).
+
+    Without this check the run prints Lightning's "No training batches", writes an untrained adapter and exits 0.
+    """
 
 
 class _Samples(Dataset):
@@ -114,6 +122,8 @@ class TokenizedDataModule(L.LightningDataModule):
         self._check_model_family()
         self.tokenizer = self.tokenizer or self._get_tokenizer()
         self._build_splits(stage)
+        if stage == "fit":
+            self._require_training_samples()
         if stage == "validate" and "val" not in self.splits:
             raise ValueError("`validate` needs a validation split (set the data's validation path or ratio).")
         if stage == "test" and "test" not in self.splits:
@@ -128,6 +138,20 @@ class TokenizedDataModule(L.LightningDataModule):
                              "model is MGM, so every sample would train text-only. Set data.class_path: "
                              "mgmlora.data.multimodal.LlavaDataModule (LLaVA JSON; records without an image are "
                              "allowed there), or a text model in model.model.preset / model.model.model_path.")
+
+    def drop_reasons(self, split: str) -> dict[str, int]:
+        """Records of `split` left out of it, counted per reason (a phrase that says why); sources override it."""
+        return {}
+
+    def _require_training_samples(self) -> None:
+        samples = self.splits.get("train") or []
+        if any(s.num_supervised for s in samples):
+            return
+        reasons = {reason: n for reason, n in self.drop_reasons("train").items() if n}
+        why = "; ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no record was dropped"
+        raise NoTrainingSampleError(
+            f"{self.hparams.get('train_path')}: no training sample with a supervised token ({len(samples)} samples "
+            f"kept). Left out: {why}. Fix the data file, or raise data.init_args.max_length if targets are too long.")
 
     def _collate_fn(self):
         """Batch assembly; sources with more than text (images) override it together with `_dataset`."""
@@ -167,13 +191,14 @@ class TokenizedDataModule(L.LightningDataModule):
         return _ResumableLoader(self._dataset(self.splits["train"]), batch_sampler=self._train_sampler(),
                                 collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
                                 persistent_workers=self.hparams.num_workers > 0,
-                                position_fn=self._position)
+                                position_fn=self._position, worker_init_fn=ignore_stop_signals)
 
     def _eval_loader(self, split: str) -> DataLoader:
         samples = self.splits[split]
         shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
         return DataLoader(self._dataset(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers)
+                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
+                          worker_init_fn=ignore_stop_signals)  # workers are stopped by this process (preemption)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (each rank gets a disjoint shard); empty when there is no validation split."""

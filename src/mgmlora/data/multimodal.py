@@ -14,7 +14,7 @@ from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.images import AspectRatio, ImageLoadError, blank, find_bad_images, load_rgb, preprocess
-from mgmlora.data.llava import fit_after_expansion, read_llava_json, tokenize_record
+from mgmlora.data.llava import fit_after_expansion, read_llava_json, render, tokenize_record
 from mgmlora.data.sampling import WindowKey
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 
@@ -172,3 +172,18 @@ class LlavaDataModule(TokenizedDataModule):
         """Positions after expansion: each `<image>` placeholder becomes `image_tokens` positions in the model."""
         extra = self.geometry["image_tokens"] - 1
         return [len(s.input_ids) + extra * s.input_ids.count(IMAGE_TOKEN_INDEX) for s in samples]
+
+    def drop_reasons(self, split: str) -> dict[str, int]:
+        """Why records are not in `split`, for the fit check; only called when that split ended up empty.
+
+        Records without any answer are told apart from answers cut away by max_length by re-reading the file (cheap,
+        and only on this error path), so `_build` stays as it is.
+        """
+        path = self.hparams.get(f"{split}_path")
+        unsupervised = self.stats.get(f"{split}:skipped_no_supervision", 0)
+        no_answer = min(unsupervised, sum(1 for r in read_llava_json(path) if not render(r)[1])) if unsupervised else 0
+        max_length = self.hparams.max_length or (self.geometry or {}).get("max_length")
+        return {"records with a missing or unreadable image": self.stats.get(f"{split}:skipped_bad_image", 0),
+                "records without an answer (no human/gpt pair with a gpt turn)": no_answer,
+                f"records whose answers do not fit max_length={max_length} after image expansion":
+                    unsupervised - no_answer}

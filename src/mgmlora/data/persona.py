@@ -214,6 +214,15 @@ class ChameleonsDataModule(TokenizedDataModule):
                 attach_history(self.dialogues["test"], self.dialogues["train"], max_items=hp.max_history)
             self._encode_split("test", self.dialogues["test"])
 
+    def drop_reasons(self, split: str) -> dict[str, int]:
+        """Why data_items are not in `split`: keep/drop rule, length, the validation split (for the fit check)."""
+        hp = self.hparams
+        return {"data_items dropped by the keep/drop rule (empty continuation, or a context ending with the "
+                "character's own line)": self.stats.get(f"{hp.train_path}:dropped", 0),
+                f"samples whose target and bare prompt exceed max_length={hp.max_length}":
+                    self.stats.get(f"{split}:skipped_too_long", 0),
+                f"samples held out for validation (val_ratio={hp.val_ratio})": len(self.dialogues.get("val", []))}
+
     def user_counts(self, split: str) -> Counter:
         """Samples per user_hash in a split (for reports and tests)."""
         return Counter(d.user_hash for d in self.dialogues[split])

@@ -31,8 +31,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.errors import USAGE, one_line  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
-from mgmlora.progress import StepProgressBar  # noqa: E402
 from mgmlora.preemption import PreemptionCheckpoint  # noqa: E402
+from mgmlora.progress import StepProgressBar  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 

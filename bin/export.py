@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="dtype of the merged weights (default: the run's model.dtype)")
     parser.add_argument("--model_path", default=None, help="local base model directory (overrides the run's)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow Python code inside the base model directory to run (never taken from a checkpoint)")
     parser.add_argument("--preset", default=None, help="registry preset of the base (random-init runs)")
     parser.add_argument("--max_shard_gib", type=positive_float, default=5.0)
     args = parser.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
         out = export_adapter(run, args.output)
         print(f"mgmlora: adapter exported to {out}")
         return out
-    model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    model_args = model_args_for(run, args.model_path, args.preset, args.dtype, args.trust_remote_code)
     # the run's own base too, not only --model_path: the merge must never write into the weights it reads
     refuse_overwrite({"--output": args.output}, folders={"--model_path": model_args.model_path,
                                                          "tokenizer_path": model_args.tokenizer_path})

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--model_path", default=None)
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow Python code inside the base model directory to run (never taken from a checkpoint)")
     parser.add_argument("--preset", default=None)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None):
                          folders={"--checkpoint": args.checkpoint, "--model_path": args.model_path})
 
     run = read_run_adapter(args.checkpoint)
-    model_args = model_args_for(run, args.model_path, args.preset, args.dtype)
+    model_args = model_args_for(run, args.model_path, args.preset, args.dtype, args.trust_remote_code)
     data = _data_settings(run)
     if args.chameleons:  # everything that can be refused is checked before the model loads
         from mgmlora.data.prompts import get_ablation

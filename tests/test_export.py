@@ -121,3 +121,17 @@ def test_export_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="--model_path"):
         model_args_for(RunAdapter(tmp_path, None, {}, {}, {}))
 
+
+
+def test_a_checkpoints_saved_settings_never_switch_on_remote_code(tmp_path):
+    """The run's saved `trust_remote_code: true` is refused unless the user passes it; false stays false."""
+    from mgmlora.export import RunAdapter
+
+    def run(trust):
+        return RunAdapter(tmp_path, None, {}, {}, hparams={"model": {"model_path": str(tmp_path),
+                                                                     "trust_remote_code": trust}})
+
+    with pytest.raises(ValueError, match="--trust_remote_code"):
+        model_args_for(run(True))
+    assert model_args_for(run(True), trust_remote_code=True).trust_remote_code is True
+    assert model_args_for(run(False)).trust_remote_code is False

@@ -115,10 +115,20 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
 
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
-                   dtype: ExportDtype | None = None) -> ModelArgs:
-    """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine)."""
+                   dtype: ExportDtype | None = None, trust_remote_code: bool = False) -> ModelArgs:
+    """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine).
+
+    `trust_remote_code` comes from the caller (the user's command line) only, never from the run's saved settings: a
+    checkpoint must not be able to make a model directory's Python code run. A run trained with it on is refused
+    until the user passes it again.
+    """
     known = {f.name for f in fields(ModelArgs)}
     saved = {k: v for k, v in (run.hparams.get("model") or {}).items() if k in known}
+    if saved.get("trust_remote_code") and not trust_remote_code:
+        raise ValueError(f"{run.source}: this run was trained with model.trust_remote_code: true; settings read from "
+                         "a checkpoint never switch it on. Pass --trust_remote_code if you trust the code in "
+                         f"{model_path or saved.get('model_path')}.")
+    saved["trust_remote_code"] = trust_remote_code
     if model_path is not None:
         saved["model_path"] = model_path
     if preset is not None:

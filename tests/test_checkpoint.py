@@ -149,3 +149,23 @@ def test_a_deepspeed_save_killed_midway_leaves_the_previous_last_whole(tmp_path)
     assert steps() == [1, 1]  # in place, last.ckpt would now mix step 2's model with step 1's optimizer
     save(3)
     assert steps() == [3, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_fit_ckpt_path_last_finds_the_checkpoint_a_killed_save_renamed_away(tmp_path, monkeypatch):
+    """Lightning looks `last` up by name before any callback runs: the CLI puts it back first (MgmCLI.before_fit)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mgmlora.checkpoint import recover_checkpoint_dirs
+    from mgmlora.cli import MgmCLI
+
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    with monkeypatch.context() as patch:
+        _kill_at_rename(patch, 2)
+        with pytest.raises(_Killed):
+            AdapterCheckpointIO().save_checkpoint(_state(2), last)
+    assert not last.exists()
+    recover_checkpoint_dirs([ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint()])
+    assert last.is_dir() and _step(AdapterCheckpointIO(), last) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert "recover_checkpoint_dirs" in MgmCLI.before_fit.__code__.co_names  # wired where `last` is resolved

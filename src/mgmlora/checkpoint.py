@@ -155,6 +155,18 @@ def recover_once(directory: Path, done: set[Path]) -> None:
     done.add(directory.resolve())
 
 
+def recover_checkpoint_dirs(callbacks: list) -> None:
+    """`recover` the directory of every checkpoint callback that names one (rank 0 only; before `last` is looked up).
+
+    A callback without `dirpath` writes under the logger's next version directory, where no earlier `last` can be.
+    """
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        return
+    for callback in callbacks:
+        if getattr(callback, "dirpath", None):
+            recover_once(Path(callback.dirpath), set())
+
+
 class AdapterCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO that stores adapter-only checkpoints as directories (see the module docstring)."""
 

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
-from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
+from mgmlora.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.errors import USAGE, one_line  # noqa: E402
 from mgmlora.module import LoraLitModule  # noqa: E402
 from mgmlora.preemption import PreemptionCheckpoint  # noqa: E402
@@ -67,6 +67,15 @@ class MgmCLI(LightningCLI):
         against the configured LoRA. Overrides a private LightningCLI method (the only hook before instantiation);
         tests/test_security.py fails if LightningCLI stops calling it.
         """
+
+    def before_fit(self) -> None:
+        """`fit --ckpt_path last` after a save was killed: the complete previous `last` is put back first.
+
+        Lightning looks `last` up by file name before any callback runs, so a `last.ckpt` that an interrupted save
+        left renamed away would not be found and training would start over (mgmlora.checkpoint.recover).
+        """
+        if self.config[self.subcommand].get("ckpt_path") == "last":
+            recover_checkpoint_dirs(self.trainer.checkpoint_callbacks)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.

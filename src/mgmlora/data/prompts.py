@@ -1,6 +1,6 @@
 """Persona-dialogue prompts: the seven ablations and the `simple` layout, one builder for training and generation.
 
-The `simple` layout reproduces the original's training prompt (../shared/docs/chameleons.md section 2.4): one system
+The `simple` layout reproduces the original's training prompt (docs/design/chameleons.md): one system
 message whose parts are joined by a blank line:
 
     [USER_HASH=<hash>]

@@ -1,6 +1,6 @@
 """MGM-2B (Mini-Gemini): Gemma LLM + CLIP tower + ConvNeXt aux tower + patch-info mining + projector.
 
-A re-implementation on transformers 5 classes, following ../shared/docs/mgm.md:
+A re-implementation on transformers 5 classes, following docs/design/mgm.md:
 
     images_aux (B,3,768,768) -> ConvNeXt stages -> upsample 1-3 to stage 0, concat      -> (B, 2880, 192, 192)
     images     (B,3,336,336) -> CLIP hidden_states[-2], CLS dropped                     -> (B, 576, 1024)
@@ -140,7 +140,7 @@ class MGMForCausalLM(nn.Module):
         self.config = config
         # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation (with a notice at
         # every run); MGM-2B was trained on 4.38, which applied the exact GELU the config names
-        # (../shared/docs/mgm.md section 10.2). So the config is built without the key, which is then set as named.
+        # (docs/design/mgm.md). So the config is built without the key, which is then set as named.
         text = GemmaConfig(**{k: v for k, v in config.text.items() if k != "hidden_act"})
         if "hidden_act" in config.text:
             text.hidden_act = config.text["hidden_act"]

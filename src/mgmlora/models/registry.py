@@ -119,7 +119,7 @@ def get_preset(name: str) -> ModelPreset:
 
 
 # MGM presets: complete config.json contents (Gemma keys + mm_* keys), as an original MGM checkpoint carries them.
-# The real one is MGM-2B (../shared/docs/mgm.md sections 1 and 2.3); the tiny one uses the same code paths with
+# The real one is MGM-2B (docs/design/mgm.md, config.json); the tiny one uses the same code paths with
 # tower architectures given inline (`mm_vision_tower_config`, `mm_vision_tower_aux_config`), as test checkpoints do.
 MGM_PRESETS: dict[str, dict[str, Any]] = {
     "mgm-2b": dict(

@@ -26,7 +26,6 @@ AblationName = Literal[
     "profile_and_history_and_context", "profile_and_history", "profile_and_context", "history_and_context",
     "profile_only", "history_only", "context_only",
 ]
-PromptStyle = Literal["simple"]
 
 
 @dataclass(frozen=True)

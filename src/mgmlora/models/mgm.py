@@ -160,21 +160,22 @@ class MGMForCausalLM(nn.Module):
         self.vlm_uni_query_projector = _ln_linear(h, h)
         self.vlm_uni_aux_projector = _ln_linear(h_aux, h)
         self.vlm_uni_val_projector = _ln_linear(h_aux, h)
-        self.towers_trainable = False
 
     # -- towers ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> MGMForCausalLM:
-        """Frozen towers stay in eval mode (MGM ran its aux tower with drop-path in train mode; we do not)."""
+        """The towers stay in eval mode (MGM ran its aux tower with drop-path in train mode; we do not).
+
+        They are always frozen (`Trainability.towers` has no other choice), so no tower ever trains.
+        """
         super().train(mode)
-        if not self.towers_trainable:
-            self.vision_tower.eval()
-            self.vision_tower_aux.eval()
+        self.vision_tower.eval()
+        self.vision_tower_aux.eval()
         return self
 
     def encode_images(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S), (B,3,S_aux,S_aux) -> projected image tokens (B, N, hidden); N = 576 for MGM-2B."""
         dtype = self.mm_projector[0].weight.dtype
-        with torch.set_grad_enabled(self.towers_trainable and torch.is_grad_enabled()):
+        with torch.no_grad():  # frozen towers: no graph through them
             hidden = self.vision_tower(images.to(dtype), output_hidden_states=True).hidden_states
             feats = hidden[self.config.mm_vision_select_layer][:, 1:]  # (B, N, 1024), CLS dropped, no post-LN
             stages = self.vision_tower_aux(images_aux.to(dtype))

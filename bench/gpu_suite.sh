@@ -25,7 +25,7 @@
 #          MGM-2B LoRA on one GPU with accumulation 64 (the 1-GPU reference for the multi part's 2-GPU run)
 #   fill   the configs without a GPU row yet: qwen3-8b_lora_chameleons.yaml as written (plain Lightning, fused AdamW
 #          with clipping) on synthetic Chameleons data, mgm2b_stage1.yaml (accumulate 16 instead of 64)
-#   multi  several GPUs, on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
+#   multi  several GPUs (2-GPU machine): Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
 #   moe_loop  (2 GPUs, side by side): Qwen3-30B-A3B with transformers' vs mgmlora's experts within 80 GiB,
 #          r8 expert LoRA vs attention; MGM-2B recipes in the fit loop with the loop-overhead figure

@@ -2,9 +2,9 @@
 
     python bench/fit_smoke.py OUT.json [--memory_cap_gib 24] fit --config configs/<x>.yaml [--overrides ...]
 
-Not a speed comparison (that is bench/train_step.py, issue 6): it measures our own training loop as users run it,
-for the configs/README.md table. Tokens/s and step time are medians over the steps after the first two (warm-up);
-peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
+Not a speed comparison against plain transformers + PEFT (that is bench/train_step.py): it measures our own training
+loop as users run it, for the configs/README.md table. Tokens/s and step time are medians over the steps after the first
+two (warm-up); peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
 loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
 the first two optimizer steps, and the tokens/s inside them.
 

@@ -25,14 +25,14 @@
 #          MGM-2B LoRA on one GPU with accumulation 64 (the 1-GPU reference for the multi part's 2-GPU run)
 #   fill   the configs without a GPU row yet: qwen3-8b_lora_chameleons.yaml as written (plain Lightning, fused AdamW
 #          with clipping) on synthetic Chameleons data, mgm2b_stage1.yaml (accumulate 16 instead of 64)
-#   multi  issue 9 on a 2-GPU machine: Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
+#   multi  several GPUs (2-GPU machine): Qwen3-30B-A3B on 1 and 2 GPUs (ZeRO-2) and 2 GPUs (ZeRO-3), MGM-2B on 2 GPUs
 #          (ZeRO-2, accumulation 64 per GPU = the recipe's global 128), each with a checkpoint at the last step
-#   moe_loop  issue 14 (2 GPUs, side by side): Qwen3-30B-A3B with transformers' vs mgmlora's experts within 80 GiB,
+#   moe_loop  (2 GPUs, side by side): Qwen3-30B-A3B with transformers' vs mgmlora's experts within 80 GiB,
 #          r8 expert LoRA vs attention; MGM-2B recipes in the fit loop with the loop-overhead figure
-#   experts14  issue 14 (1 GPU): Qwen3-30B-A3B with mgmlora's experts vs plain within 80 GiB + parity, r8 expert
+#   experts14  (1 GPU): Qwen3-30B-A3B with mgmlora's experts vs plain within 80 GiB + parity, r8 expert
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
-#   chameleons_1v2  issue 14 (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
-#   budget_qwen / budget_mgm  issue 14: each path's fastest variant within 80 / 24 GiB (bench/train_step.py
+#   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
+#   budget_qwen / budget_mgm  each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
@@ -197,7 +197,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.callbacks.every_n_train_steps=2
     ;;
   budget_qwen)
-    # issue 14: each path's best within 80 GiB (Qwen3-30B-A3B attention LoRA r64, Chameleons-like lengths), packed
+    # each path's best within 80 GiB (Qwen3-30B-A3B attention LoRA r64, Chameleons-like lengths), packed
     # rows through mgmlora's packed attention (varlen kernel) vs FlexAttention; then r8 attention vs expert LoRA at the
     # best pack with a profile of each
     q="liger+packing+nocast+fused"
@@ -211,7 +211,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     done
     ;;
   budget_mgm)
-    # issue 14: each path's best within 24 GiB (MGM-2B, 2048-position rows): micro-batch, packing (mgmlora's packed
+    # each path's best within 24 GiB (MGM-2B, 2048-position rows): micro-batch, packing (mgmlora's packed
     # attention vs FlexAttention), checkpointing on/off
     c="chunked+nocast+fused+compile"; cp="chunked+packing+nocast+fused+compile"; lp="liger+packing+nocast+fused+compile"
     timeout 500 python3 bench/train_step.py --model mgm-2b --budget_gib 24 --steps 5 --variants \
@@ -219,7 +219,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_budget-mgm2b-$gpu.json" 2>&1 | tail -n 18
     ;;
   fitloop)
-    # issue 14: the recipes as now written in the real fit loop, 4 optimizer steps each (medians over steps 3-4, so
+    # the recipes as now written in the real fit loop, 4 optimizer steps each (medians over steps 3-4, so
     # compilation is excluded), with the GPU-marked tests beside them (tiny models) to save a machine start
     python3 -m pytest -m gpu -q -s tests > "$out/gpu_tests.log" 2>&1 &
     python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
@@ -239,7 +239,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     tail -n 3 "$out/gpu_tests.log"
     ;;
   moe_loop)
-    # issue 14 on a 2-GPU machine, two jobs side by side (one per GPU; they share the host's CPUs): GPU 0 Qwen3-30B-A3B
+    # on a 2-GPU machine, two jobs side by side (one per GPU; they share the host's CPUs): GPU 0 Qwen3-30B-A3B
     # within 80 GiB with transformers' experts vs mgmlora's (model.experts_implementation), then r8 attention vs
     # expert LoRA with mgmlora's experts; GPU 1 the MGM-2B recipes in the fit loop as written (4 optimizer steps each,
     # medians over steps 3-4) with the loop-overhead figure
@@ -268,7 +268,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     cat "$out/moe.log"
     ;;
   experts14)
-    # issue 14, one GPU: Qwen3-30B-A3B with mgmlora's experts against the plain path within 80 GiB in one run, which
+    # one GPU: Qwen3-30B-A3B with mgmlora's experts against the plain path within 80 GiB in one run, which
     # doubles as the learning-parity check (30 steps from identical LoRA weights, no warm-up; parity at the same
     # micro-batch: x8); r8 attention vs expert LoRA with mgmlora's experts; the Chameleons recipe as now written
     # (mgmlora's experts) on one GPU at its global batch 64 (8 packed x accumulate 8), 6 steps
@@ -291,7 +291,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.num_sanity_val_steps 0 $common
     ;;
   combo14)
-    # issue 14 in one 2-GPU call: side by side, GPU 0 Qwen3-30B-A3B with transformers' vs mgmlora's experts within
+    # in one 2-GPU call: side by side, GPU 0 Qwen3-30B-A3B with transformers' vs mgmlora's experts within
     # 80 GiB and r8 expert LoRA with mgmlora's experts, GPU 1 configs/mgm2b_lora.yaml without DeepSpeed (plain
     # Lightning strategy, 4 steps of accumulate 128: is ZeRO-2's per-micro-batch work the loop's overhead?); then the
     # chameleons_1v2 part
@@ -311,7 +311,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     cat "$out/moe.log"
     ;;&
   combo14|chameleons_1v2)
-    # issue 14 on a 2-GPU machine: the Chameleons recipe's optimizer step (global batch 64 = 8 packed samples per
+    # on a 2-GPU machine: the Chameleons recipe's optimizer step (global batch 64 = 8 packed samples per
     # micro-batch x accumulation x GPUs) on 1 GPU (accumulate 8) and 2 GPUs (accumulate 4), ZeRO-2 as written,
     # synthetic Chameleons-length data, 6 steps each (medians over steps 3-6)
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
@@ -325,7 +325,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     done
     ;;
   parity14)
-    # issue 14: learning parity of the new packed settings at real shapes (same micro-batch, identical LoRA weights,
+    # learning parity of the new packed settings at real shapes (same micro-batch, identical LoRA weights,
     # no warm-up), then where MGM-2B's loop loses time against its step: the recipe (accumulate 16 here, 6 steps) on
     # 2048-position rows (the step's shapes), and on realistic rows without compile / with expandable segments
     timeout 150 python3 bench/train_step.py --model mgm-2b --variants \
@@ -346,7 +346,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --model.speed.compile false
     ;;
   loopdiag)
-    # issue 14: MGM-2B's loop on realistic rows (acc 16, 6 steps) with the allocator's expandable segments, and without
+    # MGM-2B's loop on realistic rows (acc 16, 6 steps) with the allocator's expandable segments, and without
     # the 24 GiB cap: is the loop's loss on varying row lengths the capped caching allocator's churn?
     diag="--trainer.accumulate_grad_batches 16 --trainer.max_steps 6"
     # shellcheck disable=SC2086
@@ -356,7 +356,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     smoke mgm2b_lora_nocap_acc16 80 fit --config configs/mgm2b_lora.yaml $mgm $diag
     ;;
   loopshapes)
-    # issue 14: the same loop on rows of about 1,576 positions (576 image + ~1,000 text: a handful of distinct
+    # the same loop on rows of about 1,576 positions (576 image + ~1,000 text: a handful of distinct
     # lengths): per-micro-batch cost vs realistic rows (about 200 distinct lengths) and vs 2048-position rows
     python3 bench/make_long_llava.py /tmp/mgm_1000.json --text_tokens 1000 1000 --copies 6
     # shellcheck disable=SC2086
@@ -364,7 +364,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.accumulate_grad_batches 16 --trainer.max_steps 6 --data.init_args.train_path /tmp/mgm_1000.json
     ;;
   loopbucket)
-    # issue 14: realistic rows at micro-batch 1, each row packed and padded to a multiple of 128 positions
+    # realistic rows at micro-batch 1, each row packed and padded to a multiple of 128 positions
     # (speed.pad_to_multiple): a dozen distinct shapes instead of hundreds
     # shellcheck disable=SC2086
     smoke mgm2b_lora_24gib_acc16_bucket128 90 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \

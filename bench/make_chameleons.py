@@ -2,7 +2,7 @@
 
     python bench/make_chameleons.py OUT.json [--users 64] [--items 12] [--seed 0]
 
-Real Chameleons data is not available on the GPU machines. The schema follows ../shared/docs/chameleons.md (user
+Real Chameleons data is not available on the GPU machines. The schema follows docs/design/chameleons.md (user
 profile, task description, dialogue data items with context turns and the character's continuation); the words are
 drawn from the bundled sample's vocabulary. Context lengths are drawn so that, once the prompt builder adds the
 character's history and the data module truncates at 1024 tokens, most samples fall between 200 and 1024 tokens,

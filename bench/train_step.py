@@ -77,7 +77,7 @@ from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
 from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
 
-PEAK_TFLOPS = 800.0  # H100/H200 bf16 dense ceiling measured on these machines (../shared/docs/gpu.md)
+PEAK_TFLOPS = 800.0  # H100/H200 bf16 dense ceiling measured on these machines (docs/design/gpu.md)
 DEFAULTS = {  # model -> (LoRA preset, default variants, default micro-batch)
     "mgm-2b": ("balanced", "plain,chunked", 1),
     "tiny-mgm": ("balanced", "plain,chunked,chunked+packing", 2),

@@ -27,7 +27,7 @@ def _load(path, name):
 
 estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
 train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
-TOLERANCE = 0.15  # the issue's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
+TOLERANCE = 0.15  # the estimate's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
 CPU_TOLERANCE = 0.25  # and within 25% of the tiny CPU models' allocator peak
 # Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
 FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
@@ -139,7 +139,7 @@ def _estimate_bench_step(result, name, flags, rec, device="cuda"):
 
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-mgm"])
 def test_estimate_is_within_25_percent_of_the_cpu_allocator_peak_of_tiny_models(model, tmp_path):
-    """The issue's CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""
+    """The CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""
     out = tmp_path / "cpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", model, "--lengths",
                            "fixed", "--seq", "512", "--variants", "plain,chunked,chunked+packing,chunked+nockpt",

@@ -1,4 +1,4 @@
-"""The DeepSpeed gradient-accumulation scaling fix (../shared/docs/stack.md section 0.1 and 2.8), on CPU."""
+"""The DeepSpeed gradient-accumulation scaling fix (docs/design/deepspeed.md), on CPU."""
 
 import json
 import os

@@ -2,8 +2,8 @@
 
 Prompts come from the same builders as training (`PersonaEncoder.generation_prompt` for Chameleons, the chat template
 for chat data, `llava.generation_prompt` + `images.preprocess` for MGM), so the model is asked exactly what it was
-trained on, which the seeds' own inference scripts did not do. Sampling settings are plain `transformers.generate`
-arguments; `seed` makes sampled outputs reproducible for a given batch composition.
+trained on, which the original Chameleons inference script did not do (docs/design/chameleons.md). Sampling settings
+are plain `transformers.generate` arguments; `seed` makes sampled outputs reproducible for a given batch composition.
 """
 
 from __future__ import annotations

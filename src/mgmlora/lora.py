@@ -31,7 +31,7 @@ from mgmlora.models.registry import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 PresetName = Literal["conservative", "balanced", "aggressive", "chameleons"]
 _ALL = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
-# The four named presets, with exactly the values of the design (issue 2). Anything here can be overridden.
+# The four named presets (README.md lists them). Anything here can be overridden.
 LORA_PRESETS: dict[str, dict] = {
     "conservative": dict(r=8, lora_alpha=16, lora_dropout=0.1, bias="none", target_modules=["q_proj", "v_proj"]),
     "balanced": dict(

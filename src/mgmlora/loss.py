@@ -4,7 +4,7 @@ Two costs of the plain transformers path that do not change what is learned:
 
 - The LM head runs on every position and the loss upcasts the (B, T, V) logits to fp32. For Gemma's 256k vocabulary
   and 2048 positions that is 2 GiB of fp32 logits plus their gradient, the largest single block of LoRA peak memory
-  (../shared/docs/gpu.md), while only the supervised answer positions carry a loss. `loss: chunked` selects the
+  (docs/design/gpu.md), while only the supervised answer positions carry a loss. `loss: chunked` selects the
   supervised positions first and runs head + cross-entropy over them in chunks whose logits are recomputed in the
   backward pass (activation checkpointing per chunk), so at most `chunk x V` logits exist at once. `loss: liger` does
   the same with Liger-Kernel's fused Triton kernel (CUDA, optional extra). `loss: full` is the plain path, kept as the

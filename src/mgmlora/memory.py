@@ -46,8 +46,9 @@ from mgmlora.models.causal_lm import DTYPES, ModelArgs, build_config, is_moe, re
 from mgmlora.trainable import Trainability, apply_trainability, component_counts
 
 GIB = 2**30
+# Where each constant comes from, with the measurements behind it: docs/design/memory.md.
 ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
-RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (empirical)
+RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (fitted)
 WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
 
 
@@ -181,10 +182,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     tokens = shape.batch_size * shape.seq_len
     per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * act_bytes
     if model_args.gradient_checkpointing:
-        # RECOMPUTE_LIVE is empirical: non-reentrant checkpointing recomputes the whole layer at the start of its
-        # backward, yet counting all of `per_layer` put the tiny CPU models (where this term dominates) 11-28% above
-        # their measured peak, half of it within 8% (ACT_HIDDEN/ACT_MLP were fitted on GPU rows where the term is
-        # small, so they may be what is high); the committed GPU rows move by at most ~1.5% either way.
+        # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
     else:
         items["activations"] = layers * per_layer

@@ -2,15 +2,14 @@
 
 `bin/estimate.py --gpu_memory_gib N` prints it. Only settings the memory estimate (mgmlora.memory) says fit are
 considered; among them the ranking is a throughput model fitted to the measurements in configs/README.md (H200,
-`bench/train_step.py --budget_gib`), not a measurement of your run:
+`bench/train_step.py --budget_gib`; the figures behind each constant: docs/design/memory.md), not a measurement of
+your run:
 
 - gradient checkpointing recomputes each layer's forward in the backward pass: about a third more compute, so a
-  setting with it counts 0.75 of the same setting without it (measured: MGM-2B at micro-batch 1, 19,615 tokens/s
-  without against 12,714 with, compile on both);
+  setting with it counts 0.75 of the same setting without it;
 - more positions per micro-batch raise GPU utilisation up to a saturation point, after which the speed is flat: about
-  4,096 positions for a dense model (MGM-2B: 2 packed 2048-position rows without checkpointing, 25,862 tokens/s, beat
-  8 rows with checkpointing, 24,642), about 32,768 for a mixture-of-experts model, whose experts each see only
-  top_k / num_experts of the tokens (Qwen3-30B-A3B: 48 packed samples of ~545 tokens beat 32 and 16).
+  4,096 positions for a dense model, about 32,768 for a mixture-of-experts model, whose experts each see only
+  top_k / num_experts of the tokens.
 Ties go to the setting with the smaller peak. Without `speed.packing`, padding costs compute and the model counts
 positions as if every sample were `max_length` long, so the advice assumes packing and says so.
 """

@@ -3,7 +3,7 @@
 Lightning 2.6 divides the training-step loss by `accumulate_grad_batches` before backward, and DeepSpeed's
 `engine.backward(loss, scale_wrt_gas=True)` divides it by `gradient_accumulation_steps` again, so every gradient
 (and with it gradient clipping and the logged grad norm) is `accumulate_grad_batches` times too small: 128x with the
-MGM-2B recipe (reported as Lightning-AI/pytorch-lightning#6170, verified in ../shared/docs/stack.md section 0.1).
+MGM-2B recipe (docs/design/deepspeed.md).
 mgmlora keeps Lightning's division (its loss normalisation relies on it) and turns DeepSpeed's off.
 
 Resuming never unpickles code: DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, so
@@ -163,7 +163,7 @@ def zero3_config(trainer: Any) -> dict | None:
 def zero3_build(trainer: Any) -> Iterator[Callable[[], AbstractContextManager]]:
     """Context for building a model inside `configure_model` under ZeRO-3; yields a factory of "PEFT-safe" contexts.
 
-    Two silent failures of ZeRO-3 + transformers + PEFT (../shared/docs/stack.md section 0.2, verified there):
+    Two silent failures of ZeRO-3 + transformers + PEFT (docs/design/deepspeed.md):
     transformers must see a live `HfDeepSpeedConfig` while `from_config`/`from_pretrained` run (else size-mismatch
     errors or NaN gradients), and `get_peft_model` must run outside `deepspeed.zero.Init` (else PEFT's zero init of
     LoRA B hits the empty partition placeholder and the adapter does not start as a no-op). Outside ZeRO-3 both are

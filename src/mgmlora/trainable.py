@@ -21,6 +21,7 @@ from mgmlora.lora import LoraArgs, LoraPlan, apply_lora, plan_lora
 from mgmlora.models import LoadedModel
 
 PROJECTOR_PREFIXES = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
+TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
 
 
 @dataclass
@@ -30,7 +31,9 @@ class Trainability:
     Attributes:
         llm: lora (PEFT adapters on the decoder layers), frozen, or full (every LLM weight; needs the memory).
         projector: MGM's mm_projector and mining modules: full or frozen. Not applicable to text-only models.
-        towers: vision towers; frozen is the only supported choice (they stay in eval mode under no_grad).
+        towers: vision towers; frozen is the only supported choice: their parameters are frozen here, and the MGM
+            model runs them in eval mode under no_grad. The key stays so that configs state it (every shipped
+            config writes it).
     """
 
     llm: Literal["lora", "frozen", "full"] = "lora"
@@ -54,11 +57,15 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
         if trainable.llm == "full":
             llm = model.llm if loaded.info.family == "mgm" else model
             llm.requires_grad_(True)
+    base = model.get_base_model() if plan else model
     if loaded.info.family == "mgm" and trainable.projector == "full":
-        base = model.get_base_model() if plan else model
         for name, param in base.named_parameters():
             if name.startswith(PROJECTOR_PREFIXES):
                 param.requires_grad_(True)
+    if trainable.towers == "frozen":
+        for name, param in base.named_parameters():
+            if name.startswith(TOWER_PREFIXES):
+                param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"nothing would train: trainable.llm={trainable.llm}, trainable.projector="
                          f"{trainable.projector} on a {loaded.info.family} model.")
@@ -95,7 +102,7 @@ def component_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
             key = "lora adapters"
         elif name.startswith(PROJECTOR_PREFIXES):
             key = "projector + mining"
-        elif name.startswith(("vision_tower.", "vision_tower_aux.")):
+        elif name.startswith(TOWER_PREFIXES):
             key = "vision towers"
         else:
             key = "language model"

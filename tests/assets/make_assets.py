@@ -110,7 +110,7 @@ def _user_hash(rng: random.Random) -> str:
 
 
 def make_chameleons(seed: int) -> list[dict]:
-    """Chameleons-format records (schema of ../shared/docs/chameleons.md section 1.1), invented text.
+    """Chameleons-format records (schema of docs/design/chameleons.md), invented text.
 
     Four characters; two of them have two records under the same user_hash, as in the real file. Some data_items
     end on the character's own turn (dropped by extraction), some have an empty context (kept), one partner line

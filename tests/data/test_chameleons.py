@@ -14,7 +14,7 @@ from mgmlora.data.chameleons import (
 )
 from tests.conftest import ASSETS
 
-FIXTURE = ASSETS / "chameleons_fixture.json"  # ../shared/docs/chameleons.md 8.1; counts checked on the original code
+FIXTURE = ASSETS / "chameleons_fixture.json"  # docs/design/chameleons.md, Test fixture
 
 
 def _names(samples):

@@ -13,7 +13,7 @@ from mgmlora.data.prompts import (
 )
 from tests.conftest import ASSETS
 
-# ../shared/docs/chameleons.md 8.1: the first sample under profile_and_history_and_context.
+# The fixture's first sample under profile_and_history_and_context (docs/design/chameleons.md, Test fixture).
 EXPECTED = """[USER_HASH=3f9a1c0b7d2e4a6f8b1c2d3e4f5a6b7c]
 
 [USER_PROFILE]

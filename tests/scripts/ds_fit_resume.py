@@ -154,7 +154,7 @@ def main():
             keys = [k for k in keys if "lora_" in k] or ["(partitioned)"]
     step, resumed_losses = None, {}
     if "--resume" in sys.argv:
-        # Resumed in the same process. Known issue (for issue 5): with ZeRO-3 and LoRA on Qwen3-MoE experts, a second
+        # Resumed in the same process. Known limitation: with ZeRO-3 and LoRA on Qwen3-MoE experts, a second
         # model built in one process fails in transformers' experts forward ("ParametrizedQwen3MoeExperts has no
         # attribute config"); users resume in a new process, which this script does not cover.
         resumed, resumed_record = fit(out, stage, preset, RESUME_TO, ckpt=out / "ckpt" / "step=2.ckpt")

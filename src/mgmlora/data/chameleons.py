@@ -10,7 +10,7 @@ Schema (an array of records; several records may share a `user_hash`; extra keys
 Faithful to the original scripts where they are right (one sample per data_item, role mapping, keep/drop rule,
 data-item sampling with Python's `random`, the per-user floor(0.9 n) split), and corrected where they are wrong:
 history is built from training samples only and never contains the sample's own target (the original's on-disk
-cache leaked targets), and the split has a true held-out-users mode. See ../shared/docs/chameleons.md.
+cache leaked targets), and the split has a true held-out-users mode. See docs/design/chameleons.md.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ what the towers see does not depend on how a file happened to be saved:
 Image size is bounded by Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`), which the LLaVA data
 module sets from `data.init_args.max_image_pixels`.
 
-Preprocessing as MGM's processor, re-targeted to the aux size (../shared/docs/mgm.md section 4.4): optionally pad to a
+Preprocessing as MGM's processor, re-targeted to the aux size (docs/design/mgm.md): optionally pad to a
 square with the CLIP mean colour (`pad`, stage 2 and eval) or resize the shortest edge and centre-crop (`square`,
 stage 1), then a bicubic resize to the aux size, scale to [0, 1] and CLIP normalisation -> the aux image
 (3, 768, 768). The low-res CLIP input is a bilinear downsample of that *normalised* tensor (not a fresh resize)

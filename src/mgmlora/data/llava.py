@@ -5,7 +5,7 @@ str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the o
 has at most one `<image>` tag, in a human turn; it is moved to the front of the first human turn (`"<image>\n" +
 rest`), and put there when the record has none. A record without `image` has no tag (a text-only sample).
 
-Template (MGM `conv_gemma`, both stages of MGM-2B; ../shared/docs/mgm.md section 4.2):
+Template (MGM `conv_gemma`, both stages of MGM-2B; docs/design/mgm.md):
 
     <bos><start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n<eos>
 

@@ -24,7 +24,7 @@ from mgmlora.data.chameleons import (
 )
 from mgmlora.data.chat import IGNORE_INDEX, ChatTokenizer, TokenizedSample
 from mgmlora.data.datamodule import TokenizedDataModule
-from mgmlora.data.prompts import AblationName, PromptStyle, build_messages, build_system_prompt, get_ablation
+from mgmlora.data.prompts import AblationName, build_messages, build_system_prompt, get_ablation
 
 
 class PersonaEncoder:
@@ -122,7 +122,6 @@ class ChameleonsDataModule(TokenizedDataModule):
         test_path: a Chameleons JSON with targets, for the `test` subcommand (null: none).
         ablation: which prompt sections to use (profile / history / context combinations; context_only is the
             original recipe).
-        prompt_style: prompt layout; `simple` is the original's training layout.
         prompt_role: put the prompt in a `system` message (the original) or a `user` message (for chat templates
             without a system role).
         max_data_items: keep at most this many data_items per record, sampled with sample_seed (null: all).
@@ -147,7 +146,7 @@ class ChameleonsDataModule(TokenizedDataModule):
     """
 
     def __init__(self, train_path: str, test_path: str | None = None, ablation: AblationName = "context_only",
-                 prompt_style: PromptStyle = "simple", prompt_role: Literal["system", "user"] = "system",
+                 prompt_role: Literal["system", "user"] = "system",
                  max_data_items: int | None = None, sample_seed: int = 42, split: SplitMode = "per_user",
                  val_ratio: float = 0.1, split_seed: int = 42, max_history: int = 15, mark_omitted: bool = False,
                  tokenizer_path: str | None = None, max_length: int = 1024, batch_size: int = 1,

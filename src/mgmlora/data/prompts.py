@@ -1,6 +1,6 @@
 """Persona-dialogue prompts: the seven ablations and the `simple` layout, one builder for training and generation.
 
-The `simple` layout reproduces the original's training prompt (../shared/docs/chameleons.md section 2.4): one system
+The `simple` layout reproduces the original's training prompt (docs/design/chameleons.md): one system
 message whose parts are joined by a blank line:
 
     [USER_HASH=<hash>]
@@ -26,7 +26,6 @@ AblationName = Literal[
     "profile_and_history_and_context", "profile_and_history", "profile_and_context", "history_and_context",
     "profile_only", "history_only", "context_only",
 ]
-PromptStyle = Literal["simple"]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ MGM keeps only `stem` and `stages` of open_clip's `convnext_large_d_320` (a timm
 `vision_stem.{0,1}` / `vision_stages.S.{downsample.{0,1}, blocks.J.{conv_dw, norm, mlp.fc1, mlp.fc2, gamma}}`. Writing
 these ~60 lines instead of depending on timm keeps torchvision (and with it a multi-GB CUDA torch) out of the
 install; the same layout, loaded from timm's weights, matched timm's `forward_intermediates` bit-exactly
-(../shared/docs/stack.md section 5). Towers are frozen and kept in eval mode, so drop-path is not implemented.
+(docs/design/mgm.md). Towers are frozen and kept in eval mode, so drop-path is not implemented.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MGM-2B (Mini-Gemini): Gemma LLM + CLIP tower + ConvNeXt aux tower + patch-info mining + projector.
 
-A re-implementation on transformers 5 classes, following ../shared/docs/mgm.md:
+A re-implementation on transformers 5 classes, following docs/design/mgm.md:
 
     images_aux (B,3,768,768) -> ConvNeXt stages -> upsample 1-3 to stage 0, concat      -> (B, 2880, 192, 192)
     images     (B,3,336,336) -> CLIP hidden_states[-2], CLS dropped                     -> (B, 576, 1024)
@@ -140,7 +140,7 @@ class MGMForCausalLM(nn.Module):
         self.config = config
         # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation (with a notice at
         # every run); MGM-2B was trained on 4.38, which applied the exact GELU the config names
-        # (../shared/docs/mgm.md section 10.2). So the config is built without the key, which is then set as named.
+        # (docs/design/mgm.md). So the config is built without the key, which is then set as named.
         text = GemmaConfig(**{k: v for k, v in config.text.items() if k != "hidden_act"})
         if "hidden_act" in config.text:
             text.hidden_act = config.text["hidden_act"]
@@ -160,21 +160,22 @@ class MGMForCausalLM(nn.Module):
         self.vlm_uni_query_projector = _ln_linear(h, h)
         self.vlm_uni_aux_projector = _ln_linear(h_aux, h)
         self.vlm_uni_val_projector = _ln_linear(h_aux, h)
-        self.towers_trainable = False
 
     # -- towers ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> MGMForCausalLM:
-        """Frozen towers stay in eval mode (MGM ran its aux tower with drop-path in train mode; we do not)."""
+        """The towers stay in eval mode (MGM ran its aux tower with drop-path in train mode; we do not).
+
+        They are always frozen (`Trainability.towers` has no other choice), so no tower ever trains.
+        """
         super().train(mode)
-        if not self.towers_trainable:
-            self.vision_tower.eval()
-            self.vision_tower_aux.eval()
+        self.vision_tower.eval()
+        self.vision_tower_aux.eval()
         return self
 
     def encode_images(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S), (B,3,S_aux,S_aux) -> projected image tokens (B, N, hidden); N = 576 for MGM-2B."""
         dtype = self.mm_projector[0].weight.dtype
-        with torch.set_grad_enabled(self.towers_trainable and torch.is_grad_enabled()):
+        with torch.no_grad():  # frozen towers: no graph through them
             hidden = self.vision_tower(images.to(dtype), output_hidden_states=True).hidden_states
             feats = hidden[self.config.mm_vision_select_layer][:, 1:]  # (B, N, 1024), CLS dropped, no post-LN
             stages = self.vision_tower_aux(images_aux.to(dtype))

@@ -1,6 +1,6 @@
 """MGM checkpoints in the original layout: key mapping, safe loading with a full key audit, sharded saving.
 
-Original names (../shared/docs/mgm.md sections 2.1 and 10) versus this package's module tree:
+Original names (docs/design/mgm.md, Checkpoint keys) versus this package's module tree:
 
     model.embed_tokens / model.layers.N / model.norm      <->  llm.model.*
     lm_head.weight (tied; absent from safetensors)         <->  llm.lm_head.weight

@@ -1,15 +1,16 @@
 """Model presets as data: one entry per model, no subclasses.
 
 A preset pins what a family loader needs to know about a model: its transformers `model_type`, the architecture
-(for random-init runs at real shapes and for building tiny test models), which leaf module names are its attention
-and MLP projections, and whether its MLPs are mixture-of-experts. Adding a model means adding an entry here.
+(for random-init runs at real shapes and for building tiny test models) and where its decoder layers sit. Whether its
+MLPs are mixture-of-experts is read from the built model (`mgmlora.models.causal_lm.is_moe`), not declared here.
+Adding a model means adding an entry here.
 The real-size architectures are copied from each model's `config.json` on the Hugging Face Hub (linked per entry);
 nothing is downloaded: real weights come from a local `model_path`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -26,7 +27,6 @@ class ModelPreset:
         architecture: config kwargs for `AutoConfig.for_model(model_type, **architecture)`.
         source: where the architecture numbers come from (Hub page), or "test" for tiny models.
         decoder_layers: dotted path of the decoder layer list inside the causal LM; LoRA targets are anchored here.
-        moe: the MLPs are mixture-of-experts with fused 3-D expert weights (transformers 5 layout).
     """
 
     name: str
@@ -34,9 +34,6 @@ class ModelPreset:
     architecture: dict[str, Any]
     source: str
     decoder_layers: str = "model.layers"
-    moe: bool = False
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _QWEN3_COMMON = dict(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960)
@@ -62,7 +59,6 @@ PRESETS: dict[str, ModelPreset] = {
             name="tiny-qwen3-moe",
             model_type="qwen3_moe",
             source="test",
-            moe=True,
             architecture=dict(
                 vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -87,18 +83,16 @@ PRESETS: dict[str, ModelPreset] = {
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
             ),
         ),
-        ModelPreset(
+        ModelPreset(  # 30.5 B parameters, 3.3 B active per token; 56.9 GiB of bf16 weights
             name="qwen3-30b-a3b",
             model_type="qwen3_moe",
             source="https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json",
-            moe=True,
             architecture=dict(
                 **_QWEN3_COMMON, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                 num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
                 num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                 tie_word_embeddings=False,
             ),
-            notes="30.5B parameters, 3.3B active per token; 56.9 GiB of bf16 weights.",
         ),
     ]
 }
@@ -119,7 +113,7 @@ def get_preset(name: str) -> ModelPreset:
 
 
 # MGM presets: complete config.json contents (Gemma keys + mm_* keys), as an original MGM checkpoint carries them.
-# The real one is MGM-2B (../shared/docs/mgm.md sections 1 and 2.3); the tiny one uses the same code paths with
+# The real one is MGM-2B (docs/design/mgm.md, config.json); the tiny one uses the same code paths with
 # tower architectures given inline (`mm_vision_tower_config`, `mm_vision_tower_aux_config`), as test checkpoints do.
 MGM_PRESETS: dict[str, dict[str, Any]] = {
     "mgm-2b": dict(

@@ -81,3 +81,63 @@ def test_mgm_demo_trains_checkpoints_resumes_and_its_loss_falls(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     _run("fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "32", "--trainer.enable_progress_bar",
          "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "resumed"), "--ckpt_path", str(ckpt))
+
+
+def test_test_subcommand_scores_the_test_split_of_a_checkpoint(tmp_path, in_repo_root):
+    """`test --ckpt_path` logs the token-weighted loss, its perplexity and the token accuracy of the test split.
+
+    The reference is computed without mgmlora's evaluation code: the checkpoint's adapter loaded with plain PEFT and
+    transformers' own causal-LM loss, per conversation, weighted by its supervised tokens.
+    """
+    import math
+
+    from peft import PeftModel
+
+    from mgmlora.cli import main
+    from mgmlora.data.chat import IGNORE_INDEX
+    from mgmlora.data.datamodule import ChatDataModule
+    from tests.conftest import TOKENIZER, VAL, tiny_model
+
+    config = yaml.safe_load((ROOT / "configs" / "demo_chat.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "demo.yaml"), "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    main(["fit", *common, "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "1",
+          "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "demo_chat" / "version_0" / "checkpoints" / "step=000001.ckpt"
+    cli = main(["test", *common, "--data.init_args.test_path", str(VAL), "--ckpt_path", str(ckpt)])
+    metrics = {k: v.item() for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+
+    model = PeftModel.from_pretrained(tiny_model(), ckpt).eval()  # demo_chat: tiny-qwen3, init_seed 0, float32
+    data = ChatDataModule(str(VAL), test_path=str(VAL), tokenizer_path=str(TOKENIZER), max_length=256)
+    data.setup("test")
+    loss_sum = n = correct = 0
+    with torch.no_grad():
+        for sample in data.splits["test"]:
+            ids, labels = torch.tensor([sample.input_ids]), torch.tensor([sample.labels])
+            out = model(input_ids=ids, labels=labels)  # transformers' mean over the shifted supervised labels
+            keep = labels[0, 1:] != IGNORE_INDEX
+            loss_sum += out.loss.item() * keep.sum().item()
+            n += keep.sum().item()
+            correct += (out.logits[0, :-1].argmax(-1)[keep] == labels[0, 1:][keep]).sum().item()
+    assert n > 0 and len(data.splits["test"]) > 1
+    assert metrics["test/loss"] == pytest.approx(loss_sum / n, rel=1e-5)
+    assert metrics["test/ppl"] == pytest.approx(math.exp(loss_sum / n), rel=1e-5)
+    assert metrics["test/token_acc"] == pytest.approx(correct / n, abs=1e-6)
+    # the checkpoint's adapter is what was scored: the base model alone scores differently
+    assert not math.isclose(metrics["test/loss"], _plain_loss(tiny_model(), data), rel_tol=1e-4)
+
+
+def _plain_loss(model, data):
+    """The same token-weighted loss for the base model without the trained adapter."""
+    from mgmlora.data.chat import IGNORE_INDEX
+
+    total = n = 0
+    with torch.no_grad():
+        for sample in data.splits["test"]:
+            labels = torch.tensor([sample.labels])
+            k = (labels[0, 1:] != IGNORE_INDEX).sum().item()
+            total += model(input_ids=torch.tensor([sample.input_ids]), labels=labels).loss.item() * k
+            n += k
+    return total / n

@@ -1,5 +1,6 @@
 """Every YAML in configs/ parses against the CLI, and typos are rejected at parse time."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
+README = ROOT / "configs" / "README.md"
 
 
 def _parse(capsys, *args):
@@ -19,12 +21,30 @@ def _parse(capsys, *args):
     return exit_info.value.code, out.out, out.err
 
 
+def _documented_lora(name: str) -> str:
+    """The LoRA column of configs/README.md's row for `name` (a row that refers to another config is followed)."""
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| `([\w.-]+\.yaml)` \| [^|]* \| ([^|]*) \|", README.read_text(), re.M)}
+    cell = rows[name]
+    return _documented_lora(m[1]) if (m := re.match(r"as `([\w.-]+\.yaml)`", cell)) else cell
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_config_parses(path, capsys, in_repo_root):
+def test_config_parses_to_the_lora_its_readme_row_documents(path, capsys, in_repo_root):
     code, out, err = _parse(capsys, "--config", str(path))
     assert code == 0, err
     resolved = yaml.safe_load(out)
-    assert resolved["model"]["lora"]["preset"] in {"conservative", "balanced", "aggressive", "chameleons"}
+    from mgmlora.lora import LoraArgs
+
+    documented = _documented_lora(path.name)
+    if documented.startswith("LLM frozen"):
+        assert resolved["model"]["trainable"]["llm"] == "frozen"
+        return
+    preset, r = re.match(r"(conservative|balanced|aggressive|chameleons) r(\d+)", documented).groups()
+    lora = resolved["model"]["lora"]
+    assert (lora["preset"], LoraArgs(**lora).resolved()["r"]) == (preset, int(r)), documented
+    assert resolved["model"]["trainable"]["llm"] == "lora"
+    if "experts on" in documented or "attention only" in documented:
+        assert lora["target_experts"] is ("experts on" in documented)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

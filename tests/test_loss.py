@@ -1,5 +1,7 @@
 """The fast loss paths and padding-free micro-batches compute what the plain path computes (mgmlora.loss)."""
 
+import importlib.util
+
 import lightning as L
 import pytest
 import torch
@@ -164,3 +166,66 @@ def test_fast_loss_applies_the_logit_softcapping_the_model_applies():
         plain_head = lm_loss(hidden, labels, model.lm_head, "chunked", 3)
     torch.testing.assert_close(got.loss_sum, expected, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(plain_head.loss_sum, expected, rtol=1e-2)  # without the cap the loss differs
+
+
+def _random_lm_problem(n_rows=3, length=11, hidden=16, vocab=50, device="cpu"):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(n_rows, length, hidden, generator=g).to(device)
+    labels = torch.randint(0, vocab, (n_rows, length), generator=g)
+    labels[:, :3] = X  # prompts
+    labels[1, 6:] = X  # a shorter answer
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+    return h, labels.to(device), head.to(device)
+
+
+def _reference_sum(h, labels, head):
+    """Plain next-token cross-entropy: torch's own F.cross_entropy on every position's full logits."""
+    logits = h[:, :-1] @ head.weight.T
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                                             ignore_index=X, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])  # one position per chunk, a ragged last chunk, one chunk
+def test_chunked_loss_is_the_plain_cross_entropy(chunk):
+    h, labels, head = _random_lm_problem()
+    h.requires_grad_(True)
+    out = lm_loss(h, labels, head, "chunked", chunk)
+    (grad,) = torch.autograd.grad(out.loss_sum, h)
+    h_ref = h.detach().clone().requires_grad_(True)
+    expected = _reference_sum(h_ref, labels, head)
+    expected.backward()
+    assert out.n_tokens == 8 + 3 + 8  # supervised labels 3..10 in rows 0 and 2, 3..5 in row 1 (none at position 0)
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_liger_refuses_a_head_that_transforms_its_logits_before_loading_liger():
+    """Asserted on every machine: the check runs before Liger is imported."""
+    from mgmlora.models import PostProcessedHead
+
+    h, labels, head = _random_lm_problem()
+    with pytest.raises(ValueError, match="needs a plain linear LM head.*use speed.loss=chunked"):
+        lm_loss(h, labels, PostProcessedHead(head, 1.0, 30.0), "liger", 4)
+
+
+_LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.mark.skipif(not _LIGER or not torch.cuda.is_available(),
+                    reason="Liger-Kernel's loss needs the liger-kernel package (`liger` extra) and a CUDA GPU (Triton)"
+                           f"; liger-kernel installed: {_LIGER}, CUDA: {torch.cuda.is_available()}")
+def test_liger_loss_is_the_plain_cross_entropy():
+    h, labels, head = _random_lm_problem(device="cuda")
+    h.requires_grad_(True)
+    out = lm_loss(h, labels, head, "liger", 4, with_preds=True)
+    (grad,) = torch.autograd.grad(out.loss_sum, h)
+    h_ref = h.detach().clone().requires_grad_(True)
+    expected = _reference_sum(h_ref, labels, head)
+    expected.backward()
+    assert out.n_tokens == (labels[:, 1:] != X).sum()
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, h_ref.grad, rtol=1e-3, atol=1e-5)
+    keep = labels[:, 1:] != X
+    assert torch.equal(out.preds, (h[:, :-1] @ head.weight.T).argmax(-1)[keep])

@@ -82,11 +82,11 @@ class _StepLosses(L.Callback):
             self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
 
 
-def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2, dropout=0.0, val=False):
+def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2, dropout=0.0, val=False, num_workers=0):
     torch.manual_seed(0)
     module, record = _module(lora_dropout=dropout), _StepLosses()
     data = ChatDataModule(_subset(tmp_path, 16), val_path=str(VAL) if val else None, batch_size=2, shuffle=True,
-                          seed=3)
+                          seed=3, num_workers=num_workers)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, filename="{step:06d}", every_n_train_steps=every,
                                  save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
@@ -141,6 +141,21 @@ def test_resume_with_dropout_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
     torch.save(state, ckpt / "trainer_state.pt")
     other = _fit(tmp_path, "other", max_steps=3, dropout=0.1, val=True, ckpt_path=ckpt)  # step 3: no update yet
     assert other.step_losses[3] != straight.step_losses[3]
+
+
+def test_resume_with_dataloader_workers_reproduces_the_uninterrupted_run(tmp_path):
+    # Workers only collate here, but they prefetch: the resumed position must be what was trained on, not what the
+    # workers had fetched ahead. 4 optimizer steps per epoch; resumed mid-epoch, then across the epoch end.
+    in_process = _fit(tmp_path, "in_process", max_steps=6, dropout=0.1)
+    straight = _fit(tmp_path, "straight", max_steps=6, dropout=0.1, num_workers=2)
+    assert sorted(straight.step_losses) == list(range(1, 7))
+    assert straight.step_losses == in_process.step_losses  # workers change no batch
+    resumed = _fit(tmp_path, "resumed", max_steps=6, dropout=0.1, num_workers=2,
+                   ckpt_path=tmp_path / "straight" / "step=000002.ckpt")
+    later = {s: v for s, v in straight.step_losses.items() if s > 2}
+    assert {s: resumed.step_losses[s] for s in later} == later  # bit-identical
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert all(torch.equal(a[n], b[n]) for n in a if a[n].requires_grad)
 
 
 def test_resume_rejects_a_checkpoint_of_another_lora_config(tmp_path):

@@ -1,7 +1,8 @@
 import lightning as L
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
 
 from mgmlora.checkpoint import AdapterCheckpointIO
 from mgmlora.data.multimodal import LlavaDataModule
@@ -74,10 +75,22 @@ def test_mgm_checkpoint_restores_lora_and_projector_and_loads_with_plain_peft(tm
         torch.testing.assert_close(restored_state[name], trained_state[name], msg=name)
         assert not torch.equal(before.model.state_dict()[name], trained_state[name]), name
 
-    # the adapter directory loads onto a fresh MGM with plain PEFT
+    # the adapter directory loads onto a fresh MGM with plain PEFT: every adapter tensor, and the projector/mining
+    # weights beside it, are the trained ones
     base = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "mgm.ckpt")
-    torch.testing.assert_close(reloaded.state_dict()[name], trained_state[name])
+    saved = load_file(tmp_path / "mgm.ckpt" / "adapter_model.safetensors")
+    trained_adapter = get_peft_model_state_dict(trained.model)
+    reloaded_adapter = get_peft_model_state_dict(reloaded)
+    assert len(saved) == 2 * 6 * 2  # 2 layers x balanced's 6 projections x (A, B)
+    assert set(saved) == set(trained_adapter) == set(reloaded_adapter)
+    for key in saved:
+        torch.testing.assert_close(reloaded_adapter[key], trained_adapter[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(saved[key], trained_adapter[key], rtol=0, atol=0, msg=key)
+    trainables = load_file(tmp_path / "mgm.ckpt" / "non_lora_trainables.safetensors")
+    assert trainables and set(trainables) == set(trained.non_lora_trainables())
+    for key, tensor in trainables.items():
+        torch.testing.assert_close(tensor, trained_state["base_model.model." + key], rtol=0, atol=0, msg=key)
 
 
 def test_load_trainables_casts_by_name_and_refuses_unknown_names_before_copying():

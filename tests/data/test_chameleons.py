@@ -5,6 +5,8 @@ import pytest
 
 from mgmlora.data.chameleons import (
     ChameleonsFormatError,
+    DialogueSample,
+    Turn,
     attach_history,
     extract_samples,
     load_records,
@@ -92,10 +94,20 @@ def test_history_comes_from_training_samples_and_never_holds_the_target():
 
 
 def test_history_keeps_the_most_relevant_lines_in_original_order():
-    samples, _ = extract_samples(load_records(ASSETS / "chameleons_demo.json"))
+    def sample(i, target, context="hello there"):
+        return DialogueSample("u", {"name": "TESS"}, "", [Turn("user", context)], target, index=(i, 0, 0))
+
+    # Word-set Jaccard overlap with the context {the, red, fox, jumps}, worked out by hand:
+    # "jumps high" 1/5, "blue sky" 0, "red fox" 2/4, "nothing here" 0, "the fox" 2/4.
+    lines = ["jumps high", "blue sky", "red fox", "nothing here", "the fox"]
+    current = sample(9, "my own line", context="the red fox jumps")
+    samples = [sample(i, line) for i, line in enumerate(lines)] + [current]
     attach_history(samples, samples, max_items=3, max_candidates=30)
-    s = next(x for x in samples if len(x.history) == 3)
-    assert len(s.history) == 3 and s.target not in s.history
+    # the three highest (1/2, 1/2, 1/5) in file order, not in order of relevance ("red fox", "the fox", "jumps high")
+    assert current.history == ["jumps high", "red fox", "the fox"]
+    # with no more candidates than max_items, all of them, in file order, without the sample's own target
+    attach_history(samples, samples, max_items=10, max_candidates=30)
+    assert samples[0].history == ["blue sky", "red fox", "nothing here", "the fox", "my own line"]
 
 
 @pytest.mark.parametrize("mutate,message", [

@@ -100,3 +100,14 @@ def test_a_missing_or_empty_tokenizer_directory_names_the_path_and_the_key(tmp_p
 
     with pytest.raises(FileNotFoundError, match=r"model.model.tokenizer_path: tokenizer directory .* does not exist"):
         load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(missing)))
+
+
+def test_the_test_stage_without_a_test_file_names_the_key_to_set():
+    from mgmlora.data.datamodule import ChatDataModule
+    from tests.conftest import TOKENIZER, VAL
+
+    with pytest.raises(ValueError, match=r"`test` needs data.init_args.test_path"):
+        ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER)).setup("test")
+    data = ChatDataModule(str(TRAIN), test_path=str(VAL), tokenizer_path=str(TOKENIZER))
+    data.setup("test")
+    assert len(data.splits["test"]) == len(VAL.read_text().splitlines()) and "train" not in data.splits

@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -43,14 +45,21 @@ def test_bad_model_path_fails_with_a_clear_message(tmp_path, setup, message):
         load_causal_lm(ModelArgs(model_path=str(path)))
 
 
-def test_model_args_need_a_source_and_flash_attn_is_checked():
+def test_model_args_need_a_source_and_flash_attn_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="set `preset`"):
         ModelArgs()
-    import importlib.util
+    # The check runs on every machine: flash-attn is made absent here whether or not it is installed.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ValueError, match="needs the flash-attn package"):
+        ModelArgs(preset="tiny-qwen3", attn_implementation="flash_attention_2")
 
-    if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ValueError, match="flash-attn"):
-            ModelArgs(preset="tiny-qwen3", attn_implementation="flash_attention_2")
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed (the `flash` "
+                    "extra; CUDA source build)")
+def test_flash_attention_2_is_accepted_when_flash_attn_is_installed():
+    assert ModelArgs(preset="tiny-qwen3", attn_implementation="flash_attention_2").attn_implementation == \
+        "flash_attention_2"
 
 
 def test_tokenizer_and_vocab_checks(tmp_path):
@@ -66,10 +75,16 @@ def test_tokenizer_and_vocab_checks(tmp_path):
 
 
 def test_vocab_check_reads_the_full_shape_of_a_zero3_partitioned_embedding():
+    tokenizer = load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER)))
+    assert len(tokenizer) == 512
     model = tiny_model()
-    model.get_input_embeddings().weight.data = torch.empty(0)  # what a ZeRO-3 partition placeholder looks like
-    model.get_input_embeddings().weight.ds_shape = torch.Size([512, 64])
-    check_vocab(model, load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER))), "model")
+    weight = model.get_input_embeddings().weight
+    weight.data = torch.empty(0)  # what a ZeRO-3 partition placeholder looks like: 0 local rows
+    weight.ds_shape = torch.Size([512, 64])
+    check_vocab(model, tokenizer, "model")  # 512 rows in full: accepted, although the local shape has 0 rows
+    weight.ds_shape = torch.Size([511, 64])  # the full shape, not the local one, decides
+    with pytest.raises(ValueError, match="512 tokens but the model's embedding table has 511 rows"):
+        check_vocab(model, tokenizer, "model")
 
 
 def test_real_presets_build_on_the_meta_device():

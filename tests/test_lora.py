@@ -15,7 +15,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 # The presets as documented (LoraArgs' docstring and the README), written out by hand rather than copied from
-# LORA_PRESETS: (r, lora_alpha, lora_dropout, adapted leaf names). alpha is 2r throughout (issue 2's design).
+# LORA_PRESETS: (r, lora_alpha, lora_dropout, adapted leaf names). alpha is 2r throughout (README's LoRA presets).
 DOCUMENTED = {
     "conservative": (8, 16, 0.1, {"q_proj", "v_proj"}),
     "balanced": (16, 32, 0.1, {"q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),

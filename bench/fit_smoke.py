@@ -56,7 +56,7 @@ def _reset_keeping_run_peak(device=None) -> None:
     _reset_peak(device)
 
 
-torch.cuda.reset_peak_memory_stats = _reset_keeping_run_peak
+
 
 
 def main() -> None:
@@ -74,6 +74,7 @@ def main() -> None:
                          "peft": peft.__version__, "lightning": lightning.__version__,
                          "python": platform.python_version()}}
     start = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats = _reset_keeping_run_peak  # for the run only: restored below
     try:
         cli = cli_main(args + ["--trainer.callbacks+=__main__._CountingTiming"] if args[:1] == ["fit"] else args)
     except torch.cuda.OutOfMemoryError as error:
@@ -87,6 +88,8 @@ def main() -> None:
                   "wall_s": round(time.perf_counter() - start, 1)}
         _write(out, result)
         return
+    finally:
+        torch.cuda.reset_peak_memory_stats = _reset_peak
     wall = time.perf_counter() - start
     peaks = _per_rank(_run_peak() / 2**30 if torch.cuda.is_available() else 0.0)  # whole run per rank, saves included
     live = cli.model.trained_on_host()[0]  # the adapter after the run; every rank takes part (ZeRO-3 gathers)

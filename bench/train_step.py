@@ -60,6 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
+from mgmlora.callbacks import batch_positions  # noqa: E402
 from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample  # noqa: E402
 from mgmlora.data.collate import pad_collate  # noqa: E402
 from mgmlora.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
@@ -149,11 +150,8 @@ def fast_loss(model, family: str, batch: dict[str, torch.Tensor], impl: str, pac
 
 
 def positions(batch: dict[str, torch.Tensor], info) -> int:
-    """Real (non-pad) positions the model computes on, image embeddings included."""
-    n = int(batch["attention_mask"].sum())
-    if info.family == "mgm":
-        n += int((batch["input_ids"] == IMAGE_TOKEN_INDEX).sum()) * (info.image_tokens - 1)
-    return n
+    """Real (non-pad) positions the model computes on, image embeddings included (the training loop's count)."""
+    return int(batch_positions(batch, info.image_tokens))
 
 
 def _llm(model, family):

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None):
         if use_history:
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
                 "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
-            dm.tokenizer = tokenizer
+            dm.connect(tokenizer, info)
             dm._train_val()
             history = dm.dialogues["train"]
         summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 from mgmlora.cli import parse_config  # noqa: E402
 from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
-from mgmlora.data.multimodal import image_geometry  # noqa: E402
 from mgmlora.errors import run  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
 from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
@@ -36,13 +35,10 @@ def build_datamodule(config_paths: list[str], overrides: list[str] | None = None
     module_name, _, class_name = config["data"]["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module_name), class_name)
     datamodule = data_cls(**config["data"].get("init_args", {}))
-    tokenizer_path = datamodule.hparams.get("tokenizer_path")
     model_args = ModelArgs(**config["model"]["model"])
-    if tokenizer_path:
-        model_args.tokenizer_path = tokenizer_path
-    datamodule.tokenizer = load_tokenizer(model_args)
-    if hasattr(datamodule, "geometry"):  # image-text data: image geometry from the model's config
-        datamodule.geometry = image_geometry(model_info(model_args))
+    # data.tokenizer_path set: connect loads that one (a preset without model_path bundles no tokenizer)
+    tokenizer = None if datamodule.hparams.get("tokenizer_path") else load_tokenizer(model_args)
+    datamodule.connect(tokenizer, model_info(model_args), model_args.trust_remote_code)
     return datamodule
 
 

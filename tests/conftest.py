@@ -42,3 +42,21 @@ def tiny_model(preset="tiny-qwen3", seed=0):
     from mgmlora.models.causal_lm import ModelArgs, load_causal_lm
 
     return load_causal_lm(ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=False, init_seed=seed))
+
+
+def connect_data(datamodule, module=None, preset="tiny-qwen3"):
+    """Connects a DataModule as MgmCLI does: to `module`'s tokenizer and info, else to a tiny preset's (no weights).
+
+    Without a module, a DataModule with `tokenizer_path` loads its own tokenizer in `connect`; otherwise the preset's
+    bundled test tokenizer is handed over.
+    """
+    if module is not None:
+        datamodule.connect(module.tokenizer, module.info)
+        return datamodule
+    from mgmlora.models import ModelArgs, model_info
+    from mgmlora.models.causal_lm import load_tokenizer
+
+    tokenizer_dir = ASSETS / ("gemma_tokenizer" if "mgm" in preset else "tokenizer")
+    args = ModelArgs(preset=preset, tokenizer_path=str(tokenizer_dir))
+    datamodule.connect(None if datamodule.hparams.get("tokenizer_path") else load_tokenizer(args), model_info(args))
+    return datamodule

@@ -45,6 +45,7 @@ def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
     module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
                                      gradient_checkpointing=False), LoraArgs(preset="conservative"),
                            OptimArgs(warmup_ratio=0.0))
+    data.connect(module.tokenizer, module.info)
     logger = _Recorder()
     # 8 samples, 2 per micro-batch, 2 micro-batches per optimizer step: one epoch is exactly 2 optimizer steps
     trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,

@@ -96,7 +96,7 @@ def test_test_subcommand_scores_the_test_split_of_a_checkpoint(tmp_path, in_repo
     from mgmlora.cli import main
     from mgmlora.data.chat import IGNORE_INDEX
     from mgmlora.data.datamodule import ChatDataModule
-    from tests.conftest import TOKENIZER, VAL, tiny_model
+    from tests.conftest import TOKENIZER, VAL, connect_data, tiny_model
 
     config = yaml.safe_load((ROOT / "configs" / "demo_chat.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
@@ -110,7 +110,7 @@ def test_test_subcommand_scores_the_test_split_of_a_checkpoint(tmp_path, in_repo
     metrics = {k: v.item() for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
     model = PeftModel.from_pretrained(tiny_model(), ckpt).eval()  # demo_chat: tiny-qwen3, init_seed 0, float32
-    data = ChatDataModule(str(VAL), test_path=str(VAL), tokenizer_path=str(TOKENIZER), max_length=256)
+    data = connect_data(ChatDataModule(str(VAL), test_path=str(VAL), tokenizer_path=str(TOKENIZER), max_length=256))
     data.setup("test")
     loss_sum = n = correct = 0
     with torch.no_grad():

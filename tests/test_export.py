@@ -42,6 +42,7 @@ def _train(tmp_path, preset):
         data = LlavaDataModule(str(ASSETS / "llava" / "llava_demo.json"), str(ASSETS / "llava"), batch_size=2)
     else:
         data = ChatDataModule(str(TRAIN), batch_size=2)
+    data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, "run"),
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         plugins=[AdapterCheckpointIO()], limit_val_batches=0,

@@ -14,7 +14,7 @@ from mgmlora.models.causal_lm import ModelArgs
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs
 from mgmlora.trainable import Trainability, apply_trainability
-from tests.conftest import TOKENIZER, TRAIN
+from tests.conftest import TOKENIZER, TRAIN, connect_data
 
 
 def _lora_model(model_preset, dtype, **lora):
@@ -123,7 +123,7 @@ def test_fused_adamw_trains_and_clips_under_bf16_mixed(tmp_path):
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, gradient_clip_val=1e-3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
-    trainer.fit(module, ChatDataModule(str(TRAIN), batch_size=4, seed=1))
+    trainer.fit(module, connect_data(ChatDataModule(str(TRAIN), batch_size=4, seed=1), module))
     assert trainer.global_step == 3 and len(module.norms) == 3
     assert all(getattr(opt, "defaults", {}).get("fused") for opt in module.optimizers)
     assert max(module.norms) <= 1e-3 * 1.01  # clipped to gradient_clip_val

@@ -26,6 +26,7 @@ def test_bf16_fit_on_cuda_logs_memory_and_exports_the_adapter(tmp_path):
     model = ModelArgs(preset="tiny-qwen3-moe", tokenizer_path=str(TOKENIZER), dtype="bfloat16")
     module = LoraLitModule(model, LoraArgs(preset="chameleons", target_experts=True))
     data = ChameleonsDataModule(str(ASSETS / "chameleons_demo.json"), batch_size=4, max_length=512)
+    data.connect(module.tokenizer, module.info)
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="gpu")
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, accumulate_grad_batches=2,
                         gradient_clip_val=1.0,

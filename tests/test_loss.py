@@ -17,7 +17,7 @@ from mgmlora.models.mgm_checkpoint import build_mgm
 from mgmlora.models.registry import MGM_PRESETS
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs
-from tests.conftest import TOKENIZER, TRAIN, tiny_model
+from tests.conftest import TOKENIZER, TRAIN, connect_data, tiny_model
 
 X = IGNORE_INDEX
 
@@ -130,7 +130,7 @@ def _fit_losses(tmp_path, speed, steps=50):
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[Record()], plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
-    trainer.fit(module, ChatDataModule(str(TRAIN), batch_size=4, seed=1))
+    trainer.fit(module, connect_data(ChatDataModule(str(TRAIN), batch_size=4, seed=1), module))
     return losses
 
 

@@ -14,7 +14,7 @@ from mgmlora.lora import LoraArgs
 from mgmlora.models.causal_lm import ModelArgs
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs
-from tests.conftest import TOKENIZER, TRAIN, VAL, tiny_model
+from tests.conftest import TOKENIZER, TRAIN, VAL, connect_data, tiny_model
 
 
 def _module(**lora):
@@ -38,7 +38,7 @@ class _GradCapture(L.Callback):
 def _grads(train_path, batch_size, accumulate):
     torch.manual_seed(0)
     module, capture = _module(), _GradCapture()
-    data = ChatDataModule(train_path, batch_size=batch_size, shuffle=False)
+    data = connect_data(ChatDataModule(train_path, batch_size=batch_size, shuffle=False), module)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[capture], plugins=[AdapterCheckpointIO()])
@@ -87,6 +87,7 @@ def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2, dropout=0.0, val=Fa
     module, record = _module(lora_dropout=dropout), _StepLosses()
     data = ChatDataModule(_subset(tmp_path, 16), val_path=str(VAL) if val else None, batch_size=2, shuffle=True,
                           seed=3, num_workers=num_workers)
+    data.connect(module.tokenizer, module.info)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / name, filename="{step:06d}", every_n_train_steps=every,
                                  save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
@@ -161,7 +162,7 @@ def test_resume_with_dataloader_workers_reproduces_the_uninterrupted_run(tmp_pat
 def test_resume_rejects_a_checkpoint_of_another_lora_config(tmp_path):
     _fit(tmp_path, "a", max_steps=2)
     module = _module(r=4)
-    data = ChatDataModule(_subset(tmp_path, 16), batch_size=2)
+    data = connect_data(ChatDataModule(_subset(tmp_path, 16), batch_size=2), module)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
                         use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="r: checkpoint 16 vs config 4"):
@@ -173,7 +174,7 @@ def test_plain_loader_without_window_counts_averages_micro_batch_means(tmp_path)
 
     from mgmlora.data.collate import pad_collate
 
-    data = ChatDataModule(_subset(tmp_path, 1), tokenizer_path=str(TOKENIZER))
+    data = connect_data(ChatDataModule(_subset(tmp_path, 1), tokenizer_path=str(TOKENIZER)))
     data.setup("fit")
     batch = pad_collate(data.splits["train"][:1], data.tokenizer.pad_token_id)  # no window_tokens
 
@@ -203,6 +204,7 @@ def _fit_mgm(tmp_path, projector, max_steps, ckpt_path=None, fn="fit"):
                            Trainability(projector=projector))
     data = LlavaDataModule(str(ASSETS / "llava" / "llava_demo.json"), str(ASSETS / "llava"), batch_size=2,
                            val_path=str(ASSETS / "llava" / "llava_demo_val.json"))
+    data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
                         plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path,

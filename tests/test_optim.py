@@ -17,7 +17,7 @@ from mgmlora.lora import LoraArgs
 from mgmlora.models.causal_lm import ModelArgs
 from mgmlora.module import LoraLitModule
 from mgmlora.optim import OptimArgs, build_optimizer
-from tests.conftest import TOKENIZER, TRAIN
+from tests.conftest import TOKENIZER, TRAIN, connect_data
 
 LR, TOTAL = 0.1, 10
 
@@ -100,7 +100,7 @@ def test_gradient_clipping_clips_the_update(fused, precision, tmp_path):
                         use_distributed_sampler=False, callbacks=[capture], plugins=[AdapterCheckpointIO()],
                         default_root_dir=tmp_path)
     torch.manual_seed(0)
-    trainer.fit(module, ChatDataModule(str(TRAIN), batch_size=2, shuffle=False))
+    trainer.fit(module, connect_data(ChatDataModule(str(TRAIN), batch_size=2, shuffle=False), module))
 
     expected = [p.clone().requires_grad_(True) for p in capture.before]
     for p, g in zip(expected, capture.grads):

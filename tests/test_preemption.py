@@ -42,6 +42,7 @@ def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS):
     torch.manual_seed(0)
     module = _module()
     data = ChatDataModule(str(TRAIN), batch_size=2, shuffle=True, seed=0)
+    data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
                         logger=L.pytorch.loggers.TensorBoardLogger(root, "run"), enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,

@@ -50,15 +50,17 @@ def test_mgm_checkpoint_restores_lora_and_projector_and_loads_with_plain_peft(tm
         torch.manual_seed(0)
         return LoraLitModule(TINY_MGM, LoraArgs(lora_dropout=0.0), OptimArgs(lr=1e-2, warmup_ratio=0))
 
-    def data():
-        return LlavaDataModule(str(ASSETS / "llava" / "llava_demo.json"), image_folder=str(ASSETS / "llava"),
-                               val_path=str(ASSETS / "llava" / "llava_demo_val.json"), batch_size=4)
+    def data(module):
+        dm = LlavaDataModule(str(ASSETS / "llava" / "llava_demo.json"), image_folder=str(ASSETS / "llava"),
+                             val_path=str(ASSETS / "llava" / "llava_demo_val.json"), batch_size=4)
+        dm.connect(module.tokenizer, module.info)
+        return dm
 
     trained = module()
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                         use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path,
                         limit_val_batches=0)
-    trainer.fit(trained, data())
+    trainer.fit(trained, data(trained))
     trainer.save_checkpoint(tmp_path / "mgm.ckpt")
     files = sorted(p.name for p in (tmp_path / "mgm.ckpt").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
@@ -66,7 +68,7 @@ def test_mgm_checkpoint_restores_lora_and_projector_and_loads_with_plain_peft(tm
 
     restored = module()
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, use_distributed_sampler=False,
-              plugins=[AdapterCheckpointIO()]).validate(restored, data(), ckpt_path=tmp_path / "mgm.ckpt")
+              plugins=[AdapterCheckpointIO()]).validate(restored, data(restored), ckpt_path=tmp_path / "mgm.ckpt")
     before = module()
     before.configure_model()
     trained_state, restored_state = trained.model.state_dict(), restored.model.state_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -17,6 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from mgmlora.checkpoint import RUN_SETTINGS, TRAINABLES, write_tensors
 from mgmlora.models.mgm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.strategies import gathered
+
+if TYPE_CHECKING:
+    from mgmlora.module import LoraLitModule
 
 
 def batch_positions(batch: dict[str, torch.Tensor], image_tokens: int) -> torch.Tensor:
@@ -62,9 +66,8 @@ class ThroughputMonitor(L.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        image_tokens = getattr(getattr(pl_module, "info", None), "image_tokens", 0)
-        self._tokens = self._tokens + batch_positions(batch, image_tokens)
+    def on_train_batch_end(self, trainer, pl_module: LoraLitModule, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._tokens = self._tokens + batch_positions(batch, pl_module.info.image_tokens)
         self._supervised = self._supervised + (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if trainer.fit_loop._should_accumulate():
             return
@@ -97,7 +100,7 @@ class AdapterExport(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
         self.export(trainer, pl_module)
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def export(self, trainer: L.Trainer, pl_module: LoraLitModule) -> None:
         """Writes the adapter as it is now; every rank must call it (ZeRO-3 gathers). Also used on preemption."""
         if trainer.log_dir is None:
             return
@@ -106,7 +109,7 @@ class AdapterExport(L.Callback):
             if not trainer.is_global_zero:
                 return
             out.mkdir(parents=True, exist_ok=True)
-            if getattr(pl_module, "plan", None) is not None:
+            if pl_module.plan is not None:
                 pl_module.model.save_pretrained(str(out), save_embedding_layers=False)  # embeddings never adapted
             trainables = pl_module.non_lora_trainables()
             if trainables:

@@ -77,6 +77,17 @@ class MgmCLI(LightningCLI):
         if self.config[self.subcommand].get("ckpt_path") == "last":
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks)
 
+    def instantiate_classes(self) -> None:
+        """Builds model, data and trainer as LightningCLI does, then connects the data to the model.
+
+        The DataModule gets the model's tokenizer and ModelInfo through its public `connect` (the one wiring every
+        tool and test uses too), instead of reaching into the trainer's LightningModule during `setup`.
+        """
+        super().instantiate_classes()
+        connect = getattr(self.datamodule, "connect", None)  # a plain LightningDataModule from elsewhere has none
+        if connect is not None:
+            connect(self.model.tokenizer, self.model.info, self.model.model_args.trust_remote_code)
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.
 

@@ -23,12 +23,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from transformers import PreTrainedTokenizerBase
 
 from mgmlora.data.chat import IGNORE_INDEX
 from mgmlora.fastpath import apply_fast_path
-from mgmlora.lora import LoraArgs, count_parameters, lora_report
+from mgmlora.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.loss import LossOut, SpeedArgs, check_available, lm_loss
-from mgmlora.models import forward_hidden, load_model, model_info
+from mgmlora.models import ModelInfo, forward_hidden, load_model, model_info
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import ModelArgs, check_vocab, describe_source, load_tokenizer
 from mgmlora.optim import OptimArgs, build_optimizer
@@ -62,11 +63,12 @@ class LoraLitModule(L.LightningModule):
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
                                    "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
                                    "speed": asdict(self.speed)})
-        self.tokenizer = load_tokenizer(self.model_args)  # small; the DataModule borrows it
-        self.info = model_info(self.model_args)  # family and image geometry, read by the DataModule too
+        # what the DataModule needs from the model, handed over by its connect(tokenizer, info) (MgmCLI does it)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_args)
+        self.info: ModelInfo = model_info(self.model_args)  # family and image geometry; callbacks read it too
         self.vocab_size = self.info.vocab_size
         self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
-        self.plan = None
+        self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=self.vocab_size, ignore_index=IGNORE_INDEX,

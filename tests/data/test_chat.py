@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mgmlora.data.chat import IGNORE_INDEX, ChatTokenizer, DataFormatError, read_chat_jsonl
-from tests.conftest import TRAIN
+from tests.conftest import TRAIN, connect_data
 
 CONV = [
     {"role": "system", "content": "You are DEX."},
@@ -92,9 +92,9 @@ def test_a_missing_or_empty_tokenizer_directory_names_the_path_and_the_key(tmp_p
     missing = tmp_path / "no_such_tokenizer"
     with pytest.raises(FileNotFoundError, match=rf"data.init_args.tokenizer_path: tokenizer directory "
                                                 rf"'{missing}' does not exist; set data.init_args.tokenizer_path"):
-        ChatDataModule(str(TRAIN), tokenizer_path=str(missing)).setup("fit")
+        connect_data(ChatDataModule(str(TRAIN), tokenizer_path=str(missing)))
     with pytest.raises(FileNotFoundError, match=r"data.init_args.tokenizer_path: .* holds no tokenizer"):
-        ChatDataModule(str(TRAIN), tokenizer_path=str(tmp_path)).setup("fit")
+        connect_data(ChatDataModule(str(TRAIN), tokenizer_path=str(tmp_path)))
 
     from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # the model's tokenizer: the same check, its key
 
@@ -107,7 +107,7 @@ def test_the_test_stage_without_a_test_file_names_the_key_to_set():
     from tests.conftest import TOKENIZER, VAL
 
     with pytest.raises(ValueError, match=r"`test` needs data.init_args.test_path"):
-        ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER)).setup("test")
-    data = ChatDataModule(str(TRAIN), test_path=str(VAL), tokenizer_path=str(TOKENIZER))
+        connect_data(ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER))).setup("test")
+    data = connect_data(ChatDataModule(str(TRAIN), test_path=str(VAL), tokenizer_path=str(TOKENIZER)))
     data.setup("test")
     assert len(data.splits["test"]) == len(VAL.read_text().splitlines()) and "train" not in data.splits

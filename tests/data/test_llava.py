@@ -1,6 +1,5 @@
 import json
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from mgmlora.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOUR, load_rgb, prepr
 from mgmlora.data.llava import LlavaFormatError, fit_after_expansion, read_llava_json, render, tokenize_record
 from mgmlora.data.multimodal import LlavaDataModule
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, connect_data
 
 LLAVA = ASSETS / "llava"
 
@@ -97,14 +96,6 @@ def test_bad_records_are_named(tmp_path, record, message):
         read_llava_json(path)
 
 
-class _Geometry(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        from mgmlora.models import ModelArgs, model_info
-
-        self.info = model_info(ModelArgs(preset="tiny-mgm"))
-
-
 def _datamodule(tmp_path=None, records=None, **kwargs):
     train = LLAVA / "llava_demo.json"
     if records is not None:
@@ -112,10 +103,7 @@ def _datamodule(tmp_path=None, records=None, **kwargs):
         train.write_text(json.dumps(records))
     dm = LlavaDataModule(str(train), tokenizer_path=str(ASSETS / "gemma_tokenizer"), batch_size=4,
                          **{"image_folder": str(LLAVA), **kwargs})
-    trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)
-    trainer.strategy.connect(_Geometry())
-    dm.trainer = trainer
-    dm.setup("fit")
+    connect_data(dm, preset="tiny-mgm").setup("fit")
     return dm
 
 
@@ -145,9 +133,6 @@ def test_text_only_data_modules_refuse_an_mgm_model(tmp_path):
 
     for dm in (ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER)),
                ChameleonsDataModule(str(ASSETS / "chameleons_demo.json"), tokenizer_path=str(TOKENIZER))):
-        trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)
-        trainer.strategy.connect(_Geometry())
-        dm.trainer = trainer
         with pytest.raises(ValueError, match=rf"data.class_path \S+{type(dm).__name__} has no images but the model "
                                              r"is MGM.*data.class_path: mgmlora.data.multimodal.LlavaDataModule"):
-            dm.setup("fit")
+            connect_data(dm, preset="tiny-mgm")

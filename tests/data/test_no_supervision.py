@@ -7,7 +7,7 @@ import pytest
 from mgmlora.data.datamodule import NoTrainingSampleError
 from mgmlora.data.llava import read_llava_json
 from mgmlora.data.persona import ChameleonsDataModule
-from tests.conftest import TOKENIZER
+from tests.conftest import TOKENIZER, connect_data
 from tests.data.test_llava import LLAVA, _datamodule
 from tests.data.test_persona import DEMO, _dm
 
@@ -26,7 +26,7 @@ def test_llava_records_without_answers_or_room_are_an_error_with_counts_per_reas
 
 
 def test_chameleons_targets_all_too_long_is_an_error_before_training():
-    dm = ChameleonsDataModule(str(DEMO), tokenizer_path=str(TOKENIZER), max_length=8)
+    dm = connect_data(ChameleonsDataModule(str(DEMO), tokenizer_path=str(TOKENIZER), max_length=8))
     with pytest.raises(NoTrainingSampleError, match=rf"{DEMO}: .* samples whose target and bare prompt exceed "
                                                     r"max_length=8.*raise data.init_args.max_length"):
         dm.setup("fit")

@@ -7,13 +7,13 @@ import pytest
 from mgmlora.data.chameleons import extract_samples, load_records
 from mgmlora.data.chat import IGNORE_INDEX
 from mgmlora.data.persona import ChameleonsDataModule
-from tests.conftest import ASSETS, ROOT, TOKENIZER
+from tests.conftest import ASSETS, ROOT, TOKENIZER, connect_data
 
 DEMO = ASSETS / "chameleons_demo.json"
 
 
 def _dm(path=DEMO, **kwargs):
-    dm = ChameleonsDataModule(str(path), tokenizer_path=str(TOKENIZER), max_length=512, **kwargs)
+    dm = connect_data(ChameleonsDataModule(str(path), tokenizer_path=str(TOKENIZER), max_length=512, **kwargs))
     dm.setup("fit")
     return dm
 

@@ -8,7 +8,7 @@ import torch
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, pack_by_cost
 from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
-from tests.conftest import TOKENIZER, TRAIN
+from tests.conftest import TOKENIZER, TRAIN, connect_data
 from tests.data.test_llava import _datamodule as _llava_datamodule
 
 BUDGET, CAP = 256, 6
@@ -172,7 +172,7 @@ def test_invalid_arguments():
 def _chat_datamodule(max_epochs=1, **kwargs):
     dm = ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER), batch_size=8, **kwargs)
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False, max_epochs=max_epochs)
-    dm.setup("fit")
+    connect_data(dm).setup("fit")  # the trainer above only gives the sampler its settings (accumulate, epochs)
     return dm
 
 
@@ -199,6 +199,7 @@ def test_multi_epoch_token_budget_without_reloading_warns():
 @pytest.mark.filterwarnings("ignore:data.max_tokens")
 def test_llava_cost_counts_the_expanded_image_positions():
     dm = _llava_datamodule(max_tokens=300)
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)  # the sampler's settings
     samples, image_tokens = dm.splits["train"], dm.geometry["image_tokens"]
     costs = dm._costs(samples)
     assert any(s.meta.get("image") for s in samples) and not all(s.meta.get("image") for s in samples)

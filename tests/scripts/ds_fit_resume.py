@@ -117,7 +117,9 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
                         callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
                                                    save_top_k=-1), record := Record(), AdapterExport()],
                         plugins=[] if stage else [AdapterCheckpointIO()], default_root_dir=out, **kwargs)
-    trainer.fit(module, ChatDataModule(str(train), batch_size=2), ckpt_path=ckpt)
+    data = ChatDataModule(str(train), batch_size=2)
+    data.connect(module.tokenizer, module.info)
+    trainer.fit(module, data, ckpt_path=ckpt)
     return trainer, record
 
 

@@ -45,6 +45,7 @@ def main():
                       gradient_checkpointing=False)
     module = LoraLitModule(model, LoraArgs(lora_dropout=0.0, init_lora_weights="gaussian"), OptimArgs(warmup_ratio=0))
     data = ChatDataModule(args.train_path, batch_size=args.batch_size, shuffle=False)
+    data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                         max_steps=1, accumulate_grad_batches=args.accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,

@@ -70,8 +70,9 @@ def fit(out: Path, *callbacks, ckpt=None, ddp_ranks=0):
                         callbacks=[*callbacks, ModelCheckpoint(dirpath=out / "ckpt", filename="{step}",
                                                                every_n_train_steps=2, save_top_k=-1),
                                    AdapterExport(), PreemptionCheckpoint()])
-    trainer.fit(module, ChatDataModule(str(ROOT / "tests/assets/persona_chat_train.jsonl"), batch_size=2, seed=0),
-                ckpt_path=ckpt)
+    data = ChatDataModule(str(ROOT / "tests/assets/persona_chat_train.jsonl"), batch_size=2, seed=0)
+    data.connect(module.tokenizer, module.info)
+    trainer.fit(module, data, ckpt_path=ckpt)
     return trainer, module.trained_on_host()[0]
 
 

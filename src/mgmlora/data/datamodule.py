@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
+from mgmlora.errors import MgmloraError
+from mgmlora.models import ModelInfo
 from mgmlora.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -100,27 +102,41 @@ class TokenizedDataModule(L.LightningDataModule):
     def __init__(self):
         super().__init__()
         self.splits: dict[str, list[TokenizedSample]] = {}
-        self.tokenizer = None
+        self.tokenizer = None  # set by connect()
+        self.info: ModelInfo | None = None  # set by connect()
 
     def _build_splits(self, stage: str) -> None:
         """Fills `self.splits` with the splits `stage` needs ("train", "val", "test")."""
         raise NotImplementedError
 
-    def _get_tokenizer(self):
-        if self.hparams.tokenizer_path:
-            from mgmlora.models.causal_lm import load_tokenizer_dir
+    def connect(self, tokenizer, info: ModelInfo, trust_remote_code: bool = False) -> None:
+        """Hands the DataModule what it needs from the model: its tokenizer and `ModelInfo` (family, image geometry).
 
-            return load_tokenizer_dir(self.hparams.tokenizer_path, "data.init_args.tokenizer_path")
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or getattr(module, "tokenizer", None) is None:
-            raise ValueError(f"{type(self).__name__} needs a tokenizer: set data.tokenizer_path, or attach it to a "
-                             "trainer whose LightningModule has one.")
-        return module.tokenizer
+        `bin/main.py` (MgmCLI) calls it after building model and data; every other caller (tools, tests) calls it
+        before `setup`. With `data.tokenizer_path` set, that tokenizer is loaded here with the model side's loader
+        (mgmlora.models.causal_lm.load_chat_tokenizer) and used instead of `tokenizer`, which may then be None.
+
+        Args:
+            tokenizer: the model's tokenizer (LoraLitModule.tokenizer); None only with `data.tokenizer_path` set.
+            info: the model's family, vocabulary and image geometry (LoraLitModule.info).
+            trust_remote_code: the model config's `trust_remote_code`, for loading `data.tokenizer_path`.
+        """
+        path = self.hparams.get("tokenizer_path")
+        if path:
+            from mgmlora.models.causal_lm import load_chat_tokenizer
+
+            tokenizer = load_chat_tokenizer(path, "data.init_args.tokenizer_path", trust_remote_code)
+        elif tokenizer is None:
+            raise MgmloraError(f"{type(self).__name__}.connect: no tokenizer; pass the model's tokenizer or set "
+                               "data.init_args.tokenizer_path.")
+        self.tokenizer, self.info = tokenizer, info
+        self._check_model_family()
 
     def setup(self, stage: str) -> None:
         """Reads and tokenises the files the stage needs (once; later calls reuse them)."""
-        self._check_model_family()
-        self.tokenizer = self.tokenizer or self._get_tokenizer()
+        if self.info is None:
+            raise MgmloraError(f"{type(self).__name__}.setup({stage!r}) before connect(): call "
+                               "datamodule.connect(model.tokenizer, model.info) first (bin/main.py does it).")
         self._build_splits(stage)
         if stage == "fit":
             self._require_training_samples()
@@ -131,9 +147,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _check_model_family(self) -> None:
         """Refuses text-only data for an image model, where every sample would silently train without its image."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        info = getattr(module, "info", None)
-        if getattr(info, "family", None) == "mgm" and not self.takes_images:
+        if self.info.family == "mgm" and not self.takes_images:
             raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
                              "model is MGM, so every sample would train text-only. Set data.class_path: "
                              "mgmlora.data.multimodal.LlavaDataModule (LLaVA JSON; records without an image are "
@@ -223,7 +237,8 @@ class ChatDataModule(TokenizedDataModule):
         train_path: training conversations (JSONL).
         val_path: validation conversations (JSONL); null disables validation.
         test_path: conversations for the `test` subcommand (JSONL).
-        tokenizer_path: tokenizer directory; null uses the model's tokenizer.
+        tokenizer_path: a tokenizer directory used instead of the model's (null: the model's, the usual case); for
+            data without a model at hand, e.g. bin/show_samples.py with a preset that bundles no tokenizer.
         max_length: longest sample in tokens (oldest turns are dropped first; a target that cannot fit is skipped).
         train_on: supervise every assistant turn or only the last one.
         batch_size: micro-batch size per device.

@@ -78,7 +78,8 @@ class LlavaDataModule(TokenizedDataModule):
             training mid-epoch.
         max_image_pixels: Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, default its own 89.5 M
             pixels); a larger image is a bad image. Raise it (null: no limit) only for data you trust.
-        tokenizer_path: tokenizer directory; null uses the model's tokenizer.
+        tokenizer_path: a tokenizer directory used instead of the model's (null: the model's, the usual case); for
+            data without a model at hand, e.g. bin/show_samples.py with a preset that bundles no tokenizer.
         max_length: length limit after image expansion; null takes the model's tokenizer_model_max_length. Samples
             are cut at the end to fit; one left without a supervised token is skipped and counted.
         batch_size: micro-batch size per device.
@@ -106,9 +107,8 @@ class LlavaDataModule(TokenizedDataModule):
         self.stats: dict[str, int] = {}
 
     def _model_geometry(self) -> dict[str, int]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        info = getattr(module, "info", None)
-        if info is None or info.family != "mgm":
+        info = self.info
+        if info.family != "mgm":
             raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
                              "model_path): image geometry comes from its config.")
         return image_geometry(info)

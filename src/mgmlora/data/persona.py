@@ -132,7 +132,8 @@ class ChameleonsDataModule(TokenizedDataModule):
         split_seed: seed of the split.
         max_history: history lines per prompt (history ablations).
         mark_omitted: state how many older context turns were cut to fit max_length.
-        tokenizer_path: tokenizer directory; null uses the model's tokenizer.
+        tokenizer_path: a tokenizer directory used instead of the model's (null: the model's, the usual case); for
+            data without a model at hand, e.g. bin/show_samples.py with a preset that bundles no tokenizer.
         max_length: longest sample in tokens; context turns are dropped (oldest first) to fit, never the target.
         batch_size: micro-batch size per device.
         eval_batch_size: micro-batch size for validation/test.

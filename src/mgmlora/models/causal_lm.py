@@ -179,10 +179,22 @@ def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
         raise ValueError(f"model.preset={args.preset} has no bundled weights or tokenizer: set model.tokenizer_path "
                          "(tests/assets/tokenizer for the tiny presets) or model.model_path.")
     key = "model.model.tokenizer_path" if args.tokenizer_path else "model.model.model_path"
-    tok = load_tokenizer_dir(path, key, args.trust_remote_code)
+    return load_chat_tokenizer(path, key, args.trust_remote_code)
+
+
+def load_chat_tokenizer(path: str | Path, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The one tokenizer loader (model side and data side): checks the chat template, falls back to eos for padding.
+
+    `key` is the config key that named `path`, so an error says which setting to fix.
+
+    Raises:
+        ValueError: when the tokenizer has no chat template.
+        FileNotFoundError: when the directory does not exist or holds no tokenizer.
+    """
+    tok = load_tokenizer_dir(path, key, trust_remote_code)
     if not tok.chat_template:
-        raise ValueError(f"the tokenizer in {path} has no chat template; mgmlora builds prompts through it. Add a "
-                         "chat_template.jinja to that directory.")
+        raise ValueError(f"{key}: the tokenizer in {path} has no chat template; mgmlora builds prompts through it. Add "
+                         "a chat_template.jinja to that directory.")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # only used for padding; padded positions are masked out of attention and loss
     return tok

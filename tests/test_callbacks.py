@@ -76,3 +76,12 @@ def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
     assert seen == sum(tokens) and sum(supervised) > 0
     assert not any(k.startswith("perf/peak_mem") for m in perf for k in m)  # CUDA only
     assert torch.tensor(supervised).sum() < torch.tensor(tokens).sum()  # answers only, not prompts
+
+
+def test_throughput_monitor_reads_the_modules_declared_info_and_fails_without_it():
+    """No getattr default: a LightningModule without LoraLitModule's `info` is an error, not text-only counting."""
+    batch = {key: torch.ones(1, 4, dtype=torch.long) for key in ("input_ids", "labels", "attention_mask")}
+    monitor = ThroughputMonitor()
+    monitor._t0 = 0.0
+    with pytest.raises(AttributeError, match="info"):
+        monitor.on_train_batch_end(L.Trainer(accelerator="cpu", logger=False), L.LightningModule(), None, batch, 0)

@@ -87,13 +87,18 @@ def _leaderboard_file(tmp_path):
     return path, records
 
 
-def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen):
-    path, records = _leaderboard_file(tmp_path)
+def _leaderboard_model(trained_qwen):
+    """The trained tiny Qwen3 run as the leaderboard sees it: model, tokenizer and the Chameleons prompt encoder."""
     run = read_run_adapter(trained_qwen)
     args = model_args_for(run, dtype="float32")
     model, _ = build_trained_model(run, args)
     tokenizer = load_tokenizer(args)
-    encoder = PersonaEncoder(tokenizer, 512, "context_only", "system")
+    return model, tokenizer, PersonaEncoder(tokenizer, 512, "context_only", "system")
+
+
+def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen):
+    path, records = _leaderboard_file(tmp_path)
+    model, tokenizer, encoder = _leaderboard_model(trained_qwen)
     gen = GenerationArgs(max_new_tokens=6, batch_size=4)
     out = tmp_path / "pred.json"
     summary = predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=2)
@@ -186,11 +191,7 @@ def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path
     from mgmlora.leaderboard import ProgressMismatchError
 
     path, records = _leaderboard_file(tmp_path)
-    run = read_run_adapter(trained_qwen)
-    args = model_args_for(run, dtype="float32")
-    model, _ = build_trained_model(run, args)
-    tokenizer = load_tokenizer(args)
-    encoder = PersonaEncoder(tokenizer, 512, "context_only", "system")
+    model, tokenizer, encoder = _leaderboard_model(trained_qwen)
     gen, out = GenerationArgs(max_new_tokens=3, batch_size=8), tmp_path / "pred.json"
     with pytest.raises(ValueError, match="n .*>= 1"):
         predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=0)

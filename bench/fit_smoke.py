@@ -14,7 +14,7 @@ with the peak reached), not dropped. Checkpoint directories written by the run a
 
 On several GPUs (`--trainer.devices N`: Lightning starts one process per GPU running this same script) every rank
 records its own peak memory (`peak_mem_alloc_gib_per_rank`), only rank 0 writes the JSON, and each checkpoint the run
-wrote is read back through `mgmlora.export.read_run_adapter` and compared with the adapter in memory after the run
+wrote is read back through `mgmlora.tools.export.read_run_adapter` and compared with the adapter in memory after the run
 (`checkpoint_adapter_identical`; gathered first under ZeRO-3). Only a checkpoint of the last step can be equal; for it,
 `true` proves the adapter was saved whole and reloads bit for bit (under DeepSpeed bf16 these are the module's bf16
 weights: the fp32 master copy lives in the optimizer-state files, which are not compared).
@@ -37,10 +37,10 @@ import transformers  # noqa: E402
 from loop_timing import MicroBatchTiming  # noqa: E402  (bench/, this script's folder)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from mgmlora.callbacks import batch_positions  # noqa: E402
 from mgmlora.cli import main as cli_main  # noqa: E402
-from mgmlora.export import read_run_adapter  # noqa: E402
-from mgmlora.lora import count_parameters  # noqa: E402
+from mgmlora.tools.export import read_run_adapter  # noqa: E402
+from mgmlora.training.callbacks import batch_positions  # noqa: E402
+from mgmlora.training.lora import count_parameters  # noqa: E402
 
 _RUN_PEAK = [0.0]  # bytes: the allocator peak over the whole run, kept across the per-step resets of ThroughputMonitor
 _reset_peak = torch.cuda.reset_peak_memory_stats

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mgmlora.errors import MgmloraError, UsageError, run  # noqa: E402
-from mgmlora.report import compare  # noqa: E402
+from mgmlora.tools.report import compare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -60,23 +60,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
-from mgmlora.callbacks import batch_positions  # noqa: E402
-from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample  # noqa: E402
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch  # noqa: E402
+from mgmlora.data.chat import TokenizedSample  # noqa: E402
 from mgmlora.data.collate import pad_collate  # noqa: E402
-from mgmlora.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
-from mgmlora.lora import LoraArgs, count_parameters  # noqa: E402
-from mgmlora.loss import lm_loss  # noqa: E402
-from mgmlora.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
-from mgmlora.models import forward_hidden, load_model  # noqa: E402
+from mgmlora.models import load_model  # noqa: E402
+from mgmlora.models.args import ModelArgs  # noqa: E402
 from mgmlora.models.attention import packed_attention  # noqa: E402
-from mgmlora.models.causal_lm import (  # noqa: E402
-    ModelArgs,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
-)
+from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
-from mgmlora.trainable import Trainability, apply_trainability  # noqa: E402
+from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
+from mgmlora.training.callbacks import batch_positions  # noqa: E402
+from mgmlora.training.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
+from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
+from mgmlora.training.loss import lm_loss  # noqa: E402
+from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100/H200 bf16 dense ceiling measured on these machines (docs/design/gpu.md)
 DEFAULTS = {  # model -> (LoRA preset, default variants, default micro-batch)
@@ -102,13 +99,12 @@ def text_sample(length: int, vocab: int, gen: torch.Generator, answer_frac: floa
     return ids, [IGNORE_INDEX] * (length - n_answer) + ids[length - n_answer :]
 
 
-def pad(samples: list[tuple[list, list]]) -> dict[str, torch.Tensor]:
+def pad(samples: list[tuple[list, list]]) -> Batch:
     """Right-padded micro-batch (B, T) through the training collate, padded to the longest sample only."""
-    batch = pad_collate([TokenizedSample(ids, labels) for ids, labels in samples], pad_id=0, pad_to_multiple_of=1)
-    return {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+    return pad_collate([TokenizedSample(ids, labels) for ids, labels in samples], pad_id=0, pad_to_multiple_of=1)
 
 
-def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> list[Batch]:
     """The same deterministic samples for every variant (a variant with a bigger micro-batch groups more of them)."""
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -121,8 +117,8 @@ def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> lis
                 ids[1], labels[1] = IMAGE_TOKEN_INDEX, IGNORE_INDEX
                 samples.append((ids, labels))
             batch = pad(samples)
-            batch["images"] = torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen)
-            batch["images_aux"] = torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)
+            batch.images = torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen)
+            batch.images_aux = torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)
         elif args.lengths == "fixed":
             batch = pad([text_sample(args.seq, vocab, gen) for _ in range(batch_size)])
         else:
@@ -131,20 +127,20 @@ def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> lis
     return batches
 
 
-def plain_loss(model, family: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def plain_loss(model, family: str, batch: Batch) -> torch.Tensor:
     """The plain transformers + PEFT step's loss."""
     if family == "mgm":
-        out = model(**batch)  # full (B, T', V) logits over the expanded sequence
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                    images=batch.images, images_aux=batch.images_aux)  # full (B, T', V) logits, expanded sequence
         logits, labels = out.logits[:, :-1], out.labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
-def fast_loss(model, family: str, batch: dict[str, torch.Tensor], impl: str, packed: bool, chunk: int
-              ) -> torch.Tensor:
+def fast_loss(loaded, batch: Batch, impl: str, packed: bool, chunk: int) -> torch.Tensor:
     """The loss of mgmlora's step (what LoraLitModule._loss_sum computes), as a token mean for comparability."""
-    hidden, labels, head = forward_hidden(model.get_base_model(), family, batch, packed)
+    hidden, labels, head = loaded.forward_hidden(batch, packed)
     out = lm_loss(hidden, labels, head, impl, chunk)
     return out.loss_sum / out.n_tokens.clamp(min=1)
 
@@ -154,15 +150,9 @@ def positions(batch: dict[str, torch.Tensor], info) -> int:
     return int(batch_positions(batch, info.image_tokens))
 
 
-def _llm(model, family):
-    """The language model inside the PEFT wrapper (MGM's Gemma, or the causal LM itself)."""
-    base = model.get_base_model()
-    return base.llm if family == "mgm" else base
-
-
-def active_params(model, info) -> int:
+def active_params(loaded) -> int:
     """Language-model parameters used per position: MoE experts count top_k / num_experts of their size."""
-    llm = _llm(model, info.family)
+    llm = loaded.language_model()  # LoRA layers are injected in place: the adapted model
     cfg = llm.config
     k, e = getattr(cfg, "num_experts_per_tok", 1), getattr(cfg, "num_experts", 1)
     total = 0
@@ -175,12 +165,12 @@ def active_params(model, info) -> int:
     return int(total)
 
 
-def flops_per_token(model, info, mean_len: float) -> float:
+def flops_per_token(loaded, mean_len: float) -> float:
     """6 x active params (forward + recompute + input-gradient backward) + causal attention (same three passes)."""
-    cfg = _llm(model, info.family).config
+    cfg = loaded.language_model().config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 3 * 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * mean_len / 2  # QK^T and AV
-    return 6 * active_params(model, info) + attention
+    return 6 * active_params(loaded) + attention
 
 
 FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "flex", "dense"}
@@ -208,8 +198,7 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     Each flag's undo restores the state it found (checkpointing on or off, the experts implementation in use), and is
     registered as soon as the flag is on, so a failure half-way still leaves a model the next variant can use.
     """
-    family = loaded.info.family
-    llm = _llm(model, family)
+    llm = loaded.language_model()
     undo = []
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
@@ -261,12 +250,12 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
     times, losses = [], []
 
     def step(i: int) -> torch.Tensor:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batches[i % len(batches)].items()}
-        if "images" in batch and cuda:
-            batch["images"], batch["images_aux"] = batch["images"].bfloat16(), batch["images_aux"].bfloat16()
+        batch = batches[i % len(batches)].to(device, non_blocking=True)
+        if batch.images is not None and cuda:
+            batch.images, batch.images_aux = batch.images.bfloat16(), batch.images_aux.bfloat16()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = plain_loss(model, family, batch) if impl == "plain" else \
-                fast_loss(model, family, batch, impl, "packing" in flags, chunk)
+                fast_loss(loaded, batch, impl, "packing" in flags, chunk)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -382,7 +371,7 @@ def main() -> None:
         per_batch = parse_variant(variant)[2] or batch_size
         batches = make_batches(args, info, info.vocab_size, per_batch, n_batches=args.warmup + args.steps)
         n_pos = statistics.mean(positions(b, info) for b in batches)
-        lengths = [int(x) for b in batches for x in b["attention_mask"].sum(-1)]
+        lengths = [int(x) for b in batches for x in b.attention_mask.sum(-1)]
         try:
             rec = run_variant(model, loaded, batches, variant, args.chunk, args.warmup, args.steps, device, args.lr)
             if args.profile:
@@ -397,13 +386,13 @@ def main() -> None:
             rec = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
             torch.cuda.empty_cache()
         rec.update({"samples_per_step": per_batch, "positions_per_step": n_pos,
-                    "padded_positions_per_step": statistics.mean(b["input_ids"].numel() for b in batches)
+                    "padded_positions_per_step": statistics.mean(b.input_ids.numel() for b in batches)
                     + (0 if info.family != "mgm" else per_batch * (info.image_tokens - 1)),
                     "sample_lengths": [min(lengths), statistics.median(lengths), max(lengths)]})
         if "step_s_median" in rec:
             rec["tokens_per_s"] = n_pos / rec["step_s_median"]
             mean_len = n_pos / per_batch
-            rec["flops_per_token"] = flops_per_token(model, info, mean_len)
+            rec["flops_per_token"] = flops_per_token(loaded, mean_len)
             rec["mfu"] = rec["tokens_per_s"] * rec["flops_per_token"] / (PEAK_TFLOPS * 1e12) if device.type == "cuda" \
                 else None
         records[variant] = rec

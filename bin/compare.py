@@ -6,7 +6,7 @@
 
 Columns: preset, rank, targets, trainable parameters and %, peak GiB, tokens/s, wall time, final train loss, best
 validation loss and perplexity. Plots: train loss vs step and vs tokens, validation loss, peak memory. See
-mgmlora.report.
+mgmlora.tools.report.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
 from mgmlora.errors import run  # noqa: E402
-from mgmlora.report import compare  # noqa: E402
+from mgmlora.tools.report import compare  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -10,8 +10,9 @@ DeepSpeed buffers), trainable parameters per component, and with --gpu_memory_gi
 would fit, and the largest micro-batch that fits (micro-batch sizing from memory; with `speed.packing` padding costs
 nothing, so more samples per micro-batch is the main speed lever measured in configs/README.md; the estimate was
 checked up to 48 samples per micro-batch, larger ones are extrapolations), and the fastest setting that fits
-(checkpointing on or off, samples per micro-batch: mgmlora.speed_plan, a throughput model fitted to the measurements).
-Method and accuracy: mgmlora.memory.
+(checkpointing on or off, samples per micro-batch: mgmlora.tools.speed_plan, a throughput model fitted to the
+measurements).
+Method and accuracy: mgmlora.tools.memory.
 """
 
 import argparse
@@ -21,16 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
+from mgmlora.cli import parse_files  # noqa: E402
 from mgmlora.errors import run  # noqa: E402
-from mgmlora.memory import (  # noqa: E402
+from mgmlora.tools.args import positive_float  # noqa: E402
+from mgmlora.tools.memory import (  # noqa: E402
     cheapest_fix,
     estimate,
     format_estimate,
     largest_batch_size,
-    run_from_config,
+    run_from_tree,
 )
-from mgmlora.speed_plan import candidates  # noqa: E402
-from mgmlora.tool_args import positive_float  # noqa: E402
+from mgmlora.tools.speed_plan import candidates  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpu_memory_gib", type=positive_float, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args, overrides = parser.parse_known_args(argv)
-    run = run_from_config(args.config, overrides)
+    run = run_from_tree(parse_files(args.config, overrides))
     est = estimate(*run)
     result = {"configs": args.config, "overrides": overrides, "items_gib": est.items, "total_gib": est.total_gib,
               "trainable_per_component": est.trainable, "settings": est.settings}
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         if result.get("fastest_fitting"):
             best = candidates(*run, args.gpu_memory_gib)
             packing = "" if run[3].packing else " with model.speed.packing true (padding would cost compute)"
-            print(f"fastest setting that fits (mgmlora.speed_plan){packing}: {best[0].describe()}")
+            print(f"fastest setting that fits (mgmlora.tools.speed_plan){packing}: {best[0].describe()}")
             for other in best[1:]:
                 print(f"  then: {other.describe()} (relative speed {other.relative_speed:g} vs "
                       f"{best[0].relative_speed:g})")

@@ -10,7 +10,7 @@ Without --merge: a PEFT adapter directory (adapter_config.json, adapter_model.sa
 `peft.PeftModel.from_pretrained`. With --merge: a standalone checkpoint in the base model's layout (standard Hugging
 Face directory for Qwen; original MGM layout for MGM), sharded safetensors with an index, tokenizer included.
 Works from mgmlora checkpoints, DeepSpeed checkpoints (ZeRO-2/3) and exported adapter directories. See
-mgmlora.export for details.
+mgmlora.tools.export for details.
 """
 
 import argparse
@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
 from mgmlora.errors import run  # noqa: E402
-from mgmlora.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
-from mgmlora.tool_args import positive_float, refuse_overwrite  # noqa: E402
+from mgmlora.tools.args import positive_float, refuse_overwrite  # noqa: E402
+from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -9,7 +9,7 @@
 
 The base model, tokenizer and data settings (ablation, prompt role, max_length, training file for history) come from
 the run (checkpoint hyperparameters, `<log_dir>/config.yaml`); flags override them. Sampling flags are
-transformers.generate's (mgmlora.generate.GenerationArgs). `--model_path` points at local base weights.
+transformers.generate's (mgmlora.tools.generate.GenerationArgs). `--model_path` points at local base weights.
 """
 
 import argparse
@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 import torch  # noqa: E402
 
 from mgmlora.errors import run  # noqa: E402
-from mgmlora.export import build_trained_model, model_args_for, read_run_adapter  # noqa: E402
-from mgmlora.generate import GenerationArgs, generate_batch  # noqa: E402
 from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
-from mgmlora.tool_args import non_negative_int, positive_float, positive_int, refuse_overwrite  # noqa: E402
+from mgmlora.tools.args import non_negative_int, positive_float, positive_int, refuse_overwrite  # noqa: E402
+from mgmlora.tools.export import build_trained_model, model_args_for, read_run_adapter  # noqa: E402
+from mgmlora.tools.generate import GenerationArgs, generate_batch  # noqa: E402
 
 # count-like and size-like sampling flags: refused by argparse itself, before the model loads
 _FLAG_TYPES = {"max_new_tokens": positive_int, "num_return_sequences": positive_int, "batch_size": positive_int,
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None):
     if args.chameleons:
         if args.output is None:
             parser.error("--chameleons needs --output")
-        from mgmlora.leaderboard import output_files
+        from mgmlora.tools.leaderboard import output_files
 
         refuse_overwrite(output_files(args.output), files={"--chameleons": args.chameleons,
                                                            "--train_path": args.train_path},
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None):
     data = _data_settings(run)
     if args.chameleons:  # everything that can be refused is checked before the model loads
         from mgmlora.data.prompts import get_ablation
-        from mgmlora.leaderboard import read_progress, run_settings
+        from mgmlora.tools.leaderboard import read_progress, run_settings
 
         ablation = args.ablation or data.get("ablation", "context_only")
         prompt_role = args.prompt_role or data.get("prompt_role", "system")
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None):
     tokenizer = load_tokenizer(model_args)
 
     if args.chameleons:
-        from mgmlora.data.persona import ChameleonsDataModule, PersonaEncoder
-        from mgmlora.leaderboard import predict_leaderboard
+        from mgmlora.data.chameleons_datamodule import ChameleonsDataModule, PersonaEncoder
+        from mgmlora.tools.leaderboard import predict_leaderboard
 
         encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data.get("mark_omitted", False))
         history = None

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 
 from mgmlora.data.chameleons import load_records, sample_data_items  # noqa: E402
 from mgmlora.errors import run  # noqa: E402
-from mgmlora.tool_args import positive_int, refuse_overwrite  # noqa: E402
+from mgmlora.tools.args import positive_int, refuse_overwrite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
 
-from mgmlora.cli import parse_config  # noqa: E402
-from mgmlora.data.chat import IGNORE_INDEX  # noqa: E402
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from mgmlora.cli import parse_files  # noqa: E402
 from mgmlora.errors import run  # noqa: E402
 from mgmlora.models import model_info  # noqa: E402
-from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # noqa: E402
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
-from mgmlora.tool_args import positive_int  # noqa: E402
+from mgmlora.models.args import ModelArgs  # noqa: E402
+from mgmlora.models.causal_lm import load_tokenizer  # noqa: E402
+from mgmlora.tools.args import positive_int  # noqa: E402
 
 
 def build_datamodule(config_paths: list[str], overrides: list[str] | None = None):
@@ -31,7 +31,7 @@ def build_datamodule(config_paths: list[str], overrides: list[str] | None = None
 
     The configs and overrides are parsed by `bin/main.py`'s own parser (composition, short forms, validation).
     """
-    config = parse_config([a for path in config_paths for a in ("--config", path)] + list(overrides or []))
+    config = parse_files(config_paths, overrides)
     module_name, _, class_name = config["data"]["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module_name), class_name)
     datamodule = data_cls(**config["data"].get("init_args", {}))

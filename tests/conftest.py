@@ -39,7 +39,8 @@ def tokenizer():
 
 
 def tiny_model(preset="tiny-qwen3", seed=0):
-    from mgmlora.models.causal_lm import ModelArgs, load_causal_lm
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.models.causal_lm import load_causal_lm
 
     return load_causal_lm(ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=False, init_seed=seed))
 
@@ -53,10 +54,21 @@ def connect_data(datamodule, module=None, preset="tiny-qwen3"):
     if module is not None:
         datamodule.connect(module.tokenizer, module.info)
         return datamodule
-    from mgmlora.models import ModelArgs, model_info
+    from mgmlora.models import model_info
+    from mgmlora.models.args import ModelArgs
     from mgmlora.models.causal_lm import load_tokenizer
 
     tokenizer_dir = ASSETS / ("gemma_tokenizer" if "mgm" in preset else "tokenizer")
     args = ModelArgs(preset=preset, tokenizer_path=str(tokenizer_dir))
     datamodule.connect(None if datamodule.hparams.get("tokenizer_path") else load_tokenizer(args), model_info(args))
     return datamodule
+
+
+def forward_hidden(model, family, batch, packed, pad_to=0):
+    """`LoadedModel.forward_hidden` of a bare model (tests build models directly) on a dict or `Batch`."""
+    from mgmlora.batch import Batch
+    from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, ModelInfo
+
+    cls = LoadedMgm if family == "mgm" else LoadedCausalLM
+    batch = Batch(**batch) if isinstance(batch, dict) else batch
+    return cls(model, ModelInfo(family, 0), "", False).forward_hidden(batch, packed, pad_to)

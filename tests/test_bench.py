@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_plain_one(tmp_path):
     out = tmp_path / "bench.json"
-    # inductor needs a C++ compiler on the CPU; without one, tests/test_fastpath.py covers compile with aot_eager
+    # inductor needs a C++ compiler on the CPU; without one, tests/training/test_fastpath.py covers compile (aot_eager)
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     variants = "plain,chunked,chunked+packing,chunked+packing+dense,plainx4,chunked+nocast+fused+nockpt"
     variants += ",chunked+compile" if compiler else ""

@@ -93,8 +93,8 @@ def test_test_subcommand_scores_the_test_split_of_a_checkpoint(tmp_path, in_repo
 
     from peft import PeftModel
 
+    from mgmlora.batch import IGNORE_INDEX
     from mgmlora.cli import main
-    from mgmlora.data.chat import IGNORE_INDEX
     from mgmlora.data.datamodule import ChatDataModule
     from tests.conftest import TOKENIZER, VAL, connect_data, tiny_model
 
@@ -131,7 +131,7 @@ def test_test_subcommand_scores_the_test_split_of_a_checkpoint(tmp_path, in_repo
 
 def _plain_loss(model, data):
     """The same token-weighted loss for the base model without the trained adapter."""
-    from mgmlora.data.chat import IGNORE_INDEX
+    from mgmlora.batch import IGNORE_INDEX
 
     total = n = 0
     with torch.no_grad():

@@ -33,7 +33,7 @@ def test_config_parses_to_the_lora_its_readme_row_documents(path, capsys, in_rep
     code, out, err = _parse(capsys, "--config", str(path))
     assert code == 0, err
     resolved = yaml.safe_load(out)
-    from mgmlora.lora import LoraArgs
+    from mgmlora.training.lora import LoraArgs
 
     documented = _documented_lora(path.name)
     if documented.startswith("LLM frozen"):
@@ -57,11 +57,11 @@ def test_config_writes_every_key_and_a_launch_header(path):
         assert set(keys) <= set(raw[section])
     from dataclasses import fields
 
-    from mgmlora.lora import LoraArgs
-    from mgmlora.loss import SpeedArgs
-    from mgmlora.models.causal_lm import ModelArgs
-    from mgmlora.optim import OptimArgs
-    from mgmlora.trainable import Trainability
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.loss import SpeedArgs
+    from mgmlora.training.optim import OptimArgs
+    from mgmlora.training.trainable import Trainability
 
     classes = {"model": ModelArgs, "lora": LoraArgs, "optim": OptimArgs, "trainable": Trainability, "speed": SpeedArgs}
     for key, cls in classes.items():
@@ -86,7 +86,7 @@ def test_typos_are_rejected_with_the_valid_names(override, message, capsys, in_r
 def test_preset_literal_lists_every_registry_preset():
     from typing import get_args
 
-    from mgmlora.models.causal_lm import PresetName
+    from mgmlora.models.args import PresetName
     from mgmlora.models.registry import MGM_PRESETS, PRESETS
 
     assert set(get_args(PresetName)) == set(PRESETS) | set(MGM_PRESETS)
@@ -103,9 +103,9 @@ def test_strategy_fragments_compose_and_build(path, capsys, in_repo_root):
     code, out, err = _parse(capsys, "--config", "configs/demo_chameleons.yaml", "--config", str(path))
     assert code == 0, err
     strategy = yaml.safe_load(out)["trainer"]["strategy"]
-    assert strategy["class_path"] == "mgmlora.strategies.MgmDeepSpeedStrategy"
+    assert strategy["class_path"] == "mgmlora.training.strategies.MgmDeepSpeedStrategy"
     assert f"--config configs/strategy/{path.name}" in path.read_text()
-    from mgmlora.strategies import MgmDeepSpeedStrategy
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
 
     built = MgmDeepSpeedStrategy(**{k: v for k, v in strategy["init_args"].items() if v is not None})
     zero = built.config["zero_optimization"]
@@ -115,7 +115,7 @@ def test_strategy_fragments_compose_and_build(path, capsys, in_repo_root):
 
 
 def test_invalid_strategy_combination_is_rejected_before_any_model_loads(capsys, in_repo_root):
-    from mgmlora.strategies import MgmDeepSpeedStrategy
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
 
     with pytest.raises(ValueError, match="offload_parameters: true needs stage: 3 \\(got stage: 2\\)"):
         MgmDeepSpeedStrategy(stage=2, offload_parameters=True)

@@ -4,12 +4,12 @@ import lightning as L
 import pytest
 import torch
 
-from mgmlora.callbacks import AdapterExport, ThroughputMonitor
-from mgmlora.checkpoint import AdapterCheckpointIO
-from mgmlora.data.persona import ChameleonsDataModule
-from mgmlora.lora import LoraArgs
-from mgmlora.models.causal_lm import ModelArgs
-from mgmlora.module import LoraLitModule
+from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
+from mgmlora.models.args import ModelArgs
+from mgmlora.training.callbacks import AdapterExport, ThroughputMonitor
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.module import LoraLitModule
 from tests.conftest import ASSETS, TOKENIZER
 
 pytestmark = pytest.mark.gpu

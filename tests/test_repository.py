@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mgmlora.data.persona import ChameleonsDataModule
+from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
 from mgmlora.models.registry import ModelPreset
-from mgmlora.trainable import Trainability
+from mgmlora.training.trainable import Trainability
 from tests.conftest import ROOT
 
 SRC = ROOT / "src" / "mgmlora"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from mgmlora.checkpoint import UnsafeCheckpointError
+from mgmlora.training.checkpoint import UnsafeCheckpointError
 from tests.conftest import ROOT
 
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -37,7 +37,7 @@ def _deepspeed_dir(path, marker, poisoned="checkpoint/mp_rank_00_model_states.pt
 
 
 def test_deepspeed_check_refuses_a_payload_in_any_file_deepspeed_reads(tmp_path):
-    from mgmlora.strategies import check_deepspeed_checkpoint
+    from mgmlora.training.strategies import check_deepspeed_checkpoint
 
     marker = tmp_path / "payload_ran"
     ckpt = _deepspeed_dir(tmp_path / "step=2.ckpt", marker, "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -58,7 +58,7 @@ def test_deepspeed_check_trusts_only_deepspeeds_own_bookkeeping_types(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from mgmlora.strategies import check_deepspeed_checkpoint
+    from mgmlora.training.strategies import check_deepspeed_checkpoint
 
     ckpt = tmp_path / "step=2.ckpt"
     (ckpt / "checkpoint").mkdir(parents=True)
@@ -82,7 +82,7 @@ def test_resuming_a_poisoned_deepspeed_checkpoint_fails_before_deepspeed_reads_i
     assert not marker.exists(), "DeepSpeed unpickled the payload"
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
-    assert "mgmlora.checkpoint.UnsafeCheckpointError: " in error and "mp_rank_00_model_states.pt" in error
+    assert "mgmlora.training.checkpoint.UnsafeCheckpointError: " in error and "mp_rank_00_model_states.pt" in error
 
 
 def test_lightning_cli_still_merges_checkpoint_hyperparameters_through_the_method_mgmlora_disables():

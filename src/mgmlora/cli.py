@@ -28,11 +28,11 @@ from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
-from mgmlora.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.errors import USAGE, one_line  # noqa: E402
-from mgmlora.module import LoraLitModule  # noqa: E402
-from mgmlora.preemption import PreemptionCheckpoint  # noqa: E402
-from mgmlora.progress import StepProgressBar  # noqa: E402
+from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
+from mgmlora.training.module import LoraLitModule  # noqa: E402
+from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
+from mgmlora.training.progress import StepProgressBar  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -72,7 +72,7 @@ class MgmCLI(LightningCLI):
         """`fit --ckpt_path last` after a save was killed: the complete previous `last` is put back first.
 
         Lightning looks `last` up by file name before any callback runs, so a `last.ckpt` that an interrupted save
-        left renamed away would not be found and training would start over (mgmlora.checkpoint.recover).
+        left renamed away would not be found and training would start over (mgmlora.training.checkpoint.recover).
         """
         if self.config[self.subcommand].get("ckpt_path") == "last":
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks)
@@ -107,7 +107,7 @@ class MgmCLI(LightningCLI):
             callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
-                kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.progress)
+                kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
             trainer.callbacks.append(PreemptionCheckpoint())
@@ -133,6 +133,11 @@ def parse_config(args: list[str]) -> dict:
     cli = _ParseOnly(LoraLitModule, L.LightningDataModule, subclass_mode_data=True,
                      parser_kwargs=PARSER_KWARGS, args=args, run=False)
     return cli.config.as_dict()
+
+
+def parse_files(paths: list[str], overrides: list[str] | None = None) -> dict:
+    """`parse_config` of composed YAML files plus `--a.b value` overrides (bin/main.py's syntax)."""
+    return parse_config([a for path in paths for a in ("--config", str(path))] + list(overrides or []))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from mgmlora.data.chat import IGNORE_INDEX, ChatTokenizer, DataFormatError, read_chat_jsonl
+from mgmlora.batch import IGNORE_INDEX
+from mgmlora.data.chat import ChatTokenizer, DataFormatError, read_chat_jsonl
 from tests.conftest import TRAIN, connect_data
 
 CONV = [
@@ -96,7 +97,8 @@ def test_a_missing_or_empty_tokenizer_directory_names_the_path_and_the_key(tmp_p
     with pytest.raises(FileNotFoundError, match=r"data.init_args.tokenizer_path: .* holds no tokenizer"):
         connect_data(ChatDataModule(str(TRAIN), tokenizer_path=str(tmp_path)))
 
-    from mgmlora.models.causal_lm import ModelArgs, load_tokenizer  # the model's tokenizer: the same check, its key
+    from mgmlora.models.args import ModelArgs  # the model's tokenizer: the same check, its key
+    from mgmlora.models.causal_lm import load_tokenizer  # the model's tokenizer: the same check, its key
 
     with pytest.raises(FileNotFoundError, match=r"model.model.tokenizer_path: tokenizer directory .* does not exist"):
         load_tokenizer(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(missing)))

@@ -5,9 +5,10 @@ import shutil
 import pytest
 
 from mgmlora.data.datamodule import ChatDataModule
-from mgmlora.data.multimodal import LlavaDataModule
+from mgmlora.data.llava_datamodule import LlavaDataModule
 from mgmlora.errors import MgmloraError
-from mgmlora.models import ModelArgs, model_info
+from mgmlora.models import model_info
+from mgmlora.models.args import ModelArgs
 from tests.conftest import ASSETS, TOKENIZER, TRAIN, connect_data
 
 

@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mgmlora.data.chat import IGNORE_INDEX
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOUR, load_rgb, preprocess
 from mgmlora.data.llava import LlavaFormatError, fit_after_expansion, read_llava_json, render, tokenize_record
-from mgmlora.data.multimodal import LlavaDataModule
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
+from mgmlora.data.llava_datamodule import LlavaDataModule
 from tests.conftest import ASSETS, connect_data
 
 LLAVA = ASSETS / "llava"
@@ -111,7 +110,7 @@ def test_datamodule_mixes_text_only_and_image_samples_in_batches():
     dm = _datamodule()
     assert dm.stats["train:samples"] == 30
     batch = next(iter(dm._eval_loader("train")))
-    assert batch["images"].shape == (1, 3, 48, 48) and batch["images_aux"].shape == (1, 3, 96, 96)
+    assert batch.images.shape == (1, 3, 48, 48) and batch.images_aux.shape == (1, 3, 96, 96)
     text_only = [i for i, s in enumerate(dm.splits["train"]) if not s.meta.get("image")][0]
     _, _, (low, aux) = dm._dataset(dm.splits["train"])[text_only]
     assert not low.any() and not aux.any()  # zero images for text-only samples, as MGM
@@ -127,12 +126,12 @@ def test_missing_image_is_an_error_naming_the_record_or_a_counted_skip(tmp_path)
 
 
 def test_text_only_data_modules_refuse_an_mgm_model(tmp_path):
+    from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
     from mgmlora.data.datamodule import ChatDataModule
-    from mgmlora.data.persona import ChameleonsDataModule
     from tests.conftest import TOKENIZER, TRAIN
 
     for dm in (ChatDataModule(str(TRAIN), tokenizer_path=str(TOKENIZER)),
                ChameleonsDataModule(str(ASSETS / "chameleons_demo.json"), tokenizer_path=str(TOKENIZER))):
         with pytest.raises(ValueError, match=rf"data.class_path \S+{type(dm).__name__} has no images but the model "
-                                             r"is MGM.*data.class_path: mgmlora.data.multimodal.LlavaDataModule"):
+                                             r"is MGM.*data.class_path: mgmlora.data.llava_datamodule.LlavaDataModule"):
             connect_data(dm, preset="tiny-mgm")

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
 from mgmlora.data.datamodule import NoTrainingSampleError
 from mgmlora.data.llava import read_llava_json
-from mgmlora.data.persona import ChameleonsDataModule
 from tests.conftest import TOKENIZER, connect_data
+from tests.data.test_chameleons_datamodule import DEMO, _dm
 from tests.data.test_llava import LLAVA, _datamodule
-from tests.data.test_persona import DEMO, _dm
 
 
 def test_llava_records_without_answers_or_room_are_an_error_with_counts_per_reason(tmp_path):

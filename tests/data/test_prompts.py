@@ -1,8 +1,8 @@
 import pytest
 
+from mgmlora.batch import IGNORE_INDEX
 from mgmlora.data.chameleons import DialogueSample, Turn, extract_samples, load_records
-from mgmlora.data.chat import IGNORE_INDEX
-from mgmlora.data.persona import PersonaEncoder
+from mgmlora.data.chameleons_datamodule import PersonaEncoder
 from mgmlora.data.prompts import (
     ABLATIONS,
     build_messages,

@@ -5,9 +5,9 @@ import lightning as L
 import pytest
 import torch
 
+from mgmlora.batch import IMAGE_TOKEN_INDEX
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, pack_by_cost
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 from tests.conftest import TOKENIZER, TRAIN, connect_data
 from tests.data.test_llava import _datamodule as _llava_datamodule
 
@@ -183,10 +183,10 @@ def test_chat_datamodule_fills_batches_up_to_max_tokens():
     batches = list(loader)
     assert len(batches) == len(loader) > 96 // 8  # fewer samples per micro-batch than batch_size allows
     for batch in batches:
-        positions = int(batch["attention_mask"].sum())
-        assert batch["input_ids"].shape[0] <= 8 and (positions <= 400 or batch["input_ids"].shape[0] == 1)
-        assert int(batch["window_tokens"]) == int((batch["labels"] != -100).sum())  # accumulate 1, one rank
-    assert sum(b["input_ids"].shape[0] for b in batches) == 96
+        positions = int(batch.attention_mask.sum())
+        assert batch.input_ids.shape[0] <= 8 and (positions <= 400 or batch.input_ids.shape[0] == 1)
+        assert int(batch.window_tokens) == int((batch.labels != -100).sum())  # accumulate 1, one rank
+    assert sum(b.input_ids.shape[0] for b in batches) == 96
     plain = _chat_datamodule().train_dataloader()
     assert type(plain.batch_sampler) is WindowBatchSampler and len(plain) == 96 // 8
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 import transformers.masking_utils as masking
 
-from mgmlora.loss import lm_loss
-from mgmlora.models import forward_hidden, load_model
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.models import load_model
+from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import PACKED_SDPA, packed_attention, varlen_kwargs
-from mgmlora.models.causal_lm import ModelArgs
-from mgmlora.models.mgm import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.training.loss import lm_loss
+from tests.conftest import forward_hidden
 
 X = IGNORE_INDEX
 

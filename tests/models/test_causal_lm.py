@@ -3,7 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from mgmlora.models.causal_lm import ModelArgs, check_vocab, load_causal_lm, load_tokenizer
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer
 from tests.conftest import TOKENIZER, tiny_model
 
 

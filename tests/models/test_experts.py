@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import mgmlora.models.experts as experts
-from mgmlora.lora import LoraArgs, apply_lora, plan_lora
 from mgmlora.models import load_model
-from mgmlora.models.causal_lm import ModelArgs
+from mgmlora.models.args import ModelArgs
 from mgmlora.models.experts import FAST_EXPERTS
+from mgmlora.training.lora import LoraArgs, apply_lora, plan_lora
 from tests.conftest import tiny_model
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mgmlora.lora import LoraArgs, apply_lora, plan_lora
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.models.convnext import ConvNeXtTrunk
-from mgmlora.models.mgm import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MGMConfig, MGMForCausalLM
+from mgmlora.models.mgm import MGMConfig, MGMForCausalLM
 from mgmlora.models.mgm_checkpoint import build_mgm, load_mgm, save_mgm
 from mgmlora.models.registry import MGM_PRESETS
+from mgmlora.training.lora import LoraArgs, apply_lora, plan_lora
 
 
 @pytest.fixture(scope="module")

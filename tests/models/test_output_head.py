@@ -15,8 +15,8 @@ from transformers import (
     GraniteForCausalLM,
 )
 
-from mgmlora.models import PostProcessedHead, forward_hidden, output_head
-from tests.conftest import tiny_model
+from mgmlora.models.head import PostProcessedHead, output_head
+from tests.conftest import forward_hidden, tiny_model
 
 SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, use_cache=False)

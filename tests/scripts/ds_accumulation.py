@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-from mgmlora.strategies import MgmDeepSpeedStrategy  # noqa: E402
+from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 X = torch.tensor([[1.0], [2.0], [-1.0], [3.0]])
 Y = torch.tensor([[0.5], [-1.0], [2.0], [1.0]])

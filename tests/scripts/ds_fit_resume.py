@@ -27,14 +27,15 @@ from lightning.pytorch.strategies import DDPStrategy
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mgmlora.callbacks import AdapterExport  # noqa: E402
-from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.data.datamodule import ChatDataModule  # noqa: E402
-from mgmlora.lora import LoraArgs  # noqa: E402
-from mgmlora.models.causal_lm import ModelArgs, load_causal_lm  # noqa: E402
-from mgmlora.module import LoraLitModule  # noqa: E402
-from mgmlora.optim import OptimArgs  # noqa: E402
-from mgmlora.strategies import MgmDeepSpeedStrategy  # noqa: E402
+from mgmlora.models.args import ModelArgs  # noqa: E402
+from mgmlora.models.causal_lm import load_causal_lm  # noqa: E402
+from mgmlora.training.callbacks import AdapterExport  # noqa: E402
+from mgmlora.training.checkpoint import AdapterCheckpointIO  # noqa: E402
+from mgmlora.training.lora import LoraArgs  # noqa: E402
+from mgmlora.training.module import LoraLitModule  # noqa: E402
+from mgmlora.training.optim import OptimArgs  # noqa: E402
+from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 
 class Record(L.Callback):

@@ -14,12 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mgmlora.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.data.datamodule import ChatDataModule  # noqa: E402
-from mgmlora.lora import LoraArgs  # noqa: E402
-from mgmlora.models.causal_lm import ModelArgs  # noqa: E402
-from mgmlora.module import LoraLitModule  # noqa: E402
-from mgmlora.optim import OptimArgs  # noqa: E402
+from mgmlora.models.args import ModelArgs  # noqa: E402
+from mgmlora.training.checkpoint import AdapterCheckpointIO  # noqa: E402
+from mgmlora.training.lora import LoraArgs  # noqa: E402
+from mgmlora.training.module import LoraLitModule  # noqa: E402
+from mgmlora.training.optim import OptimArgs  # noqa: E402
 
 
 class Capture(L.Callback):

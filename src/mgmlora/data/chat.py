@@ -15,9 +15,9 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from mgmlora.batch import IGNORE_INDEX
 from mgmlora.data.textfile import read_utf8
 
-IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
 TrainOn = Literal["all_assistant", "last_assistant"]
 

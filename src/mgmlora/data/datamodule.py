@@ -1,8 +1,8 @@
 """DataModules: pre-tokenised samples served in accumulation-aware, rank-sharded, resumable batches.
 
 `TokenizedDataModule` owns the loaders; a subclass only turns its files into `TokenizedSample` lists per split
-(`_build_splits`). `ChatDataModule` reads chat JSONL; `ChameleonsDataModule` (mgmlora.data.persona) reads the
-persona-dialogue JSON.
+(`_build_splits`). `ChatDataModule` reads chat JSONL; `ChameleonsDataModule` (chameleons_datamodule.py) reads the
+persona-dialogue JSON, `LlavaDataModule` (llava_datamodule.py) LLaVA image-text JSON.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from mgmlora.batch import Batch
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
 from mgmlora.errors import MgmloraError
 from mgmlora.models import ModelInfo
-from mgmlora.preemption import ignore_stop_signals
+from mgmlora.training.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ class _Samples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | WindowKey) -> tuple[TokenizedSample, int | None]:
+    def __getitem__(self, key: int | WindowKey) -> tuple[TokenizedSample, WindowKey | None]:
         if isinstance(key, WindowKey):
-            return self.samples[key.index], key.window_tokens
+            return self.samples[key.index], key
         return self.samples[key], None
 
 
@@ -83,8 +84,8 @@ def _warn_if_epochs_vary(trainer: L.Trainer, batches: int) -> None:
                        "the loader, and its count, every epoch.")
 
 
-def _collate(items: list[tuple[TokenizedSample, int | None]], pad_id: int) -> dict:
-    return pad_collate([s for s, _ in items], pad_id, window_tokens=items[0][1])
+def _collate(items: list[tuple[TokenizedSample, WindowKey | None]], pad_id: int) -> Batch:
+    return pad_collate([s for s, _ in items], pad_id, window=items[0][1])
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -150,7 +151,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if self.info.family == "mgm" and not self.takes_images:
             raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
                              "model is MGM, so every sample would train text-only. Set data.class_path: "
-                             "mgmlora.data.multimodal.LlavaDataModule (LLaVA JSON; records without an image are "
+                             "mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records without an image are "
                              "allowed there), or a text model in model.model.preset / model.model.model_path.")
 
     def drop_reasons(self, split: str) -> dict[str, int]:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from mgmlora.data.chat import IGNORE_INDEX, TokenizedSample
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.textfile import read_utf8
-from mgmlora.models.mgm import IMAGE_TOKEN_INDEX
 
 IMAGE = "<image>"
 USER, MODEL, END, BOS, EOS = "<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<bos>", "<eos>"

@@ -25,10 +25,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WindowKey:
-    """What the dataset receives instead of a bare index: the index and its window's global token count."""
+    """What the dataset receives instead of a bare index: the index and its accumulation window's facts.
+
+    `window_tokens` is the window's supervised-token count over all ranks; `window_end` says whether this key's
+    micro-batch is the window's last (the optimizer steps after it): the one place a window's end is decided.
+    """
 
     index: int
     window_tokens: int
+    window_end: bool = False
 
 
 class SeededPermutation(Sampler[int]):
@@ -136,7 +141,7 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
                          for i in batch)
             for s in window:
                 if s >= skip:
-                    yield [WindowKey(i, tokens) for i in batches[s * world + self.rank]]
+                    yield [WindowKey(i, tokens, s == window[-1]) for i in batches[s * world + self.rank]]
 
 
 def _to_multiple(items: list, multiple: int, drop_last: bool) -> list:

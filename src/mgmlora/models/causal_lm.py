@@ -7,62 +7,15 @@ test models, or real shapes for benchmarks). Nothing is ever downloaded: every t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
-
-PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "tiny-mgm", "mgm-2b"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class ModelArgs:
-    """Which model to train and how to load it.
-
-    Attributes:
-        preset: registry preset (architecture, MoE flag, LoRA anchoring). Required unless `model_path` is set.
-        model_path: local Hugging Face directory (config.json, *.safetensors or *.bin, tokenizer). Its weights are
-            loaded; when it is null the model is randomly initialised from the preset's architecture.
-        tokenizer_path: tokenizer directory; null means `model_path`.
-        dtype: dtype of the frozen base weights. bfloat16 on GPU; float32 is faster on CPU.
-        attn_implementation: `sdpa` (PyTorch's fused kernels, default), `flash_attention_2` (needs the `flash`
-            extra), `flex_attention` or `eager`.
-        experts_implementation: how fused MoE experts run (MoE models only): `mgmlora_grouped_mm` (the default:
-            transformers' grouped GEMMs without its expert-parallel masks, routing weights applied before the down
-            projection; 1.34x the step of `grouped_mm` on Qwen3-30B-A3B, mgmlora.models.experts), `grouped_mm`
-            (transformers' own) or `eager` (transformers' loop over experts).
-        gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
-        trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
-        init_seed: seed for random initialisation (only used without `model_path`).
-    """
-
-    preset: PresetName | None = None
-    model_path: str | None = None
-    tokenizer_path: str | None = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
-    experts_implementation: Literal["grouped_mm", "mgmlora_grouped_mm", "eager"] = "mgmlora_grouped_mm"
-    gradient_checkpointing: bool = True
-    trust_remote_code: bool = False
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.preset is None and self.model_path is None:
-            raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
-        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError(
-                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
-                "(pip install 'mgmlora[flash]' --no-build-isolation); use `sdpa` otherwise, which runs PyTorch's "
-                "own flash kernels."
-            )
 
 
 def _check_model_dir(path: Path) -> None:
@@ -83,9 +36,9 @@ def resolve_preset(args: ModelArgs) -> ModelPreset | None:
     return get_preset(args.preset) if args.preset and args.preset not in MGM_PRESETS else None
 
 
-def is_moe(model: PreTrainedModel) -> bool:
-    """True when the model's MLPs are mixture-of-experts with fused expert weights."""
-    return getattr(model.config, "model_type", None) in MOE_MODEL_TYPES
+def is_moe(config) -> bool:
+    """True when a text model's config describes mixture-of-experts MLPs with fused expert weights (the one test)."""
+    return getattr(config, "model_type", None) in MOE_MODEL_TYPES
 
 
 def build_config(args: ModelArgs):
@@ -99,18 +52,19 @@ def build_config(args: ModelArgs):
     return AutoConfig.for_model(preset.model_type, **preset.architecture)
 
 
-def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None) -> PreTrainedModel:
+def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None, weights: bool = True) -> PreTrainedModel:
     """Loads (or randomly initialises) the causal LM described by `args`, ready for LoRA.
 
     Safetensors are preferred over `.bin` files, and `.bin` files are read with `weights_only=True` (transformers'
     own behaviour, pinned here with `use_safetensors=None`). `attn_implementation` overrides the configured one
-    (packed micro-batches load mgmlora's packed attention, mgmlora.models.attention).
+    (packed micro-batches load mgmlora's packed attention, mgmlora.models.attention). `weights=False` builds the
+    architecture from the config alone (the memory estimate, on the meta device).
     """
     dtype = DTYPES[args.dtype]
     common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
-    if build_config(args).model_type in MOE_MODEL_TYPES:  # dense models refuse an experts implementation
+    if is_moe(build_config(args)):  # dense models refuse an experts implementation
         common["experts_implementation"] = args.experts_implementation
-    if args.model_path:
+    if args.model_path and weights:
         _check_model_dir(Path(args.model_path))
         model = AutoModelForCausalLM.from_pretrained(
             args.model_path, local_files_only=True, trust_remote_code=args.trust_remote_code,

@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, GemmaConfig, GemmaForCausalLM
 
-from mgmlora.models.attention import PACKED_SDPA, bucket_padding, varlen_kwargs
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.models.attention import PACKED_SDPA, varlen_kwargs
 from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
-
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+from mgmlora.models.packing import pack_rows
 
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), the tower every MGM-2B config names.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -247,19 +246,9 @@ class MGMForCausalLM(nn.Module):
             limit = self.config.tokenizer_model_max_length
             rows.append(row[:limit])
             row_labels.append(torch.cat(piece_labels)[:limit] if lab is not None else None)
-        if packed:
-            # One row of every sample's real positions (no padding), positions restarting per sample; transformers
-            # derives the per-sample causal mask from the position ids when attention_mask is None.
-            if pad := bucket_padding(sum(r.shape[0] for r in rows), pad_to):
-                rows.append(rows[0].new_zeros(pad, rows[0].shape[-1]))
-                if labels is not None:
-                    row_labels.append(torch.full((pad,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
-            embeds = torch.cat(rows).unsqueeze(0)  # (1, N, H)
-            positions = torch.cat([torch.arange(r.shape[0], device=input_ids.device) for r in rows]).unsqueeze(0)
-            out_labels = None
-            if labels is not None:  # each sample's first label would be the target of the previous sample's last
-                out_labels = torch.cat(row_labels).masked_fill(positions[0] == 0, IGNORE_INDEX).unsqueeze(0)
-            return embeds, None, out_labels, positions, [r.shape[0] for r in rows]
+        if packed:  # one row of every sample's real positions, a segment per sample (mgmlora.models.packing)
+            row = pack_rows(rows, row_labels if labels is not None else None, pad_to)
+            return row.values, None, row.labels, row.positions, row.lengths
         longest = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[-1]
         embeds = rows[0].new_zeros(len(rows), longest, hidden)  # (B, T', H)
@@ -282,7 +271,7 @@ class MGMForCausalLM(nn.Module):
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa).
 
         `packed` drops the padding (one row, per-sample positions); `hidden_only` skips the LM head and returns the
-        final hidden states, for losses that apply the head themselves (mgmlora.loss).
+        final hidden states, for losses that apply the head themselves (mgmlora.training.loss).
         """
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
         if image_tokens is None and (input_ids == IMAGE_TOKEN_INDEX).any():

@@ -1,0 +1,65 @@
+"""The contract between the data side and the training step: label/placeholder ids and the typed micro-batch.
+
+The DataModules produce `Batch`; `LoraLitModule.training_step` and the models consume it. Nothing else travels
+from the data to the step, so this file is the whole interface (docs/design/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+IGNORE_INDEX = -100  # label of positions without a loss (PyTorch cross_entropy's ignore_index)
+IMAGE_TOKEN_INDEX = -200  # placeholder id of one image in input_ids (MGM/LLaVA); expands to the image's embeddings
+
+
+@dataclass
+class Batch:
+    """One right-padded micro-batch.
+
+    Attributes:
+        input_ids: (B, T) token ids; MGM rows hold one IMAGE_TOKEN_INDEX per image.
+        attention_mask: (B, T) 1 on real tokens, 0 on padding.
+        labels: (B, T) next-token targets, IGNORE_INDEX where nothing is supervised (position t predicts labels[t+1]).
+        window_tokens: () long, the number of supervised tokens (after the causal shift) in this micro-batch's whole
+            accumulation window on all ranks, counted by the WindowBatchSampler before the window's first backward.
+            None when the loader has no window sampler (validation, plain loaders): see mgmlora.training.window.
+        window_end: whether the optimizer steps after this micro-batch (the sampler decides; None without one).
+        images: (B, 3, S, S) CLIP inputs (MGM), or None.
+        images_aux: (B, 3, Sa, Sa) ConvNeXt inputs (MGM), or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    window_tokens: torch.Tensor | None = None
+    window_end: bool | None = None
+    images: torch.Tensor | None = None
+    images_aux: torch.Tensor | None = None
+
+    def supervised_tokens(self) -> torch.Tensor:
+        """() long on the batch's device: positions with a target after the causal shift (no host sync)."""
+        return (self.labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def image_count(self) -> torch.Tensor:
+        """() long: image placeholders in this micro-batch."""
+        return (self.input_ids == IMAGE_TOKEN_INDEX).sum()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor on `device` (Lightning's transfer hook calls this)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                 for k, v in moved.items()}
+        return replace(self, **moved)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader(pin_memory=True) calls this on custom batch types)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "Batch"]

@@ -1,0 +1,189 @@
+"""LlavaDataModule: LLaVA-style image-text JSON for MGM, tokenised once, images loaded lazily per batch."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
+from mgmlora.data.chat import TokenizedSample
+from mgmlora.data.collate import pad_collate
+from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.images import AspectRatio, ImageLoadError, blank, find_bad_images, load_rgb, preprocess
+from mgmlora.data.llava import fit_after_expansion, read_llava_json, render, tokenize_record
+from mgmlora.data.sampling import WindowKey
+
+
+class _ImageSamples(Dataset):
+    """Pre-tokenised samples whose images are read and preprocessed when the batch is built (in workers)."""
+
+    def __init__(self, samples: list[TokenizedSample], folder: Path, size: int, size_aux: int, aspect: AspectRatio,
+                 max_pixels: int | None = Image.MAX_IMAGE_PIXELS):
+        self.samples, self.folder, self.size, self.size_aux, self.aspect = samples, folder, size, size_aux, aspect
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | WindowKey):
+        index, window = (key.index, key) if isinstance(key, WindowKey) else (key, None)
+        sample = self.samples[index]
+        image = sample.meta.get("image")
+        if not image:
+            return sample, window, blank(self.size_aux, self.size)
+        Image.MAX_IMAGE_PIXELS = self.max_pixels  # per process: spawned workers start from Pillow's default
+        try:
+            pixels = preprocess(load_rgb(self.folder / image), self.size_aux, self.size, self.aspect)
+        except Exception as err:  # whatever Pillow raises, say which record it was
+            meta = sample.meta
+            raise ImageLoadError(f"{meta.get('file')}: record {meta.get('record')} (id={meta.get('id')!r}): image "
+                                 f"{str(self.folder / image)!r} failed to load during training ({type(err).__name__}: "
+                                 f"{err}); it decoded at set-up, so the file changed since. Restore or replace it, "
+                                 "then resume from the last checkpoint.") from err
+        return sample, window, pixels
+
+
+def image_geometry(info) -> dict[str, int]:
+    """Image tokens per image, CLIP and aux input sizes and the post-expansion length limit of an MGM `ModelInfo`."""
+    return {"image_tokens": info.image_tokens, "size": info.image_size, "size_aux": info.image_size_aux,
+            "max_length": info.max_length}
+
+
+def _collate_images(items, pad_id: int) -> Batch:
+    batch = pad_collate([s for s, _, _ in items], pad_id, window=items[0][1])
+    batch.images = torch.stack([p[0] for _, _, p in items])  # (B, 3, S, S)
+    batch.images_aux = torch.stack([p[1] for _, _, p in items])  # (B, 3, S_aux, S_aux)
+    return batch
+
+
+class LlavaDataModule(TokenizedDataModule):
+    """LLaVA-style image-text JSON (`id`, optional `image`, `conversations`) for MGM.
+
+    Image geometry (576 tokens per image, 336/768 px) and the post-expansion length limit come from the model's
+    config, through the LightningModule, so they cannot drift from the model.
+
+    Args:
+        train_path: training records (JSON list or JSONL).
+        image_folder: directory the records' `image` paths are relative to.
+        val_path: validation records (null: no validation).
+        test_path: records for the `test` subcommand.
+        image_aspect_ratio: pad (to a square with the mean colour; MGM stage 2) or square (centre crop; stage 1).
+        skip_bad_images: skip (count, and name in a warning) records whose image is missing, corrupt or too large,
+            instead of failing at set-up. Set-up decodes every image in full (threads), so a bad file cannot stop
+            training mid-epoch.
+        max_image_pixels: Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, default its own 89.5 M
+            pixels); a larger image is a bad image. Raise it (null: no limit) only for data you trust.
+        tokenizer_path: a tokenizer directory used instead of the model's (null: the model's, the usual case); for
+            data without a model at hand, e.g. bin/show_samples.py with a preset that bundles no tokenizer.
+        max_length: length limit after image expansion; null takes the model's tokenizer_model_max_length. Samples
+            are cut at the end to fit; one left without a supervised token is skipped and counted.
+        batch_size: micro-batch size per device.
+        eval_batch_size: micro-batch size for validation/test.
+        num_workers: DataLoader worker processes (image decoding happens there).
+        shuffle: reshuffle training data every epoch.
+        seed: seed of the shuffling (same on every rank).
+        drop_last: drop the last incomplete global batch instead of wrapping around.
+        max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
+            filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
+            micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
+    """
+
+    takes_images = True
+
+    def __init__(self, train_path: str, image_folder: str, val_path: str | None = None, test_path: str | None = None,
+                 image_aspect_ratio: AspectRatio = "pad", skip_bad_images: bool = False,
+                 max_image_pixels: int | None = 89_478_485,
+                 tokenizer_path: str | None = None, max_length: int | None = None, batch_size: int = 1,
+                 eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, max_tokens: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.geometry: dict[str, int] | None = None
+        self.stats: dict[str, int] = {}
+
+    def _model_geometry(self) -> dict[str, int]:
+        info = self.info
+        if info.family != "mgm":
+            raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
+                             "model_path): image geometry comes from its config.")
+        return image_geometry(info)
+
+    def _build(self, split: str, path: str) -> None:
+        hp, geo = self.hparams, self.geometry
+        max_length = hp.max_length or geo["max_length"]
+        records, folder = read_llava_json(path), Path(hp.image_folder)
+        bad = find_bad_images(sorted({folder / r["image"] for r in records if "image" in r}))
+        samples, skipped, too_long = [], [], 0
+        for i, record in enumerate(records):
+            where = f"record {i} (id={record.get('id')!r})"
+            if "image" in record and (problem := bad.get(folder / record["image"])):
+                if not hp.skip_bad_images:
+                    more = sum(1 for r in records if "image" in r and folder / r["image"] in bad) - 1
+                    raise ImageLoadError(
+                        f"{path}: {where}: image {str(folder / record['image'])!r}: {problem}. Fix the file, the "
+                        "record's 'image' or data.init_args.image_folder, or set data.init_args.skip_bad_images: true "
+                        f"to skip such records{f' ({more} more record(s) have a bad image)' if more else ''}.")
+                skipped.append(f"{where}: {problem}")
+                continue
+            sample = tokenize_record(self.tokenizer, record)
+            sample.meta.update(record=i, file=str(path))  # named by errors while loading its image in training
+            fitted = fit_after_expansion(sample, geo["image_tokens"], max_length)
+            if fitted is None:
+                too_long += 1
+                continue
+            samples.append(fitted)
+        self.splits[split] = samples
+        self.stats.update({f"{split}:samples": len(samples), f"{split}:skipped_bad_image": len(skipped),
+                           f"{split}:skipped_no_supervision": too_long})
+        with_images = sum(1 for s in samples if s.meta.get("image"))
+        rank_zero_info(f"LLaVA {split} {path}: {len(samples)} samples ({with_images} with an image, "
+                       f"{len(samples) - with_images} text-only); skipped {len(skipped)} bad image(s), {too_long} "
+                       f"without a supervised token after truncation to {max_length}.")
+        if skipped:
+            rank_zero_warn(f"LLaVA {split} {path}: skipped {len(skipped)} record(s) whose image cannot be used "
+                           f"(data.init_args.skip_bad_images): {'; '.join(skipped[:5])}"
+                           f"{f'; and {len(skipped) - 5} more' if len(skipped) > 5 else ''}.")
+        if too_long:
+            rank_zero_warn(f"LLaVA {split}: {too_long} record(s) skipped (see the line above).")
+
+    def _build_splits(self, stage: str) -> None:
+        self.geometry = self.geometry or self._model_geometry()
+        Image.MAX_IMAGE_PIXELS = self.hparams.max_image_pixels  # Pillow's decompression-bomb guard, for the check
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for split in wanted:
+            path = self.hparams.get(f"{split}_path")
+            if split not in self.splits and path is not None:
+                self._build(split, path)
+
+    def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
+        geo = self.geometry
+        return _ImageSamples(samples, Path(self.hparams.image_folder), geo["size"], geo["size_aux"],
+                             self.hparams.image_aspect_ratio, self.hparams.max_image_pixels)
+
+    def _collate_fn(self):
+        return functools.partial(_collate_images, pad_id=self.tokenizer.pad_token_id)
+
+    def _costs(self, samples: list[TokenizedSample]) -> list[int]:
+        """Positions after expansion: each `<image>` placeholder becomes `image_tokens` positions in the model."""
+        extra = self.geometry["image_tokens"] - 1
+        return [len(s.input_ids) + extra * s.input_ids.count(IMAGE_TOKEN_INDEX) for s in samples]
+
+    def drop_reasons(self, split: str) -> dict[str, int]:
+        """Why records are not in `split`, for the fit check; only called when that split ended up empty.
+
+        Records without any answer are told apart from answers cut away by max_length by re-reading the file (cheap,
+        and only on this error path), so `_build` stays as it is.
+        """
+        path = self.hparams.get(f"{split}_path")
+        unsupervised = self.stats.get(f"{split}:skipped_no_supervision", 0)
+        no_answer = min(unsupervised, sum(1 for r in read_llava_json(path) if not render(r)[1])) if unsupervised else 0
+        max_length = self.hparams.max_length or (self.geometry or {}).get("max_length")
+        return {"records with a missing or unreadable image": self.stats.get(f"{split}:skipped_bad_image", 0),
+                "records without an answer (no human/gpt pair with a gpt turn)": no_answer,
+                f"records whose answers do not fit max_length={max_length} after image expansion":
+                    unsupervised - no_answer}

@@ -1,0 +1,139 @@
+"""A loaded model and its family's behaviour: the one place where a text causal LM and MGM differ.
+
+Everything outside `mgmlora.models` asks the loaded model (`LoadedModel`) instead of branching on the family: which
+module is the language model, how a batch becomes final hidden states, which components besides the language model
+can train, how a merged model is written. `ModelInfo` is what the data side needs before any weight exists.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mgmlora.batch import Batch
+from mgmlora.models.attention import varlen_kwargs
+from mgmlora.models.head import output_head
+from mgmlora.models.packing import pack_padded
+
+Family = Literal["causal_lm", "mgm"]
+Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
+
+
+@dataclass
+class ModelInfo:
+    """What the data side and the LightningModule need to know before any weight is loaded."""
+
+    family: Family
+    vocab_size: int
+    image_tokens: int = 0  # image embeddings per image (576 for MGM-2B); 0 = the model takes no images
+    image_size: int = 0  # CLIP input size (336)
+    image_size_aux: int = 0  # ConvNeXt input size (768)
+    max_length: int = 0  # MGM: truncation length after image expansion (tokenizer_model_max_length)
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether batches may carry images (and prompts an image placeholder)."""
+        return self.image_tokens > 0
+
+
+@dataclass
+class LoadedModel(ABC):
+    """A loaded base model, where its LoRA targets live, and its family's behaviour.
+
+    `model` is the base module. PEFT injects its LoRA layers into it in place (`get_peft_model(model)` wraps the
+    same object), so every method below also runs the adapted model.
+
+    Attributes:
+        model: the base model (transformers causal LM, or MGMForCausalLM).
+        info: family, vocabulary and image geometry.
+        decoder_layers: dotted path of the decoder layer list inside `model` (LoRA anchoring, fast path).
+        moe: whether the language model's MLPs are fused mixture-of-experts.
+    """
+
+    model: nn.Module
+    info: ModelInfo
+    decoder_layers: str
+    moe: bool
+
+    # trainable components besides the language model: config name (model.trainable.<name>) -> parameter prefixes
+    components: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # of those, the ones that never train (the config key states it; the model runs them under no_grad)
+    frozen_components: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The transformers causal LM inside (embeddings, decoder, head, generation, text config)."""
+
+    @abstractmethod
+    def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:
+        """Runs the model up to (not through) the LM head: final hidden states, labels aligned with them, the head.
+
+        `packed` drops padding (mgmlora.models.packing) and `pad_to` then pads the packed row to a multiple of that many
+        positions with a segment of its own. Returns hidden (B, T, H), or (1, N, H) when packed, labels of the same
+        leading shape, and the head module (with the family's logit transforms, mgmlora.models.head).
+        """
+
+    def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:
+        """Writes a merged (adapter-free) `model` as a standalone checkpoint in the family's own layout."""
+        model.config.use_cache = True  # a serving checkpoint
+        model.save_pretrained(str(out), max_shard_size=max_shard_bytes, safe_serialization=True)
+
+    def mining_dims(self) -> tuple[int, int] | None:
+        """(aux-tower channels, CLIP hidden size) of MGM's patch-info mining, None for models without it."""
+        return None
+
+
+class LoadedCausalLM(LoadedModel):
+    """A transformers causal LM (Qwen3 dense or MoE, or any AutoModelForCausalLM)."""
+
+    def language_model(self) -> nn.Module:  # noqa: D102
+        return self.model
+
+    def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:  # noqa: D102
+        ids, mask, labels, positions, segments = batch.input_ids, batch.attention_mask, batch.labels, None, {}
+        if packed:
+            row = pack_padded(ids, mask, labels, pad_to)  # (B, T) -> (1, N)
+            ids, positions, labels, mask = row.values, row.positions, row.labels, None
+            segments = varlen_kwargs(row.lengths, ids.device)  # per-sample attention from the segment lengths
+        decoder = getattr(self.model, self.model.base_model_prefix)  # e.g. Qwen3ForCausalLM.model
+        # no KV cache: with one, transformers would also ignore the packed layout's restarting positions
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **segments)
+        return out.last_hidden_state, labels, output_head(self.model)
+
+
+PROJECTOR_PREFIXES = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
+TOWER_PREFIXES = ("vision_tower.", "vision_tower_aux.")
+
+
+class LoadedMgm(LoadedModel):
+    """MGM: Gemma LLM (`model.llm`), CLIP and ConvNeXt towers, projector and patch-info mining modules."""
+
+    components: ClassVar[dict[str, tuple[str, ...]]] = {"projector": PROJECTOR_PREFIXES, "towers": TOWER_PREFIXES}
+    frozen_components: ClassVar[tuple[str, ...]] = ("towers",)
+
+    def language_model(self) -> nn.Module:  # noqa: D102
+        return self.model.llm
+
+    def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:  # noqa: D102
+        # MGM aligns the labels with its image-expanded sequence (each placeholder becomes image_tokens ignored labels)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                         images=batch.images, images_aux=batch.images_aux, packed=packed, pad_to=pad_to,
+                         hidden_only=True)
+        return out.hidden_states, out.labels, output_head(self.model.llm)
+
+    def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:  # noqa: D102
+        from mgmlora.models.mgm_checkpoint import save_mgm
+
+        save_mgm(model, out, max_shard_bytes)  # the original checkpoint's key names, so MGM's own code loads it
+
+    def mining_dims(self) -> tuple[int, int] | None:  # noqa: D102
+        return self.model.config.mm_hidden_size_aux, self.model.config.mm_hidden_size
+
+
+__all__ = ["Family", "LoadedCausalLM", "LoadedMgm", "LoadedModel", "ModelInfo", "PROJECTOR_PREFIXES",
+           "TOWER_PREFIXES"]

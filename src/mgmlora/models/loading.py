@@ -1,0 +1,85 @@
+"""Loading any supported model behind one function: `load_model(ModelArgs) -> LoadedModel`.
+
+The family is decided here, once: MGM is recognised by the `mm_*` keys of its config.json (or an MGM preset), never
+by `model_type` (original checkpoints carry several names); everything else is a transformers causal LM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.attention import packed_attention
+from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
+from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
+from mgmlora.models.registry import MGM_PRESETS
+
+
+def _mgm_config_dict(args: ModelArgs) -> dict | None:
+    if args.model_path:
+        path = Path(args.model_path) / "config.json"
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            return raw if "mm_vision_tower" in raw else None
+        return None
+    return MGM_PRESETS.get(args.preset)
+
+
+def model_info(args: ModelArgs) -> ModelInfo:
+    """Family, vocabulary and image geometry, from config files only."""
+    raw = _mgm_config_dict(args)
+    if raw is None:
+        return ModelInfo("causal_lm", build_config(args).vocab_size)
+    from mgmlora.models.mgm import MGMConfig
+
+    config = MGMConfig.from_dict(raw)
+    clip = config.clip_config()
+    return ModelInfo("mgm", config.text["vocab_size"], (clip.image_size // clip.patch_size) ** 2, clip.image_size,
+                     config.image_size_aux, config.tokenizer_model_max_length)
+
+
+def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> LoadedModel:
+    """Loads (or randomly initialises) the model `args` describes, with gradient checkpointing as configured.
+
+    Args:
+        args: the `model.model` config section.
+        packing: the run's `speed.packing`; picks an attention implementation whose cost on packed rows is linear in
+            the number of samples (mgmlora.models.attention): `sdpa` becomes mgmlora's packed SDPA.
+        weights: False builds the architecture from config.json alone, even when `model_path` holds weights (the
+            memory estimate builds it on the meta device).
+    """
+    info = model_info(args)
+    attn = packed_attention(args.attn_implementation, packing)
+    if info.family == "causal_lm":
+        model = load_causal_lm(args, attn, weights=weights)
+        preset = resolve_preset(args)
+        return LoadedCausalLM(model, info, preset.decoder_layers if preset else "model.layers", is_moe(model.config))
+    from mgmlora.models.mgm import MGMConfig
+    from mgmlora.models.mgm_checkpoint import build_mgm, load_mgm
+
+    dtype = DTYPES[args.dtype]
+    if args.model_path and weights:
+        model = load_mgm(args.model_path, dtype, attn)
+    else:
+        model = build_mgm(MGMConfig.from_dict(_mgm_config_dict(args)), dtype, attn, seed=args.init_seed)
+    model.llm.config.use_cache = False
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model.llm)
+    return LoadedMgm(model, info, "llm.model.layers", moe=False)
+
+
+def uses_moe(args: ModelArgs) -> bool:
+    """Whether the language model's MLPs are fused mixture-of-experts, from config files only."""
+    return model_info(args).family == "causal_lm" and is_moe(build_config(args))
+
+
+def build_on_meta(args: ModelArgs) -> LoadedModel:
+    """The model's architecture on the meta device, from config files only (no weights read, no memory used)."""
+    with torch.device("meta"):
+        return load_model(args, weights=False)
+
+
+__all__ = ["build_on_meta", "load_model", "model_info", "uses_moe"]

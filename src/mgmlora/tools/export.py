@@ -1,0 +1,230 @@
+"""Adapters out of a run: a clean PEFT adapter directory, or a standalone merged checkpoint in the base model's layout.
+
+Inputs, whatever wrote them:
+- an mgmlora checkpoint directory (`step=*.ckpt/` from AdapterCheckpointIO: adapter files + trainer_state.pt),
+- a DeepSpeed checkpoint directory (`step=*.ckpt/checkpoint/*model_states.pt`; mgmlora's LightningModule stores the
+  gathered adapter and trainables in it, so ZeRO-2 and ZeRO-3 runs export the same way),
+- an exported adapter directory (`<log_dir>/adapter`, or any `PeftModel.save_pretrained` output).
+
+The base model comes from the run's own hyperparameters (checkpoint or `<log_dir>/config.yaml`) unless overridden.
+Merging loads the base once in the target dtype (no fp32 copy of a bf16 model), merges LoRA with PEFT's
+`safe_merge` (which refuses NaN results), and writes sharded safetensors with an index: a standard Hugging Face
+directory for text LMs (loadable with `AutoModelForCausalLM.from_pretrained` and by vLLM), the original MGM layout and
+config.json for MGM (loadable by MGM's own code and by `mgmlora.models.mgm_checkpoint.load_mgm`). The tokenizer is
+copied in both cases.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from mgmlora.models import load_model
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.tools.args import refuse_overwrite
+from mgmlora.training.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RUN_SETTINGS,
+    TRAINABLES,
+    TRAINER_STATE,
+    write_adapter,
+    write_tensors,
+)
+from mgmlora.training.trainable import load_trainables
+
+ExportDtype = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass
+class RunAdapter:
+    """What a run trained: the LoRA config and weights (None without LoRA), other trainables, and the run's settings."""
+
+    source: Path
+    lora_config: LoraConfig | None
+    adapter: dict[str, torch.Tensor]
+    trainables: dict[str, torch.Tensor]
+    hparams: dict = field(default_factory=dict)  # {"model": ModelArgs fields, "lora": ..., ...} when known
+    run_config: Path | None = None  # the LightningCLI config.yaml of the run, when found
+
+
+def _lora_config(value) -> LoraConfig:
+    return value if isinstance(value, LoraConfig) else LoraConfig(**value)
+
+
+def _find_run_config(path: Path) -> Path | None:
+    """The run's LightningCLI config, if it can be found.
+
+    Inside an exported adapter it is `training_config.yaml`; beside a run it is `<log_dir>/config.yaml` for
+    `<log_dir>/checkpoints/x.ckpt` and `<log_dir>/adapter`.
+    """
+    if (path / "training_config.yaml").is_file():
+        return path / "training_config.yaml"
+    for parent in (path.parent, path.parent.parent):
+        if (parent / "config.yaml").is_file():
+            return parent / "config.yaml"
+    return None
+
+
+def read_run_adapter(path: str | Path) -> RunAdapter:
+    """Reads an mgmlora checkpoint, a DeepSpeed checkpoint or an adapter directory (see the module docstring).
+
+    Raises:
+        FileNotFoundError: when `path` holds none of them, naming what was looked for.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a directory (expected a *.ckpt checkpoint "
+                                "directory or an adapter directory).")
+    run_config = _find_run_config(path)
+    hparams: dict = {}
+    if run_config is not None:
+        hparams = (yaml.safe_load(run_config.read_text()).get("model") or {})
+    states = sorted((path / "checkpoint").glob("*model_states.pt"))
+    if states:  # DeepSpeed: the LightningModule's client state sits in the (rank 0) model-states file
+        state = torch.load(states[0], map_location="cpu", weights_only=True)
+        peft = state.get("peft")
+        hparams = state.get("hyper_parameters") or hparams
+        if peft is None and not state.get("trainables"):
+            raise FileNotFoundError(f"{states[0]} holds no adapter or trainables: it was not written by mgmlora's "
+                                    "LoraLitModule.")
+        return RunAdapter(path, _lora_config(peft["config"]) if peft else None, dict(peft["adapter"]) if peft else {},
+                          dict(state.get("trainables") or {}), hparams, run_config)
+    has_adapter, has_trainables = (path / ADAPTER_CONFIG).is_file(), (path / TRAINABLES).is_file()
+    if not has_adapter and not has_trainables:
+        raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}, {TRAINABLES} or checkpoint/*model_states.pt: "
+                                "pass a checkpoint directory (step=*.ckpt) or an exported adapter directory.")
+    if (path / RUN_SETTINGS).is_file():
+        hparams = json.loads((path / RUN_SETTINGS).read_text())
+    if (path / TRAINER_STATE).is_file():
+        # mmap: only the small hyperparameter dict is read, not the optimizer state stored beside it
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        hparams = state.get("hyper_parameters") or hparams
+    config = LoraConfig.from_pretrained(str(path)) if has_adapter else None
+    adapter = load_file(path / ADAPTER_WEIGHTS) if has_adapter else {}
+    trainables = load_file(path / TRAINABLES) if has_trainables else {}
+    return RunAdapter(path, config, adapter, trainables, hparams, run_config)
+
+
+def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
+                   dtype: ExportDtype | None = None, trust_remote_code: bool = False) -> ModelArgs:
+    """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine).
+
+    `trust_remote_code` comes from the caller (the user's command line) only, never from the run's saved settings: a
+    checkpoint must not be able to make a model directory's Python code run. A run trained with it on is refused
+    until the user passes it again.
+    """
+    known = {f.name for f in fields(ModelArgs)}
+    saved = {k: v for k, v in (run.hparams.get("model") or {}).items() if k in known}
+    if saved.get("trust_remote_code") and not trust_remote_code:
+        raise ValueError(f"{run.source}: this run was trained with model.trust_remote_code: true; settings read from "
+                         "a checkpoint never switch it on. Pass --trust_remote_code if you trust the code in "
+                         f"{model_path or saved.get('model_path')}.")
+    saved["trust_remote_code"] = trust_remote_code
+    if model_path is not None:
+        saved["model_path"] = model_path
+    if preset is not None:
+        saved["preset"] = preset
+    if dtype is not None:
+        saved["dtype"] = dtype
+    if not saved.get("model_path") and not saved.get("preset"):
+        raise ValueError(f"{run.source}: the base model is unknown (no hyperparameters or config.yaml found); pass "
+                         "--model_path (a local Hugging Face / MGM directory) or --preset.")
+    saved["gradient_checkpointing"] = False
+    return ModelArgs(**saved)
+
+
+def export_adapter(run: RunAdapter, out: str | Path) -> Path:
+    """Writes a PEFT adapter directory (+ non-LoRA trainables, + the run's config) that plain PEFT loads.
+
+    Raises:
+        OutputPathError: when `out` is the run's directory or inside it.
+    """
+    refuse_overwrite({"output": out}, folders={"checkpoint": run.source})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if run.lora_config is not None:
+        write_adapter(out, run.lora_config, run.adapter)
+    if run.trainables:
+        write_tensors(out / TRAINABLES, run.trainables)
+    if run.run_config is not None:
+        shutil.copy(run.run_config, out / "training_config.yaml")
+    (out / RUN_SETTINGS).write_text(json.dumps(run.hparams, indent=2, default=str))
+    return out
+
+
+def build_trained_model(run: RunAdapter, args: ModelArgs):
+    """The base model with the run's adapter and trainables applied (unmerged PEFT model, or the plain model)."""
+    loaded = load_model(args)
+    model = loaded.model
+    load_trainables(model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
+    if run.lora_config is None:
+        return model, loaded.info
+    config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
+    model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(model, run.adapter)
+    if result.unexpected_keys:
+        raise ValueError(f"{run.source}: adapter keys not found in the base model: {result.unexpected_keys[:5]}")
+    return model, loaded.info
+
+
+def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout.
+
+    Raises:
+        OutputPathError: when `out` is (or lies inside) the base model, its tokenizer or the run's directory: the merge
+            reads the base's weights and would overwrite them with merged ones.
+    """
+    refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
+                                               "tokenizer_path": args.tokenizer_path})
+    out = Path(out)
+    tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
+    model, info = build_trained_model(run, args)
+    model.eval()
+    if run.lora_config is not None:
+        model = model.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
+    out.mkdir(parents=True, exist_ok=True)
+    if info.family == "mgm":
+        from mgmlora.models.mgm_checkpoint import save_mgm
+
+        save_mgm(model, out, max_shard_bytes)
+    else:
+        model.config.use_cache = True  # a serving checkpoint
+        model.save_pretrained(str(out), max_shard_size=max_shard_bytes, safe_serialization=True)
+        if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
+            _write_single_shard_index(out)
+    tokenizer.save_pretrained(str(out))
+    if run.run_config is not None:
+        shutil.copy(run.run_config, out / "training_config.yaml")
+    return out
+
+
+def _write_single_shard_index(out: Path) -> None:
+    """An index for a one-shard checkpoint too, so every loader that reads the index finds it."""
+    from safetensors import safe_open
+
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        total = 0
+        for key in keys:
+            piece = f.get_slice(key)
+            numel = 1
+            for dim in piece.get_shape():
+                numel *= dim
+            total += numel * sizes.get(piece.get_dtype(), 4)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in keys}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+__all__ = ["RunAdapter", "build_trained_model", "export_adapter", "merge_and_save", "model_args_for",
+           "read_run_adapter"]

@@ -1,0 +1,339 @@
+"""Peak GPU memory per device, estimated from a config before any weight is loaded.
+
+The model is built on PyTorch's meta device (shapes and dtypes, no storage), LoRA and trainability are applied exactly
+as in training, and each block of memory is computed from the parameter counts and the run's settings:
+
+- frozen weights (vision towers on their own line) in the model dtype; divided by the data-parallel size under ZeRO-3,
+  gone from the GPU with parameter offload;
+- trainable weights, gradients and AdamW states. Plain Lightning (bf16-mixed) keeps LoRA adapters in fp32 and fully
+  trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
+  keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
+  on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
+- activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
+  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`);
+  without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
+  top_k x the expert width);
+- with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
+  and FlexAttention);
+- the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
+  and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
+  nothing;
+- a fixed allowance for CUDA workspaces and allocator rounding (GPU only).
+
+Activations and logits are counted in the compute dtype: bf16/fp16 under mixed or half precision, the model's dtype
+under `32-true` (the CPU runs). On the CPU the peak is measured with torch.profiler's allocation events
+(`cpu_peak_bytes`), the counterpart of `torch.cuda.max_memory_allocated`; tests/tools/test_memory.py holds the tiny CPU
+models to 25% of it.
+
+The coefficients are physics first, then checked against every committed GPU measurement
+(tests/tools/test_memory.py keeps the estimate within 15% of each); the estimate is of
+`torch.cuda.max_memory_allocated`, not of reserved memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mgmlora.models import build_on_meta, model_info
+from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.loss import SpeedArgs
+from mgmlora.training.trainable import Trainability, apply_trainability, component_counts
+
+GIB = 2**30
+# Where each constant comes from, with the measurements behind it: docs/design/memory.md.
+ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
+RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (fitted)
+WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
+
+
+@dataclass
+class RunShape:
+    """What the estimate needs from a config besides the model: batch geometry and the training strategy."""
+
+    batch_size: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16-mixed"
+    world_size: int = 1
+    zero_stage: int = 0  # 0 = no DeepSpeed
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    reduce_bucket_size: float = 5e8
+    device: Literal["cuda", "cpu"] = "cuda"
+
+
+@dataclass
+class Estimate:
+    """An itemised peak-memory estimate (GiB per device) and the trainable parameters per component."""
+
+    items: dict[str, float]
+    total_gib: float
+    trainable: dict[str, list[int]]
+    settings: dict = field(default_factory=dict)
+
+    def fits(self, budget_gib: float) -> bool:
+        """Whether the estimate stays within `budget_gib`."""
+        return self.total_gib <= budget_gib
+
+
+@dataclass
+class _ModelFacts:
+    """What the estimate reads from the (meta) model: counts per component and the text model's dimensions."""
+
+    info: object
+    counts: dict[str, tuple[int, int]]
+    hidden: int
+    layers: int
+    vocab: int
+    mlp: int  # MLP width per token (MoE: top_k x expert width)
+    mining: tuple[int, int] | None  # MGM: (aux channels, CLIP hidden size)
+
+
+_FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
+
+
+def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability) -> _ModelFacts:
+    model_args = replace(model_args, gradient_checkpointing=False)  # does not change any parameter
+    key = repr((model_args, lora, trainable))
+    if key not in _FACTS:
+        loaded = build_on_meta(model_args)  # config files only, never weights
+        with torch.device("meta"):
+            model, _ = apply_trainability(loaded, lora, trainable)
+        cfg = loaded.language_model().config
+        mlp = getattr(cfg, "moe_intermediate_size", None)
+        mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
+        _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
+                                  cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims())
+    return _FACTS[key]
+
+
+def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+             shape: RunShape) -> Estimate:
+    """The itemised estimate for one device (see the module docstring)."""
+    facts = _model_facts(model_args, lora, trainable)
+    info = facts.info
+    dtype_bytes = torch.finfo(DTYPES[model_args.dtype]).bits // 8
+    half = shape.precision.startswith(("bf16", "16"))  # mixed or half precision, DeepSpeed's bf16 too
+    act_bytes = 2 if half else dtype_bytes  # activations and logits in the compute dtype
+    deepspeed = shape.zero_stage > 0
+    # the residual stream (what checkpointing keeps per layer) stays in the weights' dtype under autocast: fp32
+    # weights with bf16-mixed keep fp32 layer inputs; DeepSpeed casts the module itself to bf16
+    resid_bytes = act_bytes if deepspeed or dtype_bytes < 4 else dtype_bytes
+    w = max(shape.world_size, 1)
+
+    lora_params = facts.counts.get("lora adapters", (0, 0))[0]
+    n_train = sum(t for t, _ in facts.counts.values())
+    full_params = n_train - lora_params
+    towers = facts.counts.get("vision towers", (0, 0))[1] - facts.counts.get("vision towers", (0, 0))[0]
+    frozen = sum(n for _, n in facts.counts.values()) - n_train - towers
+    items: dict[str, float] = {}
+    shard = w if shape.zero_stage == 3 else 1
+    on_gpu = 0.0 if shape.offload_parameters else 1.0
+    items["base weights (frozen)"] = frozen * dtype_bytes / shard * on_gpu
+    if towers:
+        items["vision towers (frozen)"] = towers * dtype_bytes / shard * on_gpu
+    if deepspeed:
+        items["trainable weights"] = n_train * 2 / shard * on_gpu  # DeepSpeed runs the module in bf16
+        # with optimizer offload, gradients leave for the CPU bucket by bucket (the bucket line below)
+        items["gradients"] = 0.0 if shape.offload_optimizer else n_train * 2 / (w if shape.zero_stage >= 2 else 1)
+        items["optimizer states (fp32 master + AdamW)"] = 0.0 if shape.offload_optimizer else n_train * 12 / w
+        items["DeepSpeed buffers (reduce bucket)"] = min(shape.reduce_bucket_size, n_train) * 2
+    else:
+        train_bytes = lora_params * 4 + full_params * dtype_bytes
+        items["trainable weights"] = train_bytes
+        items["gradients"] = train_bytes
+        items["optimizer states (AdamW)"] = 2 * train_bytes
+
+    hidden, layers, vocab, mlp = facts.hidden, facts.layers, facts.vocab, facts.mlp
+    tokens = shape.batch_size * shape.seq_len
+    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_MLP * mlp) * act_bytes
+    if model_args.gradient_checkpointing:
+        # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
+        items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
+    else:
+        items["activations"] = layers * per_layer
+    if speed.packing and model_args.attn_implementation == "eager":
+        # one row of all the micro-batch's samples: under `eager` transformers builds a (T, T) boolean block-diagonal
+        # mask and an additive copy of it in the compute dtype. `sdpa` runs mgmlora's packed attention and
+        # flash-attn its varlen kernel (no mask); FlexAttention's block mask is (T / 128)^2. Grows as T^2: 0.05 GiB
+        # at 4k packed tokens, 0.75 GiB at 16k.
+        items["attention mask (packed row, T x T)"] = tokens ** 2 * (1 + act_bytes)
+    if facts.mining is not None:
+        # ConvNeXt stage maps upsampled to the first stage (H_aux / 4)^2 and concatenated, windowed for the mining
+        # attention, layer-normed and projected to keys/values; kept for backward when the projector trains.
+        aux_channels, clip_hidden = facts.mining
+        aux_positions = (info.image_size_aux // 4) ** 2
+        per_position = 4 * aux_channels + 4 * clip_hidden
+        if not trainable.projector == "full":
+            per_position = 2 * aux_channels  # transient: no graph through frozen towers and mining
+        items["vision path (aux maps, mining)"] = shape.batch_size * aux_positions * per_position * act_bytes
+    head_bytes = act_bytes + (4 if act_bytes != 4 else 0) + 4  # logits, their fp32 copy (if not fp32), fp32 gradient
+    supervisable = shape.batch_size * max(shape.seq_len - info.image_tokens, 1)  # image positions carry no loss
+    if speed.loss == "full":
+        items[f"LM head + loss (full logits, vocab {vocab:,})"] = tokens * vocab * head_bytes
+    elif speed.loss == "chunked":
+        rows = min(supervisable, speed.loss_chunk_size)
+        items[f"LM head + loss (chunked, vocab {vocab:,})"] = rows * vocab * head_bytes
+    else:
+        items["LM head + loss (liger)"] = tokens * hidden * 4 * 2
+    if shape.device == "cuda":
+        items["CUDA workspace"] = WORKSPACE_GIB * GIB
+    items = {k: v / GIB for k, v in items.items()}
+    counts = {k: list(v) for k, v in facts.counts.items()}
+    settings = {"model": asdict(model_args), "lora": asdict(lora), "trainable": asdict(trainable),
+                "speed": asdict(speed), "shape": asdict(shape), "family": info.family}
+    return Estimate(items, sum(items.values()), counts, settings)
+
+
+def cpu_peak_bytes(fn: Callable[[], object], resident_bytes: int) -> int:
+    """The CPU allocator's peak while `fn` runs: `resident_bytes` (what already lives) + the largest net allocation.
+
+    Reads torch.profiler's allocation events (`profile_memory=True`): each allocation and free with its size, in time
+    order, so the running sum is the live memory `fn` added and its maximum the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return resident_bytes + peak
+
+
+def resident_bytes(*tensor_sources) -> int:
+    """Bytes of the distinct storages among modules' parameters and buffers and optimizers' states."""
+    seen, total = set(), 0
+    for source in tensor_sources:
+        if isinstance(source, torch.nn.Module):
+            tensors = [*source.parameters(), *source.buffers()]
+        else:  # an optimizer
+            tensors = [t for state in source.state.values() for t in state.values() if torch.is_tensor(t)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen and t.device.type == "cpu":
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+                 shape: RunShape, budget_gib: float) -> tuple[str, Estimate] | None:
+    """The first change, in order of what it costs the run, that brings the estimate under `budget_gib`."""
+    candidates = []
+    if not model_args.gradient_checkpointing:
+        candidates.append(("model.model.gradient_checkpointing: true (about 30% more compute)",
+                           (replace(model_args, gradient_checkpointing=True), lora, speed, shape)))
+    if speed.loss == "full":
+        candidates.append(("model.speed.loss: chunked (same result, no full-vocabulary logits)",
+                           (model_args, lora, replace(speed, loss="chunked"), shape)))
+    if shape.batch_size > 1:
+        candidates.append((f"data.batch_size: 1 with accumulate_grad_batches x{shape.batch_size} (same global batch)",
+                           (model_args, lora, speed, replace(shape, batch_size=1))))
+    if not shape.offload_optimizer:
+        stage = max(shape.zero_stage, 2)
+        candidates.append((f"--config configs/strategy/zero{stage}_offload.yaml (optimizer states on the CPU)",
+                           (model_args, lora, speed, replace(shape, zero_stage=stage, offload_optimizer=True))))
+    if shape.zero_stage < 3 and shape.world_size > 1:
+        candidates.append(("--config configs/strategy/zero3.yaml (weights partitioned over the GPUs)",
+                           (model_args, lora, speed, replace(shape, zero_stage=3))))
+    if trainable.llm == "lora" and (lora.r or 16) > 8:
+        candidates.append(("model.lora.r: 8", (model_args, replace(lora, r=8, lora_alpha=16), speed, shape)))
+    for seq in (shape.seq_len // 2, shape.seq_len // 4):
+        if seq >= 256:
+            candidates.append((f"data max_length {seq}", (model_args, lora, speed, replace(shape, seq_len=seq))))
+    for what, (m, lo, sp, sh) in candidates:
+        est = estimate(m, lo, trainable, sp, sh)
+        if est.fits(budget_gib):
+            return what, est
+    return None
+
+
+def largest_batch_size(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+                       shape: RunShape, budget_gib: float, limit: int = 256) -> int:
+    """The largest micro-batch (samples of `shape.seq_len`) whose estimate fits `budget_gib`; 0 if none does.
+
+    With `speed.packing` the padding costs nothing, so this is the number of samples to pack per micro-batch; keep
+    the global batch by dividing `accumulate_grad_batches` accordingly.
+    """
+    lo, hi = 0, limit
+    while lo < hi:  # the estimate grows with the batch size
+        mid = (lo + hi + 1) // 2
+        if estimate(model_args, lora, trainable, speed, replace(shape, batch_size=mid)).fits(budget_gib):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def format_estimate(est: Estimate, budget_gib: float | None = None) -> str:
+    """The itemised table, trainable counts per component, and the verdict."""
+    width = max(len(k) for k in est.items) + 2
+    lines = [f"{k:<{width}}{v:>9.2f} GiB" for k, v in est.items.items()]
+    lines.append(f"{'total (peak, per device)':<{width}}{est.total_gib:>9.2f} GiB")
+    lines.append("trainable parameters per component:")
+    lines += [f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in est.trainable.items()]
+    if budget_gib is not None:
+        verdict = "fits" if est.fits(budget_gib) else "does NOT fit"
+        lines.append(f"verdict: {verdict} in {budget_gib:g} GiB")
+    return "\n".join(lines)
+
+
+def _world_size(devices, num_nodes) -> int:
+    """Data-parallel ranks from trainer.devices (an int, a list of ids, "auto"/-1 = every visible GPU) and nodes."""
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        per_node = int(devices)
+    else:
+        per_node = devices if isinstance(devices, int) else -1
+    if per_node < 1:  # "auto" or -1: the GPUs of this machine
+        per_node = max(torch.cuda.device_count(), 1)
+    return per_node * int(num_nodes or 1)
+
+
+def run_from_tree(tree: dict) -> tuple[ModelArgs, LoraArgs, Trainability, SpeedArgs, RunShape]:
+    """The estimate's inputs from a run's parsed config (`mgmlora.cli.parse_files`: composed YAML plus overrides).
+
+    The caller parses with LightningCLI's own parser (the same composition, short forms, defaults and validation as
+    `bin/main.py fit`, nothing instantiated); the library never imports the CLI. Sequence length: the data's
+    max_length (for MGM, null means the checkpoint's limit after image expansion).
+    """
+    model = tree.get("model", {})
+    model_args = ModelArgs(**model.get("model", {}))
+    path = model_args.model_path
+    if path and not (Path(path) / "config.json").is_file():
+        if not model_args.preset:
+            raise FileNotFoundError(f"model.model.model_path {path!r} has no config.json here; the estimate needs "
+                                    "only that file (or a registry preset).")
+        model_args = replace(model_args, model_path=None)  # same architecture from the registry preset
+    lora = LoraArgs(**model.get("lora", {}))
+    trainable = Trainability(**model.get("trainable", {}))
+    speed = SpeedArgs(**model.get("speed", {}))
+    data = (tree.get("data") or {}).get("init_args", {})
+    trainer = tree.get("trainer", {})
+    strategy = trainer.get("strategy")
+    init = dict(strategy.get("init_args", {})) if isinstance(strategy, dict) else {}
+    is_ds = isinstance(strategy, dict) and "DeepSpeed" in strategy.get("class_path", "")
+    if isinstance(strategy, str) and strategy.startswith("deepspeed"):  # Lightning's names: deepspeed_stage_2_offload
+        is_ds = True
+        init = {"stage": int(strategy.split("_")[2]) if strategy.count("_") >= 2 else 2,
+                "offload_optimizer": "offload" in strategy, "offload_parameters": strategy.endswith("3_offload")}
+    seq = data.get("max_length") or model_info(model_args).max_length or 2048
+    world = _world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq),
+                     precision=str(trainer.get("precision") or "32-true"), world_size=world,
+                     zero_stage=int(init.get("stage", 2)) if is_ds else 0,
+                     offload_optimizer=bool(init.get("offload_optimizer", False)),
+                     offload_parameters=bool(init.get("offload_parameters", False)),
+                     reduce_bucket_size=float(init.get("reduce_bucket_size", 2e8)),  # DeepSpeedStrategy default
+                     device="cpu" if trainer.get("accelerator") == "cpu" else "cuda")
+    return model_args, lora, trainable, speed, shape

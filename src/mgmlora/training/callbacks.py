@@ -1,0 +1,117 @@
+"""Callbacks: throughput and memory logging, and the final adapter export (stopping on signals: preemption.py).
+
+Kept out of the LightningModule so that `training_step` stays about the loss. Lightning's own ThroughputMonitor
+needs per-batch lambdas (not expressible in YAML) and logs samples, not supervised tokens; this one is ~50 lines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from mgmlora.batch import Batch
+from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, write_adapter, write_tensors
+
+if TYPE_CHECKING:
+    from mgmlora.training.module import LoraLitModule
+
+
+def batch_positions(batch: Batch, image_tokens: int) -> torch.Tensor:
+    """Positions the model computes for a padded micro-batch, as a 0-d tensor on the batch's device (no host sync).
+
+    Non-padding tokens from the attention mask, each image placeholder counted as the `image_tokens` embeddings it
+    expands to (0 for text-only models).
+    """
+    tokens = batch.attention_mask.sum()
+    if image_tokens:
+        tokens = tokens + batch.image_count() * (image_tokens - 1)
+    return tokens
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs tokens/s, supervised tokens/s and step time per optimizer step, and peak GPU memory on CUDA.
+
+    Also running totals since the start of fit: tokens seen and time spent in optimizer steps (validation and
+    checkpointing excluded), whose ratio is the run's whole-run throughput however often metrics are logged.
+
+    Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total.
+    They are summed on the device and read once per optimizer step, where the monitor synchronises anyway: a host
+    read per micro-batch would stall the CPU until the GPU finished each one, and the next micro-batch's launches would
+    start on an idle GPU. Peak memory is `torch.cuda.max_memory_allocated` since the previous optimizer step, in GiB,
+    with reserved memory beside it (the allocator's footprint, what `nvidia-smi` roughly shows).
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._tokens: torch.Tensor | int = 0
+        self._supervised: torch.Tensor | int = 0
+        self._seen = 0  # tokens since the start of fit (this rank), logged as a running total
+        self._train_time = 0.0  # seconds spent in optimizer steps since the start of fit, logged as a running total
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self._t0 is None:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module: LoraLitModule, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self._tokens = self._tokens + batch_positions(batch, pl_module.info.image_tokens)
+        self._supervised = self._supervised + batch.supervised_tokens()
+        if not pl_module.window.ended:  # the optimizer steps after a window's last micro-batch only
+            return
+        self._sync(pl_module)
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        tokens, supervised = int(self._tokens), int(self._supervised)
+        self._seen += tokens
+        self._train_time += elapsed
+        # tokens_seen / train_time_s at any logged step is the run's whole throughput so far (mgmlora.tools.report)
+        metrics = {"perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed,
+                   "perf/supervised_tokens_per_s": supervised / elapsed, "perf/tokens_seen": float(self._seen),
+                   "perf/train_time_s": self._train_time}
+        if pl_module.device.type == "cuda":
+            metrics["perf/peak_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["perf/peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._t0, self._tokens, self._supervised = None, 0, 0
+
+
+class AdapterExport(L.Callback):
+    """Writes the final adapter in PEFT format to `<log_dir>/<dirname>` when fit ends.
+
+    The directory loads with plain `peft.PeftModel.from_pretrained(base_model, path)`; other trained weights (MGM's
+    projector and mining modules) go beside it in `non_lora_trainables.safetensors`.
+    """
+
+    def __init__(self, dirname: str = "adapter") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: L.Trainer, pl_module: LoraLitModule) -> None:
+        """Writes the adapter as it is now; every rank must call it (ZeRO-3 gathers). Also used on preemption."""
+        if trainer.log_dir is None:
+            return
+        out = Path(trainer.log_dir) / self.dirname
+        adapter, trainables = pl_module.trained_on_host()  # the one gather (a collective under ZeRO-3)
+        if not trainer.is_global_zero:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if pl_module.plan is not None:
+            write_adapter(out, pl_module.model.peft_config["default"], adapter)  # PEFT's own files
+        if trainables:
+            write_tensors(out / TRAINABLES, trainables)
+        # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
+        (out / RUN_SETTINGS).write_text(json.dumps(dict(pl_module.hparams), indent=2, default=str))
+        rank_zero_info(f"mgmlora: adapter written to {out}")

@@ -1,0 +1,93 @@
+"""Model-level switches of the fast path: PEFT's wasted input casts, and regional torch.compile.
+
+Both come from the profile of the MGM-2B LoRA step at micro-batch 1 (bench/results/*train_step_profile-mgm2b*): the
+matmuls are only about 27% of device time, while dtype casts and copies take about 17% and small element-wise kernels
+(norms, rotary, GeGLU, LoRA scaling) another 10%, each launched once per layer, forward and recompute.
+
+- PEFT casts the input of every LoRA layer to the adapter's dtype before `lora_A` (`_cast_input_dtype`): with fp32
+  adapters under bf16 autocast that is a bf16 -> fp32 copy of the activations, which autocast then casts back to bf16
+  for the matmul. Without dropout the result is bit-identical without both copies (bf16 -> fp32 is exact), so under
+  autocast, and under DeepSpeed's bf16 (where input and adapter already share a dtype), `speed.peft_input_cast: false`
+  turns the cast off with PEFT's own per-layer switch (`cast_input_dtype_enabled`, the flag behind
+  `peft.helpers.disable_input_dtype_casting`). Layers with LoRA dropout keep it: dropout on a bf16 tensor rounds its
+  1/(1-p) rescale to bf16 (1.1094 instead of 1.1111 for p = 0.1), a small but systematic change (seen in
+  tests/training/test_fastpath.py). Where the cast matters (fp32 adapters over a bf16 base without autocast) it is kept
+  too.
+- `speed.compile: true` compiles each decoder layer (regional compilation, as PyTorch's tutorial on it recommends:
+  the layers share code, so one graph serves them all, and a graph break cannot spread to the whole model). Inductor
+  then fuses the element-wise chains. Gradient checkpointing keeps working: the checkpoint wraps the layer's call,
+  which runs the compiled forward, again in the recompute.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mgmlora.training.loss import SpeedArgs
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """PEFT's tuner layers (anything carrying the `cast_input_dtype_enabled` switch)."""
+    return [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+
+
+def _has_dropout(layer: nn.Module) -> bool:
+    dropouts = getattr(layer, "lora_dropout", {})
+    return any(isinstance(d, nn.Dropout) and d.p > 0 for d in dropouts.values())
+
+
+def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
+    """Turns PEFT's cast of LoRA inputs to the adapter dtype on or off; returns how many layers were set.
+
+    Turning it off skips layers with LoRA dropout (see the module docstring): the cast keeps their result exact.
+    """
+    layers = [m for m in lora_layers(model) if enabled or not _has_dropout(m)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = enabled
+    return len(layers)
+
+
+def compile_decoder_layers(model: nn.Module, path: str, backend: str = "inductor", **options) -> int:
+    """Compiles every decoder layer under `path` (dotted, in the unwrapped model) in place; returns how many.
+
+    `nn.Module.compile` keeps the module object (names, state dict keys, PEFT wrappers and hooks are untouched), so
+    checkpoints and adapters are written exactly as without compilation.
+    """
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"speed.compile: the model has no decoder layer list at {path!r} (the registry's "
+                         "`decoder_layers` for presets, else `model.layers`); add a preset for this architecture or "
+                         "set speed.compile: false.") from None
+    for layer in layers:
+        layer.compile(backend=backend, **options)
+    return len(layers)
+
+
+def uncompile_decoder_layers(model: nn.Module, path: str) -> None:
+    """Undoes `compile_decoder_layers` (the benchmark compares variants on one model)."""
+    for layer in model.get_submodule(path):
+        layer._compiled_call_impl = None
+
+
+def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
+    """Applies `speed.peft_input_cast` and `speed.compile` to a built model.
+
+    Args:
+        model: the unwrapped model (PEFT's `get_base_model()`; PEFT injects its LoRA layers into it in place).
+        decoder_layers: dotted path of the decoder layer list in the unwrapped model (`LoadedModel.decoder_layers`).
+        speed: the run's switches.
+        same_compute_dtype: whether LoRA matmuls run in the input's dtype anyway (autocast, DeepSpeed's bf16, or an
+            fp32 model): only then is skipping PEFT's input cast exact.
+
+    Returns:
+        What was applied, for the run's log.
+    """
+    done = []
+    if not speed.peft_input_cast and same_compute_dtype:
+        n = set_peft_input_cast(model, False)
+        if n:
+            done.append(f"PEFT input casts off in {n} LoRA layers")
+    if speed.compile:
+        done.append(f"{compile_decoder_layers(model, decoder_layers)} decoder layers compiled (torch.compile)")
+    return done

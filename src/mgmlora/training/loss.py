@@ -1,0 +1,182 @@
+"""The training loss without full-vocabulary logits, and padding-free micro-batches.
+
+Two costs of the plain transformers path that do not change what is learned:
+
+- The LM head runs on every position and the loss upcasts the (B, T, V) logits to fp32. For Gemma's 256k vocabulary
+  and 2048 positions that is 2 GiB of fp32 logits plus their gradient, the largest single block of LoRA peak memory
+  (docs/design/gpu.md), while only the supervised answer positions carry a loss. `loss: chunked` selects the
+  supervised positions first and runs head + cross-entropy over them in chunks whose logits are recomputed in the
+  backward pass (activation checkpointing per chunk), so at most `chunk x V` logits exist at once. `loss: liger` does
+  the same with Liger-Kernel's fused Triton kernel (CUDA, optional extra). `loss: full` is the plain path, kept as the
+  reference the tests compare against. All three give the same sum up to float summation order.
+- Padding. A micro-batch of B samples padded to the longest computes attention and MLPs on pad positions.
+  `packing: true` removes the padding on the GPU: the B rows become one row of their real tokens, with position ids
+  restarting at each sample, which transformers turns into a block-diagonal (per-sample) causal mask. The window
+  normalisation is untouched: the supervised tokens are the same ones.
+
+Written here rather than taken from a library where no library fits: transformers 5 has no chunked loss
+(`ForCausalLMLoss` upcasts the full logits), and Liger needs Triton/CUDA, so the chunked path is also the CPU path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mgmlora.batch import IGNORE_INDEX
+
+LossImpl = Literal["full", "chunked", "liger"]
+
+
+@dataclass
+class SpeedArgs:
+    """How the loss and the micro-batches are computed (each switch measured on its own in bench/train_step.py).
+
+    Attributes:
+        loss: `chunked` (LM head + cross-entropy only on supervised positions, in checkpointed chunks; the default),
+            `liger` (Liger-Kernel's fused linear cross-entropy; CUDA and the `liger` extra) or `full` (the plain path:
+            full-vocabulary logits at every position).
+        loss_chunk_size: supervised positions per chunk for `chunked`; the logits of one chunk are
+            `loss_chunk_size x vocab` floats.
+        packing: drop padding inside each micro-batch (one row per micro-batch, per-sample attention through
+            position ids). Raise `data.batch_size` with it: padding no longer costs compute.
+        peft_input_cast: keep PEFT's cast of each LoRA layer's input to the adapter dtype. `false` skips it where that
+            is bit-identical (bf16 autocast, DeepSpeed bf16 or fp32 models; LoRA layers without dropout): two
+            activation-sized copies per adapted projection fewer (mgmlora.training.fastpath).
+        compile: torch.compile each decoder layer (regional compilation; compiled during the first steps). Fuses the
+            element-wise work that dominates small micro-batches (mgmlora.training.fastpath).
+        pad_to_multiple: with `packing`, pad each packed row to a multiple of this many positions (a trailing segment
+            of its own, no loss), so the GPU sees a few distinct shapes instead of one per row length; 0 = off
+            (mgmlora.models.attention.bucket_padding).
+    """
+
+    loss: LossImpl = "chunked"
+    loss_chunk_size: int = 2048
+    packing: bool = False
+    peft_input_cast: bool = False
+    compile: bool = False
+    pad_to_multiple: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"speed.loss_chunk_size must be >= 1 (got {self.loss_chunk_size}).")
+        if self.pad_to_multiple < 0 or (self.pad_to_multiple > 1 and not self.packing):
+            raise ValueError(f"speed.pad_to_multiple={self.pad_to_multiple}: must be >= 0 and needs speed.packing: "
+                             "true (the padding is a segment of the packed row).")
+
+
+def check_available(speed: SpeedArgs) -> None:
+    """Fails before any model is loaded when the configured loss needs a package that is not installed.
+
+    Checked when a run starts, not when the config is parsed, so the estimator and the sample viewer still read a
+    Liger config on a machine without Liger.
+    """
+    if speed.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
+                         "use `chunked` otherwise (same result, pure PyTorch).")
+
+
+@dataclass
+class LossOut:
+    """Summed token losses over supervised positions, their count, and (evaluation only) predictions and targets."""
+
+    loss_sum: torch.Tensor  # () fp32
+    n_tokens: torch.Tensor  # () long
+    preds: torch.Tensor | None = None  # (N,) argmax at the N supervised positions
+    targets: torch.Tensor | None = None  # (N,)
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-padded (B, T) rows -> one (1, N) row of real tokens with per-sample position ids.
+
+    The first label of every sample becomes IGNORE_INDEX: after the causal shift it would be the target of the
+    previous sample's last token. It is never a target in the padded layout either (the shift drops column 0), so the
+    supervised positions, and with them the window normalisation, are exactly the same.
+    Returns input_ids (1, N), position_ids (1, N), labels (1, N) or None.
+    """
+    keep = attention_mask.bool()  # (B, T)
+    positions = (attention_mask.long().cumsum(-1) - 1)[keep]  # (N,) restarts at 0 in every row
+    ids = input_ids[keep]
+    packed_labels = None
+    if labels is not None:
+        packed_labels = labels[keep].masked_fill(positions == 0, IGNORE_INDEX)
+        packed_labels = packed_labels.unsqueeze(0)
+    return ids.unsqueeze(0), positions.unsqueeze(0), packed_labels
+
+
+def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of fp32 cross-entropy for one chunk: hidden (n, H), targets (n,)."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: LossImpl, chunk_size: int,
+            with_preds: bool = False) -> LossOut:
+    """Next-token cross-entropy summed over supervised positions.
+
+    Args:
+        hidden: final hidden states (B, T, H), before the LM head.
+        labels: (B, T) token ids, IGNORE_INDEX where nothing is supervised. Position t predicts labels[t + 1].
+        head: the LM head module (called as a module so DeepSpeed ZeRO-3 gathers its weight, also in recomputation).
+        impl: `full`, `chunked` or `liger` (see SpeedArgs).
+        chunk_size: supervised positions per chunk (`chunked`).
+        with_preds: also return argmax predictions at the supervised positions (evaluation).
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    if impl == "full":
+        logits = head(hidden[:, :-1])  # (B, T-1, V)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        keep = targets != IGNORE_INDEX
+        preds = logits.argmax(-1)[keep] if with_preds else None
+        return LossOut(loss_sum, keep.sum(), preds, targets[keep] if with_preds else None)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    h = hidden[:, :-1][keep]  # (N, H): only supervised positions reach the head
+    y = targets[keep]  # (N,)
+    n = keep.sum()
+    if h.shape[0] == 0:
+        return LossOut(hidden.sum() * 0.0, n, y if with_preds else None, y if with_preds else None)
+    if impl == "liger":
+        if not isinstance(head, nn.Linear):
+            raise ValueError("speed.loss=liger needs a plain linear LM head; this model transforms its logits after "
+                             "the head (soft-capping or scaling): use speed.loss=chunked.")
+        loss_sum = _liger_loss(h, head, y)
+        preds = torch.cat([head(h[s:s + chunk_size]).argmax(-1) for s in range(0, len(y), chunk_size)]) \
+            if with_preds else None
+        return LossOut(loss_sum, n, preds, y if with_preds else None)
+    parts, preds = [], []
+    for s in range(0, h.shape[0], chunk_size):
+        h_c, y_c = h[s:s + chunk_size], y[s:s + chunk_size]
+        if torch.is_grad_enabled() and h_c.requires_grad:
+            # Recompute this chunk's logits in backward instead of keeping them: memory chunk x V, not N x V.
+            parts.append(checkpoint(_chunk_loss, h_c, head, y_c, use_reentrant=False))
+        else:
+            logits = head(h_c)  # (n, V)
+            parts.append(F.cross_entropy(logits.float(), y_c, reduction="sum"))
+            if with_preds:
+                preds.append(logits.argmax(-1))
+    loss_sum = torch.stack(parts).sum()
+    if with_preds and not preds:
+        with torch.no_grad():
+            preds = [head(h[s:s + chunk_size]).argmax(-1) for s in range(0, h.shape[0], chunk_size)]
+    return LossOut(loss_sum, n, torch.cat(preds) if with_preds else None, y if with_preds else None)
+
+
+def _liger_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Liger-Kernel's fused linear + cross-entropy (fp32 accumulation; never materialises the logits)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if hasattr(weight, "ds_id"):  # ZeRO-3: the frozen head is partitioned; gather it for the fused kernel
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight] + ([bias] if bias is not None else [])):
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias)

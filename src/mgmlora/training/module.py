@@ -1,0 +1,305 @@
+"""LoraLitModule: the one LightningModule for every model family.
+
+Family differences (how a model is built, which module is the language model, how a batch becomes hidden states)
+are methods of the loaded model (mgmlora.models.loaded); strategy differences are questions answered by
+mgmlora.training.strategies; the loss normalisation over the accumulation window is mgmlora.training.window's. What is
+left here is the order of things: build, step, evaluate, optimise, save and restore what trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import PreTrainedTokenizerBase
+
+from mgmlora.batch import IGNORE_INDEX, Batch
+from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.attention import describe_packed_attention
+from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
+from mgmlora.training.fastpath import apply_fast_path
+from mgmlora.training.lightning_private import attached_trainer
+from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
+from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
+from mgmlora.training.optim import OptimArgs, build_optimizer
+from mgmlora.training.rng import RNG_KEY, TrainingRng
+from mgmlora.training.strategies import (
+    engine_grad_norm,
+    gathered,
+    holds_whole_gradients,
+    input_cast_needed,
+    mark_moe_leaves,
+    scales_loss,
+    steps_itself,
+    zero3_build,
+)
+from mgmlora.training.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
+from mgmlora.training.window import AccumulationWindow
+
+
+def _norm(value):
+    """Config values compare equal whether a JSON round trip made them lists or they are still sets."""
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+class LoraLitModule(L.LightningModule):
+    """LoRA fine-tuning of a causal LM or of MGM.
+
+    Args:
+        model: which model and how to load it.
+        lora: LoRA preset and overrides (PEFT field names).
+        optim: AdamW and learning-rate schedule.
+        trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
+        speed: loss implementation and padding-free micro-batches (mgmlora.training.loss); none changes what is learned.
+    """
+
+    def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
+                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs()):
+        super().__init__()
+        self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
+        self.speed = speed
+        check_available(speed)
+        self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
+                                   "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
+                                   "speed": asdict(self.speed)})
+        # what the DataModule needs from the model, handed over by its connect(tokenizer, info) (MgmCLI does it)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_args)
+        self.info: ModelInfo = model_info(self.model_args)  # family and image geometry; callbacks read it too
+        self.vocab_size = self.info.vocab_size
+        self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
+        self.loaded: LoadedModel | None = None  # the base model and its family's behaviour (set in configure_model)
+        self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
+        self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
+        self.val_loss = MeanMetric()
+        self.val_token_acc = MulticlassAccuracy(num_classes=self.vocab_size, ignore_index=IGNORE_INDEX,
+                                                average="micro")
+        self.window = AccumulationWindow()  # loss normalisation and window end; callbacks read window.ended
+        self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.training.rng)
+
+    # -- model -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Loads the base model and wraps it with LoRA (once; Lightning calls this for every stage)."""
+        if self.model is not None:
+            return
+        trainer = attached_trainer(self)
+        with zero3_build(trainer) as peft_context:
+            loaded = load_model(self.model_args, packing=self.speed.packing)
+            check_vocab(loaded.language_model(), self.tokenizer, "model")
+            with peft_context():
+                self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
+            mark_moe_leaves(self.model, trainer)  # before deepspeed.initialize installs its fetch hooks
+        self.loaded = loaded
+        same_dtype = not input_cast_needed(trainer, self.model_args.dtype)
+        fast = apply_fast_path(loaded.model, loaded.decoder_layers, self.speed, same_dtype)
+        if self.speed.packing:
+            fast.append(f"packed micro-batches, attention: {describe_packed_attention(self.model_args)}")
+        if self.plan is not None:
+            # Provenance in adapter_config.json (PEFT would write None for a randomly initialised base).
+            source = self.model_args.model_path or self.model_args.preset
+            self.model.peft_config["default"].base_model_name_or_path = source
+        rank_zero_info(f"mgmlora: {describe_source(self.model_args)}\n{self.report()}"
+                       + "".join(f"\nspeed: {line}" for line in fast))
+
+    def report(self) -> str:
+        """What trains: the LoRA report (when LoRA is on) and trainable parameters per component."""
+        head = lora_report(self.model, self.plan) if self.plan is not None else f"LoRA off (trainable.llm=" \
+            f"{self.trainable.llm})"
+        return f"{head}\ntrainable parameters per component:\n" \
+            f"{component_report(self.model, self.loaded.components)}"
+
+    def non_lora_trainables(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters PEFT's adapter does not hold (MGM projector/mining, a fully trained LLM)."""
+        return {n: p.detach() for n, p in self.loaded.model.named_parameters()
+                if p.requires_grad and "lora_" not in n and "modules_to_save" not in n}
+
+    def on_fit_start(self) -> None:
+        """Logs parameter counts and the LoRA report next to the run."""
+        trainable, total = count_parameters(self.model)
+        if self.logger is not None:
+            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("lora", "```\n" + self.report() + "\n```", 0)
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: Batch, with_preds: bool = False) -> LossOut:
+        """Summed next-token cross-entropy over supervised positions and their count (mgmlora.training.loss)."""
+        hidden, labels, head = self.loaded.forward_hidden(batch, self.speed.packing, self.speed.pad_to_multiple)
+        return lm_loss(hidden, labels, head, self.speed.loss, self.speed.loss_chunk_size, with_preds)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """One micro-batch, scaled for its accumulation window (mgmlora.training.window)."""
+        out = self._loss_sum(batch)
+        trainer = self.trainer
+        loss = self.window.scaled(batch, out.loss_sum, out.n_tokens, batch_idx, trainer.accumulate_grad_batches,
+                                  trainer.world_size, trainer.num_training_batches)
+        self._rng.leave()  # the forward drew this micro-batch's dropout masks; backward recomputes under a forked RNG
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Continues training's random-number stream where the previous micro-batch (or the checkpoint) left it."""
+        self._rng.enter()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
+
+        Under DeepSpeed, Lightning calls the optimizer step after every micro-batch and DeepSpeed's engine steps only
+        at the window's end, so this hook returns until the window has ended. DeepSpeed keeps the gradients in its
+        own (partitioned) buffers, so its norm is read from the engine after the step (`on_train_batch_end`).
+        """
+        if not self.window.ended:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/loss", self.window.close(), on_step=True, on_epoch=False, prog_bar=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Under DeepSpeed, logs the engine's pre-clipping gradient norm of the step that just ran."""
+        if not steps_itself(self.trainer) or not self.window.ended:
+            return  # not DeepSpeed, or mid-window
+        norm = engine_grad_norm(self.trainer)
+        if norm is not None:
+            self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch) -> None:
+        out = self._loss_sum(batch, with_preds=True)
+        if out.n_tokens > 0:
+            self.val_loss.update(out.loss_sum / out.n_tokens, weight=out.n_tokens)  # token-weighted epoch mean
+            self.val_token_acc.update(out.preds, out.targets)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulates token-weighted loss and token accuracy."""
+        self._eval_step(batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Same metrics as validation, logged under test/."""
+        self._eval_step(batch)
+
+    def _log_eval(self, prefix: str) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/ppl": torch.exp(loss.clamp(max=50)),
+                       f"{prefix}/token_acc": self.val_token_acc.compute()}, prog_bar=prefix == "val")
+        self.val_loss.reset()
+        self.val_token_acc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs val/loss, val/ppl (exp of the token-mean loss) and val/token_acc."""
+        if self.val_loss.update_count:
+            self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Logs test/loss, test/ppl and test/token_acc."""
+        if self.val_loss.update_count:
+            self._log_eval("test")
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        """AdamW over trainable parameters with warmup + decay over the run's optimizer steps."""
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 1
+        if self.optim_args.fused and scales_loss(self.trainer) and self.trainer.gradient_clip_val:
+            raise ValueError("optim.fused: true with gradient clipping under 16-mixed: the fused optimizer unscales "
+                             "inside its step, after clipping, so the clip would see scaled gradients; use "
+                             "precision bf16-mixed, drop trainer.gradient_clip_val, or set optim.fused: false.")
+        return build_optimizer(self.model, self.optim_args, total)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clips as Lightning does, and also for a fused AdamW under bf16 (`optim.fused`).
+
+        Lightning refuses to clip for optimizers that unscale gradients themselves (fused AdamW says it does) under
+        mixed precision. bf16 has no loss scaler, so the gradients are already true gradients and are clipped here.
+        """
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        whole = holds_whole_gradients(self.trainer)  # sharded strategies clip their own way
+        if not (fused and gradient_clip_val and whole and str(self.trainer.precision).startswith("bf16")):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def trained_on_host(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LoRA adapter, other trainables): whole tensors, copied to the CPU; the adapter is {} without LoRA.
+
+        A collective under ZeRO-3 (every rank must call it): the partitions are gathered first. Copies go straight to
+        host memory (a checkpoint writer puts them there anyway): cloning on the GPU would add the size of everything
+        trainable to peak memory at each save (5 GB for a full MGM fine-tune). Copies, not views, because ZeRO-3 frees
+        the gathered tensors when the context exits.
+        """
+        to_host = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        with gathered(self.model, attached_trainer(self)):
+            adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False) if self.plan is not None \
+                else {}
+            return ({k: to_host(v) for k, v in adapter.items()},
+                    {k: to_host(v) for k, v in self.non_lora_trainables().items()})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
+        checkpoint["state_dict"] = {}
+        checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
+        adapter, checkpoint["trainables"] = self.trained_on_host()
+        if self.plan is not None:
+            # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
+            config = json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
+            checkpoint["peft"] = {"config": config, "adapter": adapter}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores the adapter and trainables saved by `on_save_checkpoint`, after checking they fit the config.
+
+        Also takes this rank's random-number state, which the first resumed training micro-batch continues from.
+        """
+        trainer = attached_trainer(self)
+        self.configure_model()
+        if trainer is not None and trainer.state.fn == "fit":  # evaluation restores no optimizer state
+            check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable,
+                         self.loaded.components)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        why_not = self._rng.load(checkpoint.get(RNG_KEY), rank, world)
+        if why_not is not None:
+            rank_zero_info(f"mgmlora: {why_not}; dropout continues from fresh random numbers, so the resumed run is "
+                           "not bit-identical to an unbroken one.")
+        # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
+        with gathered(self.model, trainer, modifier_rank=0):
+            self._load_checkpoint_tensors(checkpoint)
+
+    def _load_checkpoint_tensors(self, checkpoint: dict) -> None:
+        self._load_trainables(checkpoint.get("trainables") or {})
+        peft = checkpoint.get("peft")
+        if self.plan is None:
+            if peft is not None:
+                raise ValueError("the checkpoint holds a LoRA adapter but trainable.llm is not `lora`.")
+            return
+        if peft is None:
+            raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
+        saved, current = peft["config"], self.model.peft_config["default"]
+        saved = LoraConfig(**saved) if isinstance(saved, dict) else saved
+        diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
+                 for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
+                 if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
+        if diffs:
+            raise ValueError("the checkpoint's adapter does not match the configured LoRA: " + "; ".join(diffs))
+        result = set_peft_model_state_dict(self.model, peft["adapter"])
+        if result.unexpected_keys:
+            raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")
+
+    def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.non_lora_trainables() if k not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint trainables do not match the configured model: missing {missing[:5]} "
+                             "(check trainable.* against the run that saved it).")
+        load_trainables(self.loaded.model, tensors, "checkpoint")

@@ -1,0 +1,215 @@
+"""Generation with the training prompts (mgmlora.tools.generate, bin/generate.py) and the Chameleons leaderboard."""
+
+import importlib.util
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mgmlora.batch import IMAGE_TOKEN_INDEX
+from mgmlora.data.chameleons_datamodule import PersonaEncoder
+from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.mgm import MGMConfig
+from mgmlora.models.mgm_checkpoint import build_mgm
+from mgmlora.models.registry import MGM_PRESETS
+from mgmlora.tools.export import build_trained_model, model_args_for, read_run_adapter
+from mgmlora.tools.generate import GenerationArgs, generate_batch, left_pad
+from mgmlora.tools.leaderboard import clean_reply, leaderboard_samples, predict_leaderboard
+from tests.conftest import ASSETS, ROOT, tiny_model
+from tests.tools.test_export import _train
+
+spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "bin" / "tools/generate.py")
+generate_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate_cli)
+GREEDY = GenerationArgs(max_new_tokens=6, do_sample=False, num_return_sequences=1)
+
+
+def test_left_padded_batches_generate_what_single_prompts_generate(tokenizer):
+    model = tiny_model("tiny-qwen3").eval()
+    prompts = [[5, 17, 33, 48, 9, 70, 11, 12], [3, 44, 21]]
+    ids, mask = left_pad(prompts, 0)
+    assert mask.tolist()[1] == [0] * 5 + [1] * 3 and ids[1, -3:].tolist() == prompts[1]
+    batched = generate_batch(model, tokenizer, prompts, GREEDY)
+    single = [generate_batch(model, tokenizer, [p], GREEDY)[0] for p in prompts]
+    assert batched == single
+
+
+def test_mgm_generation_splices_the_image_and_continues_the_forward_pass():
+    torch.manual_seed(0)
+    model = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32).eval()
+    model.llm.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(0)
+    images, aux = torch.randn(2, 3, 48, 48, generator=g), torch.randn(2, 3, 96, 96, generator=g)
+    prompts = [[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9], [2, IMAGE_TOKEN_INDEX, 6]]
+    ids, mask = left_pad(prompts, 0)
+    # MGM's prepare_inputs expects right padding (training layout); generate() takes right-padded prompts
+    right = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        right[b, :len(p)] = torch.tensor(p)
+    right_mask = (right != 0).long()
+    new = model.generate(right, right_mask, images, aux, max_new_tokens=4, do_sample=False, eos_token_id=[],
+                         pad_token_id=0)
+    assert new.shape == (2, 4)
+    for b, p in enumerate(prompts):  # greedy first token == argmax of the training forward at the last position
+        with torch.no_grad():
+            logits = model(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), images=images[b:b + 1],
+                           images_aux=aux[b:b + 1]).logits
+        assert new[b, 0] == logits[0, -1].argmax()
+        alone = model.generate(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), images[b:b + 1],
+                               aux[b:b + 1], max_new_tokens=4, do_sample=False, eos_token_id=[], pad_token_id=0)
+        assert torch.equal(alone[0], new[b])  # left padding inside the batch changes nothing
+
+
+def test_clean_reply_keeps_the_answer_span_only():
+    assert clean_reply("[ANSWER]\nHold fast.\n[/ANSWER]<|im_end|> trailing") == "Hold fast."
+    assert clean_reply("no tags<end_of_turn>") == "no tags"
+
+
+@pytest.fixture(scope="module")
+def trained_qwen(tmp_path_factory):
+    ckpt, adapter = _train(tmp_path_factory.mktemp("qwen"), "tiny-qwen3")
+    return ckpt
+
+
+def _leaderboard_file(tmp_path):
+    """The bundled Chameleons sample without continuations, plus an empty-context item and one ending on the
+    character's own line (both skipped by training extraction, both must be answered)."""
+    records = json.loads((ASSETS / "chameleons_demo.json").read_text())
+    for record in records:
+        for collection in record["task"]["task_behavior_collections"]:
+            for item in collection["data"]:
+                item.pop("continuation", None)
+    name = records[0]["user"]["profile"]["name"]
+    records[0]["task"]["task_behavior_collections"][0]["data"] += [
+        {"context": []}, {"context": [{"source": "OTTO", "content": "Hi."}, {"source": name, "content": "Aye."}]}]
+    path = tmp_path / "test_leaderboard.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return path, records
+
+
+def _leaderboard_model(trained_qwen):
+    """The trained tiny Qwen3 run as the leaderboard sees it: model, tokenizer and the Chameleons prompt encoder."""
+    run = read_run_adapter(trained_qwen)
+    args = model_args_for(run, dtype="float32")
+    model, _ = build_trained_model(run, args)
+    tokenizer = load_tokenizer(args)
+    return model, tokenizer, PersonaEncoder(tokenizer, 512, "context_only", "system")
+
+
+def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen):
+    path, records = _leaderboard_file(tmp_path)
+    model, tokenizer, encoder = _leaderboard_model(trained_qwen)
+    gen = GenerationArgs(max_new_tokens=6, batch_size=4)
+    out = tmp_path / "pred.json"
+    summary = predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=2)
+    total = len(leaderboard_samples(records, path))
+    assert summary["data_items"] == total == summary["generated_now"] and summary["empty_context_items"] >= 1
+    predicted = json.loads(out.read_text())
+    items = [item for r in predicted for c in r["task"]["task_behavior_collections"] for item in c["data"]]
+    assert len(items) == total and all(len(i["continuations"]) == 2 for i in items)
+    assert all(isinstance(t, str) and "[ANSWER]" not in t for i in items for t in i["continuations"])
+    for item in items:
+        item.pop("continuations")
+    assert predicted == records  # nothing dropped, reordered or changed
+
+    # interrupted after 5 items (the 6th line cut mid-write): a rerun generates only the rest
+    progress = tmp_path / "pred.json.partial.jsonl"
+    header, *lines = progress.read_text().splitlines()
+    assert json.loads(header)["settings"]["n"] == 2
+    kept = {tuple(json.loads(line)["index"]): json.loads(line)["continuations"] for line in lines[:5]}
+    progress.write_text("\n".join([header, *lines[:5]]) + "\n" + lines[5][:10])
+    out.unlink()
+    again = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
+    assert again["resumed_from_progress"] == 5 and again["generated_now"] == total - 5
+    repredicted = json.loads(out.read_text())
+    for (r, c, i), continuations in kept.items():
+        assert repredicted[r]["task"]["task_behavior_collections"][c]["data"][i]["continuations"] == continuations
+    assert json.loads((tmp_path / "pred.summary.json").read_text())["generated_now"] == total - 5
+    readable = []
+    for line in progress.read_text().splitlines():
+        try:
+            readable.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    assert len(readable) == total + 1  # header + one per item: the cut line stays alone, nothing glued onto it
+
+
+def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
+    path, _ = _leaderboard_file(tmp_path)
+    summary = generate_cli.main(["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output",
+                                 str(tmp_path / "p.json"), "--n", "3", "--max_new_tokens", "4", "--dtype", "float32",
+                                 "--max_length", "512"])
+    assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
+
+
+def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loading_the_model(tmp_path, trained_qwen,
+                                                                                            monkeypatch):
+    from mgmlora.tools.leaderboard import ProgressMismatchError
+
+    path, _ = _leaderboard_file(tmp_path)
+    args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+    first = generate_cli.main(args + ["--n", "2"])
+    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
+    assert again["generated_now"] == 0 and again["resumed_from_progress"] == first["data_items"]
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the progress file was checked")
+
+    monkeypatch.setattr(generate_cli, "build_trained_model", no_loading)
+    with pytest.raises(ProgressMismatchError, match="n: 2 there, 3 now"):
+        generate_cli.main(args + ["--n", "3"])
+
+
+def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
+    ckpt, adapter = _train(tmp_path, "tiny-mgm")
+    image = sorted((ASSETS / "llava" / "images").iterdir())[0]
+    replies = generate_cli.main(["--checkpoint", str(adapter), "--prompt", "What is in the picture?", "--image",
+                                 str(image), "--max_new_tokens", "5", "--num_return_sequences", "2",
+                                 "--dtype", "float32"])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_generation_config_files_parse_and_reject_typos(tmp_path):
+    for path in sorted((ROOT / "configs" / "generate").glob("*.yaml")):
+        args = generate_cli.generation_args(path, {})
+        assert isinstance(args, GenerationArgs) and args.max_new_tokens > 0
+        assert "python bin/generate.py" in path.read_text().split("\n\n")[0]
+    assert generate_cli.generation_args(path, {"temperature": 0.3}).temperature == 0.3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temprature: 0.3\n")
+    with pytest.raises(ValueError, match="temprature"):
+        generate_cli.generation_args(bad, {})
+
+
+def test_greedy_decoding_with_several_replies_is_a_clear_error():
+    with pytest.raises(ValueError, match="do_sample true"):
+        GenerationArgs(do_sample=False, num_return_sequences=5)
+
+
+def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path, trained_qwen):
+    from mgmlora.tools.leaderboard import ProgressMismatchError
+
+    path, records = _leaderboard_file(tmp_path)
+    model, tokenizer, encoder = _leaderboard_model(trained_qwen)
+    gen, out = GenerationArgs(max_new_tokens=3, batch_size=8), tmp_path / "pred.json"
+    with pytest.raises(ValueError, match="n .*>= 1"):
+        predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=0)
+    assert not out.exists() and not (tmp_path / "pred.json.partial.jsonl").exists()
+    predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+    progress = (tmp_path / "pred.json.partial.jsonl").read_text()
+    for change, message in ((dict(n=2), "n: 1 there, 2 now"), (dict(gen=replace(gen, temperature=0.3)), "generation"),
+                            (dict(checkpoint=tmp_path), "checkpoint")):
+        kwargs = dict(n=1, gen=gen, checkpoint=trained_qwen) | change
+        with pytest.raises(ProgressMismatchError, match=message):
+            predict_leaderboard(model, tokenizer, encoder, path, out, **kwargs)
+    assert (tmp_path / "pred.json.partial.jsonl").read_text() == progress  # untouched
+    items = [i for r in json.loads(out.read_text()) for c in r["task"]["task_behavior_collections"] for i in c["data"]]
+    assert {len(i["continuations"]) for i in items} == {1}
+    # the same settings resume (everything is already there), and a progress file without settings is refused
+    assert predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)[
+        "generated_now"] == 0
+    (tmp_path / "pred.json.partial.jsonl").write_text("\n".join(progress.splitlines()[1:]) + "\n")
+    with pytest.raises(ProgressMismatchError, match="does not record the settings"):
+        predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)

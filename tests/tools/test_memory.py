@@ -1,0 +1,230 @@
+"""The memory estimator against every committed GPU measurement (bench/results), and bin/estimate.py."""
+
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from mgmlora.cli import parse_files
+from mgmlora.models.args import ModelArgs
+from mgmlora.tools.memory import RunShape, estimate, run_from_tree
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.loss import SpeedArgs
+from mgmlora.training.trainable import Trainability
+from tests.conftest import ROOT
+
+
+def run_from_config(paths, overrides=None):
+    """The estimate's inputs as bin/estimate.py gets them: the CLI's parser, then the library."""
+    return run_from_tree(parse_files(paths, overrides))
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
+train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
+TOLERANCE = 0.15  # the estimate's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
+CPU_TOLERANCE = 0.25  # and within 25% of the tiny CPU models' allocator peak
+# Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
+FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
+                          "2026-11-23-mgm2b_full_zero2_24gib-h100.json",
+                          "2026-11-23-mgm2b_full_zero2_offload_24gib-h100.json",
+                          "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero2_1gpu-h100.json",
+                          "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero3_1gpu-h100.json"}
+# Smoke runs trained on the bundled ~315-token sample under max_length 1024: their rows were far shorter than the
+# config's limit, so the config cannot describe them (they are not memory measurements of the config).
+SHORT_ROW_SMOKE_RUNS = {"2026-11-23-mgm2b_lora-smoke-h100.json", "2026-11-23-qwen3-8b_lora_chameleons-smoke-h100.json",
+                        "2026-11-23-qwen3-30b-a3b_lora_chameleons-smoke-h100.json"}
+
+
+def _fit_smoke_cases():
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        if not result.get("command", "").startswith("python bench/fit_smoke.py") or path.name in SHORT_ROW_SMOKE_RUNS:
+            continue
+        yield pytest.param(path.name, result, id=path.name)
+
+
+# Known gaps of the estimate, kept visible: strict expected failures turn into errors once the estimate covers them.
+# MGM-2B with 8 packed samples and checkpointing: the estimate is 18% (chunked) and 35% (liger) low; not yet found
+# which term misses (the vision path of 8 images and the recomputed layer at 16k positions are the candidates).
+ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+nocast+fused+compilex8",
+                 "2026-11-30-train_step_budget-mgm2b-h200.json:liger+packing+nocast+fused+compilex8"}
+
+
+def _train_step_cases():
+    for path in sorted(RESULTS.glob("*train_step*.json")):
+        result = json.loads(path.read_text())
+        for variant, rec in result["variants"].items():
+            if "peak_alloc_gib" in rec:
+                case = f"{path.name}:{variant}"
+                gap = pytest.mark.xfail(strict=True, reason="known estimate gap") if case in ESTIMATE_GAPS else ()
+                yield pytest.param(result, variant, rec, id=case, marks=gap)
+
+
+# Configs changed after some runs: each entry restores a config's settings as they were when the run was made (before
+# the run's own overrides, which still win). (result file name prefix, config) -> overrides; every matching prefix
+# applies, in order.
+ZERO2 = ["--config", "configs/strategy/zero2.yaml"]  # mgm2b_lora.yaml ran under ZeRO-2 until 2026-11-30's loop runs
+_MGM_BEFORE_PACKING = ["--model.speed.packing", "false", "--model.speed.pad_to_multiple", "0"]
+CONFIG_AS_RUN = {
+    ("2026-11-23", "configs/mgm2b_lora.yaml"): ["--model.model.gradient_checkpointing", "true", *_MGM_BEFORE_PACKING,
+                                                *ZERO2],
+    **{(prefix, "configs/mgm2b_lora.yaml"): [*_MGM_BEFORE_PACKING, *ZERO2]
+       for prefix in ("2026-11-30-mgm2b_lora_24gib-", "2026-11-30-mgm2b_lora_24gib_acc16",
+                      "2026-11-30-mgm2b_lora_24gib_rows2048", "2026-11-30-mgm2b_lora_nocap")},
+    ("2026-11-30-mgm2b_lora_24gib_loop-", "configs/mgm2b_lora.yaml"): ZERO2,
+    ("2026-11-23", "configs/qwen3-30b-a3b_lora_chameleons.yaml"): [
+        "--model.speed.packing", "false", "--model.speed.loss", "chunked", "--data.init_args.batch_size", "2",
+        "--trainer.accumulate_grad_batches", "4"],
+}
+
+
+def _config_as_run(name: str, config: str) -> list[str]:
+    return [o for (prefix, path), overrides in CONFIG_AS_RUN.items() if path == config and name.startswith(prefix)
+            for o in overrides]
+
+
+@pytest.mark.parametrize("name,result", list(_fit_smoke_cases()))
+def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
+    args = shlex.split(result["command"])[3:]
+    if args[0] == "--memory_cap_gib":
+        args = args[2:]
+    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    overrides = [a for i, a in enumerate(args[1:]) if a != "--config" and args[i] != "--config"]
+    restored = [o for c in configs for o in _config_as_run(name, c)]
+    if any(c.startswith("configs/strategy/") for c in configs):  # the run named its strategy: it wins
+        restored = [o for i, o in enumerate(restored) if ZERO2 not in (restored[i:i + 2], restored[i - 1:i + 1])]
+    overrides = restored + overrides
+    if name in FULL_LOSS_BEFORE_SPEED:
+        overrides += ["--model.speed.loss", "full"]
+    est = estimate(*run_from_config(configs, overrides))
+    if result.get("oom"):  # the run asked for more than its cap: the estimate must not say it fits
+        assert est.total_gib > result["memory_cap_gib"], est.items
+        return
+    measured = result["peak_mem_alloc_gib"]
+    assert abs(est.total_gib / measured - 1) <= TOLERANCE, (est.total_gib, measured, est.items)
+
+
+@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases()))
+def test_estimate_matches_committed_benchmark_steps(result, variant, rec):
+    name, flags, _ = train_step.parse_variant(variant)
+    est = _estimate_bench_step(result, name, flags, rec)
+    assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= TOLERANCE, (est.total_gib, rec["peak_alloc_gib"])
+
+
+def _estimate_bench_step(result, name, flags, rec, device="cuda"):
+    """The estimate of one bench/train_step.py variant: its model, LoRA, loss, packing and batch geometry."""
+    lora = LoraArgs(preset=result["lora"]["preset"], lora_dropout=0.0,
+                    target_experts=result["lora"].get("target_experts", False),
+                    **({"r": result["lora"]["r"], "lora_alpha": 2 * result["lora"]["r"]} if result["lora"].get("r")
+                       else {}))
+    speed = SpeedArgs(loss="full" if name == "plain" else "chunked", packing="packing" in flags)
+    if name == "liger":
+        speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
+    samples = rec["samples_per_step"]
+    cpu = dict(precision="32-true", device="cpu") if device == "cpu" else {}
+    if speed.packing:  # the packed row's positions, spread over the samples (MGM: one image each)
+        shape = RunShape(batch_size=samples, seq_len=int(rec["positions_per_step"] / samples), **cpu)
+    else:
+        shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples), **cpu)
+    model = ModelArgs(preset=result["model"], gradient_checkpointing="nockpt" not in flags,
+                      dtype="float32" if device == "cpu" else "bfloat16")
+    return estimate(model, lora, Trainability(), speed, shape)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-mgm"])
+def test_estimate_is_within_25_percent_of_the_cpu_allocator_peak_of_tiny_models(model, tmp_path):
+    """The CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", model, "--lengths",
+                           "fixed", "--seq", "512", "--variants", "plain,chunked,chunked+packing,chunked+nockpt",
+                           "--warmup", "1", "--steps", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for variant, rec in result["variants"].items():
+        name, flags, _ = train_step.parse_variant(variant)
+        est = _estimate_bench_step(result, name, flags, rec, device="cpu")
+        if "packing" in flags:
+            # Known gap: on the CPU, packed rows attend per sample through SDPA's math path, whose per-sample scores
+            # the estimate does not count (55-64% low since packed attention replaced the dense mask).
+            assert est.total_gib < rec["peak_alloc_gib"], (variant, est.total_gib, rec["peak_alloc_gib"])
+            continue
+        assert "CUDA workspace" not in est.items
+        assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= CPU_TOLERANCE, (variant, est.total_gib,
+                                                                                 rec["peak_alloc_gib"], est.items)
+
+
+def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys):
+    result = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24",
+                                "--model.trainable.llm", "full"])
+    assert result["fits"] is False and "offload" in result["cheapest_fix"]["change"]
+    assert result["cheapest_fix"]["total_gib"] <= 24
+    out = capsys.readouterr().out
+    assert "optimizer states" in out and "LM head + loss" in out and "does NOT fit" in out
+    lora = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
+    assert lora["fits"] is True and lora["trainable_per_component"]["lora adapters"][0] > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_can_be_estimated(path, in_repo_root):
+    est = estimate(*run_from_config([str(path)]))
+    assert est.total_gib > 0 and all(v >= 0 for v in est.items.values())
+
+
+def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
+    from dataclasses import replace
+
+    from mgmlora.tools.memory import largest_batch_size
+
+    run = run_from_config(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], ["--model.speed.packing", "true"])
+    model_args, lora, trainable, speed, shape = run
+    best = largest_batch_size(*run, 80)
+    assert best >= 1
+    assert estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best)).fits(80)
+    assert not estimate(model_args, lora, trainable, speed, replace(shape, batch_size=best + 1)).fits(80)
+    assert largest_batch_size(*run, 10) == 0  # 57 GiB of frozen weights never fit 10 GiB
+
+
+def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
+    short = run_from_config(["configs/mgm2b_lora.yaml", "configs/strategy/zero2.yaml"], [
+        "--data.max_length", "512", "--data.batch_size", "4", "--trainer.strategy.stage", "3", "--trainer.devices",
+        "[0,1]"])
+    long = run_from_config(["configs/mgm2b_lora.yaml", "configs/strategy/zero2.yaml"], [
+        "--data.init_args.max_length", "512", "--data.init_args.batch_size", "4",
+        "--trainer.strategy.init_args.stage", "3", "--trainer.devices", "2"])
+    assert short[-1] == long[-1]
+    assert (short[-1].seq_len, short[-1].batch_size, short[-1].zero_stage, short[-1].world_size) == (512, 4, 3, 2)
+    named = run_from_config(["configs/demo_chat.yaml"], ["--trainer.strategy", "deepspeed_stage_2_offload"])[-1]
+    assert (named.zero_stage, named.offload_optimizer) == (2, True)
+
+
+def test_fastest_fitting_setting_follows_the_measured_saturation_points(in_repo_root):
+X (dense, 2048-position rows) saturates at 2 rows, so with room
+    for 2 rows without checkpointing that wins (speed 1.0 vs 0.75); Qwen3-30B-A3B (MoE) at ~545 tokens per sample
+    saturates at ceil(32768 / 545) = 61 samples, reachable only with checkpointing within 80 GiB."""
+    from mgmlora.tools.speed_plan import candidates
+
+    mgm = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 80)
+    assert (mgm[0].gradient_checkpointing, mgm[0].batch_size, mgm[0].relative_speed) == (False, 2, 1.0)
+    qwen_run = run_from_config(["configs/qwen3-30b-a3b_lora_chameleons.yaml"],
+                               ["--model.model.model_path", "null", "--data.init_args.max_length", "545"])
+    qwen = candidates(*qwen_run, 80)
+    assert (qwen[0].gradient_checkpointing, qwen[0].batch_size, qwen[0].relative_speed) == (True, 61, 0.75)
+    assert all(s.total_gib <= 80 for s in mgm + qwen)
+    assert [s.relative_speed for s in qwen] == sorted((s.relative_speed for s in qwen), reverse=True)
+    tight = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 24)
+    assert tight and all(s.total_gib <= 24 for s in tight)
+    printed = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
+    assert printed["fastest_fitting"][0] == vars(tight[0])

@@ -1,0 +1,69 @@
+"""The tiny sweep end to end (bench/sweep.py on configs/sweep/demo.yaml) and the comparison it writes."""
+
+import importlib.util
+
+import pytest
+
+from mgmlora.tools.report import COLUMNS
+from tests.conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root, capsys):
+    sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
+    # --gpus: two variants at a time, each with its own CUDA_VISIBLE_DEVICES (ignored on this CPU machine) and log
+    md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--gpus", "0,1",
+                     "--",
+                     "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+                     "--trainer.limit_val_batches", "2"])
+    assert f"sweep report: {md}" in capsys.readouterr().out  # the sweep says where its report is
+    lines = md.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| run"))
+    assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split("|")[1].strip() for r in rows] == ["r8_conservative", "r16_balanced", "r32_aggressive", "full"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    rank = COLUMNS.index("rank")
+    assert [cells[n][rank] for n in ("r8_conservative", "r16_balanced", "r32_aggressive")] == ["8", "16", "32"]
+    params = COLUMNS.index("trainable params")
+    counts = [int(cells[n][params].replace(",", "")) for n in ("r8_conservative", "r16_balanced", "r32_aggressive",
+                                                               "full")]
+    assert counts == sorted(counts)  # more rank / more targets / full fine-tune train more parameters
+    for name in ("final train loss", "best val loss", "tokens/s"):
+        assert all(cells[n][COLUMNS.index(name)] != "-" for n in cells), name
+    logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
+    assert logs == sorted(f"{n}.log" for n in cells)
+    assert all((tmp_path / "runs" / n).stat().st_size > 0 for n in logs)
+    pngs = sorted(tmp_path.glob("*.png"))
+    # CPU runs log no peak GPU memory: that chart is left out, and the report says so instead of showing zeros
+    assert [p.name for p in pngs] == ["train_loss_vs_step.png", "train_loss_vs_tokens.png", "val_loss.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 1000 for p in pngs)
+    assert any("`peak_memory.png` left out" in line for line in lines)
+    assert not any("peak_memory.png)" in line for line in lines)
+
+    # tokens/s is the whole run's: every step's tokens over every step's time (each step logged here), not one step's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in cells:
+        events = EventAccumulator(str(tmp_path / "runs" / name / "version_0"))
+        events.Reload()
+        rates, times = events.Scalars("perf/tokens_per_s"), events.Scalars("perf/step_time_s")
+        assert len(rates) == len(times) == 4
+        whole = sum(r.value * t.value for r, t in zip(rates, times)) / sum(t.value for t in times)
+        shown = float(cells[name][COLUMNS.index("tokens/s")].replace(",", ""))
+        assert abs(shown - whole) <= 0.5 + 1e-6 * whole, (name, shown, whole)
+
+
+def test_compare_rejects_a_directory_without_logs(tmp_path):
+    compare_cli = _load(ROOT / "bin" / "compare.py", "compare_cli")
+    with pytest.raises(FileNotFoundError, match="no TensorBoard scalars"):
+        compare_cli.main([str(tmp_path), "--output", str(tmp_path / "out")])

@@ -1,0 +1,87 @@
+"""What ThroughputMonitor logs, against counts made by hand from the tokenised samples of a tiny run."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+
+from mgmlora.batch import IGNORE_INDEX
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.models.args import ModelArgs
+from mgmlora.training.callbacks import ThroughputMonitor
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.module import LoraLitModule
+from mgmlora.training.optim import OptimArgs
+from tests.conftest import TOKENIZER, TRAIN
+
+
+class _Recorder(Logger):
+    """Keeps every logged metric dict with its step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
+    path = tmp_path / "train8.jsonl"
+    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
+    data = ChatDataModule(str(path), tokenizer_path=str(TOKENIZER), batch_size=2, shuffle=False)
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                                     gradient_checkpointing=False), LoraArgs(preset="conservative"),
+                           OptimArgs(warmup_ratio=0.0))
+    data.connect(module.tokenizer, module.info)
+    logger = _Recorder()
+    # 8 samples, 2 per micro-batch, 2 micro-batches per optimizer step: one epoch is exactly 2 optimizer steps
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[ThroughputMonitor()], limit_val_batches=0,
+                        plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, data)
+
+    samples = data.splits["train"]
+    assert len(samples) == 8
+    # by hand: every token of every sample once; supervised = labelled positions after the causal shift
+    tokens = [len(s.input_ids) for s in samples]
+    supervised = [sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in samples]
+    per_step = [(sum(tokens[:4]), sum(supervised[:4])), (sum(tokens[4:]), sum(supervised[4:]))]
+    assert per_step[0] != per_step[1]  # the two steps are told apart
+
+    perf = [m for _, m in logger.rows if "perf/tokens_per_s" in m]
+    assert len(perf) == 2
+    seen = time = 0.0
+    for m, (n_tokens, n_supervised) in zip(perf, per_step):
+        step_time = m["perf/step_time_s"]
+        assert step_time > 0
+        assert m["perf/tokens_per_s"] * step_time == pytest.approx(n_tokens, rel=1e-5)
+        assert m["perf/supervised_tokens_per_s"] * step_time == pytest.approx(n_supervised, rel=1e-5)
+        seen, time = seen + n_tokens, time + step_time
+        assert m["perf/tokens_seen"] == seen  # running total since the start of fit
+        assert m["perf/train_time_s"] == pytest.approx(time, rel=1e-5)
+    assert seen == sum(tokens) and sum(supervised) > 0
+    assert not any(k.startswith("perf/peak_mem") for m in perf for k in m)  # CUDA only
+    assert torch.tensor(supervised).sum() < torch.tensor(tokens).sum()  # answers only, not prompts
+
+
+def test_throughput_monitor_reads_the_modules_declared_info_and_fails_without_it():
+    """No getattr default: a LightningModule without LoraLitModule's `info` is an error, not text-only counting."""
+    batch = {key: torch.ones(1, 4, dtype=torch.long) for key in ("input_ids", "labels", "attention_mask")}
+    monitor = ThroughputMonitor()
+    monitor._t0 = 0.0
+    with pytest.raises(AttributeError, match="info"):
+        monitor.on_train_batch_end(L.Trainer(accelerator="cpu", logger=False), L.LightningModule(), None, batch, 0)

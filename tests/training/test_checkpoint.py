@@ -1,0 +1,171 @@
+"""AdapterCheckpointIO under interrupted saves: no debris survives the next save, and `last.ckpt` never goes missing."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from mgmlora import checkpoint as ckpt_module
+from mgmlora.training.checkpoint import AdapterCheckpointIO, UnsafeCheckpointError
+
+
+def _state(step):
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]).to_dict()
+    return {"peft": {"config": json_ready(config), "adapter": {"q.lora_A.weight": torch.full((2, 4), float(step))}},
+            "global_step": step}
+
+
+def json_ready(config):
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def _step(io, path):
+    return io.load_checkpoint(path)["global_step"]
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed: nothing after it runs (not even `except Exception`)."""
+
+
+def _kill_at_rename(monkeypatch, n):
+    """Makes the n-th `os.replace` of the next save "kill the process" (1: moving the old checkpoint aside)."""
+    calls = []
+    real = os.replace
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == n:
+            raise _Killed
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt_module.os, "replace", replace)
+    monkeypatch.setattr(ckpt_module.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+
+
+def test_a_crash_between_the_renames_of_last_leaves_a_loadable_last(tmp_path, monkeypatch):
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    with monkeypatch.context() as patch:
+        _kill_at_rename(patch, 2)  # the old last.ckpt is renamed away, the new one is not yet in place
+        with pytest.raises(_Killed):
+            AdapterCheckpointIO().save_checkpoint(_state(2), last)
+    assert not last.exists()  # the window the fix has to cover
+    assert _step(AdapterCheckpointIO(), last) == 1  # resuming from last.ckpt reads the complete previous one
+
+    io = AdapterCheckpointIO()  # the next run: its first save repairs the directory
+    io.save_checkpoint(_state(3), tmp_path / "step=000003.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=000003.ckpt"]
+    assert _step(io, last) == 1
+    io.save_checkpoint(_state(4), last)
+    assert _step(io, last) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=000003.ckpt"]
+
+
+@pytest.mark.parametrize("rename", [1, 3])  # killed before anything moved; killed after the swap, before cleanup
+def test_other_crash_points_keep_a_complete_checkpoint_and_the_next_save_cleans_up(tmp_path, monkeypatch, rename):
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    with monkeypatch.context() as patch:
+        _kill_at_rename(patch, rename) if rename < 3 else patch.setattr(
+            ckpt_module.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            AdapterCheckpointIO().save_checkpoint(_state(2), last)
+    assert _step(AdapterCheckpointIO(), last) == (1 if rename == 1 else 2)
+    assert any(p.name.startswith(".last.ckpt.") for p in tmp_path.iterdir())  # debris, as a kill leaves it
+
+    AdapterCheckpointIO().save_checkpoint(_state(5), tmp_path / "step=000005.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=000005.ckpt"]
+    assert _step(AdapterCheckpointIO(), last) == (1 if rename == 1 else 2)
+
+
+def test_cleanup_touches_only_its_own_debris_names_in_its_own_directory(tmp_path):
+    run, other = tmp_path / "checkpoints", tmp_path / "elsewhere"
+    for name in (".step=000002.ckpt.tmp-0123abcd", ".last.ckpt.old-89abcdef"):  # a killed run's debris
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.pt").write_bytes(b"partial")
+    keep = [run / ".step=000002.ckpt.tmp-notahex8", run / ".cache", run / "notes.tmp-0123abcd"]
+    for path in keep:
+        path.mkdir()
+    (run / ".step=000004.ckpt.tmp-0123abcd").write_text("a file, not a directory this code made")
+    keep.append(run / ".step=000004.ckpt.tmp-0123abcd")
+    (other / ".step=000002.ckpt.tmp-0123abcd").mkdir(parents=True)
+
+    AdapterCheckpointIO().save_checkpoint(_state(6), run / "step=000006.ckpt")
+    left = {p.name for p in run.iterdir()}
+    assert left == {"step=000006.ckpt", "last.ckpt"} | {p.name for p in keep}  # the old last.ckpt came back
+    assert (other / ".step=000002.ckpt.tmp-0123abcd").is_dir()
+
+
+def test_a_pickled_payload_in_trainer_state_is_refused_without_running(tmp_path):
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "step=000001.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), path)
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "loops": Payload()}, path / "trainer_state.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"trainer_state\.pt: refused to load: it needs posix\.system"):
+        AdapterCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
+
+
+class _FakeEngine:
+    """Stands for DeepSpeed's engine: writes a model-states file, then an optimizer-states file (or is killed)."""
+
+    def __init__(self, step, killed=False):
+        self.step, self.killed, self.module = step, killed, torch.nn.Linear(1, 1)
+
+    def module_state_dict(self, *args, exclude_frozen_parameters=False, **kwargs):
+        return {}
+
+    def save_checkpoint(self, save_dir, client_state, tag, exclude_frozen_parameters):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"step": self.step}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        if self.killed:
+            raise _Killed
+        torch.save({"step": self.step}, Path(save_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        (Path(save_dir) / "latest").write_text(tag)
+
+
+def test_a_deepspeed_save_killed_midway_leaves_the_previous_last_whole(tmp_path):
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
+
+    def save(step, killed=False):
+        strategy = MgmDeepSpeedStrategy(stage=2)
+        strategy.model = _FakeEngine(step, killed)  # what `deepspeed_engine` returns
+        strategy.save_checkpoint({"global_step": step}, tmp_path / "last.ckpt")
+
+    def steps():
+        files = sorted((tmp_path / "last.ckpt" / "checkpoint").iterdir())
+        return [torch.load(f, weights_only=True)["step"] for f in files]
+
+    save(1)
+    with pytest.raises(_Killed):
+        save(2, killed=True)  # DeepSpeed wrote the new model states, not yet the optimizer states
+    assert steps() == [1, 1]  # in place, last.ckpt would now mix step 2's model with step 1's optimizer
+    save(3)
+    assert steps() == [3, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_fit_ckpt_path_last_finds_the_checkpoint_a_killed_save_renamed_away(tmp_path, monkeypatch):
+    """Lightning looks `last` up by name before any callback runs: the CLI puts it back first (MgmCLI.before_fit)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mgmlora.cli import MgmCLI
+    from mgmlora.training.checkpoint import recover_checkpoint_dirs
+
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    with monkeypatch.context() as patch:
+        _kill_at_rename(patch, 2)
+        with pytest.raises(_Killed):
+            AdapterCheckpointIO().save_checkpoint(_state(2), last)
+    assert not last.exists()
+    recover_checkpoint_dirs([ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint()])
+    assert last.is_dir() and _step(AdapterCheckpointIO(), last) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert "recover_checkpoint_dirs" in MgmCLI.before_fit.__code__.co_names  # wired where `last` is resolved

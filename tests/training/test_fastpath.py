@@ -1,0 +1,148 @@
+"""The fast path's model-level switches change speed, not results (mgmlora.training.fastpath, optim.fused)."""
+
+import lightning as L
+import pytest
+import torch
+
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.models import load_model
+from mgmlora.models.args import ModelArgs
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.fastpath import (
+    apply_fast_path,
+    compile_decoder_layers,
+    set_peft_input_cast,
+    uncompile_decoder_layers,
+)
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.loss import SpeedArgs, lm_loss
+from mgmlora.training.module import LoraLitModule
+from mgmlora.training.optim import OptimArgs
+from mgmlora.training.trainable import Trainability, apply_trainability
+from tests.conftest import TOKENIZER, TRAIN, connect_data, forward_hidden
+
+
+def _lora_model(model_preset, dtype, **lora):
+    torch.manual_seed(0)
+    loaded = load_model(ModelArgs(preset=model_preset, dtype=dtype, gradient_checkpointing=False))
+    model, _ = apply_trainability(loaded, LoraArgs(**lora), Trainability())
+    for p in model.parameters():
+        if p.requires_grad:  # non-zero LoRA B, so the adapters take part in the loss
+            torch.nn.init.normal_(p, std=0.02)
+    return model, loaded
+
+
+def _loss_and_grads(model, batch, autocast=True):
+    model.zero_grad()
+    torch.manual_seed(1)  # same dropout masks in both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        hidden, labels, head = forward_hidden(model.get_base_model(), "causal_lm", batch, False)
+        out = lm_loss(hidden, labels, head, "chunked", 16)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _batch(vocab):
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("preset,lora", [
+    ("tiny-qwen3", dict(preset="balanced", lora_dropout=0.0)),
+    ("tiny-qwen3-moe", dict(preset="chameleons", target_experts=True, lora_dropout=0.0)),
+])
+def test_skipping_peft_input_casts_is_bit_identical_under_bf16_autocast(preset, lora):
+    model, loaded = _lora_model(preset, "bfloat16", **lora)  # bf16 base, fp32 adapters: PEFT casts every input
+    model.train()
+    batch = _batch(loaded.info.vocab_size)
+    loss_cast, grads_cast = _loss_and_grads(model, batch)
+    assert set_peft_input_cast(model, False) > 0
+    loss_skip, grads_skip = _loss_and_grads(model, batch)
+    assert torch.equal(loss_cast, loss_skip)
+    assert grads_cast.keys() == grads_skip.keys() and len(grads_cast) > 0
+    for name in grads_cast:
+        assert torch.equal(grads_cast[name], grads_skip[name]), name
+
+
+def test_layers_with_lora_dropout_keep_the_cast_their_exactness_needs():
+    model, loaded = _lora_model("tiny-qwen3", "bfloat16", preset="balanced", lora_dropout=0.1)
+    model.train()
+    batch = _batch(loaded.info.vocab_size)
+    loss_cast, _ = _loss_and_grads(model, batch)
+    assert set_peft_input_cast(model, False) == 0
+    assert torch.equal(_loss_and_grads(model, batch)[0], loss_cast)
+    for layer in [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]:
+        layer.cast_input_dtype_enabled = False  # forcing it: bf16 dropout rounds its 1/(1-p) rescale
+    assert not torch.equal(_loss_and_grads(model, batch)[0], loss_cast)
+
+
+def test_the_input_cast_is_kept_where_skipping_it_would_break():
+    model, loaded = _lora_model("tiny-qwen3", "bfloat16", preset="balanced", lora_dropout=0.0)
+    # without autocast, a bf16 input meets fp32 adapters: only PEFT's cast makes this work
+    assert apply_fast_path(model.get_base_model(), loaded.decoder_layers, SpeedArgs(), same_compute_dtype=False) == []
+    _loss_and_grads(model, _batch(loaded.info.vocab_size), autocast=False)
+    set_peft_input_cast(model, False)
+    with pytest.raises(RuntimeError):  # the switch really removes the cast
+        _loss_and_grads(model, _batch(loaded.info.vocab_size), autocast=False)
+    applied = apply_fast_path(model.get_base_model(), loaded.decoder_layers, SpeedArgs(peft_input_cast=True), True)
+    assert applied == []  # asked to keep it
+
+
+def test_compiled_decoder_layers_compute_the_eager_loss_and_gradients():
+    model, loaded = _lora_model("tiny-qwen3", "float32", preset="balanced", lora_dropout=0.0)
+    batch = _batch(loaded.info.vocab_size)
+    keys = list(model.state_dict())
+    loss_eager, grads_eager = _loss_and_grads(model, batch, autocast=False)
+    # aot_eager traces forward and backward like inductor, without needing a C++ compiler on the CI machine
+    n = compile_decoder_layers(model.get_base_model(), loaded.decoder_layers, backend="aot_eager")
+    layers = model.get_base_model().get_submodule(loaded.decoder_layers)
+    assert n == len(layers) > 0 and all(layer._compiled_call_impl is not None for layer in layers)
+    loss_compiled, grads_compiled = _loss_and_grads(model, batch, autocast=False)
+    assert list(model.state_dict()) == keys  # checkpoints and adapters keep their names
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+    for name in grads_eager:
+        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-4, atol=1e-6)
+    uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    torch._dynamo.reset()
+
+
+class _ClipSpy(LoraLitModule):
+    norms: list = []
+    optimizers: list = []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        self.optimizers.append(optimizer)
+
+
+def test_fused_adamw_trains_and_clips_under_bf16_mixed(tmp_path):
+    model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32", gradient_checkpointing=False)
+    module = _ClipSpy(model, LoraArgs(preset="balanced", lora_dropout=0.0),
+                      OptimArgs(lr=1e-3, warmup_ratio=0.0, fused=True), speed=SpeedArgs())
+    # Lightning alone raises here ("does not allow for gradient clipping ... fused optimizer")
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, gradient_clip_val=1e-3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, connect_data(ChatDataModule(str(TRAIN), batch_size=4, seed=1), module))
+    assert trainer.global_step == 3 and len(module.norms) == 3
+    assert all(getattr(opt, "defaults", {}).get("fused") for opt in module.optimizers)
+    assert max(module.norms) <= 1e-3 * 1.01  # clipped to gradient_clip_val
+    layers = [m for m in module.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)  # bf16-mixed: the casts were skipped
+
+
+@pytest.mark.parametrize("stage,skip_cast", [(2, True), (3, False)])
+def test_peft_input_cast_is_kept_under_zero3_where_lora_weights_stay_fp32(stage, skip_cast):
+    """ZeRO-1/2 cast every weight to bf16; ZeRO-3 leaves PEFT's LoRA weights fp32 (their input cast is then needed)."""
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
+
+    trainer = L.Trainer(strategy=MgmDeepSpeedStrategy(stage=stage), accelerator="cpu", devices=1,
+                        precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER)))
+    module.trainer = trainer
+    assert module._same_compute_dtype() is skip_cast

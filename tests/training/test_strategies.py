@@ -1,0 +1,150 @@
+"""The DeepSpeed gradient-accumulation scaling fix (docs/design/deepspeed.md), on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+SCRIPT = ROOT / "tests" / "scripts" / "ds_accumulation.py"
+W0 = 0.25
+X, Y = [1.0, 2.0, -1.0, 3.0], [0.5, -1.0, 2.0, 1.0]
+# d/dw (w x - y)^2 = 2 x (w x - y); one SGD(lr=1) step over 4 accumulated micro-batches moves w by minus their mean.
+EXPECTED = -sum(2 * x * (W0 * x - y) for x, y in zip(X, Y)) / 4
+
+
+def _delta(kind, stage=0):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(SCRIPT), kind, str(stage)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["delta"]
+
+
+def test_plain_lightning_steps_by_the_mean_gradient():
+    assert _delta("plain") == pytest.approx(EXPECTED, rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mgm_deepspeed_strategy_matches_plain_lightning(stage):
+    assert _delta("mgm_ds", stage) == pytest.approx(EXPECTED, rel=1e-5)
+
+
+def test_lightning_deepspeed_strategy_alone_is_off_by_the_accumulation_factor():
+    # Documents the upstream bug this strategy fixes; if Lightning fixes it, this test tells us to drop ours.
+    assert _delta("lightning_ds", 2) == pytest.approx(EXPECTED / 4, rel=1e-5)
+
+
+def fit_summary(out, stage, preset, resume=False, **env):
+    """Runs tests/scripts/ds_fit_resume.py (STAGE 0 = plain Lightning) and returns its JSON summary."""
+    script = ROOT / "tests" / "scripts" / "ds_fit_resume.py"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", **{f"MGM_TEST_{k.upper()}": str(v) for k, v in env.items()})
+    args = [sys.executable, str(script), str(out), str(stage), preset] + (["--resume"] if resume else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    """Tiny Qwen3-MoE with expert LoRA, 4 accumulated micro-batches per step, plain Lightning vs ZeRO-2 vs ZeRO-3."""
+    base = tmp_path_factory.mktemp("moe")
+    runs = {}
+    for stage in (0, 2, 3):
+        out = tmp_path_factory.mktemp(f"stage{stage}")
+        runs[stage] = {**fit_summary(out, stage, "tiny-qwen3-moe", accum=4, base=base / "model"), "out": out}
+    return runs
+
+
+def test_deepspeed_logs_the_window_loss_and_schedule_of_plain_lightning(moe_runs):
+    # Under DeepSpeed Lightning calls the optimizer step after every micro-batch; the module must still log one
+    # token-mean loss per 4-micro-batch window (it logged the last micro-batch's loss before the fix), and the
+    # learning-rate schedule must count optimizer steps.
+    plain = moe_runs[0]
+    for stage in (2, 3):
+        assert moe_runs[stage]["losses"] == pytest.approx(plain["losses"], rel=1e-5), stage
+        assert moe_runs[stage]["lrs"] == pytest.approx(plain["lrs"]), stage
+    assert len(plain["losses"]) == 2
+
+
+def test_zero3_marks_the_moe_block_as_a_leaf_and_adapts_the_experts(moe_runs):
+    summary = moe_runs[3]
+    assert summary["z3_leaf_modules"] == ["Qwen3MoeSparseMoeBlock"]  # ranks would hang on data-dependent experts
+    assert moe_runs[0]["z3_leaf_modules"] == []
+    assert summary["lora_b_absmax_at_start"] == 0.0
+    assert summary["reloaded_lora_b_absmax"] > 0 and summary["reload_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("stage,preset,resume,ranks", [
+    (2, "tiny-qwen3", True, 1),
+    (3, "tiny-qwen3", True, 1),  # resume under ZeRO-3 loads into partitioned (empty) parameters: needs the gather
+    (3, "tiny-qwen3", False, 2),  # 2 ranks: without the gather in strategies.gathered the exported adapter is empty
+])
+def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(tmp_path, stage, preset, resume, ranks):
+    # resume: 4 steps with LoRA dropout, then again from the step-2 checkpoint to step 4 (same data, same schedule)
+    summary = fit_summary(tmp_path, stage, preset, resume, ranks=ranks,
+                          **(dict(steps=4, resume_to=4, dropout=0.1) if resume else {}))
+    assert summary["resumed_global_step"] == (4 if resume else None)
+    if resume:  # dropout's random numbers are in DeepSpeed's checkpoint too: the same losses, bit for bit
+        later = {s: v for s, v in summary["losses_by_step"].items() if int(s) > 2}
+        assert sorted(later) == ["3", "4"] and summary["resumed_losses_by_step"] == later
+    assert summary["lora_b_absmax_at_start"] == 0.0  # 0.177 under ZeRO-3 without strategies.zero3_build
+    # the exported adapter holds full tensors (not ZeRO-3's empty placeholders), and plain PEFT reloads trained weights
+    assert min(summary["adapter_numels"]) > 0 and summary["reloaded_lora_b_absmax"] > 0
+    assert summary["reload_max_abs_diff"] == 0.0
+    if stage == 2:
+        keys = summary["model_state_keys"]
+        assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights
+
+
+def test_drop_frozen_removes_tied_weights_under_every_name():
+    import torch
+
+    from mgmlora.models.mgm import MGMConfig
+    from mgmlora.models.mgm_checkpoint import build_mgm
+    from mgmlora.models.registry import MGM_PRESETS
+    from mgmlora.training.strategies import drop_frozen
+
+    model = build_mgm(MGMConfig.from_dict(MGM_PRESETS["tiny-mgm"]), torch.float32)
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(True)
+    state = model.state_dict()
+    assert "llm.lm_head.weight" in state  # tied to the embeddings: one parameter, two state-dict names
+    deepspeed_style = {k: v for k, v in state.items()
+                       if not any(k == n and not p.requires_grad for n, p in model.named_parameters())}
+    assert "llm.lm_head.weight" in deepspeed_style  # what DeepSpeed's own filter leaves behind
+    kept = drop_frozen(dict(state), model)
+    assert sorted(kept) == sorted(k for k in state if k.startswith("mm_projector.")) + sorted(
+        k for k in state if not k.startswith("mm_projector.") and k not in dict(model.named_parameters(
+            remove_duplicate=False)))
+    assert "llm.lm_head.weight" not in kept and "llm.model.embed_tokens.weight" not in kept
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoints_export_and_merge_like_plain_ones(moe_runs, stage, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from mgmlora.models import load_model
+    from mgmlora.tools.export import build_trained_model, merge_and_save, model_args_for, read_run_adapter
+
+    out = moe_runs[stage]["out"]
+    run = read_run_adapter(out / "ckpt" / "step=2.ckpt")  # DeepSpeed's model-states file, read with weights_only
+    assert run.lora_config is not None and run.adapter and min(v.numel() for v in run.adapter.values()) > 0
+    args = model_args_for(run)  # the base directory the run trained from, recorded in its hyperparameters
+    ids = torch.tensor([[5, 17, 33, 48, 9, 70, 11]])
+    with torch.no_grad():
+        adapted = build_trained_model(run, args)[0].eval()(input_ids=ids).logits
+        final = PeftModel.from_pretrained(load_model(args).model, out / "adapter").eval()(input_ids=ids).logits
+    # the step-2 checkpoint is the end of training, so it equals the final exported adapter
+    torch.testing.assert_close(adapted, final, rtol=1e-5, atol=1e-5)
+    merged_dir = merge_and_save(run, args, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)

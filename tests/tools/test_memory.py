@@ -211,8 +211,8 @@ def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
 
 
 def test_fastest_fitting_setting_follows_the_measured_saturation_points(in_repo_root):
-X (dense, 2048-position rows) saturates at 2 rows, so with room
-    for 2 rows without checkpointing that wins (speed 1.0 vs 0.75); Qwen3-30B-A3B (MoE) at ~545 tokens per sample
+    """By hand from mgmlora.tools.speed_plan's model: MGM-2B (dense, 2048-position rows) saturates at 2 rows, so with
+    room for 2 rows without checkpointing that wins (speed 1.0 vs 0.75); Qwen3-30B-A3B (MoE) at ~545 tokens per sample
     saturates at ceil(32768 / 545) = 61 samples, reachable only with checkpointing within 80 GiB."""
     from mgmlora.tools.speed_plan import candidates
 

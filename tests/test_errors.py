@@ -55,7 +55,7 @@ def test_a_typo_in_a_tool_that_parses_configs_is_one_line_with_exit_2(capsys, mo
 
 
 def test_our_runtime_error_is_one_line_with_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    export_cli = _load(ROOT / "bin" / "tools/export.py", "export_cli")
+    export_cli = _load(ROOT / "bin" / "export.py", "export_cli")
     argv = ["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
     code, _, err = _run(export_cli.main, argv, capsys, monkeypatch)
     assert code == 1
@@ -86,7 +86,7 @@ def test_which_exceptions_are_user_errors(tmp_path):
     # Python's own ValueError inside mgmlora's code (a failed unpacking) is a bug, not a setting: compiled here under
     # the name of a module of the package, so its innermost frame is "in" mgmlora but on no `raise` line
     with pytest.raises(ValueError) as implicit:
-        exec(compile("a, b = [1, 2, 3]", str(ROOT / "src" / "mgmlora" / "tools/report.py"), "exec"), {})
+        exec(compile("a, b = [1, 2, 3]", str(ROOT / "src" / "mgmlora" / "tools" / "report.py"), "exec"), {})
     assert classify(implicit.value) == ("bug", 1)
     with pytest.raises(FileNotFoundError) as missing:
         open(tmp_path / "missing.json")

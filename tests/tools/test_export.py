@@ -23,7 +23,7 @@ from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from tests.conftest import ASSETS, ROOT, TRAIN
 
-spec = importlib.util.spec_from_file_location("export_cli", ROOT / "bin" / "tools/export.py")
+spec = importlib.util.spec_from_file_location("export_cli", ROOT / "bin" / "export.py")
 export_cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(export_cli)
 TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 merge: W + s*B@A folded once vs applied per forward

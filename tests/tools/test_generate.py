@@ -19,7 +19,7 @@ from mgmlora.tools.leaderboard import clean_reply, leaderboard_samples, predict_
 from tests.conftest import ASSETS, ROOT, tiny_model
 from tests.tools.test_export import _train
 
-spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "bin" / "tools/generate.py")
+spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "bin" / "generate.py")
 generate_cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(generate_cli)
 GREEDY = GenerationArgs(max_new_tokens=6, do_sample=False, num_return_sequences=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from mgmlora import checkpoint as ckpt_module
+from mgmlora.training import checkpoint as ckpt_module
 from mgmlora.training.checkpoint import AdapterCheckpointIO, UnsafeCheckpointError
 
 

@@ -32,6 +32,7 @@
 #   experts14  (1 GPU): Qwen3-30B-A3B with mgmlora's experts vs plain within 80 GiB + parity, r8 expert
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
+#   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the issue-16 re-layout
 #   budget_qwen / budget_mgm  each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
@@ -156,6 +157,17 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     timeout 250 python3 bench/train_step.py --model qwen3-30b-a3b \
       --variants plain,liger+packingx8,liger+packing+nocast+fusedx8,plainx8 \
       --out "$out/$day-train_step_fast-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 7
+    ;;
+  after16_mgm)  # after the re-layout (typed batch, LoadedModel.forward_hidden, one packed-row builder): the budget
+    # run's MGM-2B plain best and fast best again, to compare with 2026-11-30-train_step_budget-mgm2b-h200.json
+    timeout 290 python3 bench/train_step.py --model mgm-2b --budget_gib 24 --steps 5 \
+      --variants plainx2,chunked+packing+nocast+fused+compile+nockptx2 \
+      --out "$out/$day-train_step_after16-mgm2b-$gpu.json" 2>&1 | tail -n 4
+    ;;
+  after16_qwen)  # the same for Qwen3-30B-A3B (2026-11-30-train_step_budget_fastexperts-qwen3-30b-a3b-h200.json)
+    timeout 420 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --steps 8 \
+      --variants plainx8,liger+packing+nocast+fused+fastexpertsx48 \
+      --out "$out/$day-train_step_after16-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
     ;;
   fitpath)
     steps="--trainer.accumulate_grad_batches 8 --trainer.max_steps 6 --trainer.log_every_n_steps 1"

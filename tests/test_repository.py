@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
+from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm
 from mgmlora.models.registry import ModelPreset
 from mgmlora.training.trainable import Trainability
 from tests.conftest import ROOT
@@ -67,7 +68,9 @@ def _init_params(cls) -> list[str]:
 @pytest.mark.parametrize(("owner", "names", "read_as", "exempt"), [
     # `source` is provenance for readers (the Hub page the numbers were copied from), not a setting.
     ("ModelPreset", [f.name for f in dataclasses.fields(ModelPreset)], r"\b(?:preset|p)\.{n}\b", {"source"}),
-    ("Trainability", [f.name for f in dataclasses.fields(Trainability)], r"trainable\.{n}\b", set()),
+    # a family's optional components (LoadedModel.components) are read by name: getattr(trainable, component)
+    ("Trainability", [f.name for f in dataclasses.fields(Trainability)], r"trainable\.{n}\b",
+     {c for cls in (LoadedCausalLM, LoadedMgm) for c in cls.components}),
     ("ChameleonsDataModule", _init_params(ChameleonsDataModule),
      r"\b(?:hp|hparams)(?:\.{n}\b|\.get\(\"{n}\"|\[\"{n}\"\])", set()),
 ], ids=["ModelPreset", "Trainability", "ChameleonsDataModule"])
@@ -75,3 +78,20 @@ def test_every_setting_is_read(owner, names, read_as, exempt):
     source = _package_source()
     unread = [n for n in names if n not in exempt and not re.search(read_as.replace("{n}", n), source)]
     assert not unread, f"{owner} accepts {unread} but nothing in src/mgmlora reads them"
+
+
+def test_readme_layout_names_every_module_of_the_package():
+    """The README's layout describes the tree as it is: every module file is named under its group."""
+    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+                     if p.name != "__init__.py" and p.name not in layout)
+    assert not missing, f"README.md's layout does not name: {missing}"
+
+
+def test_family_differences_live_in_models_only():
+    """No family branch outside mgmlora/models: the rest asks the LoadedModel (or ModelInfo's capabilities)."""
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+            for p in [*SRC.rglob("*.py"), *(ROOT / "bin").glob("*.py")] if SRC / "models" not in p.parents
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(r"family\s*[!=]=|(?<!trainable)\.llm\b", line) and not line.lstrip().startswith("#")]
+    assert not hits, "\n".join(hits)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from mgmlora.batch import IGNORE_INDEX
+from mgmlora.batch import IGNORE_INDEX, Batch
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.models.args import ModelArgs
 from mgmlora.training.callbacks import ThroughputMonitor
@@ -80,8 +80,52 @@ def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
 
 def test_throughput_monitor_reads_the_modules_declared_info_and_fails_without_it():
     """No getattr default: a LightningModule without LoraLitModule's `info` is an error, not text-only counting."""
-    batch = {key: torch.ones(1, 4, dtype=torch.long) for key in ("input_ids", "labels", "attention_mask")}
+    batch = Batch(*(torch.ones(1, 4, dtype=torch.long) for _ in range(3)))
     monitor = ThroughputMonitor()
     monitor._t0 = 0.0
     with pytest.raises(AttributeError, match="info"):
         monitor.on_train_batch_end(L.Trainer(accelerator="cpu", logger=False), L.LightningModule(), None, batch, 0)
+
+
+class _Steps(L.Callback):
+    """Records, per micro-batch, whether the module saw its window end, and where Lightning ran the optimizer."""
+
+    def __init__(self):
+        self.ended, self.stepped, self._idx = [], [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._idx = (trainer.current_epoch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.stepped.append(self._idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.window.ended:
+            self.ended.append((trainer.current_epoch, batch_idx))
+
+
+def test_the_samplers_window_ends_are_where_lightning_steps_the_optimizer(tmp_path):
+    """The window end is decided once (the sampler's `Batch.window_end`); it must be exactly where Lightning steps.
+
+    10 samples, 2 per micro-batch, accumulate 2: micro-batches 0-4 per epoch, windows [0, 1], [2, 3] and the partial
+    [4], which Lightning closes at the epoch's end. Over two epochs: steps after micro-batches 1, 3, 4 of each.
+    """
+    path = tmp_path / "train10.jsonl"
+    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:10]))
+    data = ChatDataModule(str(path), tokenizer_path=str(TOKENIZER), batch_size=2, shuffle=False)
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                                     gradient_checkpointing=False), LoraArgs(preset="conservative"),
+                           OptimArgs(warmup_ratio=0.0))
+    data.connect(module.tokenizer, module.info)
+    steps, monitor, logger = _Steps(), ThroughputMonitor(), _Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, logger=logger,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[steps, monitor],
+                        limit_val_batches=0, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    expected = [(e, i) for e in (0, 1) for i in (1, 3, 4)]
+    assert steps.stepped == expected
+    assert steps.ended == expected
+    assert trainer.global_step == 6
+    assert len([m for _, m in logger.rows if "perf/step_time_s" in m]) == 6  # one throughput row per step
+    assert len([m for _, m in logger.rows if "train/loss" in m]) == 6

@@ -11,7 +11,6 @@ import functools
 import logging
 
 import lightning as L
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -148,7 +147,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _check_model_family(self) -> None:
         """Refuses text-only data for an image model, where every sample would silently train without its image."""
-        if self.info.family == "mgm" and not self.takes_images:
+        if self.info.takes_images and not self.takes_images:
             raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
                              "model is MGM, so every sample would train text-only. Set data.class_path: "
                              "mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records without an image are "
@@ -184,7 +183,8 @@ class TokenizedDataModule(L.LightningDataModule):
         supervised = [s.num_supervised for s in samples]
         common = dict(accumulate=trainer.accumulate_grad_batches, shuffle=hp.shuffle, seed=hp.seed,
                       rank=trainer.global_rank, world_size=trainer.world_size, drop_last=hp.drop_last,
-                      whole_windows=isinstance(trainer.strategy, DeepSpeedStrategy))  # DeepSpeed steps across epochs
+                      # a strategy that runs the accumulation itself (DeepSpeed) steps across epoch boundaries
+                      whole_windows=trainer.strategy.handles_gradient_accumulation)
         max_tokens = hp.get("max_tokens")
         if max_tokens is None:
             return WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)

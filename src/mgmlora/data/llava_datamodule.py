@@ -108,7 +108,7 @@ class LlavaDataModule(TokenizedDataModule):
 
     def _model_geometry(self) -> dict[str, int]:
         info = self.info
-        if info.family != "mgm":
+        if not info.takes_images:
             raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
                              "model_path): image geometry comes from its config.")
         return image_geometry(info)

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
-from mgmlora.errors import USAGE, one_line  # noqa: E402
+from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
@@ -109,9 +109,23 @@ class MgmCLI(LightningCLI):
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
         trainer = super().instantiate_trainer(**kwargs)
+        _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
             trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
+
+
+def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:
+    """Refuses Lightning's DistributedSampler on several ranks, before any weight loads (the model loads later).
+
+    mgmlora's window sampler shards the data across ranks itself: it must, to normalise the loss over the whole
+    accumulation window. Lightning's sampler on top would re-shard it. The setting is read from the config (the
+    Trainer keeps it only in a private connector), the rank count from the built Trainer.
+    """
+    if trainer.world_size > 1 and trainer_config.get("use_distributed_sampler", True):
+        raise UsageError(f"trainer.use_distributed_sampler: true with {trainer.world_size} ranks: set "
+                         "trainer.use_distributed_sampler: false (mgmlora's sampler shards the data across ranks "
+                         "itself, to normalise the loss over the whole accumulation window).")
 
 
 class _ParseOnly(MgmCLI):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 SCRIPT = ROOT / "tests" / "scripts" / "ds_accumulation.py"
 W0 = 0.25
 X, Y = [1.0, 2.0, -1.0, 3.0], [0.5, -1.0, 2.0, 1.0]

@@ -1,0 +1,1 @@
+"""Data: parsers, tokenised samples, accumulation-aware sampling, collation into `Batch`, the DataModules."""

@@ -1,0 +1,1 @@
+"""Tools around training: export, generate, leaderboard, report, memory estimate, speed plan."""

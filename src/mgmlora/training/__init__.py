@@ -1,0 +1,1 @@
+"""The training core: LoraLitModule, window normalisation, loss, LoRA, optimizer, checkpoints, callbacks."""

@@ -33,6 +33,7 @@ from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import StepProgressBar  # noqa: E402
+from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -75,7 +76,10 @@ class MgmCLI(LightningCLI):
         left renamed away would not be found and training would start over (mgmlora.training.checkpoint.recover).
         """
         if self.config[self.subcommand].get("ckpt_path") == "last":
-            recover_checkpoint_dirs(self.trainer.checkpoint_callbacks)
+            strategy = self.trainer.strategy
+            saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
+            done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
+            recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
 
     def instantiate_classes(self) -> None:
         """Builds model, data and trainer as LightningCLI does, then connects the data to the model.

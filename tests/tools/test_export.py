@@ -64,7 +64,7 @@ def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp
     ckpt, adapter_dir = _train(tmp_path, preset)
     run = read_run_adapter(ckpt)
     args = model_args_for(run, dtype="float32")
-    adapted, _ = build_trained_model(run, args)
+    adapted = build_trained_model(run, args).model
     inputs = _text_inputs()
     with torch.no_grad():
         expected = adapted.eval()(**inputs).logits
@@ -92,7 +92,8 @@ def test_merged_mgm_reloads_in_the_original_layout_with_projector_and_matches_th
     run = read_run_adapter(adapter_dir)  # the final export: adapter + non_lora_trainables, settings from config.yaml
     assert run.trainables and any(k.startswith("mm_projector.") for k in run.trainables)
     args = model_args_for(run, dtype="float32")
-    adapted, info = build_trained_model(run, args)
+    loaded = build_trained_model(run, args)
+    adapted, info = loaded.model, loaded.info
     g = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.tensor([[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9]]),
               "attention_mask": torch.ones(1, 6, dtype=torch.long),

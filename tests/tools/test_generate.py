@@ -92,7 +92,7 @@ def _leaderboard_model(trained_qwen):
     """The trained tiny Qwen3 run as the leaderboard sees it: model, tokenizer and the Chameleons prompt encoder."""
     run = read_run_adapter(trained_qwen)
     args = model_args_for(run, dtype="float32")
-    model, _ = build_trained_model(run, args)
+    model = build_trained_model(run, args).model
     tokenizer = load_tokenizer(args)
     return model, tokenizer, PersonaEncoder(tokenizer, 512, "context_only", "system")
 

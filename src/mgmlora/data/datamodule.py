@@ -160,11 +160,12 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _check_model_family(self) -> None:
         """Refuses text-only data for an image model, where every sample would silently train without its image."""
-        if self.info.family == "mgm" and not self.takes_images:
+        if self.info.takes_images and not self.takes_images:
             raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
-                             "model is MGM, so every sample would train text-only. Set data.class_path: "
-                             "mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records without an image are "
-                             "allowed there), or a text model in model.model.preset / model.model.model_path.")
+                             f"model ({self.info.family}) takes images, so every sample would train text-only. Set "
+                             "data.class_path: mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records "
+                             "without an image are allowed there), or a text model in model.model.preset / "
+                             "model.model.model_path.")
 
     def drop_reasons(self, split: str) -> dict[str, int]:
         """Records of `split` left out of it, counted per reason (a phrase that says why); sources override it."""

@@ -57,6 +57,7 @@ def _text_inputs():
     return {"input_ids": ids, "attention_mask": (torch.arange(7) < torch.tensor([[7], [4]])).long()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
 def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp_path, preset):
     from transformers import AutoModelForCausalLM
@@ -87,6 +88,7 @@ def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp
         torch.testing.assert_close(reloaded(**inputs).logits, expected, **TOL)
 
 
+@pytest.mark.integration
 def test_merged_mgm_reloads_in_the_original_layout_with_projector_and_matches_the_adapter(tmp_path):
     ckpt, adapter_dir = _train(tmp_path, "tiny-mgm")
     run = read_run_adapter(adapter_dir)  # the final export: adapter + non_lora_trainables, settings from config.yaml

@@ -143,6 +143,7 @@ def _estimate_bench_step(result, name, flags, rec, device="cuda"):
     return estimate(model, lora, Trainability(), speed, shape)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-mgm"])
 def test_estimate_is_within_25_percent_of_the_cpu_allocator_peak_of_tiny_models(model, tmp_path):
     """The CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""

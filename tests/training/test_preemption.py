@@ -81,7 +81,8 @@ def test_sigterm_mid_window_saves_the_window_start_and_resuming_it_equals_an_uni
 
 
 def test_sigint_stops_like_sigterm_with_exit_130_and_a_second_one_interrupts_as_usual(tmp_path):
-    # also the fence on Lightning's private stop flag: SIGINT only stops the run if `request_stop` still reaches it
+    # also the fence on Lightning's private stop flag: SIGINT only stops the run if `request_graceful_stop` still
+    # reaches it
     with pytest.raises(SystemExit) as stopped:
         _fit(tmp_path, _SignalAt(signal.SIGINT, at=2 * ACCUMULATE + 1))  # the end of step 3's window
     assert stopped.value.code == 130  # not 1, as with Lightning's KeyboardInterrupt path

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of mgmlora's checks and measurements, in as few machine-minutes as possible.
 #
-#   bash bench/gpu_suite.sh tests|mgm|mgm_lora|mgm_full|qwen|speed|parity|profile|levers|sweep|levers+sweep|multi [OUT_DIR]
+#   bash bench/gpu_suite.sh fences|tests|mgm|mgm_lora|mgm_full|qwen|speed|parity|profile|levers|sweep|levers+sweep|multi [OUT_DIR]
 #
 # Run from the repository root on a CUDA machine. Wheels the image lacks (deepspeed 0.19.8 and its dependencies,
 # jsonargparse and its dependencies) are installed from ./.whl when that folder exists (see bench/results/README.md).
@@ -35,6 +35,9 @@
 #   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the issue-16 re-layout
 #   budget_qwen / budget_mgm  each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
+#   fences  (1 GPU) the fast path after the private-attribute fences (MGM's attention set through the configs'
+#          constructor, experts on torch.nn.functional.grouped_mm only, uncompile through mgmlora.models.torch_private):
+#          the same variants and shapes as the 2026-11-30 budget rows, to compare tokens/s and peak memory with them
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
@@ -221,6 +224,15 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       timeout 100 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $experts --variants ${q}x32 --profile \
         --warmup 1 --steps 4 --out "$out/$day-train_step_r8_${name}_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     done
+    ;;
+  fences)
+    # the commands of 2026-11-30-train_step_budget-mgm2b-h200.json (two of its variants) and
+    # 2026-11-30-train_step_budget_fastexperts-qwen3-30b-a3b-h200.json (all of it: tokens/s and the 30-step losses)
+    cp="chunked+packing+nocast+fused+compile"; q="liger+packing+nocast+fused+fastexperts"
+    timeout 280 python3 bench/train_step.py --model mgm-2b --budget_gib 24 --steps 5 --variants ${cp}x8,plain \
+      --out "$out/$day-train_step_fences-mgm2b-$gpu.json" 2>&1 | tail -n 6
+    timeout 280 python3 bench/train_step.py --model qwen3-30b-a3b --budget_gib 80 --warmup 0 --steps 30 --lr 1e-4 \
+      --variants plainx8,${q}x8,${q}x48 --out "$out/$day-train_step_fences-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
     ;;
   budget_mgm)
     # each path's best within 24 GiB (MGM-2B, 2048-position rows): micro-batch, packing (mgmlora's packed

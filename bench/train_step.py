@@ -68,6 +68,7 @@ from mgmlora.models.args import ModelArgs  # noqa: E402
 from mgmlora.models.attention import packed_attention  # noqa: E402
 from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
+from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
 from mgmlora.training.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
@@ -204,7 +205,7 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
     if "packing" in flags:
-        previous_attn = llm.config._attn_implementation
+        previous_attn = attn_implementation(llm.config)
         attn = "flex_attention" if "flex" in flags else "sdpa" if "dense" in flags else packed_attention("sdpa", True)
         llm.set_attn_implementation(attn)
         undo.append(lambda: llm.set_attn_implementation(previous_attn))
@@ -215,7 +216,7 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
     if chosen := [experts[f] for f in flags & experts.keys()]:
-        previous_experts = getattr(llm.config, "_experts_implementation", None)
+        previous_experts = experts_implementation(llm.config)
         llm.set_experts_implementation(chosen[0])
         undo.append(lambda: llm.set_experts_implementation(previous_experts or "grouped_mm"))
     if "compile" in flags:

@@ -13,6 +13,7 @@ transformers.generate's (mgmlora.tools.generate.GenerationArgs). `--model_path` 
 """
 
 import argparse
+import inspect
 import json
 import sys
 from dataclasses import fields, replace
@@ -46,6 +47,12 @@ def generation_args(path: Path | None, overrides: dict) -> GenerationArgs:
                              f"{[f.name for f in fields(GenerationArgs)]}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return GenerationArgs(**values)
+
+
+def _defaults(datamodule: type) -> dict:
+    """A DataModule's own defaults, so that generation prompts as training did where the run's config is silent."""
+    return {name: p.default for name, p in inspect.signature(datamodule).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _data_settings(run) -> dict:
@@ -96,30 +103,32 @@ def main(argv: list[str] | None = None):
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype, args.trust_remote_code)
     data = _data_settings(run)
     if args.chameleons:  # everything that can be refused is checked before the model loads
+        from mgmlora.data.chameleons_datamodule import ChameleonsDataModule
         from mgmlora.data.prompts import get_ablation
         from mgmlora.tools.leaderboard import read_progress, run_settings
 
-        ablation = args.ablation or data.get("ablation", "context_only")
-        prompt_role = args.prompt_role or data.get("prompt_role", "system")
-        max_length = args.max_length or data.get("max_length", 1024)
+        data = {**_defaults(ChameleonsDataModule), **data}  # the training defaults where the run's config has none
+        ablation = args.ablation or data["ablation"]
+        prompt_role = args.prompt_role or data["prompt_role"]
+        max_length = args.max_length or data["max_length"]
         train_path = args.train_path or data.get("train_path")
         use_history = get_ablation(ablation).use_history
         if use_history and (not train_path or not Path(train_path).is_file()):
             parser.error(f"ablation {ablation} uses history: pass --train_path (the training file).")
         gen = replace(gen, num_return_sequences=args.n)  # greedy decoding with --n > 1 is refused here
         read_progress(args.output, run_settings(args.chameleons, args.n, gen, ablation, prompt_role, max_length,
-                                                data.get("mark_omitted", False), use_history,
-                                                data.get("max_history", 15), args.checkpoint))
+                                                data["mark_omitted"], use_history, data["max_history"],
+                                                args.checkpoint))
 
-    model, info = build_trained_model(run, model_args)
-    model.to(args.device).eval()
+    loaded = build_trained_model(run, model_args)
+    model, info = loaded.model.to(args.device).eval(), loaded.info
     tokenizer = load_tokenizer(model_args)
 
     if args.chameleons:
-        from mgmlora.data.chameleons_datamodule import ChameleonsDataModule, PersonaEncoder
+        from mgmlora.data.chameleons_datamodule import PersonaEncoder
         from mgmlora.tools.leaderboard import predict_leaderboard
 
-        encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data.get("mark_omitted", False))
+        encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data["mark_omitted"])
         history = None
         if use_history:
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
@@ -128,15 +137,16 @@ def main(argv: list[str] | None = None):
             dm._train_val()
             history = dm.dialogues["train"]
         summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,
-                                      data.get("max_history", 15), checkpoint=args.checkpoint)
+                                      data["max_history"], checkpoint=args.checkpoint)
         print(json.dumps(summary, indent=2))
         return summary
 
-    if info.family == "mgm":
+    if info.takes_images:
         from mgmlora.data.images import blank, load_rgb, preprocess
         from mgmlora.data.llava import generation_prompt
+        from mgmlora.data.llava_datamodule import LlavaDataModule
 
-        aspect = args.image_aspect_ratio or data.get("image_aspect_ratio", "pad")
+        aspect = args.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
         low, aux = (preprocess(load_rgb(args.image), info.image_size_aux, info.image_size, aspect) if args.image
                     else blank(info.image_size_aux, info.image_size))
         rows = [generation_prompt(tokenizer, args.prompt, has_image=args.image is not None)]

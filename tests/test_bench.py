@@ -5,9 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.integration
 def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_plain_one(tmp_path):
     out = tmp_path / "bench.json"
     # inductor needs a C++ compiler on the CPU; without one, tests/training/test_fastpath.py covers compile (aot_eager)

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 # third-party notices every run used to print, none of which concerns the user (mgmlora.quiet says why for each)
 NOTICES = ["💡 Tip: For seamless cloud logging", "`is_gradient_checkpointing` is deprecated",

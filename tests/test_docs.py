@@ -4,6 +4,8 @@ import importlib.util
 import re
 import shlex
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -39,6 +41,7 @@ def test_the_readmes_estimate_figures_are_what_bin_estimate_prints(capsys, in_re
     assert fix and full["fix"] in fix.group(1) and fix.group(2) == full["fixed"], out
 
 
+@pytest.mark.integration
 def test_the_configs_readmes_demo_chat_start_loss_is_what_the_demo_logs(tmp_path, in_repo_root):
     import lightning as L
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

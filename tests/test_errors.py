@@ -95,3 +95,23 @@ def test_which_exceptions_are_user_errors(tmp_path):
     assert classify(UsageError("x")) == ("user", USAGE)
     assert classify(argparse.ArgumentError(None, "x")) == ("user", USAGE)
     assert classify(TypeError("x")) == ("bug", 1)
+
+
+@pytest.mark.integration  # builds the CLI's model, data and trainer (about 20 s)
+def test_lightnings_distributed_sampler_on_two_ranks_is_refused_before_the_weights_load(capsys, monkeypatch,
+                                                                                        in_repo_root):
+    from mgmlora.cli import main
+    from mgmlora.training.module import LoraLitModule
+
+    monkeypatch.setattr(LoraLitModule, "configure_model", lambda self: pytest.fail("the weights loaded first"))
+    two_ranks = ["--config", "configs/demo_chat.yaml", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+                 "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    code, out, err = _run(lambda argv=None: main(argv, run=False), [*two_ranks, "--trainer.use_distributed_sampler",
+                                                               "true"], capsys, monkeypatch)
+    assert code == USAGE, err
+    assert err.strip().splitlines()[-1] == ("error: trainer.use_distributed_sampler: true with 2 ranks: set "
+                                            "trainer.use_distributed_sampler: false (mgmlora's sampler shards the "
+                                            "data across ranks itself, to normalise the loss over the whole "
+                                            "accumulation window).")  # one line, after Lightning's INFO lines
+    cli = main([*two_ranks, "--trainer.use_distributed_sampler", "false"], run=False)  # the configs' setting passes
+    assert cli.trainer.world_size == 2

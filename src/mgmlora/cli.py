@@ -28,11 +28,12 @@ from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
-from mgmlora.errors import USAGE, one_line  # noqa: E402
+from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import StepProgressBar  # noqa: E402
+from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -75,7 +76,10 @@ class MgmCLI(LightningCLI):
         left renamed away would not be found and training would start over (mgmlora.training.checkpoint.recover).
         """
         if self.config[self.subcommand].get("ckpt_path") == "last":
-            recover_checkpoint_dirs(self.trainer.checkpoint_callbacks)
+            strategy = self.trainer.strategy
+            saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
+            done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
+            recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
 
     def instantiate_classes(self) -> None:
         """Builds model, data and trainer as LightningCLI does, then connects the data to the model.
@@ -109,9 +113,23 @@ class MgmCLI(LightningCLI):
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
         trainer = super().instantiate_trainer(**kwargs)
+        _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
             trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
+
+
+def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:
+    """Refuses Lightning's DistributedSampler on several ranks, before any weight loads (the model loads later).
+
+    mgmlora's window sampler shards the data across ranks itself: it must, to normalise the loss over the whole
+    accumulation window. Lightning's sampler on top would re-shard it. The setting is read from the config (the
+    Trainer keeps it only in a private connector), the rank count from the built Trainer.
+    """
+    if trainer.world_size > 1 and trainer_config.get("use_distributed_sampler", True):
+        raise UsageError(f"trainer.use_distributed_sampler: true with {trainer.world_size} ranks: set "
+                         "trainer.use_distributed_sampler: false (mgmlora's sampler shards the data across ranks "
+                         "itself, to normalise the loss over the whole accumulation window).")
 
 
 class _ParseOnly(MgmCLI):

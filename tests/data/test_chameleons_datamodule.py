@@ -36,6 +36,7 @@ def test_held_out_users_mode_and_history_ablation():
     assert not any(d.history for d in dm.dialogues["val"])  # held-out users have no training lines
 
 
+@pytest.mark.integration
 def test_on_the_fly_sampling_equals_the_sampling_command(tmp_path):
     out = tmp_path / "sampled.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bin" / "sample_chameleons.py"), str(DEMO), str(out),
@@ -55,6 +56,7 @@ def test_on_the_fly_sampling_equals_the_sampling_command(tmp_path):
         assert [s.input_ids for s in from_file.splits[split]] == [s.input_ids for s in on_the_fly.splits[split]]
 
 
+@pytest.mark.integration
 def test_show_samples_prints_what_the_config_trains_on(in_repo_root):
     command = [sys.executable, "bin/show_samples.py", "--config", "configs/demo_chameleons.yaml", "--n", "2"]
     proc = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -49,6 +49,7 @@ def test_data_tokenizer_path_is_loaded_with_the_models_checks(tmp_path):
     assert dm.tokenizer.pad_token_id == tok.eos_token_id
 
 
+@pytest.mark.integration
 def test_mgm_cli_connects_the_datamodule_to_the_models_tokenizer(tmp_path, in_repo_root):
     from mgmlora.cli import main
 

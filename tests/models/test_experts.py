@@ -90,3 +90,12 @@ def test_model_args_choose_the_experts_implementation():
     assert load_model(ModelArgs(**args)).model.config._experts_implementation == FAST_EXPERTS
     assert load_model(ModelArgs(**args, experts_implementation="grouped_mm")).model.config._experts_implementation \
         == "grouped_mm"
+
+
+def test_a_torch_without_the_public_grouped_mm_is_a_one_line_error_naming_the_setting(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)  # what torch releases before it lack
+    x, weight, offsets = torch.ones(2, 4), torch.ones(1, 4, 3), torch.tensor([2], dtype=torch.int32)
+    with pytest.raises(experts.MgmloraError, match=r"model.model.experts_implementation: mgmlora_grouped_mm needs "
+                                                   r"torch.nn.functional.grouped_mm.*experts_implementation: "
+                                                   r"grouped_mm"):
+        experts._grouped_mm(x, weight, offsets)

@@ -57,6 +57,7 @@ def _text_inputs():
     return {"input_ids": ids, "attention_mask": (torch.arange(7) < torch.tensor([[7], [4]])).long()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
 def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp_path, preset):
     from transformers import AutoModelForCausalLM
@@ -64,7 +65,7 @@ def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp
     ckpt, adapter_dir = _train(tmp_path, preset)
     run = read_run_adapter(ckpt)
     args = model_args_for(run, dtype="float32")
-    adapted, _ = build_trained_model(run, args)
+    adapted = build_trained_model(run, args).model
     inputs = _text_inputs()
     with torch.no_grad():
         expected = adapted.eval()(**inputs).logits
@@ -87,12 +88,14 @@ def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp
         torch.testing.assert_close(reloaded(**inputs).logits, expected, **TOL)
 
 
+@pytest.mark.integration
 def test_merged_mgm_reloads_in_the_original_layout_with_projector_and_matches_the_adapter(tmp_path):
     ckpt, adapter_dir = _train(tmp_path, "tiny-mgm")
     run = read_run_adapter(adapter_dir)  # the final export: adapter + non_lora_trainables, settings from config.yaml
     assert run.trainables and any(k.startswith("mm_projector.") for k in run.trainables)
     args = model_args_for(run, dtype="float32")
-    adapted, info = build_trained_model(run, args)
+    loaded = build_trained_model(run, args)
+    adapted, info = loaded.model, loaded.info
     g = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.tensor([[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9]]),
               "attention_mask": torch.ones(1, 6, dtype=torch.long),

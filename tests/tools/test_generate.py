@@ -92,7 +92,7 @@ def _leaderboard_model(trained_qwen):
     """The trained tiny Qwen3 run as the leaderboard sees it: model, tokenizer and the Chameleons prompt encoder."""
     run = read_run_adapter(trained_qwen)
     args = model_args_for(run, dtype="float32")
-    model, _ = build_trained_model(run, args)
+    model = build_trained_model(run, args).model
     tokenizer = load_tokenizer(args)
     return model, tokenizer, PersonaEncoder(tokenizer, 512, "context_only", "system")
 
@@ -135,6 +135,7 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
     assert len(readable) == total + 1  # header + one per item: the cut line stays alone, nothing glued onto it
 
 
+@pytest.mark.integration
 def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
     path, _ = _leaderboard_file(tmp_path)
     summary = generate_cli.main(["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output",
@@ -143,6 +144,7 @@ def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
     assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
 
 
+@pytest.mark.integration
 def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loading_the_model(tmp_path, trained_qwen,
                                                                                             monkeypatch):
     from mgmlora.tools.leaderboard import ProgressMismatchError
@@ -162,6 +164,7 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
         generate_cli.main(args + ["--n", "3"])
 
 
+@pytest.mark.integration
 def test_mgm_smoke_inference_answers_a_question_about_a_bundled_image(tmp_path):
     ckpt, adapter = _train(tmp_path, "tiny-mgm")
     image = sorted((ASSETS / "llava" / "images").iterdir())[0]

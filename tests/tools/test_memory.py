@@ -1,4 +1,7 @@
-"""The memory estimator against every committed GPU measurement (bench/results), and bin/estimate.py."""
+"""The memory estimator against every committed GPU measurement (bench/results), and bin/estimate.py.
+
+The measurements its constants were fitted on (CALIBRATION) and those it predicts (held out) are tested apart.
+"""
 
 import importlib.util
 import json
@@ -47,23 +50,55 @@ SHORT_ROW_SMOKE_RUNS = {"2026-11-23-mgm2b_lora-smoke-h100.json", "2026-11-23-qwe
                         "2026-11-23-qwen3-30b-a3b_lora_chameleons-smoke-h100.json"}
 
 
-def _fit_smoke_cases():
+# Calibration: the results committed when the estimate's constants were last set (docs/design/memory.md). ACT_HIDDEN,
+# ACT_MLP and WORKSPACE_GIB were fitted on the first 17 files (2026-11-23, with the estimator itself); RECOMPUTE_LIVE
+# was set on the tiny CPU models while checking that the next 11 GPU files moved by at most ~1.5%. No constant has
+# changed since, so every later file is held out: the estimate predicts it, it was not fitted to it.
+CALIBRATION = frozenset({
+    # fitted on (commit of the estimator)
+    "2026-11-23-gpu_tests-h100.json", "2026-11-23-mgm2b_full_zero2_24gib-h100.json",
+    "2026-11-23-mgm2b_full_zero2_offload_24gib-h100.json", "2026-11-23-mgm2b_lora-smoke-h100.json",
+    "2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons-smoke-h100.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero2_1gpu-h100.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero3_1gpu-h100.json",
+    "2026-11-23-qwen3-8b_lora_chameleons-smoke-h100.json",
+    "2026-11-23-train_step-mgm2b-h100.json", "2026-11-23-train_step-qwen3-30b-a3b-h100.json",
+    "2026-11-23-train_step_parity-mgm2b-h100.json", "2026-11-23-train_step_parity-qwen3-30b-a3b-h100.json",
+    "2026-11-23-train_step_profile-mgm2b-h100.json", "2026-11-23-train_step_r8_attention-qwen3-30b-a3b-h100.json",
+    "2026-11-23-train_step_r8_experts-qwen3-30b-a3b-h100.json",
+    # looked at while RECOMPUTE_LIVE was set
+    "2026-11-23-mgm2b_lora_zero2_1gpu-h200.json", "2026-11-23-mgm2b_lora_zero2_2gpu-h200.json",
+    "2026-11-23-mgm2b_lora_zero2_acc8_fastpath_off-h200.json", "2026-11-23-mgm2b_lora_zero2_acc8_fastpath_on-h200.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero2_1gpu-h200.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero2_2gpu-h200.json",
+    "2026-11-23-qwen3-30b-a3b_lora_chameleons_zero3_2gpu-h200.json", "2026-11-23-train_step_fast-mgm2b-h200.json",
+    "2026-11-23-train_step_fast-qwen3-30b-a3b-h200.json", "2026-11-23-train_step_levers-mgm2b-h200.json",
+    "2026-11-23-train_step_levers-qwen3-30b-a3b-h200.json",
+})
+
+
+def _fit_smoke_cases(held_out: bool):
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         if not result.get("command", "").startswith("python bench/fit_smoke.py") or path.name in SHORT_ROW_SMOKE_RUNS:
             continue
-        yield pytest.param(path.name, result, id=path.name)
+        if (path.name not in CALIBRATION) == held_out:
+            yield pytest.param(path.name, result, id=path.name)
 
 
 # Known gaps of the estimate, kept visible: strict expected failures turn into errors once the estimate covers them.
-# MGM-2B with 8 packed samples and checkpointing: the estimate is 18% (chunked) and 35% (liger) low; not yet found
-# which term misses (the vision path of 8 images and the recomputed layer at 16k positions are the candidates).
+# Both are held-out rows. MGM-2B with 8 packed samples and checkpointing: the estimate is 18% (chunked) and 35% (liger)
+# low; not yet found which term misses (the vision path of 8 images and the recomputed layer at 16k positions are the
+# candidates).
 ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+nocast+fused+compilex8",
                  "2026-11-30-train_step_budget-mgm2b-h200.json:liger+packing+nocast+fused+compilex8"}
 
 
-def _train_step_cases():
+def _train_step_cases(held_out: bool):
     for path in sorted(RESULTS.glob("*train_step*.json")):
+        if (path.name in CALIBRATION) == held_out:
+            continue
         result = json.loads(path.read_text())
         for variant, rec in result["variants"].items():
             if "peak_alloc_gib" in rec:
@@ -95,8 +130,24 @@ def _config_as_run(name: str, config: str) -> list[str]:
             for o in overrides]
 
 
-@pytest.mark.parametrize("name,result", list(_fit_smoke_cases()))
-def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
+def test_the_held_out_measurements_are_most_of_the_committed_ones():
+    assert all((RESULTS / name).is_file() for name in CALIBRATION)  # the list names real files
+    runs = [len(list(_fit_smoke_cases(held_out))) for held_out in (False, True)]
+    steps = [len(list(_train_step_cases(held_out))) for held_out in (False, True)]
+    assert runs[1] >= 15 and steps[1] >= 30, (runs, steps)  # 19 runs and 34 steps held out, 13 and 42 calibrate
+
+
+@pytest.mark.parametrize("name,result", list(_fit_smoke_cases(held_out=False)))
+def test_estimate_fits_the_training_runs_it_was_calibrated_on(name, result, in_repo_root):
+    _check_training_run(name, result)
+
+
+@pytest.mark.parametrize("name,result", list(_fit_smoke_cases(held_out=True)))
+def test_estimate_predicts_held_out_training_runs(name, result, in_repo_root):
+    _check_training_run(name, result)
+
+
+def _check_training_run(name, result):
     args = shlex.split(result["command"])[3:]
     if args[0] == "--memory_cap_gib":
         args = args[2:]
@@ -116,8 +167,17 @@ def test_estimate_matches_committed_training_runs(name, result, in_repo_root):
     assert abs(est.total_gib / measured - 1) <= TOLERANCE, (est.total_gib, measured, est.items)
 
 
-@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases()))
-def test_estimate_matches_committed_benchmark_steps(result, variant, rec):
+@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases(held_out=False)))
+def test_estimate_fits_the_benchmark_steps_it_was_calibrated_on(result, variant, rec):
+    _check_bench_step(result, variant, rec)
+
+
+@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases(held_out=True)))
+def test_estimate_predicts_held_out_benchmark_steps(result, variant, rec):
+    _check_bench_step(result, variant, rec)
+
+
+def _check_bench_step(result, variant, rec):
     name, flags, _ = train_step.parse_variant(variant)
     est = _estimate_bench_step(result, name, flags, rec)
     assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= TOLERANCE, (est.total_gib, rec["peak_alloc_gib"])
@@ -143,6 +203,7 @@ def _estimate_bench_step(result, name, flags, rec, device="cuda"):
     return estimate(model, lora, Trainability(), speed, shape)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-mgm"])
 def test_estimate_is_within_25_percent_of_the_cpu_allocator_peak_of_tiny_models(model, tmp_path):
     """The CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""

@@ -17,7 +17,7 @@ def _load(path, name):
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root, capsys):
     sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
     # --gpus: two variants at a time, each with its own CUDA_VISIBLE_DEVICES (ignored on this CPU machine) and log

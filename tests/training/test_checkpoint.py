@@ -165,7 +165,17 @@ def test_fit_ckpt_path_last_finds_the_checkpoint_a_killed_save_renamed_away(tmp_
         with pytest.raises(_Killed):
             AdapterCheckpointIO().save_checkpoint(_state(2), last)
     assert not last.exists()
-    recover_checkpoint_dirs([ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint()])
-    assert last.is_dir() and _step(AdapterCheckpointIO(), last) == 1
+    io = AdapterCheckpointIO()  # the resumed run's saver
+    recover_checkpoint_dirs([ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint()], io.recovered)
+    assert last.is_dir() and _step(io, last) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     assert "recover_checkpoint_dirs" in MgmCLI.before_fit.__code__.co_names  # wired where `last` is resolved
+
+    # Once per run: the saver's first save does not clean the directory the CLI cleaned (it passed the saver's set;
+    # with a fresh set each call, this save deleted the directory below as debris again).
+    leftover = tmp_path / ".step=9.ckpt.tmp-0123abcd"
+    leftover.mkdir()
+    io.save_checkpoint(_state(3), tmp_path / "step=3.ckpt")
+    assert leftover.is_dir()
+    AdapterCheckpointIO().save_checkpoint(_state(4), tmp_path / "step=4.ckpt")  # another run cleans it
+    assert not leftover.exists()

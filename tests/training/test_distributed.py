@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import ROOT, TRAIN
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 SCRIPT = ROOT / "tests" / "scripts" / "grad_after_one_step.py"
 
 

@@ -136,7 +136,7 @@ def _fit_losses(tmp_path, speed, steps=50):
     return losses
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_fifty_steps_of_the_fast_path_learn_what_the_plain_path_learns(tmp_path):
     plain = _fit_losses(tmp_path, SpeedArgs(loss="full", packing=False))
     fast = _fit_losses(tmp_path, SpeedArgs(loss="chunked", loss_chunk_size=16, packing=True))

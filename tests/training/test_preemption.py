@@ -81,7 +81,8 @@ def test_sigterm_mid_window_saves_the_window_start_and_resuming_it_equals_an_uni
 
 
 def test_sigint_stops_like_sigterm_with_exit_130_and_a_second_one_interrupts_as_usual(tmp_path):
-    # also the fence on Lightning's private stop flag: SIGINT only stops the run if `request_stop` still reaches it
+    # also the fence on Lightning's private stop flag: SIGINT only stops the run if `request_graceful_stop` still
+    # reaches it
     with pytest.raises(SystemExit) as stopped:
         _fit(tmp_path, _SignalAt(signal.SIGINT, at=2 * ACCUMULATE + 1))  # the end of step 3's window
     assert stopped.value.code == 130  # not 1, as with Lightning's KeyboardInterrupt path
@@ -91,7 +92,7 @@ def test_sigint_stops_like_sigterm_with_exit_130_and_a_second_one_interrupts_as_
         os.kill(os.getpid(), signal.SIGINT)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_main_fit_on_sigterm_to_its_process_group_exits_143_with_a_checkpoint_that_resumes(tmp_path, in_repo_root):
     config = yaml.safe_load((ROOT / "configs" / "demo_chameleons.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
@@ -134,7 +135,7 @@ def _preempt_script(out, mode):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_deepspeed_zero2_run_stopped_mid_window_resumes_to_the_unstopped_result(tmp_path):
     summary = _preempt_script(tmp_path, "zero2")
     assert summary["exit_code"] == 143 and summary["checkpoints"] == ["interrupted-step=000002.ckpt"]
@@ -142,7 +143,7 @@ def test_deepspeed_zero2_run_stopped_mid_window_resumes_to_the_unstopped_result(
     assert summary["max_abs_diff"] < 1e-6  # DeepSpeed's own checkpoint format, wound back to the window start too
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_rank_ddp_run_stops_together_when_one_rank_gets_the_signal(tmp_path):
     # Lightning's own handler runs a collective inside the signal handler and stops each rank on its own flag: the
     # other rank went on into the next backward and died ("Connection closed by peer"). Both ranks stop together here.

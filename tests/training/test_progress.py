@@ -41,6 +41,7 @@ def _fit(tmp_path, *overrides):
 
 @pytest.mark.parametrize("batch_size,max_steps,max_epochs", [(16, 4, -1), (32, -1, 2)],
                          ids=["max_steps=4, two epochs", "max_epochs=2, incomplete last window"])
+@pytest.mark.integration
 def test_the_bar_counts_optimizer_steps_and_never_passes_its_total(tmp_path, in_repo_root, batch_size, max_steps,
                                                                     max_epochs):
     accumulate = 2  # demo_chat.yaml's accumulate_grad_batches

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 SCRIPT = ROOT / "tests" / "scripts" / "ds_accumulation.py"
 W0 = 0.25
 X, Y = [1.0, 2.0, -1.0, 3.0], [0.5, -1.0, 2.0, 1.0]
@@ -138,7 +138,7 @@ def test_deepspeed_checkpoints_export_and_merge_like_plain_ones(moe_runs, stage,
     args = model_args_for(run)  # the base directory the run trained from, recorded in its hyperparameters
     ids = torch.tensor([[5, 17, 33, 48, 9, 70, 11]])
     with torch.no_grad():
-        adapted = build_trained_model(run, args)[0].eval()(input_ids=ids).logits
+        adapted = build_trained_model(run, args).model.eval()(input_ids=ids).logits
         final = PeftModel.from_pretrained(load_model(args).model, out / "adapter").eval()(input_ids=ids).logits
     # the step-2 checkpoint is the end of training, so it equals the final exported adapter
     torch.testing.assert_close(adapted, final, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,9 +21,20 @@ from mgmlora.data.collate import pad_collate
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
 from mgmlora.errors import MgmloraError
 from mgmlora.models import ModelInfo
-from mgmlora.training.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT; the main process stops them when it is done.
+
+    Training stops on those signals at a micro-batch boundary with a checkpoint (mgmlora.training.preemption). A
+    scheduler or Ctrl+C signals the whole process group. A worker that died of it (torch's worker SIGTERM handler
+    exits) made the main process fail with "DataLoader worker is killed by signal: Terminated" before it could save
+    (measured with 2 workers). Workers still exit when the main process does (torch watches the parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class NoTrainingSampleError(ValueError):
@@ -149,9 +161,10 @@ class TokenizedDataModule(L.LightningDataModule):
         """Refuses text-only data for an image model, where every sample would silently train without its image."""
         if self.info.takes_images and not self.takes_images:
             raise ValueError(f"data.class_path {type(self).__module__}.{type(self).__name__} has no images but the "
-                             "model is MGM, so every sample would train text-only. Set data.class_path: "
-                             "mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records without an image are "
-                             "allowed there), or a text model in model.model.preset / model.model.model_path.")
+                             f"model ({self.info.family}) takes images, so every sample would train text-only. Set "
+                             "data.class_path: mgmlora.data.llava_datamodule.LlavaDataModule (LLaVA JSON; records "
+                             "without an image are allowed there), or a text model in model.model.preset / "
+                             "model.model.model_path.")
 
     def drop_reasons(self, split: str) -> dict[str, int]:
         """Records of `split` left out of it, counted per reason (a phrase that says why); sources override it."""
@@ -199,10 +212,6 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Window-aware, rank-sharded, seeded, resumable training batches."""
-        trainer = self.trainer
-        if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError("set trainer.use_distributed_sampler: false. mgmlora's sampler shards the data across "
-                             "ranks itself (it must, to normalise the loss over the whole accumulation window).")
         return _ResumableLoader(self._dataset(self.splits["train"]), batch_sampler=self._train_sampler(),
                                 collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
                                 persistent_workers=self.hparams.num_workers > 0,

@@ -25,17 +25,21 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from mgmlora.errors import MgmloraError
+
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(S, in) @ per-group (E, in, out) -> (S, out); rows [offsets[e-1], offsets[e]) use expert e's matrix.
 
-    PyTorch's public `torch.nn.functional.grouped_mm` where the release has it, its earlier name otherwise (the GPU
-    image's torch 2.11 has both).
+    PyTorch's public `torch.nn.functional.grouped_mm` (torch 2.11, the GPU image's, and later have it).
     """
-    grouped = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
-    return grouped(x.to(weight.dtype), weight, offs=offsets)
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        raise MgmloraError(f"model.model.experts_implementation: {FAST_EXPERTS} needs torch.nn.functional.grouped_mm, "
+                           f"which torch {torch.__version__} lacks: upgrade torch, or set "
+                           "model.model.experts_implementation: grouped_mm (transformers' own).")
+    return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight, offs=offsets)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:

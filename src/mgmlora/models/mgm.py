@@ -96,13 +96,13 @@ class MGMConfig:
                 out[key] = value
         return out
 
-    def clip_config(self) -> CLIPVisionConfig:
-        """The low-resolution tower's architecture."""
+    def clip_config(self, attn_implementation: str | None = None) -> CLIPVisionConfig:
+        """The low-resolution tower's architecture (and the attention it runs, when given)."""
         if self.mm_vision_tower_config:
-            return CLIPVisionConfig(**self.mm_vision_tower_config)
+            return CLIPVisionConfig(**self.mm_vision_tower_config, attn_implementation=attn_implementation)
         name = _tower_name(self.mm_vision_tower)
         if "clip-vit-large-patch14-336" in name:
-            return CLIPVisionConfig(**CLIP_L_336)
+            return CLIPVisionConfig(**CLIP_L_336, attn_implementation=attn_implementation)
         raise ValueError(f"unknown vision tower {self.mm_vision_tower!r}: add `mm_vision_tower_config` "
                          "(CLIPVisionConfig fields) to config.json; mgmlora never downloads towers.")
 
@@ -140,14 +140,14 @@ class MGMForCausalLM(nn.Module):
         # transformers 5.23 rewrites Gemma's legacy hidden_act="gelu" to the tanh approximation (with a notice at
         # every run); MGM-2B was trained on 4.38, which applied the exact GELU the config names
         # (docs/design/mgm.md). So the config is built without the key, which is then set as named.
-        text = GemmaConfig(**{k: v for k, v in config.text.items() if k != "hidden_act"})
+        # The attention is the configs' public constructor argument (`attn_implementation`), as from_pretrained sets it.
+        text = GemmaConfig(**{k: v for k, v in config.text.items() if k != "hidden_act"},
+                           attn_implementation=attn_implementation)
         if "hidden_act" in config.text:
             text.hidden_act = config.text["hidden_act"]
-        text._attn_implementation = attn_implementation
         self.llm = GemmaForCausalLM(text)
-        clip = config.clip_config()
         # the towers see no packed rows: mgmlora's packed attention (mgmlora.models.attention) is for the LLM only
-        clip._attn_implementation = "sdpa" if attn_implementation == PACKED_SDPA else attn_implementation
+        clip = config.clip_config("sdpa" if attn_implementation == PACKED_SDPA else attn_implementation)
         self.vision_tower = CLIPVisionModel(clip)
         aux = config.convnext_config()
         self.vision_tower_aux = ConvNeXtTrunk(**aux)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,7 @@ import yaml
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from mgmlora.models import load_model
+from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.tools.args import refuse_overwrite
@@ -162,19 +162,23 @@ def export_adapter(run: RunAdapter, out: str | Path) -> Path:
     return out
 
 
-def build_trained_model(run: RunAdapter, args: ModelArgs):
-    """The base model with the run's adapter and trainables applied (unmerged PEFT model, or the plain model)."""
+def build_trained_model(run: RunAdapter, args: ModelArgs) -> LoadedModel:
+    """The base model with the run's adapter and trainables applied, behind its family's LoadedModel.
+
+    Its `model` is the unmerged PEFT model when the run has an adapter, the plain model otherwise (a full fine-tune
+    or trainables only); the family methods (`save_merged`, `info.takes_images`, ...) keep working on it.
+    """
     loaded = load_model(args)
     model = loaded.model
     load_trainables(model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:
-        return model, loaded.info
+        return loaded
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
     model = get_peft_model(model, config)
     result = set_peft_model_state_dict(model, run.adapter)
     if result.unexpected_keys:
         raise ValueError(f"{run.source}: adapter keys not found in the base model: {result.unexpected_keys[:5]}")
-    return model, loaded.info
+    return replace(loaded, model=model)
 
 
 def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -188,20 +192,14 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
                                                "tokenizer_path": args.tokenizer_path})
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
-    model, info = build_trained_model(run, args)
-    model.eval()
+    loaded = build_trained_model(run, args)
+    model = loaded.model.eval()
     if run.lora_config is not None:
         model = model.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
     out.mkdir(parents=True, exist_ok=True)
-    if info.family == "mgm":
-        from mgmlora.models.mgm_checkpoint import save_mgm
-
-        save_mgm(model, out, max_shard_bytes)
-    else:
-        model.config.use_cache = True  # a serving checkpoint
-        model.save_pretrained(str(out), max_shard_size=max_shard_bytes, safe_serialization=True)
-        if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
-            _write_single_shard_index(out)
+    loaded.save_merged(model, out, max_shard_bytes)  # the family's own layout (MGM: the original key names)
+    if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
+        _write_single_shard_index(out)
     tokenizer.save_pretrained(str(out))
     if run.run_config is not None:
         shutil.copy(run.run_config, out / "training_config.yaml")

@@ -41,6 +41,7 @@ import torch
 
 from mgmlora.models import build_on_meta, model_info
 from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability, apply_trainability, component_counts
@@ -200,8 +201,7 @@ def cpu_peak_bytes(fn: Callable[[], object], resident_bytes: int) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted(allocation_events(prof))
     running = peak = 0
     for _, nbytes in events:
         running += nbytes

@@ -155,16 +155,18 @@ def recover_once(directory: Path, done: set[Path]) -> None:
     done.add(directory.resolve())
 
 
-def recover_checkpoint_dirs(callbacks: list) -> None:
+def recover_checkpoint_dirs(callbacks: list, done: set[Path]) -> None:
     """`recover` the directory of every checkpoint callback that names one (rank 0 only; before `last` is looked up).
 
     A callback without `dirpath` writes under the logger's next version directory, where no earlier `last` can be.
+    `done` is the run's saver's set (`AdapterCheckpointIO.recovered`, `MgmDeepSpeedStrategy.recovered`), so that its
+    first save does not clean the same directory again.
     """
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return
     for callback in callbacks:
         if getattr(callback, "dirpath", None):
-            recover_once(Path(callback.dirpath), set())
+            recover_once(Path(callback.dirpath), done)
 
 
 class AdapterCheckpointIO(CheckpointIO):
@@ -172,7 +174,7 @@ class AdapterCheckpointIO(CheckpointIO):
 
     def __init__(self) -> None:
         super().__init__()
-        self._recovered: set[Path] = set()  # directories already cleaned by this process
+        self.recovered: set[Path] = set()  # directories this run has cleaned (recover_once)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
@@ -184,7 +186,7 @@ class AdapterCheckpointIO(CheckpointIO):
                                "checkpoint['peft'] or its trained weights under checkpoint['trainables'] (mgmlora's "
                                "LoraLitModule does).")
         path = Path(path)
-        recover_once(path.parent, self._recovered)
+        recover_once(path.parent, self.recovered)
         tmp = fresh_tmp(path)
         try:
             tmp.mkdir(parents=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mgmlora.models.torch_private import uncompile
 from mgmlora.training.loss import SpeedArgs
 
 
@@ -67,7 +68,7 @@ def compile_decoder_layers(model: nn.Module, path: str, backend: str = "inductor
 def uncompile_decoder_layers(model: nn.Module, path: str) -> None:
     """Undoes `compile_decoder_layers` (the benchmark compares variants on one model)."""
     for layer in model.get_submodule(path):
-        layer._compiled_call_impl = None
+        uncompile(layer)
 
 
 def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:

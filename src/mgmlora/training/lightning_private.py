@@ -18,18 +18,14 @@ def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     return module._trainer
 
 
-def uses_distributed_sampler(trainer: L.Trainer) -> bool:
-    """Whether Lightning will wrap the training sampler in a DistributedSampler (`trainer.use_distributed_sampler`).
-
-    The Trainer keeps the setting only on its accelerator connector.
-    """
-    return trainer._accelerator_connector.use_distributed_sampler
-
-
 def request_graceful_stop(trainer: L.Trainer) -> None:
-    """Marks the run as stopped by SIGTERM, as Lightning's own signal handler does (its loops then stop cleanly)."""
+    """Marks the run as stopped by SIGTERM, as Lightning's own signal handler does (its loops then stop cleanly).
+
+    `trainer.received_sigterm` is read-only; this flag is what Lightning's training loop checks after every
+    micro-batch (mgmlora.training.preemption raises it on all ranks together).
+    """
     trainer._signal_connector.received_sigterm = True
 
 
-__all__ = ["attached_trainer", "request_graceful_stop", "uses_distributed_sampler"]
+__all__ = ["attached_trainer", "request_graceful_stop"]
 

@@ -34,27 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mgmlora.training.callbacks import AdapterExport
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT; the main process stops them when it is done.
-
-    A scheduler or Ctrl+C signals the whole process group. A worker that died of it (torch's worker SIGTERM handler
-    exits) made the main process fail with "DataLoader worker is killed by signal: Terminated" before it could save
-    (measured with 2 workers). Workers still exit when the main process does (torch watches the parent).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def request_stop(trainer: L.Trainer) -> None:
-    """Raises Lightning's own stop flag, the one its SIGTERM handler raises (`trainer.received_sigterm`).
-
-    Private Lightning attribute, used here only: Lightning offers no public setter, and this flag is what its training
-    loop checks after every micro-batch and broadcasts to the other ranks. tests/training/test_preemption.py fails if it
-    moves.
-    """
-    trainer._signal_connector.received_sigterm = True
+from mgmlora.training.lightning_private import request_graceful_stop
 
 
 def _partial_window(trainer: L.Trainer) -> int:
@@ -97,13 +77,13 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}  # the handlers ours replaced, by signal
 
     # ---- signals into Lightning's stop flag, decided by all ranks together ----------------------------------------
-    # SIGINT is taken in on_fit_start (mgmlora's DataLoader workers ignore both: `ignore_stop_signals`). SIGTERM is
-    # taken in on_train_start, after Lightning installed its own: that one runs a collective (`dist.broadcast`) inside
-    # the signal handler and each rank then stops on its own flag, so a 2-rank DDP run stopped mid collective and
-    # crashed (gloo: "Connection closed by peer"). Here a handler only notes the signal; after every micro-batch all
-    # ranks agree (one all-reduce of a bool, as Lightning itself broadcasts a flag per micro-batch) and raise
-    # Lightning's flag together. Lightning restores the handlers it found when the run ends; outside a fit this one
-    # passes a signal on to the handler it replaced.
+    # SIGINT is taken in on_fit_start (mgmlora's DataLoader workers ignore both:
+    # `mgmlora.data.datamodule.ignore_stop_signals`). SIGTERM is taken in on_train_start, after Lightning installed
+    # its own: that one runs a collective (`dist.broadcast`) inside the signal handler and each rank then stops on
+    # its own flag, so a 2-rank DDP run stopped mid collective and crashed (gloo: "Connection closed by peer"). Here
+    # a handler only notes the signal; after every micro-batch all ranks agree (one all-reduce of a bool, as
+    # Lightning itself broadcasts a flag per micro-batch) and raise Lightning's flag together. Lightning restores the
+    # handlers it found when the run ends; outside a fit this one passes a signal on to the handler it replaced.
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.signum, self.saved, self._trainer = None, None, trainer
         self._take(signal.SIGINT)
@@ -144,7 +124,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         if trainer.strategy.reduce_boolean_decision(self.signum is not None or trainer.received_sigterm, all=False):
-            request_stop(trainer)  # on every rank: Lightning raises SIGTERMException after this micro-batch
+            request_graceful_stop(trainer)  # on every rank: Lightning raises SIGTERMException after this micro-batch
 
     # ---- mid-window checkpoints describe the window's start ----------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:  # noqa: D102

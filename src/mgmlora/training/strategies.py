@@ -99,7 +99,7 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             raise ValueError("trainer.strategy.init_args: " + "; ".join(problems) + ".")
         if zero.get("offload_optimizer"):
             self.config["zero_force_ds_cpu_optimizer"] = False
-        self._recovered: set[Path] = set()  # checkpoint directories this process has cleaned (checkpoint.py)
+        self.recovered: set[Path] = set()  # checkpoint directories this run has cleaned (checkpoint.recover_once)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's save, into a temporary directory renamed into place, with frozen tied weights excluded too.
@@ -113,7 +113,7 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         """
         path = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:
-            recover_once(path.parent, self._recovered)
+            recover_once(path.parent, self.recovered)
         tmp = Path(self.broadcast(str(fresh_tmp(path)) if self.is_global_zero else None))
         engine = self.deepspeed_engine
         original = engine.module_state_dict

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from mgmlora.data.chameleons import DialogueSample, attach_history, iter_items, load_records, map_turns
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
-from mgmlora.data.prompts import parse_answer
+from mgmlora.data.prompts import clean_reply
+from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.tools.args import refuse_overwrite
-from mgmlora.tools.generate import END_OF_TURN, GenerationArgs, generate_batch
 
 
 class ProgressMismatchError(ValueError):
@@ -48,14 +48,6 @@ def leaderboard_samples(records: list[dict], path: str | Path) -> list[DialogueS
         samples.append(DialogueSample(record["user_hash"], dict(record["user"]["profile"]),
                                       record["task"]["description"], context, None, index=(r, c, i)))
     return samples
-
-
-def clean_reply(text: str) -> str:
-    """The answer span of a reply, without template tokens or tags."""
-    answer = parse_answer(text)
-    for token in END_OF_TURN + ("[ANSWER]", "[/ANSWER]"):
-        answer = answer.replace(token, "")
-    return answer.strip()
 
 
 def run_settings(input_path: str | Path, n: int, gen: GenerationArgs, ablation: str, prompt_role: str,

@@ -9,10 +9,10 @@ words. chrF works on characters and needs no split.
 
 Metric sets (`MetricKind`):
 
-- `text` (persona dialogue, chat): rougeL (ROUGE-L F-measure, mean over samples), bleu4 (corpus BLEU-4 with add-one
-  smoothing of the higher n-gram precisions, Lin & Och 2004, because unsmoothed BLEU-4 is 0 for almost every short
-  line), chrf (corpus chrF, character 6-grams, beta 2), exact_match (the normalised words are equal), len_ratio
-  (prediction words / reference words, over the whole set).
+- `text` (persona dialogue, chat): rougeL (ROUGE-L F-measure, mean over samples), bleu4 (corpus BLEU-4, unsmoothed:
+  0 when no 4-gram of any prediction matches its reference; torchmetrics' `smooth` only applies when none is 0), chrf
+  (corpus chrF, character 6-grams, beta 2), exact_match (the normalised words are equal), len_ratio (prediction words
+  / reference words, over the whole set).
 - `vqa` (image-text answers): exact_match and token_f1 (SQuAD's, on the normalised words: lower case, no punctuation,
   no articles), rougeL for long answers, len_ratio.
 
@@ -74,8 +74,8 @@ class GenerationMetrics(nn.Module):
         self.rouge.update(preds, refs)
         ids = [str(self._seen + i) for i in range(len(preds))]
         self._seen += len(preds)
-        self.squad.update([{"prediction_text": _spaced(p), "id": i} for p, i in zip(preds, ids)],
-                          [{"answers": {"answer_start": [0], "text": [_spaced(r)]}, "id": i} for r, i in zip(refs, ids)])
+        answers = [{"answers": {"answer_start": [0], "text": [_spaced(r)]}, "id": i} for r, i in zip(refs, ids)]
+        self.squad.update([{"prediction_text": _spaced(p), "id": i} for p, i in zip(preds, ids)], answers)
         self.pred_words.update(torch.tensor(float(sum(len(words(p)) for p in preds))))
         self.ref_words.update(torch.tensor(float(sum(len(words(r)) for r in refs))))
         if self.kind == "text":

@@ -62,7 +62,7 @@ class GenerationMetrics(nn.Module):
         self.ref_words = SumMetric()
         if kind == "text":
             self.bleu = BLEUScore(n_gram=4)
-            self.chrf = CHRFScore()
+            self.chrf = CHRFScore(n_word_order=0)  # plain chrF (sacrebleu's default), not chrF++
         self._seen = 0  # per-rank count, for ids that SQuAD requires to be unique within an update
 
     def update(self, preds: list[str], refs: list[str]) -> None:

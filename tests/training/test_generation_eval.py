@@ -1,5 +1,9 @@
 """GenerationEval in the real loop: scores, the TensorBoard table and images, checkpoint monitoring, ZeRO-3 refusal."""
 
+import json
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -18,7 +22,7 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.text_metrics import GenerationMetrics
-from tests.conftest import ASSETS, TOKENIZER, TRAIN, VAL
+from tests.conftest import ASSETS, ROOT, TOKENIZER, TRAIN, VAL
 
 LLAVA = ASSETS / "llava"
 
@@ -99,3 +103,32 @@ def test_fit_logs_val_gen_every_validation_and_model_checkpoint_can_monitor_it(t
 def test_bad_settings_are_one_line_usage_errors():
     with pytest.raises(UsageError, match="max_new_tokens"):
         GenerationEval(max_new_tokens=0)
+
+
+def _ranks(tmp_path, devices, num_samples):
+    out = tmp_path / f"{devices}_{num_samples}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "gen_eval_ranks.py"), str(out),
+                           "--val_path", str(tmp_path / "val.jsonl"), "--devices", str(devices), "--num_samples",
+                           str(num_samples)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_validate_on_two_gloo_ranks_scores_what_one_process_scores(tmp_path):
+    """The callback's sharding in the real loop (no hang with shares of 2 and 1 items); the sync itself with scores
+    that are all non-zero: tests/training/test_text_metrics.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_eval_ranks", ROOT / "tests" / "scripts" / "gen_eval_ranks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "val.jsonl").write_text("".join(VAL.read_text().splitlines(keepends=True)[:6]))
+    one, two = script.scores(str(tmp_path / "val.jsonl"), 1, 3), _ranks(tmp_path, 2, 3)
+    scores = {k: v for k, v in one.items() if k != "val_gen/time_s"}
+    assert set(scores) == {"val_gen/rougeL", "val_gen/bleu4", "val_gen/chrf", "val_gen/exact_match",
+                           "val_gen/len_ratio"}
+    assert scores["val_gen/len_ratio"] > 0  # something was generated and scored
+    for name, value in scores.items():
+        assert two[name] == pytest.approx(value, abs=1e-6), name

@@ -1,6 +1,7 @@
 """Generation metrics against values computed by hand on small strings (CJK and emoji included)."""
 
 import pytest
+import torch
 
 from mgmlora.training.text_metrics import GenerationMetrics, words
 
@@ -61,3 +62,43 @@ def test_reset_forgets_everything_and_mismatched_lengths_are_refused():
     assert metrics.compute()["exact_match"].item() == 1.0
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         metrics.update(["a", "b"], ["a"])
+
+
+PREDS = ["我爱你", "the cat sat on the mat today", "Hold FAST!", "红色圆形 😀"]
+REFS = ["我爱他", "the cat sat on the mat", "hold fast", "蓝色圆形 😀"]
+
+
+SHARES = {"uneven": [[(0, 2), (2, 3)], [(3, 4)]], "one_empty": [[(0, 4)], []]}  # (lo, hi): one update per batch
+
+
+def _rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for kind in ("text", "vqa"):
+        for name, shares in SHARES.items():
+            metrics = GenerationMetrics(kind)
+            for lo, hi in shares[rank]:
+                metrics.update(PREDS[lo:hi], REFS[lo:hi])
+            results[f"{kind}/{name}"] = {k: v.item() for k, v in metrics.compute().items()}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_scores_synced_over_two_gloo_ranks_equal_one_process(tmp_path):
+    """Uneven shares (3 and 1 items, in batches) and an empty rank; one spawn for every case (it costs ~20 s)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "scores.pt"
+    mp.spawn(_rank, args=(2, port, out), nprocs=2, join=True)
+    synced = torch.load(out, weights_only=True)
+    for key, scores in synced.items():
+        assert scores == pytest.approx(_scores(key.split("/")[0], PREDS, REFS), abs=1e-6), key
+        assert scores["rougeL"] > 0 and scores["exact_match"] > 0

@@ -16,8 +16,11 @@ Metric sets (`MetricKind`):
 - `vqa` (image-text answers): exact_match and token_f1 (SQuAD's, on the normalised words: lower case, no punctuation,
   no articles), rougeL for long answers, len_ratio.
 
-All are in [0, 1] except len_ratio. State is summed (BLEU, chrF, SQuAD, sums) or gathered (ROUGE's per-sample
-scores), so torchmetrics' own sync gives every rank the score of the whole set, whatever each rank held (0 included).
+All are in [0, 1] except len_ratio. Every state is a sum, so torchmetrics' own sync gives every rank the score of the
+whole set, whatever each rank held (0 included). ROUGE-L is torchmetrics' functional score per batch, averaged in a
+`MeanMetric` weighted by batch size: the `ROUGEScore` class keeps a list of 0-d per-sample tensors, and a rank holding
+one sample sends a 0-d tensor where a rank holding two sends a 1-d one, which breaks the gather (gloo: "Received data
+size doesn't match expected size"; tested with 2 ranks holding 2 and 1 items).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchmetrics.aggregation import SumMetric
-from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore, SQuAD
+from torchmetrics.aggregation import MeanMetric, SumMetric
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.text import BLEUScore, CHRFScore, SQuAD
 
 MetricKind = Literal["text", "vqa"]
 
@@ -56,7 +60,7 @@ class GenerationMetrics(nn.Module):
     def __init__(self, kind: MetricKind):
         super().__init__()
         self.kind = kind
-        self.rouge = ROUGEScore(rouge_keys="rougeL", normalizer=str.lower, tokenizer=words)
+        self.rouge = MeanMetric()  # of torchmetrics' per-batch ROUGE-L means, weighted by the batch size
         self.squad = SQuAD()
         self.pred_words = SumMetric()
         self.ref_words = SumMetric()
@@ -71,7 +75,8 @@ class GenerationMetrics(nn.Module):
             raise ValueError(f"{len(preds)} predictions for {len(refs)} references.")
         if not preds:
             return
-        self.rouge.update(preds, refs)
+        batch_mean = rouge_score(preds, refs, rouge_keys="rougeL", normalizer=str.lower, tokenizer=words)
+        self.rouge.update(batch_mean["rougeL_fmeasure"], weight=len(preds))
         ids = [str(self._seen + i) for i in range(len(preds))]
         self._seen += len(preds)
         answers = [{"answers": {"answer_start": [0], "text": [_spaced(r)]}, "id": i} for r, i in zip(refs, ids)]
@@ -85,7 +90,7 @@ class GenerationMetrics(nn.Module):
     def compute(self) -> dict[str, torch.Tensor]:
         """Scores over everything every rank added since the last reset (a collective under DDP: all ranks call it)."""
         squad = self.squad.compute()
-        rouge = self.rouge.compute()["rougeL_fmeasure"]
+        rouge = self.rouge.compute()
         out = {"exact_match": squad["exact_match"] / 100, "rougeL": rouge,
                "len_ratio": self.pred_words.compute() / self.ref_words.compute().clamp(min=1)}
         if self.kind == "vqa":

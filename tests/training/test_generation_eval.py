@@ -132,3 +132,19 @@ def test_validate_on_two_gloo_ranks_scores_what_one_process_scores(tmp_path):
     assert scores["val_gen/len_ratio"] > 0  # something was generated and scored
     for name, value in scores.items():
         assert two[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_zero3_is_refused_only_where_the_run_would_generate(tmp_path):
+    """ZeRO-3 ranks would hang generating different lengths: refused at setup, not after hours of training."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    trainer = SimpleNamespace(limit_val_batches=1.0, limit_test_batches=1.0,
+                              datamodule=SimpleNamespace(splits={"val": [object()]}))
+    with mock.patch("mgmlora.training.generation_eval.zero3_config", return_value={"zero_optimization": {}}):
+        with pytest.raises(UsageError, match="ZeRO stage < 3"):
+            GenerationEval().setup(trainer, None, "fit")
+        GenerationEval(enabled=False).setup(trainer, None, "fit")
+        GenerationEval().setup(SimpleNamespace(**{**vars(trainer), "limit_val_batches": 0}), None, "fit")
+        GenerationEval().setup(trainer, None, "test")  # no test split
+    GenerationEval().setup(trainer, None, "fit")  # ZeRO-2 or no DeepSpeed

@@ -95,8 +95,15 @@ class GenerationEval(L.Callback):
         self._metrics: GenerationMetrics | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuses ZeRO-3 before any work (see the module docstring)."""
-        if self.enabled and zero3_config(trainer) is not None:
+        """Refuses ZeRO-3 before any work when this run would generate (see the module docstring).
+
+        Lightning sets the DataModule up before the callbacks, so its splits say whether there is anything to ask.
+        """
+        split = {"fit": "val", "validate": "val", "test": "test"}.get(stage)
+        limit = trainer.limit_test_batches if split == "test" else trainer.limit_val_batches
+        has_split = bool(getattr(trainer.datamodule, "splits", {}).get(split))
+        generates = self.enabled and has_split and limit != 0 and (split != "test" or self.on_test)
+        if generates and zero3_config(trainer) is not None:
             raise UsageError("GenerationEval needs DeepSpeed ZeRO stage < 3 (ZeRO-3 ranks would hang generating "
                              "different lengths); use configs/strategy/zero2.yaml, or set the callback's enabled: "
                              "false and score checkpoints afterwards with bin/score.py.")

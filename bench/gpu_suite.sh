@@ -36,8 +36,8 @@
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 #   gen_cost  validation generation (GenerationEval at the configs' default subset: 64 prompts, 64 new tokens, batch
 #          16, greedy) in the real fit loop: MGM-2B LoRA (configs/mgm2b_lora.yaml, 24 GiB cap, a validation after each
-#          of 2 optimizer steps) and the Qwen3-30B-A3B Chameleons recipe on one GPU (global batch 64 as 32 x 2, a
-#          validation every 3 of 6 steps); random init never stops early, so every reply runs to 64 tokens (worst case)
+#          of 2 optimizer steps) and the Qwen3-30B-A3B Chameleons recipe on one GPU (global batch 64 as 8 packed x
+#          accumulate 8, a validation every 3 of 6 steps); random init never stops early, so every reply runs to 64 tokens (worst case)
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
@@ -385,8 +385,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # shellcheck disable=SC2086
     smoke qwen3-30b-a3b_lora_chameleons_gen_cost_1gpu 330 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
       --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
-      --data.init_args.train_path /tmp/chameleons_synth.json --data.init_args.batch_size 32 \
-      --trainer.accumulate_grad_batches 2 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 6 \
+      --data.init_args.train_path /tmp/chameleons_synth.json \
+      --trainer.accumulate_grad_batches 8 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 24 \
       --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.limit_val_batches 4
     for f in "$out"/*gen_cost*.json; do python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(open(sys.argv[1])).get('generation')))" "$f"; done
     ;;

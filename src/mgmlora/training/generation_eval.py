@@ -154,20 +154,27 @@ class GenerationEval(L.Callback):
         """The scored answer to each item: eval mode, no gradients, KV cache; the previous mode is restored."""
         was_training = pl_module.training
         pl_module.eval()
-        tokenizer, answers = datamodule.tokenizer, []
         try:
-            for b in range(0, len(items), self.gen.batch_size):
-                batch = items[b:b + self.gen.batch_size]
-                pixels = [datamodule.item_pixels(item) for item in batch]
-                images = aux = None
-                if pixels[0] is not None:
-                    images = torch.stack([p[0] for p in pixels])  # (B, 3, S, S)
-                    aux = torch.stack([p[1] for p in pixels])  # (B, 3, S_aux, S_aux)
-                replies = pl_module.loaded.generate(tokenizer, [item.prompt_ids for item in batch],
-                                                    replace(self.gen, seed=self.gen.seed + b), images, aux)
-                answers += [datamodule.reply_answer(r[0]) for r in replies]
+            # eager: `speed.compile` compiled the decoder layers for training's shapes; generation's one-token steps
+            # with a growing KV cache would recompile them at every new length
+            with torch.compiler.set_stance("force_eager"):
+                answers = self._generate(pl_module, datamodule, items)
         finally:
             pl_module.train(was_training)
+        return answers
+
+    def _generate(self, pl_module: LoraLitModule, datamodule, items: list[GenerationItem]) -> list[str]:
+        tokenizer, answers = datamodule.tokenizer, []
+        for b in range(0, len(items), self.gen.batch_size):
+            batch = items[b:b + self.gen.batch_size]
+            pixels = [datamodule.item_pixels(item) for item in batch]
+            images = aux = None
+            if pixels[0] is not None:
+                images = torch.stack([p[0] for p in pixels])  # (B, 3, S, S)
+                aux = torch.stack([p[1] for p in pixels])  # (B, 3, S_aux, S_aux)
+            replies = pl_module.loaded.generate(tokenizer, [item.prompt_ids for item in batch],
+                                                replace(self.gen, seed=self.gen.seed + b), images, aux)
+            answers += [datamodule.reply_answer(r[0]) for r in replies]
         return answers
 
     def write_table(self, trainer: L.Trainer, prefix: str, items: list[GenerationItem], predictions: list[str]

@@ -79,14 +79,14 @@ def test_mgm_validation_writes_scores_a_sample_table_and_images_that_match_direc
 
 
 @pytest.mark.integration
-def test_fit_logs_val_gen_every_validation_and_model_checkpoint_can_monitor_it(tmp_path):
+def test_fit_logs_val_gen_every_validation_model_checkpoint_monitors_it_and_test_logs_test_gen(tmp_path):
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
     val.write_text("".join(VAL.read_text().splitlines(keepends=True)[:5]))
     module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
                                      gradient_checkpointing=False), LoraArgs(preset="conservative"),
                            OptimArgs(lr=0.05, warmup_ratio=0.0))
-    data = ChatDataModule(str(train), val_path=str(val), batch_size=2, max_length=256)
+    data = ChatDataModule(str(train), val_path=str(val), test_path=str(val), batch_size=2, max_length=256)
     data.connect(module.tokenizer, module.info)
     checkpoint = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", monitor="val_gen/rougeL", mode="max",
                                  save_top_k=1)
@@ -98,6 +98,8 @@ def test_fit_logs_val_gen_every_validation_and_model_checkpoint_can_monitor_it(t
     assert checkpoint.best_model_score.item() == pytest.approx(max(e.value for e in logged), abs=1e-6)
     assert {"val_gen/bleu4", "val_gen/chrf", "val_gen/exact_match", "val_gen/len_ratio"} <= set(
         trainer.callback_metrics)
+    trainer.test(module, data)  # the same prompts as the test split: the trained model's scores under test_gen/
+    assert trainer.callback_metrics["test_gen/rougeL"].item() == pytest.approx(logged[-1].value, abs=1e-6)
 
 
 def test_bad_settings_are_one_line_usage_errors():

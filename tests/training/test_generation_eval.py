@@ -117,7 +117,6 @@ def _ranks(tmp_path, devices, num_samples):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_validate_on_two_gloo_ranks_scores_what_one_process_scores(tmp_path):
     """The callback's sharding in the real loop (no hang with shares of 2 and 1 items); the sync itself with scores
     that are all non-zero: tests/training/test_text_metrics.py."""

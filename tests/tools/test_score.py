@@ -51,3 +51,23 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
 
     with pytest.raises(ProgressMismatchError, match="generation"):  # other settings: refused before loading
         score_cli.main(args[:-6] + ["--max_new_tokens", "6", "--batch_size", "2", "--device", "cpu"])
+
+
+def test_the_data_section_must_name_an_mgmlora_datamodule(tmp_path):
+    from mgmlora.errors import UsageError
+    from mgmlora.tools.score import build_datamodule, data_section
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"class_path": "os.system", "init_args": {}}}))
+    with pytest.raises(UsageError, match="not an mgmlora DataModule"):  # a config must not import arbitrary code
+        data_section(None, config)
+    config.write_text(yaml.safe_dump({"model": {}}))
+    with pytest.raises(UsageError, match="no `data: "):
+        data_section(config, None)
+    section = {"class_path": "mgmlora.data.datamodule.ChatDataModule",
+               "init_args": {"train_path": "t.jsonl", "max_length": 99}}
+    dm = build_datamodule(section, "x.jsonl")
+    assert (dm.hparams.test_path, dm.hparams.max_length) == ("x.jsonl", 99)
+    section["init_args"]["max_lenght"] = 3
+    with pytest.raises(UsageError, match=r"\['max_lenght'\] are not settings"):
+        build_datamodule(section, "x.jsonl")

@@ -55,7 +55,11 @@ def build_datamodule(section: dict, data_path: str | Path, overrides: dict | Non
     if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
         raise UsageError(f"data.class_path {section['class_path']!r} is not a TokenizedDataModule.")
     known = set(inspect.signature(cls).parameters)
-    init = {k: v for k, v in (section.get("init_args") or {}).items() if k in known}
+    init = dict(section.get("init_args") or {})
+    unknown = sorted(set(init) - known)
+    if unknown:
+        raise UsageError(f"data.init_args {unknown} are not settings of {section['class_path']} (valid: "
+                         f"{sorted(known)}); fix the data section of --data_config or of the run's config.yaml.")
     init.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
     init["test_path"] = str(data_path)
     return cls(**init)

@@ -130,6 +130,10 @@ class GenerationEval(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: LoraLitModule, split: str, prefix: str) -> None:
         """Generates for this rank's share of the subset, syncs the scores across ranks and logs them."""
         datamodule = trainer.datamodule
+        if not hasattr(datamodule, "generation_subset"):
+            raise UsageError("GenerationEval needs one of mgmlora's DataModules (trainer.datamodule, which builds the "
+                             f"prompts), got {type(datamodule).__name__}; pass the DataModule to the Trainer, or set "
+                             "the callback's enabled: false.")
         if split not in self._items:
             self._items[split] = datamodule.generation_subset(split, self.num_samples, self.seed,
                                                               self.gen.max_new_tokens)

@@ -39,7 +39,6 @@ def _trainer(tmp_path, callbacks, **kw):
                      default_root_dir=tmp_path, callbacks=callbacks, **kw)
 
 
-@pytest.mark.integration
 def test_mgm_validation_writes_scores_a_sample_table_and_images_that_match_direct_generation(tmp_path):
     module = LoraLitModule(ModelArgs(preset="tiny-mgm", tokenizer_path=str(ASSETS / "gemma_tokenizer"),
                                      dtype="float32", gradient_checkpointing=False), LoraArgs(preset="balanced"))

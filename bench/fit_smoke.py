@@ -6,7 +6,8 @@ Not a speed comparison against plain transformers + PEFT (that is bench/train_st
 loop as users run it, for the configs/README.md table. Tokens/s and step time are medians over the steps after the first
 two (warm-up); peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
 loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
-the first two optimizer steps, and the tokens/s inside them.
+the first two optimizer steps, and the tokens/s inside them. `generation` is validation generation's cost against
+training time (GenerationEval's `val_gen/time_s`), when the run generated.
 
 `--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
 prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,
@@ -131,8 +132,30 @@ def main() -> None:
         "adapter_nonzero_lora_B": sum(bool(v.any()) for k, v in live.items() if "lora_B" in k),
         "checkpoint_adapter_identical": identical,
         "loop_timing": _TIMING[-1].summary(_TIMING[-1].tokens) if _TIMING else None,
+        "generation": _generation_cost(scalars),
     }
     _write(out, result)
+
+
+def _generation_cost(scalars: dict[str, list[float]]) -> dict | None:
+    """What validation generation (GenerationEval's val_gen/time_s, the slowest rank's) cost against training.
+
+    `train_time_s` is ThroughputMonitor's running total of time in optimizer steps; `share_of_train_time` is this run's
+    generation time over it (its validations are closer together than a recipe's), and `steps_between_validations_for_
+    10pct` is how many optimizer steps (at the median step time) a validation must be apart for generation to cost at
+    most 10% of training time: compare it with the recipe's validation interval.
+    """
+    times = scalars.get("val_gen/time_s")
+    if not times:
+        return None
+    train = (scalars.get("perf/train_time_s") or [0.0])[-1]
+    steps = scalars.get("perf/step_time_s") or [0.0]
+    step = statistics.median(steps[2:] or steps)
+    return {"validations": len(times), "time_s_per_validation": times, "time_s_total": round(sum(times), 2),
+            "train_time_s": round(train, 2), "share_of_train_time": round(sum(times) / train, 4) if train else None,
+            "step_time_s_median": step,
+            "steps_between_validations_for_10pct": round(max(times) / (0.1 * step), 1) if step else None,
+            "scores": {k: v for k, v in scalars.items() if k.startswith("val_gen/") and k != "val_gen/time_s"}}
 
 
 class _CountingTiming(MicroBatchTiming):

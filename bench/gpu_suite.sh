@@ -38,6 +38,11 @@
 #   fences  (1 GPU) the fast path after the private-attribute fences (MGM's attention set through the configs'
 #          constructor, experts on torch.nn.functional.grouped_mm only, uncompile through mgmlora.models.torch_private):
 #          the same variants and shapes as the 2026-11-30 budget rows, to compare tokens/s and peak memory with them
+#   gen_cost  validation generation (GenerationEval at the configs' default subset: 64 prompts, 64 new tokens, batch
+#          16, greedy) in the real fit loop: MGM-2B LoRA (configs/mgm2b_lora.yaml, 24 GiB cap, a validation after each
+#          of 2 optimizer steps) and the Qwen3-30B-A3B Chameleons recipe on one GPU (global batch 64 as 8 packed x
+#          accumulate 8, a validation every 3 of 6 steps); random init never stops early, so every reply runs to
+#          64 tokens (worst case)
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
@@ -68,7 +73,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
+[[ $part == mgm* || $part == gen_cost || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -394,6 +399,21 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     smoke mgm2b_lora_24gib_acc16_bucket128 90 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
       --trainer.accumulate_grad_batches 16 --trainer.max_steps 6 --model.speed.packing true \
       --model.speed.pad_to_multiple 128
+    ;;
+  gen_cost)
+    python3 bench/make_long_llava.py /tmp/mgm_val64.json --text_tokens 100 1500 --copies 3 --seed 1  # 72 records
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_gen_cost_24gib 250 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+      --data.init_args.val_path /tmp/mgm_val64.json --trainer.max_steps 2 --trainer.val_check_interval 128 \
+      --trainer.limit_val_batches 8 --trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1
+    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_gen_cost_1gpu 330 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+      --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+      --data.init_args.train_path /tmp/chameleons_synth.json \
+      --trainer.accumulate_grad_batches 8 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 24 \
+      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.limit_val_batches 4
+    for f in "$out"/*gen_cost*.json; do python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(open(sys.argv[1])).get('generation')))" "$f"; done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -76,3 +76,24 @@ def test_packed_attention_flags_need_packing():
         except SystemExit:
             continue
         raise AssertionError(f"{bad} was accepted")
+
+
+def test_fit_smoke_records_generation_cost_against_training_time():
+    """bench/fit_smoke.py's `generation` field from scalars as TensorBoard returns them (gen_cost reads it)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))  # fit_smoke imports loop_timing from its own folder
+    try:
+        spec = importlib.util.spec_from_file_location("fit_smoke", ROOT / "bench" / "fit_smoke.py")
+        fit_smoke = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fit_smoke)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert fit_smoke._generation_cost({"perf/step_time_s": [9.0, 2.0]}) is None  # the run did not generate
+    cost = fit_smoke._generation_cost({"val_gen/time_s": [3.0, 5.0], "val_gen/rougeL": [0.1, 0.2],
+                                       "perf/train_time_s": [10.0, 40.0], "perf/step_time_s": [9.0, 4.0, 5.0, 6.0]})
+    # median step after two warm-up steps: 5.5 s; 10% of training time allows 0.55 s per step, so a 5 s
+    # validation needs 5 / 0.55 = 9.1 steps between validations
+    assert cost["time_s_total"] == 8.0 and cost["share_of_train_time"] == 0.2 and cost["step_time_s_median"] == 5.5
+    assert cost["steps_between_validations_for_10pct"] == 9.1
+    assert cost["scores"] == {"val_gen/rougeL": [0.1, 0.2]}

@@ -126,3 +126,17 @@ def test_a_typo_inside_a_yaml_file_is_rejected(tmp_path, capsys, in_repo_root):
     typo.write_text("model:\n  lora:\n    lora_alpah: 3\n")
     code, _, err = _parse(capsys, "--config", "configs/demo.yaml", "--config", str(typo))
     assert code == 2 and "does not accept option" in err and "lora_alpah" in err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_writes_every_generation_eval_setting(path):
+    import inspect
+
+    from mgmlora.training.generation_eval import GenerationEval
+
+    callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    [gen] = [c for c in callbacks if c["class_path"] == "mgmlora.training.generation_eval.GenerationEval"]
+    assert set(gen["init_args"]) == set(inspect.signature(GenerationEval).parameters), path.name
+    monitored = {c["init_args"].get("monitor") for c in callbacks if "monitor" in c.get("init_args", {})}
+    if any(m and m.startswith("val_gen/") for m in monitored):
+        assert gen["init_args"]["enabled"] and gen["init_args"]["every_n_val"] == 1, path.name

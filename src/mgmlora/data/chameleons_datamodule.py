@@ -25,7 +25,8 @@ from mgmlora.data.chameleons import (
 )
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample
 from mgmlora.data.datamodule import TokenizedDataModule
-from mgmlora.data.prompts import AblationName, build_messages, build_system_prompt, get_ablation
+from mgmlora.data.generation_items import GenerationItem, tail
+from mgmlora.data.prompts import AblationName, build_messages, build_system_prompt, clean_reply, get_ablation
 
 
 class PersonaEncoder:
@@ -223,6 +224,24 @@ class ChameleonsDataModule(TokenizedDataModule):
                 f"samples whose target and bare prompt exceed max_length={hp.max_length}":
                     self.stats.get(f"{split}:skipped_too_long", 0),
                 f"samples held out for validation (val_ratio={hp.val_ratio})": len(self.dialogues.get("val", []))}
+
+    def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
+        """Every dialogue of `split` with its training prompt (`PersonaEncoder.generation_prompt`) and its target."""
+        hp = self.hparams
+        encoder = PersonaEncoder(self.tokenizer, hp.max_length, hp.ablation, hp.prompt_role, hp.mark_omitted)
+        items = []
+        for d in self.dialogues[split]:
+            if d.target is None:
+                continue
+            name = d.profile.get("name") or "character"
+            context = "\n".join(f"{name if t.role == 'assistant' else 'other'}: {t.content}" for t in d.context[-3:])
+            items.append(GenerationItem("-".join(map(str, d.index)), encoder.generation_prompt(d, max_new_tokens),
+                                        d.target, tail(context)))
+        return items
+
+    def reply_answer(self, reply: str) -> str:
+        """The [ANSWER]...[/ANSWER] span of a reply, as the leaderboard writes it (`clean_reply`)."""
+        return clean_reply(reply)
 
     def user_counts(self, split: str) -> Counter:
         """Samples per user_hash in a split (for reports and tests)."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from mgmlora.batch import Batch
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
 from mgmlora.data.collate import pad_collate
+from mgmlora.data.generation_items import GenerationItem, seeded_subset, tail
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
 from mgmlora.errors import MgmloraError
 from mgmlora.models import ModelInfo
@@ -232,6 +233,29 @@ class TokenizedDataModule(L.LightningDataModule):
         """Test batches."""
         return self._eval_loader("test")
 
+    # -- generation-based evaluation (mgmlora.training.generation_eval, bin/score.py) -----------------------------
+    def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
+        """Every item of `split` (after `setup`) as a prompt + reference, in file order; sources override it.
+
+        Prompts are fitted so that prompt + `max_new_tokens` fits the data's max_length where the source can fit
+        them (Chameleons drops the oldest turns, chat the oldest exchanges).
+        """
+        raise NotImplementedError(f"{type(self).__name__} offers no generation items.")
+
+    def generation_subset(self, split: str, num_samples: int | None, seed: int,
+                          max_new_tokens: int) -> list[GenerationItem]:
+        """The fixed, seeded subset of `split` that generation metrics use (`num_samples` None: all of it)."""
+        items = self.generation_items(split, max_new_tokens)
+        return [items[i] for i in seeded_subset(len(items), num_samples, seed)]
+
+    def reply_answer(self, reply: str) -> str:
+        """The part of a generated reply that is scored (sources whose answers are wrapped in tags override it)."""
+        return reply.strip()
+
+    def item_pixels(self, item: GenerationItem):
+        """(CLIP image (3, S, S), aux image (3, S_aux, S_aux)) for an item, or None for sources without images."""
+        return None
+
     def _position(self) -> dict[str, int]:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}
@@ -268,6 +292,31 @@ class ChatDataModule(TokenizedDataModule):
                  seed: int = 0, drop_last: bool = False, max_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
+        self.conversations: dict[str, list[list[dict]]] = {}  # raw conversations per split (generation references)
+
+    def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
+        """Each conversation's last assistant turn is the reference; everything before it is the prompt.
+
+        The prompt goes through the same chat template as training (`ChatTokenizer.render` with the assistant
+        header) and loses its oldest exchanges, as training samples do, until prompt + max_new_tokens fits max_length.
+        """
+        chat = ChatTokenizer(self.tokenizer, self.hparams.max_length, self.hparams.train_on)
+        items = []
+        for n, messages in enumerate(self.conversations[split]):
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                continue
+            prompt = list(messages[:last])
+            while True:
+                ids = self.tokenizer(chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)
+                ids = list(ids["input_ids"])
+                head = 1 if prompt and prompt[0]["role"] == "system" else 0
+                if len(ids) + max_new_tokens <= self.hparams.max_length or len(prompt) <= head + 1:
+                    break
+                prompt = prompt[:head] + prompt[head + 2:]  # the oldest user/assistant exchange
+            context = "\n".join(f"{m['role']}: {m['content']}" for m in prompt[-3:] if m["role"] != "system")
+            items.append(GenerationItem(f"line {n + 1}", ids, messages[last]["content"].strip(), tail(context)))
+        return items
 
     def _build_splits(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
@@ -276,7 +325,9 @@ class ChatDataModule(TokenizedDataModule):
             if split in self.splits or path is None:
                 continue
             chat = ChatTokenizer(self.tokenizer, self.hparams.max_length, self.hparams.train_on)
-            samples = [s for s in map(chat, read_chat_jsonl(path)) if s is not None]
+            conversations = read_chat_jsonl(path)
+            self.conversations[split] = conversations
+            samples = [s for s in map(chat, conversations) if s is not None]
             if chat.skipped:
                 log.warning("%s: skipped %d conversation(s) whose final assistant turn cannot fit max_length=%d",
                             path, chat.skipped, self.hparams.max_length)

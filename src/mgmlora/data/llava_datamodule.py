@@ -14,8 +14,9 @@ from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
 from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.generation_items import GenerationItem, tail
 from mgmlora.data.images import AspectRatio, ImageLoadError, blank, find_bad_images, load_rgb, preprocess
-from mgmlora.data.llava import fit_after_expansion, read_llava_json, render, tokenize_record
+from mgmlora.data.llava import IMAGE, fit_after_expansion, generation_prompt, read_llava_json, render, tokenize_record
 from mgmlora.data.sampling import WindowKey
 
 
@@ -105,6 +106,7 @@ class LlavaDataModule(TokenizedDataModule):
         self.save_hyperparameters()
         self.geometry: dict[str, int] | None = None
         self.stats: dict[str, int] = {}
+        self.records: dict[str, list[dict]] = {}  # raw records per split (generation references)
 
     def _model_geometry(self) -> dict[str, int]:
         info = self.info
@@ -138,6 +140,7 @@ class LlavaDataModule(TokenizedDataModule):
                 continue
             samples.append(fitted)
         self.splits[split] = samples
+        self.records[split] = records
         self.stats.update({f"{split}:samples": len(samples), f"{split}:skipped_bad_image": len(skipped),
                            f"{split}:skipped_no_supervision": too_long})
         with_images = sum(1 for s in samples if s.meta.get("image"))
@@ -159,6 +162,34 @@ class LlavaDataModule(TokenizedDataModule):
             path = self.hparams.get(f"{split}_path")
             if split not in self.splits and path is not None:
                 self._build(split, path)
+
+    def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
+        """Each kept record's first question (with its image) and first answer, in the training template.
+
+        The prompt is `llava.generation_prompt`, as `bin/generate.py` asks; later rounds of a multi-round record are
+        not asked (their prompts would need the model's own earlier answers).
+        """
+        items, folder = [], Path(self.hparams.image_folder)
+        for sample in self.splits[split]:
+            record = self.records[split][sample.meta["record"]]
+            turns = [t for t in record["conversations"]]
+            if turns and turns[0]["from"] == "gpt":
+                turns = turns[1:]  # as `render`: a leading gpt turn is dropped
+            if len(turns) < 2:
+                continue
+            question = turns[0]["value"].replace(IMAGE, "").strip()
+            image = str(folder / record["image"]) if record.get("image") else None
+            items.append(GenerationItem(f"record {sample.meta['record']} (id={record.get('id')})",
+                                        generation_prompt(self.tokenizer, question, image is not None),
+                                        turns[1]["value"].strip(), tail(question), image))
+        return items
+
+    def item_pixels(self, item: GenerationItem) -> tuple[torch.Tensor, torch.Tensor]:
+        """The item's image preprocessed as in training (MGM's blank image for a text-only item)."""
+        geo = self.geometry
+        if item.image is None:
+            return blank(geo["size_aux"], geo["size"])
+        return preprocess(load_rgb(item.image), geo["size_aux"], geo["size"], self.hparams.image_aspect_ratio)
 
     def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
         geo = self.geometry

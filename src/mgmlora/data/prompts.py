@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mgmlora.data.chameleons import DialogueSample
+from mgmlora.models.generation import END_OF_TURN
 
 AblationName = Literal[
     "profile_and_history_and_context", "profile_and_history", "profile_and_context", "history_and_context",
@@ -82,6 +83,14 @@ def parse_answer(text: str) -> str:
         if answer:
             return answer
     return text.replace("[/ANSWER]", "").strip()
+
+
+def clean_reply(text: str) -> str:
+    """The answer span of a generated reply, without template tokens or tags (what is scored and written out)."""
+    answer = parse_answer(text)
+    for token in END_OF_TURN + ("[ANSWER]", "[/ANSWER]"):
+        answer = answer.replace(token, "")
+    return answer.strip()
 
 
 def _profile_lines(profile: dict) -> list[str]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from mgmlora.batch import Batch
 from mgmlora.models.attention import varlen_kwargs
+from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
 
@@ -78,6 +79,14 @@ class LoadedModel(ABC):
         leading shape, and the head module (with the family's logit transforms, mgmlora.models.head).
         """
 
+    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs, images: torch.Tensor | None = None,
+                 images_aux: torch.Tensor | None = None) -> list[list[str]]:
+        """Replies to prompt token ids with the (adapted) model, as `mgmlora.models.generation.generate_batch`.
+
+        The caller switches to eval mode; images (B, 3, S, S) and (B, 3, S_aux, S_aux) are for families that take them.
+        """
+        return generate_batch(self.model, tokenizer, rows, args)
+
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:
         """Writes a merged (adapter-free) `model` as a standalone checkpoint in the family's own layout."""
         model.config.use_cache = True  # a serving checkpoint
@@ -125,6 +134,13 @@ class LoadedMgm(LoadedModel):
                          images=batch.images, images_aux=batch.images_aux, packed=packed, pad_to=pad_to,
                          hidden_only=True)
         return out.hidden_states, out.labels, output_head(self.model.llm)
+
+    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs, images: torch.Tensor | None = None,
+                 images_aux: torch.Tensor | None = None) -> list[list[str]]:
+        """Replies to prompts with one image each (MGM splices them in exactly as in training)."""
+        if images is None:  # a text-only prompt still needs image tensors of the right size (MGM's blank image)
+            raise ValueError("LoadedMgm.generate needs images and images_aux (use mgmlora.data.images.blank for none).")
+        return generate_batch(self.model, tokenizer, rows, args, images, images_aux)
 
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:  # noqa: D102
         from mgmlora.models.mgm_checkpoint import save_mgm

@@ -5,31 +5,28 @@ The output is a copy of the input in which each data_item has a `continuations` 
 the training extraction would skip (empty context, a context ending with the character's own line) are answered too.
 Prompts are the training prompts (same ablation, role, history from the training split, same length fitting).
 
-Resumable: each finished item is appended to `<output>.partial.jsonl` as soon as its batch is generated, and a rerun
-skips the items found there; the final JSON is written atomically at the end, with a summary JSON beside it.
-The progress file belongs to one checkpoint and one set of settings, recorded on its first line: a rerun with another
-checkpoint, input, `n`, sampling setting or prompt setting is refused (ProgressMismatchError, naming what differs)
-instead of merging continuations made two ways; write to a new output path, or delete the progress file to start over.
+Resumable (mgmlora.tools.progress_file): each finished item is appended to `<output>.partial.jsonl` as soon as its
+batch is generated, and a rerun skips the items found there; the final JSON is written atomically at the end, with a
+summary JSON beside it. The progress file belongs to one checkpoint and one set of settings, recorded on its first
+line: a rerun with another checkpoint, input, `n`, sampling setting or prompt setting is refused
+(ProgressMismatchError, naming what differs) instead of merging continuations made two ways; write to a new output
+path, or delete the progress file to start over.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from mgmlora.data.chameleons import DialogueSample, attach_history, iter_items, load_records, map_turns
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
-from mgmlora.data.prompts import parse_answer
+from mgmlora.data.prompts import clean_reply
+from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.tools.args import refuse_overwrite
-from mgmlora.tools.generate import END_OF_TURN, GenerationArgs, generate_batch
-
-
-class ProgressMismatchError(ValueError):
-    """A progress file was written with other settings than this run's; the message names them and the fix."""
+from mgmlora.tools.progress_file import ProgressMismatchError, appending, read_entries, write_atomically
 
 
 def output_files(output_path: str | Path) -> dict[str, Path]:
@@ -50,14 +47,6 @@ def leaderboard_samples(records: list[dict], path: str | Path) -> list[DialogueS
     return samples
 
 
-def clean_reply(text: str) -> str:
-    """The answer span of a reply, without template tokens or tags."""
-    answer = parse_answer(text)
-    for token in END_OF_TURN + ("[ANSWER]", "[/ANSWER]"):
-        answer = answer.replace(token, "")
-    return answer.strip()
-
-
 def run_settings(input_path: str | Path, n: int, gen: GenerationArgs, ablation: str, prompt_role: str,
                  max_length: int, mark_omitted: bool, history: bool, max_history: int,
                  checkpoint: str | Path | None = None) -> dict:
@@ -70,37 +59,15 @@ def run_settings(input_path: str | Path, n: int, gen: GenerationArgs, ablation: 
 
 
 def read_progress(output_path: str | Path, settings: dict) -> dict[tuple[int, int, int], list[str]]:
-    """Continuations already generated for `output_path` with exactly `settings` (the file's first line records them).
+    """Continuations already generated for `output_path` with exactly `settings` (mgmlora.tools.progress_file).
 
     Cheap: `bin/generate.py` calls it before loading the model, so a mismatch is refused at once.
 
     Raises:
         ProgressMismatchError: when the file was written with other settings, or records none (an older format).
     """
-    path = output_files(output_path)["progress file"]
-    done: dict[tuple[int, int, int], list[str]] = {}
-    if not path.is_file() or not path.stat().st_size:
-        return done
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        recorded = json.loads(lines[0]).get("settings")
-    except (json.JSONDecodeError, AttributeError):
-        recorded = None
-    fix = f"Write to a new --output, or delete {path} to generate every item again with the current settings."
-    if not isinstance(recorded, dict):
-        raise ProgressMismatchError(f"{path}: the progress file does not record the settings it was made with, so "
-                                    f"its continuations cannot be trusted to match this run. {fix}")
-    differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-    if differ:
-        changes = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
-        raise ProgressMismatchError(f"{path}: made with other settings ({changes}). {fix}")
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by an interruption: that item is generated again
-            continue
-        done[tuple(entry["index"])] = entry["continuations"]
-    return done
+    entries = read_entries(output_files(output_path)["progress file"], settings)
+    return {tuple(e["index"]): e["continuations"] for e in entries}
 
 
 def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: str | Path, output_path: str | Path,
@@ -143,30 +110,18 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
         attach_history(samples, history_from, max_items=max_history)
     resumed = sum(1 for s in samples if tuple(s.index) in done)
     todo = [s for s in samples if tuple(s.index) not in done]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not progress.is_file() or not progress.stat().st_size
-    cut = not fresh and not progress.read_bytes().endswith(b"\n")
-    with progress.open("a", encoding="utf-8") as log:
-        if fresh:
-            log.write(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
-        if cut:
-            log.write("\n")  # close a line cut by an interruption, so the next entry starts on its own line
+    with appending(progress, settings) as write:
         for b in range(0, len(todo), gen.batch_size):
             batch = todo[b:b + gen.batch_size]
             rows = [encoder.generation_prompt(s, gen.max_new_tokens) for s in batch]
             replies = generate_batch(model, tokenizer, rows, replace(gen, seed=gen.seed + b))
             for sample, texts in zip(batch, replies):
                 done[tuple(sample.index)] = [clean_reply(t) for t in texts]
-                log.write(json.dumps({"index": list(sample.index), "continuations": done[tuple(sample.index)]},
-                                     ensure_ascii=False) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+            write([{"index": list(s.index), "continuations": done[tuple(s.index)]} for s in batch])
     completed = copy.deepcopy(records)
     for r, c, i, _, item in iter_items(completed, input_path, require_continuation=False):
         item["continuations"] = done[(r, c, i)]
-    tmp = outputs["temporary file"]
-    tmp.write_text(json.dumps(completed, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, output_path)
+    write_atomically(output_path, json.dumps(completed, ensure_ascii=False, indent=1))
     summary = {"input": str(input_path), "output": str(output_path), "records": len(records),
                "data_items": len(samples), "generated_now": len(todo), "resumed_from_progress": resumed,
                "empty_context_items": sum(1 for s in samples if not s.context),
@@ -176,3 +131,7 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
                "max_length": encoder.max_length}
     outputs["summary file"].write_text(json.dumps(summary, indent=2))
     return summary
+
+
+__all__ = ["ProgressMismatchError", "clean_reply", "leaderboard_samples", "output_files", "predict_leaderboard",
+           "read_progress", "run_settings"]

@@ -1,0 +1,85 @@
+"""Resumable outputs: a JSONL progress file whose first line records the settings, then one finished entry per line.
+
+Shared by the Chameleons leaderboard (mgmlora.tools.leaderboard) and checkpoint scoring (mgmlora.tools.score). Each
+finished entry is appended and flushed to disk as soon as its batch is done; a rerun reads the entries back and does
+only the rest. A line cut by an interruption is skipped (its entry is made again) and closed before new lines go in.
+The file belongs to one set of settings: a rerun with other settings is refused (ProgressMismatchError, naming what
+differs) instead of mixing outputs made two ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class ProgressMismatchError(ValueError):
+    """A progress file was written with other settings than this run's; the message names them and the fix."""
+
+
+def read_entries(path: Path, settings: dict) -> list[dict]:
+    """The entries of the progress file `path` made with exactly `settings` ([] when there is none yet).
+
+    Cheap, so callers run it before loading a model: a mismatch is refused at once.
+
+    Raises:
+        ProgressMismatchError: when the file was written with other settings, or records none.
+    """
+    if not path.is_file() or not path.stat().st_size:
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        recorded = json.loads(lines[0]).get("settings")
+    except (json.JSONDecodeError, AttributeError):
+        recorded = None
+    fix = f"Write to a new --output, or delete {path} to make every entry again with the current settings."
+    if not isinstance(recorded, dict):
+        raise ProgressMismatchError(f"{path}: the progress file does not record the settings it was made with, so "
+                                    f"its entries cannot be trusted to match this run. {fix}")
+    differ = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+    if differ:
+        changes = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+        raise ProgressMismatchError(f"{path}: made with other settings ({changes}). {fix}")
+    entries = []
+    for line in lines[1:]:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption: that entry is made again
+            continue
+    return entries
+
+
+@contextmanager
+def appending(path: Path, settings: dict) -> Iterator:
+    """Opens `path` for appending entries (writing the settings line first when the file is new).
+
+    Yields `write(entries)`, which appends the entries and forces them to disk before returning.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.is_file() or not path.stat().st_size
+    cut = not fresh and not path.read_bytes().endswith(b"\n")
+    with path.open("a", encoding="utf-8") as log:
+        if fresh:
+            log.write(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
+        if cut:
+            log.write("\n")  # close a line cut by an interruption, so the next entry starts on its own line
+
+        def write(entries: list[dict]) -> None:
+            log.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+            log.flush()
+            os.fsync(log.fileno())
+
+        yield write
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a hidden temporary file beside it, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["ProgressMismatchError", "appending", "read_entries", "write_atomically"]

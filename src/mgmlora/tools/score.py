@@ -1,0 +1,118 @@
+"""Scoring a finished checkpoint or exported adapter on a data file: per-item predictions and a summary of the scores.
+
+The data file is read by the run's own DataModule (its `data` section of config.yaml, the file as its test split), so
+prompts, references and metrics are exactly those of validation's GenerationEval (mgmlora.training.generation_eval):
+the same prompt builders, the same seeded subset for the same `num_samples` and `seed`, the same torchmetrics scores.
+
+Writes `<output>` (JSONL: key, prediction, reference, raw reply; one line per item, in file order) and
+`<output stem>.summary.json` (the scores, counts and settings), both atomically at the end. Resumable like the
+leaderboard (mgmlora.tools.progress_file): finished items go to `<output>.partial.jsonl` as each batch ends, and a rerun
+with the same settings generates only the rest; other settings are refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.generation_items import GenerationItem
+from mgmlora.errors import UsageError
+from mgmlora.models.generation import GenerationArgs, generate_batch
+from mgmlora.tools.leaderboard import output_files
+from mgmlora.tools.progress_file import appending, read_entries, write_atomically
+from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
+
+
+def data_section(run_config: Path | None, data_config: Path | None) -> dict:
+    """The `data` section ({class_path, init_args}) of `data_config`, else of the run's config.yaml.
+
+    Raises:
+        UsageError: when neither gives one, or the class is not one of mgmlora's DataModules.
+    """
+    source = data_config or run_config
+    data = (yaml.safe_load(source.read_text()) or {}).get("data") if source is not None else None
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise UsageError(f"{source or 'the checkpoint'}: no `data: {{class_path, init_args}}` section to read the "
+                         "data file with; pass --data_config with one (e.g. the run's config.yaml or configs/*.yaml).")
+    if not str(data["class_path"]).startswith("mgmlora.data."):  # a config must not make arbitrary code run
+        raise UsageError(f"{source}: data.class_path {data['class_path']!r} is not an mgmlora DataModule "
+                         "(mgmlora.data.*); pass --data_config with one.")
+    return data
+
+
+def build_datamodule(section: dict, data_path: str | Path, overrides: dict | None = None) -> TokenizedDataModule:
+    """The configured DataModule with `data_path` as its test split; `overrides` replace init_args (image folder)."""
+    module_name, _, class_name = section["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
+        raise UsageError(f"data.class_path {section['class_path']!r} is not a TokenizedDataModule.")
+    known = set(inspect.signature(cls).parameters)
+    init = dict(section.get("init_args") or {})
+    unknown = sorted(set(init) - known)
+    if unknown:
+        raise UsageError(f"data.init_args {unknown} are not settings of {section['class_path']} (valid: "
+                         f"{sorted(known)}); fix the data section of --data_config or of the run's config.yaml.")
+    init.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
+    init["test_path"] = str(data_path)
+    return cls(**init)
+
+
+def score_settings(checkpoint: str | Path, data_path: str | Path, section: dict, num_samples: int | None, seed: int,
+                   gen: GenerationArgs, kind: MetricKind) -> dict:
+    """Everything that shapes the predictions, recorded in (and compared with) the progress file."""
+    return {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data_path).resolve()),
+            "data_class": section["class_path"], "data_settings": json.loads(json.dumps(section.get("init_args")
+                                                                                         or {}, default=str)),
+            "num_samples": num_samples, "seed": seed, "generation": asdict(gen), "metrics": kind}
+
+
+def score_items(model: torch.nn.Module, datamodule: TokenizedDataModule, items: list[GenerationItem],
+                output_path: str | Path, settings: dict, gen: GenerationArgs, kind: MetricKind) -> dict:
+    """Generates for the items not yet in the progress file, scores all of them, writes predictions and the summary.
+
+    Args:
+        model: the adapted model (LoRA injected; for MGM the MGM module), in eval mode, on its device.
+        datamodule: the DataModule the items came from (tokenizer, images, how a reply becomes the answer).
+        items: the items to score, in order.
+        output_path: the predictions JSONL; the progress and summary files sit beside it (`output_files`).
+        settings: `score_settings(...)`, compared with the progress file's.
+        gen: generation settings.
+        kind: the metric set.
+    """
+    start = time.perf_counter()
+    files = output_files(output_path)
+    done = {e["key"]: e for e in read_entries(files["progress file"], settings)}
+    todo = [item for item in items if item.key not in done]
+    with appending(files["progress file"], settings) as write:
+        for b in range(0, len(todo), gen.batch_size):
+            batch = todo[b:b + gen.batch_size]
+            pixels = [datamodule.item_pixels(item) for item in batch]
+            images = torch.stack([p[0] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S, S)
+            aux = torch.stack([p[1] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S_aux, S_aux)
+            replies = generate_batch(model, datamodule.tokenizer, [item.prompt_ids for item in batch],
+                                     replace(gen, seed=gen.seed + b), images, aux)
+            entries = [{"key": item.key, "prediction": datamodule.reply_answer(r[0]), "reference": item.reference,
+                        "reply": r[0]} for item, r in zip(batch, replies)]
+            done.update((e["key"], e) for e in entries)
+            write(entries)
+    rows = [done[item.key] for item in items]
+    metrics = GenerationMetrics(kind)
+    metrics.update([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    scores = {k: round(v.item(), 6) for k, v in metrics.compute().items()} if rows else {}
+    write_atomically(files["--output"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    summary = {"output": str(output_path), "items": len(rows), "generated_now": len(todo),
+               "resumed_from_progress": len(rows) - len(todo), "scores": scores,
+               "seconds": round(time.perf_counter() - start, 2), "settings": settings}
+    write_atomically(files["summary file"], json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+__all__ = ["build_datamodule", "data_section", "score_items", "score_settings"]

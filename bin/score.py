@@ -65,13 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     read_entries(output_files(args.output)["progress file"], settings)  # a mismatch is refused before loading
 
     model_args = model_args_for(run_adapter, args.model_path, args.preset, args.dtype, args.trust_remote_code)
-    model, info = build_trained_model(run_adapter, model_args)
-    model.to(args.device).eval()
-    datamodule.connect(load_tokenizer(model_args), info)
+    loaded = build_trained_model(run_adapter, model_args)
+    loaded.model.to(args.device).eval()
+    datamodule.connect(load_tokenizer(model_args), loaded.info)
     datamodule.setup("test")
     items = datamodule.generation_subset("test", args.num_samples, args.seed, args.max_new_tokens)
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA is injected in place
-    summary = score_items(target, datamodule, items, args.output, settings, gen, kind)
+    summary = score_items(loaded, datamodule, items, args.output, settings, gen, kind)
     print(json.dumps({k: summary[k] for k in ("output", "items", "generated_now", "scores")}, indent=2))
     return summary
 

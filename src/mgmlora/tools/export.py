@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from mgmlora.models import LoadedModel, load_model
@@ -165,20 +165,24 @@ def export_adapter(run: RunAdapter, out: str | Path) -> Path:
 def build_trained_model(run: RunAdapter, args: ModelArgs) -> LoadedModel:
     """The base model with the run's adapter and trainables applied, behind its family's LoadedModel.
 
-    Its `model` is the unmerged PEFT model when the run has an adapter, the plain model otherwise (a full fine-tune
-    or trainables only); the family methods (`save_merged`, `info.takes_images`, ...) keep working on it.
+    Its `model` is the base model with the LoRA layers injected in place (PEFT's wrapper adds nothing to a LoRA
+    forward), so the family methods (`generate`, `forward_hidden`, `save_merged`, ...) run the trained model.
     """
+    return _with_adapter(run, args)[0]
+
+
+def _with_adapter(run: RunAdapter, args: ModelArgs) -> tuple[LoadedModel, PeftModel | None]:
+    """(the loaded model with trainables and adapter applied, PEFT's wrapper of it or None without an adapter)."""
     loaded = load_model(args)
-    model = loaded.model
-    load_trainables(model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
+    load_trainables(loaded.model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:
-        return loaded
+        return loaded, None
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
-    model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(model, run.adapter)
+    peft = get_peft_model(loaded.model, config)  # injects the LoRA layers into loaded.model itself
+    result = set_peft_model_state_dict(peft, run.adapter)
     if result.unexpected_keys:
         raise ValueError(f"{run.source}: adapter keys not found in the base model: {result.unexpected_keys[:5]}")
-    return replace(loaded, model=model)
+    return loaded, peft
 
 
 def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -192,10 +196,10 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
                                                "tokenizer_path": args.tokenizer_path})
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
-    loaded = build_trained_model(run, args)
+    loaded, peft = _with_adapter(run, args)
     model = loaded.model.eval()
-    if run.lora_config is not None:
-        model = model.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
+    if peft is not None:
+        model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
     out.mkdir(parents=True, exist_ok=True)
     loaded.save_merged(model, out, max_shard_bytes)  # the family's own layout (MGM: the original key names)
     if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():

@@ -25,7 +25,8 @@ import yaml
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.generation_items import GenerationItem
 from mgmlora.errors import UsageError
-from mgmlora.models.generation import GenerationArgs, generate_batch
+from mgmlora.models import LoadedModel
+from mgmlora.models.generation import GenerationArgs
 from mgmlora.tools.leaderboard import output_files
 from mgmlora.tools.progress_file import appending, read_entries, write_atomically
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
@@ -74,12 +75,12 @@ def score_settings(checkpoint: str | Path, data_path: str | Path, section: dict,
             "num_samples": num_samples, "seed": seed, "generation": asdict(gen), "metrics": kind}
 
 
-def score_items(model: torch.nn.Module, datamodule: TokenizedDataModule, items: list[GenerationItem],
+def score_items(loaded: LoadedModel, datamodule: TokenizedDataModule, items: list[GenerationItem],
                 output_path: str | Path, settings: dict, gen: GenerationArgs, kind: MetricKind) -> dict:
     """Generates for the items not yet in the progress file, scores all of them, writes predictions and the summary.
 
     Args:
-        model: the adapted model (LoRA injected; for MGM the MGM module), in eval mode, on its device.
+        loaded: the trained model (tools.export.build_trained_model), in eval mode, on its device.
         datamodule: the DataModule the items came from (tokenizer, images, how a reply becomes the answer).
         items: the items to score, in order.
         output_path: the predictions JSONL; the progress and summary files sit beside it (`output_files`).
@@ -97,8 +98,8 @@ def score_items(model: torch.nn.Module, datamodule: TokenizedDataModule, items: 
             pixels = [datamodule.item_pixels(item) for item in batch]
             images = torch.stack([p[0] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S, S)
             aux = torch.stack([p[1] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S_aux, S_aux)
-            replies = generate_batch(model, datamodule.tokenizer, [item.prompt_ids for item in batch],
-                                     replace(gen, seed=gen.seed + b), images, aux)
+            replies = loaded.generate(datamodule.tokenizer, [item.prompt_ids for item in batch],
+                                      replace(gen, seed=gen.seed + b), images, aux)
             entries = [{"key": item.key, "prediction": datamodule.reply_answer(r[0]), "reference": item.reference,
                         "reply": r[0]} for item, r in zip(batch, replies)]
             done.update((e["key"], e) for e in entries)

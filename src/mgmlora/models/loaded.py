@@ -94,9 +94,9 @@ class LoadedModel(ABC):
         """The modules QLoRA stores in 4 bits: the language model's decoder layers (MGM's towers and projector stay)."""
         return self.model.get_submodule(self.decoder_layers)
 
-    def quantize(self, args: QuantizationArgs, device: torch.device, gradient_checkpointing: bool) -> dict[str, int]:
+    def quantize(self, args: QuantizationArgs, device: torch.device) -> dict[str, int]:
         """Stores the frozen decoder weights in 4-bit NF4 on `device`, layer by layer (mgmlora.models.quantization)."""
-        counts = quantize_layers(self.quantizable_modules(), args, device, gradient_checkpointing)
+        counts = quantize_layers(self.quantizable_modules(), args, device)
         self.quantized = args
         # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
         self.model.is_loaded_in_4bit = args.resolved_backend() == "bitsandbytes"

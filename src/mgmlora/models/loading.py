@@ -66,7 +66,7 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> 
                 raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
                                  f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
                                  f"{args.experts_implementation}.")
-            loaded.quantize(args.quantization, device, args.gradient_checkpointing)
+            loaded.quantize(args.quantization, device)
             return loaded
     info = model_info(args)
     attn = packed_attention(args.attn_implementation, packing)

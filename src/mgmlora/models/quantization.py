@@ -19,8 +19,9 @@ weights stay full precision.
   reads as zero + delta and the sum is the 4-bit weight + delta, with gradients reaching LoRA only. Autograd keeps
   the dequantised tensor for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it with the
   layer's other activations and the recompute dequantises again, so only one layer's experts exist in the compute
-  dtype at a time. Checkpointing is therefore required for a quantised MoE model (without it every layer's
-  dequantised experts would stay alive until the backward pass).
+  dtype at a time. Training a quantised MoE model therefore requires checkpointing (mgmlora.training.trainable
+  refuses it off: every layer's dequantised experts would stay alive until the backward pass); inference (no
+  autograd) keeps none.
 
 Quantised after loading, not on load: the model is built (random init) or loaded (real weights) on the CPU, then
 each decoder layer moves to the run's device and is quantised there before the next one moves. One code path serves
@@ -180,15 +181,14 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     return base + weight if parametrize.is_parametrized(experts, name) else base
 
 
-def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str,
-                    gradient_checkpointing: bool) -> dict[str, int]:
+def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str) -> dict[str, int]:
     """Replaces the frozen weights of `layers` (the decoder layer list) with NF4, one layer at a time on `device`.
 
     Returns:
         counts of what was quantised: {"linear": n, "experts": n}.
 
     Raises:
-        UsageError: on a model partitioned by DeepSpeed ZeRO-3, or a MoE model without gradient checkpointing.
+        UsageError: on a model partitioned by DeepSpeed ZeRO-3.
     """
     device = torch.device(device)
     backend = args.resolved_backend()
@@ -200,10 +200,6 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
         for parent_name, parent in list(layer.named_modules()):
             fused = tuple(n for n, p in parent._parameters.items() if p is not None and p.ndim == 3)
             if fused:
-                if not gradient_checkpointing:
-                    raise UsageError("model.model.quantization on a MoE model needs model.model.gradient_checkpointing:"
-                                     " true (the recompute dequantises each layer's experts again instead of keeping "
-                                     "every layer's dequantised experts until the backward pass).")
                 counts["experts"] += _quantize_experts(parent, fused, args, backend, device)
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.training.checkpoint import (
     ADAPTER_CONFIG,
@@ -140,6 +141,8 @@ def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str |
         raise ValueError(f"{run.source}: the base model is unknown (no hyperparameters or config.yaml found); pass "
                          "--model_path (a local Hugging Face / MGM directory) or --preset.")
     saved["gradient_checkpointing"] = False
+    if isinstance(saved.get("quantization"), dict):  # a QLoRA run's settings: the 4-bit base it trained on
+        saved["quantization"] = QuantizationArgs(**saved["quantization"])
     return ModelArgs(**saved)
 
 
@@ -186,6 +189,9 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
                                                "tokenizer_path": args.tokenizer_path})
+    # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
+    # is what serving loads
+    args = replace(args, quantization=None)
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     model, info = build_trained_model(run, args)

@@ -11,8 +11,8 @@ weights stay full precision.
   the NF4 codes (same format, mgmlora.models.nf4), which PEFT adapts like any linear.
 - Fused experts: no library stores a 3-D parameter in 4 bits (bitsandbytes' layers are 2-D linears; transformers'
   `BitsAndBytesConfig` skips the fused experts), so mgmlora does. The codes live in `Nf4Weight` children of the
-  experts module (`nf4_gate_up_proj`, `nf4_down_proj`); the parameter itself becomes a frozen zero placeholder of the right
-  shape and dtype that holds no memory (one element, expanded). mgmlora's experts forward
+  experts module (`nf4_gate_up_proj`, `nf4_down_proj`); the parameter itself becomes a frozen zero placeholder of the
+  right shape and dtype that holds no memory (one element, expanded). mgmlora's experts forward
   (mgmlora.models.experts, `experts_implementation: mgmlora_grouped_mm`, required) dequantises each weight when the
   layer runs (`expert_weight`) and adds the placeholder when PEFT has parametrised it: PEFT's expert LoRA
   (`lora.target_experts`, `ParamWrapper`) adds its delta to whatever the parameter holds, so the placeholder then

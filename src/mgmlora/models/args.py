@@ -53,6 +53,8 @@ class ModelArgs:
     quantization: QuantizationArgs | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.quantization, dict):  # from a run's saved settings or a parsed config tree
+            self.quantization = QuantizationArgs(**self.quantization)
         if self.preset is None and self.model_path is None:
             raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -30,7 +30,6 @@ from safetensors.torch import load_file
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
-from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.training.checkpoint import (
     ADAPTER_CONFIG,
@@ -141,8 +140,6 @@ def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str |
         raise ValueError(f"{run.source}: the base model is unknown (no hyperparameters or config.yaml found); pass "
                          "--model_path (a local Hugging Face / MGM directory) or --preset.")
     saved["gradient_checkpointing"] = False
-    if isinstance(saved.get("quantization"), dict):  # a QLoRA run's settings: the 4-bit base it trained on
-        saved["quantization"] = QuantizationArgs(**saved["quantization"])
     return ModelArgs(**saved)
 
 

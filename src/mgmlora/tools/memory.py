@@ -121,8 +121,10 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
 
 
 def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int]]:
-    """Sizes of what `model.quantization` stores in 4 bits: each decoder linear's weight, each layer's fused experts
-    (the same selection as mgmlora.models.quantization.quantize_layers)."""
+    """Sizes of what `model.quantization` stores in 4 bits: each decoder linear, each layer's fused experts.
+
+    The same selection as mgmlora.models.quantization.quantize_layers.
+    """
     linears = [m.weight.numel() for m in layers.modules() if type(m) is torch.nn.Linear]
     experts = [sum(p.numel() for p in layer.parameters() if p.ndim == 3) for layer in layers]
     return linears, experts

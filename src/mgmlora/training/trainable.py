@@ -58,8 +58,8 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
             raise UsageError(f"model.model.quantization keeps the language model frozen in 4 bits: set "
                              f"model.trainable.llm: lora (it is {trainable.llm}) or model.model.quantization: null.")
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
-        flag = "is_activation_checkpointing" if hasattr(lm, "is_activation_checkpointing") else "is_gradient_checkpointing"
-        checkpointing = getattr(lm, flag, False)
+        new = hasattr(lm, "is_activation_checkpointing")
+        checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
         if loaded.moe and not checkpointing:
             raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
                              "true only (the recompute dequantises each layer's experts again; without it every "

@@ -111,7 +111,8 @@ class _Nf4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        return grad @ ctx.weight.dequantize(), None  # (..., out) @ (out, in) -> (..., in); the base is frozen
+        # (..., out) @ (out, in) -> (..., in); the base is frozen. grad may be in autocast's dtype, not the weight's
+        return grad @ ctx.weight.dequantize().to(grad.dtype), None
 
 
 class Nf4Linear(nn.Linear):

@@ -23,6 +23,7 @@ from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.trainable import Trainability, apply_trainability
 from tests.conftest import TOKENIZER, TRAIN
+from tests.models.test_mgm import _batch as _mgm_batch
 
 BACKENDS = ["torch"] + (["bitsandbytes"] if importlib.util.find_spec("bitsandbytes") else [])
 
@@ -118,12 +119,22 @@ def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
         load_model(_args("tiny-qwen3-moe", experts_implementation="eager"))
 
 
-def test_mgm_quantises_the_gemma_decoder_only():
+def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector():
     loaded = load_model(_args("tiny-mgm"))
     assert all(type(m) is not nn.Linear for m in loaded.model.llm.model.layers.modules())
     assert any(isinstance(m, Nf4Linear) for m in loaded.model.llm.model.layers.modules())
-    for prefix in ("mm_projector", "vision_tower"):  # projector and towers as without quantisation
+    for prefix in ("mm_projector", "vision_tower", "vision_tower_aux", "vlm_uni_aux_projector"):  # as without 4 bits
         assert not any(isinstance(m, Nf4Linear) for m in loaded.model.get_submodule(prefix).modules())
+    model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+    model.train()
+    ids, mask, labels, images, aux = _mgm_batch()
+    batch = Batch(input_ids=ids, attention_mask=mask, labels=labels, images=images, images_aux=aux)
+    hidden, _, head = loaded.forward_hidden(batch, packed=False)
+    head(hidden).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in grads) and any("mm_projector" in n for n in grads)
+    assert not any("vision_tower" in n for n in grads)
 
 
 class _StepLosses(L.Callback):

@@ -15,6 +15,7 @@ written here because bitsandbytes is an optional extra; it produces the same byt
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Literal
@@ -50,6 +51,12 @@ def dynamic_code() -> torch.Tensor:
     values += [0.0, 1.0]
     values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _codes_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 code, dynamic code) on `device`, made once: no host-to-device copy per dequantised layer."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device), dynamic_code().to(device)
 
 
 @dataclass
@@ -118,34 +125,34 @@ def quantize(weight: torch.Tensor, double_quant: bool, dtype: torch.dtype, backe
                              torch.as_tensor(state.offset, dtype=torch.float32, device=weight.device))
         return Nf4Tensor(codes.view(-1), state.absmax.float(), weight.shape, dtype)
     flat = weight.detach().reshape(-1).float()
-    indices, absmax = _blockwise(flat, BLOCK, torch.tensor(NF4_CODE, dtype=torch.float32, device=flat.device))
+    nf4_code, dyn_code = _codes_on(flat.device)
+    indices, absmax = _blockwise(flat, BLOCK, nf4_code)
     indices = torch.nn.functional.pad(indices, (0, indices.numel() % 2), value=7)  # odd length: pad with code 0.0
     pairs = indices.to(torch.uint8).view(-1, 2)
     codes = (pairs[:, 0] << 4) | pairs[:, 1]  # (ceil(n / 2),)
     if not double_quant:
         return Nf4Tensor(codes, absmax, weight.shape, dtype)
     offset = absmax.mean()
-    absmax_codes, absmax_scale = _blockwise(absmax - offset, ABSMAX_BLOCK, dynamic_code().to(flat.device))
+    absmax_codes, absmax_scale = _blockwise(absmax - offset, ABSMAX_BLOCK, dyn_code)
     return Nf4Tensor(codes, absmax_codes.to(torch.uint8), weight.shape, dtype, absmax_scale, offset)
 
 
 def dequantize(q: Nf4Tensor, backend: Backend) -> torch.Tensor:
     """The tensor `q` stores, in `q.dtype`, allocated fresh (one layer's weights at a time, never cached)."""
+    nf4_code, dyn_code = _codes_on(q.codes.device)
     if backend == "bitsandbytes":
         ops = torch.ops.bitsandbytes
         absmax = q.absmax
         if q.absmax_scale is not None:
-            absmax = ops.dequantize_blockwise(q.absmax, q.absmax_scale, dynamic_code().to(q.codes.device),
-                                              ABSMAX_BLOCK, torch.float32) + q.absmax_offset
+            absmax = ops.dequantize_blockwise(q.absmax, q.absmax_scale, dyn_code, ABSMAX_BLOCK,
+                                              torch.float32) + q.absmax_offset
         return ops.dequantize_4bit(q.codes, absmax, BLOCK, "nf4", list(q.shape), q.dtype)
     absmax = q.absmax
     if q.absmax_scale is not None:
-        absmax = _unblock(q.absmax.long(), q.absmax_scale, ABSMAX_BLOCK, dynamic_code().to(q.codes.device))
-        absmax = absmax + q.absmax_offset
+        absmax = _unblock(q.absmax.long(), q.absmax_scale, ABSMAX_BLOCK, dyn_code) + q.absmax_offset
     n = q.shape.numel()
     indices = torch.stack((q.codes >> 4, q.codes & 0xF), dim=1).view(-1)[:n].long()  # (n,)
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=q.codes.device)
-    return _unblock(indices, absmax, BLOCK, code).view(q.shape).to(q.dtype)
+    return _unblock(indices, absmax, BLOCK, nf4_code).view(q.shape).to(q.dtype)
 
 
 __all__ = ["ABSMAX_BLOCK", "BLOCK", "Backend", "NF4_CODE", "Nf4Tensor", "bitsandbytes_available", "dequantize",

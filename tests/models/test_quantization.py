@@ -110,6 +110,39 @@ def test_lora_on_attention_and_4bit_experts_gets_the_gradients_of_lora_on_the_de
     assert fused and all(p.stride() == (0, 0, 0) for p in fused)
 
 
+def _most_dequantised_alive(loaded, monkeypatch) -> int:
+    """Forward + backward, counting the dequantised expert tensors alive at each dequantisation (weak references)."""
+    import weakref
+
+    from mgmlora.models.quantization import Nf4Weight
+
+    alive, most, original = weakref.WeakSet(), [0], Nf4Weight.dequantize
+
+    def counting(self):
+        out = original(self)
+        if len(self.shape) == 3:
+            alive.add(out.untyped_storage())  # the storage: autograd may keep an alias, not this object
+            most[0] = max(most[0], len(alive))
+        return out
+
+    monkeypatch.setattr(Nf4Weight, "dequantize", counting)
+    _loss(loaded).backward()
+    return most[0]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_one_layers_experts_are_dequantised_at_a_time_under_checkpointing(checkpointing, monkeypatch):
+    from mgmlora.training.lora import apply_lora, plan_lora
+
+    loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing))  # 2 layers, 2 fused tensors each
+    model = apply_lora(loaded.model, plan_lora(loaded.model, LoraArgs(preset="balanced", lora_dropout=0.0),
+                                               decoder_layers=loaded.decoder_layers, moe=True))
+    model.train()
+    # with checkpointing: one layer's gate_up + down (the recompute of the other layer comes after they are freed);
+    # without it (what trainable.py refuses), every layer's stay alive until the backward pass: the test can fail
+    assert _most_dequantised_alive(loaded, monkeypatch) == (2 if checkpointing else 4)
+
+
 def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
     with pytest.raises(UsageError, match="gradient_checkpointing: true"):
         apply_trainability(load_model(_args("tiny-qwen3-moe", checkpointing=False)), LoraArgs(), Trainability())

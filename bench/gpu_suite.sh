@@ -33,6 +33,9 @@
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
 #   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the issue-16 re-layout
+#   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
+#          4-bit base: Qwen3-30B-A3B QLoRA attention r64 and expert r8 in the fit loop under 24 GiB, MGM-2B QLoRA
+#          under 8 GiB, and 4-bit vs bf16 from identical weights (50-step losses, tokens/s)
 #   budget_qwen / budget_mgm  each path's fastest variant within 80 / 24 GiB (bench/train_step.py
 #          --budget_gib), packed attention vs FlexAttention, Qwen3-30B-A3B r8 attention vs expert LoRA with profiles
 #   fences  (1 GPU) the fast path after the private-attribute fences (MGM's attention set through the configs'
@@ -45,7 +48,7 @@
 #          64 tokens (worst case)
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
-part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile}
+part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile|qlora_qwen|qlora_qwen_experts|qlora_mgm|qlora_parity}
 out=${2:-bench/results/new}
 mkdir -p "$out"
 if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
@@ -73,7 +76,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == gen_cost || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
+[[ $part == mgm* || $part == gen_cost || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -414,6 +417,35 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.accumulate_grad_batches 8 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 24 \
       --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.limit_val_batches 4
     for f in "$out"/*gen_cost*.json; do python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(open(sys.argv[1])).get('generation')))" "$f"; done
+  qlora_qwen|qlora_qwen_experts)
+    # QLoRA (4-bit NF4 base, experts included) in the real fit loop under a 24 GiB allocator cap, one GPU, synthetic
+    # Chameleons-length data, random init at real shapes (built in bf16 on the CPU, quantised layer by layer on the
+    # GPU: build_s in the log). qlora_qwen: configs/qwen3-30b-a3b_qlora_chameleons.yaml as written (attention r64,
+    # 8 packed samples per micro-batch), accumulate 2 for 4 steps; qlora_qwen_experts: the same with expert LoRA r8
+    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
+    qwen="--model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
+          --data.init_args.train_path /tmp/chameleons_synth.json --trainer.max_steps 4
+          --trainer.accumulate_grad_batches 2 --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common"
+    name=qwen3-30b-a3b_qlora_chameleons_24gib; extra=""
+    if [[ $part == qlora_qwen_experts ]]; then
+      name=qwen3-30b-a3b_qlora_experts_r8_24gib
+      extra="--model.lora.r 8 --model.lora.lora_alpha 16 --model.lora.lora_dropout 0.0 --model.lora.target_experts true"
+    fi
+    # shellcheck disable=SC2086
+    smoke $name 570 --memory_cap_gib 24 fit --config configs/qwen3-30b-a3b_qlora_chameleons.yaml $qwen $extra
+    ;;
+  qlora_mgm)
+    # configs/mgm2b_qlora.yaml as written (Gemma decoder 4-bit, checkpointing, Liger loss) under an 8 GiB cap,
+    # realistic rows (576 image + 100-1500 text tokens), 2 optimizer steps of 16 micro-batches
+    # shellcheck disable=SC2086
+    smoke mgm2b_qlora_8gib 330 --memory_cap_gib 8 fit --config configs/mgm2b_qlora.yaml $mgm \
+      --trainer.max_steps 3 --trainer.accumulate_grad_batches 16
+    ;;
+  qlora_parity)
+    # 4-bit vs bf16 base from identical weights: 50 steps each, per-step loss gap and tokens/s at the same micro-batch
+    # (8 packed Chameleons-length samples, Liger loss, fused AdamW); 12 of the 48 layers so both builds fit the call
+    timeout 570 python3 bench/qlora_parity.py --model qwen3-30b-a3b --layers 12 --steps 50 --batch_size 8 \
+      --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-12layers-$gpu.json" 2>&1 | tail -n 4
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

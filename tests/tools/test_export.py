@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -15,6 +16,7 @@ from mgmlora.data.llava_datamodule import LlavaDataModule
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.mgm_checkpoint import load_mgm
+from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.export import build_trained_model, model_args_for, read_run_adapter
 from mgmlora.training.callbacks import AdapterExport
 from mgmlora.training.checkpoint import AdapterCheckpointIO
@@ -29,12 +31,12 @@ spec.loader.exec_module(export_cli)
 TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 merge: W + s*B@A folded once vs applied per forward
 
 
-def _train(tmp_path, preset):
+def _train(tmp_path, preset, quantization=None):
     """Two optimizer steps with a large learning rate (so the adapter is far from a no-op), checkpoint + export."""
     torch.manual_seed(0)
     mgm = preset == "tiny-mgm"
     model = ModelArgs(preset=preset, tokenizer_path=str(ASSETS / ("gemma_tokenizer" if mgm else "tokenizer")),
-                      dtype="float32", gradient_checkpointing=False)
+                      dtype="float32", gradient_checkpointing=quantization is not None, quantization=quantization)
     lora = LoraArgs(preset="chameleons" if preset.endswith("moe") else "balanced", lora_dropout=0.0,
                     target_experts=preset.endswith("moe"))
     module = LoraLitModule(model, lora, OptimArgs(lr=5e-2, warmup_ratio=0.0))
@@ -89,6 +91,38 @@ def test_merged_text_model_reloads_with_transformers_and_matches_the_adapter(tmp
 
 
 @pytest.mark.integration
+def test_a_qlora_adapter_merges_into_the_full_precision_base_and_generates_on_the_4bit_one(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    quant = QuantizationArgs(compute_dtype="float32", backend="torch")
+    ckpt, _ = _train(tmp_path, "tiny-qwen3-moe", quant)  # expert LoRA trained on 4-bit experts
+    run = read_run_adapter(ckpt)
+    args = model_args_for(run, dtype="float32")
+    assert args.quantization == quant  # the run's settings rebuild the 4-bit base it trained on
+    inputs = _text_inputs()
+    on_4bit = build_trained_model(run, args).model  # what bin/generate.py runs
+    on_full = build_trained_model(run, replace(args, quantization=None)).model
+    with torch.no_grad():
+        expected = on_full.eval()(**inputs).logits
+        approx = on_4bit.eval()(**inputs).logits
+        base_only = load_model(replace(args, quantization=None)).model.eval()(**inputs).logits
+    assert not torch.allclose(expected, base_only, **TOL)  # the adapter changes the model
+    assert not torch.allclose(approx, expected, **TOL)  # 4 bits differ from the full-precision base ...
+    assert (approx - expected).abs().mean() < 0.5 * (expected - base_only).abs().mean() + 0.1  # ... by a little
+
+    out = export_cli.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "merged"), "--merge",
+                           "--dtype", "float32"])
+    merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert not any(".nf4_" in k or "absmax" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, expected, **TOL)
+
+    exported = export_cli.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "adapter_out")])
+    reloaded = PeftModel.from_pretrained(load_model(replace(args, quantization=None)).model, exported).eval()
+    with torch.no_grad():  # the adapter directory is plain PEFT: it loads on the full-precision base
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, **TOL)
+
+
 def test_merged_mgm_reloads_in_the_original_layout_with_projector_and_matches_the_adapter(tmp_path):
     ckpt, adapter_dir = _train(tmp_path, "tiny-mgm")
     run = read_run_adapter(adapter_dir)  # the final export: adapter + non_lora_trainables, settings from config.yaml

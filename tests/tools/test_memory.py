@@ -289,3 +289,26 @@ def test_fastest_fitting_setting_follows_the_measured_saturation_points(in_repo_
     assert tight and all(s.total_gib <= 24 for s in tight)
     printed = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
     assert printed["fastest_fitting"][0] == vars(tight[0])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_weights_are_itemised_at_the_bytes_the_quantised_model_holds(double_quant):
+    from dataclasses import replace
+
+    from mgmlora.models import load_model
+    from mgmlora.models.quantization import Nf4Weight, QuantizationArgs
+    from mgmlora.tools.memory import GIB
+
+    quant = QuantizationArgs(compute_dtype="float32", backend="torch", double_quant=double_quant)
+    args = ModelArgs(preset="tiny-qwen3-moe", dtype="float32", quantization=quant)
+    shape = RunShape(batch_size=2, seq_len=64, precision="32-true", device="cpu")
+    lora = LoraArgs(preset="balanced")
+    items = estimate(args, lora, Trainability(), SpeedArgs(), shape).items
+    model = load_model(args).model
+    stored = sum(b.nbytes for m in model.modules() if isinstance(m, Nf4Weight) for b in m.buffers())
+    assert items["base weights (4-bit NF4)"] * GIB == pytest.approx(stored, rel=0.01)
+    # what is not quantised stays at the model dtype: the two lines and the 4-bit count add up to the full base
+    full = estimate(replace(args, quantization=None), lora, Trainability(), SpeedArgs(), shape).items
+    quantised_weights = sum(m.shape.numel() for m in model.modules() if isinstance(m, Nf4Weight))
+    not_quantised = items["base weights (frozen, not quantised)"] * GIB
+    assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)

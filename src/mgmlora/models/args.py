@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from mgmlora.models.quantization import QuantizationArgs
+
 PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "tiny-mgm", "mgm-2b"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -35,6 +37,8 @@ class ModelArgs:
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
         trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
         init_seed: seed for random initialisation (only used without `model_path`).
+        quantization: null (off), or the frozen language-model base in 4-bit NF4 (QLoRA; the fused MoE experts
+            included, LoRA weights full precision): mgmlora.models.quantization.
     """
 
     preset: PresetName | None = None
@@ -46,8 +50,11 @@ class ModelArgs:
     gradient_checkpointing: bool = True
     trust_remote_code: bool = False
     init_seed: int = 0
+    quantization: QuantizationArgs | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.quantization, dict):  # from a run's saved settings or a parsed config tree
+            self.quantization = QuantizationArgs(**self.quantization)
         if self.preset is None and self.model_path is None:
             raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -15,6 +15,8 @@ projection. Newer transformers releases skip the masks without expert parallelis
   (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
   tensor 2.7x smaller for Qwen3-30B-A3B (768 vs 2048 columns), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
+It is also the one experts forward that runs 4-bit experts (QLoRA, mgmlora.models.quantization): it reads each fused
+weight through `expert_weight`, which dequantises one layer's experts when they run.
 Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); its speed is measured in
 bench/train_step.py (`+fastexperts`), not assumed.
 """
@@ -26,6 +28,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError
+from mgmlora.models.quantization import expert_weight
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -73,7 +76,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     offsets = torch.cumsum(torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1), 0,
                            dtype=torch.int32)  # (E,) end of each expert's rows
     x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
-    gate_up = _linear(x, self.gate_up_proj, offsets, transposed)  # (S, 2I)
+    gate_up = _linear(x, expert_weight(self, "gate_up_proj"), offsets, transposed)  # (S, 2I)
     weights = top_k_weights.reshape(-1)[order].to(gate_up.dtype)  # (S,)
     if hasattr(self, "_apply_gate"):
         inter = self._apply_gate(gate_up)  # (S, I)
@@ -81,7 +84,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         gate, up = gate_up.chunk(2, dim=-1)
         inter = self.act_fn(gate) * up  # (S, I)
     inter = inter * weights[:, None]  # weighted here, before the linear down projection
-    out = _linear(inter, self.down_proj, offsets, transposed)  # (S, H)
+    out = _linear(inter, expert_weight(self, "down_proj"), offsets, transposed)  # (S, H)
     routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)
     return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
 

@@ -20,6 +20,7 @@ from mgmlora.models.attention import varlen_kwargs
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
+from mgmlora.models.quantization import QuantizationArgs, quantize_layers
 
 Family = Literal["causal_lm", "mgm"]
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
@@ -54,12 +55,14 @@ class LoadedModel(ABC):
         info: family, vocabulary and image geometry.
         decoder_layers: dotted path of the decoder layer list inside `model` (LoRA anchoring, fast path).
         moe: whether the language model's MLPs are fused mixture-of-experts.
+        quantized: the 4-bit settings when the frozen decoder weights are NF4, else None.
     """
 
     model: nn.Module
     info: ModelInfo
     decoder_layers: str
     moe: bool
+    quantized: QuantizationArgs | None = None  # set by `quantize`: the base's decoder weights are 4-bit
 
     # trainable components besides the language model: config name (model.trainable.<name>) -> parameter prefixes
     components: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -95,6 +98,18 @@ class LoadedModel(ABC):
     def mining_dims(self) -> tuple[int, int] | None:
         """(aux-tower channels, CLIP hidden size) of MGM's patch-info mining, None for models without it."""
         return None
+
+    def quantizable_modules(self) -> nn.Module:
+        """The modules QLoRA stores in 4 bits: the language model's decoder layers (MGM's towers and projector stay)."""
+        return self.model.get_submodule(self.decoder_layers)
+
+    def quantize(self, args: QuantizationArgs, device: torch.device) -> dict[str, int]:
+        """Stores the frozen decoder weights in 4-bit NF4 on `device`, layer by layer (mgmlora.models.quantization)."""
+        counts = quantize_layers(self.quantizable_modules(), args, device)
+        self.quantized = args
+        # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
+        self.model.is_loaded_in_4bit = args.resolved_backend() == "bitsandbytes"
+        return counts
 
 
 class LoadedCausalLM(LoadedModel):

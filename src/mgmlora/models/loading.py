@@ -7,13 +7,16 @@ by `model_type` (original checkpoints carry several names); everything else is a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from mgmlora.errors import UsageError
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
+from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
 from mgmlora.models.registry import MGM_PRESETS
 
@@ -50,7 +53,21 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> 
             the number of samples (mgmlora.models.attention): `sdpa` becomes mgmlora's packed SDPA.
         weights: False builds the architecture from config.json alone, even when `model_path` holds weights (the
             memory estimate builds it on the meta device).
+
+    With `args.quantization` the model is built on the CPU and its decoder layers are quantised to 4 bits one at a
+    time on the current default device (mgmlora.models.quantization).
     """
+    if args.quantization is not None and weights:
+        device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
+        if device.type != "meta":
+            with torch.device("cpu"):  # built whole in the model dtype on the CPU, quantised layer by layer on device
+                loaded = load_model(replace(args, quantization=None), packing)
+            if loaded.moe and args.experts_implementation != FAST_EXPERTS:
+                raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
+                                 f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
+                                 f"{args.experts_implementation}.")
+            loaded.quantize(args.quantization, device)
+            return loaded
     info = model_info(args)
     attn = packed_attention(args.attn_implementation, packing)
     if info.family == "causal_lm":

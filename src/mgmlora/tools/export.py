@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -194,6 +194,9 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
                                                "tokenizer_path": args.tokenizer_path})
+    # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
+    # is what serving loads
+    args = replace(args, quantization=None)
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     loaded, peft = _with_adapter(run, args)

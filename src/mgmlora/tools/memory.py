@@ -4,7 +4,9 @@ The model is built on PyTorch's meta device (shapes and dtypes, no storage), LoR
 as in training, and each block of memory is computed from the parameter counts and the run's settings:
 
 - frozen weights (vision towers on their own line) in the model dtype; divided by the data-parallel size under ZeRO-3,
-  gone from the GPU with parameter offload;
+  gone from the GPU with parameter offload. With `model.quantization` (QLoRA) the decoder linears and fused experts
+  count at NF4's 4.13 (double quantisation) or 4.5 bits per weight, plus one layer's weights dequantised to the
+  compute dtype (one layer's experts, x3 with expert LoRA: weight + delta and its gradient);
 - trainable weights, gradients and AdamW states. Plain Lightning (bf16-mixed) keeps LoRA adapters in fp32 and fully
   trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
@@ -41,6 +43,7 @@ import torch
 
 from mgmlora.models import build_on_meta, model_info
 from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.quantization import quantized_bytes
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -93,6 +96,9 @@ class _ModelFacts:
     vocab: int
     mlp: int  # MLP width per token (MoE: top_k x expert width)
     mining: tuple[int, int] | None  # MGM: (aux channels, CLIP hidden size)
+    quantizable: int = 0  # weights QLoRA stores in 4 bits: decoder linears and fused experts
+    experts_layer: int = 0  # one decoder layer's fused expert weights (dequantised one layer at a time)
+    largest_linear: int = 0  # the largest decoder linear (dequantised one matrix product at a time)
 
 
 _FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
@@ -103,14 +109,26 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
     key = repr((model_args, lora, trainable))
     if key not in _FACTS:
         loaded = build_on_meta(model_args)  # config files only, never weights
+        linears, experts = _quantizable(loaded.quantizable_modules())  # before PEFT wraps the linears
         with torch.device("meta"):
             model, _ = apply_trainability(loaded, lora, trainable)
         cfg = loaded.language_model().config
         mlp = getattr(cfg, "moe_intermediate_size", None)
         mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
-                                  cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims())
+                                  cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
+                                  sum(linears) + sum(experts), max(experts, default=0), max(linears, default=0))
     return _FACTS[key]
+
+
+def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int]]:
+    """Sizes of what `model.quantization` stores in 4 bits: each decoder linear, each layer's fused experts.
+
+    The same selection as mgmlora.models.quantization.quantize_layers.
+    """
+    linears = [m.weight.numel() for m in layers.modules() if type(m) is torch.nn.Linear]
+    experts = [sum(p.numel() for p in layer.parameters() if p.ndim == 3) for layer in layers]
+    return linears, experts
 
 
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
@@ -135,7 +153,18 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     items: dict[str, float] = {}
     shard = w if shape.zero_stage == 3 else 1
     on_gpu = 0.0 if shape.offload_parameters else 1.0
-    items["base weights (frozen)"] = frozen * dtype_bytes / shard * on_gpu
+    quant = model_args.quantization
+    if quant is None:
+        items["base weights (frozen)"] = frozen * dtype_bytes / shard * on_gpu
+    else:
+        compute_bytes = torch.finfo(quant.dtype).bits // 8
+        items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
+        items["base weights (4-bit NF4)"] = quantized_bytes(facts.quantizable, quant.double_quant)
+        # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per layer;
+        # with expert LoRA also the weight + delta and its gradient), or one linear at a time
+        copies = 3 if lora.target_experts else 1
+        items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies,
+                                                                 facts.largest_linear) * compute_bytes
     if towers:
         items["vision towers (frozen)"] = towers * dtype_bytes / shard * on_gpu
     if deepspeed:

@@ -53,9 +53,11 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     For each checkpointing choice: the smallest micro-batch that reaches the saturation point, or the largest that
     fits when none does (more samples than saturation only cost memory).
     """
-    saturation = SATURATION["moe" if uses_moe(model_args) else "dense"]
+    moe = uses_moe(model_args)
+    saturation = SATURATION["moe" if moe else "dense"]
     settings = []
-    for ckpt in (False, True):
+    # a 4-bit MoE base trains with checkpointing only (mgmlora.models.quantization)
+    for ckpt in (True,) if moe and model_args.quantization is not None else (False, True):
         args = replace(model_args, gradient_checkpointing=ckpt)
         largest = largest_batch_size(args, lora, trainable, speed, shape, budget_gib)
         if largest < 1:

@@ -1,0 +1,129 @@
+"""QLoRA against the bf16 base from identical weights: per-step losses, tokens/s and peak memory, in one run.
+
+    python bench/qlora_parity.py --model qwen3-30b-a3b --layers 12 --steps 50 --out OUT.json
+
+Both models are built by the same call on the CPU from the same seed (random init at real shapes, optionally with
+fewer decoder layers (`--layers`) so that both builds and runs fit one 10-minute GPU call), so their weights are
+identical before one of them is quantised to 4-bit NF4 (mgmlora.models.quantization, the same `LoadedModel.quantize`
+that `load_model` runs); both get the same initial LoRA weights and see the same batches (bench/train_step.py's
+Chameleons-like lengths) through the same step (mgmlora's loss, packed rows when the variant says so). What it
+reports: each step's loss for both, their relative gap per step (|nf4 - bf16| / bf16: max, mean, last), tokens/s and
+peak allocated memory of both at the same micro-batch, and the ratio of the tokens/s.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: train_step's helpers
+import torch  # noqa: E402
+import train_step  # noqa: E402  (inserts src/ itself)
+import transformers  # noqa: E402
+
+from mgmlora.models import load_model  # noqa: E402
+from mgmlora.models.args import ModelArgs  # noqa: E402
+from mgmlora.models.quantization import QuantizationArgs  # noqa: E402
+from mgmlora.models.registry import PRESETS  # noqa: E402
+from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
+from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
+
+
+def _model_args(args, dtype: str) -> ModelArgs:
+    """The preset with `--layers` decoder layers: a registry entry of its own, for this process only."""
+    preset = PRESETS[args.model]
+    if args.layers:
+        name = f"{args.model}-{args.layers}layers"
+        PRESETS[name] = replace(preset, name=name, architecture={**preset.architecture,
+                                                                 "num_hidden_layers": args.layers})
+        preset = PRESETS[name]
+    return ModelArgs(preset=preset.name, dtype=dtype, gradient_checkpointing=True)
+
+
+def _build(model_args: ModelArgs, quant: QuantizationArgs | None, lora: LoraArgs, device: torch.device,
+           initial: dict | None):
+    start = time.perf_counter()
+    with torch.device("cpu"):  # what load_model does with `quantization` set: build on the CPU, then quantise
+        loaded = load_model(model_args, weights=False)  # random init from the config, seeded by init_seed
+    if quant is not None:
+        loaded.quantize(quant, device)
+    model, _ = apply_trainability(loaded, lora, Trainability())
+    model.to(device)
+    with torch.no_grad():  # the same LoRA starting point (PEFT draws lora_A on the weights' device)
+        for name, p in model.named_parameters():
+            if p.requires_grad and initial is not None:
+                p.copy_(initial[name])
+    return loaded, model, time.perf_counter() - start
+
+
+def main() -> None:
+    """Builds, trains and compares both models; writes the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
+    parser.add_argument("--variant", default="liger+packing+fused", help="bench/train_step.py variant (not plain)")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch, both models")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=0, help="steps not timed (they still count as losses)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--lora_preset", default="chameleons")
+    parser.add_argument("--target_experts", action="store_true")
+    parser.add_argument("--double_quant", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--lengths", default="chameleons")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
+    impl = train_step.parse_variant(args.variant)[0]
+    if not cuda and impl == "liger":
+        raise SystemExit("--variant with liger needs CUDA; use e.g. chunked+packing on the CPU")
+    quant = QuantizationArgs(double_quant=bool(args.double_quant), compute_dtype=dtype)
+    lora = LoraArgs(preset=args.lora_preset, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                    target_experts=args.target_experts)
+    records, initial = {}, None
+    model_args = _model_args(args, dtype)
+    for name, q in (("bf16", None), ("nf4", quant)):
+        loaded, model, build_s = _build(model_args, q, lora, device, initial)
+        if initial is None:
+            initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        info = loaded.info
+        batches = train_step.make_batches(args, info, info.vocab_size, args.batch_size, args.warmup + args.steps)
+        n_pos = statistics.mean(train_step.positions(b, info) for b in batches)
+        rec = train_step.run_variant(model, loaded, batches, args.variant, args.chunk, args.warmup, args.steps,
+                                     device, args.lr, measure_cpu_peak=False)
+        trainable, total = count_parameters(model)
+        rec.update({"build_s": round(build_s, 1), "tokens_per_s": n_pos / rec["step_s_median"],
+                    "positions_per_step": n_pos, "trainable_params": trainable, "total_params": total})
+        records[name] = rec
+        print(name, json.dumps({k: v for k, v in rec.items() if k not in ("step_s_all", "losses")}), flush=True)
+        del loaded, model
+        if cuda:
+            torch.cuda.empty_cache()
+    bf16, nf4 = records["bf16"]["losses"], records["nf4"]["losses"]
+    gaps = [abs(a - b) / abs(b) for a, b in zip(nf4, bf16, strict=True)]
+    result = {
+        "command": "python bench/qlora_parity.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "settings": vars(args) | {"out": str(args.out)},
+        "loss_rel_gap": {"max": max(gaps), "mean": statistics.mean(gaps), "last": gaps[-1], "per_step": gaps},
+        "tokens_per_s_nf4_over_bf16": records["nf4"]["tokens_per_s"] / records["bf16"]["tokens_per_s"],
+        "runs": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"loss gap nf4 vs bf16: max {max(gaps):.4f}, mean {statistics.mean(gaps):.4f}, last {gaps[-1]:.4f}; "
+          f"tokens/s {records['bf16']['tokens_per_s']:.0f} (bf16) vs {records['nf4']['tokens_per_s']:.0f} (nf4); "
+          f"peak GiB {records['bf16']['peak_alloc_gib']} vs {records['nf4']['peak_alloc_gib']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""QLoRA's 4-bit base (mgmlora.models.quantization) on tiny models: it computes with the dequantised weights, LoRA on
+attention and on 4-bit experts gets the gradients of the same LoRA on a full-precision copy of those weights, and
+nothing else trains."""
+
+import importlib.util
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from mgmlora.batch import Batch
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.errors import UsageError
+from mgmlora.models import load_model
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.nf4 import dequantize, quantize
+from mgmlora.models.quantization import Nf4Linear, QuantizationArgs
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.module import LoraLitModule
+from mgmlora.training.optim import OptimArgs
+from mgmlora.training.trainable import Trainability, apply_trainability
+from tests.conftest import TOKENIZER, TRAIN
+from tests.models.test_mgm import _batch as _mgm_batch
+
+BACKENDS = ["torch"] + (["bitsandbytes"] if importlib.util.find_spec("bitsandbytes") else [])
+
+
+def _args(preset, backend="torch", checkpointing=True, **kw):
+    quant = QuantizationArgs(compute_dtype="float32", backend=backend, double_quant=True)
+    return ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=checkpointing, quantization=quant, **kw)
+
+
+def _fake_quantized(preset, backend="torch"):
+    """The full-precision model with every decoder weight replaced by its NF4 round trip (the reference).
+
+    The round trip uses the backend under test: bitsandbytes' 8-bit rounding of the scales differs on rare ties
+    (tests/models/test_nf4.py), and a tiny weight difference can flip an MoE token's top-k experts.
+    """
+    loaded = load_model(ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=True))
+    for module in loaded.model.model.layers.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Linear) and name == "weight" or param.ndim == 3:
+                param.data = dequantize(quantize(param.data, True, torch.float32, backend), backend)
+    return loaded
+
+
+def _batch():
+    ids = torch.tensor([[5, 17, 33, 48, 9, 70, 11, 2], [3, 44, 21, 8, 90, 6, 0, 0]])
+    mask = (torch.arange(8) < torch.tensor([[8], [6]])).long()
+    return Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def _loss(loaded):
+    hidden, labels, head = loaded.forward_hidden(_batch(), packed=False)
+    logits = head(hidden)[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_the_4bit_model_computes_with_the_dequantised_weights(preset, backend):
+    quantized = load_model(_args(preset, backend))
+    layer = quantized.model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == ("Linear4bit" if backend == "bitsandbytes" else "Nf4Linear")
+    if quantized.moe:  # the experts' own parameters hold no memory: one element expanded to the full shape
+        experts = layer.mlp.experts
+        assert experts.gate_up_proj.stride() == (0, 0, 0) and experts.nf4_gate_up_proj.codes.dtype == torch.uint8
+    reference, full = _fake_quantized(preset, backend), load_model(ModelArgs(preset=preset, dtype="float32"))
+    with torch.no_grad():
+        got = quantized.model(input_ids=_batch().input_ids).logits
+        torch.testing.assert_close(got, reference.model(input_ids=_batch().input_ids).logits, rtol=1e-4, atol=1e-4)
+        # the test can fail: 4 bits are not the full-precision weights
+        assert not torch.allclose(got, full.model(input_ids=_batch().input_ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_on_attention_and_4bit_experts_gets_the_gradients_of_lora_on_the_dequantised_weights(backend):
+    lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True, init_lora_weights="gaussian")
+    torch.manual_seed(0)
+    quantized = load_model(_args("tiny-qwen3-moe", backend))
+    model, _ = apply_trainability(quantized, lora, Trainability())
+    torch.manual_seed(0)
+    reference = _fake_quantized("tiny-qwen3-moe", backend)
+    ref_model, _ = apply_trainability(reference, lora, Trainability())
+    # gaussian init leaves lora_B at zero: make it non-zero (the same in both) so the delta is part of the forward
+    torch.manual_seed(1)
+    for (name, p), (ref_name, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
+        assert name == ref_name
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+            q.data.copy_(p.data)
+    codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
+    model.train(), ref_model.train()
+    loss, ref_loss = _loss(quantized), _loss(reference)
+    loss.backward(), ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in grads) and any(".experts." in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if ".experts." in n)
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if n.endswith("codes"))
+    # the dequantised experts were not kept on the module after the backward pass (one layer at a time)
+    fused = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    assert fused and all(p.stride() == (0, 0, 0) for p in fused)
+
+
+def _most_dequantised_alive(loaded, monkeypatch) -> int:
+    """Forward + backward, counting the dequantised expert tensors alive at each dequantisation (weak references)."""
+    import weakref
+
+    from mgmlora.models.quantization import Nf4Weight
+
+    alive, most, original = weakref.WeakSet(), [0], Nf4Weight.dequantize
+
+    def counting(self):
+        out = original(self)
+        if len(self.shape) == 3:
+            alive.add(out.untyped_storage())  # the storage: autograd may keep an alias, not this object
+            most[0] = max(most[0], len(alive))
+        return out
+
+    monkeypatch.setattr(Nf4Weight, "dequantize", counting)
+    _loss(loaded).backward()
+    return most[0]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_one_layers_experts_are_dequantised_at_a_time_under_checkpointing(checkpointing, monkeypatch):
+    from mgmlora.training.lora import apply_lora, plan_lora
+
+    loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing))  # 2 layers, 2 fused tensors each
+    model = apply_lora(loaded.model, plan_lora(loaded.model, LoraArgs(preset="balanced", lora_dropout=0.0),
+                                               decoder_layers=loaded.decoder_layers, moe=True))
+    model.train()
+    # with checkpointing: one layer's gate_up + down (the recompute of the other layer comes after they are freed);
+    # without it (what trainable.py refuses), every layer's stay alive until the backward pass: the test can fail
+    assert _most_dequantised_alive(loaded, monkeypatch) == (2 if checkpointing else 4)
+
+
+def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
+    with pytest.raises(UsageError, match="gradient_checkpointing: true"):
+        apply_trainability(load_model(_args("tiny-qwen3-moe", checkpointing=False)), LoraArgs(), Trainability())
+    with pytest.raises(UsageError, match="trainable.llm: lora"):
+        apply_trainability(load_model(_args("tiny-qwen3")), LoraArgs(), Trainability(llm="full"))
+    with pytest.raises(UsageError, match="experts_implementation: mgmlora_grouped_mm"):
+        load_model(_args("tiny-qwen3-moe", experts_implementation="eager"))
+
+
+def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector():
+    loaded = load_model(_args("tiny-mgm"))
+    assert all(type(m) is not nn.Linear for m in loaded.model.llm.model.layers.modules())
+    assert any(isinstance(m, Nf4Linear) for m in loaded.model.llm.model.layers.modules())
+    for prefix in ("mm_projector", "vision_tower", "vision_tower_aux", "vlm_uni_aux_projector"):  # as without 4 bits
+        assert not any(isinstance(m, Nf4Linear) for m in loaded.model.get_submodule(prefix).modules())
+    model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+    model.train()
+    ids, mask, labels, images, aux = _mgm_batch()
+    batch = Batch(input_ids=ids, attention_mask=mask, labels=labels, images=images, images_aux=aux)
+    hidden, _, head = loaded.forward_hidden(batch, packed=False)
+    head(hidden).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in grads) and any("mm_projector" in n for n in grads)
+    assert not any("vision_tower" in n for n in grads)
+
+
+class _StepLosses(L.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "train/loss" in trainer.callback_metrics:
+            self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
+
+
+def _fit(tmp_path, name, max_steps, ckpt_path=None):
+    torch.manual_seed(0)
+    model = _args("tiny-qwen3-moe", tokenizer_path=str(TOKENIZER))
+    module = LoraLitModule(model, LoraArgs(preset="chameleons", lora_dropout=0.0, target_experts=True),
+                           OptimArgs(lr=1e-2, warmup_ratio=0.0))
+    record = _StepLosses()
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
+    data = ChatDataModule(str(path), batch_size=2, shuffle=True, seed=3)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / name, filename="{step}", every_n_train_steps=2,
+                                                   save_top_k=-1), record],
+                        plugins=[AdapterCheckpointIO()], limit_val_batches=0)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return record.losses
+
+
+@pytest.mark.integration
+def test_qlora_fit_with_expert_lora_resumes_to_the_uninterrupted_run(tmp_path):
+    straight = _fit(tmp_path, "straight", max_steps=4)
+    assert straight[4] < straight[1]  # it learns
+    resumed = _fit(tmp_path, "resumed", max_steps=4, ckpt_path=tmp_path / "straight" / "step=2.ckpt")
+    assert {s: resumed[s] for s in (3, 4)} == {s: straight[s] for s in (3, 4)}

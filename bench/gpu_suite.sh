@@ -76,7 +76,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == gen_cost || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
+[[ $part == mgm* || $part == gen_cost* || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -403,20 +403,28 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.accumulate_grad_batches 16 --trainer.max_steps 6 --model.speed.packing true \
       --model.speed.pad_to_multiple 128
     ;;
-  gen_cost)
-    python3 bench/make_long_llava.py /tmp/mgm_val64.json --text_tokens 100 1500 --copies 3 --seed 1  # 72 records
-    # shellcheck disable=SC2086
-    smoke mgm2b_lora_gen_cost_24gib 250 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
-      --data.init_args.val_path /tmp/mgm_val64.json --trainer.max_steps 2 --trainer.val_check_interval 128 \
-      --trainer.limit_val_batches 8 --trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1
-    python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
-    # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_gen_cost_1gpu 330 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
-      --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
-      --data.init_args.train_path /tmp/chameleons_synth.json \
-      --trainer.accumulate_grad_batches 8 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 24 \
-      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.limit_val_batches 4
-    for f in "$out"/*gen_cost*.json; do python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(open(sys.argv[1])).get('generation')))" "$f"; done
+  gen_cost|gen_cost_mgm|gen_cost_qwen)
+    if [[ $part != gen_cost_qwen ]]; then
+      python3 bench/make_long_llava.py /tmp/mgm_val64.json --text_tokens 100 1500 --copies 3 --seed 1  # 72 records
+      # shellcheck disable=SC2086
+      smoke mgm2b_lora_gen_cost_24gib 250 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
+        --data.init_args.val_path /tmp/mgm_val64.json --trainer.max_steps 2 --trainer.val_check_interval 128 \
+        --trainer.limit_val_batches 8 --trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1
+    fi
+    if [[ $part != gen_cost_mgm ]]; then
+      # 256 users x 12 items: enough micro-batches per epoch (64) for a validation every 24 (3 optimizer steps)
+      python3 bench/make_chameleons.py /tmp/chameleons_synth256.json --users 256 --items 12
+      # shellcheck disable=SC2086
+      smoke qwen3-30b-a3b_lora_chameleons_gen_cost_1gpu 330 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+        --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+        --data.init_args.train_path /tmp/chameleons_synth256.json \
+        --trainer.accumulate_grad_batches 8 --trainer.devices 1 --trainer.max_steps 6 --trainer.val_check_interval 24 \
+        --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.limit_val_batches 4
+    fi
+    for f in "$out"/*gen_cost*.json; do
+      python3 -c "import json,sys; print(sys.argv[1], json.dumps(json.load(open(sys.argv[1])).get('generation')))" "$f"
+    done
+    ;;
   qlora_qwen|qlora_qwen_experts)
     # QLoRA (4-bit NF4 base, experts included) in the real fit loop under a 24 GiB allocator cap, one GPU, synthetic
     # Chameleons-length data, random init at real shapes (built in bf16 on the CPU, quantised layer by layer on the

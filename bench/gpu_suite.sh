@@ -32,7 +32,7 @@
 #   experts14  (1 GPU): Qwen3-30B-A3B with mgmlora's experts vs plain within 80 GiB + parity, r8 expert
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
-#   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the issue-16 re-layout
+#   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the package re-layout
 #   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
 #          4-bit base: Qwen3-30B-A3B QLoRA attention r64 and expert r8 in the fit loop under 24 GiB, MGM-2B QLoRA
 #          under 8 GiB, and 4-bit vs bf16 from identical weights (50-step losses, tokens/s)

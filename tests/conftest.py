@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -72,3 +73,14 @@ def forward_hidden(model, family, batch, packed, pad_to=0):
     cls = LoadedMgm if family == "mgm" else LoadedCausalLM
     batch = Batch(**batch) if isinstance(batch, dict) else batch
     return cls(model, ModelInfo(family, 0), "", False).forward_hidden(batch, packed, pad_to)
+
+
+class StepLosses(L.Callback):
+    """The logged train/loss of each optimizer step, by global step (resume tests compare runs with it)."""
+
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "train/loss" in trainer.callback_metrics:
+            self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()

@@ -22,7 +22,7 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.trainable import Trainability, apply_trainability
-from tests.conftest import TOKENIZER, TRAIN
+from tests.conftest import TOKENIZER, TRAIN, StepLosses
 from tests.models.test_mgm import _batch as _mgm_batch
 
 BACKENDS = ["torch"] + (["bitsandbytes"] if importlib.util.find_spec("bitsandbytes") else [])
@@ -170,21 +170,12 @@ def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector(
     assert not any("vision_tower" in n for n in grads)
 
 
-class _StepLosses(L.Callback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if "train/loss" in trainer.callback_metrics:
-            self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
-
-
 def _fit(tmp_path, name, max_steps, ckpt_path=None):
     torch.manual_seed(0)
     model = _args("tiny-qwen3-moe", tokenizer_path=str(TOKENIZER))
     module = LoraLitModule(model, LoraArgs(preset="chameleons", lora_dropout=0.0, target_experts=True),
                            OptimArgs(lr=1e-2, warmup_ratio=0.0))
-    record = _StepLosses()
+    record = StepLosses()
     path = tmp_path / "train.jsonl"
     path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
     data = ChatDataModule(str(path), batch_size=2, shuffle=True, seed=3)

@@ -38,21 +38,30 @@ class _Recorder(Logger):
         pass
 
 
-def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
-    path = tmp_path / "train8.jsonl"
-    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
+def _fit_tiny(tmp_path, n_samples, callbacks, **trainer_kwargs):
+    """tiny-qwen3 LoRA on the first `n_samples` bundled chat samples, 2 per micro-batch, accumulate 2, no validation.
+
+    Returns the DataModule (its tokenised samples are what the counts are made from) and the recording logger.
+    """
+    path = tmp_path / f"train{n_samples}.jsonl"
+    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:n_samples]))
     data = ChatDataModule(str(path), tokenizer_path=str(TOKENIZER), batch_size=2, shuffle=False)
     module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
                                      gradient_checkpointing=False), LoraArgs(preset="conservative"),
                            OptimArgs(warmup_ratio=0.0))
     data.connect(module.tokenizer, module.info)
     logger = _Recorder()
-    # 8 samples, 2 per micro-batch, 2 micro-batches per optimizer step: one epoch is exactly 2 optimizer steps
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
+    trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[ThroughputMonitor()], limit_val_batches=0,
-                        plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+                        use_distributed_sampler=False, callbacks=callbacks, limit_val_batches=0,
+                        plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path, **trainer_kwargs)
     trainer.fit(module, data)
+    return data, logger, trainer
+
+
+def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
+    # 8 samples, 2 per micro-batch, 2 micro-batches per optimizer step: one epoch is exactly 2 optimizer steps
+    data, logger, _ = _fit_tiny(tmp_path, 8, [ThroughputMonitor()], max_steps=2)
 
     samples = data.splits["train"]
     assert len(samples) == 8
@@ -110,19 +119,8 @@ def test_the_samplers_window_ends_are_where_lightning_steps_the_optimizer(tmp_pa
     10 samples, 2 per micro-batch, accumulate 2: micro-batches 0-4 per epoch, windows [0, 1], [2, 3] and the partial
     [4], which Lightning closes at the epoch's end. Over two epochs: steps after micro-batches 1, 3, 4 of each.
     """
-    path = tmp_path / "train10.jsonl"
-    path.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:10]))
-    data = ChatDataModule(str(path), tokenizer_path=str(TOKENIZER), batch_size=2, shuffle=False)
-    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
-                                     gradient_checkpointing=False), LoraArgs(preset="conservative"),
-                           OptimArgs(warmup_ratio=0.0))
-    data.connect(module.tokenizer, module.info)
-    steps, monitor, logger = _Steps(), ThroughputMonitor(), _Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, logger=logger,
-                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[steps, monitor],
-                        limit_val_batches=0, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
-    trainer.fit(module, data)
+    steps = _Steps()
+    _, logger, trainer = _fit_tiny(tmp_path, 10, [steps, ThroughputMonitor()], max_epochs=2)
     expected = [(e, i) for e in (0, 1) for i in (1, 3, 4)]
     assert steps.stepped == expected
     assert steps.ended == expected

@@ -15,7 +15,7 @@ from mgmlora.training.checkpoint import AdapterCheckpointIO
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
-from tests.conftest import TOKENIZER, TRAIN, VAL, connect_data, tiny_model
+from tests.conftest import TOKENIZER, TRAIN, VAL, StepLosses, connect_data, tiny_model
 
 
 def _module(**lora):
@@ -72,20 +72,9 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(tmp_path):
     assert any(not torch.allclose(naive[n], big[n], rtol=1e-3) for n in big)
 
 
-class _StepLosses(L.Callback):
-    """The logged train/loss of each optimizer step, by global step."""
-
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if "train/loss" in trainer.callback_metrics:
-            self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
-
-
 def _fit(tmp_path, name, max_steps, ckpt_path=None, every=2, dropout=0.0, val=False, num_workers=0):
     torch.manual_seed(0)
-    module, record = _module(lora_dropout=dropout), _StepLosses()
+    module, record = _module(lora_dropout=dropout), StepLosses()
     data = ChatDataModule(_subset(tmp_path, 16), val_path=str(VAL) if val else None, batch_size=2, shuffle=True,
                           seed=3, num_workers=num_workers)
     data.connect(module.tokenizer, module.info)

@@ -427,8 +427,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     ;;
   qlora_qwen|qlora_qwen_experts)
     # QLoRA (4-bit NF4 base, experts included) in the real fit loop under a 24 GiB allocator cap, one GPU, synthetic
-    # Chameleons-length data, random init at real shapes (built in bf16 on the CPU, quantised layer by layer on the
-    # GPU: build_s in the log). qlora_qwen: configs/qwen3-30b-a3b_qlora_chameleons.yaml as written (attention r64,
+    # Chameleons-length data, random init at real shapes (each layer initialised on the GPU and quantised before the
+    # next, mgmlora.models.layerwise). qlora_qwen: configs/qwen3-30b-a3b_qlora_chameleons.yaml as written (attention r64,
     # 8 packed samples per micro-batch), accumulate 2 for 4 steps; qlora_qwen_experts: the same with expert LoRA r8
     python3 bench/make_chameleons.py /tmp/chameleons_synth.json --users 64 --items 12
     qwen="--model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
@@ -451,9 +451,9 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     ;;
   qlora_parity)
     # 4-bit vs bf16 base from identical weights: 50 steps each, per-step loss gap and tokens/s at the same micro-batch
-    # (8 packed Chameleons-length samples, Liger loss, fused AdamW); 12 of the 48 layers so both builds fit the call
-    timeout 570 python3 bench/qlora_parity.py --model qwen3-30b-a3b --layers 12 --steps 50 --batch_size 8 \
-      --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-12layers-$gpu.json" 2>&1 | tail -n 4
+    # (8 packed Chameleons-length samples, Liger loss, fused AdamW), all 48 layers (the bf16 twin takes 57 GiB)
+    timeout 570 python3 bench/qlora_parity.py --model qwen3-30b-a3b --steps 50 --batch_size 8 \
+      --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -2,13 +2,13 @@
 
     python bench/qlora_parity.py --model qwen3-30b-a3b --layers 12 --steps 50 --out OUT.json
 
-Both models are built by the same call on the CPU from the same seed (random init at real shapes, optionally with
-fewer decoder layers (`--layers`) so that both builds and runs fit one 10-minute GPU call), so their weights are
-identical before one of them is quantised to 4-bit NF4 (mgmlora.models.quantization, the same `LoadedModel.quantize`
-that `load_model` runs); both get the same initial LoRA weights and see the same batches (bench/train_step.py's
-Chameleons-like lengths) through the same step (mgmlora's loss, packed rows when the variant says so). What it
-reports: each step's loss for both, their relative gap per step (|nf4 - bf16| / bf16: max, mean, last), tokens/s and
-peak allocated memory of both at the same micro-batch, and the ratio of the tokens/s.
+Both models are built by `load_model` from the same seed (random init at real shapes, initialised layer by layer on
+the device, mgmlora.models.layerwise, optionally with fewer decoder layers (`--layers`)): the 4-bit one is what a
+QLoRA run trains, the other its full-precision twin (`quantize=False`), so their weights are identical before one of
+them is quantised to 4-bit NF4 (mgmlora.models.quantization). Both get the same initial LoRA weights and see the same
+batches (bench/train_step.py's Chameleons-like lengths) through the same step (mgmlora's loss, packed rows when the
+variant says so). What it reports: each step's loss for both, their relative gap per step (|nf4 - bf16| / bf16: max,
+mean, last), tokens/s and peak allocated memory of both at the same micro-batch, and the ratio of the tokens/s.
 """
 
 import argparse
@@ -33,7 +33,7 @@ from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
 
 
-def _model_args(args, dtype: str) -> ModelArgs:
+def _model_args(args, dtype: str, quant: QuantizationArgs) -> ModelArgs:
     """The preset with `--layers` decoder layers: a registry entry of its own, for this process only."""
     preset = PRESETS[args.model]
     if args.layers:
@@ -41,22 +41,21 @@ def _model_args(args, dtype: str) -> ModelArgs:
         PRESETS[name] = replace(preset, name=name, architecture={**preset.architecture,
                                                                  "num_hidden_layers": args.layers})
         preset = PRESETS[name]
-    return ModelArgs(preset=preset.name, dtype=dtype, gradient_checkpointing=True)
+    return ModelArgs(preset=preset.name, dtype=dtype, gradient_checkpointing=True, quantization=quant)
 
 
-def _build(model_args: ModelArgs, quant: QuantizationArgs | None, lora: LoraArgs, device: torch.device,
-           initial: dict | None):
+def _build(model_args: ModelArgs, quantize: bool, lora: LoraArgs, device: torch.device, initial: dict | None):
     start = time.perf_counter()
-    with torch.device("cpu"):  # what load_model does with `quantization` set: build on the CPU, then quantise
-        loaded = load_model(model_args, weights=False)  # random init from the config, seeded by init_seed
-    if quant is not None:
-        loaded.quantize(quant, device)
+    with torch.device(device):  # load_model's QLoRA path: random init layer by layer on the device, quantised or not
+        loaded = load_model(model_args, quantize=quantize)
     model, _ = apply_trainability(loaded, lora, Trainability())
     model.to(device)
     with torch.no_grad():  # the same LoRA starting point (PEFT draws lora_A on the weights' device)
         for name, p in model.named_parameters():
             if p.requires_grad and initial is not None:
                 p.copy_(initial[name])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return loaded, model, time.perf_counter() - start
 
 
@@ -89,9 +88,9 @@ def main() -> None:
     lora = LoraArgs(preset=args.lora_preset, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                     target_experts=args.target_experts)
     records, initial = {}, None
-    model_args = _model_args(args, dtype)
-    for name, q in (("bf16", None), ("nf4", quant)):
-        loaded, model, build_s = _build(model_args, q, lora, device, initial)
+    model_args = _model_args(args, dtype, quant)
+    for name, quantize in (("bf16", False), ("nf4", True)):
+        loaded, model, build_s = _build(model_args, quantize, lora, device, initial)
         if initial is None:
             initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         info = loaded.info

@@ -39,7 +39,7 @@ def _fake_quantized(preset, backend="torch"):
     The round trip uses the backend under test: bitsandbytes' 8-bit rounding of the scales differs on rare ties
     (tests/models/test_nf4.py), and a tiny weight difference can flip an MoE token's top-k experts.
     """
-    loaded = load_model(ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=True))
+    loaded = load_model(_args(preset, backend), quantize=False)  # the same random weights, not quantised
     for module in loaded.model.model.layers.modules():
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, nn.Linear) and name == "weight" or param.ndim == 3:
@@ -68,7 +68,7 @@ def test_the_4bit_model_computes_with_the_dequantised_weights(preset, backend):
     if quantized.moe:  # the experts' own parameters hold no memory: one element expanded to the full shape
         experts = layer.mlp.experts
         assert experts.gate_up_proj.stride() == (0, 0, 0) and experts.nf4_gate_up_proj.codes.dtype == torch.uint8
-    reference, full = _fake_quantized(preset, backend), load_model(ModelArgs(preset=preset, dtype="float32"))
+    reference, full = _fake_quantized(preset, backend), load_model(_args(preset, backend), quantize=False)
     with torch.no_grad():
         got = quantized.model(input_ids=_batch().input_ids).logits
         torch.testing.assert_close(got, reference.model(input_ids=_batch().input_ids).logits, rtol=1e-4, atol=1e-4)

@@ -14,3 +14,19 @@ def test_attention_and_experts_readers_follow_the_public_setters():
     model.set_experts_implementation("grouped_mm")
     assert attn_implementation(model.config) == "eager"
     assert experts_implementation(model.config) == "grouped_mm"
+
+
+def test_init_module_initialises_one_module_as_the_model_does():
+    import torch
+
+    from mgmlora.models.transformers_private import init_module
+
+    model = load_causal_lm(ModelArgs(preset="tiny-qwen3-moe", dtype="float32"))
+    experts, norm = model.model.layers[0].mlp.experts, model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        experts.gate_up_proj.fill_(5.0), norm.weight.fill_(5.0)
+    init_module(model, experts)  # Qwen3-MoE's own rule: normal(0, initializer_range)
+    init_module(model, norm)
+    std = model.config.initializer_range
+    assert abs(experts.gate_up_proj.std().item() - std) < 0.1 * std
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))

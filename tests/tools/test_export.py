@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -101,11 +100,11 @@ def test_a_qlora_adapter_merges_into_the_full_precision_base_and_generates_on_th
     assert args.quantization == quant  # the run's settings rebuild the 4-bit base it trained on
     inputs = _text_inputs()
     on_4bit = build_trained_model(run, args).model  # what bin/generate.py runs
-    on_full = build_trained_model(run, replace(args, quantization=None)).model
+    on_full = build_trained_model(run, args, quantize=False).model
     with torch.no_grad():
         expected = on_full.eval()(**inputs).logits
         approx = on_4bit.eval()(**inputs).logits
-        base_only = load_model(replace(args, quantization=None)).model.eval()(**inputs).logits
+        base_only = load_model(args, quantize=False).model.eval()(**inputs).logits
     assert not torch.allclose(expected, base_only, **TOL)  # the adapter changes the model
     assert not torch.allclose(approx, expected, **TOL)  # 4 bits differ from the full-precision base ...
     assert (approx - expected).abs().mean() < 0.5 * (expected - base_only).abs().mean() + 0.1  # ... by a little
@@ -118,7 +117,7 @@ def test_a_qlora_adapter_merges_into_the_full_precision_base_and_generates_on_th
         torch.testing.assert_close(merged(**inputs).logits, expected, **TOL)
 
     exported = export_cli.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "adapter_out")])
-    reloaded = PeftModel.from_pretrained(load_model(replace(args, quantization=None)).model, exported).eval()
+    reloaded = PeftModel.from_pretrained(load_model(args, quantize=False).model, exported).eval()
     with torch.no_grad():  # the adapter directory is plain PEFT: it loads on the full-precision base
         torch.testing.assert_close(reloaded(**inputs).logits, expected, **TOL)
 

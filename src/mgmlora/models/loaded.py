@@ -8,6 +8,7 @@ can train, how a merged model is written. `ModelInfo` is what the data side need
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -103,9 +104,13 @@ class LoadedModel(ABC):
         """The modules QLoRA stores in 4 bits: the language model's decoder layers (MGM's towers and projector stay)."""
         return self.model.get_submodule(self.decoder_layers)
 
-    def quantize(self, args: QuantizationArgs, device: torch.device) -> dict[str, int]:
-        """Stores the frozen decoder weights in 4-bit NF4 on `device`, layer by layer (mgmlora.models.quantization)."""
-        counts = quantize_layers(self.quantizable_modules(), args, device)
+    def quantize(self, args: QuantizationArgs, device: torch.device,
+                 prepare: Callable[[nn.Module], None] | None = None) -> dict[str, int]:
+        """Stores the frozen decoder weights in 4-bit NF4 on `device`, layer by layer (mgmlora.models.quantization).
+
+        `prepare(layer)` runs on each layer first (random init of a meta-device model, mgmlora.models.layerwise).
+        """
+        counts = quantize_layers(self.quantizable_modules(), args, device, prepare)
         self.quantized = args
         # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
         self.model.is_loaded_in_4bit = args.resolved_backend() == "bitsandbytes"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
 from mgmlora.models.experts import FAST_EXPERTS
+from mgmlora.models.layerwise import init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
 from mgmlora.models.registry import MGM_PRESETS
 
@@ -44,7 +46,7 @@ def model_info(args: ModelArgs) -> ModelInfo:
                      config.image_size_aux, config.tokenizer_model_max_length)
 
 
-def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> LoadedModel:
+def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, quantize: bool = True) -> LoadedModel:
     """Loads (or randomly initialises) the model `args` describes, with gradient checkpointing as configured.
 
     Args:
@@ -53,21 +55,17 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> 
             the number of samples (mgmlora.models.attention): `sdpa` becomes mgmlora's packed SDPA.
         weights: False builds the architecture from config.json alone, even when `model_path` holds weights (the
             memory estimate builds it on the meta device).
+        quantize: False, with `args.quantization` set, gives the 4-bit run's full-precision base instead: the same
+            weights before quantisation (`export --merge` merges into it; the 4-bit vs bf16 comparison trains it).
 
-    With `args.quantization` the model is built on the CPU and its decoder layers are quantised to 4 bits one at a
-    time on the current default device (mgmlora.models.quantization).
+    With `args.quantization` the decoder layers are quantised to 4 bits one at a time on the current default device
+    (mgmlora.models.quantization): real weights are loaded on the CPU first; random init of a text model is built
+    on the meta device and initialised layer by layer on the device (mgmlora.models.layerwise).
     """
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
         if device.type != "meta":
-            with torch.device("cpu"):  # built whole in the model dtype on the CPU, quantised layer by layer on device
-                loaded = load_model(replace(args, quantization=None), packing)
-            if loaded.moe and args.experts_implementation != FAST_EXPERTS:
-                raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
-                                 f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
-                                 f"{args.experts_implementation}.")
-            loaded.quantize(args.quantization, device)
-            return loaded
+            return _load_4bit_base(args, packing, device, quantize)
     info = model_info(args)
     attn = packed_attention(args.attn_implementation, packing)
     if info.family == "causal_lm":
@@ -86,6 +84,35 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True) -> 
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model.llm)
     return LoadedMgm(model, info, "llm.model.layers", moe=False)
+
+
+def _load_4bit_base(args: ModelArgs, packing: bool, device: torch.device, quantize: bool) -> LoadedModel:
+    """A QLoRA run's base on `device`: decoder layers in 4 bits, or in the model dtype when not `quantize`."""
+    plain = replace(args, quantization=None)
+    prepare = None
+    if args.model_path or model_info(args).family != "causal_lm":  # real weights, or MGM's own random init
+        if not quantize:
+            return load_model(plain, packing)
+        with torch.device("cpu"):  # built whole in the model dtype on the CPU, quantised layer by layer on device
+            loaded = load_model(plain, packing)
+    else:  # random init: nothing exists until each layer is initialised on the device (mgmlora.models.layerwise)
+        with torch.device("meta"):
+            loaded = load_model(plain, packing, weights=False)
+        prepare = partial(init_layer, loaded.model, device=device)
+        torch.manual_seed(args.init_seed)  # one seed for every layer, drawn on the device
+    if quantize and loaded.moe and args.experts_implementation != FAST_EXPERTS:
+        raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
+                         f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
+                         f"{args.experts_implementation}.")
+    layers = loaded.quantizable_modules()
+    if quantize:
+        loaded.quantize(args.quantization, device, prepare)
+    else:
+        for layer in layers:
+            prepare(layer)
+    if prepare is not None:
+        init_rest(loaded.model, layers, device)
+    return loaded
 
 
 def uses_moe(args: ModelArgs) -> bool:

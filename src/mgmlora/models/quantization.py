@@ -23,15 +23,18 @@ weights stay full precision.
   refuses it off: every layer's dequantised experts would stay alive until the backward pass); inference (no
   autograd) keeps none.
 
-Quantised after loading, not on load: the model is built (random init) or loaded (real weights) on the CPU, then
-each decoder layer moves to the run's device and is quantised there before the next one moves. One code path serves
-random init at real shapes (how the GPU benchmarks run: `from_config` has no quantisation hook) and real weights,
-the fused experts need it anyway, and the device never holds more than one layer in the compute dtype beyond the
-4-bit layers already done. The CPU holds the model dtype copy meanwhile (56.9 GiB for Qwen3-30B-A3B in bf16).
+Quantised after loading, not on load, one decoder layer at a time on the run's device, so the device never holds
+more than one layer in the model dtype beyond the 4-bit layers already done. Real weights are loaded on the CPU
+first (the CPU holds the model-dtype copy meanwhile: 56.9 GiB for Qwen3-30B-A3B in bf16), then each layer moves to
+the device and is quantised there before the next one moves; the fused experts need this path anyway, since
+transformers' bitsandbytes loading skips them. Random init (the GPU benchmarks at real shapes, the tests) is built
+on the meta device and each layer is initialised on the device just before it is quantised
+(mgmlora.models.layerwise): no CPU copy, no CPU init.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,8 +185,12 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     return base + weight if parametrize.is_parametrized(experts, name) else base
 
 
-def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str) -> dict[str, int]:
+def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str,
+                    prepare: Callable[[nn.Module], None] | None = None) -> dict[str, int]:
     """Replaces the frozen weights of `layers` (the decoder layer list) with NF4, one layer at a time on `device`.
+
+    `prepare(layer)` runs on each layer just before it is quantised: QLoRA's random init gives a meta-device layer its
+    memory and values there (mgmlora.models.layerwise), so at most one layer exists in the model dtype at a time.
 
     Returns:
         counts of what was quantised: {"linear": n, "experts": n}.
@@ -198,6 +205,8 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
         raise UsageError("model.model.quantization does not run under DeepSpeed ZeRO-3 (partitioned weights cannot be "
                          "quantised); drop the ZeRO-3 strategy config or set model.model.quantization: null.")
     for layer in layers:
+        if prepare is not None:
+            prepare(layer)
         for parent_name, parent in list(layer.named_modules()):
             fused = tuple(n for n, p in parent._parameters.items() if p is not None and p.ndim == 3)
             if fused:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -162,18 +162,22 @@ def export_adapter(run: RunAdapter, out: str | Path) -> Path:
     return out
 
 
-def build_trained_model(run: RunAdapter, args: ModelArgs) -> LoadedModel:
+def build_trained_model(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> LoadedModel:
     """The base model with the run's adapter and trainables applied, behind its family's LoadedModel.
 
     Its `model` is the base model with the LoRA layers injected in place (PEFT's wrapper adds nothing to a LoRA
     forward), so the family methods (`generate`, `forward_hidden`, `save_merged`, ...) run the trained model.
+    `quantize=False` puts a QLoRA run's adapter on the full-precision base it was trained against.
     """
-    return _with_adapter(run, args)[0]
+    return _with_adapter(run, args, quantize)[0]
 
 
-def _with_adapter(run: RunAdapter, args: ModelArgs) -> tuple[LoadedModel, PeftModel | None]:
-    """(the loaded model with trainables and adapter applied, PEFT's wrapper of it or None without an adapter)."""
-    loaded = load_model(args)
+def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tuple[LoadedModel, PeftModel | None]:
+    """(the loaded model with trainables and adapter applied, PEFT's wrapper of it or None without an adapter).
+
+    `quantize=False` applies a QLoRA run's adapter to the full-precision base instead of the 4-bit one.
+    """
+    loaded = load_model(args, quantize=quantize)
     load_trainables(loaded.model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:
         return loaded, None
@@ -194,12 +198,11 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
                                                "tokenizer_path": args.tokenizer_path})
-    # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
-    # is what serving loads
-    args = replace(args, quantization=None)
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
-    loaded, peft = _with_adapter(run, args)
+    # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
+    # is what serving loads
+    loaded, peft = _with_adapter(run, args, quantize=False)
     model = loaded.model.eval()
     if peft is not None:
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model

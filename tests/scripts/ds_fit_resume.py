@@ -10,7 +10,8 @@ MGM_TEST_ACCEL (`cpu`, the default, with gloo; or `gpu`: one CUDA device, bf16-m
 micro-batches per optimizer step, default 2), MGM_TEST_STEPS (optimizer steps before the resume, default 2),
 MGM_TEST_RESUME_TO (optimizer steps of the run resumed from step 2, default STEPS + 2) and MGM_TEST_DROPOUT (LoRA
 dropout, default 0). Both runs train on the same file, so with RESUME_TO == STEPS the resumed run's losses can be
-compared with the first run's. --resume_from only resumes from CHECKPOINT (errors propagate: exit status 1).
+compared with the first run's. MGM_TEST_QUANT=1 trains on the 4-bit base (QLoRA, mgmlora's PyTorch NF4 backend).
+--resume_from only resumes from CHECKPOINT (errors propagate: exit status 1).
 """
 
 import contextlib
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mgmlora.data.datamodule import ChatDataModule  # noqa: E402
 from mgmlora.models.args import ModelArgs  # noqa: E402
 from mgmlora.models.causal_lm import load_causal_lm  # noqa: E402
+from mgmlora.models.quantization import QuantizationArgs  # noqa: E402
 from mgmlora.training.callbacks import AdapterExport  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO  # noqa: E402
 from mgmlora.training.lora import LoraArgs  # noqa: E402
@@ -78,6 +80,7 @@ STEPS = int(os.environ.get("MGM_TEST_STEPS", "2"))
 STAGE = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 RESUME_TO = int(os.environ.get("MGM_TEST_RESUME_TO", str(STEPS + 2)))
 DROPOUT = float(os.environ.get("MGM_TEST_DROPOUT", "0"))
+QUANT = os.environ.get("MGM_TEST_QUANT") == "1"
 
 
 def base_dir(out: Path, preset: str) -> Path:
@@ -93,7 +96,9 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
     base = base_dir(out, preset)  # before seeding: building the base draws random numbers, LoRA's init must not see
     torch.manual_seed(0)
     model = ModelArgs(model_path=str(base), tokenizer_path=str(ROOT / "tests/assets/tokenizer"),
-                      dtype="bfloat16" if GPU else "float32", gradient_checkpointing=True)
+                      dtype="bfloat16" if GPU else "float32", gradient_checkpointing=True,
+                      quantization=QuantizationArgs(compute_dtype="bfloat16" if GPU else "float32", backend="torch")
+                      if QUANT else None)
     lora = LoraArgs(preset="aggressive", lora_dropout=DROPOUT, target_experts=preset.endswith("moe"))
     module = LoraLitModule(model, lora, OptimArgs(lr=1e-2, warmup_ratio=0.25))
     train = out / "train.jsonl"

@@ -312,3 +312,17 @@ def test_4bit_weights_are_itemised_at_the_bytes_the_quantised_model_holds(double
     quantised_weights = sum(m.shape.numel() for m in model.modules() if isinstance(m, Nf4Weight))
     not_quantised = items["base weights (frozen, not quantised)"] * GIB
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
+
+
+def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):
+    # configs/qwen3-30b-a3b_qlora_chameleons.yaml with expert LoRA r8: 28.6 GiB estimated (27.6 measured on an H200).
+    # Without the 4-bit base the cheapest fix would be optimizer offload, which DeepSpeed cannot run on 4-bit experts.
+    experts = ["--model.lora.r", "8", "--model.lora.lora_alpha", "16", "--model.lora.target_experts", "true"]
+    result = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--gpu_memory_gib", "24",
+                                *experts])
+    assert result["fits"] is False and result["cheapest_fix"] is None
+    assert "a 4-bit MoE base runs without DeepSpeed" in capsys.readouterr().out
+    # the candidate the filter removes would have fitted: without it, the answer above would be offload
+    offload = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--config",
+                                 "configs/strategy/zero2_offload.yaml", "--gpu_memory_gib", "24", *experts, "--json"])
+    assert offload["fits"] is True

@@ -148,3 +148,14 @@ def test_deepspeed_checkpoints_export_and_merge_like_plain_ones(moe_runs, stage,
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_4bit_moe_base_under_deepspeed_is_refused_with_the_key_to_change(tmp_path):
+    # On the GPU DeepSpeed's start-up broadcast fails on the experts' zero-memory placeholders with a stride error
+    # that names nothing to fix; the refusal comes first, from config files, before the model loads.
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MGM_TEST_QUANT="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/ds_fit_resume.py"), str(tmp_path), "2",
+                           "tiny-qwen3-moe"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "model.model.quantization on a MoE model does not run under DeepSpeed" in proc.stderr
+    assert "trainer.strategy: auto" in proc.stderr

@@ -220,11 +220,18 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
     return counts
 
 
+DEEPSPEED_MOE_REFUSAL = (
+    "model.model.quantization on a MoE model does not run under DeepSpeed: each 4-bit fused expert weight sits behind "
+    "a zero-memory placeholder parameter, and DeepSpeed's start-up broadcast of every parameter cannot send it. Train "
+    "on one GPU without DeepSpeed (trainer.strategy: auto; drop configs/strategy/zero*.yaml), or set "
+    "model.model.quantization: null.")
+
+
 def quantized_bytes(numel: int, double_quant: bool) -> float:
     """Device bytes of `numel` weights in NF4: half a byte each plus the block scales."""
     scales = numel / 64 * (1 + 4 / 256) if double_quant else numel / 64 * 4
     return numel / 2 + scales
 
 
-__all__ = ["ComputeDtype", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight", "quantize_layers",
-           "quantized_bytes"]
+__all__ = ["ComputeDtype", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
+           "quantize_layers", "quantized_bytes"]

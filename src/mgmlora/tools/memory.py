@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from mgmlora.models import build_on_meta, model_info
+from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.quantization import quantized_bytes
 from mgmlora.models.torch_private import allocation_events
@@ -267,11 +267,11 @@ def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability,
     if shape.batch_size > 1:
         candidates.append((f"data.batch_size: 1 with accumulate_grad_batches x{shape.batch_size} (same global batch)",
                            (model_args, lora, speed, replace(shape, batch_size=1))))
-    if not shape.offload_optimizer:
-        stage = max(shape.zero_stage, 2)
+    if not shape.offload_optimizer and not (model_args.quantization is not None and uses_moe(model_args)):
+        stage = max(shape.zero_stage, 2)  # a 4-bit MoE base does not run under DeepSpeed (DEEPSPEED_MOE_REFUSAL)
         candidates.append((f"--config configs/strategy/zero{stage}_offload.yaml (optimizer states on the CPU)",
                            (model_args, lora, speed, replace(shape, zero_stage=stage, offload_optimizer=True))))
-    if shape.zero_stage < 3 and shape.world_size > 1:
+    if shape.zero_stage < 3 and shape.world_size > 1 and model_args.quantization is None:  # 4-bit: no ZeRO-3
         candidates.append(("--config configs/strategy/zero3.yaml (weights partitioned over the GPUs)",
                            (model_args, lora, speed, replace(shape, zero_stage=3))))
     if trainable.llm == "lora" and (lora.r or 16) > 8:

@@ -21,10 +21,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import PreTrainedTokenizerBase
 
 from mgmlora.batch import IGNORE_INDEX, Batch
-from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info
+from mgmlora.errors import UsageError
+from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
+from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.fastpath import apply_fast_path
 from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
@@ -36,6 +38,7 @@ from mgmlora.training.strategies import (
     gathered,
     holds_whole_gradients,
     input_cast_needed,
+    is_deepspeed,
     mark_moe_leaves,
     scales_loss,
     steps_itself,
@@ -90,6 +93,8 @@ class LoraLitModule(L.LightningModule):
         if self.model is not None:
             return
         trainer = attached_trainer(self)
+        if self.model_args.quantization is not None and is_deepspeed(trainer) and uses_moe(self.model_args):
+            raise UsageError(DEEPSPEED_MOE_REFUSAL)  # from config files, before the model loads
         with zero3_build(trainer) as peft_context:
             loaded = load_model(self.model_args, packing=self.speed.packing)
             check_vocab(loaded.language_model(), self.tokenizer, "model")

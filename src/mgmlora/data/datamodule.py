@@ -7,9 +7,12 @@ persona-dialogue JSON, `LlavaDataModule` (llava_datamodule.py) LLaVA image-text 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import signal
+import threading
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -32,10 +35,42 @@ def ignore_stop_signals(worker_id: int) -> None:
     Training stops on those signals at a micro-batch boundary with a checkpoint (mgmlora.training.preemption). A
     scheduler or Ctrl+C signals the whole process group. A worker that died of it (torch's worker SIGTERM handler
     exits) made the main process fail with "DataLoader worker is killed by signal: Terminated" before it could save
-    (measured with 2 workers). Workers still exit when the main process does (torch watches the parent).
+    (measured with 2 workers). A DataLoader stops its workers itself when its iterator is released; when a run ends
+    on an exception that keeps the iterator alive, `_stop_workers_at_exit` stops them.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers_at_exit() -> None:
+    """At interpreter exit, kills the daemon child processes still alive (DataLoader workers).
+
+    multiprocessing's own exit hook sends daemon children SIGTERM and then joins them without a timeout; workers that
+    ignore SIGTERM (`ignore_stop_signals`) never end, so a run that stopped on an error (a CUDA out-of-memory in a
+    training step, seen on an H200 with 2 workers) hung after printing it instead of exiting. Registered after
+    multiprocessing's hook, so it runs first (atexit is last in, first out).
+    """
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for every worker killed here
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
+
+
+@functools.cache
+def _register_worker_cleanup() -> None:
+    atexit.register(_stop_workers_at_exit)
+
+
+def worker_settings(num_workers: int) -> dict:
+    """The DataLoader arguments of mgmlora's worker processes: signal handling for preemption, cleanup at exit."""
+    if num_workers > 0:
+        _register_worker_cleanup()
+    return {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals}
 
 
 class NoTrainingSampleError(ValueError):
@@ -214,16 +249,14 @@ class TokenizedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Window-aware, rank-sharded, seeded, resumable training batches."""
         return _ResumableLoader(self._dataset(self.splits["train"]), batch_sampler=self._train_sampler(),
-                                collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
-                                persistent_workers=self.hparams.num_workers > 0,
-                                position_fn=self._position, worker_init_fn=ignore_stop_signals)
+                                collate_fn=self._collate_fn(), persistent_workers=self.hparams.num_workers > 0,
+                                position_fn=self._position, **worker_settings(self.hparams.num_workers))
 
     def _eval_loader(self, split: str) -> DataLoader:
         samples = self.splits[split]
         shard = samples[self.trainer.global_rank :: self.trainer.world_size] if self.trainer else samples
         return DataLoader(self._dataset(shard), batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=self._collate_fn(), num_workers=self.hparams.num_workers,
-                          worker_init_fn=ignore_stop_signals)  # workers are stopped by this process (preemption)
+                          collate_fn=self._collate_fn(), **worker_settings(self.hparams.num_workers))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (each rank gets a disjoint shard); empty when there is no validation split."""

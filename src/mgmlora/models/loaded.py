@@ -67,8 +67,6 @@ class LoadedModel(ABC):
 
     # trainable components besides the language model: config name (model.trainable.<name>) -> parameter prefixes
     components: ClassVar[dict[str, tuple[str, ...]]] = {}
-    # of those, the ones that never train (the config key states it; the model runs them under no_grad)
-    frozen_components: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def language_model(self) -> nn.Module:
@@ -143,7 +141,6 @@ class LoadedMgm(LoadedModel):
     """MGM: Gemma LLM (`model.llm`), CLIP and ConvNeXt towers, projector and patch-info mining modules."""
 
     components: ClassVar[dict[str, tuple[str, ...]]] = {"projector": PROJECTOR_PREFIXES, "towers": TOWER_PREFIXES}
-    frozen_components: ClassVar[tuple[str, ...]] = ("towers",)
 
     def language_model(self) -> nn.Module:  # noqa: D102
         return self.model.llm

@@ -72,7 +72,7 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
         if trainable.llm == "full":
             loaded.language_model().requires_grad_(True)
     for component, prefixes in loaded.components.items():  # e.g. MGM's projector (full) and towers (frozen)
-        train = component not in loaded.frozen_components and getattr(trainable, component) == "full"
+        train = getattr(trainable, component) == "full"  # towers: Literal["frozen"], never full
         for name, param in loaded.model.named_parameters():
             if name.startswith(prefixes):
                 param.requires_grad_(train)

@@ -33,7 +33,6 @@ class AccumulationWindow:
     def __init__(self) -> None:
         self.loss: torch.Tensor | float = 0.0  # Σ token losses so far in this window (this rank), on the device
         self.tokens: torch.Tensor | int = 0  # supervised tokens so far in this window (this rank)
-        self.batches = 0
         self.ended = False  # the latest micro-batch was its window's last: the optimizer steps after it
 
     def scaled(self, batch: Batch, loss_sum: torch.Tensor, n_tokens: torch.Tensor, batch_idx: int, accumulate: int,
@@ -56,13 +55,12 @@ class AccumulationWindow:
             self.ended = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 >= epoch_batches
         self.loss = self.loss + loss_sum.detach()  # tensors: no host sync per micro-batch
         self.tokens = self.tokens + n_tokens
-        self.batches += 1
         return loss_sum * (accumulate * world_size / window.clamp(min=1))
 
     def close(self) -> torch.Tensor:
         """The window's token-mean loss on this rank (fp32), and a fresh window."""
         loss = torch.as_tensor(self.loss, dtype=torch.float32) / max(int(self.tokens), 1)
-        self.loss, self.tokens, self.batches = 0.0, 0, 0
+        self.loss, self.tokens = 0.0, 0
         return loss
 
 

@@ -7,20 +7,24 @@ by `model_type` (original checkpoints carry several names); everything else is a
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from mgmlora.errors import UsageError
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
 from mgmlora.models.experts import FAST_EXPERTS
-from mgmlora.models.layerwise import init_layer, init_rest
+from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
 from mgmlora.models.registry import MGM_PRESETS
+
+log = logging.getLogger(__name__)
 
 
 def _mgm_config_dict(args: ModelArgs) -> dict | None:
@@ -59,8 +63,8 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
             weights before quantisation (`export --merge` merges into it; the 4-bit vs bf16 comparison trains it).
 
     With `args.quantization` the decoder layers are quantised to 4 bits one at a time on the current default device
-    (mgmlora.models.quantization): real weights are loaded on the CPU first; random init of a text model is built
-    on the meta device and initialised layer by layer on the device (mgmlora.models.layerwise).
+    (mgmlora.models.quantization); a text model is built on the meta device and each layer gets its values (from a
+    safetensors checkpoint, or random init) on the device just before it is quantised (mgmlora.models.layerwise).
     """
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
@@ -87,19 +91,37 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
 
 
 def _load_4bit_base(args: ModelArgs, packing: bool, device: torch.device, quantize: bool) -> LoadedModel:
-    """A QLoRA run's base on `device`: decoder layers in 4 bits, or in the model dtype when not `quantize`."""
+    """A QLoRA run's base on `device`: decoder layers in 4 bits, or in the model dtype when not `quantize`.
+
+    A text model is built on the meta device and each decoder layer gets its values on `device` just before it is
+    quantised (mgmlora.models.layerwise): from a safetensors checkpoint that covers it exactly, or from the seeded
+    initialiser. Anything else (MGM, another checkpoint layout, `.bin` files, the full-precision twin of real weights)
+    is built whole on the CPU in the model dtype first.
+    """
     plain = replace(args, quantization=None)
-    prepare = None
-    if args.model_path or model_info(args).family != "causal_lm":  # real weights, or MGM's own random init
+    loaded = prepare = finish = None
+    if model_info(args).family == "causal_lm" and (quantize or not args.model_path):
+        with torch.device("meta"):
+            loaded = load_model(plain, packing, weights=False)
+        if args.model_path:
+            source = CheckpointLayers.plan(loaded.model, args.model_path)
+            if isinstance(source, str):
+                log.warning("mgmlora: %s, so it is read whole into host memory before it is quantised.", source)
+                loaded = None
+            else:
+                prepare = partial(source.load_layer, loaded.model, device=device)
+                finish = source.load_rest
+                if (Path(args.model_path) / "generation_config.json").is_file():  # as from_pretrained reads it
+                    loaded.model.generation_config = GenerationConfig.from_pretrained(args.model_path,
+                                                                                      local_files_only=True)
+        else:
+            prepare, finish = partial(init_layer, loaded.model, device=device), init_rest
+            torch.manual_seed(args.init_seed)  # one seed for every layer, drawn on the device
+    if loaded is None:
         if not quantize:
             return load_model(plain, packing)
         with torch.device("cpu"):  # built whole in the model dtype on the CPU, quantised layer by layer on device
             loaded = load_model(plain, packing)
-    else:  # random init: nothing exists until each layer is initialised on the device (mgmlora.models.layerwise)
-        with torch.device("meta"):
-            loaded = load_model(plain, packing, weights=False)
-        prepare = partial(init_layer, loaded.model, device=device)
-        torch.manual_seed(args.init_seed)  # one seed for every layer, drawn on the device
     if quantize and loaded.moe and args.experts_implementation != FAST_EXPERTS:
         raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
                          f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
@@ -110,8 +132,8 @@ def _load_4bit_base(args: ModelArgs, packing: bool, device: torch.device, quanti
     else:
         for layer in layers:
             prepare(layer)
-    if prepare is not None:
-        init_rest(loaded.model, layers, device)
+    if finish is not None:
+        finish(loaded.model, layers, device)
     return loaded
 
 

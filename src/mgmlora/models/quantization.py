@@ -23,13 +23,13 @@ weights stay full precision.
   refuses it off: every layer's dequantised experts would stay alive until the backward pass); inference (no
   autograd) keeps none.
 
-Quantised after loading, not on load, one decoder layer at a time on the run's device, so the device never holds
-more than one layer in the model dtype beyond the 4-bit layers already done. Real weights are loaded on the CPU
-first (the CPU holds the model-dtype copy meanwhile: 56.9 GiB for Qwen3-30B-A3B in bf16), then each layer moves to
-the device and is quantised there before the next one moves; the fused experts need this path anyway, since
-transformers' bitsandbytes loading skips them. Random init (the GPU benchmarks at real shapes, the tests) is built
-on the meta device and each layer is initialised on the device just before it is quantised
-(mgmlora.models.layerwise): no CPU copy, no CPU init.
+Quantised one decoder layer at a time on the run's device, so the device never holds more than one layer in the
+model dtype beyond the 4-bit layers already done (transformers' bitsandbytes loading would skip the fused experts).
+A text model is built on the meta device and each layer gets its values just before it is quantised
+(mgmlora.models.layerwise): read from a safetensors checkpoint layer by layer, or random init on the device, so the
+host never holds the model-dtype model either (56.9 GiB for Qwen3-30B-A3B in bf16). Other checkpoints (`.bin`,
+layouts the layer-by-layer reader does not cover) and MGM are built whole on the CPU first, then quantised the same
+way.
 """
 
 from __future__ import annotations

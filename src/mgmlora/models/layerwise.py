@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -136,12 +138,9 @@ class CheckpointLayers:
             sources[name] = keys
         return cls(sources, files)
 
-    def _read(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def _read(self, name: str, like: torch.Tensor, shards: dict[Path, Any]) -> torch.Tensor:
         keys = self.sources[name]
-        tensors = []
-        for key in keys:
-            with safe_open(str(self.files[key]), framework="pt") as shard:
-                tensors.append(shard.get_tensor(key))
+        tensors = [shards[self.files[key]].get_tensor(key) for key in keys]  # one tensor read at a time
         if keys == [name]:
             value = tensors[0]
         else:  # per-expert parts -> (E, ...) each, joined along the output rows (transformers' own order)
@@ -151,9 +150,12 @@ class CheckpointLayers:
         return value.to(device=like.device, dtype=like.dtype)
 
     def _fill(self, named: dict[str, torch.Tensor]) -> None:
-        for name, tensor in named.items():
-            if name in self.sources:
-                tensor.copy_(self._read(name, tensor))
+        named = {name: tensor for name, tensor in named.items() if name in self.sources}
+        with ExitStack() as stack:  # each shard this module needs opened once (its header parsed once)
+            paths = {self.files[key] for name in named for key in self.sources[name]}
+            shards = {path: stack.enter_context(safe_open(str(path), framework="pt")) for path in paths}
+            for name, tensor in named.items():
+                tensor.copy_(self._read(name, tensor, shards))
 
     @torch.no_grad()
     def load_layer(self, model: nn.Module, layer: nn.Module, device: torch.device) -> None:

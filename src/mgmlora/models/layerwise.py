@@ -26,7 +26,7 @@ Two sources of values:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,36 +55,51 @@ def _check_initialised(named: list[tuple[str, torch.Tensor]]) -> None:
 
 
 @torch.no_grad()
+def _build_layer(layer: nn.Module, device: torch.device, fill: Callable[[], None]) -> None:
+    _empty(layer, device, recurse=True)
+    fill()
+    _check_initialised([*layer.named_parameters(), *layer.named_buffers()])
+
+
+@torch.no_grad()
+def _build_rest(model: nn.Module, done: Iterable[nn.Module], device: torch.device,
+                fill: Callable[[str, nn.Module], None]) -> None:
+    """Builds what lies outside the `done` layers (embeddings, final norm, rotary frequencies, LM head).
+
+    Module by module: memory on `device`, then `fill(name, module)` gives the module's own tensors their values; tied
+    weights are re-tied and every tensor checked at the end.
+    """
+    inside = {id(module) for layer in done for module in layer.modules()}
+    rest = [(name, module) for name, module in model.named_modules() if id(module) not in inside]
+    for prefix, module in rest:
+        _empty(module, device, recurse=False)
+        fill(prefix, module)
+    model.tie_weights()  # a tied LM head pointed at the embedding's meta tensor
+    _check_initialised([(f"{prefix}.{name}".lstrip("."), tensor) for prefix, module in rest
+                        for name, tensor in [*module.named_parameters(recurse=False),
+                                             *module.named_buffers(recurse=False)]])
+
+
 def init_layer(model: nn.Module, layer: nn.Module, device: torch.device) -> None:
     """Gives every parameter and buffer of `layer` (a meta-device module of `model`) memory on `device`, initialised.
 
     Raises:
         RuntimeError: naming a tensor the model's initialiser left unset.
     """
-    _empty(layer, device, recurse=True)
-    for module in layer.modules():
-        init_module(model, module)
-    _check_initialised([*layer.named_parameters(), *layer.named_buffers()])
+    def fill() -> None:
+        for module in layer.modules():
+            init_module(model, module)
+
+    _build_layer(layer, device, fill)
 
 
-@torch.no_grad()
 def init_rest(model: nn.Module, done: Iterable[nn.Module], device: torch.device) -> None:
     """Initialises what lies outside the `done` layers on `device` and re-ties tied weights.
-
-    Outside the layers: embeddings, final norm, rotary frequencies, LM head.
 
     Raises:
         RuntimeError: naming a tensor the model's initialiser left unset.
     """
-    inside = {id(module) for layer in done for module in layer.modules()}
-    rest = [(name, module) for name, module in model.named_modules() if id(module) not in inside]
-    for _, module in rest:
-        _empty(module, device, recurse=False)
-        init_module(model, module)
-    model.tie_weights()  # a tied LM head pointed at the embedding's meta tensor
-    _check_initialised([(f"{prefix}.{name}".lstrip("."), tensor) for prefix, module in rest
-                        for name, tensor in [*module.named_parameters(recurse=False),
-                                             *module.named_buffers(recurse=False)]])
+    _build_rest(model, done, device, lambda _, module: init_module(model, module))
 
 
 EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}  # fused <- per expert
@@ -157,7 +172,6 @@ class CheckpointLayers:
             for name, tensor in named.items():
                 tensor.copy_(self._read(name, tensor, shards))
 
-    @torch.no_grad()
     def load_layer(self, model: nn.Module, layer: nn.Module, device: torch.device) -> None:
         """Gives `layer` (a meta-device decoder layer of `model`) memory on `device` and its checkpoint values.
 
@@ -165,11 +179,9 @@ class CheckpointLayers:
             RuntimeError: naming a tensor left without a value.
         """
         prefix = _names(model)[id(layer)]
-        _empty(layer, device, recurse=True)
-        self._fill({f"{prefix}.{name}": tensor for name, tensor in layer.state_dict(keep_vars=True).items()})
-        _check_initialised([*layer.named_parameters(), *layer.named_buffers()])
+        _build_layer(layer, device, lambda: self._fill({f"{prefix}.{name}": tensor for name, tensor
+                                                         in layer.state_dict(keep_vars=True).items()}))
 
-    @torch.no_grad()
     def load_rest(self, model: nn.Module, done: Iterable[nn.Module], device: torch.device) -> None:
         """Loads what lies outside the `done` layers, recomputes rotary frequencies, re-ties tied weights.
 
@@ -179,19 +191,13 @@ class CheckpointLayers:
         Raises:
             RuntimeError: naming a tensor left without a value.
         """
-        inside = {id(module) for layer in done for module in layer.modules()}
-        rest = [(name, module) for name, module in model.named_modules() if id(module) not in inside]
-        for prefix, module in rest:
-            _empty(module, device, recurse=False)
+        def fill(prefix: str, module: nn.Module) -> None:
             own = {name: tensor for name, tensor in module.state_dict(keep_vars=True).items() if "." not in name}
             self._fill({f"{prefix}.{name}" if prefix else name: tensor for name, tensor in own.items()})
-            buffers = dict(module.named_buffers(recurse=False))
-            if not own and buffers:  # only non-persistent buffers
+            if not own and list(module.buffers(recurse=False)):  # only non-persistent buffers
                 init_module(model, module)
-        model.tie_weights()
-        _check_initialised([(f"{prefix}.{name}".lstrip("."), tensor) for prefix, module in rest
-                            for name, tensor in [*module.named_parameters(recurse=False),
-                                                 *module.named_buffers(recurse=False)]])
+
+        _build_rest(model, done, device, fill)
 
 
 def _keys(path: Path) -> list[str]:

@@ -30,14 +30,16 @@ the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares 
 path's (same micro-batch size only).
 
 `--budget_gib X` picks, for the plain path and for mgmlora's, the fastest variant whose peak stays within X GiB, and
-records their ratio and MFU (`best_within_budget`): the speed a user gets from a GPU of that size.
+records their ratio, MFU and HFU (`best_within_budget`): the speed a user gets from a GPU of that size.
 
 Each variant: a fresh AdamW over the LoRA (and projector) parameters, `--warmup` untimed steps, then the median of
 `--steps` timed steps (forward, backward, optimizer step; CUDA synchronised), peak memory after a reset (weights
 included; on the CPU, one extra step's allocator peak read from torch.profiler), tokens/s over real
-positions (MGM: image embeddings included), and MFU from the FLOP count written out in
-`flops_per_token` (6 x active language-model parameters per position for LoRA with checkpointing: forward, recompute,
-input-gradient backward; plus causal attention). Writes one JSON and prints a table.
+positions (MGM: image embeddings included), and MFU / HFU from the FLOPs of each step
+(`flops_per_step_model` / `flops_per_step_hardware`, mgmlora.models.flops: forward + input-gradient backward of the
+frozen weights, LoRA's weight gradients, the LM head on supervised positions only, causal attention per sample, MGM's
+image encoding; hardware FLOPs add the checkpointed recompute) over the measured bf16 ceiling.
+Writes one JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from mgmlora.models.args import ModelArgs  # noqa: E402
 from mgmlora.models.attention import packed_attention  # noqa: E402
 from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
+from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
@@ -151,27 +154,38 @@ def positions(batch: dict[str, torch.Tensor], info) -> int:
     return int(batch_positions(batch, info.image_tokens))
 
 
-def active_params(loaded) -> int:
-    """Language-model parameters used per position: MoE experts count top_k / num_experts of their size."""
-    llm = loaded.language_model()  # LoRA layers are injected in place: the adapted model
-    cfg = llm.config
-    k, e = getattr(cfg, "num_experts_per_tok", 1), getattr(cfg, "num_experts", 1)
-    total = 0
-    for name, p in llm.named_parameters():
-        if "embed_tokens" in name or "lora_" in name:
-            continue
-        total += p.numel() * (k / e if ".experts." in name else 1)
-    if getattr(cfg, "tie_word_embeddings", False):
-        total += llm.get_input_embeddings().weight.numel()  # the head is the embedding matrix
-    return int(total)
+def image_flops(model, loaded, batches, device) -> float:
+    """FLOPs of encoding one image: the frozen towers' forward and the trainable projectors' forward and backward."""
+    images = next((b for b in batches if b.images is not None), None)
+    if images is None or not hasattr(loaded.model, "encode_images"):
+        return 0.0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    one, aux = images.images[:1].to(device, dtype), images.images_aux[:1].to(device, dtype)
+
+    def encode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loaded.model.encode_images(one, aux).float().sum().backward()
+
+    flops = measure_forward_flops(encode)
+    for p in model.parameters():
+        p.grad = None
+    return flops
 
 
-def flops_per_token(loaded, mean_len: float) -> float:
-    """6 x active params (forward + recompute + input-gradient backward) + causal attention (same three passes)."""
-    cfg = loaded.language_model().config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attention = 3 * 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * mean_len / 2  # QK^T and AV
-    return 6 * active_params(loaded) + attention
+def step_flops(flop_model: FlopModel, batches, info, recompute: bool) -> tuple[float, float]:
+    """Mean model and hardware FLOPs per step over `batches` (the counts of mgmlora.models.flops)."""
+    model = hardware = 0.0
+    for b in batches:
+        lengths = [int(n) for n in b.attention_mask.sum(-1)]
+        n_images = 0
+        if b.images is not None:
+            n_images = int(b.image_count())
+            per_row = (b.input_ids == IMAGE_TOKEN_INDEX).sum(-1).tolist()
+            lengths = [n + k * (info.image_tokens - 1) for n, k in zip(lengths, per_row)]
+        supervised = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
+        f = flop_model.step(lengths, supervised, n_images, recompute)
+        model, hardware = model + f.model, hardware + f.hardware
+    return model / len(batches), hardware / len(batches)
 
 
 FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "flex", "dense"}
@@ -313,7 +327,8 @@ def best_within_budget(records: dict[str, dict], budget_gib: float) -> dict:
     plain = best([n for n in records if n.startswith("plain")])
     ours = best([n for n in records if not n.startswith("plain")])
     pick = lambda n: None if n is None else {k: records[n].get(k) for k in  # noqa: E731
-                                             ("tokens_per_s", "peak_alloc_gib", "mfu", "samples_per_step")}
+                                             ("tokens_per_s", "peak_alloc_gib", "mfu", "hfu",
+                                                                              "samples_per_step")}
     ratio = records[ours]["tokens_per_s"] / records[plain]["tokens_per_s"] if plain and ours else None
     return {"budget_gib": budget_gib, "plain": plain, "ours": ours, "plain_record": pick(plain),
             "ours_record": pick(ours), "ratio": round(ratio, 3) if ratio else None}
@@ -363,6 +378,8 @@ def main() -> None:
     # Every variant starts from the same LoRA weights and sees the same batches in the same order, so with
     # --warmup 0 their per-step losses are a learning-parity check (plain vs fast path), not only a timing.
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    flop_model = FlopModel.of(loaded.language_model(), image_flops(model, loaded, make_batches(
+        args, info, info.vocab_size, 1, 1), device))
     records = {}
     for variant in variants:
         with torch.no_grad():
@@ -392,10 +409,12 @@ def main() -> None:
                     "sample_lengths": [min(lengths), statistics.median(lengths), max(lengths)]})
         if "step_s_median" in rec:
             rec["tokens_per_s"] = n_pos / rec["step_s_median"]
-            mean_len = n_pos / per_batch
-            rec["flops_per_token"] = flops_per_token(loaded, mean_len)
-            rec["mfu"] = rec["tokens_per_s"] * rec["flops_per_token"] / (PEAK_TFLOPS * 1e12) if device.type == "cuda" \
-                else None
+            recompute = "nockpt" not in parse_variant(variant)[1]
+            rec["flops_per_step_model"], rec["flops_per_step_hardware"] = step_flops(flop_model, batches, info,
+                                                                                     recompute)
+            cuda = device.type == "cuda"
+            rec["mfu"] = rec["flops_per_step_model"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None
+            rec["hfu"] = rec["flops_per_step_hardware"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None
         records[variant] = rec
         print(variant, json.dumps({k: v for k, v in rec.items() if k not in ("step_s_all", "losses")}), flush=True)
 
@@ -422,16 +441,17 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\n{'variant':28} {'samples':>7} {'tok/step':>9} {'step s':>8} {'tok/s':>9} {'x plain':>7} {'GiB':>6} "
-          f"{'MFU':>6}")
+          f"{'MFU':>6} {'HFU':>6}")
     for name, rec in records.items():
         if "oom" in rec or "error" in rec:
             print(f"{name:28} {rec['samples_per_step']:>7} {'OOM' if 'oom' in rec else rec['error'][:60]}")
             continue
         gib = f"{rec['peak_alloc_gib']:.2f}" if rec["peak_alloc_gib"] is not None else "-"
         mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "-"
+        hfu = f"{rec['hfu']:.1%}" if rec["hfu"] is not None else "-"
         speedup = f"{rec['speedup_vs_plain']:.2f}" if "speedup_vs_plain" in rec else "-"
         print(f"{name:28} {rec['samples_per_step']:>7} {rec['positions_per_step']:>9.0f} {rec['step_s_median']:>8.3f} "
-              f"{rec['tokens_per_s']:>9.0f} {speedup:>7} {gib:>6} {mfu:>6}")
+              f"{rec['tokens_per_s']:>9.0f} {speedup:>7} {gib:>6} {mfu:>6} {hfu:>6}")
     if best:
         print(f"\nwithin {best['budget_gib']} GiB: plain {best['plain']} vs ours {best['ours']}: "
               f"{best['ratio'] if best['ratio'] is not None else '-'}x")

@@ -33,6 +33,9 @@
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
 #   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the package re-layout
+#   peer_qwen / peer_qwen_experts / peer_mgm  (1 GPU each, under 10 minutes) ours against the peer a user would pick
+#          instead, in interleaved rounds (bench/peers/rounds.py): TRL's SFTTrainer tuned for speed on Qwen3-30B-A3B
+#          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
 #   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
 #          4-bit base: Qwen3-30B-A3B QLoRA attention r64 and expert r8 in the fit loop under 24 GiB, MGM-2B QLoRA
 #          under 8 GiB, and 4-bit vs bf16 from identical weights (50-step losses, tokens/s)
@@ -454,6 +457,36 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # (8 packed Chameleons-length samples, Liger loss, fused AdamW), all 48 layers (the bf16 twin takes 57 GiB)
     timeout 570 python3 bench/qlora_parity.py --model qwen3-30b-a3b --steps 50 --batch_size 8 \
       --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
+    ;;
+  peer_qwen|peer_qwen_experts)
+    # ours against TRL's SFTTrainer tuned for speed (bench/peers/trl_sft.py), interleaved rounds in this one session
+    # (bench/peers/rounds.py): Qwen3-30B-A3B within 80 GiB, Chameleons lengths; round 1 sweeps each side's settings,
+    # later rounds rerun each side's best. peer_qwen: attention LoRA r64 (the recipe's); peer_qwen_experts: r8 on
+    # attention and every expert (lora.target_experts), both sides on the same targets
+    targets=attention; lora=""; ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex64,liger+packing+nocast+fused+fastexperts+compilex80}
+    peer_sweep=${PEER_SWEEP:-64,80}
+    if [[ $part == peer_qwen_experts ]]; then
+      targets=experts; lora="--r 8 --target_experts"
+      ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex32,liger+packing+nocast+fused+fastexperts+compilex48}
+      peer_sweep=${PEER_SWEEP:-32,48}
+    fi
+    timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets $targets \
+      --peer trl --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-240} \
+      --ours "bench/train_step.py --model qwen3-30b-a3b $lora --warmup 3 --steps 5 --variants {sweep}" \
+      --ours_sweep "$ours_sweep" \
+      --peer_cmd "bench/peers/trl_sft.py --model qwen3-30b-a3b $lora --warmup 3 --steps 5 --batch_sizes {sweep}" \
+      --peer_sweep "$peer_sweep" --out "$out/$day-peer_trl-qwen3-30b-a3b-$targets-$gpu.json" 2>&1 | tail -n 8
+    ;;
+  peer_mgm)
+    # ours against the plain transformers + PEFT path (TRL has no MGM model class), MGM-2B within 24 GiB, 2048-position
+    # rows, interleaved rounds; round 1 sweeps each side's settings (plain pushed until it leaves the budget)
+    timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model mgm-2b --budget_gib 24 --targets attention \
+      --peer plain --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-200} \
+      --ours "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
+      --ours_sweep "${OURS_SWEEP:-chunked+packing+nocast+fused+compile+nockptx2,liger+packing+nocast+fused+compilex8}" \
+      --peer_cmd "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
+      --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" --out "$out/$day-peer_plain-mgm-2b-attention-$gpu.json" \
+      2>&1 | tail -n 8
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

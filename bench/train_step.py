@@ -262,7 +262,7 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, losses_all = [], [], []
 
     def step(i: int) -> torch.Tensor:
         batch = batches[i % len(batches)].to(device, non_blocking=True)
@@ -286,9 +286,10 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
             loss = step(i)
             if cuda:
                 torch.cuda.synchronize()
+            losses_all.append(loss.item())
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-                losses.append(loss.item())
+                losses.append(losses_all[-1])
         if cuda:
             peak = torch.cuda.max_memory_allocated() / 2**30
         elif measure_cpu_peak:  # one more step, its allocations read from the profiler: the CPU allocator's peak
@@ -296,7 +297,7 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
     finally:
         switch_off(undo)
     return {"step_s_median": statistics.median(times), "step_s_all": times, "peak_alloc_gib": peak,
-            "loss_first_last": [losses[0], losses[-1]], "losses": losses}
+            "loss_first_last": [losses[0], losses[-1]], "losses": losses, "loss_first_step": losses_all[0]}
 
 
 def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> list[dict]:

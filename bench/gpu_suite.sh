@@ -488,5 +488,20 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" --out "$out/$day-peer_plain-mgm-2b-attention-$gpu.json" \
       2>&1 | tail -n 8
     ;;
+  recipe_qwen)
+    # configs/qwen3-30b-a3b_lora_chameleons.yaml on one GPU with speed.compile on, in the real fit loop (global batch
+    # 64 as 64 packed samples x accumulate 1; DeepSpeed ZeRO-2 as written), then the compiled step under torch.profiler
+    # (bench/train_step.py --profile: top device operators of one more step)
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile 300 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+      --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
+      --data.init_args.train_path /tmp/chameleons_big.json --trainer.devices 1 --trainer.max_steps 6 \
+      --data.init_args.batch_size 64 --trainer.accumulate_grad_batches 1 --model.speed.compile true \
+      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common
+    timeout 240 python3 bench/train_step.py --model qwen3-30b-a3b --warmup 3 --steps 3 --profile \
+      --variants liger+packing+nocast+fused+fastexperts+compilex64 \
+      --out "$out/$day-train_step_profile_compiled-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+    ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -1,0 +1,73 @@
+"""bench/peers: the TRL runner's sample conversion and batch counting, and the rounds' selection and summary."""
+
+import importlib.util
+import sys
+
+import torch
+
+from mgmlora.batch import IGNORE_INDEX
+from tests.conftest import ROOT
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _peers(name):
+    sys.path.insert(0, str(ROOT / "bench"))  # trl_sft imports train_step as its sibling script does
+    try:
+        return _load(name, ROOT / "bench" / "peers" / f"{name}.py")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_samples_of_recovers_each_sample_and_its_supervised_positions():
+    trl_sft = _peers("trl_sft")
+    train_step = _load("train_step", ROOT / "bench" / "train_step.py")
+    samples = [([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), ([9, 10], [IGNORE_INDEX, 10])]
+    batch = train_step.pad(samples)  # right-padded to 4 positions
+    rows = trl_sft.samples_of([batch])
+    assert rows == [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]},
+                    {"input_ids": [9, 10], "completion_mask": [0, 1]}]
+
+
+def test_counting_collator_records_packed_lengths_and_loss_positions_in_order():
+    trl_sft = _peers("trl_sft")
+
+    def packed(examples):  # what TRL's padding-free collator returns: one row, sequence boundaries
+        lengths = [len(e) for e in examples]
+        ends = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        labels = torch.cat([torch.tensor(e) for e in examples])[None]
+        return {"cu_seq_lens_q": ends, "labels": labels}
+
+    collator = trl_sft.CountingCollator(packed)
+    collator([[1, 2, 3], [IGNORE_INDEX, 4]])
+    collator([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, 7]])
+    # labels[:, 1:] is what is scored: the first position of the row never is
+    assert collator.batches == [([3, 2], 3), ([5], 3)]
+
+
+def test_rounds_pick_the_fastest_setting_within_the_budget():
+    rounds = _peers("rounds")
+    record = {"variants": {"a": {"tokens_per_s": 100, "peak_alloc_gib": 70},
+                           "b": {"tokens_per_s": 150, "peak_alloc_gib": 81},  # faster, over the budget
+                           "c": {"samples_per_step": 8, "oom": "CUDA out of memory"},
+                           "d": {"tokens_per_s": 120, "peak_alloc_gib": None}}}  # peak unmeasured
+    assert rounds.best_within(record, 80, cuda=True)[0] == "a"
+    assert rounds.best_within(record, 80, cuda=False)[0] == "d"  # CPU smoke runs measure no peak
+    assert rounds.best_within(record, 60, cuda=True) is None
+
+
+def test_rounds_summary_uses_complete_rounds_only():
+    rounds = _peers("rounds")
+    done = [{"ratio": 2.0, "ours_tokens_per_s": 20, "peer_tokens_per_s": 10, "ours_mfu": 0.3},
+            {"ratio": 1.5, "ours_tokens_per_s": 15, "peer_tokens_per_s": 10, "ours_mfu": 0.2},
+            {"ratio": 1.8, "ours_tokens_per_s": 18, "peer_tokens_per_s": 10, "ours_mfu": 0.25}]
+    summary = rounds.summarise(done + [{"ours_tokens_per_s": 99, "peer_error": "exit 1"}])
+    assert summary["rounds_complete"] == 3
+    assert (summary["ratio_median"], summary["ratio_min"], summary["ratio_max"]) == (1.8, 1.5, 2.0)
+    assert summary["ours_tokens_per_s_median"] == 18 and summary["ours_mfu"] == 0.25
+    assert summary["peer_mfu"] is None  # no round measured it

@@ -503,5 +503,18 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --variants liger+packing+nocast+fused+fastexperts+compilex64 \
       --out "$out/$day-train_step_profile_compiled-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
+  experts_split)
+    # expert LoRA split off the frozen experts (mgmlora.models.experts._expert_linear): Qwen3-30B-A3B r8 on attention
+    # and every expert vs r8 on attention only, 32 packed samples, same session; then the expert run compiled
+    for lora in "--target_experts" ""; do
+      name=attention; [ -n "$lora" ] && name=experts
+      timeout 150 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $lora --warmup 2 --steps 5 \
+        --variants liger+packing+nocast+fused+fastexpertsx32 \
+        --out "$out/$day-train_step_r8_${name}_split_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 1
+    done
+    timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 --target_experts --warmup 3 --steps 5 \
+      --variants liger+packing+nocast+fused+fastexperts+compilex32 \
+      --out "$out/$day-train_step_r8_experts_split_compile_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 1
+    ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -504,8 +504,9 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_profile_compiled-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_split)
-    # expert LoRA split off the frozen experts (mgmlora.models.experts._expert_linear): Qwen3-30B-A3B r8 on attention
-    # and every expert vs r8 on attention only, 32 packed samples, same session; then the expert run compiled
+    # expert LoRA against attention-only LoRA: Qwen3-30B-A3B r8 on attention and every expert vs r8 on attention only,
+    # 32 packed samples, same session; then the expert run compiled. The committed 2026-12-04 files ran commit 1faae6c
+    # (expert LoRA split off the frozen experts as separate grouped GEMMs), reverted after that measurement
     for lora in "--target_experts" ""; do
       name=attention; [ -n "$lora" ] && name=experts
       timeout 150 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $lora --warmup 2 --steps 5 \

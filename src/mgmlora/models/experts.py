@@ -15,11 +15,8 @@ projection. Newer transformers releases skip the masks without expert parallelis
   (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
   tensor 2.7x smaller for Qwen3-30B-A3B (768 vs 2048 columns), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
-- expert LoRA (PEFT's `target_parameters`) is split off the frozen weight: the frozen experts and the two low-rank
-  factors run as separate grouped GEMMs, never forming W + BA per expert (`_expert_linear`), so the backward computes
-  no weight gradient for the frozen stack.
 It is also the one experts forward that runs 4-bit experts (QLoRA, mgmlora.models.quantization): it reads each fused
-weight through `expert_weight` / `dequantized_experts`, which dequantise one layer's experts when they run.
+weight through `expert_weight`, which dequantises one layer's experts when they run.
 Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); its speed is measured in
 bench/train_step.py (`+fastexperts`), not assumed.
 """
@@ -31,8 +28,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError
-from mgmlora.models.peft_private import lora_factors
-from mgmlora.models.quantization import dequantized_experts, expert_weight
+from mgmlora.models.quantization import expert_weight
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -52,29 +48,6 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
 def _linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
     # weight (E, out, in) as nn.Linear stores it, or (E, in, out) when the model keeps it transposed
     return _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
-
-
-def _expert_linear(self: nn.Module, x: torch.Tensor, name: str, offsets: torch.Tensor,
-                   transposed: bool) -> torch.Tensor:
-    """(S, in) rows grouped by expert through the fused expert weight `name` -> (S, out), expert LoRA split off.
-
-    With PEFT's LoRA active on the weight (`lora_factors`), the frozen weight and the two low-rank factors run as
-    separate grouped GEMMs: x W + scaling (x B') A' per expert, the rank-r product in between. PEFT's parametrisation
-    instead forms W + scaling * lhs @ rhs, a tensor the size of the whole expert stack, in every forward and recompute,
-    and its backward then runs a full weight-gradient GEMM for that frozen-plus-delta tensor.
-    """
-    split = lora_factors(self, name)
-    if split is None:
-        return _linear(x, expert_weight(self, name), offsets, transposed)
-    weight, lhs, rhs, scaling = split  # weight (E, d1, d2); delta = lhs (E, d1, r) @ rhs (E, r, d2)
-    base = dequantized_experts(self, name)  # 4-bit experts: the stored `weight` is a zero placeholder
-    out = _linear(x, weight if base is None else base, offsets, transposed)  # (S, out)
-    # x @ delta where the layout is (E, in, out), x @ delta^T where it is (E, out, in): through the rank r either way
-    # PEFT's factors are strided views of its (r E, in) / (out, r E) LoRA weights; grouped GEMMs need each expert's
-    # matrix row- or column-major: small copies (r x d per expert)
-    first, second = (lhs.contiguous(), rhs.contiguous()) if transposed else (rhs.contiguous(), lhs.contiguous())
-    low = _linear(_linear(x, first, offsets, transposed), second, offsets, transposed)  # (S, r) -> (S, out)
-    return out + scaling * low
 
 
 def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -103,7 +76,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     offsets = torch.cumsum(torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1), 0,
                            dtype=torch.int32)  # (E,) end of each expert's rows
     x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
-    gate_up = _expert_linear(self, x, "gate_up_proj", offsets, transposed)  # (S, 2I)
+    gate_up = _linear(x, expert_weight(self, "gate_up_proj"), offsets, transposed)  # (S, 2I)
     weights = top_k_weights.reshape(-1)[order].to(gate_up.dtype)  # (S,)
     if hasattr(self, "_apply_gate"):
         inter = self._apply_gate(gate_up)  # (S, I)
@@ -111,7 +84,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         gate, up = gate_up.chunk(2, dim=-1)
         inter = self.act_fn(gate) * up  # (S, I)
     inter = inter * weights[:, None]  # weighted here, before the linear down projection
-    out = _expert_linear(self, inter, "down_proj", offsets, transposed)  # (S, H)
+    out = _linear(inter, expert_weight(self, "down_proj"), offsets, transposed)  # (S, H)
     routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)
     return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
 

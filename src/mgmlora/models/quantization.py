@@ -178,16 +178,11 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     dequantised now, plus the attribute, which is the zero placeholder with PEFT's delta added when expert LoRA is on.
     """
     weight = getattr(experts, name)
-    base = dequantized_experts(experts, name)
-    if base is None:
-        return weight
-    return base + weight if parametrize.is_parametrized(experts, name) else base
-
-
-def dequantized_experts(experts: nn.Module, name: str) -> torch.Tensor | None:
-    """The 4-bit fused expert weight `name` dequantised now, (E, ., .) in the compute dtype; None if not quantised."""
     nf4 = getattr(experts, f"nf4_{name}", None)
-    return None if nf4 is None else nf4.dequantize()
+    if nf4 is None:
+        return weight
+    base = nf4.dequantize()  # (E, ., .) one layer's experts in the compute dtype
+    return base + weight if parametrize.is_parametrized(experts, name) else base
 
 
 def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str,

@@ -463,8 +463,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # (bench/peers/rounds.py): Qwen3-30B-A3B within 80 GiB, Chameleons lengths; round 1 sweeps each side's settings,
     # later rounds rerun each side's best. peer_qwen: attention LoRA r64 (the recipe's); peer_qwen_experts: r8 on
     # attention and every expert (lora.target_experts), both sides on the same targets
-    targets=attention; lora=""; ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex64,liger+packing+nocast+fused+fastexperts+compilex80}
-    peer_sweep=${PEER_SWEEP:-64,80}
+    targets=attention; lora=""; ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex80,liger+packing+nocast+fused+fastexperts+compilex96}
+    peer_sweep=${PEER_SWEEP:-80,96}  # the 2026-12-04 run swept 64,80 on both sides (80 won both; 96 untried)
     if [[ $part == peer_qwen_experts ]]; then
       targets=experts; lora="--r 8 --target_experts"
       ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex32,liger+packing+nocast+fused+fastexperts+compilex48}

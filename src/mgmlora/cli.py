@@ -32,7 +32,7 @@ from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
-from mgmlora.training.progress import StepProgressBar  # noqa: E402
+from mgmlora.training.progress import progress_callback  # noqa: E402
 from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
@@ -95,8 +95,8 @@ class MgmCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.
 
-        Also adds StepProgressBar (optimizer steps against the run's real total) when the run shows a progress bar
-        and the config names none.
+        Also adds StepProgressBar (optimizer steps against the run's real total; plain lines when stdout is not a
+        terminal) when the run shows a progress bar and the config names none.
         """
         plugins = kwargs.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -111,7 +111,7 @@ class MgmCLI(LightningCLI):
             callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
-                kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
+                kwargs["callbacks"] = [*callbacks, progress_callback()]  # mgmlora.training.progress
         trainer = super().instantiate_trainer(**kwargs)
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143

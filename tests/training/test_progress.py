@@ -1,6 +1,9 @@
-"""The training progress bar counts optimizer steps against the fit's real total, across epochs."""
+"""The training progress bar counts optimizer steps against the fit's real total, across epochs; plain lines when
+standard output is not a terminal."""
 
 import math
+import re
+import sys
 
 import lightning as L
 import pytest
@@ -29,9 +32,16 @@ class _Record(L.Callback):
 
 
 def _fit(tmp_path, *overrides):
-    cli = main(["--config", "configs/demo_chat.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path),
+    """A demo fit with the bar a terminal gets."""
+    stdout_isatty = sys.stdout.isatty
+    sys.stdout.isatty = lambda: True
+    try:
+        cli = main(["--config", "configs/demo_chat.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path),
                 "--trainer.limit_val_batches", "0", "--trainer.check_val_every_n_epoch", "1",
-                "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "true", *overrides], run=False)
+                    "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "true", *overrides],
+                   run=False)
+    finally:
+        sys.stdout.isatty = stdout_isatty
     bar = cli.trainer.progress_bar_callback
     record = _Record(bar)
     cli.trainer.callbacks.append(record)
@@ -56,3 +66,20 @@ def test_the_bar_counts_optimizer_steps_and_never_passes_its_total(tmp_path, in_
     assert "-" not in label and label.startswith("Epoch 2")  # both runs end in their second epoch
     if max_epochs > 0:
         assert label.startswith(f"Epoch 2/{max_epochs}")
+
+
+@pytest.mark.integration
+def test_a_non_terminal_gets_plain_lines_without_cursor_codes(tmp_path, in_repo_root, capfd):
+    cli = main(["--config", "configs/demo_chat.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "true"], run=False)
+    assert not sys.stdout.isatty()  # pytest captures stdout: not a terminal
+    cli.trainer.fit(cli.model, cli.datamodule)
+    out = capfd.readouterr().out
+    assert "\r" not in out and "\x1b[" not in out
+    lines = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    # one line per 2 optimizer steps, counted against the fit's total, with the step time after the first
+    assert [re.search(r"step (\d+/\d+)", line)[1] for line in lines] == ["2/4", "4/4"]
+    assert all(re.search(r"\| [\d.]+ s/step$", line) for line in lines)
+    # val_check_interval counts micro-batches: 4 steps x accumulate 2 (demo_chat.yaml) = 8, a validation every 2
+    assert sum(line.startswith("validation | step ") for line in out.splitlines()) == 8 // 2

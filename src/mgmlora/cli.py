@@ -24,11 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 
 from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
+from mgmlora.training.callbacks import RunSummary  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
@@ -112,6 +113,11 @@ class MgmCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
                 kwargs["callbacks"] = [*callbacks, progress_callback()]  # mgmlora.training.progress
+        if trainer_config.get("enable_model_summary") is not False:
+            callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if not any(isinstance(c, ModelSummary) for c in callbacks):  # no made-up FLOPs total
+                kwargs["callbacks"] = [*callbacks, RunSummary()]
         trainer = super().instantiate_trainer(**kwargs)
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143

@@ -127,3 +127,27 @@ def test_the_samplers_window_ends_are_where_lightning_steps_the_optimizer(tmp_pa
     assert trainer.global_step == 6
     assert len([m for _, m in logger.rows if "perf/step_time_s" in m]) == 6  # one throughput row per step
     assert len([m for _, m in logger.rows if "train/loss" in m]) == 6
+
+
+def test_run_summary_drops_the_flops_lightning_did_not_count(monkeypatch):
+    import mgmlora.training.callbacks as callbacks
+
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from mgmlora.training.callbacks import RunSummary
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+    summary = summarize(Tiny(), max_depth=1)
+    data = summary._get_summary_data()
+    assert any(name == "FLOPs" for name, _ in data)  # Lightning's data carries a FLOPs column of zeros
+    logged = []
+    monkeypatch.setattr(callbacks, "rank_zero_info", logged.append)
+    RunSummary.summarize(data, summary.total_parameters, summary.trainable_parameters, summary.model_size,
+                         summary.total_training_modes, total_flops=0)
+    text = "".join(logged)
+    assert "Trainable params" in text and "layer" in text
+    assert "flops" not in text.lower()

@@ -5,6 +5,7 @@ An upgrade of Lightning that renames or removes one fails here, not somewhere in
 
 import lightning as L
 import pytest
+import torch
 
 from mgmlora.training.lightning_private import attached_trainer, request_graceful_stop
 
@@ -29,3 +30,19 @@ def test_request_graceful_stop_raises_the_flag_lightnings_loop_reads():
     assert trainer.received_sigterm is False
     request_graceful_stop(trainer)
     assert trainer.received_sigterm is True  # the public, read-only view of the flag its training loop checks
+
+
+def test_format_summary_table_renders_the_summary_lightning_logs():
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from mgmlora.training.lightning_private import format_summary_table
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+    summary = summarize(Tiny(), max_depth=1)
+    table = format_summary_table(summary.total_parameters, summary.trainable_parameters, summary.model_size,
+                                 summary.total_training_modes, 0, *summary._get_summary_data())
+    assert "layer" in table and "Linear" in table and "8         Trainable params" in table  # 3 x 2 + 2

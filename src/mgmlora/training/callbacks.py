@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
 from mgmlora.batch import Batch
 from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, write_adapter, write_tensors
+from mgmlora.training.lightning_private import format_summary_table
 
 if TYPE_CHECKING:
     from mgmlora.training.module import LoraLitModule
@@ -115,3 +117,25 @@ class AdapterExport(L.Callback):
         # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
         (out / RUN_SETTINGS).write_text(json.dumps(dict(pl_module.hparams), indent=2, default=str))
         rank_zero_info(f"mgmlora: adapter written to {out}")
+
+
+class RunSummary(ModelSummary):
+    """Lightning's model summary without the figures it makes up.
+
+    Lightning prints a FLOPs column and total of 0 whenever the module sets no `example_input_array` (mgmlora's batches
+    have no fixed shape, so it never measures one): zeros that read as a measurement. Both are dropped when the count
+    is 0; a measured count stays. The table is plain text (no terminal codes in log files). mgmlora.cli installs it in
+    place of Lightning's default summary.
+    """
+
+    @staticmethod
+    def summarize(summary_data, total_parameters: int, trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int, **summarize_kwargs) -> None:
+        """Logs the table, without the FLOPs column and total when nothing was counted."""
+        if not total_flops:
+            summary_data = [(name, column) for name, column in summary_data if name != "FLOPs"]
+        table = format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                     total_flops, *summary_data)
+        if not total_flops:
+            table = "\n".join(line for line in table.splitlines() if not line.rstrip().lower().endswith("total flops"))
+        rank_zero_info("\n" + table)

@@ -27,5 +27,18 @@ def request_graceful_stop(trainer: L.Trainer) -> None:
     trainer._signal_connector.received_sigterm = True
 
 
-__all__ = ["attached_trainer", "request_graceful_stop"]
+def format_summary_table(total_parameters: int, trainable_parameters: int, model_size: float,
+                         total_training_modes: dict[str, int], total_flops: int, *summary_data) -> str:
+    """The text table Lightning's ModelSummary logs at fit start.
+
+    `ModelSummary.summarize` formats and logs in one step; mgmlora's summary (training.callbacks.RunSummary) needs the
+    text to drop the FLOPs total Lightning prints as 0 when it measured nothing.
+    """
+    from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+    return _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                 total_flops, *summary_data)
+
+
+__all__ = ["attached_trainer", "format_summary_table", "request_graceful_stop"]
 

@@ -130,10 +130,9 @@ def test_the_samplers_window_ends_are_where_lightning_steps_the_optimizer(tmp_pa
 
 
 def test_run_summary_drops_the_flops_lightning_did_not_count(monkeypatch):
-    import mgmlora.training.callbacks as callbacks
-
     from lightning.pytorch.utilities.model_summary import summarize
 
+    import mgmlora.training.callbacks as callbacks
     from mgmlora.training.callbacks import RunSummary
 
     class Tiny(L.LightningModule):

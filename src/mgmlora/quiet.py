@@ -11,6 +11,7 @@ config without the key that triggers it, then sets the exact GELU MGM-2B was tra
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
@@ -25,24 +26,48 @@ WARNINGS: list[tuple[str, type[Warning], str]] = [
     # mgmlora.cli.parse_config (bin/estimate.py, bin/show_samples.py) hands the tool's own arguments to LightningCLI's
     # parser on purpose; LightningCLI warns whenever a process with arguments does that.
     (r"LightningCLI's args parameter is intended to run from within Python", UserWarning, ""),
+    # PEFT warns on every export / generate / score that the adapter config's `base_model_name_or_path` differs from
+    # the model it is loaded onto: mgmlora builds the base itself (from model_path or a preset) and records the run's
+    # base in its own files; the user has nothing to change.
+    (r"The PEFT config's `base_model_name_or_path` was renamed", UserWarning, r"peft\.mapping_func"),
+]
+# (logger, message prefix) of log records dropped, each with why.
+RECORDS: list[tuple[str, str]] = [
+    ("lightning.pytorch.utilities.rank_zero", LITLOGGER_TIP),
+    ("lightning.fabric.utilities.rank_zero", LITLOGGER_TIP),  # Lightning advertises its hosted logger at every fit
+    # DeepSpeed, imported for its strategy, tells a CPU-only machine that it found no GPU: what the user knows
+    ("DeepSpeed", "Setting accelerator to CPU."),
 ]
 
 
-class _DropLitLoggerTip(logging.Filter):
-    """Lightning advertises its hosted logger at every fit (an INFO record); mgmlora logs to TensorBoard."""
+class _DropRecord(logging.Filter):
+    """Drops the log records that start with one message (one filter per notice, on its own logger)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
-        return not str(record.msg).startswith(LITLOGGER_TIP)
+        return not str(record.msg).startswith(self.prefix)
 
 
 def silence_known_notices() -> None:
-    """Installs the filters above (idempotent: a second call adds nothing)."""
+    """Installs the filters above (idempotent: a second call adds nothing).
+
+    Also turns off the progress bars transformers and the Hub draw (e.g. "Writing model shards") when standard output
+    is not a terminal: redrawn bars leave carriage returns in log files.
+    """
     for message, category, module in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    # Lightning's rank_zero_info logs through the logger of whichever of these two modules was imported last (each
-    # repoints lightning_utilities' module-level logger at its own); the filter sits on those two loggers only
-    # (created here if Lightning is not imported yet: logging returns the same objects to Lightning).
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    # Lightning's rank_zero_info logs through the logger of whichever of its two rank_zero modules was imported last;
+    # loggers are created here if their library is not imported yet (logging returns the same objects to it later)
+    for name, prefix in RECORDS:
         log = logging.getLogger(name)
-        if not any(isinstance(f, _DropLitLoggerTip) for f in log.filters):
-            log.addFilter(_DropLitLoggerTip())
+        if not any(isinstance(f, _DropRecord) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_DropRecord(prefix))
+    if not sys.stdout.isatty():
+        import huggingface_hub
+        from transformers.utils import logging as hf_logging
+
+        huggingface_hub.utils.disable_progress_bars()
+        hf_logging.disable_progress_bar()

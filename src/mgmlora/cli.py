@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
+from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import StepProgressBar  # noqa: E402
 from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
@@ -93,7 +94,7 @@ class MgmCLI(LightningCLI):
             connect(self.model.tokenizer, self.model.info, self.model.model_args.trust_remote_code)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.
+        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed), PreemptionCheckpoint and RunOutcome.
 
         Also adds StepProgressBar (optimizer steps against the run's real total) when the run shows a progress bar
         and the config names none.
@@ -114,8 +115,10 @@ class MgmCLI(LightningCLI):
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
         trainer = super().instantiate_trainer(**kwargs)
         _check_sampler_setting(trainer, trainer_config)
-        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())
+        if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
+            trainer.callbacks.insert(0, RunOutcome())
         return trainer
 
 

@@ -28,6 +28,7 @@ from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.fastpath import apply_fast_path
+from mgmlora.training.finite import FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
@@ -86,6 +87,7 @@ class LoraLitModule(L.LightningModule):
                                                 average="micro")
         self.window = AccumulationWindow()  # loss normalisation and window end; callbacks read window.ended
         self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.training.rng)
+        self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -154,26 +156,50 @@ class LoraLitModule(L.LightningModule):
         self._rng.enter()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
+        """Checks and logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
 
-        Under DeepSpeed, Lightning calls the optimizer step after every micro-batch and DeepSpeed's engine steps only
-        at the window's end, so this hook returns until the window has ended. DeepSpeed keeps the gradients in its
-        own (partitioned) buffers, so its norm is read from the engine after the step (`on_train_batch_end`).
+        A NaN/inf loss or gradient norm stops the run here, before the update, or drops this step's gradients when
+        `optim.skip_nonfinite_steps` allows (mgmlora.training.finite). Under DeepSpeed, Lightning calls the optimizer
+        step after every micro-batch and DeepSpeed's engine steps only at the window's end, so this hook returns until
+        the window has ended. DeepSpeed keeps the gradients in its own (partitioned) buffers, so its norm is read from
+        the engine after the step (`on_train_batch_end`), and only the loss is checked here.
         """
         if not self.window.ended:
             return
+        loss = self.window.close()
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = None
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        scaled = scales_loss(self.trainer)  # 16-mixed: the loss scaler skips overflowing gradients itself
+        checked = {"train/loss": loss, "train/grad_norm": None if scaled else norm}
+        step = self.trainer.global_step + 1
+        if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled):
+            drop_gradients(optimizer)
+            rank_zero_info(f"mgmlora: optimizer step {step} skipped (non-finite loss or "
+                           f"gradient norm; {self.finite.skipped} of optim.skip_nonfinite_steps="
+                           f"{self.finite.max_skipped} used)")
+            return
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self.log("train/loss", self.window.close(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+
+    def _check_finite(self, step: int, values: dict, can_skip: bool, applied: bool = False) -> bool:
+        trainer = self.trainer
+        newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        agree = (lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)) if trainer.world_size > 1 \
+            else None
+        return self.finite.check(step, values, agree, can_skip, newest, applied)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Under DeepSpeed, logs the engine's pre-clipping gradient norm of the step that just ran."""
+        """Under DeepSpeed, checks and logs the engine's pre-clipping gradient norm of the step that just ran."""
         if not steps_itself(self.trainer) or not self.window.ended:
             return  # not DeepSpeed, or mid-window
         norm = engine_grad_norm(self.trainer)
         if norm is not None:
+            # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
+            self._check_finite(self.trainer.global_step, {"train/grad_norm": norm}, can_skip=False, applied=True)
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
 
     # -- evaluation --------------------------------------------------------------------------------------------

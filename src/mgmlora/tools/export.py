@@ -24,19 +24,20 @@ from typing import Literal
 
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.tools.args import refuse_overwrite
+from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from, read_lora_config, read_tensors
 from mgmlora.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RUN_SETTINGS,
     TRAINABLES,
     TRAINER_STATE,
+    safe_load,
     write_adapter,
     write_tensors,
 )
@@ -57,8 +58,8 @@ class RunAdapter:
     run_config: Path | None = None  # the LightningCLI config.yaml of the run, when found
 
 
-def _lora_config(value) -> LoraConfig:
-    return value if isinstance(value, LoraConfig) else LoraConfig(**value)
+def _lora_config(value, source: Path) -> LoraConfig:
+    return lora_config_from(value, source)  # refuses fields mgmlora does not implement (training.adapter_check)
 
 
 def _find_run_config(path: Path) -> Path | None:
@@ -91,14 +92,15 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
         hparams = (yaml.safe_load(run_config.read_text()).get("model") or {})
     states = sorted((path / "checkpoint").glob("*model_states.pt"))
     if states:  # DeepSpeed: the LightningModule's client state sits in the (rank 0) model-states file
-        state = torch.load(states[0], map_location="cpu", weights_only=True)
+        state = safe_load(states[0], map_location="cpu")
         peft = state.get("peft")
         hparams = state.get("hyper_parameters") or hparams
         if peft is None and not state.get("trainables"):
             raise FileNotFoundError(f"{states[0]} holds no adapter or trainables: it was not written by mgmlora's "
                                     "LoraLitModule.")
-        return RunAdapter(path, _lora_config(peft["config"]) if peft else None, dict(peft["adapter"]) if peft else {},
-                          dict(state.get("trainables") or {}), hparams, run_config)
+        config = _lora_config(peft["config"], states[0]) if peft else None
+        return RunAdapter(path, config, dict(peft["adapter"]) if peft else {}, dict(state.get("trainables") or {}),
+                          hparams, run_config)
     has_adapter, has_trainables = (path / ADAPTER_CONFIG).is_file(), (path / TRAINABLES).is_file()
     if not has_adapter and not has_trainables:
         raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}, {TRAINABLES} or checkpoint/*model_states.pt: "
@@ -107,11 +109,11 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
         hparams = json.loads((path / RUN_SETTINGS).read_text())
     if (path / TRAINER_STATE).is_file():
         # mmap: only the small hyperparameter dict is read, not the optimizer state stored beside it
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        state = safe_load(path / TRAINER_STATE, map_location="cpu", mmap=True)
         hparams = state.get("hyper_parameters") or hparams
-    config = LoraConfig.from_pretrained(str(path)) if has_adapter else None
-    adapter = load_file(path / ADAPTER_WEIGHTS) if has_adapter else {}
-    trainables = load_file(path / TRAINABLES) if has_trainables else {}
+    config = read_lora_config(path / ADAPTER_CONFIG) if has_adapter else None
+    adapter = read_tensors(path / ADAPTER_WEIGHTS) if has_adapter else {}
+    trainables = read_tensors(path / TRAINABLES) if has_trainables else {}
     return RunAdapter(path, config, adapter, trainables, hparams, run_config)
 
 
@@ -183,9 +185,9 @@ def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tu
         return loaded, None
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
     peft = get_peft_model(loaded.model, config)  # injects the LoRA layers into loaded.model itself
-    result = set_peft_model_state_dict(peft, run.adapter)
-    if result.unexpected_keys:
-        raise ValueError(f"{run.source}: adapter keys not found in the base model: {result.unexpected_keys[:5]}")
+    # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
+    check_adapter_tensors(run.source, get_peft_model_state_dict(peft, save_embedding_layers=False), run.adapter)
+    set_peft_model_state_dict(peft, run.adapter)
     return loaded, peft
 
 

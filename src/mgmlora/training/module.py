@@ -15,7 +15,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +27,7 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
+from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import apply_fast_path
 from mgmlora.training.finite import FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer
@@ -47,6 +48,10 @@ from mgmlora.training.strategies import (
 )
 from mgmlora.training.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
 from mgmlora.training.window import AccumulationWindow
+
+# LoRA settings that change what a saved adapter computes: a checkpoint and the config must agree on all of them
+LORA_MATH = ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "use_dora",
+             "use_rslora", "exclude_modules", "modules_to_save", "bias")
 
 
 def _norm(value):
@@ -318,15 +323,15 @@ class LoraLitModule(L.LightningModule):
         if peft is None:
             raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
         saved, current = peft["config"], self.model.peft_config["default"]
-        saved = LoraConfig(**saved) if isinstance(saved, dict) else saved
+        saved = lora_config_from(saved, "the checkpoint's adapter_config")  # fields mgmlora does not implement
         diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
-                 for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
-                 if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
+                 for k in LORA_MATH if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
         if diffs:
             raise ValueError("the checkpoint's adapter does not match the configured LoRA: " + "; ".join(diffs))
-        result = set_peft_model_state_dict(self.model, peft["adapter"])
-        if result.unexpected_keys:
-            raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")
+        # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
+        check_adapter_tensors("the checkpoint's adapter", get_peft_model_state_dict(self.model,
+                              save_embedding_layers=False), peft["adapter"])
+        set_peft_model_state_dict(self.model, peft["adapter"])
 
     def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.non_lora_trainables() if k not in tensors]

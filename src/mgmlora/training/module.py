@@ -34,6 +34,8 @@ from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
 from mgmlora.training.optim import OptimArgs, build_optimizer
+from mgmlora.training.resume import RUN_KEY as RESUME_KEY
+from mgmlora.training.resume import check_resume_math, run_math
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
     engine_grad_norm,
@@ -68,13 +70,17 @@ class LoraLitModule(L.LightningModule):
         optim: AdamW and learning-rate schedule.
         trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
         speed: loss implementation and padding-free micro-batches (mgmlora.training.loss); none changes what is learned.
+        allow_resume_changes: resume a checkpoint although dropout, accumulation, micro-batch size, ranks or precision
+            differ from the run that wrote it (otherwise refused, listing the differences: mgmlora.training.resume).
     """
 
     def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
-                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs()):
+                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs(),
+                 allow_resume_changes: bool = False):
         super().__init__()
         self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
         self.speed = speed
+        self.allow_resume_changes = allow_resume_changes
         check_available(speed)
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
                                    "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
@@ -288,6 +294,9 @@ class LoraLitModule(L.LightningModule):
         """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
         checkpoint["state_dict"] = {}
         checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            checkpoint[RESUME_KEY] = run_math(trainer, self._dropout())
         adapter, checkpoint["trainables"] = self.trained_on_host()
         if self.plan is not None:
             # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
@@ -312,6 +321,13 @@ class LoraLitModule(L.LightningModule):
         # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
         with gathered(self.model, trainer, modifier_rank=0):
             self._load_checkpoint_tensors(checkpoint)
+        if trainer is not None and trainer.state.fn == "fit":  # after the LoRA shape check: that one names more
+            check_resume_math(checkpoint.get(RESUME_KEY), run_math(trainer, self._dropout()),
+                              self.allow_resume_changes, rank_zero_info)
+
+    def _dropout(self) -> float | None:
+        """The LoRA dropout the adapter runs with (None without LoRA)."""
+        return self.model.peft_config["default"].lora_dropout if self.plan is not None else None
 
     def _load_checkpoint_tensors(self, checkpoint: dict) -> None:
         self._load_trainables(checkpoint.get("trainables") or {})

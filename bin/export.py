@@ -26,7 +26,7 @@ from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for,
 
 def main(argv: list[str] | None = None) -> Path:
     """Parses arguments and exports; returns the output directory."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (step=*.ckpt) or adapter directory")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--merge", action="store_true", help="merge LoRA into the base and write a full checkpoint")

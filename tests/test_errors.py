@@ -115,3 +115,24 @@ def test_lightnings_distributed_sampler_on_two_ranks_is_refused_before_the_weigh
                                             "accumulation window).")  # one line, after Lightning's INFO lines
     cli = main([*two_ranks, "--trainer.use_distributed_sampler", "false"], run=False)  # the configs' setting passes
     assert cli.trainer.world_size == 2
+
+
+TOOLS = [p for p in sorted((ROOT / "bin").glob("*.py")) if p.name != "main.py"]
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=[p.name for p in TOOLS])
+def test_every_tool_refuses_an_abbreviated_flag(path, capsys, monkeypatch):
+    # argparse's default prefix matching would take `--hel` as --help (print it, exit 0), and `--out` as --output
+    tool = _load(path, f"abbrev_{path.stem}")
+    code, out, err = _run(tool.main, ["--hel"], capsys, monkeypatch)
+    assert code == USAGE and out == "", (out, err)
+    assert err.strip().startswith("usage:") or err.strip().startswith("error:"), err
+
+
+def test_main_refuses_an_abbreviated_config_key(capsys, in_repo_root):
+    from mgmlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # jsonargparse took it as --trainer.max_steps
+        main(["fit", "--config", "configs/demo_chat.yaml", "--trainer.max_ste", "3", "--print_config"])
+    assert exit_info.value.code == USAGE
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unrecognized arguments: --trainer.max_ste 3"]

@@ -40,8 +40,9 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass att
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
 # text (about 90 lines for `fit`, with the one line that matters at the bottom); main() and mgmlora.errors.run print
-# the message alone.
-PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False}
+# the message alone. allow_abbrev=False: argparse's prefix matching took `--trainer.max_ste 3` as max_steps; a flag is
+# either spelled out or refused.
+PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False}
 
 
 class MgmCLI(LightningCLI):

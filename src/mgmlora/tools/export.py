@@ -30,7 +30,14 @@ from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.tools.args import refuse_overwrite
-from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from, read_lora_config, read_tensors
+from mgmlora.tools.output_dir import check_output_dir, writing_dir
+from mgmlora.training.adapter_check import (
+    check_adapter_tensors,
+    check_lora_config,
+    lora_config_from,
+    read_lora_config,
+    read_tensors,
+)
 from mgmlora.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -145,23 +152,28 @@ def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str |
     return ModelArgs(**saved)
 
 
-def export_adapter(run: RunAdapter, out: str | Path) -> Path:
+def export_adapter(run: RunAdapter, out: str | Path, overwrite: bool = False) -> Path:
     """Writes a PEFT adapter directory (+ non-LoRA trainables, + the run's config) that plain PEFT loads.
+
+    Written beside `out` and swapped in when complete (mgmlora.tools.output_dir).
 
     Raises:
         OutputPathError: when `out` is the run's directory or inside it.
+        UsageError: when `out` already holds files and `overwrite` is False.
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite)
     if run.lora_config is not None:
-        write_adapter(out, run.lora_config, run.adapter)
-    if run.trainables:
-        write_tensors(out / TRAINABLES, run.trainables)
-    if run.run_config is not None:
-        shutil.copy(run.run_config, out / "training_config.yaml")
-    (out / RUN_SETTINGS).write_text(json.dumps(run.hparams, indent=2, default=str))
-    return out
+        check_lora_config(run.lora_config, run.source)
+    with writing_dir(out) as tmp:
+        if run.lora_config is not None:
+            write_adapter(tmp, run.lora_config, run.adapter)
+        if run.trainables:
+            write_tensors(tmp / TRAINABLES, run.trainables)
+        if run.run_config is not None:
+            shutil.copy(run.run_config, tmp / "training_config.yaml")
+        (tmp / RUN_SETTINGS).write_text(json.dumps(run.hparams, indent=2, default=str))
+    return Path(out)
 
 
 def build_trained_model(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> LoadedModel:
@@ -191,15 +203,21 @@ def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tu
     return loaded, peft
 
 
-def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30,
+                   overwrite: bool = False) -> Path:
     """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout.
 
+    Written beside `out` and swapped in when complete (mgmlora.tools.output_dir), so no shard or index of an earlier
+    output survives next to the new ones.
+
     Raises:
+        UsageError: when `out` already holds files and `overwrite` is False (checked before anything loads).
         OutputPathError: when `out` is (or lies inside) the base model, its tokenizer or the run's directory: the merge
             reads the base's weights and would overwrite them with merged ones.
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
                                                "tokenizer_path": args.tokenizer_path})
+    check_output_dir(out, overwrite)
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
@@ -208,13 +226,13 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
     model = loaded.model.eval()
     if peft is not None:
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
-    out.mkdir(parents=True, exist_ok=True)
-    loaded.save_merged(model, out, max_shard_bytes)  # the family's own layout (MGM: the original key names)
-    if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
-        _write_single_shard_index(out)
-    tokenizer.save_pretrained(str(out))
-    if run.run_config is not None:
-        shutil.copy(run.run_config, out / "training_config.yaml")
+    with writing_dir(out) as tmp:
+        loaded.save_merged(model, tmp, max_shard_bytes)  # the family's own layout (MGM: the original key names)
+        if not (tmp / "model.safetensors.index.json").is_file() and (tmp / "model.safetensors").is_file():
+            _write_single_shard_index(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        if run.run_config is not None:
+            shutil.copy(run.run_config, tmp / "training_config.yaml")
     return out
 
 

@@ -34,6 +34,7 @@ from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import StepProgressBar  # noqa: E402
+from mgmlora.training.run_dir import check_new_run  # noqa: E402
 from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
@@ -72,12 +73,17 @@ class MgmCLI(LightningCLI):
         """
 
     def before_fit(self) -> None:
-        """`fit --ckpt_path last` after a save was killed: the complete previous `last` is put back first.
+        """Refuses a log or checkpoint directory holding another run; puts back a `last` an interrupted save moved.
 
-        Lightning looks `last` up by file name before any callback runs, so a `last.ckpt` that an interrupted save
-        left renamed away would not be found and training would start over (mgmlora.training.checkpoint.recover).
+        The first check is mgmlora.training.run_dir's. For `fit --ckpt_path last` after a save was killed, the complete
+        previous `last` is put back first: Lightning looks `last` up by file name before any callback runs, so a
+        `last.ckpt` that an interrupted save left renamed away would not be found and training would start over
+        (mgmlora.training.checkpoint.recover).
         """
-        if self.config[self.subcommand].get("ckpt_path") == "last":
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        check_new_run(self.trainer.log_dir if self.trainer.loggers else None,
+                      [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        if ckpt_path == "last":
             strategy = self.trainer.strategy
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()

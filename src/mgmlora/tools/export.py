@@ -29,6 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
 from mgmlora.training.adapter_check import (
@@ -63,6 +64,7 @@ class RunAdapter:
     trainables: dict[str, torch.Tensor]
     hparams: dict = field(default_factory=dict)  # {"model": ModelArgs fields, "lora": ..., ...} when known
     run_config: Path | None = None  # the LightningCLI config.yaml of the run, when found
+    base_fingerprint: str | None = None  # the base it was trained on (mgmlora.models.identity); None: not recorded
 
 
 def _lora_config(value, source: Path) -> LoraConfig:
@@ -107,21 +109,24 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
                                     "LoraLitModule.")
         config = _lora_config(peft["config"], states[0]) if peft else None
         return RunAdapter(path, config, dict(peft["adapter"]) if peft else {}, dict(state.get("trainables") or {}),
-                          hparams, run_config)
+                          hparams, run_config, state.get(BASE_KEY))
     has_adapter, has_trainables = (path / ADAPTER_CONFIG).is_file(), (path / TRAINABLES).is_file()
     if not has_adapter and not has_trainables:
         raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}, {TRAINABLES} or checkpoint/*model_states.pt: "
                                 "pass a checkpoint directory (step=*.ckpt) or an exported adapter directory.")
+    base = None
     if (path / RUN_SETTINGS).is_file():
         hparams = json.loads((path / RUN_SETTINGS).read_text())
+        base = hparams.pop(BASE_KEY, None)
     if (path / TRAINER_STATE).is_file():
         # mmap: only the small hyperparameter dict is read, not the optimizer state stored beside it
         state = safe_load(path / TRAINER_STATE, map_location="cpu", mmap=True)
         hparams = state.get("hyper_parameters") or hparams
+        base = state.get(BASE_KEY, base)
     config = read_lora_config(path / ADAPTER_CONFIG) if has_adapter else None
     adapter = read_tensors(path / ADAPTER_WEIGHTS) if has_adapter else {}
     trainables = read_tensors(path / TRAINABLES) if has_trainables else {}
-    return RunAdapter(path, config, adapter, trainables, hparams, run_config)
+    return RunAdapter(path, config, adapter, trainables, hparams, run_config, base)
 
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
@@ -172,7 +177,8 @@ def export_adapter(run: RunAdapter, out: str | Path, overwrite: bool = False) ->
             write_tensors(tmp / TRAINABLES, run.trainables)
         if run.run_config is not None:
             shutil.copy(run.run_config, tmp / "training_config.yaml")
-        (tmp / RUN_SETTINGS).write_text(json.dumps(run.hparams, indent=2, default=str))
+        settings = {**run.hparams, BASE_KEY: run.base_fingerprint}
+        (tmp / RUN_SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
     return Path(out)
 
 
@@ -191,6 +197,8 @@ def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tu
 
     `quantize=False` applies a QLoRA run's adapter to the full-precision base instead of the 4-bit one.
     """
+    # before the base loads: an adapter on another base than its own loads silently and computes nonsense
+    check_base(run.base_fingerprint, base_fingerprint(args), str(run.source), args.model_path or args.preset)
     loaded = load_model(args, quantize=quantize)
     load_trainables(loaded.model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mgmlora.batch import Batch
+from mgmlora.models.identity import BASE_KEY
 from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, fresh_tmp, publish, write_adapter, write_tensors
 from mgmlora.training.finite import NonFiniteError
 
@@ -122,7 +123,8 @@ class AdapterExport(L.Callback):
             if trainables:
                 write_tensors(tmp / TRAINABLES, trainables)
             # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
-            (tmp / RUN_SETTINGS).write_text(json.dumps(dict(pl_module.hparams), indent=2, default=str))
+            settings = {**dict(pl_module.hparams), BASE_KEY: pl_module.base_id}  # the base it belongs to
+            (tmp / RUN_SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
             publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

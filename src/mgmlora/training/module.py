@@ -26,6 +26,7 @@ from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info, uses_
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
+from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import apply_fast_path
@@ -91,6 +92,7 @@ class LoraLitModule(L.LightningModule):
         self.vocab_size = self.info.vocab_size
         self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
         self.loaded: LoadedModel | None = None  # the base model and its family's behaviour (set in configure_model)
+        self.base_id: str | None = None  # mgmlora.models.identity's fingerprint of the base (set in configure_model)
         self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
         self.val_loss = MeanMetric()
@@ -115,6 +117,7 @@ class LoraLitModule(L.LightningModule):
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
             mark_moe_leaves(self.model, trainer)  # before deepspeed.initialize installs its fetch hooks
         self.loaded = loaded
+        self.base_id = base_fingerprint(self.model_args)  # recorded with every save, compared on every load
         same_dtype = not input_cast_needed(trainer, self.model_args.dtype)
         fast = apply_fast_path(loaded.model, loaded.decoder_layers, self.speed, same_dtype)
         if self.speed.packing:
@@ -294,6 +297,7 @@ class LoraLitModule(L.LightningModule):
         """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
         checkpoint["state_dict"] = {}
         checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
+        checkpoint[BASE_KEY] = self.base_id
         trainer = attached_trainer(self)
         if trainer is not None:
             checkpoint[RESUME_KEY] = run_math(trainer, self._dropout())
@@ -310,6 +314,8 @@ class LoraLitModule(L.LightningModule):
         """
         trainer = attached_trainer(self)
         self.configure_model()
+        check_base(checkpoint.get(BASE_KEY), self.base_id, "the checkpoint",
+                   self.model_args.model_path or self.model_args.preset)
         if trainer is not None and trainer.state.fn == "fit":  # evaluation restores no optimizer state
             check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable,
                          self.loaded.components)

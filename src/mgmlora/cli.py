@@ -120,6 +120,7 @@ class MgmCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
                 kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # optimizer steps (mgmlora.training.progress)
+        _check_trainer_settings(trainer_config)
         trainer = super().instantiate_trainer(**kwargs)
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
@@ -127,6 +128,15 @@ class MgmCLI(LightningCLI):
         if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
             trainer.callbacks.insert(0, RunOutcome())
         return trainer
+
+
+def _check_trainer_settings(trainer_config) -> None:
+    """Refuses Trainer settings Lightning accepts and then fails on mid-run (0 validates never, it divides by it)."""
+    interval = trainer_config.get("val_check_interval")
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+        raise UsageError(f"trainer.val_check_interval: {interval} is not a validation interval: use a number of "
+                         "micro-batches >= 1, a fraction of the epoch in (0, 1], or trainer.limit_val_batches: 0 "
+                         "to turn validation off.")
 
 
 def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:

@@ -21,7 +21,7 @@ from mgmlora.tools.report import compare  # noqa: E402
 
 def main(argv: list[str] | None = None) -> Path:
     """Parses arguments and writes the comparison; returns the Markdown file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="Lightning log directories (<save_dir>/<name>/version_N)")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--names", nargs="+", default=None)

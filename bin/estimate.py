@@ -37,7 +37,7 @@ from mgmlora.tools.speed_plan import candidates  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, estimates, prints; returns the JSON-able result."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", required=True, help="YAML config; repeat to compose")
     parser.add_argument("--gpu_memory_gib", type=positive_float, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from mgmlora.errors import run  # noqa: E402
 from mgmlora.tools.args import positive_float, refuse_overwrite  # noqa: E402
 from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
+from mgmlora.tools.output_dir import check_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parses arguments and exports; returns the output directory."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (step=*.ckpt) or adapter directory")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--merge", action="store_true", help="merge LoRA into the base and write a full checkpoint")
@@ -37,18 +38,21 @@ def main(argv: list[str] | None = None) -> Path:
                         help="allow Python code inside the base model directory to run (never taken from a checkpoint)")
     parser.add_argument("--preset", default=None, help="registry preset of the base (random-init runs)")
     parser.add_argument("--max_shard_gib", type=positive_float, default=5.0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output (written beside it, swapped in when complete)")
     args = parser.parse_args(argv)
     refuse_overwrite({"--output": args.output}, folders={"--checkpoint": args.checkpoint})
+    check_output_dir(args.output, args.overwrite)  # before anything loads
     run = read_run_adapter(args.checkpoint)
     if not args.merge:
-        out = export_adapter(run, args.output)
+        out = export_adapter(run, args.output, args.overwrite)
         print(f"mgmlora: adapter exported to {out}")
         return out
     model_args = model_args_for(run, args.model_path, args.preset, args.dtype, args.trust_remote_code)
     # the run's own base too, not only --model_path: the merge must never write into the weights it reads
     refuse_overwrite({"--output": args.output}, folders={"--model_path": model_args.model_path,
                                                          "tokenizer_path": model_args.tokenizer_path})
-    out = merge_and_save(run, model_args, args.output, int(args.max_shard_gib * 2**30))
+    out = merge_and_save(run, model_args, args.output, int(args.max_shard_gib * 2**30), args.overwrite)
     print(f"mgmlora: merged model written to {out}")
     return out
 

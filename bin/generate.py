@@ -63,7 +63,7 @@ def _data_settings(run) -> dict:
 
 def main(argv: list[str] | None = None):
     """Parses arguments, loads the trained model and generates; returns the replies or the leaderboard summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--model_path", default=None)
     parser.add_argument("--trust_remote_code", action="store_true",

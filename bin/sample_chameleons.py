@@ -23,7 +23,8 @@ from mgmlora.tools.args import positive_int, refuse_overwrite  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     """Samples INPUT into OUTPUT and returns the counts it prints."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--max_data_items", type=positive_int, default=10)

@@ -25,7 +25,7 @@ from mgmlora.tools.args import positive_int, refuse_overwrite  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, checks the outputs and the progress file, loads the model and scores; returns the summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (step=*.ckpt) or adapter directory")
     parser.add_argument("--data", required=True, help="data file in the run's format (Chameleons, chat, LLaVA JSON)")
     parser.add_argument("--output", required=True, type=Path, help="predictions JSONL (summary JSON beside it)")

@@ -55,7 +55,8 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Prints and returns the first `n` samples of a split."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, action="append", help="repeatable, composed in order")
     parser.add_argument("--split", choices=["train", "val", "test"], default="train")
     parser.add_argument("--n", type=positive_int, default=3)

@@ -141,3 +141,31 @@ def _plain_loss(model, data):
             total += model(input_ids=torch.tensor([sample.input_ids]), labels=labels).loss.item() * k
             n += k
     return total / n
+
+
+def _fails(*args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    return proc.returncode, proc.stderr.rstrip().splitlines()[-1], proc.stdout + proc.stderr
+
+
+def test_main_fit_that_trains_nothing_exits_1_with_the_reason_and_no_adapter(tmp_path):
+    code, last, out = _fails("fit", "--config", "configs/demo_chameleons.yaml", "--trainer.max_steps", "0",
+                             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
+                             str(tmp_path))
+    assert code == 1, out[-3000:]
+    assert last == "error: the run trained nothing: trainer.max_steps is 0; no adapter was written.", out[-3000:]
+    assert "Traceback" not in out and not list(tmp_path.rglob("adapter"))
+
+
+def test_main_fit_whose_loss_diverges_exits_1_naming_the_step_and_keeps_only_finite_checkpoints(tmp_path):
+    # lr 1e30: the first update makes the LoRA product overflow, so the next window's loss is not finite
+    code, last, out = _fails("fit", "--config", "configs/demo_chameleons.yaml", "--trainer.max_steps", "6",
+                             "--model.optim.lr", "1e30", "--model.optim.warmup_ratio", "0",
+                             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
+                             str(tmp_path))
+    assert code == 1, out[-3000:]
+    assert last.startswith("error: optimizer step 2: train/"), out[-3000:]
+    assert "Traceback" not in out and not list(tmp_path.rglob("adapter"))
+    for weights in tmp_path.rglob("adapter_model.safetensors"):  # every checkpoint left is finite
+        assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights

@@ -115,3 +115,50 @@ def test_lightnings_distributed_sampler_on_two_ranks_is_refused_before_the_weigh
                                             "accumulation window).")  # one line, after Lightning's INFO lines
     cli = main([*two_ranks, "--trainer.use_distributed_sampler", "false"], run=False)  # the configs' setting passes
     assert cli.trainer.world_size == 2
+
+
+TOOLS = [p for p in sorted((ROOT / "bin").glob("*.py")) if p.name != "main.py"]
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=[p.name for p in TOOLS])
+def test_every_tool_refuses_an_abbreviated_flag(path, capsys, monkeypatch):
+    # argparse's default prefix matching would take `--hel` as --help (print it, exit 0), and `--out` as --output
+    tool = _load(path, f"abbrev_{path.stem}")
+    code, out, err = _run(tool.main, ["--hel"], capsys, monkeypatch)
+    assert code == USAGE and out == "", (out, err)
+    assert err.strip().startswith("usage:") or err.strip().startswith("error:"), err
+
+
+def test_main_refuses_an_abbreviated_config_key(capsys, in_repo_root):
+    from mgmlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # jsonargparse took it as --trainer.max_steps
+        main(["fit", "--config", "configs/demo_chat.yaml", "--trainer.max_ste", "3", "--print_config"])
+    assert exit_info.value.code == USAGE
+    assert capsys.readouterr().err.strip().splitlines() == ["error: unrecognized arguments: --trainer.max_ste 3"]
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "-5"])
+def test_a_zero_validation_interval_is_refused_before_the_model_loads(value, capsys, monkeypatch, in_repo_root):
+    from mgmlora.cli import main
+
+    code, out, err = _run(lambda: main(run=False), ["--config", "configs/demo_chat.yaml",
+                                                    "--trainer.val_check_interval", value], capsys, monkeypatch)
+    shown = float(value) if "." in value else int(value)
+    assert code == USAGE
+    assert err.strip().splitlines() == [f"error: trainer.val_check_interval: {shown} is not a validation interval: "
+                                        "use a number of micro-batches >= 1, a fraction of the epoch in (0, 1], or "
+                                        "trainer.limit_val_batches: 0 to turn validation off."]
+
+
+def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(capsys, monkeypatch, in_repo_root):
+    import torch
+
+    from mgmlora.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, out, err = _run(lambda: main(run=False), ["--config", "configs/demo_chat.yaml",
+                                                    "--trainer.accelerator", "gpu"], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == USAGE and len(lines) == 1 and lines[0].startswith("error: ") and "gpu" in lines[0].lower(), err

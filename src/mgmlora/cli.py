@@ -32,16 +32,19 @@ from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.callbacks import RunSummary  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
+from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import progress_callback  # noqa: E402
+from mgmlora.training.run_dir import check_new_run  # noqa: E402
 from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
 # text (about 90 lines for `fit`, with the one line that matters at the bottom); main() and mgmlora.errors.run print
-# the message alone.
-PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False}
+# the message alone. allow_abbrev=False: argparse's prefix matching took `--trainer.max_ste 3` as max_steps; a flag is
+# either spelled out or refused.
+PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False}
 
 
 class MgmCLI(LightningCLI):
@@ -71,12 +74,17 @@ class MgmCLI(LightningCLI):
         """
 
     def before_fit(self) -> None:
-        """`fit --ckpt_path last` after a save was killed: the complete previous `last` is put back first.
+        """Refuses a log or checkpoint directory holding another run; puts back a `last` an interrupted save moved.
 
-        Lightning looks `last` up by file name before any callback runs, so a `last.ckpt` that an interrupted save
-        left renamed away would not be found and training would start over (mgmlora.training.checkpoint.recover).
+        The first check is mgmlora.training.run_dir's. For `fit --ckpt_path last` after a save was killed, the complete
+        previous `last` is put back first: Lightning looks `last` up by file name before any callback runs, so a
+        `last.ckpt` that an interrupted save left renamed away would not be found and training would start over
+        (mgmlora.training.checkpoint.recover).
         """
-        if self.config[self.subcommand].get("ckpt_path") == "last":
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        check_new_run(self.trainer.log_dir if self.trainer.loggers else None,
+                      [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        if ckpt_path == "last":
             strategy = self.trainer.strategy
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
@@ -94,7 +102,7 @@ class MgmCLI(LightningCLI):
             connect(self.model.tokenizer, self.model.info, self.model.model_args.trust_remote_code)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and PreemptionCheckpoint.
+        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed), PreemptionCheckpoint and RunOutcome.
 
         Also adds StepProgressBar (optimizer steps against the run's real total; plain lines when stdout is not a
         terminal) when the run shows a progress bar and the config names none.
@@ -118,11 +126,23 @@ class MgmCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, ModelSummary) for c in callbacks):  # no made-up FLOPs total
                 kwargs["callbacks"] = [*callbacks, RunSummary()]
+        _check_trainer_settings(trainer_config)
         trainer = super().instantiate_trainer(**kwargs)
         _check_sampler_setting(trainer, trainer_config)
-        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/SIGINT: save, exit 143
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())
+        if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
+            trainer.callbacks.insert(0, RunOutcome())
         return trainer
+
+
+def _check_trainer_settings(trainer_config) -> None:
+    """Refuses Trainer settings Lightning accepts and then fails on mid-run (0 validates never, it divides by it)."""
+    interval = trainer_config.get("val_check_interval")
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+        raise UsageError(f"trainer.val_check_interval: {interval} is not a validation interval: use a number of "
+                         "micro-batches >= 1, a fraction of the epoch in (0, 1], or trainer.limit_val_batches: 0 "
+                         "to turn validation off.")
 
 
 def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:

@@ -14,7 +14,9 @@ reaches it:
     ValueError that Python or a library raises inside our code (a failed unpacking, a bad tensor shape) stays a
     bug;
   - `OSError` about a file (it has a `filename`: missing, not a directory, no permission, ...), wherever raised;
-  - `torch.OutOfMemoryError`, with the hint to run `bin/estimate.py`.
+  - `torch.OutOfMemoryError`, with the hint to run `bin/estimate.py`;
+  - Lightning's `MisconfigurationException` (a GPU accelerator or strategy on a machine without one, settings that
+    exclude each other): Lightning raises it only for settings, so it exits 2 like a rejected config.
 - anything else is a bug (ours or a library's): its full traceback is printed, as Python would, then one line
   saying so, exit 1. A bug is never hidden behind one line.
 - `--debug` anywhere on the command line (removed before `main` sees it) or `MGMLORA_DEBUG=1` prints the full
@@ -83,6 +85,9 @@ def classify(error: BaseException) -> tuple[Literal["user", "bug"], int]:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
         return "user", RUNTIME
+    if any(cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+           for cls in type(error).__mro__):
+        return "user", USAGE
     return "bug", RUNTIME
 
 

@@ -203,7 +203,7 @@ def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path
     predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
     progress = (tmp_path / "pred.json.partial.jsonl").read_text()
     for change, message in ((dict(n=2), "n: 1 there, 2 now"), (dict(gen=replace(gen, temperature=0.3)), "generation"),
-                            (dict(checkpoint=tmp_path), "checkpoint")):
+                            (dict(checkpoint=tmp_path), "adapter_sha256")):
         kwargs = dict(n=1, gen=gen, checkpoint=trained_qwen) | change
         with pytest.raises(ProgressMismatchError, match=message):
             predict_leaderboard(model, tokenizer, encoder, path, out, **kwargs)
@@ -216,3 +216,24 @@ def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path
     (tmp_path / "pred.json.partial.jsonl").write_text("\n".join(progress.splitlines()[1:]) + "\n")
     with pytest.raises(ProgressMismatchError, match="does not record the settings"):
         predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+
+
+def test_resumable_outputs_are_bound_to_the_adapters_content_not_its_path(tmp_path, trained_qwen):
+    import shutil
+
+    from mgmlora.tools.leaderboard import run_settings
+    from mgmlora.tools.progress_file import adapter_digest
+
+    def settings(checkpoint):
+        return run_settings("in.json", 1, GenerationArgs(max_new_tokens=3), "full", "user", 64, True, False, 15,
+                            checkpoint)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_qwen, moved)
+    assert settings(moved) == settings(trained_qwen)  # the same adapter elsewhere resumes the same file
+    weights = next(p for p in ("adapter_model.safetensors", "non_lora_trainables.safetensors") if (moved / p).is_file())
+    data = bytearray((moved / weights).read_bytes())
+    data[-1] ^= 1  # another model in the same directory (retrained, re-exported)
+    (moved / weights).write_bytes(bytes(data))
+    assert adapter_digest(moved) != adapter_digest(trained_qwen)
+    assert settings(moved)["adapter_sha256"] != settings(trained_qwen)["adapter_sha256"]

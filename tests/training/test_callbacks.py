@@ -1,10 +1,13 @@
 """What ThroughputMonitor logs, against counts made by hand from the tokenised samples of a tiny run."""
 
+import errno
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
+import mgmlora.training.callbacks as callbacks
 from mgmlora.batch import IGNORE_INDEX, Batch
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.models.args import ModelArgs
@@ -14,6 +17,7 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from tests.conftest import TOKENIZER, TRAIN
+from tests.training.test_outcome import _fit as _outcome_fit
 
 
 class _Recorder(Logger):
@@ -127,6 +131,24 @@ def test_the_samplers_window_ends_are_where_lightning_steps_the_optimizer(tmp_pa
     assert trainer.global_step == 6
     assert len([m for _, m in logger.rows if "perf/step_time_s" in m]) == 6  # one throughput row per step
     assert len([m for _, m in logger.rows if "train/loss" in m]) == 6
+
+
+def test_the_final_adapter_export_is_atomic_a_failed_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    trainer, _ = _outcome_fit(tmp_path, max_steps=1)
+    adapter = tmp_path / "run" / "version_0" / "adapter"
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    assert "adapter_model.safetensors" in before
+
+    def full_disk(directory, config, tensors):
+        (directory / "adapter_model.safetensors").write_bytes(b"partial")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(callbacks, "write_adapter", full_disk)
+    export = next(c for c in trainer.callbacks if isinstance(c, callbacks.AdapterExport))
+    with pytest.raises(OSError, match="No space left"):
+        export.export(trainer, trainer.lightning_module)
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before  # untouched
+    assert sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith(".")) == []  # no debris
 
 
 def test_run_summary_drops_the_flops_lightning_did_not_count(monkeypatch):

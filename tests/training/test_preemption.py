@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT: stop at the next micro-batch, resumable checkpoint + adapter, exit 143 / 130 (preemption.py)."""
+"""SIGTERM / SIGINT / SIGHUP: stop at the next micro-batch, resumable checkpoint + adapter, exit 128+n (preemption)."""
 
 import json
 import os
@@ -151,3 +151,13 @@ def test_two_rank_ddp_run_stops_together_when_one_rank_gets_the_signal(tmp_path)
     assert summary["exit_code"] == 143
     assert "ckpt/interrupted-step=000002.ckpt" in summary["files"] and "adapter/adapter_model.safetensors" in summary[
         "files"], summary
+
+
+def test_sighup_stops_like_sigterm_with_exit_129_and_a_resumable_checkpoint(tmp_path):
+    # a closed terminal or ssh session: without the handler the process died and kept nothing of the current window
+    with pytest.raises(SystemExit) as stopped:
+        _fit(tmp_path, _SignalAt(signal.SIGHUP, at=2 * ACCUMULATE + 1))  # the end of step 3's window
+    assert stopped.value.code == 128 + signal.SIGHUP
+    state = torch.load(tmp_path / "ckpt" / "interrupted-step=000003.ckpt" / "trainer_state.pt", weights_only=True)
+    assert state["global_step"] == 3
+    assert (tmp_path / "run" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()

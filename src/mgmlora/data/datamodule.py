@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT; the main process stops them when it is done.
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM, SIGINT and SIGHUP; the main process stops them when done.
 
     Training stops on those signals at a micro-batch boundary with a checkpoint (mgmlora.training.preemption). A
     scheduler or Ctrl+C signals the whole process group. A worker that died of it (torch's worker SIGTERM handler
@@ -40,6 +40,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal or ssh session (POSIX only)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _stop_workers_at_exit() -> None:

@@ -24,19 +24,28 @@ from typing import Literal
 
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.tools.args import refuse_overwrite
+from mgmlora.tools.output_dir import check_output_dir, writing_dir
+from mgmlora.training.adapter_check import (
+    check_adapter_tensors,
+    check_lora_config,
+    lora_config_from,
+    read_lora_config,
+    read_tensors,
+)
 from mgmlora.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RUN_SETTINGS,
     TRAINABLES,
     TRAINER_STATE,
+    safe_load,
     write_adapter,
     write_tensors,
 )
@@ -55,10 +64,11 @@ class RunAdapter:
     trainables: dict[str, torch.Tensor]
     hparams: dict = field(default_factory=dict)  # {"model": ModelArgs fields, "lora": ..., ...} when known
     run_config: Path | None = None  # the LightningCLI config.yaml of the run, when found
+    base_fingerprint: str | None = None  # the base it was trained on (mgmlora.models.identity); None: not recorded
 
 
-def _lora_config(value) -> LoraConfig:
-    return value if isinstance(value, LoraConfig) else LoraConfig(**value)
+def _lora_config(value, source: Path) -> LoraConfig:
+    return lora_config_from(value, source)  # refuses fields mgmlora does not implement (training.adapter_check)
 
 
 def _find_run_config(path: Path) -> Path | None:
@@ -91,28 +101,32 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
         hparams = (yaml.safe_load(run_config.read_text()).get("model") or {})
     states = sorted((path / "checkpoint").glob("*model_states.pt"))
     if states:  # DeepSpeed: the LightningModule's client state sits in the (rank 0) model-states file
-        state = torch.load(states[0], map_location="cpu", weights_only=True)
+        state = safe_load(states[0], map_location="cpu")
         peft = state.get("peft")
         hparams = state.get("hyper_parameters") or hparams
         if peft is None and not state.get("trainables"):
             raise FileNotFoundError(f"{states[0]} holds no adapter or trainables: it was not written by mgmlora's "
                                     "LoraLitModule.")
-        return RunAdapter(path, _lora_config(peft["config"]) if peft else None, dict(peft["adapter"]) if peft else {},
-                          dict(state.get("trainables") or {}), hparams, run_config)
+        config = _lora_config(peft["config"], states[0]) if peft else None
+        return RunAdapter(path, config, dict(peft["adapter"]) if peft else {}, dict(state.get("trainables") or {}),
+                          hparams, run_config, state.get(BASE_KEY))
     has_adapter, has_trainables = (path / ADAPTER_CONFIG).is_file(), (path / TRAINABLES).is_file()
     if not has_adapter and not has_trainables:
         raise FileNotFoundError(f"{path} holds no {ADAPTER_CONFIG}, {TRAINABLES} or checkpoint/*model_states.pt: "
                                 "pass a checkpoint directory (step=*.ckpt) or an exported adapter directory.")
+    base = None
     if (path / RUN_SETTINGS).is_file():
         hparams = json.loads((path / RUN_SETTINGS).read_text())
+        base = hparams.pop(BASE_KEY, None)
     if (path / TRAINER_STATE).is_file():
         # mmap: only the small hyperparameter dict is read, not the optimizer state stored beside it
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+        state = safe_load(path / TRAINER_STATE, map_location="cpu", mmap=True)
         hparams = state.get("hyper_parameters") or hparams
-    config = LoraConfig.from_pretrained(str(path)) if has_adapter else None
-    adapter = load_file(path / ADAPTER_WEIGHTS) if has_adapter else {}
-    trainables = load_file(path / TRAINABLES) if has_trainables else {}
-    return RunAdapter(path, config, adapter, trainables, hparams, run_config)
+        base = state.get(BASE_KEY, base)
+    config = read_lora_config(path / ADAPTER_CONFIG) if has_adapter else None
+    adapter = read_tensors(path / ADAPTER_WEIGHTS) if has_adapter else {}
+    trainables = read_tensors(path / TRAINABLES) if has_trainables else {}
+    return RunAdapter(path, config, adapter, trainables, hparams, run_config, base)
 
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
@@ -143,23 +157,29 @@ def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str |
     return ModelArgs(**saved)
 
 
-def export_adapter(run: RunAdapter, out: str | Path) -> Path:
+def export_adapter(run: RunAdapter, out: str | Path, overwrite: bool = False) -> Path:
     """Writes a PEFT adapter directory (+ non-LoRA trainables, + the run's config) that plain PEFT loads.
+
+    Written beside `out` and swapped in when complete (mgmlora.tools.output_dir).
 
     Raises:
         OutputPathError: when `out` is the run's directory or inside it.
+        UsageError: when `out` already holds files and `overwrite` is False.
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite)
     if run.lora_config is not None:
-        write_adapter(out, run.lora_config, run.adapter)
-    if run.trainables:
-        write_tensors(out / TRAINABLES, run.trainables)
-    if run.run_config is not None:
-        shutil.copy(run.run_config, out / "training_config.yaml")
-    (out / RUN_SETTINGS).write_text(json.dumps(run.hparams, indent=2, default=str))
-    return out
+        check_lora_config(run.lora_config, run.source)
+    with writing_dir(out) as tmp:
+        if run.lora_config is not None:
+            write_adapter(tmp, run.lora_config, run.adapter)
+        if run.trainables:
+            write_tensors(tmp / TRAINABLES, run.trainables)
+        if run.run_config is not None:
+            shutil.copy(run.run_config, tmp / "training_config.yaml")
+        settings = {**run.hparams, BASE_KEY: run.base_fingerprint}
+        (tmp / RUN_SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
+    return Path(out)
 
 
 def build_trained_model(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> LoadedModel:
@@ -177,27 +197,35 @@ def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tu
 
     `quantize=False` applies a QLoRA run's adapter to the full-precision base instead of the 4-bit one.
     """
+    # before the base loads: an adapter on another base than its own loads silently and computes nonsense
+    check_base(run.base_fingerprint, base_fingerprint(args), str(run.source), args.model_path or args.preset)
     loaded = load_model(args, quantize=quantize)
     load_trainables(loaded.model, run.trainables, f"{run.source} on {args.model_path or args.preset}")
     if run.lora_config is None:
         return loaded, None
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
     peft = get_peft_model(loaded.model, config)  # injects the LoRA layers into loaded.model itself
-    result = set_peft_model_state_dict(peft, run.adapter)
-    if result.unexpected_keys:
-        raise ValueError(f"{run.source}: adapter keys not found in the base model: {result.unexpected_keys[:5]}")
+    # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
+    check_adapter_tensors(run.source, get_peft_model_state_dict(peft, save_embedding_layers=False), run.adapter)
+    set_peft_model_state_dict(peft, run.adapter)
     return loaded, peft
 
 
-def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_bytes: int = 5 * 2**30,
+                   overwrite: bool = False) -> Path:
     """Merges the adapter into the base (PEFT safe_merge) and writes a standalone checkpoint in the base's layout.
 
+    Written beside `out` and swapped in when complete (mgmlora.tools.output_dir), so no shard or index of an earlier
+    output survives next to the new ones.
+
     Raises:
+        UsageError: when `out` already holds files and `overwrite` is False (checked before anything loads).
         OutputPathError: when `out` is (or lies inside) the base model, its tokenizer or the run's directory: the merge
             reads the base's weights and would overwrite them with merged ones.
     """
     refuse_overwrite({"output": out}, folders={"checkpoint": run.source, "model_path": args.model_path,
                                                "tokenizer_path": args.tokenizer_path})
+    check_output_dir(out, overwrite)
     out = Path(out)
     tokenizer = load_tokenizer(args)  # first: a wrong tokenizer path fails before minutes of loading and merging
     # a QLoRA adapter merges into the base in the model dtype: 4-bit codes cannot hold the delta, and the merged model
@@ -206,13 +234,13 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
     model = loaded.model.eval()
     if peft is not None:
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
-    out.mkdir(parents=True, exist_ok=True)
-    loaded.save_merged(model, out, max_shard_bytes)  # the family's own layout (MGM: the original key names)
-    if not (out / "model.safetensors.index.json").is_file() and (out / "model.safetensors").is_file():
-        _write_single_shard_index(out)
-    tokenizer.save_pretrained(str(out))
-    if run.run_config is not None:
-        shutil.copy(run.run_config, out / "training_config.yaml")
+    with writing_dir(out) as tmp:
+        loaded.save_merged(model, tmp, max_shard_bytes)  # the family's own layout (MGM: the original key names)
+        if not (tmp / "model.safetensors.index.json").is_file() and (tmp / "model.safetensors").is_file():
+            _write_single_shard_index(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        if run.run_config is not None:
+            shutil.copy(run.run_config, tmp / "training_config.yaml")
     return out
 
 

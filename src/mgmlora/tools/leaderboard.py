@@ -26,7 +26,13 @@ from mgmlora.data.chameleons_datamodule import PersonaEncoder
 from mgmlora.data.prompts import clean_reply
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.tools.args import refuse_overwrite
-from mgmlora.tools.progress_file import ProgressMismatchError, appending, read_entries, write_atomically
+from mgmlora.tools.progress_file import (
+    ProgressMismatchError,
+    adapter_digest,
+    appending,
+    read_entries,
+    write_atomically,
+)
 
 
 def output_files(output_path: str | Path) -> dict[str, Path]:
@@ -50,8 +56,11 @@ def leaderboard_samples(records: list[dict], path: str | Path) -> list[DialogueS
 def run_settings(input_path: str | Path, n: int, gen: GenerationArgs, ablation: str, prompt_role: str,
                  max_length: int, mark_omitted: bool, history: bool, max_history: int,
                  checkpoint: str | Path | None = None) -> dict:
-    """Everything that shapes the continuations, as recorded in (and compared with) the progress file."""
-    return {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
+    """Everything that shapes the continuations, as recorded in (and compared with) the progress file.
+
+    The model is recorded by its adapter's content, not its path (mgmlora.tools.progress_file.adapter_digest).
+    """
+    return {"adapter_sha256": adapter_digest(checkpoint) if checkpoint is not None else None,
             "input": str(Path(input_path).resolve()), "n": n,
             "generation": asdict(replace(gen, num_return_sequences=n)), "ablation": ablation,
             "prompt_role": prompt_role, "max_length": max_length, "mark_omitted": mark_omitted, "history": history,

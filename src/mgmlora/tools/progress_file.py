@@ -9,11 +9,32 @@ differs) instead of mixing outputs made two ways.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def adapter_digest(path: str | Path) -> str:
+    """SHA-256 over the names and bytes of the weight and config files in a checkpoint or adapter directory.
+
+    Covers what decides the model's outputs: adapter_config.json, the adapter and trainables safetensors, the run's
+    settings, and DeepSpeed's model-states files; not the optimizer state, which a checkpoint also holds.
+    """
+    folder = Path(path)
+    names = ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
+             "mgmlora_run.json")
+    files = [folder / n for n in names if (folder / n).is_file()]
+    files += sorted((folder / "checkpoint").glob("*model_states.pt"))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 class ProgressMismatchError(ValueError):
@@ -82,4 +103,4 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ProgressMismatchError", "appending", "read_entries", "write_atomically"]
+__all__ = ["adapter_digest", "ProgressMismatchError", "appending", "read_entries", "write_atomically"]

@@ -28,7 +28,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs
 from mgmlora.tools.leaderboard import output_files
-from mgmlora.tools.progress_file import appending, read_entries, write_atomically
+from mgmlora.tools.progress_file import adapter_digest, appending, read_entries, write_atomically
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
 
@@ -68,8 +68,11 @@ def build_datamodule(section: dict, data_path: str | Path, overrides: dict | Non
 
 def score_settings(checkpoint: str | Path, data_path: str | Path, section: dict, num_samples: int | None, seed: int,
                    gen: GenerationArgs, kind: MetricKind) -> dict:
-    """Everything that shapes the predictions, recorded in (and compared with) the progress file."""
-    return {"checkpoint": str(Path(checkpoint).resolve()), "data": str(Path(data_path).resolve()),
+    """Everything that shapes the predictions, recorded in (and compared with) the progress file.
+
+    The model is recorded by its adapter's content, not its path (mgmlora.tools.progress_file.adapter_digest).
+    """
+    return {"adapter_sha256": adapter_digest(checkpoint), "data": str(Path(data_path).resolve()),
             "data_class": section["class_path"], "data_settings": json.loads(json.dumps(section.get("init_args")
                                                                                          or {}, default=str)),
             "num_samples": num_samples, "seed": seed, "generation": asdict(gen), "metrics": kind}

@@ -7,6 +7,7 @@ needs per-batch lambdas (not expressible in YAML) and logs samples, not supervis
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,9 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
 from mgmlora.batch import Batch
-from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, write_adapter, write_tensors
+from mgmlora.models.identity import BASE_KEY
+from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, fresh_tmp, publish, write_adapter, write_tensors
+from mgmlora.training.finite import NonFiniteError
 from mgmlora.training.lightning_private import format_summary_table
 
 if TYPE_CHECKING:
@@ -92,11 +95,14 @@ class AdapterExport(L.Callback):
     """Writes the final adapter in PEFT format to `<log_dir>/<dirname>` when fit ends.
 
     The directory loads with plain `peft.PeftModel.from_pretrained(base_model, path)`; other trained weights (MGM's
-    projector and mining modules) go beside it in `non_lora_trainables.safetensors`.
+    projector and mining modules) go beside it in `non_lora_trainables.safetensors`. It is written into a temporary
+    sibling and renamed into place (mgmlora.training.checkpoint.publish), so a crash or a full disk never leaves a
+    half-written adapter under the final name; a tensor holding NaN or inf is refused instead of written.
     """
 
     def __init__(self, dirname: str = "adapter") -> None:
         self.dirname = dirname
+        self.written: Path | None = None  # the directory of the latest export (RunOutcome names it in its last line)
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
         self.export(trainer, pl_module)
@@ -109,14 +115,32 @@ class AdapterExport(L.Callback):
         adapter, trainables = pl_module.trained_on_host()  # the one gather (a collective under ZeRO-3)
         if not trainer.is_global_zero:
             return
-        out.mkdir(parents=True, exist_ok=True)
-        if pl_module.plan is not None:
-            write_adapter(out, pl_module.model.peft_config["default"], adapter)  # PEFT's own files
-        if trainables:
-            write_tensors(out / TRAINABLES, trainables)
-        # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
-        (out / RUN_SETTINGS).write_text(json.dumps(dict(pl_module.hparams), indent=2, default=str))
+        check_finite_tensors({**adapter, **trainables}, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_tmp(out)
+        tmp.mkdir()
+        try:
+            if pl_module.plan is not None:
+                write_adapter(tmp, pl_module.model.peft_config["default"], adapter)  # PEFT's own files
+            if trainables:
+                write_tensors(tmp / TRAINABLES, trainables)
+            # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
+            settings = {**dict(pl_module.hparams), BASE_KEY: pl_module.base_id}  # the base it belongs to
+            (tmp / RUN_SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
+            publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.written = out
         rank_zero_info(f"mgmlora: adapter written to {out}")
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """Refuses to write an adapter whose tensors hold NaN or inf (the first such tensor is named)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{out}: not written, tensor {name} holds NaN or inf (training diverged; the newest "
+                                 "checkpoint before it is the last usable state).")
 
 
 class RunSummary(ModelSummary):

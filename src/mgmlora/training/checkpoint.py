@@ -35,7 +35,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from mgmlora.training.adapter_check import read_lora_config, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,6 +49,10 @@ _DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")  # what
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds pickled objects that would run code (or anything else outside the allow-list)."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that is cut short or overwritten (torch's reader cannot open it)."""
 
 
 def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: bool = False) -> Any:
@@ -66,6 +72,12 @@ def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: 
             f"{path}: refused to load: it needs {what}, which is not a tensor, a plain container or a type mgmlora "
             "trusts, and loading it could run code; it was not written by mgmlora, or was altered. Resume from a "
             "checkpoint your own run wrote.") from None
+    except (RuntimeError, EOFError) as err:  # torch's zip reader on a file cut short or overwritten
+        if not isinstance(err, EOFError) and "zip" not in str(err).lower():
+            raise
+        cause = (str(err).splitlines() or ["ends early"])[0][:160]
+        raise DamagedCheckpointError(f"{path}: unreadable ({cause}); the file is truncated or damaged: use an "
+                                     "earlier checkpoint.") from None
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -87,7 +99,7 @@ def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not an mgmlora checkpoint: {name} is missing.")
-    return LoraConfig.from_pretrained(str(directory)), load_file(directory / ADAPTER_WEIGHTS)
+    return read_lora_config(directory / ADAPTER_CONFIG), read_tensors(directory / ADAPTER_WEIGHTS)
 
 
 def _debris(directory: Path) -> list[tuple[Path, str, str]]:
@@ -211,7 +223,7 @@ class AdapterCheckpointIO(CheckpointIO):
             config, adapter = read_adapter(path)
             checkpoint["peft"] = {"config": config, "adapter": adapter}
         if (path / TRAINABLES).is_file():
-            checkpoint["trainables"] = load_file(path / TRAINABLES)
+            checkpoint["trainables"] = read_tensors(path / TRAINABLES)
         return checkpoint
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:

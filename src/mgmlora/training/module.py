@@ -15,7 +15,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import PreTrainedTokenizerBase
@@ -26,12 +26,17 @@ from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info, uses_
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
+from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
+from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import apply_fast_path
+from mgmlora.training.finite import FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
 from mgmlora.training.optim import OptimArgs, build_optimizer
+from mgmlora.training.resume import RUN_KEY as RESUME_KEY
+from mgmlora.training.resume import check_resume_math, run_math
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
     engine_grad_norm,
@@ -46,6 +51,10 @@ from mgmlora.training.strategies import (
 )
 from mgmlora.training.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
 from mgmlora.training.window import AccumulationWindow
+
+# LoRA settings that change what a saved adapter computes: a checkpoint and the config must agree on all of them
+LORA_MATH = ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "use_dora",
+             "use_rslora", "exclude_modules", "modules_to_save", "bias")
 
 
 def _norm(value):
@@ -62,13 +71,17 @@ class LoraLitModule(L.LightningModule):
         optim: AdamW and learning-rate schedule.
         trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
         speed: loss implementation and padding-free micro-batches (mgmlora.training.loss); none changes what is learned.
+        allow_resume_changes: resume a checkpoint although dropout, accumulation, micro-batch size, ranks or precision
+            differ from the run that wrote it (otherwise refused, listing the differences: mgmlora.training.resume).
     """
 
     def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
-                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs()):
+                 trainable: Trainability = Trainability(), speed: SpeedArgs = SpeedArgs(),
+                 allow_resume_changes: bool = False):
         super().__init__()
         self.model_args, self.lora_args, self.optim_args, self.trainable = model, lora, optim, trainable
         self.speed = speed
+        self.allow_resume_changes = allow_resume_changes
         check_available(speed)
         self.save_hyperparameters({"model": asdict(self.model_args), "lora": asdict(self.lora_args),
                                    "optim": asdict(self.optim_args), "trainable": asdict(self.trainable),
@@ -79,6 +92,7 @@ class LoraLitModule(L.LightningModule):
         self.vocab_size = self.info.vocab_size
         self.model = None  # built in configure_model, so strategies (DeepSpeed ZeRO-3) control where weights land
         self.loaded: LoadedModel | None = None  # the base model and its family's behaviour (set in configure_model)
+        self.base_id: str | None = None  # mgmlora.models.identity's fingerprint of the base (set in configure_model)
         self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
         self.val_loss = MeanMetric()
@@ -86,6 +100,7 @@ class LoraLitModule(L.LightningModule):
                                                 average="micro")
         self.window = AccumulationWindow()  # loss normalisation and window end; callbacks read window.ended
         self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.training.rng)
+        self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -102,6 +117,7 @@ class LoraLitModule(L.LightningModule):
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
             mark_moe_leaves(self.model, trainer)  # before deepspeed.initialize installs its fetch hooks
         self.loaded = loaded
+        self.base_id = base_fingerprint(self.model_args)  # recorded with every save, compared on every load
         same_dtype = not input_cast_needed(trainer, self.model_args.dtype)
         fast = apply_fast_path(loaded.model, loaded.decoder_layers, self.speed, same_dtype)
         if self.speed.packing:
@@ -154,26 +170,50 @@ class LoraLitModule(L.LightningModule):
         self._rng.enter()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
+        """Checks and logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
 
-        Under DeepSpeed, Lightning calls the optimizer step after every micro-batch and DeepSpeed's engine steps only
-        at the window's end, so this hook returns until the window has ended. DeepSpeed keeps the gradients in its
-        own (partitioned) buffers, so its norm is read from the engine after the step (`on_train_batch_end`).
+        A NaN/inf loss or gradient norm stops the run here, before the update, or drops this step's gradients when
+        `optim.skip_nonfinite_steps` allows (mgmlora.training.finite). Under DeepSpeed, Lightning calls the optimizer
+        step after every micro-batch and DeepSpeed's engine steps only at the window's end, so this hook returns until
+        the window has ended. DeepSpeed keeps the gradients in its own (partitioned) buffers, so its norm is read from
+        the engine after the step (`on_train_batch_end`), and only the loss is checked here.
         """
         if not self.window.ended:
             return
+        loss = self.window.close()
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = None
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        scaled = scales_loss(self.trainer)  # 16-mixed: the loss scaler skips overflowing gradients itself
+        checked = {"train/loss": loss, "train/grad_norm": None if scaled else norm}
+        step = self.trainer.global_step + 1
+        if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled):
+            drop_gradients(optimizer)
+            rank_zero_info(f"mgmlora: optimizer step {step} skipped (non-finite loss or "
+                           f"gradient norm; {self.finite.skipped} of optim.skip_nonfinite_steps="
+                           f"{self.finite.max_skipped} used)")
+            return
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self.log("train/loss", self.window.close(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+
+    def _check_finite(self, step: int, values: dict, can_skip: bool, applied: bool = False) -> bool:
+        trainer = self.trainer
+        newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        agree = (lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)) if trainer.world_size > 1 \
+            else None
+        return self.finite.check(step, values, agree, can_skip, newest, applied)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Under DeepSpeed, logs the engine's pre-clipping gradient norm of the step that just ran."""
+        """Under DeepSpeed, checks and logs the engine's pre-clipping gradient norm of the step that just ran."""
         if not steps_itself(self.trainer) or not self.window.ended:
             return  # not DeepSpeed, or mid-window
         norm = engine_grad_norm(self.trainer)
         if norm is not None:
+            # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
+            self._check_finite(self.trainer.global_step, {"train/grad_norm": norm}, can_skip=False, applied=True)
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -257,6 +297,10 @@ class LoraLitModule(L.LightningModule):
         """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
         checkpoint["state_dict"] = {}
         checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
+        checkpoint[BASE_KEY] = self.base_id
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            checkpoint[RESUME_KEY] = run_math(trainer, self._dropout())
         adapter, checkpoint["trainables"] = self.trained_on_host()
         if self.plan is not None:
             # the config as plain JSON types, so every checkpoint format (DeepSpeed's too) loads with weights_only
@@ -270,6 +314,8 @@ class LoraLitModule(L.LightningModule):
         """
         trainer = attached_trainer(self)
         self.configure_model()
+        check_base(checkpoint.get(BASE_KEY), self.base_id, "the checkpoint",
+                   self.model_args.model_path or self.model_args.preset)
         if trainer is not None and trainer.state.fn == "fit":  # evaluation restores no optimizer state
             check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable,
                          self.loaded.components)
@@ -281,6 +327,13 @@ class LoraLitModule(L.LightningModule):
         # Under ZeRO-3 the local parameters are empty partitions: gather them, let rank 0 write, re-partition.
         with gathered(self.model, trainer, modifier_rank=0):
             self._load_checkpoint_tensors(checkpoint)
+        if trainer is not None and trainer.state.fn == "fit":  # after the LoRA shape check: that one names more
+            check_resume_math(checkpoint.get(RESUME_KEY), run_math(trainer, self._dropout()),
+                              self.allow_resume_changes, rank_zero_info)
+
+    def _dropout(self) -> float | None:
+        """The LoRA dropout the adapter runs with (None without LoRA)."""
+        return self.model.peft_config["default"].lora_dropout if self.plan is not None else None
 
     def _load_checkpoint_tensors(self, checkpoint: dict) -> None:
         self._load_trainables(checkpoint.get("trainables") or {})
@@ -292,15 +345,15 @@ class LoraLitModule(L.LightningModule):
         if peft is None:
             raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
         saved, current = peft["config"], self.model.peft_config["default"]
-        saved = LoraConfig(**saved) if isinstance(saved, dict) else saved
+        saved = lora_config_from(saved, "the checkpoint's adapter_config")  # fields mgmlora does not implement
         diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
-                 for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "use_dora")
-                 if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
+                 for k in LORA_MATH if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
         if diffs:
             raise ValueError("the checkpoint's adapter does not match the configured LoRA: " + "; ".join(diffs))
-        result = set_peft_model_state_dict(self.model, peft["adapter"])
-        if result.unexpected_keys:
-            raise ValueError(f"adapter keys not found in the model: {result.unexpected_keys[:5]}")
+        # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
+        check_adapter_tensors("the checkpoint's adapter", get_peft_model_state_dict(self.model,
+                              save_embedding_layers=False), peft["adapter"])
+        set_peft_model_state_dict(self.model, peft["adapter"])
 
     def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = [k for k in self.non_lora_trainables() if k not in tensors]

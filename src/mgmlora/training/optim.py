@@ -27,6 +27,8 @@ class OptimArgs:
             refuses gradient clipping with a fused optimizer under mixed precision, assuming it unscales gradients
             itself; under bf16 there is no loss scaler, so LoraLitModule clips the gradients directly then. Not
             with `16-mixed` (its scaler would leave clipping on scaled gradients).
+        skip_nonfinite_steps: how many optimizer steps with a NaN/inf loss or gradient norm may be skipped (their
+            update dropped) before the next one stops the run; 0 stops at the first (mgmlora.training.finite).
     """
 
     lr: float = 2e-4
@@ -38,11 +40,14 @@ class OptimArgs:
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     fused: bool = False
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1 (got lr={self.lr}, "
                              f"warmup_ratio={self.warmup_ratio}, min_lr_ratio={self.min_lr_ratio})")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"optim.skip_nonfinite_steps must be >= 0 (got {self.skip_nonfinite_steps})")
 
 
 def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int) -> dict:

@@ -1,16 +1,19 @@
-"""Preemption: on SIGTERM/SIGINT a run stops at the next micro-batch, saves a checkpoint and the adapter, exits 143/130.
+"""Preemption: on SIGTERM, SIGINT or SIGHUP a run stops at the next micro-batch, saves a checkpoint and the adapter.
 
-The exit status is 128 + signal (143 for SIGTERM, 130 for SIGINT), so that a scheduler records the run as stopped,
-not done, and `fit --ckpt_path` continues from where it stopped.
+The exit status is 128 + signal (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP: a closed terminal or ssh
+session), so that a scheduler records the run as stopped, not done, and `fit --ckpt_path` continues from where it
+stopped.
 
 Built on Lightning's own SIGTERM handling (`trainer.received_sigterm`): when that flag is up, Lightning's training loop
 raises `SIGTERMException` after the micro-batch in flight and its exception path calls `Callback.on_exception`. By
-itself that exits 0 and saves nothing; SIGINT raises KeyboardInterrupt and exits 1, also saving nothing.
+itself that exits 0 and saves nothing; SIGINT raises KeyboardInterrupt and exits 1, also saving nothing, and SIGHUP
+kills the process.
 `PreemptionCheckpoint` (added to every `bin/main.py` run):
 
-- notes SIGTERM and SIGINT during training and raises that flag on all ranks after the same micro-batch (a second
-  SIGINT still interrupts at once). A signal during a validation pass takes effect at the first training micro-batch
-  after it: ranks may hold one validation batch more than another, so agreeing there could not be a collective;
+- notes SIGTERM, SIGINT and SIGHUP during training and raises that flag on all ranks after the same micro-batch (a
+  second SIGINT still interrupts at once). A signal during a validation pass takes effect at the first training
+  micro-batch after it: ranks may hold one validation batch more than another, so agreeing there could not be a
+  collective;
 - in `on_exception`, saves `<checkpoint dir>/interrupted-step=NNNNNN.ckpt` through `trainer.save_checkpoint` (the
   configured CheckpointIO, or DeepSpeed's own format), so `fit --ckpt_path` resumes it, and writes the adapter
   through the run's `AdapterExport`; then sets the exit code;
@@ -62,7 +65,7 @@ def _rewind(checkpoint: dict[str, Any], micro_batches: int) -> None:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Stops on SIGTERM/SIGINT at a micro-batch boundary with a resumable checkpoint and the adapter (module docstring).
+    """Stops on SIGTERM/SIGINT/SIGHUP at a micro-batch boundary with a resumable checkpoint and the adapter.
 
     Args:
         filename: checkpoint name (in the ModelCheckpoint's directory, else `<log_dir>/checkpoints`); `{step}` is the
@@ -77,7 +80,7 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}  # the handlers ours replaced, by signal
 
     # ---- signals into Lightning's stop flag, decided by all ranks together ----------------------------------------
-    # SIGINT is taken in on_fit_start (mgmlora's DataLoader workers ignore both:
+    # SIGINT and SIGHUP are taken in on_fit_start (mgmlora's DataLoader workers ignore all three:
     # `mgmlora.data.datamodule.ignore_stop_signals`). SIGTERM is taken in on_train_start, after Lightning installed
     # its own: that one runs a collective (`dist.broadcast`) inside the signal handler and each rank then stops on
     # its own flag, so a 2-rank DDP run stopped mid collective and crashed (gloo: "Connection closed by peer"). Here
@@ -87,6 +90,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.signum, self.saved, self._trainer = None, None, trainer
         self._take(signal.SIGINT)
+        if hasattr(signal, "SIGHUP"):  # POSIX only
+            self._take(signal.SIGHUP)
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._trainer = trainer

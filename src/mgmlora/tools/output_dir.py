@@ -1,0 +1,72 @@
+"""Output directories of the tools: never written into what a user already has, never left half-written.
+
+`export` and `merge` write a directory of files. Written straight into `--output`, a second export over a first mixed
+the two (a merge with fewer shards left the old shards and index beside the new ones, and loaders read the stale
+index), and a crash or a full disk left a directory that looked complete. So:
+
+- `check_output_dir`: an existing `--output` that is a file, or a non-empty directory, is refused before any work,
+  unless `--overwrite` is given;
+- `writing_dir`: the output is written into a fresh hidden sibling (`.<name>.tmp-xxxxxxxx`, the names
+  mgmlora.training.checkpoint's recovery knows) and renamed into place only when complete, replacing the previous
+  directory with one rename each (mgmlora.training.checkpoint.publish); on any failure the sibling is deleted and the
+  previous output is untouched. A full disk is reported with the path and the bytes the output needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mgmlora.errors import MgmloraError, UsageError
+from mgmlora.training.checkpoint import fresh_tmp, publish
+
+
+class DiskFullError(MgmloraError):
+    """The disk filled up while an output was written; nothing partial was left behind."""
+
+
+def check_output_dir(out: str | Path, overwrite: bool, flag: str = "--output") -> None:
+    """Refuses an `out` that exists as a file, or as a non-empty directory without `overwrite` (module docstring)."""
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{flag} {str(out)!r} is a dangling symlink; remove it or choose another {flag}.")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {str(out)!r} is a file, not a directory; choose another {flag}.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {str(out)!r} already holds files; choose an empty or new {flag}, or pass "
+                         "--overwrite to replace it (the new output is written beside it and swapped in when "
+                         "complete).")
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextmanager
+def writing_dir(out: str | Path) -> Iterator[Path]:
+    """Yields a fresh sibling of `out` to write into; on success it replaces `out`, on failure it is deleted."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish(tmp, out)
+    except OSError as error:
+        written = _size(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            free = shutil.disk_usage(out.parent).free
+            raise DiskFullError(f"{out}: disk full after {written} bytes written ({free} bytes free on that disk); "
+                                "nothing was left behind and any previous output is unchanged. Free space or choose "
+                                "another --output.") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["DiskFullError", "check_output_dir", "writing_dir"]

@@ -1,0 +1,83 @@
+"""Non-finite training: a NaN or inf loss or gradient norm stops the run at that optimizer step, before the update.
+
+A run that goes on after its loss turned NaN writes NaN into every later checkpoint and into the final adapter, and
+still ends with exit 0. `FiniteGuard` is asked once per optimizer step, after the window's backward and before the
+optimizer updates the weights (LoraLitModule.on_before_optimizer_step). By default the first non-finite quantity
+raises `NonFiniteError`: the update is not applied, no checkpoint or adapter is written after it (the last
+finite checkpoint stays the newest), and the command exits 1 with one line naming the step and the quantity.
+
+`optim.skip_nonfinite_steps: N` allows up to N such steps to be skipped instead (the gradients are dropped, so the
+weights and the optimizer's moments stay as they were; the learning-rate schedule still advances); the N+1-th stops
+the run as above. Skipping needs the gradients in PyTorch's hands, so DeepSpeed runs (whose engine owns them) always
+stop. Under `16-mixed` the loss scaler already skips steps whose gradients overflow, so only the loss is checked.
+All ranks agree on the decision (one boolean all-reduce per optimizer step), so no rank waits on a stopped one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mgmlora.errors import MgmloraError
+
+
+class NonFiniteError(MgmloraError):
+    """The loss or the gradient norm of an optimizer step is NaN or inf; the step's update was not applied."""
+
+
+class FiniteGuard:
+    """Counts skipped non-finite steps and decides, per optimizer step, between go on, skip and stop.
+
+    Args:
+        max_skipped: how many non-finite steps may be skipped in one fit before the next one stops it (0: none).
+    """
+
+    def __init__(self, max_skipped: int = 0) -> None:
+        if max_skipped < 0:
+            raise ValueError(f"optim.skip_nonfinite_steps must be >= 0 (got {max_skipped})")
+        self.max_skipped = max_skipped
+        self.skipped = 0
+
+    def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
+              can_skip: bool = True, newest: str | None = None, applied: bool = False) -> bool:
+        """Whether to skip this optimizer step; raises NonFiniteError when the run must stop.
+
+        Args:
+            step: the optimizer step about to run (1-based: `global_step + 1`).
+            values: the quantities to check, in the order they are named (e.g. loss, then grad norm); None is skipped.
+            agree: `f(local_bad) -> any rank bad` (the strategy's boolean all-reduce); None on a single process.
+            can_skip: False where the gradients cannot be dropped (DeepSpeed, or after the optimizer stepped).
+            newest: the newest checkpoint on disk, named in the message so the user knows where to resume from.
+            applied: the optimizer has already stepped (DeepSpeed's norm is known only then); no checkpoint follows.
+        """
+        first = next((f"{name} = {float(v)}" for name, v in values.items()
+                      if v is not None and not math.isfinite(float(v))), None)
+        bad = agree(first is not None) if agree is not None else first is not None
+        if not bad:
+            return False
+        if can_skip and self.skipped < self.max_skipped:
+            self.skipped += 1
+            return True
+        what = first or "a non-finite loss or gradient norm on another rank"
+        where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written by this run"
+        allowance = (f"{self.max_skipped} non-finite step(s) already skipped (optim.skip_nonfinite_steps); "
+                     if self.skipped else "")
+        raise NonFiniteError(
+            f"optimizer step {step}: {what}; stopped {'after' if applied else 'before'} applying it, "
+            f"{allowance}{where}; no adapter was written. "
+            "Lower optim.lr, set trainer.gradient_clip_val, check the data, or set optim.skip_nonfinite_steps N to "
+            "skip up to N such steps.")
+
+
+def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Removes every gradient the optimizer would use, so its step leaves those parameters and their state as they are.
+
+    PyTorch's optimizers skip parameters whose `.grad` is None (AdamW's moments and step count included).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+__all__ = ["FiniteGuard", "NonFiniteError", "drop_gradients"]

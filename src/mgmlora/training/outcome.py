@@ -1,0 +1,89 @@
+"""What a fit trained, said once at its end: a run that trained nothing fails, a finished one says what and where.
+
+`max_steps: 0`, a training split that filtering left empty, or a resume from a checkpoint that already reached
+`max_steps` all end Lightning's fit without a single optimizer step and with exit 0, and the final adapter export
+would then write the untrained (or resumed) adapter as if it were a result. `RunOutcome` (added to every
+`bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
+optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
+`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, and otherwise prints one final
+line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from mgmlora.errors import MgmloraError
+
+
+class NothingTrainedError(MgmloraError):
+    """A fit ended without one optimizer step; nothing it would write is a result."""
+
+
+def _reason(trainer: L.Trainer) -> str:
+    """Why a fit made no optimizer step, from what the trainer knows at its end."""
+    if trainer.max_steps == 0:
+        return "trainer.max_steps is 0"
+    if trainer.max_epochs == 0:
+        return "trainer.max_epochs is 0"
+    if trainer.limit_train_batches == 0:
+        return "trainer.limit_train_batches is 0"
+    if not trainer.num_training_batches:
+        return "the training split has no batches (empty after filtering, or every sample skipped)"
+    if trainer.global_step and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return (f"the resumed checkpoint is already at optimizer step {trainer.global_step} = trainer.max_steps; "
+                "raise trainer.max_steps to train further")
+    return "no training micro-batch completed an accumulation window"
+
+
+class RunOutcome(L.Callback):
+    """Fails a fit that made no optimizer step and ends a successful one with a summary line (module docstring)."""
+
+    def __init__(self) -> None:
+        self.steps = self.samples = self.tokens = 0
+        self._ok = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self.steps = self.samples = self.tokens = 0
+        self._ok = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self.samples += len(batch)
+        self.tokens += int(batch.supervised_tokens())
+        window = getattr(pl_module, "window", None)
+        if window is None or window.ended:  # the optimizer steps after a window's last micro-batch
+            self.steps += 1
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.steps == 0:
+            raise NothingTrainedError(f"the run trained nothing: {_reason(trainer)}; no adapter was written.")
+        self._ok = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:  # noqa: D102
+        if stage != "fit" or not self._ok:  # Lightning calls teardown after on_fit_end only when fit succeeded
+            return
+        self._ok = False
+        totals = torch.tensor([self.samples, self.tokens], dtype=torch.long, device=pl_module.device)
+        if trainer.world_size > 1:
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        samples, tokens = (int(v) for v in totals.tolist())
+        where = []
+        for callback in trainer.callbacks:
+            written = getattr(callback, "written", None)  # AdapterExport's directory, once written
+            if written is not None:
+                where.append(f"adapter {written}")
+        newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if newest:
+            where.append(f"newest checkpoint {Path(newest)}")
+        if trainer.log_dir is not None:
+            where.append(f"logs {trainer.log_dir}")
+        rank_zero_info(f"mgmlora: trained {self.steps} optimizer steps on {samples} samples ({tokens} supervised "
+                       f"tokens) to step {trainer.global_step}; " + ("; ".join(where) or "nothing was saved"))
+
+
+__all__ = ["NothingTrainedError", "RunOutcome"]

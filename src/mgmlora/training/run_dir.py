@@ -1,0 +1,63 @@
+"""A new fit never lands in a directory that already holds a run: it would replace that run's adapter and config.
+
+TensorBoard's and CSV's loggers pick a fresh `version_N` by themselves, but a config that names the version (or a
+ModelCheckpoint `dirpath`) sends a second fit into the first one's directory: LightningCLI rewrites its config.yaml,
+the final export replaces its adapter, and checkpoints of both runs mix. `check_new_run` (called by MgmCLI before
+fit) refuses that with one line naming the directory and what it holds. Continuing the run that lives there
+(`fit --ckpt_path` to a checkpoint inside it) is allowed: that is the same run going on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from mgmlora.errors import UsageError
+
+RUN_MARKERS = ("config.yaml", "adapter", "checkpoints", "hparams.yaml")  # what a finished or started fit leaves
+
+
+def _holds(folder: Path) -> list[str]:
+    """The run files in `folder` (a checkpoint directory: any entry at all)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name in RUN_MARKERS and (p.is_file() or any(p.iterdir())))
+
+
+def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Path | None],
+                  ckpt_path: str | Path | None) -> None:
+    """Refuses a fit whose log or checkpoint directory already holds another run (module docstring).
+
+    Args:
+        log_dir: the logger's run directory (`trainer.log_dir`), None without a logger.
+        checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s.
+        ckpt_path: the checkpoint the fit resumes from, if any ("last" and "best" count as continuing).
+    """
+    resumed = None
+    if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+        resumed = Path(ckpt_path).resolve()
+    elif ckpt_path is not None:
+        return  # Lightning looks "last" up in this run's own checkpoint directory: this run going on
+
+    def continuing(folder: Path) -> bool:
+        return resumed is not None and folder.resolve() in resumed.parents
+
+    if log_dir is not None:
+        folder = Path(log_dir)
+        held = _holds(folder)
+        if held and not continuing(folder):
+            raise UsageError(f"{folder} already holds a run ({', '.join(held)}); this fit would replace its adapter "
+                             "and config. Remove trainer.logger.init_args.version (a new version_N is picked), name "
+                             "another one, or resume that run with --ckpt_path <a checkpoint inside it>.")
+    for dirpath in checkpoint_dirs:
+        if dirpath is None:
+            continue
+        folder = Path(dirpath)
+        entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        if entries and not continuing(folder):
+            raise UsageError(f"checkpoint directory {folder} already holds {len(entries)} entries (e.g. "
+                             f"{entries[0]}); this fit's checkpoints would mix with them. Point the ModelCheckpoint "
+                             "dirpath elsewhere, or resume that run with --ckpt_path <a checkpoint inside it>.")
+
+
+__all__ = ["check_new_run"]

@@ -1,0 +1,132 @@
+"""A NaN/inf loss or gradient norm stops the run before its update; a bounded number may be skipped (finite.py)."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.errors import classify
+from mgmlora.training.callbacks import AdapterExport, check_finite_tensors
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.finite import FiniteGuard, NonFiniteError
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.module import LoraLitModule
+from mgmlora.training.optim import OptimArgs
+from tests.training.test_module import _module, _subset
+
+ACCUMULATE = 2
+
+
+class _PoisonGrad(L.Callback):
+    """Makes one gradient NaN after the backward of the window of the given optimizer steps (1-based)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step + 1 in self.steps:
+            p = next(p for p in pl_module.model.parameters() if p.requires_grad)
+            p.grad[0, 0] = float("nan")
+
+
+class _PoisonLoss(L.Callback):
+    """Makes the language model's logits inf during the window of the given optimizer step (1-based)."""
+
+    def __init__(self, step):
+        self.step, self.handle = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step and self.handle is None:
+            norm = pl_module.loaded.language_model().model.norm  # the hidden states every loss implementation reads
+            self.handle = norm.register_forward_hook(lambda module, args, out: out * float("inf"))
+
+
+def _fit(root, *callbacks, module=None, max_steps=4):
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = module or _module()
+    data = ChatDataModule(_subset(root, 16), batch_size=2, shuffle=False)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
+                        logger=L.pytorch.loggers.TensorBoardLogger(root, "run"), enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        plugins=[AdapterCheckpointIO()], callbacks=[
+                            *callbacks, ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
+                                                        every_n_train_steps=1, save_top_k=-1), AdapterExport()])
+    trainer.fit(module, data)
+    return module, trainer
+
+
+def _trained(module):
+    return {k: v.detach().clone() for k, v in module.model.named_parameters() if v.requires_grad}
+
+
+def _adapter_equal(saved, module):
+    live = {k.replace(".default", ""): v for k, v in _trained(module).items()}
+    live = {k.removeprefix("base_model.model."): v for k, v in live.items()}
+    return all(torch.equal(v, live[k.removeprefix("base_model.model.")]) for k, v in saved.items())
+
+
+def test_a_nan_gradient_stops_the_run_before_its_update_and_writes_no_adapter(tmp_path):
+    module = _module()
+    with pytest.raises(NonFiniteError) as stopped:
+        _fit(tmp_path, _PoisonGrad([3]), module=module)
+    message = str(stopped.value)
+    assert message.startswith("optimizer step 3: train/grad_norm = nan;") and "\n" not in message
+    assert "step=2.ckpt" in message  # where to resume from
+    assert classify(stopped.value) == ("user", 1)  # one line, exit 1
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=1.ckpt", "step=2.ckpt"]
+    assert not (tmp_path / "run" / "version_0" / "adapter").exists()
+    weights = _trained(module)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    at_step_2 = load_file(tmp_path / "ckpt" / "step=2.ckpt" / "adapter_model.safetensors")
+    assert at_step_2 and _adapter_equal(at_step_2, module)  # step 3's update was not applied
+
+
+def test_an_infinite_loss_is_named_as_the_loss(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"^optimizer step 2: train/loss = (nan|inf);"):
+        _fit(tmp_path, _PoisonLoss(2))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=1.ckpt"]
+
+
+def test_skip_nonfinite_steps_drops_that_many_updates_and_stops_at_the_next(tmp_path):
+    def module(skips):
+        return LoraLitModule(_module().model_args, LoraArgs(preset="balanced", init_lora_weights="gaussian",
+                                                            lora_dropout=0.0),
+                             OptimArgs(lr=1e-2, warmup_ratio=0.0, skip_nonfinite_steps=skips))
+
+    skipped, trainer = _fit(tmp_path / "one", _PoisonGrad([3]), module=module(1))
+    assert trainer.global_step == 4 and skipped.finite.skipped == 1
+    ckpt = tmp_path / "one" / "ckpt"
+    step2, step3, step4 = (load_file(ckpt / f"step={n}.ckpt" / "adapter_model.safetensors") for n in (2, 3, 4))
+    assert all(torch.equal(step2[k], step3[k]) for k in step2)  # step 3 changed nothing
+    assert any(not torch.equal(step3[k], step4[k]) for k in step3)  # step 4 trained again
+    assert (tmp_path / "one" / "run" / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+    with pytest.raises(NonFiniteError, match=r"^optimizer step 4: .*1 non-finite step\(s\) already skipped"):
+        _fit(tmp_path / "two", _PoisonGrad([2, 4]), module=module(1))
+
+
+def test_the_guard_decides_from_the_first_non_finite_value_and_the_agreement_of_all_ranks():
+    guard = FiniteGuard(max_skipped=1)
+    assert guard.check(5, {"loss": torch.tensor(2.0), "norm": None}) is False
+    assert guard.check(6, {"loss": 1.0, "norm": torch.tensor(math.inf)}) is True and guard.skipped == 1
+    with pytest.raises(NonFiniteError, match="^optimizer step 7: loss = nan;"):
+        guard.check(7, {"loss": math.nan, "norm": math.inf})
+    # another rank saw NaN: this rank's values are finite, it stops too instead of waiting in the next collective
+    with pytest.raises(NonFiniteError, match="on another rank"):
+        FiniteGuard().check(1, {"loss": 1.0}, agree=lambda bad: True)
+    with pytest.raises(NonFiniteError, match="stopped after applying it"):
+        FiniteGuard(max_skipped=5).check(1, {"norm": math.nan}, can_skip=False, applied=True)
+    with pytest.raises(ValueError, match="skip_nonfinite_steps"):
+        OptimArgs(skip_nonfinite_steps=-1)
+
+
+def test_the_final_export_refuses_nan_tensors(tmp_path):
+    with pytest.raises(NonFiniteError, match="tensor b holds NaN or inf"):
+        check_finite_tensors({"a": torch.zeros(2), "b": torch.tensor([0.0, math.nan])}, tmp_path / "adapter")
+    check_finite_tensors({"a": torch.zeros(2), "ids": torch.tensor([1, 2])}, tmp_path / "adapter")

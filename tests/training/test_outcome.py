@@ -1,0 +1,82 @@
+"""A fit that trains nothing fails with its reason; a finished one says what it trained and where (outcome.py)."""
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.errors import classify
+from mgmlora.training.callbacks import AdapterExport
+from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.outcome import NothingTrainedError, RunOutcome
+from tests.training.test_module import _module, _subset
+
+SAMPLES, BATCH, ACCUMULATE = 16, 2, 2
+
+
+def _fit(root, ckpt_path=None, **trainer):
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    module = _module()
+    data = ChatDataModule(_subset(root, SAMPLES), batch_size=BATCH, shuffle=False)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(**{"max_steps": SAMPLES // (BATCH * ACCUMULATE), **trainer}, accelerator="cpu",
+                        accumulate_grad_batches=ACCUMULATE, logger=L.pytorch.loggers.TensorBoardLogger(root, "run"),
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        limit_val_batches=0, plugins=[AdapterCheckpointIO()],
+                        callbacks=[RunOutcome(), ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
+                                                                 every_n_train_steps=2, save_top_k=-1),
+                                   AdapterExport()])
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, data
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_finished_run_says_steps_samples_tokens_and_where_it_went(tmp_path):
+    lines = _Lines()
+    logger = logging.getLogger("lightning.pytorch")  # where rank_zero_info writes (it does not propagate)
+    logger.addHandler(lines)
+    try:
+        trainer, data = _fit(tmp_path)
+    finally:
+        logger.removeHandler(lines)
+    tokens = sum(s.num_supervised for s in data.splits["train"])  # one epoch: every sample once
+    last = [line for line in lines.lines if line.startswith("mgmlora: trained")]
+    assert len(last) == 1 and lines.lines[-1] == last[0], lines.lines  # the final line
+    adapter = tmp_path / "run" / "version_0" / "adapter"
+    assert last[0].startswith(f"mgmlora: trained 4 optimizer steps on {SAMPLES} samples ({tokens} supervised tokens) "
+                              f"to step 4; adapter {adapter}; newest checkpoint {tmp_path / 'ckpt' / 'step=4.ckpt'}")
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({"max_steps": 0}, "trainer.max_steps is 0"),
+    ({"limit_train_batches": 0}, "trainer.limit_train_batches is 0"),
+])
+def test_a_run_that_trains_nothing_fails_with_its_reason_and_writes_no_adapter(tmp_path, settings, reason):
+    with pytest.raises(NothingTrainedError) as failed:
+        _fit(tmp_path, **settings)
+    assert str(failed.value).startswith(f"the run trained nothing: {reason}") and "\n" not in str(failed.value)
+    assert classify(failed.value) == ("user", 1)
+    assert not (tmp_path / "run" / "version_0" / "adapter").exists()
+
+
+def test_resuming_a_checkpoint_that_already_reached_max_steps_fails_and_keeps_the_first_adapter(tmp_path):
+    _fit(tmp_path / "first", max_steps=2)
+    first = tmp_path / "first" / "run" / "version_0" / "adapter" / "adapter_model.safetensors"
+    before = first.read_bytes()
+    with pytest.raises(NothingTrainedError, match="already at optimizer step 2 = trainer.max_steps"):
+        _fit(tmp_path / "again", ckpt_path=tmp_path / "first" / "ckpt" / "step=2.ckpt", max_steps=2)
+    assert not (tmp_path / "again" / "run" / "version_0" / "adapter").exists()
+    assert first.read_bytes() == before

@@ -118,8 +118,9 @@ def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> lis
                 ids[1], labels[1] = IMAGE_TOKEN_INDEX, IGNORE_INDEX
                 samples.append((ids, labels))
             batch = pad(samples)
-            batch.images = torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen)
-            batch.images_aux = torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)
+            batch.model_inputs = {
+                "images": torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen),
+                "images_aux": torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)}
         elif args.lengths == "fixed":
             batch = pad([text_sample(args.seq, vocab, gen) for _ in range(batch_size)])
         else:
@@ -132,7 +133,7 @@ def plain_loss(model, family: str, batch: Batch) -> torch.Tensor:
     """The plain transformers + PEFT step's loss."""
     if family == "mgm":
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                    images=batch.images, images_aux=batch.images_aux)  # full (B, T', V) logits, expanded sequence
+                    **batch.model_inputs)  # full (B, T', V) logits, expanded sequence
         logits, labels = out.logits[:, :-1], out.labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
@@ -252,8 +253,8 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
 
     def step(i: int) -> torch.Tensor:
         batch = batches[i % len(batches)].to(device, non_blocking=True)
-        if batch.images is not None and cuda:
-            batch.images, batch.images_aux = batch.images.bfloat16(), batch.images_aux.bfloat16()
+        if batch.model_inputs and cuda:
+            batch.model_inputs = {k: v.bfloat16() for k, v in batch.model_inputs.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = plain_loss(model, family, batch) if impl == "plain" else \
                 fast_loss(loaded, batch, impl, "packing" in flags, chunk)

@@ -142,16 +142,15 @@ def main(argv: list[str] | None = None):
         return summary
 
     if info.takes_images:
-        from mgmlora.data.images import blank, load_rgb, preprocess
+        from mgmlora.data.images import load_rgb
         from mgmlora.data.llava import generation_prompt
         from mgmlora.data.llava_datamodule import LlavaDataModule
 
         aspect = args.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
-        low, aux = (preprocess(load_rgb(args.image), info.image_size_aux, info.image_size, aspect) if args.image
-                    else blank(info.image_size_aux, info.image_size))
-        rows = [generation_prompt(tokenizer, args.prompt, has_image=args.image is not None)]
+        inputs = info.processor.image_inputs(load_rgb(args.image) if args.image else None, aspect)
+        rows = [generation_prompt(tokenizer, info.processor, args.prompt, has_image=args.image is not None)]
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        replies = generate_batch(target, tokenizer, rows, gen, low[None], aux[None])[0]
+        replies = generate_batch(target, tokenizer, rows, gen, inputs["images"][None], inputs["images_aux"][None])[0]
     else:
         if args.image:
             parser.error("--image needs an MGM model.")

@@ -22,6 +22,7 @@ from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
+from mgmlora.models.mgm_processor import MgmProcessor
 from mgmlora.models.registry import MGM_PRESETS
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def model_info(args: ModelArgs) -> ModelInfo:
 
     config = MGMConfig.from_dict(raw)
     clip = config.clip_config()
-    return ModelInfo("mgm", config.text["vocab_size"], (clip.image_size // clip.patch_size) ** 2, clip.image_size,
-                     config.image_size_aux, config.tokenizer_model_max_length)
+    image_tokens = (clip.image_size // clip.patch_size) ** 2
+    processor = MgmProcessor(image_tokens, config.tokenizer_model_max_length, clip.image_size, config.image_size_aux)
+    return ModelInfo("mgm", config.text["vocab_size"], image_tokens, clip.image_size, config.image_size_aux,
+                     config.tokenizer_model_max_length, processor)
 
 
 def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, quantize: bool = True) -> LoadedModel:

@@ -7,6 +7,8 @@
 - `attention`, `packing`, `experts`, `head`: the fast path's model-level pieces (packed attention, packed rows,
   mgmlora's grouped-GEMM experts, the LM head the fast losses call).
 - `registry`: model presets as data.
+- `processor`, `mgm_processor`: what the data side asks an image-text family (template, image transform, tensors);
+  MGM's.
 """
 
 from mgmlora.models.args import ModelArgs

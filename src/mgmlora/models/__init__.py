@@ -13,6 +13,7 @@
 
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.loaded import LoadedModel, ModelInfo
-from mgmlora.models.loading import build_on_meta, load_model, model_info, uses_moe
+from mgmlora.models.loading import Family, build_on_meta, load_model, model_info, register_family, uses_moe
 
-__all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "build_on_meta", "load_model", "model_info", "uses_moe"]
+__all__ = ["Family", "LoadedModel", "ModelArgs", "ModelInfo", "build_on_meta", "load_model", "model_info",
+           "register_family", "uses_moe"]

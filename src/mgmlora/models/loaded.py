@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from mgmlora.models.packing import pack_padded
 from mgmlora.models.processor import Processor
 from mgmlora.models.quantization import QuantizationArgs, quantize_layers
 
-Family = Literal["causal_lm", "mgm"]
+Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
 
 

@@ -10,27 +10,11 @@ import pytest
 import yaml
 
 from mgmlora.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_args, launch_files
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
 README = ROOT / "configs" / "README.md"
-
-
-LAUNCH = re.compile(r"^#\s+python bin/main\.py fit((?: --config configs/\S+\.yaml)+)(?: \\| --|$)", re.M)
-
-
-def launch_files(path: Path) -> list[Path]:
-    """The config files of the first `python bin/main.py fit` command in `path`'s header, in order (overrides that
-    follow them, such as a model path, are the user's)."""
-    header = re.match(r"(?:#.*\n)*", path.read_text())[0]
-    match = LAUNCH.search(header)
-    assert match, f"{path.name}: no `python bin/main.py fit --config configs/...` line in the header"
-    return [ROOT / f for f in match[1].split()[1::2]]
-
-
-def launch_args(path: Path) -> list[str]:
-    return [arg for f in launch_files(path) for arg in ("--config", str(f.relative_to(ROOT)))]
 
 
 def _merge(base: dict, overlay: dict) -> dict:

@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None):
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
                 "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
             dm.connect(tokenizer, info)
-            dm._train_val()
-            history = dm.dialogues["train"]
+            history = dm.training_dialogues()
         summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,
                                       data["max_history"], checkpoint=args.checkpoint)
         print(json.dumps(summary, indent=2))

@@ -121,8 +121,9 @@ def make_batches(args, info, vocab: int, batch_size: int, n_batches: int) -> lis
                 ids[1], labels[1] = IMAGE_TOKEN_INDEX, IGNORE_INDEX
                 samples.append((ids, labels))
             batch = pad(samples)
-            batch.images = torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen)
-            batch.images_aux = torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)
+            batch.model_inputs = {
+                "images": torch.randn(batch_size, 3, info.image_size, info.image_size, generator=gen),
+                "images_aux": torch.randn(batch_size, 3, info.image_size_aux, info.image_size_aux, generator=gen)}
         elif args.lengths == "fixed":
             batch = pad([text_sample(args.seq, vocab, gen) for _ in range(batch_size)])
         else:
@@ -135,7 +136,7 @@ def plain_loss(model, family: str, batch: Batch) -> torch.Tensor:
     """The plain transformers + PEFT step's loss."""
     if family == "mgm":
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                    images=batch.images, images_aux=batch.images_aux)  # full (B, T', V) logits, expanded sequence
+                    **batch.model_inputs)  # full (B, T', V) logits, expanded sequence
         logits, labels = out.logits[:, :-1], out.labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
@@ -156,15 +157,15 @@ def positions(batch: dict[str, torch.Tensor], info) -> int:
 
 def image_flops(model, loaded, batches, device) -> float:
     """FLOPs of encoding one image: the frozen towers' forward and the trainable projectors' forward and backward."""
-    images = next((b for b in batches if b.images is not None), None)
-    if images is None or not hasattr(loaded.model, "encode_images"):
+    with_images = next((b for b in batches if b.model_inputs), None)
+    if with_images is None or not hasattr(loaded.model, "encode_images"):
         return 0.0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    one, aux = images.images[:1].to(device, dtype), images.images_aux[:1].to(device, dtype)
+    one = {k: v[:1].to(device, dtype) for k, v in with_images.model_inputs.items()}  # MGM: images, images_aux
 
     def encode():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loaded.model.encode_images(one, aux).float().sum().backward()
+            loaded.model.encode_images(**one).float().sum().backward()
 
     flops = measure_forward_flops(encode)
     for p in model.parameters():
@@ -178,7 +179,7 @@ def step_flops(flop_model: FlopModel, batches, info, recompute: bool) -> tuple[f
     for b in batches:
         lengths = [int(n) for n in b.attention_mask.sum(-1)]
         n_images = 0
-        if b.images is not None:
+        if b.model_inputs:
             n_images = int(b.image_count())
             per_row = (b.input_ids == IMAGE_TOKEN_INDEX).sum(-1).tolist()
             lengths = [n + k * (info.image_tokens - 1) for n, k in zip(lengths, per_row)]
@@ -266,8 +267,8 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
 
     def step(i: int) -> torch.Tensor:
         batch = batches[i % len(batches)].to(device, non_blocking=True)
-        if batch.images is not None and cuda:
-            batch.images, batch.images_aux = batch.images.bfloat16(), batch.images_aux.bfloat16()
+        if batch.model_inputs and cuda:
+            batch.model_inputs = {k: v.bfloat16() for k, v in batch.model_inputs.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = plain_loss(model, family, batch) if impl == "plain" else \
                 fast_loss(loaded, batch, impl, "packing" in flags, chunk)

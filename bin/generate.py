@@ -134,24 +134,22 @@ def main(argv: list[str] | None = None):
             dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
                 "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
             dm.connect(tokenizer, info)
-            dm._train_val()
-            history = dm.dialogues["train"]
+            history = dm.training_dialogues()
         summary = predict_leaderboard(model, tokenizer, encoder, args.chameleons, args.output, gen, args.n, history,
                                       data["max_history"], checkpoint=args.checkpoint)
         print(json.dumps(summary, indent=2))
         return summary
 
     if info.takes_images:
-        from mgmlora.data.images import blank, load_rgb, preprocess
+        from mgmlora.data.images import load_rgb
         from mgmlora.data.llava import generation_prompt
         from mgmlora.data.llava_datamodule import LlavaDataModule
 
         aspect = args.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
-        low, aux = (preprocess(load_rgb(args.image), info.image_size_aux, info.image_size, aspect) if args.image
-                    else blank(info.image_size_aux, info.image_size))
-        rows = [generation_prompt(tokenizer, args.prompt, has_image=args.image is not None)]
+        inputs = info.processor.image_inputs(load_rgb(args.image) if args.image else None, aspect)
+        rows = [generation_prompt(tokenizer, info.processor, args.prompt, has_image=args.image is not None)]
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        replies = generate_batch(target, tokenizer, rows, gen, low[None], aux[None])[0]
+        replies = generate_batch(target, tokenizer, rows, gen, inputs["images"][None], inputs["images_aux"][None])[0]
     else:
         if args.image:
             parser.error("--image needs an MGM model.")

@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A config header's launch command: its --config files in order (a variant overlay comes after its base).
+LAUNCH = re.compile(r"^#\s+python bin/main\.py fit((?: --config configs/\S+\.yaml)+)(?: \\| --|$)", re.M)
+
+
+def launch_files(path: Path) -> list[Path]:
+    """The config files of the first `python bin/main.py fit` command in `path`'s header, in order (overrides that
+    follow them, such as a model path, are the user's)."""
+    header = re.match(r"(?:#.*\n)*", path.read_text())[0]
+    match = LAUNCH.search(header)
+    assert match, f"{path.name}: no `python bin/main.py fit --config configs/...` line in the header"
+    return [ROOT / f for f in match[1].split()[1::2]]
+
+
+def launch_args(path: Path) -> list[str]:
+    return [arg for f in launch_files(path) for arg in ("--config", str(f.relative_to(ROOT)))]
+
 
 
 @pytest.fixture
@@ -66,12 +85,18 @@ def connect_data(datamodule, module=None, preset="tiny-qwen3"):
 
 
 def forward_hidden(model, family, batch, packed, pad_to=0):
-    """`LoadedModel.forward_hidden` of a bare model (tests build models directly) on a dict or `Batch`."""
+    """`LoadedModel.forward_hidden` of a bare model (tests build models directly) on a dict or `Batch`.
+
+    A dict's keys other than input_ids, attention_mask and labels are the family's model inputs (MGM's images).
+    """
     from mgmlora.batch import Batch
     from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, ModelInfo
 
     cls = LoadedMgm if family == "mgm" else LoadedCausalLM
-    batch = Batch(**batch) if isinstance(batch, dict) else batch
+    if isinstance(batch, dict):
+        text = ("input_ids", "attention_mask", "labels")
+        batch = Batch(**{k: batch[k] for k in text},
+                      model_inputs={k: v for k, v in batch.items() if k not in text})
     return cls(model, ModelInfo(family, 0), "", False).forward_hidden(batch, packed, pad_to)
 
 

@@ -11,7 +11,8 @@ def _batch():
     ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8], [5, 6, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     labels = torch.tensor([[X, X, 7, 8], [X, 6, X, X]])
-    return Batch(ids, mask, labels, torch.tensor(9), window_end=True, images=torch.zeros(2, 3, 4, 4))
+    return Batch(ids, mask, labels, torch.tensor(9), window_end=True,
+                 model_inputs={"pixels": torch.zeros(2, 3, 4, 4)})
 
 
 def test_supervised_tokens_and_images_are_counted_after_the_causal_shift():
@@ -26,8 +27,10 @@ def test_to_and_pin_memory_return_a_batch_with_every_field():
     batch = _batch()
     moved = batch.to("cpu")
     assert moved is not batch and isinstance(moved, Batch)
-    for name in ("input_ids", "attention_mask", "labels", "window_tokens", "images"):
+    for name in ("input_ids", "attention_mask", "labels", "window_tokens"):
         assert torch.equal(getattr(moved, name), getattr(batch, name))
-    assert moved.window_end is True and moved.images_aux is None
+    assert moved.model_inputs.keys() == batch.model_inputs.keys() == {"pixels"}
+    assert torch.equal(moved.model_inputs["pixels"], batch.model_inputs["pixels"])
+    assert moved.model_inputs is not batch.model_inputs and moved.window_end is True
     if torch.cuda.is_available():  # pinning needs an accelerator runtime
         assert batch.pin_memory().input_ids.is_pinned()

@@ -1,5 +1,8 @@
-"""Every YAML in configs/ parses against the CLI, and typos are rejected at parse time."""
+"""Every YAML in configs/ parses against the CLI as its header launches it, typos are rejected at parse time, and a
+variant differs from its base recipe in the keys that name it and nothing else."""
 
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -7,11 +10,25 @@ import pytest
 import yaml
 
 from mgmlora.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_args, launch_files
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FRAGMENTS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
 README = ROOT / "configs" / "README.md"
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base` as jsonargparse composes two --config files: mappings merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def written(path: Path) -> dict:
+    """What the launch command's files write, composed (the YAML text, before the CLI fills defaults)."""
+    return functools.reduce(_merge, (yaml.safe_load(f.read_text()) for f in launch_files(path)), {})
 
 
 def _parse(capsys, *args):
@@ -30,7 +47,7 @@ def _documented_lora(name: str) -> str:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_parses_to_the_lora_its_readme_row_documents(path, capsys, in_repo_root):
-    code, out, err = _parse(capsys, "--config", str(path))
+    code, out, err = _parse(capsys, *launch_args(path))
     assert code == 0, err
     resolved = yaml.safe_load(out)
     from mgmlora.training.lora import LoraArgs
@@ -49,9 +66,9 @@ def test_config_parses_to_the_lora_its_readme_row_documents(path, capsys, in_rep
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_writes_every_key_and_a_launch_header(path):
-    text = path.read_text()
-    assert "python bin/main.py fit --config configs/" in text.split("seed_everything")[0]
-    raw = yaml.safe_load(text)
+    assert launch_files(path)[-1] == path, "the header's launch command ends with the config itself"
+    raw = written(path)
+    assert "seed_everything" in raw
     sections = {"model": ["model", "lora", "optim", "trainable", "speed"], "data": ["class_path", "init_args"]}
     for section, keys in sections.items():
         assert set(keys) <= set(raw[section])
@@ -134,9 +151,107 @@ def test_config_writes_every_generation_eval_setting(path):
 
     from mgmlora.training.generation_eval import GenerationEval
 
-    callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    callbacks = written(path)["trainer"]["callbacks"]
     [gen] = [c for c in callbacks if c["class_path"] == "mgmlora.training.generation_eval.GenerationEval"]
     assert set(gen["init_args"]) == set(inspect.signature(GenerationEval).parameters), path.name
     monitored = {c["init_args"].get("monitor") for c in callbacks if "monitor" in c.get("init_args", {})}
     if any(m and m.startswith("val_gen/") for m in monitored):
         assert gen["init_args"]["enabled"] and gen["init_args"]["every_n_val"] == 1, path.name
+
+
+# ---- recipes that cannot drift -------------------------------------------------------------------------------------
+# Each variant and the base recipe it is compared with, with the difference it declares: dotted key -> value in the
+# variant's effective config. Written here from the variants' headers and configs/README.md, not read from the YAML.
+# A variant that is an overlay is launched as `--config <base> --config <variant>`; a standalone one (a recipe other
+# commands name alone) writes every key and is held to the same difference.
+QLORA = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "backend": "auto"}
+LOGGER = "trainer.logger.init_args.name"
+VARIANTS = {
+    "mgm2b_lora_r8.yaml": ("mgm2b_lora.yaml", {"model.lora.preset": "conservative", LOGGER: "mgm2b_lora_r8"}),
+    "mgm2b_lora_r32.yaml": ("mgm2b_lora.yaml", {"model.lora.preset": "aggressive", LOGGER: "mgm2b_lora_r32"}),
+    "mgm2b_lora_packed.yaml": ("mgm2b_lora.yaml", {
+        "data.init_args.batch_size": 2, "data.init_args.eval_batch_size": 2, "trainer.accumulate_grad_batches": 64,
+        "model.speed.loss": "liger", LOGGER: "mgm2b_lora_packed"}),
+    "mgm2b_qlora.yaml": ("mgm2b_lora.yaml", {
+        "model.model.quantization": QLORA, "model.model.gradient_checkpointing": True, "model.speed.compile": False,
+        "model.speed.loss": "liger", LOGGER: "mgm2b_qlora"}),
+    "qwen3-30b-a3b_qlora_chameleons.yaml": ("qwen3-30b-a3b_lora_chameleons.yaml", {
+        "model.model.quantization": QLORA, "trainer.devices": 1, "trainer.strategy": "auto",
+        "trainer.accumulate_grad_batches": 8, LOGGER: "qwen3-30b-a3b_qlora_chameleons"}),
+    "demo_moe.yaml": ("demo_chameleons.yaml", {
+        "model.model.preset": "tiny-qwen3-moe", "model.lora.preset": "chameleons", "model.lora.target_experts": True,
+        LOGGER: "demo_moe"}),
+}
+
+
+@functools.cache
+def _effective(name: str) -> dict:
+    """`name`'s effective config: what `fit --print_config` prints for the launch command in its header."""
+    import contextlib
+    import io
+
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            main(["fit", *launch_args(ROOT / "configs" / name), "--print_config"])
+    finally:
+        os.chdir(cwd)
+    assert exit_info.value.code == 0, name
+    return yaml.safe_load(out.getvalue())
+
+
+def _flat(tree, prefix=""):
+    """{dotted key: leaf value}; lists are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _at(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _declared(key: str, declared: dict) -> bool:
+    return any(key == path or key.startswith(path + ".") for path in declared)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_variant_differs_from_its_base_in_the_declared_keys_and_nothing_else(name):
+    base_name, declared = VARIANTS[name]
+    variant, base = _effective(name), _effective(base_name)
+    flat_variant, flat_base = _flat(variant), _flat(base)
+    differing = sorted(k for k in flat_variant.keys() | flat_base.keys() if flat_variant.get(k, KeyError) !=
+                       flat_base.get(k, KeyError))
+    print(f"{name} against {base_name}:", *(f"  {k}: {flat_base.get(k)!r} -> {flat_variant.get(k)!r}"
+                                             for k in differing), sep="\n")
+    assert [k for k in differing if not _declared(k, declared)] == [], "undeclared differences"
+    assert {path: _at(variant, path) for path in declared} == declared
+
+
+OVERLAYS = sorted(name for name in VARIANTS if len(launch_files(ROOT / "configs" / name)) > 1)
+
+
+def test_the_variants_named_in_the_issue_are_overlays():
+    assert {"mgm2b_lora_r8.yaml", "mgm2b_lora_r32.yaml", "mgm2b_lora_packed.yaml"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_an_overlay_writes_only_its_declared_keys(name):
+    path = ROOT / "configs" / name
+    base_name, declared = VARIANTS[name]
+    assert launch_files(path) == [ROOT / "configs" / base_name, path]
+    flat_base, written_keys = _flat(_effective(base_name)), _flat(yaml.safe_load(path.read_text()))
+    # A key equal to the base's (a class_path that addresses init_args) changes nothing; any other must be declared.
+    extra = [k for k, v in written_keys.items() if flat_base.get(k) != v and not _declared(k, declared)]
+    assert extra == []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_a_config_launched_with_a_base_is_a_declared_variant(path):
+    files = launch_files(path)
+    if len(files) > 1:
+        assert path.name in VARIANTS and files[0].name == VARIANTS[path.name][0]
+        assert "seed_everything" not in yaml.safe_load(path.read_text()), "an overlay writes only its difference"

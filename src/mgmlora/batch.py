@@ -6,7 +6,7 @@ from the data to the step, so this file is the whole interface (docs/design/arch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -26,8 +26,8 @@ class Batch:
             accumulation window on all ranks, counted by the WindowBatchSampler before the window's first backward.
             None when the loader has no window sampler (validation, plain loaders): see mgmlora.training.window.
         window_end: whether the optimizer steps after this micro-batch (the sampler decides; None without one).
-        images: (B, 3, S, S) CLIP inputs (MGM), or None.
-        images_aux: (B, 3, Sa, Sa) ConvNeXt inputs (MGM), or None.
+        model_inputs: the model family's own inputs by the name its forward takes them, each (B, ...), e.g. an
+            image-text family's image tensors (`Processor.image_inputs`, mgmlora.models.processor); empty for text.
     """
 
     input_ids: torch.Tensor
@@ -35,8 +35,7 @@ class Batch:
     labels: torch.Tensor
     window_tokens: torch.Tensor | None = None
     window_end: bool | None = None
-    images: torch.Tensor | None = None
-    images_aux: torch.Tensor | None = None
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def supervised_tokens(self) -> torch.Tensor:
         """() long on the batch's device: positions with a target after the causal shift (no host sync)."""
@@ -51,12 +50,14 @@ class Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                  for k, v in moved.items()}
+        moved["model_inputs"] = {k: v.to(device, non_blocking=non_blocking) for k, v in self.model_inputs.items()}
         return replace(self, **moved)
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (DataLoader(pin_memory=True) calls this on custom batch types)."""
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+                                if isinstance(getattr(self, f.name), torch.Tensor)},
+                       model_inputs={k: v.pin_memory() for k, v in self.model_inputs.items()})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

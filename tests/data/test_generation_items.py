@@ -45,8 +45,8 @@ def test_llava_items_ask_the_first_question_with_its_image():
     assert len(items) == len(dm.splits["val"]) and all(i.image.startswith(str(llava)) for i in items)
     for item, sample in zip(items, dm.splits["val"]):
         assert item.prompt_ids == _prompt_of(sample) and IMAGE_TOKEN_INDEX in item.prompt_ids
-    low, aux = dm.item_pixels(items[0])
-    assert low.shape[-1] == dm.geometry["size"] and aux.shape[-1] == dm.geometry["size_aux"]
+    inputs = dm.item_inputs(items[0])
+    assert inputs["images"].shape[-1] == dm.processor.size and inputs["images_aux"].shape[-1] == dm.processor.size_aux
 
 
 def test_seeded_subset_is_fixed_sorted_and_whole_when_asked():

@@ -6,10 +6,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mgmlora.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOUR, load_rgb, preprocess
+from mgmlora.data.images import load_rgb
 from mgmlora.data.llava import LlavaFormatError, fit_after_expansion, read_llava_json, render, tokenize_record
 from mgmlora.data.llava_datamodule import LlavaDataModule
+from mgmlora.models.mgm_processor import CLIP_MEAN, CLIP_STD, PAD_COLOUR, MgmProcessor, preprocess
 from tests.conftest import ASSETS, connect_data
+
+MGM = MgmProcessor(image_tokens=36, max_length=512, size=48, size_aux=96)  # tiny-mgm's geometry
 
 LLAVA = ASSETS / "llava"
 
@@ -30,11 +33,11 @@ def test_gemma_template_labels_answers_end_of_turn_and_eos(gemma_tok):
         {"from": "gpt", "value": "dropped"},  # a leading gpt turn is dropped, as the original
         {"from": "human", "value": "Question one?\n<image>"}, {"from": "gpt", "value": "Answer one."},
         {"from": "human", "value": "Two?"}, {"from": "gpt", "value": "Answer two."}]}
-    text, _ = render(record)
+    text, _ = render(MGM, record)
     assert text == ("<bos><start_of_turn>user\n<image>\nQuestion one?<end_of_turn>\n<start_of_turn>model\nAnswer one."
                     "<end_of_turn>\n<eos><start_of_turn>user\nTwo?<end_of_turn>\n<start_of_turn>model\nAnswer two."
                     "<end_of_turn>\n<eos>")
-    sample = tokenize_record(gemma_tok, record)
+    sample = tokenize_record(gemma_tok, MGM, record)
     assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == 1 and sample.input_ids[0] == gemma_tok.bos_token_id
     assert _supervised(gemma_tok, sample) == "Answer one.<end_of_turn>\n<eos>Answer two.<end_of_turn>\n<eos>"
     assert sample.labels[sample.input_ids.index(IMAGE_TOKEN_INDEX)] == IGNORE_INDEX
@@ -42,13 +45,13 @@ def test_gemma_template_labels_answers_end_of_turn_and_eos(gemma_tok):
 
 def test_text_only_records_have_no_image_token(gemma_tok):
     record = {"id": "t", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
-    sample = tokenize_record(gemma_tok, record)
+    sample = tokenize_record(gemma_tok, MGM, record)
     assert IMAGE_TOKEN_INDEX not in sample.input_ids and _supervised(gemma_tok, sample) == "Hello.<end_of_turn>\n<eos>"
 
 
 def test_truncation_happens_after_expansion_and_never_leaves_zero_supervision(gemma_tok):
     records = read_llava_json(LLAVA / "llava_demo.json")
-    sample = tokenize_record(gemma_tok, records[1])  # multi-turn, one image
+    sample = tokenize_record(gemma_tok, MGM, records[1])  # multi-turn, one image
     n = len(sample.input_ids)
     fitted = fit_after_expansion(sample, image_tokens=36, max_length=n + 35)
     assert len(fitted.input_ids) == n  # expanded length n - 1 + 36 fits exactly
@@ -110,10 +113,11 @@ def test_datamodule_mixes_text_only_and_image_samples_in_batches():
     dm = _datamodule()
     assert dm.stats["train:samples"] == 30
     batch = next(iter(dm._eval_loader("train")))
-    assert batch.images.shape == (1, 3, 48, 48) and batch.images_aux.shape == (1, 3, 96, 96)
+    assert {k: tuple(v.shape) for k, v in batch.model_inputs.items()} == {"images": (1, 3, 48, 48),
+                                                                          "images_aux": (1, 3, 96, 96)}
     text_only = [i for i, s in enumerate(dm.splits["train"]) if not s.meta.get("image")][0]
-    _, _, (low, aux) = dm._dataset(dm.splits["train"])[text_only]
-    assert not low.any() and not aux.any()  # zero images for text-only samples, as MGM
+    _, _, inputs = dm._dataset(dm.splits["train"])[text_only]
+    assert not inputs["images"].any() and not inputs["images_aux"].any()  # zero images for text-only, as MGM
 
 
 def test_missing_image_is_an_error_naming_the_record_or_a_counted_skip(tmp_path):

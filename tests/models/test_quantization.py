@@ -161,7 +161,7 @@ def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector(
     model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
     model.train()
     ids, mask, labels, images, aux = _mgm_batch()
-    batch = Batch(input_ids=ids, attention_mask=mask, labels=labels, images=images, images_aux=aux)
+    batch = Batch(input_ids=ids, attention_mask=mask, labels=labels, model_inputs={"images": images, "images_aux": aux})
     hidden, _, head = loaded.forward_hidden(batch, packed=False)
     head(hidden).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}

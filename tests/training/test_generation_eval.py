@@ -57,10 +57,11 @@ def test_mgm_validation_writes_scores_a_sample_table_and_images_that_match_direc
     preds = []
     for b in range(0, 3, 2):
         batch = items[b:b + 2]
-        pixels = [data.item_pixels(item) for item in batch]
+        inputs = [data.item_inputs(item) for item in batch]
         replies = generate_batch(module.loaded.model, module.tokenizer, [i.prompt_ids for i in batch],
                                  GenerationArgs(**{**gen.__dict__, "seed": 1 + b}),
-                                 torch.stack([p[0] for p in pixels]), torch.stack([p[1] for p in pixels]))
+                                 torch.stack([p["images"] for p in inputs]),
+                                 torch.stack([p["images_aux"] for p in inputs]))
         preds += [r[0].strip() for r in replies]
     expected = GenerationMetrics("vqa")
     expected.update(preds, [item.reference for item in items])

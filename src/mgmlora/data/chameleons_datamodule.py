@@ -225,6 +225,11 @@ class ChameleonsDataModule(TokenizedDataModule):
                     self.stats.get(f"{split}:skipped_too_long", 0),
                 f"samples held out for validation (val_ratio={hp.val_ratio})": len(self.dialogues.get("val", []))}
 
+    def training_dialogues(self) -> list[DialogueSample]:
+        """The training split's dialogues (read and split on first use): the history a leaderboard prompt draws on."""
+        self._train_val()
+        return self.dialogues["train"]
+
     def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
         """Every dialogue of `split` with its training prompt (`PersonaEncoder.generation_prompt`) and its target."""
         hp = self.hparams

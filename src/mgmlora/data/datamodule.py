@@ -15,6 +15,7 @@ import signal
 import threading
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -287,9 +288,9 @@ class TokenizedDataModule(L.LightningDataModule):
         """The part of a generated reply that is scored (sources whose answers are wrapped in tags override it)."""
         return reply.strip()
 
-    def item_pixels(self, item: GenerationItem):
-        """(CLIP image (3, S, S), aux image (3, S_aux, S_aux)) for an item, or None for sources without images."""
-        return None
+    def item_inputs(self, item: GenerationItem) -> dict[str, torch.Tensor]:
+        """The family's model inputs for an item beyond its prompt ids (image tensors); none for text sources."""
+        return {}
 
     def _position(self) -> dict[str, int]:
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current

@@ -1,4 +1,4 @@
-"""MGM image loading and preprocessing with Pillow and torch (transformers' CLIPImageProcessor needs torchvision).
+"""Image loading for any image-text family: every common mode to 8-bit RGB, and the set-up check of every file.
 
 Loading (`load_rgb`) decodes the whole file and brings every common mode to 8-bit RGB with a defined rule, so that
 what the towers see does not depend on how a file happened to be saved:
@@ -14,11 +14,8 @@ what the towers see does not depend on how a file happened to be saved:
 Image size is bounded by Pillow's own decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`), which the LLaVA data
 module sets from `data.init_args.max_image_pixels`.
 
-Preprocessing as MGM's processor, re-targeted to the aux size (docs/design/mgm.md): optionally pad to a
-square with the CLIP mean colour (`pad`, stage 2 and eval) or resize the shortest edge and centre-crop (`square`,
-stage 1), then a bicubic resize to the aux size, scale to [0, 1] and CLIP normalisation -> the aux image
-(3, 768, 768). The low-res CLIP input is a bilinear downsample of that *normalised* tensor (not a fresh resize)
--> (3, 336, 336).
+What an image becomes for a model (sizes, normalisation, the tensors its forward takes) is the model family's:
+`Processor.image_inputs` (mgmlora.models.processor; MGM's in mgmlora.models.mgm_processor).
 """
 
 from __future__ import annotations
@@ -27,17 +24,10 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
 ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become
-AspectRatio = Literal["pad", "square"]
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -110,37 +100,3 @@ def find_bad_images(paths: list[Path], workers: int | None = None) -> dict[Path,
         with ThreadPoolExecutor(max_workers=workers) as pool:
             problems = dict(zip(paths, pool.map(image_problem, paths)))
     return {path: problem for path, problem in problems.items() if problem}
-
-
-def _pad_to_square(img: Image.Image) -> Image.Image:
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), PAD_COLOUR)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-def _center_crop_square(img: Image.Image) -> Image.Image:
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return img.crop((left, top, left + side, top + side))
-
-
-def preprocess(img: Image.Image, size_aux: int, size: int, aspect: AspectRatio = "pad"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An RGB image -> (low-res (3, size, size), aux (3, size_aux, size_aux)), CLIP-normalised float32."""
-    img = _pad_to_square(img) if aspect == "pad" else _center_crop_square(img)
-    img = img.resize((size_aux, size_aux), Image.Resampling.BICUBIC)
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size_aux, size_aux, 3)
-    aux = pixels.permute(2, 0, 1).float() / 255.0  # (3, S_aux, S_aux)
-    aux = (aux - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    low = F.interpolate(aux[None], size=(size, size), mode="bilinear", align_corners=False)[0]  # (3, S, S)
-    return low, aux
-
-
-def blank(size_aux: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zero images MGM gives text-only samples (their image tokens are never spliced in)."""
-    return torch.zeros(3, size, size), torch.zeros(3, size_aux, size_aux)

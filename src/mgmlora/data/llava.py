@@ -1,17 +1,15 @@
-r"""LLaVA-style image-text JSON and MGM's Gemma conversation template.
+r"""LLaVA-style image-text JSON: reading, checking and tokenising records for any image-text family.
 
 Records: `{"id": str, "image": "relative/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value":
 str}, ...]}`; roles alternate human/gpt (a leading gpt turn is dropped, as the original). A record with an `image`
-has at most one `<image>` tag, in a human turn; it is moved to the front of the first human turn (`"<image>\n" +
-rest`), and put there when the record has none. A record without `image` has no tag (a text-only sample).
+has at most one `<image>` tag, in a human turn; the tag is removed from the question and the family's template puts
+the image where the family wants it (MGM: in front of the first question). A record without `image` has no tag (a
+text-only sample).
 
-Template (MGM `conv_gemma`, both stages of MGM-2B; docs/design/mgm.md):
-
-    <bos><start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n<eos>
-
-Supervised per round: the answer, `<end_of_turn>`, `\n` and `<eos>`; `<bos>` and the user turn are masked. The text
-is split at `<image>` and each chunk tokenised on its own with one IMAGE_TOKEN_INDEX between chunks, as the original
-`tokenizer_image_token`; labels come from character spans, so chunk boundaries cannot shift them.
+The rounds are rendered by the model family's processor (`Processor.render`, mgmlora.models.processor; MGM's Gemma
+template in mgmlora.models.mgm_processor), which places the image and names the supervised character spans. The text
+is split at the image placeholder and each chunk tokenised on its own with one IMAGE_TOKEN_INDEX between chunks, as
+the original `tokenizer_image_token`; labels come from character spans, so chunk boundaries cannot shift them.
 """
 
 from __future__ import annotations
@@ -24,9 +22,9 @@ from transformers import PreTrainedTokenizerBase
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.textfile import read_utf8
+from mgmlora.models.processor import IMAGE_PLACEHOLDER, Processor, Rounds
 
-IMAGE = "<image>"
-USER, MODEL, END, BOS, EOS = "<start_of_turn>user\n", "<start_of_turn>model\n", "<end_of_turn>\n", "<bos>", "<eos>"
+IMAGE = IMAGE_PLACEHOLDER  # the LLaVA format's image tag, which is also where a rendered template puts the image
 
 
 class LlavaFormatError(ValueError):
@@ -87,33 +85,32 @@ def _check_image_tags(record: dict, where: str) -> None:
                                "human turn (the model cannot be trained to emit an image).")
 
 
-def render(record: dict) -> tuple[str, list[tuple[int, int]]]:
-    """The Gemma-template text of a record and the character spans that are supervised."""
+def rounds(record: dict) -> Rounds:
+    """The record's (question, answer) rounds, image tags removed (the family's template places the image)."""
     turns = list(record["conversations"])
     if turns and turns[0]["from"] == "gpt":
         turns = turns[1:]  # the original drops a leading gpt turn
     has_image = "image" in record
-    text, spans = BOS, []
+    out = []
     for i in range(0, len(turns) - 1, 2):
         question, answer = turns[i]["value"], turns[i + 1]["value"]
         if turns[i]["from"] != "human" or turns[i + 1]["from"] != "gpt":
             raise LlavaFormatError(f"record id={record.get('id')!r}: conversations must alternate human/gpt.")
         if IMAGE in question or (i == 0 and has_image):
             question = question.replace(IMAGE, "").strip()
-            question = f"{IMAGE}\n{question}" if i == 0 and has_image else question
-        text += USER + question + END + MODEL
-        start = len(text)
-        text += answer + END + EOS
-        spans.append((start, len(text)))
-    return text, spans
+        out.append((question, answer))
+    return out
 
 
-def generation_prompt(tokenizer: PreTrainedTokenizerBase, question: str, has_image: bool) -> list[int]:
+def render(processor: Processor, record: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The record in the family's template, and the character spans that are supervised."""
+    return processor.render(rounds(record), "image" in record)
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, processor: Processor, question: str,
+                      has_image: bool) -> list[int]:
     """Token ids of a one-question prompt in the training template, ending with the model turn's header."""
-    record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": ""}],
-              **({"image": "image"} if has_image else {})}
-    text, spans = render(record)
-    return _tokenize(tokenizer, text[:spans[-1][0]], [])[0]  # cut where the (empty) answer starts
+    return _tokenize(tokenizer, processor.prompt(question, has_image), [])[0]
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]) -> tuple[list, list]:
@@ -132,9 +129,9 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[i
     return ids, labels
 
 
-def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> TokenizedSample:
+def tokenize_record(tokenizer: PreTrainedTokenizerBase, processor: Processor, record: dict) -> TokenizedSample:
     """Token ids with one IMAGE_TOKEN_INDEX per image, and labels on the answers only (unexpanded)."""
-    ids, labels = _tokenize(tokenizer, *render(record))
+    ids, labels = _tokenize(tokenizer, *render(processor, record))
     return TokenizedSample(ids, labels, meta={"id": record.get("id"), "image": record.get("image")})
 
 

@@ -1,4 +1,4 @@
-"""LlavaDataModule: LLaVA-style image-text JSON for MGM, tokenised once, images loaded lazily per batch."""
+"""LlavaDataModule: LLaVA-style image-text JSON for any image-text family, tokenised once, images loaded per batch."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.generation_items import GenerationItem, tail
-from mgmlora.data.images import AspectRatio, ImageLoadError, blank, find_bad_images, load_rgb, preprocess
-from mgmlora.data.llava import IMAGE, fit_after_expansion, generation_prompt, read_llava_json, render, tokenize_record
+from mgmlora.data.images import ImageLoadError, find_bad_images, load_rgb
+from mgmlora.data.llava import IMAGE, fit_after_expansion, generation_prompt, read_llava_json, rounds, tokenize_record
 from mgmlora.data.sampling import WindowKey
+from mgmlora.models.processor import AspectRatio, Processor, stack_inputs
 
 
 class _ImageSamples(Dataset):
-    """Pre-tokenised samples whose images are read and preprocessed when the batch is built (in workers)."""
+    """Pre-tokenised samples whose images are read and turned into the family's tensors when the batch is built."""
 
-    def __init__(self, samples: list[TokenizedSample], folder: Path, size: int, size_aux: int, aspect: AspectRatio,
+    def __init__(self, samples: list[TokenizedSample], folder: Path, processor: Processor, aspect: AspectRatio,
                  max_pixels: int | None = Image.MAX_IMAGE_PIXELS):
-        self.samples, self.folder, self.size, self.size_aux, self.aspect = samples, folder, size, size_aux, aspect
+        self.samples, self.folder, self.processor, self.aspect = samples, folder, processor, aspect
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -36,10 +37,10 @@ class _ImageSamples(Dataset):
         sample = self.samples[index]
         image = sample.meta.get("image")
         if not image:
-            return sample, window, blank(self.size_aux, self.size)
+            return sample, window, self.processor.image_inputs(None, self.aspect)
         Image.MAX_IMAGE_PIXELS = self.max_pixels  # per process: spawned workers start from Pillow's default
         try:
-            pixels = preprocess(load_rgb(self.folder / image), self.size_aux, self.size, self.aspect)
+            pixels = self.processor.image_inputs(load_rgb(self.folder / image), self.aspect)
         except Exception as err:  # whatever Pillow raises, say which record it was
             meta = sample.meta
             raise ImageLoadError(f"{meta.get('file')}: record {meta.get('record')} (id={meta.get('id')!r}): image "
@@ -49,24 +50,18 @@ class _ImageSamples(Dataset):
         return sample, window, pixels
 
 
-def image_geometry(info) -> dict[str, int]:
-    """Image tokens per image, CLIP and aux input sizes and the post-expansion length limit of an MGM `ModelInfo`."""
-    return {"image_tokens": info.image_tokens, "size": info.image_size, "size_aux": info.image_size_aux,
-            "max_length": info.max_length}
-
-
 def _collate_images(items, pad_id: int) -> Batch:
     batch = pad_collate([s for s, _, _ in items], pad_id, window=items[0][1])
-    batch.images = torch.stack([p[0] for _, _, p in items])  # (B, 3, S, S)
-    batch.images_aux = torch.stack([p[1] for _, _, p in items])  # (B, 3, S_aux, S_aux)
+    batch.model_inputs = stack_inputs([inputs for _, _, inputs in items])  # the family's tensors, each (B, ...)
     return batch
 
 
 class LlavaDataModule(TokenizedDataModule):
-    """LLaVA-style image-text JSON (`id`, optional `image`, `conversations`) for MGM.
+    """LLaVA-style image-text JSON (`id`, optional `image`, `conversations`) for an image-text family (MGM).
 
-    Image geometry (576 tokens per image, 336/768 px) and the post-expansion length limit come from the model's
-    config, through the LightningModule, so they cannot drift from the model.
+    The conversation template, the image transform, the image tensors, the image tokens per image and the
+    post-expansion length limit are the model family's (`ModelInfo.processor`, handed over by `connect`), so they
+    cannot drift from the model.
 
     Args:
         train_path: training records (JSON list or JSONL).
@@ -104,20 +99,20 @@ class LlavaDataModule(TokenizedDataModule):
                  drop_last: bool = False, max_tokens: int | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.geometry: dict[str, int] | None = None
+        self.processor: Processor | None = None
         self.stats: dict[str, int] = {}
         self.records: dict[str, list[dict]] = {}  # raw records per split (generation references)
 
-    def _model_geometry(self) -> dict[str, int]:
+    def _model_processor(self) -> Processor:
         info = self.info
-        if not info.takes_images:
-            raise ValueError("LlavaDataModule needs an MGM model (model.model.preset: mgm-2b / tiny-mgm, or an MGM "
-                             "model_path): image geometry comes from its config.")
-        return image_geometry(info)
+        if not info.takes_images or info.processor is None:
+            raise ValueError("LlavaDataModule needs an image-text model (model.model.preset: mgm-2b / tiny-mgm, or an "
+                             "MGM model_path): the template and image transform are its family's.")
+        return info.processor
 
     def _build(self, split: str, path: str) -> None:
-        hp, geo = self.hparams, self.geometry
-        max_length = hp.max_length or geo["max_length"]
+        hp, processor = self.hparams, self.processor
+        max_length = hp.max_length or processor.max_length
         records, folder = read_llava_json(path), Path(hp.image_folder)
         bad = find_bad_images(sorted({folder / r["image"] for r in records if "image" in r}))
         samples, skipped, too_long = [], [], 0
@@ -132,9 +127,9 @@ class LlavaDataModule(TokenizedDataModule):
                         f"to skip such records{f' ({more} more record(s) have a bad image)' if more else ''}.")
                 skipped.append(f"{where}: {problem}")
                 continue
-            sample = tokenize_record(self.tokenizer, record)
+            sample = tokenize_record(self.tokenizer, processor, record)
             sample.meta.update(record=i, file=str(path))  # named by errors while loading its image in training
-            fitted = fit_after_expansion(sample, geo["image_tokens"], max_length)
+            fitted = fit_after_expansion(sample, processor.image_tokens, max_length)
             if fitted is None:
                 too_long += 1
                 continue
@@ -155,7 +150,7 @@ class LlavaDataModule(TokenizedDataModule):
             rank_zero_warn(f"LLaVA {split}: {too_long} record(s) skipped (see the line above).")
 
     def _build_splits(self, stage: str) -> None:
-        self.geometry = self.geometry or self._model_geometry()
+        self.processor = self.processor or self._model_processor()
         Image.MAX_IMAGE_PIXELS = self.hparams.max_image_pixels  # Pillow's decompression-bomb guard, for the check
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
         for split in wanted:
@@ -180,20 +175,17 @@ class LlavaDataModule(TokenizedDataModule):
             question = turns[0]["value"].replace(IMAGE, "").strip()
             image = str(folder / record["image"]) if record.get("image") else None
             items.append(GenerationItem(f"record {sample.meta['record']} (id={record.get('id')})",
-                                        generation_prompt(self.tokenizer, question, image is not None),
+                                        generation_prompt(self.tokenizer, self.processor, question, image is not None),
                                         turns[1]["value"].strip(), tail(question), image))
         return items
 
-    def item_pixels(self, item: GenerationItem) -> tuple[torch.Tensor, torch.Tensor]:
-        """The item's image preprocessed as in training (MGM's blank image for a text-only item)."""
-        geo = self.geometry
-        if item.image is None:
-            return blank(geo["size_aux"], geo["size"])
-        return preprocess(load_rgb(item.image), geo["size_aux"], geo["size"], self.hparams.image_aspect_ratio)
+    def item_inputs(self, item: GenerationItem) -> dict[str, torch.Tensor]:
+        """The item's image tensors as in training (the family's blank ones for a text-only item)."""
+        image = None if item.image is None else load_rgb(item.image)
+        return self.processor.image_inputs(image, self.hparams.image_aspect_ratio)
 
     def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
-        geo = self.geometry
-        return _ImageSamples(samples, Path(self.hparams.image_folder), geo["size"], geo["size_aux"],
+        return _ImageSamples(samples, Path(self.hparams.image_folder), self.processor,
                              self.hparams.image_aspect_ratio, self.hparams.max_image_pixels)
 
     def _collate_fn(self):
@@ -201,7 +193,7 @@ class LlavaDataModule(TokenizedDataModule):
 
     def _costs(self, samples: list[TokenizedSample]) -> list[int]:
         """Positions after expansion: each `<image>` placeholder becomes `image_tokens` positions in the model."""
-        extra = self.geometry["image_tokens"] - 1
+        extra = self.processor.image_tokens - 1
         return [len(s.input_ids) + extra * s.input_ids.count(IMAGE_TOKEN_INDEX) for s in samples]
 
     def drop_reasons(self, split: str) -> dict[str, int]:
@@ -212,8 +204,8 @@ class LlavaDataModule(TokenizedDataModule):
         """
         path = self.hparams.get(f"{split}_path")
         unsupervised = self.stats.get(f"{split}:skipped_no_supervision", 0)
-        no_answer = min(unsupervised, sum(1 for r in read_llava_json(path) if not render(r)[1])) if unsupervised else 0
-        max_length = self.hparams.max_length or (self.geometry or {}).get("max_length")
+        no_answer = min(unsupervised, sum(1 for r in read_llava_json(path) if not rounds(r))) if unsupervised else 0
+        max_length = self.hparams.max_length or (self.processor.max_length if self.processor else None)
         return {"records with a missing or unreadable image": self.stats.get(f"{split}:skipped_bad_image", 0),
                 "records without an answer (no human/gpt pair with a gpt turn)": no_answer,
                 f"records whose answers do not fit max_length={max_length} after image expansion":

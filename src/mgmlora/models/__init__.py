@@ -7,10 +7,13 @@
 - `attention`, `packing`, `experts`, `head`: the fast path's model-level pieces (packed attention, packed rows,
   mgmlora's grouped-GEMM experts, the LM head the fast losses call).
 - `registry`: model presets as data.
+- `processor`, `mgm_processor`: what the data side asks an image-text family (template, image transform, tensors);
+  MGM's.
 """
 
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.loaded import LoadedModel, ModelInfo
-from mgmlora.models.loading import build_on_meta, load_model, model_info, uses_moe
+from mgmlora.models.loading import Family, build_on_meta, load_model, model_info, register_family, uses_moe
 
-__all__ = ["LoadedModel", "ModelArgs", "ModelInfo", "build_on_meta", "load_model", "model_info", "uses_moe"]
+__all__ = ["Family", "LoadedModel", "ModelArgs", "ModelInfo", "build_on_meta", "load_model", "model_info",
+           "register_family", "uses_moe"]

@@ -1,9 +1,10 @@
 """Batched generation with the training prompts: left padding, KV cache, stopping on the model's end-of-turn tokens.
 
 Prompts come from the same builders as training (`PersonaEncoder.generation_prompt` for Chameleons, the chat template
-for chat data, `llava.generation_prompt` + `images.preprocess` for MGM), so the model is asked exactly what it was
-trained on, which the original Chameleons inference script did not do (docs/design/chameleons.md). Sampling settings
-are plain `transformers.generate` arguments; `seed` makes sampled outputs reproducible for a given batch composition.
+for chat data, `llava.generation_prompt` + the family's `Processor.image_inputs` for MGM), so the model is asked
+exactly what it was trained on, which the original Chameleons inference script did not do
+(docs/design/chameleons.md). Sampling settings are plain `transformers.generate` arguments; `seed` makes sampled
+outputs reproducible for a given batch composition.
 
 It lives with the models, below training, because validation generates too (mgmlora.training.generation_eval) and
 training may not import tools; `LoadedModel.generate` is the family-neutral entry point.

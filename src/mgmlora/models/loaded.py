@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,9 +21,10 @@ from mgmlora.models.attention import varlen_kwargs
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
+from mgmlora.models.processor import Processor
 from mgmlora.models.quantization import QuantizationArgs, quantize_layers
 
-Family = Literal["causal_lm", "mgm"]
+Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
 
 
@@ -37,6 +38,7 @@ class ModelInfo:
     image_size: int = 0  # CLIP input size (336)
     image_size_aux: int = 0  # ConvNeXt input size (768)
     max_length: int = 0  # MGM: truncation length after image expansion (tokenizer_model_max_length)
+    processor: Processor | None = None  # template, image transform and image tensors of an image-text family
 
     @property
     def takes_images(self) -> bool:
@@ -81,11 +83,12 @@ class LoadedModel(ABC):
         leading shape, and the head module (with the family's logit transforms, mgmlora.models.head).
         """
 
-    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs, images: torch.Tensor | None = None,
-                 images_aux: torch.Tensor | None = None) -> list[list[str]]:
+    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
+                 model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:
         """Replies to prompt token ids with the (adapted) model, as `mgmlora.models.generation.generate_batch`.
 
-        The caller switches to eval mode; images (B, 3, S, S) and (B, 3, S_aux, S_aux) are for families that take them.
+        The caller switches to eval mode; `model_inputs` (each (B, ...), `Processor.image_inputs` stacked) are for
+        families that take more than text.
         """
         return generate_batch(self.model, tokenizer, rows, args)
 
@@ -148,16 +151,16 @@ class LoadedMgm(LoadedModel):
     def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:  # noqa: D102
         # MGM aligns the labels with its image-expanded sequence (each placeholder becomes image_tokens ignored labels)
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         images=batch.images, images_aux=batch.images_aux, packed=packed, pad_to=pad_to,
-                         hidden_only=True)
+                         packed=packed, pad_to=pad_to, hidden_only=True, **batch.model_inputs)  # images, images_aux
         return out.hidden_states, out.labels, output_head(self.model.llm)
 
-    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs, images: torch.Tensor | None = None,
-                 images_aux: torch.Tensor | None = None) -> list[list[str]]:
+    def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
+                 model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:
         """Replies to prompts with one image each (MGM splices them in exactly as in training)."""
-        if images is None:  # a text-only prompt still needs image tensors of the right size (MGM's blank image)
-            raise ValueError("LoadedMgm.generate needs images and images_aux (use mgmlora.data.images.blank for none).")
-        return generate_batch(self.model, tokenizer, rows, args, images, images_aux)
+        if not model_inputs:  # a text-only prompt still needs image tensors of the right size (MGM's blank image)
+            raise ValueError("LoadedMgm.generate needs images and images_aux (MgmProcessor.image_inputs(None, ...) "
+                             "for a prompt without an image).")
+        return generate_batch(self.model, tokenizer, rows, args, model_inputs["images"], model_inputs["images_aux"])
 
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:  # noqa: D102
         from mgmlora.models.mgm_checkpoint import save_mgm

@@ -1,14 +1,16 @@
 """Loading any supported model behind one function: `load_model(ModelArgs) -> LoadedModel`.
 
-The family is decided here, once: MGM is recognised by the `mm_*` keys of its config.json (or an MGM preset), never
-by `model_type` (original checkpoints carry several names); everything else is a transformers causal LM.
+The family is decided here, once: a registered family (`register_family`) that recognises the settings comes first;
+then MGM, recognised by the `mm_*` keys of its config.json (or an MGM preset), never by `model_type` (original
+checkpoints carry several names); everything else is a transformers causal LM.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,9 +24,43 @@ from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
+from mgmlora.models.mgm_processor import MgmProcessor
 from mgmlora.models.registry import MGM_PRESETS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family beyond the built-in two (transformers causal LMs, MGM), added by `register_family`.
+
+    Attributes:
+        name: `ModelInfo.family` of its models (reports, errors).
+        recognises: whether `ModelArgs` describe one of its models, from config files only.
+        info: its `ModelInfo` (vocabulary, image tokens, `Processor`), from config files only.
+        load: `(args, attn_implementation, weights) -> LoadedModel`; `weights=False` builds the architecture alone.
+    """
+
+    name: str
+    recognises: Callable[[ModelArgs], bool]
+    info: Callable[[ModelArgs], ModelInfo]
+    load: Callable[[ModelArgs, str | None, bool], LoadedModel]
+
+
+_FAMILIES: list[Family] = []
+
+
+def register_family(family: Family) -> Callable[[], None]:
+    """Makes `load_model` and `model_info` dispatch to `family`; returns the call that removes it again.
+
+    An explicit call (in the code that defines the family, or a test), never an import-time side effect.
+    """
+    _FAMILIES.append(family)
+    return lambda: _FAMILIES.remove(family)
+
+
+def _registered(args: ModelArgs) -> Family | None:
+    return next((family for family in _FAMILIES if family.recognises(args)), None)
 
 
 def _mgm_config_dict(args: ModelArgs) -> dict | None:
@@ -39,6 +75,8 @@ def _mgm_config_dict(args: ModelArgs) -> dict | None:
 
 def model_info(args: ModelArgs) -> ModelInfo:
     """Family, vocabulary and image geometry, from config files only."""
+    if (family := _registered(args)) is not None:
+        return family.info(args)
     raw = _mgm_config_dict(args)
     if raw is None:
         return ModelInfo("causal_lm", build_config(args).vocab_size)
@@ -46,8 +84,10 @@ def model_info(args: ModelArgs) -> ModelInfo:
 
     config = MGMConfig.from_dict(raw)
     clip = config.clip_config()
-    return ModelInfo("mgm", config.text["vocab_size"], (clip.image_size // clip.patch_size) ** 2, clip.image_size,
-                     config.image_size_aux, config.tokenizer_model_max_length)
+    image_tokens = (clip.image_size // clip.patch_size) ** 2
+    processor = MgmProcessor(image_tokens, config.tokenizer_model_max_length, clip.image_size, config.image_size_aux)
+    return ModelInfo("mgm", config.text["vocab_size"], image_tokens, clip.image_size, config.image_size_aux,
+                     config.tokenizer_model_max_length, processor)
 
 
 def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, quantize: bool = True) -> LoadedModel:
@@ -72,6 +112,8 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
             return _load_4bit_base(args, packing, device, quantize)
     info = model_info(args)
     attn = packed_attention(args.attn_implementation, packing)
+    if (family := _registered(args)) is not None:
+        return family.load(args, attn, weights)
     if info.family == "causal_lm":
         model = load_causal_lm(args, attn, weights=weights)
         preset = resolve_preset(args)
@@ -148,4 +190,4 @@ def build_on_meta(args: ModelArgs) -> LoadedModel:
         return load_model(args, weights=False)
 
 
-__all__ = ["build_on_meta", "load_model", "model_info", "uses_moe"]
+__all__ = ["Family", "build_on_meta", "load_model", "model_info", "register_family", "uses_moe"]

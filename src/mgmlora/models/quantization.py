@@ -162,7 +162,8 @@ def _placeholder(weight: Nf4Weight) -> torch.Tensor:
 def _quantize_experts(experts: nn.Module, names: tuple[str, ...], args: QuantizationArgs, backend: Backend,
                       device: torch.device) -> int:
     for name in names:
-        param = experts._parameters.pop(name)
+        param = getattr(experts, name)
+        delattr(experts, name)  # nn.Module.__delattr__ drops it from the module's parameters
         q = Nf4Weight(quantize(param.detach().to(device), args.double_quant, args.dtype, backend), backend)
         experts.add_module(f"nf4_{name}", q)
         # a frozen Parameter, not a buffer: PEFT's target_parameters only matches parameters
@@ -208,7 +209,7 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
         if prepare is not None:
             prepare(layer)
         for parent_name, parent in list(layer.named_modules()):
-            fused = tuple(n for n, p in parent._parameters.items() if p is not None and p.ndim == 3)
+            fused = tuple(n for n, p in parent.named_parameters(recurse=False) if p.ndim == 3)
             if fused:
                 counts["experts"] += _quantize_experts(parent, fused, args, backend, device)
             for child_name, child in list(parent.named_children()):

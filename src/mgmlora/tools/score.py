@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
 import yaml
 
 from mgmlora.data.datamodule import TokenizedDataModule
@@ -27,6 +26,7 @@ from mgmlora.data.generation_items import GenerationItem
 from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs
+from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.leaderboard import output_files
 from mgmlora.tools.progress_file import adapter_digest, appending, read_entries, write_atomically
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
@@ -98,11 +98,9 @@ def score_items(loaded: LoadedModel, datamodule: TokenizedDataModule, items: lis
     with appending(files["progress file"], settings) as write:
         for b in range(0, len(todo), gen.batch_size):
             batch = todo[b:b + gen.batch_size]
-            pixels = [datamodule.item_pixels(item) for item in batch]
-            images = torch.stack([p[0] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S, S)
-            aux = torch.stack([p[1] for p in pixels]) if pixels[0] is not None else None  # (B, 3, S_aux, S_aux)
+            inputs = stack_inputs([datamodule.item_inputs(item) for item in batch])  # each (B, ...)
             replies = loaded.generate(datamodule.tokenizer, [item.prompt_ids for item in batch],
-                                      replace(gen, seed=gen.seed + b), images, aux)
+                                      replace(gen, seed=gen.seed + b), inputs)
             entries = [{"key": item.key, "prediction": datamodule.reply_answer(r[0]), "reference": item.reference,
                         "reply": r[0]} for item, r in zip(batch, replies)]
             done.update((e["key"], e) for e in entries)

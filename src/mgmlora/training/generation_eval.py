@@ -34,6 +34,7 @@ from mgmlora.data.generation_items import GenerationItem
 from mgmlora.data.images import load_rgb
 from mgmlora.errors import UsageError
 from mgmlora.models.generation import GenerationArgs
+from mgmlora.models.processor import stack_inputs
 from mgmlora.training.strategies import zero3_config
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
@@ -171,13 +172,9 @@ class GenerationEval(L.Callback):
         tokenizer, answers = datamodule.tokenizer, []
         for b in range(0, len(items), self.gen.batch_size):
             batch = items[b:b + self.gen.batch_size]
-            pixels = [datamodule.item_pixels(item) for item in batch]
-            images = aux = None
-            if pixels[0] is not None:
-                images = torch.stack([p[0] for p in pixels])  # (B, 3, S, S)
-                aux = torch.stack([p[1] for p in pixels])  # (B, 3, S_aux, S_aux)
+            inputs = stack_inputs([datamodule.item_inputs(item) for item in batch])  # each (B, ...)
             replies = pl_module.loaded.generate(tokenizer, [item.prompt_ids for item in batch],
-                                                replace(self.gen, seed=self.gen.seed + b), images, aux)
+                                                replace(self.gen, seed=self.gen.seed + b), inputs)
             answers += [datamodule.reply_answer(r[0]) for r in replies]
         return answers
 

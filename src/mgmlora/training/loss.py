@@ -92,25 +92,6 @@ class LossOut:
     targets: torch.Tensor | None = None  # (N,)
 
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-padded (B, T) rows -> one (1, N) row of real tokens with per-sample position ids.
-
-    The first label of every sample becomes IGNORE_INDEX: after the causal shift it would be the target of the
-    previous sample's last token. It is never a target in the padded layout either (the shift drops column 0), so the
-    supervised positions, and with them the window normalisation, are exactly the same.
-    Returns input_ids (1, N), position_ids (1, N), labels (1, N) or None.
-    """
-    keep = attention_mask.bool()  # (B, T)
-    positions = (attention_mask.long().cumsum(-1) - 1)[keep]  # (N,) restarts at 0 in every row
-    ids = input_ids[keep]
-    packed_labels = None
-    if labels is not None:
-        packed_labels = labels[keep].masked_fill(positions == 0, IGNORE_INDEX)
-        packed_labels = packed_labels.unsqueeze(0)
-    return ids.unsqueeze(0), positions.unsqueeze(0), packed_labels
-
-
 def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Sum of fp32 cross-entropy for one chunk: hidden (n, H), targets (n,)."""
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

@@ -177,7 +177,7 @@ VARIANTS = {
         "model.speed.loss": "liger", LOGGER: "mgm2b_qlora"}),
     "qwen3-30b-a3b_qlora_chameleons.yaml": ("qwen3-30b-a3b_lora_chameleons.yaml", {
         "model.model.quantization": QLORA, "trainer.devices": 1, "trainer.strategy": "auto",
-        "trainer.accumulate_grad_batches": 8, LOGGER: "qwen3-30b-a3b_qlora_chameleons"}),
+        "trainer.accumulate_grad_batches": 8, "model.speed.compile": False, LOGGER: "qwen3-30b-a3b_qlora_chameleons"}),
     "demo_moe.yaml": ("demo_chameleons.yaml", {
         "model.model.preset": "tiny-qwen3-moe", "model.lora.preset": "chameleons", "model.lora.target_experts": True,
         LOGGER: "demo_moe"}),

@@ -17,8 +17,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     # Without it, `import deepspeed` on a CPU-only machine prints a [WARNING] line to stdout, which corrupts
     # `--print_config > file.yaml` for configs that name a DeepSpeed strategy.
     os.environ["DS_ACCELERATOR"] = "cpu"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# offline mode: set by `import mgmlora` itself (mgmlora/__init__.py), for every entry point
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402

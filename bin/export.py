@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from mgmlora.errors import run  # noqa: E402
 from mgmlora.tools.args import positive_float, refuse_overwrite  # noqa: E402
 from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for, read_run_adapter  # noqa: E402
-from mgmlora.tools.output_dir import check_output_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -42,7 +41,6 @@ def main(argv: list[str] | None = None) -> Path:
                         help="replace a non-empty --output (written beside it, swapped in when complete)")
     args = parser.parse_args(argv)
     refuse_overwrite({"--output": args.output}, folders={"--checkpoint": args.checkpoint})
-    check_output_dir(args.output, args.overwrite)  # before anything loads
     run = read_run_adapter(args.checkpoint)
     if not args.merge:
         out = export_adapter(run, args.output, args.overwrite)

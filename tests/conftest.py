@@ -109,3 +109,16 @@ class StepLosses(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if "train/loss" in trainer.callback_metrics:
             self.losses[trainer.global_step] = trainer.callback_metrics["train/loss"].item()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-step tiny-qwen3 LoRA run (random init, seed 0): `<root>/ckpt/step=2.ckpt` and `<root>/run/version_0/adapter`.
+
+    Shared, read-only: tests that damage or re-export it work on copies.
+    """
+    from tests.training.test_outcome import _fit
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    _fit(root, max_steps=2)
+    return root / "ckpt" / "step=2.ckpt"

@@ -70,7 +70,7 @@ def test_the_configs_readmes_demo_chat_start_loss_is_what_the_demo_logs(tmp_path
 
 def test_every_reliability_promise_names_test_files_that_exist():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Reliability: what happens when", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## What mgmlora guarantees", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| case")]
     assert len(rows) >= 10
     for row in rows:

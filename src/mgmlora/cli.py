@@ -17,8 +17,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     # Without it, `import deepspeed` on a CPU-only machine prints a [WARNING] line to stdout, which corrupts
     # `--print_config > file.yaml` for configs that name a DeepSpeed strategy.
     os.environ["DS_ACCELERATOR"] = "cpu"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# offline mode: set by `import mgmlora` itself (mgmlora/__init__.py), for every entry point
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
@@ -27,6 +26,7 @@ from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
 from mgmlora.training.callbacks import RunSummary  # noqa: E402
@@ -36,7 +36,7 @@ from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import progress_callback  # noqa: E402
 from mgmlora.training.run_dir import check_new_run  # noqa: E402
-from mgmlora.training.strategies import MgmDeepSpeedStrategy  # noqa: E402
+from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
 
@@ -128,6 +128,9 @@ class MgmCLI(LightningCLI):
                 kwargs["callbacks"] = [*callbacks, RunSummary()]
         _check_trainer_settings(trainer_config)
         trainer = super().instantiate_trainer(**kwargs)
+        stray_rank = align_rank_zero(trainer)  # a stray RANK in the environment must not silence the logs
+        if stray_rank is not None:
+            rank_zero_info(f"mgmlora: {stray_rank}")
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())

@@ -113,3 +113,20 @@ def test_the_test_stage_without_a_test_file_names_the_key_to_set():
     data = connect_data(ChatDataModule(str(TRAIN), test_path=str(VAL), tokenizer_path=str(TOKENIZER)))
     data.setup("test")
     assert len(data.splits["test"]) == len(VAL.read_text().splitlines()) and "train" not in data.splits
+
+
+def test_conversations_keep_their_real_line_numbers_across_blank_lines(tmp_path):
+    from mgmlora.data.chat import read_chat_lines
+    from mgmlora.data.datamodule import ChatDataModule
+    from tests.conftest import connect_data
+
+    lines = TRAIN.read_text().splitlines()[:3]
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(f"{lines[0]}\n\n\n{lines[1]}\n   \n{lines[2]}\n")  # conversations on lines 1, 4 and 6
+    assert [n for n, _ in read_chat_lines(path)] == [1, 4, 6]
+    data = connect_data(ChatDataModule(str(path), val_path=str(path), max_length=512))
+    data.setup("fit")
+    assert [item.key for item in data.generation_items("val", 8)] == ["line 1", "line 4", "line 6"]
+    path.write_text(f"{lines[0]}\n\n{{not json\n")
+    with pytest.raises(DataFormatError, match=r"gaps\.jsonl:3: not valid JSON"):
+        read_chat_lines(path)

@@ -16,14 +16,11 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from tests.conftest import TOKENIZER, tiny_model
 from tests.training.test_module import _module, _subset
-from tests.training.test_outcome import _fit
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    _fit(root, max_steps=2)  # tiny-qwen3, random init with init_seed 0
-    return root / "ckpt" / "step=2.ckpt"
+@pytest.fixture
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path):

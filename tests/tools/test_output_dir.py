@@ -13,14 +13,11 @@ from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for,
 from mgmlora.tools.output_dir import DiskFullError
 from tests.conftest import ROOT
 from tests.test_errors import _load
-from tests.training.test_outcome import _fit
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    _fit(root, max_steps=2)
-    return root / "ckpt" / "step=2.ckpt"
+@pytest.fixture
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _files(folder):

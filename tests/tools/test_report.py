@@ -67,3 +67,13 @@ def test_compare_rejects_a_directory_without_logs(tmp_path):
     compare_cli = _load(ROOT / "bin" / "compare.py", "compare_cli")
     with pytest.raises(FileNotFoundError, match="no TensorBoard scalars"):
         compare_cli.main([str(tmp_path), "--output", str(tmp_path / "out")])
+
+
+def test_a_missing_run_directory_is_one_line_and_writes_nothing(tmp_path):
+    from mgmlora.errors import classify
+    from mgmlora.tools.report import compare
+
+    with pytest.raises(FileNotFoundError, match=r"run directory '.*missing' does not exist") as refused:
+        compare([tmp_path / "missing"], tmp_path / "out")
+    assert classify(refused.value) == ("user", 1) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()

@@ -18,14 +18,11 @@ from mgmlora.errors import classify
 from mgmlora.tools.export import build_trained_model, export_adapter, model_args_for, read_run_adapter
 from mgmlora.training.checkpoint import AdapterCheckpointIO
 from tests.training.test_module import _module, _subset
-from tests.training.test_outcome import _fit
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    _fit(root, max_steps=2)
-    return root / "ckpt" / "step=2.ckpt"
+@pytest.fixture
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _edit_weights(path, change):

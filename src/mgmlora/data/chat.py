@@ -53,6 +53,11 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
         DataFormatError: naming the file, line number and key, for bytes that are not UTF-8, invalid JSON or an
             invalid conversation.
     """
+    return [messages for _, messages in read_chat_lines(path)]
+
+
+def read_chat_lines(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """`read_chat_jsonl` with each conversation's 1-based line number in the file (blank lines do not shift it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
@@ -67,7 +72,7 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
             raise DataFormatError(f"{where}: not valid JSON ({err.msg}); write one JSON object per line.") from err
         if not isinstance(record, dict) or "messages" not in record:
             raise DataFormatError(f"{where}: missing key 'messages' (expected {{\"messages\": [...]}}).")
-        conversations.append(_check_messages(record["messages"], where))
+        conversations.append((line_no, _check_messages(record["messages"], where)))
     if not conversations:
         raise DataFormatError(f"{path}: no conversations found (the file is empty).")
     return conversations

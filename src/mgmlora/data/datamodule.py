@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from mgmlora.batch import Batch
-from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_jsonl
+from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_lines
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.generation_items import GenerationItem, seeded_subset, tail
 from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
@@ -329,6 +329,7 @@ class ChatDataModule(TokenizedDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.conversations: dict[str, list[list[dict]]] = {}  # raw conversations per split (generation references)
+        self.line_numbers: dict[str, list[int]] = {}  # each conversation's line in its file, per split
 
     def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
         """Each conversation's last assistant turn is the reference; everything before it is the prompt.
@@ -351,7 +352,8 @@ class ChatDataModule(TokenizedDataModule):
                     break
                 prompt = prompt[:head] + prompt[head + 2:]  # the oldest user/assistant exchange
             context = "\n".join(f"{m['role']}: {m['content']}" for m in prompt[-3:] if m["role"] != "system")
-            items.append(GenerationItem(f"line {n + 1}", ids, messages[last]["content"].strip(), tail(context)))
+            line = self.line_numbers[split][n]  # its real line in the file: blank lines are skipped, not renumbered
+            items.append(GenerationItem(f"line {line}", ids, messages[last]["content"].strip(), tail(context)))
         return items
 
     def _build_splits(self, stage: str) -> None:
@@ -361,8 +363,10 @@ class ChatDataModule(TokenizedDataModule):
             if split in self.splits or path is None:
                 continue
             chat = ChatTokenizer(self.tokenizer, self.hparams.max_length, self.hparams.train_on)
-            conversations = read_chat_jsonl(path)
+            numbered = read_chat_lines(path)
+            conversations = [messages for _, messages in numbered]
             self.conversations[split] = conversations
+            self.line_numbers[split] = [line for line, _ in numbered]  # names items by their real line
             samples = [s for s in map(chat, conversations) if s is not None]
             if chat.skipped:
                 log.warning("%s: skipped %d conversation(s) whose final assistant turn cannot fit max_length=%d",

@@ -66,6 +66,38 @@ def load_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img)
 
 
+class ImagePathError(ValueError):
+    """A record's image path that leaves the image folder (`..`, absolute, a symlink out) or cannot be resolved."""
+
+
+def image_path(folder: Path, name: str, where: str) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` once `..` and symlinks are resolved.
+
+    A data file decides which files training reads: `../../home/user/.ssh/id_rsa`, `/etc/shadow` or a symlink in the
+    image folder pointing elsewhere would be opened (and, for images, partly echoed in errors and sample tables).
+
+    Args:
+        folder: data.init_args.image_folder.
+        name: the record's `image` value.
+        where: the record, as the message names it (file, index and id).
+    """
+    if not isinstance(name, str) or not name:
+        raise ImagePathError(f"{where}: 'image' must be a non-empty relative path string, got {name!r}.")
+    fix = "use a path relative to data.init_args.image_folder that stays inside it"
+    if Path(name).is_absolute():
+        raise ImagePathError(f"{where}: image {name!r} is an absolute path; {fix}.")
+    if ".." in Path(name).parts:
+        raise ImagePathError(f"{where}: image {name!r} contains '..'; {fix}.")
+    try:
+        root, resolved = folder.resolve(), (folder / name).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ImagePathError(f"{where}: image {name!r} cannot be resolved ({error}); a symlink loop? {fix}.") from None
+    if resolved != root and root not in resolved.parents:
+        raise ImagePathError(f"{where}: image {name!r} resolves to {str(resolved)!r}, outside the image folder "
+                             f"{str(root)!r} (a symlink out of it?); {fix}.")
+    return folder / name
+
+
 class ImageLoadError(OSError):
     """An image of a data record cannot be used; the message names the data file, the record, the image and the fix."""
 

@@ -15,7 +15,7 @@ from mgmlora.data.chat import TokenizedSample
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.generation_items import GenerationItem, tail
-from mgmlora.data.images import ImageLoadError, find_bad_images, load_rgb
+from mgmlora.data.images import ImageLoadError, find_bad_images, image_path, load_rgb
 from mgmlora.data.llava import IMAGE, fit_after_expansion, generation_prompt, read_llava_json, rounds, tokenize_record
 from mgmlora.data.sampling import WindowKey
 from mgmlora.models.processor import AspectRatio, Processor, stack_inputs
@@ -114,6 +114,9 @@ class LlavaDataModule(TokenizedDataModule):
         hp, processor = self.hparams, self.processor
         max_length = hp.max_length or processor.max_length
         records, folder = read_llava_json(path), Path(hp.image_folder)
+        for i, record in enumerate(records):  # before any image is opened: paths stay inside the image folder
+            if "image" in record:
+                image_path(folder, record["image"], f"{path}: record {i} (id={record.get('id')!r})")
         bad = find_bad_images(sorted({folder / r["image"] for r in records if "image" in r}))
         samples, skipped, too_long = [], [], 0
         for i, record in enumerate(records):

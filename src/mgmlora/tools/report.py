@@ -168,7 +168,14 @@ def plot(runs: list[RunSummary], out: Path) -> tuple[list[Path], list[str]]:
 
 
 def compare(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
-    """Writes `comparison.md` (table + plot links) and the PNG plots to `out`; returns the Markdown path."""
+    """Writes `comparison.md` (table + plot links) and the PNG plots to `out`; returns the Markdown path.
+
+    Every run directory is checked first: a missing one is one line naming it, and `out` is not created.
+    """
+    for run_dir in run_dirs:
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist or is not a directory; pass "
+                                    "Lightning log directories such as lightning_logs/<name>/version_0.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [summarize(d, names[i] if names else None) for i, d in enumerate(run_dirs)]

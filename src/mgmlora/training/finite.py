@@ -61,13 +61,13 @@ class FiniteGuard:
             return True
         what = first or "a non-finite loss or gradient norm on another rank"
         where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written by this run"
-        allowance = (f"{self.max_skipped} non-finite step(s) already skipped (optim.skip_nonfinite_steps); "
+        allowance = (f"{self.max_skipped} non-finite step(s) already skipped (model.optim.skip_nonfinite_steps); "
                      if self.skipped else "")
         raise NonFiniteError(
             f"optimizer step {step}: {what}; stopped {'after' if applied else 'before'} applying it, "
             f"{allowance}{where}; no adapter was written. "
-            "Lower optim.lr, set trainer.gradient_clip_val, check the data, or set optim.skip_nonfinite_steps N to "
-            "skip up to N such steps.")
+            "Lower model.optim.lr, set trainer.gradient_clip_val, check the data, or set "
+            "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
 
 
 def drop_gradients(optimizer: torch.optim.Optimizer) -> None:

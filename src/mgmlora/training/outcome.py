@@ -44,16 +44,18 @@ class RunOutcome(L.Callback):
     """Fails a fit that made no optimizer step and ends a successful one with a summary line (module docstring)."""
 
     def __init__(self) -> None:
-        self.steps = self.samples = self.tokens = 0
+        self.steps = self.samples = 0
+        self.tokens: torch.Tensor | int = 0  # supervised tokens, a device tensor once training ran
         self._ok = False
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
-        self.steps = self.samples = self.tokens = 0
+        self.steps = self.samples = 0
+        self.tokens = 0
         self._ok = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         self.samples += len(batch)
-        self.tokens += int(batch.supervised_tokens())
+        self.tokens = self.tokens + batch.supervised_tokens()  # summed on the device: no host sync per micro-batch
         window = getattr(pl_module, "window", None)
         if window is None or window.ended:  # the optimizer steps after a window's last micro-batch
             self.steps += 1
@@ -67,7 +69,7 @@ class RunOutcome(L.Callback):
         if stage != "fit" or not self._ok:  # Lightning calls teardown after on_fit_end only when fit succeeded
             return
         self._ok = False
-        totals = torch.tensor([self.samples, self.tokens], dtype=torch.long, device=pl_module.device)
+        totals = torch.tensor([self.samples, int(self.tokens)], dtype=torch.long, device=pl_module.device)
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals, reduce_op="sum")
         samples, tokens = (int(v) for v in totals.tolist())

@@ -227,6 +227,23 @@ def gathered(module: Any, trainer: Any, modifier_rank: int | None = None) -> Abs
 
 
 # -- what the training step needs to know about the strategy (asked here, so the LightningModule holds no branches) --
+def align_rank_zero(trainer: Any) -> str | None:
+    """Makes Lightning's rank-zero logging follow the built Trainer's rank, not a stray `RANK` in the environment.
+
+    Lightning reads `RANK` / `LOCAL_RANK` once, when it is imported, to decide which process may log; only its
+    multi-process strategies correct that later. A single-process run started from a shell (or a job script) that
+    still exports `RANK=3` therefore trained, saved and exported as rank 0 while every info line, the final summary
+    included, was silently dropped. Returns a note for the log when the environment disagreed, else None.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    stray = rank_zero_only.rank != trainer.global_rank
+    note = (f"RANK/LOCAL_RANK in the environment said rank {rank_zero_only.rank}, but this run is rank "
+            f"{trainer.global_rank} of {trainer.world_size}; logging as rank {trainer.global_rank}") if stray else None
+    rank_zero_only.rank = trainer.global_rank
+    return note
+
+
 def steps_itself(trainer: Any) -> bool:
     """Whether the strategy runs the accumulation itself (DeepSpeed: Lightning calls its step every micro-batch)."""
     return bool(trainer.strategy.handles_gradient_accumulation)

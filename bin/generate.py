@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None):
         inputs = info.processor.image_inputs(load_rgb(args.image) if args.image else None, aspect)
         rows = [generation_prompt(tokenizer, info.processor, args.prompt, has_image=args.image is not None)]
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        replies = generate_batch(target, tokenizer, rows, gen, inputs["images"][None], inputs["images_aux"][None])[0]
+        replies = generate_batch(target, tokenizer, rows, gen, {k: v[None] for k, v in inputs.items()})[0]  # (1, ...)
     else:
         if args.image:
             parser.error("--image needs an MGM model.")

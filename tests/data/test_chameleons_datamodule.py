@@ -77,3 +77,11 @@ def test_show_samples_prints_what_the_config_trains_on(in_repo_root):
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ChameleonsDataModule(str(DEMO), **kwargs)
+
+
+def test_training_dialogues_are_the_split_that_fit_trains_on():
+    fresh = connect_data(ChameleonsDataModule(str(DEMO), tokenizer_path=str(TOKENIZER), ablation="history_and_context"))
+    history_source = fresh.training_dialogues()  # without setup, as bin/generate.py asks it
+    fitted = _dm(ablation="history_and_context")
+    assert [d.index for d in history_source] == [d.index for d in fitted.dialogues["train"]]
+    assert not {d.index for d in history_source} & {d.index for d in fitted.dialogues["val"]}

@@ -119,7 +119,7 @@ CONFIG_AS_RUN = {
        for prefix in ("2026-11-30-mgm2b_lora_24gib-", "2026-11-30-mgm2b_lora_24gib_acc16",
                       "2026-11-30-mgm2b_lora_24gib_rows2048", "2026-11-30-mgm2b_lora_nocap")},
     ("2026-11-30-mgm2b_lora_24gib_loop-", "configs/mgm2b_lora.yaml"): ZERO2,
-    # mgm2b_lora_packed.yaml was a whole file until issue 26 (ZeRO-2, no row padding); now an overlay on mgm2b_lora.yaml
+    # mgm2b_lora_packed.yaml was a whole file (ZeRO-2, no row padding) when these runs were made; now an overlay
     ("2026-11-30-mgm2b_lora_packed", "configs/mgm2b_lora_packed.yaml"): ["--model.speed.pad_to_multiple", "0", *ZERO2],
     ("2026-11-23", "configs/qwen3-30b-a3b_lora_chameleons.yaml"): [
         "--model.speed.packing", "false", "--model.speed.loss", "chunked", "--data.init_args.batch_size", "2",

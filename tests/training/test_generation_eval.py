@@ -60,8 +60,7 @@ def test_mgm_validation_writes_scores_a_sample_table_and_images_that_match_direc
         inputs = [data.item_inputs(item) for item in batch]
         replies = generate_batch(module.loaded.model, module.tokenizer, [i.prompt_ids for i in batch],
                                  GenerationArgs(**{**gen.__dict__, "seed": 1 + b}),
-                                 torch.stack([p["images"] for p in inputs]),
-                                 torch.stack([p["images_aux"] for p in inputs]))
+                                 {k: torch.stack([p[k] for p in inputs]) for k in ("images", "images_aux")})
         preds += [r[0].strip() for r in replies]
     expected = GenerationMetrics("vqa")
     expected.update(preds, [item.reference for item in items])

@@ -91,9 +91,11 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, tokenizer, rows: list[list[int]], args: GenerationArgs,
-                   images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None) -> list[list[str]]:
+                   model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:
     """Generates `num_return_sequences` replies for each prompt (token id lists); returns decoded texts per prompt.
 
+    `model_inputs` are the family's tensors beyond the prompt ids, each (B, ...) (MGM: `images`, `images_aux`); a
+    model that takes them generates from its own input embeddings and returns the new tokens only (MGM's `generate`).
     Special tokens are removed from the decoded text; generation stops at eos or an end-of-turn token.
     """
     device = next(model.parameters()).device
@@ -101,9 +103,9 @@ def generate_batch(model: nn.Module, tokenizer, rows: list[list[int]], args: Gen
     ids, mask = left_pad(rows, pad_id)
     torch.manual_seed(args.seed)
     kw = dict(args.kwargs(), eos_token_id=stop_token_ids(tokenizer), pad_token_id=pad_id)
-    if images is not None:  # MGM: returns only the new tokens (it generates from input embeddings)
-        new = model.generate(ids.to(device), mask.to(device), images.to(device, _dtype(model)),
-                             images_aux.to(device, _dtype(model)), **kw)
+    if model_inputs:  # MGM: returns only the new tokens (it generates from input embeddings)
+        extra = {name: value.to(device, _dtype(model)) for name, value in model_inputs.items()}
+        new = model.generate(ids.to(device), mask.to(device), **extra, **kw)
     else:  # the training config turns the KV cache off (use_cache=False); generation wants it on
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **kw)
         new = out[:, ids.shape[1]:]

@@ -90,7 +90,7 @@ class LoadedModel(ABC):
         The caller switches to eval mode; `model_inputs` (each (B, ...), `Processor.image_inputs` stacked) are for
         families that take more than text.
         """
-        return generate_batch(self.model, tokenizer, rows, args)
+        return generate_batch(self.model, tokenizer, rows, args, model_inputs)
 
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:
         """Writes a merged (adapter-free) `model` as a standalone checkpoint in the family's own layout."""
@@ -160,7 +160,7 @@ class LoadedMgm(LoadedModel):
         if not model_inputs:  # a text-only prompt still needs image tensors of the right size (MGM's blank image)
             raise ValueError("LoadedMgm.generate needs images and images_aux (MgmProcessor.image_inputs(None, ...) "
                              "for a prompt without an image).")
-        return generate_batch(self.model, tokenizer, rows, args, model_inputs["images"], model_inputs["images_aux"])
+        return generate_batch(self.model, tokenizer, rows, args, model_inputs)
 
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:  # noqa: D102
         from mgmlora.models.mgm_checkpoint import save_mgm

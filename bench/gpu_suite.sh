@@ -262,7 +262,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # shellcheck disable=SC2086
     smoke mgm2b_lora_24gib 240 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $long
     # shellcheck disable=SC2086
-    smoke mgm2b_lora_packed_24gib 200 --memory_cap_gib 24 fit --config configs/mgm2b_lora_packed.yaml $mgm $long
+    smoke mgm2b_lora_packed_24gib 200 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm $long
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
     smoke qwen3-30b-a3b_lora_chameleons_1gpu_x32 150 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
@@ -298,7 +298,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       $mgm $long
     # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=1 smoke mgm2b_lora_packed_24gib_loop 200 --memory_cap_gib 24 fit \
-      --config configs/mgm2b_lora_packed.yaml $mgm $long
+      --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm $long
     wait
     cat "$out/moe.log"
     ;;

@@ -8,7 +8,7 @@ index), and a crash or a full disk left a directory that looked complete. So:
   unless `--overwrite` is given;
 - `writing_dir`: the output is written into a fresh hidden sibling (`.<name>.tmp-xxxxxxxx`, the names
   mgmlora.training.checkpoint's recovery knows) and renamed into place only when complete, replacing the previous
-  directory with one rename each (mgmlora.training.checkpoint.publish); on any failure the sibling is deleted and the
+  directory with one rename each (mgmlora.training.checkpoint.staged_dir); on any failure the sibling is deleted and the
   previous output is untouched. A full disk is reported with the path and the bytes the output needed.
 """
 
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mgmlora.errors import MgmloraError, UsageError
-from mgmlora.training.checkpoint import fresh_tmp, publish
+from mgmlora.training.checkpoint import staged_dir
 
 
 class DiskFullError(MgmloraError):
@@ -49,23 +49,20 @@ def _size(path: Path) -> int:
 def writing_dir(out: str | Path) -> Iterator[Path]:
     """Yields a fresh sibling of `out` to write into; on success it replaces `out`, on failure it is deleted."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp(out)
-    tmp.mkdir()
+    written = 0
     try:
-        yield tmp
-        publish(tmp, out)
+        with staged_dir(out) as tmp:
+            try:
+                yield tmp
+            except OSError:
+                written = _size(tmp)  # measured before staged_dir deletes it
+                raise
     except OSError as error:
-        written = _size(tmp) if tmp.exists() else 0
-        shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
             free = shutil.disk_usage(out.parent).free
             raise DiskFullError(f"{out}: disk full after {written} bytes written ({free} bytes free on that disk); "
                                 "nothing was left behind and any previous output is unchanged. Free space or choose "
                                 "another --output.") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -7,7 +7,6 @@ needs per-batch lambdas (not expressible in YAML) and logs samples, not supervis
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mgmlora.batch import Batch
 from mgmlora.models.identity import BASE_KEY
-from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, fresh_tmp, publish, write_adapter, write_tensors
+from mgmlora.training.checkpoint import RUN_SETTINGS, TRAINABLES, staged_dir, write_adapter, write_tensors
 from mgmlora.training.finite import NonFiniteError
 from mgmlora.training.lightning_private import format_summary_table
 
@@ -96,7 +95,7 @@ class AdapterExport(L.Callback):
 
     The directory loads with plain `peft.PeftModel.from_pretrained(base_model, path)`; other trained weights (MGM's
     projector and mining modules) go beside it in `non_lora_trainables.safetensors`. It is written into a temporary
-    sibling and renamed into place (mgmlora.training.checkpoint.publish), so a crash or a full disk never leaves a
+    sibling and renamed into place (mgmlora.training.checkpoint.staged_dir), so a crash or a full disk never leaves a
     half-written adapter under the final name; a tensor holding NaN or inf is refused instead of written.
     """
 
@@ -116,10 +115,7 @@ class AdapterExport(L.Callback):
         if not trainer.is_global_zero:
             return
         check_finite_tensors({**adapter, **trainables}, out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_tmp(out)
-        tmp.mkdir()
-        try:
+        with staged_dir(out) as tmp:
             if pl_module.plan is not None:
                 write_adapter(tmp, pl_module.model.peft_config["default"], adapter)  # PEFT's own files
             if trainables:
@@ -127,10 +123,6 @@ class AdapterExport(L.Callback):
             # the run's model/LoRA settings, so bin/export.py can rebuild the base without the run's config file
             settings = {**dict(pl_module.hparams), BASE_KEY: pl_module.base_id}  # the base it belongs to
             (tmp / RUN_SETTINGS).write_text(json.dumps(settings, indent=2, default=str))
-            publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.written = out
         rank_zero_info(f"mgmlora: adapter written to {out}")
 

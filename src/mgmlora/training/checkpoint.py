@@ -28,6 +28,8 @@ import pickle
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,23 @@ def publish(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yields a fresh temporary sibling of `path` to write a directory into.
+
+    It is published as `path` when the block completes (`publish`) and deleted when it fails, so no half-written
+    directory ever carries the final name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a publish
+
+
 def readable(path: Path) -> Path:
     """`path`, or while a crash has left it renamed away, the complete previous checkpoint of that name."""
     if path.exists():
@@ -199,17 +218,12 @@ class AdapterCheckpointIO(CheckpointIO):
                                "LoraLitModule does).")
         path = Path(path)
         recover_once(path.parent, self.recovered)
-        tmp = fresh_tmp(path)
-        try:
-            tmp.mkdir(parents=True)
+        with staged_dir(path) as tmp:
             if peft is not None:
                 write_adapter(tmp, peft["config"], peft["adapter"])
             if trainables:
                 write_tensors(tmp / TRAINABLES, trainables)
             torch.save(checkpoint, tmp / TRAINER_STATE)
-            publish(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:

@@ -116,16 +116,11 @@ class MgmCLI(LightningCLI):
         kwargs["plugins"] = plugins
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config.get("trainer") or {}
-        if trainer_config.get("enable_progress_bar") is not False:  # None and True both mean a bar
-            callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            if not any(isinstance(c, ProgressBar) for c in callbacks):  # a bar the config names wins
-                kwargs["callbacks"] = [*callbacks, progress_callback()]  # mgmlora.training.progress
+        # None and True both mean on; a bar or summary the config names wins
+        if trainer_config.get("enable_progress_bar") is not False:
+            _add_unless_named(kwargs, trainer_config, ProgressBar, progress_callback)  # mgmlora.training.progress
         if trainer_config.get("enable_model_summary") is not False:
-            callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            if not any(isinstance(c, ModelSummary) for c in callbacks):  # no made-up FLOPs total
-                kwargs["callbacks"] = [*callbacks, RunSummary()]
+            _add_unless_named(kwargs, trainer_config, ModelSummary, RunSummary)  # no made-up FLOPs total
         _check_trainer_settings(trainer_config)
         trainer = super().instantiate_trainer(**kwargs)
         stray_rank = align_rank_zero(trainer)  # a stray RANK in the environment must not silence the logs
@@ -137,6 +132,14 @@ class MgmCLI(LightningCLI):
         if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
             trainer.callbacks.insert(0, RunOutcome())
         return trainer
+
+
+def _add_unless_named(kwargs: dict, trainer_config, kind: type, make) -> None:
+    """Appends `make()` to the Trainer's callbacks unless one of them is already a `kind`."""
+    callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if not any(isinstance(c, kind) for c in callbacks):
+        kwargs["callbacks"] = [*callbacks, make()]
 
 
 def _check_trainer_settings(trainer_config) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
@@ -86,8 +87,6 @@ class LineProgress(ProgressBar):
         self._enabled = True
 
     def _line(self, trainer, pl_module, prefix: str) -> None:
-        import time
-
         total = trainer.estimated_stepping_batches
         step, now = trainer.global_step, time.perf_counter()
         parts = [prefix, f"step {step}" + ("" if math.isinf(total) else f"/{int(total)}")]
@@ -99,8 +98,6 @@ class LineProgress(ProgressBar):
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
     def on_train_start(self, trainer, *_: Any) -> None:  # noqa: D102
-        import time
-
         self._last = (trainer.global_step, time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102

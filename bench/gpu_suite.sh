@@ -79,7 +79,7 @@ common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trai
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
-[[ $part == mgm* || $part == recipe_mgm || $part == gen_cost* || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
+[[ $part == mgm* || $part == recipe_mgm* || $part == gen_cost* || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
 levers() {
@@ -535,6 +535,22 @@ loop["recipe_loop_vs_best_step"] = loop["tokens_per_s_median"] / best["ours_toke
 json.dump(loop, open(loop_path, "w"), indent=2)
 print("recipe_loop_vs_best_step", round(loop["recipe_loop_vs_best_step"], 3))
 PY
+    ;;
+  recipe_mgm_window)
+    # the recipe's 128 samples per optimizer step grouped into fewer, balanced packed micro-batches
+    # (data.window_samples 128, mgmlora.data.sampling.BalancedWindowBatchSampler) against the recipe as written
+    # (one sample per micro-batch), in the fit loop under a 24 GiB cap on the same realistic rows, 4 optimizer steps
+    python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
+    long="--data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
+    # shellcheck disable=SC2086
+    smoke mgm2b_lora_recipe_loop_24gib_x1 220 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $long
+    for run in ${WINDOW_RUNS:-64:chunked 48:liger}; do  # accumulate_grad_batches:speed.loss
+      acc=${run%%:*} loss=${run##*:}
+      # shellcheck disable=SC2086
+      smoke mgm2b_lora_recipe_loop_24gib_window128_acc${acc}_$loss 220 --memory_cap_gib 24 fit \
+        --config configs/mgm2b_lora.yaml $mgm $long --data.init_args.window_samples 128 \
+        --trainer.accumulate_grad_batches "$acc" --model.speed.loss "$loss"
+    done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -36,10 +36,10 @@ class _GradCapture(L.Callback):
         self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
 
 
-def _grads(train_path, batch_size, accumulate):
+def _grads(train_path, batch_size, accumulate, **data_args):
     torch.manual_seed(0)
     module, capture = _module(), _GradCapture()
-    data = connect_data(ChatDataModule(train_path, batch_size=batch_size, shuffle=False), module)
+    data = connect_data(ChatDataModule(train_path, batch_size=batch_size, shuffle=False, **data_args), module)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[capture], plugins=[AdapterCheckpointIO()])

@@ -146,6 +146,9 @@ class ChameleonsDataModule(TokenizedDataModule):
         max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
             filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
             micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
+        window_samples: samples per optimizer step per device; when set, each step's samples are spread over
+            `trainer.accumulate_grad_batches` micro-batches of near-equal positions (`batch_size` stays 1;
+            `max_tokens`, if set, only flags micro-batches above it). Meant for `model.speed.packing: true`.
     """
 
     def __init__(self, train_path: str, test_path: str | None = None, ablation: AblationName = "context_only",
@@ -154,7 +157,8 @@ class ChameleonsDataModule(TokenizedDataModule):
                  val_ratio: float = 0.1, split_seed: int = 42, max_history: int = 15, mark_omitted: bool = False,
                  tokenizer_path: str | None = None, max_length: int = 1024, batch_size: int = 1,
                  eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 42,
-                 drop_last: bool = False, max_tokens: int | None = None):
+                 drop_last: bool = False, max_tokens: int | None = None,
+                 window_samples: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         get_ablation(ablation)

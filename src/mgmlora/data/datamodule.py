@@ -23,7 +23,7 @@ from mgmlora.batch import Batch
 from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat_lines
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.generation_items import GenerationItem, seeded_subset, tail
-from mgmlora.data.sampling import TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
+from mgmlora.data.sampling import BalancedWindowBatchSampler, TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
 from mgmlora.errors import MgmloraError
 from mgmlora.models import ModelInfo
 
@@ -144,8 +144,10 @@ class TokenizedDataModule(L.LightningDataModule):
     Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
     `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
     With `max_tokens` set, a TokenBudgetBatchSampler fills micro-batches up to that many positions instead (costs from
-    `_costs`). Subclasses call `save_hyperparameters()` with at least: tokenizer_path, batch_size, eval_batch_size,
-    num_workers, shuffle, seed, drop_last; and max_tokens to offer the token budget.
+    `_costs`); with `window_samples` set, a BalancedWindowBatchSampler fixes the samples per optimizer step and spreads
+    them over the window's micro-batches by position count. Subclasses call `save_hyperparameters()` with at least:
+    tokenizer_path, batch_size, eval_batch_size, num_workers, shuffle, seed, drop_last; and max_tokens /
+    window_samples to offer those samplers.
     """
 
     takes_images = False  # whether samples carry images (an MGM model trained on text-only data is refused)
@@ -237,7 +239,14 @@ class TokenizedDataModule(L.LightningDataModule):
                       rank=trainer.global_rank, world_size=trainer.world_size, drop_last=hp.drop_last,
                       # a strategy that runs the accumulation itself (DeepSpeed) steps across epoch boundaries
                       whole_windows=trainer.strategy.handles_gradient_accumulation)
-        max_tokens = hp.get("max_tokens")
+        max_tokens, window_samples = hp.get("max_tokens"), hp.get("window_samples")
+        if window_samples is not None:
+            if hp.batch_size != 1:
+                raise ValueError(f"data.window_samples={window_samples} with data.batch_size={hp.batch_size}: the "
+                                 "window's samples are spread over trainer.accumulate_grad_batches micro-batches, so "
+                                 "batch_size does not apply. Leave data.batch_size at 1.")
+            return BalancedWindowBatchSampler(supervised, self._costs(samples), window_samples,
+                                              max_tokens=max_tokens, **common)
         if max_tokens is None:
             return WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)
         if hp.batch_size == 1:
@@ -320,12 +329,16 @@ class ChatDataModule(TokenizedDataModule):
         max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
             filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
             micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
+        window_samples: samples per optimizer step per device; when set, each step's samples are spread over
+            `trainer.accumulate_grad_batches` micro-batches of near-equal positions (`batch_size` stays 1;
+            `max_tokens`, if set, only flags micro-batches above it). Meant for `model.speed.packing: true`.
     """
 
     def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
                  tokenizer_path: str | None = None, max_length: int = 2048, train_on: TrainOn = "all_assistant",
                  batch_size: int = 1, eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, max_tokens: int | None = None):
+                 seed: int = 0, drop_last: bool = False, max_tokens: int | None = None,
+                 window_samples: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.conversations: dict[str, list[list[dict]]] = {}  # raw conversations per split (generation references)

@@ -87,6 +87,9 @@ class LlavaDataModule(TokenizedDataModule):
         max_tokens: positions per micro-batch per device (image positions included); when set, micro-batches are
             filled up to this many positions instead of `batch_size` samples (`batch_size` then caps the samples per
             micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
+        window_samples: samples per optimizer step per device; when set, each step's samples are spread over
+            `trainer.accumulate_grad_batches` micro-batches of near-equal positions (`batch_size` stays 1;
+            `max_tokens`, if set, only flags micro-batches above it). Meant for `model.speed.packing: true`.
     """
 
     takes_images = True
@@ -96,7 +99,8 @@ class LlavaDataModule(TokenizedDataModule):
                  max_image_pixels: int | None = 89_478_485,
                  tokenizer_path: str | None = None, max_length: int | None = None, batch_size: int = 1,
                  eval_batch_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, max_tokens: int | None = None):
+                 drop_last: bool = False, max_tokens: int | None = None,
+                 window_samples: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.processor: Processor | None = None

@@ -8,11 +8,14 @@ Every rank draws the same global permutation from (seed, epoch), so each rank ca
 micro-batches itself, with no communication. The sampler also resumes mid-epoch by skipping consumed batches.
 
 WindowBatchSampler fills micro-batches with `batch_size` samples; TokenBudgetBatchSampler fills them up to a budget of
-positions (length-grouped), for sequence packing, where a micro-batch costs the sum of its samples' lengths.
+positions (length-grouped), for sequence packing, where a micro-batch costs the sum of its samples' lengths;
+BalancedWindowBatchSampler fixes the samples per optimizer step and spreads each window's samples over its
+micro-batches with balanced position counts.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -251,3 +254,89 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
 
     def _raw_steps(self) -> int:
         return len(self._micro_batches()) // self.world_size
+
+
+def balance_by_cost(indices: Sequence[int], costs: Sequence[int], bins: int) -> list[list[int]]:
+    """Splits `indices` into `bins` groups of near-equal summed cost (longest-processing-time first).
+
+    Samples go, costliest first (ties: lower index first), to the group with the smallest cost so far (ties: lower
+    group number), so the result depends only on the inputs. Needs at least as many indices as bins: no group is
+    empty.
+    """
+    if len(indices) < bins:
+        raise ValueError(f"{len(indices)} samples cannot fill {bins} micro-batches")
+    groups: list[list[int]] = [[] for _ in range(bins)]
+    loads = [(0, g) for g in range(bins)]  # (summed cost, group), a min-heap
+    for i in sorted(indices, key=lambda i: (-costs[i], i)):
+        load, g = heapq.heappop(loads)
+        groups[g].append(i)
+        heapq.heappush(loads, (load + costs[i], g))
+    return groups
+
+
+class BalancedWindowBatchSampler(WindowBatchSampler):
+    """A WindowBatchSampler whose optimizer step holds `window_samples` samples per rank in `accumulate` micro-batches.
+
+    Why: a recipe fixes the samples per optimizer step (MGM: 128) and its per-token loss normalisation, while how those
+    samples are grouped into micro-batches is free. One sample per micro-batch leaves the GPU idle between small
+    kernels; a fixed number of packed samples per micro-batch sizes memory for the longest ones. Here each window's
+    samples (all ranks: `window_samples * world_size`, taken in the seeded permutation's order) are split into
+    `accumulate * world_size` micro-batches of near-equal positions (`balance_by_cost`), so the micro-batches stay
+    close to the window's mean cost and Lightning still steps every `accumulate` micro-batches. The gradient of a
+    step equals that of the same samples one per micro-batch: the window's token count normalises both.
+
+    An epoch that is not a whole number of windows is filled by wrapping around to the permutation's start (or its
+    last window dropped with `drop_last`), so every window holds exactly `window_samples * world_size` samples.
+
+    Args:
+        num_supervised: supervised-token count of every sample, in dataset order.
+        costs: positions every sample occupies in the model (image positions included), in dataset order.
+        window_samples: samples per optimizer step per rank (the global batch is this times world_size).
+        accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches); at most window_samples.
+        max_tokens: positions a micro-batch should stay within (optional): the epochs' micro-batches above it are
+            logged with the accumulation that would keep them within it.
+        shuffle, seed, rank, world_size, drop_last, whole_windows: as WindowBatchSampler.
+    """
+
+    def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], window_samples: int, accumulate: int = 1,
+                 max_tokens: int | None = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False, whole_windows: bool = False):
+        if len(costs) != len(num_supervised):
+            raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
+        if not 1 <= accumulate <= window_samples:
+            raise ValueError(f"accumulate_grad_batches ({accumulate}) must be between 1 and window_samples "
+                             f"({window_samples}): every micro-batch needs at least one sample")
+        if drop_last and len(costs) < window_samples * world_size:
+            raise ValueError(f"{len(costs)} samples are fewer than one window of {window_samples} x {world_size} "
+                             "rank(s), and drop_last drops it")
+        self.costs, self.window_samples, self.max_tokens = list(costs), window_samples, max_tokens
+        self._balanced: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
+        super().__init__(num_supervised, window_samples, accumulate, shuffle, seed, rank, world_size, drop_last,
+                         whole_windows)
+
+    def _micro_batches(self) -> list[list[int]]:
+        if self._balanced is not None and self._balanced[0] == self.epoch:
+            return self._balanced[1]
+        per_window, bins = self.window_samples * self.world_size, self.accumulate * self.world_size
+        order = _to_multiple(list(self.sampler), per_window, self.drop_last)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), per_window):  # global step s = micro-batches [s * world, (s + 1) * world)
+            batches += balance_by_cost(order[start : start + per_window], self.costs, bins)
+        self._balanced = (self.epoch, batches)
+        self._report_over_budget(batches)
+        return batches
+
+    def _report_over_budget(self, batches: list[list[int]]) -> None:
+        if self.max_tokens is None or self.rank != 0:
+            return
+        sums = [sum(self.costs[i] for i in b) for b in batches]
+        over = sum(c > self.max_tokens for c in sums)
+        if over:
+            log.warning("data.max_tokens=%d: %d of %d micro-batches hold more positions (largest: %d). Raise "
+                        "trainer.accumulate_grad_batches (micro-batches per window) to make them smaller.",
+                        self.max_tokens, over, len(sums), max(sums))
+
+    def _raw_steps(self) -> int:
+        n, per_window = len(self.num_supervised), self.window_samples * self.world_size
+        windows = n // per_window if self.drop_last else -(-n // per_window)
+        return windows * self.accumulate

@@ -1,13 +1,13 @@
 """Resume refuses settings that change what the remaining steps compute, unless the user says so.
 
 A checkpoint continues a run: its optimizer moments, its schedule position and its data position only mean what they
-did if the rest of the run trains the same way. LoRA's own shape (rank, alpha, targets, rsLoRA/DoRA) is compared with
-the saved adapter config by LoraLitModule; this module records and compares the rest of what changes the math of an
-optimizer step: LoRA dropout, gradient accumulation, micro-batch size, the number of data-parallel ranks (together
-the global batch) and precision. Each checkpoint stores them under `RUN_KEY`; `fit --ckpt_path` with any of them
-different stops before training with every difference listed, unless `model.allow_resume_changes: true` says the
-change is meant (then each difference is logged instead). Checkpoints written before this check carry none and are
-not compared.
+did if the rest of the run trains the same way. LoRA's own shape (rank, alpha, targets, rsLoRA/DoRA) is compared
+with the saved adapter config by LoraLitModule; this module records and compares the rest of what changes the math
+of an optimizer step: LoRA dropout, gradient accumulation, micro-batch size, samples per window, the number of
+data-parallel ranks (together the global batch) and precision. Each checkpoint stores them under `RUN_KEY`;
+`fit --ckpt_path` with any of them different stops before training with every difference listed, unless
+`model.allow_resume_changes: true` says the change is meant (then each difference is logged instead). Checkpoints
+written before this check carry none and are not compared.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ RUN_KEY = "mgmlora_run_math"
 # the setting's config key, named in the message
 KEYS = {"lora_dropout": "model.lora.lora_dropout", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
         "batch_size": "data.init_args.batch_size", "max_tokens": "data.init_args.max_tokens",
+        "window_samples": "data.init_args.window_samples",
         "world_size": "trainer.devices x trainer.num_nodes (ranks)", "precision": "trainer.precision"}
 
 
@@ -29,8 +30,9 @@ def run_math(trainer: Any, lora_dropout: float | None) -> dict:
     hp = getattr(getattr(trainer, "datamodule", None), "hparams", {}) or {}
     values = {"lora_dropout": lora_dropout, "accumulate_grad_batches": trainer.accumulate_grad_batches,
               "batch_size": hp.get("batch_size"), "max_tokens": hp.get("max_tokens"),
-              "world_size": trainer.world_size, "precision": str(trainer.precision)}
-    return {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
+              "window_samples": hp.get("window_samples"), "world_size": trainer.world_size,
+              "precision": str(trainer.precision)}
+    return {k: v for k, v in values.items() if v is not None or k in ("max_tokens", "window_samples")}
 
 
 def resume_differences(saved: dict | None, current: dict) -> list[str]:

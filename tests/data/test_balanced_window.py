@@ -1,0 +1,164 @@
+import logging
+import random
+
+import lightning as L
+import pytest
+import torch
+
+from mgmlora.data.datamodule import ChatDataModule
+from mgmlora.data.sampling import BalancedWindowBatchSampler, balance_by_cost
+from mgmlora.training.resume import resume_differences
+from tests.conftest import connect_data
+from tests.training.test_module import _grads, _module, _subset
+
+_rng = random.Random(3)
+COSTS = [_rng.randint(600, 2100) for _ in range(203)]  # MGM-like: 576 image + 100-1500 text positions
+SUPERVISED = [_rng.randint(1, c - 576) for c in COSTS]
+WINDOW, ACC = 16, 5
+
+
+def _sampler(rank=0, world=1, **kwargs):
+    kwargs = {"window_samples": WINDOW, "accumulate": ACC, "seed": 7, **kwargs}
+    return BalancedWindowBatchSampler(SUPERVISED, COSTS, rank=rank, world_size=world, **kwargs)
+
+
+def _permutation(seed, epoch, n=len(COSTS)):
+    """The seeded global order, drawn here the way torch.randperm draws it (independent of the sampler)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def _windows(world=1, epoch=0, **kwargs):
+    """Per window: the micro-batches of every rank (rank r's i-th at [i][r]) as lists of WindowKeys."""
+    per_rank = []
+    for rank in range(world):
+        sampler = _sampler(rank, world, **kwargs)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+    steps = len(per_rank[0])
+    assert all(len(r) == steps for r in per_rank) and steps % ACC == 0
+    return [[[per_rank[r][s] for r in range(world)] for s in range(w, w + ACC)] for w in range(0, steps, ACC)]
+
+
+def test_balance_by_cost_on_a_hand_worked_example():
+    # costliest first into the lightest group: 5->g0, 4->g1, 3(i=2)->g1 (4<5), 3(i=3)->g0 (5<7), 2->g1 (7<8), 1->g0
+    assert balance_by_cost([0, 1, 2, 3, 4, 5], [5, 4, 3, 3, 2, 1], 2) == [[0, 3, 5], [1, 2, 4]]
+    assert balance_by_cost([2, 0], [1, 1, 1], 2) == [[0], [2]]
+    with pytest.raises(ValueError, match="cannot fill"):
+        balance_by_cost([0], [1], 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_window_is_the_next_slice_of_the_permutation_with_its_token_count(world):
+    order = _permutation(7, 0)
+    per_window = WINDOW * world
+    order += order[: -len(order) % per_window]  # wrap-around fill, as DistributedSampler does
+    windows = _windows(world)
+    assert len(windows) == len(order) // per_window
+    for w, window in enumerate(windows):
+        keys = [k for step in window for batch in step for k in batch]
+        expected = order[w * per_window : (w + 1) * per_window]
+        assert sorted(k.index for k in keys) == sorted(expected)
+        assert {k.window_tokens for k in keys} == {sum(SUPERVISED[i] for i in expected)}
+        assert all(len(batch) >= 1 for step in window for batch in step)
+
+
+def test_window_end_marks_only_the_last_micro_batch_of_each_window():
+    for window in _windows(2):
+        for s, step in enumerate(window):
+            assert all(k.window_end == (s == ACC - 1) for batch in step for k in batch)
+
+
+def test_micro_batches_stay_within_the_list_scheduling_bound_and_beat_consecutive_chunks():
+    worst_balanced, worst_chunked = 0, 0
+    for window in _windows(1):
+        batches = [[k.index for k in step[0]] for step in window]
+        sums = [sum(COSTS[i] for i in b) for b in batches]
+        samples = [i for b in batches for i in b]
+        # greedy list scheduling's guarantee: no group exceeds the mean by more than one sample's cost
+        assert max(sums) <= sum(sums) / ACC + max(COSTS[i] for i in samples)
+        worst_balanced = max(worst_balanced, max(sums))
+        chunks = [samples[i::ACC] for i in range(ACC)]  # any other split of the same samples
+        worst_chunked = max(worst_chunked, max(sum(COSTS[i] for i in c) for c in chunks))
+    assert worst_balanced < worst_chunked
+
+
+def test_ranks_hold_disjoint_samples_and_agree_on_length():
+    for window in _windows(3):
+        for step in window:
+            indices = [k.index for batch in step for k in batch]
+            assert len(indices) == len(set(indices))
+
+
+def test_drop_last_drops_the_incomplete_window_and_repeats_nothing():
+    windows = _windows(2, drop_last=True)
+    keys = [k.index for window in windows for step in window for batch in step for k in batch]
+    assert len(keys) == len(set(keys)) == len(COSTS) // (2 * WINDOW) * 2 * WINDOW
+
+
+def test_epochs_and_seeds_differ_and_repeat():
+    first = [[k.index for k in b] for b in _sampler()]
+    assert first == [[k.index for k in b] for b in _sampler()]
+    other = _sampler()
+    other.set_epoch(1)
+    assert first != [[k.index for k in b] for b in other]
+    assert first != [[k.index for k in b] for b in _sampler(seed=8)]
+
+
+@pytest.mark.parametrize("consumed", [0, 3, ACC, 17])
+def test_resume_skips_exactly_the_consumed_batches(consumed):
+    full = [[(k.index, k.window_tokens) for k in b] for b in _sampler()]
+    resumed = _sampler()
+    resumed.resume_from(0, consumed)
+    assert [[(k.index, k.window_tokens) for k in b] for b in resumed] == full[consumed:]
+    assert len(resumed) == len(full)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="between 1 and window_samples"):
+        _sampler(accumulate=WINDOW + 1)
+    with pytest.raises(ValueError, match="costs for"):
+        BalancedWindowBatchSampler(SUPERVISED, COSTS[:-1], WINDOW, ACC)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        BalancedWindowBatchSampler(SUPERVISED[:5], COSTS[:5], WINDOW, ACC, drop_last=True)
+
+
+def test_micro_batches_above_max_tokens_are_reported(caplog):
+    sampler = _sampler(max_tokens=5000)  # about 3.2 samples of ~1350 positions per micro-batch: some exceed it
+    with caplog.at_level(logging.WARNING, logger="mgmlora.data.sampling"):
+        sums = [sum(COSTS[k.index] for k in b) for b in sampler]
+    over = sum(c > 5000 for c in sums)
+    assert over > 0
+    assert f"{over} of {len(sums)} micro-batches" in caplog.text and f"largest: {max(sums)}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mgmlora.data.sampling"):
+        list(_sampler(max_tokens=max(sums)))
+    assert "micro-batches hold more positions" not in caplog.text
+
+
+def test_a_window_in_balanced_micro_batches_gives_the_gradient_of_one_sample_per_micro_batch(tmp_path):
+    path = _subset(tmp_path, 8)
+    one_each, _, data = _grads(path, batch_size=1, accumulate=8)  # dataset order: samples 0..7, one per micro-batch
+    balanced, _, balanced_data = _grads(path, batch_size=1, accumulate=3, window_samples=8)
+    sampler = balanced_data.train_dataloader().batch_sampler
+    assert isinstance(sampler, BalancedWindowBatchSampler)
+    first = [[k.index for k in b] for b in list(sampler)[:3]]
+    assert sorted(i for b in first for i in b) == list(range(8)) and max(len(b) for b in first) > 1
+    assert one_each.keys() == balanced.keys() and len(one_each) > 0
+    for name in one_each:
+        torch.testing.assert_close(balanced[name], one_each[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    # The test can fail: the same micro-batches with each one's own token mean give another gradient.
+    counts = [data.splits["train"][i].num_supervised for i in range(8)]
+    assert len(set(counts)) > 1
+
+
+def test_window_samples_refuses_a_batch_size_and_is_a_resume_setting(tmp_path):
+    data = connect_data(ChatDataModule(_subset(tmp_path, 8), batch_size=2, window_samples=8), _module())
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    data.trainer = trainer
+    data.setup("fit")
+    with pytest.raises(ValueError, match="data.window_samples=8 with data.batch_size=2"):
+        data.train_dataloader()
+    assert resume_differences({"window_samples": None}, {"window_samples": 128}) == [
+        "data.init_args.window_samples: checkpoint None vs now 128"]

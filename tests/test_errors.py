@@ -162,3 +162,4 @@ def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(capsys, monkeypa
                                                     "--trainer.accelerator", "gpu"], capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert code == USAGE and len(lines) == 1 and lines[0].startswith("error: ") and "gpu" in lines[0].lower(), err
+    assert "Set trainer.accelerator: cpu" in lines[0]  # the fix, not only Lightning's diagnosis

@@ -85,10 +85,14 @@ def classify(error: BaseException) -> tuple[Literal["user", "bug"], int]:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
         return "user", RUNTIME
-    if any(cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
-           for cls in type(error).__mro__):
+    if _lightning_misconfiguration(error):
         return "user", USAGE
     return "bug", RUNTIME
+
+
+def _lightning_misconfiguration(error: BaseException) -> bool:
+    return any(cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+               for cls in type(error).__mro__)
 
 
 def one_line(error: BaseException) -> str:
@@ -102,6 +106,8 @@ def one_line(error: BaseException) -> str:
         return f"{first} (bin/estimate.py --config <your configs> --gpu_memory_gib N shows what fits)"
     if not text:
         return type(error).__name__
+    if _lightning_misconfiguration(error) and ("gpu backend" in text or "accelerator is not available" in text):
+        text += " Set trainer.accelerator: cpu (or auto) on a machine without that device."
     # multi-line messages (jsonargparse's "Parser key ...:\n  Expected ...") joined, so it stays one line
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 

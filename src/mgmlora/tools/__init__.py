@@ -1,8 +1,7 @@
 """Tools around training, each behind a `bin/` script.
 
 Export and merge (`export`), generation and the Chameleons leaderboard (`generate`, `leaderboard`), the peak-memory
-estimate and speed plan (`memory`, `speed_plan` over the measured speeds in `speed_measured`), run comparison
-(`report`); `args` checks their arguments.
+estimate and speed plan (`memory`, `speed_plan`), run comparison (`report`); `args` checks their arguments.
 """
 
 from mgmlora.tools.export import build_trained_model, export_adapter, merge_and_save, read_run_adapter

@@ -46,7 +46,6 @@ from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.quantization import QuantizationArgs, quantized_bytes
 from mgmlora.models.torch_private import allocation_events
-from mgmlora.tools.speed_measured import shipped_4bit_recipe
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability, apply_trainability, component_counts
@@ -275,11 +274,10 @@ def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability,
         candidates.append((f"--config configs/strategy/zero{stage}_offload.yaml (optimizer states on the CPU)",
                            (model_args, lora, speed, replace(shape, zero_stage=stage, offload_optimizer=True))))
     if model_args.quantization is None:  # before more GPUs: it runs on the GPUs the user has
-        shipped = shipped_4bit_recipe(model_args.preset)
         four_bit = replace(model_args, quantization=QuantizationArgs(),
                            gradient_checkpointing=model_args.gradient_checkpointing or uses_moe(model_args))
-        candidates.append(("model.model.quantization: {} (4-bit NF4 base, trainer.strategy auto"
-                           + (f"; the shipped recipe: {shipped})" if shipped else ")"),
+        candidates.append(("model.model.quantization: {} (4-bit NF4 base, trainer.strategy auto; the settings list "
+                           "above names a shipped 4-bit recipe where one was measured)",
                            (four_bit, lora, speed, replace(shape, zero_stage=0, offload_optimizer=False,
                                                            offload_parameters=False))))
     if shape.zero_stage < 3 and shape.world_size > 1 and model_args.quantization is None:  # 4-bit: no ZeRO-3

@@ -159,9 +159,9 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     per_gpu = shape.batch_size * max(shape.accumulate, 1)
     own = (model_args.quantization is not None, model_args.gradient_checkpointing, shape.batch_size)
     bases = [(model_args, shape, "")]
-    bf16_fits = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
-                         replace(shape, batch_size=1)).total_gib <= limit
-    if model_args.quantization is None and not bf16_fits:
+    smallest = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
+                        replace(shape, batch_size=1))
+    if model_args.quantization is None and smallest.total_gib > limit:  # the bf16 base fits no setting
         shipped = shipped_4bit_recipe(model_args.preset)
         change = ("4-bit NF4 base (model.model.quantization, trainer.strategy auto"
                   + (f"; shipped as {shipped})" if shipped else ")"))

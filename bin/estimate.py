@@ -10,8 +10,8 @@ DeepSpeed buffers), trainable parameters per component, and with --gpu_memory_gi
 would fit, and the largest micro-batch that fits (micro-batch sizing from memory; with `speed.packing` padding costs
 nothing, so more samples per micro-batch is the main speed lever measured in configs/README.md; the estimate was
 checked up to 48 samples per micro-batch, larger ones are extrapolations), and the fastest setting that fits
-(checkpointing on or off, samples per micro-batch: mgmlora.tools.speed_plan, a throughput model fitted to the
-measurements).
+(base, checkpointing on or off, samples per micro-batch: mgmlora.tools.speed_plan, ranked by the committed
+measurements, each figure with its result file).
 Method and accuracy: mgmlora.tools.memory.
 """
 
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         if result.get("fastest_fitting"):
             best = candidates(*run, args.gpu_memory_gib)
             packing = "" if run[3].packing else " with model.speed.packing true (padding would cost compute)"
-            print(f"fastest setting that fits (mgmlora.tools.speed_plan){packing}: {best[0].describe()}")
-            for other in best[1:]:
-                print(f"  then: {other.describe()} (relative speed {other.relative_speed:g} vs "
-                      f"{best[0].relative_speed:g})")
+            print(f"settings that fit, best first (mgmlora.tools.speed_plan: measured tokens/s, then its rule)"
+                  f"{packing}:")
+            for rank, setting in enumerate(best, 1):
+                print(f"  {rank}. {setting.describe()}")
         if result.get("fits") is False:
             fix = result["cheapest_fix"]
             combine = ("lower model.lora.r, target fewer modules (model.lora.target_experts: false) and shorten "

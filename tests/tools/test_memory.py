@@ -1,13 +1,13 @@
-"""The memory estimator against every committed GPU measurement (bench/results), and bin/estimate.py.
+"""The memory estimator against the committed GPU peaks it was not fitted on (bench/results), and bin/estimate.py.
 
-The measurements its constants were fitted on (CALIBRATION) and those it predicts (held out) are tested apart.
+Tolerance: the estimate of `torch.cuda.max_memory_allocated` is within 15% of each held-out measured peak
+(TOLERANCE). The files its constants were fitted on (CALIBRATION) are not a test of it, and neither are the tiny CPU
+models (RECOMPUTE_LIVE was set on them, and their allocator peak varies with the machine's CPU kernels).
 """
 
 import importlib.util
 import json
 import shlex
-import subprocess
-import sys
 
 import pytest
 
@@ -37,7 +37,6 @@ def _load(path, name):
 estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
 train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
 TOLERANCE = 0.15  # the estimate's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
-CPU_TOLERANCE = 0.25  # and within 25% of the tiny CPU models' allocator peak
 # Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
 FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",
                           "2026-11-23-mgm2b_full_zero2_24gib-h100.json",
@@ -53,7 +52,8 @@ SHORT_ROW_SMOKE_RUNS = {"2026-11-23-mgm2b_lora-smoke-h100.json", "2026-11-23-qwe
 # Calibration: the results committed when the estimate's constants were last set (docs/design/memory.md). ACT_HIDDEN,
 # ACT_MLP and WORKSPACE_GIB were fitted on the first 17 files (2026-11-23, with the estimator itself); RECOMPUTE_LIVE
 # was set on the tiny CPU models while checking that the next 11 GPU files moved by at most ~1.5%. No constant has
-# changed since, so every later file is held out: the estimate predicts it, it was not fitted to it.
+# changed since, so every later file is held out: the estimate predicts it, it was not fitted to it. Only held-out
+# files test the estimate; FULL_LOSS_BEFORE_SPEED above names calibration files too and stays for the record.
 CALIBRATION = frozenset({
     # fitted on (commit of the estimator)
     "2026-11-23-gpu_tests-h100.json", "2026-11-23-mgm2b_full_zero2_24gib-h100.json",
@@ -139,11 +139,6 @@ def test_the_held_out_measurements_are_most_of_the_committed_ones():
     assert runs[1] >= 15 and steps[1] >= 30, (runs, steps)  # 19 runs and 34 steps held out, 13 and 42 calibrate
 
 
-@pytest.mark.parametrize("name,result", list(_fit_smoke_cases(held_out=False)))
-def test_estimate_fits_the_training_runs_it_was_calibrated_on(name, result, in_repo_root):
-    _check_training_run(name, result)
-
-
 @pytest.mark.parametrize("name,result", list(_fit_smoke_cases(held_out=True)))
 def test_estimate_predicts_held_out_training_runs(name, result, in_repo_root):
     _check_training_run(name, result)
@@ -172,11 +167,6 @@ def _check_training_run(name, result):
     assert abs(est.total_gib / measured - 1) <= TOLERANCE, (est.total_gib, measured, est.items)
 
 
-@pytest.mark.parametrize("result,variant,rec", list(_train_step_cases(held_out=False)))
-def test_estimate_fits_the_benchmark_steps_it_was_calibrated_on(result, variant, rec):
-    _check_bench_step(result, variant, rec)
-
-
 @pytest.mark.parametrize("result,variant,rec", list(_train_step_cases(held_out=True)))
 def test_estimate_predicts_held_out_benchmark_steps(result, variant, rec):
     _check_bench_step(result, variant, rec)
@@ -188,7 +178,7 @@ def _check_bench_step(result, variant, rec):
     assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= TOLERANCE, (est.total_gib, rec["peak_alloc_gib"])
 
 
-def _estimate_bench_step(result, name, flags, rec, device="cuda"):
+def _estimate_bench_step(result, name, flags, rec):
     """The estimate of one bench/train_step.py variant: its model, LoRA, loss, packing and batch geometry."""
     lora = LoraArgs(preset=result["lora"]["preset"], lora_dropout=0.0,
                     target_experts=result["lora"].get("target_experts", False),
@@ -198,38 +188,13 @@ def _estimate_bench_step(result, name, flags, rec, device="cuda"):
     if name == "liger":
         speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
     samples = rec["samples_per_step"]
-    cpu = dict(precision="32-true", device="cpu") if device == "cpu" else {}
     if speed.packing:  # the packed row's positions, spread over the samples (MGM: one image each)
-        shape = RunShape(batch_size=samples, seq_len=int(rec["positions_per_step"] / samples), **cpu)
+        shape = RunShape(batch_size=samples, seq_len=int(rec["positions_per_step"] / samples))
     else:
-        shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples), **cpu)
+        shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples))
     model = ModelArgs(preset=result["model"], gradient_checkpointing="nockpt" not in flags,
-                      dtype="float32" if device == "cpu" else "bfloat16")
+                      dtype="bfloat16")
     return estimate(model, lora, Trainability(), speed, shape)
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("model", ["tiny-qwen3", "tiny-qwen3-moe", "tiny-mgm"])
-def test_estimate_is_within_25_percent_of_the_cpu_allocator_peak_of_tiny_models(model, tmp_path):
-    """The CPU bar: bench/train_step.py measures one step's allocator peak through torch.profiler."""
-    out = tmp_path / "cpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", model, "--lengths",
-                           "fixed", "--seq", "512", "--variants", "plain,chunked,chunked+packing,chunked+nockpt",
-                           "--warmup", "1", "--steps", "1", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    for variant, rec in result["variants"].items():
-        name, flags, _ = train_step.parse_variant(variant)
-        est = _estimate_bench_step(result, name, flags, rec, device="cpu")
-        if "packing" in flags:
-            # Known gap: on the CPU, packed rows attend per sample through SDPA's math path, whose per-sample scores
-            # the estimate does not count (55-64% low since packed attention replaced the dense mask).
-            assert est.total_gib < rec["peak_alloc_gib"], (variant, est.total_gib, rec["peak_alloc_gib"])
-            continue
-        assert "CUDA workspace" not in est.items
-        assert abs(est.total_gib / rec["peak_alloc_gib"] - 1) <= CPU_TOLERANCE, (variant, est.total_gib,
-                                                                                 rec["peak_alloc_gib"], est.items)
 
 
 def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys):
@@ -274,26 +239,6 @@ def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
     assert (short[-1].seq_len, short[-1].batch_size, short[-1].zero_stage, short[-1].world_size) == (512, 4, 3, 2)
     named = run_from_config(["configs/demo_chat.yaml"], ["--trainer.strategy", "deepspeed_stage_2_offload"])[-1]
     assert (named.zero_stage, named.offload_optimizer) == (2, True)
-
-
-def test_fastest_fitting_setting_follows_the_measured_saturation_points(in_repo_root):
-    """By hand from mgmlora.tools.speed_plan's model: MGM-2B (dense, 2048-position rows) saturates at 2 rows, so with
-    room for 2 rows without checkpointing that wins (speed 1.0 vs 0.75); Qwen3-30B-A3B (MoE) at ~545 tokens per sample
-    saturates at ceil(32768 / 545) = 61 samples, reachable only with checkpointing within 80 GiB."""
-    from mgmlora.tools.speed_plan import candidates
-
-    mgm = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 80)
-    assert (mgm[0].gradient_checkpointing, mgm[0].batch_size, mgm[0].relative_speed) == (False, 2, 1.0)
-    qwen_run = run_from_config(["configs/qwen3-30b-a3b_lora_chameleons.yaml"],
-                               ["--model.model.model_path", "null", "--data.init_args.max_length", "545"])
-    qwen = candidates(*qwen_run, 80)
-    assert (qwen[0].gradient_checkpointing, qwen[0].batch_size, qwen[0].relative_speed) == (True, 61, 0.75)
-    assert all(s.total_gib <= 80 for s in mgm + qwen)
-    assert [s.relative_speed for s in qwen] == sorted((s.relative_speed for s in qwen), reverse=True)
-    tight = candidates(*run_from_config(["configs/mgm2b_lora.yaml"]), 24)
-    assert tight and all(s.total_gib <= 24 for s in tight)
-    printed = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
-    assert printed["fastest_fitting"][0] == vars(tight[0])
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -1,70 +1,204 @@
-"""The fastest setting that fits a memory budget: checkpointing on or off, and samples per micro-batch.
+"""The fastest setting that fits a memory budget: base (bf16 or 4-bit), gradient checkpointing, samples per micro-batch.
 
-`bin/estimate.py --gpu_memory_gib N` prints it. Only settings the memory estimate (mgmlora.tools.memory) says fit are
-considered; among them the ranking is a throughput model fitted to the measurements in configs/README.md (H200,
-`bench/train_step.py --budget_gib`; the figures behind each constant: docs/design/memory.md), not a measurement of
-your run:
+`bin/estimate.py --gpu_memory_gib N` prints it. The ranking rests on measurements, not on a model of the GPU:
 
-- gradient checkpointing recomputes each layer's forward in the backward pass: about a third more compute, so a
-  setting with it counts 0.75 of the same setting without it;
-- more positions per micro-batch raise GPU utilisation up to a saturation point, after which the speed is flat: about
-  4,096 positions for a dense model, about 32,768 for a mixture-of-experts model, whose experts each see only
-  top_k / num_experts of the tokens.
-Ties go to the setting with the smaller peak. Without `speed.packing`, padding costs compute and the model counts
-positions as if every sample were `max_length` long, so the advice assumes packing and says so.
+- Candidates: checkpointing off and on (a 4-bit mixture-of-experts base trains with checkpointing only), and every
+  micro-batch that divides the run's samples per GPU per optimizer step (`data.batch_size` x
+  `accumulate_grad_batches`), so the global batch and the GPU count stay as the user gave them. The base is the
+  config's; when the bf16 base does not fit at one sample with checkpointing, the 4-bit NF4 base (QLoRA, no
+  DeepSpeed) joins the candidates on the same GPUs.
+- Fit: a setting fits when its memory estimate (mgmlora.tools.memory) and, where it was measured, its measured peak
+  stay `HEADROOM_GIB` below the budget (the CUDA context and the allocator's fragmentation are not in
+  `torch.cuda.max_memory_allocated`).
+- Rank: measured settings first, fastest first by their measured tokens/s (`MEASURED` below names the result file
+  of each); then the config's own setting if it was not measured (no measurement says another is faster); then, for
+  each base and checkpointing choice, the largest fitting micro-batch that was not measured, without checkpointing
+  before with it (it recomputes each layer's forward). Ties go to the smaller estimate.
+
+`MEASURED`: each row is one committed measurement under `bench/results/` (one H200, random init at real shapes), named
+beside it with the variant inside the file where the file holds several; tests/tools/test_speed_plan.py reads each
+file and checks the row's figures against it. A row describes a setting by what changes the step's work and memory:
+the model preset, a 4-bit or bf16 base, what the LLM trains (`lora`, `frozen`, `full`), expert LoRA, the loss,
+gradient checkpointing, samples per micro-batch and the row length (`max_length`, the longest sample). It does not
+record the LoRA rank or targets beyond expert LoRA, compile, fused AdamW, packing or the GPU count: a row stands for
+every config that matches it on the fields it records. Rows of one model may come from different runs (an isolated
+step in `bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the figure is the file's own
+tokens/s, so rows from the same run compare best.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from mgmlora.models import uses_moe
 from mgmlora.models.args import ModelArgs
-from mgmlora.tools.memory import RunShape, estimate, largest_batch_size
+from mgmlora.models.quantization import QuantizationArgs
+from mgmlora.tools.memory import RunShape, estimate
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability
 
-RECOMPUTE_SPEED = 0.75  # checkpointing's share of the speed without it (one extra forward in ~3 passes' compute)
-SATURATION = {"dense": 4096, "moe": 32768}  # positions per micro-batch beyond which the measured speed was flat
+HEADROOM_GIB = 1.0  # kept free below the budget for what max_memory_allocated does not count
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured setting: its key fields, tokens/s, peak allocated GiB, and where the figures come from."""
+
+    model: str  # registry preset
+    quantized: bool  # 4-bit NF4 base (model.model.quantization)
+    trainable_llm: Literal["lora", "frozen", "full"]  # what the LLM trains (Trainability)
+    target_experts: bool
+    loss: Literal["full", "chunked", "liger"]
+    gradient_checkpointing: bool
+    batch_size: int  # samples per micro-batch
+    max_length: int
+    tokens_per_s: float
+    peak_gib: float  # torch.cuda.max_memory_allocated
+    source: str  # file under bench/results/
+    variant: str | None = None  # the variant inside `source` (bench/train_step.py); None: the file's own figures
+    recipe: str | None = None  # the shipped config the run launched, where it launched one
+
+    def cite(self) -> str:
+        """The file, and the variant inside it, the figures come from."""
+        return f"bench/results/{self.source}" + (f" [{self.variant}]" if self.variant else "")
+
+
+_MGM_BUDGET = "2026-11-30-train_step_budget-mgm2b-h200.json"  # 2048-position rows, compile, fused AdamW
+_QWEN_BUDGET = "2026-11-30-train_step_budget_fastexperts-qwen3-30b-a3b-h200.json"  # Chameleons lengths <= 1024
+
+MEASURED: tuple[Measured, ...] = (
+    Measured("mgm-2b", False, "lora", False, "chunked", True, 1, 2048, 14156.3, 11.35, _MGM_BUDGET,
+             "chunked+nocast+fused+compile"),
+    Measured("mgm-2b", False, "lora", False, "chunked", False, 1, 2048, 19875.3, 15.50, _MGM_BUDGET,
+             "chunked+nocast+fused+compile+nockpt"),
+    Measured("mgm-2b", False, "lora", False, "chunked", False, 2, 2048, 25861.5, 23.71, _MGM_BUDGET,
+             "chunked+packing+nocast+fused+compile+nockptx2"),
+    Measured("mgm-2b", False, "lora", False, "chunked", True, 8, 2048, 24641.9, 26.98, _MGM_BUDGET,
+             "chunked+packing+nocast+fused+compilex8"),
+    Measured("mgm-2b", False, "lora", False, "liger", False, 2, 2048, 23097.0, 18.44, _MGM_BUDGET,
+             "liger+packing+nocast+fused+compile+nockptx2"),
+    Measured("mgm-2b", False, "lora", False, "liger", False, 3, 2048, 24426.2, 24.62, _MGM_BUDGET,
+             "liger+packing+nocast+fused+compile+nockptx3"),
+    Measured("mgm-2b", False, "lora", False, "liger", True, 8, 2048, 26308.5, 26.98, _MGM_BUDGET,
+             "liger+packing+nocast+fused+compilex8"),
+    Measured("mgm-2b", True, "lora", False, "liger", True, 1, 2048, 3608.5, 5.94,
+             "2026-11-30-mgm2b_qlora_8gib-h200.json", recipe="configs/mgm2b_qlora.yaml"),
+    Measured("mgm-2b", False, "frozen", False, "chunked", True, 4, 2048, 13898.8, 15.41,
+             "2026-11-23-mgm2b_stage1_zero2-h200.json", recipe="configs/mgm2b_stage1.yaml"),
+    Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 8, 1024, 6430.5, 60.13, _QWEN_BUDGET,
+             "liger+packing+nocast+fused+fastexpertsx8"),
+    Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 48, 1024, 10669.6, 70.26, _QWEN_BUDGET,
+             "liger+packing+nocast+fused+fastexpertsx48"),
+    Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 64, 1024, 16933.4, 72.05,
+             "2026-12-04-qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile-h200.json",
+             recipe="configs/qwen3-30b-a3b_lora_chameleons.yaml"),
+    Measured("qwen3-30b-a3b", True, "lora", False, "liger", True, 8, 1024, 4672.0, 19.82,
+             "2026-11-30-qwen3-30b-a3b_qlora_chameleons_24gib-h200.json",
+             recipe="configs/qwen3-30b-a3b_qlora_chameleons.yaml"),
+    Measured("qwen3-8b", False, "lora", False, "chunked", True, 2, 1024, 1979.6, 19.34,
+             "2026-11-23-qwen3-8b_lora_chameleons_1gpu-h200.json", recipe="configs/qwen3-8b_lora_chameleons.yaml"),
+)
+
+
+def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs, batch_size: int,
+           max_length: int) -> Measured | None:
+    """The measured row for this setting, or None when it was not measured."""
+    key = (model_args.preset, model_args.quantization is not None, trainable.llm, bool(lora.target_experts),
+           speed.loss, model_args.gradient_checkpointing, batch_size, max_length)
+    for row in MEASURED:
+        if (row.model, row.quantized, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
+                row.batch_size, row.max_length) == key:
+            return row
+    return None
+
+
+def shipped_4bit_recipe(preset: str | None) -> str | None:
+    """The shipped config that trains `preset` on a 4-bit base, where one was measured."""
+    return next((row.recipe for row in MEASURED if row.model == preset and row.quantized and row.recipe), None)
 
 
 @dataclass
 class Setting:
-    """One candidate: checkpointing, samples per micro-batch, its estimated peak and relative speed (1 = best case)."""
+    """One candidate: base, checkpointing, micro-batch, its estimated (and measured) peak, and its speed's source."""
 
+    quantized: bool
     gradient_checkpointing: bool
     batch_size: int
-    positions: int  # batch_size x max_length
-    total_gib: float
-    relative_speed: float
+    accumulate: int  # accumulate_grad_batches that keeps the samples per GPU per optimizer step
+    total_gib: float  # the memory estimate
+    measured_gib: float | None
+    tokens_per_s: float | None  # measured; None when not measured
+    source: str  # where the rank comes from
+    base_change: str = ""  # the change to the config's base, when the setting has another one
+
+    def keys(self) -> tuple[bool, bool, int]:
+        """The setting itself: 4-bit base, checkpointing, samples per micro-batch."""
+        return self.quantized, self.gradient_checkpointing, self.batch_size
 
     def describe(self) -> str:
-        """The config keys to set and the estimated peak."""
-        keep = " (divide accumulate_grad_batches by it to keep the global batch)" if self.batch_size > 1 else ""
-        return (f"model.model.gradient_checkpointing {str(self.gradient_checkpointing).lower()}, "
-                f"data.batch_size {self.batch_size}{keep}: {self.total_gib:.2f} GiB")
+        """The config keys to set, the peak, and where the rank comes from."""
+        base = f"{self.base_change}, " if self.base_change else ""
+        peak = f"{self.total_gib:.2f} GiB estimated" + (
+            f", {self.measured_gib:.2f} GiB measured" if self.measured_gib is not None else "")
+        speed = (f"{self.tokens_per_s:,.0f} tokens/s measured ({self.source})" if self.tokens_per_s is not None
+                 else f"not measured: {self.source}")
+        return (f"{base}model.model.gradient_checkpointing {str(self.gradient_checkpointing).lower()}, "
+                f"data.batch_size {self.batch_size} x accumulate_grad_batches {self.accumulate}: {peak}; {speed}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs, shape: RunShape,
                budget_gib: float) -> list[Setting]:
-    """Every setting that fits `budget_gib`, fastest first by the model above.
+    """Every kept setting that fits `budget_gib`, in the order of the module docstring (best first)."""
+    limit = budget_gib - HEADROOM_GIB
+    per_gpu = shape.batch_size * max(shape.accumulate, 1)
+    own = (model_args.quantization is not None, model_args.gradient_checkpointing, shape.batch_size)
+    bases = [(model_args, shape, "")]
+    smallest = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
+                        replace(shape, batch_size=1))
+    if model_args.quantization is None and smallest.total_gib > limit:  # the bf16 base fits no setting
+        shipped = shipped_4bit_recipe(model_args.preset)
+        change = ("4-bit NF4 base (model.model.quantization, trainer.strategy auto"
+                  + (f"; shipped as {shipped})" if shipped else ")"))
+        four_bit = replace(model_args, quantization=QuantizationArgs())
+        bases.append((four_bit, replace(shape, zero_stage=0, offload_optimizer=False, offload_parameters=False),
+                      change))
+    measured: list[Setting] = []
+    rule: list[Setting] = []
+    for base, base_shape, change in bases:
+        quantized = base.quantization is not None
+        for ckpt in (True,) if quantized and uses_moe(base) else (False, True):
+            args = replace(base, gradient_checkpointing=ckpt)
+            fitting: list[Setting] = []
+            for batch in _divisors(per_gpu):
+                total = estimate(args, lora, trainable, speed, replace(base_shape, batch_size=batch)).total_gib
+                row = lookup(args, lora, trainable, speed, batch, shape.seq_len)
+                if max(total, row.peak_gib if row else 0.0) > limit:
+                    break  # memory grows with the micro-batch: no larger one fits either
+                fitting.append(_setting(quantized, ckpt, batch, per_gpu // batch, total, row, change,
+                                        own=(quantized, ckpt, batch) == own))
+            measured += [s for s in fitting if s.tokens_per_s is not None]
+            rule += [s for s in fitting if s.tokens_per_s is None and s.keys() == own]
+            if fitting and fitting[-1].tokens_per_s is None and fitting[-1].keys() != own:
+                rule.append(fitting[-1])
+    measured.sort(key=lambda s: (-s.tokens_per_s, s.total_gib))
+    rule.sort(key=lambda s: (s.keys() != own, s.gradient_checkpointing, -s.batch_size, s.total_gib))
+    return measured + rule
 
-    For each checkpointing choice: the smallest micro-batch that reaches the saturation point, or the largest that
-    fits when none does (more samples than saturation only cost memory).
-    """
-    moe = uses_moe(model_args)
-    saturation = SATURATION["moe" if moe else "dense"]
-    settings = []
-    # a 4-bit MoE base trains with checkpointing only (mgmlora.models.quantization)
-    for ckpt in (True,) if moe and model_args.quantization is not None else (False, True):
-        args = replace(model_args, gradient_checkpointing=ckpt)
-        largest = largest_batch_size(args, lora, trainable, speed, shape, budget_gib)
-        if largest < 1:
-            continue
-        batch = min(largest, max(1, -(-saturation // shape.seq_len)))  # ceil: the first batch at saturation
-        positions = batch * shape.seq_len
-        speed_model = min(positions, saturation) / saturation * (RECOMPUTE_SPEED if ckpt else 1.0)
-        total = estimate(args, lora, trainable, speed, replace(shape, batch_size=batch)).total_gib
-        settings.append(Setting(ckpt, batch, positions, total, round(speed_model, 4)))
-    return sorted(settings, key=lambda s: (-s.relative_speed, s.total_gib))
+
+def _setting(quantized: bool, ckpt: bool, batch: int, accumulate: int, total: float, row: Measured | None,
+             change: str, own: bool) -> Setting:
+    if row is not None:
+        source = row.cite()
+    elif own:
+        source = "the config as written (nothing measured says another setting is faster)"
+    else:
+        source = ("rule: the largest micro-batch that fits, without checkpointing before with it"
+                  + ("; 4-bit base because the bf16 base does not fit" if change else ""))
+    return Setting(quantized, ckpt, batch, accumulate, total, row.peak_gib if row else None,
+                   row.tokens_per_s if row else None, source, change)

@@ -1,0 +1,208 @@
+"""The speed plan's measured table is what its result files say, the plan ranks by it, and bin/estimate.py agrees with
+every shipped recipe on the GPU it is for."""
+
+import functools
+import importlib.util
+import json
+import math
+import re
+import shlex
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from mgmlora.cli import parse_files
+from mgmlora.tools.memory import cheapest_fix, estimate, run_from_tree
+from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, shipped_4bit_recipe
+from tests.conftest import ROOT, launch_args, launch_files
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("estimate_cli", ROOT / "bin" / "estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _train_step():
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r.source}:{r.variant or r.recipe}")
+def test_each_row_states_its_files_figures_and_setting(row):
+    result = json.loads((RESULTS / row.source).read_text())
+    if row.variant is not None:  # one variant of bench/train_step.py
+        rec = result["variants"][row.variant]
+        impl, flags, _ = _train_step().parse_variant(row.variant)
+        assert result["model"] == row.model
+        assert (impl, "nockpt" not in flags, rec["samples_per_step"]) == (row.loss, row.gradient_checkpointing,
+                                                                           row.batch_size)
+        assert bool(result["lora"].get("target_experts")) is row.target_experts
+        # the row length: the longest sample, or the padded row (MGM: image + text, less the one shifted position)
+        longest = max(max(rec["sample_lengths"]), math.ceil(rec["padded_positions_per_step"] / rec["samples_per_step"]))
+        assert longest in (row.max_length - 1, row.max_length)
+        tokens, peak = rec["tokens_per_s"], rec["peak_alloc_gib"]
+    else:  # a real fit of a shipped config through bench/fit_smoke.py
+        args = shlex.split(result["command"])
+        assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
+        tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
+        assert not result["oom"] and result["world_size"] == 1
+    assert row.tokens_per_s == pytest.approx(tokens, abs=0.051)
+    assert row.peak_gib == pytest.approx(peak, abs=0.0051)
+
+
+def test_no_two_rows_describe_the_same_setting():
+    keys = [(r.model, r.quantized, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing, r.batch_size,
+             r.max_length) for r in MEASURED]
+    assert len(keys) == len(set(keys))
+
+
+def test_the_4bit_recipe_is_named_per_model():
+    assert shipped_4bit_recipe("qwen3-30b-a3b") == "configs/qwen3-30b-a3b_qlora_chameleons.yaml"
+    assert shipped_4bit_recipe("mgm-2b") == "configs/mgm2b_qlora.yaml"
+    assert shipped_4bit_recipe("qwen3-8b") is None
+    assert all((ROOT / r.recipe).is_file() for r in MEASURED if r.recipe)
+
+
+def _run(configs, overrides=()):
+    return run_from_tree(parse_files(list(configs), list(overrides)))
+
+
+# The card each GPU recipe is written for (per GPU), and where that is stated. The CPU demos have no GPU budget.
+RECIPE_BUDGET_GIB = {
+    "mgm2b_lora.yaml": (24, "header: one 24 GB card"),
+    "mgm2b_lora_packed.yaml": (24, "header: one 24 GB card"),
+    "mgm2b_lora_r8.yaml": (24, "an overlay on mgm2b_lora.yaml: its hardware"),
+    "mgm2b_lora_r32.yaml": (24, "an overlay on mgm2b_lora.yaml: its hardware"),
+    "mgm2b_qlora.yaml": (8, "header: one 8 GB card"),
+    "mgm2b_stage1.yaml": (24, "header: one GPU; MGM-2B's card is mgm2b_lora.yaml's 24 GB"),
+    "qwen3-30b-a3b_lora_chameleons.yaml": (80, "8 GPUs of 80 GB (measured on H100 and H200 within 80 GiB)"),
+    "qwen3-30b-a3b_qlora_chameleons.yaml": (24, "header: ONE 24 GB GPU"),
+    "qwen3-8b_lora_chameleons.yaml": (80, "header: one GPU, no size named; measured on 80 GB cards (H100, H200)"),
+    "qwen3-8b_lora_chat.yaml": (80, "header: one GPU, no size named; as qwen3-8b_lora_chameleons.yaml"),
+}
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("demo"))
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
+
+
+def _written(path) -> dict:
+    """The YAML the recipe's launch command composes, as written (no CLI defaults)."""
+    return functools.reduce(_merge, (yaml.safe_load(f.read_text()) for f in launch_files(path)), {})
+
+
+def test_every_gpu_recipe_has_a_budget_and_the_demos_run_on_the_cpu():
+    assert {p.name for p in RECIPES} == set(RECIPE_BUDGET_GIB)
+    for path in (ROOT / "configs").glob("demo*.yaml"):
+        assert _written(path)["trainer"]["accelerator"] == "cpu", path.name
+    for path in RECIPES:  # where a header names the card's size, the budget is that size
+        header = re.match(r"(?:#.*\n)*", path.read_text())[0]
+        sizes = {int(n) for n in re.findall(r"(\d+) GB (?:card|GPU)", header)}
+        assert sizes <= {RECIPE_BUDGET_GIB[path.name][0]}, (path.name, sizes)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_the_estimator_says_each_recipe_fits_its_card_and_recommends_its_own_settings(path, in_repo_root, capsys):
+    budget, why = RECIPE_BUDGET_GIB[path.name]
+    result = _cli().main([*launch_args(path), "--gpu_memory_gib", str(budget), "--json"])
+    assert result["fits"] is True, (path.name, why, result["total_gib"])
+    raw = _written(path)
+    own = {"base_change": "", "gradient_checkpointing": raw["model"]["model"]["gradient_checkpointing"],
+           "quantized": raw["model"]["model"].get("quantization") is not None,
+           "batch_size": raw["data"]["init_args"]["batch_size"],
+           "accumulate": raw["trainer"]["accumulate_grad_batches"]}
+    top = result["fastest_fitting"][0]
+    assert {k: top[k] for k in own} == own, (path.name, why, result["fastest_fitting"])
+
+
+def test_measured_settings_rank_first_fastest_first(in_repo_root):
+    """MGM-2B's chunked-loss rows at 80 GiB: every measured row whose micro-batch divides the recipe's 128 samples
+    per step fits, so the plan lists them by their measured tokens/s, ahead of anything unmeasured."""
+    plan = candidates(*_run(["configs/mgm2b_lora.yaml"]), 80)
+    rows = [r for r in MEASURED if 128 % r.batch_size == 0
+            and (r.model, r.quantized, r.trainable_llm, r.loss) == ("mgm-2b", False, "lora", "chunked")]
+    expected = sorted(((r.tokens_per_s, r.gradient_checkpointing, r.batch_size) for r in rows), reverse=True)
+    measured = [s for s in plan if s.tokens_per_s is not None]
+    assert [(s.tokens_per_s, s.gradient_checkpointing, s.batch_size) for s in measured] == expected
+    assert plan[:len(measured)] == measured and all(s.tokens_per_s is None for s in plan[len(measured):])
+    assert all(r.cite() in s.source for s, r in zip(measured, sorted(rows, key=lambda r: -r.tokens_per_s)))
+
+
+def test_a_setting_measured_over_the_budget_is_left_out_whatever_its_estimate(in_repo_root):
+    """Chunked loss, 8 packed samples with checkpointing: faster than the recipe's setting, estimated within a 24 GiB
+    card (a known gap of the estimate, tests/tools/test_memory.py), measured over it: left out."""
+    model_args, lora, trainable, speed, shape = run = _run(["configs/mgm2b_lora.yaml"])
+    row = next(r for r in MEASURED if (r.model, r.loss, r.gradient_checkpointing, r.batch_size) ==
+               ("mgm-2b", "chunked", True, 8))
+    est = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
+                   replace(shape, batch_size=8))
+    assert est.total_gib <= 24 - HEADROOM_GIB < row.peak_gib
+    plan = candidates(*run, 24)
+    assert (False, True, 8) not in [s.keys() for s in plan]
+    assert row.tokens_per_s > plan[0].tokens_per_s
+    assert all(max(s.total_gib, s.measured_gib or 0) <= 24 - HEADROOM_GIB for s in plan)
+
+
+def test_an_unmeasured_config_keeps_its_own_setting_first_then_the_rule(in_repo_root):
+    """Qwen3-8B chat (2048-long rows): no measured row matches, so nothing says another setting is faster."""
+    model_args, lora, trainable, speed, shape = _run(["configs/qwen3-8b_lora_chat.yaml"])
+    plan = candidates(model_args, lora, trainable, speed, shape, 80)
+    assert all(s.tokens_per_s is None for s in plan)
+    assert plan[0].keys() == (False, model_args.gradient_checkpointing, shape.batch_size)
+    assert plan[0].source.startswith("the config as written")
+    rest = plan[1:]
+    assert rest and all(s.source.startswith("rule:") for s in rest)
+    assert [s.gradient_checkpointing for s in rest] == sorted(s.gradient_checkpointing for s in rest)
+    per_gpu = shape.batch_size * shape.accumulate
+    for s in rest:  # the largest micro-batch dividing the samples per step that fits; the next divisor does not
+        assert s.batch_size * s.accumulate == per_gpu
+        larger = [d for d in range(s.batch_size + 1, per_gpu + 1) if per_gpu % d == 0]
+        if larger:
+            args = replace(model_args, gradient_checkpointing=s.gradient_checkpointing)
+            over = estimate(args, lora, trainable, speed, replace(shape, batch_size=larger[0]))
+            assert over.total_gib > 80 - HEADROOM_GIB
+
+
+def test_the_4bit_base_joins_only_when_the_bf16_base_does_not_fit(in_repo_root):
+    """Qwen3-30B-A3B's bf16 recipe on one 24 GB card: the shipped QLoRA recipe's setting, not more GPUs."""
+    for devices in ("1", "8"):
+        run = _run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], ["--trainer.devices", devices])
+        plan = candidates(*run, 24)
+        assert plan and all(s.quantized and s.gradient_checkpointing for s in plan)  # 4-bit MoE: checkpointing only
+        assert "configs/qwen3-30b-a3b_qlora_chameleons.yaml" in plan[0].base_change
+        assert plan[0].batch_size == 8 and plan[0].tokens_per_s is not None
+        fix, est = cheapest_fix(*run, 24)
+        assert "model.model.quantization" in fix and "zero3" not in fix and est.total_gib <= 24
+    assert not any(s.quantized for s in candidates(*_run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"]), 80))
+
+
+def test_the_plan_keeps_the_gpu_count_and_the_samples_per_gpu_per_step(in_repo_root):
+    """8 GPUs x 8 samples x accumulate 1: no setting asks for more than 8 samples per GPU per optimizer step."""
+    plan = candidates(*_run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"]), 80)
+    assert all(s.batch_size * s.accumulate == 8 for s in plan)
+    one_gpu = candidates(*_run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], [
+        "--trainer.devices", "1", "--data.init_args.batch_size", "64", "--trainer.accumulate_grad_batches", "1"]), 80)
+    assert one_gpu[0].batch_size == 64  # the header's one-H200 command: the whole batch in one pack
+
+
+def test_the_estimator_prints_each_settings_source(in_repo_root, capsys):
+    _cli().main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24"])
+    out = capsys.readouterr().out
+    listed = out.split("best first", 1)[1]
+    first = re.search(r"^  1\. (.+)$", listed, re.M)[1]
+    assert "gradient_checkpointing false, data.batch_size 1" in first
+    assert "tokens/s measured (bench/results/2026-11-30-train_step_budget-mgm2b-h200.json" in first
+    assert re.search(r"^  \d\. .*not measured: rule:", listed, re.M)

@@ -1,4 +1,3 @@
-import logging
 import random
 
 import lightning as L
@@ -122,17 +121,27 @@ def test_invalid_arguments():
         BalancedWindowBatchSampler(SUPERVISED[:5], COSTS[:5], WINDOW, ACC, drop_last=True)
 
 
-def test_micro_batches_above_max_tokens_are_reported(caplog):
-    sampler = _sampler(max_tokens=5000)  # about 3.2 samples of ~1350 positions per micro-batch: some exceed it
-    with caplog.at_level(logging.WARNING, logger="mgmlora.data.sampling"):
-        sums = [sum(COSTS[k.index] for k in b) for b in sampler]
-    over = sum(c > 5000 for c in sums)
-    assert over > 0
-    assert f"{over} of {len(sums)} micro-batches" in caplog.text and f"largest: {max(sums)}" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mgmlora.data.sampling"):
-        list(_sampler(max_tokens=max(sums)))
-    assert "micro-batches hold more positions" not in caplog.text
+def test_the_budget_check_names_the_accumulation_that_fits_every_epoch():
+    epochs = range(3)
+
+    def largest(accumulate):  # by hand: the largest micro-batch over the epochs' windows
+        out = 0
+        for epoch in epochs:
+            sampler = _sampler(accumulate=accumulate)
+            sampler.set_epoch(epoch)
+            out = max(out, max(sum(COSTS[k.index] for k in batch) for batch in sampler))
+        return out
+
+    at_acc = largest(ACC)
+    _sampler(max_tokens=at_acc).check_budget(epochs)  # exactly at the budget: fine
+    fits = next(a for a in range(ACC + 1, WINDOW + 1) if largest(a) <= at_acc - 1)
+    with pytest.raises(ValueError) as error:
+        _sampler(max_tokens=at_acc - 1).check_budget(epochs)
+    message = str(error.value)
+    assert f"micro-batch of {at_acc} positions" in message
+    assert f"set trainer.accumulate_grad_batches to {fits} or more" in message
+    with pytest.raises(ValueError, match=f"a single sample holds {max(COSTS)} positions"):
+        _sampler(max_tokens=max(COSTS) - 1).check_budget(epochs)
 
 
 def test_a_window_in_balanced_micro_batches_gives_the_gradient_of_one_sample_per_micro_batch(tmp_path):
@@ -162,3 +171,30 @@ def test_window_samples_refuses_a_batch_size_and_is_a_resume_setting(tmp_path):
         data.train_dataloader()
     assert resume_differences({"window_samples": None}, {"window_samples": 128}) == [
         "data.init_args.window_samples: checkpoint None vs now 128"]
+
+
+def test_planned_epochs_follow_max_epochs_and_max_steps():
+    from types import SimpleNamespace
+
+    from mgmlora.data.datamodule import _planned_epochs
+
+    def trainer(**kw):
+        return SimpleNamespace(**{"current_epoch": 0, "global_step": 0, "max_epochs": None, "max_steps": -1,
+                                  "accumulate_grad_batches": 4, **kw})
+
+    assert _planned_epochs(trainer(max_epochs=3), 40) == range(0, 3)
+    assert _planned_epochs(trainer(max_steps=25), 40) == range(0, 3)  # 10 steps per epoch: epochs 0, 1, 2
+    assert _planned_epochs(trainer(max_steps=25, max_epochs=2), 40) == range(0, 2)
+    assert _planned_epochs(trainer(current_epoch=2, global_step=20, max_steps=25), 40) == range(2, 3)
+    assert _planned_epochs(trainer(max_epochs=-1), 40) == range(0, 100)  # unbounded: the first 100
+
+
+def test_a_fit_whose_window_exceeds_max_tokens_stops_before_the_first_step(tmp_path):
+    module = _module()
+    data = connect_data(ChatDataModule(_subset(tmp_path, 16), window_samples=8, max_tokens=40), module)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    with pytest.raises(ValueError, match=r"data.max_tokens=40: epoch 0 has a micro-batch of \d+ positions"):
+        trainer.fit(module, data)
+    assert trainer.global_step == 0

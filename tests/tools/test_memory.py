@@ -84,7 +84,8 @@ def _fit_smoke_cases(held_out: bool):
         if not result.get("command", "").startswith("python bench/fit_smoke.py") or path.name in SHORT_ROW_SMOKE_RUNS:
             continue
         if (path.name not in CALIBRATION) == held_out:
-            yield pytest.param(path.name, result, id=path.name)
+            gap = pytest.mark.xfail(strict=True, reason="known estimate gap") if path.name in RUN_GAPS else ()
+            yield pytest.param(path.name, result, id=path.name, marks=gap)
 
 
 # Known gaps of the estimate, kept visible: strict expected failures turn into errors once the estimate covers them.
@@ -93,6 +94,11 @@ def _fit_smoke_cases(held_out: bool):
 # candidates).
 ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+nocast+fused+compilex8",
                  "2026-11-30-train_step_budget-mgm2b-h200.json:liger+packing+nocast+fused+compilex8"}
+
+# MGM-2B's 128 samples over 64 balanced micro-batches with the chunked loss ran out of memory at the 24 GiB cap with
+# 21.1 GiB allocated and 1.7 GiB reserved but free (fragmentation under varying row shapes, which the estimate does
+# not model); the estimate at the worst-case micro-batch (2 x 2048 positions) is 23.5 GiB, under the cap.
+RUN_GAPS = {"2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc64_chunked-h200.json"}
 
 
 def _train_step_cases(held_out: bool):

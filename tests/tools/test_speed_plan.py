@@ -51,7 +51,15 @@ def test_each_row_states_its_files_figures_and_setting(row):
         tokens, peak = rec["tokens_per_s"], rec["peak_alloc_gib"]
     else:  # a real fit of a shipped config through bench/fit_smoke.py
         args = shlex.split(result["command"])
-        assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
+        if row.window_samples is not None:  # a window's settings given as overrides of the base recipe
+
+            def value(flag):
+                return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
+
+            assert (value("--data.init_args.window_samples"), value("--trainer.accumulate_grad_batches"),
+                    value("--model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
+        else:
+            assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
         assert not result["oom"] and result["world_size"] == 1
     assert row.tokens_per_s == pytest.approx(tokens, abs=0.051)
@@ -60,7 +68,7 @@ def test_each_row_states_its_files_figures_and_setting(row):
 
 def test_no_two_rows_describe_the_same_setting():
     keys = [(r.model, r.quantized, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing, r.batch_size,
-             r.max_length) for r in MEASURED]
+             r.max_length, r.window_samples) for r in MEASURED]
     assert len(keys) == len(set(keys))
 
 
@@ -123,7 +131,8 @@ def test_the_estimator_says_each_recipe_fits_its_card_and_recommends_its_own_set
     own = {"base_change": "", "gradient_checkpointing": raw["model"]["model"]["gradient_checkpointing"],
            "quantized": raw["model"]["model"].get("quantization") is not None,
            "batch_size": raw["data"]["init_args"]["batch_size"],
-           "accumulate": raw["trainer"]["accumulate_grad_batches"]}
+           "accumulate": raw["trainer"]["accumulate_grad_batches"],
+           "window_samples": raw["data"]["init_args"].get("window_samples")}
     top = result["fastest_fitting"][0]
     assert {k: top[k] for k in own} == own, (path.name, why, result["fastest_fitting"])
 

@@ -134,6 +134,18 @@ def _warn_if_epochs_vary(trainer: L.Trainer, batches: int) -> None:
                        "the loader, and its count, every epoch.")
 
 
+def _planned_epochs(trainer: L.Trainer, batches: int, most: int = 100) -> range:
+    """The epochs the fit still runs (from the current one; at most `most`), from max_epochs and max_steps."""
+    first = trainer.current_epoch
+    last = first + most - 1
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        last = min(last, trainer.max_epochs - 1)
+    steps = max(batches // max(trainer.accumulate_grad_batches, 1), 1)  # optimizer steps per epoch
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        last = min(last, first + -(-(trainer.max_steps - trainer.global_step) // steps) - 1)
+    return range(first, max(last, first) + 1)
+
+
 def _collate(items: list[tuple[TokenizedSample, WindowKey | None]], pad_id: int) -> Batch:
     return pad_collate([s for s, _ in items], pad_id, window=items[0][1])
 
@@ -245,8 +257,10 @@ class TokenizedDataModule(L.LightningDataModule):
                 raise ValueError(f"data.window_samples={window_samples} with data.batch_size={hp.batch_size}: the "
                                  "window's samples are spread over trainer.accumulate_grad_batches micro-batches, so "
                                  "batch_size does not apply. Leave data.batch_size at 1.")
-            return BalancedWindowBatchSampler(supervised, self._costs(samples), window_samples,
-                                              max_tokens=max_tokens, **common)
+            sampler = BalancedWindowBatchSampler(supervised, self._costs(samples), window_samples,
+                                                 max_tokens=max_tokens, **common)
+            sampler.check_budget(_planned_epochs(trainer, len(sampler)))
+            return sampler
         if max_tokens is None:
             return WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)
         if hp.batch_size == 1:

@@ -56,9 +56,13 @@ class SeededPermutation(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        """The sample order of `epoch` (the current one or any other)."""
         if not self.shuffle:
-            return iter(range(self.n))
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
 
 class WindowBatchSampler(Sampler[list[WindowKey]]):
@@ -293,8 +297,8 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         costs: positions every sample occupies in the model (image positions included), in dataset order.
         window_samples: samples per optimizer step per rank (the global batch is this times world_size).
         accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches); at most window_samples.
-        max_tokens: positions a micro-batch should stay within (optional): the epochs' micro-batches above it are
-            logged with the accumulation that would keep them within it.
+        max_tokens: positions every micro-batch stays within (optional), checked for the run's epochs by
+            `check_budget` before training.
         shuffle, seed, rank, world_size, drop_last, whole_windows: as WindowBatchSampler.
     """
 
@@ -315,26 +319,41 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
                          whole_windows)
 
     def _micro_batches(self) -> list[list[int]]:
-        if self._balanced is not None and self._balanced[0] == self.epoch:
-            return self._balanced[1]
-        per_window, bins = self.window_samples * self.world_size, self.accumulate * self.world_size
-        order = _to_multiple(list(self.sampler), per_window, self.drop_last)
-        batches: list[list[int]] = []
-        for start in range(0, len(order), per_window):  # global step s = micro-batches [s * world, (s + 1) * world)
-            batches += balance_by_cost(order[start : start + per_window], self.costs, bins)
-        self._balanced = (self.epoch, batches)
-        self._report_over_budget(batches)
-        return batches
+        if self._balanced is None or self._balanced[0] != self.epoch:
+            self._balanced = (self.epoch, self._epoch_batches(self.epoch, self.accumulate))
+        return self._balanced[1]
 
-    def _report_over_budget(self, batches: list[list[int]]) -> None:
-        if self.max_tokens is None or self.rank != 0:
+    def _epoch_batches(self, epoch: int, accumulate: int) -> list[list[int]]:
+        """Every rank's micro-batches of `epoch`: global step s is [s * world_size, (s + 1) * world_size)."""
+        per_window, bins = self.window_samples * self.world_size, accumulate * self.world_size
+        order = _to_multiple(self.sampler.order(epoch), per_window, self.drop_last)
+        return [batch for start in range(0, len(order), per_window)
+                for batch in balance_by_cost(order[start : start + per_window], self.costs, bins)]
+
+    def _largest(self, epochs: Sequence[int], accumulate: int) -> tuple[int, int]:
+        """(positions of the largest micro-batch, its epoch) over `epochs` at `accumulate` micro-batches per window."""
+        return max((sum(self.costs[i] for i in batch), epoch) for epoch in epochs
+                   for batch in self._epoch_batches(epoch, accumulate))
+
+    def check_budget(self, epochs: Sequence[int]) -> None:
+        """Raises ValueError, before any step runs, when a micro-batch of `epochs` holds more than `max_tokens`.
+
+        The message names the smallest accumulate_grad_batches whose micro-batches all stay within it. Why: the
+        micro-batch count per window is fixed (Lightning steps every `accumulate` micro-batches), so the budget is
+        met by choosing it, and a window of long samples must not run out of memory hours into the run.
+        """
+        if self.max_tokens is None or not epochs:
             return
-        sums = [sum(self.costs[i] for i in b) for b in batches]
-        over = sum(c > self.max_tokens for c in sums)
-        if over:
-            log.warning("data.max_tokens=%d: %d of %d micro-batches hold more positions (largest: %d). Raise "
-                        "trainer.accumulate_grad_batches (micro-batches per window) to make them smaller.",
-                        self.max_tokens, over, len(sums), max(sums))
+        largest, epoch = self._largest(epochs, self.accumulate)
+        if largest <= self.max_tokens:
+            return
+        fits = next((a for a in range(self.accumulate + 1, self.window_samples + 1)
+                     if self._largest(epochs, a)[0] <= self.max_tokens), None)
+        fix = (f"set trainer.accumulate_grad_batches to {fits} or more" if fits else
+               f"a single sample holds {max(self.costs)} positions: raise data.max_tokens to at least that")
+        raise ValueError(f"data.max_tokens={self.max_tokens}: epoch {epoch} has a micro-batch of {largest} positions "
+                         f"(data.window_samples {self.window_samples} over trainer.accumulate_grad_batches "
+                         f"{self.accumulate}); {fix}, or raise data.max_tokens if the memory allows.")
 
     def _raw_steps(self) -> int:
         n, per_window = len(self.num_supervised), self.window_samples * self.world_size

@@ -64,6 +64,8 @@ class RunShape:
     batch_size: int = 1
     seq_len: int = 2048
     accumulate: int = 1  # accumulate_grad_batches: no effect on memory; the speed plan keeps batch x accumulate
+    window_samples: int | None = None  # data.window_samples: samples per step per GPU over `accumulate` micro-batches
+    window_positions: int = 0  # positions a window's micro-batch is sized for (data.max_tokens, else the worst case)
     precision: str = "bf16-mixed"
     world_size: int = 1
     zero_stage: int = 0  # 0 = no DeepSpeed
@@ -135,7 +137,13 @@ def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int]]:
 
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
              shape: RunShape) -> Estimate:
-    """The itemised estimate for one device (see the module docstring)."""
+    """The itemised estimate for one device (see the module docstring).
+
+    A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
+    as one packed row of `shape.window_positions` positions.
+    """
+    if shape.window_samples is not None:
+        shape = replace(shape, batch_size=1, seq_len=shape.window_positions, window_samples=None)
     facts = _model_facts(model_args, lora, trainable)
     info = facts.info
     dtype_bytes = torch.finfo(DTYPES[model_args.dtype]).bits // 8
@@ -302,6 +310,7 @@ def largest_batch_size(model_args: ModelArgs, lora: LoraArgs, trainable: Trainab
     With `speed.packing` the padding costs nothing, so this is the number of samples to pack per micro-batch; keep
     the global batch by dividing `accumulate_grad_batches` accordingly.
     """
+    shape = replace(shape, window_samples=None)  # micro-batches of whole samples, whatever the config's window
     lo, hi = 0, limit
     while lo < hi:  # the estimate grows with the batch size
         mid = (lo + hi + 1) // 2
@@ -367,8 +376,13 @@ def run_from_tree(tree: dict) -> tuple[ModelArgs, LoraArgs, Trainability, SpeedA
                 "offload_optimizer": "offload" in strategy, "offload_parameters": strategy.endswith("3_offload")}
     seq = data.get("max_length") or model_info(model_args).max_length or 2048
     world = _world_size(trainer.get("devices", 1), trainer.get("num_nodes", 1))
-    shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq),
-                     accumulate=int(trainer.get("accumulate_grad_batches") or 1),
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    window = data.get("window_samples")
+    # a window's micro-batch: at most data.max_tokens positions when set (the sampler flags larger ones), else its
+    # share of the window's samples at the longest length
+    window_positions = int(data.get("max_tokens") or -(-int(window) // accumulate) * int(seq)) if window else 0
+    shape = RunShape(batch_size=int(data.get("batch_size", 1)), seq_len=int(seq), accumulate=accumulate,
+                     window_samples=int(window) if window else None, window_positions=window_positions,
                      precision=str(trainer.get("precision") or "32-true"), world_size=world,
                      zero_stage=int(init.get("stage", 2)) if is_ds else 0,
                      offload_optimizer=bool(init.get("offload_optimizer", False)),

@@ -10,6 +10,10 @@
 - Fit: a setting fits when its memory estimate (mgmlora.tools.memory) and, where it was measured, its measured peak
   stay `HEADROOM_GIB` below the budget (the CUDA context and the allocator's fragmentation are not in
   `torch.cuda.max_memory_allocated`).
+- A config that spreads a fixed number of samples per step over balanced micro-batches (`data.window_samples`)
+  keeps that setting first: its figure is a real `fit` loop at real lengths (a `MEASURED` row with
+  `window_samples`), which no isolated-step figure of a fixed micro-batch compares with. The fixed micro-batches
+  follow, ranked as below, on the same samples per step.
 - Rank: measured settings first, fastest first by their measured tokens/s (`MEASURED` below names the result file
   of each); then the config's own setting if it was not measured (no measurement says another is faster); then, for
   each base and checkpointing choice, the largest fitting micro-batch that was not measured, without checkpointing
@@ -59,6 +63,7 @@ class Measured:
     source: str  # file under bench/results/
     variant: str | None = None  # the variant inside `source` (bench/train_step.py); None: the file's own figures
     recipe: str | None = None  # the shipped config the run launched, where it launched one
+    window_samples: int | None = None  # data.window_samples of the run (`batch_size` is then the micro-batches)
 
     def cite(self) -> str:
         """The file, and the variant inside it, the figures come from."""
@@ -87,6 +92,10 @@ MEASURED: tuple[Measured, ...] = (
              "2026-11-30-mgm2b_qlora_8gib-h200.json", recipe="configs/mgm2b_qlora.yaml"),
     Measured("mgm-2b", False, "frozen", False, "chunked", True, 4, 2048, 13898.8, 15.41,
              "2026-11-23-mgm2b_stage1_zero2-h200.json", recipe="configs/mgm2b_stage1.yaml"),
+    # the fit loop at real lengths (576 image + 100-1500 text positions): 128 samples per step over 56 micro-batches,
+    # configs/mgm2b_lora_packed.yaml's settings given as overrides of configs/mgm2b_lora.yaml
+    Measured("mgm-2b", False, "lora", False, "liger", False, 56, 2048, 17336.7, 22.07,
+             "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_liger-h200.json", window_samples=128),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 8, 1024, 6430.5, 60.13, _QWEN_BUDGET,
              "liger+packing+nocast+fused+fastexpertsx8"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 48, 1024, 10669.6, 70.26, _QWEN_BUDGET,
@@ -103,13 +112,16 @@ MEASURED: tuple[Measured, ...] = (
 
 
 def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs, batch_size: int,
-           max_length: int) -> Measured | None:
-    """The measured row for this setting, or None when it was not measured."""
+           max_length: int, window_samples: int | None = None) -> Measured | None:
+    """The measured row for this setting, or None when it was not measured.
+
+    `batch_size` is the samples per micro-batch, or with `window_samples` the micro-batches per window.
+    """
     key = (model_args.preset, model_args.quantization is not None, trainable.llm, bool(lora.target_experts),
-           speed.loss, model_args.gradient_checkpointing, batch_size, max_length)
+           speed.loss, model_args.gradient_checkpointing, batch_size, max_length, window_samples)
     for row in MEASURED:
         if (row.model, row.quantized, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
-                row.batch_size, row.max_length) == key:
+                row.batch_size, row.max_length, row.window_samples) == key:
             return row
     return None
 
@@ -132,6 +144,7 @@ class Setting:
     tokens_per_s: float | None  # measured; None when not measured
     source: str  # where the rank comes from
     base_change: str = ""  # the change to the config's base, when the setting has another one
+    window_samples: int | None = None  # data.window_samples spread over `accumulate` balanced micro-batches
 
     def keys(self) -> tuple[bool, bool, int]:
         """The setting itself: 4-bit base, checkpointing, samples per micro-batch."""
@@ -144,8 +157,11 @@ class Setting:
             f", {self.measured_gib:.2f} GiB measured" if self.measured_gib is not None else "")
         speed = (f"{self.tokens_per_s:,.0f} tokens/s measured ({self.source})" if self.tokens_per_s is not None
                  else f"not measured: {self.source}")
+        batches = (f"data.window_samples {self.window_samples} over accumulate_grad_batches {self.accumulate} "
+                   "balanced micro-batches" if self.window_samples else
+                   f"data.batch_size {self.batch_size} x accumulate_grad_batches {self.accumulate}")
         return (f"{base}model.model.gradient_checkpointing {str(self.gradient_checkpointing).lower()}, "
-                f"data.batch_size {self.batch_size} x accumulate_grad_batches {self.accumulate}: {peak}; {speed}")
+                f"{batches}: {peak}; {speed}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -156,8 +172,12 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
                budget_gib: float) -> list[Setting]:
     """Every kept setting that fits `budget_gib`, in the order of the module docstring (best first)."""
     limit = budget_gib - HEADROOM_GIB
-    per_gpu = shape.batch_size * max(shape.accumulate, 1)
+    windowed = _window_setting(model_args, lora, trainable, speed, shape, limit)
+    per_gpu = shape.window_samples or shape.batch_size * max(shape.accumulate, 1)
     own = (model_args.quantization is not None, model_args.gradient_checkpointing, shape.batch_size)
+    if shape.window_samples is not None:
+        own = (None, None, None)  # the config's own setting is the window (listed first when it fits)
+        shape = replace(shape, window_samples=None)
     bases = [(model_args, shape, "")]
     smallest = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
                         replace(shape, batch_size=1))
@@ -188,7 +208,23 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
                 rule.append(fitting[-1])
     measured.sort(key=lambda s: (-s.tokens_per_s, s.total_gib))
     rule.sort(key=lambda s: (s.keys() != own, s.gradient_checkpointing, -s.batch_size, s.total_gib))
-    return measured + rule
+    return windowed + measured + rule
+
+
+def _window_setting(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
+                    shape: RunShape, limit: float) -> list[Setting]:
+    """The config's window setting (data.window_samples), when it has one and it fits; else nothing."""
+    if shape.window_samples is None:
+        return []
+    total = estimate(model_args, lora, trainable, speed, shape).total_gib
+    row = lookup(model_args, lora, trainable, speed, shape.accumulate, shape.seq_len, shape.window_samples)
+    if max(total, row.peak_gib if row else 0.0) > limit:
+        return []
+    source = (row.cite() if row else "the config as written (nothing measured compares with a window of balanced "
+              "micro-batches)")
+    return [Setting(model_args.quantization is not None, model_args.gradient_checkpointing, shape.batch_size,
+                    shape.accumulate, total, row.peak_gib if row else None, row.tokens_per_s if row else None, source,
+                    window_samples=shape.window_samples)]
 
 
 def _setting(quantized: bool, ckpt: bool, batch: int, accumulate: int, total: float, row: Measured | None,

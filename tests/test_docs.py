@@ -1,4 +1,4 @@
-"""Figures the READMEs quote are what the code prints today."""
+"""Figures the READMEs and docs/ pages quote are what the code prints today."""
 
 import importlib.util
 import re
@@ -23,12 +23,12 @@ def _gib(pattern: str, text: str) -> str:
     return match.group(1)
 
 
-def test_the_readmes_estimate_figures_are_what_bin_estimate_prints(capsys, in_repo_root):
-    readme = (ROOT / "README.md").read_text()
+def test_the_tools_pages_estimate_figures_are_what_bin_estimate_prints(capsys, in_repo_root):
+    readme = (ROOT / "docs" / "tools.md").read_text()
     fits = re.search(r"^python bin/estimate\.py (?P<args>[^\n#]+?)\s+# fits: ~?(?P<total>[\d.]+) GiB$", readme, re.M)
     full = re.search(r"^python bin/estimate\.py (?P<args>[^\n#]+)\n#\s+\.\.\. optimizer states (?P<opt>[\d.]+) GiB "
                      r"\.\.\. does NOT fit; cheapest change: (?P<fix>\S+) -> (?P<fixed>[\d.]+) GiB$", readme, re.M)
-    assert fits and full, "README's estimate example changed shape: update this test with it"
+    assert fits and full, "docs/tools.md's estimate example changed shape: update this test with it"
 
     out = _estimate(capsys, fits["args"])
     assert _gib(r"total \(peak, per device\)\s+([\d.]+) GiB", out) == fits["total"]
@@ -77,3 +77,4 @@ def test_every_reliability_promise_names_test_files_that_exist():
         named = re.findall(r"`(tests/[\w/]+\.py)`", row.rsplit("|", 2)[-2])
         assert named, row
         assert all((ROOT / path).is_file() for path in named), row
+        assert all(re.search(r"^def test_", (ROOT / path).read_text(), re.M) for path in named), row

@@ -21,6 +21,7 @@ from mgmlora.training.trainable import Trainability
 from tests.conftest import ROOT
 
 SRC = ROOT / "src" / "mgmlora"
+LAYOUT = ROOT / "docs" / "layout.md"
 CODE_DIRS = ("src", "bin", "bench", "tests")
 # Built from pieces so that this file does not match its own patterns.
 OUTSIDE = re.compile("|".join([r"\.\./" + "shared", "shared/" + "docs", r"\b" + "issues?" + r" #?\d+",
@@ -40,8 +41,8 @@ def test_no_comment_points_outside_the_repository():
     assert len(files) > 50  # the walk found the tree
     hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if OUTSIDE.search(line)]
-    # The READMEs may tell history, but never send readers to files outside the repository.
-    for readme in (ROOT / "README.md", ROOT / "configs" / "README.md"):
+    # The READMEs and docs/ pages may tell history, but never send readers to files outside the repository.
+    for readme in (ROOT / "README.md", ROOT / "configs" / "README.md", *(ROOT / "docs").glob("*.md")):
         hits += [f"{readme.relative_to(ROOT)}:{i}: {line.strip()}"
                  for i, line in enumerate(readme.read_text(encoding="utf-8").splitlines(), 1)
                  if "../" + "shared" in line or "shared/" + "docs" in line]
@@ -49,12 +50,13 @@ def test_no_comment_points_outside_the_repository():
 
 
 def test_every_design_note_named_exists_and_the_architecture_is_linked():
-    texts = {p: p.read_text(encoding="utf-8") for p in [*_code_files(), ROOT / "README.md"]}
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    texts = {p: p.read_text(encoding="utf-8") for p in [*_code_files(), *pages]}
     named = {(p.relative_to(ROOT), n) for p, t in texts.items() for n in DESIGN_NOTE.findall(t)}
     missing = sorted(f"{p} names docs/design/{n}" for p, n in named if not (ROOT / "docs" / "design" / n).is_file())
     assert not missing, "\n".join(missing)
-    layout = texts[ROOT / "README.md"].split("## Layout", 1)[1]
-    assert "docs/design/architecture.md" in layout
+    assert "docs/design/architecture.md" in texts[LAYOUT]
+    assert "docs/layout.md" in texts[ROOT / "README.md"]
 
 
 def _package_source() -> str:
@@ -80,12 +82,12 @@ def test_every_setting_is_read(owner, names, read_as, exempt):
     assert not unread, f"{owner} accepts {unread} but nothing in src/mgmlora reads them"
 
 
-def test_readme_layout_names_every_module_of_the_package():
-    """The README's layout describes the tree as it is: every module file is named under its group."""
-    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_layout_page_names_every_module_of_the_package():
+    """docs/layout.md describes the tree as it is: every module file is named under its group."""
+    layout = LAYOUT.read_text(encoding="utf-8")
     missing = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                      if p.name != "__init__.py" and p.name not in layout)
-    assert not missing, f"README.md's layout does not name: {missing}"
+    assert not missing, f"docs/layout.md does not name: {missing}"
 
 
 def test_family_differences_live_in_models_only():

@@ -33,7 +33,7 @@ def test_torchrun_launch_of_the_cli_trains_on_two_ranks_and_writes_one_adapter(t
     """The multi-node launch path as far as one host allows: torchrun (1 node x 2 processes) starting bin/main.py.
 
     Lightning picks up torchrun's environment (ranks, world size, master address); with --nnodes N on N hosts and
-    --trainer.num_nodes N the same command is the multi-node launch documented in the README.
+    --trainer.num_nodes N the same command is the multi-node launch documented in docs/usage.md.
     """
     port = 29500 + (hash(str(tmp_path)) % 400)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_port",

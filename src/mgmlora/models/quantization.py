@@ -43,10 +43,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mgmlora.errors import UsageError
+from mgmlora.models.dtypes import DTYPES, DtypeName
 from mgmlora.models.nf4 import Backend, Nf4Tensor, bitsandbytes_available, dequantize, quantize
-
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -65,7 +63,7 @@ class QuantizationArgs:
     bits: Literal[4] = 4
     quant_type: Literal["nf4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: ComputeDtype = "bfloat16"
+    compute_dtype: DtypeName = "bfloat16"
     backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
 
     def resolved_backend(self) -> Backend:
@@ -80,7 +78,7 @@ class QuantizationArgs:
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype as a torch dtype."""
-        return _DTYPES[self.compute_dtype]
+        return DTYPES[self.compute_dtype]
 
 
 class Nf4Weight(nn.Module):
@@ -234,5 +232,5 @@ def quantized_bytes(numel: int, double_quant: bool) -> float:
     return numel / 2 + scales
 
 
-__all__ = ["ComputeDtype", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
+__all__ = ["DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
            "quantize_layers", "quantized_bytes"]

@@ -20,7 +20,6 @@ import json
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
@@ -29,6 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
@@ -50,8 +50,6 @@ from mgmlora.training.checkpoint import (
     write_tensors,
 )
 from mgmlora.training.trainable import load_trainables
-
-ExportDtype = Literal["bfloat16", "float16", "float32"]
 
 
 @dataclass
@@ -130,7 +128,7 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
 
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
-                   dtype: ExportDtype | None = None, trust_remote_code: bool = False) -> ModelArgs:
+                   dtype: DtypeName | None = None, trust_remote_code: bool = False) -> ModelArgs:
     """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine).
 
     `trust_remote_code` comes from the caller (the user's command line) only, never from the run's saved settings: a

@@ -30,7 +30,7 @@ class ModelArgs:
             extra), `flex_attention` or `eager`.
         experts_implementation: how fused MoE experts run (MoE models only): `mgmlora_grouped_mm` (the default:
             transformers' grouped GEMMs without its expert-parallel masks, routing weights applied before the down
-            projection; 1.34x the step of `grouped_mm` on Qwen3-30B-A3B, mgmlora.models.experts), `grouped_mm`
+            projection, mgmlora.models.experts; configs/README.md has its speed), `grouped_mm`
             (transformers' own) or `eager` (transformers' loop over experts).
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
         trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.

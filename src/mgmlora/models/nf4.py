@@ -8,9 +8,17 @@ remainder is cut into blocks of 256 rounded to bitsandbytes' signed 8-bit "dynam
 block. 4.13 bits per value with double quantisation, 4.5 without.
 
 Two implementations of the same format: bitsandbytes' kernels (CUDA, and its CPU backend from 0.46 on) where the
-package is installed, and the pure-PyTorch one below where it is not (CI installs no bitsandbytes). The pure one is
-written here because bitsandbytes is an optional extra; it produces the same bytes as bitsandbytes' CPU backend
-(tests/models/test_nf4.py compares them where both run).
+package is installed, and the pure-PyTorch one below where it is not (CI installs no bitsandbytes). The pure one writes
+bitsandbytes' 4-bit codes and block scales; only double quantisation's 8-bit absmax codes differ on rare near-ties
+(bitsandbytes rounds them in C). tests/models/test_nf4.py compares the two where both run.
+
+Why a codec of its own rather than a library's alone (bench/nf4_cpu.py, bench/results/2026-12-04-nf4_cpu-dev.json):
+- torchao's NF4Tensor stores 2-D tensors only (not the fused 3-D experts), needs a multiple of 64 x 256 values (so no
+  tiny test model) and keeps its own int8 scalers, not bitsandbytes' format.
+- bitsandbytes' CPU backend serves where it is installed (`backend: auto` picks it: same codes, far faster
+  dequantisation), but it cannot be the only path: it is a large optional install (CUDA and ROCm libraries included)
+  that CI and CPU users do not have, and on CPUs with AVX512-bf16 importing it tries to fetch a kernel from the
+  Hugging Face Hub, which a default dependency of a tool that never downloads at run time must not do.
 """
 
 from __future__ import annotations

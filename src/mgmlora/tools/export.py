@@ -30,6 +30,7 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
+from mgmlora.models.shards import INDEX, write_index, write_tensors
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
 from mgmlora.training.adapter_check import (
@@ -47,7 +48,6 @@ from mgmlora.training.checkpoint import (
     TRAINER_STATE,
     safe_load,
     write_adapter,
-    write_tensors,
 )
 from mgmlora.training.trainable import load_trainables
 
@@ -234,30 +234,12 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
     with writing_dir(out) as tmp:
         loaded.save_merged(model, tmp, max_shard_bytes)  # the family's own layout (MGM: the original key names)
-        if not (tmp / "model.safetensors.index.json").is_file() and (tmp / "model.safetensors").is_file():
-            _write_single_shard_index(tmp)
+        if not (tmp / INDEX).is_file():  # transformers writes no index for one file; MGM's loader reads only it
+            write_index(tmp)
         tokenizer.save_pretrained(str(tmp))
         if run.run_config is not None:
             shutil.copy(run.run_config, tmp / "training_config.yaml")
     return out
-
-
-def _write_single_shard_index(out: Path) -> None:
-    """An index for a one-shard checkpoint too, so every loader that reads the index finds it."""
-    from safetensors import safe_open
-
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
-    with safe_open(out / "model.safetensors", "pt") as f:
-        keys = list(f.keys())
-        total = 0
-        for key in keys:
-            piece = f.get_slice(key)
-            numel = 1
-            for dim in piece.get_shape():
-                numel *= dim
-            total += numel * sizes.get(piece.get_dtype(), 4)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in keys}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 __all__ = ["RunAdapter", "build_trained_model", "export_adapter", "merge_and_save", "model_args_for",

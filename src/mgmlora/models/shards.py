@@ -1,0 +1,64 @@
+"""Safetensors out: one file of named tensors, or a sharded checkpoint directory with its index.
+
+Every weight mgmlora writes goes through here: adapters and trainables (`write_tensors`), MGM's merged checkpoint in
+the original layout (`write_sharded`), and the index of a merged text model that transformers saved as one file
+(`write_index`). The index is written even for one shard, because MGM's own loader (and others) read
+`model.safetensors.index.json` only. Shard sizes and names are huggingface_hub's (`model.safetensors`, or
+`model-0000k-of-0000n.safetensors`), so the directory reads like any Hugging Face checkpoint.
+
+The index is written last, under a temporary name renamed into place: an index never names a shard that is not
+complete. Callers write into a fresh staged directory (mgmlora.tools.output_dir, mgmlora.training.checkpoint), so
+no shard of an earlier save survives beside the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, from its header alone (8-byte length, then JSON with offsets)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def write_index(directory: Path, files: list[str] | None = None) -> None:
+    """Writes `directory`'s index of the safetensors `files` in it (default: the one `model.safetensors`)."""
+    weight_map, total = {}, 0
+    for name in files or [SINGLE]:
+        sizes = _tensor_bytes(directory / name)
+        weight_map.update(dict.fromkeys(sizes, name))
+        total += sum(sizes.values())
+    tmp = directory / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    os.replace(tmp, directory / INDEX)
+
+
+def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """Writes `tensors` as shards of at most `max_shard_bytes` each, then the index.
+
+    A tensor larger than `max_shard_bytes` gets a shard of its own (huggingface_hub's split).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    for name, keys in split.filename_to_tensors.items():
+        write_tensors(directory / name, {k: tensors[k] for k in keys})
+    write_index(directory, list(split.filename_to_tensors))
+
+
+__all__ = ["INDEX", "write_index", "write_sharded", "write_tensors"]

@@ -1,12 +1,12 @@
 """QLoRA's base built one decoder layer at a time on the run's device, from a meta-device build.
 
-Why: Qwen3-30B-A3B is 56.9 GiB in bf16 against a 24 GiB device and, for many of the people QLoRA serves, less host
-RAM than that. Built whole first (what `from_config` and `from_pretrained` do), it needs the model's size in RAM, and
-for random init minutes of CPU `normal_` (152 s for 6 of its 48 layers on the H200 host); built whole on the device,
-it does not fit. Here a layer holds model-dtype memory only from the moment it gets its values until it is quantised
-(`init_layer` or `CheckpointLayers.load_layer` is the `prepare` step of mgmlora.models.quantization.quantize_layers),
-so the host never holds more than one layer's tensors either. Every tensor is NaN until it gets a value, so a tensor
-that nothing filled is named in an error instead of training on leftover memory.
+Why: Qwen3-30B-A3B is 56.9 GiB in bf16 against a 24 GiB device and, for many of the people QLoRA serves, less host RAM
+than that. Built whole first (what `from_config` and `from_pretrained` do), it needs the model's size in RAM, and for
+random init minutes of CPU `normal_`; built whole on the device, it does not fit. Here a layer holds model-dtype memory
+only from the moment it gets its values until it is quantised (`init_layer` or `CheckpointLayers.load_layer` is the
+`prepare` step of mgmlora.models.quantization.quantize_layers), so the host never holds more than one layer's tensors
+either. Every tensor is NaN until it gets a value, so a tensor that nothing filled is named in an error instead of
+training on leftover memory.
 
 Two sources of values:
 - random init: the model's own initialiser (`mgmlora.models.transformers_private.init_module`), seeded once

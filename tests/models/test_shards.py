@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mgmlora.models.shards import INDEX, write_index, write_sharded, write_tensors
+from mgmlora.models.shards import INDEX, safetensors_files, write_index, write_sharded, write_tensors
 
 
 def _tensors():
@@ -47,3 +47,20 @@ def test_index_of_a_one_file_checkpoint_written_elsewhere(tmp_path):
     assert index == {"metadata": {"total_size": 3 * 2 * 4 + 4 * 2},
                      "weight_map": {"x": "model.safetensors", "y": "model.safetensors"}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", INDEX]  # no temporary file left
+
+
+def test_every_reader_finds_each_key_in_its_file_sharded_or_not(tmp_path):
+    tensors = _tensors()
+    write_sharded(tmp_path / "sharded", tensors, 600)
+    files = safetensors_files(tmp_path / "sharded")
+    assert set(files) == set(tensors)
+    for key, path in files.items():
+        assert key in load_file(path)
+    (tmp_path / "one").mkdir()
+    write_tensors(tmp_path / "one" / "model.safetensors", tensors)  # no index: the file's header says
+    assert safetensors_files(tmp_path / "one") == dict.fromkeys(tensors, tmp_path / "one" / "model.safetensors")
+    (tmp_path / "empty").mkdir()
+    assert safetensors_files(tmp_path / "empty") is None
+    sorted(files.values())[0].unlink()
+    with pytest.raises(FileNotFoundError, match="names shards that are missing: \\['model-00001-of"):
+        safetensors_files(tmp_path / "sharded")

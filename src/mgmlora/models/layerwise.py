@@ -25,7 +25,6 @@ Two sources of values:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from mgmlora.models.shards import safetensors_files
 from mgmlora.models.transformers_private import init_module
 
 
@@ -125,12 +125,8 @@ class CheckpointLayers:
         exact shape (a tied LM head may be missing: it is tied after loading).
         """
         model_dir = Path(model_dir)
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = {key: model_dir / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        elif (model_dir / "model.safetensors").is_file():
-            files = dict.fromkeys(_keys(model_dir / "model.safetensors"), model_dir / "model.safetensors")
-        else:
+        files = safetensors_files(model_dir)
+        if files is None:
             return f"{model_dir} has no safetensors checkpoint"
         shapes = {}
         for path in sorted(set(files.values())):
@@ -198,11 +194,6 @@ class CheckpointLayers:
                 init_module(model, module)
 
         _build_rest(model, done, device, fill)
-
-
-def _keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as shard:
-        return list(shard.keys())
 
 
 def _expert_keys(name: str, tensor: torch.Tensor) -> list[str] | None:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from mgmlora.models.mgm import MGMConfig, MGMForCausalLM
-from mgmlora.models.shards import write_sharded
+from mgmlora.models.shards import safetensors_files, write_sharded
 
 _CLIP_ORIGINAL = "model.vision_tower.vision_tower.vision_model."
 _DIRECT = ("vision_tower_aux.", "mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.",
@@ -60,17 +60,18 @@ def from_original(key: str, clip_prefix: str) -> str | None:
 
 
 def _weight_files(model_path: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (model_path / s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-            return [model_path / s for s in shards]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_path / single).is_file():
-            return [model_path / single]
+    files = safetensors_files(model_path)
+    if files is not None:
+        return sorted(set(files.values()))
+    index = model_path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return [model_path / s for s in shards]
+    if (model_path / "pytorch_model.bin").is_file():
+        return [model_path / "pytorch_model.bin"]
     raise FileNotFoundError(f"{model_path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json).")
 
 

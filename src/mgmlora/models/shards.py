@@ -1,6 +1,7 @@
 """Safetensors out: one file of named tensors, or a sharded checkpoint directory with its index.
 
-Every weight mgmlora writes goes through here: adapters and trainables (`write_tensors`), MGM's merged checkpoint in
+Every weight mgmlora writes goes through here, and every reader of a checkpoint directory's layout
+(`safetensors_files`): adapters and trainables (`write_tensors`), MGM's merged checkpoint in
 the original layout (`write_sharded`), and the index of a merged text model that transformers saved as one file
 (`write_index`). The index is written even for one shard, because MGM's own loader (and others) read
 `model.safetensors.index.json` only. Shard sizes and names are huggingface_hub's (`model.safetensors`, or
@@ -37,6 +38,26 @@ def _tensor_bytes(path: Path) -> dict[str, int]:
     return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
+def safetensors_files(directory: Path) -> dict[str, Path] | None:
+    """Checkpoint key -> file of the safetensors checkpoint in `directory`, from its index or its one file's header.
+
+    None when `directory` holds neither `model.safetensors.index.json` nor `model.safetensors`.
+
+    Raises:
+        FileNotFoundError: when the index names shards that are not in `directory`.
+    """
+    index = directory / INDEX
+    if index.is_file():
+        files = {key: directory / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return files
+    if (directory / SINGLE).is_file():
+        return dict.fromkeys(_tensor_bytes(directory / SINGLE), directory / SINGLE)
+    return None
+
+
 def write_index(directory: Path, files: list[str] | None = None) -> None:
     """Writes `directory`'s index of the safetensors `files` in it (default: the one `model.safetensors`)."""
     weight_map, total = {}, 0
@@ -61,4 +82,4 @@ def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     write_index(directory, list(split.filename_to_tensors))
 
 
-__all__ = ["INDEX", "write_index", "write_sharded", "write_tensors"]
+__all__ = ["INDEX", "safetensors_files", "write_index", "write_sharded", "write_tensors"]

@@ -30,7 +30,7 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
-from mgmlora.models.shards import INDEX, write_index, write_tensors
+from mgmlora.models.shards import write_tensors
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
 from mgmlora.training.adapter_check import (
@@ -234,8 +234,6 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
     with writing_dir(out) as tmp:
         loaded.save_merged(model, tmp, max_shard_bytes)  # the family's own layout (MGM: the original key names)
-        if not (tmp / INDEX).is_file():  # transformers writes no index for one file; MGM's loader reads only it
-            write_index(tmp)
         tokenizer.save_pretrained(str(tmp))
         if run.run_config is not None:
             shutil.copy(run.run_config, tmp / "training_config.yaml")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from mgmlora.models.shards import INDEX, safetensors_files, write_index, write_sharded, write_tensors
+from mgmlora.models.shards import INDEX, safetensors_files, write_index, write_sharded
 
 
 def _tensors():
@@ -41,7 +41,7 @@ def test_sharded_directory_holds_every_tensor_once_and_the_index_names_each(tmp_
 
 
 def test_index_of_a_one_file_checkpoint_written_elsewhere(tmp_path):
-    write_tensors(tmp_path / "model.safetensors", {"x": torch.zeros(3, 2), "y": torch.ones(4, dtype=torch.float16)})
+    save_file({"x": torch.zeros(3, 2), "y": torch.ones(4, dtype=torch.float16)}, tmp_path / "model.safetensors")
     write_index(tmp_path)
     index = json.loads((tmp_path / INDEX).read_text())
     assert index == {"metadata": {"total_size": 3 * 2 * 4 + 4 * 2},
@@ -57,7 +57,7 @@ def test_every_reader_finds_each_key_in_its_file_sharded_or_not(tmp_path):
     for key, path in files.items():
         assert key in load_file(path)
     (tmp_path / "one").mkdir()
-    write_tensors(tmp_path / "one" / "model.safetensors", tensors)  # no index: the file's header says
+    save_file(tensors, tmp_path / "one" / "model.safetensors")  # no index: the file's header says
     assert safetensors_files(tmp_path / "one") == dict.fromkeys(tensors, tmp_path / "one" / "model.safetensors")
     (tmp_path / "empty").mkdir()
     assert safetensors_files(tmp_path / "empty") is None

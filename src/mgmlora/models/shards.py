@@ -1,14 +1,14 @@
-"""Safetensors out: one file of named tensors, or a sharded checkpoint directory with its index.
+"""Sharded safetensors checkpoint directories: written with their index, and read back by key.
 
-Every weight mgmlora writes goes through here, and every reader of a checkpoint directory's layout
-(`safetensors_files`): adapters and trainables (`write_tensors`), MGM's merged checkpoint in
-the original layout (`write_sharded`), and the index of a merged text model that transformers saved as one file
-(`write_index`). The index is written even for one shard, because MGM's own loader (and others) read
-`model.safetensors.index.json` only. Shard sizes and names are huggingface_hub's (`model.safetensors`, or
-`model-0000k-of-0000n.safetensors`), so the directory reads like any Hugging Face checkpoint.
+Every checkpoint directory mgmlora writes or reads by its layout goes through here: MGM's merged checkpoint in the
+original layout (`write_sharded`), the index of a merged text model that transformers saved as one file (`write_index`),
+and the key -> file map the MGM and layer-by-layer loaders read (`safetensors_files`). Adapter and trainable files are
+single files (mgmlora.training.checkpoint.write_tensors). The index is written even for one shard, because MGM's own
+loader (and others) read `model.safetensors.index.json` only. Shard sizes and names are huggingface_hub's
+(`model.safetensors`, or `model-0000k-of-0000n.safetensors`), so the directory reads like any Hugging Face checkpoint.
 
 The index is written last, under a temporary name renamed into place: an index never names a shard that is not
-complete. Callers write into a fresh staged directory (mgmlora.tools.output_dir, mgmlora.training.checkpoint), so
+complete. The merge writes into a fresh staged directory (mgmlora.tools.output_dir), so
 no shard of an earlier save survives beside the new ones.
 """
 
@@ -24,11 +24,6 @@ from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def _tensor_bytes(path: Path) -> dict[str, int]:
@@ -78,8 +73,9 @@ def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     directory.mkdir(parents=True, exist_ok=True)
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
     for name, keys in split.filename_to_tensors.items():
-        write_tensors(directory / name, {k: tensors[k] for k in keys})
+        shard = {k: tensors[k].detach().contiguous().cpu() for k in keys}
+        save_file(shard, directory / name, metadata={"format": "pt"})  # streamed to disk: shards are large
     write_index(directory, list(split.filename_to_tensors))
 
 
-__all__ = ["INDEX", "safetensors_files", "write_index", "write_sharded", "write_tensors"]
+__all__ = ["INDEX", "safetensors_files", "write_index", "write_sharded"]

@@ -30,7 +30,6 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
-from mgmlora.models.shards import write_tensors
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
 from mgmlora.training.adapter_check import (
@@ -48,6 +47,7 @@ from mgmlora.training.checkpoint import (
     TRAINER_STATE,
     safe_load,
     write_adapter,
+    write_tensors,
 )
 from mgmlora.training.trainable import load_trainables
 

@@ -37,8 +37,8 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
+from safetensors.torch import save_file
 
-from mgmlora.models.shards import write_tensors
 from mgmlora.training.adapter_check import read_lora_config, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,6 +80,11 @@ def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: 
         cause = (str(err).splitlines() or ["ends early"])[0][:160]
         raise DamagedCheckpointError(f"{path}: unreadable ({cause}); the file is truncated or damaged: use an "
                                      "earlier checkpoint.") from None
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def write_adapter(directory: Path, config: LoraConfig | dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,8 @@ records, per codec, on the same random weights:
 - round trip: mean and max absolute error of dequantize(quantize(w)) against w, and the same for the other codecs'
   round trips (same format: identical values);
 - speed: median seconds of quantize and dequantize over `--repeats` calls, on this machine's CPU;
+- bitsandbytes' own CPU round trip (`quantize_4bit` then `dequantize_4bit`) against mgmlora's on small shapes, the
+  last dimension a multiple of the 64-value block or not;
 - forward parity: the logits of a tiny random Qwen3 (dense and MoE) whose decoder weights went through each codec,
   against the full-precision model and against each other (mgmlora's load_model with `backend: torch` and
   `backend: bitsandbytes` for the first two; torchao by swapping each decoder linear weight for its NF4Tensor).
@@ -114,6 +116,24 @@ def tensor_rows(weights: dict[str, torch.Tensor], repeats: int) -> dict:
     return rows
 
 
+def bitsandbytes_shapes() -> dict:
+    """Max |bitsandbytes' CPU round trip - mgmlora's| per shape (same codes and scales: 0 where both decode alike)."""
+    if not _version("bitsandbytes"):
+        return {}
+    import bitsandbytes.functional as bnbf
+
+    rows = {}
+    for shape in [(64, 64), (64, 128), (3, 5, 77), (1001,), (64, 32), (32, 96), (4, 64, 32), (4, 64, 96)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        codes, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        ours = quantize(w, False, torch.float32, "torch")
+        rows["x".join(map(str, shape))] = {
+            "same_codes": torch.equal(ours.codes, codes.view(-1)),
+            "max_abs_diff_of_dequantised": (bnbf.dequantize_4bit(codes, state) - dequantize(ours, "torch")).abs().max()
+            .item()}
+    return rows
+
+
 def _torchao_model(model_args: ModelArgs, ids: torch.Tensor) -> torch.Tensor | str:
     """Logits of the full-precision model with every decoder nn.Linear weight replaced by torchao's NF4Tensor."""
     to_nf4 = _torchao_nf4()
@@ -189,6 +209,7 @@ def main() -> None:
         "versions": {p: _version(p) for p in ("torch", "bitsandbytes", "torchao", "transformers")},
         "installed_mib": {p: _installed_mib(p) for p in ("bitsandbytes", "torchao")},
         "bitsandbytes_import_log": import_log,
+        "bitsandbytes_cpu_round_trip_by_shape": bitsandbytes_shapes(),
         "tensors": tensor_rows(weights, args.repeats),
         "forward": forward_rows(["tiny-qwen3", "tiny-qwen3-moe"]),
     }

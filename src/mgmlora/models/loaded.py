@@ -120,7 +120,7 @@ class LoadedModel(ABC):
         counts = quantize_layers(self.quantizable_modules(), args, device, prepare)
         self.quantized = args
         # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
-        self.model.is_loaded_in_4bit = args.resolved_backend() == "bitsandbytes"
+        self.model.is_loaded_in_4bit = args.resolved_backend(torch.device(device)) == "bitsandbytes"
         return counts
 
 

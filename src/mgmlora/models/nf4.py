@@ -15,10 +15,13 @@ bitsandbytes' 4-bit codes and block scales; only double quantisation's 8-bit abs
 Why a codec of its own rather than a library's alone (bench/nf4_cpu.py, bench/results/2026-12-04-nf4_cpu-dev.json):
 - torchao's NF4Tensor stores 2-D tensors only (not the fused 3-D experts), needs a multiple of 64 x 256 values (so no
   tiny test model) and keeps its own int8 scalers, not bitsandbytes' format.
-- bitsandbytes' CPU backend serves where it is installed (`backend: auto` picks it: same codes, far faster
-  dequantisation), but it cannot be the only path: it is a large optional install (CUDA and ROCm libraries included)
-  that CI and CPU users do not have, and on CPUs with AVX512-bf16 importing it tries to fetch a kernel from the
-  Hugging Face Hub, which a default dependency of a tool that never downloads at run time must not do.
+- bitsandbytes' CPU backend writes the same codes and dequantises far faster, but it does not serve: its
+  `dequantize_4bit` returns wrong values for some tensors whose last dimension is not a multiple of the 64-value
+  block (e.g. (64, 32) and (32, 96): its own round trip, from the same codes), which tiny test models and some
+  expert shapes have;
+  it is a large optional install (CUDA and ROCm libraries included) that CI does not have; and on CPUs with
+  AVX512-bf16 importing it tries to fetch a kernel from the Hugging Face Hub, which a tool that never downloads at
+  run time must not do. So `backend: auto` runs bitsandbytes on CUDA only (mgmlora.models.quantization).
 """
 
 from __future__ import annotations

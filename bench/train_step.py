@@ -236,7 +236,7 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         undo.append(lambda: llm.set_experts_implementation(previous_experts or "grouped_mm"))
     if "compile" in flags:
         undo.append(lambda: (uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers),
-                             torch._dynamo.reset()))
+                             torch.compiler.reset()))
         compile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
     return undo
 

@@ -195,3 +195,16 @@ def test_qlora_fit_with_expert_lora_resumes_to_the_uninterrupted_run(tmp_path):
     assert straight[4] < straight[1]  # it learns
     resumed = _fit(tmp_path, "resumed", max_steps=4, ckpt_path=tmp_path / "straight" / "step=2.ckpt")
     assert {s: resumed[s] for s in (3, 4)} == {s: straight[s] for s in (3, 4)}
+
+
+def test_auto_runs_bitsandbytes_on_cuda_only(monkeypatch):
+    """bitsandbytes' CPU backend dequantises some shapes wrongly (mgmlora.models.nf4): auto keeps the CPU on PyTorch."""
+    import mgmlora.models.quantization as quantization
+
+    monkeypatch.setattr(quantization, "bitsandbytes_available", lambda: True)
+    auto = QuantizationArgs()
+    assert auto.resolved_backend(torch.device("cpu")) == "torch"
+    assert auto.resolved_backend(torch.device("cuda", 0)) == "bitsandbytes"
+    assert QuantizationArgs(backend="bitsandbytes").resolved_backend(torch.device("cpu")) == "bitsandbytes"
+    monkeypatch.setattr(quantization, "bitsandbytes_available", lambda: False)
+    assert auto.resolved_backend(torch.device("cuda", 0)) == "torch"

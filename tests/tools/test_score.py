@@ -71,3 +71,42 @@ def test_the_data_section_must_name_an_mgmlora_datamodule(tmp_path):
     section["init_args"]["max_lenght"] = 3
     with pytest.raises(UsageError, match=r"\['max_lenght'\] are not settings"):
         build_datamodule(section, "x.jsonl")
+
+
+def test_scoring_validation_and_direct_generation_give_the_same_answers(tmp_path):
+    """bin/score.py and GenerationEval answer through one path: the same items, batches and seeds give the same text."""
+    import torch
+
+    from mgmlora.data.datamodule import ChatDataModule
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.models.generation import GenerationArgs, generate_batch
+    from mgmlora.tools.score import score_items
+    from mgmlora.training.generation_eval import GenerationEval
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.module import LoraLitModule
+    from tests.conftest import TOKENIZER
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(VAL.read_text().splitlines(keepends=True)[:5]))
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                                     gradient_checkpointing=False), LoraArgs(preset="conservative"))
+    data = ChatDataModule(str(val), val_path=str(val), batch_size=2, max_length=256)
+    data.connect(module.tokenizer, module.info)
+    data.setup("validate")
+    module.configure_model()  # the model Lightning would build
+    items = data.generation_subset("val", None, 0, 4)
+    gen = GenerationArgs(max_new_tokens=4, do_sample=False, seed=3, batch_size=2)
+    module.eval()
+
+    direct = []  # what the model answers asked batch by batch, each batch seeded seed + its first item's offset
+    with torch.no_grad():
+        for b in range(0, len(items), 2):
+            batch = items[b:b + 2]
+            replies = generate_batch(module.loaded.model, data.tokenizer, [i.prompt_ids for i in batch],
+                                     GenerationArgs(**{**gen.__dict__, "seed": 3 + b}))
+            direct += [data.reply_answer(r[0]) for r in replies]
+    validation = GenerationEval(max_new_tokens=4, batch_size=2, seed=3).generate(module, data, items)
+    score_items(module.loaded, data, items, tmp_path / "out.jsonl", {"test": 1}, gen, "text")
+    scored = [json.loads(line)["prediction"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(items) == 5 and any(direct)
+    assert validation == scored == direct

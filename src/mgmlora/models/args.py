@@ -10,12 +10,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
+from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.quantization import QuantizationArgs
 
 PresetName = Literal["tiny-qwen3", "tiny-qwen3-moe", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "tiny-mgm", "mgm-2b"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -32,7 +30,7 @@ class ModelArgs:
             extra), `flex_attention` or `eager`.
         experts_implementation: how fused MoE experts run (MoE models only): `mgmlora_grouped_mm` (the default:
             transformers' grouped GEMMs without its expert-parallel masks, routing weights applied before the down
-            projection; 1.34x the step of `grouped_mm` on Qwen3-30B-A3B, mgmlora.models.experts), `grouped_mm`
+            projection, mgmlora.models.experts; configs/README.md has its speed), `grouped_mm`
             (transformers' own) or `eager` (transformers' loop over experts).
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
         trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
@@ -44,7 +42,7 @@ class ModelArgs:
     preset: PresetName | None = None
     model_path: str | None = None
     tokenizer_path: str | None = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: DtypeName = "bfloat16"
     attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
     experts_implementation: Literal["grouped_mm", "mgmlora_grouped_mm", "eager"] = "mgmlora_grouped_mm"
     gradient_checkpointing: bool = True
@@ -65,4 +63,4 @@ class ModelArgs:
             )
 
 
-__all__ = ["DTYPES", "ModelArgs", "PresetName"]
+__all__ = ["ModelArgs", "PresetName"]

@@ -6,7 +6,7 @@ ids, but how it does so depends on the attention implementation:
 
 - `sdpa` (the default) builds a dense (N, N) boolean mask over the whole packed row and hands it to SDPA, which
   cannot use its flash kernel with an arbitrary mask. Memory and time grow with the square of the pack, so bigger packs
-  got *slower* (measured: MGM-2B 8 packed rows slower than 4; Qwen3-30B-A3B 32 slower than 16 slower than 8).
+  run *slower* (bench/train_step.py's packing variants; configs/README.md).
 - `flex_attention` builds a block mask and skips the masked blocks (compiled by transformers on first use).
 - `flash_attention_2` (the `flash` extra) runs flash-attn's varlen kernel from the position ids.
 
@@ -79,9 +79,9 @@ def bucket_padding(n: int, multiple: int) -> int:
     """Positions to append to a packed row of `n` so its length is a multiple of `multiple` (0 when off or exact).
 
     Why: every new row length costs the GPU path work that does not depend on the data (kernel heuristics per GEMM
-    shape, and with `speed.compile` shape guards and dynamic-shape kernels). Measured in the MGM-2B training loop
-    (configs/README.md): rows of a few distinct lengths ran 135 ms per micro-batch, realistic rows (hundreds of
-    lengths, shorter on average) 191 ms. The padding is a sample of its own (its own attention segment, labels
+    shape, and with `speed.compile` shape guards and dynamic-shape kernels): in the MGM-2B training loop rows of a
+    few distinct lengths run faster per micro-batch than realistic rows of hundreds of lengths, though those are
+    shorter on average (configs/README.md). The padding is a sample of its own (its own attention segment, labels
     ignored), so it changes no loss and no gradient.
     """
     return (-n) % multiple if multiple > 1 else 0

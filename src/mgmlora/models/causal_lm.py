@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
 

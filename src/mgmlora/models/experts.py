@@ -1,11 +1,11 @@
 """mgmlora's MoE experts forward: transformers' grouped GEMM without the expert-parallel masks, weighted earlier.
 
 transformers runs fused MoE experts (Qwen3-MoE's `mlp.experts.gate_up_proj` / `down_proj`, 3-D tensors) through an
-"experts implementation" chosen by name (`grouped_mm` by default). Profiled on Qwen3-30B-A3B (H200, 32 packed
-Chameleons samples, transformers 5.17), `grouped_mm` spends more time around the GEMMs than in them: its
-expert-parallel sentinel masking runs three bf16 `masked_fill` passes per layer (432 calls, 7.2% of the step) even
-when nothing is expert-parallel, and the routing weight multiplies the (tokens x top_k, hidden) output of the down
-projection. Newer transformers releases skip the masks without expert parallelism; the weighting is unchanged.
+"experts implementation" chosen by name (`grouped_mm` by default). In the Qwen3-30B-A3B step profile (configs/README.md,
+transformers 5.17) `grouped_mm` spends much of its time around the GEMMs: its expert-parallel sentinel masking runs
+three bf16 `masked_fill` passes per layer even when nothing is expert-parallel, and the routing weight multiplies the
+(tokens x top_k, hidden) output of the down projection. Newer transformers releases skip the masks without expert
+parallelism; the weighting is unchanged.
 
 `mgmlora_grouped_mm` (registered with transformers' own `ExpertsInterface`, selected by
 `model.experts_implementation`) computes the same function with the same kernels (`grouped_mm`), but:
@@ -13,12 +13,12 @@ projection. Newer transformers releases skip the masks without expert parallelis
   transformers' implementation);
 - the routing weight multiplies the (S, intermediate) activation before the down projection instead of its
   (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
-  tensor 2.7x smaller for Qwen3-30B-A3B (768 vs 2048 columns), forward and backward.
+  smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
 It is also the one experts forward that runs 4-bit experts (QLoRA, mgmlora.models.quantization): it reads each fused
 weight through `expert_weight`, which dequantises one layer's experts when they run.
-Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); its speed is measured in
-bench/train_step.py (`+fastexperts`), not assumed.
+Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); bench/train_step.py (`+fastexperts`)
+measures its speed, and configs/README.md has the results.
 """
 
 from __future__ import annotations

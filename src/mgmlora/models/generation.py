@@ -12,13 +12,16 @@ training may not import tools; `LoadedModel.generate` is the family-neutral entr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 # End-of-turn markers of the chat templates mgmlora trains with (Qwen's, Gemma's); generation stops at any of them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>")
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +71,16 @@ class GenerationArgs:
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kw
+
+
+def seeded_batches(items: Sequence[T], args: GenerationArgs) -> Iterator[tuple[Sequence[T], GenerationArgs]]:
+    """`items` in generate calls of `args.batch_size`, each with the seed `args.seed` + its first item's offset.
+
+    Every caller that generates for a list of items (validation, scoring, the leaderboard) batches and seeds this way,
+    so the same items and settings give the same replies whichever of them asks.
+    """
+    for start in range(0, len(items), args.batch_size):
+        yield items[start:start + args.batch_size], replace(args, seed=args.seed + start)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -1,12 +1,12 @@
 """QLoRA's base built one decoder layer at a time on the run's device, from a meta-device build.
 
-Why: Qwen3-30B-A3B is 56.9 GiB in bf16 against a 24 GiB device and, for many of the people QLoRA serves, less host
-RAM than that. Built whole first (what `from_config` and `from_pretrained` do), it needs the model's size in RAM, and
-for random init minutes of CPU `normal_` (152 s for 6 of its 48 layers on the H200 host); built whole on the device,
-it does not fit. Here a layer holds model-dtype memory only from the moment it gets its values until it is quantised
-(`init_layer` or `CheckpointLayers.load_layer` is the `prepare` step of mgmlora.models.quantization.quantize_layers),
-so the host never holds more than one layer's tensors either. Every tensor is NaN until it gets a value, so a tensor
-that nothing filled is named in an error instead of training on leftover memory.
+Why: Qwen3-30B-A3B is 56.9 GiB in bf16 against a 24 GiB device and, for many of the people QLoRA serves, less host RAM
+than that. Built whole first (what `from_config` and `from_pretrained` do), it needs the model's size in RAM, and for
+random init minutes of CPU `normal_`; built whole on the device, it does not fit. Here a layer holds model-dtype memory
+only from the moment it gets its values until it is quantised (`init_layer` or `CheckpointLayers.load_layer` is the
+`prepare` step of mgmlora.models.quantization.quantize_layers), so the host never holds more than one layer's tensors
+either. Every tensor is NaN until it gets a value, so a tensor that nothing filled is named in an error instead of
+training on leftover memory.
 
 Two sources of values:
 - random init: the model's own initialiser (`mgmlora.models.transformers_private.init_module`), seeded once
@@ -25,7 +25,6 @@ Two sources of values:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from mgmlora.models.shards import safetensors_files
 from mgmlora.models.transformers_private import init_module
 
 
@@ -125,12 +125,8 @@ class CheckpointLayers:
         exact shape (a tied LM head may be missing: it is tied after loading).
         """
         model_dir = Path(model_dir)
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = {key: model_dir / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        elif (model_dir / "model.safetensors").is_file():
-            files = dict.fromkeys(_keys(model_dir / "model.safetensors"), model_dir / "model.safetensors")
-        else:
+        files = safetensors_files(model_dir)
+        if files is None:
             return f"{model_dir} has no safetensors checkpoint"
         shapes = {}
         for path in sorted(set(files.values())):
@@ -198,11 +194,6 @@ class CheckpointLayers:
                 init_module(model, module)
 
         _build_rest(model, done, device, fill)
-
-
-def _keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as shard:
-        return list(shard.keys())
 
 
 def _expert_keys(name: str, tensor: torch.Tensor) -> list[str] | None:

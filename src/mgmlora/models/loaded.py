@@ -23,6 +23,7 @@ from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
 from mgmlora.models.processor import Processor
 from mgmlora.models.quantization import QuantizationArgs, quantize_layers
+from mgmlora.models.shards import INDEX, write_index
 
 Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
@@ -93,9 +94,14 @@ class LoadedModel(ABC):
         return generate_batch(self.model, tokenizer, rows, args, model_inputs)
 
     def save_merged(self, model: nn.Module, out: Path, max_shard_bytes: int) -> None:
-        """Writes a merged (adapter-free) `model` as a standalone checkpoint in the family's own layout."""
+        """Writes a merged (adapter-free) `model` as a standalone checkpoint in the family's own layout, with an index.
+
+        transformers writes no index for a one-file checkpoint; loaders that read only the index (MGM's) need one.
+        """
         model.config.use_cache = True  # a serving checkpoint
         model.save_pretrained(str(out), max_shard_size=max_shard_bytes, safe_serialization=True)
+        if not (out / INDEX).is_file():
+            write_index(out)
 
     def mining_dims(self) -> tuple[int, int] | None:
         """(aux-tower channels, CLIP hidden size) of MGM's patch-info mining, None for models without it."""
@@ -114,7 +120,7 @@ class LoadedModel(ABC):
         counts = quantize_layers(self.quantizable_modules(), args, device, prepare)
         self.quantized = args
         # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
-        self.model.is_loaded_in_4bit = args.resolved_backend() == "bitsandbytes"
+        self.model.is_loaded_in_4bit = args.resolved_backend(torch.device(device)) == "bitsandbytes"
         return counts
 
 

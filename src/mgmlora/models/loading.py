@@ -18,9 +18,10 @@ import torch
 from transformers import GenerationConfig
 
 from mgmlora.errors import UsageError
-from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
+from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mgmlora.models.mgm import MGMConfig, MGMForCausalLM
+from mgmlora.models.shards import safetensors_files, write_sharded
 
 _CLIP_ORIGINAL = "model.vision_tower.vision_tower.vision_model."
 _DIRECT = ("vision_tower_aux.", "mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.",
@@ -59,17 +60,18 @@ def from_original(key: str, clip_prefix: str) -> str | None:
 
 
 def _weight_files(model_path: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_path / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (model_path / s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-            return [model_path / s for s in shards]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_path / single).is_file():
-            return [model_path / single]
+    files = safetensors_files(model_path)
+    if files is not None:
+        return sorted(set(files.values()))
+    index = model_path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return [model_path / s for s in shards]
+    if (model_path / "pytorch_model.bin").is_file():
+        return [model_path / "pytorch_model.bin"]
     raise FileNotFoundError(f"{model_path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json).")
 
 
@@ -137,31 +139,12 @@ def load_mgm(model_path: str | Path, dtype: torch.dtype = torch.bfloat16, attn_i
 
 
 def save_mgm(model: MGMForCausalLM, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json and sharded safetensors with an index, in the original key layout.
-
-    The index is written even for one shard: MGM's own eval loader reads `model.safetensors.index.json`.
-    """
+    """Writes config.json and sharded safetensors with an index (mgmlora.models.shards), in the original key layout."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = _clip_prefix(model)
     tied = model.llm.config.tie_word_embeddings
-    state = {to_original(k, prefix): v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+    state = {to_original(k, prefix): v for k, v in model.state_dict().items()
              if not (tied and k == "llm.lm_head.weight")}
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_sharded(out_dir, state, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))

@@ -7,10 +7,21 @@ double quantisation the fp32 absmax are themselves stored in 8 bits: their mean 
 remainder is cut into blocks of 256 rounded to bitsandbytes' signed 8-bit "dynamic" code, with one fp32 scale per
 block. 4.13 bits per value with double quantisation, 4.5 without.
 
-Two implementations of the same format: bitsandbytes' kernels (CUDA, and its CPU backend from 0.46 on) where the
-package is installed, and the pure-PyTorch one below where it is not (CI installs no bitsandbytes). The pure one is
-written here because bitsandbytes is an optional extra; it produces the same bytes as bitsandbytes' CPU backend
-(tests/models/test_nf4.py compares them where both run).
+Two implementations of the same format: bitsandbytes' kernels, which `backend: auto` runs on CUDA where the package is
+installed, and the pure-PyTorch one below everywhere else (the CPU, CI, machines without bitsandbytes). The pure one
+writes bitsandbytes' 4-bit codes and block scales; only double quantisation's 8-bit absmax codes differ on rare
+near-ties (bitsandbytes rounds them in C). tests/models/test_nf4.py compares the two where both run.
+
+Why a codec of its own rather than a library's alone (bench/nf4_cpu.py, bench/results/2026-12-04-nf4_cpu-dev.json):
+- torchao's NF4Tensor stores 2-D tensors only (not the fused 3-D experts), needs a multiple of 64 x 256 values (so no
+  tiny test model) and keeps its own int8 scalers, not bitsandbytes' format.
+- bitsandbytes' CPU backend writes the same codes and dequantises far faster, but it does not serve: its
+  `dequantize_4bit` returns wrong values for some tensors whose last dimension is not a multiple of the 64-value
+  block (e.g. (64, 32) and (32, 96): its own round trip, from the same codes), which tiny test models and some
+  expert shapes have;
+  it is a large optional install (CUDA and ROCm libraries included) that CI does not have; and on CPUs with
+  AVX512-bf16 importing it tries to fetch a kernel from the Hugging Face Hub, which a tool that never downloads at
+  run time must not do. So `backend: auto` runs bitsandbytes on CUDA only (mgmlora.models.quantization).
 """
 
 from __future__ import annotations

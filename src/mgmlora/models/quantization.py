@@ -43,10 +43,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mgmlora.errors import UsageError
+from mgmlora.models.dtypes import DTYPES, DtypeName
 from mgmlora.models.nf4 import Backend, Nf4Tensor, bitsandbytes_available, dequantize, quantize
-
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -58,20 +56,22 @@ class QuantizationArgs:
         quant_type: the 4-bit code; NF4 (normal-float quantiles, QLoRA's choice for normally distributed weights).
         double_quant: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
         compute_dtype: dtype the weights are dequantised to for each matrix product.
-        backend: `auto` uses bitsandbytes' kernels where the package is installed (the `qlora` extra) and
-            mgmlora's pure-PyTorch NF4 (same format, slower) otherwise; `bitsandbytes` or `torch` force one.
+        backend: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the `qlora`
+            extra) and mgmlora's pure-PyTorch NF4 (same format) otherwise, the CPU included: bitsandbytes' CPU
+            backend dequantises some shapes wrongly (bench/nf4_cpu.py's shape check; mgmlora.models.nf4).
+            `bitsandbytes` or `torch` force one.
     """
 
     bits: Literal[4] = 4
     quant_type: Literal["nf4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: ComputeDtype = "bfloat16"
+    compute_dtype: DtypeName = "bfloat16"
     backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
 
-    def resolved_backend(self) -> Backend:
-        """The backend this machine runs."""
+    def resolved_backend(self, device: torch.device) -> Backend:
+        """The backend that runs on `device`."""
         if self.backend == "auto":
-            return "bitsandbytes" if bitsandbytes_available() else "torch"
+            return "bitsandbytes" if device.type == "cuda" and bitsandbytes_available() else "torch"
         if self.backend == "bitsandbytes" and not bitsandbytes_available():
             raise UsageError("model.model.quantization.backend=bitsandbytes needs the bitsandbytes package: "
                              "pip install 'mgmlora[qlora]', or set backend: auto.")
@@ -80,7 +80,7 @@ class QuantizationArgs:
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype as a torch dtype."""
-        return _DTYPES[self.compute_dtype]
+        return DTYPES[self.compute_dtype]
 
 
 class Nf4Weight(nn.Module):
@@ -200,7 +200,7 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
         UsageError: on a model partitioned by DeepSpeed ZeRO-3.
     """
     device = torch.device(device)
-    backend = args.resolved_backend()
+    backend = args.resolved_backend(device)
     counts = {"linear": 0, "experts": 0}
     if any(hasattr(p, "ds_id") for p in layers.parameters()):
         raise UsageError("model.model.quantization does not run under DeepSpeed ZeRO-3 (partitioned weights cannot be "
@@ -234,5 +234,5 @@ def quantized_bytes(numel: int, double_quant: bool) -> float:
     return numel / 2 + scales
 
 
-__all__ = ["ComputeDtype", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
+__all__ = ["DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
            "quantize_layers", "quantized_bytes"]

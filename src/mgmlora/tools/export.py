@@ -20,7 +20,6 @@ import json
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
@@ -29,6 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
+from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
@@ -50,8 +50,6 @@ from mgmlora.training.checkpoint import (
     write_tensors,
 )
 from mgmlora.training.trainable import load_trainables
-
-ExportDtype = Literal["bfloat16", "float16", "float32"]
 
 
 @dataclass
@@ -130,7 +128,7 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
 
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
-                   dtype: ExportDtype | None = None, trust_remote_code: bool = False) -> ModelArgs:
+                   dtype: DtypeName | None = None, trust_remote_code: bool = False) -> ModelArgs:
     """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine).
 
     `trust_remote_code` comes from the caller (the user's command line) only, never from the run's saved settings: a
@@ -236,30 +234,10 @@ def merge_and_save(run: RunAdapter, args: ModelArgs, out: str | Path, max_shard_
         model = peft.merge_and_unload(safe_merge=True)  # raises on NaN instead of writing a broken model
     with writing_dir(out) as tmp:
         loaded.save_merged(model, tmp, max_shard_bytes)  # the family's own layout (MGM: the original key names)
-        if not (tmp / "model.safetensors.index.json").is_file() and (tmp / "model.safetensors").is_file():
-            _write_single_shard_index(tmp)
         tokenizer.save_pretrained(str(tmp))
         if run.run_config is not None:
             shutil.copy(run.run_config, tmp / "training_config.yaml")
     return out
-
-
-def _write_single_shard_index(out: Path) -> None:
-    """An index for a one-shard checkpoint too, so every loader that reads the index finds it."""
-    from safetensors import safe_open
-
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
-    with safe_open(out / "model.safetensors", "pt") as f:
-        keys = list(f.keys())
-        total = 0
-        for key in keys:
-            piece = f.get_slice(key)
-            numel = 1
-            for dim in piece.get_shape():
-                numel *= dim
-            total += numel * sizes.get(piece.get_dtype(), 4)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: "model.safetensors" for k in keys}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 __all__ = ["RunAdapter", "build_trained_model", "export_adapter", "merge_and_save", "model_args_for",

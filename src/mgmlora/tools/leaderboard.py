@@ -24,7 +24,7 @@ from pathlib import Path
 from mgmlora.data.chameleons import DialogueSample, attach_history, iter_items, load_records, map_turns
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
 from mgmlora.data.prompts import clean_reply
-from mgmlora.models.generation import GenerationArgs, generate_batch
+from mgmlora.models.generation import GenerationArgs, generate_batch, seeded_batches
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.progress_file import (
     ProgressMismatchError,
@@ -120,10 +120,9 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
     resumed = sum(1 for s in samples if tuple(s.index) in done)
     todo = [s for s in samples if tuple(s.index) not in done]
     with appending(progress, settings) as write:
-        for b in range(0, len(todo), gen.batch_size):
-            batch = todo[b:b + gen.batch_size]
+        for batch, batch_gen in seeded_batches(todo, gen):  # batched and seeded as validation and scoring are
             rows = [encoder.generation_prompt(s, gen.max_new_tokens) for s in batch]
-            replies = generate_batch(model, tokenizer, rows, replace(gen, seed=gen.seed + b))
+            replies = generate_batch(model, tokenizer, rows, batch_gen)
             for sample, texts in zip(batch, replies):
                 done[tuple(sample.index)] = [clean_reply(t) for t in texts]
             write([{"index": list(s.index), "continuations": done[tuple(s.index)]} for s in batch])

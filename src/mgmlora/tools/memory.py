@@ -43,7 +43,8 @@ from typing import Literal
 import torch
 
 from mgmlora.models import build_on_meta, model_info, uses_moe
-from mgmlora.models.args import DTYPES, ModelArgs
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.quantization import QuantizationArgs, quantized_bytes
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs

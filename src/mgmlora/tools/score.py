@@ -16,7 +16,7 @@ import importlib
 import inspect
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -26,9 +26,9 @@ from mgmlora.data.generation_items import GenerationItem
 from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs
-from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.leaderboard import output_files
 from mgmlora.tools.progress_file import adapter_digest, appending, read_entries, write_atomically
+from mgmlora.training.generation_eval import answer_items
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
 
@@ -96,13 +96,9 @@ def score_items(loaded: LoadedModel, datamodule: TokenizedDataModule, items: lis
     done = {e["key"]: e for e in read_entries(files["progress file"], settings)}
     todo = [item for item in items if item.key not in done]
     with appending(files["progress file"], settings) as write:
-        for b in range(0, len(todo), gen.batch_size):
-            batch = todo[b:b + gen.batch_size]
-            inputs = stack_inputs([datamodule.item_inputs(item) for item in batch])  # each (B, ...)
-            replies = loaded.generate(datamodule.tokenizer, [item.prompt_ids for item in batch],
-                                      replace(gen, seed=gen.seed + b), inputs)
-            entries = [{"key": item.key, "prediction": datamodule.reply_answer(r[0]), "reference": item.reference,
-                        "reply": r[0]} for item, r in zip(batch, replies)]
+        for batch, replies in answer_items(loaded, datamodule, todo, gen):  # validation's path
+            entries = [{"key": item.key, "prediction": datamodule.reply_answer(reply), "reference": item.reference,
+                        "reply": reply} for item, reply in zip(batch, replies)]
             done.update((e["key"], e) for e in entries)
             write(entries)
     rows = [done[item.key] for item in items]

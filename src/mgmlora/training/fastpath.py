@@ -1,8 +1,9 @@
 """Model-level switches of the fast path: PEFT's wasted input casts, and regional torch.compile.
 
-Both come from the profile of the MGM-2B LoRA step at micro-batch 1 (bench/results/*train_step_profile-mgm2b*): the
-matmuls are only about 27% of device time, while dtype casts and copies take about 17% and small element-wise kernels
-(norms, rotary, GeGLU, LoRA scaling) another 10%, each launched once per layer, forward and recompute.
+Both come from the profile of the MGM-2B LoRA step at micro-batch 1 (bench/results/*train_step_profile-mgm2b*, its
+breakdown in configs/README.md): the matmuls are a minority of device time, while dtype casts and copies and small
+element-wise kernels (norms, rotary, GeGLU, LoRA scaling), each launched once per layer, forward and recompute, take
+a comparable share.
 
 - PEFT casts the input of every LoRA layer to the adapter's dtype before `lora_A` (`_cast_input_dtype`): with fp32
   adapters under bf16 autocast that is a bf16 -> fp32 copy of the activations, which autocast then casts back to bf16

@@ -23,7 +23,7 @@ numbers of tokens would wait on each other forever.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 import lightning as L
@@ -33,7 +33,8 @@ import torch
 from mgmlora.data.generation_items import GenerationItem
 from mgmlora.data.images import load_rgb
 from mgmlora.errors import UsageError
-from mgmlora.models.generation import GenerationArgs
+from mgmlora.models import LoadedModel
+from mgmlora.models.generation import GenerationArgs, seeded_batches
 from mgmlora.models.processor import stack_inputs
 from mgmlora.training.strategies import zero3_config
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
@@ -57,6 +58,20 @@ def thumbnail(path: str) -> np.ndarray:
     img = load_rgb(path)
     img.thumbnail((THUMBNAIL, THUMBNAIL))
     return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+def answer_items(loaded: LoadedModel, datamodule, items: list[GenerationItem], gen: GenerationArgs
+                 ) -> Iterator[tuple[list[GenerationItem], list[str]]]:
+    """(batch, each item's first reply) for `items`, one generate call per batch (`seeded_batches`).
+
+    The one path from a DataModule's generation items to replies: validation (`GenerationEval`) and bin/score.py
+    (mgmlora.tools.score) both use it, so a checkpoint scored afterwards answers what validation saw it answer.
+    `datamodule.reply_answer` turns a reply into the scored answer.
+    """
+    for batch, batch_gen in seeded_batches(items, gen):
+        inputs = stack_inputs([datamodule.item_inputs(item) for item in batch])  # each (B, ...)
+        replies = loaded.generate(datamodule.tokenizer, [item.prompt_ids for item in batch], batch_gen, inputs)
+        yield batch, [r[0] for r in replies]
 
 
 class GenerationEval(L.Callback):
@@ -163,19 +178,10 @@ class GenerationEval(L.Callback):
             # eager: `speed.compile` compiled the decoder layers for training's shapes; generation's one-token steps
             # with a growing KV cache would recompile them at every new length
             with torch.compiler.set_stance("force_eager"):
-                answers = self._generate(pl_module, datamodule, items)
+                answers = [datamodule.reply_answer(reply) for _, replies in
+                           answer_items(pl_module.loaded, datamodule, items, self.gen) for reply in replies]
         finally:
             pl_module.train(was_training)
-        return answers
-
-    def _generate(self, pl_module: LoraLitModule, datamodule, items: list[GenerationItem]) -> list[str]:
-        tokenizer, answers = datamodule.tokenizer, []
-        for b in range(0, len(items), self.gen.batch_size):
-            batch = items[b:b + self.gen.batch_size]
-            inputs = stack_inputs([datamodule.item_inputs(item) for item in batch])  # each (B, ...)
-            replies = pl_module.loaded.generate(tokenizer, [item.prompt_ids for item in batch],
-                                                replace(self.gen, seed=self.gen.seed + b), inputs)
-            answers += [datamodule.reply_answer(r[0]) for r in replies]
         return answers
 
     def write_table(self, trainer: L.Trainer, prefix: str, items: list[GenerationItem], predictions: list[str]
@@ -191,4 +197,4 @@ class GenerationEval(L.Callback):
                 experiment.add_image(f"{prefix}/image_{k}", thumbnail(item.image), trainer.global_step)
 
 
-__all__ = ["GenerationEval", "markdown_table"]
+__all__ = ["GenerationEval", "answer_items", "markdown_table"]

@@ -283,8 +283,8 @@ class LoraLitModule(L.LightningModule):
 
         A collective under ZeRO-3 (every rank must call it): the partitions are gathered first. Copies go straight to
         host memory (a checkpoint writer puts them there anyway): cloning on the GPU would add the size of everything
-        trainable to peak memory at each save (5 GB for a full MGM fine-tune). Copies, not views, because ZeRO-3 frees
-        the gathered tensors when the context exits.
+        trainable to peak memory at each save (gigabytes for a full MGM fine-tune). Copies, not views, because ZeRO-3
+        frees the gathered tensors when the context exits.
         """
         to_host = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
         with gathered(self.model, attached_trainer(self)):

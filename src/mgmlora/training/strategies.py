@@ -108,8 +108,8 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         `.<name>.tmp-<hex8>` directory, and once all have, rank 0 renames it to `filepath` (on a filesystem it does
         not share, each node's local rank 0 does). Overwriting `last.ckpt` in place would leave a mix of two steps
         after a crash. DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight
-        once, so the second name (Gemma's `lm_head.weight`, 1 GB in bf16) stayed in every "adapter-only" MGM
-        checkpoint (seen on an H100).
+        once, so the second name (Gemma's `lm_head.weight`, as large as the embeddings) would stay in every
+        "adapter-only" MGM checkpoint; it is excluded here.
         """
         path = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:

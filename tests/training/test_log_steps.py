@@ -1,4 +1,4 @@
-"""Every TensorBoard event of one optimizer step carries that step, the count checkpoints are named by (log_steps.py)."""
+"""Every TensorBoard event of one optimizer step carries that step, as checkpoint names count it (log_steps.py)."""
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint

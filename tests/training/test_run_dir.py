@@ -79,12 +79,11 @@ def test_validate_and_test_of_a_checkpoint_log_into_its_run_and_keep_its_config(
     checkpoint's step, and `<subcommand>_config.yaml`; the run's config.yaml is untouched; the log says where."""
     import logging
 
+    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mgmlora.cli import main
     from tests.conftest import VAL
-
-    import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "demo_chat.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2  # the ModelCheckpoint

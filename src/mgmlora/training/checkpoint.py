@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from mgmlora.files import umask_modes
 from mgmlora.training.adapter_check import read_lora_config, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -83,8 +84,12 @@ def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: 
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
+    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata).
+
+    The file gets the umask's mode (mgmlora.files; safetensors alone leaves it 0600).
+    """
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    umask_modes(path)
 
 
 def write_adapter(directory: Path, config: LoraConfig | dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,7 +141,12 @@ def fresh_tmp(path: Path) -> Path:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring)."""
+    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring).
+
+    Everything in it first gets the umask's modes (mgmlora.files): libraries that wrote into it (safetensors through
+    transformers' `save_pretrained`, a `tempfile` directory) may have left owner-only ones.
+    """
+    umask_modes(tmp)
     if not path.exists():
         os.replace(tmp, path)
         return

@@ -76,7 +76,8 @@ def test_checkpoint_run_is_the_run_directory_above_checkpoints_and_nothing_elsew
 @pytest.mark.integration
 def test_validate_and_test_of_a_checkpoint_log_into_its_run_and_keep_its_config(tmp_path):
     """No `version_N` beside the run: the run's directory gets the evaluation's events, labelled with the
-    checkpoint's step, and `<subcommand>_config.yaml`; the run's config.yaml is untouched; the log says where."""
+    checkpoint's step, and `<subcommand>_config.yaml`; the run's config.yaml is untouched; the log says where. The fit's
+model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     import logging
 
     import yaml
@@ -92,18 +93,19 @@ def test_validate_and_test_of_a_checkpoint_log_into_its_run_and_keep_its_config(
     common = ["--config", str(tmp_path / "demo_chat.yaml"), "--trainer.enable_progress_bar", "false",
               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.limit_val_batches", "1",
               "--data.init_args.val_path", str(VAL), "--data.init_args.test_path", str(VAL)]
-    main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "4"])
     run = tmp_path / "runs" / "demo_chat" / "version_0"
     ckpt = run / "checkpoints" / "step=000002.ckpt"
-    assert ckpt.is_dir()
-    config = (run / "config.yaml").read_bytes()
-
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("lightning.pytorch")  # where rank_zero_info writes (it does not propagate)
     logger.addHandler(handler)
     try:
+        main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "4"])
+        summary = next(line for line in lines if "Trainable params" in line)  # mgmlora.training.callbacks.RunSummary
+        assert "Total params" in summary and "flops" not in summary.lower(), summary  # none was counted
+        assert ckpt.is_dir()
+        config = (run / "config.yaml").read_bytes()
         main(["validate", *common, "--ckpt_path", str(ckpt)])
         main(["test", *common, "--ckpt_path", str(ckpt)])
         main(["validate", *common])  # no checkpoint: a new version, and the log says which

@@ -29,9 +29,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
-from mgmlora.training.callbacks import RunSummary  # noqa: E402
+from mgmlora.training.callbacks import RunSummary, StepLabels  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
-from mgmlora.training.log_steps import StepLabels  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402

@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
-from mgmlora.files import current_umask
 from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.progress_file import ProgressMismatchError
+from mgmlora.training.checkpoint import current_umask
 from mgmlora.training.text_metrics import GenerationMetrics
 from tests.conftest import ROOT, VAL
 from tests.tools.test_export import _train

@@ -49,7 +49,7 @@ def test_format_summary_table_renders_the_summary_lightning_logs():
 
 
 def test_logging_step_is_the_step_lightning_logs_with_and_trails_global_step_until_the_batch_ends():
-    """The two facts mgmlora.training.log_steps relies on, checked on Lightning's own loop and logger calls."""
+    """The two facts StepLabels (mgmlora.training.callbacks) relies on, on Lightning's own loop and logger calls."""
     from lightning.pytorch.demos.boring_classes import BoringModel
     from lightning.pytorch.loggers import Logger
 

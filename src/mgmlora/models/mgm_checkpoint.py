@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mgmlora.files import umask_modes
 from mgmlora.models.mgm import MGMConfig, MGMForCausalLM
 
 _CLIP_ORIGINAL = "model.vision_tower.vision_tower.vision_model."
@@ -161,7 +160,6 @@ def save_mgm(model: MGMForCausalLM, out_dir: str | Path, max_shard_bytes: int = 
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out_dir / name, metadata={"format": "pt"})
-        umask_modes(out_dir / name)  # safetensors leaves 0600 (mgmlora.files)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (out_dir / "model.safetensors.index.json").write_text(

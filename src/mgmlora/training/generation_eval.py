@@ -35,7 +35,7 @@ from mgmlora.data.images import load_rgb
 from mgmlora.errors import UsageError
 from mgmlora.models.generation import GenerationArgs
 from mgmlora.models.processor import stack_inputs
-from mgmlora.training.log_steps import run_step
+from mgmlora.training.callbacks import run_step
 from mgmlora.training.strategies import zero3_config
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
@@ -186,7 +186,7 @@ class GenerationEval(L.Callback):
         if not items or not hasattr(experiment, "add_text"):
             return
         rows = [(item.key, item.context, item.reference, pred) for item, pred in zip(items, predictions)]
-        step = run_step(trainer)  # the step its val_gen/* scalars carry (mgmlora.training.log_steps)
+        step = run_step(trainer)  # the step its val_gen/* scalars carry (mgmlora.training.callbacks.StepLabels)
         experiment.add_text(f"{prefix}/samples", markdown_table(rows), step)
         for k, item in enumerate(items):
             if item.image is not None and hasattr(experiment, "add_image"):

@@ -46,7 +46,7 @@ def logging_step(trainer: L.Trainer) -> int:
     It is `fit_loop.epoch_loop._batches_that_stepped`: the batches that stepped the optimizer *and have ended*. From
     optimizer step N until the end of its batch (train metrics, the validation after it, the next window's
     LearningRateMonitor) it reads N - 1, while `trainer.global_step` and the checkpoints say N; mgmlora.training.
-    log_steps compares a logged step with it to tell Lightning's label from an explicit one. 0 outside fit.
+    callbacks.StepLabels compares a logged step with it to tell Lightning's label from an explicit one. 0 outside fit.
     """
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 

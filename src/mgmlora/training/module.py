@@ -95,7 +95,7 @@ class LoraLitModule(L.LightningModule):
         self.base_id: str | None = None  # mgmlora.models.identity's fingerprint of the base (set in configure_model)
         self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
-        self.checkpoint_step: int | None = None  # optimizer steps of the loaded checkpoint (log_steps.run_step)
+        self.checkpoint_step: int | None = None  # optimizer steps of the loaded checkpoint (callbacks.run_step)
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=self.vocab_size, ignore_index=IGNORE_INDEX,
                                                 average="micro")

@@ -220,7 +220,7 @@ def test_current_umask_is_the_processs_and_is_left_unchanged(umask):
 
 def test_safetensors_alone_writes_owner_only_and_write_tensors_gives_the_umask_mode(tmp_path, umask):
     save_file({"w": torch.zeros(2)}, tmp_path / "raw.safetensors")
-    assert stat.S_IMODE((tmp_path / "raw.safetensors").stat().st_mode) == 0o600  # why mgmlora.files exists
+    assert stat.S_IMODE((tmp_path / "raw.safetensors").stat().st_mode) == 0o600  # why umask_modes exists
     write_tensors(tmp_path / "w.safetensors", {"w": torch.zeros(2)})
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~umask
 

@@ -176,9 +176,13 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
     path, _ = _leaderboard_file(tmp_path)
     args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
             "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
-    first = generate_cli.main(args + ["--n", "2"])
-    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
-    assert again["generated_now"] == 0 and again["resumed_from_progress"] == first["data_items"]
+    _interrupted_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cli.main(args + ["--n", "2"])
+    monkeypatch.undo()
+    progress = tmp_path / "p.json.partial.jsonl"
+    held = len(progress.read_text().splitlines()) - 1  # the settings line, then one line per finished item
+    assert held > 0
 
     def no_loading(*_, **__):
         raise AssertionError("the model was loaded before the progress file was checked")
@@ -186,6 +190,10 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
     monkeypatch.setattr(generate_cli, "build_trained_model", no_loading)
     with pytest.raises(ProgressMismatchError, match="n: 2 there, 3 now"):
         generate_cli.main(args + ["--n", "3"])
+    monkeypatch.undo()
+    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
+    assert again["resumed_from_progress"] == held and again["generated_now"] == again["data_items"] - held
+    assert not progress.exists()
 
 
 @pytest.mark.integration

@@ -21,7 +21,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
-from jsonargparse import set_parsing_settings  # noqa: E402
+from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -29,13 +29,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
-from mgmlora.training.callbacks import RunSummary  # noqa: E402
+from mgmlora.training.callbacks import RunSummary, StepLabels  # noqa: E402
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
 from mgmlora.training.module import LoraLitModule  # noqa: E402
 from mgmlora.training.outcome import RunOutcome  # noqa: E402
 from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
 from mgmlora.training.progress import progress_callback  # noqa: E402
-from mgmlora.training.run_dir import check_new_run  # noqa: E402
+from mgmlora.training.run_dir import check_new_run, checkpoint_run  # noqa: E402
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero  # noqa: E402
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
@@ -90,6 +90,24 @@ class MgmCLI(LightningCLI):
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
 
+    def before_instantiate_classes(self) -> None:
+        """`validate` and `test` of a checkpoint log into the checkpoint's run (mgmlora.training.run_dir).
+
+        The logger (each logger with `save_dir`, `name` and `version`, as TensorBoard's and CSV's have) is pointed at
+        the run's directory instead of a new `version_N` beside it; the config is saved there as
+        `<subcommand>_config.yaml`, beside the run's own config.yaml, which stays as fit wrote it.
+        """
+        if self.subcommand not in ("validate", "test"):
+            return
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
+        config = self.config[self.subcommand]
+        run = checkpoint_run(config.get("ckpt_path"))
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = logger.get("init_args") if isinstance(logger, Namespace) else None
+            if run is not None and init is not None and {"save_dir", "name", "version"} <= set(init.keys()):
+                init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
+
     def instantiate_classes(self) -> None:
         """Builds model, data and trainer as LightningCLI does, then connects the data to the model.
 
@@ -102,7 +120,9 @@ class MgmCLI(LightningCLI):
             connect(self.model.tokenizer, self.model.info, self.model.model_args.trust_remote_code)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed), PreemptionCheckpoint and RunOutcome.
+        """Adds AdapterCheckpointIO (unless a CheckpointIO is named, or DeepSpeed) and mgmlora's run callbacks.
+
+        Those are PreemptionCheckpoint, StepLabels (one step for every event of an optimizer step) and RunOutcome.
 
         Also adds StepProgressBar (optimizer steps against the run's real total; plain lines when stdout is not a
         terminal) when the run shows a progress bar and the config names none.
@@ -129,6 +149,10 @@ class MgmCLI(LightningCLI):
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand in ("validate", "test") and trainer.loggers:
+            rank_zero_info(f"mgmlora: {self.subcommand} logs to {trainer.log_dir}")
+        if not any(isinstance(c, StepLabels) for c in trainer.callbacks):  # one step for all events of a step
+            trainer.callbacks.append(StepLabels())
         if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
             trainer.callbacks.insert(0, RunOutcome())
         return trainer

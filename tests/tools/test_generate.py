@@ -97,42 +97,66 @@ def _leaderboard_model(trained_qwen):
     return model, tokenizer, PersonaEncoder(tokenizer, 512, "context_only", "system")
 
 
-def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen):
+def _interrupted_after(monkeypatch, batches):
+    """Makes the leaderboard's generation fail after `batches` more batches, as a killed run stops."""
+    import mgmlora.tools.leaderboard as leaderboard
+
+    calls = []
+
+    def generate(*args, **kwargs):
+        if len(calls) == batches:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return generate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(leaderboard, "generate_batch", generate)
+
+
+def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen, monkeypatch):
     path, records = _leaderboard_file(tmp_path)
     model, tokenizer, encoder = _leaderboard_model(trained_qwen)
+    model.eval()
     gen = GenerationArgs(max_new_tokens=6, batch_size=4)
     out = tmp_path / "pred.json"
-    summary = predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=2)
     total = len(leaderboard_samples(records, path))
-    assert summary["data_items"] == total == summary["generated_now"] and summary["empty_context_items"] >= 1
-    predicted = json.loads(out.read_text())
-    items = [item for r in predicted for c in r["task"]["task_behavior_collections"] for item in c["data"]]
-    assert len(items) == total and all(len(i["continuations"]) == 2 for i in items)
-    assert all(isinstance(t, str) and "[ANSWER]" not in t for i in items for t in i["continuations"])
-    for item in items:
-        item.pop("continuations")
-    assert predicted == records  # nothing dropped, reordered or changed
 
-    # interrupted after 5 items (the 6th line cut mid-write): a rerun generates only the rest
+    # interrupted after one batch (4 items), then a line cut mid-write, then interrupted after one more batch
+    _interrupted_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
     progress = tmp_path / "pred.json.partial.jsonl"
     header, *lines = progress.read_text().splitlines()
-    assert json.loads(header)["settings"]["n"] == 2
-    kept = {tuple(json.loads(line)["index"]): json.loads(line)["continuations"] for line in lines[:5]}
-    progress.write_text("\n".join([header, *lines[:5]]) + "\n" + lines[5][:10])
-    out.unlink()
-    again = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
-    assert again["resumed_from_progress"] == 5 and again["generated_now"] == total - 5
-    repredicted = json.loads(out.read_text())
-    for (r, c, i), continuations in kept.items():
-        assert repredicted[r]["task"]["task_behavior_collections"][c]["data"][i]["continuations"] == continuations
-    assert json.loads((tmp_path / "pred.summary.json").read_text())["generated_now"] == total - 5
+    assert json.loads(header)["settings"]["n"] == 2 and len(lines) == 4 and not out.exists()
+    with progress.open("a") as f:
+        f.write(lines[0][:10])  # what a kill in the middle of a write leaves
+    _interrupted_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
     readable = []
     for line in progress.read_text().splitlines():
         try:
             readable.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    assert len(readable) == total + 1  # header + one per item: the cut line stays alone, nothing glued onto it
+    assert len(readable) == 1 + 8  # header + one per item: the cut line stays alone, nothing glued onto it
+    kept = {tuple(e["index"]): e["continuations"] for e in readable[1:]}
+
+    # the rerun keeps those 8, makes the rest, and leaves the outputs alone (no partial file)
+    monkeypatch.undo()
+    summary = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=2)
+    assert summary["resumed_from_progress"] == 8 and summary["generated_now"] == total - 8
+    assert summary["data_items"] == total and summary["empty_context_items"] >= 1
+    assert json.loads((tmp_path / "pred.summary.json").read_text())["generated_now"] == total - 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.json", "pred.summary.json", "test_leaderboard.json"]
+    predicted = json.loads(out.read_text())
+    for (r, c, i), continuations in kept.items():
+        assert predicted[r]["task"]["task_behavior_collections"][c]["data"][i]["continuations"] == continuations
+    items = [item for r in predicted for c in r["task"]["task_behavior_collections"] for item in c["data"]]
+    assert len(items) == total and all(len(i["continuations"]) == 2 for i in items)
+    assert all(isinstance(t, str) and "[ANSWER]" not in t for i in items for t in i["continuations"])
+    for item in items:
+        item.pop("continuations")
+    assert predicted == records  # nothing dropped, reordered or changed
 
 
 @pytest.mark.integration
@@ -152,9 +176,13 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
     path, _ = _leaderboard_file(tmp_path)
     args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
             "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
-    first = generate_cli.main(args + ["--n", "2"])
-    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
-    assert again["generated_now"] == 0 and again["resumed_from_progress"] == first["data_items"]
+    _interrupted_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cli.main(args + ["--n", "2"])
+    monkeypatch.undo()
+    progress = tmp_path / "p.json.partial.jsonl"
+    held = len(progress.read_text().splitlines()) - 1  # the settings line, then one line per finished item
+    assert held > 0
 
     def no_loading(*_, **__):
         raise AssertionError("the model was loaded before the progress file was checked")
@@ -162,6 +190,10 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
     monkeypatch.setattr(generate_cli, "build_trained_model", no_loading)
     with pytest.raises(ProgressMismatchError, match="n: 2 there, 3 now"):
         generate_cli.main(args + ["--n", "3"])
+    monkeypatch.undo()
+    again = generate_cli.main(args + ["--n", "2"])  # the command's settings are the ones the library recorded
+    assert again["resumed_from_progress"] == held and again["generated_now"] == again["data_items"] - held
+    assert not progress.exists()
 
 
 @pytest.mark.integration
@@ -191,28 +223,33 @@ def test_greedy_decoding_with_several_replies_is_a_clear_error():
         GenerationArgs(do_sample=False, num_return_sequences=5)
 
 
-def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path, trained_qwen):
+def test_a_progress_file_made_with_other_settings_is_refused_not_merged(tmp_path, trained_qwen, monkeypatch):
     from mgmlora.tools.leaderboard import ProgressMismatchError
 
     path, records = _leaderboard_file(tmp_path)
     model, tokenizer, encoder = _leaderboard_model(trained_qwen)
-    gen, out = GenerationArgs(max_new_tokens=3, batch_size=8), tmp_path / "pred.json"
+    gen, out = GenerationArgs(max_new_tokens=3, batch_size=2), tmp_path / "pred.json"
     with pytest.raises(ValueError, match="n .*>= 1"):
         predict_leaderboard(model.eval(), tokenizer, encoder, path, out, gen, n=0)
     assert not out.exists() and not (tmp_path / "pred.json.partial.jsonl").exists()
-    predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+    _interrupted_after(monkeypatch, 1)  # a progress file that a rerun would resume
+    with pytest.raises(KeyboardInterrupt):
+        predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+    monkeypatch.undo()
     progress = (tmp_path / "pred.json.partial.jsonl").read_text()
+    assert len(progress.splitlines()) == 1 + 2
     for change, message in ((dict(n=2), "n: 1 there, 2 now"), (dict(gen=replace(gen, temperature=0.3)), "generation"),
                             (dict(checkpoint=tmp_path), "adapter_sha256")):
         kwargs = dict(n=1, gen=gen, checkpoint=trained_qwen) | change
         with pytest.raises(ProgressMismatchError, match=message):
             predict_leaderboard(model, tokenizer, encoder, path, out, **kwargs)
     assert (tmp_path / "pred.json.partial.jsonl").read_text() == progress  # untouched
+    assert not out.exists()
+    # the same settings resume, and a progress file without settings is refused
+    summary = predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)
+    assert summary["resumed_from_progress"] == 2 and summary["generated_now"] == summary["data_items"] - 2
     items = [i for r in json.loads(out.read_text()) for c in r["task"]["task_behavior_collections"] for i in c["data"]]
     assert {len(i["continuations"]) for i in items} == {1}
-    # the same settings resume (everything is already there), and a progress file without settings is refused
-    assert predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)[
-        "generated_now"] == 0
     (tmp_path / "pred.json.partial.jsonl").write_text("\n".join(progress.splitlines()[1:]) + "\n")
     with pytest.raises(ProgressMismatchError, match="does not record the settings"):
         predict_leaderboard(model, tokenizer, encoder, path, out, gen, n=1, checkpoint=trained_qwen)

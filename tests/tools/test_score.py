@@ -6,7 +6,9 @@ import json
 import pytest
 import yaml
 
+from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.progress_file import ProgressMismatchError
+from mgmlora.training.checkpoint import current_umask
 from mgmlora.training.text_metrics import GenerationMetrics
 from tests.conftest import ROOT, VAL
 from tests.tools.test_export import _train
@@ -17,7 +19,7 @@ spec.loader.exec_module(score_cli)
 
 
 @pytest.mark.integration
-def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(tmp_path):
+def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     ckpt, _ = _train(tmp_path / "run", "tiny-qwen3")
     data = tmp_path / "val.jsonl"
     data.write_text("".join(VAL.read_text().splitlines(keepends=True)[:6]))
@@ -39,18 +41,36 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
     summary = json.loads((tmp_path / "scores" / "val.summary.json").read_text())
     assert summary["scores"] == first["scores"]
 
+    assert sorted(p.name for p in out.parent.iterdir()) == ["val.jsonl", "val.summary.json"]  # no partial file
+    assert {oct(p.stat().st_mode & 0o777) for p in out.parent.iterdir()} == {oct(0o666 & ~current_umask())}
+
     # interrupted after 2 items, the third line cut mid-write: a rerun generates only the other 4, to the same result
+    import mgmlora.tools.score as score
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return stack_inputs(*args, **kwargs)
+
+    out.unlink()
+    monkeypatch.setattr(score, "stack_inputs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        score_cli.main(args)
+    monkeypatch.undo()
     progress = tmp_path / "scores" / "val.jsonl.partial.jsonl"
     lines = progress.read_text().splitlines(keepends=True)
-    progress.write_text("".join(lines[:3]) + lines[3][:10])
-    out.unlink()
+    assert len(lines) == 1 + 2 and not out.exists()
+    progress.write_text("".join(lines) + lines[1][:10])
+    with pytest.raises(ProgressMismatchError, match="generation"):  # other settings: refused before loading
+        score_cli.main(args[:-6] + ["--max_new_tokens", "6", "--batch_size", "2", "--device", "cpu"])
     again = score_cli.main(args)
     assert again["generated_now"] == 4 and again["resumed_from_progress"] == 2
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert again["scores"] == first["scores"]
-
-    with pytest.raises(ProgressMismatchError, match="generation"):  # other settings: refused before loading
-        score_cli.main(args[:-6] + ["--max_new_tokens", "6", "--batch_size", "2", "--device", "cpu"])
+    assert not progress.exists()
 
 
 def test_the_data_section_must_name_an_mgmlora_datamodule(tmp_path):

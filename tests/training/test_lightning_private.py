@@ -46,3 +46,41 @@ def test_format_summary_table_renders_the_summary_lightning_logs():
     table = format_summary_table(summary.total_parameters, summary.trainable_parameters, summary.model_size,
                                  summary.total_training_modes, 0, *summary._get_summary_data())
     assert "layer" in table and "Linear" in table and "8         Trainable params" in table  # 3 x 2 + 2
+
+
+def test_logging_step_is_the_step_lightning_logs_with_and_trails_global_step_until_the_batch_ends():
+    """The two facts StepLabels (mgmlora.training.callbacks) relies on, on Lightning's own loop and logger calls."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import Logger
+
+    from mgmlora.training.lightning_private import logging_step
+
+    class Steps(Logger):
+        name, version = "steps", 0
+        logged: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append(step)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    class Seen(L.Callback):
+        pairs: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.pairs.append((trainer.global_step, logging_step(trainer)))
+
+    class Logs(BoringModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("loss", out["loss"])
+            return out
+
+    logger = Steps()
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, log_every_n_steps=1, logger=logger, callbacks=[Seen()],
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Logs())
+    assert Seen.pairs == [(1, 0), (2, 1), (3, 2)]  # optimizer step N done, Lightning's label still N - 1
+    assert Steps.logged == [0, 1, 2]  # the label it gave the logger for steps 1, 2, 3
+    assert logging_step(trainer) == 3  # once the batch has ended

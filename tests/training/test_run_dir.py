@@ -1,4 +1,5 @@
-"""A fit never writes into a directory holding another run, unless it continues that run (run_dir.py)."""
+"""A fit never writes into a directory holding another run, unless it continues that run; an evaluation of a checkpoint
+logs into the checkpoint's run (run_dir.py)."""
 
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 import pytest
 
 from mgmlora.errors import USAGE, classify
-from mgmlora.training.run_dir import check_new_run
+from mgmlora.training.run_dir import check_new_run, checkpoint_run
 from tests.conftest import ROOT
 
 
@@ -58,3 +59,65 @@ def test_a_second_fit_into_a_named_version_is_refused_and_the_first_run_is_untou
     last = second.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {run} already holds a run"), second.stderr[-3000:]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "events.out" not in p.name} == before
+
+
+def test_checkpoint_run_is_the_run_directory_above_checkpoints_and_nothing_elsewhere(tmp_path):
+    run = tmp_path / "demo" / "version_3"
+    (run / "checkpoints" / "step=000004.ckpt").mkdir(parents=True)
+    assert checkpoint_run(run / "checkpoints" / "step=000004.ckpt") is None  # no logger wrote there: not a run
+    (run / "hparams.yaml").write_text("{}\n")
+    assert checkpoint_run(run / "checkpoints" / "step=000004.ckpt") == run.resolve()
+    (tmp_path / "config.yaml").write_text("not: a run of this checkpoint\n")
+    (tmp_path / "own" / "step=2.ckpt").mkdir(parents=True)  # a ModelCheckpoint dirpath of its own
+    assert checkpoint_run(tmp_path / "own" / "step=2.ckpt") is None
+    assert checkpoint_run("last") is None and checkpoint_run(None) is None
+
+
+@pytest.mark.integration
+def test_validate_and_test_of_a_checkpoint_log_into_its_run_and_keep_its_config(tmp_path):
+    """No `version_N` beside the run: the run's directory gets the evaluation's events, labelled with the
+    checkpoint's step, and `<subcommand>_config.yaml`; the run's config.yaml is untouched; the log says where. The fit's
+model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
+    import logging
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mgmlora.cli import main
+    from tests.conftest import VAL
+
+    config = yaml.safe_load((ROOT / "configs" / "demo_chat.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2  # the ModelCheckpoint
+    config["trainer"]["callbacks"][4]["init_args"].update(num_samples=2, max_new_tokens=4)  # GenerationEval
+    (tmp_path / "demo_chat.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "demo_chat.yaml"), "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.limit_val_batches", "1",
+              "--data.init_args.val_path", str(VAL), "--data.init_args.test_path", str(VAL)]
+    run = tmp_path / "runs" / "demo_chat" / "version_0"
+    ckpt = run / "checkpoints" / "step=000002.ckpt"
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")  # where rank_zero_info writes (it does not propagate)
+    logger.addHandler(handler)
+    try:
+        main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "4"])
+        summary = next(line for line in lines if "Trainable params" in line)  # mgmlora.training.callbacks.RunSummary
+        assert "Total params" in summary and "flops" not in summary.lower(), summary  # none was counted
+        assert ckpt.is_dir()
+        config = (run / "config.yaml").read_bytes()
+        main(["validate", *common, "--ckpt_path", str(ckpt)])
+        main(["test", *common, "--ckpt_path", str(ckpt)])
+        main(["validate", *common])  # no checkpoint: a new version, and the log says which
+    finally:
+        logger.removeHandler(handler)
+
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0", "version_1"]
+    assert f"mgmlora: validate logs to {run}" in lines and f"mgmlora: test logs to {run}" in lines, lines
+    assert f"mgmlora: validate logs to {run.parent / 'version_1'}" in lines, lines
+    assert (run / "config.yaml").read_bytes() == config
+    assert (run / "validate_config.yaml").is_file() and (run / "test_config.yaml").is_file()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/loss")] == [2]
+    assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's

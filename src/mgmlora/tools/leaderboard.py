@@ -7,10 +7,11 @@ Prompts are the training prompts (same ablation, role, history from the training
 
 Resumable (mgmlora.tools.progress_file): each finished item is appended to `<output>.partial.jsonl` as soon as its
 batch is generated, and a rerun skips the items found there; the final JSON is written atomically at the end, with a
-summary JSON beside it. The progress file belongs to one checkpoint and one set of settings, recorded on its first
-line: a rerun with another checkpoint, input, `n`, sampling setting or prompt setting is refused
-(ProgressMismatchError, naming what differs) instead of merging continuations made two ways; write to a new output
-path, or delete the progress file to start over.
+summary JSON beside it, and the progress file is then deleted (a finished run leaves no `*.partial*` file). The
+progress file belongs to one checkpoint and one set of settings, recorded on its first line: a rerun with another
+checkpoint, input, `n`, sampling setting or prompt setting is refused (ProgressMismatchError, naming what differs)
+instead of merging continuations made two ways; write to a new output path, or delete the progress file to start
+over.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mgmlora.tools.progress_file import (
     ProgressMismatchError,
     adapter_digest,
     appending,
+    discard,
     read_entries,
     write_atomically,
 )
@@ -137,7 +139,8 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
                "continuations_per_item": n, "seconds": round(time.perf_counter() - start, 2),
                "generation": asdict(gen), "ablation": encoder.ablation_name, "prompt_role": encoder.prompt_role,
                "max_length": encoder.max_length}
-    outputs["summary file"].write_text(json.dumps(summary, indent=2))
+    write_atomically(outputs["summary file"], json.dumps(summary, indent=2))
+    discard(progress)  # finished: the outputs hold everything it did
     return summary
 
 

@@ -4,7 +4,8 @@ Shared by the Chameleons leaderboard (mgmlora.tools.leaderboard) and checkpoint 
 finished entry is appended and flushed to disk as soon as its batch is done; a rerun reads the entries back and does
 only the rest. A line cut by an interruption is skipped (its entry is made again) and closed before new lines go in.
 The file belongs to one set of settings: a rerun with other settings is refused (ProgressMismatchError, naming what
-differs) instead of mixing outputs made two ways.
+differs) instead of mixing outputs made two ways. A run that finishes deletes its progress file (`discard`) once its
+outputs are written: only an interrupted run leaves one.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def appending(path: Path, settings: dict) -> Iterator:
         yield write
 
 
+def discard(path: Path) -> None:
+    """Deletes the progress file `path` of a finished run, after its outputs are written (the module docstring)."""
+    path.unlink(missing_ok=True)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Writes `text` to `path` through a hidden temporary file beside it, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -103,4 +109,4 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["adapter_digest", "ProgressMismatchError", "appending", "read_entries", "write_atomically"]
+__all__ = ["adapter_digest", "ProgressMismatchError", "appending", "discard", "read_entries", "write_atomically"]

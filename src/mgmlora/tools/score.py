@@ -7,7 +7,7 @@ the same prompt builders, the same seeded subset for the same `num_samples` and 
 Writes `<output>` (JSONL: key, prediction, reference, raw reply; one line per item, in file order) and
 `<output stem>.summary.json` (the scores, counts and settings), both atomically at the end. Resumable like the
 leaderboard (mgmlora.tools.progress_file): finished items go to `<output>.partial.jsonl` as each batch ends, and a rerun
-with the same settings generates only the rest; other settings are refused.
+with the same settings generates only the rest; other settings are refused. A finished run deletes that file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs
 from mgmlora.tools.leaderboard import output_files
-from mgmlora.tools.progress_file import adapter_digest, appending, read_entries, write_atomically
+from mgmlora.tools.progress_file import adapter_digest, appending, discard, read_entries, write_atomically
 from mgmlora.training.generation_eval import answer_items
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
@@ -110,6 +110,7 @@ def score_items(loaded: LoadedModel, datamodule: TokenizedDataModule, items: lis
                "resumed_from_progress": len(rows) - len(todo), "scores": scores,
                "seconds": round(time.perf_counter() - start, 2), "settings": settings}
     write_atomically(files["summary file"], json.dumps(summary, indent=2, ensure_ascii=False))
+    discard(files["progress file"])  # finished: the outputs hold everything it did
     return summary
 
 

@@ -19,6 +19,12 @@ superseded `.*.old-<hex8>` ones), only those names and only in its own directory
 
 Loading uses `torch.load(weights_only=True)` (`safe_load`): no pickled code is executed, and a file that needs it is
 refused with `UnsafeCheckpointError`.
+
+File modes. What mgmlora writes gets the permissions the user's umask gives, as files made with `open` do
+(`umask_modes`): 0644 files and 0755 directories under the common umask 022. safetensors (0.8) keeps its private
+temporary file's mode 0600, and `tempfile` directories are 0700, so adapters, checkpoints and merged models were
+readable by their owner alone whatever the umask; `write_tensors` and every staged directory's `publish` (adapters,
+checkpoints, the tools' output directories, whatever library wrote into them) set the modes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,9 +89,43 @@ def safe_load(path: Path, map_location: Any = "cpu", allowed: tuple = (), mmap: 
                                      "earlier checkpoint.") from None
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it: restore it before anything else creates a file
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def umask_modes(path: str | Path) -> None:
+    """Gives `path`, and for a directory everything in it, the modes the umask gives new files (module docstring).
+
+    `0o666 & ~umask` for files, `0o777 & ~umask` for directories. Symbolic links are left alone: their targets are not
+    this write's.
+    """
+    path, mask = Path(path), current_umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in entries:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata)."""
+    """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata).
+
+    The file gets the umask's mode (`umask_modes`; safetensors alone leaves it 0600).
+    """
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    umask_modes(path)
 
 
 def write_adapter(directory: Path, config: LoraConfig | dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -136,7 +177,12 @@ def fresh_tmp(path: Path) -> Path:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring)."""
+    """Renames the complete checkpoint directory `tmp` to `path`, replacing a previous `path` (see the docstring).
+
+    Everything in it first gets the umask's modes (`umask_modes`): libraries that wrote into it (safetensors through
+    transformers' `save_pretrained`, a `tempfile` directory) may have left owner-only ones.
+    """
+    umask_modes(tmp)
     if not path.exists():
         os.replace(tmp, path)
         return

@@ -36,6 +36,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs, seeded_batches
 from mgmlora.models.processor import stack_inputs
+from mgmlora.training.callbacks import run_step
 from mgmlora.training.strategies import zero3_config
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
@@ -191,10 +192,11 @@ class GenerationEval(L.Callback):
         if not items or not hasattr(experiment, "add_text"):
             return
         rows = [(item.key, item.context, item.reference, pred) for item, pred in zip(items, predictions)]
-        experiment.add_text(f"{prefix}/samples", markdown_table(rows), trainer.global_step)
+        step = run_step(trainer)  # the step its val_gen/* scalars carry (mgmlora.training.callbacks.StepLabels)
+        experiment.add_text(f"{prefix}/samples", markdown_table(rows), step)
         for k, item in enumerate(items):
             if item.image is not None and hasattr(experiment, "add_image"):
-                experiment.add_image(f"{prefix}/image_{k}", thumbnail(item.image), trainer.global_step)
+                experiment.add_image(f"{prefix}/image_{k}", thumbnail(item.image), step)
 
 
 __all__ = ["GenerationEval", "answer_items", "markdown_table"]

@@ -40,5 +40,16 @@ def format_summary_table(total_parameters: int, trainable_parameters: int, model
                                  total_flops, *summary_data)
 
 
-__all__ = ["attached_trainer", "format_summary_table", "request_graceful_stop"]
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning gives the loggers for the metrics it logs itself, when no `step` metric is logged.
+
+    It is `fit_loop.epoch_loop._batches_that_stepped`: the batches that stepped the optimizer *and have ended*. From
+    optimizer step N until the end of its batch (train metrics, the validation after it, the next window's
+    LearningRateMonitor) it reads N - 1, while `trainer.global_step` and the checkpoints say N; mgmlora.training.
+    callbacks.StepLabels compares a logged step with it to tell Lightning's label from an explicit one. 0 outside fit.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+__all__ = ["attached_trainer", "format_summary_table", "logging_step", "request_graceful_stop"]
 

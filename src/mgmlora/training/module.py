@@ -95,6 +95,7 @@ class LoraLitModule(L.LightningModule):
         self.base_id: str | None = None  # mgmlora.models.identity's fingerprint of the base (set in configure_model)
         self.plan: LoraPlan | None = None  # set in configure_model; None means no LoRA (callbacks read it)
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from model_path
+        self.checkpoint_step: int | None = None  # optimizer steps of the loaded checkpoint (callbacks.run_step)
         self.val_loss = MeanMetric()
         self.val_token_acc = MulticlassAccuracy(num_classes=self.vocab_size, ignore_index=IGNORE_INDEX,
                                                 average="micro")
@@ -142,13 +143,14 @@ class LoraLitModule(L.LightningModule):
                 if p.requires_grad and "lora_" not in n and "modules_to_save" not in n}
 
     def on_fit_start(self) -> None:
-        """Logs parameter counts and the LoRA report next to the run."""
+        """Logs parameter counts and the LoRA report next to the run, at the step the fit starts from."""
         trainable, total = count_parameters(self.model)
         if self.logger is not None:
-            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+            step = self.trainer.global_step  # where this fit starts (a resumed run's step)
+            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=step)
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                experiment.add_text("lora", "```\n" + self.report() + "\n```", 0)
+                experiment.add_text("lora", "```\n" + self.report() + "\n```", step)
 
     # -- loss --------------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: Batch, with_preds: bool = False) -> LossOut:
@@ -313,6 +315,7 @@ class LoraLitModule(L.LightningModule):
         Also takes this rank's random-number state, which the first resumed training micro-batch continues from.
         """
         trainer = attached_trainer(self)
+        self.checkpoint_step = checkpoint.get("global_step")
         self.configure_model()
         check_base(checkpoint.get(BASE_KEY), self.base_id, "the checkpoint",
                    self.model_args.model_path or self.model_args.preset)

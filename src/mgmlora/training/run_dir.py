@@ -5,6 +5,10 @@ ModelCheckpoint `dirpath`) sends a second fit into the first one's directory: Li
 the final export replaces its adapter, and checkpoints of both runs mix. `check_new_run` (called by MgmCLI before
 fit) refuses that with one line naming the directory and what it holds. Continuing the run that lives there
 (`fit --ckpt_path` to a checkpoint inside it) is allowed: that is the same run going on.
+
+`validate` and `test` of a checkpoint log into the run it comes from (`checkpoint_run`), not into a new `version_N`
+beside it: MgmCLI points the logger there and names the saved config `<subcommand>_config.yaml`, so the run's own
+config.yaml stays as fit wrote it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,21 @@ def _holds(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.name in RUN_MARKERS and (p.is_file() or any(p.iterdir())))
+
+
+def checkpoint_run(ckpt_path: str | Path | None) -> Path | None:
+    """The run directory of a checkpoint in its default place, `<run>/checkpoints/<name>`; None for any other place.
+
+    A run directory is one a logger wrote (config.yaml or hparams.yaml beside `checkpoints/`). A checkpoint elsewhere
+    (a ModelCheckpoint `dirpath` of its own, a copied file) names no run: its evaluation logs into a new version.
+    """
+    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return None
+    path = Path(ckpt_path).resolve()
+    run = path.parent.parent
+    if path.parent.name == "checkpoints" and any((run / name).is_file() for name in ("config.yaml", "hparams.yaml")):
+        return run
+    return None
 
 
 def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Path | None],
@@ -60,4 +79,4 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
                              "dirpath elsewhere, or resume that run with --ckpt_path <a checkpoint inside it>.")
 
 
-__all__ = ["check_new_run"]
+__all__ = ["check_new_run", "checkpoint_run"]

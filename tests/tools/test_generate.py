@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -237,3 +240,22 @@ def test_resumable_outputs_are_bound_to_the_adapters_content_not_its_path(tmp_pa
     (moved / weights).write_bytes(bytes(data))
     assert adapter_digest(moved) != adapter_digest(trained_qwen)
     assert settings(moved)["adapter_sha256"] != settings(trained_qwen)["adapter_sha256"]
+
+
+@pytest.mark.integration
+def test_generate_cli_refuses_a_non_image_and_a_symlink_loop_as_one_line(tmp_path):
+    _, adapter = _train(tmp_path, "tiny-mgm")
+    (tmp_path / "notes.png").write_text("these are notes, not pixels\n")
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and not p.is_symlink()}
+    for name, reason in [("notes.png", "not an image Pillow can read"), ("loop_a.png", "a symlink loop")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "bin" / "generate.py"), "--checkpoint", str(adapter),
+                               "--prompt", "What is in the picture?", "--image", str(tmp_path / name),
+                               "--max_new_tokens", "2", "--dtype", "float32", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last == f"error: --image {str(tmp_path / name)!r}: it is {reason}" + last.split(reason, 1)[1], last
+        assert "Traceback" not in proc.stderr and last.endswith("pass a readable image file (PNG, JPEG, ...).")
+    assert before == {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and not p.is_symlink()}

@@ -1,12 +1,15 @@
 """AdapterCheckpointIO under interrupted saves: no debris survives the next save, and `last.ckpt` never goes missing."""
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors.torch import save
 
+from mgmlora.errors import DiskFullError, classify, is_disk_full
 from mgmlora.training import checkpoint as ckpt_module
 from mgmlora.training.checkpoint import AdapterCheckpointIO, UnsafeCheckpointError
 
@@ -179,3 +182,49 @@ def test_fit_ckpt_path_last_finds_the_checkpoint_a_killed_save_renamed_away(tmp_
     assert leftover.is_dir()
     AdapterCheckpointIO().save_checkpoint(_state(4), tmp_path / "step=4.ckpt")  # another run cleans it
     assert not leftover.exists()
+
+
+def _files(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failing", ["write_bytes", "torch.save"])  # the adapter file; the trainer state
+def test_a_full_disk_during_a_checkpoint_save_names_path_and_bytes_and_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                                              failing):
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    before = _files(tmp_path)
+
+    def full(self_or_obj, target, *_, **__):  # what the disk took before it filled, then ENOSPC
+        (target if isinstance(target, Path) else Path(target.name)).open("wb").write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failing == "write_bytes":
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: full(None, self))
+    else:
+        monkeypatch.setattr(ckpt_module.torch, "save", full)
+    state = _state(2)
+    state["peft"]["adapter"]["q.lora_A.weight"] = torch.zeros(2, 1024)  # 8,192 bytes: more than what is written first
+    with pytest.raises(DiskFullError) as failed:
+        AdapterCheckpointIO().save_checkpoint(state, last)
+    message = str(failed.value)
+    config = len(before["last.ckpt/adapter_config.json"])  # written before the failing write, as in the first save
+    if failing == "write_bytes":  # config + 100 bytes written; the state's only tensor is what it needs at least
+        expected = f"after {config + 100} bytes written (it needs at least {2 * 1024 * 4} bytes; "
+    else:  # config and adapter written, then 100 bytes of the state: more than that is needed
+        weights = len(save({"q.lora_A.weight": torch.zeros(2, 1024)}, metadata={"format": "pt"}))
+        expected = f"after {config + weights + 100} bytes written (it needs more than {config + weights + 100} bytes; "
+    assert message.startswith(f"{last}: disk full {expected}"), message
+    assert "Nothing partial was left behind" in message and "\n" not in message
+    assert classify(failed.value) == ("user", 1)
+    assert _files(tmp_path) == before  # the previous checkpoint whole, and no temporary directory left
+    assert _step(AdapterCheckpointIO(), last) == 1
+
+
+def test_an_error_that_wraps_the_os_full_disk_counts_and_others_do_not():
+    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           f"\"{os.strerror(errno.ENOSPC)}\" }})")
+    chained = RuntimeError("file write failed")
+    chained.__cause__ = OSError(errno.ENOSPC, "x")
+    assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(wrapped) and is_disk_full(chained)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(RuntimeError("boom"))

@@ -138,7 +138,7 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
                "continuations_per_item": n, "seconds": round(time.perf_counter() - start, 2),
                "generation": asdict(gen), "ablation": encoder.ablation_name, "prompt_role": encoder.prompt_role,
                "max_length": encoder.max_length}
-    outputs["summary file"].write_text(json.dumps(summary, indent=2))
+    write_atomically(outputs["summary file"], json.dumps(summary, indent=2))
     return summary
 
 

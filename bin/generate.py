@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None):
     else:
         if args.image:
             parser.error("--image needs an MGM model.")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        rows = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        from mgmlora.data.chat import question_prompt
+
+        rows = [question_prompt(tokenizer, args.prompt)]
         replies = generate_batch(model, tokenizer, rows, gen)[0]
     print(json.dumps({"prompt": args.prompt, "image": args.image, "replies": replies}, ensure_ascii=False, indent=2))
     return replies

@@ -228,3 +228,51 @@ def test_an_error_that_wraps_the_os_full_disk_counts_and_others_do_not():
     chained.__cause__ = OSError(errno.ENOSPC, "x")
     assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(wrapped) and is_disk_full(chained)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(RuntimeError("boom"))
+
+
+INJECT_FULL_DISK = '''
+import errno, os
+from pathlib import Path
+
+_write_bytes = Path.write_bytes
+
+
+def _full(self, data):  # the step-4 checkpoint fills the disk after 10 bytes of its adapter
+    if self.parent.name.startswith(".step=000004.ckpt.tmp-"):
+        _write_bytes(self, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _write_bytes(self, data)
+
+
+Path.write_bytes = _full
+'''
+
+
+@pytest.mark.integration
+def test_fit_on_a_full_disk_exits_1_with_one_line_and_keeps_the_last_complete_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT_FULL_DISK)  # runs at the start of the subprocess
+    config = yaml.safe_load((ROOT / "configs" / "demo_chameleons.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT / "src")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
+                           str(tmp_path / "demo.yaml"), "--trainer.max_steps", "6", "--trainer.val_check_interval", "4",
+                           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
+                           str(tmp_path / "logs")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = proc.stdout + proc.stderr
+    checkpoints = tmp_path / "logs" / "demo_chameleons" / "version_0" / "checkpoints"
+    assert proc.returncode == 1, out[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: {checkpoints / 'step=000004.ckpt'}: disk full after ") and "Traceback" not in out
+    assert "Nothing partial was left behind" in last
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step=000002.ckpt"]  # no half checkpoint, no debris
+    assert _step(AdapterCheckpointIO(), checkpoints / "step=000002.ckpt") == 2
+    assert not (checkpoints.parent / "adapter").exists()  # a run that failed does not export a final adapter

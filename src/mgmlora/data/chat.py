@@ -170,7 +170,7 @@ class ChatTokenizer:
     def __call__(self, messages: list[dict]) -> TokenizedSample | None:
         """Tokenises one conversation, or returns None (and counts it) when its target cannot fit `max_length`."""
         messages = list(messages)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)  # -1: nothing to drop
         fitted = self._fit(messages, self.max_length, False, last)
         if fitted is None:
             self.skipped += 1

@@ -211,3 +211,16 @@ def test_the_literal_encoder_splits_a_non_special_added_token_spelled_in_text():
     ids, _ = LiteralEncoder(tok).encode(text, [(0, len(text))])
     assert think not in ids and tok.decode(ids) == text
     assert tok(text, add_special_tokens=False)["input_ids"][0] == think  # what a single call would have made
+
+
+def test_a_template_token_that_swallows_a_messages_trailing_blank_stays_a_control_token():
+    """An added token with `lstrip` covers the blank before it; the blank is the message's, the token is not."""
+    from transformers import AddedToken
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|eot|>", lstrip=True, special=True)]})
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+    text = "Hi  <|eot|>"  # the message is "Hi  " (kept verbatim), the template adds <|eot|>
+    assert tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][-1] == (2, 11)
+    ids, _ = LiteralEncoder(tok).encode(text, [(0, 4)])
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and ids[-1] == eot

@@ -111,7 +111,7 @@ class LiteralEncoder:
     def _encode(self, text: str, start: int, end: int, texts: list[Span]) -> tuple[list[int], list[int]]:
         ids, starts, ends = self._tokenize(text, start, end)
         forged = [(starts[n], ends[n]) for n, token in enumerate(ids)
-                  if token in self.control_ids and overlaps(starts[n], ends[n], texts)]
+                  if token in self.control_ids and overlaps(*_visible(text, starts[n], ends[n]), texts)]
         if not forged:
             return ids, starts
         out_ids, out_starts, cursor = [], [], start
@@ -135,6 +135,16 @@ class LiteralEncoder:
         middle = start + (end - start) // 2
         left, right = self._literal(text, start, middle), self._literal(text, middle, end)
         return left[0] + right[0], left[1] + right[1]
+
+
+def _visible(text: str, start: int, end: int) -> Span:
+    """[start, end) without the whitespace at its ends.
+
+    An added token that strips whitespace beside it (`lstrip`, `rstrip`) may cover a message's leading or trailing
+    blank without having come from the message.
+    """
+    piece = text[start:end]
+    return start + len(piece) - len(piece.lstrip()), start + len(piece.rstrip())
 
 
 def overlaps(start: int, end: int, spans: list[Span]) -> bool:

@@ -141,21 +141,21 @@ def main(argv: list[str] | None = None):
         return summary
 
     if info.takes_images:
-        from mgmlora.data.images import load_rgb
+        from mgmlora.data.images import load_image
         from mgmlora.data.llava import generation_prompt
         from mgmlora.data.llava_datamodule import LlavaDataModule
 
         aspect = args.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
-        inputs = info.processor.image_inputs(load_rgb(args.image) if args.image else None, aspect)
+        inputs = info.processor.image_inputs(load_image(args.image, "--image") if args.image else None, aspect)
         rows = [generation_prompt(tokenizer, info.processor, args.prompt, has_image=args.image is not None)]
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
         replies = generate_batch(target, tokenizer, rows, gen, {k: v[None] for k, v in inputs.items()})[0]  # (1, ...)
     else:
         if args.image:
             parser.error("--image needs an MGM model.")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        rows = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        from mgmlora.data.chat import question_prompt
+
+        rows = [question_prompt(tokenizer, args.prompt)]
         replies = generate_batch(model, tokenizer, rows, gen)[0]
     print(json.dumps({"prompt": args.prompt, "image": args.image, "replies": replies}, ensure_ascii=False, indent=2))
     return replies

@@ -28,7 +28,9 @@ reaches it:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -57,6 +59,40 @@ class UsageError(MgmloraError):
     """A command line or config that cannot work, found after parsing (e.g. two flags that exclude each other)."""
 
     exit_code = USAGE
+
+
+class DiskFullError(MgmloraError):
+    """The disk filled up while an output was written; the writer removed what it had written of it."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an error it wraps) is the OS saying the disk is full (`ENOSPC`).
+
+    Python's own writes raise `OSError(ENOSPC)`; libraries that write from native code (safetensors, torch) wrap it
+    in their own exception types but keep the OS's text, so that counts too.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full(path: str | Path, written: int, needed: int | None = None) -> DiskFullError:
+    """The one-line DiskFullError for `path`, which every writer raises in place of an `ENOSPC` OSError.
+
+    The writer has already deleted its partial output; the message says so, and how much room the output needs:
+    `needed` when the writer knows it beforehand, else more than the `written` bytes the disk took.
+    """
+    path = Path(path)
+    anchor = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(anchor).free
+    need = f"at least {needed}" if needed is not None and needed > written else f"more than {written}"
+    return DiskFullError(f"{path}: disk full after {written} bytes written (it needs {need} bytes; {free} bytes free "
+                         "on that disk). Nothing partial was left behind and any previous version of it is unchanged; "
+                         "free space on that disk or write elsewhere.")
 
 
 def _raised_by_own_check(error: BaseException) -> bool:

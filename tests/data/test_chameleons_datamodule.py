@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -85,3 +86,20 @@ def test_training_dialogues_are_the_split_that_fit_trains_on():
     fitted = _dm(ablation="history_and_context")
     assert [d.index for d in history_source] == [d.index for d in fitted.dialogues["train"]]
     assert not {d.index for d in history_source} & {d.index for d in fitted.dialogues["val"]}
+
+
+@pytest.mark.parametrize("turns", [16, 4096])
+def test_a_dialogue_of_thousands_of_turns_is_fitted_in_logarithmically_many_tokenisations(turns):
+    """Fitting halves the kept context turns per try: tokenisations grow with log2(turns), never with turns."""
+    from transformers import AutoTokenizer
+
+    from mgmlora.data.chameleons import DialogueSample, Turn
+    from mgmlora.data.chameleons_datamodule import PersonaEncoder
+    from tests.data.test_chat import _Counting
+
+    counting = _Counting(AutoTokenizer.from_pretrained(TOKENIZER))
+    context = [Turn("user" if i % 2 else "assistant", f"Line {i}.") for i in range(turns)]
+    sample = DialogueSample("u1", {"name": "X"}, "a task", context, "The reply.")
+    encoded = PersonaEncoder(counting, 256, "context_only", "system")(sample)
+    assert encoded is not None and len(encoded.input_ids) <= 256
+    assert counting.calls <= 2 + math.ceil(math.log2(turns + 1))  # the whole, then one per halving

@@ -130,3 +130,48 @@ def test_conversations_keep_their_real_line_numbers_across_blank_lines(tmp_path)
     path.write_text(f"{lines[0]}\n\n{{not json\n")
     with pytest.raises(DataFormatError, match=r"gaps\.jsonl:3: not valid JSON"):
         read_chat_lines(path)
+
+
+class _Counting:
+    """A tokenizer that counts its tokenisations, the characters they read, and its chat-template renders."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.calls, self.chars, self.renders = tokenizer, 0, 0, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += 1
+        self.chars += len(text)
+        return self._tokenizer(text, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.renders += 1
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _long_conversation(exchanges):
+    messages = [{"role": "system", "content": "You are DEX."}]
+    for i in range(exchanges):
+        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    return messages
+
+
+@pytest.mark.parametrize("exchanges", [10, 2000])
+def test_a_conversation_of_thousands_of_exchanges_sets_up_in_linear_work(tokenizer, exchanges):
+    """Turn dropping reads the conversation a fixed number of times, however many exchanges are dropped."""
+    messages = _long_conversation(exchanges)
+    counting = _Counting(tokenizer)
+    sample = ChatTokenizer(counting, 64)(messages)
+    rendered = len(tokenizer.apply_chat_template(messages, tokenize=False))
+    assert counting.calls == 2 and counting.renders == 4  # the whole conversation, then the kept part; twice each
+    assert counting.chars <= 2 * rendered  # at most the whole text twice, however many exchanges are dropped
+    kept = ChatTokenizer(tokenizer, 10**6).encode(messages[:1] + messages[-2:])
+    full = ChatTokenizer(tokenizer, 10**6).encode(messages[:1] + messages[-4:])
+    assert len(kept.input_ids) <= 64 < len(full.input_ids)  # the limit keeps exactly the last exchange
+    assert (sample.input_ids, sample.labels) == (kept.input_ids, kept.labels)
+    counting.calls = counting.renders = 0
+    ids, prompt = ChatTokenizer(counting, 64).fit_prompt(messages[:-1], 64 - 8)  # a generation prompt, the same way
+    assert counting.calls == 2 and counting.renders == 4 and prompt == messages[:1] + messages[-2:-1]
+    assert ids == ChatTokenizer(tokenizer, 64).prompt_ids(prompt)

@@ -1,6 +1,7 @@
 """Image loading: every common mode to RGB by the documented rule, and bad images caught at set-up, by record."""
 
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgmlora.data.images import load_rgb
+from mgmlora.data.images import ImageLoadError, load_image, load_rgb
+from mgmlora.errors import classify
 from tests.data.test_llava import LLAVA, _datamodule
 
 GOOD = "images/00_blue_circle.png"
@@ -152,3 +154,32 @@ def test_an_image_over_the_pixel_limit_names_size_limit_record_and_key(tmp_path,
         _datamodule_at(tmp_path, records, max_image_pixels=5000)  # the bundled 64 x 64 images fit
     dm = _datamodule_at(tmp_path, records, max_image_pixels=None)  # the user trusts the data
     assert dm.stats["train:samples"] == 3
+
+
+def _not_images(tmp_path):
+    """A text file named like a PNG, a directory, a symlink loop and a missing file: what a user might pass."""
+    (tmp_path / "notes.png").write_text("these are notes, not pixels\n")
+    (tmp_path / "folder.png").mkdir()
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    return {"notes.png": "not an image Pillow can read", "folder.png": "a directory, not an image file",
+            "loop_a.png": "a symlink loop", "missing.png": "does not exist"}
+
+
+def test_an_image_named_on_the_command_line_that_cannot_load_is_one_line_naming_flag_file_and_fix(tmp_path):
+    for name, reason in _not_images(tmp_path).items():
+        with pytest.raises(ImageLoadError) as refused:
+            load_image(tmp_path / name, "--image")
+        message = str(refused.value)
+        assert message.startswith(f"--image {str(tmp_path / name)!r}: ") and reason in message, message
+        assert message.endswith("pass a readable image file (PNG, JPEG, ...).") and "\n" not in message
+        assert classify(refused.value) == ("user", 1)
+
+
+def test_a_record_whose_image_is_not_an_image_is_refused_at_setup_naming_record_and_reason(tmp_path):
+    records = _records(tmp_path, image="images/notes.png")
+    (tmp_path / "images" / "notes.png").write_text("these are notes, not pixels\n")
+    with pytest.raises(ImageLoadError, match=r"train.json: record 1 \(id='img-01'\): image .*notes.png.*: it is not "
+                                             r"an image Pillow can read.*skip_bad_images") as refused:
+        _datamodule_at(tmp_path, records)
+    assert "\n" not in str(refused.value)

@@ -1,21 +1,27 @@
 """Generation with the training prompts (mgmlora.tools.generate, bin/generate.py) and the Chameleons leaderboard."""
 
+import errno
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from mgmlora.batch import IMAGE_TOKEN_INDEX
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
+from mgmlora.errors import run
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.mgm import MGMConfig
 from mgmlora.models.mgm_checkpoint import build_mgm
 from mgmlora.models.registry import MGM_PRESETS
 from mgmlora.tools.export import build_trained_model, model_args_for, read_run_adapter
 from mgmlora.tools.generate import GenerationArgs, generate_batch, left_pad
-from mgmlora.tools.leaderboard import clean_reply, leaderboard_samples, predict_leaderboard
+from mgmlora.tools.leaderboard import clean_reply, leaderboard_samples, output_files, predict_leaderboard
 from tests.conftest import ASSETS, ROOT, tiny_model
 from tests.tools.test_export import _train
 
@@ -274,3 +280,53 @@ def test_resumable_outputs_are_bound_to_the_adapters_content_not_its_path(tmp_pa
     (moved / weights).write_bytes(bytes(data))
     assert adapter_digest(moved) != adapter_digest(trained_qwen)
     assert settings(moved)["adapter_sha256"] != settings(trained_qwen)["adapter_sha256"]
+
+
+@pytest.mark.integration
+def test_generate_cli_refuses_a_non_image_and_a_symlink_loop_as_one_line(tmp_path):
+    _, adapter = _train(tmp_path, "tiny-mgm")
+    (tmp_path / "notes.png").write_text("these are notes, not pixels\n")
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and not p.is_symlink()}
+    for name, reason in [("notes.png", "not an image Pillow can read"), ("loop_a.png", "a symlink loop")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "bin" / "generate.py"), "--checkpoint", str(adapter),
+                               "--prompt", "What is in the picture?", "--image", str(tmp_path / name),
+                               "--max_new_tokens", "2", "--dtype", "float32", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last == f"error: --image {str(tmp_path / name)!r}: it is {reason}" + last.split(reason, 1)[1], last
+        assert "Traceback" not in proc.stderr and last.endswith("pass a readable image file (PNG, JPEG, ...).")
+    assert before == {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.integration
+def test_generate_cli_on_a_full_disk_exits_1_with_one_line_and_keeps_every_earlier_file(tmp_path, trained_qwen,
+                                                                                        monkeypatch, capsys):
+    path, _ = _leaderboard_file(tmp_path)
+    out = tmp_path / "p.json"
+    (tmp_path / "notes.txt").write_text("an earlier file\n")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.iterdir()) if p.is_file()}
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == f".{out.name}.tmp":  # the final predictions file fills the disk
+            real(self, data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(sys, "argv", ["generate.py"])  # run() rewrites sys.argv as the tool's command line
+    args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(out), "--n", "1",
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+    with pytest.raises(SystemExit) as exited:
+        run(generate_cli.main, args)
+    assert exited.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {out}: disk full after 10 bytes written (it needs at least ")
+    assert "Traceback" not in "\n".join(lines)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.iterdir()) if p.is_file()}
+    progress = output_files(out)["progress file"]
+    assert {p: b for p, b in after.items() if p != progress} == before  # no output, no temporary file, inputs kept
+    assert len(progress.read_text().splitlines()) > 1  # the generated entries stay for a rerun to resume from

@@ -1,5 +1,6 @@
 """AdapterCheckpointIO under interrupted saves: no debris survives the next save, and `last.ckpt` never goes missing."""
 
+import errno
 import os
 import stat
 import tempfile
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+from mgmlora.errors import DiskFullError, classify, is_disk_full
 from mgmlora.training import checkpoint as ckpt_module
 from mgmlora.training.checkpoint import (
     AdapterCheckpointIO,
@@ -268,3 +270,95 @@ def test_merged_mgm_shards_get_umask_modes(tmp_path, umask):
         save_mgm(model, tmp, max_shard_bytes=2**16)
     assert len(list((tmp_path / "mgm").glob("*.safetensors"))) > 1
     assert _modes(tmp_path / "mgm") == _expected(tmp_path / "mgm", umask)
+def _files(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failing", ["write_bytes", "torch.save"])  # the adapter file; the trainer state
+def test_a_full_disk_during_a_checkpoint_save_names_path_and_bytes_and_leaves_the_previous_one(tmp_path, monkeypatch,
+                                                                                              failing):
+    last = tmp_path / "last.ckpt"
+    AdapterCheckpointIO().save_checkpoint(_state(1), last)
+    before = _files(tmp_path)
+
+    def full(self_or_obj, target, *_, **__):  # what the disk took before it filled, then ENOSPC
+        (target if isinstance(target, Path) else Path(target.name)).open("wb").write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failing == "write_bytes":
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: full(None, self))
+    else:
+        monkeypatch.setattr(ckpt_module.torch, "save", full)
+    state = _state(2)
+    state["peft"]["adapter"]["q.lora_A.weight"] = torch.zeros(2, 1024)  # 8,192 bytes: more than what is written first
+    with pytest.raises(DiskFullError) as failed:
+        AdapterCheckpointIO().save_checkpoint(state, last)
+    message = str(failed.value)
+    config = len(before["last.ckpt/adapter_config.json"])  # written before the failing write, as in the first save
+    if failing == "write_bytes":  # config + 100 bytes written; the state's only tensor is what it needs at least
+        expected = f"after {config + 100} bytes written (it needs at least {2 * 1024 * 4} bytes; "
+    else:  # config and adapter written, then 100 bytes of the state: more than that is needed
+        weights = len(save({"q.lora_A.weight": torch.zeros(2, 1024)}, metadata={"format": "pt"}))
+        expected = f"after {config + weights + 100} bytes written (it needs more than {config + weights + 100} bytes; "
+    assert message.startswith(f"{last}: disk full {expected}"), message
+    assert "Nothing partial was left behind" in message and "\n" not in message
+    assert classify(failed.value) == ("user", 1)
+    assert _files(tmp_path) == before  # the previous checkpoint whole, and no temporary directory left
+    assert _step(AdapterCheckpointIO(), last) == 1
+
+
+def test_an_error_that_wraps_the_os_full_disk_counts_and_others_do_not():
+    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                           f"\"{os.strerror(errno.ENOSPC)}\" }})")
+    chained = RuntimeError("file write failed")
+    chained.__cause__ = OSError(errno.ENOSPC, "x")
+    assert is_disk_full(OSError(errno.ENOSPC, "x")) and is_disk_full(wrapped) and is_disk_full(chained)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(RuntimeError("boom"))
+
+
+INJECT_FULL_DISK = '''
+import errno, os
+from pathlib import Path
+
+_write_bytes = Path.write_bytes
+
+
+def _full(self, data):  # the step-4 checkpoint fills the disk after 10 bytes of its adapter
+    if self.parent.name.startswith(".step=000004.ckpt.tmp-"):
+        _write_bytes(self, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _write_bytes(self, data)
+
+
+Path.write_bytes = _full
+'''
+
+
+@pytest.mark.integration
+def test_fit_on_a_full_disk_exits_1_with_one_line_and_keeps_the_last_complete_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT_FULL_DISK)  # runs at the start of the subprocess
+    config = yaml.safe_load((ROOT / "configs" / "demo_chameleons.yaml").read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT / "src")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
+                           str(tmp_path / "demo.yaml"), "--trainer.max_steps", "6", "--trainer.val_check_interval", "4",
+                           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir",
+                           str(tmp_path / "logs")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = proc.stdout + proc.stderr
+    checkpoints = tmp_path / "logs" / "demo_chameleons" / "version_0" / "checkpoints"
+    assert proc.returncode == 1, out[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: {checkpoints / 'step=000004.ckpt'}: disk full after ") and "Traceback" not in out
+    assert "Nothing partial was left behind" in last
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step=000002.ckpt"]  # no half checkpoint, no debris
+    assert _step(AdapterCheckpointIO(), checkpoints / "step=000002.ckpt") == 2
+    assert not (checkpoints.parent / "adapter").exists()  # a run that failed does not export a final adapter

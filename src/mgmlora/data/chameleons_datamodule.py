@@ -65,9 +65,8 @@ class PersonaEncoder:
 
         def encode(keep_turns: int | None, keep_history: int | None) -> TokenizedSample:
             messages = build_messages(self.prompt(sample, keep_turns, keep_history), None, self.prompt_role)
-            text = self.chat.render(messages, add_generation_prompt=True)
-            ids = self.chat.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return TokenizedSample(list(ids), [IGNORE_INDEX] * len(ids))
+            ids = self.chat.prompt_ids(messages)
+            return TokenizedSample(ids, [IGNORE_INDEX] * len(ids))
 
         encoded, _ = self._fit(sample, encode, self.max_length - max_new_tokens)
         return (encoded or encode(0, 0)).input_ids  # the bare prompt, even if over budget: every item is answered

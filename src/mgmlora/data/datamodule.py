@@ -361,8 +361,9 @@ class ChatDataModule(TokenizedDataModule):
     def generation_items(self, split: str, max_new_tokens: int) -> list[GenerationItem]:
         """Each conversation's last assistant turn is the reference; everything before it is the prompt.
 
-        The prompt goes through the same chat template as training (`ChatTokenizer.render` with the assistant
-        header) and loses its oldest exchanges, as training samples do, until prompt + max_new_tokens fits max_length.
+        The prompt goes through the same chat template as training (`ChatTokenizer.fit_prompt`: the assistant
+        header added, message text kept as text) and loses its oldest exchanges, as training samples do, until
+        prompt + max_new_tokens fits max_length.
         """
         chat = ChatTokenizer(self.tokenizer, self.hparams.max_length, self.hparams.train_on)
         items = []
@@ -371,13 +372,7 @@ class ChatDataModule(TokenizedDataModule):
             if last is None:
                 continue
             prompt = list(messages[:last])
-            while True:
-                ids = self.tokenizer(chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)
-                ids = list(ids["input_ids"])
-                head = 1 if prompt and prompt[0]["role"] == "system" else 0
-                if len(ids) + max_new_tokens <= self.hparams.max_length or len(prompt) <= head + 1:
-                    break
-                prompt = prompt[:head] + prompt[head + 2:]  # the oldest user/assistant exchange
+            ids, prompt = chat.fit_prompt(prompt, self.hparams.max_length - max_new_tokens)
             context = "\n".join(f"{m['role']}: {m['content']}" for m in prompt[-3:] if m["role"] != "system")
             line = self.line_numbers[split][n]  # its real line in the file: blank lines are skipped, not renumbered
             items.append(GenerationItem(f"line {line}", ids, messages[last]["content"].strip(), tail(context)))

@@ -20,12 +20,13 @@ What an image becomes for a model (sizes, normalisation, the tensors its forward
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -109,15 +110,43 @@ def image_problem(path: Path) -> str | None:
     """
     try:
         load_rgb(path)
-    except FileNotFoundError:
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
+        return _describe(err)
+    return None
+
+
+def _describe(err: Exception) -> str:
+    """What `load_rgb`'s exception `err` means for the user, in one line."""
+    if isinstance(err, FileNotFoundError):
         return "the file does not exist"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    if isinstance(err, OSError) and err.errno == errno.ELOOP:
+        return "it is a symlink loop"
+    if isinstance(err, IsADirectoryError):
+        return "it is a directory, not an image file"
+    if isinstance(err, UnidentifiedImageError):
+        return "it is not an image Pillow can read (not an image file, or a format Pillow does not know)"
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"{err} The limit is data.init_args.max_image_pixels = {Image.MAX_IMAGE_PIXELS} pixels (Pillow "
                 "errors above twice that, and mgmlora above it); if you trust the data, raise it (null: no limit), or "
                 "shrink the image")
-    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error...
-        return f"{type(err).__name__}: {err}"
-    return None
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def load_image(path: str | Path, what: str) -> Image.Image:
+    """`load_rgb` for an image a user names directly (a command-line flag): any failure is one line.
+
+    Args:
+        path: the image file.
+        what: how the message names it, e.g. "--image".
+
+    Raises:
+        ImageLoadError: naming `what`, the file, why it cannot be used and the fix.
+    """
+    try:
+        return load_rgb(path)
+    except Exception as err:
+        raise ImageLoadError(f"{what} {str(path)!r}: {_describe(err)}; pass a readable image file (PNG, JPEG, "
+                             "...).") from None
 
 
 def find_bad_images(paths: list[Path], workers: int | None = None) -> dict[Path, str]:

@@ -8,19 +8,25 @@ text-only sample).
 
 The rounds are rendered by the model family's processor (`Processor.render`, mgmlora.models.processor; MGM's Gemma
 template in mgmlora.models.mgm_processor), which places the image and names the supervised character spans. The text
-is split at the image placeholder and each chunk tokenised on its own with one IMAGE_TOKEN_INDEX between chunks, as
-the original `tokenizer_image_token`; labels come from character spans, so chunk boundaries cannot shift them.
+is split at the image placeholder the template placed and each chunk tokenised on its own with one IMAGE_TOKEN_INDEX
+between chunks, as the original `tokenizer_image_token`; labels come from character spans, so chunk boundaries cannot
+shift them. Questions and answers are text (mgmlora.data.literal): an `<image>` or a control token spelled out in a
+prompt stays text, so the image goes only where the family's template puts it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.data.chat import TokenizedSample
+from mgmlora.data.literal import LiteralEncoder, Span, label_tokens, overlaps, render_located
 from mgmlora.data.textfile import read_utf8
 from mgmlora.models.processor import IMAGE_PLACEHOLDER, Processor, Rounds
 
@@ -107,31 +113,53 @@ def render(processor: Processor, record: dict) -> tuple[str, list[tuple[int, int
     return processor.render(rounds(record), "image" in record)
 
 
+def _located(render_text: Callable[[Rounds], str], pairs: Rounds) -> tuple[str, list[Span]]:
+    """`render_text(pairs)` and the span of each question and answer in it (mgmlora.data.literal)."""
+    def render_texts(texts: list[str]) -> str:
+        return render_text(list(zip(texts[::2], texts[1::2])))
+
+    return render_located(render_texts, [text for pair in pairs for text in pair])
+
+
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, processor: Processor, question: str,
                       has_image: bool) -> list[int]:
-    """Token ids of a one-question prompt in the training template, ending with the model turn's header."""
-    return _tokenize(tokenizer, processor.prompt(question, has_image), [])[0]
+    """Token ids of a one-question prompt in the training template, ending with the model turn's header.
+
+    The question is text: an `<image>` or a control token spelled out in it stays text.
+    """
+    text, texts = render_located(lambda q: processor.prompt(q[0], has_image), [question])
+    return _tokenize(tokenizer, text, texts, [])[0]
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]) -> tuple[list, list]:
-    """Ids with IMAGE_TOKEN_INDEX for each <image>, and labels on the characters inside `spans`."""
-    ids, labels, offset = [], [], 0
-    for k, chunk in enumerate(text.split(IMAGE)):
-        if k:
+@lru_cache(maxsize=4)
+def _literal(tokenizer: PreTrainedTokenizerBase) -> LiteralEncoder:
+    return LiteralEncoder(tokenizer)
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, texts: list[Span], spans: list[Span]
+              ) -> tuple[list, list]:
+    """Ids with IMAGE_TOKEN_INDEX for each <image> the template placed, labels on the characters inside `spans`.
+
+    `texts` are the questions' and answers' spans: what is inside them is encoded as text (an `<image>` there too).
+    """
+    images = [m.start() for m in re.finditer(re.escape(IMAGE), text) if not overlaps(m.start(), m.end(), texts)]
+    ids, starts, cursor = [], [], 0
+    for at in [*images, len(text)]:
+        chunk_ids, chunk_starts = _literal(tokenizer).encode(text, texts, cursor, at)
+        ids += chunk_ids
+        starts += chunk_starts
+        if at < len(text):
             ids.append(IMAGE_TOKEN_INDEX)
-            labels.append(IGNORE_INDEX)
-            offset += len(IMAGE)
-        enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-        for tok, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-            ids.append(tok)
-            labels.append(tok if any(a <= offset + s < b for a, b in spans) else IGNORE_INDEX)
-        offset += len(chunk)
-    return ids, labels
+            starts.append(-1)  # outside every span: never labelled
+        cursor = at + len(IMAGE)
+    return ids, label_tokens(ids, starts, spans, IGNORE_INDEX)
 
 
 def tokenize_record(tokenizer: PreTrainedTokenizerBase, processor: Processor, record: dict) -> TokenizedSample:
     """Token ids with one IMAGE_TOKEN_INDEX per image, and labels on the answers only (unexpanded)."""
-    ids, labels = _tokenize(tokenizer, *render(processor, record))
+    pairs, has_image = rounds(record), "image" in record
+    text, texts = _located(lambda r: processor.render(r, has_image)[0], pairs)
+    ids, labels = _tokenize(tokenizer, text, texts, processor.render(pairs, has_image)[1])
     return TokenizedSample(ids, labels, meta={"id": record.get("id"), "image": record.get("image")})
 
 

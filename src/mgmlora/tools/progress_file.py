@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mgmlora.errors import disk_full, is_disk_full
+
 
 def adapter_digest(path: str | Path) -> str:
     """SHA-256 over the names and bytes of the weight and config files in a checkpoint or adapter directory.
@@ -78,21 +80,34 @@ def read_entries(path: Path, settings: dict) -> list[dict]:
 def appending(path: Path, settings: dict) -> Iterator:
     """Opens `path` for appending entries (writing the settings line first when the file is new).
 
-    Yields `write(entries)`, which appends the entries and forces them to disk before returning.
+    Yields `write(entries)`, which appends the entries and forces them to disk before returning. A write the disk
+    cannot take is cut off again (the file keeps its complete entries only) and raised as DiskFullError.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = not path.is_file() or not path.stat().st_size
     cut = not fresh and not path.read_bytes().endswith(b"\n")
-    with path.open("a", encoding="utf-8") as log:
+    with path.open("ab", buffering=0) as log:  # unbuffered: nothing is left to flush after a failed write
+
+        def append(text: str) -> None:
+            data, size = text.encode("utf-8"), os.fstat(log.fileno()).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[log.write(view):]
+                os.fsync(log.fileno())
+            except Exception as error:
+                os.ftruncate(log.fileno(), size)
+                if is_disk_full(error):
+                    raise disk_full(path, len(data) - len(view), len(data)) from None
+                raise
+
         if fresh:
-            log.write(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
+            append(json.dumps({"settings": settings}, ensure_ascii=False) + "\n")
         if cut:
-            log.write("\n")  # close a line cut by an interruption, so the next entry starts on its own line
+            append("\n")  # close a line cut by an interruption, so the next entry starts on its own line
 
         def write(entries: list[dict]) -> None:
-            log.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
-            log.flush()
-            os.fsync(log.fileno())
+            append("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
         yield write
 
@@ -103,10 +118,21 @@ def discard(path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a hidden temporary file beside it, so a reader never sees half a file."""
+    """Writes `text` to `path` through a hidden temporary file beside it, so a reader never sees half a file.
+
+    On any failure the temporary file is deleted and `path` is unchanged; a full disk is DiskFullError.
+    """
+    data = text.encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except Exception as error:
+        written = tmp.stat().st_size if tmp.is_file() else 0
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full(path, written, len(data)) from None
+        raise
 
 
 __all__ = ["adapter_digest", "ProgressMismatchError", "appending", "discard", "read_entries", "write_atomically"]

@@ -44,8 +44,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from mgmlora.errors import disk_full, is_disk_full
 from mgmlora.training.adapter_check import read_lora_config, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,9 +123,10 @@ def umask_modes(path: str | Path) -> None:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Writes named tensors to one safetensors file (contiguous CPU copies, PEFT's "pt" format metadata).
 
-    The file gets the umask's mode (`umask_modes`; safetensors alone leaves it 0600).
+    The bytes go through Python's own write, so that a full disk is the plain `OSError(ENOSPC)` (adapters are small
+    enough to serialise in memory first); the file gets the umask's mode (`umask_modes`).
     """
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    path.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"}))
     umask_modes(path)
 
 
@@ -194,12 +196,17 @@ def publish(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 @contextmanager
-def staged_dir(path: Path) -> Iterator[Path]:
+def staged_dir(path: Path, needed: int | None = None) -> Iterator[Path]:
     """Yields a fresh temporary sibling of `path` to write a directory into.
 
     It is published as `path` when the block completes (`publish`) and deleted when it fails, so no half-written
-    directory ever carries the final name.
+    directory ever carries the final name. A full disk (`ENOSPC`) becomes `DiskFullError` naming `path`, the bytes
+    written and `needed` (the output's size when the caller knows it).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_tmp(path)
@@ -207,6 +214,12 @@ def staged_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, path)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        written = _tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_full(path, written, needed) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a publish
 
@@ -246,6 +259,17 @@ def recover_checkpoint_dirs(callbacks: list, done: set[Path]) -> None:
             recover_once(Path(callback.dirpath), done)
 
 
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint dict (a lower bound of its size on disk)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
 class AdapterCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO that stores adapter-only checkpoints as directories (see the module docstring)."""
 
@@ -264,12 +288,13 @@ class AdapterCheckpointIO(CheckpointIO):
                                "LoraLitModule does).")
         path = Path(path)
         recover_once(path.parent, self.recovered)
-        with staged_dir(path) as tmp:
+        with staged_dir(path, needed=_tensor_bytes([peft, trainables, checkpoint])) as tmp:
             if peft is not None:
                 write_adapter(tmp, peft["config"], peft["adapter"])
             if trainables:
                 write_tensors(tmp / TRAINABLES, trainables)
-            torch.save(checkpoint, tmp / TRAINER_STATE)
+            with open(tmp / TRAINER_STATE, "wb") as state:  # a Python file: a full disk is OSError(ENOSPC)
+                torch.save(checkpoint, state)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:

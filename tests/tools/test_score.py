@@ -1,19 +1,15 @@
 """bin/score.py: predictions and scores of a trained checkpoint on a data file, resumed after an interruption."""
 
-import importlib.util
 import json
 
 import pytest
 import yaml
 
+from mgmlora.commands import score as score_cli
 from mgmlora.tools.progress_file import ProgressMismatchError
 from mgmlora.training.text_metrics import GenerationMetrics
-from tests.conftest import ROOT, VAL
+from tests.conftest import VAL
 from tests.tools.test_export import _train
-
-spec = importlib.util.spec_from_file_location("score_cli", ROOT / "bin" / "score.py")
-score_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(score_cli)
 
 
 @pytest.mark.integration

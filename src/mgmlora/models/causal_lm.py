@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mgmlora import offline
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
@@ -43,6 +44,7 @@ def is_moe(config) -> bool:
 
 def build_config(args: ModelArgs):
     """The transformers config of the model, without loading any weights."""
+    offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)
     if args.model_path:
         _check_model_dir(Path(args.model_path))
         return AutoConfig.from_pretrained(
@@ -60,6 +62,7 @@ def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None, weig
     (packed micro-batches load mgmlora's packed attention, mgmlora.models.attention). `weights=False` builds the
     architecture from the config alone (the memory estimate, on the meta device).
     """
+    offline.enforce()
     dtype = DTYPES[args.dtype]
     common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
     if is_moe(build_config(args)):  # dense models refuse an experts implementation
@@ -111,6 +114,7 @@ def load_tokenizer_dir(path: str | Path, key: str, trust_remote_code: bool = Fal
     Raises:
         FileNotFoundError: naming `path`, what is missing and `key`.
     """
+    offline.enforce()
     where = Path(path)
     if not where.is_dir():
         raise FileNotFoundError(f"{key}: tokenizer directory {str(path)!r} does not exist; set {key} to a local "

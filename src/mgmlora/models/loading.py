@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from mgmlora import offline
 from mgmlora.errors import UsageError
 from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.attention import packed_attention
@@ -75,6 +76,7 @@ def _mgm_config_dict(args: ModelArgs) -> dict | None:
 
 def model_info(args: ModelArgs) -> ModelInfo:
     """Family, vocabulary and image geometry, from config files only."""
+    offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)
     if (family := _registered(args)) is not None:
         return family.info(args)
     raw = _mgm_config_dict(args)
@@ -106,6 +108,7 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
     (mgmlora.models.quantization); a text model is built on the meta device and each layer gets its values (from a
     safetensors checkpoint, or random init) on the device just before it is quantised (mgmlora.models.layerwise).
     """
+    offline.enforce()
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
         if device.type != "meta":

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mgmlora import offline
+from mgmlora.models import experts
 from mgmlora.models.args import DTYPES, ModelArgs
-from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
 
 
@@ -66,6 +66,7 @@ def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None, weig
     dtype = DTYPES[args.dtype]
     common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
     if is_moe(build_config(args)):  # dense models refuse an experts implementation
+        experts.register()  # mgmlora_grouped_mm, registered when a model may use it, never at import
         common["experts_implementation"] = args.experts_implementation
     if args.model_path and weights:
         _check_model_dir(Path(args.model_path))

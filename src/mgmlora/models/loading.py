@@ -23,6 +23,7 @@ from mgmlora.models.args import DTYPES, ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
 from mgmlora.models.experts import FAST_EXPERTS
+from mgmlora.models.experts import register as register_experts
 from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
 from mgmlora.models.mgm_processor import MgmProcessor
@@ -109,6 +110,7 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
     safetensors checkpoint, or random init) on the device just before it is quantised (mgmlora.models.layerwise).
     """
     offline.enforce()
+    register_experts()  # every path below may build fused experts with mgmlora_grouped_mm
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
         if device.type != "meta":

@@ -35,7 +35,8 @@ def test_an_unknown_or_abbreviated_command_is_refused(capsys):
     assert "error: unknown command 'exprt'" in capsys.readouterr().err
 
 
-def test_a_tool_gets_its_own_arguments_and_ends_through_the_error_wrapper(tmp_path, capsys):
+def test_a_tool_gets_its_own_arguments_and_ends_through_the_error_wrapper(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MGMLORA_DEBUG", raising=False)  # one line, not the --debug traceback
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 1

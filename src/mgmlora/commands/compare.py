@@ -42,7 +42,8 @@ def compare(settings: CompareSettings) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """`mgmlora compare ...`: parses the command line and compares."""
-    return compare(parse_settings(CompareSettings, argv, __doc__.split("\n")[0], positional=("runs",)))
+    return compare(parse_settings(CompareSettings, argv, __doc__.split("\n")[0], positional=("runs",),
+                                  prog="mgmlora compare"))
 
 
 __all__ = ["CompareSettings", "compare", "main"]

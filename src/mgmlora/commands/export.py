@@ -71,7 +71,7 @@ def export(settings: ExportSettings) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """`mgmlora export ...`: parses the command line and exports."""
-    return export(parse_settings(ExportSettings, argv, __doc__.split("\n")[0]))
+    return export(parse_settings(ExportSettings, argv, __doc__.split("\n")[0], prog="mgmlora export"))
 
 
 __all__ = ["ExportSettings", "export", "main"]

@@ -221,7 +221,7 @@ def generate(settings: GenerateSettings):
 
 def main(argv: list[str] | None = None):
     """`mgmlora generate ...`: parses the command line and generates."""
-    return generate(parse_settings(GenerateSettings, argv, __doc__.split("\n")[0]))
+    return generate(parse_settings(GenerateSettings, argv, __doc__.split("\n")[0], prog="mgmlora generate"))
 
 
 __all__ = ["GenerateSettings", "generate", "generation_args", "main"]

@@ -44,10 +44,10 @@ def _field_docs(cls) -> dict[str, str]:
     return {p.arg_name: (p.description or "").replace("\n", " ") for p in parsed.params}
 
 
-def tool_parser(description: str) -> ArgumentParser:
+def tool_parser(description: str, prog: str | None = None) -> ArgumentParser:
     """An empty parser with the tools' behaviour (no abbreviations, errors raised, docstrings as help)."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    return ArgumentParser(description=description, exit_on_error=False, allow_abbrev=False)
+    return ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
 
 
 def add_settings(parser: ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
@@ -77,9 +77,10 @@ def add_settings(parser: ArgumentParser, cls: type, positional: tuple[str, ...] 
         parser.add_argument(name, **kwargs)
 
 
-def parse_settings(cls: type[S], argv: list[str] | None, description: str, positional: tuple[str, ...] = ()) -> S:
+def parse_settings(cls: type[S], argv: list[str] | None, description: str, positional: tuple[str, ...] = (),
+                   prog: str | None = None) -> S:
     """Parses `argv` into an instance of the settings dataclass `cls` (the command line when `argv` is None)."""
-    parser = tool_parser(description)
+    parser = tool_parser(description, prog)
     add_settings(parser, cls, positional)
     return settings_from(cls, parser.parse_args(argv))
 

@@ -53,7 +53,8 @@ def sample(settings: SampleSettings) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """`mgmlora sample-chameleons INPUT OUTPUT ...`: parses the command line and samples."""
-    return sample(parse_settings(SampleSettings, argv, __doc__.split("\n")[0], positional=("input", "output")))
+    return sample(parse_settings(SampleSettings, argv, __doc__.split("\n")[0], positional=("input", "output"),
+                                 prog="mgmlora sample-chameleons"))
 
 
 __all__ = ["SampleSettings", "main", "sample"]

@@ -106,7 +106,7 @@ def score(settings: ScoreSettings) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """`mgmlora score ...`: parses the command line and scores."""
-    return score(parse_settings(ScoreSettings, argv, __doc__.split("\n")[0]))
+    return score(parse_settings(ScoreSettings, argv, __doc__.split("\n")[0], prog="mgmlora score"))
 
 
 __all__ = ["ScoreSettings", "main", "score"]

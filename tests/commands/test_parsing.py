@@ -89,3 +89,15 @@ def test_every_tool_refuses_a_value_outside_a_closed_choice_in_one_line(name, cl
     message = one_line(error.value)
     assert message.startswith(f"argument --{field}: invalid choice: 'not-a-choice' (choose from ")
     assert all(repr(choice) in message for choice in get_args(literal))
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    ("estimate", ["--gpu_memory", "24"], "unrecognized arguments: --gpu_memory 24"),  # abbreviated own flag
+    ("show_samples", ["--split", "dev"], "argument --split: invalid choice: 'dev' (choose from 'train', 'val', "
+                                         "'test')"),
+])
+def test_a_tool_over_a_recipe_parses_its_flags_with_the_recipes_in_one_parser(tool, argv, message, in_repo_root):
+    module = importlib.import_module(f"mgmlora.commands.{tool}")
+    with pytest.raises(ArgumentError) as error:
+        module.main(["--config", "configs/demo_chat.yaml", *argv])
+    assert one_line(error.value).startswith(message)

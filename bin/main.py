@@ -1,16 +1,12 @@
 #!/usr/bin/env python
-"""mgmlora command line: `python bin/main.py {fit,validate,test} --config configs/<x>.yaml`.
+"""`mgmlora fit|validate|test` for a checkout: `python bin/main.py fit --config configs/<x>.yaml` (mgmlora.cli).
 
-Generation and the Chameleons leaderboard: `bin/generate.py`; export and merge: `bin/export.py`.
+A thin wrapper for a checkout with the package installed (`pip install -e .`); the tools are `mgmlora <tool>` or
+`python bin/<tool>.py`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
-
-from mgmlora.cli import main  # noqa: E402
-from mgmlora.errors import run  # noqa: E402
+from mgmlora.cli import main
+from mgmlora.errors import run
 
 if __name__ == "__main__":
     run(main)  # user errors as one line, --debug for the traceback (mgmlora.errors)

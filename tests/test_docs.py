@@ -1,6 +1,5 @@
 """Figures the READMEs and docs/ pages quote are what the code prints today."""
 
-import importlib.util
 import re
 import shlex
 
@@ -10,10 +9,9 @@ from tests.conftest import ROOT
 
 
 def _estimate(capsys, args: str) -> str:
-    spec = importlib.util.spec_from_file_location("estimate_cli", ROOT / "bin" / "estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(shlex.split(args))
+    from mgmlora.commands import estimate
+
+    estimate.main(shlex.split(args))
     return capsys.readouterr().out
 
 

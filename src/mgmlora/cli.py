@@ -1,4 +1,4 @@
-"""The LightningCLI behind `bin/main.py` (fit / validate / test; generation is `bin/generate.py`).
+"""The LightningCLI behind `mgmlora fit|validate|test` (`bin/main.py`; generation is `mgmlora generate`).
 
 Every key of the YAML is checked at parse time against typed signatures: a typo in a key, or a value outside a
 `Literal` (e.g. `lora.preset: balance`), is rejected with the valid names before any model loads. The resolved
@@ -10,41 +10,48 @@ from __future__ import annotations
 import os
 import sys
 from argparse import ArgumentError
+from collections.abc import Callable
 
-import torch  # noqa: E402
+import lightning as L
+import torch
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
-if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-    # Without it, `import deepspeed` on a CPU-only machine prints a [WARNING] line to stdout, which corrupts
-    # `--print_config > file.yaml` for configs that name a DeepSpeed strategy.
-    os.environ["DS_ACCELERATOR"] = "cpu"
-# offline mode: set by `import mgmlora` itself (mgmlora/__init__.py), for every entry point
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import lightning as L  # noqa: E402
-from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
-from lightning.fabric.plugins import CheckpointIO  # noqa: E402
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
-
-from mgmlora.errors import USAGE, UsageError, one_line  # noqa: E402
-from mgmlora.training.callbacks import RunSummary, StepLabels  # noqa: E402
-from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs  # noqa: E402
-from mgmlora.training.module import LoraLitModule  # noqa: E402
-from mgmlora.training.outcome import RunOutcome  # noqa: E402
-from mgmlora.training.preemption import PreemptionCheckpoint  # noqa: E402
-from mgmlora.training.progress import progress_callback  # noqa: E402
-from mgmlora.training.run_dir import check_new_run, checkpoint_run  # noqa: E402
-from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero  # noqa: E402
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass attribute docstrings become --help text
+from mgmlora import offline
+from mgmlora.errors import USAGE, UsageError, one_line
+from mgmlora.training.callbacks import RunSummary, StepLabels
+from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs
+from mgmlora.training.module import LoraLitModule
+from mgmlora.training.outcome import RunOutcome
+from mgmlora.training.preemption import PreemptionCheckpoint
+from mgmlora.training.progress import progress_callback
+from mgmlora.training.run_dir import check_new_run, checkpoint_run
+from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
 # text (about 90 lines for `fit`, with the one line that matters at the bottom); main() and mgmlora.errors.run print
 # the message alone. allow_abbrev=False: argparse's prefix matching took `--trainer.max_ste 3` as max_steps; a flag is
 # either spelled out or refused.
 PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False}
+
+
+def prepare_process() -> None:
+    """What every command sets before it parses or loads anything; called by the entry points, never at import.
+
+    Offline mode (mgmlora.offline); `DS_ACCELERATOR=cpu` on a machine without CUDA (else `import deepspeed`, which a
+    config naming a DeepSpeed strategy triggers while parsing, prints a [WARNING] line to stdout and corrupts
+    `--print_config > file.yaml`); no tokenizer thread pools forked into data workers; dataclass attribute docstrings
+    as `--help` text.
+    """
+    offline.enforce()
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class MgmCLI(LightningCLI):
@@ -189,7 +196,13 @@ def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:
 
 
 class _ParseOnly(MgmCLI):
-    """Parses and checks a run's configs and overrides exactly as `bin/main.py` does, and instantiates nothing."""
+    """Parses and checks a run's configs and overrides exactly as `mgmlora fit` does, and instantiates nothing."""
+
+    extra_arguments: Callable[[ArgumentParser], None] | None = None  # a tool's own flags, beside the run's keys
+
+    def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
+        if self.extra_arguments is not None:
+            self.extra_arguments(parser)
 
     def _set_seed(self) -> None:  # no global RNG side effect: only the config is wanted
         pass
@@ -198,30 +211,35 @@ class _ParseOnly(MgmCLI):
         pass
 
 
-def parse_config(args: list[str]) -> dict:
+def parse_config(args: list[str], extra_arguments: Callable[[ArgumentParser], None] | None = None) -> dict:
     """The run's full config as plain dicts, every default filled in.
 
-    `args` are `bin/main.py fit`'s, without the subcommand (e.g. `["--config", "configs/x.yaml", "--data.max_length",
-    "512"]`): composed, short forms resolved and validated by LightningCLI's own parser.
+    `args` are `mgmlora fit`'s, without the subcommand (e.g. `["--config", "configs/x.yaml", "--data.max_length",
+    "512"]`): composed, short forms resolved and validated by LightningCLI's own parser. `extra_arguments` adds a
+    tool's own flags to that parser (`mgmlora estimate --gpu_memory_gib 24 --config ...`): one parser refuses unknown
+    and abbreviated flags of both kinds, and their values come back in the same dict.
     """
-    cli = _ParseOnly(LoraLitModule, L.LightningDataModule, subclass_mode_data=True,
-                     parser_kwargs=PARSER_KWARGS, args=args, run=False)
+    prepare_process()
+    parse_only = type("_ToolParse", (_ParseOnly,), {"extra_arguments": staticmethod(extra_arguments)})
+    cli = parse_only(LoraLitModule, L.LightningDataModule, subclass_mode_data=True, parser_kwargs=PARSER_KWARGS,
+                     args=args, run=False)
     return cli.config.as_dict()
 
 
 def parse_files(paths: list[str], overrides: list[str] | None = None) -> dict:
-    """`parse_config` of composed YAML files plus `--a.b value` overrides (bin/main.py's syntax)."""
+    """`parse_config` of composed YAML files plus `--a.b value` overrides (`mgmlora fit`'s syntax)."""
     return parse_config([a for path in paths for a in ("--config", str(path))] + list(overrides or []))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:
-    """Entry point: `python bin/main.py fit --config configs/demo.yaml [--trainer.max_steps 5 ...]`.
+    """Entry point of `mgmlora fit|validate|test` (and `python bin/main.py ...`): `fit --config configs/demo.yaml`.
 
     A parse error (typo in a key, wrong type, value outside a Literal, missing config file) prints
     `error: <the parser's message>` on stderr and exits 2 (SystemExit), as the parser itself would, without the
     usage text; `--help` has it. Everything after parsing raises; `bin/main.py` runs this through
     `mgmlora.errors.run`, which prints user errors as one line.
     """
+    prepare_process()
     try:
         return MgmCLI(
             LoraLitModule,
@@ -235,9 +253,3 @@ def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:
     except ArgumentError as error:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         raise SystemExit(USAGE) from None
-
-
-if __name__ == "__main__":
-    from mgmlora.errors import run as run_main
-
-    run_main(main)

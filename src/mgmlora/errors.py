@@ -1,7 +1,7 @@
 """How the command-line tools end: a user's mistake is one line on stderr, a bug keeps its traceback.
 
-Every `bin/*.py` script and `bench/sweep.py` runs its `main` through `run()`. What it does with an exception that
-reaches it:
+Every command (`mgmlora ...`, `python -m mgmlora ...`, the `bin/*.py` wrappers) and `bench/sweep.py` runs its `main`
+through `run()`. What it does with an exception that reaches it:
 
 - a user error prints `error: <message>` (the exception's own message, joined into one line) on stderr and exits with
   `USAGE` (2) when the command line or config was rejected, or `RUNTIME` (1) when the run could not go on

@@ -23,7 +23,7 @@ WARNINGS: list[tuple[str, type[Warning], str]] = [
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
     # Lightning's combined loader builds torch's deprecated LeafSpec on every batch; a Lightning/torch matter.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
-    # mgmlora.cli.parse_config (bin/estimate.py, bin/show_samples.py) hands the tool's own arguments to LightningCLI's
+    # mgmlora.cli.parse_config (mgmlora estimate, mgmlora show-samples) hands the tool's arguments to LightningCLI's
     # parser on purpose; LightningCLI warns whenever a process with arguments does that.
     (r"LightningCLI's args parameter is intended to run from within Python", UserWarning, ""),
     # PEFT warns on every export / generate / score that the adapter config's `base_model_name_or_path` differs from

@@ -16,6 +16,7 @@ def _experts_modules(model):
 
 
 def _loss_and_grads(model, ids, implementation):
+    experts.register()  # what the loaders do before a model may use mgmlora_grouped_mm
     model.set_experts_implementation(implementation)
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids).loss

@@ -1,6 +1,5 @@
 """Export and merge (mgmlora.tools.export, bin/export.py): merged logits equal adapter-on-base logits."""
 
-import importlib.util
 import json
 
 import lightning as L
@@ -10,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 
 from mgmlora.batch import IMAGE_TOKEN_INDEX
+from mgmlora.commands import export as export_cli
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.data.llava_datamodule import LlavaDataModule
 from mgmlora.models import load_model
@@ -22,11 +22,8 @@ from mgmlora.training.checkpoint import AdapterCheckpointIO
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
-from tests.conftest import ASSETS, ROOT, TRAIN
+from tests.conftest import ASSETS, TRAIN
 
-spec = importlib.util.spec_from_file_location("export_cli", ROOT / "bin" / "export.py")
-export_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_cli)
 TOL = dict(rtol=1e-4, atol=1e-4)  # fp32 merge: W + s*B@A folded once vs applied per forward
 
 

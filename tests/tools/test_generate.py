@@ -1,7 +1,6 @@
 """Generation with the training prompts (mgmlora.tools.generate, bin/generate.py) and the Chameleons leaderboard."""
 
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from mgmlora.batch import IMAGE_TOKEN_INDEX
+from mgmlora.commands import generate as generate_cli
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
 from mgmlora.errors import run
 from mgmlora.models.causal_lm import load_tokenizer
@@ -25,9 +25,6 @@ from mgmlora.tools.leaderboard import clean_reply, leaderboard_samples, output_f
 from tests.conftest import ASSETS, ROOT, tiny_model
 from tests.tools.test_export import _train
 
-spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "bin" / "generate.py")
-generate_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(generate_cli)
 GREEDY = GenerationArgs(max_new_tokens=6, do_sample=False, num_return_sequences=1)
 
 

@@ -12,6 +12,7 @@ import shlex
 import pytest
 
 from mgmlora.cli import parse_files
+from mgmlora.commands import estimate as estimate_cli
 from mgmlora.models.args import ModelArgs
 from mgmlora.tools.memory import RunShape, estimate, run_from_tree
 from mgmlora.training.lora import LoraArgs
@@ -34,7 +35,6 @@ def _load(path, name):
     return module
 
 
-estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
 train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
 TOLERANCE = 0.15  # the estimate's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
 # Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.

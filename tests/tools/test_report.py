@@ -64,7 +64,8 @@ def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_rep
 
 
 def test_compare_rejects_a_directory_without_logs(tmp_path):
-    compare_cli = _load(ROOT / "bin" / "compare.py", "compare_cli")
+    from mgmlora.commands import compare as compare_cli
+
     with pytest.raises(FileNotFoundError, match="no TensorBoard scalars"):
         compare_cli.main([str(tmp_path), "--output", str(tmp_path / "out")])
 

@@ -1,21 +1,17 @@
 """bin/score.py: predictions and scores of a trained checkpoint on a data file, resumed after an interruption."""
 
-import importlib.util
 import json
 
 import pytest
 import yaml
 
+from mgmlora.commands import score as score_cli
 from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.progress_file import ProgressMismatchError
 from mgmlora.training.checkpoint import current_umask
 from mgmlora.training.text_metrics import GenerationMetrics
-from tests.conftest import ROOT, VAL
+from tests.conftest import VAL
 from tests.tools.test_export import _train
-
-spec = importlib.util.spec_from_file_location("score_cli", ROOT / "bin" / "score.py")
-score_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(score_cli)
 
 
 @pytest.mark.integration
@@ -73,17 +69,11 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
     assert not progress.exists()
 
 
-def test_the_data_section_must_name_an_mgmlora_datamodule(tmp_path):
+def test_the_datamodule_reads_the_data_file_as_its_test_split_and_refuses_unknown_settings():
     from mgmlora.errors import UsageError
-    from mgmlora.tools.score import build_datamodule, data_section
+    from mgmlora.tools.score import build_datamodule
 
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"data": {"class_path": "os.system", "init_args": {}}}))
-    with pytest.raises(UsageError, match="not an mgmlora DataModule"):  # a config must not import arbitrary code
-        data_section(None, config)
-    config.write_text(yaml.safe_dump({"model": {}}))
-    with pytest.raises(UsageError, match="no `data: "):
-        data_section(config, None)
+    # the data section itself comes from mgmlora.tools.run_settings (tests/tools/test_run_settings.py checks it)
     section = {"class_path": "mgmlora.data.datamodule.ChatDataModule",
                "init_args": {"train_path": "t.jsonl", "max_length": 99}}
     dm = build_datamodule(section, "x.jsonl")

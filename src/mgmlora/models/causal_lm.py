@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mgmlora import offline
+from mgmlora.models import experts
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.dtypes import DTYPES
-from mgmlora.models.experts import FAST_EXPERTS  # noqa: F401  (registers mgmlora_grouped_mm with transformers)
 from mgmlora.models.registry import MGM_PRESETS, MOE_MODEL_TYPES, ModelPreset, get_preset
 
 
@@ -44,6 +45,7 @@ def is_moe(config) -> bool:
 
 def build_config(args: ModelArgs):
     """The transformers config of the model, without loading any weights."""
+    offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)
     if args.model_path:
         _check_model_dir(Path(args.model_path))
         return AutoConfig.from_pretrained(
@@ -61,9 +63,11 @@ def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None, weig
     (packed micro-batches load mgmlora's packed attention, mgmlora.models.attention). `weights=False` builds the
     architecture from the config alone (the memory estimate, on the meta device).
     """
+    offline.enforce()
     dtype = DTYPES[args.dtype]
     common = dict(dtype=dtype, attn_implementation=attn_implementation or args.attn_implementation)
     if is_moe(build_config(args)):  # dense models refuse an experts implementation
+        experts.register()  # mgmlora_grouped_mm, registered when a model may use it, never at import
         common["experts_implementation"] = args.experts_implementation
     if args.model_path and weights:
         _check_model_dir(Path(args.model_path))
@@ -112,6 +116,7 @@ def load_tokenizer_dir(path: str | Path, key: str, trust_remote_code: bool = Fal
     Raises:
         FileNotFoundError: naming `path`, what is missing and `key`.
     """
+    offline.enforce()
     where = Path(path)
     if not where.is_dir():
         raise FileNotFoundError(f"{key}: tokenizer directory {str(path)!r} does not exist; set {key} to a local "

@@ -89,4 +89,6 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
 
 
-ALL_EXPERTS_FUNCTIONS.register(FAST_EXPERTS, fast_experts_forward)
+def register() -> None:
+    """Registers `FAST_EXPERTS` with transformers' experts registry (idempotent); the model loaders call it."""
+    ALL_EXPERTS_FUNCTIONS.register(FAST_EXPERTS, fast_experts_forward)

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from mgmlora import offline
 from mgmlora.errors import UsageError
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import packed_attention
 from mgmlora.models.causal_lm import build_config, enable_gradient_checkpointing, is_moe, load_causal_lm, resolve_preset
 from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.experts import FAST_EXPERTS
+from mgmlora.models.experts import register as register_experts
 from mgmlora.models.layerwise import CheckpointLayers, init_layer, init_rest
 from mgmlora.models.loaded import LoadedCausalLM, LoadedMgm, LoadedModel, ModelInfo
 from mgmlora.models.mgm_processor import MgmProcessor
@@ -76,6 +78,7 @@ def _mgm_config_dict(args: ModelArgs) -> dict | None:
 
 def model_info(args: ModelArgs) -> ModelInfo:
     """Family, vocabulary and image geometry, from config files only."""
+    offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)
     if (family := _registered(args)) is not None:
         return family.info(args)
     raw = _mgm_config_dict(args)
@@ -107,6 +110,8 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
     (mgmlora.models.quantization); a text model is built on the meta device and each layer gets its values (from a
     safetensors checkpoint, or random init) on the device just before it is quantised (mgmlora.models.layerwise).
     """
+    offline.enforce()
+    register_experts()  # every path below may build fused experts with mgmlora_grouped_mm
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
         if device.type != "meta":

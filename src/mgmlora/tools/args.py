@@ -1,45 +1,19 @@
-"""Argument checks shared by the `bin/` tools, run before any work starts.
+"""Output-path checks shared by the tools, run before any work starts.
 
-Two kinds of mistake cost hours or destroy data if they are caught late: a count that makes no sense (`--n 0` wrote
-empty continuations and then poisoned a rerun), and an output path that is one of the inputs (`--merge --output`
-pointed at the base model overwrote its weights; sampling a file onto itself replaced 70 items by 6). Counts are
-checked by argparse itself (`type=positive_int`), so the usual `error: argument --n: ...` line appears at once; paths
-are checked by `refuse_overwrite` before anything is loaded.
+An output path that is one of the inputs destroys data if it is caught late (`--merge --output` pointed at the base
+model would overwrite its weights; sampling a file onto itself would replace the items by a sample). Paths are
+checked by `refuse_overwrite` before anything is loaded; counts are checked by each tool's parser, through the
+restricted types of its settings (mgmlora.commands.parsing).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
 
 class OutputPathError(ValueError):
     """An output path would overwrite or write inside one of the tool's inputs; the message names both and the fix."""
-
-
-def positive_int(text: str) -> int:
-    """Argparse `type` for counts (>= 1)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """Argparse `type` for counts where 0 means "off" (e.g. `top_k`)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """Argparse `type` for sizes and budgets (> 0)."""
-    value = float(text)
-    if not value > 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
 
 
 def _inside(path: Path, folder: Path) -> bool:

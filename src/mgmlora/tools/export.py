@@ -6,7 +6,8 @@ Inputs, whatever wrote them:
   gathered adapter and trainables in it, so ZeRO-2 and ZeRO-3 runs export the same way),
 - an exported adapter directory (`<log_dir>/adapter`, or any `PeftModel.save_pretrained` output).
 
-The base model comes from the run's own hyperparameters (checkpoint or `<log_dir>/config.yaml`) unless overridden.
+The base model comes from the run's own settings (mgmlora.tools.run_settings: `<log_dir>/config.yaml`, else the
+checkpoint's recorded hyperparameters) unless overridden.
 Merging loads the base once in the target dtype (no fp32 copy of a bf16 model), merges LoRA with PEFT's
 `safe_merge` (which refuses NaN results), and writes sharded safetensors with an index: a standard Hugging Face
 directory for text LMs (loadable with `AutoModelForCausalLM.from_pretrained` and by vLLM), the original MGM layout and
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mgmlora.models import LoadedModel, load_model
@@ -32,6 +32,7 @@ from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.tools.args import refuse_overwrite
 from mgmlora.tools.output_dir import check_output_dir, writing_dir
+from mgmlora.tools.run_settings import run_settings
 from mgmlora.training.adapter_check import (
     check_adapter_tensors,
     check_lora_config,
@@ -60,7 +61,7 @@ class RunAdapter:
     lora_config: LoraConfig | None
     adapter: dict[str, torch.Tensor]
     trainables: dict[str, torch.Tensor]
-    hparams: dict = field(default_factory=dict)  # {"model": ModelArgs fields, "lora": ..., ...} when known
+    hparams: dict = field(default_factory=dict)  # the checkpoint's record {"model": ..., "lora": ...}, if any
     run_config: Path | None = None  # the LightningCLI config.yaml of the run, when found
     base_fingerprint: str | None = None  # the base it was trained on (mgmlora.models.identity); None: not recorded
 
@@ -94,14 +95,12 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a directory (expected a *.ckpt checkpoint "
                                 "directory or an adapter directory).")
     run_config = _find_run_config(path)
-    hparams: dict = {}
-    if run_config is not None:
-        hparams = (yaml.safe_load(run_config.read_text()).get("model") or {})
+    hparams: dict = {}  # what the checkpoint recorded; the run's settings: mgmlora.tools.run_settings
     states = sorted((path / "checkpoint").glob("*model_states.pt"))
     if states:  # DeepSpeed: the LightningModule's client state sits in the (rank 0) model-states file
         state = safe_load(states[0], map_location="cpu")
         peft = state.get("peft")
-        hparams = state.get("hyper_parameters") or hparams
+        hparams = state.get("hyper_parameters") or {}
         if peft is None and not state.get("trainables"):
             raise FileNotFoundError(f"{states[0]} holds no adapter or trainables: it was not written by mgmlora's "
                                     "LoraLitModule.")
@@ -129,30 +128,12 @@ def read_run_adapter(path: str | Path) -> RunAdapter:
 
 def model_args_for(run: RunAdapter, model_path: str | None = None, preset: str | None = None,
                    dtype: DtypeName | None = None, trust_remote_code: bool = False) -> ModelArgs:
-    """The base model of `run`, with command-line overrides (e.g. real weights for a run made on another machine).
+    """The base model of `run`, with command-line overrides: `run_settings(run).model_args(...)`.
 
-    `trust_remote_code` comes from the caller (the user's command line) only, never from the run's saved settings: a
-    checkpoint must not be able to make a model directory's Python code run. A run trained with it on is refused
-    until the user passes it again.
+    The run's settings come from mgmlora.tools.run_settings (the one place a tool rebuilds them); `trust_remote_code`
+    comes from the caller only (RunSettings.model_args).
     """
-    known = {f.name for f in fields(ModelArgs)}
-    saved = {k: v for k, v in (run.hparams.get("model") or {}).items() if k in known}
-    if saved.get("trust_remote_code") and not trust_remote_code:
-        raise ValueError(f"{run.source}: this run was trained with model.trust_remote_code: true; settings read from "
-                         "a checkpoint never switch it on. Pass --trust_remote_code if you trust the code in "
-                         f"{model_path or saved.get('model_path')}.")
-    saved["trust_remote_code"] = trust_remote_code
-    if model_path is not None:
-        saved["model_path"] = model_path
-    if preset is not None:
-        saved["preset"] = preset
-    if dtype is not None:
-        saved["dtype"] = dtype
-    if not saved.get("model_path") and not saved.get("preset"):
-        raise ValueError(f"{run.source}: the base model is unknown (no hyperparameters or config.yaml found); pass "
-                         "--model_path (a local Hugging Face / MGM directory) or --preset.")
-    saved["gradient_checkpointing"] = False
-    return ModelArgs(**saved)
+    return run_settings(run).model_args(model_path, preset, dtype, trust_remote_code)
 
 
 def export_adapter(run: RunAdapter, out: str | Path, overwrite: bool = False) -> Path:

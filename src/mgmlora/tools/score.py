@@ -1,6 +1,7 @@
 """Scoring a finished checkpoint or exported adapter on a data file: per-item predictions and a summary of the scores.
 
-The data file is read by the run's own DataModule (its `data` section of config.yaml, the file as its test split), so
+The data file is read by the run's own DataModule (its `data` section, mgmlora.tools.run_settings; the file as its
+test split), so
 prompts, references and metrics are exactly those of validation's GenerationEval (mgmlora.training.generation_eval):
 the same prompt builders, the same seeded subset for the same `num_samples` and `seed`, the same torchmetrics scores.
 
@@ -19,8 +20,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
 from mgmlora.data.datamodule import TokenizedDataModule
 from mgmlora.data.generation_items import GenerationItem
 from mgmlora.errors import UsageError
@@ -30,23 +29,6 @@ from mgmlora.tools.leaderboard import output_files
 from mgmlora.tools.progress_file import adapter_digest, appending, discard, read_entries, write_atomically
 from mgmlora.training.generation_eval import answer_items
 from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
-
-
-def data_section(run_config: Path | None, data_config: Path | None) -> dict:
-    """The `data` section ({class_path, init_args}) of `data_config`, else of the run's config.yaml.
-
-    Raises:
-        UsageError: when neither gives one, or the class is not one of mgmlora's DataModules.
-    """
-    source = data_config or run_config
-    data = (yaml.safe_load(source.read_text()) or {}).get("data") if source is not None else None
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise UsageError(f"{source or 'the checkpoint'}: no `data: {{class_path, init_args}}` section to read the "
-                         "data file with; pass --data_config with one (e.g. the run's config.yaml or configs/*.yaml).")
-    if not str(data["class_path"]).startswith("mgmlora.data."):  # a config must not make arbitrary code run
-        raise UsageError(f"{source}: data.class_path {data['class_path']!r} is not an mgmlora DataModule "
-                         "(mgmlora.data.*); pass --data_config with one.")
-    return data
 
 
 def build_datamodule(section: dict, data_path: str | Path, overrides: dict | None = None) -> TokenizedDataModule:
@@ -114,4 +96,4 @@ def score_items(loaded: LoadedModel, datamodule: TokenizedDataModule, items: lis
     return summary
 
 
-__all__ = ["build_datamodule", "data_section", "score_items", "score_settings"]
+__all__ = ["build_datamodule", "score_items", "score_settings"]

@@ -16,13 +16,13 @@ from mgmlora.cli import parse_files
 from mgmlora.tools.memory import cheapest_fix, estimate, run_from_tree
 from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, shipped_4bit_recipe
 from tests.conftest import ROOT, launch_args, launch_files
+from tests.test_configs import _merge
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("estimate_cli", ROOT / "bin" / "estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from mgmlora.commands import estimate
+
+    return estimate
 
 
 RESULTS = ROOT / "bench" / "results"
@@ -97,14 +97,6 @@ RECIPE_BUDGET_GIB = {
     "qwen3-8b_lora_chat.yaml": (80, "header: one GPU, no size named; as qwen3-8b_lora_chameleons.yaml"),
 }
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("demo"))
-
-
-def _merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both else value
-    return merged
 
 
 def _written(path) -> dict:

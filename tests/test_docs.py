@@ -63,7 +63,7 @@ def test_the_configs_readmes_demo_chat_start_loss_is_what_the_demo_logs(tmp_path
     events = EventAccumulator(str(tmp_path / "demo_chat" / "version_0"))
     events.Reload()
     first = events.Scalars("train/loss")[0]
-    assert first.step == log_every - 1 and f"{first.value:.2f}" == quoted
+    assert first.step == log_every and f"{first.value:.2f}" == quoted  # logged at its optimizer step (StepLabels)
 
 
 def test_every_reliability_promise_names_test_files_that_exist():

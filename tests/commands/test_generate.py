@@ -17,10 +17,16 @@ def no_loading(monkeypatch):
     return fail
 
 
-def test_a_missing_image_is_refused_before_the_checkpoint_is_read(tmp_path, no_loading, monkeypatch):
+@pytest.mark.parametrize("name,reason", [("cat.jpg", "the file does not exist"),
+                                         ("notes.png", "it is not an image Pillow can read")])
+def test_a_missing_or_unreadable_image_is_refused_before_the_checkpoint_is_read(tmp_path, no_loading, monkeypatch,
+                                                                                name, reason):
+    from mgmlora.data.images import ImageLoadError
+
+    (tmp_path / "notes.png").write_text("notes, not pixels")
     monkeypatch.setattr(generate, "read_run_adapter", no_loading)
-    with pytest.raises(UsageError, match=r"^--image '.*cat\.jpg' is not a file\.$"):
-        generate.main(["--checkpoint", str(tmp_path), "--prompt", "What is it?", "--image", str(tmp_path / "cat.jpg")])
+    with pytest.raises(ImageLoadError, match=rf"^--image '.*{name}': {reason}"):
+        generate.main(["--checkpoint", str(tmp_path), "--prompt", "What is it?", "--image", str(tmp_path / name)])
 
 
 def test_an_image_for_a_text_only_model_is_refused_before_the_model_loads(tiny_checkpoint, no_loading):

@@ -41,7 +41,7 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
     assert {oct(p.stat().st_mode & 0o777) for p in out.parent.iterdir()} == {oct(0o666 & ~current_umask())}
 
     # interrupted after 2 items, the third line cut mid-write: a rerun generates only the other 4, to the same result
-    import mgmlora.tools.score as score
+    import mgmlora.training.generation_eval as generation_eval
 
     calls = []
 
@@ -52,7 +52,7 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
         return stack_inputs(*args, **kwargs)
 
     out.unlink()
-    monkeypatch.setattr(score, "stack_inputs", interrupted)
+    monkeypatch.setattr(generation_eval, "stack_inputs", interrupted)  # the one generation path (answer_items)
     with pytest.raises(KeyboardInterrupt):
         score_cli.main(args)
     monkeypatch.undo()

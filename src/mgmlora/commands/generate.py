@@ -25,6 +25,7 @@ import yaml
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from mgmlora.commands.parsing import parse_settings
+from mgmlora.data.images import load_image
 from mgmlora.errors import UsageError
 from mgmlora.models import model_info
 from mgmlora.models.args import PresetName
@@ -120,8 +121,9 @@ def _check_inputs(settings: GenerateSettings) -> None:
     """Refuses what can be refused from the command line alone, before anything is read."""
     if (settings.prompt is None) == (settings.chameleons is None):
         raise UsageError("pass exactly one of --prompt (one question) and --chameleons (a leaderboard file).")
-    for flag, path in (("--image", settings.image), ("--chameleons", settings.chameleons),
-                       ("--generation_config", settings.generation_config)):
+    if settings.image is not None:  # decoded here: a non-image, a symlink loop or a missing file fails before the load
+        load_image(settings.image, "--image")
+    for flag, path in (("--chameleons", settings.chameleons), ("--generation_config", settings.generation_config)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {str(path)!r} is not a file.")
     if settings.chameleons is not None:
@@ -201,7 +203,6 @@ def generate(settings: GenerateSettings):
         return summary
 
     if info.takes_images:
-        from mgmlora.data.images import load_image
         from mgmlora.data.llava import generation_prompt
         from mgmlora.data.llava_datamodule import LlavaDataModule
 

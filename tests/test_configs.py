@@ -255,3 +255,12 @@ def test_a_config_launched_with_a_base_is_a_declared_variant(path):
     if len(files) > 1:
         assert path.name in VARIANTS and files[0].name == VARIANTS[path.name][0]
         assert "seed_everything" not in yaml.safe_load(path.read_text()), "an overlay writes only its difference"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_no_recipe_logs_a_placeholder_hp_metric(path):
+    """Lightning's TensorBoardLogger writes hp_metric = -1 at step 0 unless told not to: a figure nothing measured."""
+    logger = _effective(path.name)["trainer"]["logger"]
+    for one in logger if isinstance(logger, list) else [logger]:
+        if one and one["class_path"].endswith("TensorBoardLogger"):
+            assert one["init_args"]["default_hp_metric"] is False, path.name

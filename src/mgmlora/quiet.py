@@ -35,6 +35,9 @@ WARNINGS: list[tuple[str, type[Warning], str]] = [
 RECORDS: list[tuple[str, str]] = [
     ("lightning.pytorch.utilities.rank_zero", LITLOGGER_TIP),
     ("lightning.fabric.utilities.rank_zero", LITLOGGER_TIP),  # Lightning advertises its hosted logger at every fit
+    # mgmlora's own RunSummary replaces Lightning's ModelSummary on purpose; Lightning says so at every fit
+    *((name, "Trainer already configured with model summary callbacks")
+      for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")),
     # DeepSpeed, imported for its strategy, tells a CPU-only machine that it found no GPU: what the user knows
     ("DeepSpeed", "Setting accelerator to CPU."),
 ]

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,55 @@ def test_a_4bit_moe_base_under_deepspeed_is_refused_with_the_key_to_change(tmp_p
     assert proc.returncode != 0
     assert "model.model.quantization on a MoE model does not run under DeepSpeed" in proc.stderr
     assert "trainer.strategy: auto" in proc.stderr
+
+
+def _probe_strategy(monkeypatch, fail):
+    """MgmDeepSpeedStrategy's save around a parent save that writes one file and then fails with `fail` (one rank)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
+
+    class Probe(MgmDeepSpeedStrategy):
+        is_global_zero, local_rank = True, 0
+        deepspeed_engine = SimpleNamespace(module_state_dict=lambda *a, **k: {}, module=None)
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+        def barrier(self, name=None):
+            pass
+
+        def reduce_boolean_decision(self, decision, all=True):
+            return decision
+
+    def parent_save(self, checkpoint, filepath, storage_options=None):
+        Path(filepath).mkdir(parents=True, exist_ok=True)
+        (Path(filepath) / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+        raise fail
+
+    monkeypatch.setattr(DeepSpeedStrategy, "save_checkpoint", parent_save)
+    probe = Probe.__new__(Probe)
+    probe.recovered = set()
+    return probe
+
+
+def test_a_full_disk_during_a_deepspeed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from mgmlora.errors import DiskFullError
+
+    previous = tmp_path / "checkpoints" / "step=1.ckpt"
+    previous.mkdir(parents=True)
+    (previous / "model.pt").write_bytes(b"old")
+    strategy = _probe_strategy(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    target = tmp_path / "checkpoints" / "step=2.ckpt"
+    with pytest.raises(DiskFullError, match=rf"^{re.escape(str(target))}: disk full after 1000 bytes written"):
+        strategy.save_checkpoint({}, target)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=1.ckpt"]  # no partial directory
+    assert (previous / "model.pt").read_bytes() == b"old"
+
+    other = _probe_strategy(monkeypatch, RuntimeError("not a disk matter"))
+    with pytest.raises(RuntimeError, match="not a disk matter"):  # anything else passes through unchanged
+        other.save_checkpoint({}, tmp_path / "checkpoints" / "step=3.ckpt")

@@ -196,7 +196,8 @@ def publish(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes in the files under `path` (what a failed write had put on the disk)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -217,7 +218,7 @@ def staged_dir(path: Path, needed: int | None = None) -> Iterator[Path]:
     except Exception as error:
         if not is_disk_full(error):
             raise
-        written = _tree_size(tmp)
+        written = tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_full(path, written, needed) from None
     finally:

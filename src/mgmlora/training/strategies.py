@@ -15,6 +15,7 @@ few DeepSpeed bookkeeping types of `deepspeed_trusted()`.
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -23,7 +24,16 @@ from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-from mgmlora.training.checkpoint import UnsafeCheckpointError, fresh_tmp, publish, readable, recover_once, safe_load
+from mgmlora.errors import disk_full, is_disk_full
+from mgmlora.training.checkpoint import (
+    UnsafeCheckpointError,
+    fresh_tmp,
+    publish,
+    readable,
+    recover_once,
+    safe_load,
+    tree_size,
+)
 
 
 def deepspeed_trusted() -> tuple[type, ...]:
@@ -107,9 +117,10 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         Crash safety as for mgmlora's own format (mgmlora.training.checkpoint): every rank writes its files into one
         `.<name>.tmp-<hex8>` directory, and once all have, rank 0 renames it to `filepath` (on a filesystem it does
         not share, each node's local rank 0 does). Overwriting `last.ckpt` in place would leave a mix of two steps
-        after a crash. DeepSpeed drops frozen weights by iterating `named_parameters()`, which lists a tied weight
-        once, so the second name (Gemma's `lm_head.weight`, as large as the embeddings) would stay in every
-        "adapter-only" MGM checkpoint; it is excluded here.
+        after a crash. A full disk on any rank stops every rank with one DiskFullError, the partial directory deleted
+        and the previous checkpoint kept. DeepSpeed drops frozen weights by iterating `named_parameters()`, which
+        lists a tied weight once, so the second name (Gemma's `lm_head.weight`, as large as the embeddings) would stay
+        in every "adapter-only" MGM checkpoint; it is excluded here.
         """
         path = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:
@@ -123,10 +134,21 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             return drop_frozen(state, engine.module) if exclude_frozen_parameters and state is not None else state
 
         engine.module_state_dict = module_state_dict
+        full = False
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            full = True
         finally:
             del engine.module_state_dict  # back to the class method
+        if self.reduce_boolean_decision(full, all=False):  # a full disk on any rank: every rank stops here, together
+            self.barrier("mgmlora: checkpoint save failed")
+            written = tree_size(tmp) if tmp.exists() else 0
+            if self.local_rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_full(path, written) from None
         self.barrier("mgmlora: checkpoint files written")
         if self.is_global_zero:
             publish(tmp, path)

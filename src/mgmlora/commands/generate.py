@@ -25,6 +25,7 @@ import yaml
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
 from mgmlora.commands.parsing import parse_settings
+from mgmlora.data.datamodule import datamodule_from_section
 from mgmlora.data.images import load_image
 from mgmlora.errors import UsageError
 from mgmlora.models import model_info
@@ -193,8 +194,10 @@ def generate(settings: GenerateSettings):
         encoder = PersonaEncoder(tokenizer, max_length, ablation, prompt_role, data["mark_omitted"])
         history = None
         if use_history:
-            dm = ChameleonsDataModule(train_path, **{k: v for k, v in data.items() if k in (
-                "max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")})
+            kept = ("max_data_items", "sample_seed", "split", "val_ratio", "split_seed", "max_history")
+            dm = datamodule_from_section({"class_path": "mgmlora.data.chameleons_datamodule.ChameleonsDataModule",
+                                          "init_args": {k: v for k, v in data.items() if k in kept}},
+                                         {"train_path": train_path})
             dm.connect(tokenizer, info)
             history = dm.training_dialogues()
         summary = predict_leaderboard(model, tokenizer, encoder, settings.chameleons, settings.output, gen,

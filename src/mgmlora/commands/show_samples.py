@@ -11,7 +11,6 @@ with the flags below added (mgmlora.cli.parse_config).
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +20,7 @@ from jsonargparse.typing import PositiveInt
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.cli import parse_config
 from mgmlora.commands.parsing import add_settings
+from mgmlora.data.datamodule import datamodule_from_section
 from mgmlora.models import model_info
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import load_tokenizer
@@ -38,9 +38,7 @@ class ShowSettings:
 
 def datamodule_from(config: dict):
     """The config's DataModule with the config's tokenizer attached (no trainer, no model)."""
-    module_name, _, class_name = config["data"]["class_path"].rpartition(".")
-    data_cls = getattr(importlib.import_module(module_name), class_name)
-    datamodule = data_cls(**config["data"].get("init_args", {}))
+    datamodule = datamodule_from_section(config["data"])
     model_args = ModelArgs(**config["model"]["model"])
     # data.tokenizer_path set: connect loads that one (a preset without model_path bundles no tokenizer)
     tokenizer = None if datamodule.hparams.get("tokenizer_path") else load_tokenizer(model_args)

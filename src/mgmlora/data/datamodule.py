@@ -24,7 +24,7 @@ from mgmlora.data.chat import ChatTokenizer, TokenizedSample, TrainOn, read_chat
 from mgmlora.data.collate import pad_collate
 from mgmlora.data.generation_items import GenerationItem, seeded_subset, tail
 from mgmlora.data.sampling import BalancedWindowBatchSampler, TokenBudgetBatchSampler, WindowBatchSampler, WindowKey
-from mgmlora.errors import MgmloraError
+from mgmlora.errors import MgmloraError, UsageError
 from mgmlora.models import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -319,6 +319,33 @@ class TokenizedDataModule(L.LightningDataModule):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return {"epoch": self.trainer.current_epoch, "batches_consumed": progress.processed}
 
+
+
+def datamodule_from_section(section: dict, overrides: dict | None = None) -> TokenizedDataModule:
+    """The DataModule a config's `data: {class_path, init_args}` section names, with `overrides` on its init_args.
+
+    The one builder the tools use (score, show-samples, the leaderboard's training history): only mgmlora's data
+    sources are accepted (a class outside `mgmlora.data` is refused before its module is imported), unknown settings
+    are refused naming the valid ones, and overrides that are None or not settings of the class are left out.
+    """
+    import importlib
+    import inspect
+
+    class_path = str(section.get("class_path", ""))
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name.startswith("mgmlora.data."):
+        raise UsageError(f"data.class_path {class_path!r} is not one of mgmlora's data sources (mgmlora.data.*).")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
+        raise UsageError(f"data.class_path {class_path!r} is not a TokenizedDataModule.")
+    known = set(inspect.signature(cls).parameters)
+    init = dict(section.get("init_args") or {})
+    unknown = sorted(set(init) - known)
+    if unknown:
+        raise UsageError(f"data.init_args {unknown} are not settings of {class_path} (valid: {sorted(known)}); fix "
+                           "the data section of the config.")
+    init.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
+    return cls(**init)
 
 class ChatDataModule(TokenizedDataModule):
     """Chat JSONL files (`{"messages": [...]}` per line) for causal-LM fine-tuning.

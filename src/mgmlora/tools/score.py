@@ -13,16 +13,13 @@ with the same settings generates only the rest; other settings are refused. A fi
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.datamodule import TokenizedDataModule, datamodule_from_section
 from mgmlora.data.generation_items import GenerationItem
-from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
 from mgmlora.models.generation import GenerationArgs
 from mgmlora.tools.leaderboard import output_files
@@ -33,19 +30,7 @@ from mgmlora.training.text_metrics import GenerationMetrics, MetricKind
 
 def build_datamodule(section: dict, data_path: str | Path, overrides: dict | None = None) -> TokenizedDataModule:
     """The configured DataModule with `data_path` as its test split; `overrides` replace init_args (image folder)."""
-    module_name, _, class_name = section["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
-        raise UsageError(f"data.class_path {section['class_path']!r} is not a TokenizedDataModule.")
-    known = set(inspect.signature(cls).parameters)
-    init = dict(section.get("init_args") or {})
-    unknown = sorted(set(init) - known)
-    if unknown:
-        raise UsageError(f"data.init_args {unknown} are not settings of {section['class_path']} (valid: "
-                         f"{sorted(known)}); fix the data section of --data_config or of the run's config.yaml.")
-    init.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
-    init["test_path"] = str(data_path)
-    return cls(**init)
+    return datamodule_from_section(section, {**(overrides or {}), "test_path": str(data_path)})
 
 
 def score_settings(checkpoint: str | Path, data_path: str | Path, section: dict, num_samples: int | None, seed: int,

@@ -172,7 +172,7 @@ def _probe_strategy(monkeypatch, fail):
     from mgmlora.training.strategies import MgmDeepSpeedStrategy
 
     class Probe(MgmDeepSpeedStrategy):
-        is_global_zero, local_rank = True, 0
+        is_global_zero, local_rank, world_size = True, 0, 1
         deepspeed_engine = SimpleNamespace(module_state_dict=lambda *a, **k: {}, module=None)
 
         def broadcast(self, obj, src=0):

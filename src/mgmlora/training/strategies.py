@@ -143,7 +143,8 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
             full = True
         finally:
             del engine.module_state_dict  # back to the class method
-        if self.reduce_boolean_decision(full, all=False):  # a full disk on any rank: every rank stops here, together
+        several = self.world_size > 1
+        if self.reduce_boolean_decision(full, all=False) if several else full:  # any rank's full disk stops all ranks
             self.barrier("mgmlora: checkpoint save failed")
             written = tree_size(tmp) if tmp.exists() else 0
             if self.local_rank == 0:

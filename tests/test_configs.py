@@ -260,7 +260,10 @@ def test_a_config_launched_with_a_base_is_a_declared_variant(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_no_recipe_logs_a_placeholder_hp_metric(path):
     """Lightning's TensorBoardLogger writes hp_metric = -1 at step 0 unless told not to: a figure nothing measured."""
-    logger = _effective(path.name)["trainer"]["logger"]
+    tree: dict = {}
+    for file in launch_files(path):  # the launch command's files composed, as jsonargparse composes them
+        tree = _merge(tree, written(file))
+    logger = tree["trainer"]["logger"]
     for one in logger if isinstance(logger, list) else [logger]:
         if one and one["class_path"].endswith("TensorBoardLogger"):
             assert one["init_args"]["default_hp_metric"] is False, path.name

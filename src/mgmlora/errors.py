@@ -65,16 +65,24 @@ class DiskFullError(MgmloraError):
     """The disk filled up while an output was written; the writer removed what it had written of it."""
 
 
+# torch.save to a path (DeepSpeed's checkpoint writer) reports a short write, not the OS error: "[enforce fail at
+# inline_container.cc] . unexpected pos N vs M" or "PytorchStreamWriter failed writing file ..." (seen on a full tmpfs)
+TORCH_SHORT_WRITE = ("PytorchStreamWriter failed writing", "unexpected pos")
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error` (or an error it wraps) is the OS saying the disk is full (`ENOSPC`).
 
-    Python's own writes raise `OSError(ENOSPC)`; libraries that write from native code (safetensors, torch) wrap it
-    in their own exception types but keep the OS's text, so that counts too.
+    Python's own writes raise `OSError(ENOSPC)`; libraries that write from native code (safetensors) wrap it in their
+    own exception types but keep the OS's text, so that counts too; torch's writer to a path reports only a short
+    write (`TORCH_SHORT_WRITE`), which counts as well.
     """
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        if isinstance(error, RuntimeError) and any(text in str(error) for text in TORCH_SHORT_WRITE):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -195,15 +195,20 @@ def _probe_strategy(monkeypatch, fail):
     return probe
 
 
-def test_a_full_disk_during_a_deepspeed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import errno
+# what a full disk raises: Python's own write, and torch.save to a path (DeepSpeed's writer; seen on a full tmpfs)
+FULL_DISK = {"oserror": OSError(28, "No space left on device"),
+             "torch_save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")}
 
+
+@pytest.mark.parametrize("raised", FULL_DISK.values(), ids=FULL_DISK.keys())
+def test_a_full_disk_during_a_deepspeed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                             raised):
     from mgmlora.errors import DiskFullError
 
     previous = tmp_path / "checkpoints" / "step=1.ckpt"
     previous.mkdir(parents=True)
     (previous / "model.pt").write_bytes(b"old")
-    strategy = _probe_strategy(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    strategy = _probe_strategy(monkeypatch, raised)
     target = tmp_path / "checkpoints" / "step=2.ckpt"
     with pytest.raises(DiskFullError, match=rf"^{re.escape(str(target))}: disk full after 1000 bytes written"):
         strategy.save_checkpoint({}, target)

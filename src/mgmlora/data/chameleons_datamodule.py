@@ -147,7 +147,8 @@ class ChameleonsDataModule(TokenizedDataModule):
             micro-batch). Meant for `model.speed.packing: true`, where padding costs nothing.
         window_samples: samples per optimizer step per device; when set, each step's samples are spread over
             `trainer.accumulate_grad_batches` micro-batches of near-equal positions (`batch_size` stays 1;
-            `max_tokens`, if set, only flags micro-batches above it). Meant for `model.speed.packing: true`.
+            with `max_tokens` set, a run whose planned epochs hold a larger micro-batch stops before training).
+            Meant for `model.speed.packing: true`.
     """
 
     def __init__(self, train_path: str, test_path: str | None = None, ablation: AblationName = "context_only",

@@ -146,7 +146,8 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         several = self.world_size > 1
         if self.reduce_boolean_decision(full, all=False) if several else full:  # any rank's full disk stops all ranks
             self.barrier("mgmlora: checkpoint save failed")
-            written = tree_size(tmp) if tmp.exists() else 0
+            written = tree_size(tmp) if self.is_global_zero and tmp.exists() else 0  # measured before any deletion
+            self.barrier("mgmlora: partial checkpoint measured")
             if self.local_rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise disk_full(path, written) from None

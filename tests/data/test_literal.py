@@ -203,14 +203,19 @@ def test_a_message_that_spells_out_the_template_around_it_is_located_where_it_wa
     assert spans[0][0] == len("<u>user\n")
 
 
-def test_the_literal_encoder_splits_a_non_special_added_token_spelled_in_text():
+def test_a_non_special_added_token_is_text_in_a_message_only_where_the_template_uses_it():
     tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    tok.add_tokens(["<think>"])  # added, not special: special-token parsing off does not cover it
-    think = tok.convert_tokens_to_ids("<think>")
-    text = "<think>a</think>"
-    ids, _ = LiteralEncoder(tok).encode(text, [(0, len(text))])
-    assert think not in ids and tok.decode(ids) == text
-    assert tok(text, add_special_tokens=False)["input_ids"][0] == think  # what a single call would have made
+    tok.add_tokens(["<think>", "<table>"])  # added, not special: special-token parsing off does not cover them
+    think, table = tok.convert_tokens_to_ids(["<think>", "<table>"])
+    # the template writes <think> itself: the message's <think> is its text, split until no control token is left
+    text = "<think>\nuser: <think>a</think>"
+    ids, _ = LiteralEncoder(tok).encode(text, [(14, len(text))])
+    assert ids.count(think) == 1 and tok.decode(ids) == text
+    assert tok(text, add_special_tokens=False)["input_ids"].count(think) == 2  # what a single call would have made
+    # a token the template does not use (Gemma's HTML tags) is ordinary text: exactly the single call's tokens
+    text = "user: a <table> b"
+    ids, _ = LiteralEncoder(tok).encode(text, [(6, len(text))])
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and table in ids
 
 
 def test_a_template_token_that_swallows_a_messages_trailing_blank_stays_a_control_token():

@@ -11,9 +11,10 @@ a turn or forge an assistant turn. So:
   text, re-tokenises that occurrence as plain text (special-token parsing off). Text without control-token strings
   therefore encodes exactly as a single call of the tokenizer on the rendered string, as it always did.
 
-Control tokens are the tokenizer's special tokens and its other added tokens except whitespace-only ones (e.g.
-Qwen3's `<think>`): whitespace cannot forge structure, and some tokenizers add whitespace runs as tokens of plain
-text.
+Control tokens are the tokenizer's special tokens, and its other added tokens (e.g. Qwen3's `<think>`) where the
+template itself writes them in this conversation; an added token the template does not use (Gemma's HTML tags such as
+`<table>`) is ordinary text and encodes as it always did. Whitespace-only added tokens are never control tokens:
+whitespace cannot forge structure, and some tokenizers add whitespace runs as tokens of plain text.
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ class LiteralEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
-        added = tokenizer.get_added_vocab()  # {content: id}, special or not
-        self.control_ids = {i for content, i in added.items() if content.strip()} | set(tokenizer.all_special_ids)
+        self.special_ids = set(tokenizer.all_special_ids)
+        # added tokens that are not special (Gemma's HTML tags, Qwen3's <think>), whitespace-only ones left out
+        self.added = {i: content for content, i in tokenizer.get_added_vocab().items()
+                      if content.strip() and i not in self.special_ids}
+        self.control_ids = self.special_ids | set(self.added)  # every token that can be a control token
 
     def encode(self, text: str, texts: list[Span], start: int = 0, end: int | None = None
                ) -> tuple[list[int], list[int]]:
@@ -100,7 +104,9 @@ class LiteralEncoder:
         The characters inside the spans of `texts` yield no control token. `texts` are sorted and do not overlap
         (the messages' spans from `render_located`).
         """
-        return self._encode(text, start, len(text) if end is None else end, texts)
+        template = "\0".join(text[a:b] for a, b in _gaps(texts, len(text)))  # the template's own characters
+        control = self.special_ids | {i for i, content in self.added.items() if content in template}
+        return self._encode(text, start, len(text) if end is None else end, texts, control)
 
     def _tokenize(self, text: str, start: int, end: int, literal: bool = False) -> tuple[list, list, list]:
         enc = self.tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
@@ -108,19 +114,20 @@ class LiteralEncoder:
         return (list(enc["input_ids"]), [start + s for s, _ in enc["offset_mapping"]],
                 [start + e for _, e in enc["offset_mapping"]])
 
-    def _encode(self, text: str, start: int, end: int, texts: list[Span]) -> tuple[list[int], list[int]]:
+    def _encode(self, text: str, start: int, end: int, texts: list[Span], control: set[int]
+                ) -> tuple[list[int], list[int]]:
         ids, starts, ends = self._tokenize(text, start, end)
         forged = [(starts[n], ends[n]) for n, token in enumerate(ids)
-                  if token in self.control_ids and overlaps(*_visible(text, starts[n], ends[n]), texts)]
+                  if token in control and overlaps(*_visible(text, starts[n], ends[n]), texts)]
         if not forged:
             return ids, starts
         out_ids, out_starts, cursor = [], [], start
         for a, b in forged:  # the text around each forged token as usual, the token's characters as plain text
-            for piece in (self._encode(text, cursor, a, texts), self._literal(text, a, b)):
+            for piece in (self._encode(text, cursor, a, texts, control), self._literal(text, a, b)):
                 out_ids += piece[0]
                 out_starts += piece[1]
             cursor = b
-        rest = self._encode(text, cursor, end, texts)
+        rest = self._encode(text, cursor, end, texts, control)
         return out_ids + rest[0], out_starts + rest[1]
 
     def _literal(self, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
@@ -135,6 +142,15 @@ class LiteralEncoder:
         middle = start + (end - start) // 2
         left, right = self._literal(text, start, middle), self._literal(text, middle, end)
         return left[0] + right[0], left[1] + right[1]
+
+
+def _gaps(spans: list[Span], length: int) -> list[Span]:
+    """The parts of [0, length) outside the sorted, non-overlapping `spans`."""
+    gaps, cursor = [], 0
+    for a, b in spans:
+        gaps.append((cursor, a))
+        cursor = b
+    return [*gaps, (cursor, length)]
 
 
 def _visible(text: str, start: int, end: int) -> Span:

@@ -229,3 +229,28 @@ def test_a_template_token_that_swallows_a_messages_trailing_blank_stays_a_contro
     assert tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][-1] == (2, 11)
     ids, _ = LiteralEncoder(tok).encode(text, [(0, 4)])
     assert ids == tok(text, add_special_tokens=False)["input_ids"] and ids[-1] == eot
+
+
+# Qwen3's template (its reasoning part): an assistant message holding </think> is re-assembled in a think block of the
+# template's own, so the marks (which hold no </think>) render differently around the message than its text does
+QWEN3_THINK = (
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'user' %}{{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{%- set reasoning = '' %}{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}")
+
+
+def test_a_reasoning_message_that_the_template_rewraps_is_found_by_its_text():
+    from mgmlora.data.chat import ChatTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    tok.chat_template = QWEN3_THINK
+    answer = "<think>\nadd them\n</think>\n\n4"
+    sample = ChatTokenizer(tok, 512)([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}])
+    supervised = [t for t, label in zip(sample.input_ids, sample.labels) if label != -100]
+    assert tok.decode(supervised).startswith(answer)  # the whole message, then the turn's end token
+    plain = ChatTokenizer(tok, 512)([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    assert tok.decode([t for t, label in zip(plain.input_ids, plain.labels) if label != -100]).startswith("4")

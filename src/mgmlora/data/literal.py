@@ -32,6 +32,10 @@ class TemplateChangedTextError(ValueError):
     """The chat template changes, drops or repeats a message's text, so its place in the rendered text is unknown."""
 
 
+class _DroppedOrRepeated(TemplateChangedTextError):
+    """A message the template does not render exactly once: no search can say which occurrence is the message."""
+
+
 def render_located(render: Callable[[list[str]], str], texts: list[str]) -> tuple[str, list[Span]]:
     """`render(texts)` and the span each text occupies in it.
 
@@ -39,10 +43,41 @@ def render_located(render: Callable[[list[str]], str], texts: list[str]) -> tupl
     unique marks in place of the texts, which splits the template into the pieces between the texts, and with the
     texts themselves; each text is then matched at its known place, as is or as the template trims it.
 
+    A template that renders differently around a text than around its mark (Qwen3 wraps an assistant message that
+    holds `</think>` in its own think block) falls back to finding each text, in order, after the one before it: the
+    search the marks avoid, used only where the marks cannot place the texts.
+
     Raises:
-        TemplateChangedTextError: when the template changes a text beyond trimming whitespace, drops it, repeats it,
-            or renders differently around it than around the mark.
+        TemplateChangedTextError: when the template drops or repeats a text, or a changed text is not found.
     """
+    try:
+        return _by_marks(render, texts)
+    except _DroppedOrRepeated:
+        raise
+    except TemplateChangedTextError:
+        text = render(texts)
+        spans = _by_search(text, texts)
+        if spans is None:
+            raise
+        return text, spans
+
+
+def _by_search(text: str, texts: list[str]) -> list[Span] | None:
+    """Each text's span in `text`, found in order after the previous one (or trimmed as templates trim); else None."""
+    spans, pos = [], 0
+    for content in texts:
+        for candidate in dict.fromkeys((content, content.strip(), content.strip("\n"))):
+            at = text.find(candidate, pos)
+            if at >= 0:
+                spans.append((at, at + len(candidate)))
+                pos = at + len(candidate)
+                break
+        else:
+            return None
+    return spans
+
+
+def _by_marks(render: Callable[[list[str]], str], texts: list[str]) -> tuple[str, list[Span]]:
     nonce = uuid.uuid4().hex[:12]
     marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(texts))]
     skeleton, text = render(marks), render(texts)
@@ -51,7 +86,7 @@ def render_located(render: Callable[[list[str]], str], texts: list[str]) -> tupl
     for i, mark in enumerate(marks):
         at = skeleton.find(mark, cursor)
         if at < 0 or repeated:
-            raise TemplateChangedTextError(f"the chat template drops or repeats message {i}; mgmlora cannot locate its "
+            raise _DroppedOrRepeated(f"the chat template drops or repeats message {i}; mgmlora cannot locate its "
                                            "text to set labels. Use a template that renders each message once.")
         pieces.append(skeleton[cursor:at])
         cursor = at + len(mark)

@@ -362,3 +362,14 @@ def test_fit_on_a_full_disk_exits_1_with_one_line_and_keeps_the_last_complete_ch
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step=000002.ckpt"]  # no half checkpoint, no debris
     assert _step(AdapterCheckpointIO(), checkpoints / "step=000002.ckpt") == 2
     assert not (checkpoints.parent / "adapter").exists()  # a run that failed does not export a final adapter
+
+
+def test_an_executable_file_keeps_its_executable_bits_under_the_umask(tmp_path, umask):
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        script = tmp / "zero_to_fp32.py"  # DeepSpeed writes this one executable into its checkpoints
+        script.write_text("#!/usr/bin/env python\n")
+        script.chmod(0o700)
+        (tmp / "model.pt").write_bytes(b"x")
+    assert stat.S_IMODE((out / "zero_to_fp32.py").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "model.pt").stat().st_mode) == 0o666 & ~umask

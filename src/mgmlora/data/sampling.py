@@ -344,11 +344,12 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         """
         if self.max_tokens is None or not epochs:
             return
-        largest, epoch = self._largest(epochs, self.accumulate)
-        if largest <= self.max_tokens:
+        over = [e for e in epochs if self._largest([e], self.accumulate)[0] > self.max_tokens]
+        if not over:
             return
-        fits = next((a for a in range(self.accumulate + 1, self.window_samples + 1)
-                     if self._largest(epochs, a)[0] <= self.max_tokens), None)
+        largest, epoch = self._largest(over, self.accumulate)
+        fits = next((a for a in range(self.accumulate + 1, self.window_samples + 1)  # searched on the failing epochs
+                     if self._largest(over, a)[0] <= self.max_tokens), None)
         fix = (f"set trainer.accumulate_grad_batches to {fits} or more" if fits else
                f"a single sample holds {max(self.costs)} positions: raise data.max_tokens to at least that")
         raise ValueError(f"data.max_tokens={self.max_tokens}: epoch {epoch} has a micro-batch of {largest} positions "

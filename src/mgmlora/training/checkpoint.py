@@ -110,14 +110,15 @@ def current_umask() -> int:
 def umask_modes(path: str | Path) -> None:
     """Gives `path`, and for a directory everything in it, the modes the umask gives new files (module docstring).
 
-    `0o666 & ~umask` for files, `0o777 & ~umask` for directories. Symbolic links are left alone: their targets are not
-    this write's.
+    `0o666 & ~umask` for files, `0o777 & ~umask` for directories and for files their writer made executable (DeepSpeed's
+    `zero_to_fp32.py`). Symbolic links are left alone: their targets are not this write's.
     """
     path, mask = Path(path), current_umask()
     entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
     for entry in entries:
         if not entry.is_symlink():
-            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
+            executable = entry.is_dir() or entry.stat().st_mode & 0o111
+            os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

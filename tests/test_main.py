@@ -62,3 +62,24 @@ def test_python_dash_m_mgmlora_runs_the_training_cli_and_the_tools(tmp_path):
                      str(tmp_path / "out.json"), "--max_data_items", "1")
     assert sample.returncode == 0, sample.stderr
     assert (tmp_path / "out.json").is_file()
+
+
+def test_debug_before_the_command_and_the_scripts_underscore_names_reach_the_command(monkeypatch):
+    import mgmlora.__main__ as entry
+
+    seen = []
+    monkeypatch.setattr(entry, "run", lambda fn, argv: seen.append((fn.__module__, argv)))
+    entry.main(["--debug", "show_samples", "--n", "1"])
+    assert seen == [("mgmlora.commands.show_samples", ["--debug", "--n", "1"])]
+
+
+def test_validate_of_a_checkpoint_that_does_not_exist_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch,
+                                                                                      in_repo_root):
+    monkeypatch.delenv("MGMLORA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", "configs/demo_chat.yaml", "--ckpt_path", str(tmp_path / "no.ckpt"),
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert exit_info.value.code == USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --ckpt_path '{tmp_path / 'no.ckpt'}' "
+                                                                       "does not exist")
+    assert not (tmp_path / "logs").exists()  # no log directory, no events file

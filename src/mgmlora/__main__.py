@@ -29,6 +29,10 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Runs `mgmlora <command> ...` and exits with its outcome (mgmlora.errors.run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":  # `mgmlora --debug <command> ...`: as after the command (errors.run)
+        argv = [*argv[1:2], "--debug", *argv[2:]]
+    if argv and argv[0].replace("_", "-") in COMMANDS:  # bin/ script names (show_samples) name the same command
+        argv[0] = argv[0].replace("_", "-")
     enforce()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -11,6 +11,7 @@ import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -108,7 +109,11 @@ class MgmCLI(LightningCLI):
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
         config = self.config[self.subcommand]
-        run = checkpoint_run(config.get("ckpt_path"))
+        ckpt = config.get("ckpt_path")
+        if ckpt is not None and str(ckpt) not in ("last", "best", "hpc", "registry") and not Path(ckpt).exists():
+            raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
+                             "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
+        run = checkpoint_run(ckpt)
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init = logger.get("init_args") if isinstance(logger, Namespace) else None

@@ -207,3 +207,9 @@ def test_the_estimator_prints_each_settings_source(in_repo_root, capsys):
     assert "gradient_checkpointing false, data.batch_size 1" in first
     assert "tokens/s measured (bench/results/2026-11-30-train_step_budget-mgm2b-h200.json" in first
     assert re.search(r"^  \d\. .*not measured: rule:", listed, re.M)
+
+
+def test_the_4bit_base_is_never_offered_to_a_full_fine_tune(in_repo_root):
+    """A 4-bit base trains the language model through LoRA only (training.trainable refuses anything else)."""
+    model_args, lora, trainable, speed, shape = _run(["configs/mgm2b_lora.yaml"], ["--model.trainable.llm", "full"])
+    assert not any(s.quantized for s in candidates(model_args, lora, trainable, speed, shape, 24))

@@ -28,12 +28,17 @@ class CompareSettings:
     """directory for the table and the plots"""
     names: list[str] | None = None
     """a short name per run, in the same order"""
+    overwrite: bool = False
+    """write into an --output directory that already holds files"""
 
 
 def compare(settings: CompareSettings) -> Path:
     """Writes the comparison; returns the Markdown file."""
     if settings.names and len(settings.names) != len(settings.runs):
         raise UsageError(f"--names has {len(settings.names)} entries for {len(settings.runs)} runs")
+    if settings.output.is_dir() and any(settings.output.iterdir()) and not settings.overwrite:
+        raise UsageError(f"--output {str(settings.output)!r} already holds files: pass --overwrite to replace the "
+                         "comparison in it, or choose an empty or new directory.")
     md = write_comparison(settings.runs, settings.output, settings.names)
     print(md.read_text())
     print(f"report: {md} (plots beside it)")

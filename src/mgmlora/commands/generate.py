@@ -24,9 +24,10 @@ from typing import Literal
 import yaml
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 
-from mgmlora.commands.parsing import parse_settings
+from mgmlora.commands.parsing import check_device, parse_settings
 from mgmlora.data.datamodule import datamodule_from_section
 from mgmlora.data.images import load_image
+from mgmlora.data.prompts import AblationName
 from mgmlora.errors import UsageError
 from mgmlora.models import model_info
 from mgmlora.models.args import PresetName
@@ -67,7 +68,7 @@ class GenerateSettings:
     """dtype of the base (default: the run's model.dtype)"""
     device: str | None = None
     """torch device (default: cuda when available, else cpu)"""
-    ablation: str | None = None
+    ablation: AblationName | None = None
     """persona prompt ablation (default: the run's)"""
     prompt_role: Literal["system", "user"] | None = None
     """where the persona prompt goes (default: the run's)"""
@@ -122,6 +123,7 @@ def _check_inputs(settings: GenerateSettings) -> None:
     """Refuses what can be refused from the command line alone, before anything is read."""
     if (settings.prompt is None) == (settings.chameleons is None):
         raise UsageError("pass exactly one of --prompt (one question) and --chameleons (a leaderboard file).")
+    check_device(settings.device)
     if settings.image is not None:  # decoded here: a non-image, a symlink loop or a missing file fails before the load
         load_image(settings.image, "--image")
     for flag, path in (("--chameleons", settings.chameleons), ("--generation_config", settings.generation_config)):

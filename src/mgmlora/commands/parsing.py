@@ -24,6 +24,8 @@ from typing import Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from mgmlora.errors import UsageError
+
 S = TypeVar("S")
 
 
@@ -91,4 +93,22 @@ def settings_from(cls: type[S], namespace) -> S:
     return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
-__all__ = ["add_settings", "parse_settings", "settings_from", "tool_parser"]
+
+
+def check_device(device: str | None) -> None:
+    """Refuses, before anything loads, a `--device` that is not a torch device or that this machine lacks."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU; use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+
+
+__all__ = ["add_settings", "check_device", "parse_settings", "settings_from", "tool_parser"]

@@ -10,7 +10,6 @@ The output is written to a temporary file and renamed, so an interrupted run nev
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from jsonargparse.typing import PositiveInt
 
 from mgmlora.commands.parsing import parse_settings
 from mgmlora.data.chameleons import load_records, sample_data_items
+from mgmlora.errors import UsageError
 from mgmlora.tools.args import refuse_overwrite
+from mgmlora.tools.progress_file import write_atomically
 
 
 @dataclass
@@ -33,17 +34,21 @@ class SampleSettings:
     """data_items kept per record, at most"""
     seed: int = 42
     """seed of Python's random, set once"""
+    overwrite: bool = False
+    """replace an existing OUTPUT"""
 
 
 def sample(settings: SampleSettings) -> dict:
     """Samples INPUT into OUTPUT; returns the counts it prints."""
     refuse_overwrite({"OUTPUT": settings.output}, files={"INPUT": settings.input})
+    if settings.output.is_dir():
+        raise UsageError(f"OUTPUT {str(settings.output)!r} is a directory; name the JSON file to write.")
+    if settings.output.exists() and not settings.overwrite:
+        raise UsageError(f"OUTPUT {str(settings.output)!r} exists: pass --overwrite to replace it, or choose another.")
     records = load_records(settings.input)
     sampled = sample_data_items(records, settings.max_data_items, settings.seed, settings.input)
     settings.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = settings.output.with_name(settings.output.name + ".tmp")
-    tmp.write_text(json.dumps(sampled, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, settings.output)
+    write_atomically(settings.output, json.dumps(sampled, indent=2, ensure_ascii=False))
     count = lambda recs: sum(len(c["data"]) for r in recs for c in r["task"]["task_behavior_collections"])  # noqa: E731
     summary = {"records": len(records), "data_items_in": count(records), "data_items_out": count(sampled),
                "max_data_items": settings.max_data_items, "seed": settings.seed}

@@ -18,7 +18,7 @@ from typing import Literal
 
 from jsonargparse.typing import PositiveInt
 
-from mgmlora.commands.parsing import parse_settings
+from mgmlora.commands.parsing import check_device, parse_settings
 from mgmlora.errors import UsageError
 from mgmlora.models.args import PresetName
 from mgmlora.models.dtypes import DtypeName
@@ -60,6 +60,8 @@ class ScoreSettings:
     """allow Python code inside the base model directory to run (never taken from a checkpoint)"""
     device: str | None = None
     """torch device (default: cuda when available, else cpu)"""
+    overwrite: bool = False
+    """replace an existing --output (and its summary) that no progress file of these settings belongs to"""
 
 
 def score(settings: ScoreSettings) -> dict:
@@ -77,8 +79,14 @@ def score(settings: ScoreSettings) -> dict:
 
     if not Path(settings.data).is_file():
         raise UsageError(f"--data {settings.data!r} is not a file.")
-    refuse_overwrite(output_files(settings.output), files={"--data": settings.data},
+    outputs = output_files(settings.output)
+    refuse_overwrite(outputs, files={"--data": settings.data},
                      folders={"--checkpoint": settings.checkpoint, "--model_path": settings.model_path})
+    written = [outputs[key] for key in ("--output", "summary file") if Path(outputs[key]).exists()]
+    if written and not outputs["progress file"].exists() and not settings.overwrite:
+        raise UsageError(f"{str(written[0])!r} exists and no progress file of a run of these settings belongs to it: "
+                         "pass --overwrite to replace it, or choose another --output.")
+    check_device(settings.device)
     run_adapter = read_run_adapter(settings.checkpoint)
     saved = run_settings(run_adapter, settings.data_config)
     if saved.data is None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from mgmlora.errors import UsageError
 
-class OutputPathError(ValueError):
+
+class OutputPathError(UsageError, ValueError):
     """An output path would overwrite or write inside one of the tool's inputs; the message names both and the fix."""
 
 

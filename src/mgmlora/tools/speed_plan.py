@@ -181,7 +181,8 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     bases = [(model_args, shape, "")]
     smallest = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
                         replace(shape, batch_size=1))
-    if model_args.quantization is None and smallest.total_gib > limit:  # the bf16 base fits no setting
+    # the bf16 base fits no setting: the 4-bit base, which trains the language model through LoRA only
+    if model_args.quantization is None and trainable.llm == "lora" and smallest.total_gib > limit:
         shipped = shipped_4bit_recipe(model_args.preset)
         change = ("4-bit NF4 base (model.model.quantization, trainer.strategy auto"
                   + (f"; shipped as {shipped})" if shipped else ")"))

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from mgmlora.commands import score as score_cli
+from mgmlora.errors import UsageError
 from mgmlora.models.processor import stack_inputs
 from mgmlora.tools.progress_file import ProgressMismatchError
 from mgmlora.training.checkpoint import current_umask
@@ -51,7 +52,10 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
         calls.append(1)
         return stack_inputs(*args, **kwargs)
 
+    with pytest.raises(UsageError, match="exists and no progress file"):  # a finished run is not redone silently
+        score_cli.main(args)
     out.unlink()
+    (tmp_path / "scores" / "val.summary.json").unlink()
     monkeypatch.setattr(generation_eval, "stack_inputs", interrupted)  # the one generation path (answer_items)
     with pytest.raises(KeyboardInterrupt):
         score_cli.main(args)

@@ -11,7 +11,6 @@ import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,7 +29,7 @@ from mgmlora.training.module import LoraLitModule
 from mgmlora.training.outcome import RunOutcome
 from mgmlora.training.preemption import PreemptionCheckpoint
 from mgmlora.training.progress import progress_callback
-from mgmlora.training.run_dir import check_new_run, checkpoint_run
+from mgmlora.training.run_dir import check_new_run, checkpoint_file, checkpoint_run
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
@@ -109,8 +108,8 @@ class MgmCLI(LightningCLI):
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
         config = self.config[self.subcommand]
-        ckpt = config.get("ckpt_path")
-        if ckpt is not None and str(ckpt) not in ("last", "best", "hpc", "registry") and not Path(ckpt).exists():
+        ckpt = checkpoint_file(config.get("ckpt_path"))
+        if ckpt is not None and not ckpt.exists():
             raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
                              "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         run = checkpoint_run(ckpt)

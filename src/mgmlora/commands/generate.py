@@ -35,7 +35,7 @@ from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.offline import enforce
-from mgmlora.tools.args import refuse_overwrite
+from mgmlora.tools.args import refuse_finished_output, refuse_overwrite
 from mgmlora.tools.export import build_trained_model, read_run_adapter
 from mgmlora.tools.run_settings import run_settings
 
@@ -151,9 +151,7 @@ def generate(settings: GenerateSettings):
         outputs = output_files(settings.output)
         refuse_overwrite(outputs, files={"--chameleons": settings.chameleons, "--train_path": settings.train_path},
                          folders={"--checkpoint": settings.checkpoint, "--model_path": settings.model_path})
-        if settings.output.exists() and not outputs["progress file"].exists() and not settings.overwrite:
-            raise UsageError(f"--output {str(settings.output)!r} exists and no progress file of a run of these "
-                             "settings belongs to it: pass --overwrite to replace it, or choose another --output.")
+        refuse_finished_output(outputs, settings.overwrite)
 
     run = read_run_adapter(settings.checkpoint)
     saved = run_settings(run)

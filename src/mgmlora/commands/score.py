@@ -23,7 +23,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models.args import PresetName
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.offline import enforce
-from mgmlora.tools.args import refuse_overwrite
+from mgmlora.tools.args import refuse_finished_output, refuse_overwrite
 
 
 @dataclass
@@ -82,10 +82,7 @@ def score(settings: ScoreSettings) -> dict:
     outputs = output_files(settings.output)
     refuse_overwrite(outputs, files={"--data": settings.data},
                      folders={"--checkpoint": settings.checkpoint, "--model_path": settings.model_path})
-    written = [outputs[key] for key in ("--output", "summary file") if Path(outputs[key]).exists()]
-    if written and not outputs["progress file"].exists() and not settings.overwrite:
-        raise UsageError(f"{str(written[0])!r} exists and no progress file of a run of these settings belongs to it: "
-                         "pass --overwrite to replace it, or choose another --output.")
+    refuse_finished_output(outputs, settings.overwrite)
     check_device(settings.device)
     run_adapter = read_run_adapter(settings.checkpoint)
     saved = run_settings(run_adapter, settings.data_config)

@@ -321,6 +321,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
 
 
+DATA_PACKAGE = "mgmlora.data."  # the only package a config's data.class_path may name (no arbitrary code runs)
+
+
 def datamodule_from_section(section: dict, overrides: dict | None = None) -> TokenizedDataModule:
     """The DataModule a config's `data: {class_path, init_args}` section names, with `overrides` on its init_args.
 
@@ -333,7 +336,7 @@ def datamodule_from_section(section: dict, overrides: dict | None = None) -> Tok
 
     class_path = str(section.get("class_path", ""))
     module_name, _, class_name = class_path.rpartition(".")
-    if not module_name.startswith("mgmlora.data."):
+    if not class_path.startswith(DATA_PACKAGE):
         raise UsageError(f"data.class_path {class_path!r} is not one of mgmlora's data sources (mgmlora.data.*).")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):

@@ -344,10 +344,11 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         """
         if self.max_tokens is None or not epochs:
             return
-        over = [e for e in epochs if self._largest([e], self.accumulate)[0] > self.max_tokens]
+        largest_per_epoch = [self._largest([e], self.accumulate) for e in epochs]  # [(positions, epoch)]
+        over = [e for largest, e in largest_per_epoch if largest > self.max_tokens]
         if not over:
             return
-        largest, epoch = self._largest(over, self.accumulate)
+        largest, epoch = max(largest_per_epoch)
         fits = next((a for a in range(self.accumulate + 1, self.window_samples + 1)  # searched on the failing epochs
                      if self._largest(over, a)[0] <= self.max_tokens), None)
         fix = (f"set trainer.accumulate_grad_batches to {fits} or more" if fits else

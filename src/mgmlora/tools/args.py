@@ -45,3 +45,21 @@ def refuse_overwrite(outputs: Mapping[str, str | Path | None], files: Mapping[st
             if src is not None and _inside(target, Path(src).resolve()):
                 raise OutputPathError(f"{out_flag} {str(out)!r} is inside the input {in_flag} {str(src)!r}: writing "
                                       f"there would overwrite or mix with its files. Choose an {out_flag} outside it.")
+
+
+def refuse_finished_output(outputs: Mapping[str, Path], overwrite: bool) -> None:
+    """Refuses outputs of a resumable tool (score, leaderboard) that exist while no progress file belongs to them.
+
+    A progress file means an interrupted run that may continue (the tool checks its settings); without one, the files
+    are a finished run's or the user's own, and only `overwrite` replaces them.
+
+    Args:
+        outputs: the tool's files by role (`leaderboard.output_files`): "--output", "summary file", "progress file".
+        overwrite: the tool's --overwrite flag.
+    """
+    if overwrite or outputs["progress file"].exists():
+        return
+    for role in ("--output", "summary file"):
+        if outputs[role].exists():
+            raise UsageError(f"{role} {str(outputs[role])!r} exists and no progress file of a run of these settings "
+                             "belongs to it: pass --overwrite to replace it, or choose another --output.")

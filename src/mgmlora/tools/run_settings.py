@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 from jsonargparse import ArgumentParser
 
-from mgmlora.data.datamodule import TokenizedDataModule
+from mgmlora.data.datamodule import DATA_PACKAGE, TokenizedDataModule
 from mgmlora.errors import UsageError, one_line
 from mgmlora.models.args import ModelArgs
 from mgmlora.training.module import LoraLitModule
@@ -31,7 +31,6 @@ from mgmlora.training.module import LoraLitModule
 if TYPE_CHECKING:
     from mgmlora.tools.export import RunAdapter
 
-DATA_PACKAGE = "mgmlora.data."
 
 
 @dataclass(frozen=True)

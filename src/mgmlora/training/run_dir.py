@@ -28,15 +28,26 @@ def _holds(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name in RUN_MARKERS and (p.is_file() or any(p.iterdir())))
 
 
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+
+
+def checkpoint_file(ckpt_path: str | Path | None) -> Path | None:
+    """`ckpt_path` as a path, or None when it is unset or one of the names Lightning resolves itself ("last", ...)."""
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
+        return None
+    return Path(ckpt_path)
+
+
 def checkpoint_run(ckpt_path: str | Path | None) -> Path | None:
     """The run directory of a checkpoint in its default place, `<run>/checkpoints/<name>`; None for any other place.
 
     A run directory is one a logger wrote (config.yaml or hparams.yaml beside `checkpoints/`). A checkpoint elsewhere
     (a ModelCheckpoint `dirpath` of its own, a copied file) names no run: its evaluation logs into a new version.
     """
-    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+    path = checkpoint_file(ckpt_path)
+    if path is None:
         return None
-    path = Path(ckpt_path).resolve()
+    path = path.resolve()
     run = path.parent.parent
     if path.parent.name == "checkpoints" and any((run / name).is_file() for name in ("config.yaml", "hparams.yaml")):
         return run
@@ -52,9 +63,9 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
         checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s.
         ckpt_path: the checkpoint the fit resumes from, if any ("last" and "best" count as continuing).
     """
-    resumed = None
-    if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
-        resumed = Path(ckpt_path).resolve()
+    resumed = checkpoint_file(ckpt_path)
+    if resumed is not None:
+        resumed = resumed.resolve()
     elif ckpt_path is not None:
         return  # Lightning looks "last" up in this run's own checkpoint directory: this run going on
 
@@ -79,4 +90,4 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
                              "dirpath elsewhere, or resume that run with --ckpt_path <a checkpoint inside it>.")
 
 
-__all__ = ["check_new_run", "checkpoint_run"]
+__all__ = ["LIGHTNING_CKPT_NAMES", "check_new_run", "checkpoint_file", "checkpoint_run"]

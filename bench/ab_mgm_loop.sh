@@ -1,10 +1,39 @@
+# The MGM-2B recipe loop, one run after another on one machine, at an older commit and at HEAD (interleaved when RUNS
+# repeats them): what a code change did to the fit loop, apart from the host's spread.
+#
+#   git archive <commit> src bench configs | (mkdir -p .ab_old && tar -x -C .ab_old)   # on the dev machine
+#   RUNS="old:base new:base" bash bench/ab_mgm_loop.sh          # on the GPU, .ab_old and .whl carried
+#
+# Each RUNS entry is SIDE:SETTING[:LOSS[:CHUNK]]: SIDE old (.ab_old's code and configs) or new (this tree); SETTING
+# base (configs/mgm2b_lora.yaml as written, one sample per micro-batch) or packed (plus configs/mgm2b_lora_packed.yaml);
+# LOSS and CHUNK override speed.loss and speed.loss_chunk_size. Realistic rows (576 image + 100-1500 text positions),
+# a 24 GiB cap, 4 optimizer steps; each run's JSON lands in $OUT/r as <index>_<entry>.json.
 set -u
-mkdir -p $OUT/r
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
+mkdir -p "$OUT/r"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  && touch /tmp/site/.installed
 python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
-A="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer --data.init_args.image_folder tests/assets/llava --data.init_args.num_workers 4 --trainer.limit_val_batches 0 --trainer.enable_progress_bar false --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
+A="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
+   --data.init_args.image_folder tests/assets/llava --data.init_args.num_workers 4 --trainer.limit_val_batches 0
+   --trainer.enable_progress_bar false --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-PYTHONPATH=/tmp/site timeout 220 python3 .ab_old/bench/fit_smoke.py $OUT/r/old_c41ff26.json --memory_cap_gib 24 fit --config .ab_old/configs/mgm2b_lora.yaml $A --trainer.logger.init_args.save_dir /tmp/tb_old > $OUT/r/old.log 2>&1; echo old rc=$?
-PYTHONPATH=/tmp/site:$PWD/src timeout 220 python3 bench/fit_smoke.py $OUT/r/new_head.json --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $A --trainer.logger.init_args.save_dir /tmp/tb_new > $OUT/r/new.log 2>&1; echo new rc=$?
-for f in $OUT/r/old_c41ff26.json $OUT/r/new_head.json; do python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[1], d.get('tokens_per_s_median'), d.get('step_time_s_median'), d.get('peak_mem_alloc_gib'))" $f; done
+i=0
+for entry in ${RUNS:-old:base new:base}; do
+  IFS=: read -r side setting loss chunk <<< "$entry"
+  root=. path=/tmp/site:$PWD/src
+  if [ "$side" = old ]; then root=.ab_old path=/tmp/site; fi
+  configs="--config $root/configs/mgm2b_lora.yaml"
+  if [ "$setting" = packed ]; then configs="$configs --config $root/configs/mgm2b_lora_packed.yaml"; fi
+  extra=""
+  if [ -n "${loss:-}" ]; then extra="--model.speed.loss $loss"; fi
+  if [ -n "${chunk:-}" ]; then extra="$extra --model.speed.loss_chunk_size $chunk"; fi
+  name="${i}_${entry//:/_}"
+  # shellcheck disable=SC2086
+  PYTHONPATH=$path timeout "${LIMIT:-220}" python3 $root/bench/fit_smoke.py "$OUT/r/$name.json" --memory_cap_gib 24 \
+    fit $configs $A $extra --trainer.logger.init_args.save_dir "/tmp/tb_$name" > "$OUT/r/$name.log" 2>&1
+  echo "$name rc=$? $(python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(d.get('tokens_per_s_median'),
+    d.get('step_time_s_median'), d.get('peak_mem_alloc_gib'), d.get('oom'), d.get('train_loss'))" "$OUT/r/$name.json" \
+    2>/dev/null)"
+  i=$((i + 1))
+done
 nproc; python3 -c "import torch,transformers,peft,lightning;print(torch.__version__,transformers.__version__,peft.__version__,lightning.__version__)"

@@ -107,8 +107,8 @@ def main() -> None:
                 row[f"{name}_s_median"] = statistics.median(s)
                 row[f"{name}_s_all"] = s
             out = reference(n)
-            row["encode_max_rel_diff_vs_eager"] = float(((out - eager_out[n]).abs().max()
-                                                         / eager_out[n].abs().max()))
+            row["encode_max_rel_diff_vs_eager"] = float((out - eager_out[n]).abs().max()
+                                                         / eager_out[n].abs().max())
             rows[n] = row
             print(setting, n, {k: round(v, 5) for k, v in row.items() if not k.endswith("_all")}, flush=True)
         settings[setting] = rows

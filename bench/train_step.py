@@ -20,7 +20,8 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   `plainxN` is the plain path at N samples per micro-batch.
 - `+nocast`: `speed.peft_input_cast: false` (PEFT's fp32 copies of LoRA inputs skipped; exact under autocast).
 - `+fused`: `optim.fused: true` (torch's fused AdamW instead of the multi-tensor default).
-- `+compile`: `speed.compile: true` (each decoder layer torch.compile'd; compiled in the warm-up steps).
+- `+compile`: `speed.compile: true` (the family's regions torch.compile'd: each decoder layer, and MGM's image path;
+  compiled in the warm-up steps).
 - `+nockpt`: gradient checkpointing off (speed for memory: no recompute).
 - `+eagerexperts`: MoE experts as transformers' per-expert loop instead of its default grouped GEMM;
   `+fastexperts`: mgmlora's grouped GEMM (`model.experts_implementation: mgmlora_grouped_mm`, mgmlora.models.experts).
@@ -74,7 +75,7 @@ from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
-from mgmlora.training.fastpath import compile_decoder_layers, set_peft_input_cast, uncompile_decoder_layers  # noqa: E402
+from mgmlora.training.fastpath import set_peft_input_cast  # noqa: E402
 from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.training.loss import lm_loss  # noqa: E402
 from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
@@ -235,9 +236,8 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         llm.set_experts_implementation(chosen[0])
         undo.append(lambda: llm.set_experts_implementation(previous_experts or "grouped_mm"))
     if "compile" in flags:
-        undo.append(lambda: (uncompile_decoder_layers(model.get_base_model(), loaded.decoder_layers),
-                             torch.compiler.reset()))
-        compile_decoder_layers(model.get_base_model(), loaded.decoder_layers)
+        undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
+        loaded.compile()
     return undo
 
 

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 from dataclasses import replace
@@ -51,13 +52,22 @@ def test_each_row_states_its_files_figures_and_setting(row):
         tokens, peak = rec["tokens_per_s"], rec["peak_alloc_gib"]
     else:  # a real fit of a shipped config through bench/fit_smoke.py
         args = shlex.split(result["command"])
-        if row.window_samples is not None:  # a window's settings given as overrides of the base recipe
+        if row.window_samples is not None:  # a window: the config files the run named, then its overrides
+            files = [os.path.normpath(args[i + 1]) for i, a in enumerate(args) if a == "--config"]
+            config = functools.reduce(_merge, (yaml.safe_load((ROOT / f).read_text()) for f in files), {})
 
-            def value(flag):
-                return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
+            def value(key):
+                flag = f"--{key}"
+                if flag in args:
+                    return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
+                return str(functools.reduce(lambda node, part: node[part], key.split("."), config))
 
-            assert (value("--data.init_args.window_samples"), value("--trainer.accumulate_grad_batches"),
-                    value("--model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
+            assert (value("data.init_args.window_samples"), value("trainer.accumulate_grad_batches"),
+                    value("model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
+            if row.loss_chunk_size is not None:
+                assert value("model.speed.loss_chunk_size") == str(row.loss_chunk_size)
+            if row.recipe is not None:  # the shipped overlay, launched over its base
+                assert files[-1] == row.recipe
         else:
             assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]

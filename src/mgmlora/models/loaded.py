@@ -24,6 +24,7 @@ from mgmlora.models.packing import pack_padded
 from mgmlora.models.processor import Processor
 from mgmlora.models.quantization import QuantizationArgs, quantize_layers
 from mgmlora.models.shards import INDEX, write_index
+from mgmlora.models.torch_private import uncompile
 
 Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
@@ -103,6 +104,28 @@ class LoadedModel(ABC):
         if not (out / INDEX).is_file():
             write_index(out)
 
+    def compile(self, backend: str = "inductor", **options) -> list[str]:
+        """Compiles the family's hot regions in place (`speed.compile`); returns what was compiled, for the run's log.
+
+        Regional compilation, as PyTorch's tutorial on it recommends: each decoder layer on its own (the layers share
+        code, so one graph serves them all, and a graph break cannot spread to the whole model). `nn.Module.compile`
+        keeps the module objects, so names, state dict keys, PEFT wrappers and hooks are untouched.
+        """
+        try:
+            layers = self.model.get_submodule(self.decoder_layers)
+        except AttributeError:
+            raise ValueError(f"speed.compile: the model has no decoder layer list at {self.decoder_layers!r} (the "
+                             "registry's `decoder_layers` for presets, else `model.layers`); add a preset for this "
+                             "architecture or set speed.compile: false.") from None
+        for layer in layers:
+            layer.compile(backend=backend, **options)
+        return [f"{len(layers)} decoder layers"]
+
+    def uncompile(self) -> None:
+        """Undoes `compile` (the benchmark compares variants on one model)."""
+        for layer in self.model.get_submodule(self.decoder_layers):
+            uncompile(layer)
+
     def mining_dims(self) -> tuple[int, int] | None:
         """(aux-tower channels, CLIP hidden size) of MGM's patch-info mining, None for models without it."""
         return None
@@ -175,6 +198,16 @@ class LoadedMgm(LoadedModel):
 
     def mining_dims(self) -> tuple[int, int] | None:  # noqa: D102
         return self.model.config.mm_hidden_size_aux, self.model.config.mm_hidden_size
+
+    def compile(self, backend: str = "inductor", **options) -> list[str]:
+        """The decoder layers, and the image path: both frozen towers, the mining and the projector."""
+        done = super().compile(backend, **options)
+        self.model.compile_image_path(backend, **options)
+        return done + ["the image path (CLIP and ConvNeXt towers; upsampling, mining and projector)"]
+
+    def uncompile(self) -> None:  # noqa: D102
+        super().uncompile()
+        self.model.uncompile_image_path()
 
 
 __all__ = ["Family", "LoadedCausalLM", "LoadedMgm", "LoadedModel", "ModelInfo", "PROJECTOR_PREFIXES",

@@ -29,6 +29,7 @@ from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.models.attention import PACKED_SDPA, varlen_kwargs
 from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
 from mgmlora.models.packing import pack_rows
+from mgmlora.models.torch_private import uncompile
 
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), the tower every MGM-2B config names.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -159,6 +160,7 @@ class MGMForCausalLM(nn.Module):
         self.vlm_uni_query_projector = _ln_linear(h, h)
         self.vlm_uni_aux_projector = _ln_linear(h_aux, h)
         self.vlm_uni_val_projector = _ln_linear(h_aux, h)
+        self._compiled_image_tokens = None  # set by compile_image_path
 
     # -- towers ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> MGMForCausalLM:
@@ -178,11 +180,35 @@ class MGMForCausalLM(nn.Module):
             hidden = self.vision_tower(images.to(dtype), output_hidden_states=True).hidden_states
             feats = hidden[self.config.mm_vision_select_layer][:, 1:]  # (B, N, 1024), CLS dropped, no post-LN
             stages = self.vision_tower_aux(images_aux.to(dtype))
-            size = stages[0].shape[-2:]
-            aux = torch.cat([stages[0]] + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False)
-                                           .to(s.dtype) for s in stages[1:]], dim=1)  # (B, 2880, 192, 192)
+        return (self._compiled_image_tokens or self.image_tokens)(feats, stages)
+
+    def image_tokens(self, feats: torch.Tensor, stages: list[torch.Tensor]) -> torch.Tensor:
+        """CLIP features (B, N, C) and the aux tower's four stages -> projected image tokens (B, N, hidden).
+
+        The aux stages are frozen outputs (no gradient flows into them); mining and projector train.
+        """
+        dtype = self.mm_projector[0].weight.dtype
+        size = stages[0].shape[-2:]
+        aux = torch.cat([stages[0]] + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False)
+                                       .to(s.dtype) for s in stages[1:]], dim=1)  # (B, 2880, 192, 192)
         mined = self.mine(feats.to(dtype), aux.to(dtype))
         return self.mm_projector(mined)  # (B, N, hidden)
+
+    def compile_image_path(self, backend: str = "inductor", **options) -> None:
+        """torch.compile's the image path in place: both frozen towers, and the upsampling, mining and projector.
+
+        Regions, like the decoder layers (`speed.compile`): the towers are launch-bound in eager mode and the mining
+        is a chain of copies, norms and small matmuls that Inductor fuses (bench/results/*image_path-mgm2b*).
+        """
+        self.vision_tower.compile(backend=backend, **options)
+        self.vision_tower_aux.compile(backend=backend, **options)
+        self._compiled_image_tokens = torch.compile(self.image_tokens, backend=backend, **options)
+
+    def uncompile_image_path(self) -> None:
+        """Undoes `compile_image_path` (the benchmark compares variants on one model)."""
+        uncompile(self.vision_tower)
+        uncompile(self.vision_tower_aux)
+        self._compiled_image_tokens = None
 
     def mine(self, feats: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """Patch-info mining: every low-res token attends over its own window of the high-res map.

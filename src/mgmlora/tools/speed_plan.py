@@ -64,6 +64,7 @@ class Measured:
     variant: str | None = None  # the variant inside `source` (bench/train_step.py); None: the file's own figures
     recipe: str | None = None  # the shipped config the run launched, where it launched one
     window_samples: int | None = None  # data.window_samples of the run (`batch_size` is then the micro-batches)
+    loss_chunk_size: int | None = None  # speed.loss_chunk_size where the row depends on it; None: any
 
     def cite(self) -> str:
         """The file, and the variant inside it, the figures come from."""
@@ -96,6 +97,11 @@ MEASURED: tuple[Measured, ...] = (
     # configs/mgm2b_lora_packed.yaml's settings given as overrides of configs/mgm2b_lora.yaml
     Measured("mgm-2b", False, "lora", False, "liger", False, 56, 2048, 17336.7, 22.07,
              "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_liger-h200.json", window_samples=128),
+    # the same with the image path compiled (speed.compile) and the chunked loss in 1,024-position chunks: the
+    # shipped configs/mgm2b_lora_packed.yaml
+    Measured("mgm-2b", False, "lora", False, "chunked", False, 56, 2048, 21655.6, 22.64,
+             "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_chunked1024_imagecompile-h200.json",
+             window_samples=128, loss_chunk_size=1024, recipe="configs/mgm2b_lora_packed.yaml"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 8, 1024, 6430.5, 60.13, _QWEN_BUDGET,
              "liger+packing+nocast+fused+fastexpertsx8"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 48, 1024, 10669.6, 70.26, _QWEN_BUDGET,
@@ -121,7 +127,8 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
            speed.loss, model_args.gradient_checkpointing, batch_size, max_length, window_samples)
     for row in MEASURED:
         if (row.model, row.quantized, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
-                row.batch_size, row.max_length, row.window_samples) == key:
+                row.batch_size, row.max_length, row.window_samples) == key and (
+                row.loss_chunk_size in (None, speed.loss_chunk_size)):
             return row
     return None
 

@@ -14,17 +14,17 @@ a comparable share.
   1/(1-p) rescale to bf16 (1.1094 instead of 1.1111 for p = 0.1), a small but systematic change (seen in
   tests/training/test_fastpath.py). Where the cast matters (fp32 adapters over a bf16 base without autocast) it is kept
   too.
-- `speed.compile: true` compiles each decoder layer (regional compilation, as PyTorch's tutorial on it recommends:
-  the layers share code, so one graph serves them all, and a graph break cannot spread to the whole model). Inductor
-  then fuses the element-wise chains. Gradient checkpointing keeps working: the checkpoint wraps the layer's call,
-  which runs the compiled forward, again in the recompute.
+- `speed.compile: true` compiles the regions the model's family names (`LoadedModel.compile`): each decoder layer
+  (regional compilation, as PyTorch's tutorial on it recommends), and for MGM also its image path. Inductor then fuses
+  the element-wise chains. Gradient checkpointing keeps working: the checkpoint wraps the layer's call, which runs the
+  compiled forward, again in the recompute.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from mgmlora.models.torch_private import uncompile
+from mgmlora.models.loaded import LoadedModel
 from mgmlora.training.loss import SpeedArgs
 
 
@@ -49,35 +49,12 @@ def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
     return len(layers)
 
 
-def compile_decoder_layers(model: nn.Module, path: str, backend: str = "inductor", **options) -> int:
-    """Compiles every decoder layer under `path` (dotted, in the unwrapped model) in place; returns how many.
-
-    `nn.Module.compile` keeps the module object (names, state dict keys, PEFT wrappers and hooks are untouched), so
-    checkpoints and adapters are written exactly as without compilation.
-    """
-    try:
-        layers = model.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"speed.compile: the model has no decoder layer list at {path!r} (the registry's "
-                         "`decoder_layers` for presets, else `model.layers`); add a preset for this architecture or "
-                         "set speed.compile: false.") from None
-    for layer in layers:
-        layer.compile(backend=backend, **options)
-    return len(layers)
-
-
-def uncompile_decoder_layers(model: nn.Module, path: str) -> None:
-    """Undoes `compile_decoder_layers` (the benchmark compares variants on one model)."""
-    for layer in model.get_submodule(path):
-        uncompile(layer)
-
-
-def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
+def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
     """Applies `speed.peft_input_cast` and `speed.compile` to a built model.
 
     Args:
-        model: the unwrapped model (PEFT's `get_base_model()`; PEFT injects its LoRA layers into it in place).
-        decoder_layers: dotted path of the decoder layer list in the unwrapped model (`LoadedModel.decoder_layers`).
+        loaded: the loaded model after LoRA was applied (PEFT injects its LoRA layers into `loaded.model` in place);
+            its family decides what `speed.compile` compiles (`LoadedModel.compile`).
         speed: the run's switches.
         same_compute_dtype: whether LoRA matmuls run in the input's dtype anyway (autocast, DeepSpeed's bf16, or an
             fp32 model): only then is skipping PEFT's input cast exact.
@@ -87,9 +64,9 @@ def apply_fast_path(model: nn.Module, decoder_layers: str, speed: SpeedArgs, sam
     """
     done = []
     if not speed.peft_input_cast and same_compute_dtype:
-        n = set_peft_input_cast(model, False)
+        n = set_peft_input_cast(loaded.model, False)
         if n:
             done.append(f"PEFT input casts off in {n} LoRA layers")
     if speed.compile:
-        done.append(f"{compile_decoder_layers(model, decoder_layers)} decoder layers compiled (torch.compile)")
+        done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done

@@ -120,7 +120,7 @@ class LoraLitModule(L.LightningModule):
         self.loaded = loaded
         self.base_id = base_fingerprint(self.model_args)  # recorded with every save, compared on every load
         same_dtype = not input_cast_needed(trainer, self.model_args.dtype)
-        fast = apply_fast_path(loaded.model, loaded.decoder_layers, self.speed, same_dtype)
+        fast = apply_fast_path(loaded, self.speed, same_dtype)
         if self.speed.packing:
             fast.append(f"packed micro-batches, attention: {describe_packed_attention(self.model_args)}")
         if self.plan is not None:

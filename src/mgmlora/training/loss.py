@@ -49,8 +49,9 @@ class SpeedArgs:
         peft_input_cast: keep PEFT's cast of each LoRA layer's input to the adapter dtype. `false` skips it where that
             is bit-identical (bf16 autocast, DeepSpeed bf16 or fp32 models; LoRA layers without dropout): two
             activation-sized copies per adapted projection fewer (mgmlora.training.fastpath).
-        compile: torch.compile each decoder layer (regional compilation; compiled during the first steps). Fuses the
-            element-wise work that dominates small micro-batches (mgmlora.training.fastpath).
+        compile: torch.compile the family's regions (`LoadedModel.compile`: each decoder layer, and MGM's image path;
+            regional compilation; compiled during the first steps). Fuses the element-wise work that dominates small
+            micro-batches (mgmlora.training.fastpath).
         pad_to_multiple: with `packing`, pad each packed row to a multiple of this many positions (a trailing segment
             of its own, no loss), so the GPU sees a few distinct shapes instead of one per row length; 0 = off
             (mgmlora.models.attention.bucket_padding).

@@ -479,11 +479,13 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     ;;
   peer_mgm)
     # ours against the plain transformers + PEFT path (TRL has no MGM model class), MGM-2B within 24 GiB, 2048-position
-    # rows, interleaved rounds; round 1 sweeps each side's settings (plain pushed until it leaves the budget)
+    # rows, interleaved rounds; round 1 sweeps each side's settings (plain pushed until it leaves the budget). Ours
+    # runs the chunked loss in 1,024-position chunks (OURS_ARGS), which leaves room for 3 rows within 24 GiB; the
+    # 2026-12-04 rounds swept chunks of 2,048 at x2 and Liger at x8
     timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model mgm-2b --budget_gib 24 --targets attention \
       --peer plain --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-200} \
-      --ours "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
-      --ours_sweep "${OURS_SWEEP:-chunked+packing+nocast+fused+compile+nockptx2,liger+packing+nocast+fused+compilex8}" \
+      --ours "bench/train_step.py --model mgm-2b --steps 5 ${OURS_ARGS:---chunk 1024} --variants {sweep}" \
+      --ours_sweep "${OURS_SWEEP:-chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3}" \
       --peer_cmd "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
       --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" --out "$out/$day-peer_plain-mgm-2b-attention-$gpu.json" \
       2>&1 | tail -n 8
@@ -544,12 +546,13 @@ PY
     long="--data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4"
     # shellcheck disable=SC2086
     smoke mgm2b_lora_recipe_loop_24gib_x1 220 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm $long
-    for run in ${WINDOW_RUNS:-64:chunked 48:liger}; do  # accumulate_grad_batches:speed.loss
-      acc=${run%%:*} loss=${run##*:}
+    for run in ${WINDOW_RUNS:-56:chunked:1024 48:chunked:1024}; do  # accumulate_grad_batches:speed.loss[:chunk]
+      IFS=: read -r acc loss chunk <<< "$run"
       # shellcheck disable=SC2086
-      smoke mgm2b_lora_recipe_loop_24gib_window128_acc${acc}_$loss 220 --memory_cap_gib 24 fit \
+      smoke mgm2b_lora_recipe_loop_24gib_window128_acc${acc}_$loss${chunk:-} 220 --memory_cap_gib 24 fit \
         --config configs/mgm2b_lora.yaml $mgm $long --data.init_args.window_samples 128 \
-        --trainer.accumulate_grad_batches "$acc" --model.speed.loss "$loss"
+        --trainer.accumulate_grad_batches "$acc" --model.speed.loss "$loss" \
+        --model.speed.loss_chunk_size "${chunk:-2048}"
     done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

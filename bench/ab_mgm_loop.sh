@@ -20,6 +20,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 i=0
 for entry in ${RUNS:-old:base new:base}; do
   IFS=: read -r side setting loss chunk <<< "$entry"
+  if [[ $side != old && $side != new ]] || [[ $setting != base && $setting != packed ]]; then
+    echo "RUNS entry $entry: SIDE must be old or new and SETTING base or packed" >&2; exit 2
+  fi
   root=. path=/tmp/site:$PWD/src
   if [ "$side" = old ]; then root=.ab_old path=/tmp/site; fi
   configs="--config $root/configs/mgm2b_lora.yaml"

@@ -6,9 +6,12 @@ Builds MGM-2B at its real shapes (random init, bf16, on the GPU) and times, for 
 - `clip`: the frozen CLIP tower's forward (no grad), `aux`: the frozen ConvNeXt tower's forward (no grad),
 - `encode`: `encode_images` as the training step runs it (towers, the aux maps' upsampling and concatenation, patch-info
   mining and `mm_projector`), forward and backward into the trainable projectors,
-each eager, then with both towers `torch.compile`d (`compiled`), then also with the ConvNeXt in channels-last memory
-format (`compiled+channels_last`). The compiled runs' `encode` output is compared with the eager one (max relative
-difference). Medians over `--steps` timed calls after `--warmup` untimed ones (CUDA synchronised).
+each eager, then with both towers `torch.compile`d (`compiled`; `encode` still runs the upsampling, mining and
+projector eagerly), then also with the ConvNeXt in channels-last memory format (`compiled+channels_last`), then as
+`speed.compile` runs it (`image_path`: `MGMForCausalLM.compile_image_path`, the towers and the upsampling, mining and
+projector compiled; channels-last undone). The compiled runs' `encode` output is compared with the eager one (max
+relative difference, bf16). bench/results/2026-12-04-image_path-mgm2b-h200.json predates the `image_path` setting.
+Medians over `--steps` timed calls after `--warmup` untimed ones (CUDA synchronised).
 Writes one JSON and prints a table.
 """
 
@@ -27,7 +30,6 @@ import transformers
 
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
-from mgmlora.models.torch_private import uncompile
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.trainable import Trainability, apply_trainability
 
@@ -92,13 +94,16 @@ def main() -> None:
     inputs_fixed = {n: inputs(n) for n in args.images}
     eager_out = {n: reference(n) for n in args.images}
     settings = {}
-    for setting in ("eager", "compiled", "compiled+channels_last"):
-        if setting != "eager":
+    for setting in ("eager", "compiled", "compiled+channels_last", "image_path"):
+        torch.compiler.reset()
+        if setting.startswith("compiled"):
             mgm.vision_tower.compile()
             mgm.vision_tower_aux.compile()
-            torch.compiler.reset()
-        if setting.endswith("channels_last"):
+        if setting == "compiled+channels_last":
             mgm.vision_tower_aux.to(memory_format=torch.channels_last)
+        if setting == "image_path":
+            mgm.vision_tower_aux.to(memory_format=torch.contiguous_format)
+            mgm.compile_image_path()
         rows = {}
         for n in args.images:
             row = {}
@@ -112,8 +117,7 @@ def main() -> None:
             rows[n] = row
             print(setting, n, {k: round(v, 5) for k, v in row.items() if not k.endswith("_all")}, flush=True)
         settings[setting] = rows
-    for module in (mgm.vision_tower, mgm.vision_tower_aux):
-        uncompile(module)
+    mgm.uncompile_image_path()
     result = {
         "command": "python bench/image_path.py " + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),

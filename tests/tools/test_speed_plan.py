@@ -78,7 +78,7 @@ def test_each_row_states_its_files_figures_and_setting(row):
 
 def test_no_two_rows_describe_the_same_setting():
     keys = [(r.model, r.quantized, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing, r.batch_size,
-             r.max_length, r.window_samples) for r in MEASURED]
+             r.max_length, r.window_samples, r.loss_chunk_size) for r in MEASURED]
     assert len(keys) == len(set(keys))
 
 

@@ -111,20 +111,23 @@ class LoadedModel(ABC):
         code, so one graph serves them all, and a graph break cannot spread to the whole model). `nn.Module.compile`
         keeps the module objects, so names, state dict keys, PEFT wrappers and hooks are untouched.
         """
-        try:
-            layers = self.model.get_submodule(self.decoder_layers)
-        except AttributeError:
-            raise ValueError(f"speed.compile: the model has no decoder layer list at {self.decoder_layers!r} (the "
-                             "registry's `decoder_layers` for presets, else `model.layers`); add a preset for this "
-                             "architecture or set speed.compile: false.") from None
+        layers = self._compiled_layers()
         for layer in layers:
             layer.compile(backend=backend, **options)
         return [f"{len(layers)} decoder layers"]
 
     def uncompile(self) -> None:
         """Undoes `compile` (the benchmark compares variants on one model)."""
-        for layer in self.model.get_submodule(self.decoder_layers):
+        for layer in self._compiled_layers():
             uncompile(layer)
+
+    def _compiled_layers(self) -> nn.Module:
+        try:
+            return self.model.get_submodule(self.decoder_layers)
+        except AttributeError:
+            raise ValueError(f"speed.compile: the model has no decoder layer list at {self.decoder_layers!r} (the "
+                             "registry's `decoder_layers` for presets, else `model.layers`); add a preset for this "
+                             "architecture or set speed.compile: false.") from None
 
     def mining_dims(self) -> tuple[int, int] | None:
         """(aux-tower channels, CLIP hidden size) of MGM's patch-info mining, None for models without it."""
@@ -200,7 +203,7 @@ class LoadedMgm(LoadedModel):
         return self.model.config.mm_hidden_size_aux, self.model.config.mm_hidden_size
 
     def compile(self, backend: str = "inductor", **options) -> list[str]:
-        """The decoder layers, and the image path: both frozen towers, the mining and the projector."""
+        """Compiles the decoder layers and the image path (both frozen towers; upsampling, mining and projector)."""
         done = super().compile(backend, **options)
         self.model.compile_image_path(backend, **options)
         return done + ["the image path (CLIP and ConvNeXt towers; upsampling, mining and projector)"]

@@ -195,14 +195,24 @@ class MGMForCausalLM(nn.Module):
         return self.mm_projector(mined)  # (B, N, hidden)
 
     def compile_image_path(self, backend: str = "inductor", **options) -> None:
-        """torch.compile's the image path in place: both frozen towers, and the upsampling, mining and projector.
+        """Compiles the image path in place: both frozen towers, and the upsampling, mining and projector.
 
-        Regions, like the decoder layers (`speed.compile`): the towers are launch-bound in eager mode and the mining
-        is a chain of copies, norms and small matmuls that Inductor fuses (bench/results/*image_path-mgm2b*).
+        Regions, like the decoder layers (`speed.compile`): the towers are launch-bound in eager mode
+        (bench/results/*image_path-mgm2b*), and the mining is a chain of copies, norms and small matmuls for Inductor
+        to fuse; the fit loop measured both together (bench/results/*recipe_loop_ab_imagecompile*).
         """
         self.vision_tower.compile(backend=backend, **options)
         self.vision_tower_aux.compile(backend=backend, **options)
         self._compiled_image_tokens = torch.compile(self.image_tokens, backend=backend, **options)
+
+    def __getstate__(self) -> dict:
+        """Pickling and `copy.deepcopy` leave the compiled image step out, as `nn.Module` leaves out its compiled call.
+
+        The compiled function is bound to this instance: a copy that kept it would run the original's weights.
+        """
+        state = super().__getstate__()
+        state["_compiled_image_tokens"] = None
+        return state
 
     def uncompile_image_path(self) -> None:
         """Undoes `compile_image_path` (the benchmark compares variants on one model)."""

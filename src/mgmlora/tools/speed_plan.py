@@ -94,7 +94,8 @@ MEASURED: tuple[Measured, ...] = (
     Measured("mgm-2b", False, "frozen", False, "chunked", True, 4, 2048, 13898.8, 15.41,
              "2026-11-23-mgm2b_stage1_zero2-h200.json", recipe="configs/mgm2b_stage1.yaml"),
     # the fit loop at real lengths (576 image + 100-1500 text positions): 128 samples per step over 56 micro-batches,
-    # configs/mgm2b_lora_packed.yaml's settings given as overrides of configs/mgm2b_lora.yaml
+    # the packed overlay's settings until 394c9b7 (Liger's loss; only the decoder layers compiled) given as overrides
+    # of configs/mgm2b_lora.yaml
     Measured("mgm-2b", False, "lora", False, "liger", False, 56, 2048, 17336.7, 22.07,
              "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_liger-h200.json", window_samples=128),
     # the same with the image path compiled (speed.compile) and the chunked loss in 1,024-position chunks: the

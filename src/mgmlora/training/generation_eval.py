@@ -176,8 +176,8 @@ class GenerationEval(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            # eager: `speed.compile` compiled the decoder layers for training's shapes; generation's one-token steps
-            # with a growing KV cache would recompile them at every new length
+            # eager: `speed.compile` compiled the family's regions (decoder layers, MGM's image path) for training's
+            # shapes; generation's one-token steps with a growing KV cache would recompile them at every new length
             with torch.compiler.set_stance("force_eager"):
                 answers = [datamodule.reply_answer(reply) for _, replies in
                            answer_items(pl_module.loaded, datamodule, items, self.gen) for reply in replies]

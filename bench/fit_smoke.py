@@ -6,8 +6,10 @@ Not a speed comparison against plain transformers + PEFT (that is bench/train_st
 loop as users run it, for the configs/README.md table. Tokens/s and step time are medians over the steps after the first
 two (warm-up); peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
 loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
-the first two optimizer steps, and the tokens/s inside them. `generation` is validation generation's cost against
-training time (GenerationEval's `val_gen/time_s`), when the run generated.
+the first two optimizer steps, and the tokens/s inside them. With LOOP_PROFILE=N in the environment, `loop_profile` is
+bench/loop_timing.py's LoopProfile over N micro-batches after two optimizer steps (device idle share, its largest gaps,
+host calls that wait for the device); LOOP_TRACE=path also writes that stretch's Chrome trace. `generation` is
+validation generation's cost against training time (GenerationEval's `val_gen/time_s`), when the run generated.
 
 `--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
 prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,
@@ -35,7 +37,7 @@ import lightning  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from loop_timing import MicroBatchTiming  # noqa: E402  (bench/, this script's folder)
+from loop_timing import LoopProfile, MicroBatchTiming  # noqa: E402  (bench/, this script's folder)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from mgmlora.cli import main as cli_main  # noqa: E402
@@ -77,7 +79,10 @@ def main() -> None:
     start = time.perf_counter()
     torch.cuda.reset_peak_memory_stats = _reset_keeping_run_peak  # for the run only: restored below
     try:
-        cli = cli_main(args + ["--trainer.callbacks+=__main__._CountingTiming"] if args[:1] == ["fit"] else args)
+        extra = ["--trainer.callbacks+=__main__._CountingTiming"]
+        if os.environ.get("LOOP_PROFILE"):
+            extra.append("--trainer.callbacks+=__main__._EnvLoopProfile")
+        cli = cli_main(args + extra if args[:1] == ["fit"] else args)
     except torch.cuda.OutOfMemoryError as error:
         # per rank: on several GPUs each rank that runs out writes OUT.rank<N>.json (the others may hang in a
         # collective until the launcher's timeout)
@@ -132,6 +137,7 @@ def main() -> None:
         "adapter_nonzero_lora_B": sum(bool(v.any()) for k, v in live.items() if "lora_B" in k),
         "checkpoint_adapter_identical": identical,
         "loop_timing": _TIMING[-1].summary(_TIMING[-1].tokens) if _TIMING else None,
+        "loop_profile": _PROFILE[-1].summary() if _PROFILE else None,
         "generation": _generation_cost(scalars),
     }
     _write(out, result)
@@ -177,6 +183,18 @@ class _CountingTiming(MicroBatchTiming):
 
 
 _TIMING: list[_CountingTiming] = []
+
+
+class _EnvLoopProfile(LoopProfile):
+    """LoopProfile over LOOP_PROFILE micro-batches after 2 optimizer steps; LOOP_TRACE: where to write the trace."""
+
+    def __init__(self):
+        super().__init__(skip_steps=2, micro_batches=int(os.environ["LOOP_PROFILE"]),
+                         trace=os.environ.get("LOOP_TRACE") or None)
+        _PROFILE.append(self)
+
+
+_PROFILE: list[_EnvLoopProfile] = []
 
 
 def _per_rank(value: float) -> list[float]:

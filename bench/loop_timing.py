@@ -20,6 +20,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from mgmlora.models.torch_private import stack_config
+
 
 class MicroBatchTiming(L.Callback):
     """Records one CUDA event pair per micro-batch after the first `skip_steps` optimizer steps."""
@@ -56,3 +58,115 @@ class MicroBatchTiming(L.Callback):
             result |= {"loop_tokens_per_s": round(tokens / span, 1),
                        "in_batch_tokens_per_s": round(tokens / in_batch, 1)}
         return result
+
+
+# Host calls that block the CPU until the GPU catches up (or that a blocking copy turns into such a wait): where the
+# loop's host falls behind the device. Runtime API names as torch.profiler (Kineto) records them, and the aten ops
+# that read a device value on the host.
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync", "aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero")
+
+
+def busy_and_gaps(intervals: list[tuple[float, float, str]], top: int = 5) -> dict:
+    """Device activity (start_us, end_us, name) -> busy time, span, idle share and the largest idle gaps.
+
+    Overlapping intervals (kernels on several streams, copies beside kernels) count once. Each gap names the activity
+    that ended before it and the one that started after it: where in the loop the device waited for the host.
+    """
+    if not intervals:
+        return {"span_s": 0.0, "busy_s": 0.0, "idle_share": None, "largest_gaps": []}
+    intervals = sorted(intervals)
+    busy, gaps = 0.0, []
+    start, end, last_name = intervals[0][0], intervals[0][1], intervals[0][2]
+    for s, e, name in intervals[1:]:
+        if s > end:  # a gap: the device had nothing to run
+            busy += end - start
+            gaps.append((s - end, last_name, name))
+            start, end = s, e
+        elif e > end:
+            end = e
+        if e >= end:
+            last_name = name
+    busy += end - start
+    span = max(e for _, e, _ in intervals) - intervals[0][0]
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_s": round(span / 1e6, 6), "busy_s": round(busy / 1e6, 6),
+            "idle_share": round(1 - busy / span, 4) if span else None,
+            "largest_gaps": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:top]]}
+
+
+def _source(stack: list[str]) -> str:
+    """The innermost frame of mgmlora's own code in a profiler stack ('file(line): function'), else the innermost.
+
+    The profiler records each frame with the first line of its function.
+    """
+    ours = [frame for frame in stack if "mgmlora" in frame or "/bench/" in frame]
+    frame = (ours or stack or ["(no stack)"])[0]
+    return frame.split("src/")[-1]
+
+
+class LoopProfile(L.Callback):
+    """torch.profiler over `micro_batches` consecutive micro-batches of the real loop, after `skip_steps` steps.
+
+    `summary()` gives the device's busy time and idle share over the profiled span with its largest idle gaps
+    (`busy_and_gaps`), and per micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host
+    milliseconds), in total and by the function of mgmlora's code they come from (`name @ file(line): function`, the
+    line where that function starts; the innermost frame of mgmlora's own code, so a wait inside a library is named
+    by the mgmlora function that called into it): the
+    places where the host cannot queue work ahead of the GPU. With `trace` set, the Chrome trace
+    is written there too (chrome://tracing or Perfetto).
+    """
+
+    def __init__(self, skip_steps: int = 2, micro_batches: int = 4, trace: str | None = None):
+        self.skip_steps, self.micro_batches, self.trace = skip_steps, micro_batches, trace
+        self._prof = None
+        self._seen = 0
+        self._summary: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if self._prof is None and self._summary is None and trainer.global_step >= self.skip_steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities, with_stack=True,
+                                                experimental_config=stack_config())
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if self._prof is None:
+            return
+        self._seen += 1
+        if self._seen >= self.micro_batches:
+            self._finish()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self._prof is not None:  # the run ended before enough micro-batches: summarise what was profiled
+            self._finish()
+
+    def _finish(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        events = self._prof.events()
+        device = [(e.time_range.start, e.time_range.end, e.name) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CUDA]
+        waits: dict[str, dict] = {}
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
+                for key in (e.name, f"{e.name} @ {_source(e.stack)}"):
+                    w = waits.setdefault(key, {"count": 0, "host_ms": 0.0})
+                    w["count"] += 1
+                    w["host_ms"] += (e.time_range.end - e.time_range.start) / 1e3
+        per = max(self._seen, 1)
+        self._summary = {"profiled_micro_batches": self._seen, "skipped_optimizer_steps": self.skip_steps,
+                         **busy_and_gaps(device),
+                         "host_waits_per_micro_batch": {k: {"count": round(v["count"] / per, 2),
+                                                            "host_ms": round(v["host_ms"] / per, 3)}
+                                                        for k, v in sorted(waits.items())}}
+        if self.trace:
+            self._prof.export_chrome_trace(self.trace)
+        self._prof = None
+
+    def summary(self) -> dict | None:
+        """The figures above, or None when nothing was profiled."""
+        return self._summary

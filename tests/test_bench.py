@@ -100,3 +100,53 @@ def test_fit_smoke_records_generation_cost_against_training_time():
     assert cost["time_s_total"] == 8.0 and cost["share_of_train_time"] == 0.2 and cost["step_time_s_median"] == 5.5
     assert cost["steps_between_validations_for_10pct"] == 9.1
     assert cost["scores"] == {"val_gen/rougeL": [0.1, 0.2]}
+
+
+def _loop_timing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loop_timing", ROOT / "bench" / "loop_timing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_busy_time_counts_overlaps_once_and_names_the_largest_gaps():
+    busy_and_gaps = _loop_timing().busy_and_gaps
+    # by hand: a and b overlap -> busy [0, 12]; c and d touch -> busy [20, 31]; e -> [40, 50];
+    # busy 12 + 11 + 10 = 33 us of a 50 us span; gaps 8 us (b -> c) and 9 us (d -> e)
+    out = busy_and_gaps([(20, 30, "c"), (0, 10, "a"), (5, 12, "b"), (30, 31, "d"), (40, 50, "e")])
+    assert out["busy_s"] == pytest.approx(33e-6) and out["span_s"] == pytest.approx(50e-6)
+    assert out["idle_share"] == pytest.approx(17 / 50, abs=1e-4)
+    assert [(g["us"], g["after"], g["before"]) for g in out["largest_gaps"]] == [(9, "d", "e"), (8, "b", "c")]
+    assert busy_and_gaps([])["idle_share"] is None
+
+
+def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
+    import lightning as L
+
+    from mgmlora.data.datamodule import ChatDataModule
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.training.checkpoint import AdapterCheckpointIO
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.loss import SpeedArgs
+    from mgmlora.training.module import LoraLitModule
+    from mgmlora.training.optim import OptimArgs
+    from tests.conftest import TOKENIZER, TRAIN, connect_data
+
+    profile = _loop_timing().LoopProfile(skip_steps=1, micro_batches=2, trace=str(tmp_path / "trace.json"))
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                                     gradient_checkpointing=False), LoraArgs(preset="balanced"), OptimArgs(lr=1e-3),
+                           speed=SpeedArgs(packing=True))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, logger=False, callbacks=[profile],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(module, connect_data(ChatDataModule(str(TRAIN), batch_size=2, seed=1), module))
+    summary = profile.summary()
+    assert summary["profiled_micro_batches"] == 2 and summary["skipped_optimizer_steps"] == 1
+    # the chunked loss picks the supervised positions with a boolean mask: one nonzero per micro-batch at least
+    waits = summary["host_waits_per_micro_batch"]
+    assert waits["aten::nonzero"]["count"] >= 1
+    assert any(k.startswith("aten::nonzero @ mgmlora/training/loss.py") for k in waits)  # named by its function
+    assert summary["idle_share"] is None  # no device activity on the CPU
+    assert (tmp_path / "trace.json").stat().st_size > 0

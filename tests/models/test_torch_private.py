@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from mgmlora.models.torch_private import allocation_events, uncompile
+from mgmlora.models.torch_private import allocation_events, stack_config, uncompile
 
 
 def test_uncompile_makes_a_compiled_module_run_eagerly_again():
@@ -44,3 +44,13 @@ def test_allocation_events_are_the_timeline_of_each_allocation_and_free():
     sizes = [size for _, size in events]
     assert nbytes in sizes and -nbytes in sizes  # the allocation, then its free
     assert sizes.index(nbytes) < sizes.index(-nbytes)
+
+
+def test_the_stack_config_makes_the_profiler_record_python_stacks():
+    def masked_sum(x):
+        return x[x > 0].sum()  # a boolean index: aten::nonzero
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, experimental_config=stack_config()) as prof:
+        masked_sum(torch.randn(16))
+    stacks = [e.stack for e in prof.events() if e.name == "aten::nonzero"]
+    assert stacks and any("masked_sum" in frame for frame in stacks[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.profiler import profile
 
@@ -32,4 +33,13 @@ def allocation_events(prof: profile) -> Iterator[tuple[int, int]]:
             yield event.start_ns(), event.nbytes()
 
 
-__all__ = ["allocation_events", "uncompile"]
+def stack_config() -> torch._C._profiler._ExperimentalConfig:
+    """The profiler setting under which `with_stack=True` records each operator's Python stack.
+
+    Without it, recent PyTorch records empty stacks; the loop profile (bench/loop_timing.py) uses the stacks to name
+    the line behind each host wait.
+    """
+    return torch._C._profiler._ExperimentalConfig(verbose=True)
+
+
+__all__ = ["allocation_events", "stack_config", "uncompile"]

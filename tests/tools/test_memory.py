@@ -7,6 +7,7 @@ models (RECOMPUTE_LIVE was set on them, and their allocator peak varies with the
 
 import importlib.util
 import json
+import os
 import shlex
 
 import pytest
@@ -127,6 +128,11 @@ CONFIG_AS_RUN = {
     ("2026-11-30-mgm2b_lora_24gib_loop-", "configs/mgm2b_lora.yaml"): ZERO2,
     # mgm2b_lora_packed.yaml was a whole file (ZeRO-2, no row padding) when these runs were made; now an overlay
     ("2026-11-30-mgm2b_lora_packed", "configs/mgm2b_lora_packed.yaml"): ["--model.speed.pad_to_multiple", "0", *ZERO2],
+    # bench/ab_mgm_loop.sh's old side (b846d97's configs unpacked into .ab_old/): the packed overlay used Liger's loss
+    **{(prefix, "configs/mgm2b_lora_packed.yaml"): ["--model.speed.loss", "liger", "--model.speed.loss_chunk_size",
+                                                   "2048"]
+       for prefix in ("2026-12-04-mgm2b_lora_recipe_loop_24gib_packed_round2_before_imagecompile",
+                      "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_liger_before_imagecompile")},
     ("2026-11-23", "configs/qwen3-30b-a3b_lora_chameleons.yaml"): [
         "--model.speed.packing", "false", "--model.speed.loss", "chunked", "--data.init_args.batch_size", "2",
         "--trainer.accumulate_grad_batches", "4"],
@@ -154,7 +160,9 @@ def _check_training_run(name, result):
     args = shlex.split(result["command"])[3:]
     if args[0] == "--memory_cap_gib":
         args = args[2:]
-    configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
+    # an A/B run's old side read an older commit's configs from .ab_old/ (bench/ab_mgm_loop.sh): CONFIG_AS_RUN
+    # restores how they differed
+    configs = [os.path.normpath(args[i + 1]).removeprefix(".ab_old/") for i, a in enumerate(args) if a == "--config"]
     # a recipe that is now an overlay runs after its base (fragments under configs/strategy/ stay as named)
     configs = [str(f.relative_to(ROOT)) for c in configs
                for f in (launch_files(ROOT / c) if (ROOT / c).parent == ROOT / "configs" else [ROOT / c])]

@@ -122,6 +122,7 @@ def test_busy_time_counts_overlaps_once_and_names_the_largest_gaps():
     assert busy_and_gaps([])["idle_share"] is None
 
 
+@pytest.mark.integration
 def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     import lightning as L
 

@@ -1,7 +1,6 @@
 """The fast path's model-level switches change speed, not results (mgmlora.training.fastpath, optim.fused)."""
 
 import copy
-import pickle
 
 import lightning as L
 import pytest
@@ -89,6 +88,16 @@ def test_the_input_cast_is_kept_where_skipping_it_would_break():
     assert applied == []  # asked to keep it
 
 
+def _a_copy_runs_its_own_weights_eagerly(mgm, batch):
+    """A deep-copied compiled MGM (as pickling, through `__getstate__`): the compiled step is bound to the original."""
+    twin = copy.deepcopy(mgm)
+    assert twin._compiled_image_tokens is None and twin.vision_tower._compiled_call_impl is None
+    images = batch["images"], batch["images_aux"]
+    with torch.no_grad():
+        twin.mm_projector[2].bias.add_(1.0)  # the copy's own weights must decide its output
+        torch.testing.assert_close(twin.encode_images(*images), mgm.encode_images(*images) + 1.0)
+
+
 def _mgm_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.tensor([[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9, 10], [2, IMAGE_TOKEN_INDEX, 6, 7, 8, 0, 0]])
@@ -128,24 +137,12 @@ def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     if family == "mgm":
         assert image_calls == [1]  # one micro-batch, one call of the compiled upsampling + mining + projector
         assert any("vlm_uni_aux_projector" in n for n in grads_eager)  # the mining trains through it
+        loaded.model._compiled_image_tokens = compiled_step  # the spy off
+        _a_copy_runs_its_own_weights_eagerly(loaded.model, batch)
     loaded.uncompile()
     assert all(layer._compiled_call_impl is None for layer in layers)
     if family == "mgm":
         assert loaded.model._compiled_image_tokens is None and loaded.model.vision_tower._compiled_call_impl is None
-    torch._dynamo.reset()
-
-
-def test_a_copy_of_a_compiled_mgm_runs_its_own_weights_eagerly():
-    model, loaded = _lora_model("tiny-mgm", "float32", preset="balanced", lora_dropout=0.0)
-    mgm, batch = loaded.model, _mgm_batch()
-    images = batch["images"], batch["images_aux"]
-    loaded.compile(backend="aot_eager")
-    pickle.loads(pickle.dumps(mgm))  # the compiled step is bound to this instance: left out, as nn.Module does
-    twin = copy.deepcopy(mgm)
-    assert twin._compiled_image_tokens is None and twin.vision_tower._compiled_call_impl is None
-    with torch.no_grad():
-        twin.mm_projector[2].bias.add_(1.0)  # the copy's own weights must decide its output
-        torch.testing.assert_close(twin.encode_images(*images), mgm.encode_images(*images) + 1.0)
     torch._dynamo.reset()
 
 

@@ -87,6 +87,7 @@ def _rank(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.integration  # two spawned processes
 def test_scores_synced_over_two_gloo_ranks_equal_one_process(tmp_path):
     """Uneven shares (3 and 1 items, in batches) and an empty rank; one spawn for every case (it costs ~20 s)."""
     import socket

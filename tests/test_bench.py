@@ -50,10 +50,10 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
     assert "plain" in proc.stdout and "x plain" in proc.stdout  # the printed table
 
 
-def _bench_module():
+def _bench_module(name="train_step"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,17 +102,8 @@ def test_fit_smoke_records_generation_cost_against_training_time():
     assert cost["scores"] == {"val_gen/rougeL": [0.1, 0.2]}
 
 
-def _loop_timing():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("loop_timing", ROOT / "bench" / "loop_timing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_busy_time_counts_overlaps_once_and_names_the_largest_gaps():
-    busy_and_gaps = _loop_timing().busy_and_gaps
+    busy_and_gaps = _bench_module("loop_timing").busy_and_gaps
     # by hand: a and b overlap -> busy [0, 12]; c and d touch -> busy [20, 31]; e -> [40, 50];
     # busy 12 + 11 + 10 = 33 us of a 50 us span; gaps 8 us (b -> c) and 9 us (d -> e)
     out = busy_and_gaps([(20, 30, "c"), (0, 10, "a"), (5, 12, "b"), (30, 31, "d"), (40, 50, "e")])
@@ -135,7 +126,8 @@ def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     from mgmlora.training.optim import OptimArgs
     from tests.conftest import TOKENIZER, TRAIN, connect_data
 
-    profile = _loop_timing().LoopProfile(skip_steps=1, micro_batches=2, trace=str(tmp_path / "trace.json"))
+    loop_timing = _bench_module("loop_timing")
+    profile = loop_timing.LoopProfile(skip_steps=1, micro_batches=2, trace=str(tmp_path / "trace.json"))
     module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
                                      gradient_checkpointing=False), LoraArgs(preset="balanced"), OptimArgs(lr=1e-3),
                            speed=SpeedArgs(packing=True))

@@ -107,7 +107,10 @@ def _mgm_batch():
             "images": torch.randn(2, 3, 48, 48, generator=g), "images_aux": torch.randn(2, 3, 96, 96, generator=g)}
 
 
-@pytest.mark.parametrize("preset,family", [("tiny-qwen3", "causal_lm"), ("tiny-mgm", "mgm")])
+# the MGM case compiles the decoder layers through the same base method too, so the text model's runs in the
+# integration tier (each case compiles for a few seconds)
+@pytest.mark.parametrize("preset,family", [pytest.param("tiny-qwen3", "causal_lm", marks=pytest.mark.integration),
+                                           ("tiny-mgm", "mgm")])
 def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     model, loaded = _lora_model(preset, "float32", preset="balanced", lora_dropout=0.0)
     batch = _batch(loaded.info.vocab_size) if family == "causal_lm" else _mgm_batch()

@@ -163,3 +163,14 @@ def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(capsys, monkeypa
     lines = err.strip().splitlines()
     assert code == USAGE and len(lines) == 1 and lines[0].startswith("error: ") and "gpu" in lines[0].lower(), err
     assert "Set trainer.accelerator: cpu" in lines[0]  # the fix, not only Lightning's diagnosis
+
+
+def test_a_finished_run_closes_the_process_group_it_left_open(tmp_path):
+    import torch.distributed as dist
+
+    def main():  # a run on one gloo rank, as Lightning's DDP leaves it: the group still open when main returns
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    with pytest.raises(SystemExit) as exit_:
+        run(main, [])
+    assert exit_.value.code == 0 and not dist.is_initialized()

@@ -21,6 +21,10 @@ through `run()`. What it does with an exception that reaches it:
   saying so, exit 1. A bug is never hidden behind one line.
 - `--debug` anywhere on the command line (removed before `main` sees it) or `MGMLORA_DEBUG=1` prints the full
   traceback of user errors too, with the same exit code.
+- after a `main` that returned, a process group the run left open (Lightning's DDP on CPU, gloo) is destroyed before
+  the exit: left to interpreter shutdown, gloo's worker threads can abort the finished process ("terminate called
+  without an active exception", exit -6). After an exception it is left alone: ranks that fail at different points
+  could wait on each other in the teardown.
 - `SystemExit` passes through untouched (help, `--print_config`, exit codes other code chose on purpose, e.g. after
   a signal), and `KeyboardInterrupt` prints `interrupted` and exits 130 (128 + SIGINT).
 """
@@ -194,4 +198,12 @@ def run(main: Callable[[], object], argv: list[str] | None = None) -> NoReturn:
                 traceback.print_exc()
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(code)
+    _close_process_group()
     sys.exit(0)
+
+
+def _close_process_group() -> None:
+    """Destroys the default process group if the run left one (see the module docstring)."""
+    dist = sys.modules.get("torch.distributed")  # only if the run imported it: the tools that never do stay light
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

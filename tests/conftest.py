@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str | None = None):
+    """A script that is not a package module (bench/, bin/, tests/scripts/) imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 ASSETS = ROOT / "tests" / "assets"
 TOKENIZER = ASSETS / "tokenizer"
 TRAIN = ASSETS / "persona_chat_train.jsonl"

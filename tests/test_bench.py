@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 @pytest.mark.integration
@@ -51,12 +51,7 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
 
 
 def _bench_module(name="train_step"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / f"{name}.py")
 
 
 def test_best_within_budget_excludes_variants_over_the_budget_and_failed_ones():
@@ -83,13 +78,9 @@ def test_packed_attention_flags_need_packing():
 
 def test_fit_smoke_records_generation_cost_against_training_time():
     """bench/fit_smoke.py's `generation` field from scalars as TensorBoard returns them (gen_cost reads it)."""
-    import importlib.util
-
     sys.path.insert(0, str(ROOT / "bench"))  # fit_smoke imports loop_timing from its own folder
     try:
-        spec = importlib.util.spec_from_file_location("fit_smoke", ROOT / "bench" / "fit_smoke.py")
-        fit_smoke = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(fit_smoke)
+        fit_smoke = _bench_module("fit_smoke")
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert fit_smoke._generation_cost({"perf/step_time_s": [9.0, 2.0]}) is None  # the run did not generate

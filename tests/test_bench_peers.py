@@ -1,32 +1,24 @@
 """bench/peers: the TRL runner's sample conversion and batch counting, and the rounds' selection and summary."""
 
-import importlib.util
 import sys
 
 import torch
 
 from mgmlora.batch import IGNORE_INDEX
-from tests.conftest import ROOT
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import ROOT, load_script
 
 
 def _peers(name):
     sys.path.insert(0, str(ROOT / "bench"))  # trl_sft imports train_step as its sibling script does
     try:
-        return _load(name, ROOT / "bench" / "peers" / f"{name}.py")
+        return load_script(ROOT / "bench" / "peers" / f"{name}.py")
     finally:
         sys.path.remove(str(ROOT / "bench"))
 
 
 def test_samples_of_recovers_each_sample_and_its_supervised_positions():
     trl_sft = _peers("trl_sft")
-    train_step = _load("train_step", ROOT / "bench" / "train_step.py")
+    train_step = load_script(ROOT / "bench" / "train_step.py")
     samples = [([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), ([9, 10], [IGNORE_INDEX, 10])]
     batch = train_step.pad(samples)  # right-padded to 4 positions
     rows = trl_sft.samples_of([batch])

@@ -2,22 +2,14 @@
 
 import argparse
 import ast
-import importlib.util
 import sys
 
 import pytest
 
 from mgmlora.errors import USAGE, MgmloraError, UsageError, classify, run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 ENTRY_POINTS = sorted((ROOT / "bin").glob("*.py")) + [ROOT / "bench" / "sweep.py"]
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(main, argv, capsys, monkeypatch):
@@ -47,7 +39,7 @@ def test_a_config_key_typo_prints_the_parsers_message_alone_with_exit_2(capsys, 
 
 
 def test_a_typo_in_a_tool_that_parses_configs_is_one_line_with_exit_2(capsys, monkeypatch, in_repo_root):
-    estimate_cli = _load(ROOT / "bin" / "estimate.py", "estimate_cli")
+    estimate_cli = load_script(ROOT / "bin" / "estimate.py", "estimate_cli")
     code, out, err = _run(estimate_cli.main, ["--config", "configs/demo.yaml", "--model.lora.rr", "3"], capsys,
                           monkeypatch)
     assert code == USAGE and out == ""
@@ -55,7 +47,7 @@ def test_a_typo_in_a_tool_that_parses_configs_is_one_line_with_exit_2(capsys, mo
 
 
 def test_our_runtime_error_is_one_line_with_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    export_cli = _load(ROOT / "bin" / "export.py", "export_cli")
+    export_cli = load_script(ROOT / "bin" / "export.py", "export_cli")
     argv = ["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
     code, _, err = _run(export_cli.main, argv, capsys, monkeypatch)
     assert code == 1
@@ -123,7 +115,7 @@ TOOLS = [p for p in sorted((ROOT / "bin").glob("*.py")) if p.name != "main.py"]
 @pytest.mark.parametrize("path", TOOLS, ids=[p.name for p in TOOLS])
 def test_every_tool_refuses_an_abbreviated_flag(path, capsys, monkeypatch):
     # argparse's default prefix matching would take `--hel` as --help (print it, exit 0), and `--out` as --output
-    tool = _load(path, f"abbrev_{path.stem}")
+    tool = load_script(path, f"abbrev_{path.stem}")
     code, out, err = _run(tool.main, ["--hel"], capsys, monkeypatch)
     assert code == USAGE and out == "", (out, err)
     assert err.strip().startswith("usage:") or err.strip().startswith("error:"), err

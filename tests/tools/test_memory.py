@@ -5,7 +5,6 @@ Tolerance: the estimate of `torch.cuda.max_memory_allocated` is within 15% of ea
 models (RECOMPUTE_LIVE was set on them, and their allocator peak varies with the machine's CPU kernels).
 """
 
-import importlib.util
 import json
 import os
 import shlex
@@ -19,7 +18,7 @@ from mgmlora.tools.memory import RunShape, estimate, run_from_tree
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability
-from tests.conftest import ROOT, launch_files
+from tests.conftest import ROOT, launch_files, load_script
 
 
 def run_from_config(paths, overrides=None):
@@ -29,14 +28,7 @@ def run_from_config(paths, overrides=None):
 RESULTS = ROOT / "bench" / "results"
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_step = _load(ROOT / "bench" / "train_step.py", "train_step")
+train_step = load_script(ROOT / "bench" / "train_step.py", "train_step")
 TOLERANCE = 0.15  # the estimate's bar: within 15% of the measured peak (torch.cuda.max_memory_allocated)
 # Runs made before `model.speed` existed computed the loss on full logits; their commands cannot say so.
 FULL_LOSS_BEFORE_SPEED = {"2026-11-23-mgm2b_lora_zero2_2048-h100.json", "2026-11-23-mgm2b_lora_zero2_24gib-h100.json",

@@ -1,25 +1,17 @@
 """The tiny sweep end to end (bench/sweep.py on configs/sweep/demo.yaml) and the comparison it writes."""
 
-import importlib.util
 
 import pytest
 
 from mgmlora.tools.report import COLUMNS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.integration
 def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_repo_root, capsys):
-    sweep = _load(ROOT / "bench" / "sweep.py", "sweep")
+    sweep = load_script(ROOT / "bench" / "sweep.py", "sweep")
     # --gpus: two variants at a time, each with its own CUDA_VISIBLE_DEVICES (ignored on this CPU machine) and log
     md = sweep.main(["--sweep", "configs/sweep/demo.yaml", "--steps", "4", "--output", str(tmp_path), "--gpus", "0,1",
                      "--",

@@ -2,7 +2,6 @@
 every shipped recipe on the GPU it is for."""
 
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import yaml
 from mgmlora.cli import parse_files
 from mgmlora.tools.memory import cheapest_fix, estimate, run_from_tree
 from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, shipped_4bit_recipe
-from tests.conftest import ROOT, launch_args, launch_files
+from tests.conftest import ROOT, launch_args, launch_files, load_script
 from tests.test_configs import _merge
 
 
@@ -30,10 +29,7 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def _train_step():
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "train_step.py")
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r.source}:{r.variant or r.recipe}")

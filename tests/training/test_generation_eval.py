@@ -22,7 +22,7 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.text_metrics import GenerationMetrics
-from tests.conftest import ASSETS, ROOT, TOKENIZER, TRAIN, VAL
+from tests.conftest import ASSETS, ROOT, TOKENIZER, TRAIN, VAL, load_script
 
 LLAVA = ASSETS / "llava"
 
@@ -119,11 +119,7 @@ def _ranks(tmp_path, devices, num_samples):
 def test_validate_on_two_gloo_ranks_scores_what_one_process_scores(tmp_path):
     """The callback's sharding in the real loop (no hang with shares of 2 and 1 items); the sync itself with scores
     that are all non-zero: tests/training/test_text_metrics.py."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gen_eval_ranks", ROOT / "tests" / "scripts" / "gen_eval_ranks.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "tests" / "scripts" / "gen_eval_ranks.py")
     (tmp_path / "val.jsonl").write_text("".join(VAL.read_text().splitlines(keepends=True)[:6]))
     one, two = script.scores(str(tmp_path / "val.jsonl"), 1, 3), _ranks(tmp_path, 2, 3)
     scores = {k: v for k, v in one.items() if k != "val_gen/time_s"}

@@ -11,8 +11,7 @@ import mgmlora.tools.export as export
 from mgmlora.errors import USAGE, classify, run
 from mgmlora.tools.export import export_adapter, merge_and_save, model_args_for, read_run_adapter
 from mgmlora.tools.output_dir import DiskFullError
-from tests.conftest import ROOT
-from tests.test_errors import _load
+from tests.conftest import ROOT, load_script
 
 
 @pytest.fixture
@@ -80,7 +79,7 @@ def test_bin_export_refuses_a_non_empty_output_before_loading(checkpoint, tmp_pa
     out = tmp_path / "taken"
     out.mkdir()
     (out / "x").write_text("keep")
-    tool = _load(ROOT / "bin" / "export.py", "export_output_dir")
+    tool = load_script(ROOT / "bin" / "export.py", "export_output_dir")
     monkeypatch.setattr(sys, "argv", ["export.py"])
     monkeypatch.delenv("MGMLORA_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:

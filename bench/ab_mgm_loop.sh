@@ -8,7 +8,8 @@
 # base (configs/mgm2b_lora.yaml as written, one sample per micro-batch) or packed (plus configs/mgm2b_lora_packed.yaml);
 # LOSS and CHUNK override speed.loss and speed.loss_chunk_size. Realistic rows (576 image + 100-1500 text positions),
 # a 24 GiB cap, 4 optimizer steps; each run's JSON lands in $OUT/r as <index>_<entry>.json. LOOP_PROFILE=N (and
-# LOOP_TRACE) in the environment add bench/loop_timing.py's LoopProfile to each run (new side only: bench/fit_smoke.py).
+# LOOP_TRACE) in the environment add bench/loop_timing.py's LoopProfile to each run; a profiled run reports no
+# tokens/s (the profiler runs inside the measured steps), so profile in a separate run from the timed ones.
 set -u
 mkdir -p "$OUT/r"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \

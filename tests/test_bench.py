@@ -76,13 +76,18 @@ def test_packed_attention_flags_need_packing():
         raise AssertionError(f"{bad} was accepted")
 
 
-def test_fit_smoke_records_generation_cost_against_training_time():
-    """bench/fit_smoke.py's `generation` field from scalars as TensorBoard returns them (gen_cost reads it)."""
-    sys.path.insert(0, str(ROOT / "bench"))  # fit_smoke imports loop_timing from its own folder
+def _fit_smoke():
+    """bench/fit_smoke.py as a module (it imports loop_timing from its own folder)."""
+    sys.path.insert(0, str(ROOT / "bench"))
     try:
-        fit_smoke = _bench_module("fit_smoke")
+        return _bench_module("fit_smoke")
     finally:
         sys.path.remove(str(ROOT / "bench"))
+
+
+def test_fit_smoke_records_generation_cost_against_training_time():
+    """bench/fit_smoke.py's `generation` field from scalars as TensorBoard returns them (gen_cost reads it)."""
+    fit_smoke = _fit_smoke()
     assert fit_smoke._generation_cost({"perf/step_time_s": [9.0, 2.0]}) is None  # the run did not generate
     cost = fit_smoke._generation_cost({"val_gen/time_s": [3.0, 5.0], "val_gen/rougeL": [0.1, 0.2],
                                        "perf/train_time_s": [10.0, 40.0], "perf/step_time_s": [9.0, 4.0, 5.0, 6.0]})
@@ -102,6 +107,17 @@ def test_busy_time_counts_overlaps_once_and_names_the_largest_gaps():
     assert out["idle_share"] == pytest.approx(17 / 50, abs=1e-4)
     assert [(g["us"], g["after"], g["before"]) for g in out["largest_gaps"]] == [(9, "d", "e"), (8, "b", "c")]
     assert busy_and_gaps([])["idle_share"] is None
+
+
+def test_a_profiled_fit_smoke_run_reports_no_loop_speed():
+    fit_smoke = _fit_smoke()
+    timing = {"tokens_per_s_median": 13.0, "supervised_tokens_per_s_median": 7.0, "step_time_s_median": 25.0,
+              "loop_timing": {"loop_overhead": 0.6}}
+    plain = {"oom": False, **timing, "loop_profile": None}
+    assert fit_smoke._withhold_profiled_timing(plain) == plain
+    profiled = fit_smoke._withhold_profiled_timing({**plain, "loop_profile": {"profiled_micro_batches": 8}})
+    assert profiled["timing_with_profiler"] == timing
+    assert all(profiled[k] is None for k in timing) and profiled["loop_profile"] == {"profiled_micro_batches": 8}
 
 
 @pytest.mark.integration

@@ -105,6 +105,20 @@ def _source(stack: list[str]) -> str:
     return frame.split("src/")[-1]
 
 
+def _library(stack: list[str]) -> str | None:
+    """The innermost frame outside torch and mgmlora (lightning, transformers, peft, ...), when it comes before ours.
+
+    Names the library line that waits, where `_source` only names the mgmlora function that called into it (a wait
+    inside Lightning's loop is attributed to `cli.main`).
+    """
+    for frame in stack:
+        if "mgmlora" in frame or "/bench/" in frame:
+            return None
+        if not frame.startswith(("torch/", "<built-in", "nn.Module")) and "site-packages/torch/" not in frame:
+            return frame.split("site-packages/")[-1]
+    return None
+
+
 class LoopProfile(L.Callback):
     """torch.profiler over `micro_batches` consecutive micro-batches of the real loop, after `skip_steps` steps.
 
@@ -112,9 +126,9 @@ class LoopProfile(L.Callback):
     (`busy_and_gaps`), and per micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host
     milliseconds), in total and by the function of mgmlora's code they come from (`name @ file(line): function`, the
     line where that function starts; the innermost frame of mgmlora's own code, so a wait inside a library is named
-    by the mgmlora function that called into it): the
-    places where the host cannot queue work ahead of the GPU. With `trace` set, the Chrome trace
-    is written there too (chrome://tracing or Perfetto).
+    by the mgmlora function that called into it) and, for a wait inside a library, by that library's frame too
+    (`name in file(line): function`): the places where the host cannot queue work ahead of the GPU. With `trace` set,
+    the Chrome trace is written there too (chrome://tracing or Perfetto).
     """
 
     def __init__(self, skip_steps: int = 2, micro_batches: int = 4, trace: str | None = None):
@@ -153,7 +167,9 @@ class LoopProfile(L.Callback):
         waits: dict[str, dict] = {}
         for e in events:
             if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
-                for key in (e.name, f"{e.name} @ {_source(e.stack)}"):
+                library = _library(e.stack)
+                keys = [e.name, f"{e.name} @ {_source(e.stack)}"] + ([f"{e.name} in {library}"] if library else [])
+                for key in keys:
                     w = waits.setdefault(key, {"count": 0, "host_ms": 0.0})
                     w["count"] += 1
                     w["host_ms"] += (e.time_range.end - e.time_range.start) / 1e3

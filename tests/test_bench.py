@@ -120,6 +120,18 @@ def test_a_profiled_fit_smoke_run_reports_no_loop_speed():
     assert all(profiled[k] is None for k in timing) and profiled["loop_profile"] == {"profiled_micro_batches": 8}
 
 
+def test_a_wait_inside_a_library_is_named_by_the_library_frame_and_ours_by_ours():
+    loop_timing = _bench_module("loop_timing")
+    lightning_wait = ["<built-in method item of Tensor object>", "torch/optim/optimizer.py(90): _get_value",
+                      "lightning/pytorch/loops/optimization/automatic.py(307): _training_step",
+                      "src/mgmlora/cli.py(248): main"]
+    assert loop_timing._library(lightning_wait) == lightning_wait[2]
+    assert loop_timing._source(lightning_wait) == "mgmlora/cli.py(248): main"
+    ours = ["nn.Module: Linear_0", "src/mgmlora/training/loss.py(101): lm_loss", "lightning/pytorch/x.py(1): f"]
+    assert loop_timing._library(ours) is None  # our own code waits: no library to name
+    assert loop_timing._library(["torch/utils/checkpoint.py(1): f"]) is None
+
+
 @pytest.mark.integration
 def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     import lightning as L
@@ -148,5 +160,7 @@ def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     waits = summary["host_waits_per_micro_batch"]
     assert waits["aten::nonzero"]["count"] >= 1
     assert any(k.startswith("aten::nonzero @ mgmlora/training/loss.py") for k in waits)  # named by its function
+    # a wait inside a library (here transformers' check for restarting position ids) is named by its frame as well
+    assert any(" in transformers/" in k or " in lightning/" in k for k in waits), sorted(waits)
     assert summary["idle_share"] is None  # no device activity on the CPU
     assert (tmp_path / "trace.json").stat().st_size > 0

@@ -5,6 +5,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from peft.tuners.lora import ParamWrapper
 
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.data.datamodule import ChatDataModule
@@ -147,6 +148,48 @@ def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     if family == "mgm":
         assert loaded.model._compiled_image_tokens is None and loaded.model.vision_tower._compiled_call_impl is None
     torch._dynamo.reset()
+
+
+def test_layers_with_expert_lora_compile_around_the_experts_and_match_eager_under_checkpointing():
+    # PEFT's expert LoRA re-registers a parametrization (a new module class) on every call: compiled, each call
+    # recompiled until dynamo's recompile_limit sent the rest eager, and a layer whose forward ran compiled but whose
+    # checkpointed recompute ran eagerly raised CheckpointError (Qwen3-30B-A3B's 48 layers, torch 2.11 /
+    # transformers 5.17). A limit of 1 brings that point into the two-layer model's first step.
+    torch.manual_seed(0)
+    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", gradient_checkpointing=True))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="chameleons", target_experts=True, lora_dropout=0.0),
+                                  Trainability())
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    batch = _batch(loaded.info.vocab_size)
+    loss_eager, grads_eager = _loss_and_grads(model, batch)  # bf16 base under bf16 autocast, as on the GPU
+    layers = model.get_base_model().get_submodule(loaded.decoder_layers)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    experts = [layer.mlp.experts for layer in layers]
+    assert all(isinstance(e, ParamWrapper) for e in experts)
+    try:
+        applied = loaded.compile(backend="aot_eager")
+        with torch._dynamo.config.patch(recompile_limit=1):
+            loss_compiled, grads_compiled = _loss_and_grads(model, batch)
+        torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-3, atol=1e-3)
+        assert grads_compiled.keys() == grads_eager.keys()
+        assert any("experts" in n for n in grads_eager)  # the experts' LoRA trains
+        for name in grads_eager:
+            scale = grads_eager[name].abs().max()
+            assert (grads_compiled[name] - grads_eager[name]).abs().max() <= 1e-2 * scale + 1e-9, name
+        assert applied == [f"{len(layers)} decoder layers, around their {len(layers)} LoRA-adapted expert modules "
+                           "(eager)"]
+        for layer in layers:  # the rest of each layer is compiled, the experts (every PEFT wrapper level) are not
+            assert layer._compiled_call_impl is None and layer.mlp._compiled_call_impl is None
+            assert all(m._compiled_call_impl is not None for m in (layer.self_attn, layer.input_layernorm,
+                                                                    layer.post_attention_layernorm, layer.mlp.gate))
+            assert all(m._compiled_call_impl is None for m in layer.mlp.experts.modules())
+    finally:
+        loaded.uncompile()
+        torch._dynamo.reset()
+    assert all(m._compiled_call_impl is None for m in layers.modules())
 
 
 class _ClipSpy(LoraLitModule):

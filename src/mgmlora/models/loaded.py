@@ -110,16 +110,24 @@ class LoadedModel(ABC):
         Regional compilation, as PyTorch's tutorial on it recommends: each decoder layer on its own (the layers share
         code, so one graph serves them all, and a graph break cannot spread to the whole model). `nn.Module.compile`
         keeps the module objects, so names, state dict keys, PEFT wrappers and hooks are untouched.
+
+        A layer whose MoE experts carry LoRA (`lora.target_experts`) is compiled around them instead: its largest
+        submodules without such experts (attention, norms, router) each on its own, the experts eager
+        (`eager_regions`).
         """
         layers = self._compiled_layers()
+        eager = eager_regions(layers)
         for layer in layers:
-            layer.compile(backend=backend, **options)
+            for region in compile_regions(layer, eager):
+                region.compile(backend=backend, **options)
+        if eager:
+            return [f"{len(layers)} decoder layers, around their {len(eager)} LoRA-adapted expert modules (eager)"]
         return [f"{len(layers)} decoder layers"]
 
     def uncompile(self) -> None:
         """Undoes `compile` (the benchmark compares variants on one model)."""
-        for layer in self._compiled_layers():
-            uncompile(layer)
+        for module in self._compiled_layers().modules():
+            uncompile(module)
 
     def _compiled_layers(self) -> nn.Module:
         try:
@@ -148,6 +156,39 @@ class LoadedModel(ABC):
         # PEFT injects its bitsandbytes QLoRA layer (lora.bnb.Linear4bit) only on a model that says it is 4-bit
         self.model.is_loaded_in_4bit = args.resolved_backend(torch.device(device)) == "bitsandbytes"
         return counts
+
+
+def eager_regions(layers: nn.Module) -> list[nn.Module]:
+    """The modules inside `layers` that `LoadedModel.compile` leaves out: PEFT's LoRA wrappers of fused MoE experts.
+
+    PEFT adapts a 3-D expert parameter (`target_parameters`, `ParamWrapper`) by registering a parametrization on the
+    experts module for the length of each call, and `torch.nn.utils.parametrize` does that by swapping the module's
+    class for a new subclass each time. Traced by dynamo, every call then fails its guards on that class and compiles
+    again, until `recompile_limit` (8) is reached and the code falls back to eager from that call on. With gradient
+    checkpointing, a layer whose forward ran one of the compiled graphs and whose recompute then ran eagerly (or the
+    other way round) saves different tensors: torch.utils.checkpoint's CheckpointError ("Recomputed values for the
+    following tensors have different metadata than during the forward pass"), Qwen3-30B-A3B's first step on the GPU
+    with torch 2.11 and transformers 5.17. Run eagerly, the experts take the same path in the forward and the
+    recompute, and nothing recompiles.
+    Only the outermost wrapper is listed (PEFT nests one per adapted parameter).
+    """
+    from peft.tuners.lora import ParamWrapper  # imported here: mgmlora.models does not depend on PEFT otherwise
+
+    found = []
+    for module in layers.modules():
+        if isinstance(module, ParamWrapper) and not any(module in m.modules() for m in found):
+            found.append(module)
+    return found
+
+
+def compile_regions(module: nn.Module, eager: list[nn.Module]) -> list[nn.Module]:
+    """The largest submodules of `module` (itself included) that contain none of the `eager` modules."""
+    inside = {id(m) for m in module.modules()}
+    if not any(id(m) in inside for m in eager):
+        return [module]
+    if any(m is module for m in eager):
+        return []
+    return [region for child in module.children() for region in compile_regions(child, eager)]
 
 
 class LoadedCausalLM(LoadedModel):

@@ -17,7 +17,9 @@ a comparable share.
 - `speed.compile: true` compiles the regions the model's family names (`LoadedModel.compile`): each decoder layer
   (regional compilation, as PyTorch's tutorial on it recommends), and for MGM also its image path. Inductor then fuses
   the element-wise chains. Gradient checkpointing keeps working: the checkpoint wraps the layer's call, which runs the
-  compiled forward, again in the recompute.
+  compiled forward, again in the recompute. Layers whose MoE experts carry LoRA (`lora.target_experts`) are compiled
+  around their experts, which run eagerly (PEFT's expert LoRA recompiles on every call; `eager_regions` in
+  mgmlora.models.loaded says why).
 """
 
 from __future__ import annotations

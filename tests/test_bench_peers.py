@@ -1,5 +1,6 @@
 """bench/peers: the TRL runner's sample conversion and batch counting, and the rounds' selection and summary."""
 
+import json
 import sys
 
 import torch
@@ -63,3 +64,32 @@ def test_rounds_summary_uses_complete_rounds_only():
     assert (summary["ratio_median"], summary["ratio_min"], summary["ratio_max"]) == (1.8, 1.5, 2.0)
     assert summary["ours_tokens_per_s_median"] == 18 and summary["ours_mfu"] == 0.25
     assert summary["peer_mfu"] is None  # no round measured it
+
+
+def test_a_side_without_a_setting_says_why():
+    rounds = _peers("rounds")
+    assert rounds.why_none({"error": "exit 1"}, 80) == "exit 1"
+    failed = {"variants": {"a": {"error": "CheckpointError: x"}, "b": {"error": "CheckpointError: y"}}}
+    assert rounds.why_none(failed, 80) == "every setting failed: a: CheckpointError: x; b: CheckpointError: y"
+    over = {"variants": {"a": {"tokens_per_s": 9, "peak_alloc_gib": 90}, "b": {"error": "OOM"}}}
+    assert rounds.why_none(over, 80) == "no setting within 80 GiB (1 of 2 settings failed: OOM)"
+
+
+def test_rounds_stop_after_round_one_when_a_side_has_no_setting(tmp_path, monkeypatch):
+    rounds = _peers("rounds")
+    side = tmp_path / "side.py"  # a stand-in for a benchmark: writes one variant, failed or measured
+    side.write_text("import json, sys\n"
+                    "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                    "rec = {'error': 'CheckpointError: x'} if sys.argv[1] == 'fail' else "
+                    "{'tokens_per_s': 10.0, 'peak_alloc_gib': None, 'step_s_median': 1.0, 'samples_per_step': 4}\n"
+                    "json.dump({'variants': {sys.argv[1]: rec}}, open(out, 'w'))\n")
+    out = tmp_path / "rounds.json"
+    monkeypatch.setattr(sys, "argv", ["rounds.py", "--model", "m", "--budget_gib", "80", "--targets", "attention",
+                                      "--peer", "plain", "--ours", f"{side} {{sweep}}", "--ours_sweep", "fail",
+                                      "--peer_cmd", f"{side} {{sweep}}", "--peer_sweep", "ok", "--rounds", "3",
+                                      "--out", str(out)])
+    rounds.main()
+    result = json.loads(out.read_text())
+    assert [(r["round"], r["side"]) for r in result["runs"]] == [(1, "ours"), (1, "peer")]  # no rounds 2 and 3
+    assert result["stopped"] == "after round 1: ours: every setting failed: fail: CheckpointError: x"
+    assert result["rounds"][0]["peer_tokens_per_s"] == 10.0 and result["rounds_complete"] == 0

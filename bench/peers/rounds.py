@@ -9,11 +9,12 @@
 Each round runs ours, then the peer, each in a fresh process (ours, peer, ours, peer, ...), so drift of the machine
 (clocks, temperature, neighbours) reaches both alike. Round 1 runs each side's whole sweep (`{sweep}` in its command:
 the variants or micro-batch sizes to try) and keeps each side's fastest setting whose peak memory stays within
-`--budget_gib`; later rounds run only those two. A round's figure for a side is its tokens/s (the median of its
-timed steps); the ratio of the round is ours over the peer's. The JSON holds every round, the median and minimum
-ratio, ours' MFU and HFU (medians over the rounds; mgmlora.models.flops), the peer's, the first-step losses of both
-(same weights, same first batch, LoRA starting as a no-op: they agree when both train the same function), and each
-run's own JSON. It is rewritten after every run, so a cut session keeps the rounds it finished.
+`--budget_gib`; later rounds run only those two. When round 1 leaves a side without any setting, the rounds stop there
+(`stopped` says why, with each setting's error): no later round could give a ratio. A round's figure for a side is its
+tokens/s (the median of its timed steps); the ratio of the round is ours over the peer's. The JSON holds every round,
+the median and minimum ratio, ours' MFU and HFU (medians over the rounds; mgmlora.models.flops), the peer's, the
+first-step losses of both (same weights, same first batch, LoRA starting as a no-op: they agree when both train the same
+function), and each run's own JSON. It is rewritten after every run, so a cut session keeps the rounds it finished.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def best_within(record: dict, budget_gib: float, cuda: bool) -> tuple[str, dict]
 
     fits = [(name, rec) for name, rec in record["variants"].items() if rec.get("tokens_per_s") and fits_budget(rec)]
     return max(fits, key=lambda item: item[1]["tokens_per_s"], default=None)
+
+
+def why_none(record: dict, budget_gib: float) -> str:
+    """Why a side's run gave no setting: the run's own failure, every variant's error, or the budget."""
+    if record.get("error"):
+        return record["error"]
+    variants = record.get("variants", {})
+    errors = {name: rec["error"] for name, rec in variants.items() if rec.get("error")}
+    if errors and len(errors) == len(variants):
+        return "every setting failed: " + "; ".join(f"{name}: {error}" for name, error in errors.items())
+    failed = f" ({len(errors)} of {len(variants)} settings failed: {'; '.join(errors.values())})" if errors else ""
+    return f"no setting within {budget_gib} GiB{failed}"
 
 
 def run_side(command: str, sweep: str, out: Path, timeout: float) -> dict:
@@ -106,7 +119,7 @@ def main() -> None:
             result["runs"].append({"round": i + 1, "side": side, **record})
             best = best_within(record, args.budget_gib, torch.cuda.is_available()) if "variants" in record else None
             if best is None:
-                entry[f"{side}_error"] = record.get("error") or f"no setting within {args.budget_gib} GiB"
+                entry[f"{side}_error"] = why_none(record, args.budget_gib)
             else:
                 name, rec = best
                 entry.update({f"{side}_setting": name, f"{side}_tokens_per_s": rec["tokens_per_s"],
@@ -123,6 +136,13 @@ def main() -> None:
             args.out.write_text(json.dumps(result, indent=2))
             print(f"round {i + 1} {side}: " + json.dumps({k: v for k, v in entry.items() if k.startswith(side)}),
                   flush=True)
+        if i == 0 and any(f"{side}_error" in entry for side in ("ours", "peer")):
+            # round 1 swept every setting: with no setting on one side no later round can give a ratio
+            result["stopped"] = "after round 1: " + "; ".join(f"{side}: {entry[f'{side}_error']}"
+                                                              for side in ("ours", "peer") if f"{side}_error" in entry)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(f"stopped {result['stopped']}", flush=True)
+            break
     s = summarise(result["rounds"])
     print(f"{args.model} {args.targets} vs {args.peer} within {args.budget_gib} GiB: ratio median "
           f"{s['ratio_median']} (min {s['ratio_min']}, max {s['ratio_max']}) over {s['rounds_complete']} rounds; "

@@ -17,6 +17,8 @@ during the run, so measuring does not slow it down; events are read once at the 
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import torch
 
@@ -93,6 +95,42 @@ def busy_and_gaps(intervals: list[tuple[float, float, str]], top: int = 5) -> di
     return {"span_s": round(span / 1e6, 6), "busy_s": round(busy / 1e6, 6),
             "idle_share": round(1 - busy / span, 4) if span else None,
             "largest_gaps": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:top]]}
+
+
+# What a kernel does, from its name (the first pattern that matches wins; the GEMM kinds before anything that merely
+# mentions cutlass). For splitting one profiled step's device time into the parts a speed change could address.
+KERNEL_KINDS = (
+    ("grouped gemm", re.compile(r"GroupProblemShape|grouped_mm|_grouped", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cublas|cutlass", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention", re.I)),
+    ("compiled (triton)", re.compile(r"^triton_")),
+    ("copy / memset", re.compile(r"memcpy|memset|copy_kernel", re.I)),
+    ("communication", re.compile(r"nccl", re.I)),
+    ("reduction", re.compile(r"reduce|softmax|norm|cross_entropy", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|index|scatter|gather", re.I)),
+)
+
+
+def device_breakdown(kernels: list[tuple[float, float, str]]) -> dict:
+    """Device activity (start_us, end_us, name) of one profiled step -> busy time, idle share and time per kind.
+
+    Each kind's time is the sum of its kernels' durations, as a share of the busy time (`busy_and_gaps`: overlaps
+    counted once), so kernels that ran concurrently on several streams can add up to more than 1. `other` is what no
+    pattern of `KERNEL_KINDS` names.
+    """
+    busy = busy_and_gaps(kernels, top=3)
+    kinds: dict[str, dict] = {}
+    for start, end, name in kernels:
+        kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": 0})
+        entry["ms"] += (end - start) / 1e3
+        entry["kernels"] += 1
+    total_ms = busy["busy_s"] * 1e3 or 1.0
+    return {"span_ms": round(busy["span_s"] * 1e3, 3), "busy_ms": round(busy["busy_s"] * 1e3, 3),
+            "idle_share": busy["idle_share"], "largest_gaps": busy["largest_gaps"],
+            "kinds": {k: {"ms": round(v["ms"], 3), "share_of_busy": round(v["ms"] / total_ms, 4),
+                          "kernels": v["kernels"]}
+                      for k, v in sorted(kinds.items(), key=lambda item: -item[1]["ms"])}}
 
 
 def _source(stack: list[str]) -> str:

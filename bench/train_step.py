@@ -301,8 +301,14 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
             "loss_first_last": [losses[0], losses[-1]], "losses": losses, "loss_first_step": losses_all[0]}
 
 
-def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> list[dict]:
-    """One more step under torch.profiler: the operators that took the most device (or CPU) time."""
+def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> tuple[list[dict], dict | None]:
+    """One more step under torch.profiler: its top operators and, on a GPU, its device time by kernel kind.
+
+    The operators are those that took the most device (or CPU) time; aten operators and their kernels both appear, so
+    their shares overlap. The kernel kinds (bench/loop_timing.py `device_breakdown`: busy, idle, GEMMs, attention,
+    compiled kernels, ...) count each kernel once.
+    """
+    from loop_timing import device_breakdown  # bench/, this script's folder (only when profiling)
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -311,8 +317,11 @@ def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) 
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
-    return [{"op": e.key, "ms": round(getattr(e, key, 0) / 1000, 2), "share": round(getattr(e, key, 0) / total, 3),
-             "calls": e.count} for e in events]
+    ops = [{"op": e.key, "ms": round(getattr(e, key, 0) / 1000, 2), "share": round(getattr(e, key, 0) / total, 3),
+            "calls": e.count} for e in events]
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return ops, device_breakdown(kernels) if kernels else None
 
 
 def best_within_budget(records: dict[str, dict], budget_gib: float) -> dict:
@@ -396,7 +405,8 @@ def main() -> None:
             rec = run_variant(model, loaded, batches, variant, args.chunk, args.warmup, args.steps, device, args.lr)
             if args.profile:
                 try:
-                    rec["profile_top_ops"] = profile_step(model, loaded, batches, variant, args.chunk, device)
+                    rec["profile_top_ops"], rec["profile_device"] = profile_step(model, loaded, batches, variant,
+                                                                                 args.chunk, device)
                 except Exception as error:  # noqa: BLE001  (keep the timing that succeeded)
                     rec["profile_error"] = f"{type(error).__name__}: {error}"
         except torch.cuda.OutOfMemoryError as error:

@@ -19,7 +19,8 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
     variants += ",chunked+compile" if compiler else ""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", "tiny-qwen3",
                            "--variants", variants, "--warmup", "0", "--steps", "4",
-                           "--lr", "1e-3", "--budget_gib", "1000", "--out", str(out)], capture_output=True, text=True,
+                           "--lr", "1e-3", "--budget_gib", "1000", "--profile", "--out", str(out)],
+                          capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -29,6 +30,8 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
         {"chunked+compile"} if compiler else set())
     for name, rec in variants.items():
         assert rec["tokens_per_s"] > 0 and rec["flops_per_step_model"] > 0 and len(rec["losses"]) == 4, name
+        # --profile: the top operators; no kernel kinds without a GPU
+        assert rec["profile_top_ops"] and rec["profile_device"] is None and "profile_error" not in rec, name
         # hardware FLOPs add the checkpointed recompute: none without checkpointing
         recompute = rec["flops_per_step_hardware"] - rec["flops_per_step_model"]
         assert recompute == 0 if name.endswith("nockpt") else recompute > 0, name
@@ -118,6 +121,24 @@ def test_a_profiled_fit_smoke_run_reports_no_loop_speed():
     profiled = fit_smoke._withhold_profiled_timing({**plain, "loop_profile": {"profiled_micro_batches": 8}})
     assert profiled["timing_with_profiler"] == timing
     assert all(profiled[k] is None for k in timing) and profiled["loop_profile"] == {"profiled_micro_batches": 8}
+
+
+def test_device_time_splits_by_kernel_kind_without_counting_overlaps_twice():
+    loop_timing = _bench_module("loop_timing")
+    # by hand, in us: a grouped GEMM [0, 40], a cuBLAS GEMM [40, 60], a flash kernel [70, 90] overlapping a compiled
+    # kernel [80, 100] on another stream, a vectorized add [110, 115] and an unknown kernel [115, 120]
+    kernels = [(0, 40, "cutlass::device_kernel<...GroupProblemShape<...>>"), (40, 60, "nvjet_sm90_tst_256x160"),
+               (70, 90, "pytorch_flash::flash_fwd_kernel<...>"), (80, 100, "triton_per_fused_add_sum_0"),
+               (110, 115, "at::native::vectorized_elementwise_kernel<4, add>"), (115, 120, "mystery")]
+    out = loop_timing.device_breakdown(kernels)
+    # busy: [0, 60] + [70, 100] + [110, 120] = 100 us of a 120 us span
+    assert out["busy_ms"] == pytest.approx(0.1) and out["span_ms"] == pytest.approx(0.12)
+    assert out["idle_share"] == pytest.approx(20 / 120, abs=1e-4)
+    kinds = out["kinds"]
+    assert list(kinds) == ["grouped gemm", "gemm", "attention", "compiled (triton)", "elementwise", "other"]
+    assert kinds["grouped gemm"]["share_of_busy"] == pytest.approx(0.4)
+    assert kinds["attention"]["ms"] == pytest.approx(0.02) and kinds["compiled (triton)"]["ms"] == pytest.approx(0.02)
+    assert sum(k["kernels"] for k in kinds.values()) == 6
 
 
 def test_a_wait_inside_a_library_is_named_by_the_library_frame_and_ours_by_ours():

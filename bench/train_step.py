@@ -358,7 +358,8 @@ def main() -> None:
     parser.add_argument("--target_experts", action="store_true")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank override (lora_alpha = 2r)")
     parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile one more step of each variant (top operators by device time)")
+                        help="after timing, profile one more step of each variant (top operators by device time; "
+                             "on a GPU also the device time by kernel kind)")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)

@@ -34,9 +34,9 @@ for entry in ${RUNS:-old:base new:base}; do
   if [ -n "${loss:-}" ]; then extra="--model.speed.loss $loss"; fi
   if [ -n "${chunk:-}" ]; then extra="$extra --model.speed.loss_chunk_size $chunk"; fi
   name="${i}_${entry//:/_}"
-  # shellcheck disable=SC2086
   limit=${LIMIT:-220}
   if [ "$i" = 0 ]; then limit=${LIMIT_FIRST:-$((limit + 120))}; fi  # the first run also fills the compile cache
+  # shellcheck disable=SC2086
   PYTHONPATH=$path timeout "$limit" python3 $root/bench/fit_smoke.py "$OUT/r/$name.json" --memory_cap_gib 24 \
     fit $configs $A $extra --trainer.logger.init_args.save_dir "/tmp/tb_$name" > "$OUT/r/$name.log" 2>&1
   echo "$name rc=$? $(python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(d.get('tokens_per_s_median'),

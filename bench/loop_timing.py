@@ -18,6 +18,7 @@ during the run, so measuring does not slow it down; events are read once at the 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -97,12 +98,13 @@ def busy_and_gaps(intervals: list[tuple[float, float, str]], top: int = 5) -> di
             "largest_gaps": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:top]]}
 
 
-# What a kernel does, from its name (the first pattern that matches wins; the GEMM kinds before anything that merely
-# mentions cutlass). For splitting one profiled step's device time into the parts a speed change could address.
+# What a kernel does, from its name (the first pattern that matches wins): for splitting one profiled step's device
+# time into the parts a speed change could address.
 KERNEL_KINDS = (
     ("grouped gemm", re.compile(r"GroupProblemShape|grouped_mm|_grouped", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|xmma|cublas|cutlass", re.I)),
+    # before the GEMMs: attention kernels carry cutlass types in their template arguments (cutlass::bfloat16_t)
     ("attention", re.compile(r"flash|fmha|attention", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cublas|cutlass", re.I)),
     ("compiled (triton)", re.compile(r"^triton_")),
     ("copy / memset", re.compile(r"memcpy|memset|copy_kernel", re.I)),
     ("communication", re.compile(r"nccl", re.I)),
@@ -138,9 +140,17 @@ def _source(stack: list[str]) -> str:
 
     The profiler records each frame with the first line of its function.
     """
-    ours = [frame for frame in stack if "mgmlora" in frame or "/bench/" in frame]
+    ours = [frame for frame in stack if _ours(frame)]
     frame = (ours or stack or ["(no stack)"])[0]
     return frame.split("src/")[-1]
+
+
+# the profiler names a frame by its path below sys.path: the bench scripts (run from bench/) by their file name alone
+BENCH_SCRIPTS = {path.name for path in Path(__file__).parent.glob("*.py")}
+
+
+def _ours(frame: str) -> bool:
+    return "mgmlora" in frame or "/bench/" in frame or frame.split("(")[0] in BENCH_SCRIPTS
 
 
 def _library(stack: list[str]) -> str | None:
@@ -150,9 +160,12 @@ def _library(stack: list[str]) -> str | None:
     inside Lightning's loop is attributed to `cli.main`).
     """
     for frame in stack:
-        if "mgmlora" in frame or "/bench/" in frame:
+        if _ours(frame):
             return None
-        if not frame.startswith(("torch/", "<built-in", "nn.Module")) and "site-packages/torch/" not in frame:
+        path = frame.split("site-packages/")[-1].split("(")[0]
+        # a package's module (lightning/..., transformers/...), not torch's, nor a top-level module (the standard
+        # library's contextlib.py, ...)
+        if "/" in path and not path.startswith("torch/"):
             return frame.split("site-packages/")[-1]
     return None
 

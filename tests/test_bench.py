@@ -128,7 +128,9 @@ def test_device_time_splits_by_kernel_kind_without_counting_overlaps_twice():
     # by hand, in us: a grouped GEMM [0, 40], a cuBLAS GEMM [40, 60], a flash kernel [70, 90] overlapping a compiled
     # kernel [80, 100] on another stream, a vectorized add [110, 115] and an unknown kernel [115, 120]
     kernels = [(0, 40, "cutlass::device_kernel<...GroupProblemShape<...>>"), (40, 60, "nvjet_sm90_tst_256x160"),
-               (70, 90, "pytorch_flash::flash_fwd_kernel<...>"), (80, 100, "triton_per_fused_add_sum_0"),
+               (70, 90, "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+                         "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >>"),
+               (80, 100, "triton_per_fused_add_sum_0"),
                (110, 115, "at::native::vectorized_elementwise_kernel<4, add>"), (115, 120, "mystery")]
     out = loop_timing.device_breakdown(kernels)
     # busy: [0, 60] + [70, 100] + [110, 120] = 100 us of a 120 us span
@@ -151,6 +153,9 @@ def test_a_wait_inside_a_library_is_named_by_the_library_frame_and_ours_by_ours(
     ours = ["nn.Module: Linear_0", "src/mgmlora/training/loss.py(101): lm_loss", "lightning/pytorch/x.py(1): f"]
     assert loop_timing._library(ours) is None  # our own code waits: no library to name
     assert loop_timing._library(["torch/utils/checkpoint.py(1): f"]) is None
+    # the bench scripts appear by file name alone; the standard library's top-level modules are no library
+    assert loop_timing._library(["contextlib.py(141): __exit__", "fit_smoke.py(210): on_train_batch_end"]) is None
+    assert loop_timing._source(["contextlib.py(141): __exit__", "fit_smoke.py(210): f"]) == "fit_smoke.py(210): f"
 
 
 @pytest.mark.integration

@@ -48,6 +48,8 @@ def why_none(record: dict, budget_gib: float) -> str:
     if record.get("error"):
         return record["error"]
     variants = record.get("variants", {})
+    if not variants:
+        return "the run reported no settings"
     errors = {name: rec["error"] for name, rec in variants.items() if rec.get("error")}
     if errors and len(errors) == len(variants):
         return "every setting failed: " + "; ".join(f"{name}: {error}" for name, error in errors.items())

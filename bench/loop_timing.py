@@ -162,11 +162,11 @@ def _library(stack: list[str]) -> str | None:
     for frame in stack:
         if _ours(frame):
             return None
-        path = frame.split("site-packages/")[-1].split("(")[0]
+        named = frame.split("site-packages/")[-1]  # 'file(line): function' below site-packages
         # a package's module (lightning/..., transformers/...), not torch's, nor a top-level module (the standard
         # library's contextlib.py, ...)
-        if "/" in path and not path.startswith("torch/"):
-            return frame.split("site-packages/")[-1]
+        if "/" in named.split("(")[0] and not named.startswith("torch/"):
+            return named
     return None
 
 

@@ -33,6 +33,8 @@
 #          LoRA vs attention, the Chameleons recipe as written on one GPU
 #   chameleons_1v2  (2 GPUs): the Chameleons recipe's optimizer step (global batch 64) on 1 and 2 GPUs
 #   after16_mgm / after16_qwen  the budget runs' plain and fast best again after the package re-layout
+#   experts_split  (1 GPU) Qwen3-30B-A3B r8 expert LoRA split beside the frozen experts vs PEFT's path, both compiled,
+#          and attention-only LoRA compiled (model.speed.expert_lora)
 #   peer_qwen / peer_qwen_experts / peer_mgm  (1 GPU each, under 10 minutes) ours against the peer a user would pick
 #          instead, in interleaved rounds (bench/peers/rounds.py): TRL's SFTTrainer tuned for speed on Qwen3-30B-A3B
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
@@ -467,7 +469,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     peer_sweep=${PEER_SWEEP:-80,96}  # the 2026-12-04 run swept 64,80 on both sides (80 won both; 96 untried)
     if [[ $part == peer_qwen_experts ]]; then
       targets=experts; lora="--r 8 --target_experts"
-      ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex32,liger+packing+nocast+fused+fastexperts+compilex48}
+      # PEFT's expert path (what ships) and the split (speed.expert_lora: split), both compiled, at TRL's best pack
+      ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex48,liger+packing+nocast+fused+fastexperts+splitexperts+compilex48}
       peer_sweep=${PEER_SWEEP:-32,48}
     fi
     timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets $targets \
@@ -506,18 +509,17 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_profile_compiled-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_split)
-    # expert LoRA against attention-only LoRA: Qwen3-30B-A3B r8 on attention and every expert vs r8 on attention only,
-    # 32 packed samples, same session; then the expert run compiled. The committed 2026-12-04 files ran commit 1faae6c
-    # (expert LoRA split off the frozen experts as separate grouped GEMMs), reverted after that measurement
-    for lora in "--target_experts" ""; do
-      name=attention; [ -n "$lora" ] && name=experts
-      timeout 150 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 $lora --warmup 2 --steps 5 \
-        --variants liger+packing+nocast+fused+fastexpertsx32 \
-        --out "$out/$day-train_step_r8_${name}_split_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 1
-    done
-    timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 --target_experts --warmup 3 --steps 5 \
-      --variants liger+packing+nocast+fused+fastexperts+compilex32 \
-      --out "$out/$day-train_step_r8_experts_split_compile_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 1
+    # expert LoRA split beside the frozen experts (model.speed.expert_lora: split, +splitexperts) against PEFT's path
+    # (W + B A per expert on every call; under +compile its experts stay eager), and attention-only LoRA: Qwen3-30B-A3B
+    # r8, 32 packed samples, one session. The committed ..._r8_{experts,attention}_split_x32 and
+    # ..._r8_experts_split_compile_x32 files ran commit 1faae6c, an earlier split reverted after them (its compile
+    # failed on the B factor's layout: mgmlora.models.experts.contiguous_factor)
+    q="liger+packing+nocast+fused+fastexperts"
+    timeout 340 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 --target_experts --warmup 3 --steps 5 \
+      --variants ${q}+splitexperts+compilex32,${q}+compilex32,${q}+splitexpertsx32 \
+      --out "$out/$day-train_step_r8_experts_split_vs_peft_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
+    timeout 200 python3 bench/train_step.py --model qwen3-30b-a3b --r 8 --warmup 3 --steps 5 --variants ${q}+compilex32 \
+      --out "$out/$day-train_step_r8_attention_compile_x32-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 2
     ;;
   recipe_mgm)
     # configs/mgm2b_lora.yaml as written (micro-batch 1 x accumulate 128, compile, no checkpointing) in the real fit

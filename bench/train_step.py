@@ -25,6 +25,9 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 - `+nockpt`: gradient checkpointing off (speed for memory: no recompute).
 - `+eagerexperts`: MoE experts as transformers' per-expert loop instead of its default grouped GEMM;
   `+fastexperts`: mgmlora's grouped GEMM (`model.experts_implementation: mgmlora_grouped_mm`, mgmlora.models.experts).
+- `+splitexperts`: expert LoRA (`--target_experts`) split beside the frozen expert GEMM (`speed.expert_lora: split`,
+  mgmlora.training.expert_lora); without it expert LoRA runs PEFT's path (W + B A formed per call), as in a plain
+  transformers + PEFT script.
 
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
@@ -75,6 +78,7 @@ from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
+from mgmlora.training.expert_lora import set_expert_lora  # noqa: E402
 from mgmlora.training.fastpath import set_peft_input_cast  # noqa: E402
 from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.training.loss import lm_loss  # noqa: E402
@@ -190,7 +194,8 @@ def step_flops(flop_model: FlopModel, batches, info, recompute: bool) -> tuple[f
     return model / len(batches), hardware / len(batches)
 
 
-FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "flex", "dense"}
+FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "splitexperts", "flex",
+         "dense"}
 
 
 def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
@@ -235,6 +240,12 @@ def switch_on(model, loaded, flags: set[str]) -> list:
         previous_experts = experts_implementation(llm.config)
         llm.set_experts_implementation(chosen[0])
         undo.append(lambda: llm.set_experts_implementation(previous_experts or "grouped_mm"))
+    if "splitexperts" in flags:  # after the experts implementation (split needs mgmlora's), before the compile
+        split, kept = set_expert_lora(model, "split")
+        undo.append(lambda: set_expert_lora(model, "peft"))
+        if not split or kept:
+            raise ValueError(f"+splitexperts: {split} expert modules split, {kept} not (needs --target_experts and "
+                             f"mgmlora's experts, +fastexperts)")
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
         loaded.compile()

@@ -100,3 +100,41 @@ def test_a_torch_without_the_public_grouped_mm_is_a_one_line_error_naming_the_se
                                                    r"torch.nn.functional.grouped_mm.*experts_implementation: "
                                                    r"grouped_mm"):
         experts._grouped_mm(x, weight, offsets)
+
+
+def test_expert_lora_compiles_with_inductor_from_pefts_strided_factors():
+    """inductor lays out a copy of a strided view in the view's stride order, and grouped_mm refused PEFT's B factor
+    (experts innermost) copied that way: "Invalid strides/sizes" (the 2026-12-04 GPU run; the same on the CPU).
+    `contiguous_factor` pins the copy's layout. bf16: grouped_mm's fake (meta) function takes nothing else."""
+    e, r, d_in, d_out, tokens = 4, 8, 32, 48, 24
+    g = torch.Generator().manual_seed(0)
+    lora_a = (torch.randn(e * r, d_in, generator=g) * 0.2).requires_grad_()  # PEFT's lora_A.weight (E r, in)
+    lora_b = (torch.randn(d_out, r * e, generator=g) * 0.2).requires_grad_()  # lora_B.weight (out, r E)
+    offsets = torch.tensor([5, 5, 17, 24], dtype=torch.int32)
+    x = torch.randn(tokens, d_in, generator=g).bfloat16().requires_grad_()
+    grad_out = torch.randn(tokens, d_out, generator=g).bfloat16()
+
+    def step(fn):
+        for t in (lora_a, lora_b, x):
+            t.grad = None
+        out = fn(x, offsets)
+        (out * grad_out).sum().backward()
+        return out.detach(), lora_a.grad.clone(), lora_b.grad.clone(), x.grad.clone()
+
+    def split(x, offsets):  # PEFT's storage as strided views, as mgmlora.training.expert_lora passes them
+        factors = experts.ExpertLora(lora_a.view(e, r, d_in).transpose(1, 2),
+                                     lora_b.view(d_out, r, e).permute(2, 1, 0), 2.0)
+        return factors(x, offsets)
+
+    eager = step(split)
+    try:
+        compiled = step(torch.compile(split, backend="inductor", fullgraph=True))
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    # and the reference is right: expert by expert, in fp32
+    starts = [0, *offsets.tolist()[:-1]]
+    manual = torch.cat([2.0 * x[s:t].float() @ lora_a[i * r:(i + 1) * r].T @ lora_b[:, i::e].T
+                        for i, (s, t) in enumerate(zip(starts, offsets.tolist(), strict=True))])
+    torch.testing.assert_close(eager[0].float(), manual, rtol=2e-2, atol=2e-2 * manual.abs().max().item())

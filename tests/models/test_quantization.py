@@ -18,6 +18,7 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.nf4 import dequantize, quantize
 from mgmlora.models.quantization import Nf4Linear, QuantizationArgs
 from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.expert_lora import set_expert_lora
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
@@ -76,12 +77,15 @@ def test_the_4bit_model_computes_with_the_dequantised_weights(preset, backend):
         assert not torch.allclose(got, full.model(input_ids=_batch().input_ids).logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("expert_lora", ["peft", "split"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lora_on_attention_and_4bit_experts_gets_the_gradients_of_lora_on_the_dequantised_weights(backend):
+def test_lora_on_attention_and_4bit_experts_gets_the_gradients_of_lora_on_the_dequantised_weights(backend, expert_lora):
+    # the reference: PEFT's own expert LoRA on the dequantised weights held in full precision
     lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True, init_lora_weights="gaussian")
     torch.manual_seed(0)
     quantized = load_model(_args("tiny-qwen3-moe", backend))
     model, _ = apply_trainability(quantized, lora, Trainability())
+    assert set_expert_lora(model, expert_lora)[0] == (2 if expert_lora == "split" else 0)
     torch.manual_seed(0)
     reference = _fake_quantized("tiny-qwen3-moe", backend)
     ref_model, _ = apply_trainability(reference, lora, Trainability())

@@ -192,7 +192,8 @@ def _estimate_bench_step(result, name, flags, rec):
                     target_experts=result["lora"].get("target_experts", False),
                     **({"r": result["lora"]["r"], "lora_alpha": 2 * result["lora"]["r"]} if result["lora"].get("r")
                        else {}))
-    speed = SpeedArgs(loss="full" if name == "plain" else "chunked", packing="packing" in flags)
+    speed = SpeedArgs(loss="full" if name == "plain" else "chunked", packing="packing" in flags,
+                      expert_lora="split" if "splitexperts" in flags else "peft")
     if name == "liger":
         speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
     samples = rec["samples_per_step"]
@@ -270,6 +271,23 @@ def test_4bit_weights_are_itemised_at_the_bytes_the_quantised_model_holds(double
     quantised_weights = sum(m.shape.numel() for m in model.modules() if isinstance(m, Nf4Weight))
     not_quantised = items["base weights (frozen, not quantised)"] * GIB
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
+
+
+@pytest.mark.parametrize("expert_lora,copies", [("peft", 3), ("split", 1)])
+def test_4bit_expert_lora_dequantises_one_layer_and_peft_also_merges_it(expert_lora, copies):
+    # PEFT's path adds the weight + delta and its gradient to the dequantised experts; split LoRA forms neither
+    from mgmlora.models import load_model
+    from mgmlora.models.quantization import Nf4Weight, QuantizationArgs
+    from mgmlora.tools.memory import GIB
+
+    args = ModelArgs(preset="tiny-qwen3-moe", dtype="float32",
+                     quantization=QuantizationArgs(compute_dtype="float32", backend="torch"))
+    shape = RunShape(batch_size=2, seq_len=64, precision="32-true", device="cpu")
+    lora = LoraArgs(preset="chameleons", lora_dropout=0.0, target_experts=True)
+    items = estimate(args, lora, Trainability(), SpeedArgs(expert_lora=expert_lora), shape).items
+    experts = load_model(args).model.model.layers[0].mlp.experts
+    one_layer = sum(m.shape.numel() for m in experts.modules() if isinstance(m, Nf4Weight)) * 4  # fp32 compute
+    assert items["dequantised weights (one layer, transient)"] * GIB == pytest.approx(copies * one_layer, rel=1e-9)
 
 
 def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):

@@ -17,13 +17,20 @@ parallelism; the weighting is unchanged.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
 It is also the one experts forward that runs 4-bit experts (QLoRA, mgmlora.models.quantization): it reads each fused
 weight through `expert_weight`, which dequantises one layer's experts when they run.
+It also runs LoRA on the experts without merging it into their weights (`lora`, `ExpertLora`): the frozen expert
+GEMM plus two thin grouped GEMMs through each routed token's expert's A and B, so no (E, out, in) weight + delta is
+ever formed (mgmlora.training.expert_lora passes PEFT's factors in).
 Same loss and gradients as `grouped_mm` (tests/models/test_experts.py); bench/train_step.py (`+fastexperts`)
 measures its speed, and configs/README.md has the results.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -50,8 +57,56 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transp
     return _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
 
 
+@torch.library.custom_op("mgmlora::contiguous_factor", mutates_args=())
+def contiguous_factor(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy that torch.compile keeps contiguous (the gradient passes through unchanged).
+
+    grouped_mm needs each expert's matrix row- or column-major, and PEFT's B factor is neither (its experts are the
+    innermost dimension, `ExpertLora`). `Tensor.contiguous()` says so in eager mode, but inductor picks the layout of a
+    copy itself and, for a copy of a strided view, keeps the view's stride order: the compiled step then fails in
+    grouped_mm ("Invalid strides/sizes", bench/results/2026-12-04-train_step_r8_experts_split_compile_x32-*; the same
+    on the CPU, tests/models/test_experts.py). The output of a custom op has the layout its fake function gives.
+    """
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@contiguous_factor.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+contiguous_factor.register_autograd(lambda ctx, grad: grad)
+
+
+class ExpertLora(NamedTuple):
+    """LoRA of one fused expert weight as per-expert factors: expert e maps x to x @ W_e + scaling * x @ a[e] @ b[e].
+
+    `a` and `b` may be any strided views (PEFT's storage, mgmlora.training.expert_lora.expert_factors); each call
+    makes one contiguous copy of each in the input's dtype, r x (in + out) values per expert.
+    """
+
+    a: torch.Tensor  # (E, in, r)
+    b: torch.Tensor  # (E, r, out)
+    scaling: float
+
+    def __call__(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(S, in) rows grouped by expert (`offsets` as in `_grouped_mm`) -> (S, out) LoRA outputs, scaled."""
+        a, b = self.a.to(x.dtype), self.b.to(x.dtype)
+        if pad := -a.shape[-1] % (16 // x.element_size()):
+            # grouped_mm needs 16-byte row strides; zero rank columns of A and rows of B add nothing
+            a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
+        low = _grouped_mm(x, contiguous_factor(a), offsets)  # (S, r)
+        return _grouped_mm(low, contiguous_factor(b), offsets) * self.scaling  # (S, out)
+
+
+def supports_lora(module: nn.Module) -> bool:
+    """Whether `fast_experts_forward` runs this experts module itself, so that it can take LoRA factors (`lora`)."""
+    return not (getattr(module, "_is_expert_parallel", False) or getattr(module, "has_bias", False)
+                or not getattr(module, "has_gate", True) or getattr(module, "has_post_expert_norm", False))
+
+
 def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
+                         top_k_weights: torch.Tensor, lora: Mapping[str, ExpertLora] | None = None) -> torch.Tensor:
     """The experts of one MoE layer over its tokens: sum over k of weight_k * expert_k(token).
 
     Args:
@@ -60,13 +115,17 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         hidden_states: (T, H) the layer's tokens.
         top_k_index: (T, k) the experts each token is routed to.
         top_k_weights: (T, k) their routing weights.
+        lora: LoRA factors by parameter name (`gate_up_proj`, `down_proj`), added beside the frozen GEMMs.
 
     Returns:
         (T, H) in the dtype of `hidden_states`.
     """
-    if (getattr(self, "_is_expert_parallel", False) or getattr(self, "has_bias", False)
-            or not getattr(self, "has_gate", True) or getattr(self, "has_post_expert_norm", False)):
+    if not supports_lora(self):
+        if lora:
+            raise ValueError("fast_experts_forward got LoRA factors for a layout it hands to transformers "
+                             "(expert-parallel, biased, gate-less or post-normed experts)")
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
+    lora = lora or {}
     num_tokens, hidden = hidden_states.shape
     k = top_k_index.shape[-1]
     transposed = getattr(self, "is_transposed", False)
@@ -77,6 +136,8 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
                            dtype=torch.int32)  # (E,) end of each expert's rows
     x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
     gate_up = _linear(x, expert_weight(self, "gate_up_proj"), offsets, transposed)  # (S, 2I)
+    if "gate_up_proj" in lora:
+        gate_up = gate_up + lora["gate_up_proj"](x.to(gate_up.dtype), offsets)
     weights = top_k_weights.reshape(-1)[order].to(gate_up.dtype)  # (S,)
     if hasattr(self, "_apply_gate"):
         inter = self._apply_gate(gate_up)  # (S, I)
@@ -85,6 +146,8 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         inter = self.act_fn(gate) * up  # (S, I)
     inter = inter * weights[:, None]  # weighted here, before the linear down projection
     out = _linear(inter, expert_weight(self, "down_proj"), offsets, transposed)  # (S, H)
+    if "down_proj" in lora:
+        out = out + lora["down_proj"](inter.to(out.dtype), offsets)
     routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)
     return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
 

@@ -111,7 +111,7 @@ class LoadedModel(ABC):
         code, so one graph serves them all, and a graph break cannot spread to the whole model). `nn.Module.compile`
         keeps the module objects, so names, state dict keys, PEFT wrappers and hooks are untouched.
 
-        A layer whose MoE experts carry LoRA (`lora.target_experts`) is compiled around them instead: its largest
+        A layer whose MoE experts carry LoRA through PEFT's own path is compiled around them instead: its largest
         submodules without such experts (attention, norms, router) each on its own, the experts eager
         (`eager_regions`).
         """
@@ -170,15 +170,17 @@ def eager_regions(layers: nn.Module) -> list[nn.Module]:
     following tensors have different metadata than during the forward pass"), Qwen3-30B-A3B's first step on the GPU
     with torch 2.11 and transformers 5.17. Run eagerly, the experts take the same path in the forward and the
     recompute, and nothing recompiles.
-    Only the outermost wrapper is listed (PEFT nests one per adapted parameter).
+    Only the outermost wrapper is listed (PEFT nests one per adapted parameter), and only where it runs PEFT's own
+    forward: split expert LoRA (`speed.expert_lora: split`, mgmlora.training.expert_lora) registers nothing and
+    compiles with its layer.
     """
     from peft.tuners.lora import ParamWrapper  # imported here: mgmlora.models does not depend on PEFT otherwise
 
-    found = []
+    outermost: list[nn.Module] = []
     for module in layers.modules():
-        if isinstance(module, ParamWrapper) and not any(module in m.modules() for m in found):
-            found.append(module)
-    return found
+        if isinstance(module, ParamWrapper) and not any(module in m.modules() for m in outermost):
+            outermost.append(module)
+    return [m for m in outermost if type(m).forward is ParamWrapper.forward]
 
 
 def compile_regions(module: nn.Module, eager: list[nn.Module]) -> list[nn.Module]:

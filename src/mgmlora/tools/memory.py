@@ -172,8 +172,8 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
         items["base weights (4-bit NF4)"] = quantized_bytes(facts.quantizable, quant.double_quant)
         # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per layer;
-        # with expert LoRA also the weight + delta and its gradient), or one linear at a time
-        copies = 3 if lora.target_experts else 1
+        # with expert LoRA through PEFT also the weight + delta and its gradient), or one linear at a time
+        copies = 3 if lora.target_experts and speed.expert_lora == "peft" else 1
         items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies,
                                                                  facts.largest_linear) * compute_bytes
     if towers:

@@ -17,16 +17,20 @@ a comparable share.
 - `speed.compile: true` compiles the regions the model's family names (`LoadedModel.compile`): each decoder layer
   (regional compilation, as PyTorch's tutorial on it recommends), and for MGM also its image path. Inductor then fuses
   the element-wise chains. Gradient checkpointing keeps working: the checkpoint wraps the layer's call, which runs the
-  compiled forward, again in the recompute. Layers whose MoE experts carry LoRA (`lora.target_experts`) are compiled
-  around their experts, which run eagerly (PEFT's expert LoRA recompiles on every call; `eager_regions` in
-  mgmlora.models.loaded says why).
+  compiled forward, again in the recompute. Layers whose MoE experts carry LoRA through PEFT's own path are compiled
+  around their experts, which run eagerly (that path recompiles on every call; `eager_regions` in
+  mgmlora.models.loaded says why); split expert LoRA compiles with the rest of its layer.
+- `speed.expert_lora` chooses how LoRA on fused MoE experts runs (mgmlora.training.expert_lora). It is set before the
+  compile, which depends on it.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.loaded import LoadedModel
+from mgmlora.training.expert_lora import set_expert_lora
 from mgmlora.training.loss import SpeedArgs
 
 
@@ -52,7 +56,7 @@ def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
 
 
 def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
-    """Applies `speed.peft_input_cast` and `speed.compile` to a built model.
+    """Applies `speed.peft_input_cast`, `speed.expert_lora` and `speed.compile` to a built model.
 
     Args:
         loaded: the loaded model after LoRA was applied (PEFT injects its LoRA layers into `loaded.model` in place);
@@ -69,6 +73,12 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
         n = set_peft_input_cast(loaded.model, False)
         if n:
             done.append(f"PEFT input casts off in {n} LoRA layers")
+    split, kept = set_expert_lora(loaded.model, speed.expert_lora)
+    if split:
+        done.append(f"expert LoRA split (frozen expert GEMM + LoRA GEMMs) in {split} MoE layers")
+    if kept:
+        done.append(f"expert LoRA through PEFT (W + B A per call) in {kept} MoE layers: split needs "
+                    f"model.model.experts_implementation: {FAST_EXPERTS} and experts without biases")
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done

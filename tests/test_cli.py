@@ -169,3 +169,16 @@ def test_main_fit_whose_loss_diverges_exits_1_naming_the_step_and_keeps_only_fin
     assert "Traceback" not in out and not list(tmp_path.rglob("adapter"))
     for weights in tmp_path.rglob("adapter_model.safetensors"):  # every checkpoint left is finite
         assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights
+
+
+def test_a_compiled_checkpointed_moe_fit_with_split_expert_lora_compiles_its_layers(tmp_path):
+    # transformers 5.25 checkpoints inside each layer's forward, where dynamo once broke the graph and ran every layer
+    # eagerly; the run now says when torch.compile compiled nothing (mgmlora.training.fastpath.CompileWatch). Split
+    # expert LoRA compiles with the rest of the layer (bf16, as on a GPU)
+    out = _run("fit", "--config", "configs/demo_moe.yaml", "--trainer.max_steps", "2",
+               "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.limit_val_batches", "0",
+               "--model.speed.compile", "true", "--model.model.gradient_checkpointing", "true",
+               "--model.model.dtype", "bfloat16", "--model.speed.expert_lora", "split")
+    assert "expert LoRA split (frozen expert GEMM + LoRA GEMMs) in 2 MoE layers" in out, out[-3000:]
+    assert "compiled (torch.compile): 2 decoder layers\n" in out, out[-3000:]  # whole: no experts left eager
+    assert "compiled nothing" not in out and "graph break" not in out, out[-3000:]

@@ -138,3 +138,23 @@ def test_expert_lora_compiles_with_inductor_from_pefts_strided_factors():
     manual = torch.cat([2.0 * x[s:t].float() @ lora_a[i * r:(i + 1) * r].T @ lora_b[:, i::e].T
                         for i, (s, t) in enumerate(zip(starts, offsets.tolist(), strict=True))])
     torch.testing.assert_close(eager[0].float(), manual, rtol=2e-2, atol=2e-2 * manual.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_experts_run_in_float32_too(dtype):
+    """grouped_mm's compiled form takes bf16 only: float32 experts (the CPU demos) crashed under torch.compile."""
+    model = tiny_model("tiny-qwen3-moe", seed=5).to(dtype)
+    experts.register()
+    model.set_experts_implementation(FAST_EXPERTS)
+    module = _experts_modules(model)[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, module.hidden_dim, generator=g).to(dtype)
+    index = torch.randint(0, module.num_experts, (6, 2), generator=g)
+    weights = torch.rand(6, 2, generator=g).to(dtype)
+    with torch.no_grad():
+        eager = experts.fast_experts_forward(module, x, index, weights)
+        try:
+            compiled = torch.compile(experts.fast_experts_forward, backend="aot_eager")(module, x, index, weights)
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)

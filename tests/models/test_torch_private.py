@@ -2,9 +2,15 @@
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from mgmlora.models.torch_private import allocation_events, stack_config, uncompile
+from mgmlora.models.torch_private import (
+    allocation_events,
+    stack_config,
+    trace_through_checkpoint_side_effects,
+    uncompile,
+)
 
 
 def test_uncompile_makes_a_compiled_module_run_eagerly_again():
@@ -54,3 +60,60 @@ def test_the_stack_config_makes_the_profiler_record_python_stacks():
         masked_sum(torch.randn(16))
     stacks = [e.stack for e in prof.events() if e.name == "aten::nonzero"]
     assert stacks and any("masked_sum" in frame for frame in stacks[0])
+
+
+def test_a_checkpointed_forward_that_flips_outer_state_compiles_whole_only_with_the_switch():
+    """The pattern of transformers 5.25 + `kernels`: checkpoint inside `forward`, and around the body a value set and
+    reset on an outer object that also flips a flag for good the first time it is traced (kernels' `_ScopedVar`).
+    Without the switch dynamo breaks the graph at the checkpoint; with it, one graph holds the checkpointed body."""
+
+    class ScopedVar:
+        def __init__(self):
+            self.value, self.tracing = None, False
+
+        def set(self, value):
+            if torch.compiler.is_compiling():
+                self.tracing = True  # never undone: what dynamo refuses inside a checkpoint
+            previous, self.value = self.value, value
+            return previous
+
+    scoped = ScopedVar()
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def _body(self, x):
+            token = scoped.set("inside")
+            try:
+                return self.linear(x).relu()
+            finally:
+                scoped.set(token)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self._body, x, use_reentrant=False)
+
+    def compiled_run():
+        torch._dynamo.reset()
+        counters.clear()
+        scoped.tracing = False
+        graphs = []
+        layer = Layer()
+        layer.compile(backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        layer(torch.ones(2, 4, requires_grad=True)).sum().backward()
+        assert scoped.value is None
+        return graphs, sum(counters["graph_break"].values())
+
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    try:
+        with torch._dynamo.config.patch(**{flag: False}):
+            graphs, breaks = compiled_run()
+            assert breaks >= 1 and graphs == []
+            trace_through_checkpoint_side_effects()
+            assert getattr(torch._dynamo.config, flag) is True
+            graphs, breaks = compiled_run()
+            assert breaks == 0 and len(graphs) == 1
+            assert any("checkpoint" in str(node.target) for node in graphs[0].graph.nodes)  # the body is in the graph
+    finally:
+        torch._dynamo.reset()

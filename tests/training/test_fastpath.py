@@ -12,7 +12,7 @@ from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.training.checkpoint import AdapterCheckpointIO
-from mgmlora.training.fastpath import apply_fast_path, set_peft_input_cast
+from mgmlora.training.fastpath import CompileWatch, apply_fast_path, set_peft_input_cast
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs, lm_loss
 from mgmlora.training.module import LoraLitModule
@@ -150,6 +150,36 @@ def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_checkpointed_layers_compile_whole(preset):
+    # transformers 5.25 checkpoints inside each layer's forward, and its `kernels` dependency flips state there: without
+    # mgmlora.models.torch_private.trace_through_checkpoint_side_effects dynamo broke the graph and every layer ran
+    # eagerly, so `speed.compile` compiled nothing (transformers 5.17 checkpoints around the layer: compiled either way)
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    loaded = load_model(ModelArgs(preset=preset, dtype="bfloat16", gradient_checkpointing=True))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="chameleons", lora_dropout=0.0), Trainability())
+    model.train()
+    layers = model.get_base_model().get_submodule(loaded.decoder_layers)
+    graphs = []
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        loaded.compile(backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        loaded.uncompile()
+        torch._dynamo.reset()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert 1 <= len(graphs) <= len(layers)  # the first layer's input needs no gradient: at most a graph per layer
+    attention = sum(node.target is torch.nn.functional.scaled_dot_product_attention or "attention" in str(node.target)
+                    for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+                    for node in m.graph.nodes)
+    assert attention >= 1  # the layers' bodies were traced, not only a call into an eager checkpoint
+
+
 def test_layers_with_expert_lora_compile_around_the_experts_and_match_eager_under_checkpointing():
     # PEFT's expert LoRA re-registers a parametrization (a new module class) on every call: compiled, each call
     # recompiled until dynamo's recompile_limit sent the rest eager, and a layer whose forward ran compiled but whose
@@ -230,3 +260,31 @@ def test_peft_input_cast_is_kept_under_zero3_where_lora_weights_stay_fp32(stage,
     trainer = L.Trainer(strategy=MgmDeepSpeedStrategy(stage=stage), accelerator="cpu", devices=1,
                         precision="bf16-mixed", logger=False, enable_checkpointing=False)
     assert input_cast_needed(trainer, "bfloat16") is not skip_cast
+
+
+@pytest.mark.parametrize("body,compiled,says", [
+    ("clean", True, None),
+    ("break", True, "2 graph(s) compiled; 1 graph break(s), first: "),
+    ("eager", False, "compiled nothing in the first step"),
+])
+def test_compile_watch_says_whether_anything_compiled(body, compiled, says):
+    class Layer(torch.nn.Module):  # defined here: dynamo skips torch's own modules at the top level
+        def forward(self, x):
+            x = x.relu() + 1
+            if body == "break":
+                torch._dynamo.graph_break()
+            return x * 2
+
+    layer = Layer()
+    if body == "eager":
+        layer.forward = torch.compiler.disable(layer.forward)
+    torch._dynamo.reset()
+    watch = CompileWatch()
+    try:
+        layer.compile(backend="eager")
+        layer(torch.ones(3))
+        got_compiled, line = watch.outcome()
+    finally:
+        torch._dynamo.reset()
+    assert got_compiled is compiled
+    assert line == says if says is None else says in line

@@ -49,7 +49,19 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
         raise MgmloraError(f"model.model.experts_implementation: {FAST_EXPERTS} needs torch.nn.functional.grouped_mm, "
                            f"which torch {torch.__version__} lacks: upgrade torch, or set "
                            "model.model.experts_implementation: grouped_mm (transformers' own).")
+    if weight.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _eager_grouped_mm(x.to(weight.dtype), weight, offsets)
     return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight, offs=offsets)
+
+
+@torch.compiler.disable
+def _eager_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_mm outside the compiled graph, for weights that are not bf16.
+
+    Its compiled form (the meta function dynamo traces with) takes bf16 only, so a float32 MoE model (the CPU demos)
+    crashed under `speed.compile`; this runs the GEMM eagerly and the rest of the layer compiled around it.
+    """
+    return torch.nn.functional.grouped_mm(x, weight, offs=offsets)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ from mgmlora.models.packing import pack_padded
 from mgmlora.models.processor import Processor
 from mgmlora.models.quantization import QuantizationArgs, quantize_layers
 from mgmlora.models.shards import INDEX, write_index
-from mgmlora.models.torch_private import uncompile
+from mgmlora.models.torch_private import trace_through_checkpoint_side_effects, uncompile
 
 Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
 Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
@@ -116,6 +116,7 @@ class LoadedModel(ABC):
         (`eager_regions`).
         """
         layers = self._compiled_layers()
+        trace_through_checkpoint_side_effects()  # else a checkpointed layer may compile nothing (torch_private)
         eager = eager_regions(layers)
         for layer in layers:
             for region in compile_regions(layer, eager):

@@ -22,6 +22,30 @@ def uncompile(module: nn.Module) -> None:
     module._compiled_call_impl = None
 
 
+def trace_through_checkpoint_side_effects() -> None:
+    """Lets dynamo compile a checkpointed layer whose forward sets and resets a context variable.
+
+    Newer transformers releases (5.25) checkpoint inside each decoder layer's `forward`, so a compiled layer traces
+    `torch.utils.checkpoint` as a higher-order op; and with the `kernels` package (a transformers dependency there)
+    every layer's forward sets and resets a context variable around its body. Dynamo refuses a side effect inside the
+    checkpoint ("HOP: Unsafe side effect"), breaks the graph, and the layer runs eagerly: `speed.compile` then
+    compiles nothing, silently. The set and reset cancel out before the forward returns, so the recompute in the
+    backward needs neither: dynamo's own switch for that case (process-wide, read when a call is first traced).
+    """
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def dynamo_counts() -> tuple[int, dict[str, int]]:
+    """(graphs dynamo has compiled in this process, graph-break reasons with their counts), from dynamo's counters.
+
+    torch.compile compiles lazily and falls back to eager code silently where it cannot trace; its public surface
+    (`torch._dynamo.explain`) runs a separate trace, while the counters say what the real run compiled.
+    """
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+
+
 def allocation_events(prof: profile) -> Iterator[tuple[int, int]]:
     """(start time in ns, bytes) of every allocation (positive) and free (negative) a `profile_memory` run recorded.
 
@@ -42,4 +66,4 @@ def stack_config() -> torch._C._profiler._ExperimentalConfig:
     return torch._C._profiler._ExperimentalConfig(verbose=True)
 
 
-__all__ = ["allocation_events", "stack_config", "uncompile"]
+__all__ = ["allocation_events", "dynamo_counts", "stack_config", "trace_through_checkpoint_side_effects", "uncompile"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.loaded import LoadedModel
+from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.training.expert_lora import set_expert_lora
 from mgmlora.training.loss import SpeedArgs
 
@@ -82,3 +83,27 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done
+
+
+class CompileWatch:
+    """Says after the first training step whether `speed.compile` compiled anything (torch.compile falls back silently).
+
+    A region dynamo cannot trace runs eagerly without an error: the run is then as slow as without `compile` while
+    its config says otherwise (transformers 5.25's checkpointed layers did that before
+    mgmlora.models.torch_private.trace_through_checkpoint_side_effects). Created before the first compiled call.
+    """
+
+    def __init__(self) -> None:
+        self.graphs, self.breaks = dynamo_counts()
+
+    def outcome(self) -> tuple[bool, str | None]:
+        """(whether anything compiled, a line for the log: why not, or the graph breaks that split what did)."""
+        graphs, breaks = dynamo_counts()
+        new = {reason: n - self.breaks.get(reason, 0) for reason, n in breaks.items() if n > self.breaks.get(reason, 0)}
+        first = next(iter(new), "").strip().splitlines()
+        why = f"; {sum(new.values())} graph break(s), first: {first[0]}" if first else ""
+        if graphs == self.graphs:
+            return False, (f"speed.compile is on, but torch.compile compiled nothing in the first step{why}: the model "
+                           "runs eagerly. Set model.speed.compile: false, or run with TORCH_LOGS=graph_breaks to see "
+                           "where tracing stops.")
+        return True, f"speed.compile: {graphs - self.graphs} graph(s) compiled{why}" if why else None

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -29,7 +29,7 @@ from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenize
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
-from mgmlora.training.fastpath import apply_fast_path
+from mgmlora.training.fastpath import CompileWatch, apply_fast_path
 from mgmlora.training.finite import FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
@@ -121,6 +121,7 @@ class LoraLitModule(L.LightningModule):
         self.base_id = base_fingerprint(self.model_args)  # recorded with every save, compared on every load
         same_dtype = not input_cast_needed(trainer, self.model_args.dtype)
         fast = apply_fast_path(loaded, self.speed, same_dtype)
+        self.compile_watch = CompileWatch() if self.speed.compile else None  # read after the first step
         if self.speed.packing:
             fast.append(f"packed micro-batches, attention: {describe_packed_attention(self.model_args)}")
         if self.plan is not None:
@@ -209,7 +210,16 @@ class LoraLitModule(L.LightningModule):
         return self.finite.check(step, values, agree, can_skip, newest, applied)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Under DeepSpeed, checks and logs the engine's pre-clipping gradient norm of the step that just ran."""
+        """Says whether `speed.compile` compiled anything; under DeepSpeed, checks and logs the gradient norm.
+
+        The compile check runs once, after the first micro-batch; the norm is the engine's pre-clipping one, of the
+        optimizer step that just ran.
+        """
+        if getattr(self, "compile_watch", None) is not None:
+            compiled, line = self.compile_watch.outcome()
+            self.compile_watch = None
+            if line:
+                (rank_zero_info if compiled else rank_zero_warn)(f"mgmlora: {line}")
         if not steps_itself(self.trainer) or not self.window.ended:
             return  # not DeepSpeed, or mid-window
         norm = engine_grad_norm(self.trainer)

@@ -218,10 +218,20 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     """Switches a variant's model-level flags on; returns the undo actions, most recent last.
 
     Each flag's undo restores the state it found (checkpointing on or off, the experts implementation in use), and is
-    registered as soon as the flag is on, so a failure half-way still leaves a model the next variant can use.
+    registered as soon as the flag is on; a failure half-way runs the undo actions registered so far before it
+    propagates, so the next variant gets the model as it was.
     """
+    undo: list = []
+    try:
+        _switch_on(model, loaded, flags, undo)
+    except BaseException:
+        switch_off(undo)
+        raise
+    return undo
+
+
+def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     llm = loaded.language_model()
-    undo = []
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
@@ -249,7 +259,6 @@ def switch_on(model, loaded, flags: set[str]) -> list:
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
         loaded.compile()
-    return undo
 
 
 def switch_off(undo: list) -> None:

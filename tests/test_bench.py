@@ -68,6 +68,25 @@ def test_best_within_budget_excludes_variants_over_the_budget_and_failed_ones():
     assert _bench_module().best_within_budget(records, 5)["ratio"] is None  # nothing fits: no ratio
 
 
+def test_a_variant_whose_flags_fail_half_way_leaves_the_model_as_it_found_it():
+    # +splitexperts without expert LoRA fails after +eagerexperts and +nocast have been applied; the next variant
+    # must not run on their leftovers
+    from mgmlora.models import load_model
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.models.transformers_private import experts_implementation
+    from mgmlora.training.fastpath import lora_layers
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.trainable import Trainability, apply_trainability
+
+    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe"))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+    before = experts_implementation(loaded.model.config)
+    with pytest.raises(ValueError, match="splitexperts"):
+        _bench_module().switch_on(model, loaded, {"eagerexperts", "nocast", "splitexperts"})
+    assert experts_implementation(loaded.model.config) == before
+    assert all(layer.cast_input_dtype_enabled for layer in lora_layers(model))
+
+
 def test_packed_attention_flags_need_packing():
     parse = _bench_module().parse_variant
     assert parse("chunked+packing+flexx8") == ("chunked", {"packing", "flex"}, 8)

@@ -121,6 +121,11 @@ def test_hand_computed_split_expert_with_an_unaligned_rank():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def _merge(wrappers):
+    for module in wrappers:
+        module.merge()
+
+
 def test_disabled_and_merged_adapters_run_the_plain_experts():
     model, _ = _expert_lora_model()
     ids = _ids()
@@ -129,14 +134,28 @@ def test_disabled_and_merged_adapters_run_the_plain_experts():
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
     set_expert_lora(model, "split")
+    lora_layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)  # sums reordered
         with model.disable_adapter():
             torch.testing.assert_close(model(input_ids=ids).logits, base)
-        for module in model.modules():  # merged: the delta sits in the weights, so it must not be added again
-            if hasattr(module, "merge") and hasattr(module, "lora_A"):
-                module.merge()
+        _merge(lora_layers)  # merged: the delta sits in the weights, so it must not be added again
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+        with model.disable_adapter():  # disabled while merged: unmerged first, as PEFT does
+            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=1e-4, atol=1e-4)
+        assert not any(m.merged for m in lora_layers)
+
+
+def test_a_partly_merged_chain_gives_pefts_output():
+    # only the inner wrapper (gate_up_proj) merged: its delta is in the weight, the outer one's (down_proj) is not
+    model, _ = _expert_lora_model()
+    ids = _ids()
+    for wrapper in outer_wrappers(model):
+        wrapper.base_layer.merge()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits  # PEFT's path
+        set_expert_lora(model, "split")
+        torch.testing.assert_close(model(input_ids=ids).logits, reference)
 
 
 def test_only_the_outer_wrapper_changes_and_state_dict_keys_stay_pefts():
@@ -176,10 +195,12 @@ def test_split_layers_compile_whole_and_match_eager_under_checkpointing():
         loss_eager, grads_eager = _loss_and_grads(model, ids)
     layers = model.get_base_model().get_submodule(loaded.decoder_layers)
     assert eager_regions(layers) == []
+    counters.clear()
     try:
         assert loaded.compile(backend="aot_eager") == [f"{len(layers)} decoder layers"]
         with torch._dynamo.config.patch(error_on_recompile=True), torch.autocast("cpu", dtype=torch.bfloat16):
             loss, grads = _loss_and_grads(model, ids)
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # compiled, not fallen back
         assert all(layer._compiled_call_impl is not None for layer in layers)
         torch.testing.assert_close(loss, loss_eager, rtol=1e-3, atol=1e-3)
         assert grads.keys() == grads_eager.keys() and any("experts" in n for n in grads)
@@ -230,3 +251,39 @@ def test_split_layers_compile_with_inductor(checkpointing):
     assert error(loss, reference[0]) <= 2 * error(loss_peft, reference[0]) + 1e-3
     for name, want in reference[1].items():
         assert error(grads[name], want) <= 2 * error(grads_peft[name], want) + 2e-2, name
+
+
+def test_apply_fast_path_splits_before_it_compiles():
+    # the compile decides what stays eager from the experts' forward: split first, or the experts would stay eager
+    for mode, compiled in [("split", "2 decoder layers"),
+                           ("peft", "2 decoder layers, around their 2 LoRA-adapted expert modules (eager)")]:
+        model, loaded = _expert_lora_model()
+        try:
+            done = apply_fast_path(loaded, SpeedArgs(expert_lora=mode, compile=True), same_compute_dtype=True)
+        finally:
+            loaded.uncompile()
+            torch._dynamo.reset()
+        assert f"compiled (torch.compile): {compiled}" in done
+
+
+def test_pefts_fallback_inside_a_compiled_split_layer_runs_eagerly():
+    # two adapters active at once: the split wrapper hands the call to PEFT's forward, whose per-call parametrization
+    # would recompile on every call inside a compiled layer (and, checkpointed, raise CheckpointError); it runs eagerly
+    # (traced, this fails under torch 2.11 / transformers 5.17, the GPU image's)
+    model, loaded = _expert_lora_model(dtype="bfloat16", checkpointing=True)
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))  # before the split: PEFT finds its class
+    model.base_model.set_adapter(["default", "other"])
+    assert set_expert_lora(model, "split") == (2, 0)
+    model.train()
+    ids = _ids()
+    counters.clear()
+    try:
+        loaded.compile(backend="aot_eager")
+        losses = [_loss_and_grads(model, ids)[0] for _ in range(3)]
+        graphs = counters["stats"]["unique_graphs"]
+        _loss_and_grads(model, ids)
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiles call after call
+    finally:
+        loaded.uncompile()
+        torch._dynamo.reset()
+    assert losses[0] == losses[1] == losses[2]

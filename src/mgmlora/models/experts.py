@@ -94,7 +94,8 @@ class ExpertLora(NamedTuple):
     """LoRA of one fused expert weight as per-expert factors: expert e maps x to x @ W_e + scaling * x @ a[e] @ b[e].
 
     `a` and `b` may be any strided views (PEFT's storage, mgmlora.training.expert_lora.expert_factors); each call
-    makes one contiguous copy of each in the input's dtype, r x (in + out) values per expert.
+    copies them (cast to the input's dtype, rank padding where needed, the contiguous copy), r x (in + out) values per
+    expert each time.
     """
 
     a: torch.Tensor  # (E, in, r)

@@ -13,15 +13,18 @@ same expert offsets, `mgmlora.models.experts.ExpertLora`), so the extra work sca
 experts, and nothing of the expert stack's size is formed. The trainable tensors stay PEFT's own (`lora_A`/`lora_B`
 of each `ParamWrapper`): state dict keys, saved adapters, merging and export are unchanged. Only the outermost
 wrapper of an experts module changes: its class becomes `SplitLoraExperts` (a `ParamWrapper` whose forward hands
-the factors of the whole wrapper chain to the experts forward), once, when the run starts.
+the factors of the whole wrapper chain to the experts forward), once, when the run starts. PEFT recognises its
+wrappers by class name when it adds or loads another adapter: `set_expert_lora(model, "peft")` first.
 
 It needs mgmlora's experts forward (`model.model.experts_implementation: mgmlora_grouped_mm`, the default) and a
 layout that forward runs itself (mgmlora.models.experts.supports_lora); other modules keep PEFT's path, and the run's
-log says which. Same loss and gradients as PEFT's path: tests/training/test_expert_lora.py.
+log says which. Same loss and gradients as PEFT's path (tests/training/test_expert_lora.py): equal in float32; in
+bf16 the split rounds less, since PEFT rounds W + B A to bf16 before its GEMM.
 """
 
 from __future__ import annotations
 
+import torch
 from peft.tuners.lora import ParamWrapper
 from torch import nn
 
@@ -57,21 +60,37 @@ class SplitLoraExperts(ParamWrapper):
     def forward(self, x, *args, **kwargs):
         """The experts module's forward with every wrapped parameter's LoRA passed as factors (`lora=`).
 
-        Disabled adapters run the plain experts; merged ones too (their delta is in the weights already). Several
-        active adapters, per-sample adapter names, a chain only partly merged or an experts implementation other than
-        mgmlora's go through PEFT's own forward.
+        Disabled adapters run the plain experts (merged ones are unmerged first, as PEFT does); merged ones run them
+        too (their delta is in the weights already). Several active adapters, per-sample adapter names, a chain only
+        partly merged or an experts implementation other than mgmlora's go through PEFT's own forward, eagerly even
+        inside a compiled layer (`_peft_forward`).
         """
         chain = _chain(self)
         base = chain[-1].base_layer
-        if self.disable_adapters or all(w.merged for w in chain):
+        if self.disable_adapters:
+            for wrapper in chain:
+                if wrapper.merged:
+                    wrapper.unmerge()
+            return base(x, *args, **kwargs)
+        if all(w.merged for w in chain):
             return base(x, *args, **kwargs)
         active = {tuple(a for a in w.active_adapters if a in w.lora_A) for w in chain}  # {(name,)} when split
         one = next(iter(active)) if len(active) == 1 else ()
         if (len(one) != 1 or any(w.merged for w in chain) or kwargs.get("adapter_names")
                 or not _runs_fast_experts(base)):
-            return super().forward(x, *args, **kwargs)
+            return _peft_forward(self, x, *args, **kwargs)
         lora = {w.parameter_name: expert_factors(w, one[0]) for w in chain}
         return base(x, *args, lora=lora, **kwargs)
+
+
+@torch.compiler.disable
+def _peft_forward(wrapper: ParamWrapper, x, *args, **kwargs):
+    """PEFT's own forward, never traced by torch.compile.
+
+    Its per-call parametrization recompiles on every call and, checkpointed, could run compiled in the forward and
+    eagerly in the recompute (mgmlora.models.loaded.eager_regions says why); eager, both take the same path.
+    """
+    return ParamWrapper.forward(wrapper, x, *args, **kwargs)
 
 
 def _runs_fast_experts(experts: nn.Module) -> bool:

@@ -79,7 +79,8 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
         done.append(f"expert LoRA split (frozen expert GEMM + LoRA GEMMs) in {split} MoE layers")
     if kept:
         done.append(f"expert LoRA through PEFT (W + B A per call) in {kept} MoE layers: split needs "
-                    f"model.model.experts_implementation: {FAST_EXPERTS} and experts without biases")
+                    f"model.model.experts_implementation: {FAST_EXPERTS} and experts that run it (gated, without "
+                    "biases or a post-expert norm, not expert-parallel)")
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done

@@ -57,7 +57,7 @@ class SpeedArgs:
             (mgmlora.models.attention.bucket_padding).
         expert_lora: how LoRA on fused MoE experts (`lora.target_experts`) runs: `peft` (PEFT's own: W + B A formed
             for every expert on every call; the experts stay eager under `compile`) or `split` (the frozen expert
-            GEMM plus two LoRA GEMMs per routed token, compiled with the rest of the layer; needs
+            GEMM plus two LoRA GEMMs per routed token, compiled with the rest of the layer in bf16; needs
             `model.model.experts_implementation: mgmlora_grouped_mm`, other layers keep PEFT's path)
             (mgmlora.training.expert_lora).
     """

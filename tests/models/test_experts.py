@@ -102,6 +102,7 @@ def test_a_torch_without_the_public_grouped_mm_is_a_one_line_error_naming_the_se
         experts._grouped_mm(x, weight, offsets)
 
 
+@pytest.mark.integration  # inductor compiles C++ kernels: slow on a cold cache
 def test_expert_lora_compiles_with_inductor_from_pefts_strided_factors():
     """inductor lays out a copy of a strided view in the view's stride order, and grouped_mm refused PEFT's B factor
     (experts innermost) copied that way: "Invalid strides/sizes" (the 2026-12-04 GPU run; the same on the CPU).

@@ -12,8 +12,8 @@ import mgmlora.models.experts as experts
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.experts import ExpertLora
-from mgmlora.models.loaded import eager_regions
-from mgmlora.training.expert_lora import SplitLoraExperts, expert_factors, outer_wrappers, set_expert_lora
+from mgmlora.models.loaded import eager_regions, outer_param_wrappers
+from mgmlora.training.expert_lora import SplitLoraExperts, expert_factors, set_expert_lora
 from mgmlora.training.fastpath import apply_fast_path
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -150,7 +150,7 @@ def test_a_partly_merged_chain_gives_pefts_output():
     # only the inner wrapper (gate_up_proj) merged: its delta is in the weight, the outer one's (down_proj) is not
     model, _ = _expert_lora_model()
     ids = _ids()
-    for wrapper in outer_wrappers(model):
+    for wrapper in outer_param_wrappers(model):
         wrapper.base_layer.merge()
     with torch.no_grad():
         reference = model(input_ids=ids).logits  # PEFT's path
@@ -161,7 +161,7 @@ def test_a_partly_merged_chain_gives_pefts_output():
 def test_only_the_outer_wrapper_changes_and_state_dict_keys_stay_pefts():
     model, _ = _expert_lora_model()
     keys = list(model.state_dict())
-    outer = outer_wrappers(model)
+    outer = outer_param_wrappers(model)
     assert len(outer) == 2 and all(isinstance(w.base_layer, ParamWrapper) for w in outer)  # gate_up inside down
     set_expert_lora(model, "split")
     assert all(type(w) is SplitLoraExperts for w in outer)

@@ -177,11 +177,23 @@ def eager_regions(layers: nn.Module) -> list[nn.Module]:
     """
     from peft.tuners.lora import ParamWrapper  # imported here: mgmlora.models does not depend on PEFT otherwise
 
-    outermost: list[nn.Module] = []
-    for module in layers.modules():
-        if isinstance(module, ParamWrapper) and not any(module in m.modules() for m in outermost):
-            outermost.append(module)
-    return [m for m in outermost if type(m).forward is ParamWrapper.forward]
+    return [m for m in outer_param_wrappers(layers) if type(m).forward is ParamWrapper.forward]
+
+
+def outer_param_wrappers(module: nn.Module) -> list[nn.Module]:
+    """The outermost of PEFT's `ParamWrapper`s on each adapted module inside `module` (PEFT nests one per parameter)."""
+    from peft.tuners.lora import ParamWrapper
+
+    found: list[nn.Module] = []
+    inner: set[int] = set()
+    for wrapper in module.modules():
+        if isinstance(wrapper, ParamWrapper) and id(wrapper) not in inner:
+            found.append(wrapper)
+            nested = wrapper.base_layer
+            while isinstance(nested, ParamWrapper):
+                inner.add(id(nested))
+                nested = nested.base_layer
+    return found
 
 
 def compile_regions(module: nn.Module, eager: list[nn.Module]) -> list[nn.Module]:

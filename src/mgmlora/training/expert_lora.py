@@ -29,6 +29,7 @@ from peft.tuners.lora import ParamWrapper
 from torch import nn
 
 from mgmlora.models.experts import FAST_EXPERTS, ExpertLora, supports_lora
+from mgmlora.models.loaded import outer_param_wrappers
 from mgmlora.models.transformers_private import experts_implementation
 
 
@@ -104,17 +105,6 @@ def splittable(wrapper: nn.Module) -> bool:
     return all(w.num_experts > 1 for w in _chain(wrapper)) and supports_lora(base) and _runs_fast_experts(base)
 
 
-def outer_wrappers(model: nn.Module) -> list[ParamWrapper]:
-    """The outermost ParamWrapper of each adapted module in `model`."""
-    found: list[ParamWrapper] = []
-    inner: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, ParamWrapper) and id(module) not in inner:
-            found.append(module)
-            inner.update(id(w) for w in _chain(module)[1:])
-    return found
-
-
 def set_expert_lora(model: nn.Module, mode: str) -> tuple[int, int]:
     """Runs expert LoRA split (`mode="split"`) or through PEFT (`"peft"`) in `model`, in place.
 
@@ -122,7 +112,7 @@ def set_expert_lora(model: nn.Module, mode: str) -> tuple[int, int]:
         (modules now split, adapted expert modules left on PEFT's path although `split` was asked for).
     """
     split = skipped = 0
-    for wrapper in outer_wrappers(model):
+    for wrapper in outer_param_wrappers(model):
         if mode == "split" and splittable(wrapper):
             wrapper.__class__ = SplitLoraExperts
             split += 1

@@ -102,6 +102,7 @@ class LoraLitModule(L.LightningModule):
         self.window = AccumulationWindow()  # loss normalisation and window end; callbacks read window.ended
         self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.training.rng)
         self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
+        self.compile_watch: CompileWatch | None = None  # with speed.compile, read after the first micro-batch
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -215,7 +216,7 @@ class LoraLitModule(L.LightningModule):
         The compile check runs once, after the first micro-batch; the norm is the engine's pre-clipping one, of the
         optimizer step that just ran.
         """
-        if getattr(self, "compile_watch", None) is not None:
+        if self.compile_watch is not None:
             compiled, line = self.compile_watch.outcome()
             self.compile_watch = None
             if line:

@@ -15,8 +15,9 @@ parallelism; the weighting is unchanged.
   (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
   smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
-It is also the one experts forward that runs 4-bit experts (QLoRA, mgmlora.models.quantization): it reads each fused
-weight through `expert_weight`, which dequantises one layer's experts when they run.
+It is also the one experts forward that runs quantised experts (mgmlora.models.quantization): it reads each 4-bit
+fused weight through `expert_weight`, which dequantises one layer's experts when they run, and multiplies by an FP8
+one directly (mgmlora.models.fp8's grouped GEMM), unless PEFT's expert LoRA has to join its delta to the weight.
 It also runs LoRA on the experts without merging it into their weights (`lora`, `ExpertLora`): the frozen expert
 GEMM plus two thin grouped GEMMs through each routed token's expert's A and B, so no (E, out, in) weight + delta is
 ever formed (mgmlora.training.expert_lora passes PEFT's factors in).
@@ -35,7 +36,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError
-from mgmlora.models.quantization import expert_weight
+from mgmlora.models.quantization import expert_weight, fp8_experts_weight
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -112,6 +113,15 @@ class ExpertLora(NamedTuple):
         return _grouped_mm(low, contiguous_factor(b), offsets) * self.scaling  # (S, out)
 
 
+def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor,
+                   transposed: bool) -> torch.Tensor:
+    """X (S, in) grouped by expert through the fused weight `name` -> (S, out): in FP8 where it is stored so."""
+    stored = fp8_experts_weight(experts, name)
+    if stored is not None:
+        return stored.grouped(x, offsets)
+    return _linear(x, expert_weight(experts, name), offsets, transposed)
+
+
 def supports_lora(module: nn.Module) -> bool:
     """Whether `fast_experts_forward` runs this experts module itself, so that it can take LoRA factors (`lora`)."""
     return not (getattr(module, "_is_expert_parallel", False) or getattr(module, "has_bias", False)
@@ -148,7 +158,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     offsets = torch.cumsum(torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1), 0,
                            dtype=torch.int32)  # (E,) end of each expert's rows
     x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
-    gate_up = _linear(x, expert_weight(self, "gate_up_proj"), offsets, transposed)  # (S, 2I)
+    gate_up = _expert_linear(self, "gate_up_proj", x, offsets, transposed)  # (S, 2I)
     if "gate_up_proj" in lora:
         gate_up = gate_up + lora["gate_up_proj"](x.to(gate_up.dtype), offsets)
     weights = top_k_weights.reshape(-1)[order].to(gate_up.dtype)  # (S,)
@@ -158,7 +168,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         gate, up = gate_up.chunk(2, dim=-1)
         inter = self.act_fn(gate) * up  # (S, I)
     inter = inter * weights[:, None]  # weighted here, before the linear down projection
-    out = _linear(inter, expert_weight(self, "down_proj"), offsets, transposed)  # (S, H)
+    out = _expert_linear(self, "down_proj", inter, offsets, transposed)  # (S, H)
     if "down_proj" in lora:
         out = out + lora["down_proj"](inter.to(out.dtype), offsets)
     routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)

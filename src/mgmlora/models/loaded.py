@@ -60,14 +60,14 @@ class LoadedModel(ABC):
         info: family, vocabulary and image geometry.
         decoder_layers: dotted path of the decoder layer list inside `model` (LoRA anchoring, fast path).
         moe: whether the language model's MLPs are fused mixture-of-experts.
-        quantized: the 4-bit settings when the frozen decoder weights are NF4, else None.
+        quantized: the quantisation settings when the frozen decoder weights are NF4 or FP8, else None.
     """
 
     model: nn.Module
     info: ModelInfo
     decoder_layers: str
     moe: bool
-    quantized: QuantizationArgs | None = None  # set by `quantize`: the base's decoder weights are 4-bit
+    quantized: QuantizationArgs | None = None  # set by `quantize`: the base's decoder weights are NF4 or FP8
 
     # trainable components besides the language model: config name (model.trainable.<name>) -> parameter prefixes
     components: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -143,12 +143,12 @@ class LoadedModel(ABC):
         return None
 
     def quantizable_modules(self) -> nn.Module:
-        """The modules QLoRA stores in 4 bits: the language model's decoder layers (MGM's towers and projector stay)."""
+        """The modules quantisation stores in fewer bits: the language model's decoder layers (MGM's towers stay)."""
         return self.model.get_submodule(self.decoder_layers)
 
     def quantize(self, args: QuantizationArgs, device: torch.device,
                  prepare: Callable[[nn.Module], None] | None = None) -> dict[str, int]:
-        """Stores the frozen decoder weights in 4-bit NF4 on `device`, layer by layer (mgmlora.models.quantization).
+        """Stores the frozen decoder weights in NF4 or FP8 on `device`, layer by layer (mgmlora.models.quantization).
 
         `prepare(layer)` runs on each layer first (random init of a meta-device model, mgmlora.models.layerwise).
         """

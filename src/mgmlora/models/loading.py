@@ -103,10 +103,10 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
             the number of samples (mgmlora.models.attention): `sdpa` becomes mgmlora's packed SDPA.
         weights: False builds the architecture from config.json alone, even when `model_path` holds weights (the
             memory estimate builds it on the meta device).
-        quantize: False, with `args.quantization` set, gives the 4-bit run's full-precision base instead: the same
-            weights before quantisation (`export --merge` merges into it; the 4-bit vs bf16 comparison trains it).
+        quantize: False, with `args.quantization` set, gives the quantised run's full-precision base instead: the
+            same weights before quantisation (`export --merge` merges into it; bench/qlora_parity.py trains it).
 
-    With `args.quantization` the decoder layers are quantised to 4 bits one at a time on the current default device
+    With `args.quantization` the decoder layers are quantised (NF4 or FP8) one at a time on the current default device
     (mgmlora.models.quantization); a text model is built on the meta device and each layer gets its values (from a
     safetensors checkpoint, or random init) on the device just before it is quantised (mgmlora.models.layerwise).
     """
@@ -115,7 +115,7 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
     if args.quantization is not None and weights:
         device = torch.get_default_device()  # the run's device (Lightning's init context), meta for the estimate
         if device.type != "meta":
-            return _load_4bit_base(args, packing, device, quantize)
+            return _load_quantized_base(args, packing, device, quantize)
     info = model_info(args)
     attn = packed_attention(args.attn_implementation, packing)
     if (family := _registered(args)) is not None:
@@ -138,8 +138,8 @@ def load_model(args: ModelArgs, packing: bool = False, weights: bool = True, qua
     return LoadedMgm(model, info, "llm.model.layers", moe=False)
 
 
-def _load_4bit_base(args: ModelArgs, packing: bool, device: torch.device, quantize: bool) -> LoadedModel:
-    """A QLoRA run's base on `device`: decoder layers in 4 bits, or in the model dtype when not `quantize`.
+def _load_quantized_base(args: ModelArgs, packing: bool, device: torch.device, quantize: bool) -> LoadedModel:
+    """A quantised run's base on `device`: decoder layers in NF4 or FP8, or in the model dtype when not `quantize`.
 
     A text model is built on the meta device and each decoder layer gets its values on `device` just before it is
     quantised (mgmlora.models.layerwise): from a safetensors checkpoint that covers it exactly, or from the seeded
@@ -172,7 +172,7 @@ def _load_4bit_base(args: ModelArgs, packing: bool, device: torch.device, quanti
             loaded = load_model(plain, packing)
     if quantize and loaded.moe and args.experts_implementation != FAST_EXPERTS:
         raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "
-                         f"{FAST_EXPERTS} (the experts forward that dequantises 4-bit experts); it is "
+                         f"{FAST_EXPERTS} (the experts forward that runs quantised experts); it is "
                          f"{args.experts_implementation}.")
     layers = loaded.quantizable_modules()
     if quantize:

@@ -1,6 +1,13 @@
-"""QLoRA's frozen base: the language model's decoder weights in 4-bit NF4, the fused MoE experts included.
+"""The frozen base in fewer bits: the language model's decoder weights in 4-bit NF4 (QLoRA) or FP8, experts included.
 
-`model.model.quantization` (QuantizationArgs) turns it on. What is stored in 4 bits: every `nn.Linear` inside the
+`model.model.quantization` (QuantizationArgs) turns it on; `quant_type` picks the format. `nf4` stores 4 bits per
+weight and dequantises each weight to the compute dtype when it runs (the smallest memory, a little slower than the
+bf16 base); `fp8` stores one byte per weight and runs the products themselves in FP8 on GPUs with FP8 tensor cores
+(mgmlora.models.fp8: half the bf16 weight memory, and faster products). The rest of this docstring describes NF4;
+FP8 takes the same weights, layer by layer the same way, with mgmlora.models.fp8's `Fp8Linear` and `Fp8Weight` in
+place of the NF4 ones (`fp8_<name>` children of the experts module), and its experts forward runs the FP8 grouped GEMM
+unless PEFT's expert LoRA parametrises the weight (then it dequantises as below). What is stored in 4 bits: every
+`nn.Linear` inside the
 decoder layers (attention projections, dense MLPs, shared experts) and every fused 3-D expert parameter
 (Qwen3-MoE's `mlp.experts.gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I)). What stays in the model dtype:
 embeddings, norms, the MoE router, the LM head, and MGM's towers and projector (outside the decoder layers). LoRA
@@ -43,33 +50,51 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mgmlora.errors import UsageError
+from mgmlora.models import fp8
 from mgmlora.models.dtypes import DTYPES, DtypeName
 from mgmlora.models.nf4 import Backend, Nf4Tensor, bitsandbytes_available, dequantize, quantize
+
+BITS = {"nf4": 4, "fp8": 8}  # bits per stored weight of each format
 
 
 @dataclass
 class QuantizationArgs:
-    """The frozen base in 4 bits (QLoRA).
+    """The frozen base in fewer bits: 4-bit NF4 (QLoRA) or FP8.
 
     Attributes:
-        bits: bits per stored weight; 4 is the only width.
-        quant_type: the 4-bit code; NF4 (normal-float quantiles, QLoRA's choice for normally distributed weights).
-        double_quant: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
-        compute_dtype: dtype the weights are dequantised to for each matrix product.
-        backend: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the `qlora`
-            extra) and mgmlora's pure-PyTorch NF4 (same format) otherwise, the CPU included: bitsandbytes' CPU
-            backend dequantises some shapes wrongly (bench/nf4_cpu.py's shape check; mgmlora.models.nf4).
+        quant_type: `nf4` (normal-float quantiles, QLoRA's choice for normally distributed weights; dequantised for
+            each product) or `fp8` (float8 e4m3 with one scale per output row, products in FP8: mgmlora.models.fp8;
+            needs a GPU of compute capability 8.9 or later, emulated on the CPU).
+        bits: bits per stored weight: 4 for nf4, 8 for fp8; null takes the format's.
+        double_quant: nf4 only: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
+        compute_dtype: dtype the products return (nf4: the dtype weights are dequantised to).
+        backend: nf4 only: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the
+            `qlora` extra) and mgmlora's pure-PyTorch NF4 (same format) otherwise, the CPU included: bitsandbytes'
+            CPU backend dequantises some shapes wrongly (bench/nf4_cpu.py's shape check; mgmlora.models.nf4).
             `bitsandbytes` or `torch` force one.
     """
 
-    bits: Literal[4] = 4
-    quant_type: Literal["nf4"] = "nf4"
+    quant_type: Literal["nf4", "fp8"] = "nf4"
+    bits: Literal[4, 8] | None = None
     double_quant: bool = True
     compute_dtype: DtypeName = "bfloat16"
     backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
 
+    def __post_init__(self) -> None:
+        width = BITS[self.quant_type]
+        if self.bits is None:
+            self.bits = width
+        elif self.bits != width:
+            raise ValueError(f"model.model.quantization: bits={self.bits} does not match quant_type={self.quant_type} "
+                             f"({width} bits); set bits: {width}, or drop it.")
+        if self.quant_type == "fp8" and self.backend == "bitsandbytes":
+            raise ValueError("model.model.quantization: backend=bitsandbytes stores NF4 only; with quant_type=fp8 set "
+                             "backend: auto.")
+
     def resolved_backend(self, device: torch.device) -> Backend:
-        """The backend that runs on `device`."""
+        """The NF4 backend that runs on `device` (`torch` for FP8, which has its own: mgmlora.models.fp8)."""
+        if self.quant_type == "fp8":
+            return "torch"
         if self.backend == "auto":
             return "bitsandbytes" if device.type == "cuda" and bitsandbytes_available() else "torch"
         if self.backend == "bitsandbytes" and not bitsandbytes_available():
@@ -154,7 +179,7 @@ def _bnb_linear(linear: nn.Linear, args: QuantizationArgs, device: torch.device)
     return layer
 
 
-def _placeholder(weight: Nf4Weight) -> torch.Tensor:
+def _placeholder(weight: Nf4Weight | fp8.Fp8Weight) -> torch.Tensor:
     # one element expanded to the full shape: shape, dtype and device as the parameter had, no memory
     return torch.zeros((), dtype=weight.dtype, device=weight.codes.device).expand(weight.shape)
 
@@ -164,8 +189,11 @@ def _quantize_experts(experts: nn.Module, names: tuple[str, ...], args: Quantiza
     for name in names:
         param = getattr(experts, name)
         delattr(experts, name)  # nn.Module.__delattr__ drops it from the module's parameters
-        q = Nf4Weight(quantize(param.detach().to(device), args.double_quant, args.dtype, backend), backend)
-        experts.add_module(f"nf4_{name}", q)
+        if args.quant_type == "fp8":
+            q = fp8.Fp8Weight(param.detach().to(device), args.dtype, getattr(experts, "is_transposed", False))
+        else:
+            q = Nf4Weight(quantize(param.detach().to(device), args.double_quant, args.dtype, backend), backend)
+        experts.add_module(f"{args.quant_type}_{name}", q)
         # a frozen Parameter, not a buffer: PEFT's target_parameters only matches parameters
         experts.register_parameter(name, nn.Parameter(_placeholder(q), requires_grad=False))
         del param
@@ -175,33 +203,57 @@ def _quantize_experts(experts: nn.Module, names: tuple[str, ...], args: Quantiza
 def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     """The fused expert parameter `name` as the experts forward should use it, LoRA delta included.
 
-    Unquantised: the attribute itself (PEFT's parametrisation adds expert LoRA to it). Quantised: the 4-bit weight,
-    dequantised now, plus the attribute, which is the zero placeholder with PEFT's delta added when expert LoRA is on.
+    Unquantised: the attribute itself (PEFT's parametrisation adds expert LoRA to it). Quantised: the stored weight
+    (NF4 or FP8), dequantised now, plus the attribute, which is the zero placeholder with PEFT's delta added when
+    expert LoRA is on.
     """
     weight = getattr(experts, name)
-    nf4 = getattr(experts, f"nf4_{name}", None)
-    if nf4 is None:
+    stored = getattr(experts, f"nf4_{name}", None) or getattr(experts, f"fp8_{name}", None)
+    if stored is None:
         return weight
-    base = nf4.dequantize()  # (E, ., .) one layer's experts in the compute dtype
+    base = stored.dequantize()  # (E, ., .) one layer's experts in the compute dtype
     return base + weight if parametrize.is_parametrized(experts, name) else base
+
+
+def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
+    """The FP8 weight the experts forward multiplies by directly: stored in FP8 and carrying no PEFT expert LoRA.
+
+    With PEFT's expert LoRA the parameter holds the delta, which has to join the weight (`expert_weight`); with
+    mgmlora's split expert LoRA (`speed.expert_lora: split`) the parameter stays unparametrised and the LoRA runs
+    beside this product.
+    """
+    stored = getattr(experts, f"fp8_{name}", None)
+    return None if stored is None or parametrize.is_parametrized(experts, name) else stored
+
+
+def _fp8_fits(experts: nn.Module, name: str) -> bool:
+    return fp8.supports(getattr(experts, name).shape)
 
 
 def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.device | str,
                     prepare: Callable[[nn.Module], None] | None = None) -> dict[str, int]:
-    """Replaces the frozen weights of `layers` (the decoder layer list) with NF4, one layer at a time on `device`.
+    """Replaces the frozen weights of `layers` (the decoder layers) with NF4 or FP8, one layer at a time on `device`.
+
+    FP8 keeps in the model dtype the weights whose dimensions the FP8 kernels cannot take (`fp8.supports`), counted
+    as `kept`.
 
     `prepare(layer)` runs on each layer just before it is quantised: QLoRA's random init gives a meta-device layer its
     memory and values there (mgmlora.models.layerwise), so at most one layer exists in the model dtype at a time.
 
     Returns:
-        counts of what was quantised: {"linear": n, "experts": n}.
+        counts of what was quantised: {"linear": n, "experts": n, "kept": n}.
 
     Raises:
-        UsageError: on a model partitioned by DeepSpeed ZeRO-3.
+        UsageError: on a model partitioned by DeepSpeed ZeRO-3, or FP8 on a GPU without FP8 tensor cores.
     """
     device = torch.device(device)
     backend = args.resolved_backend(device)
-    counts = {"linear": 0, "experts": 0}
+    if args.quant_type == "fp8":
+        try:
+            fp8.check_device(device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    counts = {"linear": 0, "experts": 0, "kept": 0}
     if any(hasattr(p, "ds_id") for p in layers.parameters()):
         raise UsageError("model.model.quantization does not run under DeepSpeed ZeRO-3 (partitioned weights cannot be "
                          "quantised); drop the ZeRO-3 strategy config or set model.model.quantization: null.")
@@ -210,29 +262,43 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
             prepare(layer)
         for parent_name, parent in list(layer.named_modules()):
             fused = tuple(n for n, p in parent.named_parameters(recurse=False) if p.ndim == 3)
-            if fused:
+            if fused and args.quant_type == "fp8" and not all(_fp8_fits(parent, n) for n in fused):
+                counts["kept"] += len(fused)
+            elif fused:
                 counts["experts"] += _quantize_experts(parent, fused, args, backend, device)
             for child_name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
+                if type(child) is not nn.Linear:
+                    continue
+                if args.quant_type == "fp8":
+                    if not fp8.supports(child.weight.shape):
+                        counts["kept"] += 1
+                        continue
+                    setattr(parent, child_name, fp8.Fp8Linear(child, args.dtype, device))
+                else:
                     make = _bnb_linear if backend == "bitsandbytes" else Nf4Linear
                     setattr(parent, child_name, make(child, args, device))
-                    counts["linear"] += 1
+                counts["linear"] += 1
         layer.to(device)  # what stays in the model dtype (norms, router) joins the 4-bit weights
     return counts
 
 
 DEEPSPEED_MOE_REFUSAL = (
-    "model.model.quantization on a MoE model does not run under DeepSpeed: each 4-bit fused expert weight sits behind "
-    "a zero-memory placeholder parameter, and DeepSpeed's start-up broadcast of every parameter cannot send it. Train "
-    "on one GPU without DeepSpeed (trainer.strategy: auto; drop configs/strategy/zero*.yaml), or set "
+    "model.model.quantization on a MoE model does not run under DeepSpeed: each quantised fused expert weight sits "
+    "behind a zero-memory placeholder parameter, and DeepSpeed's start-up broadcast of every parameter cannot send "
+    "it. Train on one GPU without DeepSpeed (trainer.strategy: auto; drop configs/strategy/zero*.yaml), or set "
     "model.model.quantization: null.")
 
 
-def quantized_bytes(numel: int, double_quant: bool) -> float:
-    """Device bytes of `numel` weights in NF4: half a byte each plus the block scales."""
-    scales = numel / 64 * (1 + 4 / 256) if double_quant else numel / 64 * 4
+def quantized_bytes(numel: int, rows: int, args: QuantizationArgs) -> float:
+    """Device bytes of `numel` weights over `rows` output rows in the format of `args`.
+
+    NF4: half a byte each plus the block scales; FP8: one byte each plus a 4-byte scale per row.
+    """
+    if args.quant_type == "fp8":
+        return float(fp8.stored_bytes(numel, rows))
+    scales = numel / 64 * (1 + 4 / 256) if args.double_quant else numel / 64 * 4
     return numel / 2 + scales
 
 
-__all__ = ["DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
-           "quantize_layers", "quantized_bytes"]
+__all__ = ["BITS", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
+           "fp8_experts_weight", "quantize_layers", "quantized_bytes"]

@@ -46,6 +46,27 @@ def dynamo_counts() -> tuple[int, dict[str, int]]:
     return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """`torch._scaled_mm` with row-wise scales: a (M, K) row-major e4m3, b (K, N) column-major, scales (M, 1), (1, N).
+
+    The public `torch.nn.functional.scaled_mm` (torch 2.10+) calls `_scaled_mm_v2`, which inductor does not lower
+    (it runs as an opaque extern call, no autotuning); `_scaled_mm` is the form torch.compile and torchao use.
+    """
+    return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=dtype)
+
+
+def scaled_grouped_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                      offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`torch._scaled_grouped_mm` of 2-D rows by 3-D experts: a (S, K), b (E, K, N) column-major, scales (S,), (E, N).
+
+    The public `torch.nn.functional.scaled_grouped_mm` calls `_scaled_grouped_mm_v2`, which has no meta function in
+    torch 2.11 (the GPU image's), so torch.compile cannot trace it; `_scaled_grouped_mm` has one and an inductor
+    lowering (torchao's MoE training calls it too).
+    """
+    return torch._scaled_grouped_mm(a, b, a_scale, b_scale, offs=offsets, out_dtype=dtype)
+
+
 def allocation_events(prof: profile) -> Iterator[tuple[int, int]]:
     """(start time in ns, bytes) of every allocation (positive) and free (negative) a `profile_memory` run recorded.
 
@@ -66,4 +87,5 @@ def stack_config() -> torch._C._profiler._ExperimentalConfig:
     return torch._C._profiler._ExperimentalConfig(verbose=True)
 
 
-__all__ = ["allocation_events", "dynamo_counts", "stack_config", "trace_through_checkpoint_side_effects", "uncompile"]
+__all__ = ["allocation_events", "dynamo_counts", "scaled_grouped_mm", "scaled_mm", "stack_config",
+           "trace_through_checkpoint_side_effects", "uncompile"]

@@ -4,9 +4,11 @@ The model is built on PyTorch's meta device (shapes and dtypes, no storage), LoR
 as in training, and each block of memory is computed from the parameter counts and the run's settings:
 
 - frozen weights (vision towers on their own line) in the model dtype; divided by the data-parallel size under ZeRO-3,
-  gone from the GPU with parameter offload. With `model.quantization` (QLoRA) the decoder linears and fused experts
-  count at NF4's 4.13 (double quantisation) or 4.5 bits per weight, plus one layer's weights dequantised to the
-  compute dtype (one layer's experts, x3 with expert LoRA: weight + delta and its gradient);
+  gone from the GPU with parameter offload. With `model.quantization` the decoder linears and fused experts count at
+  NF4's 4.13 (double quantisation) or 4.5 bits per weight, plus one layer's weights dequantised to the compute dtype
+  (one layer's experts, x3 with expert LoRA through PEFT: weight + delta and its gradient); or at FP8's 8 bits plus a
+  4-byte scale per row, plus the one layer's expert codes the backward reads transposed (one byte each), or the
+  dequantised copies where PEFT's expert LoRA joins the weight;
 - trainable weights, gradients and AdamW states. Plain Lightning (bf16-mixed) keeps LoRA adapters in fp32 and fully
   trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
@@ -101,7 +103,8 @@ class _ModelFacts:
     vocab: int
     mlp: int  # MLP width per token (MoE: top_k x expert width)
     mining: tuple[int, int] | None  # MGM: (aux channels, CLIP hidden size)
-    quantizable: int = 0  # weights QLoRA stores in 4 bits: decoder linears and fused experts
+    quantizable: int = 0  # weights quantisation stores in fewer bits: decoder linears and fused experts
+    quantizable_rows: int = 0  # their output rows (FP8 keeps a scale per row)
     experts_layer: int = 0  # one decoder layer's fused expert weights (dequantised one layer at a time)
     largest_linear: int = 0  # the largest decoder linear (dequantised one matrix product at a time)
 
@@ -114,7 +117,7 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
     key = repr((model_args, lora, trainable))
     if key not in _FACTS:
         loaded = build_on_meta(model_args)  # config files only, never weights
-        linears, experts = _quantizable(loaded.quantizable_modules())  # before PEFT wraps the linears
+        linears, experts, rows = _quantizable(loaded.quantizable_modules())  # before PEFT wraps the linears
         with torch.device("meta"):
             model, _ = apply_trainability(loaded, lora, trainable)
         cfg = loaded.language_model().config
@@ -122,18 +125,19 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
-                                  sum(linears) + sum(experts), max(experts, default=0), max(linears, default=0))
+                                  sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0))
     return _FACTS[key]
 
 
-def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int]]:
-    """Sizes of what `model.quantization` stores in 4 bits: each decoder linear, each layer's fused experts.
+def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int], int]:
+    """Sizes of what `model.quantization` stores: each decoder linear, each layer's fused experts, all their rows.
 
     The same selection as mgmlora.models.quantization.quantize_layers.
     """
-    linears = [m.weight.numel() for m in layers.modules() if type(m) is torch.nn.Linear]
-    experts = [sum(p.numel() for p in layer.parameters() if p.ndim == 3) for layer in layers]
-    return linears, experts
+    linears = [m.weight for m in layers.modules() if type(m) is torch.nn.Linear]
+    fused = [[p for p in layer.parameters() if p.ndim == 3] for layer in layers]
+    rows = sum(w.shape[0] for w in linears) + sum(p.shape[0] * p.shape[1] for ps in fused for p in ps)
+    return [w.numel() for w in linears], [sum(p.numel() for p in ps) for ps in fused], rows
 
 
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
@@ -170,12 +174,18 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     else:
         compute_bytes = torch.finfo(quant.dtype).bits // 8
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
-        items["base weights (4-bit NF4)"] = quantized_bytes(facts.quantizable, quant.double_quant)
-        # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per layer;
-        # with expert LoRA through PEFT also the weight + delta and its gradient), or one linear at a time
-        copies = 3 if lora.target_experts and speed.expert_lora == "peft" else 1
-        items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies,
-                                                                 facts.largest_linear) * compute_bytes
+        name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
+        items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
+        peft_experts = lora.target_experts and speed.expert_lora == "peft"
+        if quant.quant_type == "fp8" and not peft_experts:
+            # the backward's transposed copy of one layer's expert codes (or of one linear's), one byte each
+            items["FP8 codes read transposed (one layer, transient)"] = max(facts.experts_layer, facts.largest_linear)
+        else:
+            # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per
+            # layer; with expert LoRA through PEFT also the weight + delta and its gradient), or one linear at a time
+            copies = 3 if peft_experts else 1
+            items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies,
+                                                                     facts.largest_linear) * compute_bytes
     if towers:
         items["vision towers (frozen)"] = towers * dtype_bytes / shard * on_gpu
     if deepspeed:

@@ -49,21 +49,23 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
 
     Raises:
         ValueError: when nothing would train.
-        UsageError: a 4-bit base with anything but LoRA training the language model, or a 4-bit MoE base without
-            gradient checkpointing.
+        UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, or a quantised
+            MoE base without gradient checkpointing.
     """
     model, plan = loaded.model, None
     if loaded.quantized is not None:
         if trainable.llm != "lora":
-            raise UsageError(f"model.model.quantization keeps the language model frozen in 4 bits: set "
-                             f"model.trainable.llm: lora (it is {trainable.llm}) or model.model.quantization: null.")
+            raise UsageError(f"model.model.quantization keeps the language model frozen in {loaded.quantized.bits} "
+                             f"bits: set model.trainable.llm: lora (it is {trainable.llm}) or "
+                             "model.model.quantization: null.")
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
         new = hasattr(lm, "is_activation_checkpointing")
         checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
         if loaded.moe and not checkpointing:
             raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
-                             "true only (the recompute dequantises each layer's experts again; without it every "
-                             "layer's dequantised experts stay alive until the backward pass).")
+                             "true only (the recompute dequantises each layer's experts again, and the FP8 products "
+                             "quantise their inputs again; without it every layer's copies stay alive until the "
+                             "backward pass).")
     if trainable.llm == "lora":
         plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
         model = apply_lora(model, plan)  # PEFT freezes every base weight

@@ -1,5 +1,6 @@
 """The fence on PyTorch's private attributes (mgmlora.models.torch_private) still does what mgmlora needs."""
 
+import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
@@ -117,3 +118,15 @@ def test_a_checkpointed_forward_that_flips_outer_state_compiles_whole_only_with_
             assert any("checkpoint" in str(node.target) for node in graphs[0].graph.nodes)  # the body is in the graph
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("op", "arguments"), [
+    ("aten::_scaled_mm", ("self", "mat2", "scale_a", "scale_b", "out_dtype")),
+    ("aten::_scaled_grouped_mm", ("self", "mat2", "scale_a", "scale_b", "offs", "out_dtype")),
+])
+def test_the_fp8_products_keep_the_arguments_mgmlora_passes(op, arguments):
+    # torch_private.scaled_mm / scaled_grouped_mm call these private ops with these keywords (mgmlora.models.fp8)
+    schemas = torch._C._jit_get_schemas_for_operator(op)
+    assert schemas, f"{op} is gone"
+    names = {argument.name for argument in schemas[0].arguments}
+    assert set(arguments) <= names, names

@@ -273,6 +273,33 @@ def test_4bit_weights_are_itemised_at_the_bytes_the_quantised_model_holds(double
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
 
 
+def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
+    from dataclasses import replace
+
+    from mgmlora.models import load_model
+    from mgmlora.models.fp8 import Fp8Weight
+    from mgmlora.models.quantization import QuantizationArgs
+    from mgmlora.tools.memory import GIB
+
+    args = ModelArgs(preset="tiny-qwen3-moe", dtype="float32",
+                     quantization=QuantizationArgs(quant_type="fp8", compute_dtype="float32"))
+    shape = RunShape(batch_size=2, seq_len=64, precision="32-true", device="cpu")
+    lora = LoraArgs(preset="balanced")
+    items = estimate(args, lora, Trainability(), SpeedArgs(), shape).items
+    model = load_model(args).model
+    stored = sum(b.nbytes for m in model.modules() if isinstance(m, Fp8Weight) for b in m.buffers())
+    assert items["base weights (FP8)"] * GIB == stored  # one byte per weight and a 4-byte scale per row, exactly
+    full = estimate(replace(args, quantization=None), lora, Trainability(), SpeedArgs(), shape).items
+    quantised_weights = sum(m.shape.numel() for m in model.modules() if isinstance(m, Fp8Weight))
+    not_quantised = items["base weights (frozen, not quantised)"] * GIB
+    assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
+    # no dequantised copy without PEFT's expert LoRA: the backward's transposed codes of the largest layer, 1 byte each
+    experts = max(sum(m.shape.numel() for m in layer.modules() if isinstance(m, Fp8Weight) and len(m.shape) == 3)
+                  for layer in model.model.layers)
+    assert "dequantised weights (one layer, transient)" not in items
+    assert items["FP8 codes read transposed (one layer, transient)"] * GIB == experts
+
+
 @pytest.mark.parametrize("expert_lora,copies", [("peft", 3), ("split", 1)])
 def test_4bit_expert_lora_dequantises_one_layer_and_peft_also_merges_it(expert_lora, copies):
     # PEFT's path adds the weight + delta and its gradient to the dequantised experts; split LoRA forms neither

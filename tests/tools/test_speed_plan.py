@@ -219,3 +219,16 @@ def test_the_4bit_base_is_never_offered_to_a_full_fine_tune(in_repo_root):
     """A 4-bit base trains the language model through LoRA only (training.trainable refuses anything else)."""
     model_args, lora, trainable, speed, shape = _run(["configs/mgm2b_lora.yaml"], ["--model.trainable.llm", "full"])
     assert not any(s.quantized for s in candidates(model_args, lora, trainable, speed, shape, 24))
+
+
+def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
+    from mgmlora.tools.speed_plan import lookup
+
+    model_args, lora, trainable, speed, shape = _run(["configs/qwen3-30b-a3b_qlora_chameleons.yaml"])
+    row = next(r for r in MEASURED if r.recipe == "configs/qwen3-30b-a3b_qlora_chameleons.yaml")
+    assert lookup(model_args, lora, trainable, speed, row.batch_size, row.max_length) == row  # NF4, measured
+    fp8 = replace(model_args, quantization=replace(model_args.quantization, quant_type="fp8", bits=8))
+    assert lookup(fp8, lora, trainable, speed, row.batch_size, row.max_length) is None
+    for bf16_row in (r for r in MEASURED if r.model == "qwen3-30b-a3b" and not r.quantized):
+        args = replace(fp8, gradient_checkpointing=bf16_row.gradient_checkpointing)
+        assert lookup(args, lora, trainable, speed, bf16_row.batch_size, bf16_row.max_length) is None

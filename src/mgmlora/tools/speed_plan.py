@@ -124,10 +124,12 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
 
     `batch_size` is the samples per micro-batch, or with `window_samples` the micro-batches per window.
     """
-    key = (model_args.preset, model_args.quantization is not None, trainable.llm, bool(lora.target_experts),
+    quant = model_args.quantization
+    key = (model_args.preset, "dtype" if quant is None else quant.quant_type, trainable.llm, bool(lora.target_experts),
            speed.loss, model_args.gradient_checkpointing, batch_size, max_length, window_samples)
-    for row in MEASURED:
-        if (row.model, row.quantized, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
+    for row in MEASURED:  # every 4-bit row is NF4; no FP8 base was measured
+        base = "nf4" if row.quantized else "dtype"
+        if (row.model, base, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
                 row.batch_size, row.max_length, row.window_samples) == key and (
                 row.loss_chunk_size in (None, speed.loss_chunk_size)):
             return row

@@ -1,0 +1,254 @@
+"""The FP8 frozen base (mgmlora.models.fp8): the stored codes, both products and their input gradients, the model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mgmlora.errors import UsageError
+from mgmlora.models import fp8, load_model, torch_private
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.quantization import QuantizationArgs
+from mgmlora.training.expert_lora import set_expert_lora
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.trainable import Trainability, apply_trainability
+from tests.models.test_quantization import _batch, _loss
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _fake(t: torch.Tensor) -> torch.Tensor:
+    """t through e4m3 and back, each row scaled so that its largest magnitude lands on 448 (the reference)."""
+    scale = t.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448.0
+    return (t.float() / scale).to(E4M3).float() * scale
+
+
+def _args(preset, checkpointing=True):
+    quant = QuantizationArgs(quant_type="fp8", compute_dtype="float32")
+    return ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=checkpointing, quantization=quant)
+
+
+def test_rows_are_scaled_to_448_and_come_back_within_e4m3s_rounding():
+    t = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [3e-3, 1e-3, -7e-3, 2e-3]])
+    codes, scale = fp8.quantize_rows(t)
+    assert codes.dtype == E4M3 and scale.shape == (3, 1) and scale.dtype == torch.float32
+    # the largest magnitude of each non-zero row is exactly 448 (e4m3's largest finite value)
+    assert codes.float().abs().amax(-1).tolist() == [448.0, 0.0, 448.0]
+    torch.testing.assert_close(scale[0, 0], torch.tensor(2.0 / 448))
+    assert torch.isfinite(scale).all() and (codes[1].float() == 0).all()  # an all-zero row stays zero
+    back = codes.float() * scale
+    # e4m3 keeps 3 mantissa bits: relative rounding error at most 2^-4 for normal values
+    nonzero = t != 0
+    assert ((back - t).abs()[nonzero] <= t.abs()[nonzero] * 2**-4 + 1e-9).all()
+    assert (back[0] == torch.tensor([1.0, -2.0, 0.5, 0.0])).all()  # powers of two of the row are exact
+
+
+def test_a_model_cast_to_another_dtype_keeps_the_codes_and_scales():
+    linear = fp8.Fp8Linear(nn.Linear(32, 16, bias=False), torch.float32, torch.device("cpu"))
+    codes, scale = linear.fp8.e4m3.clone(), linear.fp8.scale.clone()
+    linear.to(torch.bfloat16)  # converts every floating tensor of the module; the bits are integers
+    assert torch.equal(linear.fp8.e4m3.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(linear.fp8.scale, scale) and linear.fp8.scale.dtype == torch.float32
+
+
+def test_the_linear_computes_with_quantised_inputs_and_weight_and_returns_the_input_gradient():
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    linear = fp8.Fp8Linear(dense, torch.float32, torch.device("cpu"))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    out = linear(x)
+    # forward: both operands through e4m3, per row of x and per output row of the weight, summed in fp32
+    expected = _fake(x.detach()) @ _fake(dense.weight.detach()).t() + dense.bias.detach()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    exact = dense(x)
+    assert not torch.allclose(out, exact, rtol=1e-3, atol=1e-3)  # the test can fail: FP8 is not float32
+    assert (out - exact).norm() < 0.1 * exact.norm()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # the input gradient g W with W = diag(s) Q: the row scales s move onto g's columns before g is quantised
+    codes, scale = fp8.quantize_rows(dense.weight.detach())
+    expected_grad = _fake(grad * scale.t()) @ codes.float()
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert linear.weight.grad is None and not linear.weight.requires_grad
+
+
+def test_the_grouped_product_matches_each_experts_own_product_forward_and_backward():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 48, 32)  # (E, out, in)
+    stored = fp8.Fp8Weight(weight, torch.float32)
+    offsets = torch.tensor([5, 5, 21, 30], dtype=torch.int32)  # expert 1 has no rows
+    x = torch.randn(30, 32, requires_grad=True)
+    out = stored.grouped(x, offsets)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    codes, scale = fp8.quantize_rows(weight)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # each expert on its own rows, written out per expert
+        rows = slice(start, end)
+        torch.testing.assert_close(out[rows], _fake(x.detach()[rows]) @ _fake(weight[e]).t(), rtol=1e-5, atol=1e-5)
+        g = _fake(grad[rows] * scale[e].t()) @ codes[e].float()
+        torch.testing.assert_close(x.grad[rows], g, rtol=1e-5, atol=1e-5)
+        start = end
+
+
+def test_a_transposed_expert_weight_is_stored_by_output_rows_and_dequantised_in_its_own_layout():
+    weight = torch.randn(3, 32, 48)  # (E, in, out), as transformers' `is_transposed` experts keep it
+    stored = fp8.Fp8Weight(weight, torch.float32, transposed=True)
+    assert stored.e4m3.shape == (3, 48, 32) and stored.scale.shape == (3, 48, 1)
+    torch.testing.assert_close(stored.dequantize(), _fake(weight.transpose(-2, -1)).transpose(-2, -1))
+
+
+def test_the_dense_kernel_takes_the_operands_as_the_emulation_does():
+    # the kernel call the GPU makes, run where the CPU build has row-wise scaling (torch 2.13 does, 2.11 does not)
+    torch.manual_seed(0)
+    a, a_scale = fp8.quantize_rows(torch.randn(24, 64))
+    b, b_scale = fp8.quantize_rows(torch.randn(32, 64))  # (N, K) row-major: b.t() is the column-major operand
+    try:
+        got = torch_private.scaled_mm(a, b.t(), a_scale, b_scale.t(), torch.float32)
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"this torch build has no row-wise scaled_mm on the CPU: {str(err)[:80]}")
+    torch.testing.assert_close(got, fp8.emulated_mm(a, a_scale, b.t(), b_scale.t(), torch.float32))
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_the_fp8_model_stores_one_byte_per_weight_and_stays_close_to_full_precision(preset):
+    loaded, full = load_model(_args(preset)), load_model(_args(preset), quantize=False)
+    layer = loaded.model.model.layers[0]
+    assert type(layer.self_attn.q_proj) is fp8.Fp8Linear and loaded.quantized.bits == 8
+    stored = [m for m in loaded.model.modules() if isinstance(m, fp8.Fp8Weight)]
+    full_layers = full.model.model.layers
+    quantizable = [m.weight for m in full_layers.modules() if type(m) is nn.Linear]
+    quantizable += [p for p in full_layers.parameters() if p.ndim == 3]
+    assert sum(m.codes.numel() for m in stored) == sum(p.numel() for p in quantizable)
+    assert all(m.codes.element_size() == 1 for m in stored)
+    if loaded.moe:  # the experts' own parameters hold no memory: one element expanded to the full shape
+        assert layer.mlp.experts.gate_up_proj.stride() == (0, 0, 0)
+        assert isinstance(layer.mlp.experts.fp8_gate_up_proj, fp8.Fp8Weight)
+    ids = _batch().input_ids
+    with torch.no_grad():
+        got, exact = loaded.model(input_ids=ids).logits, full.model(input_ids=ids).logits
+    assert not torch.allclose(got, exact, rtol=1e-3, atol=1e-3)
+    # random tiny models amplify rounding through the layers; 4-bit NF4 lands further away on the same weights
+    nf4 = load_model(ModelArgs(preset=preset, dtype="float32", quantization=QuantizationArgs(compute_dtype="float32")))
+    with torch.no_grad():
+        far = nf4.model(input_ids=ids).logits
+    assert (got - exact).norm() < (far - exact).norm()
+
+
+@pytest.mark.parametrize("expert_lora", ["peft", "split"])
+def test_lora_on_fp8_attention_and_experts_trains_every_adapter(expert_lora):
+    torch.manual_seed(0)
+    loaded = load_model(_args("tiny-qwen3-moe"))
+    lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True, init_lora_weights="gaussian")
+    model, _ = apply_trainability(loaded, lora, Trainability())
+    assert set_expert_lora(model, expert_lora)[0] == (2 if expert_lora == "split" else 0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
+    model.train()
+    loss = _loss(loaded)
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == trainable and all("lora_" in n for n in grads)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if n.endswith("codes"))
+
+
+def test_split_expert_lora_on_fp8_experts_multiplies_the_codes_directly(monkeypatch):
+    # split LoRA leaves the weight unparametrised, so the FP8 grouped product runs; PEFT's delta has to join the
+    # weight, so that path dequantises
+    calls = []
+    monkeypatch.setattr(fp8.Fp8Weight, "dequantize", lambda self: calls.append("dequantize") or
+                        (self.e4m3.float() * self.scale).to(self.dtype))
+    for expert_lora, dequantised in (("split", False), ("peft", True)):
+        calls.clear()
+        loaded = load_model(_args("tiny-qwen3-moe"))
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=True), Trainability())
+        set_expert_lora(model, expert_lora)
+        _loss(loaded).backward()
+        assert bool(calls) is dequantised, expert_lora
+
+
+def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeypatch):
+    with pytest.raises(ValueError, match="bits=4 does not match quant_type=fp8"):
+        QuantizationArgs(quant_type="fp8", bits=4)
+    with pytest.raises(ValueError, match="backend: auto"):
+        QuantizationArgs(quant_type="fp8", backend="bitsandbytes")
+    assert QuantizationArgs().bits == 4 and QuantizationArgs(quant_type="fp8").bits == 8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(UsageError, match="compute capability 8.9 or later.*A100 is 8.0.*quant_type: nf4"):
+        from mgmlora.models.quantization import quantize_layers
+
+        quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8"), "cuda")
+
+
+def test_weights_the_kernels_cannot_take_stay_in_the_model_dtype():
+    from mgmlora.models.quantization import quantize_layers
+
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 20))])  # 20 rows: not a multiple of 16
+    counts = quantize_layers(layers, QuantizationArgs(quant_type="fp8", compute_dtype="float32"), "cpu")
+    assert counts == {"linear": 1, "experts": 0, "kept": 1}
+    assert type(layers[0][0]) is fp8.Fp8Linear and type(layers[0][1]) is nn.Linear
+
+
+@pytest.mark.gpu
+def test_the_cuda_kernels_compute_what_the_emulation_does():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a GPU with FP8 tensor cores")
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    dense, experts = fp8.Fp8Weight(torch.randn(512, 256), torch.float32), fp8.Fp8Weight(torch.randn(8, 512, 256),
+                                                                                        torch.float32)
+    gpu_dense, gpu_experts = copy.deepcopy(dense).to(device), copy.deepcopy(experts).to(device)  # the same codes
+    gpu_dense.dtype = gpu_experts.dtype = torch.bfloat16
+    offsets = torch.tensor([0, 40, 41, 120, 200, 200, 290, 300], dtype=torch.int32)  # two experts without rows
+    x = torch.randn(300, 256, dtype=torch.bfloat16)
+    for name, on_gpu, on_cpu in (("dense", gpu_dense.linear, dense.linear),
+                                 ("grouped", lambda t: gpu_experts.grouped(t, offsets.to(device)),
+                                  lambda t: experts.grouped(t, offsets))):
+        xg, xc = x.to(device).requires_grad_(), x.float().requires_grad_()  # bf16 values, exact in fp32
+        out, ref = on_gpu(xg), on_cpu(xc)
+        grad = torch.randn(out.shape, dtype=torch.bfloat16)
+        (gx,) = torch.autograd.grad(out, xg, grad.to(device))
+        (ref_gx,) = torch.autograd.grad(ref, xc, grad.float())
+        # bf16 outputs of fp32 sums of the same e4m3 products (the backward scales the gradient in bf16 on the GPU)
+        torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2, msg=name)
+        torch.testing.assert_close(gx.float().cpu(), ref_gx, rtol=5e-2, atol=5e-2, msg=name)
+
+
+@pytest.mark.gpu
+def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a GPU with FP8 tensor cores")
+    quant = QuantizationArgs(quant_type="fp8")
+    args = ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", gradient_checkpointing=True, quantization=quant)
+    lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True)
+    losses, grads = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            loaded = load_model(args)
+        model, _ = apply_trainability(loaded, lora, Trainability())
+        set_expert_lora(model, "split")
+        model.to("cuda").train()
+        if compiled:
+            torch._dynamo.reset()
+            loaded.compile()
+        batch = _batch().to(torch.device("cuda"))
+        hidden, labels, head = loaded.forward_hidden(batch, packed=False)
+        logits = head(hidden)[:, :-1].float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+    graphs, breaks = torch_private.dynamo_counts()
+    assert graphs > 0 and not breaks, breaks
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+    assert (grads[1] - grads[0]).norm() < 0.05 * grads[0].norm()

@@ -38,6 +38,8 @@
 #   peer_qwen / peer_qwen_experts / peer_mgm  (1 GPU each, under 10 minutes) ours against the peer a user would pick
 #          instead, in interleaved rounds (bench/peers/rounds.py): TRL's SFTTrainer tuned for speed on Qwen3-30B-A3B
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
+#   fp8    the FP8 base against its bf16 twin (loss gap, first-look speed; Qwen3-30B-A3B 16 layers) and MGM-2B's step
+#          on it; OURS_ARGS="--quant fp8" TAG=fp8 runs peer_qwen / peer_mgm on the FP8 base
 #   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
 #          4-bit base: Qwen3-30B-A3B QLoRA attention r64 and expert r8 in the fit loop under 24 GiB, MGM-2B QLoRA
 #          under 8 GiB, and 4-bit vs bf16 from identical weights (50-step losses, tokens/s)
@@ -460,6 +462,18 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     timeout 570 python3 bench/qlora_parity.py --model qwen3-30b-a3b --steps 50 --batch_size 8 \
       --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
     ;;
+  fp8)
+    # the FP8 base (model.model.quantization.quant_type: fp8) against its bf16 twin from identical weights, compiled
+    # step, 16 of Qwen3-30B-A3B's 48 layers at 32 packed Chameleons-length samples: per-step loss gap over 30 steps
+    # (lr 1e-4) and a first look at tokens/s; then MGM-2B's step with the FP8 Gemma decoder within 24 GiB. The
+    # interleaved ratios against the peers: OURS_ARGS="--quant fp8" TAG=fp8 with peer_qwen / peer_mgm
+    q="liger+packing+nocast+fused+fastexperts+compile"
+    timeout 330 python3 bench/qlora_parity.py --model qwen3-30b-a3b --quant_type fp8 --layers 16 --steps 30 --warmup 3 \
+      --batch_size 32 --lr 1e-4 --variant $q --out "$out/$day-fp8_parity-qwen3-30b-a3b-16layers-$gpu.json" 2>&1 | tail -n 3
+    timeout 240 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --steps 5 \
+      --variants chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3 \
+      --out "$out/$day-train_step_fp8-mgm2b-$gpu.json" 2>&1 | tail -n 4
+    ;;
   peer_qwen|peer_qwen_experts)
     # ours against TRL's SFTTrainer tuned for speed (bench/peers/trl_sft.py), interleaved rounds in this one session
     # (bench/peers/rounds.py): Qwen3-30B-A3B within 80 GiB, Chameleons lengths; round 1 sweeps each side's settings,
@@ -475,10 +489,10 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     fi
     timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets $targets \
       --peer trl --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-240} \
-      --ours "bench/train_step.py --model qwen3-30b-a3b $lora --warmup 3 --steps 5 --variants {sweep}" \
+      --ours "bench/train_step.py --model qwen3-30b-a3b $lora ${OURS_ARGS:-} --warmup 3 --steps 5 --variants {sweep}" \
       --ours_sweep "$ours_sweep" \
       --peer_cmd "bench/peers/trl_sft.py --model qwen3-30b-a3b $lora --warmup 3 --steps 5 --batch_sizes {sweep}" \
-      --peer_sweep "$peer_sweep" --out "$out/$day-peer_trl-qwen3-30b-a3b-$targets-$gpu.json" 2>&1 | tail -n 8
+      --peer_sweep "$peer_sweep" --out "$out/$day-peer_trl-qwen3-30b-a3b-$targets${TAG:+-$TAG}-$gpu.json" 2>&1 | tail -n 8
     ;;
   peer_mgm)
     # ours against the plain transformers + PEFT path (TRL has no MGM model class), MGM-2B within 24 GiB, 2048-position
@@ -490,7 +504,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --ours "bench/train_step.py --model mgm-2b --steps 5 ${OURS_ARGS:---chunk 1024} --variants {sweep}" \
       --ours_sweep "${OURS_SWEEP:-chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3}" \
       --peer_cmd "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
-      --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" --out "$out/$day-peer_plain-mgm-2b-attention-$gpu.json" \
+      --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" \
+      --out "$out/$day-peer_plain-mgm-2b-attention${TAG:+-$TAG}-$gpu.json" \
       2>&1 | tail -n 8
     ;;
   recipe_qwen)

@@ -1,14 +1,17 @@
-"""QLoRA against the bf16 base from identical weights: per-step losses, tokens/s and peak memory, in one run.
+"""A quantised base (NF4 or FP8) against the bf16 base from identical weights: losses, tokens/s and peak memory.
 
     python bench/qlora_parity.py --model qwen3-30b-a3b --layers 12 --steps 50 --out OUT.json
+    python bench/qlora_parity.py --model qwen3-30b-a3b --quant_type fp8 --variant liger+packing+fused+compile ...
 
 Both models are built by `load_model` from the same seed (random init at real shapes, initialised layer by layer on
-the device, mgmlora.models.layerwise, optionally with fewer decoder layers (`--layers`)): the 4-bit one is what a
-QLoRA run trains, the other its full-precision twin (`quantize=False`), so their weights are identical before one of
-them is quantised to 4-bit NF4 (mgmlora.models.quantization). Both get the same initial LoRA weights and see the same
-batches (bench/train_step.py's Chameleons-like lengths) through the same step (mgmlora's loss, packed rows when the
-variant says so). What it reports: each step's loss for both, their relative gap per step (|nf4 - bf16| / bf16: max,
-mean, last), tokens/s and peak allocated memory of both at the same micro-batch, and the ratio of the tokens/s.
+the device, mgmlora.models.layerwise, optionally with fewer decoder layers (`--layers`)): the quantised one is what a
+QLoRA or FP8 run trains, the other its full-precision twin (`quantize=False`), so their weights are identical before
+one of them is quantised to 4-bit NF4 or FP8 (`--quant_type`, mgmlora.models.quantization). Both get the same initial
+LoRA weights and see the same batches (bench/train_step.py's Chameleons-like lengths) through the same step
+(mgmlora's loss, packed rows when the variant says so). What it reports: each step's loss for both, their relative
+gap per step (|quantised - bf16| / bf16: max, mean, last), tokens/s and peak allocated memory of both at the same
+micro-batch, and the ratio of the tokens/s (`tokens_per_s_<format>_over_bf16`). The bf16 run goes first, one pass
+each: the ratio is a first look, not an interleaved comparison.
 """
 
 import argparse
@@ -72,7 +75,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--lora_preset", default="chameleons")
     parser.add_argument("--target_experts", action="store_true")
-    parser.add_argument("--double_quant", type=int, default=1)
+    parser.add_argument("--quant_type", choices=["nf4", "fp8"], default="nf4")
+    parser.add_argument("--double_quant", type=int, default=1, help="nf4 only")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--lengths", default="chameleons")
@@ -84,12 +88,13 @@ def main() -> None:
     impl = train_step.parse_variant(args.variant)[0]
     if not cuda and impl == "liger":
         raise SystemExit("--variant with liger needs CUDA; use e.g. chunked+packing on the CPU")
-    quant = QuantizationArgs(double_quant=bool(args.double_quant), compute_dtype=dtype)
+    quant = QuantizationArgs(quant_type=args.quant_type, double_quant=bool(args.double_quant), compute_dtype=dtype)
+    fmt = args.quant_type
     lora = LoraArgs(preset=args.lora_preset, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                     target_experts=args.target_experts)
     records, initial = {}, None
     model_args = _model_args(args, dtype, quant)
-    for name, quantize in (("bf16", False), ("nf4", True)):
+    for name, quantize in (("bf16", False), (fmt, True)):
         loaded, model, build_s = _build(model_args, quantize, lora, device, initial)
         if initial is None:
             initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -106,22 +111,22 @@ def main() -> None:
         del loaded, model
         if cuda:
             torch.cuda.empty_cache()
-    bf16, nf4 = records["bf16"]["losses"], records["nf4"]["losses"]
-    gaps = [abs(a - b) / abs(b) for a, b in zip(nf4, bf16, strict=True)]
+    bf16, quantised = records["bf16"]["losses"], records[fmt]["losses"]
+    gaps = [abs(a - b) / abs(b) for a, b in zip(quantised, bf16, strict=True)]
     result = {
         "command": "python bench/qlora_parity.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "settings": vars(args) | {"out": str(args.out)},
         "loss_rel_gap": {"max": max(gaps), "mean": statistics.mean(gaps), "last": gaps[-1], "per_step": gaps},
-        "tokens_per_s_nf4_over_bf16": records["nf4"]["tokens_per_s"] / records["bf16"]["tokens_per_s"],
+        f"tokens_per_s_{fmt}_over_bf16": records[fmt]["tokens_per_s"] / records["bf16"]["tokens_per_s"],
         "runs": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"loss gap nf4 vs bf16: max {max(gaps):.4f}, mean {statistics.mean(gaps):.4f}, last {gaps[-1]:.4f}; "
-          f"tokens/s {records['bf16']['tokens_per_s']:.0f} (bf16) vs {records['nf4']['tokens_per_s']:.0f} (nf4); "
-          f"peak GiB {records['bf16']['peak_alloc_gib']} vs {records['nf4']['peak_alloc_gib']}")
+    print(f"loss gap {fmt} vs bf16: max {max(gaps):.4f}, mean {statistics.mean(gaps):.4f}, last {gaps[-1]:.4f}; "
+          f"tokens/s {records['bf16']['tokens_per_s']:.0f} (bf16) vs {records[fmt]['tokens_per_s']:.0f} ({fmt}); "
+          f"peak GiB {records['bf16']['peak_alloc_gib']} vs {records[fmt]['peak_alloc_gib']}")
 
 
 if __name__ == "__main__":

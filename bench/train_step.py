@@ -29,6 +29,10 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   mgmlora.training.expert_lora); without it expert LoRA runs PEFT's path (W + B A formed per call), as in a plain
   transformers + PEFT script.
 
+`--quant nf4|fp8` builds the model with its frozen decoder weights quantised (`model.model.quantization`, layer by
+layer on the device; mgmlora.models.quantization): every variant then runs on that base, the plain path included.
+With `fp8` the frozen products run in FP8 (mgmlora.models.fp8); MFU and HFU still divide by the bf16 ceiling.
+
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
 path's (same micro-batch size only).
@@ -75,6 +79,7 @@ from mgmlora.models.attention import packed_attention  # noqa: E402
 from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
+from mgmlora.models.quantization import QuantizationArgs  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
@@ -376,6 +381,8 @@ def main() -> None:
     parser.add_argument("--lengths", choices=["chameleons", "fixed"], default="chameleons")
     parser.add_argument("--lora_preset", default=None)
     parser.add_argument("--target_experts", action="store_true")
+    parser.add_argument("--quant", choices=["none", "nf4", "fp8"], default="none",
+                        help="the frozen decoder weights quantised (model.model.quantization.quant_type)")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank override (lora_alpha = 2r)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile one more step of each variant (top operators by device time; "
@@ -395,7 +402,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
 
-    model_args = ModelArgs(preset=args.model, dtype=dtype, gradient_checkpointing=True)
+    quant = None if args.quant == "none" else QuantizationArgs(quant_type=args.quant, compute_dtype=dtype)
+    model_args = ModelArgs(preset=args.model, dtype=dtype, gradient_checkpointing=True, quantization=quant)
     start = time.perf_counter()
     with device:  # random init directly on the GPU, in bf16
         loaded = load_model(model_args)
@@ -467,6 +475,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
         "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts, "r": args.r},
+        "quantization": args.quant,
         "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1),
         "peak_tflops_assumed": PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps, "variants": records,
         "best_within_budget": best,

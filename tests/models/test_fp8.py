@@ -15,6 +15,7 @@ from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.training.expert_lora import set_expert_lora
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.trainable import Trainability, apply_trainability
+from tests.models.test_quantization import _args as _quant_args
 from tests.models.test_quantization import _batch, _loss
 
 E4M3 = torch.float8_e4m3fn
@@ -26,9 +27,8 @@ def _fake(t: torch.Tensor) -> torch.Tensor:
     return (t.float() / scale).to(E4M3).float() * scale
 
 
-def _args(preset, checkpointing=True):
-    quant = QuantizationArgs(quant_type="fp8", compute_dtype="float32")
-    return ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=checkpointing, quantization=quant)
+def _args(preset):
+    return _quant_args(preset, quant_type="fp8")
 
 
 def test_rows_are_scaled_to_448_and_come_back_within_e4m3s_rounding():

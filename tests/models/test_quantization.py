@@ -29,8 +29,8 @@ from tests.models.test_mgm import _batch as _mgm_batch
 BACKENDS = ["torch"] + (["bitsandbytes"] if importlib.util.find_spec("bitsandbytes") else [])
 
 
-def _args(preset, backend="torch", checkpointing=True, **kw):
-    quant = QuantizationArgs(compute_dtype="float32", backend=backend, double_quant=True)
+def _args(preset, backend="torch", checkpointing=True, quant_type="nf4", **kw):
+    quant = QuantizationArgs(quant_type=quant_type, compute_dtype="float32", backend=backend, double_quant=True)
     return ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=checkpointing, quantization=quant, **kw)
 
 
@@ -174,9 +174,9 @@ def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector(
     assert not any("vision_tower" in n for n in grads)
 
 
-def _fit(tmp_path, name, max_steps, ckpt_path=None):
+def _fit(tmp_path, name, max_steps, ckpt_path=None, quant_type="nf4"):
     torch.manual_seed(0)
-    model = _args("tiny-qwen3-moe", tokenizer_path=str(TOKENIZER))
+    model = _args("tiny-qwen3-moe", quant_type=quant_type, tokenizer_path=str(TOKENIZER))
     module = LoraLitModule(model, LoraArgs(preset="chameleons", lora_dropout=0.0, target_experts=True),
                            OptimArgs(lr=1e-2, warmup_ratio=0.0))
     record = StepLosses()
@@ -194,10 +194,12 @@ def _fit(tmp_path, name, max_steps, ckpt_path=None):
 
 
 @pytest.mark.integration
-def test_qlora_fit_with_expert_lora_resumes_to_the_uninterrupted_run(tmp_path):
-    straight = _fit(tmp_path, "straight", max_steps=4)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
+def test_qlora_fit_with_expert_lora_resumes_to_the_uninterrupted_run(tmp_path, quant_type):
+    straight = _fit(tmp_path, "straight", max_steps=4, quant_type=quant_type)
     assert straight[4] < straight[1]  # it learns
-    resumed = _fit(tmp_path, "resumed", max_steps=4, ckpt_path=tmp_path / "straight" / "step=2.ckpt")
+    resumed = _fit(tmp_path, "resumed", max_steps=4, ckpt_path=tmp_path / "straight" / "step=2.ckpt",
+                   quant_type=quant_type)
     assert {s: resumed[s] for s in (3, 4)} == {s: straight[s] for s in (3, 4)}
 
 

@@ -40,7 +40,7 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """T (..., n) -> (codes (..., n) in e4m3, scales (..., 1) fp32) with t ~= codes * scales, each row's amax at 448."""
     scale = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX  # (..., 1)
     codes = (t.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (..., n)
-    return codes, scale
+    return codes.contiguous(), scale  # the kernels take row-major codes; a strided input keeps its strides above
 
 
 def supports(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -48,13 +48,21 @@ def supports(shape: torch.Size | tuple[int, ...]) -> bool:
     return all(d % ALIGN == 0 for d in shape[-2:])
 
 
-def check_device(device: torch.device) -> None:
-    """Raises unless `device` runs FP8 products: a CUDA GPU of compute capability 8.9 or later, or the CPU (emulated).
+def check_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Raises unless `device` runs FP8 products returning `dtype`; the CPU emulates them in any dtype.
+
+    On CUDA: a GPU of compute capability 8.9 or later, and bf16 (the grouped kernel writes bf16 only).
 
     Raises:
-        ValueError: naming the GPU, its capability and the setting to change.
+        ValueError: naming the GPU, its capability or the dtype, and the setting to change.
     """
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda":
+        return
+    if dtype != torch.bfloat16:
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"model.model.quantization.quant_type=fp8 on a GPU returns bfloat16 products; set "
+                         f"model.model.quantization.compute_dtype: bfloat16 (it is {name}).")
+    if torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"model.model.quantization.quant_type=fp8 needs FP8 tensor cores (compute capability 8.9 or "
                          f"later: Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}. "

@@ -497,11 +497,11 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   peer_mgm)
     # ours against the plain transformers + PEFT path (TRL has no MGM model class), MGM-2B within 24 GiB, 2048-position
     # rows, interleaved rounds; round 1 sweeps each side's settings (plain pushed until it leaves the budget). Ours
-    # runs the chunked loss in 1,024-position chunks (OURS_ARGS), which leaves room for 3 rows within 24 GiB; the
+    # runs the chunked loss in 1,024-position chunks (OURS_ARGS adds to or overrides it), which leaves room for 3 rows within 24 GiB; the
     # 2026-12-04 rounds swept chunks of 2,048 at x2 and Liger at x8
     timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model mgm-2b --budget_gib 24 --targets attention \
       --peer plain --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-200} \
-      --ours "bench/train_step.py --model mgm-2b --steps 5 ${OURS_ARGS:---chunk 1024} --variants {sweep}" \
+      --ours "bench/train_step.py --model mgm-2b --steps 5 --chunk 1024 ${OURS_ARGS:-} --variants {sweep}" \
       --ours_sweep "${OURS_SWEEP:-chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3}" \
       --peer_cmd "bench/train_step.py --model mgm-2b --steps 5 --variants {sweep}" \
       --peer_sweep "${PEER_SWEEP:-plainx2,plainx3,plain+nockpt}" \

@@ -397,7 +397,9 @@ def main() -> None:
     preset, variants, batch_size = DEFAULTS[args.model]
     variants = (args.variants or variants).split(",")
     for variant in variants:  # every name checked before any GPU minute is spent
-        parse_variant(variant)
+        if args.quant != "none" and "eagerexperts" in parse_variant(variant)[1]:
+            raise SystemExit(f"{variant}: transformers' experts forward reads the quantised experts' empty "
+                             "placeholders; with --quant only mgmlora's experts forward runs them")
     batch_size = args.batch_size or batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"

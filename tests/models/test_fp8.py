@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from mgmlora.errors import UsageError
 from mgmlora.models import fp8, load_model, torch_private
@@ -48,10 +49,24 @@ def test_rows_are_scaled_to_448_and_come_back_within_e4m3s_rounding():
 
 def test_a_model_cast_to_another_dtype_keeps_the_codes_and_scales():
     linear = fp8.Fp8Linear(nn.Linear(32, 16, bias=False), torch.float32, torch.device("cpu"))
-    codes, scale = linear.fp8.e4m3.clone(), linear.fp8.scale.clone()
-    linear.to(torch.bfloat16)  # converts every floating tensor of the module; the bits are integers
-    assert torch.equal(linear.fp8.e4m3.view(torch.uint8), codes.view(torch.uint8))
-    assert torch.equal(linear.fp8.scale, scale) and linear.fp8.scale.dtype == torch.float32
+    experts = fp8.Fp8Weight(torch.randn(2, 16, 32), torch.float32)
+    before = [(m.e4m3.view(torch.uint8).clone(), m.scale.clone()) for m in (linear, experts)]
+    for module in (linear, experts):
+        module.to(torch.bfloat16)  # converts every floating tensor of the module; the bits are integers
+    for module, (codes, scale) in zip((linear, experts), before, strict=True):
+        assert torch.equal(module.e4m3.view(torch.uint8), codes)
+        assert torch.equal(module.scale, scale) and module.scale.dtype == torch.float32
+
+
+def test_the_linear_holds_its_codes_once_and_not_as_a_float_matrix():
+    linear = fp8.Fp8Linear(nn.Linear(32, 16, bias=False), torch.float32, torch.device("cpu"))
+    # one tensor of out x in elements, so that a module move copies the codes once
+    sizes = [t.numel() for t in (*linear.parameters(), *linear.buffers())]
+    assert sorted(sizes) == [16, 16 * 32] and linear.weight.shape == (16 * 32,)
+    moved = linear.to(torch.device("meta"))
+    assert [t.numel() for t in moved.parameters()] == [16 * 32]
+    with pytest.raises(RuntimeError):  # what DoRA's weight norm or PEFT's merge would do with it
+        nn.functional.linear(torch.randn(2, 32), fp8.Fp8Linear(nn.Linear(32, 16), torch.float32, "cpu").weight)
 
 
 def test_the_linear_computes_with_quantised_inputs_and_weight_and_returns_the_input_gradient():
@@ -73,7 +88,21 @@ def test_the_linear_computes_with_quantised_inputs_and_weight_and_returns_the_in
     expected_grad = _fake(grad * scale.t()) @ codes.float()
     torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-5)
     assert linear.weight.grad is None and not linear.weight.requires_grad
+    # and the true input gradient g W, within FP8's rounding (3 mantissa bits on both operands)
+    exact_grad = grad @ dense.weight.detach()
+    assert (x.grad - exact_grad).norm() < 0.1 * exact_grad.norm()
 
+
+def test_an_input_in_another_dtype_is_multiplied_in_the_compute_dtype_and_gets_its_own_gradient_dtype():
+    linear = fp8.Fp8Linear(nn.Linear(64, 32, bias=False), torch.bfloat16, torch.device("cpu"))
+    experts = fp8.Fp8Weight(torch.randn(2, 32, 64), torch.bfloat16)
+    offsets = torch.tensor([3, 6], dtype=torch.int32)
+    for product in (linear, lambda t: experts.grouped(t, offsets)):
+        x = torch.randn(6, 64, requires_grad=True)  # float32, as a float32 model under bf16 compute feeds it
+        out = product(x)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 def test_the_grouped_product_matches_each_experts_own_product_forward_and_backward():
     torch.manual_seed(0)
@@ -91,6 +120,8 @@ def test_the_grouped_product_matches_each_experts_own_product_forward_and_backwa
         torch.testing.assert_close(out[rows], _fake(x.detach()[rows]) @ _fake(weight[e]).t(), rtol=1e-5, atol=1e-5)
         g = _fake(grad[rows] * scale[e].t()) @ codes[e].float()
         torch.testing.assert_close(x.grad[rows], g, rtol=1e-5, atol=1e-5)
+        exact = grad[rows] @ weight[e]  # the true input gradient, within FP8's rounding
+        assert (x.grad[rows] - exact).norm() <= 0.1 * exact.norm()
         start = end
 
 
@@ -107,10 +138,10 @@ def test_the_dense_kernel_takes_the_operands_as_the_emulation_does():
     a, a_scale = fp8.quantize_rows(torch.randn(24, 64))
     b, b_scale = fp8.quantize_rows(torch.randn(32, 64))  # (N, K) row-major: b.t() is the column-major operand
     try:
-        got = torch_private.scaled_mm(a, b.t(), a_scale, b_scale.t(), torch.float32)
+        got = torch_private.scaled_mm(a, b.t(), a_scale, b_scale.t(), torch.bfloat16)  # the GPU's output dtype
     except (RuntimeError, NotImplementedError) as err:
         pytest.skip(f"this torch build has no row-wise scaled_mm on the CPU: {str(err)[:80]}")
-    torch.testing.assert_close(got, fp8.emulated_mm(a, a_scale, b.t(), b_scale.t(), torch.float32))
+    torch.testing.assert_close(got, fp8.emulated_mm(a, a_scale, b.t(), b_scale.t(), torch.bfloat16))
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
@@ -118,12 +149,12 @@ def test_the_fp8_model_stores_one_byte_per_weight_and_stays_close_to_full_precis
     loaded, full = load_model(_args(preset)), load_model(_args(preset), quantize=False)
     layer = loaded.model.model.layers[0]
     assert type(layer.self_attn.q_proj) is fp8.Fp8Linear and loaded.quantized.bits == 8
-    stored = [m for m in loaded.model.modules() if isinstance(m, fp8.Fp8Weight)]
+    stored = [m.e4m3 for m in loaded.model.modules() if isinstance(m, (fp8.Fp8Weight, fp8.Fp8Linear))]
     full_layers = full.model.model.layers
     quantizable = [m.weight for m in full_layers.modules() if type(m) is nn.Linear]
     quantizable += [p for p in full_layers.parameters() if p.ndim == 3]
-    assert sum(m.codes.numel() for m in stored) == sum(p.numel() for p in quantizable)
-    assert all(m.codes.element_size() == 1 for m in stored)
+    assert sum(c.numel() for c in stored) == sum(p.numel() for p in quantizable)
+    assert all(c.element_size() == 1 for c in stored)
     if loaded.moe:  # the experts' own parameters hold no memory: one element expanded to the full shape
         assert layer.mlp.experts.gate_up_proj.stride() == (0, 0, 0)
         assert isinstance(layer.mlp.experts.fp8_gate_up_proj, fp8.Fp8Weight)
@@ -193,6 +224,72 @@ def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeyp
                                                                              compute_dtype="float32"), "cuda")
 
 
+@pytest.mark.parametrize(("capability", "experts", "refused"), [
+    ((8, 9), False, False), ((8, 9), True, True), ((9, 0), True, False), ((10, 0), True, False),
+    ((12, 0), False, False), ((12, 0), True, True), ((8, 6), False, True)])
+def test_gpus_without_the_fp8_kernels_a_model_needs_are_refused(monkeypatch, capability, experts, refused):
+    # torch 2.11's grouped FP8 kernel is built for 9.0 and 10.0 only; the dense one from 8.9 on
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    check = lambda: fp8.check_device(torch.device("cuda"), torch.bfloat16, experts)  # noqa: E731
+    if refused:
+        with pytest.raises(ValueError, match="compute capability"):
+            check()
+    else:
+        check()
+
+
+def test_quantised_experts_in_a_layout_handed_to_transformers_are_refused():
+    loaded = load_model(_args("tiny-qwen3-moe"))
+    loaded.model.model.layers[0].mlp.experts.has_bias = True  # a layout mgmlora's experts forward hands over
+    with pytest.raises(UsageError, match="cannot read quantised experts"):
+        loaded.model(input_ids=_batch().input_ids)
+
+
+def test_dora_on_mgmloras_quantised_layers_is_refused():
+    loaded = load_model(_args("tiny-qwen3"))
+    with pytest.raises(UsageError, match="use_dora: false"):
+        apply_trainability(loaded, LoraArgs(preset="balanced", use_dora=True), Trainability())
+
+
+@pytest.mark.parametrize(("target_experts", "refused"), [(False, False), (True, True)])
+def test_an_fp8_moe_base_needs_checkpointing_only_where_its_experts_are_dequantised(target_experts, refused):
+    loaded = load_model(_quant_args("tiny-qwen3-moe", checkpointing=False, quant_type="fp8"))
+    lora = LoraArgs(preset="aggressive", target_experts=target_experts)
+    if refused:
+        with pytest.raises(UsageError, match="gradient_checkpointing"):
+            apply_trainability(loaded, lora, Trainability())
+    else:
+        model, _ = apply_trainability(loaded, lora, Trainability())
+        _loss(loaded).backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.integration
+def test_a_compiled_fp8_model_computes_what_the_eager_one_does_on_the_cpu():
+    # the dense products compile whole on the CPU (emulated); the experts' emulated grouped product does not (its
+    # float32 grouped_mm compiles for bf16 only), so the CPU covers the dense layers and the GPU tier the MoE ones
+    losses, grads = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        loaded = load_model(_args("tiny-qwen3"))
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            loaded.compile()
+        model.train()
+        loss = _loss(loaded)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    graphs, breaks = torch_private.dynamo_counts()
+    assert graphs > 0 and not breaks, breaks
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
+
+
+
 def test_weights_the_kernels_cannot_take_stay_in_the_model_dtype():
     from mgmlora.models.quantization import quantize_layers
 
@@ -244,6 +341,7 @@ def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu():
         model.to("cuda").train()
         if compiled:
             torch._dynamo.reset()
+            counters.clear()
             loaded.compile()
         batch = _batch().to(torch.device("cuda"))
         hidden, labels, head = loaded.forward_hidden(batch, packed=False)

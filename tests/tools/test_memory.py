@@ -277,7 +277,7 @@ def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
     from dataclasses import replace
 
     from mgmlora.models import load_model
-    from mgmlora.models.fp8 import Fp8Weight
+    from mgmlora.models.fp8 import Fp8Linear, Fp8Weight
     from mgmlora.models.quantization import QuantizationArgs
     from mgmlora.tools.memory import GIB
 
@@ -287,10 +287,11 @@ def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
     lora = LoraArgs(preset="balanced")
     items = estimate(args, lora, Trainability(), SpeedArgs(), shape).items
     model = load_model(args).model
-    stored = sum(b.nbytes for m in model.modules() if isinstance(m, Fp8Weight) for b in m.buffers())
+    fp8 = [m for m in model.modules() if isinstance(m, (Fp8Weight, Fp8Linear))]
+    stored = sum(t.nbytes for m in fp8 for t in (m.e4m3, m.scale))
     assert items["base weights (FP8)"] * GIB == stored  # one byte per weight and a 4-byte scale per row, exactly
     full = estimate(replace(args, quantization=None), lora, Trainability(), SpeedArgs(), shape).items
-    quantised_weights = sum(m.shape.numel() for m in model.modules() if isinstance(m, Fp8Weight))
+    quantised_weights = sum(m.e4m3.numel() for m in fp8)
     not_quantised = items["base weights (frozen, not quantised)"] * GIB
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
     # no dequantised copy without PEFT's expert LoRA: the backward's transposed codes of the largest layer, 1 byte each
@@ -324,7 +325,7 @@ def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):
     result = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--gpu_memory_gib", "24",
                                 *experts])
     assert result["fits"] is False and result["cheapest_fix"] is None
-    assert "a 4-bit MoE base runs without DeepSpeed" in capsys.readouterr().out
+    assert "a quantised MoE base runs without DeepSpeed" in capsys.readouterr().out
     # the candidate the filter removes would have fitted: without it, the answer above would be offload
     offload = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--config",
                                  "configs/strategy/zero2_offload.yaml", "--gpu_memory_gib", "24", *experts, "--json"])

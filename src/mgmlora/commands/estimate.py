@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     if result.get("fits") is False:
         fix = result["cheapest_fix"]
         combine = ("lower model.lora.r, target fewer modules (model.lora.target_experts: false) and shorten "
-                   "max_length (a 4-bit MoE base runs without DeepSpeed; ZeRO-3 cannot partition 4-bit "
-                   "weights)" if run[0].quantization else "combine offload, a smaller micro-batch and a shorter "
-                   "max_length, or use more GPUs with ZeRO-3")
+                   "max_length (a quantised MoE base runs without DeepSpeed; ZeRO-3 cannot partition "
+                   "quantised weights)" if run[0].quantization else "combine offload, a smaller micro-batch and a "
+                   "shorter max_length, or use more GPUs with ZeRO-3")
         print(f"cheapest change that fits: {fix['change']} -> {fix['total_gib']:.2f} GiB" if fix else
               f"no single change fits; {combine}.")
     return result

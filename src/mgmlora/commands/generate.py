@@ -182,8 +182,8 @@ def generate(settings: GenerateSettings):
 
     import torch
 
-    loaded = build_trained_model(run, model_args)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = build_trained_model(run, model_args, device=device)
     model, info = loaded.model.to(device).eval(), loaded.info
     tokenizer = load_tokenizer(model_args)
 

@@ -98,8 +98,8 @@ def score(settings: ScoreSettings) -> dict:
     read_entries(output_files(settings.output)["progress file"], recorded)  # a mismatch is refused before loading
 
     model_args = saved.model_args(settings.model_path, settings.preset, settings.dtype, settings.trust_remote_code)
-    loaded = build_trained_model(run_adapter, model_args)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = build_trained_model(run_adapter, model_args, device=device)
     loaded.model.to(device).eval()
     datamodule.connect(load_tokenizer(model_args), loaded.info)
     datamodule.setup("test")

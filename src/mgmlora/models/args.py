@@ -35,8 +35,8 @@ class ModelArgs:
         gradient_checkpointing: recompute activations in the backward pass (non-reentrant, LoRA-compatible).
         trust_remote_code: allow Python code shipped inside `model_path` to run. Off unless you trust the directory.
         init_seed: seed for random initialisation (only used without `model_path`).
-        quantization: null (off), or the frozen language-model base in 4-bit NF4 (QLoRA; the fused MoE experts
-            included, LoRA weights full precision): mgmlora.models.quantization.
+        quantization: null (off), or the frozen language-model base in 4-bit NF4 (QLoRA) or FP8 (the fused MoE
+            experts included, LoRA weights full precision): mgmlora.models.quantization.
     """
 
     preset: PresetName | None = None

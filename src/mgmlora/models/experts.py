@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from mgmlora.errors import MgmloraError
+from mgmlora.errors import MgmloraError, UsageError
 from mgmlora.models.quantization import expert_weight, fp8_experts_weight
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
@@ -144,6 +144,10 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         (T, H) in the dtype of `hidden_states`.
     """
     if not supports_lora(self):
+        if any(hasattr(self, f"{kind}_{name}") for kind in ("nf4", "fp8") for name in ("gate_up_proj", "down_proj")):
+            raise UsageError("model.model.quantization: this MoE layout (expert-parallel, biased, gate-less or "
+                             "post-normed experts) runs through transformers' experts forward, which cannot read "
+                             "quantised experts; set model.model.quantization: null for this model.")
         if lora:
             raise ValueError("fast_experts_forward got LoRA factors for a layout it hands to transformers "
                              "(expert-parallel, biased, gate-less or post-normed experts)")

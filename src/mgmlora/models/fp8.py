@@ -4,9 +4,10 @@
 LoRA run never updates the base, so its weights are quantised once, when the model loads, and stored that way: one
 byte per weight instead of two, and no per-step cast of the weights (a library built for training the weights, such as
 torchao's `Float8Linear`, casts them again at every call because they change). The activations entering each product
-and the gradients leaving it are quantised per row when they run. Hopper and Ada GPUs (compute capability 8.9 and
-later) run these products on their FP8 tensor cores at about twice the bf16 rate; the quantisation around them is
-element-wise work that torch.compile (`speed.compile`) fuses into the neighbouring kernels.
+and the gradients leaving it are quantised per row when they run. GPUs of compute capability 8.9 and later (Ada,
+Hopper; the experts' grouped product needs 9.0 or 10.0 in torch 2.11) run these products on their FP8 tensor cores,
+whose peak rate is twice the bf16 one; the quantisation around them is element-wise work that torch.compile
+(`speed.compile`) fuses into the neighbouring kernels.
 
 Numerics, per product y = x W^T of a frozen weight W (out, in):
 - W = diag(s_w) Q_w: Q_w in e4m3, s_w (out,) the row's absolute maximum over 448 (e4m3's largest value);
@@ -20,7 +21,9 @@ No gradient reaches the base (it is frozen); LoRA's own products stay in the com
 Where the products run: `torch._scaled_mm` / `torch._scaled_grouped_mm` on CUDA (mgmlora.models.torch_private says
 why the private forms); elsewhere (the CPU tests and demos) the same quantised values are multiplied in float32
 (`emulated`), which is what the kernels compute up to the order of the fp32 sums (tests/models/test_fp8.py checks
-the dense kernel against it where the CPU build has it, the GPU tier both kernels).
+the dense kernel against it where the CPU build has it, the GPU tier both kernels). The emulated grouped product
+stays out of torch.compile (grouped_mm compiles for bf16 only), so on the CPU a checkpointed layer with FP8 experts
+runs eagerly under `speed.compile`.
 """
 
 from __future__ import annotations
@@ -48,10 +51,14 @@ def supports(shape: torch.Size | tuple[int, ...]) -> bool:
     return all(d % ALIGN == 0 for d in shape[-2:])
 
 
-def check_device(device: torch.device, dtype: torch.dtype) -> None:
-    """Raises unless `device` runs FP8 products returning `dtype`; the CPU emulates them in any dtype.
+GROUPED_CAPABILITIES = ((9, 0), (10, 0))  # where torch 2.11 runs _scaled_grouped_mm (its own error message says so)
 
-    On CUDA: a GPU of compute capability 8.9 or later, and bf16 (the grouped kernel writes bf16 only).
+
+def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> None:
+    """Raises unless `device` runs the FP8 products returning `dtype`; the CPU emulates them in any dtype.
+
+    On CUDA: bf16 products (the grouped kernel writes bf16 only, the dense row-wise one bf16 or fp16), a GPU of compute
+    capability 8.9 or later, and with fused MoE `experts` 9.0 or 10.0 (the grouped kernel's only builds).
 
     Raises:
         ValueError: naming the GPU, its capability or the dtype, and the setting to change.
@@ -62,11 +69,15 @@ def check_device(device: torch.device, dtype: torch.dtype) -> None:
         name = str(dtype).removeprefix("torch.")
         raise ValueError(f"model.model.quantization.quant_type=fp8 on a GPU returns bfloat16 products; set "
                          f"model.model.quantization.compute_dtype: bfloat16 (it is {name}).")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}"
+    if capability < (8, 9):
         raise ValueError(f"model.model.quantization.quant_type=fp8 needs FP8 tensor cores (compute capability 8.9 or "
-                         f"later: Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
-                         "Use quant_type: nf4, or model.model.quantization: null.")
+                         f"later); {gpu}. Use quant_type: nf4, or model.model.quantization: null.")
+    if experts and capability not in GROUPED_CAPABILITIES:
+        raise ValueError(f"model.model.quantization.quant_type=fp8 on MoE experts needs PyTorch's grouped FP8 kernel, "
+                         f"built for compute capability 9.0 and 10.0 only; {gpu}. Use quant_type: nf4 for this model, "
+                         "or model.model.quantization: null.")
 
 
 def _mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -91,6 +102,7 @@ def _grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     return emulated_grouped_mm(a, a_scale, b, b_scale, offsets, dtype)
 
 
+@torch.compiler.disable  # grouped_mm's compiled form takes bf16 only; the emulation multiplies in float32
 def emulated_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                         offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`_grouped_mm` in float32 from the dequantised operands."""
@@ -180,13 +192,12 @@ class Fp8Weight(nn.Module):
         weight = (self.e4m3.float() * self.scale).to(self.dtype)
         return weight.transpose(-2, -1) if self.transposed else weight
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """X (..., in) -> (..., out) through this (out, in) weight."""
-        return _Fp8Linear.apply(x, self.e4m3, self.scale, self.dtype)
-
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Rows (S, in) grouped by expert (`offsets`, as for grouped_mm) -> (S, out) through this (E, out, in)."""
-        return _Fp8GroupedLinear.apply(x, self.e4m3, self.scale, offsets, self.dtype)
+        """Rows (S, in) grouped by expert (`offsets`, as for grouped_mm) -> (S, out) through this (E, out, in).
+
+        The rows enter in the compute dtype (the kernels write it; the cast's backward returns x's dtype).
+        """
+        return _Fp8GroupedLinear.apply(x.to(self.dtype), self.e4m3, self.scale, offsets, self.dtype)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"shape={tuple(self.shape)}, fp8 e4m3 per-row -> {self.dtype}"
@@ -196,21 +207,39 @@ class Fp8Linear(nn.Linear):
     """A frozen `nn.Linear` stored and run in FP8.
 
     It subclasses `nn.Linear` so PEFT wraps it with its standard LoRA layer (which calls the base layer and reads
-    `in_features`, `out_features` and the weight's device); `weight` is the codes' bits (uint8, frozen), so anything
-    that treats it as a float matrix fails loudly instead of computing with codes.
+    `in_features`, `out_features` and the weight's device and dtype: uint8 keeps PEFT from casting the adapter to it).
+    `weight` holds the codes' bits flat, (out * in,) uint8, frozen: the one copy of the codes (a module move moves it
+    once), and anything that reads it as an (out, in) float matrix (DoRA's weight norm, PEFT's merge) fails loudly
+    instead of computing with codes. The row scales are int32 bits, as in `Fp8Weight`.
     """
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, device: torch.device):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.fp8 = Fp8Weight(linear.weight.detach().to(device), dtype)
-        self.weight = nn.Parameter(self.fp8.codes, requires_grad=False)
+        self.in_features, self.out_features, self.compute_dtype = linear.in_features, linear.out_features, dtype
+        codes, scale = quantize_rows(linear.weight.detach().to(device))
+        self.weight = nn.Parameter(codes.view(torch.uint8).view(-1), requires_grad=False)
+        self.register_buffer("scale_bits", scale.view(torch.int32), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().to(device, dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out = self.fp8.linear(x)
+    @property
+    def e4m3(self) -> torch.Tensor:
+        """The codes as float8 e4m3, (out, in)."""
+        return self.weight.view(self.out_features, self.in_features).view(FP8)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The row scales as float32, (out, 1)."""
+        return self.scale_bits.view(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps x (..., in) to (..., out) in the compute dtype (the cast's backward returns x's dtype)."""
+        out = _Fp8Linear.apply(x.to(self.compute_dtype), self.e4m3, self.scale, self.compute_dtype)
         return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row -> "
+                f"{self.compute_dtype}")
 
 
 def stored_bytes(numel: int, rows: int) -> int:

@@ -250,7 +250,7 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
     backend = args.resolved_backend(device)
     if args.quant_type == "fp8":
         try:
-            fp8.check_device(device, args.dtype)
+            fp8.check_device(device, args.dtype, experts=any(p.ndim == 3 for p in layers.parameters()))
         except ValueError as err:
             raise UsageError(str(err)) from None
     counts = {"linear": 0, "experts": 0, "kept": 0}

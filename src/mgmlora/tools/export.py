@@ -17,6 +17,7 @@ copied in both cases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -161,14 +162,19 @@ def export_adapter(run: RunAdapter, out: str | Path, overwrite: bool = False) ->
     return Path(out)
 
 
-def build_trained_model(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> LoadedModel:
+def build_trained_model(run: RunAdapter, args: ModelArgs, quantize: bool = True,
+                        device: str | torch.device | None = None) -> LoadedModel:
     """The base model with the run's adapter and trainables applied, behind its family's LoadedModel.
 
     Its `model` is the base model with the LoRA layers injected in place (PEFT's wrapper adds nothing to a LoRA
     forward), so the family methods (`generate`, `forward_hidden`, `save_merged`, ...) run the trained model.
-    `quantize=False` puts a QLoRA run's adapter on the full-precision base it was trained against.
+    `quantize=False` puts a QLoRA run's adapter on the full-precision base it was trained against. `device`: where a
+    quantised base is built and quantised, layer by layer (the device it will run on: its FP8 products are checked
+    there, and nothing is quantised on the CPU to be copied over); other bases load on the CPU as before.
     """
-    return _with_adapter(run, args, quantize)[0]
+    on_device = device is not None and quantize and args.quantization is not None
+    with torch.device(device) if on_device else contextlib.nullcontext():
+        return _with_adapter(run, args, quantize)[0]
 
 
 def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tuple[LoadedModel, PeftModel | None]:

@@ -49,8 +49,8 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
 
     Raises:
         ValueError: when nothing would train.
-        UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, or a quantised
-            MoE base without gradient checkpointing.
+        UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, with DoRA on
+            mgmlora's own quantised layers, or a MoE base whose experts are dequantised, without gradient checkpointing.
     """
     model, plan = loaded.model, None
     if loaded.quantized is not None:
@@ -58,14 +58,21 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
             raise UsageError(f"model.model.quantization keeps the language model frozen in {loaded.quantized.bits} "
                              f"bits: set model.trainable.llm: lora (it is {trainable.llm}) or "
                              "model.model.quantization: null.")
+        if lora.use_dora and not getattr(model, "is_loaded_in_4bit", False):
+            raise UsageError("model.lora.use_dora reads the base weight as a float matrix, which mgmlora's quantised "
+                             "layers do not hold (bitsandbytes' 4-bit layers do, where installed): set "
+                             "model.lora.use_dora: false or model.model.quantization: null.")
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
         new = hasattr(lm, "is_activation_checkpointing")
         checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
-        if loaded.moe and not checkpointing:
+        # NF4 experts, and FP8 experts under PEFT's expert LoRA, are dequantised when they run and kept for the
+        # backward; the FP8 product itself keeps nothing but the stored codes
+        dequantises = loaded.quantized.quant_type == "nf4" or lora.target_experts
+        if loaded.moe and dequantises and not checkpointing:
             raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
-                             "true only (the recompute dequantises each layer's experts again, and the FP8 products "
-                             "quantise their inputs again; without it every layer's copies stay alive until the "
-                             "backward pass).")
+                             "true only, where its experts are dequantised (NF4, or FP8 with expert LoRA): the "
+                             "recompute dequantises each layer's experts again; without it every layer's dequantised "
+                             "experts stay alive until the backward pass.")
     if trainable.llm == "lora":
         plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
         model = apply_lora(model, plan)  # PEFT freezes every base weight

@@ -240,6 +240,8 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
+    if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
+        raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:
         previous_attn = attn_implementation(llm.config)
         attn = "flex_attention" if "flex" in flags else "sdpa" if "dense" in flags else packed_attention("sdpa", True)
@@ -397,7 +399,8 @@ def main() -> None:
     preset, variants, batch_size = DEFAULTS[args.model]
     variants = (args.variants or variants).split(",")
     for variant in variants:  # every name checked before any GPU minute is spent
-        if args.quant != "none" and "eagerexperts" in parse_variant(variant)[1]:
+        flags = parse_variant(variant)[1]
+        if args.quant != "none" and "eagerexperts" in flags:
             raise SystemExit(f"{variant}: transformers' experts forward reads the quantised experts' empty "
                              "placeholders; with --quant only mgmlora's experts forward runs them")
     batch_size = args.batch_size or batch_size

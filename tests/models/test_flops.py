@@ -70,3 +70,15 @@ def test_counts_split_frozen_lora_and_head_by_hand():
     two = flops.step([8], supervised=3, recompute=False)
     assert two.model - one.model == 4 * flops.head  # the head costs only where a loss is taken
     assert one.hardware == one.model
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_a_quantised_base_does_the_same_math_as_its_full_precision_twin(preset, quant_type):
+    # quantised linears store their codes flat (NF4 packed, FP8 one byte each): the count reads the layer's shape
+    from mgmlora.models import load_model
+    from tests.models.test_quantization import _args
+
+    quantised = FlopModel.of(load_model(_args(preset, quant_type=quant_type)).model)
+    full = FlopModel.of(load_model(_args(preset, quant_type=quant_type), quantize=False).model)
+    assert quantised == full and quantised.frozen > 0

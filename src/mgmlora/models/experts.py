@@ -144,7 +144,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         (T, H) in the dtype of `hidden_states`.
     """
     if not supports_lora(self):
-        if any(hasattr(self, f"{kind}_{name}") for kind in ("nf4", "fp8") for name in ("gate_up_proj", "down_proj")):
+        if any(name.startswith(("nf4_", "fp8_")) for name, _ in self.named_children()):
             raise UsageError("model.model.quantization: this MoE layout (expert-parallel, biased, gate-less or "
                              "post-normed experts) runs through transformers' experts forward, which cannot read "
                              "quantised experts; set model.model.quantization: null for this model.")

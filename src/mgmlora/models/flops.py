@@ -61,16 +61,24 @@ class FlopModel:
         head = language_model.get_output_embeddings()
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         embed_ids = {id(p) for p in language_model.get_input_embeddings().parameters()}
-        for name, p in language_model.named_parameters():
-            if id(p) in head_ids or id(p) in embed_ids and "lora_" not in name:
-                continue
-            if p.ndim < 2:  # norms and biases: element-wise work
-                continue
-            share = k / e if ".experts." in name else 1.0
-            if "lora_" in name:
-                lora += p.numel() * share
-            else:
-                frozen += p.numel() * share
+        seen: set[int] = set()
+        for module_name, module in language_model.named_modules():
+            for param_name, p in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}"
+                if id(p) in seen or id(p) in head_ids or id(p) in embed_ids and "lora_" not in name:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, nn.Linear) and param_name == "weight":
+                    size = module.in_features * module.out_features  # quantised layers store the codes flat
+                elif p.ndim >= 2:
+                    size = p.numel()
+                else:  # norms and biases: element-wise work
+                    continue
+                share = k / e if ".experts." in name else 1.0
+                if "lora_" in name:
+                    lora += size * share
+                else:
+                    frozen += size * share
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(frozen=int(frozen), lora=int(lora), head=cfg.hidden_size * cfg.vocab_size,
                    attention=cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, image=image_flops)

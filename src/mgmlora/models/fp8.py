@@ -167,12 +167,13 @@ class Fp8Weight(nn.Module):
     whole model to another floating dtype (`model.to(torch.bfloat16)`, DeepSpeed's bf16 module) converts every
     floating buffer, which would turn the codes into numbers and round the scales, and leaves integers alone.
     `transposed` records a weight the model keeps as (..., in, out) (fused experts with `is_transposed`): the codes
-    are stored (out, in) either way and `dequantize` gives the model's own layout back.
+    are stored (out, in) either way and `dequantize` gives the model's own layout back. `grouped_fp8`: whether the
+    experts forward multiplies by it in FP8 (`grouped`) or dequantises it (`expert_products`, quantization.py).
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, transposed: bool = False):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, transposed: bool = False, grouped_fp8: bool = True):
         super().__init__()
-        self.shape, self.dtype, self.transposed = weight.shape, dtype, transposed
+        self.shape, self.dtype, self.transposed, self.grouped_fp8 = weight.shape, dtype, transposed, grouped_fp8
         codes, scale = quantize_rows(weight.transpose(-2, -1) if transposed else weight)
         self.register_buffer("codes", codes.contiguous().view(torch.uint8), persistent=False)
         self.register_buffer("scale_bits", scale.view(torch.int32), persistent=False)

@@ -2,12 +2,12 @@
 
 `model.model.quantization` (QuantizationArgs) turns it on; `quant_type` picks the format. `nf4` stores 4 bits per
 weight and dequantises each weight to the compute dtype when it runs (the smallest memory, a little slower than the
-bf16 base); `fp8` stores one byte per weight and runs the products themselves in FP8 on GPUs with FP8 tensor cores
-(mgmlora.models.fp8: half the bf16 weight memory, and faster products). The rest of this docstring describes NF4;
-FP8 takes the same weights, layer by layer the same way, with mgmlora.models.fp8's `Fp8Linear` and `Fp8Weight` in
-place of the NF4 ones (`fp8_<name>` children of the experts module), and its experts forward runs the FP8 grouped GEMM
-unless PEFT's expert LoRA parametrises the weight (then it dequantises as below). What is stored in 4 bits: every
-`nn.Linear` inside the
+bf16 base); `fp8` stores one byte per weight and runs the linears' products in FP8 on GPUs with FP8 tensor cores
+(mgmlora.models.fp8: half the bf16 weight memory; configs/README.md has what its speed measured). The rest of this
+docstring describes NF4; FP8 takes the same weights, layer by layer the same way, with mgmlora.models.fp8's
+`Fp8Linear` and `Fp8Weight` in place of the NF4 ones (`fp8_<name>` children of the experts module); its experts are
+dequantised as below unless `expert_products: fp8` runs PyTorch's grouped FP8 GEMM on them (then only PEFT's expert
+LoRA dequantises them). What is stored in 4 bits: every `nn.Linear` inside the
 decoder layers (attention projections, dense MLPs, shared experts) and every fused 3-D expert parameter
 (Qwen3-MoE's `mlp.experts.gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I)). What stays in the model dtype:
 embeddings, norms, the MoE router, the LM head, and MGM's towers and projector (outside the decoder layers). LoRA
@@ -66,6 +66,11 @@ class QuantizationArgs:
             each product) or `fp8` (float8 e4m3 with one scale per output row, products in FP8: mgmlora.models.fp8;
             needs a GPU of compute capability 8.9 or later, emulated on the CPU).
         bits: bits per stored weight: 4 for nf4, 8 for fp8; null takes the format's.
+        expert_products: fp8 only: how the fused MoE experts multiply. `dequantized` (default): each layer's experts
+            are dequantised to the compute dtype when they run and multiplied by bf16 grouped GEMMs, as NF4's are;
+            `fp8`: PyTorch's grouped FP8 kernel, which ran at about half the bf16 kernel's rate per token on an H200
+            with torch 2.11 (bench/results/2026-12-05-train_step_profile_fp8_compiled_x32-qwen3-30b-a3b-h200.json)
+            and needs compute capability 9.x or 10.x.
         double_quant: nf4 only: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
         compute_dtype: dtype the products return (nf4: the dtype weights are dequantised to).
         backend: nf4 only: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the
@@ -76,6 +81,7 @@ class QuantizationArgs:
 
     quant_type: Literal["nf4", "fp8"] = "nf4"
     bits: Literal[4, 8] | None = None
+    expert_products: Literal["dequantized", "fp8"] = "dequantized"
     double_quant: bool = True
     compute_dtype: DtypeName = "bfloat16"
     backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
@@ -87,6 +93,9 @@ class QuantizationArgs:
         elif self.bits != width:
             raise ValueError(f"model.model.quantization: bits={self.bits} does not match quant_type={self.quant_type} "
                              f"({width} bits); set bits: {width}, or drop it.")
+        if self.quant_type == "nf4" and self.expert_products == "fp8":
+            raise ValueError("model.model.quantization: expert_products=fp8 needs quant_type=fp8 (NF4 experts are "
+                             "dequantised); drop expert_products or set quant_type: fp8.")
         if self.quant_type == "fp8" and self.backend == "bitsandbytes":
             raise ValueError("model.model.quantization: backend=bitsandbytes stores NF4 only; with quant_type=fp8 set "
                              "backend: auto.")
@@ -190,7 +199,8 @@ def _quantize_experts(experts: nn.Module, names: tuple[str, ...], args: Quantiza
         param = getattr(experts, name)
         delattr(experts, name)  # nn.Module.__delattr__ drops it from the module's parameters
         if args.quant_type == "fp8":
-            q = fp8.Fp8Weight(param.detach().to(device), args.dtype, getattr(experts, "is_transposed", False))
+            q = fp8.Fp8Weight(param.detach().to(device), args.dtype, getattr(experts, "is_transposed", False),
+                              grouped_fp8=args.expert_products == "fp8")
         else:
             q = Nf4Weight(quantize(param.detach().to(device), args.double_quant, args.dtype, backend), backend)
         experts.add_module(f"{args.quant_type}_{name}", q)
@@ -216,14 +226,16 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
 
 
 def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
-    """The FP8 weight the experts forward multiplies by directly: stored in FP8 and carrying no PEFT expert LoRA.
+    """The FP8 weight the experts forward multiplies by in FP8 (`expert_products: fp8`, no PEFT expert LoRA), or None.
 
     With PEFT's expert LoRA the parameter holds the delta, which has to join the weight (`expert_weight`); with
     mgmlora's split expert LoRA (`speed.expert_lora: split`) the parameter stays unparametrised and the LoRA runs
     beside this product.
     """
     stored = getattr(experts, f"fp8_{name}", None)
-    return None if stored is None or parametrize.is_parametrized(experts, name) else stored
+    if stored is None or not stored.grouped_fp8 or parametrize.is_parametrized(experts, name):
+        return None
+    return stored
 
 
 def _fp8_fits(experts: nn.Module, name: str) -> bool:
@@ -250,7 +262,8 @@ def quantize_layers(layers: nn.Module, args: QuantizationArgs, device: torch.dev
     backend = args.resolved_backend(device)
     if args.quant_type == "fp8":
         try:
-            fp8.check_device(device, args.dtype, experts=any(p.ndim == 3 for p in layers.parameters()))
+            grouped = args.expert_products == "fp8" and any(p.ndim == 3 for p in layers.parameters())
+            fp8.check_device(device, args.dtype, experts=grouped)
         except ValueError as err:
             raise UsageError(str(err)) from None
     counts = {"linear": 0, "experts": 0, "kept": 0}

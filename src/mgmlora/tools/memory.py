@@ -7,8 +7,8 @@ as in training, and each block of memory is computed from the parameter counts a
   gone from the GPU with parameter offload. With `model.quantization` the decoder linears and fused experts count at
   NF4's 4.13 (double quantisation) or 4.5 bits per weight, plus one layer's weights dequantised to the compute dtype
   (one layer's experts, x3 with expert LoRA through PEFT: weight + delta and its gradient); or at FP8's 8 bits plus a
-  4-byte scale per row, plus the one layer's expert codes the backward reads transposed (one byte each), or the
-  dequantised copies where PEFT's expert LoRA joins the weight;
+  4-byte scale per row, plus one layer's dequantised experts as for NF4, or with `expert_products: fp8` the one
+  layer's expert codes the backward reads transposed (one byte each) unless PEFT's expert LoRA joins the weight;
 - trainable weights, gradients and AdamW states. Plain Lightning (bf16-mixed) keeps LoRA adapters in fp32 and fully
   trained weights in the model dtype, with two AdamW states of the same dtype. DeepSpeed casts the module to bf16 and
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
@@ -177,7 +177,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
         peft_experts = lora.target_experts and speed.expert_lora == "peft"
-        if quant.quant_type == "fp8" and not peft_experts:
+        if quant.quant_type == "fp8" and quant.expert_products == "fp8" and not peft_experts:
             # the backward's transposed copy of one layer's expert codes (or of one linear's), one byte each
             items["FP8 codes read transposed (one layer, transient)"] = max(facts.experts_layer, facts.largest_linear)
         else:

@@ -65,12 +65,15 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
         new = hasattr(lm, "is_activation_checkpointing")
         checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
-        # NF4 experts, and FP8 experts under PEFT's expert LoRA, are dequantised when they run and kept for the
-        # backward; the FP8 product itself keeps nothing but the stored codes
-        dequantises = loaded.quantized.quant_type == "nf4" or lora.target_experts
+        # experts are dequantised when they run and kept for the backward, except FP8 experts multiplied in FP8
+        # (expert_products: fp8) without expert LoRA (the split path is chosen later, so expert LoRA counts either
+        # way): that product keeps nothing but the stored codes
+        quant = loaded.quantized
+        dequantises = quant.quant_type == "nf4" or quant.expert_products == "dequantized" or lora.target_experts
         if loaded.moe and dequantises and not checkpointing:
             raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
-                             "true only, where its experts are dequantised (NF4, or FP8 with expert LoRA): the "
+                             "true only, where its experts are dequantised (NF4, FP8 with dequantized expert "
+                             "products or with expert LoRA): the "
                              "recompute dequantises each layer's experts again; without it every layer's dequantised "
                              "experts stay alive until the backward pass.")
     if trainable.llm == "lora":

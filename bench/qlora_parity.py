@@ -90,7 +90,7 @@ def main() -> None:
     if not cuda and impl == "liger":
         raise SystemExit("--variant with liger needs CUDA; use e.g. chunked+packing on the CPU")
     quant = QuantizationArgs(quant_type=args.quant_type, double_quant=bool(args.double_quant), compute_dtype=dtype,
-                             **({"expert_products": args.expert_products} if args.quant_type == "fp8" else {}))
+                             expert_products=args.expert_products)
     fmt = args.quant_type
     lora = LoraArgs(preset=args.lora_preset, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
                     target_experts=args.target_experts)

@@ -32,7 +32,8 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 `--quant nf4|fp8` (`--expert_products dequantized|fp8` with fp8) builds the model with its frozen decoder weights
 quantised (`model.model.quantization`, layer by
 layer on the device; mgmlora.models.quantization): every variant then runs on that base, the plain path included.
-With `fp8` the frozen products run in FP8 (mgmlora.models.fp8); MFU and HFU still divide by the bf16 ceiling.
+With `fp8` the frozen linears' products run in FP8 (mgmlora.models.fp8), the MoE experts' too with
+`--expert_products fp8`; MFU and HFU still divide by the bf16 ceiling.
 
 Every variant starts from the same LoRA weights on the same batches, so `--warmup 0 --steps 50 --lr 1e-4` doubles as
 the learning-parity check at real shapes: `loss_max_rel_diff_vs_plain` compares the per-step losses with the plain
@@ -241,6 +242,8 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
+    if "nockpt" in flags and loaded.quantized is not None and loaded.moe:  # training refuses it (trainable.py)
+        raise ValueError("+nockpt: a quantised MoE model trains with gradient checkpointing")
     if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
         raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:
@@ -410,8 +413,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
 
-    quant = None if args.quant == "none" else QuantizationArgs(quant_type=args.quant, compute_dtype=dtype, **(
-        {"expert_products": args.expert_products} if args.quant == "fp8" else {}))
+    quant = None if args.quant == "none" else QuantizationArgs(quant_type=args.quant, compute_dtype=dtype,
+                                                               expert_products=args.expert_products)
     model_args = ModelArgs(preset=args.model, dtype=dtype, gradient_checkpointing=True, quantization=quant)
     start = time.perf_counter()
     with device:  # random init directly on the GPU, in bf16

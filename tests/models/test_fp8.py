@@ -245,15 +245,16 @@ def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeyp
 
 
 @pytest.mark.parametrize(("capability", "experts", "refused"), [
-    ((8, 9), False, False), ((8, 9), True, True), ((9, 0), True, False), ((10, 0), True, False),
-    ((12, 0), False, False), ((12, 0), True, True), ((8, 6), False, True)])
+    ((8, 9), False, False), ((8, 9), True, True), ((9, 0), True, False), ((10, 0), True, False), ((10, 3), True, False),
+    ((11, 0), True, True), ((12, 0), False, False), ((12, 0), True, True), ((8, 6), False, True)])
 def test_gpus_without_the_fp8_kernels_a_model_needs_are_refused(monkeypatch, capability, experts, refused):
-    # torch 2.11's grouped FP8 kernel is built for 9.0 and 10.0 only; the dense one from 8.9 on
+    # torch 2.11 runs its grouped FP8 kernel on majors 9 and 10 (Blas.cpp); the dense one from 8.9 on
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
     check = lambda: fp8.check_device(torch.device("cuda"), torch.bfloat16, experts)  # noqa: E731
     if refused:
-        with pytest.raises(ValueError, match="compute capability"):
+        with pytest.raises(ValueError, match="expert_products: dequantized" if experts and capability >= (8, 9)
+                           else "compute capability 8.9 or later"):
             check()
     else:
         check()

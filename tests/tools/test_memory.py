@@ -348,3 +348,18 @@ def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):
     offload = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--config",
                                  "configs/strategy/zero2_offload.yaml", "--gpu_memory_gib", "24", *experts, "--json"])
     assert offload["fits"] is True
+
+
+def test_a_dense_fp8_model_counts_the_transposed_codes_whatever_its_expert_setting():
+    # dense linears never dequantise: the backward reads the largest one's codes transposed, one byte each
+    from mgmlora.models import load_model
+    from mgmlora.models.fp8 import Fp8Linear
+    from mgmlora.tools.memory import GIB
+
+    args = ModelArgs(preset="tiny-qwen3", dtype="float32",
+                     quantization=QuantizationArgs(quant_type="fp8", compute_dtype="float32"))
+    items = estimate(args, LoraArgs(preset="balanced"), Trainability(), SpeedArgs(),
+                     RunShape(batch_size=2, seq_len=64, precision="32-true", device="cpu")).items
+    largest = max(m.e4m3.numel() for m in load_model(args).model.modules() if isinstance(m, Fp8Linear))
+    assert "dequantised weights (one layer, transient)" not in items
+    assert items["FP8 codes read transposed (one layer, transient)"] * GIB == largest

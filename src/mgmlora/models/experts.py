@@ -16,8 +16,9 @@ parallelism; the weighting is unchanged.
   smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
 It is also the one experts forward that runs quantised experts (mgmlora.models.quantization): it reads each 4-bit
-fused weight through `expert_weight`, which dequantises one layer's experts when they run, and multiplies by an FP8
-one directly (mgmlora.models.fp8's grouped GEMM), unless PEFT's expert LoRA has to join its delta to the weight.
+or FP8 fused weight through `expert_weight`, which dequantises one layer's experts when they run; with
+`expert_products: fp8` it multiplies by the FP8 codes directly (mgmlora.models.fp8's grouped GEMM), unless PEFT's
+expert LoRA has to join its delta to the weight.
 It also runs LoRA on the experts without merging it into their weights (`lora`, `ExpertLora`): the frozen expert
 GEMM plus two thin grouped GEMMs through each routed token's expert's A and B, so no (E, out, in) weight + delta is
 ever formed (mgmlora.training.expert_lora passes PEFT's factors in).

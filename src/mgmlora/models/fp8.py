@@ -75,9 +75,9 @@ def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> Non
         raise ValueError(f"model.model.quantization.quant_type=fp8 needs FP8 tensor cores (compute capability 8.9 or "
                          f"later); {gpu}. Use quant_type: nf4, or model.model.quantization: null.")
     if experts and capability[0] not in GROUPED_MAJORS:
-        raise ValueError(f"model.model.quantization.quant_type=fp8 on MoE experts needs PyTorch's grouped FP8 kernel, "
-                         f"built for compute capability 9.x and 10.x only; {gpu}. Use quant_type: nf4 for this model, "
-                         "or model.model.quantization: null.")
+        raise ValueError(f"model.model.quantization.expert_products=fp8 needs PyTorch's grouped FP8 kernel, built for "
+                         f"compute capability 9.x and 10.x only; {gpu}. Set model.model.quantization.expert_products: "
+                         "dequantized (the experts then run bf16 grouped GEMMs).")
 
 
 def _mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -190,7 +190,7 @@ class Fp8Weight(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """A fresh tensor of `shape` in the compute dtype."""
-        weight = (self.e4m3.float() * self.scale).to(self.dtype)
+        weight = self.e4m3.to(self.dtype).mul_(self.scale)  # e4m3 is exact in bf16; the product is rounded once
         return weight.transpose(-2, -1) if self.transposed else weight
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

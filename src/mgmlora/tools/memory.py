@@ -177,9 +177,14 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
         peft_experts = lora.target_experts and speed.expert_lora == "peft"
-        if quant.quant_type == "fp8" and quant.expert_products == "fp8" and not peft_experts:
+        fp8_experts = quant.expert_products == "fp8" and not peft_experts
+        if quant.quant_type == "fp8" and (fp8_experts or not facts.experts_layer):
             # the backward's transposed copy of one layer's expert codes (or of one linear's), one byte each
             items["FP8 codes read transposed (one layer, transient)"] = max(facts.experts_layer, facts.largest_linear)
+        elif quant.quant_type == "fp8":  # experts dequantised as NF4's (below); the linears' codes read transposed
+            copies = 3 if peft_experts else 1
+            items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies * compute_bytes,
+                                                                     facts.largest_linear)
         else:
             # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per
             # layer; with expert LoRA through PEFT also the weight + delta and its gradient), or one linear at a time

@@ -338,17 +338,23 @@ def _needs(grouped: bool) -> None:
         pytest.skip("PyTorch builds its grouped FP8 kernel for compute capability 9.x and 10.x only")
 
 
+def _products(device: torch.device, dtype: torch.dtype):
+    """An FP8 linear 256 -> 512, 8 FP8 experts of that shape, and the offsets of 300 rows over them."""
+    torch.manual_seed(0)
+    dense = fp8.Fp8Linear(nn.Linear(256, 512, bias=False), dtype, device)
+    experts = fp8.Fp8Weight(torch.randn(8, 512, 256, device=device), dtype)
+    offsets = torch.tensor([0, 40, 41, 120, 200, 200, 290, 300], dtype=torch.int32, device=device)  # 2 without rows
+    return dense, experts, offsets
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("grouped", [False, True])
 def test_the_cuda_kernels_compute_what_the_emulation_does(grouped):
     _needs(grouped)
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    dense = fp8.Fp8Linear(nn.Linear(256, 512, bias=False), torch.float32, torch.device("cpu"))
-    experts = fp8.Fp8Weight(torch.randn(8, 512, 256), torch.float32)
+    dense, experts, offsets = _products(torch.device("cpu"), torch.float32)
     gpu_dense, gpu_experts = copy.deepcopy(dense).to(device), copy.deepcopy(experts).to(device)  # the same codes
     gpu_dense.product_dtype = gpu_experts.dtype = torch.bfloat16
-    offsets = torch.tensor([0, 40, 41, 120, 200, 200, 290, 300], dtype=torch.int32)  # two experts without rows
     on_gpu = (lambda t: gpu_experts.grouped(t, offsets.to(device))) if grouped else gpu_dense
     on_cpu = (lambda t: experts.grouped(t, offsets)) if grouped else dense
     x = torch.randn(300, 256, dtype=torch.bfloat16)
@@ -368,11 +374,8 @@ def test_the_cuda_kernels_compute_what_the_emulation_does(grouped):
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_compiled_fp8_product_computes_what_the_eager_one_does_on_the_gpu(grouped):
     _needs(grouped)
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    dense = fp8.Fp8Linear(nn.Linear(256, 512, bias=False), torch.bfloat16, device)
-    experts = fp8.Fp8Weight(torch.randn(8, 512, 256, device=device), torch.bfloat16)
-    offsets = torch.tensor([0, 40, 41, 120, 200, 200, 290, 300], dtype=torch.int32, device=device)
+    dense, experts, offsets = _products(device, torch.bfloat16)
     product = (lambda t: experts.grouped(t, offsets)) if grouped else dense
     x = torch.randn(300, 256, dtype=torch.bfloat16, device=device)
     grad = torch.randn(300, 512, dtype=torch.bfloat16, device=device)

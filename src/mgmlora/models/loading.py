@@ -144,7 +144,10 @@ def _load_quantized_base(args: ModelArgs, packing: bool, device: torch.device, q
     A text model is built on the meta device and each decoder layer gets its values on `device` just before it is
     quantised (mgmlora.models.layerwise): from a safetensors checkpoint that covers it exactly, or from the seeded
     initialiser. Anything else (MGM, another checkpoint layout, `.bin` files, the full-precision twin of real weights)
-    is built whole on the CPU in the model dtype first.
+    is built whole in the model dtype first: from weight files on the CPU, so that the device never holds the whole
+    model in the model dtype; from random init (benchmarks, tests) on `device` itself, where the seeded initialiser
+    runs far faster than on the host (MGM-2B, about 6 GB in bf16, is then quantised layer by layer in place) and the
+    quantised model and its full-precision twin (`quantize=False`, built on the caller's device) draw the same values.
     """
     plain = replace(args, quantization=None)
     loaded = prepare = finish = None
@@ -168,7 +171,7 @@ def _load_quantized_base(args: ModelArgs, packing: bool, device: torch.device, q
     if loaded is None:
         if not quantize:
             return load_model(plain, packing)
-        with torch.device("cpu"):  # built whole in the model dtype on the CPU, quantised layer by layer on device
+        with torch.device("cpu" if args.model_path else device):  # then quantised layer by layer on device
             loaded = load_model(plain, packing)
     if quantize and loaded.moe and args.experts_implementation != FAST_EXPERTS:
         raise UsageError(f"model.model.quantization on a MoE model needs model.model.experts_implementation: "

@@ -37,7 +37,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError, UsageError
-from mgmlora.models.quantization import expert_weight, fp8_experts_weight
+from mgmlora.models.quantization import expert_weight, fp8_experts_weight, has_quantized_experts
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -145,7 +145,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         (T, H) in the dtype of `hidden_states`.
     """
     if not supports_lora(self):
-        if any(name.startswith(("nf4_", "fp8_")) for name, _ in self.named_children()):
+        if has_quantized_experts(self):
             raise UsageError("model.model.quantization: this MoE layout (expert-parallel, biased, gate-less or "
                              "post-normed experts) runs through transformers' experts forward, which cannot read "
                              "quantised experts; set model.model.quantization: null for this model.")

@@ -41,8 +41,9 @@ _TINY = 1e-12  # the smallest amax a row is scaled by (an all-zero row keeps a f
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """T (..., n) -> (codes (..., n) in e4m3, scales (..., 1) fp32) with t ~= codes * scales, each row's amax at 448."""
-    scale = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX  # (..., 1)
-    codes = (t.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (..., n)
+    t = t.detach()
+    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX  # (..., 1)
+    codes = (t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)  # (..., n)
     return codes.contiguous(), scale  # the kernels take row-major codes; a strided input keeps its strides above
 
 

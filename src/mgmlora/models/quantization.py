@@ -210,6 +210,16 @@ def _quantize_experts(experts: nn.Module, names: tuple[str, ...], args: Quantiza
     return len(names)
 
 
+def _stored(experts: nn.Module, name: str) -> Nf4Weight | fp8.Fp8Weight | None:
+    """The quantised copy `_quantize_experts` keeps of the fused parameter `name`, or None."""
+    return getattr(experts, f"nf4_{name}", None) or getattr(experts, f"fp8_{name}", None)
+
+
+def has_quantized_experts(experts: nn.Module) -> bool:
+    """Whether an experts module holds quantised fused weights (its parameters are then empty placeholders)."""
+    return any(isinstance(child, (Nf4Weight, fp8.Fp8Weight)) for child in experts.children())
+
+
 def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     """The fused expert parameter `name` as the experts forward should use it, LoRA delta included.
 
@@ -218,7 +228,7 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     expert LoRA is on.
     """
     weight = getattr(experts, name)
-    stored = getattr(experts, f"nf4_{name}", None) or getattr(experts, f"fp8_{name}", None)
+    stored = _stored(experts, name)
     if stored is None:
         return weight
     base = stored.dequantize()  # (E, ., .) one layer's experts in the compute dtype
@@ -232,8 +242,8 @@ def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
     mgmlora's split expert LoRA (`speed.expert_lora: split`) the parameter stays unparametrised and the LoRA runs
     beside this product.
     """
-    stored = getattr(experts, f"fp8_{name}", None)
-    if stored is None or not stored.grouped_fp8 or parametrize.is_parametrized(experts, name):
+    stored = _stored(experts, name)
+    if not isinstance(stored, fp8.Fp8Weight) or not stored.grouped_fp8 or parametrize.is_parametrized(experts, name):
         return None
     return stored
 
@@ -314,4 +324,4 @@ def quantized_bytes(numel: int, rows: int, args: QuantizationArgs) -> float:
 
 
 __all__ = ["BITS", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
-           "fp8_experts_weight", "quantize_layers", "quantized_bytes"]
+           "fp8_experts_weight", "has_quantized_experts", "quantize_layers", "quantized_bytes"]

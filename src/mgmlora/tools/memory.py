@@ -176,21 +176,17 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
+        # one layer's weights at a time: dequantised experts (kept for the grouped GEMM's backward, recomputed per
+        # layer; with expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised NF4 linear,
+        # in the compute dtype; FP8 codes the backward reads transposed (its linears', its FP8 experts'), one byte each
         peft_experts = lora.target_experts and speed.expert_lora == "peft"
-        fp8_experts = quant.expert_products == "fp8" and not peft_experts
-        if quant.quant_type == "fp8" and (fp8_experts or not facts.experts_layer):
-            # the backward's transposed copy of one layer's expert codes (or of one linear's), one byte each
-            items["FP8 codes read transposed (one layer, transient)"] = max(facts.experts_layer, facts.largest_linear)
-        elif quant.quant_type == "fp8":  # experts dequantised as NF4's (below); the linears' codes read transposed
-            copies = 3 if peft_experts else 1
-            items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies * compute_bytes,
-                                                                     facts.largest_linear)
-        else:
-            # dequantised when they run: one layer's experts (kept for the grouped GEMM's backward, recomputed per
-            # layer; with expert LoRA through PEFT also the weight + delta and its gradient), or one linear at a time
-            copies = 3 if peft_experts else 1
-            items["dequantised weights (one layer, transient)"] = max(facts.experts_layer * copies,
-                                                                     facts.largest_linear) * compute_bytes
+        fp8 = quant.quant_type == "fp8"
+        fp8_experts = fp8 and quant.expert_products == "fp8" and not peft_experts
+        expert_bytes = 1 if fp8_experts else compute_bytes * (3 if peft_experts else 1)
+        transient = max(facts.experts_layer * expert_bytes, facts.largest_linear * (1 if fp8 else compute_bytes))
+        transposed = fp8 and (fp8_experts or not facts.experts_layer)
+        items["FP8 codes read transposed (one layer, transient)" if transposed
+              else "dequantised weights (one layer, transient)"] = transient
     if towers:
         items["vision towers (frozen)"] = towers * dtype_bytes / shard * on_gpu
     if deepspeed:

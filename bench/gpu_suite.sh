@@ -38,6 +38,10 @@
 #   peer_qwen / peer_qwen_experts / peer_mgm  (1 GPU each, under 10 minutes) ours against the peer a user would pick
 #          instead, in interleaved rounds (bench/peers/rounds.py): TRL's SFTTrainer tuned for speed on Qwen3-30B-A3B
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
+#   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
+#          checkpointed x80, one process
+#   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56 and 48
+#          micro-batches per 128 samples) and the best isolated FP8 step in the same call: recipe_loop_vs_best_step
 #   fp8    the FP8 base against its bf16 twin (loss gap, first-look speed; Qwen3-30B-A3B 16 layers) and MGM-2B's step
 #          on it; OURS_ARGS="--quant fp8" TAG=fp8 runs peer_qwen / peer_mgm on the FP8 base
 #   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
@@ -86,6 +90,24 @@ mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gem
 [[ $part == mgm* || $part == recipe_mgm* || $part == gen_cost* || $part == qlora_mgm || $part == fitloop || $part == parity14 || $part == loop* || $part == *sweep || $part == multi || $part == fitpath || $part == fill ]] && \
   python3 bench/make_long_llava.py /tmp/mgm_real.json --text_tokens 100 1500 --copies 11 && \
   python3 bench/make_long_llava.py /tmp/mgm_val.json --text_tokens 100 1500 --copies 1 --seed 1
+vs_best() {  # LOOP_JSON BEST_JSON: adds recipe_loop_vs_best_step (the loop's tokens/s over the best isolated step's)
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+loop_path, best_path = sys.argv[1:]
+try:
+    loop, best = json.load(open(loop_path)), json.load(open(best_path))
+except (OSError, ValueError) as error:  # a run that left no JSON (time limit) has no ratio
+    sys.exit(f"recipe_loop_vs_best_step: {error}")
+best_tps = best.get("ours_tokens_per_s_median") or next(iter(best["variants"].values())).get("tokens_per_s")
+loop["best_step_tokens_per_s"] = best_tps
+loop["best_step_file"] = best_path
+# a profiled run (LOOP_PROFILE) reports no tokens/s: bench/fit_smoke.py withholds it
+tps = loop.get("tokens_per_s_median")
+loop["recipe_loop_vs_best_step"] = tps / best_tps if tps and best_tps else None
+json.dump(loop, open(loop_path, "w"), indent=2)
+print(loop_path, "recipe_loop_vs_best_step", loop["recipe_loop_vs_best_step"])
+PY
+}
 levers() {
   timeout 300 python3 bench/train_step.py --model mgm-2b --variants \
     plain,chunked,chunked+nocast,chunked+fused,chunked+nocast+fused,chunked+nocast+fused+compile,\
@@ -475,6 +497,16 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --variants chunked+packing+nocast+fused+compile+nockptx2,chunked+packing+nocast+fused+compile+nockptx3 \
       --out "$out/$day-train_step_fp8-mgm2b-$gpu.json" 2>&1 | tail -n 4
     ;;
+  fp8_nockpt)
+    # Qwen3-30B-A3B attention LoRA r64 on the FP8 base without gradient checkpointing (frozen quantised experts keep
+    # only their codes for the backward since session 29, so every layer's activations but no weights are kept): the
+    # micro-batches that may fit 80 GiB, against the checkpointed x80 on the same base, one process; then pick
+    # OURS_SWEEP for OURS_ARGS="--quant fp8" TAG=fp8 bash bench/gpu_suite.sh peer_qwen
+    q="liger+packing+nocast+fused+fastexperts+compile"
+    timeout 570 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 \
+      --variants ${NOCKPT_SWEEP:-${q}+nockptx16,${q}+nockptx24,${q}+nockptx32,${q}x80} \
+      --out "$out/$day-train_step_fp8_nockpt-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
+    ;;
   peer_qwen|peer_qwen_experts)
     # ours against TRL's SFTTrainer tuned for speed (bench/peers/trl_sft.py), interleaved rounds in this one session
     # (bench/peers/rounds.py): Qwen3-30B-A3B within 80 GiB, Chameleons lengths; round 1 sweeps each side's settings,
@@ -546,18 +578,28 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # shellcheck disable=SC2086
     smoke mgm2b_lora_recipe_loop_24gib 300 --memory_cap_gib 24 fit --config configs/mgm2b_lora.yaml $mgm \
       --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4
-    python3 - "$out/$day-mgm2b_lora_recipe_loop_24gib-$gpu.json" ${BEST_STEP_JSON:-bench/results/2026-12-04-train_step_best_imagecompile-mgm2b-h200.json} <<'PY'
-import json, sys
-loop_path, best_path = sys.argv[1:]
-loop, best = json.load(open(loop_path)), json.load(open(best_path))
-best_tps = best.get("ours_tokens_per_s_median") or next(iter(best["variants"].values()))["tokens_per_s"]
-loop["best_step_tokens_per_s"] = best_tps
-loop["best_step_file"] = best_path
-# a profiled run (LOOP_PROFILE) reports no tokens/s: bench/fit_smoke.py withholds it
-loop["recipe_loop_vs_best_step"] = loop["tokens_per_s_median"] / best_tps if loop.get("tokens_per_s_median") else None
-json.dump(loop, open(loop_path, "w"), indent=2)
-print("recipe_loop_vs_best_step", loop["recipe_loop_vs_best_step"])
-PY
+    vs_best "$out/$day-mgm2b_lora_recipe_loop_24gib-$gpu.json" \
+      "${BEST_STEP_JSON:-bench/results/2026-12-04-train_step_best_imagecompile-mgm2b-h200.json}"
+    ;;
+  recipe_mgm_fp8)
+    # configs/mgm2b_lora_packed.yaml on the FP8 base (model.model.quantization.quant_type: fp8) in the real fit loop
+    # under a 24 GiB cap, the same rows and 4 optimizer steps as recipe_mgm_window, at 56 (the overlay's) and fewer
+    # micro-batches per 128 samples (ACCS), then the best isolated FP8 step within 24 GiB in the same call (x3, as
+    # in 2026-12-05's peer rounds): recipe_loop_vs_best_step in each loop's JSON
+    python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
+    for acc in ${ACCS:-56 48}; do
+      # shellcheck disable=SC2086
+      smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-200} --memory_cap_gib 24 fit \
+        --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm \
+        --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4 \
+        --model.model.quantization.quant_type fp8 --trainer.accumulate_grad_batches "$acc"
+    done
+    best="$out/$day-train_step_fp8_best_x3-mgm2b-$gpu.json"
+    timeout 200 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
+      --variants chunked+packing+nocast+fused+compile+nockptx3 --out "$best" 2>&1 | tail -n 2
+    for acc in ${ACCS:-56 48}; do
+      vs_best "$out/$day-mgm2b_lora_packed_fp8_loop_24gib_acc$acc-$gpu.json" "$best"
+    done
     ;;
   recipe_mgm_window)
     # the recipe's 128 samples per optimizer step grouped into fewer, balanced packed micro-batches

@@ -38,13 +38,13 @@ from mgmlora.training.trainable import Trainability, apply_trainability  # noqa:
 
 def _model_args(args, dtype: str, quant: QuantizationArgs) -> ModelArgs:
     """The preset with `--layers` decoder layers: a registry entry of its own, for this process only."""
-    preset = PRESETS[args.model]
+    name = args.model  # a registry preset or a family's own (mgm-2b)
     if args.layers:
+        preset = PRESETS[args.model]
         name = f"{args.model}-{args.layers}layers"
         PRESETS[name] = replace(preset, name=name, architecture={**preset.architecture,
                                                                  "num_hidden_layers": args.layers})
-        preset = PRESETS[name]
-    return ModelArgs(preset=preset.name, dtype=dtype, gradient_checkpointing=True, quantization=quant)
+    return ModelArgs(preset=name, dtype=dtype, gradient_checkpointing=True, quantization=quant)
 
 
 def _build(model_args: ModelArgs, quantize: bool, lora: LoraArgs, device: torch.device, initial: dict | None):

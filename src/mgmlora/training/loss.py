@@ -55,11 +55,11 @@ class SpeedArgs:
         pad_to_multiple: with `packing`, pad each packed row to a multiple of this many positions (a trailing segment
             of its own, no loss), so the GPU sees a few distinct shapes instead of one per row length; 0 = off
             (mgmlora.models.attention.bucket_padding).
-        expert_lora: how LoRA on fused MoE experts (`lora.target_experts`) runs: `peft` (PEFT's own: W + B A formed
-            for every expert on every call; the experts stay eager under `compile`) or `split` (the frozen expert
-            GEMM plus two LoRA GEMMs per routed token, compiled with the rest of the layer in bf16; needs
-            `model.model.experts_implementation: mgmlora_grouped_mm`, other layers keep PEFT's path)
-            (mgmlora.training.expert_lora).
+        expert_lora: how LoRA on fused MoE experts (`lora.target_experts`) runs: `split` (the frozen expert GEMM
+            plus two LoRA GEMMs per routed token, compiled with the rest of the layer in bf16; needs
+            `model.model.experts_implementation: mgmlora_grouped_mm`, other layers keep PEFT's path; the faster of
+            the two where measured, configs/README.md) or `peft` (PEFT's own: W + B A formed for every expert on
+            every call; the experts stay eager under `compile`) (mgmlora.training.expert_lora).
     """
 
     loss: LossImpl = "chunked"
@@ -68,7 +68,7 @@ class SpeedArgs:
     peft_input_cast: bool = False
     compile: bool = False
     pad_to_multiple: int = 0
-    expert_lora: Literal["peft", "split"] = "peft"
+    expert_lora: Literal["peft", "split"] = "split"
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

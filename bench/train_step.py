@@ -81,6 +81,7 @@ from mgmlora.models.attention import packed_attention  # noqa: E402
 from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
+from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
 from mgmlora.models.quantization import QuantizationArgs  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
@@ -242,8 +243,10 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
-    if "nockpt" in flags and loaded.quantized is not None and loaded.moe:  # training refuses it (trainable.py)
-        raise ValueError("+nockpt: a quantised MoE model trains with gradient checkpointing")
+    if "nockpt" in flags and loaded.quantized is not None and outer_param_wrappers(model) and \
+            "splitexperts" not in flags:  # training refuses it (trainable.py)
+        raise ValueError("+nockpt: PEFT's expert LoRA on a quantised MoE model trains with gradient checkpointing "
+                         "(+splitexperts runs it beside the frozen experts)")
     if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
         raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:

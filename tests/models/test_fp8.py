@@ -274,9 +274,8 @@ def test_dora_on_mgmloras_quantised_layers_is_refused():
 
 
 @pytest.mark.parametrize(("expert_products", "target_experts", "refused"), [
-    ("fp8", False, False), ("fp8", True, True), ("dequantized", False, True)])
-def test_an_fp8_moe_base_needs_checkpointing_only_where_its_experts_are_dequantised(expert_products, target_experts,
-                                                                                    refused):
+    ("fp8", False, False), ("fp8", True, True), ("dequantized", False, False), ("dequantized", True, True)])
+def test_an_fp8_moe_base_needs_checkpointing_only_with_expert_lora(expert_products, target_experts, refused):
     loaded = load_model(_args("tiny-qwen3-moe", expert_products, checkpointing=False))
     lora = LoraArgs(preset="aggressive", target_experts=target_experts)
     if refused:

@@ -119,9 +119,9 @@ def _most_dequantised_alive(loaded, monkeypatch) -> int:
     """Forward + backward, counting the dequantised expert tensors alive at each dequantisation (weak references)."""
     import weakref
 
-    from mgmlora.models.quantization import Nf4Weight
-
-    alive, most, original = weakref.WeakSet(), [0], Nf4Weight.dequantize
+    stored = type(loaded.model.model.layers[0].mlp.experts.get_submodule(
+        f"{loaded.quantized.quant_type}_down_proj"))  # Nf4Weight or Fp8Weight
+    alive, most, original = weakref.WeakSet(), [0], stored.dequantize
 
     def counting(self):
         out = original(self)
@@ -130,27 +130,49 @@ def _most_dequantised_alive(loaded, monkeypatch) -> int:
             most[0] = max(most[0], len(alive))
         return out
 
-    monkeypatch.setattr(Nf4Weight, "dequantize", counting)
+    monkeypatch.setattr(stored, "dequantize", counting)
     _loss(loaded).backward()
     return most[0]
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_one_layers_experts_are_dequantised_at_a_time_under_checkpointing(checkpointing, monkeypatch):
+def test_frozen_quantised_experts_are_dequantised_one_tensor_at_a_time(checkpointing, quant_type, monkeypatch):
     from mgmlora.training.lora import apply_lora, plan_lora
 
-    loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing))  # 2 layers, 2 fused tensors each
+    # 2 layers, 2 fused tensors each; FP8 with dequantized expert products (the default)
+    loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing, quant_type=quant_type))
     model = apply_lora(loaded.model, plan_lora(loaded.model, LoraArgs(preset="balanced", lora_dropout=0.0),
                                                decoder_layers=loaded.decoder_layers, moe=True))
     model.train()
-    # with checkpointing: one layer's gate_up + down (the recompute of the other layer comes after they are freed);
-    # without it (what trainable.py refuses), every layer's stay alive until the backward pass: the test can fail
-    assert _most_dequantised_alive(loaded, monkeypatch) == (2 if checkpointing else 4)
+    # each product dequantises its weight in the forward and again in the backward and keeps neither: one tensor at
+    # a time, with or without checkpointing. Kept for the backward, they would add up to a layer's two under
+    # checkpointing and every layer's four without it
+    assert _most_dequantised_alive(loaded, monkeypatch) == 1
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
+def test_frozen_quantised_experts_train_alike_with_and_without_checkpointing(quant_type):
+    results = []
+    for checkpointing in (True, False):
+        torch.manual_seed(0)  # the same weights and LoRA initialisation both times
+        loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing, quant_type=quant_type))
+        model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+        model.train()
+        loss = _loss(loaded)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_ckpt, grads_ckpt), (loss_plain, grads_plain) = results
+    torch.testing.assert_close(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys() and any(g.abs().sum() > 0 for g in grads_plain.values())
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grad, grads_ckpt[name], msg=name)
 
 
 def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
     with pytest.raises(UsageError, match="gradient_checkpointing: true"):
-        apply_trainability(load_model(_args("tiny-qwen3-moe", checkpointing=False)), LoraArgs(), Trainability())
+        apply_trainability(load_model(_args("tiny-qwen3-moe", checkpointing=False)), LoraArgs(target_experts=True),
+                           Trainability())
     with pytest.raises(UsageError, match="trainable.llm: lora"):
         apply_trainability(load_model(_args("tiny-qwen3")), LoraArgs(), Trainability(llm="full"))
     with pytest.raises(UsageError, match="experts_implementation: mgmlora_grouped_mm"):

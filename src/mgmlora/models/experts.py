@@ -37,7 +37,14 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError, UsageError
-from mgmlora.models.quantization import expert_weight, fp8_experts_weight, has_quantized_experts
+from mgmlora.models.fp8 import Fp8Weight
+from mgmlora.models.quantization import (
+    Nf4Weight,
+    expert_weight,
+    fp8_experts_weight,
+    frozen_stored_weight,
+    has_quantized_experts,
+)
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -114,12 +121,41 @@ class ExpertLora(NamedTuple):
         return _grouped_mm(low, contiguous_factor(b), offsets) * self.scaling  # (S, out)
 
 
+class _DequantizedGroupedLinear(torch.autograd.Function):
+    """Rows grouped by expert through a frozen quantised expert weight, dequantised in forward and again in backward.
+
+    Autograd would keep the dequantised (E, out, in) weight of every layer for the input gradient, as much memory as
+    the unquantised experts, until the backward pass; this keeps the stored codes (`ctx.stored`) and dequantises them
+    again there, one layer at a time. The weight is frozen: the backward returns the input gradient only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offsets: torch.Tensor, stored: Nf4Weight | Fp8Weight,
+                transposed: bool) -> torch.Tensor:
+        # x (S, in) grouped by expert; offsets (E,) int32, the end of each expert's rows
+        ctx.stored, ctx.transposed, ctx.dtype = stored, transposed, x.dtype
+        ctx.save_for_backward(offsets)
+        return _linear(x, stored.dequantize(), offsets, transposed)  # (S, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        (offsets,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        # (S, out) @ W_e (out, in) per expert: the forward's weight read the other way round
+        grad_x = _linear(grad, ctx.stored.dequantize(), offsets, not ctx.transposed)  # (S, in)
+        return grad_x.to(ctx.dtype), None, None, None
+
+
 def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor,
                    transposed: bool) -> torch.Tensor:
     """X (S, in) grouped by expert through the fused weight `name` -> (S, out): in FP8 where it is stored so."""
     stored = fp8_experts_weight(experts, name)
     if stored is not None:
         return stored.grouped(x, offsets)
+    stored = frozen_stored_weight(experts, name)
+    if stored is not None:
+        return _DequantizedGroupedLinear.apply(x, offsets, stored, transposed)
     return _linear(x, expert_weight(experts, name), offsets, transposed)
 
 

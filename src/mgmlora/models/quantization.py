@@ -24,11 +24,13 @@ weights stay full precision.
   layer runs (`expert_weight`) and adds the placeholder when PEFT has parametrised it: PEFT's expert LoRA
   (`lora.target_experts`, `ParamWrapper`) adds its delta to whatever the parameter holds, so the placeholder then
   reads as zero + delta and the sum is the 4-bit weight + delta, with gradients reaching LoRA only. Autograd keeps
-  the dequantised tensor for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it with the
-  layer's other activations and the recompute dequantises again, so only one layer's experts exist in the compute
-  dtype at a time. Training a quantised MoE model therefore requires checkpointing (mgmlora.training.trainable
-  refuses it off: every layer's dequantised experts would stay alive until the backward pass); inference (no
-  autograd) keeps none.
+  that sum for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it with the layer's other
+  activations and the recompute dequantises again, so only one layer's experts exist in the compute dtype at a time:
+  training with PEFT's expert LoRA on quantised experts therefore requires checkpointing (mgmlora.training.trainable
+  refuses it off). Without that parametrisation (no expert LoRA, or `speed.expert_lora: split`, which runs the LoRA
+  beside the frozen product) the experts forward multiplies through a function that dequantises in its forward and
+  again in its backward and keeps only the stored codes (mgmlora.models.experts), so no layer's dequantised experts
+  outlive its products, checkpointing or not; inference (no autograd) keeps none.
 
 Quantised one decoder layer at a time on the run's device, so the device never holds more than one layer in the
 model dtype beyond the 4-bit layers already done (transformers' bitsandbytes loading would skip the fused experts).
@@ -235,6 +237,16 @@ def expert_weight(experts: nn.Module, name: str) -> torch.Tensor:
     return base + weight if parametrize.is_parametrized(experts, name) else base
 
 
+def frozen_stored_weight(experts: nn.Module, name: str) -> Nf4Weight | fp8.Fp8Weight | None:
+    """The quantised copy of `name` when the experts forward multiplies by it alone, or None.
+
+    None where the weight is not quantised, or where PEFT's expert LoRA has parametrised the placeholder: its delta
+    then joins the dequantised weight (`expert_weight`) and needs autograd through the sum.
+    """
+    stored = _stored(experts, name)
+    return None if stored is None or parametrize.is_parametrized(experts, name) else stored
+
+
 def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
     """The FP8 weight the experts forward multiplies by in FP8 (`expert_products: fp8`, no PEFT expert LoRA), or None.
 
@@ -242,10 +254,8 @@ def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
     mgmlora's split expert LoRA (`speed.expert_lora: split`) the parameter stays unparametrised and the LoRA runs
     beside this product.
     """
-    stored = _stored(experts, name)
-    if not isinstance(stored, fp8.Fp8Weight) or not stored.grouped_fp8 or parametrize.is_parametrized(experts, name):
-        return None
-    return stored
+    stored = frozen_stored_weight(experts, name)
+    return stored if isinstance(stored, fp8.Fp8Weight) and stored.grouped_fp8 else None
 
 
 def _fp8_fits(experts: nn.Module, name: str) -> bool:

@@ -50,7 +50,7 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
     Raises:
         ValueError: when nothing would train.
         UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, with DoRA on
-            mgmlora's own quantised layers, or a MoE base whose experts are dequantised, without gradient checkpointing.
+            mgmlora's own quantised layers, or expert LoRA on a quantised MoE base without gradient checkpointing.
     """
     model, plan = loaded.model, None
     if loaded.quantized is not None:
@@ -65,17 +65,14 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
         new = hasattr(lm, "is_activation_checkpointing")
         checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
-        # experts are dequantised when they run and kept for the backward, except FP8 experts multiplied in FP8
-        # (expert_products: fp8) without expert LoRA (the split path is chosen later, so expert LoRA counts either
-        # way): that product keeps nothing but the stored codes
-        quant = loaded.quantized
-        dequantises = quant.quant_type == "nf4" or quant.expert_products == "dequantized" or lora.target_experts
-        if loaded.moe and dequantises and not checkpointing:
-            raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
-                             "true only, where its experts are dequantised (NF4, FP8 with dequantized expert "
-                             "products or with expert LoRA): the "
-                             "recompute dequantises each layer's experts again; without it every layer's dequantised "
-                             "experts stay alive until the backward pass.")
+        # frozen quantised experts keep only their codes for the backward (mgmlora.models.experts); PEFT's expert
+        # LoRA joins its delta to the dequantised weight, which autograd keeps (the split path is chosen later, in
+        # apply_fast_path, so expert LoRA counts either way)
+        if loaded.moe and lora.target_experts and not checkpointing:
+            raise UsageError("model.model.quantization with model.lora.target_experts on a MoE model trains with "
+                             "model.model.gradient_checkpointing: true only: expert LoRA may join its delta to each "
+                             "layer's dequantised experts, which without the recompute stay alive until the backward "
+                             "pass; or set model.lora.target_experts: false.")
     if trainable.llm == "lora":
         plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
         model = apply_lora(model, plan)  # PEFT freezes every base weight

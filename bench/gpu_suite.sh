@@ -98,7 +98,7 @@ try:
     loop, best = json.load(open(loop_path)), json.load(open(best_path))
 except (OSError, ValueError) as error:  # a run that left no JSON (time limit) has no ratio
     sys.exit(f"recipe_loop_vs_best_step: {error}")
-best_tps = best.get("ours_tokens_per_s_median") or next(iter(best["variants"].values())).get("tokens_per_s")
+best_tps = best.get("ours_tokens_per_s_median") or next(iter(best.get("variants", {}).values()), {}).get("tokens_per_s")
 loop["best_step_tokens_per_s"] = best_tps
 loop["best_step_file"] = best_path
 # a profiled run (LOOP_PROFILE) reports no tokens/s: bench/fit_smoke.py withholds it
@@ -516,7 +516,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     peer_sweep=${PEER_SWEEP:-80,96}  # the 2026-12-04 run swept 64,80 on both sides (80 won both; 96 untried)
     if [[ $part == peer_qwen_experts ]]; then
       targets=experts; lora="--r 8 --target_experts"
-      # PEFT's expert path (what ships) and the split (speed.expert_lora: split), both compiled, at TRL's best pack
+      # PEFT's expert path (speed.expert_lora: peft) and the split (the default since session 29), both compiled, at
+      # TRL's best pack
       ours_sweep=${OURS_SWEEP:-liger+packing+nocast+fused+fastexperts+compilex48,liger+packing+nocast+fused+fastexperts+splitexperts+compilex48}
       peer_sweep=${PEER_SWEEP:-32,48}
     fi
@@ -588,11 +589,14 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # in 2026-12-05's peer rounds): recipe_loop_vs_best_step in each loop's JSON
     python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
     for acc in ${ACCS:-56 48}; do
+      # the overlay's 4,608-position cap fits its 56 micro-batches of these rows; fewer, fuller ones need more
+      cap=$(( acc < 56 ? 6144 : 4608 ))
       # shellcheck disable=SC2086
       smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-200} --memory_cap_gib 24 fit \
         --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm \
         --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4 \
-        --model.model.quantization.quant_type fp8 --trainer.accumulate_grad_batches "$acc"
+        --model.model.quantization.quant_type fp8 --trainer.accumulate_grad_batches "$acc" \
+        --data.init_args.max_tokens "$cap"
     done
     best="$out/$day-train_step_fp8_best_x3-mgm2b-$gpu.json"
     timeout 200 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \

@@ -243,10 +243,10 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
-    if "nockpt" in flags and loaded.quantized is not None and outer_param_wrappers(model) and \
-            "splitexperts" not in flags:  # training refuses it (trainable.py)
-        raise ValueError("+nockpt: PEFT's expert LoRA on a quantised MoE model trains with gradient checkpointing "
-                         "(+splitexperts runs it beside the frozen experts)")
+    if "nockpt" in flags and loaded.quantized is not None and loaded.moe and \
+            (loaded.quantized.quant_type == "nf4" or outer_param_wrappers(model)):  # training refuses it (trainable.py)
+        raise ValueError("+nockpt: an NF4 MoE model, or expert LoRA on a quantised one, trains with gradient "
+                         "checkpointing")
     if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
         raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:

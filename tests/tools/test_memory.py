@@ -132,6 +132,9 @@ CONFIG_AS_RUN = {
                                                    "2048"]
        for prefix in ("2026-12-04-mgm2b_lora_recipe_loop_24gib_packed_round2_before_imagecompile",
                       "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_liger_before_imagecompile")},
+    # expert LoRA ran through PEFT's path (W + B A per call) until the split became the default (session 29)
+    ("2026-11-30-qwen3-30b-a3b_qlora_experts_r8", "configs/qwen3-30b-a3b_qlora_chameleons.yaml"): [
+        "--model.speed.expert_lora", "peft"],
     ("2026-11-23", "configs/qwen3-30b-a3b_lora_chameleons.yaml"): [
         "--model.speed.packing", "false", "--model.speed.loss", "chunked", "--data.init_args.batch_size", "2",
         "--trainer.accumulate_grad_batches", "4"],
@@ -352,6 +355,39 @@ def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):
     offload = estimate_cli.main(["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml", "--config",
                                  "configs/strategy/zero2_offload.yaml", "--gpu_memory_gib", "24", *experts, "--json"])
     assert offload["fits"] is True
+
+
+def test_fp8_rows_and_kept_weights_are_counted_as_quantize_layers_stores_them():
+    """A linear the FP8 kernels cannot take stays in the model dtype, and experts the model keeps transposed
+    ((E, in, out)) have their last dimension as output rows: one FP8 scale each."""
+    import torch
+    from torch import nn
+
+    from mgmlora.models.fp8 import Fp8Linear, Fp8Weight
+    from mgmlora.models.quantization import QuantizationArgs, quantize_layers
+    from mgmlora.tools.memory import _quantizable
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.is_transposed = True
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 32, 64))  # (E, hidden, 2 x intermediate)
+            self.down_proj = nn.Parameter(torch.randn(4, 32, 48))  # (E, intermediate, hidden)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts, self.proj, self.odd = Experts(), nn.Linear(32, 48), nn.Linear(32, 40)  # 40: not 16-aligned
+
+    layers = nn.ModuleList([Layer()])
+    linears, experts, rows = _quantizable(layers, fp8_only=True)
+    assert linears == [48 * 32] and experts == [4 * 32 * 64 + 4 * 32 * 48]
+    assert rows == 48 + 4 * 64 + 4 * 48  # by hand: the output rows
+    counts = quantize_layers(layers, QuantizationArgs(quant_type="fp8", compute_dtype="float32"), torch.device("cpu"))
+    assert counts == {"linear": 1, "experts": 2, "kept": 1}
+    stored = [m for m in layers.modules() if isinstance(m, (Fp8Weight, Fp8Linear))]
+    assert sum(m.scale.numel() for m in stored) == rows  # one scale per row, as stored
+    assert _quantizable(layers.__class__([Layer()]), fp8_only=False)[0] == [48 * 32, 40 * 32]  # NF4 takes any shape
 
 
 def test_a_dense_fp8_model_counts_the_transposed_codes_whatever_its_expert_setting():

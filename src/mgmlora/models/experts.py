@@ -16,9 +16,10 @@ parallelism; the weighting is unchanged.
   smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward.
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
 It is also the one experts forward that runs quantised experts (mgmlora.models.quantization): it reads each 4-bit
-or FP8 fused weight through `expert_weight`, which dequantises one layer's experts when they run; with
-`expert_products: fp8` it multiplies by the FP8 codes directly (mgmlora.models.fp8's grouped GEMM), unless PEFT's
-expert LoRA has to join its delta to the weight.
+fused weight, and an FP8 one PEFT's expert LoRA joins its delta to, through `expert_weight`, which dequantises it
+when it runs; a frozen FP8 weight goes through `fp8_dequantized_grouped_linear`, which dequantises it again for the
+backward instead of keeping it, or with `expert_products: fp8` is multiplied by its codes directly
+(mgmlora.models.fp8's grouped GEMM).
 It also runs LoRA on the experts without merging it into their weights (`lora`, `ExpertLora`): the frozen expert
 GEMM plus two thin grouped GEMMs through each routed token's expert's A and B, so no (E, out, in) weight + delta is
 ever formed (mgmlora.training.expert_lora passes PEFT's factors in).
@@ -37,9 +38,9 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from mgmlora.errors import MgmloraError, UsageError
+from mgmlora.models import fp8
 from mgmlora.models.fp8 import Fp8Weight
 from mgmlora.models.quantization import (
-    Nf4Weight,
     expert_weight,
     fp8_experts_weight,
     frozen_stored_weight,
@@ -121,30 +122,37 @@ class ExpertLora(NamedTuple):
         return _grouped_mm(low, contiguous_factor(b), offsets) * self.scaling  # (S, out)
 
 
-class _DequantizedGroupedLinear(torch.autograd.Function):
-    """Rows grouped by expert through a frozen quantised expert weight, dequantised in forward and again in backward.
+@torch.library.custom_op("mgmlora::fp8_dequantized_grouped_linear", mutates_args=())
+def fp8_dequantized_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                                   backward: bool) -> torch.Tensor:
+    """Rows grouped by expert through a frozen FP8 expert weight W_e (out, in), dequantised here and dropped.
 
-    Autograd would keep the dequantised (E, out, in) weight of every layer for the input gradient, as much memory as
-    the unquantised experts, until the backward pass; this keeps the stored codes (`ctx.stored`) and dequantises them
-    again there, one layer at a time. The weight is frozen: the backward returns the input gradient only.
+    `codes` (E, out, in) uint8 bits of e4m3, `scale` (E, out, 1) fp32. `backward=False`: (S, in) -> (S, out),
+    x @ W_e.T; `backward=True`: (S, out) -> (S, in), x @ W_e (the input gradient). An opaque operator, so that
+    torch.compile cannot merge the forward's dequantisation with the backward's and keep the weight between them.
     """
+    weight = fp8.dequantize(codes, scale, x.dtype)  # (E, out, in)
+    return _grouped_mm(x, weight if backward else weight.transpose(-2, -1), offsets)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, offsets: torch.Tensor, stored: Nf4Weight | Fp8Weight,
-                transposed: bool) -> torch.Tensor:
-        # x (S, in) grouped by expert; offsets (E,) int32, the end of each expert's rows
-        ctx.stored, ctx.transposed, ctx.dtype = stored, transposed, x.dtype
-        ctx.save_for_backward(offsets)
-        return _linear(x, stored.dequantize(), offsets, transposed)  # (S, out)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        (offsets,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        # (S, out) @ W_e (out, in) per expert: the forward's weight read the other way round
-        grad_x = _linear(grad, ctx.stored.dequantize(), offsets, not ctx.transposed)  # (S, in)
-        return grad_x.to(ctx.dtype), None, None, None
+@fp8_dequantized_grouped_linear.register_fake
+def _(x, offsets, codes, scale, backward):
+    return x.new_empty(x.shape[0], codes.shape[2] if backward else codes.shape[1])
+
+
+def _save_codes(ctx, inputs, output) -> None:
+    _, offsets, codes, scale, backward = inputs
+    ctx.save_for_backward(offsets, codes, scale)  # the stored weight, not a dequantised copy
+    ctx.backward = backward
+
+
+def _input_gradient(ctx, grad: torch.Tensor):
+    offsets, codes, scale = ctx.saved_tensors
+    grad_x = fp8_dequantized_grouped_linear(grad.contiguous(), offsets, codes, scale, not ctx.backward)
+    return grad_x, None, None, None, None  # the weight is frozen
+
+
+fp8_dequantized_grouped_linear.register_autograd(_input_gradient, setup_context=_save_codes)
 
 
 def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor,
@@ -154,8 +162,13 @@ def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torc
     if stored is not None:
         return stored.grouped(x, offsets)
     stored = frozen_stored_weight(experts, name)
-    if stored is not None:
-        return _DequantizedGroupedLinear.apply(x, offsets, stored, transposed)
+    if isinstance(stored, Fp8Weight):
+        # dequantised in the forward and again in the backward: autograd around a dequantise-then-multiply would
+        # keep every layer's dequantised (E, out, in) weight until the backward pass (under torch.compile too, which
+        # merges the two dequantisations), as much memory as bf16 experts. Under checkpointing this adds a third
+        # dequantisation per step (forward, recompute, backward). NF4 keeps the plain path: its MoE trains under
+        # checkpointing only (mgmlora.training.trainable), and its dequantisation costs more than FP8's
+        return fp8_dequantized_grouped_linear(x.to(stored.dtype), offsets, stored.codes, stored.scale, False)
     return _linear(x, expert_weight(experts, name), offsets, transposed)
 
 

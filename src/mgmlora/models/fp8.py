@@ -111,6 +111,11 @@ def emulated_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
     return torch.nn.functional.grouped_mm(a.float() * a_scale[:, None], deq_b, offs=offsets).to(dtype)
 
 
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes (..., out, in), uint8 bits of e4m3, and row scales (..., out, 1) fp32 -> a new (..., out, in) `dtype`."""
+    return codes.view(FP8).to(dtype).mul_(scale)  # e4m3 is exact in bf16; the product is rounded once
+
+
 class _Fp8Linear(torch.autograd.Function):
     """x @ W.T with x and W in FP8; the backward returns the input gradient only (W is frozen)."""
 
@@ -191,7 +196,7 @@ class Fp8Weight(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """A fresh tensor of `shape` in the compute dtype."""
-        weight = self.e4m3.to(self.dtype).mul_(self.scale)  # e4m3 is exact in bf16; the product is rounded once
+        weight = dequantize(self.codes, self.scale, self.dtype)
         return weight.transpose(-2, -1) if self.transposed else weight
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -250,5 +255,5 @@ def stored_bytes(numel: int, rows: int) -> int:
     return numel + 4 * rows
 
 
-__all__ = ["ALIGN", "FP8", "FP8_MAX", "Fp8Linear", "Fp8Weight", "check_device", "emulated_grouped_mm", "emulated_mm",
-           "quantize_rows", "stored_bytes", "supports"]
+__all__ = ["ALIGN", "FP8", "FP8_MAX", "Fp8Linear", "Fp8Weight", "check_device", "dequantize", "emulated_grouped_mm",
+           "emulated_mm", "quantize_rows", "stored_bytes", "supports"]

@@ -24,13 +24,13 @@ weights stay full precision.
   layer runs (`expert_weight`) and adds the placeholder when PEFT has parametrised it: PEFT's expert LoRA
   (`lora.target_experts`, `ParamWrapper`) adds its delta to whatever the parameter holds, so the placeholder then
   reads as zero + delta and the sum is the 4-bit weight + delta, with gradients reaching LoRA only. Autograd keeps
-  that sum for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it with the layer's other
-  activations and the recompute dequantises again, so only one layer's experts exist in the compute dtype at a time:
-  training with PEFT's expert LoRA on quantised experts therefore requires checkpointing (mgmlora.training.trainable
-  refuses it off). Without that parametrisation (no expert LoRA, or `speed.expert_lora: split`, which runs the LoRA
-  beside the frozen product) the experts forward multiplies through a function that dequantises in its forward and
-  again in its backward and keeps only the stored codes (mgmlora.models.experts), so no layer's dequantised experts
-  outlive its products, checkpointing or not; inference (no autograd) keeps none.
+  the dequantised weight (or that sum) for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it
+  with the layer's other activations and the recompute dequantises again, so only one layer's experts exist in the
+  compute dtype at a time. Training an NF4 MoE model, or expert LoRA on a quantised one, therefore requires
+  checkpointing (mgmlora.training.trainable refuses it off: every layer's dequantised experts would stay alive until
+  the backward pass). Frozen FP8 experts without a parametrisation go through an operator that dequantises in its
+  forward and again in its backward and keeps only the codes (mgmlora.models.experts), checkpointing or not;
+  inference (no autograd) keeps none.
 
 Quantised one decoder layer at a time on the run's device, so the device never holds more than one layer in the
 model dtype beyond the 4-bit layers already done (transformers' bitsandbytes loading would skip the fused experts).
@@ -334,4 +334,5 @@ def quantized_bytes(numel: int, rows: int, args: QuantizationArgs) -> float:
 
 
 __all__ = ["BITS", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
-           "fp8_experts_weight", "has_quantized_experts", "quantize_layers", "quantized_bytes"]
+           "fp8_experts_weight", "frozen_stored_weight", "has_quantized_experts", "quantize_layers",
+           "quantized_bytes"]

@@ -47,6 +47,7 @@ import torch
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.dtypes import DTYPES
+from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, quantized_bytes
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
@@ -117,7 +118,8 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
     key = repr((model_args, lora, trainable))
     if key not in _FACTS:
         loaded = build_on_meta(model_args)  # config files only, never weights
-        linears, experts, rows = _quantizable(loaded.quantizable_modules())  # before PEFT wraps the linears
+        fp8_only = model_args.quantization is not None and model_args.quantization.quant_type == "fp8"
+        linears, experts, rows = _quantizable(loaded.quantizable_modules(), fp8_only)  # before PEFT wraps them
         with torch.device("meta"):
             model, _ = apply_trainability(loaded, lora, trainable)
         cfg = loaded.language_model().config
@@ -129,15 +131,25 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
     return _FACTS[key]
 
 
-def _quantizable(layers: torch.nn.Module) -> tuple[list[int], list[int], int]:
+def _quantizable(layers: torch.nn.Module, fp8_only: bool) -> tuple[list[int], list[int], int]:
     """Sizes of what `model.quantization` stores: each decoder linear, each layer's fused experts, all their rows.
 
-    The same selection as mgmlora.models.quantization.quantize_layers.
+    The same selection as mgmlora.models.quantization.quantize_layers: with `fp8_only` the weights whose dimensions
+    the FP8 kernels cannot take stay in the model dtype (a fused experts module whole). A row is an output row, the
+    last dimension of experts the model keeps transposed ((E, in, out), `is_transposed`).
     """
-    linears = [m.weight for m in layers.modules() if type(m) is torch.nn.Linear]
-    fused = [[p for p in layer.parameters() if p.ndim == 3] for layer in layers]
-    rows = sum(w.shape[0] for w in linears) + sum(p.shape[0] * p.shape[1] for ps in fused for p in ps)
-    return [w.numel() for w in linears], [sum(p.numel() for p in ps) for ps in fused], rows
+    fits = fp8_supports if fp8_only else (lambda shape: True)
+    linears = [m.weight for m in layers.modules() if type(m) is torch.nn.Linear and fits(m.weight.shape)]
+    fused = []  # per layer: (weight, output rows per expert) of each fused parameter stored quantised
+    for layer in layers:
+        fused.append([])
+        for module in layer.modules():
+            params = [p for p in module.parameters(recurse=False) if p.ndim == 3]
+            if params and all(fits(p.shape) for p in params):
+                out_dim = 2 if getattr(module, "is_transposed", False) else 1
+                fused[-1] += [(p, p.shape[out_dim]) for p in params]
+    rows = sum(w.shape[0] for w in linears) + sum(p.shape[0] * out for ps in fused for p, out in ps)
+    return [w.numel() for w in linears], [sum(p.numel() for p, _ in ps) for ps in fused], rows
 
 
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
@@ -176,9 +188,10 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
-        # one layer's weights at a time: dequantised experts (kept for the grouped GEMM's backward, recomputed per
-        # layer; with expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised NF4 linear,
-        # in the compute dtype; FP8 codes the backward reads transposed (its linears', its FP8 experts'), one byte each
+        # one layer's weights at a time: dequantised experts (one product's weight at a time when frozen, counted
+        # as the layer's; with expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised
+        # NF4 linear, in the compute dtype; FP8 codes the backward reads transposed (its linears', its FP8
+        # experts'), one byte each
         peft_experts = lora.target_experts and speed.expert_lora == "peft"
         fp8 = quant.quant_type == "fp8"
         fp8_experts = fp8 and quant.expert_products == "fp8" and not peft_experts

@@ -50,7 +50,8 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
     Raises:
         ValueError: when nothing would train.
         UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, with DoRA on
-            mgmlora's own quantised layers, or expert LoRA on a quantised MoE base without gradient checkpointing.
+            mgmlora's own quantised layers, or an NF4 MoE base or expert LoRA on a quantised one without gradient
+            checkpointing.
     """
     model, plan = loaded.model, None
     if loaded.quantized is not None:
@@ -65,14 +66,14 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
         lm = loaded.language_model()  # transformers 5.23 renamed the flag; the GPU image's 5.17 has the old name
         new = hasattr(lm, "is_activation_checkpointing")
         checkpointing = getattr(lm, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
-        # frozen quantised experts keep only their codes for the backward (mgmlora.models.experts); PEFT's expert
-        # LoRA joins its delta to the dequantised weight, which autograd keeps (the split path is chosen later, in
-        # apply_fast_path, so expert LoRA counts either way)
-        if loaded.moe and lora.target_experts and not checkpointing:
-            raise UsageError("model.model.quantization with model.lora.target_experts on a MoE model trains with "
-                             "model.model.gradient_checkpointing: true only: expert LoRA may join its delta to each "
-                             "layer's dequantised experts, which without the recompute stay alive until the backward "
-                             "pass; or set model.lora.target_experts: false.")
+        # NF4 experts and PEFT's expert LoRA keep each layer's dequantised experts for the backward; frozen FP8
+        # experts keep only their codes (mgmlora.models.experts). The split path is chosen later (apply_fast_path),
+        # so expert LoRA counts either way
+        if loaded.moe and (loaded.quantized.quant_type == "nf4" or lora.target_experts) and not checkpointing:
+            raise UsageError("model.model.quantization on a MoE model trains with model.model.gradient_checkpointing: "
+                             "true only, with NF4 or with expert LoRA (model.lora.target_experts): the recompute "
+                             "dequantises each layer's experts again; without it every layer's dequantised experts "
+                             "stay alive until the backward pass.")
     if trainable.llm == "lora":
         plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
         model = apply_lora(model, plan)  # PEFT freezes every base weight

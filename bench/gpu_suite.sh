@@ -498,8 +498,8 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_fp8-mgm2b-$gpu.json" 2>&1 | tail -n 4
     ;;
   fp8_nockpt)
-    # Qwen3-30B-A3B attention LoRA r64 on the FP8 base without gradient checkpointing (frozen quantised experts keep
-    # only their codes for the backward since session 29, so every layer's activations but no weights are kept): the
+    # Qwen3-30B-A3B attention LoRA r64 on the FP8 base without gradient checkpointing (frozen FP8 experts then keep
+    # only their codes for the backward, quantization.set_expert_backward: every layer's activations, no weights): the
     # micro-batches that may fit 80 GiB, against the checkpointed x80 on the same base, one process; then pick
     # OURS_SWEEP for OURS_ARGS="--quant fp8" TAG=fp8 bash bench/gpu_suite.sh peer_qwen
     q="liger+packing+nocast+fused+fastexperts+compile"

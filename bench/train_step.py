@@ -78,11 +78,15 @@ from mgmlora.data.collate import pad_collate  # noqa: E402
 from mgmlora.models import load_model  # noqa: E402
 from mgmlora.models.args import ModelArgs  # noqa: E402
 from mgmlora.models.attention import packed_attention  # noqa: E402
-from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing  # noqa: E402
+from mgmlora.models.causal_lm import (  # noqa: E402
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    gradient_checkpointing_on,
+)
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
-from mgmlora.models.quantization import QuantizationArgs  # noqa: E402
+from mgmlora.models.quantization import QuantizationArgs, set_expert_backward  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
@@ -244,9 +248,10 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
     if "nockpt" in flags and loaded.quantized is not None and loaded.moe and \
-            (loaded.quantized.quant_type == "nf4" or outer_param_wrappers(model)):  # training refuses it (trainable.py)
-        raise ValueError("+nockpt: an NF4 MoE model, or expert LoRA on a quantised one, trains with gradient "
-                         "checkpointing")
+            (loaded.quantized.quant_type == "nf4" or outer_param_wrappers(model) and "splitexperts" not in flags):
+        # training refuses it (trainable.py, fastpath.py)
+        raise ValueError("+nockpt: an NF4 MoE model, or PEFT's expert LoRA on a quantised one, trains with gradient "
+                         "checkpointing (+splitexperts: LoRA beside the frozen experts)")
     if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
         raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:
@@ -260,6 +265,8 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     if "nockpt" in flags and llm.is_gradient_checkpointing:
         disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
+    if set_expert_backward(model, gradient_checkpointing_on(llm)):  # as training sets it (mgmlora.training.fastpath)
+        undo.append(lambda: set_expert_backward(model, True))
     if chosen := [experts[f] for f in flags & experts.keys()]:
         previous_experts = experts_implementation(llm.config)
         llm.set_experts_implementation(chosen[0])

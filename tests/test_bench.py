@@ -87,6 +87,27 @@ def test_a_variant_whose_flags_fail_half_way_leaves_the_model_as_it_found_it():
     assert all(layer.cast_input_dtype_enabled for layer in lora_layers(model))
 
 
+@pytest.mark.parametrize(("quant_type", "target_experts", "flags", "refused"), [
+    ("nf4", False, {"nockpt"}, True), ("fp8", False, {"nockpt"}, False), ("fp8", True, {"nockpt"}, True),
+    ("fp8", True, {"nockpt", "fastexperts", "splitexperts"}, False)])
+def test_nockpt_on_a_quantised_moe_is_refused_where_training_refuses_it(quant_type, target_experts, flags, refused):
+    from mgmlora.models import load_model
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.models.quantization import QuantizationArgs
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.trainable import Trainability, apply_trainability
+
+    quant = QuantizationArgs(quant_type=quant_type, compute_dtype="float32")
+    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", gradient_checkpointing=True, quantization=quant))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", target_experts=target_experts), Trainability())
+    bench = _bench_module()
+    if refused:
+        with pytest.raises(ValueError, match="nockpt"):
+            bench.switch_on(model, loaded, flags)
+        return
+    bench.switch_off(bench.switch_on(model, loaded, flags))
+
+
 def test_packed_attention_flags_need_packing():
     parse = _bench_module().parse_variant
     assert parse("chunked+packing+flexx8") == ("chunked", {"packing", "flex"}, 8)

@@ -272,18 +272,40 @@ def test_dora_on_mgmloras_quantised_layers_is_refused():
         apply_trainability(loaded, LoraArgs(preset="balanced", use_dora=True), Trainability())
 
 
-@pytest.mark.parametrize(("expert_products", "target_experts", "refused"), [
-    ("fp8", False, False), ("fp8", True, True), ("dequantized", False, False), ("dequantized", True, True)])
-def test_an_fp8_moe_base_needs_checkpointing_only_with_expert_lora(expert_products, target_experts, refused):
+@pytest.mark.parametrize(("expert_products", "target_experts", "expert_lora", "refused"), [
+    ("fp8", False, "split", False), ("fp8", True, "peft", True), ("fp8", True, "split", False),
+    ("dequantized", False, "split", False), ("dequantized", True, "peft", True), ("dequantized", True, "split", False)])
+def test_an_fp8_moe_base_needs_checkpointing_only_for_pefts_expert_lora(expert_products, target_experts, expert_lora,
+                                                                       refused):
+    from mgmlora.training.fastpath import apply_fast_path
+    from mgmlora.training.loss import SpeedArgs
+
     loaded = load_model(_args("tiny-qwen3-moe", expert_products, checkpointing=False))
-    lora = LoraArgs(preset="aggressive", target_experts=target_experts)
-    if refused:
-        with pytest.raises(UsageError, match="gradient_checkpointing"):
-            apply_trainability(loaded, lora, Trainability())
-    else:
-        model, _ = apply_trainability(loaded, lora, Trainability())
-        _loss(loaded).backward()
-        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=target_experts),
+                                  Trainability())
+    speed = SpeedArgs(expert_lora=expert_lora)
+    if refused:  # PEFT joins its delta to each layer's dequantised experts, which autograd keeps
+        with pytest.raises(UsageError, match="gradient_checkpointing: true"):
+            apply_fast_path(loaded, speed, same_compute_dtype=True)
+        return
+    done = apply_fast_path(loaded, speed, same_compute_dtype=True)
+    weights = [m for m in model.modules() if isinstance(m, fp8.Fp8Weight) and len(m.shape) == 3]
+    assert weights and all(w.dequantize_in_backward for w in weights)
+    assert any("dequantised again in the backward" in line for line in done)
+    _loss(loaded).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fp8_experts_under_checkpointing_keep_the_plain_product():
+    from mgmlora.training.fastpath import apply_fast_path
+    from mgmlora.training.loss import SpeedArgs
+
+    loaded = load_model(_args("tiny-qwen3-moe", "dequantized", checkpointing=True))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=True), Trainability())
+    done = apply_fast_path(loaded, SpeedArgs(expert_lora="peft"), same_compute_dtype=True)  # allowed: checkpointed
+    weights = [m for m in model.modules() if isinstance(m, fp8.Fp8Weight) and len(m.shape) == 3]
+    assert weights and not any(w.dequantize_in_backward for w in weights)
+    assert not any("dequantised again" in line for line in done)
 
 
 @pytest.mark.integration

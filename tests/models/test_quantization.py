@@ -16,7 +16,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.nf4 import dequantize, quantize
-from mgmlora.models.quantization import Nf4Linear, QuantizationArgs
+from mgmlora.models.quantization import Nf4Linear, QuantizationArgs, set_expert_backward
 from mgmlora.training.checkpoint import AdapterCheckpointIO
 from mgmlora.training.expert_lora import set_expert_lora
 from mgmlora.training.lora import LoraArgs
@@ -147,12 +147,12 @@ def test_dequantised_experts_alive_at_once(checkpointing, quant_type, monkeypatc
     loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing, quant_type=quant_type))
     model = apply_lora(loaded.model, plan_lora(loaded.model, LoraArgs(preset="balanced", lora_dropout=0.0),
                                                decoder_layers=loaded.decoder_layers, moe=True))
+    set_expert_backward(model, checkpointing)  # as the fast path sets it
     model.train()
-    # FP8: each product dequantises its weight in the forward and again in the backward and keeps neither, one
-    # tensor at a time with or without checkpointing. NF4 keeps them for the backward: a layer's two under
-    # checkpointing (the recompute of the other layer comes after they are freed), every layer's four without it
-    # (what trainable.py refuses)
-    expected = 1 if quant_type == "fp8" else 2 if checkpointing else 4
+    # Under checkpointing a layer's two are alive (the recompute of the other layer comes after they are freed).
+    # Without it NF4 keeps every layer's four (what trainable.py refuses); FP8's products dequantise again in the
+    # backward and keep neither, one tensor at a time
+    expected = 2 if checkpointing else 1 if quant_type == "fp8" else 4
     assert _most_dequantised_alive(loaded, monkeypatch) == expected
 
 
@@ -164,6 +164,7 @@ def _saved_fp8_expert_tensors(backend: str) -> tuple[list, list]:
     loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", gradient_checkpointing=False,
                                   quantization=quant))
     model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+    assert set_expert_backward(model, checkpointed=False) == 4
     model.train()
     experts = loaded.model.model.layers[0].mlp.experts
     sizes = {experts.get_submodule(f"fp8_{n}").shape.numel() for n in ("gate_up_proj", "down_proj")}
@@ -201,6 +202,7 @@ def test_frozen_fp8_experts_train_alike_with_and_without_checkpointing():
         torch.manual_seed(0)  # the same weights and LoRA initialisation both times
         loaded = load_model(_args("tiny-qwen3-moe", checkpointing=checkpointing, quant_type="fp8"))
         model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+        set_expert_backward(model, checkpointing)  # the plain product under checkpointing, the operator without
         model.train()
         loss = _loss(loaded)
         loss.backward()

@@ -99,6 +99,12 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gradient_checkpointing_on(model: PreTrainedModel) -> bool:
+    """Whether activation checkpointing is on (transformers 5.23 renamed the flag; the GPU image's 5.17 has the old)."""
+    new = hasattr(model, "is_activation_checkpointing")
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+
+
 def disable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Turns activation checkpointing off (the benchmark's no-recompute variant), under either method name."""
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()

@@ -162,12 +162,11 @@ def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torc
     if stored is not None:
         return stored.grouped(x, offsets)
     stored = frozen_stored_weight(experts, name)
-    if isinstance(stored, Fp8Weight):
-        # dequantised in the forward and again in the backward: autograd around a dequantise-then-multiply would
-        # keep every layer's dequantised (E, out, in) weight until the backward pass (under torch.compile too, which
-        # merges the two dequantisations), as much memory as bf16 experts. Under checkpointing this adds a third
-        # dequantisation per step (forward, recompute, backward). NF4 keeps the plain path: its MoE trains under
-        # checkpointing only (mgmlora.training.trainable), and its dequantisation costs more than FP8's
+    if isinstance(stored, Fp8Weight) and stored.dequantize_in_backward:
+        # without checkpointing (quantization.set_expert_backward): dequantised in the forward and again in the
+        # backward, since autograd around a dequantise-then-multiply would keep every layer's dequantised
+        # (E, out, in) weight until the backward pass (under torch.compile too, which merges the two
+        # dequantisations). NF4 experts train under checkpointing only (mgmlora.training.trainable)
         return fp8_dequantized_grouped_linear(x.to(stored.dtype), offsets, stored.codes, stored.scale, False)
     return _linear(x, expert_weight(experts, name), offsets, transposed)
 

@@ -180,6 +180,7 @@ class Fp8Weight(nn.Module):
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, transposed: bool = False, grouped_fp8: bool = True):
         super().__init__()
         self.shape, self.dtype, self.transposed, self.grouped_fp8 = weight.shape, dtype, transposed, grouped_fp8
+        self.dequantize_in_backward = True  # quantization.set_expert_backward: False under checkpointing
         codes, scale = quantize_rows(weight.transpose(-2, -1) if transposed else weight)
         self.register_buffer("codes", codes.contiguous().view(torch.uint8), persistent=False)
         self.register_buffer("scale_bits", scale.view(torch.int32), persistent=False)

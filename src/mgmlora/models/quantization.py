@@ -27,10 +27,10 @@ weights stay full precision.
   the dequantised weight (or that sum) for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it
   with the layer's other activations and the recompute dequantises again, so only one layer's experts exist in the
   compute dtype at a time. Training an NF4 MoE model, or expert LoRA on a quantised one, therefore requires
-  checkpointing (mgmlora.training.trainable refuses it off: every layer's dequantised experts would stay alive until
-  the backward pass). Frozen FP8 experts without a parametrisation go through an operator that dequantises in its
-  forward and again in its backward and keeps only the codes (mgmlora.models.experts), checkpointing or not;
-  inference (no autograd) keeps none.
+  checkpointing (mgmlora.training.trainable and fastpath refuse it off: every layer's dequantised experts would stay
+  alive until the backward pass). Frozen FP8 experts without a parametrisation and without checkpointing go through
+  an operator that dequantises in its forward and again in its backward and keeps only the codes
+  (mgmlora.models.experts, `set_expert_backward`); inference (no autograd) keeps none.
 
 Quantised one decoder layer at a time on the run's device, so the device never holds more than one layer in the
 model dtype beyond the 4-bit layers already done (transformers' bitsandbytes loading would skip the fused experts).
@@ -68,8 +68,9 @@ class QuantizationArgs:
             each product) or `fp8` (float8 e4m3 with one scale per output row, products in FP8: mgmlora.models.fp8;
             needs a GPU of compute capability 8.9 or later, emulated on the CPU).
         bits: bits per stored weight: 4 for nf4, 8 for fp8; null takes the format's.
-        expert_products: fp8 only: how the fused MoE experts multiply. `dequantized` (default): each layer's experts
-            are dequantised to the compute dtype when they run and multiplied by bf16 grouped GEMMs, as NF4's are;
+        expert_products: fp8 only: how the fused MoE experts multiply. `dequantized` (default): each expert weight is
+            dequantised to the compute dtype when it runs (and again in the backward without checkpointing) and
+            multiplied by bf16 grouped GEMMs;
             `fp8`: PyTorch's grouped FP8 kernel, which ran at about half the bf16 kernel's rate per token on an H200
             with torch 2.11 (bench/results/2026-12-05-train_step_profile_fp8_compiled_x32-qwen3-30b-a3b-h200.json)
             and needs compute capability 9.x or 10.x.
@@ -247,6 +248,20 @@ def frozen_stored_weight(experts: nn.Module, name: str) -> Nf4Weight | fp8.Fp8We
     return None if stored is None or parametrize.is_parametrized(experts, name) else stored
 
 
+def set_expert_backward(model: nn.Module, checkpointed: bool) -> int:
+    """How frozen FP8 experts (`expert_products: dequantized`) give the backward their weight; returns how many.
+
+    Without checkpointing each product dequantises again in the backward and keeps only the codes
+    (mgmlora.models.experts.fp8_dequantized_grouped_linear): autograd would otherwise keep every layer's dequantised
+    experts until the backward pass. Under checkpointing the plain dequantise-then-multiply is kept: the recompute
+    frees the weight with the layer, and the operator would dequantise a third time per step, outside compiled code.
+    """
+    weights = [m for m in model.modules() if isinstance(m, fp8.Fp8Weight) and len(m.shape) == 3]
+    for weight in weights:
+        weight.dequantize_in_backward = not checkpointed
+    return len(weights)
+
+
 def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
     """The FP8 weight the experts forward multiplies by in FP8 (`expert_products: fp8`, no PEFT expert LoRA), or None.
 
@@ -335,4 +350,4 @@ def quantized_bytes(numel: int, rows: int, args: QuantizationArgs) -> float:
 
 __all__ = ["BITS", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
            "fp8_experts_weight", "frozen_stored_weight", "has_quantized_experts", "quantize_layers",
-           "quantized_bytes"]
+           "quantized_bytes", "set_expert_backward"]

@@ -2,8 +2,8 @@
 
 `bin/estimate.py --gpu_memory_gib N` prints it. The ranking rests on measurements, not on a model of the GPU:
 
-- Candidates: checkpointing off and on (a 4-bit mixture-of-experts base, or expert LoRA on an FP8 one, trains with
-  checkpointing only), and every micro-batch that divides the run's samples per GPU per optimizer step
+- Candidates: checkpointing off and on (a 4-bit mixture-of-experts base, or PEFT's expert LoRA on an FP8 one,
+  trains with checkpointing only), and every micro-batch that divides the run's samples per GPU per optimizer step
   (`data.batch_size` x `accumulate_grad_batches`), so the global batch and the GPU count stay as the user gave
   them. The base is the config's; when the bf16 base does not fit at one sample with checkpointing, the 4-bit NF4
   base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
@@ -203,7 +203,8 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     rule: list[Setting] = []
     for base, base_shape, change in bases:
         quantized = base.quantization is not None
-        needs_ckpt = quantized and uses_moe(base) and (base.quantization.quant_type == "nf4" or lora.target_experts)
+        peft_experts = lora.target_experts and speed.expert_lora == "peft"
+        needs_ckpt = quantized and uses_moe(base) and (base.quantization.quant_type == "nf4" or peft_experts)
         for ckpt in (True,) if needs_ckpt else (False, True):
             args = replace(base, gradient_checkpointing=ckpt)
             fitting: list[Setting] = []

@@ -272,6 +272,29 @@ def test_dora_on_mgmloras_quantised_layers_is_refused():
         apply_trainability(loaded, LoraArgs(preset="balanced", use_dora=True), Trainability())
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_dequantising_expert_operator_is_a_well_formed_op_and_computes_each_experts_product(backward):
+    from mgmlora.models.experts import fp8_dequantized_grouped_linear
+
+    torch.manual_seed(0)
+    codes, scale = fp8.quantize_rows(torch.randn(4, 32, 48))  # (E, out, in), (E, out, 1)
+    codes = codes.contiguous().view(torch.uint8)
+    offsets = torch.tensor([3, 3, 10, 16], dtype=torch.int32)  # expert 1 gets no rows
+    x = torch.randn(16, 32 if backward else 48, requires_grad=True)
+    # schema, fake tensor (symbolic row counts), autograd registration, AOT dispatch
+    torch.library.opcheck(fp8_dequantized_grouped_linear, (x, offsets, codes, scale, backward))
+    weight = codes.view(fp8.FP8).float() * scale  # (E, out, in), by the format's definition
+    starts = [0, *offsets.tolist()[:-1]]
+    reference = torch.cat([x[a:b] @ (weight[e] if backward else weight[e].t())  # a loop over experts
+                           for e, (a, b) in enumerate(zip(starts, offsets.tolist(), strict=True))])
+    out = fp8_dequantized_grouped_linear(x, offsets, codes, scale, backward)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (expected,) = torch.autograd.grad(reference, x, grad)
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize(("expert_products", "target_experts", "expert_lora", "refused"), [
     ("fp8", False, "split", False), ("fp8", True, "peft", True), ("fp8", True, "split", False),
     ("dequantized", False, "split", False), ("dequantized", True, "peft", True), ("dequantized", True, "split", False)])

@@ -40,8 +40,8 @@
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
-#   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56 and 48
-#          micro-batches per 128 samples) and the best isolated FP8 step in the same call: recipe_loop_vs_best_step
+#   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56
+#          micro-batches per 128 samples; ACCS=48 another call) and the best isolated FP8 step in the same call
 #   fp8    the FP8 base against its bf16 twin (loss gap, first-look speed; Qwen3-30B-A3B 16 layers) and MGM-2B's step
 #          on it; OURS_ARGS="--quant fp8" TAG=fp8 runs peer_qwen / peer_mgm on the FP8 base
 #   qlora_qwen / qlora_qwen_experts / qlora_mgm / qlora_parity  (1 GPU each; bitsandbytes 0.50.2 from ./.whl) the
@@ -584,24 +584,25 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     ;;
   recipe_mgm_fp8)
     # configs/mgm2b_lora_packed.yaml on the FP8 base (model.model.quantization.quant_type: fp8) in the real fit loop
-    # under a 24 GiB cap, the same rows and 4 optimizer steps as recipe_mgm_window, at 56 (the overlay's) and fewer
-    # micro-batches per 128 samples (ACCS), then the best isolated FP8 step within 24 GiB in the same call (x3, as
-    # in 2026-12-05's peer rounds): recipe_loop_vs_best_step in each loop's JSON
+    # under a 24 GiB cap, the same rows and 4 optimizer steps as recipe_mgm_window, at 56 micro-batches per 128
+    # samples (the overlay's; ACCS="48" in a second call for fewer, fuller ones: each loop takes up to 220 s), then
+    # the best isolated FP8 step within 24 GiB in the same call (x3, as in 2026-12-05's peer rounds):
+    # recipe_loop_vs_best_step in each loop's JSON
     python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
-    for acc in ${ACCS:-56 48}; do
+    for acc in ${ACCS:-56}; do
       # the overlay's 4,608-position cap fits its 56 micro-batches of these rows; fewer, fuller ones need more
       cap=$(( acc < 56 ? 6144 : 4608 ))
       # shellcheck disable=SC2086
-      smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-200} --memory_cap_gib 24 fit \
+      smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-220} --memory_cap_gib 24 fit \
         --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm \
         --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4 \
         --model.model.quantization.quant_type fp8 --trainer.accumulate_grad_batches "$acc" \
         --data.init_args.max_tokens "$cap"
     done
     best="$out/$day-train_step_fp8_best_x3-mgm2b-$gpu.json"
-    timeout 200 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
+    timeout 180 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
       --variants chunked+packing+nocast+fused+compile+nockptx3 --out "$best" 2>&1 | tail -n 2
-    for acc in ${ACCS:-56 48}; do
+    for acc in ${ACCS:-56}; do
       vs_best "$out/$day-mgm2b_lora_packed_fp8_loop_24gib_acc$acc-$gpu.json" "$best"
     done
     ;;

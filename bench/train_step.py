@@ -262,7 +262,7 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     if "nocast" in flags:
         set_peft_input_cast(model, False)
         undo.append(lambda: set_peft_input_cast(model, True))
-    if "nockpt" in flags and llm.is_gradient_checkpointing:
+    if "nockpt" in flags and gradient_checkpointing_on(llm):
         disable_gradient_checkpointing(llm)
         undo.append(lambda: enable_gradient_checkpointing(llm))
     if set_expert_backward(model, gradient_checkpointing_on(llm)):  # as training sets it (mgmlora.training.fastpath)

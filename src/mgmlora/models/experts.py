@@ -42,7 +42,6 @@ from mgmlora.models import fp8
 from mgmlora.models.fp8 import Fp8Weight
 from mgmlora.models.quantization import (
     expert_weight,
-    fp8_experts_weight,
     frozen_stored_weight,
     has_quantized_experts,
 )
@@ -158,10 +157,9 @@ fp8_dequantized_grouped_linear.register_autograd(_input_gradient, setup_context=
 def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor,
                    transposed: bool) -> torch.Tensor:
     """X (S, in) grouped by expert through the fused weight `name` -> (S, out): in FP8 where it is stored so."""
-    stored = fp8_experts_weight(experts, name)
-    if stored is not None:
+    stored = frozen_stored_weight(experts, name)  # None where PEFT's expert LoRA joins its delta to the weight
+    if isinstance(stored, Fp8Weight) and stored.grouped_fp8:  # expert_products: fp8
         return stored.grouped(x, offsets)
-    stored = frozen_stored_weight(experts, name)
     if isinstance(stored, Fp8Weight) and stored.dequantize_in_backward:
         # without checkpointing (quantization.set_expert_backward): dequantised in the forward and again in the
         # backward, since autograd around a dequantise-then-multiply would keep every layer's dequantised

@@ -242,7 +242,8 @@ def frozen_stored_weight(experts: nn.Module, name: str) -> Nf4Weight | fp8.Fp8We
     """The quantised copy of `name` when the experts forward multiplies by it alone, or None.
 
     None where the weight is not quantised, or where PEFT's expert LoRA has parametrised the placeholder: its delta
-    then joins the dequantised weight (`expert_weight`) and needs autograd through the sum.
+    then joins the dequantised weight (`expert_weight`) and needs autograd through the sum. mgmlora's split expert
+    LoRA (`speed.expert_lora: split`) leaves it unparametrised and runs beside the product.
     """
     stored = _stored(experts, name)
     return None if stored is None or parametrize.is_parametrized(experts, name) else stored
@@ -260,17 +261,6 @@ def set_expert_backward(model: nn.Module, checkpointed: bool) -> int:
     for weight in weights:
         weight.dequantize_in_backward = not checkpointed
     return len(weights)
-
-
-def fp8_experts_weight(experts: nn.Module, name: str) -> fp8.Fp8Weight | None:
-    """The FP8 weight the experts forward multiplies by in FP8 (`expert_products: fp8`, no PEFT expert LoRA), or None.
-
-    With PEFT's expert LoRA the parameter holds the delta, which has to join the weight (`expert_weight`); with
-    mgmlora's split expert LoRA (`speed.expert_lora: split`) the parameter stays unparametrised and the LoRA runs
-    beside this product.
-    """
-    stored = frozen_stored_weight(experts, name)
-    return stored if isinstance(stored, fp8.Fp8Weight) and stored.grouped_fp8 else None
 
 
 def _fp8_fits(experts: nn.Module, name: str) -> bool:
@@ -349,5 +339,5 @@ def quantized_bytes(numel: int, rows: int, args: QuantizationArgs) -> float:
 
 
 __all__ = ["BITS", "DEEPSPEED_MOE_REFUSAL", "Nf4Linear", "Nf4Weight", "QuantizationArgs", "expert_weight",
-           "fp8_experts_weight", "frozen_stored_weight", "has_quantized_experts", "quantize_layers",
-           "quantized_bytes", "set_expert_backward"]
+           "frozen_stored_weight", "has_quantized_experts", "quantize_layers", "quantized_bytes",
+           "set_expert_backward"]

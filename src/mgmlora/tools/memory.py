@@ -188,10 +188,10 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)
-        # one layer's weights at a time: dequantised experts (one product's weight at a time when frozen, counted
-        # as the layer's; with expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised
-        # NF4 linear, in the compute dtype; FP8 codes the backward reads transposed (its linears', its FP8
-        # experts'), one byte each
+        # one layer's weights at a time: dequantised experts (a layer's, kept until the recompute frees them; one
+        # product's at a time for frozen FP8 experts without checkpointing, still counted as the layer's; with
+        # expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised NF4 linear, in the
+        # compute dtype; FP8 codes the backward reads transposed (its linears', its FP8 experts'), one byte each
         peft_experts = lora.target_experts and speed.expert_lora == "peft"
         fp8 = quant.quant_type == "fp8"
         fp8_experts = fp8 and quant.expert_products == "fp8" and not peft_experts

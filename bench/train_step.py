@@ -86,7 +86,7 @@ from mgmlora.models.causal_lm import (  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
-from mgmlora.models.quantization import QuantizationArgs, set_expert_backward  # noqa: E402
+from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, set_expert_backward  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
@@ -247,11 +247,10 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
     experts = {"eagerexperts": "eager", "fastexperts": FAST_EXPERTS}
     if flags & experts.keys() and not loaded.moe or {"eagerexperts", "fastexperts"} <= flags:
         raise ValueError("+eagerexperts / +fastexperts (one of them) need a mixture-of-experts model")
-    if "nockpt" in flags and loaded.quantized is not None and loaded.moe and \
-            (loaded.quantized.quant_type == "nf4" or outer_param_wrappers(model) and "splitexperts" not in flags):
-        # training refuses it (trainable.py, fastpath.py)
-        raise ValueError("+nockpt: an NF4 MoE model, or PEFT's expert LoRA on a quantised one, trains with gradient "
-                         "checkpointing (+splitexperts: LoRA beside the frozen experts)")
+    peft_experts = bool(outer_param_wrappers(model)) and "splitexperts" not in flags
+    if "nockpt" in flags and loaded.quantized is not None and \
+            (refusal := checkpointing_required(loaded.quantized.quant_type, loaded.moe, peft_experts)):
+        raise ValueError(f"+nockpt: {refusal} (+splitexperts: LoRA beside the frozen experts)")  # as training does
     if "eagerexperts" in flags and loaded.quantized is not None:  # qlora_parity.py's quantised model too
         raise ValueError("+eagerexperts: transformers' experts forward reads the quantised experts' empty placeholders")
     if "packing" in flags:

@@ -16,10 +16,12 @@ from mgmlora.errors import UsageError
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.nf4 import dequantize, quantize
-from mgmlora.models.quantization import Nf4Linear, QuantizationArgs, set_expert_backward
+from mgmlora.models.quantization import Nf4Linear, QuantizationArgs, checkpointing_required, set_expert_backward
 from mgmlora.training.checkpoint import AdapterCheckpointIO
 from mgmlora.training.expert_lora import set_expert_lora
+from mgmlora.training.fastpath import apply_fast_path
 from mgmlora.training.lora import LoraArgs
+from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.trainable import Trainability, apply_trainability
@@ -214,9 +216,22 @@ def test_frozen_fp8_experts_train_alike_with_and_without_checkpointing():
         torch.testing.assert_close(grad, grads_ckpt[name], msg=name)
 
 
+@pytest.mark.parametrize(("quant_type", "moe", "peft_expert_lora", "needed"), [
+    (None, True, True, None),  # a bf16 base's experts are weights autograd holds anyway
+    ("nf4", False, True, None), ("fp8", False, True, None),  # no fused experts to dequantise
+    ("nf4", True, False, "NF4 experts"),  # dequantised per product, kept by autograd
+    ("fp8", True, False, None),  # the codes-only operator
+    ("fp8", True, True, "PEFT's expert LoRA")])  # W + delta formed and kept
+def test_which_bases_need_checkpointing_is_one_rule(quant_type, moe, peft_expert_lora, needed):
+    reason = checkpointing_required(quant_type, moe, peft_expert_lora)
+    assert reason is None if needed is None else (needed in reason and "gradient_checkpointing: true" in reason)
+
+
 def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
-    with pytest.raises(UsageError, match="gradient_checkpointing: true"):
-        apply_trainability(load_model(_args("tiny-qwen3-moe", checkpointing=False)), LoraArgs(), Trainability())
+    loaded = load_model(_args("tiny-qwen3-moe", checkpointing=False))
+    apply_trainability(loaded, LoraArgs(), Trainability())
+    with pytest.raises(UsageError, match="gradient_checkpointing: true.*NF4 experts"):  # before any compute
+        apply_fast_path(loaded, SpeedArgs(), same_compute_dtype=True)
     with pytest.raises(UsageError, match="trainable.llm: lora"):
         apply_trainability(load_model(_args("tiny-qwen3")), LoraArgs(), Trainability(llm="full"))
     with pytest.raises(UsageError, match="experts_implementation: mgmlora_grouped_mm"):

@@ -13,6 +13,7 @@ import pytest
 
 from mgmlora.cli import parse_files
 from mgmlora.commands import estimate as estimate_cli
+from mgmlora.errors import UsageError
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.memory import RunShape, estimate, run_from_tree
@@ -235,6 +236,17 @@ def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys)
     assert "optimizer states" in out and "LM head + loss" in out and "does NOT fit" in out
     lora = estimate_cli.main(["--config", "configs/mgm2b_lora.yaml", "--gpu_memory_gib", "24", "--json"])
     assert lora["fits"] is True and lora["trainable_per_component"]["lora adapters"][0] > 0
+
+
+def test_a_config_training_refuses_gets_the_refusal_not_a_figure(in_repo_root):
+    """An NF4 MoE base without checkpointing stops at start in training (fastpath.py): the estimate says why."""
+    qlora = ["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml"]
+    assert estimate_cli.main([*qlora, "--json"])["total_gib"] > 0  # the recipe checkpoints
+    with pytest.raises(UsageError, match="gradient_checkpointing: true only: NF4 experts"):
+        estimate_cli.main([*qlora, "--model.model.gradient_checkpointing", "false"])
+    fp8 = estimate_cli.main([*qlora, "--model.model.gradient_checkpointing", "false", "--json",
+                             "--model.model.quantization.quant_type", "fp8"])
+    assert fp8["total_gib"] > 0  # frozen FP8 experts train without it
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -200,23 +200,24 @@ def test_expert_lora_on_the_4bit_moe_base_is_planned_with_checkpointing_only(in_
     run = _run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], [
         "--trainer.devices", "1", "--model.lora.target_experts", "true", "--model.lora.r", "8"])
     plan = candidates(*run, 40)  # the bf16 base does not fit 40 GiB: the 4-bit base joins
-    assert plan and all(s.quantized and s.gradient_checkpointing for s in plan)  # trainable.py refuses it off
+    assert plan and all(s.quantized and s.gradient_checkpointing for s in plan)  # training refuses it off
 
 
 def test_a_window_setting_training_refuses_is_not_offered(in_repo_root):
-    """An NF4 MoE base without checkpointing stops at start (trainable.py): its window is not planned as fitting."""
-    from mgmlora.tools.speed_plan import _window_setting, needs_checkpointing
+    """An NF4 MoE base without checkpointing stops at start (fastpath.py): its window is not planned as fitting."""
+    from mgmlora.tools.memory import checkpointing_refusal
+    from mgmlora.tools.speed_plan import _window_setting
 
     window = ["--trainer.devices", "1", "--data.init_args.window_samples", "16", "--data.init_args.batch_size", "1",
               "--trainer.accumulate_grad_batches", "2"]
     for ckpt, offered in (("true", True), ("false", False)):
         run = _run(["configs/qwen3-30b-a3b_qlora_chameleons.yaml"], [*window, "--model.model.gradient_checkpointing",
                                                                       ckpt])
-        assert needs_checkpointing(run[0], run[1], run[3])
+        assert checkpointing_refusal(run[0], run[1], run[3])
         assert bool(_window_setting(*run, 200)) is offered  # 200 GiB: memory is not what decides
     fp8 = _run(["configs/qwen3-30b-a3b_qlora_chameleons.yaml"], [
         *window, "--model.model.gradient_checkpointing", "false", "--model.model.quantization.quant_type", "fp8"])
-    assert not needs_checkpointing(fp8[0], fp8[1], fp8[3]) and _window_setting(*fp8, 200)
+    assert not checkpointing_refusal(fp8[0], fp8[1], fp8[3]) and _window_setting(*fp8, 200)
 
 
 def test_the_plan_keeps_the_gpu_count_and_the_samples_per_gpu_per_step(in_repo_root):

@@ -164,7 +164,7 @@ def _expert_linear(experts: nn.Module, name: str, x: torch.Tensor, offsets: torc
         # without checkpointing (quantization.set_expert_backward): dequantised in the forward and again in the
         # backward, since autograd around a dequantise-then-multiply would keep every layer's dequantised
         # (E, out, in) weight until the backward pass (under torch.compile too, which merges the two
-        # dequantisations). NF4 experts train under checkpointing only (mgmlora.training.trainable)
+        # dequantisations). NF4 experts train under checkpointing only (quantization.checkpointing_required)
         return fp8_dequantized_grouped_linear(x.to(stored.dtype), offsets, stored.codes, stored.scale, False)
     return _linear(x, expert_weight(experts, name), offsets, transposed)
 

@@ -23,14 +23,14 @@ weights stay full precision.
   (mgmlora.models.experts, `experts_implementation: mgmlora_grouped_mm`, required) dequantises each weight when the
   layer runs (`expert_weight`) and adds the placeholder when PEFT has parametrised it: PEFT's expert LoRA
   (`lora.target_experts`, `ParamWrapper`) adds its delta to whatever the parameter holds, so the placeholder then
-  reads as zero + delta and the sum is the 4-bit weight + delta, with gradients reaching LoRA only. Autograd keeps
-  the dequantised weight (or that sum) for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it
-  with the layer's other activations and the recompute dequantises again, so only one layer's experts exist in the
-  compute dtype at a time. Training an NF4 MoE model, or expert LoRA on a quantised one, therefore requires
-  checkpointing (mgmlora.training.trainable and fastpath refuse it off: every layer's dequantised experts would stay
-  alive until the backward pass). Frozen FP8 experts without a parametrisation and without checkpointing go through
-  an operator that dequantises in its forward and again in its backward and keeps only the codes
-  (mgmlora.models.experts, `set_expert_backward`); inference (no autograd) keeps none.
+  reads as zero + delta and the sum is the 4-bit weight + delta, with gradients reaching LoRA only. Autograd keeps the
+  dequantised weight (or that sum) for the grouped GEMM's backward; non-reentrant gradient checkpointing drops it with
+  the layer's other activations and the recompute dequantises again, so only one layer's experts exist in the compute
+  dtype at a time. Training an NF4 MoE model, or PEFT's expert LoRA on a quantised one, therefore requires checkpointing
+  (`checkpointing_required`, the one rule that training, the estimate, the speed plan and the bench apply: every layer's
+  dequantised experts would stay alive until the backward pass). Frozen FP8 experts without a parametrisation and
+  without checkpointing go through an operator that dequantises in its forward and again in its backward and keeps only
+  the codes (mgmlora.models.experts, `set_expert_backward`); inference (no autograd) keeps none.
 
 Quantised one decoder layer at a time on the run's device, so the device never holds more than one layer in the
 model dtype beyond the 4-bit layers already done (transformers' bitsandbytes loading would skip the fused experts).
@@ -261,6 +261,36 @@ def set_expert_backward(model: nn.Module, checkpointed: bool) -> int:
     for weight in weights:
         weight.dequantize_in_backward = not checkpointed
     return len(weights)
+
+
+def checkpointing_required(quant_type: str | None, moe: bool, peft_expert_lora: bool) -> str | None:
+    """Why this base trains with gradient checkpointing only (the error message), or None where it also trains without.
+
+    The one rule behind training's refusal (mgmlora.training.fastpath), the estimate's (mgmlora.tools.memory), the
+    speed plan's candidates and bench/train_step.py's `+nockpt`. A quantised MoE base dequantises each layer's experts
+    when they run; without the recompute, autograd keeps every layer's dequantised experts until the backward pass
+    where the product keeps the dequantised weight: NF4 experts always, FP8 ones where PEFT's expert LoRA joins its
+    delta to the weight. Frozen FP8 experts and split expert LoRA keep the codes only (`set_expert_backward`).
+
+    Args:
+        quant_type: `model.quantization.quant_type`, None for a bf16 base.
+        moe: whether the language model has fused MoE experts.
+        peft_expert_lora: whether LoRA on the experts runs through PEFT's path (`speed.expert_lora: peft`, or the
+            layers split expert LoRA cannot take).
+    """
+    if quant_type is None or not moe:
+        return None
+    if quant_type == "nf4":
+        why = ("NF4 experts are dequantised when they run, and without the recompute every layer's dequantised experts "
+               "stay alive until the backward pass. Or use quant_type: fp8, whose frozen experts keep only their codes")
+    elif peft_expert_lora:
+        why = ("PEFT's expert LoRA joins its delta to each layer's dequantised experts, which without the recompute "
+               "stay alive until the backward pass. Or set model.speed.expert_lora: split (LoRA beside the frozen "
+               "experts)")
+    else:
+        return None
+    return (f"model.model.quantization ({quant_type}) on a MoE model trains with model.model.gradient_checkpointing: "
+            f"true only: {why}.")
 
 
 def _fp8_fits(experts: nn.Module, name: str) -> bool:

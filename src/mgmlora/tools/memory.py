@@ -44,11 +44,12 @@ from typing import Literal
 
 import torch
 
+from mgmlora.errors import UsageError
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.fp8 import supports as fp8_supports
-from mgmlora.models.quantization import QuantizationArgs, quantized_bytes
+from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -152,13 +153,28 @@ def _quantizable(layers: torch.nn.Module, fp8_only: bool) -> tuple[list[int], li
     return [w.numel() for w in linears], [sum(p.numel() for p, _ in ps) for ps in fused], rows
 
 
+def checkpointing_refusal(model_args: ModelArgs, lora: LoraArgs, speed: SpeedArgs) -> str | None:
+    """Why training refuses this config without gradient checkpointing, or None (`checkpointing_required`).
+
+    From the config alone: expert LoRA counts as PEFT's path where `speed.expert_lora` says peft.
+    """
+    quant = model_args.quantization
+    peft_experts = lora.target_experts and speed.expert_lora == "peft"
+    return checkpointing_required(quant and quant.quant_type, uses_moe(model_args), peft_experts)
+
+
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
              shape: RunShape) -> Estimate:
     """The itemised estimate for one device (see the module docstring).
 
+    Raises:
+        UsageError: for a config training refuses without gradient checkpointing (`checkpointing_refusal`).
+
     A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
     as one packed row of `shape.window_positions` positions.
     """
+    if not model_args.gradient_checkpointing and (refusal := checkpointing_refusal(model_args, lora, speed)):
+        raise UsageError(refusal)  # training refuses it: no figure for a run that cannot start
     if shape.window_samples is not None:
         shape = replace(shape, batch_size=1, seq_len=shape.window_positions, window_samples=None)
     facts = _model_facts(model_args, lora, trainable)
@@ -307,8 +323,9 @@ def cheapest_fix(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability,
         candidates.append((f"--config configs/strategy/zero{stage}_offload.yaml (optimizer states on the CPU)",
                            (model_args, lora, speed, replace(shape, zero_stage=stage, offload_optimizer=True))))
     if model_args.quantization is None:  # before more GPUs: it runs on the GPUs the user has
-        four_bit = replace(model_args, quantization=QuantizationArgs(),
-                           gradient_checkpointing=model_args.gradient_checkpointing or uses_moe(model_args))
+        four_bit = replace(model_args, quantization=QuantizationArgs())
+        four_bit = replace(four_bit, gradient_checkpointing=four_bit.gradient_checkpointing
+                           or checkpointing_refusal(four_bit, lora, speed) is not None)
         candidates.append(("model.model.quantization: {} (4-bit NF4 base, trainer.strategy auto; the settings list "
                            "above names a shipped 4-bit recipe where one was measured)",
                            (four_bit, lora, speed, replace(shape, zero_stage=0, offload_optimizer=False,

@@ -35,10 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from mgmlora.models import uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.quantization import QuantizationArgs
-from mgmlora.tools.memory import RunShape, estimate
+from mgmlora.tools.memory import RunShape, checkpointing_refusal, estimate
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability
@@ -203,7 +202,7 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     rule: list[Setting] = []
     for base, base_shape, change in bases:
         quantized = base.quantization is not None
-        for ckpt in (True,) if needs_checkpointing(base, lora, speed) else (False, True):
+        for ckpt in (True,) if checkpointing_refusal(base, lora, speed) else (False, True):
             args = replace(base, gradient_checkpointing=ckpt)
             fitting: list[Setting] = []
             for batch in _divisors(per_gpu):
@@ -222,21 +221,10 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     return windowed + measured + rule
 
 
-def needs_checkpointing(model_args: ModelArgs, lora: LoraArgs, speed: SpeedArgs) -> bool:
-    """Whether training refuses this base without gradient checkpointing.
-
-    An NF4 mixture-of-experts base, or PEFT's expert LoRA on a quantised one (mgmlora.training.trainable and
-    mgmlora.training.fastpath).
-    """
-    quant = model_args.quantization
-    peft_experts = lora.target_experts and speed.expert_lora == "peft"
-    return quant is not None and uses_moe(model_args) and (quant.quant_type == "nf4" or peft_experts)
-
-
 def _window_setting(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
                     shape: RunShape, limit: float) -> list[Setting]:
     """The config's window setting (data.window_samples), when it has one and it fits; else nothing."""
-    if shape.window_samples is None or needs_checkpointing(model_args, lora, speed) and \
+    if shape.window_samples is None or checkpointing_refusal(model_args, lora, speed) and \
             not model_args.gradient_checkpointing:
         return []  # training refuses it
     total = estimate(model_args, lora, trainable, speed, shape).total_gib

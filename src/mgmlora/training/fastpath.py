@@ -32,7 +32,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models.causal_lm import gradient_checkpointing_on
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.loaded import LoadedModel, outer_param_wrappers
-from mgmlora.models.quantization import set_expert_backward
+from mgmlora.models.quantization import checkpointing_required, set_expert_backward
 from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
 from mgmlora.training.loss import SpeedArgs
@@ -92,18 +92,15 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
 
 
 def _quantized_experts_backward(loaded: LoadedModel, done: list[str]) -> None:
-    """Without checkpointing, frozen FP8 experts dequantise again in the backward; PEFT's expert LoRA cannot.
+    """Refuses a quantised MoE base that needs gradient checkpointing without it; else sets how FP8 experts backward.
 
-    PEFT's expert LoRA joins its delta to each layer's dequantised weight, which autograd keeps until the backward
-    pass (NF4's MoE is refused earlier, in mgmlora.training.trainable).
+    Which bases need it is `checkpointing_required`'s rule; here it knows which expert LoRA stayed on PEFT's path.
     """
     checkpointing = gradient_checkpointing_on(loaded.language_model())
-    peft_experts = [w for w in outer_param_wrappers(loaded.model) if type(w) is not SplitLoraExperts]
-    if peft_experts and not checkpointing:
-        raise UsageError("model.lora.target_experts through PEFT's path on a quantised MoE model trains with "
-                         "model.model.gradient_checkpointing: true only: PEFT joins its delta to each layer's "
-                         "dequantised experts, which without the recompute stay alive until the backward pass. Or set "
-                         "model.speed.expert_lora: split (LoRA beside the frozen experts).")
+    peft_experts = any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model))
+    reason = checkpointing_required(loaded.quantized.quant_type, loaded.moe, peft_experts)
+    if reason and not checkpointing:
+        raise UsageError(reason)
     if set_expert_backward(loaded.model, checkpointing) and not checkpointing:
         done.append("frozen FP8 experts dequantised again in the backward (no checkpointing)")
 

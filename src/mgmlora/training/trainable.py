@@ -20,7 +20,6 @@ from torch import nn
 
 from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel
-from mgmlora.models.causal_lm import gradient_checkpointing_on
 from mgmlora.training.lora import LoraArgs, LoraPlan, apply_lora, plan_lora
 
 # how each optional component (LoadedModel.components) is named in reports and the memory estimate
@@ -51,7 +50,8 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
     Raises:
         ValueError: when nothing would train.
         UsageError: a quantised base (NF4 or FP8) with anything but LoRA training the language model, with DoRA on
-            mgmlora's own quantised layers, or an NF4 MoE base without gradient checkpointing.
+            mgmlora's own quantised layers (which quantised MoE bases need gradient checkpointing is
+            mgmlora.training.fastpath's check, once LoRA is on).
     """
     model, plan = loaded.model, None
     if loaded.quantized is not None:
@@ -63,14 +63,6 @@ def apply_trainability(loaded: LoadedModel, lora: LoraArgs,
             raise UsageError("model.lora.use_dora reads the base weight as a float matrix, which mgmlora's quantised "
                              "layers do not hold (bitsandbytes' 4-bit layers do, where installed): set "
                              "model.lora.use_dora: false or model.model.quantization: null.")
-        # NF4 experts are dequantised when they run and kept for the backward (FP8's: mgmlora.training.fastpath,
-        # once it knows whether expert LoRA runs through PEFT)
-        checkpointing = gradient_checkpointing_on(loaded.language_model())
-        if loaded.moe and loaded.quantized.quant_type == "nf4" and not checkpointing:
-            raise UsageError("model.model.quantization with quant_type: nf4 on a MoE model trains with "
-                             "model.model.gradient_checkpointing: true only: the recompute dequantises each layer's "
-                             "experts again; without it every layer's dequantised experts stay alive until the "
-                             "backward pass. Or use quant_type: fp8, whose frozen experts keep only their codes.")
     if trainable.llm == "lora":
         plan = plan_lora(model, lora, decoder_layers=loaded.decoder_layers, moe=loaded.moe)
         model = apply_lora(model, plan)  # PEFT freezes every base weight

@@ -40,6 +40,8 @@
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
+#   keep_experts  (1 GPU) Qwen3-30B-A3B attention LoRA, compiled, keeping the frozen expert GEMMs' outputs under
+#          checkpointing (x16-x32; QUANT=fp8 on the FP8 base, x32-x64) against whole-layer recompute, one process
 #   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56
 #          micro-batches per 128 samples; ACCS=48 another call) and the best isolated FP8 step in the same call
 #   fp8    the FP8 base against its bf16 twin (loss gap, first-look speed; Qwen3-30B-A3B 16 layers) and MGM-2B's step
@@ -506,6 +508,19 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     timeout 570 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 \
       --variants ${NOCKPT_SWEEP:-${q}+nockptx16,${q}+nockptx24,${q}+nockptx32,${q}x80} \
       --out "$out/$day-train_step_fp8_nockpt-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
+    ;;
+  keep_experts)
+    # Qwen3-30B-A3B attention LoRA r64, compiled: the checkpointed step keeping the frozen expert GEMMs' outputs
+    # (model.speed.keep_expert_outputs: +keepgateup / +keepexperts, mgmlora.models.expert_recompute) against whole-layer
+    # recompute, one process. QUANT=fp8 runs it on the FP8 base (its own default sweep: more room for kept outputs)
+    q="liger+packing+nocast+fused+fastexperts+compile"
+    if [[ ${QUANT:-} == fp8 ]]; then
+      sweep=${KEEP_SWEEP:-${q}x80,${q}+keepgateupx48,${q}+keepgateupx64,${q}+keepexpertsx32}
+    else
+      sweep=${KEEP_SWEEP:-${q}x64,${q}+keepgateupx16,${q}+keepgateupx24,${q}+keepgateupx32}
+    fi
+    timeout 570 python3 bench/train_step.py --model qwen3-30b-a3b ${QUANT:+--quant $QUANT} --warmup 3 --steps 5 \
+      --variants "$sweep" --out "$out/$day-train_step_keep_experts${QUANT:+_$QUANT}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
     ;;
   peer_qwen|peer_qwen_experts)
     # ours against TRL's SFTTrainer tuned for speed (bench/peers/trl_sft.py), interleaved rounds in this one session

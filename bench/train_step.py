@@ -28,6 +28,9 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
 - `+splitexperts`: expert LoRA (`--target_experts`) split beside the frozen expert GEMM (`speed.expert_lora: split`,
   mgmlora.training.expert_lora); without it expert LoRA runs PEFT's path (W + B A formed per call), as in a plain
   transformers + PEFT script.
+- `+keepgateup` / `+keepexperts`: under checkpointing, the forward keeps the frozen expert GEMMs' outputs (gate/up
+  only, or down too) and the recompute reads them (`speed.keep_expert_outputs: gate_up` / `all`,
+  mgmlora.models.expert_recompute); HFU then counts the recompute without those GEMMs.
 
 `--quant nf4|fp8` (`--expert_products dequantized|fp8` with fp8) builds the model with its frozen decoder weights
 quantised (`model.model.quantization`, layer by
@@ -83,6 +86,7 @@ from mgmlora.models.causal_lm import (  # noqa: E402
     enable_gradient_checkpointing,
     gradient_checkpointing_on,
 )
+from mgmlora.models.expert_recompute import keep_expert_outputs  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
@@ -91,7 +95,7 @@ from mgmlora.models.transformers_private import attn_implementation, experts_imp
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
 from mgmlora.training.expert_lora import set_expert_lora  # noqa: E402
-from mgmlora.training.fastpath import set_peft_input_cast  # noqa: E402
+from mgmlora.training.fastpath import apply_keep_expert_outputs, set_peft_input_cast  # noqa: E402
 from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.training.loss import lm_loss  # noqa: E402
 from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
@@ -190,7 +194,7 @@ def image_flops(model, loaded, batches, device) -> float:
     return flops
 
 
-def step_flops(flop_model: FlopModel, batches, info, recompute: bool) -> tuple[float, float]:
+def step_flops(flop_model: FlopModel, batches, info, recompute: bool, kept: str = "none") -> tuple[float, float]:
     """Mean model and hardware FLOPs per step over `batches` (the counts of mgmlora.models.flops)."""
     model = hardware = 0.0
     for b in batches:
@@ -201,13 +205,14 @@ def step_flops(flop_model: FlopModel, batches, info, recompute: bool) -> tuple[f
             per_row = (b.input_ids == IMAGE_TOKEN_INDEX).sum(-1).tolist()
             lengths = [n + k * (info.image_tokens - 1) for n, k in zip(lengths, per_row)]
         supervised = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
-        f = flop_model.step(lengths, supervised, n_images, recompute)
+        f = flop_model.step(lengths, supervised, n_images, recompute, kept)
         model, hardware = model + f.model, hardware + f.hardware
     return model / len(batches), hardware / len(batches)
 
 
 FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "splitexperts", "flex",
-         "dense"}
+         "dense", "keepgateup", "keepexperts"}
+KEEP_FLAGS = {"keepgateup": "gate_up", "keepexperts": "all"}  # speed.keep_expert_outputs
 
 
 def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
@@ -220,6 +225,9 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     impl, flags = parts[0], set(parts[1:])
     if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
         raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
+    if len(flags & KEEP_FLAGS.keys()) > 1 or flags & KEEP_FLAGS.keys() and "nockpt" in flags:
+        raise SystemExit(f"variant {variant!r}: +keepgateup or +keepexperts choose what checkpointing recomputes (one "
+                         "of them, without +nockpt)")
     if flags & {"flex", "dense"} and "packing" not in flags or {"flex", "dense"} <= flags:
         raise SystemExit(f"variant {variant!r}: +flex or +dense choose the attention of packed rows (one of them, "
                          "with +packing)")
@@ -276,6 +284,9 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
         if not split or kept:
             raise ValueError(f"+splitexperts: {split} expert modules split, {kept} not (needs --target_experts and "
                              f"mgmlora's experts, +fastexperts)")
+    if keep := [KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()]:  # after the split, before the compile
+        apply_keep_expert_outputs(loaded, keep[0])  # refuses a model without checkpointing, which stays so
+        undo.append(lambda: keep_expert_outputs(llm, "none"))
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
         loaded.compile()
@@ -471,9 +482,10 @@ def main() -> None:
                     "sample_lengths": [min(lengths), statistics.median(lengths), max(lengths)]})
         if "step_s_median" in rec:
             rec["tokens_per_s"] = n_pos / rec["step_s_median"]
-            recompute = "nockpt" not in parse_variant(variant)[1]
+            flags = parse_variant(variant)[1]
+            kept = next((KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()), "none")
             rec["flops_per_step_model"], rec["flops_per_step_hardware"] = step_flops(flop_model, batches, info,
-                                                                                     recompute)
+                                                                                     "nockpt" not in flags, kept)
             cuda = device.type == "cuda"
             rec["mfu"] = rec["flops_per_step_model"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None
             rec["hfu"] = rec["flops_per_step_hardware"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None

@@ -230,3 +230,34 @@ def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     assert any(" in transformers/" in k or " in lightning/" in k for k in waits), sorted(waits)
     assert summary["idle_share"] is None  # no device activity on the CPU
     assert (tmp_path / "trace.json").stat().st_size > 0
+
+
+def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags():
+    import torch
+
+    from mgmlora.models import load_model
+    from mgmlora.models.args import ModelArgs
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.trainable import Trainability, apply_trainability
+    from tests.models.test_expert_recompute import _GroupedGemms
+
+    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="float32"))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())
+    model.train()
+    ids = torch.randint(0, 512, (2, 16))
+
+    def backward_gemms() -> int:
+        loss = model(input_ids=ids, labels=ids).loss
+        with _GroupedGemms() as counted:
+            loss.backward()
+        return counted.count
+
+    bench = _bench_module()
+    before = backward_gemms()
+    undo = bench.switch_on(model, loaded, {"keepexperts"})
+    assert backward_gemms() == before - 2 * 2  # two MoE layers' two frozen expert GEMMs are not recomputed
+    bench.switch_off(undo)
+    assert backward_gemms() == before  # whole-layer recompute again
+    for bad in ("chunked+keepexperts+nockpt", "chunked+keepgateup+keepexperts"):
+        with pytest.raises(SystemExit, match="keepgateup or \\+keepexperts"):
+            bench.parse_variant(bad)

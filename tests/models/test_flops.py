@@ -72,6 +72,20 @@ def test_counts_split_frozen_lora_and_head_by_hand():
     assert one.hardware == one.model
 
 
+def test_kept_expert_outputs_take_their_gemms_out_of_the_recompute_only():
+    model = tiny_model("tiny-qwen3-moe")
+    cfg = model.config
+    flops = FlopModel.of(model)
+    h, width, k, layers = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.num_hidden_layers
+    # per position, each of the top_k experts it is routed to: gate/up (h -> 2 x width) and down (width -> h)
+    assert flops.gate_up == layers * k * h * 2 * width and flops.down == layers * k * width * h
+    full, gate_up, kept = (flops.step([10, 6], supervised=12, kept=keep) for keep in ("none", "gate_up", "all"))
+    assert full.model == gate_up.model == kept.model  # the math is the same
+    assert full.hardware - gate_up.hardware == 2 * flops.gate_up * 16  # forward FLOPs of 16 positions not rerun
+    assert full.hardware - kept.hardware == 2 * (flops.gate_up + flops.down) * 16
+    assert FlopModel.of(tiny_model("tiny-qwen3")).gate_up == 0  # dense: no experts
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
 def test_a_quantised_base_does_the_same_math_as_its_full_precision_twin(preset, quant_type):

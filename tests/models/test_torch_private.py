@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mgmlora.models.torch_private import (
     allocation_events,
+    grouped_gemm_ops,
     stack_config,
     trace_through_checkpoint_side_effects,
     uncompile,
@@ -130,3 +131,22 @@ def test_the_fp8_products_keep_the_arguments_mgmlora_passes(op, arguments):
     assert schemas, f"{op} is gone"
     names = {argument.name for argument in schemas[0].arguments}
     assert set(arguments) <= names, names
+
+
+def test_the_grouped_gemms_dispatch_to_the_operators_the_recompute_policy_names():
+    # mgmlora.models.expert_recompute keeps the outputs of these operators; grouped_mm must still reach the first
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(6, 8), torch.randn(2, 8, 4)
+    with Seen() as seen:
+        torch.nn.functional.grouped_mm(x, w, offs=torch.tensor([2, 6], dtype=torch.int32))
+    grouped, scaled = grouped_gemm_ops()
+    assert grouped in seen.ops
+    assert torch._C._jit_get_schemas_for_operator(str(scaled.name()).replace(".default", ""))  # still an operator

@@ -255,6 +255,22 @@ def test_every_config_can_be_estimated(path, in_repo_root):
     assert est.total_gib > 0 and all(v >= 0 for v in est.items.values())
 
 
+def test_kept_expert_outputs_are_counted_per_moe_layer_and_routed_row(in_repo_root):
+    config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
+    estimates = {keep: estimate(*run_from_config(config, ["--model.speed.keep_expert_outputs", keep]))
+                 for keep in ("none", "gate_up", "all")}
+    shape = estimates["none"].settings["shape"]
+    tokens = shape["batch_size"] * shape["seq_len"]
+    # Qwen3-30B-A3B (its config.json): 48 MoE layers, 8 experts per token of width 768, hidden 2048; bf16 outputs
+    gate_up = 48 * tokens * 8 * 2 * 768 * 2 / 2**30
+    down = 48 * tokens * 8 * 2048 * 2 / 2**30
+    key = "kept expert outputs (speed.keep_expert_outputs)"
+    assert key not in estimates["none"].items
+    assert estimates["gate_up"].items[key] == pytest.approx(gate_up)
+    assert estimates["all"].items[key] == pytest.approx(gate_up + down)
+    assert estimates["all"].total_gib - estimates["none"].total_gib == pytest.approx(gate_up + down)
+
+
 def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
     from dataclasses import replace
 

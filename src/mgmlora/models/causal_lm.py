@@ -8,6 +8,7 @@ test models, or real shapes for benchmarks). Nothing is ever downloaded: every t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,14 +86,15 @@ def load_causal_lm(args: ModelArgs, attn_implementation: str | None = None, weig
     return model
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Turns on non-reentrant activation checkpointing.
+def enable_gradient_checkpointing(model: PreTrainedModel, context_fn: Callable | None = None) -> None:
+    """Turns on non-reentrant activation checkpointing (again, replacing the settings, where it is on).
 
     Non-reentrant checkpointing works with frozen inputs (the embeddings of a LoRA model are frozen), so no input
     require-grad hook is needed. transformers 5.23 renamed the method to `activation_checkpointing_enable`; older 5.x
-    releases (the GPU image runs 5.17) only have `gradient_checkpointing_enable`.
+    releases (the GPU image runs 5.17) only have `gradient_checkpointing_enable`. `context_fn` is
+    `torch.utils.checkpoint`'s: a selective-checkpointing policy (mgmlora.models.expert_recompute).
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

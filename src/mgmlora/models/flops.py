@@ -10,8 +10,9 @@ Model FLOPs count what one optimizer step of LoRA over a frozen base needs, what
 - attention scores and their weighted sum (QK^T and AV) per sample, causal (each position attends to itself and
   the positions before it, never across packed samples): forward, and a backward of twice the forward;
 - a multimodal model's frozen image encoding, forward only (measured once with `measure_forward_flops`).
-Hardware FLOPs add what gradient checkpointing recomputes: the decoder's forward once more. Element-wise work
-(norms, activations, softmax, rotary) is in neither count, as is usual for MFU.
+Hardware FLOPs add what gradient checkpointing recomputes: the decoder's forward once more, less the frozen expert
+GEMMs whose outputs the forward keeps (`speed.keep_expert_outputs`, mgmlora.models.expert_recompute). Element-wise
+work (norms, activations, softmax, rotary) is in neither count, as is usual for MFU.
 
 `measure_forward_flops` (PyTorch's `FlopCounterMode`) counts the matrix products a callable runs: the tests check
 the formula here against it on tiny models, so the two are independent derivations of the same number.
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+
+from mgmlora.models.expert_recompute import KeptOutputs
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class FlopModel:
         head: parameters of the LM head (hidden x vocabulary).
         attention: layers x query heads x head dimension: the cost factor of QK^T and AV.
         image: forward FLOPs of encoding one image (frozen towers and projector), 0 for text models.
+        gate_up, down: the part of `frozen` in fused MoE experts' gate/up and down projections (what the recompute
+            skips when their outputs are kept).
     """
 
     frozen: int
@@ -51,6 +56,8 @@ class FlopModel:
     head: int
     attention: int
     image: float = 0.0
+    gate_up: int = 0
+    down: int = 0
 
     @classmethod
     def of(cls, language_model: nn.Module, image_flops: float = 0.0) -> FlopModel:
@@ -58,6 +65,7 @@ class FlopModel:
         cfg = language_model.config.get_text_config()
         k, e = getattr(cfg, "num_experts_per_tok", 1), getattr(cfg, "num_experts", 1) or 1
         frozen = lora = 0.0
+        experts = {"gate_up_proj": 0.0, "down_proj": 0.0}  # fused expert weights by projection
         head = language_model.get_output_embeddings()
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         embed_ids = {id(p) for p in language_model.get_input_embeddings().parameters()}
@@ -79,16 +87,20 @@ class FlopModel:
                     lora += size * share
                 else:
                     frozen += size * share
+                    if share != 1.0 and p.ndim == 3 and param_name in experts:
+                        experts[param_name] += size * share
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(frozen=int(frozen), lora=int(lora), head=cfg.hidden_size * cfg.vocab_size,
-                   attention=cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, image=image_flops)
+                   attention=cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, image=image_flops,
+                   gate_up=int(experts["gate_up_proj"]), down=int(experts["down_proj"]))
 
     def attention_forward(self, lengths: Sequence[int], causal: bool = True) -> float:
         """QK^T and AV of every sample, forward: 2 products x 2 FLOPs per multiply-add per attended pair."""
         pairs = sum(n * (n + 1) / 2 if causal else n * n for n in lengths)
         return 4.0 * self.attention * pairs
 
-    def step(self, lengths: Sequence[int], supervised: int, images: int = 0, recompute: bool = True) -> StepFlops:
+    def step(self, lengths: Sequence[int], supervised: int, images: int = 0, recompute: bool = True,
+             kept: KeptOutputs = "none") -> StepFlops:
         """The FLOPs of one step over samples of `lengths` positions with `supervised` loss positions in all.
 
         Args:
@@ -96,9 +108,11 @@ class FlopModel:
             supervised: positions whose next token is scored (the LM head runs there).
             images: images encoded in the step.
             recompute: whether gradient checkpointing recomputes the decoder's forward (hardware FLOPs only).
+            kept: which frozen expert GEMMs the recompute skips (`speed.keep_expert_outputs`).
         """
         positions = sum(lengths)
-        decoder_forward = 2.0 * (self.frozen + self.lora) * positions + self.attention_forward(lengths)
+        skipped = {"none": 0, "gate_up": self.gate_up, "all": self.gate_up + self.down}[kept]
+        decoder_forward = 2.0 * (self.frozen - skipped + self.lora) * positions + self.attention_forward(lengths)
         model = (4.0 * self.frozen + 6.0 * self.lora) * positions + 3 * self.attention_forward(lengths) \
             + 4.0 * self.head * supervised + self.image * images
         return StepFlops(model=model, hardware=model + (decoder_forward if recompute else 0.0))

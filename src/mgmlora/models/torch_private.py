@@ -87,5 +87,14 @@ def stack_config() -> torch._C._profiler._ExperimentalConfig:
     return torch._C._profiler._ExperimentalConfig(verbose=True)
 
 
-__all__ = ["allocation_events", "dynamo_counts", "scaled_grouped_mm", "scaled_mm", "stack_config",
+def grouped_gemm_ops() -> tuple[torch._ops.OpOverload, ...]:
+    """The aten operators the grouped expert GEMMs dispatch to: `grouped_mm`'s and `_scaled_grouped_mm`'s.
+
+    A selective-checkpointing policy (mgmlora.models.expert_recompute) sees operators at the aten level, below
+    `torch.nn.functional.grouped_mm`, whose implementation is `aten._grouped_mm`.
+    """
+    return torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_grouped_mm.default
+
+
+__all__ = ["allocation_events", "dynamo_counts", "grouped_gemm_ops", "scaled_grouped_mm", "scaled_mm", "stack_config",
            "trace_through_checkpoint_side_effects", "uncompile"]

@@ -14,7 +14,8 @@ as in training, and each block of memory is computed from the parameter counts a
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
 - activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
-  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`);
+  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), plus with
+  `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token);
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
 - with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
@@ -109,6 +110,8 @@ class _ModelFacts:
     quantizable_rows: int = 0  # their output rows (FP8 keeps a scale per row)
     experts_layer: int = 0  # one decoder layer's fused expert weights (dequantised one layer at a time)
     largest_linear: int = 0  # the largest decoder linear (dequantised one matrix product at a time)
+    top_k: int = 1  # experts per token (MoE)
+    moe_layers: int = 0  # decoder layers with fused experts
 
 
 _FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
@@ -125,10 +128,13 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
             model, _ = apply_trainability(loaded, lora, trainable)
         cfg = loaded.language_model().config
         mlp = getattr(cfg, "moe_intermediate_size", None)
-        mlp = mlp * getattr(cfg, "num_experts_per_tok", 1) if mlp else cfg.intermediate_size
+        top_k = getattr(cfg, "num_experts_per_tok", 1) if mlp else 1
+        mlp = mlp * top_k if mlp else cfg.intermediate_size
+        moe_layers = sum(any(p.ndim == 3 for p in layer.parameters()) for layer in loaded.quantizable_modules())
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
-                                  sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0))
+                                  sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0),
+                                  top_k, moe_layers)
     return _FACTS[key]
 
 
@@ -236,6 +242,11 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if model_args.gradient_checkpointing:
         # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
+        if speed.keep_expert_outputs != "none":
+            # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down
+            # projection's (hidden) with `all`, kept from the forward to the backward (mgmlora.models.expert_recompute)
+            width = 2 * mlp + (facts.top_k * hidden if speed.keep_expert_outputs == "all" else 0)
+            items["kept expert outputs (speed.keep_expert_outputs)"] = facts.moe_layers * tokens * width * act_bytes
     else:
         items["activations"] = layers * per_layer
     if speed.packing and model_args.attn_implementation == "eager":

@@ -23,11 +23,11 @@
 beside it with the variant inside the file where the file holds several; tests/tools/test_speed_plan.py reads each
 file and checks the row's figures against it. A row describes a setting by what changes the step's work and memory:
 the model preset, a 4-bit or bf16 base, what the LLM trains (`lora`, `frozen`, `full`), expert LoRA, the loss,
-gradient checkpointing, samples per micro-batch and the row length (`max_length`, the longest sample). It does not
-record the LoRA rank or targets beyond expert LoRA, compile, fused AdamW, packing or the GPU count: a row stands for
-every config that matches it on the fields it records. Rows of one model may come from different runs (an isolated
-step in `bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the figure is the file's own
-tokens/s, so rows from the same run compare best.
+gradient checkpointing and the expert outputs it keeps, samples per micro-batch and the row length (`max_length`, the
+longest sample). It does not record the LoRA rank or targets beyond expert LoRA, compile, fused AdamW, packing or the
+GPU count: a row stands for every config that matches it on the fields it records. Rows of one model may come from
+different runs (an isolated step in `bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the
+figure is the file's own tokens/s, so rows from the same run compare best.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from mgmlora.models.args import ModelArgs
+from mgmlora.models.expert_recompute import KeptOutputs
 from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.tools.memory import RunShape, checkpointing_refusal, estimate
 from mgmlora.training.lora import LoraArgs
@@ -64,6 +65,7 @@ class Measured:
     recipe: str | None = None  # the shipped config the run launched, where it launched one
     window_samples: int | None = None  # data.window_samples of the run (`batch_size` is then the micro-batches)
     loss_chunk_size: int | None = None  # speed.loss_chunk_size where the row depends on it; None: any
+    keep_expert_outputs: KeptOutputs = "none"  # speed.keep_expert_outputs: what the recompute skips
 
     def cite(self) -> str:
         """The file, and the variant inside it, the figures come from."""
@@ -130,7 +132,8 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
         base = "nf4" if row.quantized else "dtype"
         if (row.model, base, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
                 row.batch_size, row.max_length, row.window_samples) == key and (
-                row.loss_chunk_size in (None, speed.loss_chunk_size)):
+                row.loss_chunk_size in (None, speed.loss_chunk_size)) and \
+                row.keep_expert_outputs == speed.keep_expert_outputs:
             return row
     return None
 
@@ -202,7 +205,9 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     rule: list[Setting] = []
     for base, base_shape, change in bases:
         quantized = base.quantization is not None
-        for ckpt in (True,) if checkpointing_refusal(base, lora, speed) else (False, True):
+        # kept expert outputs choose what checkpointing recomputes: training refuses them without it
+        only_ckpt = checkpointing_refusal(base, lora, speed) or speed.keep_expert_outputs != "none"
+        for ckpt in (True,) if only_ckpt else (False, True):
             args = replace(base, gradient_checkpointing=ckpt)
             fitting: list[Setting] = []
             for batch in _divisors(per_gpu):

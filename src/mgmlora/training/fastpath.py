@@ -30,10 +30,12 @@ from torch import nn
 
 from mgmlora.errors import UsageError
 from mgmlora.models.causal_lm import gradient_checkpointing_on
+from mgmlora.models.expert_recompute import KeptOutputs, keep_expert_outputs
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.loaded import LoadedModel, outer_param_wrappers
 from mgmlora.models.quantization import checkpointing_required, set_expert_backward
 from mgmlora.models.torch_private import dynamo_counts
+from mgmlora.models.transformers_private import experts_implementation
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
 from mgmlora.training.loss import SpeedArgs
 
@@ -86,6 +88,8 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
                     "biases or a post-expert norm, not expert-parallel)")
     if loaded.quantized is not None and loaded.moe:
         _quantized_experts_backward(loaded, done)
+    if speed.keep_expert_outputs != "none":
+        done.append(apply_keep_expert_outputs(loaded, speed.keep_expert_outputs))
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done
@@ -103,6 +107,28 @@ def _quantized_experts_backward(loaded: LoadedModel, done: list[str]) -> None:
         raise UsageError(reason)
     if set_expert_backward(loaded.model, checkpointing) and not checkpointing:
         done.append("frozen FP8 experts dequantised again in the backward (no checkpointing)")
+
+
+def apply_keep_expert_outputs(loaded: LoadedModel, keep: KeptOutputs) -> str:
+    """Applies `speed.keep_expert_outputs` (not none) once there is something it keeps (else a UsageError).
+
+    After `speed.expert_lora` (the split is what makes expert products frozen) and before the compile.
+    """
+    llm = loaded.language_model()
+    key = f"model.speed.keep_expert_outputs: {keep}"
+    if not loaded.moe:
+        raise UsageError(f"{key} keeps outputs of MoE expert GEMMs, and this model has none: set it to none.")
+    if not gradient_checkpointing_on(llm):
+        raise UsageError(f"{key} chooses what gradient checkpointing recomputes, and checkpointing is off: set "
+                         "model.model.gradient_checkpointing: true, or keep_expert_outputs: none.")
+    if (impl := experts_implementation(llm.config)) not in ("grouped_mm", FAST_EXPERTS):
+        raise UsageError(f"{key} keeps grouped expert GEMMs, which model.model.experts_implementation {impl} does "
+                         f"not run: set it to {FAST_EXPERTS}.")
+    if any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model)):
+        raise UsageError(f"{key} keeps products through frozen expert weights, and PEFT's expert LoRA multiplies by "
+                         "W + B A: set model.speed.expert_lora: split.")
+    keep_expert_outputs(llm, keep)
+    return f"expert GEMM outputs kept for the backward ({keep}); the recompute reads them"
 
 
 class CompileWatch:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mgmlora.batch import IGNORE_INDEX
+from mgmlora.models.expert_recompute import KeptOutputs
 
 LossImpl = Literal["full", "chunked", "liger"]
 
@@ -60,6 +61,11 @@ class SpeedArgs:
             `model.model.experts_implementation: mgmlora_grouped_mm`, other layers keep PEFT's path; the faster of
             the two where measured, configs/README.md) or `peft` (PEFT's own: W + B A formed for every expert on
             every call; the experts stay eager under `compile`) (mgmlora.training.expert_lora).
+        keep_expert_outputs: under gradient checkpointing, which outputs of the frozen MoE expert GEMMs the forward
+            keeps for the backward instead of the recompute computing them again: `none` (whole-layer recompute),
+            `gate_up` (the gate/up projection's, (tokens x top_k, 2 x expert width) per layer) or `all` (the down
+            projection's too). Memory for FLOPs, same loss and gradients; needs a MoE model, checkpointing and
+            split expert LoRA where the experts carry LoRA (mgmlora.models.expert_recompute).
     """
 
     loss: LossImpl = "chunked"
@@ -69,6 +75,7 @@ class SpeedArgs:
     compile: bool = False
     pad_to_multiple: int = 0
     expert_lora: Literal["peft", "split"] = "split"
+    keep_expert_outputs: KeptOutputs = "none"
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

@@ -1,0 +1,112 @@
+"""`speed.keep_expert_outputs`: the recompute skips the kept expert GEMMs and computes the same loss and gradients."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mgmlora.errors import UsageError
+from mgmlora.models import load_model
+from mgmlora.models.args import ModelArgs
+from mgmlora.models.quantization import QuantizationArgs
+from mgmlora.models.torch_private import grouped_gemm_ops
+from mgmlora.training.fastpath import apply_fast_path
+from mgmlora.training.lora import LoraArgs
+from mgmlora.training.loss import SpeedArgs
+from mgmlora.training.trainable import Trainability, apply_trainability
+
+
+class _GroupedGemms(TorchDispatchMode):
+    """Counts grouped GEMMs dispatched (a selective checkpoint's cached outputs are never dispatched again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in grouped_gemm_ops()
+        return func(*args, **(kwargs or {}))
+
+
+def _step(keep="none", checkpointing=True, target_experts=True, dtype="float32", quantization=None, compiled=False,
+          **speed):
+    """(loss, gradients by name, grouped GEMMs in the backward pass, the fast path's log) of one step."""
+    torch.manual_seed(0)  # the same weights, LoRA initialisation and batch for every setting
+    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype=dtype, gradient_checkpointing=checkpointing,
+                                  quantization=quantization))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=target_experts,
+                                                   lora_dropout=0.0), Trainability())
+    speed = SpeedArgs(keep_expert_outputs=keep, compile=compiled, **speed)
+    done = apply_fast_path(loaded, speed, same_compute_dtype=dtype == "float32")  # fp32 adapters, no autocast
+    model.train()
+    ids = torch.randint(0, 512, (2, 24))
+    loss = model(input_ids=ids, labels=ids).loss
+    if compiled:  # compiled code calls the GEMMs as extern kernels: the profiler sees them, a dispatch mode not
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        count = sum(e.count for e in prof.key_averages() if e.key in ("aten::_grouped_mm", "aten::_scaled_grouped_mm"))
+    else:
+        with _GroupedGemms() as counted:
+            loss.backward()
+        count = counted.count
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach().float(), grads, count, done
+
+
+def _assert_same(got, expected, exact=True):
+    check = torch.testing.assert_close if not exact else lambda a, b, msg: torch.testing.assert_close(
+        a, b, rtol=0, atol=0, msg=msg)
+    check(got[0], expected[0], msg="loss")
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in got[1].items():
+        check(grad, expected[1][name], msg=name)
+
+
+@pytest.mark.parametrize("target_experts", [False, True])
+def test_kept_expert_outputs_give_the_same_loss_and_gradients_with_fewer_gemms_recomputed(target_experts):
+    none, gate_up, kept_all = (_step(keep, target_experts=target_experts) for keep in ("none", "gate_up", "all"))
+    plain = _step(checkpointing=False, target_experts=target_experts)
+    layers = 2  # tiny-qwen3-moe: every decoder layer is a MoE layer
+    _assert_same(gate_up, none)  # a kept output is the value the recompute would compute
+    _assert_same(kept_all, none)
+    _assert_same(none, plain, exact=False)
+    # the recompute runs each layer's two frozen expert GEMMs; gate_up keeps one of them, all both
+    assert none[2] - gate_up[2] == layers and none[2] - kept_all[2] == 2 * layers
+    # without checkpointing nothing is recomputed: per layer the two frozen GEMMs, and split LoRA's four (A, B)
+    assert none[2] - plain[2] == (2 + (4 if target_experts else 0)) * layers
+    assert any("kept for the backward (gate_up)" in line for line in gate_up[3])
+
+
+@pytest.mark.parametrize("expert_products", ["fp8", "dequantized"])
+def test_fp8_experts_keep_their_products_too(expert_products):
+    fp8 = QuantizationArgs(quant_type="fp8", compute_dtype="float32", expert_products=expert_products)
+    none, kept_all = (_step(keep, quantization=fp8) for keep in ("none", "all"))
+    _assert_same(kept_all, none)
+    assert none[2] - kept_all[2] == 2 * 2  # two layers, two frozen expert products each
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"checkpointing": False}, "checkpointing is off"),
+    ({"expert_lora": "peft"}, "expert_lora: split"),
+])
+def test_settings_where_nothing_would_be_kept_are_refused(setting, message):
+    with pytest.raises(UsageError, match=message):
+        _step("all", **setting)
+
+
+def test_a_dense_model_or_a_loop_over_experts_is_refused():
+    for args, message in ((ModelArgs(preset="tiny-qwen3", dtype="float32"), "has none"),
+                          (ModelArgs(preset="tiny-qwen3-moe", dtype="float32", experts_implementation="eager"),
+                           "experts_implementation eager")):
+        loaded = load_model(args)
+        apply_trainability(loaded, LoraArgs(preset="aggressive"), Trainability())
+        with pytest.raises(UsageError, match=message):
+            apply_fast_path(loaded, SpeedArgs(keep_expert_outputs="gate_up"), True)
+
+
+@pytest.mark.integration
+def test_compiled_layers_keep_the_outputs_and_compute_the_same():
+    # bf16: the CPU compiles grouped_mm for bf16 only (mgmlora.models.experts); per-layer regions as in training
+    none, kept_all = (_step(keep, dtype="bfloat16", compiled=True) for keep in ("none", "all"))
+    torch._dynamo.reset()
+    _assert_same(kept_all, none, exact=False)
+    assert kept_all[2] < none[2]

@@ -86,7 +86,7 @@ from mgmlora.models.causal_lm import (  # noqa: E402
     enable_gradient_checkpointing,
     gradient_checkpointing_on,
 )
-from mgmlora.models.expert_recompute import keep_expert_outputs  # noqa: E402
+from mgmlora.models.expert_recompute import effective_keep, keep_expert_outputs  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
@@ -97,7 +97,7 @@ from mgmlora.training.callbacks import batch_positions  # noqa: E402
 from mgmlora.training.expert_lora import set_expert_lora  # noqa: E402
 from mgmlora.training.fastpath import apply_keep_expert_outputs, set_peft_input_cast  # noqa: E402
 from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
-from mgmlora.training.loss import lm_loss  # noqa: E402
+from mgmlora.training.loss import SpeedArgs, lm_loss  # noqa: E402
 from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # H100/H200 bf16 dense ceiling measured on these machines (docs/design/gpu.md)
@@ -285,7 +285,8 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
             raise ValueError(f"+splitexperts: {split} expert modules split, {kept} not (needs --target_experts and "
                              f"mgmlora's experts, +fastexperts)")
     if keep := [KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()]:  # after the split, before the compile
-        apply_keep_expert_outputs(loaded, keep[0])  # refuses a model without checkpointing, which stays so
+        # refuses a model without checkpointing, which stays so
+        apply_keep_expert_outputs(loaded, SpeedArgs(keep_expert_outputs=keep[0], compile="compile" in flags))
         undo.append(lambda: keep_expert_outputs(llm, "none"))
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
@@ -483,7 +484,7 @@ def main() -> None:
         if "step_s_median" in rec:
             rec["tokens_per_s"] = n_pos / rec["step_s_median"]
             flags = parse_variant(variant)[1]
-            kept = next((KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()), "none")
+            kept = effective_keep(next((KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()), "none"), "compile" in flags)
             rec["flops_per_step_model"], rec["flops_per_step_hardware"] = step_flops(flop_model, batches, info,
                                                                                      "nockpt" not in flags, kept)
             cuda = device.type == "cuda"

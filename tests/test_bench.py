@@ -232,7 +232,8 @@ def test_the_loop_profile_counts_the_host_waits_of_real_micro_batches(tmp_path):
     assert (tmp_path / "trace.json").stat().st_size > 0
 
 
-def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags():
+@pytest.mark.parametrize(("flag", "skipped_per_layer"), [("keepgateup", 1), ("keepexperts", 2)])
+def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags(flag, skipped_per_layer):
     import torch
 
     from mgmlora.models import load_model
@@ -254,8 +255,8 @@ def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags():
 
     bench = _bench_module()
     before = backward_gemms()
-    undo = bench.switch_on(model, loaded, {"keepexperts"})
-    assert backward_gemms() == before - 2 * 2  # two MoE layers' two frozen expert GEMMs are not recomputed
+    undo = bench.switch_on(model, loaded, {flag})
+    assert backward_gemms() == before - 2 * skipped_per_layer  # two MoE layers' kept GEMMs are not recomputed
     bench.switch_off(undo)
     assert backward_gemms() == before  # whole-layer recompute again
     for bad in ("chunked+keepexperts+nockpt", "chunked+keepgateup+keepexperts"):

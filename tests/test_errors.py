@@ -109,6 +109,25 @@ def test_lightnings_distributed_sampler_on_two_ranks_is_refused_before_the_weigh
     assert cli.trainer.world_size == 2
 
 
+@pytest.mark.integration  # builds the tiny MoE model, data and trainer, and starts fit
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["--model.model.quantization", '{"quant_type": "nf4"}', "--model.model.gradient_checkpointing", "false"],
+     "model.model.quantization (nf4) on a MoE model trains with model.model.gradient_checkpointing: true only"),
+    (["--model.speed.keep_expert_outputs", "all", "--model.model.gradient_checkpointing", "false"],
+     "model.speed.keep_expert_outputs: all chooses what gradient checkpointing recomputes")])
+def test_a_moe_setting_training_refuses_stops_fit_before_the_first_step(overrides, message, capsys, monkeypatch,
+                                                                         in_repo_root, tmp_path):
+    from mgmlora.cli import main
+    from mgmlora.training.module import LoraLitModule
+
+    monkeypatch.setattr(LoraLitModule, "training_step", lambda *a: pytest.fail("a step ran"))
+    argv = ["fit", "--config", "configs/demo_moe.yaml", "--trainer.logger", "false", "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path), *overrides]
+    code, out, err = _run(main, argv, capsys, monkeypatch)
+    assert code == USAGE, err
+    assert err.strip().splitlines()[-1].startswith(f"error: {message}")  # one line
+
+
 TOOLS = [p for p in sorted((ROOT / "bin").glob("*.py")) if p.name != "main.py"]
 
 

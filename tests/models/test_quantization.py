@@ -152,8 +152,8 @@ def test_dequantised_experts_alive_at_once(checkpointing, quant_type, monkeypatc
     set_expert_backward(model, checkpointing)  # as the fast path sets it
     model.train()
     # Under checkpointing a layer's two are alive (the recompute of the other layer comes after they are freed).
-    # Without it NF4 keeps every layer's four (what trainable.py refuses); FP8's products dequantise again in the
-    # backward and keep neither, one tensor at a time
+    # Without it NF4 keeps every layer's four (what training refuses: quantization.checkpointing_required); FP8's
+    # products dequantise again in the backward and keep neither, one tensor at a time
     expected = 2 if checkpointing else 1 if quant_type == "fp8" else 4
     assert _most_dequantised_alive(loaded, monkeypatch) == expected
 

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from mgmlora.models.torch_private import (
     allocation_events,
     grouped_gemm_ops,
+    scaled_grouped_mm,
     stack_config,
     trace_through_checkpoint_side_effects,
     uncompile,
@@ -144,9 +145,15 @@ def test_the_grouped_gemms_dispatch_to_the_operators_the_recompute_policy_names(
             self.ops.append(func)
             return func(*args, **(kwargs or {}))
 
-    x, w = torch.randn(6, 8), torch.randn(2, 8, 4)
-    with Seen() as seen:
-        torch.nn.functional.grouped_mm(x, w, offs=torch.tensor([2, 6], dtype=torch.int32))
     grouped, scaled = grouped_gemm_ops()
+    offsets = torch.tensor([16, 32], dtype=torch.int32)
+    with Seen() as seen:
+        torch.nn.functional.grouped_mm(torch.randn(32, 16), torch.randn(2, 16, 16), offs=offsets)
     assert grouped in seen.ops
-    assert torch._C._jit_get_schemas_for_operator(str(scaled.name()).replace(".default", ""))  # still an operator
+    # FP8's grouped product (torch_private.scaled_grouped_mm) on meta tensors: dispatched without a GPU
+    a = torch.empty(32, 16, device="meta", dtype=torch.float8_e4m3fn)
+    b = torch.empty(2, 16, 16, device="meta", dtype=torch.float8_e4m3fn).transpose(-2, -1)
+    with Seen() as seen:
+        scaled_grouped_mm(a, b, torch.empty(32, device="meta"), torch.empty(2, 16, device="meta"),
+                          offsets.to("meta"), torch.bfloat16)
+    assert scaled in seen.ops

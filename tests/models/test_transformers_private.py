@@ -30,3 +30,27 @@ def test_init_module_initialises_one_module_as_the_model_does():
     std = model.config.initializer_range
     assert abs(experts.gate_up_proj.std().item() - std) < 0.1 * std
     assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+def test_checkpoint_inside_forward_says_where_the_layer_checkpoint_runs():
+    import torch
+
+    from mgmlora.models.causal_lm import enable_gradient_checkpointing
+    from mgmlora.models.transformers_private import checkpoint_inside_forward
+
+    model = load_causal_lm(ModelArgs(preset="tiny-qwen3", dtype="float32"))
+    enable_gradient_checkpointing(model)
+    model.train()
+    layer = model.model.layers[0]
+    wrapped = []
+
+    def record(fn, *args, **kwargs):  # the layer's checkpoint function: what does it checkpoint?
+        wrapped.append(fn.func if hasattr(fn, "func") else fn)
+        return fn(*args, **kwargs)
+
+    layer._gradient_checkpointing_func = record
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    model(input_ids=ids)
+    assert wrapped, "the layer was not checkpointed through _gradient_checkpointing_func"
+    inside = getattr(wrapped[0], "__name__", "") == "forward"  # the layer's own forward, not Module.__call__
+    assert checkpoint_inside_forward() == inside

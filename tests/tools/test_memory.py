@@ -256,8 +256,11 @@ def test_every_config_can_be_estimated(path, in_repo_root):
 
 
 def test_kept_expert_outputs_are_counted_per_moe_layer_and_routed_row(in_repo_root):
+    from mgmlora.models.transformers_private import checkpoint_inside_forward
+
     config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
-    estimates = {keep: estimate(*run_from_config(config, ["--model.speed.keep_expert_outputs", keep]))
+    estimates = {keep: estimate(*run_from_config(config, ["--model.speed.keep_expert_outputs", keep,
+                                                          "--model.speed.compile", "false"]))
                  for keep in ("none", "gate_up", "all")}
     shape = estimates["none"].settings["shape"]
     tokens = shape["batch_size"] * shape["seq_len"]
@@ -269,6 +272,19 @@ def test_kept_expert_outputs_are_counted_per_moe_layer_and_routed_row(in_repo_ro
     assert estimates["gate_up"].items[key] == pytest.approx(gate_up)
     assert estimates["all"].items[key] == pytest.approx(gate_up + down)
     assert estimates["all"].total_gib - estimates["none"].total_gib == pytest.approx(gate_up + down)
+    # compiled layers that hold their own checkpoint never recompute the down projection: `all` keeps gate/up only
+    compiled = estimate(*run_from_config(config, ["--model.speed.keep_expert_outputs", "all"]))  # compile: true
+    assert compiled.items[key] == pytest.approx(gate_up if checkpoint_inside_forward() else gate_up + down)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--config", "configs/qwen3-8b_lora_chat.yaml"],  # dense
+    ["--config", "configs/qwen3-30b-a3b_lora_chameleons.yaml", "--model.model.gradient_checkpointing", "false"],
+    ["--config", "configs/qwen3-30b-a3b_lora_chameleons.yaml", "--model.lora.target_experts", "true",
+     "--model.speed.expert_lora", "peft"]])
+def test_kept_expert_outputs_training_refuses_get_the_refusal_not_a_figure(overrides, in_repo_root):
+    with pytest.raises(UsageError, match="model.speed.keep_expert_outputs: all"):
+        estimate_cli.main([*overrides, "--model.speed.keep_expert_outputs", "all"])
 
 
 def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):

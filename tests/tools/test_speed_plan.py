@@ -256,3 +256,17 @@ def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
     for bf16_row in (r for r in MEASURED if r.model == "qwen3-30b-a3b" and not r.quantized):
         args = replace(fp8, gradient_checkpointing=bf16_row.gradient_checkpointing)
         assert lookup(args, lora, trainable, speed, bf16_row.batch_size, bf16_row.max_length) is None
+
+
+def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whole_recompute_row(in_repo_root):
+    from mgmlora.tools.speed_plan import lookup
+
+    config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
+    model_args, lora, trainable, speed, shape = _run(config, ["--trainer.devices", "1"])
+    row = next(r for r in MEASURED if r.recipe == config[0])
+    assert lookup(model_args, lora, trainable, speed, row.batch_size, row.max_length) == row
+    kept = replace(speed, keep_expert_outputs="gate_up")  # another recompute: other time and memory
+    assert lookup(model_args, lora, trainable, kept, row.batch_size, row.max_length) is None
+    assert any(not s.gradient_checkpointing for s in candidates(model_args, lora, trainable, speed, shape, 200))
+    plan = candidates(model_args, lora, trainable, kept, shape, 200)  # 200 GiB: memory is not what decides
+    assert plan and all(s.gradient_checkpointing for s in plan)  # training refuses kept outputs without it

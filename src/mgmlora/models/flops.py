@@ -11,8 +11,10 @@ Model FLOPs count what one optimizer step of LoRA over a frozen base needs, what
   the positions before it, never across packed samples): forward, and a backward of twice the forward;
 - a multimodal model's frozen image encoding, forward only (measured once with `measure_forward_flops`).
 Hardware FLOPs add what gradient checkpointing recomputes: the decoder's forward once more, less the frozen expert
-GEMMs whose outputs the forward keeps (`speed.keep_expert_outputs`, mgmlora.models.expert_recompute). Element-wise
-work (norms, activations, softmax, rotary) is in neither count, as is usual for MFU.
+GEMMs whose outputs the forward keeps (`speed.keep_expert_outputs`, mgmlora.models.expert_recompute). Compiled layers
+that hold their own checkpoint (transformers releases after 5.17) recompute less: the compiler skips what the
+backward does not read, such as the experts' down projection, which this count includes. Element-wise work (norms,
+activations, softmax, rotary) is in neither count, as is usual for MFU.
 
 `measure_forward_flops` (PyTorch's `FlopCounterMode`) counts the matrix products a callable runs: the tests check
 the formula here against it on tiny models, so the two are independent derivations of the same number.

@@ -4,8 +4,10 @@ A model's attention and experts implementations are set through public API (the 
 constructor argument, `set_attn_implementation`, `set_experts_implementation`), but transformers 5 offers no public
 getter: the benchmark reads them to restore a model after a variant. Random init layer by layer on the device
 (mgmlora.models.layerwise) calls the model's per-module initialiser, `_init_weights`: transformers' public
-`initialize_weights` walks the whole model at once, which is what a model larger than the device must avoid.
-tests/models/test_transformers_private.py fails when a release renames them.
+`initialize_weights` walks the whole model at once, which is what a model larger than the device must avoid. Where a
+decoder layer's gradient checkpoint sits (around the layer's call or inside its `forward`) decides what a compiled
+layer recomputes (mgmlora.models.expert_recompute). tests/models/test_transformers_private.py fails when a release
+renames or moves them.
 """
 
 from __future__ import annotations
@@ -34,4 +36,17 @@ def init_module(model: PreTrainedModel, module: nn.Module) -> None:
     model._init_weights(module)
 
 
-__all__ = ["attn_implementation", "experts_implementation", "init_module"]
+def checkpoint_inside_forward() -> bool:
+    """Whether transformers checkpoints each decoder layer's `forward` (newer 5.x) rather than its call (5.17).
+
+    Inside `forward`, the checkpoint runs inside a layer compiled with `nn.Module.compile`, and the compiler
+    recomputes only what the backward reads; around the call, the recompute reruns the whole compiled forward.
+    `GradientCheckpointingLayer` then defines `__init_subclass__`, which wraps each subclass's `forward`, instead of
+    `__call__`.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" not in GradientCheckpointingLayer.__dict__
+
+
+__all__ = ["attn_implementation", "checkpoint_inside_forward", "experts_implementation", "init_module"]

@@ -49,6 +49,7 @@ from mgmlora.errors import UsageError
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.dtypes import DTYPES
+from mgmlora.models.expert_recompute import effective_keep, keep_refusal
 from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
 from mgmlora.models.torch_private import allocation_events
@@ -174,12 +175,17 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     """The itemised estimate for one device (see the module docstring).
 
     Raises:
-        UsageError: for a config training refuses without gradient checkpointing (`checkpointing_refusal`).
+        UsageError: for a config training refuses: without gradient checkpointing (`checkpointing_refusal`), or with
+            expert outputs kept where there are none to keep (mgmlora.models.expert_recompute.keep_refusal).
 
     A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
     as one packed row of `shape.window_positions` positions.
     """
-    if not model_args.gradient_checkpointing and (refusal := checkpointing_refusal(model_args, lora, speed)):
+    peft_experts = lora.target_experts and speed.expert_lora == "peft"
+    refusal = (checkpointing_refusal(model_args, lora, speed) if not model_args.gradient_checkpointing else None) or \
+        keep_refusal(speed.keep_expert_outputs, uses_moe(model_args), model_args.gradient_checkpointing,
+                     model_args.experts_implementation, peft_experts)
+    if refusal:
         raise UsageError(refusal)  # training refuses it: no figure for a run that cannot start
     if shape.window_samples is not None:
         shape = replace(shape, batch_size=1, seq_len=shape.window_positions, window_samples=None)
@@ -242,10 +248,10 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if model_args.gradient_checkpointing:
         # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
-        if speed.keep_expert_outputs != "none":
+        if (keep := effective_keep(speed.keep_expert_outputs, speed.compile)) != "none":
             # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down
             # projection's (hidden) with `all`, kept from the forward to the backward (mgmlora.models.expert_recompute)
-            width = 2 * mlp + (facts.top_k * hidden if speed.keep_expert_outputs == "all" else 0)
+            width = 2 * mlp + (facts.top_k * hidden if keep == "all" else 0)
             items["kept expert outputs (speed.keep_expert_outputs)"] = facts.moe_layers * tokens * width * act_bytes
     else:
         items["activations"] = layers * per_layer

@@ -22,6 +22,10 @@ a comparable share.
   mgmlora.models.loaded says why); split expert LoRA compiles with the rest of its layer.
 - `speed.expert_lora` chooses how LoRA on fused MoE experts runs (mgmlora.training.expert_lora). It is set before the
   compile, which depends on it.
+- A quantised MoE base that needs gradient checkpointing is refused without it (`checkpointing_required`), and frozen
+  FP8 experts learn whether they dequantise again in the backward (`set_expert_backward`).
+- `speed.keep_expert_outputs` sets what checkpointing recomputes in MoE layers (mgmlora.models.expert_recompute),
+  after the split and before the compile.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from torch import nn
 
 from mgmlora.errors import UsageError
 from mgmlora.models.causal_lm import gradient_checkpointing_on
-from mgmlora.models.expert_recompute import KeptOutputs, keep_expert_outputs
-from mgmlora.models.experts import FAST_EXPERTS
+from mgmlora.models.expert_recompute import effective_keep, keep_expert_outputs, keep_refusal
+from mgmlora.models.experts import FAST_EXPERTS, supports_lora
 from mgmlora.models.loaded import LoadedModel, outer_param_wrappers
 from mgmlora.models.quantization import checkpointing_required, set_expert_backward
 from mgmlora.models.torch_private import dynamo_counts
@@ -62,7 +66,7 @@ def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
 
 
 def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
-    """Applies `speed.peft_input_cast`, `speed.expert_lora` and `speed.compile` to a built model.
+    """Applies `speed.peft_input_cast`, `speed.expert_lora`, `speed.keep_expert_outputs` and `speed.compile`.
 
     Args:
         loaded: the loaded model after LoRA was applied (PEFT injects its LoRA layers into `loaded.model` in place);
@@ -73,6 +77,10 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
 
     Returns:
         What was applied, for the run's log.
+
+    Raises:
+        UsageError: a setting training refuses (a quantised MoE base without the checkpointing it needs, expert
+            outputs kept where there are none to keep), before any compute.
     """
     done = []
     if not speed.peft_input_cast and same_compute_dtype:
@@ -89,7 +97,7 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
     if loaded.quantized is not None and loaded.moe:
         _quantized_experts_backward(loaded, done)
     if speed.keep_expert_outputs != "none":
-        done.append(apply_keep_expert_outputs(loaded, speed.keep_expert_outputs))
+        done.append(apply_keep_expert_outputs(loaded, speed))
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done
@@ -109,26 +117,27 @@ def _quantized_experts_backward(loaded: LoadedModel, done: list[str]) -> None:
         done.append("frozen FP8 experts dequantised again in the backward (no checkpointing)")
 
 
-def apply_keep_expert_outputs(loaded: LoadedModel, keep: KeptOutputs) -> str:
-    """Applies `speed.keep_expert_outputs` (not none) once there is something it keeps (else a UsageError).
+def apply_keep_expert_outputs(loaded: LoadedModel, speed: SpeedArgs) -> str:
+    """Applies `speed.keep_expert_outputs` (not none) where there is something it keeps; returns the log line.
 
-    After `speed.expert_lora` (the split is what makes expert products frozen) and before the compile.
+    After `speed.expert_lora` (the split is what makes the expert products frozen) and before the compile.
+
+    Raises:
+        UsageError: `keep_refusal`'s cases, or experts that mgmlora's experts forward hands to transformers'.
     """
-    llm = loaded.language_model()
-    key = f"model.speed.keep_expert_outputs: {keep}"
-    if not loaded.moe:
-        raise UsageError(f"{key} keeps outputs of MoE expert GEMMs, and this model has none: set it to none.")
-    if not gradient_checkpointing_on(llm):
-        raise UsageError(f"{key} chooses what gradient checkpointing recomputes, and checkpointing is off: set "
-                         "model.model.gradient_checkpointing: true, or keep_expert_outputs: none.")
-    if (impl := experts_implementation(llm.config)) not in ("grouped_mm", FAST_EXPERTS):
-        raise UsageError(f"{key} keeps grouped expert GEMMs, which model.model.experts_implementation {impl} does "
-                         f"not run: set it to {FAST_EXPERTS}.")
-    if any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model)):
-        raise UsageError(f"{key} keeps products through frozen expert weights, and PEFT's expert LoRA multiplies by "
-                         "W + B A: set model.speed.expert_lora: split.")
-    keep_expert_outputs(llm, keep)
-    return f"expert GEMM outputs kept for the backward ({keep}); the recompute reads them"
+    llm, keep = loaded.language_model(), speed.keep_expert_outputs
+    peft_experts = any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model))
+    refusal = keep_refusal(keep, loaded.moe, gradient_checkpointing_on(llm), experts_implementation(llm.config),
+                           peft_experts)
+    handed_back = [name for name, m in llm.named_modules() if hasattr(m, "gate_up_proj") and not supports_lora(m)]
+    if refusal or handed_back:
+        raise UsageError(refusal or f"model.speed.keep_expert_outputs: {keep} keeps the products of mgmlora's experts "
+                         f"forward, which hands {handed_back[0]} (expert-parallel, biased, gate-less or post-normed) "
+                         "to transformers': set it to none.")
+    effective = effective_keep(keep, speed.compile)
+    keep_expert_outputs(llm, effective)
+    why = "" if effective == keep else " (gate_up in effect: the compiled layers never recompute the down projection)"
+    return f"expert GEMM outputs kept for the backward ({keep}{why}); the recompute reads them"
 
 
 class CompileWatch:

@@ -64,8 +64,10 @@ class SpeedArgs:
         keep_expert_outputs: under gradient checkpointing, which outputs of the frozen MoE expert GEMMs the forward
             keeps for the backward instead of the recompute computing them again: `none` (whole-layer recompute),
             `gate_up` (the gate/up projection's, (tokens x top_k, 2 x expert width) per layer) or `all` (the down
-            projection's too). Memory for FLOPs, same loss and gradients; needs a MoE model, checkpointing and
-            split expert LoRA where the experts carry LoRA (mgmlora.models.expert_recompute).
+            projection's too; compiled layers that hold their own checkpoint never recompute it, so `all` acts as
+            `gate_up` there). Memory for FLOPs, same loss and gradients; needs a MoE model, checkpointing,
+            mgmlora's experts forward and split expert LoRA where the experts carry LoRA
+            (mgmlora.models.expert_recompute).
     """
 
     loss: LossImpl = "chunked"

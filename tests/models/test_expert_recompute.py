@@ -142,3 +142,43 @@ def test_compiled_layers_keep_the_outputs_and_compute_the_same():
     # the compiled checkpoint recomputes what the backward reads: each layer's gate/up GEMM, never the down one
     assert none[2] - gate_up[2] == 2 and kept_all[2] == gate_up[2]
     assert any("gate_up in effect" in line for line in kept_all[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", [None, "fp8"])
+def test_compiled_layers_on_the_gpu_launch_fewer_grouped_gemm_kernels_and_train_alike(quant_type):
+    from mgmlora.models import fp8
+    from mgmlora.models.torch_private import dynamo_counts
+
+    if quant_type and torch.cuda.get_device_capability()[0] not in fp8.GROUPED_MAJORS:
+        pytest.skip("PyTorch builds its grouped FP8 kernel for compute capability 9.x and 10.x only")
+    quant = QuantizationArgs(quant_type="fp8", expert_products="fp8") if quant_type else None
+    runs = {}
+    for keep in ("none", "gate_up", "all"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", quantization=quant))
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+        model.to("cuda").train()
+        apply_fast_path(loaded, SpeedArgs(keep_expert_outputs=keep, compile=True), same_compute_dtype=False)
+        ids = torch.randint(0, 512, (2, 64), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()  # compiles
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            loss.backward()
+            torch.cuda.synchronize()
+        # launched kernels, not calls: a kept output is read without a launch in either checkpoint layout
+        kernels = sum(e.count for e in prof.key_averages() if "GroupProblemShape" in e.key)
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        runs[keep] = (loss.detach().float(), grads, kernels)
+        assert not dynamo_counts()[1], dynamo_counts()[1]
+    none, gate_up, kept_all = runs["none"], runs["gate_up"], runs["all"]
+    assert none[2] > 0, "no CUTLASS grouped GEMM kernel seen: the experts ran another kernel"
+    # two MoE layers: gate_up skips each layer's gate/up GEMM; all also the down one where the recompute ran it
+    assert none[2] - gate_up[2] == 2
+    assert none[2] - kept_all[2] == (2 if checkpoint_inside_forward() else 4)
+    for other in (gate_up, kept_all):
+        torch.testing.assert_close(other[0], none[0], rtol=1e-3, atol=1e-3)
+        assert (other[1] - none[1]).norm() <= 1e-2 * none[1].norm()

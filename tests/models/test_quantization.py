@@ -190,7 +190,8 @@ def _saved_fp8_expert_tensors(backend: str) -> tuple[list, list]:
     return floating, integer
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.integration)])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.integration),
+                                     pytest.param("inductor", marks=pytest.mark.integration)])
 def test_frozen_fp8_experts_keep_only_their_codes_for_the_backward_compiled_or_not(backend):
     # torch.compile's joint graph would merge a dequantisation in the forward with the one in the backward and keep
     # the weight between them; the opaque operator keeps the codes: 2 layers x 2 fused weights

@@ -184,6 +184,7 @@ def test_other_experts_implementations_keep_pefts_path_and_the_log_says_so():
     assert not any(type(w) is SplitLoraExperts for w in model.modules())
 
 
+@pytest.mark.integration  # compiles for a few seconds
 def test_split_layers_compile_whole_and_match_eager_under_checkpointing():
     # PEFT's path keeps the experts eager (eager_regions); split LoRA registers nothing per call, so the whole layer
     # compiles and no call recompiles

@@ -108,10 +108,10 @@ def _mgm_batch():
             "images": torch.randn(2, 3, 48, 48, generator=g), "images_aux": torch.randn(2, 3, 96, 96, generator=g)}
 
 
-# the MGM case compiles the decoder layers through the same base method too, so the text model's runs in the
-# integration tier (each case compiles for a few seconds)
+# each case compiles for a few seconds: both in the integration tier (test_checkpointed_layers_compile_whole keeps
+# the text models' compile in the fast tier)
 @pytest.mark.parametrize("preset,family", [pytest.param("tiny-qwen3", "causal_lm", marks=pytest.mark.integration),
-                                           ("tiny-mgm", "mgm")])
+                                           pytest.param("tiny-mgm", "mgm", marks=pytest.mark.integration)])
 def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     model, loaded = _lora_model(preset, "float32", preset="balanced", lora_dropout=0.0)
     batch = _batch(loaded.info.vocab_size) if family == "causal_lm" else _mgm_batch()
@@ -151,7 +151,7 @@ def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
 
 
 @pytest.mark.parametrize("preset,family", [("tiny-qwen3", "causal_lm"), ("tiny-qwen3-moe", "causal_lm"),
-                                           ("tiny-mgm", "mgm")])
+                                           pytest.param("tiny-mgm", "mgm", marks=pytest.mark.integration)])
 def test_checkpointed_layers_compile_whole(preset, family):
     # transformers 5.25 checkpoints inside each layer's forward, and its `kernels` dependency flips state there: without
     # mgmlora.models.torch_private.trace_through_checkpoint_side_effects dynamo broke the graph and every layer ran

@@ -2,11 +2,11 @@
 
 `bin/estimate.py --gpu_memory_gib N` prints it. The ranking rests on measurements, not on a model of the GPU:
 
-- Candidates: checkpointing off and on (a 4-bit mixture-of-experts base, or PEFT's expert LoRA on an FP8 one,
-  trains with checkpointing only), and every micro-batch that divides the run's samples per GPU per optimizer step
-  (`data.batch_size` x `accumulate_grad_batches`), so the global batch and the GPU count stay as the user gave
-  them. The base is the config's; when the bf16 base does not fit at one sample with checkpointing, the 4-bit NF4
-  base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
+- Candidates: checkpointing off and on (a 4-bit mixture-of-experts base, PEFT's expert LoRA on an FP8 one, and a
+  config that keeps expert outputs (`speed.keep_expert_outputs`) train with checkpointing only), and every micro-batch
+  that divides the run's samples per GPU per optimizer step (`data.batch_size` x `accumulate_grad_batches`), so the
+  global batch and the GPU count stay as the user gave them. The base is the config's; when the bf16 base does not fit
+  at one sample with checkpointing, the 4-bit NF4 base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
 - Fit: a setting fits when its memory estimate (mgmlora.tools.memory) and, where it was measured, its measured peak
   stay `HEADROOM_GIB` below the budget (the CUDA context and the allocator's fragmentation are not in
   `torch.cuda.max_memory_allocated`).

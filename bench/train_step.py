@@ -91,6 +91,7 @@ from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, set_expert_backward  # noqa: E402
+from mgmlora.models.torch_private import dynamo_counts  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
@@ -305,8 +306,12 @@ def switch_off(undo: list) -> None:
         raise errors[0]
 
 
-def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, lr, measure_cpu_peak=True) -> dict:
-    """Times one variant; returns its record (`measure_cpu_peak=False` inside another profiler session)."""
+def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, lr, measure_cpu_peak=True,
+                on_step=None) -> dict:
+    """Times one variant; returns its record (`measure_cpu_peak=False` inside another profiler session).
+
+    `on_step(i)` runs after each step's optimizer step (the profile's step marker).
+    """
     impl, flags, _ = parse_variant(variant)
     family = loaded.info.family
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -340,6 +345,8 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
             if cuda:
                 torch.cuda.synchronize()
             losses_all.append(loss.item())
+            if on_step is not None:
+                on_step(i)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
                 losses.append(losses_all[-1])
@@ -353,19 +360,34 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
             "loss_first_last": [losses[0], losses[-1]], "losses": losses, "loss_first_step": losses_all[0]}
 
 
-def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> tuple[list[dict], dict | None]:
-    """One more step under torch.profiler: its top operators and, on a GPU, its device time by kernel kind.
+PROFILE_AFTER = 2  # steps run before the profiled one: a compiled variant compiles and autotunes in its first steps
 
-    The operators are those that took the most device (or CPU) time; aten operators and their kernels both appear, so
-    their shares overlap. The kernel kinds (bench/loop_timing.py `device_breakdown`: busy, idle, GEMMs, attention,
-    compiled kernels, ...) count each kernel once.
+
+def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> tuple[list[dict], dict | None, int]:
+    """One step under torch.profiler after `PROFILE_AFTER` unprofiled ones (the variant switched on anew, as timed).
+
+    Returns its top operators, on a GPU its device time by kernel kind, and the graphs torch.compile compiled while
+    it ran (0 for a clean profile). The first steps of a compiled variant hold its compilation and Triton's
+    autotuning (each kernel's first call runs its candidate configurations), which a profile of the first step
+    counts as the step's own work. The operators are those that took the most device (or CPU) time; aten operators
+    and their kernels both appear, so their shares overlap. The kernel kinds (bench/loop_timing.py
+    `device_breakdown`: busy, idle, GEMMs, attention, compiled kernels, ...) count each kernel once.
     """
     from loop_timing import device_breakdown  # bench/, this script's folder (only when profiling)
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run_variant(model, loaded, batches[:1], variant, chunk, 0, 1, device, 0.0, measure_cpu_peak=False)
+    graphs = []  # compiled graphs so far, after each step
+
+    def on_step(i: int) -> None:
+        graphs.append(dynamo_counts()[0])
+        prof.step()
+
+    # steps 0 .. PROFILE_AFTER - 1 unprofiled, one profiler warm-up step, then the active one
+    with profile(activities=activities, schedule=schedule(wait=PROFILE_AFTER, warmup=1, active=1)) as prof:
+        run_variant(model, loaded, batches[:1], variant, chunk, PROFILE_AFTER + 1, 1, device, 0.0,
+                    measure_cpu_peak=False, on_step=on_step)
+    compiled = graphs[-1] - graphs[-2]
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -373,7 +395,7 @@ def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) 
             "calls": e.count} for e in events]
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA]
-    return ops, device_breakdown(kernels) if kernels else None
+    return ops, device_breakdown(kernels) if kernels else None, compiled
 
 
 def best_within_budget(records: dict[str, dict], budget_gib: float) -> dict:
@@ -467,8 +489,8 @@ def main() -> None:
             rec = run_variant(model, loaded, batches, variant, args.chunk, args.warmup, args.steps, device, args.lr)
             if args.profile:
                 try:
-                    rec["profile_top_ops"], rec["profile_device"] = profile_step(model, loaded, batches, variant,
-                                                                                 args.chunk, device)
+                    rec["profile_top_ops"], rec["profile_device"], rec["profile_compiled_graphs"] = profile_step(
+                        model, loaded, batches, variant, args.chunk, device)
                 except Exception as error:  # noqa: BLE001  (keep the timing that succeeded)
                     rec["profile_error"] = f"{type(error).__name__}: {error}"
         except torch.cuda.OutOfMemoryError as error:

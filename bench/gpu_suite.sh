@@ -560,7 +560,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   recipe_qwen)
     # configs/qwen3-30b-a3b_lora_chameleons.yaml on one GPU with speed.compile on, in the real fit loop (global batch
     # 64 as 64 packed samples x accumulate 1; DeepSpeed ZeRO-2 as written), then the compiled step under torch.profiler
-    # (bench/train_step.py --profile: top device operators of one more step)
+    # (bench/train_step.py --profile: top device operators of a step after the compiled warm-up)
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
     smoke qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile 300 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \

@@ -32,7 +32,8 @@ def test_train_step_benchmark_writes_every_variant_and_the_fast_path_tracks_the_
         assert rec["tokens_per_s"] > 0 and rec["flops_per_step_model"] > 0 and len(rec["losses"]) == 4, name
         # --profile: the top operators; no kernel kinds without a GPU
         assert rec["profile_top_ops"] and rec["profile_device"] is None and "profile_error" not in rec, name
-        assert rec["profile_compiled_graphs"] == 0, name  # the profiled step comes after compilation and autotuning
+        assert rec["profile_compiled_graphs"] == 0, name  # the profiled step comes after the compilation
+        assert not any(op["op"].startswith("ProfilerStep") for op in rec["profile_top_ops"]), name  # a marker, no op
         # hardware FLOPs add the checkpointed recompute: none without checkpointing
         recompute = rec["flops_per_step_hardware"] - rec["flops_per_step_model"]
         assert recompute == 0 if name.endswith("nockpt") else recompute > 0, name

@@ -44,6 +44,11 @@ def is_moe(config) -> bool:
     return getattr(config, "model_type", None) in MOE_MODEL_TYPES
 
 
+def expert_width(config) -> int:
+    """One MoE expert's MLP width: `moe_intermediate_size` (Qwen's MoE), else `intermediate_size` (Mixtral, OLMoE)."""
+    return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
+
 def build_config(args: ModelArgs):
     """The transformers config of the model, without loading any weights."""
     offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)

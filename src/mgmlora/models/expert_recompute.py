@@ -34,7 +34,7 @@ from typing import Literal
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from mgmlora.models.causal_lm import disable_gradient_checkpointing, enable_gradient_checkpointing
+from mgmlora.models.causal_lm import enable_gradient_checkpointing, expert_width
 from mgmlora.models.experts import FAST_EXPERTS
 from mgmlora.models.torch_private import grouped_gemm_ops
 from mgmlora.models.transformers_private import checkpoint_inside_forward
@@ -57,7 +57,7 @@ def keep_refusal(keep: KeptOutputs, moe: bool, checkpointing: bool, experts_impl
     if not checkpointing:
         return (f"{key} chooses what gradient checkpointing recomputes, and checkpointing is off: set "
                 "model.model.gradient_checkpointing: true, or keep_expert_outputs: none.")
-    if experts_implementation not in (None, FAST_EXPERTS):  # None: the default, mgmlora's
+    if experts_implementation != FAST_EXPERTS:  # mgmlora's loaders always set one
         return (f"{key} keeps the products of mgmlora's experts forward: set model.model.experts_implementation: "
                 f"{FAST_EXPERTS} (it is {experts_implementation}).")
     if peft_expert_lora:
@@ -92,13 +92,12 @@ def expert_output_policy(hidden_size: int, expert_width: int, keep: KeptOutputs)
 def keep_expert_outputs(language_model: nn.Module, keep: KeptOutputs) -> None:
     """Turns the language model's checkpointing on again with the policy for `keep` (`none`: whole-layer recompute).
 
-    The caller checks `keep_refusal` first (mgmlora.training.fastpath). Off, then on: transformers registers an
-    input hook on each enable.
+    The caller checks `keep_refusal` first (mgmlora.training.fastpath). Enabling again replaces each layer's checkpoint
+    function; transformers also registers its input-gradient hook again, which is idempotent.
     """
-    disable_gradient_checkpointing(language_model)
     if keep == "none":
         enable_gradient_checkpointing(language_model)
         return
     cfg = language_model.config.get_text_config()
-    policy = expert_output_policy(cfg.hidden_size, cfg.moe_intermediate_size, keep)
+    policy = expert_output_policy(cfg.hidden_size, expert_width(cfg), keep)
     enable_gradient_checkpointing(language_model, context_fn=partial(create_selective_checkpoint_contexts, policy))

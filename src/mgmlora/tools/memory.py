@@ -48,6 +48,7 @@ import torch
 from mgmlora.errors import UsageError
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
+from mgmlora.models.causal_lm import expert_width
 from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.expert_recompute import effective_keep, keep_refusal
 from mgmlora.models.fp8 import supports as fp8_supports
@@ -128,9 +129,8 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         with torch.device("meta"):
             model, _ = apply_trainability(loaded, lora, trainable)
         cfg = loaded.language_model().config
-        mlp = getattr(cfg, "moe_intermediate_size", None)
-        top_k = getattr(cfg, "num_experts_per_tok", 1) if mlp else 1
-        mlp = mlp * top_k if mlp else cfg.intermediate_size
+        top_k = getattr(cfg, "num_experts_per_tok", 1) if loaded.moe else 1
+        mlp = expert_width(cfg) * top_k if loaded.moe else cfg.intermediate_size
         moe_layers = sum(any(p.ndim == 3 for p in layer.parameters()) for layer in loaded.quantizable_modules())
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
@@ -248,6 +248,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if model_args.gradient_checkpointing:
         # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
+        # (effective_keep reads the transformers installed here: the estimate is of a run on this machine's stack)
         if (keep := effective_keep(speed.keep_expert_outputs, speed.compile)) != "none":
             # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down
             # projection's (hidden) with `all`, kept from the forward to the backward (mgmlora.models.expert_recompute)

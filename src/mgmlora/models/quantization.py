@@ -268,9 +268,9 @@ def checkpointing_required(quant_type: str | None, moe: bool, peft_expert_lora: 
 
     The one rule behind training's refusal (mgmlora.training.fastpath), the estimate's (mgmlora.tools.memory), the
     speed plan's candidates and bench/train_step.py's `+nockpt`. A quantised MoE base dequantises each layer's experts
-    when they run; without the recompute, autograd keeps every layer's dequantised experts until the backward pass
-    where the product keeps the dequantised weight: NF4 experts always, FP8 ones where PEFT's expert LoRA joins its
-    delta to the weight. Frozen FP8 experts and split expert LoRA keep the codes only (`set_expert_backward`).
+    when they run. Where the product keeps the dequantised weight for its backward (NF4 experts always, FP8 ones where
+    PEFT's expert LoRA joins its delta to it), autograd without the recompute keeps every layer's copy until the
+    backward pass. Frozen FP8 experts and split expert LoRA keep the codes only (`set_expert_backward`).
 
     Args:
         quant_type: `model.quantization.quant_type`, None for a bf16 base.

@@ -166,8 +166,11 @@ def checkpointing_refusal(model_args: ModelArgs, lora: LoraArgs, speed: SpeedArg
     From the config alone: expert LoRA counts as PEFT's path where `speed.expert_lora` says peft.
     """
     quant = model_args.quantization
-    peft_experts = lora.target_experts and speed.expert_lora == "peft"
-    return checkpointing_required(quant and quant.quant_type, uses_moe(model_args), peft_experts)
+    return checkpointing_required(quant and quant.quant_type, uses_moe(model_args), _peft_expert_lora(lora, speed))
+
+
+def _peft_expert_lora(lora: LoraArgs, speed: SpeedArgs) -> bool:
+    return bool(lora.target_experts) and speed.expert_lora == "peft"
 
 
 def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
@@ -181,10 +184,9 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
     as one packed row of `shape.window_positions` positions.
     """
-    peft_experts = lora.target_experts and speed.expert_lora == "peft"
     refusal = (checkpointing_refusal(model_args, lora, speed) if not model_args.gradient_checkpointing else None) or \
         keep_refusal(speed.keep_expert_outputs, uses_moe(model_args), model_args.gradient_checkpointing,
-                     model_args.experts_implementation, peft_experts)
+                     model_args.experts_implementation, _peft_expert_lora(lora, speed))
     if refusal:
         raise UsageError(refusal)  # training refuses it: no figure for a run that cannot start
     if shape.window_samples is not None:
@@ -220,7 +222,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         # product's at a time for frozen FP8 experts without checkpointing, still counted as the layer's; with
         # expert LoRA through PEFT also the weight + delta and its gradient) or a dequantised NF4 linear, in the
         # compute dtype; FP8 codes the backward reads transposed (its linears', its FP8 experts'), one byte each
-        peft_experts = lora.target_experts and speed.expert_lora == "peft"
+        peft_experts = _peft_expert_lora(lora, speed)
         fp8 = quant.quant_type == "fp8"
         fp8_experts = fp8 and quant.expert_products == "fp8" and not peft_experts
         expert_bytes = 1 if fp8_experts else compute_bytes * (3 if peft_experts else 1)

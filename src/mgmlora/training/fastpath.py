@@ -103,14 +103,18 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
     return done
 
 
+def _peft_expert_lora(loaded: LoadedModel) -> bool:
+    """Whether any expert LoRA runs through PEFT's path (W + B A per call) after `speed.expert_lora` was applied."""
+    return any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model))
+
+
 def _quantized_experts_backward(loaded: LoadedModel, done: list[str]) -> None:
     """Refuses a quantised MoE base that needs gradient checkpointing without it; else sets how FP8 experts backward.
 
     Which bases need it is `checkpointing_required`'s rule; here it knows which expert LoRA stayed on PEFT's path.
     """
     checkpointing = gradient_checkpointing_on(loaded.language_model())
-    peft_experts = any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model))
-    reason = checkpointing_required(loaded.quantized.quant_type, loaded.moe, peft_experts)
+    reason = checkpointing_required(loaded.quantized.quant_type, loaded.moe, _peft_expert_lora(loaded))
     if reason and not checkpointing:
         raise UsageError(reason)
     if set_expert_backward(loaded.model, checkpointing) and not checkpointing:
@@ -126,9 +130,8 @@ def apply_keep_expert_outputs(loaded: LoadedModel, speed: SpeedArgs) -> str:
         UsageError: `keep_refusal`'s cases, or experts that mgmlora's experts forward hands to transformers'.
     """
     llm, keep = loaded.language_model(), speed.keep_expert_outputs
-    peft_experts = any(type(w) is not SplitLoraExperts for w in outer_param_wrappers(loaded.model))
     refusal = keep_refusal(keep, loaded.moe, gradient_checkpointing_on(llm), experts_implementation(llm.config),
-                           peft_experts)
+                           _peft_expert_lora(loaded))
     handed_back = [name for name, m in llm.named_modules() if hasattr(m, "gate_up_proj") and not supports_lora(m)]
     if refusal or handed_back:
         raise UsageError(refusal or f"model.speed.keep_expert_outputs: {keep} keeps the products of mgmlora's experts "

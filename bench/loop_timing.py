@@ -70,6 +70,15 @@ HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cudaMemcpyAsync", "aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero")
 
 
+def annotation(event) -> bool:
+    """A range the code or the profiler marked (`record_function`, Lightning's hooks, the profiler's step), not an op.
+
+    On a GPU such ranges also come back as device events spanning their kernels: counted as device activity they
+    would fill the idle gaps, and counted as operators take a whole step's or hook's time.
+    """
+    return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith("ProfilerStep")
+
+
 def busy_and_gaps(intervals: list[tuple[float, float, str]], top: int = 5) -> dict:
     """Device activity (start_us, end_us, name) -> busy time, span, idle share and the largest idle gaps.
 
@@ -214,7 +223,7 @@ class LoopProfile(L.Callback):
         self._prof.__exit__(None, None, None)
         events = self._prof.events()
         device = [(e.time_range.start, e.time_range.end, e.name) for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA]
+                  if e.device_type == torch.autograd.DeviceType.CUDA and not annotation(e)]
         waits: dict[str, dict] = {}
         for e in events:
             if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:

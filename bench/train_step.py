@@ -363,27 +363,18 @@ def run_variant(model, loaded, batches, variant, chunk, warmup, steps, device, l
 PROFILE_AFTER = 2  # unprofiled steps first: a compiled variant compiles (and tunes kernels) in its first steps
 
 
-def _annotation(event) -> bool:
-    """A range the code or the profiler marked (`record_function`, the profiler's step), not an operator or kernel.
-
-    On a GPU such ranges also come back as device events spanning their kernels; counted as operators they would
-    take the whole step's time (a step marker) or the optimizer's.
-    """
-    return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith("ProfilerStep")
-
-
 def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) -> tuple[list[dict], dict | None, int]:
     """One step under torch.profiler, after `PROFILE_AFTER` unprofiled steps and a profiler warm-up step.
 
-    The variant is switched on anew, as when it was timed. Returns the step's top operators, on a GPU its device
-    time by kernel kind, and the graphs dynamo compiled while it ran (0 for a profile of the steady state; kernel
-    tuning at a kernel's first launch is not counted there). The first step of a compiled variant holds its
-    compilation, which a profile of that step would count as the step's own work. The operators are those that
-    took the most device (or CPU) time, annotations left out (`_annotation`); aten operators and their kernels both
-    appear, so their shares overlap. The kernel kinds (bench/loop_timing.py `device_breakdown`: busy, idle, GEMMs,
-    attention, compiled kernels, ...) count each kernel once.
+    The variant is switched on anew, as when it was timed. Returns the step's top operators, on a GPU its device time
+    by kernel kind, and the graphs dynamo compiled while it ran (0 for a profile of the steady state; kernel tuning at
+    a kernel's first launch is not counted there). The first step of a compiled variant holds its compilation, which a
+    profile of that step would count as the step's own work. The operators are those that took the most device (or
+    CPU) time, annotations left out (loop_timing `annotation`); aten operators and their kernels both appear, so their
+    shares overlap. The kernel kinds (bench/loop_timing.py `device_breakdown`: busy, idle, GEMMs, attention, compiled
+    kernels, ...) count each kernel once.
     """
-    from loop_timing import device_breakdown  # bench/, this script's folder (only when profiling)
+    from loop_timing import annotation, device_breakdown  # bench/, this script's folder (only when profiling)
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -399,13 +390,13 @@ def profile_step(model, loaded, batches, variant, chunk, device, top: int = 15) 
                     measure_cpu_peak=False, on_step=on_step)
     compiled = graphs[-1] - graphs[-2]
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = [e for e in prof.key_averages() if not _annotation(e)]
+    averages = [e for e in prof.key_averages() if not annotation(e)]
     events = sorted(averages, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     total = sum(getattr(e, key, 0) for e in averages) or 1
     ops = [{"op": e.key, "ms": round(getattr(e, key, 0) / 1000, 2), "share": round(getattr(e, key, 0) / total, 3),
             "calls": e.count} for e in events]
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e)]
+               if e.device_type == torch.autograd.DeviceType.CUDA and not annotation(e)]
     return ops, device_breakdown(kernels) if kernels else None, compiled
 
 

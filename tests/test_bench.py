@@ -264,3 +264,15 @@ def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags(flag, skippe
     for bad in ("chunked+keepexperts+nockpt", "chunked+keepgateup+keepexperts"):
         with pytest.raises(SystemExit, match="keepgateup or \\+keepexperts"):
             bench.parse_variant(bad)
+
+
+def test_profiles_leave_out_annotation_ranges_and_keep_operators():
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    annotation = _bench_module("loop_timing").annotation
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("Optimizer.step#AdamW.step"):  # as torch.optim marks its step
+            torch.ones(4, 4) @ torch.ones(4, 4)
+    marked = {e.key: annotation(e) for e in prof.key_averages()}
+    assert marked["Optimizer.step#AdamW.step"] and not marked["aten::mm"]

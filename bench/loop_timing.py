@@ -183,7 +183,7 @@ class LoopProfile(L.Callback):
     """torch.profiler over `micro_batches` consecutive micro-batches of the real loop, after `skip_steps` steps.
 
     `summary()` gives the device's busy time and idle share over the profiled span with its largest idle gaps
-    (`busy_and_gaps`), and per micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host
+    (`busy_and_gaps`, over kernels and copies: `annotation` ranges left out), and per micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host
     milliseconds), in total and by the function of mgmlora's code they come from (`name @ file(line): function`, the
     line where that function starts; the innermost frame of mgmlora's own code, so a wait inside a library is named
     by the mgmlora function that called into it) and, for a wait inside a library, by that library's frame too

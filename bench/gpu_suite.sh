@@ -41,7 +41,8 @@
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
 #   keep_experts  (1 GPU) Qwen3-30B-A3B attention LoRA, compiled, keeping the frozen expert GEMMs' outputs under
-#          checkpointing (x16-x32; QUANT=fp8 on the FP8 base, x32-x64) against whole-layer recompute, one process
+#          checkpointing (x16-x32; QUANT=fp8 on the FP8 base, x32-x48, and no checkpointing at x16) against
+#          whole-layer recompute, one process
 #   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56
 #          micro-batches per 128 samples; ACCS=48 another call) and the best isolated FP8 step in the same call
 #   fp8    the FP8 base against its bf16 twin (loss gap, first-look speed; Qwen3-30B-A3B 16 layers) and MGM-2B's step
@@ -512,10 +513,11 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   keep_experts)
     # Qwen3-30B-A3B attention LoRA r64, compiled: the checkpointed step keeping the frozen expert GEMMs' outputs
     # (model.speed.keep_expert_outputs: +keepgateup / +keepexperts, mgmlora.models.expert_recompute) against whole-layer
-    # recompute, one process. QUANT=fp8 runs it on the FP8 base (its own default sweep: more room for kept outputs)
+    # recompute, one process. QUANT=fp8 runs it on the FP8 base (its own default sweep: more room for kept outputs,
+    # and no checkpointing at all at x16, fp8_nockpt's smallest, for the same process's comparison)
     q="liger+packing+nocast+fused+fastexperts+compile"
     if [[ ${QUANT:-} == fp8 ]]; then
-      sweep=${KEEP_SWEEP:-${q}x80,${q}+keepgateupx48,${q}+keepgateupx64,${q}+keepexpertsx32}
+      sweep=${KEEP_SWEEP:-${q}x80,${q}+keepgateupx48,${q}+keepexpertsx32,${q}+nockptx16}
     else
       sweep=${KEEP_SWEEP:-${q}x64,${q}+keepgateupx16,${q}+keepgateupx24,${q}+keepgateupx32}
     fi

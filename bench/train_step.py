@@ -216,6 +216,11 @@ FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fas
 KEEP_FLAGS = {"keepgateup": "gate_up", "keepexperts": "all"}  # speed.keep_expert_outputs
 
 
+def kept_outputs(flags: set[str]) -> str:
+    """The `speed.keep_expert_outputs` a variant's flags ask for (`none` without a keep flag)."""
+    return next((KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()), "none")
+
+
 def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     """`impl[+flag...][xN]` -> (loss implementation or `plain`, flags, samples per micro-batch or None)."""
     parts = variant.split("+")
@@ -285,9 +290,9 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
         if not split or kept:
             raise ValueError(f"+splitexperts: {split} expert modules split, {kept} not (needs --target_experts and "
                              f"mgmlora's experts, +fastexperts)")
-    if keep := [KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()]:  # after the split, before the compile
+    if (keep := kept_outputs(flags)) != "none":  # after the split, before the compile
         # refuses a model without checkpointing, which stays so
-        apply_keep_expert_outputs(loaded, SpeedArgs(keep_expert_outputs=keep[0], compile="compile" in flags))
+        apply_keep_expert_outputs(loaded, SpeedArgs(keep_expert_outputs=keep, compile="compile" in flags))
         undo.append(lambda: keep_expert_outputs(llm, "none"))
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
@@ -508,7 +513,7 @@ def main() -> None:
         if "step_s_median" in rec:
             rec["tokens_per_s"] = n_pos / rec["step_s_median"]
             flags = parse_variant(variant)[1]
-            kept = effective_keep(next((KEEP_FLAGS[f] for f in flags & KEEP_FLAGS.keys()), "none"), "compile" in flags)
+            kept = effective_keep(kept_outputs(flags), "compile" in flags)
             rec["flops_per_step_model"], rec["flops_per_step_hardware"] = step_flops(flop_model, batches, info,
                                                                                      "nockpt" not in flags, kept)
             cuda = device.type == "cuda"

@@ -41,7 +41,7 @@
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
 #   keep_experts  (1 GPU) Qwen3-30B-A3B attention LoRA, compiled, keeping the frozen expert GEMMs' outputs under
-#          checkpointing (x16-x32; QUANT=fp8 on the FP8 base, x32-x48, and no checkpointing at x16) against
+#          checkpointing (x16-x32; QUANT=fp8 on the FP8 base, x24-x48, and no checkpointing at x16) against
 #          whole-layer recompute, one process
 #   recipe_mgm_fp8  (1 GPU) configs/mgm2b_lora_packed.yaml on the FP8 base in the fit loop under 24 GiB (56
 #          micro-batches per 128 samples; ACCS=48 another call) and the best isolated FP8 step in the same call
@@ -517,7 +517,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # and no checkpointing at all at x16, fp8_nockpt's smallest, for the same process's comparison)
     q="liger+packing+nocast+fused+fastexperts+compile"
     if [[ ${QUANT:-} == fp8 ]]; then
-      sweep=${KEEP_SWEEP:-${q}x80,${q}+keepgateupx48,${q}+keepexpertsx32,${q}+nockptx16}
+      sweep=${KEEP_SWEEP:-${q}x80,${q}+keepgateupx48,${q}+keepexpertsx24,${q}+nockptx16}
     else
       sweep=${KEEP_SWEEP:-${q}x64,${q}+keepgateupx16,${q}+keepgateupx24,${q}+keepgateupx32}
     fi

@@ -167,8 +167,8 @@ def plain_loss(model, family: str, batch: Batch) -> torch.Tensor:
 
 def fast_loss(loaded, batch: Batch, impl: str, packed: bool, chunk: int) -> torch.Tensor:
     """The loss of mgmlora's step (what LoraLitModule._loss_sum computes), as a token mean for comparability."""
-    hidden, labels, head = loaded.forward_hidden(batch, packed)
-    out = lm_loss(hidden, labels, head, impl, chunk)
+    fwd = loaded.forward_hidden(batch, packed)
+    out = lm_loss(fwd.hidden, fwd.labels, fwd.head, impl, chunk, host_labels=fwd.host_labels)
     return out.loss_sum / out.n_tokens.clamp(min=1)
 
 

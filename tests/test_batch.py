@@ -34,3 +34,15 @@ def test_to_and_pin_memory_return_a_batch_with_every_field():
     assert moved.model_inputs is not batch.model_inputs and moved.window_end is True
     if torch.cuda.is_available():  # pinning needs an accelerator runtime
         assert batch.pin_memory().input_ids.is_pinned()
+
+
+def test_a_batch_moved_off_the_cpu_keeps_its_cpu_copy_for_reading_shapes_without_a_sync():
+    batch = _batch()
+    assert batch.on_host() is batch  # on the CPU a batch is its own host copy
+    assert batch.to("cpu").host is None
+    moved = batch.to("meta")  # any device other than the CPU
+    assert moved.input_ids.is_meta and moved.model_inputs["pixels"].is_meta
+    host = moved.on_host()
+    assert host is moved.host and host.input_ids is batch.input_ids and host.labels is batch.labels
+    assert host.model_inputs == {} and host.host is None  # only the ids, mask and labels are kept
+    assert moved.to("meta").on_host() is host  # a second move keeps it

@@ -28,6 +28,9 @@ class Batch:
         window_end: whether the optimizer steps after this micro-batch (the sampler decides; None without one).
         model_inputs: the model family's own inputs by the name its forward takes them, each (B, ...), e.g. an
             image-text family's image tensors (`Processor.image_inputs`, mgmlora.models.processor); empty for text.
+        host: after `to` moved the batch off the CPU, the CPU batch it came from (its ids, mask and labels), so that
+            shapes that depend on the data (sample lengths, image positions, supervised positions) are read on the
+            host instead of from the device, where each read would make the host wait for the GPU (a sync).
     """
 
     input_ids: torch.Tensor
@@ -36,6 +39,7 @@ class Batch:
     window_tokens: torch.Tensor | None = None
     window_end: bool | None = None
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    host: Batch | None = field(default=None, repr=False, compare=False)
 
     def supervised_tokens(self) -> torch.Tensor:
         """() long on the batch's device: positions with a target after the causal shift (no host sync)."""
@@ -46,18 +50,30 @@ class Batch:
         return (self.input_ids == IMAGE_TOKEN_INDEX).sum()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """The same batch with every tensor on `device` (Lightning's transfer hook calls this)."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The same batch with every tensor on `device` (Lightning's transfer hook calls this).
+
+        A copy from the CPU to another device never blocks: a blocking one makes the host wait for all the work
+        queued on the GPU (the previous micro-batch's backward), and CUDA stages a copy from pageable memory before the
+        call returns, so the CPU tensors may change or go right after. The CPU batch stays reachable as `host`.
+        """
+        device = torch.device(device)
+        from_host = self.input_ids.device.type == "cpu" and device.type != "cpu"
+        non_blocking = non_blocking or from_host
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "host"}
         moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                  for k, v in moved.items()}
         moved["model_inputs"] = {k: v.to(device, non_blocking=non_blocking) for k, v in self.model_inputs.items()}
-        return replace(self, **moved)
+        return replace(self, **moved, host=replace(self, model_inputs={}, host=None) if from_host else self.host)
+
+    def on_host(self) -> Batch | None:
+        """This batch's ids, mask and labels on the CPU without a device sync: itself on the CPU, else `host`."""
+        return self if self.input_ids.device.type == "cpu" else self.host
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (DataLoader(pin_memory=True) calls this on custom batch types)."""
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)},
-                       model_inputs={k: v.pin_memory() for k, v in self.model_inputs.items()})
+                       model_inputs={k: v.pin_memory() for k, v in self.model_inputs.items()}, host=None)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -36,7 +36,7 @@ def _text_batch(lengths, seed=0):
 
 def _loss_and_grads(model, family, batch, packed):
     model.zero_grad()
-    hidden, labels, head = forward_hidden(model, family, batch, packed)
+    hidden, labels, head, _ = forward_hidden(model, family, batch, packed)
     out = lm_loss(hidden, labels, head, "chunked", 4)
     out.loss_sum.backward()
     return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -175,7 +175,7 @@ def test_bucket_padding_changes_neither_loss_nor_gradients(family, preset):
     else:
         batch = _text_batch([11, 4, 9])
     with torch.no_grad():
-        hidden, _, _ = forward_hidden(packed, family, batch, packed=True, pad_to=16)
+        hidden, _, _, _ = forward_hidden(packed, family, batch, packed=True, pad_to=16)
     assert hidden.shape[1] % 16 == 0
     _assert_same(_loss_and_grads(packed, family, batch, packed=True),
                  _padded_loss_and_grads(packed, family, batch, 16))
@@ -183,7 +183,7 @@ def test_bucket_padding_changes_neither_loss_nor_gradients(family, preset):
 
 def _padded_loss_and_grads(model, family, batch, pad_to):
     model.zero_grad()
-    hidden, labels, head = forward_hidden(model, family, batch, True, pad_to)
+    hidden, labels, head, _ = forward_hidden(model, family, batch, True, pad_to)
     out = lm_loss(hidden, labels, head, "chunked", 4)
     out.loss_sum.backward()
     return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -488,7 +488,7 @@ def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu(expert_prod
             counters.clear()
             loaded.compile()
         batch = _batch().to(torch.device("cuda"))
-        hidden, labels, head = loaded.forward_hidden(batch, packed=False)
+        hidden, labels, head, _ = loaded.forward_hidden(batch, packed=False)
         logits = head(hidden)[:, :-1].float()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         loss.backward()

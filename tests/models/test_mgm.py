@@ -1,10 +1,11 @@
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
 from mgmlora.models.convnext import ConvNeXtTrunk
 from mgmlora.models.mgm import MGMConfig, MGMForCausalLM
 from mgmlora.models.mgm_checkpoint import build_mgm, load_mgm, save_mgm
@@ -55,7 +56,7 @@ def test_image_tokens_expand_with_ignored_labels_and_scaled_features(tiny):
     ids, mask, labels, images, aux = _batch()
     with torch.no_grad():
         tokens = tiny.encode_images(images, aux)
-        embeds, out_mask, out_labels, positions, _ = tiny.prepare_inputs(ids, mask, labels, tokens)
+        embeds, out_mask, out_labels, positions, _, host_labels = tiny.prepare_inputs(ids, mask, labels, tokens)
     assert tokens.shape == (2, 36, 64)
     assert embeds.shape[:2] == (2, 5 + 36) and out_mask.sum(1).tolist() == [41, 4]
     assert out_labels[0].tolist() == [IGNORE_INDEX] * 38 + [7, 8, 9]
@@ -63,6 +64,44 @@ def test_image_tokens_expand_with_ignored_labels_and_scaled_features(tiny):
     scale = tiny.llm.get_input_embeddings().embed_scale
     torch.testing.assert_close(embeds[0, 2:38], tokens[0] * scale)  # Gemma's sqrt(hidden) scale, as MGM-2B
     assert positions[0].tolist() == list(range(41)) and positions[1, 4:].eq(0).all()
+    assert torch.equal(host_labels, out_labels)  # the CPU copy the loss reads
+
+
+def test_the_splice_reads_its_layout_from_the_host_copy_and_never_from_the_device(tiny):
+    # Every input on the meta device: a data-dependent read there (nonzero, tolist, boolean indexing, item) raises,
+    # as on a GPU it would make the host wait. With the batch's CPU copy the splice and the packing need none.
+    ids, mask, labels, images, aux = _batch()
+    with torch.no_grad():
+        reference = tiny.prepare_inputs(ids, mask, labels, tiny.encode_images(images, aux), packed=True)
+    meta = copy.deepcopy(tiny).to("meta")
+    host = Batch(ids, mask, labels)
+    moved = host.to("meta")
+    with torch.no_grad():
+        tokens = torch.empty(2, 36, 64, device="meta")
+        for packed in (False, True):
+            out = meta.prepare_inputs(moved.input_ids, moved.attention_mask, moved.labels, tokens, packed,
+                                      host=moved.on_host())
+            assert out.embeds.is_meta and out.labels.is_meta and not out.host_labels.is_meta
+        assert out.lengths == reference.lengths == [41, 4] and torch.equal(out.host_labels, reference.labels)
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the same call without the host copy reads the device
+            meta.prepare_inputs(moved.input_ids, moved.attention_mask, moved.labels, tokens, True)
+
+
+def test_rows_whose_real_tokens_are_not_a_prefix_are_spliced_by_their_mask(tiny):
+    # row 1 of _batch (real tokens 2, 5, 6, 7) left-padded (a slice from its first real token) and with holes (a
+    # gather by position)
+    ids, mask, labels, images, aux = _batch()
+    x = IGNORE_INDEX
+    layouts = [([0, 0, 2, 5, 6, 7], [0, 0, 1, 1, 1, 1], [x, x, x, x, 6, 7]),
+               ([2, 0, 5, 6, 0, 7], [1, 0, 1, 1, 0, 1], [x, x, x, 6, x, 7])]
+    with torch.no_grad():
+        tokens = tiny.encode_images(images, aux)
+        reference = tiny.prepare_inputs(ids, mask, labels, tokens)
+        for row_ids, row_mask, row_labels in layouts:
+            ids[1], mask[1], labels[1] = (torch.tensor(v) for v in (row_ids, row_mask, row_labels))
+            out = tiny.prepare_inputs(ids, mask, labels, tokens)
+            assert torch.equal(out.embeds, reference.embeds) and torch.equal(out.labels, reference.labels)
+            assert torch.equal(out.attention_mask, reference.attention_mask)
 
 
 def test_expanded_sequences_are_truncated_to_tokenizer_model_max_length():

@@ -45,7 +45,7 @@ def test_output_head_gives_the_models_forward_logits(build):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
-        hidden, _, head = forward_hidden(model, "causal_lm", batch, packed=False)
+        hidden, _, head, _ = forward_hidden(model, "causal_lm", batch, packed=False)
         got = head(hidden)
         plain = model.get_output_embeddings()(hidden)
     assert isinstance(head, PostProcessedHead)

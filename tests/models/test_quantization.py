@@ -58,7 +58,7 @@ def _batch():
 
 
 def _loss(loaded):
-    hidden, labels, head = loaded.forward_hidden(_batch(), packed=False)
+    hidden, labels, head, _ = loaded.forward_hidden(_batch(), packed=False)
     logits = head(hidden)[:, :-1].float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
@@ -249,7 +249,7 @@ def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector(
     model.train()
     ids, mask, labels, images, aux = _mgm_batch()
     batch = Batch(input_ids=ids, attention_mask=mask, labels=labels, model_inputs={"images": images, "images_aux": aux})
-    hidden, _, head = loaded.forward_hidden(batch, packed=False)
+    hidden, _, head, _ = loaded.forward_hidden(batch, packed=False)
     head(hidden).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -35,7 +35,7 @@ def _loss_and_grads(model, batch, autocast=True, family="causal_lm"):
     model.zero_grad()
     torch.manual_seed(1)  # same dropout masks in both runs
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        hidden, labels, head = forward_hidden(model.get_base_model(), family, batch, False)
+        hidden, labels, head, _ = forward_hidden(model.get_base_model(), family, batch, False)
         out = lm_loss(hidden, labels, head, "chunked", 16)
     out.loss_sum.backward()
     return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

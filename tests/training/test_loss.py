@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.mgm import MGMConfig
@@ -40,7 +40,7 @@ def _grads(model):
 
 def _run(model, family, batch, impl, packed, chunk=3):
     model.zero_grad()
-    hidden, labels, head = forward_hidden(model, family, batch, packed)
+    hidden, labels, head, _ = forward_hidden(model, family, batch, packed)
     out = lm_loss(hidden, labels, head, impl, chunk)
     out.loss_sum.backward()
     return out, _grads(model)
@@ -56,6 +56,44 @@ def test_pack_padded_drops_padding_and_masks_each_samples_first_label():
     # the same supervised targets as the padded layout after the causal shift
     padded_targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != X].tolist()
     assert labels[0, 1:][labels[0, 1:] != X].tolist() == padded_targets
+
+
+def test_packing_from_the_host_copy_builds_the_same_row_and_reads_nothing_on_the_device():
+    batch = Batch(**_text_batch())
+    reference = pack_padded(batch.input_ids, batch.attention_mask, batch.labels, pad_to=4)
+    row = pack_padded(batch.input_ids, batch.attention_mask, batch.labels, pad_to=4, host=batch)
+    assert row.lengths == reference.lengths == [9, 6, 1]
+    for name in ("values", "positions", "labels"):
+        assert torch.equal(getattr(row, name), getattr(reference, name)), name
+    assert torch.equal(row.host_labels, reference.labels)
+    moved = batch.to("meta")  # a data-dependent read of a meta tensor raises, as on a GPU it would sync
+    row = pack_padded(moved.input_ids, moved.attention_mask, moved.labels, pad_to=4, host=moved.on_host())
+    assert row.values.is_meta and row.labels.is_meta and row.lengths == [9, 6, 1]
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        pack_padded(moved.input_ids, moved.attention_mask, moved.labels)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "full"])
+def test_the_loss_from_host_labels_is_the_device_labels_loss_bit_for_bit(impl):
+    torch.manual_seed(0)
+    labels = _text_batch()["labels"]  # (2, 9), 7 targets after the shift
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 100, bias=False)
+    outs = []
+    for host_labels in (None, labels):
+        hidden.grad = None
+        out = lm_loss(hidden, labels, head, impl, 3, with_preds=True, host_labels=host_labels)
+        out.loss_sum.backward()
+        outs.append((out, hidden.grad.clone()))
+    (ref, ref_grad), (out, grad) = outs
+    assert int(out.n_tokens) == int(ref.n_tokens) == 7
+    assert torch.equal(out.loss_sum, ref.loss_sum) and torch.equal(grad, ref_grad)
+    assert torch.equal(out.preds, ref.preds) and torch.equal(out.targets, ref.targets)
+    if impl == "chunked":  # on the meta device: the positions come from the host labels, nothing reads the device
+        meta = lm_loss(hidden.detach().to("meta"), labels.to("meta"), head.to("meta"), impl, 3, host_labels=labels)
+        assert meta.loss_sum.is_meta and meta.n_tokens.is_meta
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            lm_loss(hidden.detach().to("meta"), labels.to("meta"), head, impl, 3)
 
 
 @pytest.mark.parametrize("impl,packed", [("chunked", False), ("full", True), ("chunked", True)])
@@ -96,7 +134,7 @@ def test_evaluation_predictions_match_the_full_logits_argmax():
     model = tiny_model("tiny-qwen3")
     batch = _text_batch()
     with torch.no_grad():
-        hidden, labels, head = forward_hidden(model, "causal_lm", batch, False)
+        hidden, labels, head, _ = forward_hidden(model, "causal_lm", batch, False)
         full = lm_loss(hidden, labels, head, "full", 3, with_preds=True)
         chunked = lm_loss(hidden, labels, head, "chunked", 3, with_preds=True)
     assert torch.equal(full.preds, chunked.preds) and torch.equal(full.targets, chunked.targets)
@@ -163,7 +201,7 @@ def test_fast_loss_applies_the_logit_softcapping_the_model_applies():
         logits, targets = out.logits[:, :-1], batch["labels"][:, 1:]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 128).float(), targets.reshape(-1),
                                                      ignore_index=X, reduction="sum")
-        hidden, labels, head = forward_hidden(model, "causal_lm", batch, packed=False)
+        hidden, labels, head, _ = forward_hidden(model, "causal_lm", batch, packed=False)
         got = lm_loss(hidden, labels, head, "chunked", 3)
         plain_head = lm_loss(hidden, labels, model.lm_head, "chunked", 3)
     torch.testing.assert_close(got.loss_sum, expected, rtol=1e-5, atol=1e-4)
@@ -231,3 +269,52 @@ def test_liger_loss_is_the_plain_cross_entropy():
     torch.testing.assert_close(grad, h_ref.grad, rtol=1e-3, atol=1e-5)
     keep = labels[:, 1:] != X
     assert torch.equal(out.preds, (h[:, :-1] @ head.weight.T).argmax(-1)[keep])
+
+
+def _sync_sites(fn) -> list[str]:
+    """file:line of every CUDA host sync `fn` makes (torch's sync debug mode; each one a warning)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["causal_lm", "mgm"])
+def test_a_packed_chunked_step_waits_for_the_gpu_only_in_transformers_mask_on_cuda(family):
+    # The forward and the loss read every data-dependent shape from the batch's CPU copy; the one sync left is
+    # transformers' own packed-row check (masking_utils.find_packed_sequence_indices). Without the copy (a batch made
+    # on the GPU) the same step syncs for each sample and in the loss.
+    from mgmlora.models import load_model
+
+    args = ModelArgs(preset="tiny-mgm" if family == "mgm" else "tiny-qwen3", dtype="bfloat16",
+                     gradient_checkpointing=False)
+    model = load_model(args, packing=True).model.cuda().requires_grad_(True)  # bf16: PyTorch's varlen kernel
+    if family == "mgm":
+        g = torch.Generator().manual_seed(1)
+        batch = Batch(torch.tensor([[2, 5, IMAGE_TOKEN_INDEX, 7, 8, 9], [2, 5, 6, 7, 0, 0]]),
+                      torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+                      torch.tensor([[X, X, X, 7, 8, 9], [X, X, 6, 7, X, X]]),
+                      model_inputs={"images": torch.randn(2, 3, 48, 48, generator=g).bfloat16(),
+                                    "images_aux": torch.randn(2, 3, 96, 96, generator=g).bfloat16()})
+    else:
+        batch = Batch(**_text_batch())
+
+    def step(b):
+        fwd = forward_hidden(model, family, b, True)
+        lm_loss(fwd.hidden, fwd.labels, fwd.head, "chunked", 3, host_labels=fwd.host_labels).loss_sum.backward()
+
+    moved = batch.to("cuda")
+    step(moved)  # warm-up: first-call initialisation may sync
+    with_copy = _sync_sites(lambda: step(moved))
+    on_gpu = Batch(moved.input_ids, moved.attention_mask, moved.labels, model_inputs=moved.model_inputs)
+    without = _sync_sites(lambda: step(on_gpu))
+    assert all("masking_utils" in site for site in with_copy) and len(with_copy) <= 1, with_copy
+    assert len(without) > len(with_copy) + 2, without

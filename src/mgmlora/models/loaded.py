@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +27,15 @@ from mgmlora.models.shards import INDEX, write_index
 from mgmlora.models.torch_private import trace_through_checkpoint_side_effects, uncompile
 
 Family = str  # "causal_lm", "mgm", or a registered family's name (mgmlora.models.loading.register_family)
-Forward = tuple[torch.Tensor, torch.Tensor, nn.Module]  # hidden (B, T, H) or (1, N, H), labels, LM head
+
+
+class Forward(NamedTuple):
+    """What `LoadedModel.forward_hidden` returns: the input of the loss (mgmlora.training.loss.lm_loss)."""
+
+    hidden: torch.Tensor  # (B, T, H), or (1, N, H) packed: final hidden states before the LM head
+    labels: torch.Tensor  # (B, T) / (1, N), aligned with `hidden`
+    head: nn.Module  # the LM head with the family's logit transforms (mgmlora.models.head)
+    host_labels: torch.Tensor | None = None  # `labels` on the CPU where known without a device sync
 
 
 @dataclass
@@ -82,7 +90,9 @@ class LoadedModel(ABC):
 
         `packed` drops padding (mgmlora.models.packing) and `pad_to` then pads the packed row to a multiple of that many
         positions with a segment of its own. Returns hidden (B, T, H), or (1, N, H) when packed, labels of the same
-        leading shape, and the head module (with the family's logit transforms, mgmlora.models.head).
+        leading shape, the head module (with the family's logit transforms, mgmlora.models.head) and, where the batch
+        carries its CPU copy (`Batch.on_host`), the labels on the CPU: data-dependent shapes are read there, so the
+        forward and the loss queue their work without waiting for the GPU.
         """
 
     def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
@@ -214,14 +224,16 @@ class LoadedCausalLM(LoadedModel):
 
     def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:  # noqa: D102
         ids, mask, labels, positions, segments = batch.input_ids, batch.attention_mask, batch.labels, None, {}
+        host = batch.on_host()
+        host_labels = host.labels if host is not None else None
         if packed:
-            row = pack_padded(ids, mask, labels, pad_to)  # (B, T) -> (1, N)
-            ids, positions, labels, mask = row.values, row.positions, row.labels, None
+            row = pack_padded(ids, mask, labels, pad_to, host)  # (B, T) -> (1, N)
+            ids, positions, labels, mask, host_labels = row.values, row.positions, row.labels, None, row.host_labels
             segments = varlen_kwargs(row.lengths, ids.device)  # per-sample attention from the segment lengths
         decoder = getattr(self.model, self.model.base_model_prefix)  # e.g. Qwen3ForCausalLM.model
         # no KV cache: with one, transformers would also ignore the packed layout's restarting positions
         out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **segments)
-        return out.last_hidden_state, labels, output_head(self.model)
+        return Forward(out.last_hidden_state, labels, output_head(self.model), host_labels)
 
 
 PROJECTOR_PREFIXES = ("mm_projector.", "vlm_uni_query_projector.", "vlm_uni_aux_projector.", "vlm_uni_val_projector.")
@@ -239,8 +251,9 @@ class LoadedMgm(LoadedModel):
     def forward_hidden(self, batch: Batch, packed: bool, pad_to: int = 0) -> Forward:  # noqa: D102
         # MGM aligns the labels with its image-expanded sequence (each placeholder becomes image_tokens ignored labels)
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                         packed=packed, pad_to=pad_to, hidden_only=True, **batch.model_inputs)  # images, images_aux
-        return out.hidden_states, out.labels, output_head(self.model.llm)
+                         packed=packed, pad_to=pad_to, hidden_only=True, host=batch.on_host(),
+                         **batch.model_inputs)  # images, images_aux
+        return Forward(out.hidden_states, out.labels, output_head(self.model.llm), out.host_labels)
 
     def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
                  model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:
@@ -269,5 +282,5 @@ class LoadedMgm(LoadedModel):
         self.model.uncompile_image_path()
 
 
-__all__ = ["Family", "LoadedCausalLM", "LoadedMgm", "LoadedModel", "ModelInfo", "PROJECTOR_PREFIXES",
+__all__ = ["Family", "Forward", "LoadedCausalLM", "LoadedMgm", "LoadedModel", "ModelInfo", "PROJECTOR_PREFIXES",
            "TOWER_PREFIXES"]

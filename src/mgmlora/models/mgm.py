@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, GemmaConfig, GemmaForCausalLM
 
-from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
 from mgmlora.models.attention import PACKED_SDPA, varlen_kwargs
 from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
 from mgmlora.models.packing import pack_rows
@@ -126,6 +126,31 @@ class MGMOutput:
     labels: torch.Tensor | None  # (B, T') with IGNORE_INDEX on image, prompt and padding positions
     attention_mask: torch.Tensor | None  # (B, T'); None when packed
     hidden_states: torch.Tensor | None = None  # (B, T', H) with hidden_only
+    host_labels: torch.Tensor | None = None  # `labels` on the CPU (built there by `prepare_inputs`)
+
+
+class Spliced(NamedTuple):
+    """The language model's inputs after `MGM.prepare_inputs` spliced the images into the text."""
+
+    embeds: torch.Tensor  # (B, T', H), or (1, N, H) packed
+    attention_mask: torch.Tensor | None  # (B, T'); None when packed
+    labels: torch.Tensor | None  # (B, T') / (1, N) with IGNORE_INDEX on image, prompt and padding positions
+    positions: torch.Tensor  # (B, T') / (1, N) position ids
+    lengths: list[int] | None  # positions per sample in the packed row; None when padded
+    host_labels: torch.Tensor | None  # `labels` on the CPU
+
+
+def _take(row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """row[positions] for positions (n,) on the CPU, without a device sync: a slice where they are consecutive."""
+    n = positions.numel()
+    if n == 0 or int(positions[-1]) - int(positions[0]) + 1 == n:
+        first = int(positions[0]) if n else 0
+        return row[first:first + n]
+    return row.index_select(0, positions.to(row.device, non_blocking=True))
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t.to(device, non_blocking=True) if t is not None else None
 
 
 def _ln_linear(d_in: int, d_out: int) -> nn.Sequential:
@@ -244,84 +269,91 @@ class MGMForCausalLM(nn.Module):
         return getattr(embed, "embed_scale", 1.0)  # transformers 5 scales inside embed_tokens; 4.x scaled inputs_embeds
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                       image_tokens: torch.Tensor | None, packed: bool = False, pad_to: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor,
-                                  list[int] | None]:
+                       image_tokens: torch.Tensor | None, packed: bool = False, pad_to: int = 0,
+                       host: Batch | None = None) -> Spliced:
         """Splices image embeddings at IMAGE_TOKEN_INDEX, truncates to tokenizer_model_max_length, right-pads.
 
-        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T'), None.
+        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T').
         With `packed`, the rows are concatenated without padding instead: (1, N, H), None, (1, N), (1, N), and the
         positions of each sample in the row (for per-sample attention, mgmlora.models.attention); `pad_to` pads that
         row to a multiple of so many positions with a trailing segment of zero embeddings and ignored labels.
+
+        The layout (each sample's real positions, its placeholder, the labels) is read on the CPU: from `host`, the
+        batch's CPU copy (`Batch.on_host`), without a device sync, else from one copy of the ids, mask and labels.
+        The labels are built there and copied once; the result keeps them as `host_labels`.
         """
         embed = self.llm.get_input_embeddings()
         scale = self._image_scale()
+        device = input_ids.device
+        if host is None:
+            host_ids, host_mask = input_ids.cpu(), attention_mask.cpu()
+            host_labels = labels.cpu() if labels is not None else None
+        else:
+            host_ids, host_mask = host.input_ids, host.attention_mask
+            host_labels = host.labels if labels is not None else None
+        limit = self.config.tokenizer_model_max_length
         rows, row_labels = [], []
         for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool()
-            ids, lab = input_ids[b][keep], labels[b][keep] if labels is not None else None
+            kept = host_mask[b].nonzero().flatten()  # (n,) the real positions of row b
+            ids = host_ids[b, kept]  # (n,)
+            lab = host_labels[b, kept] if host_labels is not None else None  # (n,)
             spots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
             if len(spots) > 1:
                 raise ValueError(f"sample {b} has {len(spots)} <image> tokens; MGM-2B takes one image per sample.")
             pieces, piece_labels, start = [], [], 0
             for spot in spots + [len(ids)]:
-                text = ids[start:spot]
-                pieces.append(embed(text))
+                pieces.append(embed(_take(input_ids[b], kept[start:spot])))
                 if lab is not None:
                     piece_labels.append(lab[start:spot])
                 if spot < len(ids):
                     img = image_tokens[b] * scale
                     pieces.append(img.to(pieces[-1].dtype))
                     if lab is not None:
-                        piece_labels.append(torch.full((img.shape[0],), IGNORE_INDEX, dtype=lab.dtype,
-                                                       device=lab.device))
+                        piece_labels.append(torch.full((img.shape[0],), IGNORE_INDEX, dtype=lab.dtype))
                 start = spot + 1
             row = torch.cat(pieces)
             if not spots and image_tokens is not None:
                 row = row + image_tokens[b][:0].sum() * 0  # keeps the projector in the graph (text-only sample)
-            limit = self.config.tokenizer_model_max_length
             rows.append(row[:limit])
             row_labels.append(torch.cat(piece_labels)[:limit] if lab is not None else None)
         if packed:  # one row of every sample's real positions, a segment per sample (mgmlora.models.packing)
             row = pack_rows(rows, row_labels if labels is not None else None, pad_to)
-            return row.values, None, row.labels, row.positions, row.lengths
+            return Spliced(row.values, None, row.labels, row.positions, row.lengths, row.host_labels)
         longest = max(r.shape[0] for r in rows)
-        hidden = rows[0].shape[-1]
-        embeds = rows[0].new_zeros(len(rows), longest, hidden)  # (B, T', H)
-        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=input_ids.device)
-        positions = torch.zeros(len(rows), longest, dtype=torch.long, device=input_ids.device)
-        out_labels = (torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
-                      if labels is not None else None)
+        embeds = rows[0].new_zeros(len(rows), longest, rows[0].shape[-1])  # (B, T', H)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, T'), built on the host, copied once
+        positions = torch.zeros(len(rows), longest, dtype=torch.long)  # (B, T')
+        out_labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
         for b, row in enumerate(rows):
             n = row.shape[0]
-            embeds[b, :n], mask[b, :n] = row, 1
-            positions[b, :n] = torch.arange(n, device=input_ids.device)
+            embeds[b, :n], mask[b, :n], positions[b, :n] = row, 1, torch.arange(n)
             if out_labels is not None:
                 out_labels[b, :n] = row_labels[b]
-        return embeds, mask, out_labels, positions, None
+        return Spliced(embeds, mask.to(device, non_blocking=True), _to(out_labels, device),
+                       positions.to(device, non_blocking=True), None, out_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None, packed: bool = False,
-                pad_to: int = 0,
-                hidden_only: bool = False) -> MGMOutput:
+                pad_to: int = 0, hidden_only: bool = False, host: Batch | None = None) -> MGMOutput:
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image sample; images (B,3,S,S); images_aux (B,3,Sa,Sa).
 
         `packed` drops the padding (one row, per-sample positions); `hidden_only` skips the LM head and returns the
-        final hidden states, for losses that apply the head themselves (mgmlora.training.loss).
+        final hidden states, for losses that apply the head themselves (mgmlora.training.loss); `host` is the batch's
+        CPU copy, from which the splice reads its layout without a device sync (`prepare_inputs`).
         """
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
-        if image_tokens is None and (input_ids == IMAGE_TOKEN_INDEX).any():
+        if image_tokens is None and ((host.input_ids if host is not None else input_ids) == IMAGE_TOKEN_INDEX).any():
             raise ValueError("input_ids contain <image> placeholders but no images were given.")
-        embeds, mask, labels, positions, lengths = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens,
-                                                                       packed, pad_to)
-        segments = varlen_kwargs(lengths, embeds.device) if lengths else {}
+        spliced = self.prepare_inputs(input_ids, attention_mask, labels, image_tokens, packed, pad_to, host)
+        embeds, mask, positions = spliced.embeds, spliced.attention_mask, spliced.positions
+        segments = varlen_kwargs(spliced.lengths, embeds.device) if spliced.lengths else {}
         # No KV cache in training: with a cache transformers also ignores the packed layout's restarting positions.
         if hidden_only:
             out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
                                  **segments)
-            return MGMOutput(None, labels, mask, out.last_hidden_state)
+            return MGMOutput(None, spliced.labels, mask, out.last_hidden_state, spliced.host_labels)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, **segments)
-        return MGMOutput(out.logits, labels, mask)
+        return MGMOutput(out.logits, spliced.labels, mask, host_labels=spliced.host_labels)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None = None,
@@ -332,7 +364,8 @@ class MGMForCausalLM(nn.Module):
         and Gemma generates from those embeddings with a KV cache.
         """
         image_tokens = self.encode_images(images, images_aux) if images is not None else None
-        embeds, mask, _, _, _ = self.prepare_inputs(input_ids, attention_mask, None, image_tokens)
+        spliced = self.prepare_inputs(input_ids, attention_mask, None, image_tokens)
+        embeds, mask = spliced.embeds, spliced.attention_mask
         lengths = mask.sum(-1)  # (B,)
         left = torch.zeros_like(embeds)
         left_mask = torch.zeros_like(mask)

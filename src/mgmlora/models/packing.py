@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mgmlora.batch import IGNORE_INDEX
+from mgmlora.batch import IGNORE_INDEX, Batch
 from mgmlora.models.attention import bucket_padding
 
 
@@ -25,12 +25,15 @@ class PackedRow:
         positions: (1, N) position ids restarting at 0 in every segment.
         labels: (1, N) or None; each segment's first label is IGNORE_INDEX.
         lengths: positions per segment, padding segment included (for the packed attention kernels).
+        host_labels: `labels` on the CPU where they were built there (the loss then selects its positions without
+            a device sync), else None.
     """
 
     values: torch.Tensor
     positions: torch.Tensor
     labels: torch.Tensor | None
     lengths: list[int]
+    host_labels: torch.Tensor | None = None
 
 
 def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: list[torch.Tensor] | None,
@@ -41,7 +44,8 @@ def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: l
     of one per row length (mgmlora.models.attention.bucket_padding) and no real sample attends to it. Every segment's
     first label becomes IGNORE_INDEX: after the causal shift it would be the target of the previous segment's last
     position. It is never a target in the padded layout either (the shift drops column 0), so the supervised
-    positions are exactly those of the padded batch.
+    positions are exactly those of the padded batch. Label rows on the CPU are packed there and copied once; the
+    result keeps them as `host_labels`.
     """
     rows, lengths = list(rows), [int(r.shape[0]) for r in rows]
     labels = list(label_rows) if label_rows is not None else None
@@ -51,21 +55,40 @@ def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: l
             labels.append(labels[0].new_full((pad,), IGNORE_INDEX))
         lengths.append(pad)
     device = rows[0].device
-    # built on the host and copied once: one transfer instead of a kernel per segment
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device, non_blocking=True)[None]  # (1, N)
-    packed_labels = None
+    # built on the host and copied once: one transfer instead of a kernel per segment, and no sync
+    host_positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
+    positions = host_positions.to(device, non_blocking=True)[None]  # (1, N)
+    packed_labels = host_labels = None
     if labels is not None:
-        packed_labels = torch.cat(labels).masked_fill(positions[0] == 0, IGNORE_INDEX)[None]  # (1, N)
-    return PackedRow(torch.cat(rows)[None], positions, packed_labels, lengths)
+        first = host_positions == 0  # (N,) each segment's first position
+        packed_labels = torch.cat(labels)  # (N,)
+        if packed_labels.device.type == "cpu":
+            host_labels = packed_labels.masked_fill(first, IGNORE_INDEX)[None]  # (1, N)
+            packed_labels = host_labels.to(device, non_blocking=True)
+        else:
+            packed_labels = packed_labels.masked_fill(positions[0] == 0, IGNORE_INDEX)[None]  # (1, N)
+    return PackedRow(torch.cat(rows)[None], positions, packed_labels, lengths, host_labels)
 
 
 def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                pad_to: int = 0) -> PackedRow:
-    """Right-padded (B, T) token rows -> one packed row (one host sync for the sample lengths)."""
-    keep = attention_mask.bool()  # (B, T)
-    lengths = [n for n in attention_mask.sum(-1).tolist() if n]
-    rows = input_ids[keep].split(lengths)  # views of the real tokens of each sample
-    label_rows = labels[keep].split(lengths) if labels is not None else None
+                pad_to: int = 0, host: Batch | None = None) -> PackedRow:
+    """Right-padded (B, T) token rows -> one packed row.
+
+    With `host` (the same batch on the CPU, `Batch.on_host`) the sample lengths, the real positions and the labels
+    come from there, and the row is gathered on the device without a sync; without it, one host sync reads the
+    lengths.
+    """
+    if host is None:
+        keep = attention_mask.bool()  # (B, T)
+        lengths = [n for n in attention_mask.sum(-1).tolist() if n]
+        rows = input_ids[keep].split(lengths)  # views of the real tokens of each sample
+        label_rows = labels[keep].split(lengths) if labels is not None else None
+        return pack_rows(rows, label_rows, pad_to)
+    keep = host.attention_mask.bool()  # (B, T) on the CPU
+    lengths = [n for n in host.attention_mask.sum(-1).tolist() if n]
+    index = keep.flatten().nonzero().squeeze(1).to(input_ids.device, non_blocking=True)  # (N,) flat real positions
+    rows = input_ids.flatten().index_select(0, index).split(lengths)
+    label_rows = host.labels[keep].split(lengths) if labels is not None else None
     return pack_rows(rows, label_rows, pad_to)
 
 

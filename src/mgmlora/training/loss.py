@@ -114,7 +114,7 @@ def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) ->
 
 
 def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: LossImpl, chunk_size: int,
-            with_preds: bool = False) -> LossOut:
+            with_preds: bool = False, host_labels: torch.Tensor | None = None) -> LossOut:
     """Next-token cross-entropy summed over supervised positions.
 
     Args:
@@ -124,6 +124,9 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         impl: `full`, `chunked` or `liger` (see SpeedArgs).
         chunk_size: supervised positions per chunk (`chunked`).
         with_preds: also return argmax predictions at the supervised positions (evaluation).
+        host_labels: `labels` on the CPU, where the forward knows them (`Forward.host_labels`): `chunked` and `liger`
+            then select the supervised positions from them, so the number of positions is known without a device
+            sync and the host keeps queueing work while the GPU computes.
     """
     targets = labels[:, 1:]  # (B, T-1)
     if impl == "full":
@@ -133,10 +136,13 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         keep = targets != IGNORE_INDEX
         preds = logits.argmax(-1)[keep] if with_preds else None
         return LossOut(loss_sum, keep.sum(), preds, targets[keep] if with_preds else None)
-    keep = targets != IGNORE_INDEX  # (B, T-1)
-    h = hidden[:, :-1][keep]  # (N, H): only supervised positions reach the head
-    y = targets[keep]  # (N,)
-    n = keep.sum()
+    if host_labels is None:
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        h = hidden[:, :-1][keep]  # (N, H): only supervised positions reach the head
+        y = targets[keep]  # (N,)
+        n = keep.sum()
+    else:
+        h, y, n = _supervised(hidden, host_labels)
     if h.shape[0] == 0:
         return LossOut(hidden.sum() * 0.0, n, y if with_preds else None, y if with_preds else None)
     if impl == "liger":
@@ -163,6 +169,20 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         with torch.no_grad():
             preds = [head(h[s:s + chunk_size]).argmax(-1) for s in range(0, h.shape[0], chunk_size)]
     return LossOut(loss_sum, n, torch.cat(preds) if with_preds else None, y if with_preds else None)
+
+
+def _supervised(hidden: torch.Tensor, host_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states (B, T, H) at the supervised positions (N, H), their targets (N,) and N, from CPU labels.
+
+    The same rows, in the same order, as boolean indexing with the labels on the device, which waits for the GPU to
+    count them.
+    """
+    targets = host_labels[:, 1:]  # (B, T-1)
+    where = (targets != IGNORE_INDEX).nonzero()  # (N, 2): sample, position
+    flat = where[:, 0] * hidden.shape[1] + where[:, 1]  # (N,) row of hidden.flatten(0, 1)
+    h = hidden.flatten(0, 1).index_select(0, flat.to(hidden.device, non_blocking=True))  # (N, H)
+    y = targets[where[:, 0], where[:, 1]].to(hidden.device, non_blocking=True)  # (N,)
+    return h, y, torch.full((), len(flat), dtype=torch.long, device=hidden.device)
 
 
 def _liger_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from mgmlora.models.args import ModelArgs
 from mgmlora.models.attention import describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
+from mgmlora.models.loaded import Forward
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import CompileWatch, apply_fast_path
@@ -157,8 +158,10 @@ class LoraLitModule(L.LightningModule):
     # -- loss --------------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: Batch, with_preds: bool = False) -> LossOut:
         """Summed next-token cross-entropy over supervised positions and their count (mgmlora.training.loss)."""
-        hidden, labels, head = self.loaded.forward_hidden(batch, self.speed.packing, self.speed.pad_to_multiple)
-        return lm_loss(hidden, labels, head, self.speed.loss, self.speed.loss_chunk_size, with_preds)
+        # a family may return a plain (hidden, labels, head): its labels are then read on the device
+        fwd = Forward(*self.loaded.forward_hidden(batch, self.speed.packing, self.speed.pad_to_multiple))
+        return lm_loss(fwd.hidden, fwd.labels, fwd.head, self.speed.loss, self.speed.loss_chunk_size, with_preds,
+                       fwd.host_labels)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One micro-batch, scaled for its accumulation window (mgmlora.training.window)."""

@@ -1,5 +1,7 @@
 """The typed micro-batch: counts by hand, device moves keep every field."""
 
+import dataclasses
+
 import torch
 
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Batch
@@ -46,3 +48,5 @@ def test_a_batch_moved_off_the_cpu_keeps_its_cpu_copy_for_reading_shapes_without
     assert host is moved.host and host.input_ids is batch.input_ids and host.labels is batch.labels
     assert host.model_inputs == {} and host.host is None  # only the ids, mask and labels are kept
     assert moved.to("meta").on_host() is host  # a second move keeps it
+    edited = dataclasses.replace(moved, labels=torch.zeros(2, 4, dtype=torch.long, device="meta"))
+    assert edited.host is None  # a batch built from another never carries the other's (now stale) CPU copy

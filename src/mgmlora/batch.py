@@ -30,7 +30,8 @@ class Batch:
             image-text family's image tensors (`Processor.image_inputs`, mgmlora.models.processor); empty for text.
         host: after `to` moved the batch off the CPU, the CPU batch it came from (its ids, mask and labels), so that
             shapes that depend on the data (sample lengths, image positions, supervised positions) are read on the
-            host instead of from the device, where each read would make the host wait for the GPU (a sync).
+            host instead of from the device, where each read would make the host wait for the GPU (a sync). Set by
+            `to` only (not a constructor argument, so `dataclasses.replace` never carries a stale copy); read-only.
     """
 
     input_ids: torch.Tensor
@@ -39,7 +40,7 @@ class Batch:
     window_tokens: torch.Tensor | None = None
     window_end: bool | None = None
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    host: Batch | None = field(default=None, repr=False, compare=False)
+    host: Batch | None = field(default=None, init=False, repr=False, compare=False)
 
     def supervised_tokens(self) -> torch.Tensor:
         """() long on the batch's device: positions with a target after the causal shift (no host sync)."""
@@ -52,18 +53,23 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with every tensor on `device` (Lightning's transfer hook calls this).
 
-        A copy from the CPU to another device never blocks: a blocking one makes the host wait for all the work
-        queued on the GPU (the previous micro-batch's backward), and CUDA stages a copy from pageable memory before the
-        call returns, so the CPU tensors may change or go right after. The CPU batch stays reachable as `host`.
+        A copy from the CPU to a CUDA device is queued without blocking (Lightning passes `non_blocking` to plain
+        tensors only): a blocking copy makes the host wait for all the work queued on the GPU, the previous
+        micro-batch's backward. From pinned memory (the DataLoaders pin on CUDA machines) the copy is asynchronous;
+        from pageable memory CUDA stages it before the call returns and may still wait. PyTorch keeps a pinned block
+        until its copy is done; the CPU tensors must not be changed in place meanwhile (nothing here does). The CPU
+        batch stays reachable as `host`.
         """
         device = torch.device(device)
         from_host = self.input_ids.device.type == "cpu" and device.type != "cpu"
-        non_blocking = non_blocking or from_host
-        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "host"}
+        non_blocking = non_blocking or (from_host and device.type == "cuda")
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                  for k, v in moved.items()}
         moved["model_inputs"] = {k: v.to(device, non_blocking=non_blocking) for k, v in self.model_inputs.items()}
-        return replace(self, **moved, host=replace(self, model_inputs={}, host=None) if from_host else self.host)
+        out = replace(self, **moved)
+        out.host = replace(self, model_inputs={}) if from_host else self.host
+        return out
 
     def on_host(self) -> Batch | None:
         """This batch's ids, mask and labels on the CPU without a device sync: itself on the CPU, else `host`."""
@@ -73,7 +79,7 @@ class Batch:
         """Page-locked copies (DataLoader(pin_memory=True) calls this on custom batch types)."""
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)},
-                       model_inputs={k: v.pin_memory() for k, v in self.model_inputs.items()}, host=None)
+                       model_inputs={k: v.pin_memory() for k, v in self.model_inputs.items()})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -70,10 +70,14 @@ def _register_worker_cleanup() -> None:
 
 
 def worker_settings(num_workers: int) -> dict:
-    """The DataLoader arguments of mgmlora's worker processes: signal handling for preemption, cleanup at exit."""
+    """The DataLoader arguments of mgmlora's loaders: worker signal handling for preemption, cleanup at exit, pinning.
+
+    On a CUDA machine batches come in pinned memory (`Batch.pin_memory`), so their copy to the GPU is queued without
+    the host waiting for it (`Batch.to`).
+    """
     if num_workers > 0:
         _register_worker_cleanup()
-    return {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals}
+    return {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals, "pin_memory": torch.cuda.is_available()}
 
 
 class NoTrainingSampleError(ValueError):

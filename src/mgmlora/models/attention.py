@@ -39,6 +39,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mgmlora.models.transfer import queue_to
+
 log = logging.getLogger(__name__)
 
 PACKED_SDPA = "mgmlora_packed_sdpa"
@@ -70,7 +72,7 @@ def varlen_kwargs(lengths: Sequence[int], device: torch.device | str) -> dict:
     """
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)  # (S + 1,)
     cu[1:] = torch.tensor(list(lengths), dtype=torch.int32).cumsum(0)
-    cu = cu.to(device, non_blocking=True)
+    cu = queue_to(cu, device)
     longest = max(lengths)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 

@@ -30,6 +30,7 @@ from mgmlora.models.attention import PACKED_SDPA, varlen_kwargs
 from mgmlora.models.convnext import CONVNEXT_LARGE, ConvNeXtTrunk
 from mgmlora.models.packing import pack_rows
 from mgmlora.models.torch_private import uncompile
+from mgmlora.models.transfer import queue_to
 
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), the tower every MGM-2B config names.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -146,11 +147,12 @@ def _take(row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     if n == 0 or int(positions[-1]) - int(positions[0]) + 1 == n:
         first = int(positions[0]) if n else 0
         return row[first:first + n]
-    return row.index_select(0, positions.to(row.device, non_blocking=True))
+    return row.index_select(0, queue_to(positions, row.device))
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return t.to(device, non_blocking=True) if t is not None else None
+    """`t` queued for `device` (a host-built tensor: no sync), or None."""
+    return queue_to(t, device) if t is not None else None
 
 
 def _ln_linear(d_in: int, d_out: int) -> nn.Sequential:
@@ -273,10 +275,11 @@ class MGMForCausalLM(nn.Module):
                        host: Batch | None = None) -> Spliced:
         """Splices image embeddings at IMAGE_TOKEN_INDEX, truncates to tokenizer_model_max_length, right-pads.
 
-        Returns inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids (B, T').
-        With `packed`, the rows are concatenated without padding instead: (1, N, H), None, (1, N), (1, N), and the
-        positions of each sample in the row (for per-sample attention, mgmlora.models.attention); `pad_to` pads that
-        row to a multiple of so many positions with a trailing segment of zero embeddings and ignored labels.
+        Returns `Spliced`: inputs_embeds (B, T', H), attention_mask (B, T'), labels (B, T') or None, position_ids
+        (B, T'), no lengths, and the labels on the CPU. With `packed`, the rows are concatenated without padding
+        instead: (1, N, H), None, (1, N), (1, N), and the positions of each sample in the row (for per-sample
+        attention, mgmlora.models.attention); `pad_to` pads that row to a multiple of so many positions with a
+        trailing segment of zero embeddings and ignored labels.
 
         The layout (each sample's real positions, its placeholder, the labels) is read on the CPU: from `host`, the
         batch's CPU copy (`Batch.on_host`), without a device sync, else from one copy of the ids, mask and labels.
@@ -329,8 +332,8 @@ class MGMForCausalLM(nn.Module):
             embeds[b, :n], mask[b, :n], positions[b, :n] = row, 1, torch.arange(n)
             if out_labels is not None:
                 out_labels[b, :n] = row_labels[b]
-        return Spliced(embeds, mask.to(device, non_blocking=True), _to(out_labels, device),
-                       positions.to(device, non_blocking=True), None, out_labels)
+        return Spliced(embeds, queue_to(mask, device), _to(out_labels, device),
+                       queue_to(positions, device), None, out_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None, packed: bool = False,

@@ -14,6 +14,7 @@ import torch
 
 from mgmlora.batch import IGNORE_INDEX, Batch
 from mgmlora.models.attention import bucket_padding
+from mgmlora.models.transfer import queue_to
 
 
 @dataclass
@@ -57,14 +58,14 @@ def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: l
     device = rows[0].device
     # built on the host and copied once: one transfer instead of a kernel per segment, and no sync
     host_positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
-    positions = host_positions.to(device, non_blocking=True)[None]  # (1, N)
+    positions = queue_to(host_positions, device)[None]  # (1, N)
     packed_labels = host_labels = None
     if labels is not None:
         first = host_positions == 0  # (N,) each segment's first position
         packed_labels = torch.cat(labels)  # (N,)
         if packed_labels.device.type == "cpu":
             host_labels = packed_labels.masked_fill(first, IGNORE_INDEX)[None]  # (1, N)
-            packed_labels = host_labels.to(device, non_blocking=True)
+            packed_labels = queue_to(host_labels, device)
         else:
             packed_labels = packed_labels.masked_fill(positions[0] == 0, IGNORE_INDEX)[None]  # (1, N)
     return PackedRow(torch.cat(rows)[None], positions, packed_labels, lengths, host_labels)
@@ -75,8 +76,8 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
     """Right-padded (B, T) token rows -> one packed row.
 
     With `host` (the same batch on the CPU, `Batch.on_host`) the sample lengths, the real positions and the labels
-    come from there, and the row is gathered on the device without a sync; without it, one host sync reads the
-    lengths.
+    come from there (the device `attention_mask` and `labels` are not read), and the row is gathered on the device
+    without a sync; without it, reading the lengths and the real positions waits for the GPU.
     """
     if host is None:
         keep = attention_mask.bool()  # (B, T)
@@ -86,7 +87,7 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
         return pack_rows(rows, label_rows, pad_to)
     keep = host.attention_mask.bool()  # (B, T) on the CPU
     lengths = [n for n in host.attention_mask.sum(-1).tolist() if n]
-    index = keep.flatten().nonzero().squeeze(1).to(input_ids.device, non_blocking=True)  # (N,) flat real positions
+    index = queue_to(keep.flatten().nonzero().squeeze(1), input_ids.device)  # (N,) flat real positions
     rows = input_ids.flatten().index_select(0, index).split(lengths)
     label_rows = host.labels[keep].split(lengths) if labels is not None else None
     return pack_rows(rows, label_rows, pad_to)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mgmlora.batch import IGNORE_INDEX
 from mgmlora.models.expert_recompute import KeptOutputs
+from mgmlora.models.transfer import queue_to
 
 LossImpl = Literal["full", "chunked", "liger"]
 
@@ -126,7 +127,8 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         with_preds: also return argmax predictions at the supervised positions (evaluation).
         host_labels: `labels` on the CPU, where the forward knows them (`Forward.host_labels`): `chunked` and `liger`
             then select the supervised positions from them, so the number of positions is known without a device
-            sync and the host keeps queueing work while the GPU computes.
+            sync and the host keeps queueing work while the GPU computes (Liger's kernel still reads its own count
+            of targets once).
     """
     targets = labels[:, 1:]  # (B, T-1)
     if impl == "full":
@@ -180,8 +182,8 @@ def _supervised(hidden: torch.Tensor, host_labels: torch.Tensor) -> tuple[torch.
     targets = host_labels[:, 1:]  # (B, T-1)
     where = (targets != IGNORE_INDEX).nonzero()  # (N, 2): sample, position
     flat = where[:, 0] * hidden.shape[1] + where[:, 1]  # (N,) row of hidden.flatten(0, 1)
-    h = hidden.flatten(0, 1).index_select(0, flat.to(hidden.device, non_blocking=True))  # (N, H)
-    y = targets[where[:, 0], where[:, 1]].to(hidden.device, non_blocking=True)  # (N,)
+    h = hidden.flatten(0, 1).index_select(0, queue_to(flat, hidden.device))  # (N, H)
+    y = queue_to(targets[where[:, 0], where[:, 1]], hidden.device)  # (N,)
     return h, y, torch.full((), len(flat), dtype=torch.long, device=hidden.device)
 
 

@@ -45,8 +45,8 @@ def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: l
     of one per row length (mgmlora.models.attention.bucket_padding) and no real sample attends to it. Every segment's
     first label becomes IGNORE_INDEX: after the causal shift it would be the target of the previous segment's last
     position. It is never a target in the padded layout either (the shift drops column 0), so the supervised
-    positions are exactly those of the padded batch. Label rows on the CPU are packed there and copied once; the
-    result keeps them as `host_labels`.
+    positions are exactly those of the padded batch. The labels are packed on the CPU and copied once; the result
+    keeps them as `host_labels`.
     """
     rows, lengths = list(rows), [int(r.shape[0]) for r in rows]
     labels = list(label_rows) if label_rows is not None else None
@@ -60,14 +60,9 @@ def pack_rows(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], label_rows: l
     host_positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
     positions = queue_to(host_positions, device)[None]  # (1, N)
     packed_labels = host_labels = None
-    if labels is not None:
-        first = host_positions == 0  # (N,) each segment's first position
-        packed_labels = torch.cat(labels)  # (N,)
-        if packed_labels.device.type == "cpu":
-            host_labels = packed_labels.masked_fill(first, IGNORE_INDEX)[None]  # (1, N)
-            packed_labels = queue_to(host_labels, device)
-        else:
-            packed_labels = packed_labels.masked_fill(positions[0] == 0, IGNORE_INDEX)[None]  # (1, N)
+    if labels is not None:  # on the CPU (a copy first where a caller passes device labels: that waits for the GPU)
+        host_labels = torch.cat(labels).cpu().masked_fill(host_positions == 0, IGNORE_INDEX)[None]  # (1, N)
+        packed_labels = queue_to(host_labels, device)
     return PackedRow(torch.cat(rows)[None], positions, packed_labels, lengths, host_labels)
 
 
@@ -77,19 +72,15 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
 
     With `host` (the same batch on the CPU, `Batch.on_host`) the sample lengths, the real positions and the labels
     come from there (the device `attention_mask` and `labels` are not read), and the row is gathered on the device
-    without a sync; without it, reading the lengths and the real positions waits for the GPU.
+    without a sync; without it, the mask and labels are copied to the CPU first, which waits for the GPU.
     """
-    if host is None:
-        keep = attention_mask.bool()  # (B, T)
-        lengths = [n for n in attention_mask.sum(-1).tolist() if n]
-        rows = input_ids[keep].split(lengths)  # views of the real tokens of each sample
-        label_rows = labels[keep].split(lengths) if labels is not None else None
-        return pack_rows(rows, label_rows, pad_to)
-    keep = host.attention_mask.bool()  # (B, T) on the CPU
-    lengths = [n for n in host.attention_mask.sum(-1).tolist() if n]
+    host_mask = host.attention_mask if host is not None else attention_mask.cpu()  # (B, T) on the CPU
+    host_labels = None if labels is None else host.labels if host is not None else labels.cpu()
+    keep = host_mask.bool()
+    lengths = [n for n in host_mask.sum(-1).tolist() if n]
     index = queue_to(keep.flatten().nonzero().squeeze(1), input_ids.device)  # (N,) flat real positions
     rows = input_ids.flatten().index_select(0, index).split(lengths)
-    label_rows = host.labels[keep].split(lengths) if labels is not None else None
+    label_rows = host_labels[keep].split(lengths) if host_labels is not None else None
     return pack_rows(rows, label_rows, pad_to)
 
 

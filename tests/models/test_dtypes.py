@@ -18,4 +18,4 @@ def test_settings_name_dtypes_with_the_one_literal():
 
     hints = [typing.get_type_hints(ModelArgs)["dtype"], typing.get_type_hints(QuantizationArgs)["compute_dtype"],
              typing.get_type_hints(model_args_for)["dtype"]]
-    assert hints[0] == hints[1] == DtypeName and typing.get_args(hints[2]) == (DtypeName, type(None))
+    assert hints[0] == DtypeName and typing.get_args(hints[1]) == typing.get_args(hints[2]) == (DtypeName, type(None))

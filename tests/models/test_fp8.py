@@ -102,18 +102,20 @@ def test_the_linear_computes_with_quantised_inputs_and_weight_and_returns_the_in
 
 
 def test_an_input_in_another_dtype_is_multiplied_in_the_compute_dtype_and_gets_its_own_gradient_dtype(monkeypatch):
-    # the CUDA kernels write bf16 (or fp16) only: every product, backward included, must ask for the compute dtype
+    # the CUDA kernels write bf16 (or fp16) only: every product, backward included, must ask for the compute dtype;
+    # a linear hands its output back in its input's dtype (a float32 model's attention mixes it with float32 q and k),
+    # the grouped product stays in the compute dtype (the experts forward casts its sum back once)
     asked = []
     for name in ("_mm", "_grouped_mm"):
         real = getattr(fp8, name)
         monkeypatch.setattr(fp8, name, lambda *a, real=real: asked.append(a[-1]) or real(*a))
-    linear = fp8.Fp8Linear(nn.Linear(64, 32, bias=False), torch.bfloat16, torch.device("cpu"))
+    linear = fp8.Fp8Linear(nn.Linear(64, 32, bias=True), torch.bfloat16, torch.device("cpu"))
     experts = fp8.Fp8Weight(torch.randn(2, 32, 64), torch.bfloat16)
     offsets = torch.tensor([3, 6], dtype=torch.int32)
-    for product in (linear, lambda t: experts.grouped(t, offsets)):
+    for product, returns in ((linear, torch.float32), (lambda t: experts.grouped(t, offsets), torch.bfloat16)):
         x = torch.randn(6, 64, requires_grad=True)  # float32, as a float32 model under bf16 compute feeds it
         out = product(x)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == returns
         out.float().sum().backward()
         assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     assert asked == [torch.bfloat16] * 4  # two products, forward and backward each
@@ -236,7 +238,8 @@ def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeyp
     with pytest.raises(UsageError, match="compute capability 8.9 or later.*A100 is 8.0.*quant_type: nf4"):
         from mgmlora.models.quantization import quantize_layers
 
-        quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8"), "cuda")
+        quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8",
+                                                                             compute_dtype="bfloat16"), "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(UsageError, match="compute_dtype: bfloat16 \\(it is float32\\)"):
         quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8",
@@ -472,7 +475,7 @@ def test_a_compiled_fp8_product_computes_what_the_eager_one_does_on_the_gpu(grou
 @pytest.mark.parametrize("expert_products", ["dequantized", "fp8"])
 def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu(expert_products):
     _needs(grouped=expert_products == "fp8")
-    quant = QuantizationArgs(quant_type="fp8", expert_products=expert_products)
+    quant = QuantizationArgs(quant_type="fp8", expert_products=expert_products, compute_dtype="bfloat16")
     args = ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16", gradient_checkpointing=True, quantization=quant)
     lora = LoraArgs(preset="aggressive", lora_dropout=0.0, target_experts=True)
     losses, grads = [], []

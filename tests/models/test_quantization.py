@@ -239,6 +239,30 @@ def test_4bit_settings_that_cannot_train_are_refused_with_the_key_to_change():
         load_model(_args("tiny-qwen3-moe", experts_implementation="eager"))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
+def test_a_float32_model_runs_its_quantised_base_in_its_own_dtype_or_in_bfloat16(quant_type):
+    # the CPU demos are float32: `quantization: {quant_type: ...}` alone crashed in attention (a bfloat16 value
+    # projection beside float32 queries and keys) before the compute dtype followed the model's
+    def loaded(**quant):
+        torch.manual_seed(0)  # the same random weights in every model
+        return load_model(ModelArgs(preset="tiny-qwen3", dtype="float32",
+                                    quantization={"backend": "torch", **quant} if quant else None))
+
+    default, bf16 = loaded(quant_type=quant_type), loaded(quant_type=quant_type, compute_dtype="bfloat16")
+    assert default.quantized.compute_dtype == "float32" and bf16.quantized.compute_dtype == "bfloat16"
+    reference = loaded(quant_type=quant_type, compute_dtype="float32")  # the compute dtype spelled out
+    losses = {}
+    for name, model in (("default", default), ("bf16", bf16), ("reference", reference), ("full", loaded())):
+        loss = _loss(model)
+        loss.backward()  # through every quantised product, back to the embeddings
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        losses[name] = loss.item()
+    assert losses["default"] == losses["reference"]
+    # bfloat16 products round the same quantised function: they move the loss, but less than the quantisation itself
+    # moves it from the full-precision weights' (a random tiny model is sensitive to both)
+    assert 0 < abs(losses["bf16"] - losses["reference"]) < abs(losses["reference"] - losses["full"])
+
+
 def test_mgm_quantises_the_gemma_decoder_only_and_trains_lora_and_the_projector():
     loaded = load_model(_args("tiny-mgm"))
     assert all(type(m) is not nn.Linear for m in loaded.model.llm.model.layers.modules())

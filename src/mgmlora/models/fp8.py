@@ -242,9 +242,13 @@ class Fp8Linear(nn.Linear):
         return self.scale_bits.view(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Maps x (..., in) to (..., out) in the compute dtype (the cast's backward returns x's dtype)."""
-        out = _Fp8Linear.apply(x.to(self.product_dtype), self.e4m3, self.scale, self.product_dtype)
-        return out if self.bias is None else out + self.bias
+        """Maps x (..., in) to (..., out), computed in the compute dtype and returned in x's.
+
+        As bitsandbytes' 4-bit layer does: a float32 model's attention needs its value projection in float32 too. The
+        casts' backward returns x's dtype.
+        """
+        out = _Fp8Linear.apply(x.to(self.product_dtype), self.e4m3, self.scale, self.product_dtype)  # (..., out)
+        return (out if self.bias is None else out + self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-row -> "

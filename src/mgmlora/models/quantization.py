@@ -75,7 +75,9 @@ class QuantizationArgs:
             with torch 2.11 (bench/results/2026-12-05-train_step_profile_fp8_compiled_x32-qwen3-30b-a3b-h200.json)
             and needs compute capability 9.x or 10.x.
         double_quant: nf4 only: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
-        compute_dtype: dtype the products return (nf4: the dtype weights are dequantised to).
+        compute_dtype: dtype the products are computed in (nf4: the dtype weights are dequantised to); null (the
+            default) takes the model's (`model.model.dtype`). A layer returns its input's dtype, so a float32 model
+            with bfloat16 products (FP8 on a GPU needs them) runs as bitsandbytes' 4-bit layers do.
         backend: nf4 only: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the
             `qlora` extra) and mgmlora's pure-PyTorch NF4 (same format) otherwise, the CPU included: bitsandbytes'
             CPU backend dequantises some shapes wrongly (bench/nf4_cpu.py's shape check; mgmlora.models.nf4).
@@ -86,7 +88,7 @@ class QuantizationArgs:
     bits: Literal[4, 8] | None = None
     expert_products: Literal["dequantized", "fp8"] = "dequantized"
     double_quant: bool = True
-    compute_dtype: DtypeName = "bfloat16"
+    compute_dtype: DtypeName | None = None
     backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
 
     def __post_init__(self) -> None:
@@ -116,7 +118,10 @@ class QuantizationArgs:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype as a torch dtype."""
+        """The compute dtype as a torch dtype (set by `ModelArgs` from the model's dtype where it was null)."""
+        if self.compute_dtype is None:
+            raise ValueError("QuantizationArgs.compute_dtype is unset: ModelArgs sets it to the model's dtype; "
+                             "pass compute_dtype where the settings are built without ModelArgs.")
         return DTYPES[self.compute_dtype]
 
 
@@ -172,9 +177,10 @@ class Nf4Linear(nn.Linear):
         bias = None if linear.bias is None else linear.bias.detach().to(device, args.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out = _Nf4Matmul.apply(x.to(self.nf4.dtype), self.nf4)
-        return out if self.bias is None else out + self.bias
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps x (..., in) to (..., out) in the compute dtype, returned in x's dtype (as bitsandbytes' layer does)."""
+        out = _Nf4Matmul.apply(x.to(self.nf4.dtype), self.nf4)  # (..., out)
+        return (out if self.bias is None else out + self.bias).to(x.dtype)
 
 
 def _bnb_linear(linear: nn.Linear, args: QuantizationArgs, device: torch.device) -> nn.Module:

@@ -56,6 +56,16 @@ def _kill_at_rename(monkeypatch, n):
     monkeypatch.setattr(ckpt_module.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
 
 
+def test_an_exported_adapter_given_as_a_checkpoint_is_refused_with_where_the_checkpoints_are(tiny_checkpoint):
+    adapter = tiny_checkpoint.parent.parent / "run" / "version_0" / "adapter"  # the run's final export
+    assert (adapter / "adapter_config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="exported adapter.*checkpoints/step=N.ckpt.*bin/score.py"):
+        AdapterCheckpointIO().load_checkpoint(adapter)
+    with pytest.raises(FileNotFoundError, match=r"not an mgmlora checkpoint directory \(expected [^)]*\)\.$"):
+        AdapterCheckpointIO().load_checkpoint(tiny_checkpoint.parent)  # a directory of checkpoints: no hint
+    assert _step(AdapterCheckpointIO(), tiny_checkpoint) == 2
+
+
 def test_a_crash_between_the_renames_of_last_leaves_a_loadable_last(tmp_path, monkeypatch):
     last = tmp_path / "last.ckpt"
     AdapterCheckpointIO().save_checkpoint(_state(1), last)

@@ -303,8 +303,11 @@ class AdapterCheckpointIO(CheckpointIO):
         """Reads a checkpoint directory back into Lightning's checkpoint dict (never unpickling code)."""
         path = readable(Path(path))
         if not (path / TRAINER_STATE).is_file():
+            exported = (path / ADAPTER_CONFIG).is_file() or (path / TRAINABLES).is_file()
+            fix = (" It is an exported adapter (no trainer state): pass one of its run's checkpoints/step=N.ckpt "
+                   "directories, or score the adapter with bin/score.py --checkpoint." if exported else "")
             raise FileNotFoundError(f"checkpoint {str(path)!r} is not an mgmlora checkpoint directory (expected "
-                                    f"{TRAINER_STATE} and {ADAPTER_WEIGHTS} and/or {TRAINABLES} inside).")
+                                    f"{TRAINER_STATE} and {ADAPTER_WEIGHTS} and/or {TRAINABLES} inside).{fix}")
         checkpoint = safe_load(path / TRAINER_STATE, map_location=map_location or "cpu")
         if (path / ADAPTER_CONFIG).is_file():
             config, adapter = read_adapter(path)

@@ -209,3 +209,21 @@ def test_resume_with_other_trainable_settings_names_the_keys_that_differ(tmp_pat
                                          r"keys back to the checkpoint's values"):
         _fit_mgm(tmp_path, "frozen", max_steps=2, ckpt_path=ckpt)
     _fit_mgm(tmp_path, "frozen", max_steps=2, ckpt_path=ckpt, fn="validate")  # no optimizer state: evaluates
+
+
+def test_training_with_flex_attention_on_the_cpu_is_refused_before_the_model_loads(tmp_path):
+    from mgmlora.errors import UsageError
+    from mgmlora.models.attention import check_trains_on
+
+    check_trains_on("flex_attention", torch.device("cuda"))  # a GPU trains it; sdpa trains anywhere
+    check_trains_on("sdpa", torch.device("cpu"))
+    model = ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                      attn_implementation="flex_attention")
+    module = LoraLitModule(model, LoraArgs(preset="balanced"))
+    data = ChatDataModule(_subset(tmp_path, 4), batch_size=2)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match="flex_attention trains on a GPU only.*set it to sdpa"):
+        trainer.fit(module, data)
+    assert module.model is None  # refused from the settings, nothing loaded

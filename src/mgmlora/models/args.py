@@ -27,7 +27,7 @@ class ModelArgs:
         tokenizer_path: tokenizer directory; null means `model_path`.
         dtype: dtype of the frozen base weights. bfloat16 on GPU; float32 is faster on CPU.
         attn_implementation: `sdpa` (PyTorch's fused kernels, default), `flash_attention_2` (needs the `flash`
-            extra), `flex_attention` or `eager`.
+            extra), `flex_attention` (trains on a GPU only: PyTorch has no CPU backward for it) or `eager`.
         experts_implementation: how fused MoE experts run (MoE models only): `mgmlora_grouped_mm` (the default:
             transformers' grouped GEMMs without its expert-parallel masks, routing weights applied before the down
             projection, mgmlora.models.experts; configs/README.md has its speed), `grouped_mm`

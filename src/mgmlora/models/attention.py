@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mgmlora.errors import UsageError
 from mgmlora.models.transfer import queue_to
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,20 @@ def packed_attention(requested: str, packing: bool) -> str:
     return requested
 
 
+def check_trains_on(requested: str, device: torch.device) -> None:
+    """Refuses, before the model loads, to train with FlexAttention on the CPU, where PyTorch has no backward for it.
+
+    Its forward runs there (validation, generation); training fails only in the first backward, with PyTorch's own
+    NotImplementedError.
+
+    Raises:
+        UsageError: naming the setting and what to set instead.
+    """
+    if requested == "flex_attention" and device.type == "cpu":
+        raise UsageError("model.model.attn_implementation=flex_attention trains on a GPU only (PyTorch's "
+                         "FlexAttention has no backward on the CPU); set it to sdpa, packed micro-batches included.")
+
+
 def describe_packed_attention(args) -> str:
     """What attends over packed rows for `args` (a `ModelArgs`), for the run's log."""
     requested = args.attn_implementation
@@ -214,5 +229,5 @@ def describe_packed_attention(args) -> str:
     return f"{PACKED_SDPA} (PyTorch's varlen flash kernel for bf16/fp16 on CUDA, else one causal SDPA call per sample)"
 
 
-__all__ = ["PACKED_SDPA", "bucket_padding", "describe_packed_attention", "packed_attention", "packed_sdpa_forward",
-           "register", "varlen_kwargs"]
+__all__ = ["PACKED_SDPA", "bucket_padding", "check_trains_on", "describe_packed_attention", "packed_attention",
+           "packed_sdpa_forward", "register", "varlen_kwargs"]

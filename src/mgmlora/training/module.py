@@ -24,7 +24,7 @@ from mgmlora.batch import IGNORE_INDEX, Batch
 from mgmlora.errors import UsageError
 from mgmlora.models import LoadedModel, ModelInfo, load_model, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
-from mgmlora.models.attention import describe_packed_attention
+from mgmlora.models.attention import check_trains_on, describe_packed_attention
 from mgmlora.models.causal_lm import check_vocab, describe_source, load_tokenizer
 from mgmlora.models.identity import BASE_KEY, base_fingerprint, check_base
 from mgmlora.models.loaded import Forward
@@ -113,6 +113,8 @@ class LoraLitModule(L.LightningModule):
         trainer = attached_trainer(self)
         if self.model_args.quantization is not None and is_deepspeed(trainer) and uses_moe(self.model_args):
             raise UsageError(DEEPSPEED_MOE_REFUSAL)  # from config files, before the model loads
+        if trainer.state.fn == "fit":
+            check_trains_on(self.model_args.attn_implementation, trainer.strategy.root_device)
         with zero3_build(trainer) as peft_context:
             loaded = load_model(self.model_args, packing=self.speed.packing)
             check_vocab(loaded.language_model(), self.tokenizer, "model")

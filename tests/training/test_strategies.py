@@ -163,6 +163,20 @@ def test_a_4bit_moe_base_under_deepspeed_is_refused_with_the_key_to_change(tmp_p
     assert "trainer.strategy: auto" in proc.stderr
 
 
+def test_deepspeed_on_a_machine_without_cuda_is_one_line_naming_what_to_drop(tmp_path):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mgmlora.errors import UsageError
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=MgmDeepSpeedStrategy(stage=2), max_steps=1,
+                        logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match="DeepSpeed runs on CUDA GPUs only .* accelerator is cpu; drop the "
+                                         "configs/strategy/ fragment"):
+        trainer.fit(BoringModel())
+
+
 def _probe_strategy(monkeypatch, fail):
     """MgmDeepSpeedStrategy's save around a parent save that writes one file and then fails with `fail` (one rank)."""
     from types import SimpleNamespace

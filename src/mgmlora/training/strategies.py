@@ -22,9 +22,10 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-from mgmlora.errors import disk_full, is_disk_full
+from mgmlora.errors import UsageError, disk_full, is_disk_full
 from mgmlora.training.checkpoint import (
     UnsafeCheckpointError,
     fresh_tmp,
@@ -110,6 +111,14 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         if zero.get("offload_optimizer"):
             self.config["zero_force_ds_cpu_optimizer"] = False
         self.recovered: set[Path] = set()  # checkpoint directories this run has cleaned (checkpoint.recover_once)
+
+    def setup_environment(self) -> None:
+        """Refuses a machine without CUDA in one line (Lightning's own check raises a RuntimeError there)."""
+        if self.accelerator is not None and not isinstance(self.accelerator, CUDAAccelerator):
+            name = type(self.accelerator).__name__.removesuffix("Accelerator").lower()
+            raise UsageError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs only and this run's accelerator is "
+                             f"{name}; drop the configs/strategy/ fragment (or trainer.strategy) to train without it.")
+        super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """DeepSpeed's save, into a temporary directory renamed into place, with frozen tied weights excluded too.

@@ -241,7 +241,7 @@ def test_fp8_settings_that_do_not_fit_are_refused_with_the_key_to_change(monkeyp
         quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8",
                                                                              compute_dtype="bfloat16"), "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    with pytest.raises(UsageError, match="compute_dtype: bfloat16 \\(it is float32\\)"):
+    with pytest.raises(UsageError, match="compute_dtype: bfloat16, or null \\(it is float32\\)"):
         quantize_layers(nn.ModuleList([nn.Linear(16, 16)]), QuantizationArgs(quant_type="fp8",
                                                                              compute_dtype="float32"), "cuda")
 

@@ -250,6 +250,13 @@ def test_a_float32_model_runs_its_quantised_base_in_its_own_dtype_or_in_bfloat16
 
     default, bf16 = loaded(quant_type=quant_type), loaded(quant_type=quant_type, compute_dtype="bfloat16")
     assert default.quantized.compute_dtype == "float32" and bf16.quantized.compute_dtype == "bfloat16"
+    # decided when the layers are quantised: the settings a run saves keep null, so a tool that loads the model in
+    # another dtype (or on a GPU) decides again; FP8 on a GPU computes in bfloat16, its kernels' only output
+    settings = ModelArgs(preset="tiny-qwen3", dtype="float32", quantization={"quant_type": quant_type})
+    assert settings.quantization.compute_dtype is None
+    on_gpu = settings.quantization.resolved("float32", "cuda").compute_dtype
+    assert on_gpu == ("bfloat16" if quant_type == "fp8" else "float32")
+    assert settings.quantization.resolved("bfloat16", "cpu").compute_dtype == "bfloat16"
     reference = loaded(quant_type=quant_type, compute_dtype="float32")  # the compute dtype spelled out
     losses = {}
     for name, model in (("default", default), ("bf16", bf16), ("reference", reference), ("full", loaded())):

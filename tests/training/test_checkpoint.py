@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -56,13 +57,19 @@ def _kill_at_rename(monkeypatch, n):
     monkeypatch.setattr(ckpt_module.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
 
 
-def test_an_exported_adapter_given_as_a_checkpoint_is_refused_with_where_the_checkpoints_are(tiny_checkpoint):
+def test_an_exported_adapter_given_as_a_checkpoint_is_refused_with_where_the_checkpoints_are(tiny_checkpoint,
+                                                                                             tmp_path):
     adapter = tiny_checkpoint.parent.parent / "run" / "version_0" / "adapter"  # the run's final export
     assert (adapter / "adapter_config.json").is_file()
     with pytest.raises(FileNotFoundError, match="exported adapter.*checkpoints/step=N.ckpt.*bin/score.py"):
         AdapterCheckpointIO().load_checkpoint(adapter)
     with pytest.raises(FileNotFoundError, match=r"not an mgmlora checkpoint directory \(expected [^)]*\)\.$"):
         AdapterCheckpointIO().load_checkpoint(tiny_checkpoint.parent)  # a directory of checkpoints: no hint
+    damaged = tmp_path / "step=2.ckpt"  # a checkpoint that lost its trainer state is no exported adapter
+    shutil.copytree(tiny_checkpoint, damaged)
+    (damaged / "trainer_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"not an mgmlora checkpoint directory \(expected [^)]*\)\.$"):
+        AdapterCheckpointIO().load_checkpoint(damaged)
     assert _step(AdapterCheckpointIO(), tiny_checkpoint) == 2
 
 

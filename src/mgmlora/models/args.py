@@ -7,7 +7,7 @@ estimate), so it lives apart from any one loader.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from mgmlora.models.dtypes import DtypeName
@@ -53,8 +53,6 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if isinstance(self.quantization, dict):  # from a run's saved settings or a parsed config tree
             self.quantization = QuantizationArgs(**self.quantization)
-        if self.quantization is not None and self.quantization.compute_dtype is None:
-            self.quantization = replace(self.quantization, compute_dtype=self.dtype)  # null: the model's dtype
         if self.preset is None and self.model_path is None:
             raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

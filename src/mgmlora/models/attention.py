@@ -208,8 +208,8 @@ def packed_attention(requested: str, packing: bool) -> str:
 def check_trains_on(requested: str, device: torch.device) -> None:
     """Refuses, before the model loads, to train with FlexAttention on the CPU, where PyTorch has no backward for it.
 
-    Its forward runs there (validation, generation); training fails only in the first backward, with PyTorch's own
-    NotImplementedError.
+    Its forward without gradients runs there (validation, generation); a forward that needs gradients fails with
+    PyTorch's own NotImplementedError.
 
     Raises:
         UsageError: naming the setting and what to set instead.

@@ -68,8 +68,8 @@ def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> Non
         return
     if dtype != torch.bfloat16:
         name = str(dtype).removeprefix("torch.")
-        raise ValueError(f"model.model.quantization.quant_type=fp8 on a GPU returns bfloat16 products; set "
-                         f"model.model.quantization.compute_dtype: bfloat16 (it is {name}).")
+        raise ValueError(f"model.model.quantization.quant_type=fp8 on a GPU computes bfloat16 products; set "
+                         f"model.model.quantization.compute_dtype: bfloat16, or null (it is {name}).")
     capability = torch.cuda.get_device_capability(device)
     gpu = f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}"
     if capability < (8, 9):

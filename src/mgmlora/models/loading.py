@@ -179,7 +179,7 @@ def _load_quantized_base(args: ModelArgs, packing: bool, device: torch.device, q
                          f"{args.experts_implementation}.")
     layers = loaded.quantizable_modules()
     if quantize:
-        loaded.quantize(args.quantization, device, prepare)
+        loaded.quantize(args.quantization.resolved(args.dtype, device), device, prepare)
     else:
         for layer in layers:
             prepare(layer)

@@ -44,7 +44,7 @@ way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -76,8 +76,9 @@ class QuantizationArgs:
             and needs compute capability 9.x or 10.x.
         double_quant: nf4 only: store the per-64-value scales in 8 bits too (4.13 instead of 4.5 bits per weight).
         compute_dtype: dtype the products are computed in (nf4: the dtype weights are dequantised to); null (the
-            default) takes the model's (`model.model.dtype`). A layer returns its input's dtype, so a float32 model
-            with bfloat16 products (FP8 on a GPU needs them) runs as bitsandbytes' 4-bit layers do.
+            default): bfloat16 for FP8 on a GPU (its kernels' output), the model's (`model.model.dtype`) otherwise
+            (`resolved`). A layer returns its input's dtype, as bitsandbytes' 4-bit layers do, so a float32 model
+            runs bfloat16 products too.
         backend: nf4 only: `auto` uses bitsandbytes' kernels on a CUDA device where the package is installed (the
             `qlora` extra) and mgmlora's pure-PyTorch NF4 (same format) otherwise, the CPU included: bitsandbytes'
             CPU backend dequantises some shapes wrongly (bench/nf4_cpu.py's shape check; mgmlora.models.nf4).
@@ -116,12 +117,22 @@ class QuantizationArgs:
                              "pip install 'mgmlora[qlora]', or set backend: auto.")
         return self.backend
 
+    def resolved(self, model_dtype: DtypeName, device: torch.device | str) -> QuantizationArgs:
+        """These settings with `compute_dtype` decided for a model in `model_dtype` on `device` (null: see above).
+
+        Decided where the layers are quantised, not in the saved settings, so a run's config and its checkpoint's
+        hyperparameters say the same (null) and a tool that loads the model in another dtype decides again.
+        """
+        if self.compute_dtype is not None:
+            return self
+        fp8_kernels = self.quant_type == "fp8" and torch.device(device).type == "cuda"
+        return replace(self, compute_dtype="bfloat16" if fp8_kernels else model_dtype)
+
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype as a torch dtype (set by `ModelArgs` from the model's dtype where it was null)."""
+        """The compute dtype as a torch dtype (of `resolved` settings, or ones that set it)."""
         if self.compute_dtype is None:
-            raise ValueError("QuantizationArgs.compute_dtype is unset: ModelArgs sets it to the model's dtype; "
-                             "pass compute_dtype where the settings are built without ModelArgs.")
+            raise ValueError("QuantizationArgs.compute_dtype is null here: call resolved(model_dtype, device) first.")
         return DTYPES[self.compute_dtype]
 
 

@@ -214,7 +214,7 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if quant is None:
         items["base weights (frozen)"] = frozen * dtype_bytes / shard * on_gpu
     else:
-        compute_bytes = torch.finfo(quant.dtype).bits // 8
+        compute_bytes = torch.finfo(quant.resolved(model_args.dtype, "cuda").dtype).bits // 8  # a GPU's run
         items["base weights (frozen, not quantised)"] = (frozen - facts.quantizable) * dtype_bytes
         name = "4-bit NF4" if quant.quant_type == "nf4" else "FP8"
         items[f"base weights ({name})"] = quantized_bytes(facts.quantizable, facts.quantizable_rows, quant)

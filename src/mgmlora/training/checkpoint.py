@@ -303,7 +303,7 @@ class AdapterCheckpointIO(CheckpointIO):
         """Reads a checkpoint directory back into Lightning's checkpoint dict (never unpickling code)."""
         path = readable(Path(path))
         if not (path / TRAINER_STATE).is_file():
-            exported = (path / ADAPTER_CONFIG).is_file() or (path / TRAINABLES).is_file()
+            exported = (path / RUN_SETTINGS).is_file()  # written beside every exported adapter, never in a checkpoint
             fix = (" It is an exported adapter (no trainer state): pass one of its run's checkpoints/step=N.ckpt "
                    "directories, or score the adapter with bin/score.py --checkpoint." if exported else "")
             raise FileNotFoundError(f"checkpoint {str(path)!r} is not an mgmlora checkpoint directory (expected "

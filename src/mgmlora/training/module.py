@@ -113,7 +113,7 @@ class LoraLitModule(L.LightningModule):
         trainer = attached_trainer(self)
         if self.model_args.quantization is not None and is_deepspeed(trainer) and uses_moe(self.model_args):
             raise UsageError(DEEPSPEED_MOE_REFUSAL)  # from config files, before the model loads
-        if trainer.state.fn == "fit":
+        if trainer is not None and trainer.state.fn == "fit":
             check_trains_on(self.model_args.attn_implementation, trainer.strategy.root_device)
         with zero3_build(trainer) as peft_context:
             loaded = load_model(self.model_args, packing=self.speed.packing)

@@ -29,7 +29,7 @@ from mgmlora.training.module import LoraLitModule
 from mgmlora.training.outcome import RunOutcome
 from mgmlora.training.preemption import PreemptionCheckpoint
 from mgmlora.training.progress import progress_callback
-from mgmlora.training.run_dir import check_new_run, checkpoint_file, checkpoint_run
+from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_file, checkpoint_run
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
@@ -83,6 +83,9 @@ class MgmCLI(LightningCLI):
     def before_fit(self) -> None:
         """Refuses a log or checkpoint directory holding another run; puts back a `last` an interrupted save moved.
 
+        With `--ckpt_path last`, a fit whose checkpoint directory then holds no `last` is refused
+        (mgmlora.training.run_dir.check_last_found): Lightning would warn and train from scratch.
+
         The first check is mgmlora.training.run_dir's. For `fit --ckpt_path last` after a save was killed, the complete
         previous `last` is put back first: Lightning looks `last` up by file name before any callback runs, so a
         `last.ckpt` that an interrupted save left renamed away would not be found and training would start over
@@ -96,6 +99,12 @@ class MgmCLI(LightningCLI):
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
+            loggers = self.config[self.subcommand].trainer.get("logger")
+            configured = [getattr(logger, "init_args", None) for logger in
+                          (loggers if isinstance(loggers, list) else [loggers])]
+            check_last_found(self.trainer.log_dir if self.trainer.loggers else None,
+                             [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks],
+                             picked_version=all(a is not None and a.get("version") is None for a in configured))
 
     def before_instantiate_classes(self) -> None:
         """`validate` and `test` of a checkpoint log into the checkpoint's run (mgmlora.training.run_dir).

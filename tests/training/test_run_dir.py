@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mgmlora.errors import USAGE, classify
-from mgmlora.training.run_dir import check_new_run, checkpoint_run
+from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run
 from tests.conftest import ROOT
 
 
@@ -38,6 +38,44 @@ def test_a_checkpoint_directory_with_entries_is_refused(tmp_path):
     (tmp_path / "ckpt" / "step=4.ckpt").mkdir(parents=True)
     with pytest.raises(Exception, match=r"checkpoint directory .*ckpt already holds 1 entries \(e\.g\. step=4\.ckpt\)"):
         check_new_run(None, [tmp_path / "ckpt"], None)
+
+
+def test_last_is_refused_only_where_no_last_can_be_and_names_the_newest_earlier_one(tmp_path):
+    import os
+
+    new = tmp_path / "demo" / "version_2"  # the version the logger picked for this fit; nothing written yet
+    with pytest.raises(Exception, match="new version directory .*version_2.*<path>") as refused:
+        check_last_found(new, [None], picked_version=True)  # no earlier run at all
+    assert classify(refused.value) == ("user", USAGE) and "\n" not in str(refused.value)
+    for version, age in (("version_0", 200), ("version_1", 100)):  # version_1's last is the newer one
+        last = tmp_path / "demo" / version / "checkpoints" / "last.ckpt"
+        last.mkdir(parents=True)
+        os.utime(last, (last.stat().st_atime, last.stat().st_mtime - age))
+    (tmp_path / "demo" / "version_0" / "checkpoints" / "step=000002.ckpt").mkdir()
+    with pytest.raises(Exception, match=r"resume with --ckpt_path \S*version_1/checkpoints/last.ckpt "):
+        check_last_found(new, [None], picked_version=True)
+    # where a last can be, Lightning's own lookup stands (a job script passing `last` from its first launch on)
+    check_last_found(new, [None], picked_version=False)  # a named version
+    check_last_found(new, [tmp_path / "ckpt"], picked_version=True)  # a dirpath of its own
+    check_last_found(new, [], picked_version=True)  # no ModelCheckpoint: Lightning finds nothing and says so
+    check_last_found(None, [None], picked_version=True)  # no logger: checkpoints go to default_root_dir
+
+
+@pytest.mark.integration
+def test_fit_ckpt_path_last_into_a_new_version_is_refused_before_anything_is_written(tmp_path):
+    def fit(*args):
+        return subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
+                               "configs/demo_chat.yaml", "--trainer.max_steps", "2", "--trainer.enable_progress_bar",
+                               "false", "--trainer.logger.init_args.save_dir", str(tmp_path), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    refused = fit("--ckpt_path", "last")
+    assert refused.returncode == USAGE, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path last: this fit writes its "
+                                                               "checkpoints into a new version directory")
+    assert not list(tmp_path.rglob("version_*"))  # refused before the logger made its directory
+    first = fit("--trainer.logger.init_args.version", "job", "--ckpt_path", "last")  # a job script's first launch
+    assert first.returncode == 0, first.stderr[-3000:]
 
 
 @pytest.mark.integration

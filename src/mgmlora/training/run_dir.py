@@ -6,6 +6,11 @@ the final export replaces its adapter, and checkpoints of both runs mix. `check_
 fit) refuses that with one line naming the directory and what it holds. Continuing the run that lives there
 (`fit --ckpt_path` to a checkpoint inside it) is allowed: that is the same run going on.
 
+`fit --ckpt_path last` resumes from the newest `last` checkpoint in this fit's own checkpoint directory, which Lightning
+looks up; without a ModelCheckpoint `dirpath` or logger `version` of its own that directory is a new `version_N`'s,
+where no earlier `last` can be, and Lightning would only warn and train from scratch. `check_last_found` refuses that
+instead, naming the newest `last` checkpoint of the logger's earlier versions to pass as the path.
+
 `validate` and `test` of a checkpoint log into the run it comes from (`checkpoint_run`), not into a new `version_N`
 beside it: MgmCLI points the logger there and names the saved config `<subcommand>_config.yaml`, so the run's own
 config.yaml stays as fit wrote it.
@@ -90,4 +95,34 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
                              "dirpath elsewhere, or resume that run with --ckpt_path <a checkpoint inside it>.")
 
 
-__all__ = ["LIGHTNING_CKPT_NAMES", "check_new_run", "checkpoint_file", "checkpoint_run"]
+def _lasts(folder: Path) -> list[Path]:
+    """The `last` checkpoints in `folder` as Lightning names them (`last.ckpt`, `last-v1.ckpt`, ...)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.name.startswith("last") and p.name.endswith(".ckpt")]
+
+
+def check_last_found(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Path | None],
+                     picked_version: bool) -> None:
+    """Refuses `--ckpt_path last` where no `last` checkpoint can be found (module docstring).
+
+    That is the case when every ModelCheckpoint writes under the logger's run directory (no `dirpath`) and the logger
+    picked a new `version_N` for this fit. A named version or `dirpath` stays allowed even while it holds no `last`
+    yet: a job script that always passes `--ckpt_path last` starts there on its first launch, as Lightning does.
+
+    Args:
+        log_dir: the logger's run directory (`trainer.log_dir`), None without a logger.
+        checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s (None: `<log_dir>/checkpoints`, set at fit).
+        picked_version: whether every logger picks its version itself (no `version` configured).
+    """
+    dirs = list(checkpoint_dirs)
+    if log_dir is None or not picked_version or not dirs or any(dirs):
+        return
+    earlier = [p for run in Path(log_dir).parent.glob("*/checkpoints") for p in _lasts(run)]
+    hint = (f"resume with --ckpt_path {max(earlier, key=lambda p: p.stat().st_mtime)} (the newest one under "
+            f"{Path(log_dir).parent})" if earlier else "pass the checkpoint to resume as --ckpt_path <path>")
+    raise UsageError(f"--ckpt_path last: this fit writes its checkpoints into a new version directory ({log_dir}), "
+                     f"where no last checkpoint can be, so training would start over; {hint}.")
+
+
+__all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run"]

@@ -70,3 +70,23 @@ def test_a_missing_run_directory_is_one_line_and_writes_nothing(tmp_path):
         compare([tmp_path / "missing"], tmp_path / "out")
     assert classify(refused.value) == ("user", 1) and "\n" not in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_versions_of_one_experiment_are_told_apart_and_wall_time_leaves_out_the_gap_between_fits(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mgmlora.tools.report import compare
+
+    runs = [tmp_path / "ablation" / "version_0", tmp_path / "ablation" / "version_1", tmp_path / "other" / "version_0"]
+    for run in runs:  # one fit of 10 s each
+        with SummaryWriter(str(run)) as writer:
+            for step, t in enumerate((1000.0, 1010.0)):
+                writer.add_scalar("train/loss", 5.0 - step, step, walltime=t)
+    with SummaryWriter(str(runs[1])) as writer:  # version_1 resumed into its own directory an hour later: 20 s more
+        for step, t in ((2, 4610.0), (3, 4630.0)):
+            writer.add_scalar("train/loss", 5.0 - step, step, walltime=t)
+    rows = [line.split("|") for line in compare(runs, tmp_path / "out").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    wall = COLUMNS.index("wall time s") + 1
+    assert [(r[1].strip(), float(r[wall])) for r in rows] == [("ablation/version_0", 10.0),
+                                                              ("ablation/version_1", 30.0), ("other", 10.0)]

@@ -48,7 +48,7 @@ class _Recorder(Logger):
         pass
 
 
-def _fit_tiny(tmp_path, n_samples, callbacks, **trainer_kwargs):
+def _fit_tiny(tmp_path, n_samples, callbacks, ckpt_path=None, **trainer_kwargs):
     """tiny-qwen3 LoRA on the first `n_samples` bundled chat samples, 2 per micro-batch, accumulate 2, no validation.
 
     Returns the DataModule (its tokenised samples are what the counts are made from) and the recording logger.
@@ -61,11 +61,12 @@ def _fit_tiny(tmp_path, n_samples, callbacks, **trainer_kwargs):
                            OptimArgs(warmup_ratio=0.0))
     data.connect(module.tokenizer, module.info)
     logger = _Recorder()
+    trainer_kwargs = {"enable_checkpointing": False, **trainer_kwargs}
     trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=callbacks, limit_val_batches=0,
                         plugins=[AdapterCheckpointIO()], default_root_dir=tmp_path, **trainer_kwargs)
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return data, logger, trainer
 
 
@@ -95,6 +96,25 @@ def test_throughput_monitor_logs_the_tokens_of_each_optimizer_step(tmp_path):
     assert seen == sum(tokens) and sum(supervised) > 0
     assert not any(k.startswith("perf/peak_mem") for m in perf for k in m)  # CUDA only
     assert torch.tensor(supervised).sum() < torch.tensor(tokens).sum()  # answers only, not prompts
+
+
+def test_a_resumed_fit_carries_the_running_totals_on(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps, ckpt_path=None):
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2,
+                                      save_top_k=-1)
+        return _fit_tiny(tmp_path, 8, [ThroughputMonitor(), checkpoints], max_steps=max_steps,
+                         enable_checkpointing=True, ckpt_path=ckpt_path)
+
+    _, whole, _ = fit(4)  # the uninterrupted run: two epochs of two optimizer steps
+    _, resumed, _ = fit(4, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    unbroken = [m for _, m in whole.rows if "perf/tokens_seen" in m]
+    carried = [m for _, m in resumed.rows if "perf/tokens_seen" in m]
+    assert len(unbroken) == 4 and len(carried) == 2  # the resumed fit logs steps 3 and 4
+    # the same tokens as the unbroken run's running total (by hand: its steps 1-4), not a count restarted at step 3
+    assert [m["perf/tokens_seen"] for m in carried] == [m["perf/tokens_seen"] for m in unbroken[2:]]
+    assert carried[-1]["perf/train_time_s"] > carried[-1]["perf/step_time_s"] + carried[0]["perf/step_time_s"]
 
 
 def test_throughput_monitor_reads_the_modules_declared_info_and_fails_without_it():

@@ -43,8 +43,24 @@ def _scalars(run_dir: Path) -> tuple[dict[str, list], float]:
     if not tags:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard scalars (is it a Lightning log directory of a run?)")
     scalars = {tag: events.Scalars(tag) for tag in tags}
-    times = [e.wall_time for values in scalars.values() for e in values]
-    return scalars, max(times) - min(times)
+    return scalars, _wall_time(run_dir)
+
+
+def _wall_time(run_dir: Path) -> float:
+    """Seconds from each fit's first logged value to its last, summed over the fits that logged into `run_dir`.
+
+    A run resumed into its own directory (a named version) logs each fit into an event file of its own; the time
+    between the fits (a preemption, a queue) is not the run's.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    total = 0.0
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        times = [e.wall_time for tag in events.Tags().get("scalars", []) for e in events.Scalars(tag)]
+        total += max(times) - min(times) if times else 0.0
+    return total
 
 
 def whole_run_tokens_per_s(scalars: dict[str, list]) -> float | None:
@@ -178,7 +194,10 @@ def compare(run_dirs: list[str | Path], out: str | Path, names: list[str] | None
                                     "Lightning log directories such as lightning_logs/<name>/version_0.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [summarize(d, names[i] if names else None) for i, d in enumerate(run_dirs)]
+    if names is None:  # each run by its experiment name, with its version where two share one (ablations do)
+        parents = [Path(d).resolve().parent.name for d in run_dirs]
+        names = [f"{p}/{Path(d).resolve().name}" if parents.count(p) > 1 else p for p, d in zip(parents, run_dirs)]
+    runs = [summarize(d, names[i]) for i, d in enumerate(run_dirs)]
     pngs, notes = plot(runs, out)
     text = ["# Run comparison", "", markdown_table(runs), "",
             "tokens/s: whole run, all tokens trained on / time in optimizer steps (this rank; warm-up included).", ""]

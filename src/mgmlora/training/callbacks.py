@@ -43,8 +43,9 @@ def batch_positions(batch: Batch, image_tokens: int) -> torch.Tensor:
 class ThroughputMonitor(L.Callback):
     """Logs tokens/s, supervised tokens/s and step time per optimizer step, and peak GPU memory on CUDA.
 
-    Also running totals since the start of fit: tokens seen and time spent in optimizer steps (validation and
-    checkpointing excluded), whose ratio is the run's whole-run throughput however often metrics are logged.
+    Also running totals since the start of the run: tokens seen and time spent in optimizer steps (validation and
+    checkpointing excluded), whose ratio is the run's whole-run throughput however often metrics are logged. They are
+    part of every checkpoint, so a resumed run carries them on instead of starting again from zero.
 
     Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total.
     They are summed on the device and read once per optimizer step, where the monitor synchronises anyway: a host
@@ -57,8 +58,16 @@ class ThroughputMonitor(L.Callback):
         self._t0: float | None = None
         self._tokens: torch.Tensor | int = 0
         self._supervised: torch.Tensor | int = 0
-        self._seen = 0  # tokens since the start of fit (this rank), logged as a running total
-        self._train_time = 0.0  # seconds spent in optimizer steps since the start of fit, logged as a running total
+        self._seen = 0  # tokens since the start of the run (this rank), logged as a running total
+        self._train_time = 0.0  # seconds spent in optimizer steps since the start of the run, logged as a running total
+
+    def state_dict(self) -> dict[str, float]:
+        """The running totals, saved with each checkpoint (Lightning's callback state)."""
+        return {"tokens_seen": self._seen, "train_time_s": self._train_time}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Carries the running totals of the checkpoint a fit resumes from."""
+        self._seen, self._train_time = int(state_dict["tokens_seen"]), float(state_dict["train_time_s"])
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":

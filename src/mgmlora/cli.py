@@ -54,6 +54,19 @@ def prepare_process() -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
+def _picks_version(logger) -> bool:
+    """Whether the first configured logger picks a new `version_N` for each fit (Lightning's default logger does).
+
+    TensorBoard's and CSV's loggers do without a `version`; other loggers (W&B, MLflow) name their runs otherwise.
+    """
+    first = logger[0] if isinstance(logger, list) and logger else logger
+    if first is None or first is True:
+        return True  # Lightning's default TensorBoard logger
+    class_path = str(getattr(first, "class_path", ""))
+    init = getattr(first, "init_args", None)
+    return class_path.endswith(("TensorBoardLogger", "CSVLogger")) and (init is None or init.get("version") is None)
+
+
 class MgmCLI(LightningCLI):
     """LightningCLI with mgmlora's defaults: adapter-only checkpoints and an overwritable saved config."""
 
@@ -99,12 +112,10 @@ class MgmCLI(LightningCLI):
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
-            loggers = self.config[self.subcommand].trainer.get("logger")
-            configured = [getattr(logger, "init_args", None) for logger in
-                          (loggers if isinstance(loggers, list) else [loggers])]
             check_last_found(self.trainer.log_dir if self.trainer.loggers else None,
-                             [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks],
-                             picked_version=all(a is not None and a.get("version") is None for a in configured))
+                             [(getattr(c, "dirpath", None), bool(getattr(c, "save_last", False)))
+                              for c in self.trainer.checkpoint_callbacks],
+                             picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
 
     def before_instantiate_classes(self) -> None:
         """`validate` and `test` of a checkpoint log into the checkpoint's run (mgmlora.training.run_dir).

@@ -89,4 +89,9 @@ def test_versions_of_one_experiment_are_told_apart_and_wall_time_leaves_out_the_
             if line.startswith("| ") and not line.startswith("| run")]
     wall = COLUMNS.index("wall time s") + 1
     assert [(r[1].strip(), float(r[wall])) for r in rows] == [("ablation/version_0", 10.0),
-                                                              ("ablation/version_1", 30.0), ("other", 10.0)]
+                                                              ("ablation/version_1", 30.0), ("other/version_0", 10.0)]
+    from mgmlora.tools.report import _distinct_names
+
+    one = [tmp_path / "a" / "exp" / "version_0", tmp_path / "b" / "exp" / "version_0", tmp_path / "c" / "x" / "v"]
+    assert _distinct_names(one) == ["a/exp/version_0", "b/exp/version_0", "c/x/v"]
+    assert _distinct_names(one[2:]) == ["x"]

@@ -40,42 +40,52 @@ def test_a_checkpoint_directory_with_entries_is_refused(tmp_path):
         check_new_run(None, [tmp_path / "ckpt"], None)
 
 
-def test_last_is_refused_only_where_no_last_can_be_and_names_the_newest_earlier_one(tmp_path):
+def test_last_is_refused_wherever_lightning_would_find_none_and_names_the_newest_checkpoint(tmp_path):
     import os
 
+    def refused(log_dir, callbacks, picked, match):
+        with pytest.raises(Exception, match=match) as error:
+            check_last_found(log_dir, callbacks, picked)
+        assert classify(error.value) == ("user", USAGE) and "\n" not in str(error.value)
+
+    saves_last = [(None, True)]
     new = tmp_path / "demo" / "version_2"  # the version the logger picked for this fit; nothing written yet
-    with pytest.raises(Exception, match="new version directory .*version_2.*<path>") as refused:
-        check_last_found(new, [None], picked_version=True)  # no earlier run at all
-    assert classify(refused.value) == ("user", USAGE) and "\n" not in str(refused.value)
-    for version, age in (("version_0", 200), ("version_1", 100)):  # version_1's last is the newer one
-        last = tmp_path / "demo" / version / "checkpoints" / "last.ckpt"
-        last.mkdir(parents=True)
-        os.utime(last, (last.stat().st_atime, last.stat().st_mtime - age))
-    (tmp_path / "demo" / "version_0" / "checkpoints" / "step=000002.ckpt").mkdir()
-    with pytest.raises(Exception, match=r"resume with --ckpt_path \S*version_1/checkpoints/last.ckpt "):
-        check_last_found(new, [None], picked_version=True)
-    # where a last can be, Lightning's own lookup stands (a job script passing `last` from its first launch on)
-    check_last_found(new, [None], picked_version=False)  # a named version
-    check_last_found(new, [tmp_path / "ckpt"], picked_version=True)  # a dirpath of its own
-    check_last_found(new, [], picked_version=True)  # no ModelCheckpoint: Lightning finds nothing and says so
-    check_last_found(None, [None], picked_version=True)  # no logger: checkpoints go to default_root_dir
+    refused(new, saves_last, True, "new version directory .*version_2.*--ckpt_path <path>")  # no earlier run
+    for version, age, name in (("version_0", 300, "last.ckpt"), ("version_0", 200, "step=000004.ckpt"),
+                               ("version_1", 100, "interrupted-step=6.ckpt")):  # a preemption's save is the newest
+        path = tmp_path / "demo" / version / "checkpoints" / name
+        path.mkdir(parents=True)
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - age))
+    refused(new, saves_last, True, r"resume with --ckpt_path \S*version_1/checkpoints/interrupted-step=6.ckpt ")
+    refused(new, [], True, "no ModelCheckpoint writes checkpoints")
+    refused(new, [(None, False)], False, "no ModelCheckpoint saves one .*save_last: true")
+    # a named version holding a run without a `last` (save_last was off then): training would start over on top of it
+    named = tmp_path / "demo" / "job"
+    (named / "adapter").mkdir(parents=True)
+    (named / "adapter" / "adapter_model.safetensors").write_bytes(b"a finished run")
+    refused(named, saves_last, False, r"job holds a run but none, so training would start over on top of it")
+    # where Lightning finds a `last`, or on a first launch into a fixed, empty directory, its own lookup stands
+    check_last_found(tmp_path / "demo" / "version_0", saves_last, True)
+    check_last_found(tmp_path / "demo" / "fresh", saves_last, False)  # a job script's first launch
+    check_last_found(new, [(tmp_path / "ckpt", True)], True)  # a dirpath of its own, empty
+    check_last_found(None, saves_last, True)  # no logger: checkpoints go to default_root_dir
 
 
 @pytest.mark.integration
-def test_fit_ckpt_path_last_into_a_new_version_is_refused_before_anything_is_written(tmp_path):
+def test_fit_ckpt_path_last_where_none_can_be_found_is_refused_before_anything_is_written(tmp_path):
     def fit(*args):
         return subprocess.run([sys.executable, str(ROOT / "bin" / "main.py"), "fit", "--config",
                                "configs/demo_chat.yaml", "--trainer.max_steps", "2", "--trainer.enable_progress_bar",
                                "false", "--trainer.logger.init_args.save_dir", str(tmp_path), *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
 
-    refused = fit("--ckpt_path", "last")
-    assert refused.returncode == USAGE, refused.stderr[-3000:]
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: --ckpt_path last: this fit writes its "
-                                                               "checkpoints into a new version directory")
-    assert not list(tmp_path.rglob("version_*"))  # refused before the logger made its directory
-    first = fit("--trainer.logger.init_args.version", "job", "--ckpt_path", "last")  # a job script's first launch
-    assert first.returncode == 0, first.stderr[-3000:]
+    for args, says in ((["--ckpt_path", "last"], "new version directory"),  # the demo's default new version_N
+                       (["--trainer.logger.init_args.version", "job", "--ckpt_path", "last"], "save_last: true")):
+        refused = fit(*args)
+        assert refused.returncode == USAGE, refused.stderr[-3000:]
+        last_line = refused.stderr.strip().splitlines()[-1]
+        assert last_line.startswith("error: --ckpt_path last: no last checkpoint to resume") and says in last_line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("adapter"))  # refused before writing
 
 
 @pytest.mark.integration

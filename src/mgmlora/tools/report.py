@@ -183,6 +183,16 @@ def plot(runs: list[RunSummary], out: Path) -> tuple[list[Path], list[str]]:
     return written, notes
 
 
+def _distinct_names(run_dirs: list[Path]) -> list[str]:
+    """Each run by its experiment name (the folder above `version_N`), with as many folders more as tell runs apart."""
+    names = [d.parent.name for d in run_dirs]  # "exp", then "exp/version_0", "a/exp/version_0", ...
+    for depth in range(2, max(len(d.parts) for d in run_dirs) + 1):
+        if len(set(names)) == len(names):
+            return names
+        names = ["/".join(d.parts[-depth:]) for d in run_dirs]
+    return [str(d) for d in run_dirs]
+
+
 def compare(run_dirs: list[str | Path], out: str | Path, names: list[str] | None = None) -> Path:
     """Writes `comparison.md` (table + plot links) and the PNG plots to `out`; returns the Markdown path.
 
@@ -194,13 +204,14 @@ def compare(run_dirs: list[str | Path], out: str | Path, names: list[str] | None
                                     "Lightning log directories such as lightning_logs/<name>/version_0.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if names is None:  # each run by its experiment name, with its version where two share one (ablations do)
-        parents = [Path(d).resolve().parent.name for d in run_dirs]
-        names = [f"{p}/{Path(d).resolve().name}" if parents.count(p) > 1 else p for p, d in zip(parents, run_dirs)]
+    if names is None:
+        names = _distinct_names([Path(d).resolve() for d in run_dirs])
     runs = [summarize(d, names[i]) for i, d in enumerate(run_dirs)]
     pngs, notes = plot(runs, out)
     text = ["# Run comparison", "", markdown_table(runs), "",
-            "tokens/s: whole run, all tokens trained on / time in optimizer steps (this rank; warm-up included).", ""]
+            "tokens/s: whole run, all tokens trained on / time in optimizer steps (this rank; warm-up included; "
+            "a resumed run's earlier fits too). wall time: first to last logged value of each fit logged into the "
+            "run's directory, summed.", ""]
     text += [f"![{p.stem}]({p.name})" for p in pngs]
     if notes:
         text += ["", *(f"- {note}" for note in notes)]

@@ -47,7 +47,8 @@ class ThroughputMonitor(L.Callback):
     checkpointing excluded), whose ratio is the run's whole-run throughput however often metrics are logged. They are
     part of every checkpoint, so a resumed run carries them on instead of starting again from zero.
 
-    Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total.
+    Token counts are those of this rank (`batch_positions`); multiply by the number of ranks for the job's total
+    (a resume onto another number of ranks, `model.allow_resume_changes`, carries on rank 0's totals).
     They are summed on the device and read once per optimizer step, where the monitor synchronises anyway: a host
     read per micro-batch would stall the CPU until the GPU finished each one, and the next micro-batch's launches would
     start on an idle GPU. Peak memory is `torch.cuda.max_memory_allocated` since the previous optimizer step, in GiB,

@@ -7,9 +7,9 @@ fit) refuses that with one line naming the directory and what it holds. Continui
 (`fit --ckpt_path` to a checkpoint inside it) is allowed: that is the same run going on.
 
 `fit --ckpt_path last` resumes from the newest `last` checkpoint in this fit's own checkpoint directory, which Lightning
-looks up; without a ModelCheckpoint `dirpath` or logger `version` of its own that directory is a new `version_N`'s,
-where no earlier `last` can be, and Lightning would only warn and train from scratch. `check_last_found` refuses that
-instead, naming the newest `last` checkpoint of the logger's earlier versions to pass as the path.
+looks up; where it finds none it only warns and trains from scratch: always so in a new `version_N` (no ModelCheckpoint
+`dirpath` or logger `version` of its own), without `save_last`, and in a named directory whose run saved no `last`,
+whose adapter it would then replace. `check_last_found` refuses those cases, naming the newest checkpoint it finds.
 
 `validate` and `test` of a checkpoint log into the run it comes from (`checkpoint_run`), not into a new `version_N`
 beside it: MgmCLI points the logger there and names the saved config `<subcommand>_config.yaml`, so the run's own
@@ -95,34 +95,52 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
                              "dirpath elsewhere, or resume that run with --ckpt_path <a checkpoint inside it>.")
 
 
-def _lasts(folder: Path) -> list[Path]:
-    """The `last` checkpoints in `folder` as Lightning names them (`last.ckpt`, `last-v1.ckpt`, ...)."""
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if p.name.startswith("last") and p.name.endswith(".ckpt")]
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints in `folder` (any name: `last`, `step=N`, `interrupted-step=N`)."""
+    return [p for p in folder.iterdir() if p.name.endswith(".ckpt")] if folder.is_dir() else []
 
 
-def check_last_found(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Path | None],
+def _is_last(path: Path) -> bool:
+    return path.name.startswith("last")  # as Lightning names them: last.ckpt, last-v1.ckpt, ...
+
+
+def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str | Path | None, bool]],
                      picked_version: bool) -> None:
-    """Refuses `--ckpt_path last` where no `last` checkpoint can be found (module docstring).
+    """Refuses `--ckpt_path last` wherever Lightning would find no `last` and train from scratch (module docstring).
 
-    That is the case when every ModelCheckpoint writes under the logger's run directory (no `dirpath`) and the logger
-    picked a new `version_N` for this fit. A named version or `dirpath` stays allowed even while it holds no `last`
-    yet: a job script that always passes `--ckpt_path last` starts there on its first launch, as Lightning does.
+    Allowed: a `last` in a checkpoint directory, or a first launch into a fixed directory that holds nothing yet (a
+    job script passing `last` from its first launch on) with a ModelCheckpoint that saves a `last`. Refused: no
+    ModelCheckpoint, none with `save_last`, a new `version_N` the logger picked (no `last` can be there), and a
+    directory that holds a run but no `last` (training would start over on top of it). The message names the newest
+    checkpoint of any name found there or in the logger's other versions, to pass instead.
 
     Args:
-        log_dir: the logger's run directory (`trainer.log_dir`), None without a logger.
-        checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s (None: `<log_dir>/checkpoints`, set at fit).
-        picked_version: whether every logger picks its version itself (no `version` configured).
+        log_dir: the first logger's run directory (`trainer.log_dir`), None without a logger.
+        callbacks: each ModelCheckpoint's (`dirpath`, `save_last`); a None dirpath writes to `<log_dir>/checkpoints`.
+        picked_version: whether the first logger picks a new version for this fit (TensorBoard's or CSV's logger
+            without a `version`).
     """
-    dirs = list(checkpoint_dirs)
-    if log_dir is None or not picked_version or not dirs or any(dirs):
+    callbacks = list(callbacks)
+    dirs = [Path(d) if d else Path(log_dir) / "checkpoints" for d, _ in callbacks if d or log_dir is not None]
+    if any(_is_last(p) for d in dirs for p in _checkpoints(d)):
         return
-    earlier = [p for run in Path(log_dir).parent.glob("*/checkpoints") for p in _lasts(run)]
-    hint = (f"resume with --ckpt_path {max(earlier, key=lambda p: p.stat().st_mtime)} (the newest one under "
-            f"{Path(log_dir).parent})" if earlier else "pass the checkpoint to resume as --ckpt_path <path>")
-    raise UsageError(f"--ckpt_path last: this fit writes its checkpoints into a new version directory ({log_dir}), "
-                     f"where no last checkpoint can be, so training would start over; {hint}.")
+    new_version = log_dir is not None and picked_version and bool(callbacks) and not any(d for d, _ in callbacks)
+    held = [d for d in dirs if _checkpoints(d)] + ([Path(log_dir)] if log_dir and _holds(Path(log_dir)) else [])
+    if callbacks and any(last for _, last in callbacks) and not new_version and not held:
+        return  # a first launch into a fixed directory
+    if not callbacks:
+        why = "no ModelCheckpoint writes checkpoints in this fit"
+    elif new_version:
+        why = f"this fit writes its checkpoints into a new version directory ({log_dir}), where none can be"
+    elif not any(last for _, last in callbacks):
+        why = "no ModelCheckpoint saves one (set save_last: true in its init_args)"
+    else:
+        why = f"{held[0]} holds a run but none, so training would start over on top of it"
+    searched = dirs + (list(Path(log_dir).parent.glob("*/checkpoints")) if new_version else [])
+    found = [p for d in searched for p in _checkpoints(d)]
+    hint = (f"resume with --ckpt_path {max(found, key=lambda p: p.lstat().st_mtime)} (the newest checkpoint found)"
+            if found else "pass the checkpoint to resume as --ckpt_path <path>")
+    raise UsageError(f"--ckpt_path last: no last checkpoint to resume, {why}; {hint}.")
 
 
 __all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run"]

@@ -150,11 +150,6 @@ def _take(row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return row.index_select(0, queue_to(positions, row.device))
 
 
-def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """`t` queued for `device` (a host-built tensor: no sync), or None."""
-    return queue_to(t, device) if t is not None else None
-
-
 def _ln_linear(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
@@ -332,8 +327,8 @@ class MGMForCausalLM(nn.Module):
             embeds[b, :n], mask[b, :n], positions[b, :n] = row, 1, torch.arange(n)
             if out_labels is not None:
                 out_labels[b, :n] = row_labels[b]
-        return Spliced(embeds, queue_to(mask, device), _to(out_labels, device),
-                       queue_to(positions, device), None, out_labels)
+        labels_on_device = queue_to(out_labels, device) if out_labels is not None else None
+        return Spliced(embeds, queue_to(mask, device), labels_on_device, queue_to(positions, device), None, out_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, images_aux: torch.Tensor | None = None, packed: bool = False,

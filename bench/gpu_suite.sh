@@ -80,7 +80,9 @@ gpu=$(python3 -c "import torch; n=torch.cuda.get_device_name(); print('h200' if 
 smoke() {  # NAME LIMIT_S ARGS...: one bench/fit_smoke.py run, killed after LIMIT_S seconds
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" python3 bench/fit_smoke.py "$out/$day-$name-$gpu.json" "$@" > "$out/$name.log" 2>&1
+  # -k: a fit stops at SIGTERM only after its current micro-batch (mgmlora.training.preemption), and one that is still
+  # compiling can hold the call to its limit; SIGKILL follows 60 s later
+  timeout -k 60 "$limit" python3 bench/fit_smoke.py "$out/$day-$name-$gpu.json" "$@" > "$out/$name.log" 2>&1
   echo "rc=$? $(grep -E '"(oom|peak_mem_alloc_gib|step_time_s_median|tokens_per_s_median|optimizer_steps)"' \
     "$out/$day-$name-$gpu.json" 2>/dev/null | tr -d '\n ')"
   tail -n 3 "$out/$name.log"
@@ -602,22 +604,23 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   recipe_mgm_fp8)
     # configs/mgm2b_lora_packed.yaml on the FP8 base (model.model.quantization.quant_type: fp8) in the real fit loop
     # under a 24 GiB cap, the same rows and 4 optimizer steps as recipe_mgm_window, at 56 micro-batches per 128
-    # samples (the overlay's; ACCS="48" in a second call for fewer, fuller ones: each loop takes up to 220 s), then
-    # the best isolated FP8 step within 24 GiB in the same call (x3, as in 2026-12-05's peer rounds):
-    # recipe_loop_vs_best_step in each loop's JSON
+    # samples (the overlay's; ACCS="48" in a second call for fewer, fuller ones), then the best isolated FP8 step within
+    # 24 GiB in the same call (x3, as in 2026-12-05's peer rounds): recipe_loop_vs_best_step in each loop's JSON. On a
+    # cold machine the first optimizer step compiles for over 220 s (session 33; 111 s with inductor's cache warm,
+    # bench/results/2026-12-05-mgm2b_lora_packed_fp8_first_step_recompiles-h100.json), hence 330 s per loop
     python3 bench/make_long_llava.py /tmp/mgm_long4.json --text_tokens 100 1500 --copies 22
     for acc in ${ACCS:-56}; do
       # the overlay's 4,608-position cap fits its 56 micro-batches of these rows; fewer, fuller ones need more
       cap=$(( acc < 56 ? 6144 : 4608 ))
       # shellcheck disable=SC2086
-      smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-220} --memory_cap_gib 24 fit \
+      smoke mgm2b_lora_packed_fp8_loop_24gib_acc$acc ${RUN_LIMIT:-330} --memory_cap_gib 24 fit \
         --config configs/mgm2b_lora.yaml --config configs/mgm2b_lora_packed.yaml $mgm \
         --data.init_args.train_path /tmp/mgm_long4.json --trainer.max_steps 4 \
         --model.model.quantization.quant_type fp8 --trainer.accumulate_grad_batches "$acc" \
         --data.init_args.max_tokens "$cap"
     done
     best="$out/$day-train_step_fp8_best_x3-mgm2b-$gpu.json"
-    timeout 180 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
+    timeout -k 10 170 python3 bench/train_step.py --model mgm-2b --quant fp8 --chunk 1024 --warmup 3 --steps 5 \
       --variants chunked+packing+nocast+fused+compile+nockptx3 --out "$best" 2>&1 | tail -n 2
     for acc in ${ACCS:-56}; do
       vs_best "$out/$day-mgm2b_lora_packed_fp8_loop_24gib_acc$acc-$gpu.json" "$best"

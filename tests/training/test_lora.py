@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,15 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mgmlora.training.lora import LORA_PRESETS, LoraArgs, apply_lora, audit_lora, lora_report, plan_lora
+from mgmlora.training.lora import (
+    LORA_PRESETS,
+    LoraArgs,
+    apply_lora,
+    audit_lora,
+    inject_lora,
+    lora_report,
+    plan_lora,
+)
 from tests.conftest import tiny_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,6 +149,20 @@ def test_moe_experts_on_keep_dropout_on_attention_and_use_peft_fused_ranks():
     assert linears and all(isinstance(m.lora_dropout["default"], nn.Dropout) for m in linears)
     assert all(m.lora_dropout["default"].p == 0.05 for m in linears)
     assert "adapted expert parameters" in lora_report(peft_model, plan)
+
+
+def test_a_saved_expert_adapter_config_applies_its_gate_up_rank_without_peft_s_false_warning():
+    # what export, generate and score do with a run's adapter_config.json: PEFT alone warns that the gate_up rank
+    # pattern was ignored (it checks patterns against target_modules only), yet applies it
+    plan = plan_lora(tiny_model("tiny-qwen3-moe"), LoraArgs(preset="chameleons", target_experts=True), moe=True)
+    saved = LoraConfig(**{**plan.config.to_dict(), "inference_mode": True})
+    with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match"):
+        get_peft_model(tiny_model("tiny-qwen3-moe"), LoraConfig(**saved.to_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        peft_model = inject_lora(tiny_model("tiny-qwen3-moe"), saved)
+    ranks = {m.parameter_name: m.r["default"] for m in peft_model.modules() if isinstance(m, ParamWrapper)}
+    assert ranks == {"gate_up_proj": 2 * 64, "down_proj": 64}  # the chameleons preset's r, doubled for gate and up
 
 
 @pytest.mark.parametrize("args,moe,message", [

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from mgmlora.models import LoadedModel, load_model
 from mgmlora.models.args import ModelArgs
@@ -51,6 +51,7 @@ from mgmlora.training.checkpoint import (
     write_adapter,
     write_tensors,
 )
+from mgmlora.training.lora import inject_lora
 from mgmlora.training.trainable import load_trainables
 
 
@@ -189,7 +190,7 @@ def _with_adapter(run: RunAdapter, args: ModelArgs, quantize: bool = True) -> tu
     if run.lora_config is None:
         return loaded, None
     config = LoraConfig(**{**run.lora_config.to_dict(), "inference_mode": True})
-    peft = get_peft_model(loaded.model, config)  # injects the LoRA layers into loaded.model itself
+    peft = inject_lora(loaded.model, config)  # injects the LoRA layers into loaded.model itself
     # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
     check_adapter_tensors(run.source, get_peft_model_state_dict(peft, save_embedding_layers=False), run.adapter)
     set_peft_model_state_dict(peft, run.adapter)

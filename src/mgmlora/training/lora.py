@@ -213,6 +213,19 @@ def plan_lora(model: nn.Module, args: LoraArgs, decoder_layers: str = "model.lay
     return LoraPlan(config, modules, expert_params, values["lora_dropout"], skipped)
 
 
+def inject_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
+    """PEFT's `get_peft_model` (LoRA layers injected into `model` itself), without its false pattern warning.
+
+    PEFT checks rank/alpha patterns against `target_modules` only and warns that the experts' `gate_up_proj` pattern
+    (`plan_lora`: twice the rank for the fused gate and up halves) "matched nothing and was ignored", although it
+    applies it to the parameter wrapper (`lora_report` reads the real ranks; a reload with the wrong rank would fail
+    on the tensors' shapes). Training and every tool that applies a run's adapter come through here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
+        return get_peft_model(model, config)
+
+
 def apply_lora(model: nn.Module, plan: LoraPlan) -> PeftModel:
     """Wraps `model` with PEFT according to `plan`, then audits the result.
 
@@ -221,11 +234,7 @@ def apply_lora(model: nn.Module, plan: LoraPlan) -> PeftModel:
         RuntimeError: if the adapted modules differ from the plan (the audit).
     """
     try:
-        with warnings.catch_warnings():
-            # PEFT checks rank/alpha patterns against target_modules only and warns that the experts' gate_up_proj
-            # pattern "matched nothing", although it applies it to the ParamWrapper (lora_report reads the real ranks).
-            warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
-            peft_model = get_peft_model(model, plan.config)
+        peft_model = inject_lora(model, plan.config)
     except ValueError as err:
         raise ValueError(f"PEFT refused the LoRA config ({err}). Planned targets: {len(plan.modules)} modules, "
                          f"{len(plan.expert_params)} expert parameters; config: {plan.config}") from err

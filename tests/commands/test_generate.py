@@ -63,7 +63,7 @@ def test_an_existing_output_is_not_overwritten_without_overwrite(tmp_path, no_lo
     leaderboard.write_text("[]")
     output.write_text("the user's own predictions")
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--chameleons", str(leaderboard), "--output", str(output)]
-    with pytest.raises(UsageError, match="exists and no progress file .* pass --overwrite"):
+    with pytest.raises(UsageError, match="exists and no progress file .* not a run to resume: pass --overwrite"):
         generate.main(argv)
     assert output.read_text() == "the user's own predictions"
     with pytest.raises(ReadTheCheckpoint):  # with --overwrite the command goes on to the run

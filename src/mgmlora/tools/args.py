@@ -61,5 +61,7 @@ def refuse_finished_output(outputs: Mapping[str, Path], overwrite: bool) -> None
         return
     for role in ("--output", "summary file"):
         if outputs[role].exists():
-            raise UsageError(f"{role} {str(outputs[role])!r} exists and no progress file of a run of these settings "
-                             "belongs to it: pass --overwrite to replace it, or choose another --output.")
+            raise UsageError(f"{role} {str(outputs[role])!r} exists and no progress file "
+                             f"({outputs['progress file'].name}) is beside it, so it is a finished run's output or a "
+                             "file of yours, not a run to resume: pass --overwrite to replace it, or choose another "
+                             "--output.")

@@ -52,6 +52,7 @@ def test_score_writes_predictions_and_scores_and_resumes_after_an_interruption(t
         calls.append(1)
         return stack_inputs(*args, **kwargs)
 
+    # a finished run is not redone silently
     with pytest.raises(UsageError, match="exists and no progress file .* finished run's output"):
         score_cli.main(args)
     out.unlink()

@@ -70,6 +70,22 @@ def test_whole_windows_keeps_only_complete_accumulation_windows():
         WindowBatchSampler(COUNTS, 1, accumulate=20, whole_windows=True)
 
 
+
+@pytest.mark.parametrize("limit,whole,runs,windows", [
+    (6, False, 6, [(0, 4), (4, 6)]),  # Lightning stops the epoch after 6 of 11: the last window is micro-batches 4-5
+    (0.5, False, 5, [(0, 4), (4, 5)]),  # a share: int(11 * 0.5) = 5, as Lightning counts it
+    (6, True, 4, [(0, 4)]),  # DeepSpeed: whole windows within the limit only
+    (1.0, False, 11, [(0, 4), (4, 8), (8, 11)]),  # Lightning's default: the whole epoch
+])
+def test_the_trainer_s_batch_limit_cuts_the_windows_where_the_epoch_stops(limit, whole, runs, windows):
+    keys = [batch for batch in WindowBatchSampler(COUNTS, 1, accumulate=4, shuffle=False, whole_windows=whole,
+                                                  limit_batches=limit)]
+    assert len(keys) == runs
+    for start, end in windows:
+        window = keys[start:end]
+        assert {k.window_tokens for b in window for k in b} == {sum(COUNTS[start:end])}  # dataset order
+        assert [k.window_end for b in window for k in b] == [False] * (end - start - 1) + [True]
+
 def test_rank_batches_are_slices_of_the_seeded_global_batches():
     world, bs, epoch = 3, 2, 4
     order = torch.randperm(len(COUNTS), generator=torch.Generator().manual_seed(9 + epoch)).tolist()

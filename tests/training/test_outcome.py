@@ -11,7 +11,7 @@ from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.errors import classify
 from mgmlora.training.callbacks import AdapterExport
 from mgmlora.training.checkpoint import AdapterCheckpointIO
-from mgmlora.training.outcome import NothingTrainedError, RunOutcome
+from mgmlora.training.outcome import NothingTrainedError, RunOutcome, short_window
 from tests.training.test_module import _module, _subset
 
 SAMPLES, BATCH, ACCUMULATE = 16, 2, 2
@@ -80,3 +80,18 @@ def test_resuming_a_checkpoint_that_already_reached_max_steps_fails_and_keeps_th
         _fit(tmp_path / "again", ckpt_path=tmp_path / "first" / "ckpt" / "step=2.ckpt", max_steps=2)
     assert not (tmp_path / "again" / "run" / "version_0" / "adapter").exists()
     assert first.read_bytes() == before
+
+
+def test_an_epoch_shorter_than_one_window_is_said_at_the_start_and_each_step_takes_what_the_epoch_has(tmp_path):
+    said = rf"accumulate_grad_batches is {ACCUMULATE}, but an epoch has 1 micro-batch\(es\) per device.*takes 1, not 2"
+    with pytest.warns(UserWarning, match=said):
+        trainer, _ = _fit(tmp_path, limit_train_batches=1, max_steps=3)
+    assert trainer.global_step == 3 and trainer.current_epoch == 3  # one micro-batch per step, per epoch
+
+
+def test_whole_windows_and_a_short_last_one_are_not_warned_about():
+    assert short_window(SAMPLES // BATCH, ACCUMULATE) is None  # 8 micro-batches, windows of 2
+    assert short_window(7, 2) is None  # the epoch's last window is short, the others are whole
+    assert short_window(float("inf"), 128) is None  # an iterable dataset of unknown length
+    assert short_window(0, 2) is None  # nothing to train: NothingTrainedError's case
+    assert "takes 127, not 128" in short_window(127, 128)

@@ -254,7 +254,8 @@ class TokenizedDataModule(L.LightningDataModule):
         common = dict(accumulate=trainer.accumulate_grad_batches, shuffle=hp.shuffle, seed=hp.seed,
                       rank=trainer.global_rank, world_size=trainer.world_size, drop_last=hp.drop_last,
                       # a strategy that runs the accumulation itself (DeepSpeed) steps across epoch boundaries
-                      whole_windows=trainer.strategy.handles_gradient_accumulation)
+                      whole_windows=trainer.strategy.handles_gradient_accumulation,
+                      limit_batches=trainer.limit_train_batches)  # Lightning's cut of each epoch
         max_tokens, window_samples = hp.get("max_tokens"), hp.get("window_samples")
         if window_samples is not None:
             if hp.batch_size != 1:

@@ -85,11 +85,15 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         whole_windows: keep only whole accumulation windows in each epoch. Needed under DeepSpeed, which steps every
             `accumulate` micro-batches across epoch boundaries (plain Lightning steps at each epoch's end), so a
             partial last window would be merged with the next epoch's first one and mis-normalised.
+        limit_batches: the trainer's `limit_train_batches` (an int: micro-batches per epoch; a float: that share of
+            them, as Lightning counts it). Lightning stops each epoch there; the windows are cut there too, so the
+            last window's token count covers only the micro-batches that run. `len()` stays the whole epoch's, which
+            Lightning applies the limit to itself.
     """
 
     def __init__(self, num_supervised: Sequence[int], batch_size: int, accumulate: int = 1, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 whole_windows: bool = False):
+                 whole_windows: bool = False, limit_batches: int | float = 1.0):
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size ({batch_size}) and accumulate ({accumulate}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -98,7 +102,7 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         self.sampler = SeededPermutation(len(self.num_supervised), shuffle, seed)
         self.batch_size, self.accumulate = batch_size, accumulate
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.whole_windows = whole_windows
+        self.whole_windows, self.limit_batches = whole_windows, limit_batches
         if whole_windows and self._steps_per_epoch() == 0:
             raise ValueError(f"one epoch holds {self._raw_steps()} global batch(es), fewer than one accumulation "
                              f"window ({accumulate}); under DeepSpeed every optimizer step needs a whole window. Add "
@@ -138,9 +142,15 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
     def __len__(self) -> int:
         return self._steps_per_epoch()
 
+    def _steps_run(self) -> int:
+        """Global steps this epoch runs: `len()` under the trainer's limit (Lightning's count), whole windows kept."""
+        steps, limit = self._steps_per_epoch(), self.limit_batches
+        run = min(steps, limit) if isinstance(limit, int) else int(steps * limit)
+        return run - run % self.accumulate if self.whole_windows else run
+
     def __iter__(self) -> Iterator[list[WindowKey]]:
         batches, world = self._micro_batches(), self.world_size  # (steps * world) lists of indices
-        steps = self._steps_per_epoch()
+        steps = self._steps_run()
         skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
         for w in range(0, steps, self.accumulate):
             window = range(w, min(w + self.accumulate, steps))
@@ -215,6 +225,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
         whole_windows: keep only whole accumulation windows in each epoch (DeepSpeed; see WindowBatchSampler).
         chunk_steps: global steps' worth of samples per length-sorted mega-chunk (larger: less padding, less
             randomness in which samples share a micro-batch).
+        limit_batches: the trainer's `limit_train_batches` (see WindowBatchSampler).
     """
 
     _ORDER_STREAM = 1 << 40  # keeps the micro-batch order's generator apart from the permutation's (seed + epoch)
@@ -222,7 +233,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
     def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], max_tokens: int,
                  batch_size: int | None = None, accumulate: int = 1, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False, whole_windows: bool = False,
-                 chunk_steps: int = 64):
+                 chunk_steps: int = 64, limit_batches: int | float = 1.0):
         if len(costs) != len(num_supervised):
             raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
         if max_tokens < 1 or chunk_steps < 1:
@@ -230,7 +241,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
         self.costs, self.max_tokens, self.chunk_steps = list(costs), max_tokens, chunk_steps
         self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
         super().__init__(num_supervised, batch_size if batch_size is not None else max(len(self.costs), 1),
-                         accumulate, shuffle, seed, rank, world_size, drop_last, whole_windows)
+                         accumulate, shuffle, seed, rank, world_size, drop_last, whole_windows, limit_batches)
         oversize = sum(c > max_tokens for c in self.costs)
         if oversize and rank == 0:
             log.warning("%d sample(s) cost more than max_tokens=%d positions (longest: %d); each is a micro-batch of "
@@ -299,12 +310,13 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches); at most window_samples.
         max_tokens: positions every micro-batch stays within (optional), checked for the run's epochs by
             `check_budget` before training.
-        shuffle, seed, rank, world_size, drop_last, whole_windows: as WindowBatchSampler.
+        shuffle, seed, rank, world_size, drop_last, whole_windows, limit_batches: as WindowBatchSampler.
     """
 
     def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], window_samples: int, accumulate: int = 1,
                  max_tokens: int | None = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, whole_windows: bool = False):
+                 world_size: int = 1, drop_last: bool = False, whole_windows: bool = False,
+                 limit_batches: int | float = 1.0):
         if len(costs) != len(num_supervised):
             raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
         if not 1 <= accumulate <= window_samples:
@@ -316,7 +328,7 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         self.costs, self.window_samples, self.max_tokens = list(costs), window_samples, max_tokens
         self._balanced: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
         super().__init__(num_supervised, window_samples, accumulate, shuffle, seed, rank, world_size, drop_last,
-                         whole_windows)
+                         whole_windows, limit_batches)
 
     def _micro_batches(self) -> list[list[int]]:
         if self._balanced is None or self._balanced[0] != self.epoch:

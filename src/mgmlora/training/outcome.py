@@ -6,7 +6,8 @@ would then write the untrained (or resumed) adapter as if it were a result. `Run
 `bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
 `NothingTrainedError` (exit 1, one line with the reason) when there were no steps, and otherwise prints one final
-line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint.
+line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
+training it warns when an epoch is shorter than one accumulation window (`short_window`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
 
@@ -40,6 +41,22 @@ def _reason(trainer: L.Trainer) -> str:
     return "no training micro-batch completed an accumulation window"
 
 
+def short_window(epoch_batches: int | float, accumulate: int) -> str | None:
+    """The warning for an epoch shorter than one accumulation window, or None.
+
+    Lightning steps the optimizer at the end of every epoch, so with fewer micro-batches per epoch (per device) than
+    `accumulate_grad_batches` every optimizer step sees only the epoch's: a smaller batch per step than the config
+    states (e.g. a 128-sample recipe on a small file), with nothing else saying so. The loss stays normalised over
+    what each window holds (mgmlora.training.window).
+    """
+    if not isinstance(epoch_batches, int) or not 0 < epoch_batches < accumulate:
+        return None
+    return (f"trainer.accumulate_grad_batches is {accumulate}, but an epoch has {epoch_batches} micro-batch(es) per "
+            f"device, and Lightning steps the optimizer at each epoch's end: every optimizer step takes "
+            f"{epoch_batches}, not {accumulate}. Set accumulate_grad_batches to {epoch_batches} or less to say so, "
+            "or train on more data.")
+
+
 class RunOutcome(L.Callback):
     """Fails a fit that made no optimizer step and ends a successful one with a summary line (module docstring)."""
 
@@ -52,6 +69,11 @@ class RunOutcome(L.Callback):
         self.steps = self.samples = 0
         self.tokens = 0
         self._ok = False
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        line = short_window(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        if line:
+            rank_zero_warn(f"mgmlora: {line}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         self.samples += len(batch)
@@ -88,4 +110,4 @@ class RunOutcome(L.Callback):
                        f"tokens) to step {trainer.global_step}; " + ("; ".join(where) or "nothing was saved"))
 
 
-__all__ = ["NothingTrainedError", "RunOutcome"]
+__all__ = ["NothingTrainedError", "RunOutcome", "short_window"]

@@ -122,25 +122,33 @@ KERNEL_KINDS = (
 )
 
 
-def device_breakdown(kernels: list[tuple[float, float, str]]) -> dict:
+def device_breakdown(kernels: list[tuple[float, float, str]], top_per_kind: int = 8) -> dict:
     """Device activity (start_us, end_us, name) of one profiled step -> busy time, idle share and time per kind.
 
     Each kind's time is the sum of its kernels' durations, as a share of the busy time (`busy_and_gaps`: overlaps
     counted once), so kernels that ran concurrently on several streams can add up to more than 1. `other` is what no
-    pattern of `KERNEL_KINDS` names.
+    pattern of `KERNEL_KINDS` names. Each kind also lists its `top_per_kind` kernels by time (`top`: name, ms,
+    launches), so a kind of many small kernels (compiled Triton ones) can be attributed.
     """
     busy = busy_and_gaps(kernels, top=3)
     kinds: dict[str, dict] = {}
     for start, end, name in kernels:
         kind = next((k for k, pattern in KERNEL_KINDS if pattern.search(name)), "other")
-        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": 0})
+        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": 0, "by_name": {}})
         entry["ms"] += (end - start) / 1e3
         entry["kernels"] += 1
+        ms, launches = entry["by_name"].get(name, (0.0, 0))
+        entry["by_name"][name] = (ms + (end - start) / 1e3, launches + 1)
     total_ms = busy["busy_s"] * 1e3 or 1.0
+
+    def top(by_name: dict[str, tuple[float, int]]) -> list[dict]:
+        ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top_per_kind]
+        return [{"name": name[:160], "ms": round(ms, 3), "launches": n} for name, (ms, n) in ranked]
+
     return {"span_ms": round(busy["span_s"] * 1e3, 3), "busy_ms": round(busy["busy_s"] * 1e3, 3),
             "idle_share": busy["idle_share"], "largest_gaps": busy["largest_gaps"],
             "kinds": {k: {"ms": round(v["ms"], 3), "share_of_busy": round(v["ms"] / total_ms, 4),
-                          "kernels": v["kernels"]}
+                          "kernels": v["kernels"], "top": top(v["by_name"])}
                       for k, v in sorted(kinds.items(), key=lambda item: -item[1]["ms"])}}
 
 

@@ -183,6 +183,10 @@ def test_device_time_splits_by_kernel_kind_without_counting_overlaps_twice():
     assert kinds["grouped gemm"]["share_of_busy"] == pytest.approx(0.4)
     assert kinds["attention"]["ms"] == pytest.approx(0.02) and kinds["compiled (triton)"]["ms"] == pytest.approx(0.02)
     assert sum(k["kernels"] for k in kinds.values()) == 6
+    # each kind names its kernels by time: two launches of one compiled kernel add up, the longer kernel comes first
+    more = kernels + [(120, 150, "triton_poi_fused_mul_1"), (150, 160, "triton_per_fused_add_sum_0")]
+    top = loop_timing.device_breakdown(more, top_per_kind=1)["kinds"]["compiled (triton)"]["top"]
+    assert top == [{"name": "triton_per_fused_add_sum_0", "ms": pytest.approx(0.03), "launches": 2}]
 
 
 def test_a_wait_inside_a_library_is_named_by_the_library_frame_and_ours_by_ours():

@@ -153,8 +153,10 @@ def test_a_window_in_balanced_micro_batches_gives_the_gradient_of_one_sample_per
     first = [[k.index for k in b] for b in list(sampler)[:3]]
     assert sorted(i for b in first for i in b) == list(range(8)) and max(len(b) for b in first) > 1
     assert one_each.keys() == balanced.keys() and len(one_each) > 0
-    for name in one_each:
-        torch.testing.assert_close(balanced[name], one_each[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in one_each:  # float32 sums in another order (the grouping; SIMD tails follow each process's buffer
+        # alignment): up to ~1.5e-4 of the tensor's largest gradient seen across processes, so tolerances scale with it
+        scale = one_each[name].abs().max().item()
+        torch.testing.assert_close(balanced[name], one_each[name], rtol=1e-4, atol=3e-4 * scale, msg=name)
 
     # The test can fail: the same micro-batches with each one's own token mean give another gradient.
     counts = [data.splits["train"][i].num_supervised for i in range(8)]

@@ -71,20 +71,36 @@ def test_whole_windows_keeps_only_complete_accumulation_windows():
 
 
 
-@pytest.mark.parametrize("limit,whole,runs,windows", [
-    (6, False, 6, [(0, 4), (4, 6)]),  # Lightning stops the epoch after 6 of 11: the last window is micro-batches 4-5
-    (0.5, False, 5, [(0, 4), (4, 5)]),  # a share: int(11 * 0.5) = 5, as Lightning counts it
-    (6, True, 4, [(0, 4)]),  # DeepSpeed: whole windows within the limit only
-    (1.0, False, 11, [(0, 4), (4, 8), (8, 11)]),  # Lightning's default: the whole epoch
+@pytest.mark.parametrize("limit,runs,windows", [
+    (6, 6, [(0, 4), (4, 6)]),  # Lightning stops the epoch after 6 of 11: the last window is micro-batches 4-5
+    (0.5, 5, [(0, 4), (4, 5)]),  # a share: int(11 * 0.5) = 5, as Lightning counts it
+    (2.0, 11, [(0, 4), (4, 8), (8, 11)]),  # overfit_batches=2.0 sets 2.0; the loader still ends the epoch at 11
+    (1.0, 11, [(0, 4), (4, 8), (8, 11)]),  # Lightning's default: the whole epoch
+    (8, 8, [(0, 4), (4, 8)]),
 ])
-def test_the_trainer_s_batch_limit_cuts_the_windows_where_the_epoch_stops(limit, whole, runs, windows):
-    keys = [batch for batch in WindowBatchSampler(COUNTS, 1, accumulate=4, shuffle=False, whole_windows=whole,
-                                                  limit_batches=limit)]
-    assert len(keys) == runs
+def test_the_trainer_s_batch_limit_cuts_the_windows_where_the_epoch_stops(limit, runs, windows):
+    sampler = WindowBatchSampler(COUNTS, 1, accumulate=4, shuffle=False)
+    sampler.limit(limit)
+    keys = list(sampler)
+    assert len(keys) == runs and len(sampler) == 11  # Lightning limits len() itself
     for start, end in windows:
         window = keys[start:end]
         assert {k.window_tokens for b in window for k in b} == {sum(COUNTS[start:end])}  # dataset order
         assert [k.window_end for b in window for k in b] == [False] * (end - start - 1) + [True]
+
+
+def test_under_deepspeed_a_limit_must_keep_whole_windows():
+    sampler = WindowBatchSampler(COUNTS, 1, accumulate=4, whole_windows=True)  # 8 of 11: two whole windows
+    sampler.limit(4)
+    assert len(list(sampler)) == 4
+    for cut in (3, 6, 0.5):  # 3, 6 and int(8 * 0.5) = 4 micro-batches
+        fresh = WindowBatchSampler(COUNTS, 1, accumulate=4, whole_windows=True)
+        if cut == 0.5:
+            fresh.limit(cut)
+            assert len(list(fresh)) == 4
+            continue
+        with pytest.raises(ValueError, match=f"stops each epoch after {cut} micro-batch.*multiple of accumulate"):
+            fresh.limit(cut)
 
 def test_rank_batches_are_slices_of_the_seeded_global_batches():
     world, bs, epoch = 3, 2, 4

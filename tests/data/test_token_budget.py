@@ -117,6 +117,20 @@ def test_len_equals_yield_in_every_epoch_and_changes_with_the_packing():
     assert len(lengths) > 1  # small chunks: the packing, hence the count, differs between epochs
 
 
+
+def test_a_share_limit_holds_every_epoch_to_the_count_lightning_took_when_the_loader_was_built():
+    sampler = _sampler(chunk_steps=2, accumulate=4)
+    sampler.set_epoch(0)
+    cap = int(len(sampler) * 0.5)  # Lightning's count of the loader's first epoch, kept for the later ones
+    sampler.limit(0.5)
+    for epoch in range(6):  # their packings, and so len(), differ (the test above)
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert len(keys) == min(len(sampler), cap)
+        last = keys[len(keys) - len(keys) % 4 or len(keys) - 4:]  # the last window: the remainder, or a whole one
+        assert [b[0].window_end for b in last] == [False] * (len(last) - 1) + [True]
+        assert {b[0].window_tokens for b in last} == {sum(SUPERVISED[k.index] for b in last for k in b)}
+
 def test_one_chunk_is_the_sorted_permutation_packed_greedily_then_shuffled():
     epoch = 2
     batches = _indices(_run(epoch=epoch, chunk_steps=1000)[0])

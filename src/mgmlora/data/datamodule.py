@@ -254,8 +254,7 @@ class TokenizedDataModule(L.LightningDataModule):
         common = dict(accumulate=trainer.accumulate_grad_batches, shuffle=hp.shuffle, seed=hp.seed,
                       rank=trainer.global_rank, world_size=trainer.world_size, drop_last=hp.drop_last,
                       # a strategy that runs the accumulation itself (DeepSpeed) steps across epoch boundaries
-                      whole_windows=trainer.strategy.handles_gradient_accumulation,
-                      limit_batches=trainer.limit_train_batches)  # Lightning's cut of each epoch
+                      whole_windows=trainer.strategy.handles_gradient_accumulation)
         max_tokens, window_samples = hp.get("max_tokens"), hp.get("window_samples")
         if window_samples is not None:
             if hp.batch_size != 1:
@@ -264,17 +263,22 @@ class TokenizedDataModule(L.LightningDataModule):
                                  "batch_size does not apply. Leave data.batch_size at 1.")
             sampler = BalancedWindowBatchSampler(supervised, self._costs(samples), window_samples,
                                                  max_tokens=max_tokens, **common)
-            sampler.check_budget(_planned_epochs(trainer, len(sampler)))
+            sampler.limit(trainer.limit_train_batches)  # where Lightning stops each epoch
+            sampler.check_budget(_planned_epochs(trainer, sampler.cap or len(sampler)))
             return sampler
         if max_tokens is None:
-            return WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)
+            sampler = WindowBatchSampler(supervised, batch_size=hp.batch_size, **common)
+            sampler.limit(trainer.limit_train_batches)
+            return sampler
         if hp.batch_size == 1:
             rank_zero_warn(f"data.max_tokens={max_tokens} with data.batch_size=1: batch_size caps the samples per "
                            "micro-batch, so every micro-batch holds one sample. Raise data.batch_size.")
         sampler = TokenBudgetBatchSampler(supervised, self._costs(samples), max_tokens, batch_size=hp.batch_size,
                                           **common)
         sampler.set_epoch(trainer.current_epoch)  # len() is the count of the epoch about to run
-        _warn_if_epochs_vary(trainer, len(sampler))
+        sampler.limit(trainer.limit_train_batches)
+        if sampler.cap is None:  # a cap below every epoch's count holds all of them to Lightning's count
+            _warn_if_epochs_vary(trainer, len(sampler))
         return sampler
 
     def train_dataloader(self) -> DataLoader:

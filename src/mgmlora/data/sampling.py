@@ -85,15 +85,13 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         whole_windows: keep only whole accumulation windows in each epoch. Needed under DeepSpeed, which steps every
             `accumulate` micro-batches across epoch boundaries (plain Lightning steps at each epoch's end), so a
             partial last window would be merged with the next epoch's first one and mis-normalised.
-        limit_batches: the trainer's `limit_train_batches` (an int: micro-batches per epoch; a float: that share of
-            them, as Lightning counts it). Lightning stops each epoch there; the windows are cut there too, so the
-            last window's token count covers only the micro-batches that run. `len()` stays the whole epoch's, which
-            Lightning applies the limit to itself.
+
+    `limit` cuts the epochs where the trainer's `limit_train_batches` stops them.
     """
 
     def __init__(self, num_supervised: Sequence[int], batch_size: int, accumulate: int = 1, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 whole_windows: bool = False, limit_batches: int | float = 1.0):
+                 whole_windows: bool = False):
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size ({batch_size}) and accumulate ({accumulate}) must be >= 1")
         if not 0 <= rank < world_size:
@@ -102,7 +100,8 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
         self.sampler = SeededPermutation(len(self.num_supervised), shuffle, seed)
         self.batch_size, self.accumulate = batch_size, accumulate
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.whole_windows, self.limit_batches = whole_windows, limit_batches
+        self.whole_windows = whole_windows
+        self.cap: int | None = None  # micro-batches per rank Lightning runs per epoch (`limit`), None: all
         if whole_windows and self._steps_per_epoch() == 0:
             raise ValueError(f"one epoch holds {self._raw_steps()} global batch(es), fewer than one accumulation "
                              f"window ({accumulate}); under DeepSpeed every optimizer step needs a whole window. Add "
@@ -142,11 +141,33 @@ class WindowBatchSampler(Sampler[list[WindowKey]]):
     def __len__(self) -> int:
         return self._steps_per_epoch()
 
+    def limit(self, limit_batches: int | float) -> None:
+        """Cuts every epoch, and so its last window, where Lightning stops it under `trainer.limit_train_batches`.
+
+        Lightning counts an epoch's micro-batches once per loader build: `len()` of the epoch the loader is built
+        for, limited (an int: at most that many; a float: that share, rounded down), and ends every epoch there or
+        where the loader runs out. Call this when the loader is built, with `len()` already that epoch's. The windows
+        are then cut where the epoch stops, so the last one's token count covers only micro-batches that run (else
+        its loss would be normalised over ones that never do, and its end never come). `len()` stays the whole
+        epoch's, which Lightning limits itself.
+
+        Raises:
+            ValueError: with `whole_windows` (DeepSpeed, which steps every `accumulate` micro-batches across epochs),
+                a limit that cuts an epoch inside a window: its micro-batches would join the next epoch's window.
+        """
+        steps = len(self)
+        cap = min(steps, limit_batches if isinstance(limit_batches, int) else int(steps * limit_batches))
+        if self.whole_windows and cap < steps and cap % self.accumulate:
+            raise ValueError(f"trainer.limit_train_batches={limit_batches} stops each epoch after {cap} "
+                             f"micro-batch(es), inside an accumulation window of {self.accumulate}; under DeepSpeed "
+                             "every optimizer step needs a whole window. Set limit_train_batches to a multiple of "
+                             "accumulate_grad_batches.")
+        self.cap = cap if cap < steps else None
+
     def _steps_run(self) -> int:
-        """Global steps this epoch runs: `len()` under the trainer's limit (Lightning's count), whole windows kept."""
-        steps, limit = self._steps_per_epoch(), self.limit_batches
-        run = min(steps, limit) if isinstance(limit, int) else int(steps * limit)
-        return run - run % self.accumulate if self.whole_windows else run
+        """Global steps this epoch runs: `len()`, at most the cap Lightning stops it at (`limit`)."""
+        steps = self._steps_per_epoch()
+        return steps if self.cap is None else min(steps, self.cap)
 
     def __iter__(self) -> Iterator[list[WindowKey]]:
         batches, world = self._micro_batches(), self.world_size  # (steps * world) lists of indices
@@ -225,7 +246,6 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
         whole_windows: keep only whole accumulation windows in each epoch (DeepSpeed; see WindowBatchSampler).
         chunk_steps: global steps' worth of samples per length-sorted mega-chunk (larger: less padding, less
             randomness in which samples share a micro-batch).
-        limit_batches: the trainer's `limit_train_batches` (see WindowBatchSampler).
     """
 
     _ORDER_STREAM = 1 << 40  # keeps the micro-batch order's generator apart from the permutation's (seed + epoch)
@@ -233,7 +253,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
     def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], max_tokens: int,
                  batch_size: int | None = None, accumulate: int = 1, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False, whole_windows: bool = False,
-                 chunk_steps: int = 64, limit_batches: int | float = 1.0):
+                 chunk_steps: int = 64):
         if len(costs) != len(num_supervised):
             raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
         if max_tokens < 1 or chunk_steps < 1:
@@ -241,7 +261,7 @@ class TokenBudgetBatchSampler(WindowBatchSampler):
         self.costs, self.max_tokens, self.chunk_steps = list(costs), max_tokens, chunk_steps
         self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
         super().__init__(num_supervised, batch_size if batch_size is not None else max(len(self.costs), 1),
-                         accumulate, shuffle, seed, rank, world_size, drop_last, whole_windows, limit_batches)
+                         accumulate, shuffle, seed, rank, world_size, drop_last, whole_windows)
         oversize = sum(c > max_tokens for c in self.costs)
         if oversize and rank == 0:
             log.warning("%d sample(s) cost more than max_tokens=%d positions (longest: %d); each is a micro-batch of "
@@ -310,13 +330,12 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         accumulate: micro-batches per optimizer step (the trainer's accumulate_grad_batches); at most window_samples.
         max_tokens: positions every micro-batch stays within (optional), checked for the run's epochs by
             `check_budget` before training.
-        shuffle, seed, rank, world_size, drop_last, whole_windows, limit_batches: as WindowBatchSampler.
+        shuffle, seed, rank, world_size, drop_last, whole_windows: as WindowBatchSampler.
     """
 
     def __init__(self, num_supervised: Sequence[int], costs: Sequence[int], window_samples: int, accumulate: int = 1,
                  max_tokens: int | None = None, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, whole_windows: bool = False,
-                 limit_batches: int | float = 1.0):
+                 world_size: int = 1, drop_last: bool = False, whole_windows: bool = False):
         if len(costs) != len(num_supervised):
             raise ValueError(f"{len(costs)} costs for {len(num_supervised)} samples")
         if not 1 <= accumulate <= window_samples:
@@ -328,7 +347,7 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         self.costs, self.window_samples, self.max_tokens = list(costs), window_samples, max_tokens
         self._balanced: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
         super().__init__(num_supervised, window_samples, accumulate, shuffle, seed, rank, world_size, drop_last,
-                         whole_windows, limit_batches)
+                         whole_windows)
 
     def _micro_batches(self) -> list[list[int]]:
         if self._balanced is None or self._balanced[0] != self.epoch:

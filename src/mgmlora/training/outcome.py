@@ -35,14 +35,14 @@ def _reason(trainer: L.Trainer) -> str:
         return "trainer.limit_train_batches is 0"
     if not trainer.num_training_batches:
         return "the training split has no batches (empty after filtering, or every sample skipped)"
-    if trainer.global_step and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+    if trainer.ckpt_path and trainer.global_step and 0 < trainer.max_steps <= trainer.global_step:
         return (f"the resumed checkpoint is already at optimizer step {trainer.global_step} = trainer.max_steps; "
                 "raise trainer.max_steps to train further")
     return "no training micro-batch completed an accumulation window"
 
 
 def short_window(epoch_batches: int | float, accumulate: int) -> str | None:
-    """The warning for an epoch shorter than one accumulation window, or None.
+    """The warning for an epoch shorter than one accumulation window (plain Lightning's stepping), or None.
 
     Lightning steps the optimizer at the end of every epoch, so with fewer micro-batches per epoch (per device) than
     `accumulate_grad_batches` every optimizer step sees only the epoch's: a smaller batch per step than the config
@@ -54,7 +54,7 @@ def short_window(epoch_batches: int | float, accumulate: int) -> str | None:
     return (f"trainer.accumulate_grad_batches is {accumulate}, but an epoch has {epoch_batches} micro-batch(es) per "
             f"device, and Lightning steps the optimizer at each epoch's end: every optimizer step takes "
             f"{epoch_batches}, not {accumulate}. Set accumulate_grad_batches to {epoch_batches} or less to say so, "
-            "or train on more data.")
+            "or give an epoch more micro-batches (more data, or a higher trainer.limit_train_batches).")
 
 
 class RunOutcome(L.Callback):
@@ -71,7 +71,9 @@ class RunOutcome(L.Callback):
         self._ok = False
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
-        line = short_window(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        # DeepSpeed steps every window across epoch ends; its samplers refuse a short epoch (data.sampling)
+        line = None if trainer.strategy.handles_gradient_accumulation else \
+            short_window(trainer.num_training_batches, trainer.accumulate_grad_batches)
         if line:
             rank_zero_warn(f"mgmlora: {line}")
 

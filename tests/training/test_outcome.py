@@ -95,3 +95,20 @@ def test_whole_windows_and_a_short_last_one_are_not_warned_about():
     assert short_window(float("inf"), 128) is None  # an iterable dataset of unknown length
     assert short_window(0, 2) is None  # nothing to train: NothingTrainedError's case
     assert "takes 127, not 128" in short_window(127, 128)
+
+
+def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained_one_keeps_its_events(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}\n')
+    module, outcome = _module(), RunOutcome()
+    data = ChatDataModule(str(bad), batch_size=BATCH)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, "run"),
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        limit_val_batches=0, callbacks=[outcome])
+    with pytest.raises(ValueError, match="content must be a string"):
+        trainer.fit(module, data)
+    assert not (tmp_path / "run" / "version_0").exists()  # the logger had opened an event file there
+
+    _fit(tmp_path / "ok")  # the finished fit's directory keeps its events
+    assert list((tmp_path / "ok" / "run" / "version_0").glob("events.out.tfevents.*"))

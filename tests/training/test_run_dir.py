@@ -1,13 +1,16 @@
 """A fit never writes into a directory holding another run, unless it continues that run; an evaluation of a checkpoint
 logs into the checkpoint's run (run_dir.py)."""
 
+import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from mgmlora.errors import USAGE, classify
-from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run
+from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run, discard_own_event_files
 from tests.conftest import ROOT
 
 
@@ -169,3 +172,26 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     events.Reload()
     assert [e.step for e in events.Scalars("test/loss")] == [2]
     assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's
+
+
+def test_only_this_process_s_new_event_files_are_discarded_and_the_directory_only_when_that_empties_it(tmp_path):
+    since = time.time()
+    host, pid = socket.gethostname(), os.getpid()
+    alone = tmp_path / "version_0"
+    alone.mkdir()
+    ours = alone / f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
+    ours.write_bytes(b"x" * 88)
+    assert discard_own_event_files(alone, since) == [ours, alone] and not alone.exists()
+
+    shared = tmp_path / "version_1"
+    shared.mkdir()
+    mine = shared / f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
+    other_pid = shared / f"events.out.tfevents.{int(since)}.{host}.{pid + 1}.0"
+    other_host = shared / f"events.out.tfevents.{int(since)}.elsewhere.{pid}.0"
+    old = shared / f"events.out.tfevents.{int(since) - 7200}.{host}.{pid}.1"  # a reused pid, hours ago
+    for path in (mine, other_pid, other_host, old, shared / "config.yaml"):
+        path.write_bytes(b"x")
+    os.utime(old, (since - 7200, since - 7200))
+    assert discard_own_event_files(shared, since) == [mine]
+    assert {p.name for p in shared.iterdir()} == {other_pid.name, other_host.name, old.name, "config.yaml"}
+    assert discard_own_event_files(tmp_path / "missing", since) == [] and discard_own_event_files(None, since) == []

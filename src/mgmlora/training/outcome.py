@@ -7,11 +7,13 @@ would then write the untrained (or resumed) adapter as if it were a result. `Run
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
 `NothingTrainedError` (exit 1, one line with the reason) when there were no steps, and otherwise prints one final
 line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
-training it warns when an epoch is shorter than one accumulation window (`short_window`).
+training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails before
+training starts takes the empty event file its logger opened (and the directory, if nothing else is in it) away.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
+from mgmlora.training.run_dir import discard_own_event_files
 
 
 class NothingTrainedError(MgmloraError):
@@ -64,13 +67,21 @@ class RunOutcome(L.Callback):
         self.steps = self.samples = 0
         self.tokens: torch.Tensor | int = 0  # supervised tokens, a device tensor once training ran
         self._ok = False
+        self._since, self._training = time.time(), False  # for `on_exception`: what this process may remove
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.steps = self.samples = 0
         self.tokens = 0
         self._ok = False
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A fit that fails before training starts leaves no empty event file, nor a directory holding only that."""
+        if not self._training:
+            for logger in trainer.loggers:
+                discard_own_event_files(getattr(logger, "log_dir", None), self._since)
+
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+        self._training = True
         # DeepSpeed steps every window across epoch ends; its samplers refuse a short epoch (data.sampling)
         line = None if trainer.strategy.handles_gradient_accumulation else \
             short_window(trainer.num_training_batches, trainer.accumulate_grad_batches)

@@ -11,6 +11,7 @@ import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -105,14 +106,16 @@ class MgmCLI(LightningCLI):
         (mgmlora.training.checkpoint.recover).
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        check_new_run(self.trainer.log_dir if self.trainer.loggers else None,
-                      [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None
+        check_new_run(log_dir, [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
+            outcome.fresh_dir = log_dir is not None and not Path(log_dir).exists()  # this fit makes it
         if ckpt_path == "last":
             strategy = self.trainer.strategy
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
-            check_last_found(self.trainer.log_dir if self.trainer.loggers else None,
+            check_last_found(log_dir,
                              [(getattr(c, "dirpath", None), bool(getattr(c, "save_last", False)))
                               for c in self.trainer.checkpoint_callbacks],
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))

@@ -55,3 +55,20 @@ def test_mgm_cli_connects_the_datamodule_to_the_models_tokenizer(tmp_path, in_re
 
     cli = main(["--config", "configs/demo.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
     assert cli.datamodule.tokenizer is cli.model.tokenizer and cli.datamodule.info is cli.model.info
+
+
+def test_counts_no_loader_can_run_are_refused_by_key_before_any_file_is_read(tmp_path):
+    from types import SimpleNamespace
+
+    from mgmlora.errors import UsageError
+
+    dm = connect_data(ChatDataModule(str(tmp_path / "not_read.jsonl"), batch_size=0, eval_batch_size=0, num_workers=-1))
+    said = (r"^data.init_args.batch_size must be >= 1 \(got 0\); "
+            r"data.init_args.eval_batch_size must be >= 1 \(got 0\); "
+            r"data.init_args.num_workers must be >= 0 \(got -1\)\.$")
+    with pytest.raises(UsageError, match=said):
+        dm.setup("fit")
+    dm = connect_data(ChatDataModule(str(tmp_path / "not_read.jsonl")))
+    dm.trainer = SimpleNamespace(accumulate_grad_batches=0)
+    with pytest.raises(UsageError, match=r"^trainer.accumulate_grad_batches must be >= 1 \(got 0\)\.$"):
+        dm.setup("fit")

@@ -101,6 +101,7 @@ def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}\n')
     module, outcome = _module(), RunOutcome()
+    outcome.fresh_dir = True  # what MgmCLI.before_fit finds for a new version_N
     data = ChatDataModule(str(bad), batch_size=BATCH)
     data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, "run"),

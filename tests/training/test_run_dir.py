@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mgmlora.errors import USAGE, classify
-from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run, discard_own_event_files
+from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run, discard_failed_fit
 from tests.conftest import ROOT
 
 
@@ -174,24 +174,30 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's
 
 
-def test_only_this_process_s_new_event_files_are_discarded_and_the_directory_only_when_that_empties_it(tmp_path):
+def test_a_failed_fit_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):
     since = time.time()
     host, pid = socket.gethostname(), os.getpid()
-    alone = tmp_path / "version_0"
-    alone.mkdir()
-    ours = alone / f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
-    ours.write_bytes(b"x" * 88)
-    assert discard_own_event_files(alone, since) == [ours, alone] and not alone.exists()
 
-    shared = tmp_path / "version_1"
-    shared.mkdir()
-    mine = shared / f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
-    other_pid = shared / f"events.out.tfevents.{int(since)}.{host}.{pid + 1}.0"
-    other_host = shared / f"events.out.tfevents.{int(since)}.elsewhere.{pid}.0"
-    old = shared / f"events.out.tfevents.{int(since) - 7200}.{host}.{pid}.1"  # a reused pid, hours ago
-    for path in (mine, other_pid, other_host, old, shared / "config.yaml"):
-        path.write_bytes(b"x")
-    os.utime(old, (since - 7200, since - 7200))
-    assert discard_own_event_files(shared, since) == [mine]
-    assert {p.name for p in shared.iterdir()} == {other_pid.name, other_host.name, old.name, "config.yaml"}
-    assert discard_own_event_files(tmp_path / "missing", since) == [] and discard_own_event_files(None, since) == []
+    def made(folder, *names):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"x")
+        return [folder / name for name in names]
+
+    ours = f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
+    alone = tmp_path / "version_0"  # a directory the fit made: its event file, config and hparams all go
+    written = made(alone, ours, "config.yaml", "hparams.yaml")
+    assert discard_failed_fit(alone, since, fresh=True) == [*written, alone] and not alone.exists()
+
+    shared = tmp_path / "version_1"  # a directory that held a run: only this process's new event file goes
+    other_pid = f"events.out.tfevents.{int(since)}.{host}.{pid + 1}.0"
+    other_host = f"events.out.tfevents.{int(since)}.elsewhere.{pid}.0"
+    old = f"events.out.tfevents.{int(since) - 7200}.{host}.{pid}.1"  # a reused pid, hours ago
+    mine, *_ = made(shared, ours, other_pid, other_host, old, "config.yaml", "hparams.yaml")
+    os.utime(shared / old, (since - 7200, since - 7200))
+    assert discard_failed_fit(shared, since, fresh=False) == [mine]
+    assert {p.name for p in shared.iterdir()} == {other_pid, other_host, old, "config.yaml", "hparams.yaml"}
+    assert discard_failed_fit(tmp_path / "missing", since, True) == [] and discard_failed_fit(None, since, True) == []
+    named = tmp_path / "keep"  # an empty directory the user made and named as the version: it stays
+    mine, = made(named, ours)
+    assert discard_failed_fit(named, since, fresh=False) == [mine] and named.is_dir()

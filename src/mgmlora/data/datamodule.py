@@ -206,6 +206,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if self.info is None:
             raise MgmloraError(f"{type(self).__name__}.setup({stage!r}) before connect(): call "
                                "datamodule.connect(model.tokenizer, model.info) first (bin/main.py does it).")
+        self._check_counts()
         self._build_splits(stage)
         if stage == "fit":
             self._require_training_samples()
@@ -213,6 +214,19 @@ class TokenizedDataModule(L.LightningDataModule):
             raise ValueError("`validate` needs a validation split (set the data's validation path or ratio).")
         if stage == "test" and "test" not in self.splits:
             raise ValueError("`test` needs data.init_args.test_path.")
+
+    def _check_counts(self) -> None:
+        """Refuses counts that no loader can run with, naming the key, before any file is read."""
+        hp = self.hparams
+        bad = [f"data.init_args.{key} must be >= {low} (got {hp.get(key)})"
+               for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("max_tokens", 1), ("window_samples", 1),
+                                ("num_workers", 0))
+               if hp.get(key) is not None and hp.get(key) < low]
+        trainer = self.trainer  # None outside a fit (the tools)
+        if trainer is not None and trainer.accumulate_grad_batches < 1:
+            bad.append(f"trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")
+        if bad:
+            raise UsageError("; ".join(bad) + ".")
 
     def _check_model_family(self) -> None:
         """Refuses text-only data for an image model, where every sample would silently train without its image."""

@@ -8,7 +8,7 @@ optimizer steps, samples and supervised tokens this fit trained on this rank; at
 `NothingTrainedError` (exit 1, one line with the reason) when there were no steps, and otherwise prints one final
 line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
 training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails before
-training starts takes the empty event file its logger opened (and the directory, if nothing else is in it) away.
+training starts takes what it wrote into its log directory away (`run_dir.discard_failed_fit`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
-from mgmlora.training.run_dir import discard_own_event_files
+from mgmlora.training.run_dir import discard_failed_fit
 
 
 class NothingTrainedError(MgmloraError):
@@ -68,6 +68,7 @@ class RunOutcome(L.Callback):
         self.tokens: torch.Tensor | int = 0  # supervised tokens, a device tensor once training ran
         self._ok = False
         self._since, self._training = time.time(), False  # for `on_exception`: what this process may remove
+        self.fresh_dir = False  # MgmCLI: whether this fit's log directory is new (what it writes there may go)
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.steps = self.samples = 0
@@ -75,10 +76,10 @@ class RunOutcome(L.Callback):
         self._ok = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A fit that fails before training starts leaves no empty event file, nor a directory holding only that."""
-        if not self._training:
+        """A fit that fails before training starts leaves no empty event file, nor a directory of its own files only."""
+        if not self._training and trainer.is_global_zero:  # the rank that writes the logs
             for logger in trainer.loggers:
-                discard_own_event_files(getattr(logger, "log_dir", None), self._since)
+                discard_failed_fit(getattr(logger, "log_dir", None), self._since, self.fresh_dir)
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._training = True

@@ -11,9 +11,10 @@ looks up; where it finds none it only warns and trains from scratch: always so i
 `dirpath` or logger `version` of its own), without `save_last`, and in a named directory whose run saved no `last`,
 whose adapter it would then replace. `check_last_found` refuses those cases, naming the newest checkpoint it finds.
 
-A fit that fails before training starts (a bad data record, a missing model file) leaves only the empty TensorBoard
-event file the logger opened for it; `discard_own_event_files` removes this process's and the directory it made, so
-the next launch does not count a `version_N` holding nothing.
+A fit that fails before training starts (a bad data record, a missing model file) leaves files in its log directory
+that hold nothing: an empty TensorBoard event file and, in a directory it made, config.yaml and hparams.yaml.
+`discard_failed_fit` removes them, and then the directory, so the next launch does not count a `version_N` holding
+nothing.
 
 `validate` and `test` of a checkpoint log into the run it comes from (`checkpoint_run`), not into a new `version_N`
 beside it: MgmCLI points the logger there and names the saved config `<subcommand>_config.yaml`, so the run's own
@@ -152,25 +153,34 @@ def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str |
 __all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run"]
 
 
-def discard_own_event_files(log_dir: str | Path | None, since: float) -> list[Path]:
-    """Removes this process's TensorBoard event files from `log_dir`, then the directory itself if that emptied it.
+def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) -> list[Path]:
+    """Removes what a fit that failed before training started wrote into `log_dir`; the directory if that empties it.
 
-    For a fit that failed before training started: what the logger wrote then is a file header and perhaps the
-    hyperparameters, no metric. A file counts as this process's by TensorBoard's own name for it
-    (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and a modification time from `since` (seconds since the epoch) on;
-    nothing else in the directory is touched, and a directory holding anything else stays. Returns what it removed.
+    What such a fit wrote there is a TensorBoard event file (a header, perhaps the hyperparameters, no metric) and,
+    past data setup, the saved config.yaml and the logger's hparams.yaml. Its event files are known by TensorBoard's
+    own name for them (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and a modification time from `since` (seconds
+    since the epoch) on. config.yaml, hparams.yaml and the directory itself (once empty) go only when the fit made
+    the directory (`fresh`): in one that existed they are a run's or the user's. Nothing else is touched. Returns
+    what it removed.
     """
     if log_dir is None or not Path(log_dir).is_dir():
         return []
     folder, removed = Path(log_dir), []
     host, pid = socket.gethostname(), str(os.getpid())
-    for path in folder.glob("events.out.tfevents.*"):
+
+    def ours(path: Path) -> bool:
+        return path.is_file() and path.stat().st_mtime >= since
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
         parts = path.name.split(".")  # events, out, tfevents, <time>, <host...>, <pid>, <n>
-        if len(parts) >= 7 and parts[-2] == pid and ".".join(parts[4:-2]) == host and path.is_file() \
-                and path.stat().st_mtime >= since:
+        if len(parts) >= 7 and parts[-2] == pid and ".".join(parts[4:-2]) == host and ours(path):
             path.unlink()
             removed.append(path)
-    if removed and not any(folder.iterdir()):
+    for name in ("config.yaml", "hparams.yaml") if fresh else ():
+        if ours(folder / name):
+            (folder / name).unlink()
+            removed.append(folder / name)
+    if fresh and not any(folder.iterdir()):
         folder.rmdir()
         removed.append(folder)
     return removed

@@ -108,8 +108,10 @@ class MgmCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
         check_new_run(log_dir, [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        fresh = {Path(d) for d in (getattr(lg, "log_dir", None) for lg in self.trainer.loggers)
+                 if d is not None and not Path(d).exists()}  # the log directories this fit makes
         for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
-            outcome.fresh_dir = log_dir is not None and not Path(log_dir).exists()  # this fit makes it
+            outcome.fresh_dirs = fresh
         if ckpt_path == "last":
             strategy = self.trainer.strategy
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io

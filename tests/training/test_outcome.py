@@ -1,6 +1,7 @@
 """A fit that trains nothing fails with its reason; a finished one says what it trained and where (outcome.py)."""
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -101,7 +102,7 @@ def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}\n')
     module, outcome = _module(), RunOutcome()
-    outcome.fresh_dir = True  # what MgmCLI.before_fit finds for a new version_N
+    outcome.fresh_dirs = {tmp_path / "run" / "version_0"}  # what MgmCLI.before_fit finds for a new version_N
     data = ChatDataModule(str(bad), batch_size=BATCH)
     data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, "run"),
@@ -113,3 +114,38 @@ def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained
 
     _fit(tmp_path / "ok")  # the finished fit's directory keeps its events
     assert list((tmp_path / "ok" / "run" / "version_0").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("fn,exception,removed", [
+    ("fit", ValueError("bad record"), True),
+    ("fit", SystemExit(143), False),  # Lightning's SIGTERMException: PreemptionCheckpoint saves into the run next
+    ("fit", KeyboardInterrupt(), False),
+    ("test", ValueError("bad record"), False),  # an evaluation logs into the checkpoint's run
+])
+def test_only_a_fit_s_error_before_training_takes_its_files_away(tmp_path, fn, exception, removed):
+    from types import SimpleNamespace
+
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, "run")
+    outcome = RunOutcome()
+    logger.experiment.flush()  # the event file the logger opens at setup
+    (Path(logger.log_dir) / "config.yaml").write_text("seed_everything: 0\n")
+    outcome.fresh_dirs = {Path(logger.log_dir)}
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_global_zero=True, loggers=[logger])
+    outcome.on_exception(trainer, None, exception)
+    assert Path(logger.log_dir).exists() is not removed
+
+
+def test_each_logger_s_directory_is_judged_by_itself(tmp_path):
+    from types import SimpleNamespace
+
+    new = L.pytorch.loggers.TensorBoardLogger(tmp_path, "run")
+    (tmp_path / "other" / "mine").mkdir(parents=True)  # the user's, empty, named as the second logger's version
+    named = L.pytorch.loggers.TensorBoardLogger(tmp_path, "other", version="mine")
+    outcome = RunOutcome()
+    outcome.fresh_dirs = {Path(new.log_dir)}  # as MgmCLI.before_fit finds them
+    for logger in (new, named):
+        logger.experiment.flush()
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), is_global_zero=True, loggers=[new, named])
+    outcome.on_exception(trainer, None, ValueError("bad record"))
+    assert not Path(new.log_dir).exists()
+    assert Path(named.log_dir).is_dir() and not any(Path(named.log_dir).iterdir())  # only its new event file went

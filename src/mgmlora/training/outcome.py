@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
@@ -68,7 +69,7 @@ class RunOutcome(L.Callback):
         self.tokens: torch.Tensor | int = 0  # supervised tokens, a device tensor once training ran
         self._ok = False
         self._since, self._training = time.time(), False  # for `on_exception`: what this process may remove
-        self.fresh_dir = False  # MgmCLI: whether this fit's log directory is new (what it writes there may go)
+        self.fresh_dirs: set[Path] = set()  # MgmCLI: the log directories this fit makes (what it writes there may go)
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.steps = self.samples = 0
@@ -76,10 +77,18 @@ class RunOutcome(L.Callback):
         self._ok = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A fit that fails before training starts leaves no empty event file, nor a directory of its own files only."""
-        if not self._training and trainer.is_global_zero:  # the rank that writes the logs
-            for logger in trainer.loggers:
-                discard_failed_fit(getattr(logger, "log_dir", None), self._since, self.fresh_dir)
+        """A fit that fails before training starts leaves no empty event file, nor a directory of its own files only.
+
+        Only for an error (not SIGTERM or Ctrl+C, after which PreemptionCheckpoint saves into the run), in `fit`,
+        on rank zero (the rank that writes the logs), and for TensorBoard's logger (CSV's writes its file again
+        after this hook).
+        """
+        if self._training or not isinstance(exception, Exception) or trainer.state.fn != "fit" \
+                or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
+                discard_failed_fit(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs)
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._training = True

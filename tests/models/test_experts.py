@@ -141,6 +141,7 @@ def test_expert_lora_compiles_with_inductor_from_pefts_strided_factors():
     torch.testing.assert_close(eager[0].float(), manual, rtol=2e-2, atol=2e-2 * manual.abs().max().item())
 
 
+@pytest.mark.integration  # compiles twice: kept out of the fast tier's 2 minutes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_experts_run_in_float32_too(dtype):
     """grouped_mm's compiled form takes bf16 only: float32 experts (the CPU demos) crashed under torch.compile."""

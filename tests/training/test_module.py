@@ -134,6 +134,7 @@ def test_resume_with_dropout_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
     assert other.step_losses[3] != straight.step_losses[3]
 
 
+@pytest.mark.integration  # worker processes: kept out of the fast tier's 2 minutes
 def test_resume_with_dataloader_workers_reproduces_the_uninterrupted_run(tmp_path):
     # Workers only collate here, but they prefetch: the resumed position must be what was trained on, not what the
     # workers had fetched ahead. 4 optimizer steps per epoch; resumed mid-epoch, then across the epoch end.

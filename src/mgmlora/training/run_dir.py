@@ -150,9 +150,6 @@ def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str |
     raise UsageError(f"--ckpt_path last: no last checkpoint to resume, {why}; {hint}.")
 
 
-__all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run"]
-
-
 def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) -> list[Path]:
     """Removes what a fit that failed before training started wrote into `log_dir`; the directory if that empties it.
 
@@ -184,3 +181,7 @@ def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) ->
         folder.rmdir()
         removed.append(folder)
     return removed
+
+
+__all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run",
+           "discard_failed_fit"]

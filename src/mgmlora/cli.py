@@ -107,7 +107,11 @@ class MgmCLI(LightningCLI):
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
-        check_new_run(log_dir, [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path)
+        # Without a logger, config.yaml, checkpoints/ and adapter/ go into trainer.default_root_dir (the working
+        # directory unless set): that directory is the run's, and a run (or a user's config.yaml) there is refused too.
+        run_dir = log_dir if self.trainer.loggers else self.trainer.default_root_dir
+        check_new_run(run_dir, [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path,
+                      logger_off=not self.trainer.loggers)
         fresh = {Path(d) for d in (getattr(lg, "log_dir", None) for lg in self.trainer.loggers)
                  if d is not None and not Path(d).exists()}  # the log directories this fit makes
         for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):

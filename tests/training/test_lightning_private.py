@@ -84,3 +84,28 @@ def test_logging_step_is_the_step_lightning_logs_with_and_trails_global_step_unt
     assert Seen.pairs == [(1, 0), (2, 1), (3, 2)]  # optimizer step N done, Lightning's label still N - 1
     assert Steps.logged == [0, 1, 2]  # the label it gave the logger for steps 1, 2, 3
     assert logging_step(trainer) == 3  # once the batch has ended
+
+
+def test_resumed_checkpoint_saved_reaches_modelcheckpoints_skip_of_the_saved_step(tmp_path):
+    # the fence on `ModelCheckpoint._last_global_step_saved`: a fit resumed at step 1 with accumulation saved step 1
+    # again after its first micro-batch (the optimizer had not stepped); told it is saved, it saves only step 2
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mgmlora.training.lightning_private import resumed_checkpoint_saved
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            resumed_checkpoint_saved(trainer)
+
+    def fit(folder, max_steps, *callbacks, ckpt_path=None):
+        checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                            callbacks=[*callbacks, checkpoint], enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+
+    fit(tmp_path / "a", 1)
+    fit(tmp_path / "b", 2, ckpt_path=tmp_path / "a" / "step=1.ckpt")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step=1.ckpt", "step=2.ckpt"]  # the duplicate
+    fit(tmp_path / "c", 2, AtStart(), ckpt_path=tmp_path / "a" / "step=1.ckpt")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step=2.ckpt"]

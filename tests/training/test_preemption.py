@@ -37,10 +37,10 @@ class _SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS):
-    """Tiny Qwen3 LoRA without dropout (deterministic), 2 samples x 2 accumulated per step; returns the adapter."""
+def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS, lora_dropout=0.0):
+    """Tiny Qwen3 LoRA (no dropout unless asked), 2 samples x 2 accumulated per step; returns the adapter."""
     torch.manual_seed(0)
-    module = _module()
+    module = _module(lora_dropout=lora_dropout)
     data = ChatDataModule(str(TRAIN), batch_size=2, shuffle=True, seed=0)
     data.connect(module.tokenizer, module.info)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
@@ -78,6 +78,28 @@ def test_sigterm_mid_window_saves_the_window_start_and_resuming_it_equals_an_uni
     assert trainer.global_step == STEPS
     for name, value in reference.items():  # step 3 saw both micro-batches of its window, as without the signal
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigterm_mid_window_with_lora_dropout_resumes_with_the_window_start_random_numbers(tmp_path):
+    # the checkpoint is wound back to the window's start: its random-number state must be the one from there too,
+    # else the replayed micro-batch draws other dropout masks than the unbroken run did
+    reference = _fit(tmp_path / "ref", lora_dropout=0.1)[0]
+    with pytest.raises(SystemExit):
+        _fit(tmp_path / "a", _SignalAt(signal.SIGTERM, at=2 * ACCUMULATE), lora_dropout=0.1)
+    ckpt = tmp_path / "a" / "ckpt" / "interrupted-step=000002.ckpt"
+    resumed = _fit(tmp_path / "b", ckpt_path=ckpt, lora_dropout=0.1)[0]
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_resuming_a_checkpoint_in_its_own_directory_leaves_it_as_it_was(tmp_path):
+    # ModelCheckpoint does not remember its last saved step: after the first resumed micro-batch (mid-window, the
+    # optimizer has not stepped) it saved step=2 again, over the very checkpoint being resumed
+    _fit(tmp_path, max_steps=2, lora_dropout=0.1)
+    state = tmp_path / "ckpt" / "step=2.ckpt" / "trainer_state.pt"
+    before = state.read_bytes()
+    _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt", lora_dropout=0.1)
+    assert state.read_bytes() == before
 
 
 def test_sigint_stops_like_sigterm_with_exit_130_and_a_second_one_interrupts_as_usual(tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mgmlora.errors import USAGE, classify
+from mgmlora.errors import USAGE, UsageError, classify
 from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run, discard_failed_fit
 from tests.conftest import ROOT
 
@@ -201,3 +201,15 @@ def test_a_failed_fit_takes_only_what_it_wrote_and_the_directory_only_when_that_
     named = tmp_path / "keep"  # an empty directory the user made and named as the version: it stays
     mine, = made(named, ours)
     assert discard_failed_fit(named, since, fresh=False) == [mine] and named.is_dir()
+
+
+def test_a_fit_without_logger_is_refused_where_its_default_root_dir_holds_a_config_or_a_run(tmp_path):
+    # without a logger config.yaml, checkpoints/ and adapter/ go into default_root_dir (the working directory by
+    # default): a user's own config.yaml there was overwritten, and a second fit replaced the first one's adapter
+    (tmp_path / "config.yaml").write_text("# the user's own config\n")
+    with pytest.raises(UsageError, match="trainer.logger off"):
+        check_new_run(tmp_path, [None], None, logger_off=True)
+    check_new_run(tmp_path / "fresh", [None], None, logger_off=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step=2.ckpt").mkdir()
+    check_new_run(tmp_path, [None], tmp_path / "checkpoints" / "step=2.ckpt", logger_off=True)  # that run going on

@@ -27,6 +27,19 @@ def request_graceful_stop(trainer: L.Trainer) -> None:
     trainer._signal_connector.received_sigterm = True
 
 
+def resumed_checkpoint_saved(trainer: L.Trainer) -> None:
+    """Tells every ModelCheckpoint that the current step (a resumed fit's first) is already saved.
+
+    `ModelCheckpoint._last_global_step_saved` is not part of its state_dict, so a resumed fit starts with 0 and, with
+    `every_n_train_steps` dividing the resumed step and `accumulate_grad_batches` > 1, saves `step=N` again at the end
+    of the first resumed micro-batch (the optimizer has not stepped yet): a mid-window duplicate that overwrites the
+    checkpoint the fit resumed from when both share a directory (mgmlora.training.preemption).
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "_last_global_step_saved"):
+            callback._last_global_step_saved = trainer.global_step
+
+
 def format_summary_table(total_parameters: int, trainable_parameters: int, model_size: float,
                          total_training_modes: dict[str, int], total_flops: int, *summary_data) -> str:
     """The text table Lightning's ModelSummary logs at fit start.
@@ -51,5 +64,6 @@ def logging_step(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-__all__ = ["attached_trainer", "format_summary_table", "logging_step", "request_graceful_stop"]
+__all__ = ["attached_trainer", "format_summary_table", "logging_step", "request_graceful_stop",
+           "resumed_checkpoint_saved"]
 

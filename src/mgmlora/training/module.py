@@ -51,7 +51,7 @@ from mgmlora.training.strategies import (
     zero3_build,
 )
 from mgmlora.training.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
-from mgmlora.training.window import AccumulationWindow
+from mgmlora.training.window import AccumulationWindow, window_offset
 
 # LoRA settings that change what a saved adapter computes: a checkpoint and the config must agree on all of them
 LORA_MATH = ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "use_dora",
@@ -176,7 +176,7 @@ class LoraLitModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Continues training's random-number stream where the previous micro-batch (or the checkpoint) left it."""
-        self._rng.enter()
+        self._rng.enter(starts_window=batch_idx % self.trainer.accumulate_grad_batches == 0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Checks and logs the window's token-mean loss and the (pre-clipping) gradient norm, once per optimizer step.
@@ -314,9 +314,12 @@ class LoraLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Replaces the full state dict with what trains (never the frozen base); adds every rank's RNG state."""
         checkpoint["state_dict"] = {}
-        checkpoint[RNG_KEY] = self._rng.save()  # a collective, like the gather below: every rank runs this hook
-        checkpoint[BASE_KEY] = self.base_id
         trainer = attached_trainer(self)
+        mid_window = trainer is not None and trainer.state.fn == "fit" and window_offset(trainer) > 0
+        # a collective, like the gather below: every rank runs this hook; a checkpoint taken inside an accumulation
+        # window describes the window's start (mgmlora.training.preemption), its random-number state too
+        checkpoint[RNG_KEY] = self._rng.save(at_window_start=mid_window)
+        checkpoint[BASE_KEY] = self.base_id
         if trainer is not None:
             checkpoint[RESUME_KEY] = run_math(trainer, self._dropout())
         adapter, checkpoint["trainables"] = self.trained_on_host()

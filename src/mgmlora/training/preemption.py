@@ -37,19 +37,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mgmlora.training.callbacks import AdapterExport
-from mgmlora.training.lightning_private import request_graceful_stop
-
-
-def _partial_window(trainer: L.Trainer) -> int:
-    """Micro-batches of the current epoch trained since the last optimizer step (0 at a window boundary).
-
-    Windows start at every multiple of `accumulate_grad_batches` within an epoch; an epoch's last micro-batch always
-    ends its window (Lightning steps there, or, under DeepSpeed, the sampler yields whole windows only).
-    """
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-    if progress.is_last_batch:
-        return 0
-    return progress.current.processed % trainer.accumulate_grad_batches
+from mgmlora.training.lightning_private import request_graceful_stop, resumed_checkpoint_saved
+from mgmlora.training.window import window_offset
 
 
 def _rewind(checkpoint: dict[str, Any], micro_batches: int) -> None:
@@ -96,6 +85,11 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._trainer = trainer
         self._take(signal.SIGTERM)
+        if trainer.ckpt_path is not None:
+            # The checkpoint this fit resumes is its step's save. Without this, ModelCheckpoint (which does not
+            # remember its last saved step) saves that step again after the first resumed micro-batch: inside the
+            # window, and over the resumed file itself when it lies in the same directory.
+            resumed_checkpoint_saved(trainer)
 
     def _take(self, signum: int) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -134,7 +128,7 @@ class PreemptionCheckpoint(L.Callback):
     # ---- mid-window checkpoints describe the window's start ----------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         if trainer.state.fn == TrainerFn.FITTING and "loops" in checkpoint:
-            partial = _partial_window(trainer)
+            partial = window_offset(trainer)
             if partial:
                 _rewind(checkpoint, partial)
 

@@ -65,18 +65,32 @@ class TrainingRng:
 
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None  # None: nothing to restore (a fresh run before its first micro-batch)
+        self.window_start: dict[str, Any] | None = None  # the stream where the current accumulation window began
 
-    def enter(self) -> None:
-        """At the start of a training micro-batch: continue the stream where the previous micro-batch left it."""
+    def enter(self, starts_window: bool = False) -> None:
+        """At the start of a training micro-batch: continue the stream where the previous micro-batch left it.
+
+        `starts_window`: the micro-batch is its accumulation window's first; the stream's state here is kept, so that
+        a checkpoint taken inside the window (wound back to its start: mgmlora.training.preemption) can store it.
+        """
         if self.state is not None:
             restore(self.state)
+        if starts_window:
+            self.window_start = self.state if self.state is not None else capture()
 
     def leave(self) -> None:
         """At the end of a training micro-batch's forward: remember where the stream is."""
         self.state = capture()
 
-    def save(self) -> list[dict[str, Any]]:
-        """Every rank's stream state for the checkpoint (a collective under torch.distributed)."""
+    def save(self, at_window_start: bool = False) -> list[dict[str, Any]]:
+        """Every rank's stream state for the checkpoint (a collective under torch.distributed).
+
+        `at_window_start`: the checkpoint describes the start of the current window (it was taken inside one), so the
+        state there is saved, not the one its finished micro-batches left: the resumed run replays the window with
+        the dropout masks the unbroken run drew.
+        """
+        if at_window_start and self.window_start is not None:
+            return gather(self.window_start)
         return gather(self.state if self.state is not None else capture())
 
     def load(self, states: list[dict[str, Any]] | None, rank: int, world_size: int) -> str | None:
@@ -86,4 +100,5 @@ class TrainingRng:
         if len(states) != world_size:
             return f"the checkpoint holds the random-number states of {len(states)} ranks, this run has {world_size}"
         self.state = states[rank]
+        self.window_start = None
         return None

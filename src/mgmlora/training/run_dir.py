@@ -67,13 +67,14 @@ def checkpoint_run(ckpt_path: str | Path | None) -> Path | None:
 
 
 def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Path | None],
-                  ckpt_path: str | Path | None) -> None:
+                  ckpt_path: str | Path | None, logger_off: bool = False) -> None:
     """Refuses a fit whose log or checkpoint directory already holds another run (module docstring).
 
     Args:
         log_dir: the logger's run directory (`trainer.log_dir`), None without a logger.
         checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s.
         ckpt_path: the checkpoint the fit resumes from, if any ("last" and "best" count as continuing).
+        logger_off: the fit has no logger, and `log_dir` is `trainer.default_root_dir`, where it writes instead.
     """
     resumed = checkpoint_file(ckpt_path)
     if resumed is not None:
@@ -87,6 +88,11 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
     if log_dir is not None:
         folder = Path(log_dir)
         held = _holds(folder)
+        if held and not continuing(folder) and logger_off:
+            raise UsageError(f"{folder} already holds {', '.join(held)}; with trainer.logger off this fit writes its "
+                             "config.yaml, checkpoints and adapter there and would replace them. Set "
+                             "trainer.default_root_dir to a new directory, turn a logger on, or resume that run with "
+                             "--ckpt_path <a checkpoint inside it>.")
         if held and not continuing(folder):
             raise UsageError(f"{folder} already holds a run ({', '.join(held)}); this fit would replace its adapter "
                              "and config. Remove trainer.logger.init_args.version (a new version_N is picked), name "

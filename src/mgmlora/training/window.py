@@ -64,4 +64,17 @@ class AccumulationWindow:
         return loss
 
 
-__all__ = ["AccumulationWindow"]
+def window_offset(trainer) -> int:
+    """Micro-batches of the current epoch trained since the last optimizer step (0 at a window boundary).
+
+    Windows start at every multiple of `accumulate_grad_batches` within an epoch; an epoch's last micro-batch always
+    ends its window (Lightning steps there, or, under DeepSpeed, the sampler yields whole windows only). A checkpoint
+    taken at a nonzero offset describes its window's start (mgmlora.training.preemption, mgmlora.training.rng).
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch:
+        return 0
+    return progress.current.processed % trainer.accumulate_grad_batches
+
+
+__all__ = ["AccumulationWindow", "window_offset"]

@@ -228,12 +228,19 @@ def _check_sampler_setting(trainer: L.Trainer, trainer_config) -> None:
                          "itself, to normalise the loss over the whole accumulation window).")
 
 
+FIT_ONLY_KEYS = {"ckpt_path": str, "weights_only": bool}  # `fit`'s own arguments, saved in a run's config.yaml
+
+
 class _ParseOnly(MgmCLI):
     """Parses and checks a run's configs and overrides exactly as `mgmlora fit` does, and instantiates nothing."""
 
     extra_arguments: Callable[[ArgumentParser], None] | None = None  # a tool's own flags, beside the run's keys
 
     def add_arguments_to_parser(self, parser: ArgumentParser) -> None:
+        # the config a run saves (<log_dir>/config.yaml, `fit --print_config`) holds `fit`'s own keys (`ckpt_path`,
+        # `weights_only`): read and dropped, so a tool takes a run's config as `fit --config` does
+        for key, kind in FIT_ONLY_KEYS.items():
+            parser.add_argument(f"--{key}", type=kind | None, default=None, help="from a run's config; ignored")
         if self.extra_arguments is not None:
             self.extra_arguments(parser)
 
@@ -256,7 +263,10 @@ def parse_config(args: list[str], extra_arguments: Callable[[ArgumentParser], No
     parse_only = type("_ToolParse", (_ParseOnly,), {"extra_arguments": staticmethod(extra_arguments)})
     cli = parse_only(LoraLitModule, L.LightningDataModule, subclass_mode_data=True, parser_kwargs=PARSER_KWARGS,
                      args=args, run=False)
-    return cli.config.as_dict()
+    config = cli.config.as_dict()
+    for key in FIT_ONLY_KEYS:
+        config.pop(key, None)
+    return config
 
 
 def parse_files(paths: list[str], overrides: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@ import torch
 from mgmlora.commands import compare, sample_chameleons, score
 from mgmlora.commands.parsing import check_device
 from mgmlora.errors import UsageError
+from mgmlora.tools.args import OutputPathError
 from tests.conftest import ASSETS
 
 
@@ -53,3 +54,36 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line(device, message):
         check_device(device)
     check_device("cpu")
     check_device(None)
+
+
+def test_score_refuses_a_directory_as_output_before_loading_even_with_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setattr("mgmlora.tools.export.read_run_adapter", lambda *a: pytest.fail("the checkpoint was read"))
+    data, out = ASSETS / "persona_chat_val.jsonl", tmp_path / "preds"
+    out.mkdir()
+    with pytest.raises(UsageError, match="--output '.*preds' is a directory"):
+        score.main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--output", str(out), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds"]
+
+
+def test_compare_with_overwrite_replaces_the_whole_report_and_refuses_a_file(tmp_path):
+    """No plot of an earlier comparison survives beside the new table (it would show other runs' numbers)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "exp" / "version_0"
+    with SummaryWriter(str(run)) as writer:
+        writer.add_scalar("train/loss", 1.0, 0)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "peak_memory.png").write_bytes(b"an earlier comparison's plot")
+    compare.main([str(run), "--output", str(report), "--overwrite"])
+    assert (report / "comparison.md").is_file() and not (report / "peak_memory.png").exists()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UsageError, match="is a file"):
+        compare.main([str(run), "--output", str(tmp_path / "file")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compare.main([str(tmp_path / "missing"), "--output", str(tmp_path / "new" / "report")])
+    assert not (tmp_path / "new").exists() and (tmp_path / "file").read_text() == "mine"
+    for output in (tmp_path / "exp", run):  # replaced whole, it would take the run along
+        with pytest.raises(OutputPathError, match="is or holds the run"):
+            compare.main([str(run), "--output", str(output), "--overwrite"])
+    assert any(run.iterdir())  # its event file is still there

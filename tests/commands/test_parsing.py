@@ -101,3 +101,18 @@ def test_a_tool_over_a_recipe_parses_its_flags_with_the_recipes_in_one_parser(to
     with pytest.raises(ArgumentError) as error:
         module.main(["--config", "configs/demo_chat.yaml", *argv])
     assert one_line(error.value).startswith(message)
+
+
+def test_the_tools_that_read_a_config_take_the_config_a_run_saved(tmp_path, in_repo_root):
+    """<log_dir>/config.yaml holds fit's own keys (ckpt_path, weights_only): `fit --config` takes it, so do they."""
+    from mgmlora.cli import parse_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(Path("configs/demo_chameleons.yaml").read_text() + "ckpt_path: null\nweights_only: null\n")
+    config = parse_config(["--config", str(saved)])
+    assert "ckpt_path" not in config and "weights_only" not in config
+    assert config["data"]["init_args"]["ablation"] == "context_only"
+    estimate = importlib.import_module("mgmlora.commands.estimate")
+    estimate.main(["--config", str(saved), "--gpu_memory_gib", "1"])
+    with pytest.raises(ArgumentError):  # still one parser: a typo of those keys is refused
+        parse_config(["--config", str(saved), "--ckpt_pat", "x"])

@@ -95,3 +95,18 @@ def test_refuse_overwrite_compares_resolved_paths(tmp_path):
         refuse_overwrite({"--output": tmp_path / "link" / "x"}, folders={"dir": tmp_path / "c"})
     with pytest.raises(OutputPathError, match="is the input in"):
         refuse_overwrite({"--output": tmp_path / "c" / ".." / "b"}, files={"in": tmp_path / "b"})
+
+
+def test_export_with_overwrite_refuses_an_output_that_holds_its_checkpoint_or_base(tmp_path, base_and_adapter):
+    """--overwrite replaces --output whole: a directory above an input would take the input with it."""
+    export_cli = _tool("export")
+    base, adapter = base_and_adapter
+    before_base, before_adapter = _digest(base), _digest(adapter)
+    with pytest.raises(OutputPathError, match="holds the input --checkpoint"):
+        export_cli.main(["--checkpoint", str(adapter), "--output", str(tmp_path), "--overwrite"])
+    with pytest.raises(OutputPathError, match="holds the input (--checkpoint|--model_path)"):
+        export_cli.main(["--checkpoint", str(adapter), "--output", str(tmp_path), "--overwrite", "--merge",
+                         "--model_path", str(base), "--dtype", "float32"])
+    assert _digest(base) == before_base and _digest(adapter) == before_adapter
+    with pytest.raises(OutputPathError, match="holds the input in"):
+        refuse_overwrite({"--output": tmp_path}, files={"in": tmp_path / "sub" / "f.json"})

@@ -14,7 +14,7 @@ import torch
 from mgmlora.batch import IMAGE_TOKEN_INDEX
 from mgmlora.commands import generate as generate_cli
 from mgmlora.data.chameleons_datamodule import PersonaEncoder
-from mgmlora.errors import run
+from mgmlora.errors import UsageError, run
 from mgmlora.models.causal_lm import load_tokenizer
 from mgmlora.models.mgm import MGMConfig
 from mgmlora.models.mgm_checkpoint import build_mgm
@@ -162,12 +162,30 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
     assert predicted == records  # nothing dropped, reordered or changed
 
 
+def test_a_resumed_sampled_leaderboard_equals_the_unbroken_run(tmp_path, trained_qwen, monkeypatch):
+    """Sampling with a seed is repeatable across an interruption: the resumed run keeps each batch's seed."""
+    path, records = _leaderboard_file(tmp_path)
+    model, tokenizer, encoder = _leaderboard_model(trained_qwen)
+    model.eval()
+    gen = GenerationArgs(max_new_tokens=6, batch_size=2, do_sample=True, seed=7)
+    unbroken = predict_leaderboard(model, tokenizer, encoder, path, tmp_path / "a.json", gen, n=2)
+    assert unbroken["generated_now"] > 4
+    _interrupted_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        predict_leaderboard(model, tokenizer, encoder, path, tmp_path / "b.json", gen, n=2)
+    monkeypatch.undo()
+    resumed = predict_leaderboard(model, tokenizer, encoder, path, tmp_path / "b.json", gen, n=2)
+    assert resumed["resumed_from_progress"] == 2
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads((tmp_path / "a.json").read_text())
+
+
 @pytest.mark.integration
 def test_generate_cli_answers_the_leaderboard(tmp_path, trained_qwen):
     path, _ = _leaderboard_file(tmp_path)
     summary = generate_cli.main(["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output",
                                  str(tmp_path / "p.json"), "--n", "3", "--max_new_tokens", "4", "--dtype", "float32",
-                                 "--max_length", "512"])
+                                 "--max_length", "512",
+            "--ablation", "context_only", "--prompt_role", "system"])
     assert summary["continuations_per_item"] == 3 and summary["generated_now"] == summary["data_items"]
 
 
@@ -178,7 +196,8 @@ def test_generate_cli_resumes_the_same_settings_and_refuses_others_before_loadin
 
     path, _ = _leaderboard_file(tmp_path)
     args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json"),
-            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512",
+            "--ablation", "context_only", "--prompt_role", "system"]
     _interrupted_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         generate_cli.main(args + ["--n", "2"])
@@ -316,7 +335,8 @@ def test_generate_cli_on_a_full_disk_exits_1_with_one_line_and_keeps_every_earli
     monkeypatch.setattr(Path, "write_bytes", full)
     monkeypatch.setattr(sys, "argv", ["generate.py"])  # run() rewrites sys.argv as the tool's command line
     args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(out), "--n", "1",
-            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512"]
+            "--max_new_tokens", "2", "--dtype", "float32", "--max_length", "512",
+            "--ablation", "context_only", "--prompt_role", "system"]
     with pytest.raises(SystemExit) as exited:
         run(generate_cli.main, args)
     assert exited.value.code == 1
@@ -327,3 +347,16 @@ def test_generate_cli_on_a_full_disk_exits_1_with_one_line_and_keeps_every_earli
     progress = output_files(out)["progress file"]
     assert {p: b for p, b in after.items() if p != progress} == before  # no output, no temporary file, inputs kept
     assert len(progress.read_text().splitlines()) > 1  # the generated entries stay for a rerun to resume from
+
+
+def test_leaderboard_without_the_runs_data_settings_is_refused_not_answered_with_defaults(tmp_path, trained_qwen,
+                                                                                          monkeypatch):
+    """A checkpoint or the run's adapter/ copied away from its run: the training prompts are unknown."""
+    path, _ = _leaderboard_file(tmp_path)
+    monkeypatch.setattr(generate_cli, "build_trained_model", lambda *_, **__: pytest.fail("loaded the model"))
+    args = ["--checkpoint", str(trained_qwen), "--chameleons", str(path), "--output", str(tmp_path / "p.json")]
+    with pytest.raises(UsageError, match="no data settings of the run.*pass --ablation, --prompt_role, --max_length"):
+        generate_cli.main(args)
+    with pytest.raises(UsageError, match="pass --prompt_role$|pass --prompt_role \\("):
+        generate_cli.main(args + ["--ablation", "profile_only", "--max_length", "512"])
+    assert not list(tmp_path.glob("p.*"))

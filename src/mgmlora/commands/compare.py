@@ -15,6 +15,8 @@ from pathlib import Path
 
 from mgmlora.commands.parsing import parse_settings
 from mgmlora.errors import UsageError
+from mgmlora.tools.args import OutputPathError
+from mgmlora.tools.output_dir import check_output_dir, writing_dir
 from mgmlora.tools.report import compare as write_comparison
 
 
@@ -29,17 +31,27 @@ class CompareSettings:
     names: list[str] | None = None
     """a short name per run, in the same order"""
     overwrite: bool = False
-    """write into an --output directory that already holds files"""
+    """replace an --output directory that already holds files (the new report is swapped in whole)"""
 
 
 def compare(settings: CompareSettings) -> Path:
     """Writes the comparison; returns the Markdown file."""
     if settings.names and len(settings.names) != len(settings.runs):
         raise UsageError(f"--names has {len(settings.names)} entries for {len(settings.runs)} runs")
-    if settings.output.is_dir() and any(settings.output.iterdir()) and not settings.overwrite:
-        raise UsageError(f"--output {str(settings.output)!r} already holds files: pass --overwrite to replace the "
-                         "comparison in it, or choose an empty or new directory.")
-    md = write_comparison(settings.runs, settings.output, settings.names)
+    check_output_dir(settings.output, settings.overwrite)  # a file, or files without --overwrite: refused
+    out = settings.output.resolve()
+    for run_dir in settings.runs:  # replaced whole, an --output that is or holds a run (`--output .`) would delete it
+        if out == Path(run_dir).resolve() or out in Path(run_dir).resolve().parents:
+            raise OutputPathError(f"--output {str(settings.output)!r} is or holds the run {str(run_dir)!r}: replacing "
+                                  "it would delete the run. Choose an --output outside the runs.")
+    for run_dir in settings.runs:  # before anything is created
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist or is not a directory; pass "
+                                    "Lightning log directories such as lightning_logs/<name>/version_0.")
+    # written beside --output and swapped in whole: no plot of an earlier comparison survives next to the new table
+    with writing_dir(settings.output) as tmp:
+        write_comparison(settings.runs, tmp, settings.names)
+    md = settings.output / "comparison.md"
     print(md.read_text())
     print(f"report: {md} (plots beside it)")
     return md

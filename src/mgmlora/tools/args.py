@@ -24,7 +24,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def refuse_overwrite(outputs: Mapping[str, str | Path | None], files: Mapping[str, str | Path | None] | None = None,
                      folders: Mapping[str, str | Path | None] | None = None) -> None:
-    """Raises OutputPathError when an output is an input file, or is (or lies inside) an input folder.
+    """Raises OutputPathError when an output is an input file, is (or lies inside) an input folder, or holds an input.
+
+    An output that holds an input would take it along when `--overwrite` replaces the output directory whole.
 
     Paths are compared after resolving symlinks and `..`, so `out/../base` is caught as `base`.
 
@@ -32,6 +34,7 @@ def refuse_overwrite(outputs: Mapping[str, str | Path | None], files: Mapping[st
         outputs: what the tool will write, by the flag that names it (e.g. {"--output": "out/merged"}).
         files: input files, by flag; an output equal to one is refused.
         folders: input directories (base model, checkpoint); an output equal to one or inside one is refused.
+        Any input inside an output is refused.
     """
     for out_flag, out in outputs.items():
         if out is None:
@@ -45,6 +48,11 @@ def refuse_overwrite(outputs: Mapping[str, str | Path | None], files: Mapping[st
             if src is not None and _inside(target, Path(src).resolve()):
                 raise OutputPathError(f"{out_flag} {str(out)!r} is inside the input {in_flag} {str(src)!r}: writing "
                                       f"there would overwrite or mix with its files. Choose an {out_flag} outside it.")
+        # an output directory is replaced whole (--overwrite): one that holds an input would delete it
+        for in_flag, src in {**(files or {}), **(folders or {})}.items():
+            if src is not None and target != Path(src).resolve() and _inside(Path(src).resolve(), target):
+                raise OutputPathError(f"{out_flag} {str(out)!r} holds the input {in_flag} {str(src)!r}: replacing it "
+                                      f"would delete the input. Choose an {out_flag} that does not contain it.")
 
 
 def refuse_finished_output(outputs: Mapping[str, Path], overwrite: bool) -> None:
@@ -57,6 +65,10 @@ def refuse_finished_output(outputs: Mapping[str, Path], overwrite: bool) -> None
         outputs: the tool's files by role (`leaderboard.output_files`): "--output", "summary file", "progress file".
         overwrite: the tool's --overwrite flag.
     """
+    for role in ("--output", "summary file", "progress file"):
+        if outputs[role].is_dir():  # found before the model loads, not when the finished output is renamed onto it
+            raise UsageError(f"{role} {str(outputs[role])!r} is a directory; --output names the file to write "
+                             "(e.g. out/preds.jsonl).")
     if overwrite or outputs["progress file"].exists():
         return
     for role in ("--output", "summary file"):

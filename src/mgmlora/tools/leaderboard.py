@@ -122,7 +122,12 @@ def predict_leaderboard(model, tokenizer, encoder: PersonaEncoder, input_path: s
     resumed = sum(1 for s in samples if tuple(s.index) in done)
     todo = [s for s in samples if tuple(s.index) not in done]
     with appending(progress, settings) as write:
-        for batch, batch_gen in seeded_batches(todo, gen):  # batched and seeded as validation and scoring are
+        # batched and seeded over *all* samples, as an unbroken run is: a resumed run skips the batches it finished and
+        # redoes a batch it finished only in part whole, so every batch keeps its composition and seed and the output
+        # equals the unbroken run's
+        for batch, batch_gen in seeded_batches(samples, gen):
+            if all(tuple(s.index) in done for s in batch):
+                continue
             rows = [encoder.generation_prompt(s, gen.max_new_tokens) for s in batch]
             replies = generate_batch(model, tokenizer, rows, batch_gen)
             for sample, texts in zip(batch, replies):

@@ -130,3 +130,16 @@ def test_the_final_export_refuses_nan_tensors(tmp_path):
     with pytest.raises(NonFiniteError, match="tensor b holds NaN or inf"):
         check_finite_tensors({"a": torch.zeros(2), "b": torch.tensor([0.0, math.nan])}, tmp_path / "adapter")
     check_finite_tensors({"a": torch.zeros(2), "ids": torch.tensor([1, 2])}, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(("norms", "stalled"), [
+    ([1.0, 0.5, 0.0, 0.0], "from step 3 to the last, step 4"),
+    ([0.0, 0.0, 0.3], None),  # it learned again
+    ([1.0, 0.0], None),  # a single zero step at the end is not a stretch
+    ([0.0, 0.0], "from step 1 to the last, step 2"),
+])
+def test_stalled_names_the_stretch_of_exactly_zero_gradient_norms_that_runs_to_the_end(norms, stalled):
+    guard = FiniteGuard()
+    for step, norm in enumerate(norms, start=1):
+        assert guard.check(step, {"train/loss": 2.0, "train/grad_norm": torch.tensor(norm)}) is False
+    assert guard.stalled() is None if stalled is None else stalled in guard.stalled()

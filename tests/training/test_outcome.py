@@ -12,13 +12,14 @@ from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.errors import classify
 from mgmlora.training.callbacks import AdapterExport
 from mgmlora.training.checkpoint import AdapterCheckpointIO
+from mgmlora.training.finite import StalledError
 from mgmlora.training.outcome import NothingTrainedError, RunOutcome, short_window
 from tests.training.test_module import _module, _subset
 
 SAMPLES, BATCH, ACCUMULATE = 16, 2, 2
 
 
-def _fit(root, ckpt_path=None, **trainer):
+def _fit(root, ckpt_path=None, extra=(), **trainer):
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = _module()
@@ -30,7 +31,7 @@ def _fit(root, ckpt_path=None, **trainer):
                         limit_val_batches=0, plugins=[AdapterCheckpointIO()],
                         callbacks=[RunOutcome(), ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
                                                                  every_n_train_steps=2, save_top_k=-1),
-                                   AdapterExport()])
+                                   AdapterExport(), *extra])
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, data
 
@@ -77,9 +78,11 @@ def test_resuming_a_checkpoint_that_already_reached_max_steps_fails_and_keeps_th
     _fit(tmp_path / "first", max_steps=2)
     first = tmp_path / "first" / "run" / "version_0" / "adapter" / "adapter_model.safetensors"
     before = first.read_bytes()
-    with pytest.raises(NothingTrainedError, match="already at optimizer step 2 = trainer.max_steps"):
+    with pytest.raises(NothingTrainedError, match="already at optimizer step 2, and trainer.max_steps is 2; raise"):
         _fit(tmp_path / "again", ckpt_path=tmp_path / "first" / "ckpt" / "step=2.ckpt", max_steps=2)
     assert not (tmp_path / "again" / "run" / "version_0" / "adapter").exists()
+    with pytest.raises(NothingTrainedError, match="max_steps is 1; raise trainer.max_steps above 2"):
+        _fit(tmp_path / "fewer", ckpt_path=tmp_path / "first" / "ckpt" / "step=2.ckpt", max_steps=1)
     assert first.read_bytes() == before
 
 
@@ -149,3 +152,25 @@ def test_each_logger_s_directory_is_judged_by_itself(tmp_path):
     outcome.on_exception(trainer, None, ValueError("bad record"))
     assert not Path(new.log_dir).exists()
     assert Path(named.log_dir).is_dir() and not any(Path(named.log_dir).iterdir())  # only its new event file went
+
+
+class _ZeroGradientsFrom(L.Callback):
+    """Zeroes every gradient from optimizer step `first` on, as a saturated model's are (callbacks run first)."""
+
+    def __init__(self, first: int):
+        self.first = first
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 >= self.first:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+
+
+def test_a_fit_whose_gradients_stay_exactly_zero_to_the_end_fails_and_writes_no_adapter(tmp_path):
+    with pytest.raises(StalledError, match="exactly 0 at every optimizer step from step 2 to the last, step 4") as e:
+        _fit(tmp_path / "stalled", extra=[_ZeroGradientsFrom(2)])
+    assert classify(e.value)[1] == 1 and "no adapter was written" in str(e.value)
+    assert not (tmp_path / "stalled" / "run" / "version_0" / "adapter").exists()
+    trainer, _ = _fit(tmp_path / "last", extra=[_ZeroGradientsFrom(4)])  # one zero step at the end: not a stall
+    assert trainer.global_step == 4

@@ -11,6 +11,12 @@ weights and the optimizer's moments stay as they were; the learning-rate schedul
 the run as above. Skipping needs the gradients in PyTorch's hands, so DeepSpeed runs (whose engine owns them) always
 stop. Under `16-mixed` the loss scaler already skips steps whose gradients overflow, so only the loss is checked.
 All ranks agree on the decision (one boolean all-reduce per optimizer step), so no rank waits on a stopped one.
+
+A run can also stop learning without a NaN: a learning rate far too high saturates the model within a few steps,
+after which every gradient is exactly zero and the loss stays flat, and the fit would end with exit 0 and an adapter
+that does nothing useful. `FiniteGuard` notes where the gradient norm became exactly 0 and stayed there;
+`stalled()` names that stretch when it runs to the fit's end (at least two steps), and RunOutcome then fails the
+fit (`StalledError`, exit 1). The gradient norm is a global quantity, the same on every rank.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ class NonFiniteError(MgmloraError):
     """The loss or the gradient norm of an optimizer step is NaN or inf; the step's update was not applied."""
 
 
+class StalledError(MgmloraError):
+    """Every optimizer step from some step to the end of the fit had a gradient norm of exactly zero."""
+
+
 class FiniteGuard:
     """Counts skipped non-finite steps and decides, per optimizer step, between go on, skip and stop.
 
@@ -38,6 +48,8 @@ class FiniteGuard:
             raise ValueError(f"optim.skip_nonfinite_steps must be >= 0 (got {max_skipped})")
         self.max_skipped = max_skipped
         self.skipped = 0
+        self.zero_since: int | None = None  # first step of the current run of exactly-zero gradient norms
+        self.last_step = 0
 
     def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
               can_skip: bool = True, newest: str | None = None, applied: bool = False) -> bool:
@@ -55,6 +67,10 @@ class FiniteGuard:
                       if v is not None and not math.isfinite(float(v))), None)
         bad = agree(first is not None) if agree is not None else first is not None
         if not bad:
+            norm = values.get("train/grad_norm")
+            if norm is not None:  # already on the host: float() above synchronised it
+                self.zero_since = (self.zero_since or step) if float(norm) == 0.0 else None
+                self.last_step = step
             return False
         if can_skip and self.skipped < self.max_skipped:
             self.skipped += 1
@@ -70,6 +86,15 @@ class FiniteGuard:
             "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
 
 
+    def stalled(self) -> str | None:
+        """Why the fit stopped learning (its last steps' gradient norms are exactly 0), or None."""
+        if self.zero_since is None or self.last_step - self.zero_since < 1:
+            return None
+        return (f"the gradient norm was exactly 0 at every optimizer step from step {self.zero_since} to the last, "
+                f"step {self.last_step}: the run stopped learning (the model saturated, typically from a learning "
+                "rate far too high)")
+
+
 def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
     """Removes every gradient the optimizer would use, so its step leaves those parameters and their state as they are.
 
@@ -80,4 +105,4 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-__all__ = ["FiniteGuard", "NonFiniteError", "drop_gradients"]
+__all__ = ["FiniteGuard", "NonFiniteError", "StalledError", "drop_gradients"]

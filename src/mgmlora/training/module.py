@@ -35,9 +35,9 @@ from mgmlora.training.finite import FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
-from mgmlora.training.optim import OptimArgs, build_optimizer
+from mgmlora.training.optim import OptimArgs, build_optimizer, decays_matrices, reapply
 from mgmlora.training.resume import RUN_KEY as RESUME_KEY
-from mgmlora.training.resume import check_resume_math, run_math
+from mgmlora.training.resume import check_resume_math, optimizer_settings, run_math, saved_optimizer_settings
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
     engine_grad_norm,
@@ -72,8 +72,9 @@ class LoraLitModule(L.LightningModule):
         optim: AdamW and learning-rate schedule.
         trainable: which components train (LLM LoRA / frozen / full, MGM projector, towers).
         speed: loss implementation and padding-free micro-batches (mgmlora.training.loss); none changes what is learned.
-        allow_resume_changes: resume a checkpoint although dropout, accumulation, micro-batch size, ranks or precision
-            differ from the run that wrote it (otherwise refused, listing the differences: mgmlora.training.resume).
+        allow_resume_changes: resume a checkpoint although dropout, accumulation, micro-batch size, ranks, precision,
+            or the optimizer's lr, betas, eps or weight decay differ from the run that wrote it (otherwise refused,
+            listing the differences: mgmlora.training.resume); the new values take effect.
     """
 
     def __init__(self, model: ModelArgs, lora: LoraArgs = LoraArgs(), optim: OptimArgs = OptimArgs(),
@@ -104,6 +105,7 @@ class LoraLitModule(L.LightningModule):
         self._rng = TrainingRng()  # dropout's random numbers, saved in checkpoints (mgmlora.training.rng)
         self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
         self.compile_watch: CompileWatch | None = None  # with speed.compile, read after the first micro-batch
+        self._reapply_optim = False  # a resumed fit's allowed optimizer change, applied in on_train_start
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -156,6 +158,20 @@ class LoraLitModule(L.LightningModule):
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("lora", "```\n" + self.report() + "\n```", step)
+
+    def on_train_start(self) -> None:
+        """An allowed change of lr, betas, eps or weight decay on resume takes effect (mgmlora.training.resume).
+
+        Lightning restores the checkpoint's optimizer and schedule states whole, after `on_load_checkpoint`; here,
+        once both are restored, the configured values are put back onto them (mgmlora.training.optim.reapply).
+        """
+        if not self._reapply_optim:
+            return
+        self._reapply_optim = False
+        schedulers = self.trainer.lr_scheduler_configs
+        for optimizer in self.trainer.optimizers:
+            reapply(optimizer, schedulers[0].scheduler if schedulers else None, self.optim_args,
+                    decays_matrices(self.model))
 
     # -- loss --------------------------------------------------------------------------------------------------
     def _loss_sum(self, batch: Batch, with_preds: bool = False) -> LossOut:
@@ -350,8 +366,14 @@ class LoraLitModule(L.LightningModule):
         with gathered(self.model, trainer, modifier_rank=0):
             self._load_checkpoint_tensors(checkpoint)
         if trainer is not None and trainer.state.fn == "fit":  # after the LoRA shape check: that one names more
-            check_resume_math(checkpoint.get(RESUME_KEY), run_math(trainer, self._dropout()),
-                              self.allow_resume_changes, rank_zero_info)
+            a = self.optim_args
+            now = optimizer_settings(a.lr, a.betas, a.eps, a.weight_decay if decays_matrices(self.model) else 0.0)
+            saved_optim = saved_optimizer_settings(checkpoint)
+            saved = {**(checkpoint.get(RESUME_KEY) or {}), **saved_optim}
+            check_resume_math(saved, {**run_math(trainer, self._dropout()), **now}, self.allow_resume_changes,
+                              rank_zero_info)
+            # allowed (or none): the restored optimizer gets the configured values back in on_train_start
+            self._reapply_optim = any(saved_optim[k] != now[k] for k in saved_optim)
 
     def _dropout(self) -> float | None:
         """The LoRA dropout the adapter runs with (None without LoRA)."""

@@ -50,10 +50,32 @@ class OptimArgs:
             raise ValueError(f"optim.skip_nonfinite_steps must be >= 0 (got {self.skip_nonfinite_steps})")
 
 
+def decays_matrices(model: nn.Module) -> bool:
+    """Whether `build_optimizer`'s first group (the one with weight decay) exists: some trainable matrix."""
+    return any(p.ndim >= 2 for p in model.parameters() if p.requires_grad)
+
+
+def reapply(optimizer: torch.optim.Optimizer, scheduler, args: OptimArgs, decays: bool) -> None:
+    """Puts `args`' peak lr, betas, eps and weight decay on a restored optimizer and schedule (an allowed change).
+
+    A resumed fit restores both states whole, the checkpoint's lr included (mgmlora.training.resume). The groups are
+    `build_optimizer`'s, in its order (`decays`: the first one decays); each group's lr becomes the new peak times the
+    schedule's factor at its current step, as the schedule would have set it.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"], group["eps"] = tuple(args.betas), args.eps
+        group["weight_decay"] = args.weight_decay if decays and i == 0 else 0.0
+        group["initial_lr"] = args.lr
+    if scheduler is not None:
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = args.lr * factor(scheduler.last_epoch)
+
+
 def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int) -> dict:
     """AdamW over the trainable parameters plus a per-step schedule, in Lightning's configure_optimizers format."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
+    groups = [  # the decayed group first (`decays_matrices`, `reapply`)
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]

@@ -5,7 +5,8 @@
 would then write the untrained (or resumed) adapter as if it were a result. `RunOutcome` (added to every
 `bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
-`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, and otherwise prints one final
+`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, `StalledError` (exit 1) when the
+gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one final
 line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
 training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails before
 training starts takes what it wrote into its log directory away (`run_dir.discard_failed_fit`).
@@ -22,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
+from mgmlora.training.finite import StalledError
 from mgmlora.training.run_dir import discard_failed_fit
 
 
@@ -40,8 +42,8 @@ def _reason(trainer: L.Trainer) -> str:
     if not trainer.num_training_batches:
         return "the training split has no batches (empty after filtering, or every sample skipped)"
     if trainer.ckpt_path and trainer.global_step and 0 < trainer.max_steps <= trainer.global_step:
-        return (f"the resumed checkpoint is already at optimizer step {trainer.global_step} = trainer.max_steps; "
-                "raise trainer.max_steps to train further")
+        return (f"the resumed checkpoint is already at optimizer step {trainer.global_step}, and trainer.max_steps is "
+                f"{trainer.max_steps}; raise trainer.max_steps above {trainer.global_step} to train further")
     return "no training micro-batch completed an accumulation window"
 
 
@@ -108,6 +110,13 @@ class RunOutcome(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
         if self.steps == 0:
             raise NothingTrainedError(f"the run trained nothing: {_reason(trainer)}; no adapter was written.")
+        guard = getattr(pl_module, "finite", None)  # LoraLitModule's FiniteGuard (mgmlora.training.finite)
+        why = guard.stalled() if guard is not None else None
+        if why:
+            written = [str(c.written) for c in trainer.callbacks if getattr(c, "written", None) is not None]
+            kept = f"the adapter in {written[0]} is that run's" if written else "no adapter was written"
+            raise StalledError(f"{why}; {kept}. Lower model.optim.lr (or set trainer.gradient_clip_val) and train "
+                               "again from the start.")
         self._ok = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:  # noqa: D102

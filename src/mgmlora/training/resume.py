@@ -8,6 +8,12 @@ data-parallel ranks (together the global batch) and precision. Each checkpoint s
 `fit --ckpt_path` with any of them different stops before training with every difference listed, unless
 `model.allow_resume_changes: true` says the change is meant (then each difference is logged instead). Checkpoints
 written before this check carry none and are not compared.
+
+The optimizer's own settings (peak learning rate, betas, eps, weight decay) are read from the checkpoint's optimizer
+and schedule states (`saved_optimizer_settings`): Lightning restores those states whole, so a changed `model.optim.lr`
+would otherwise be silently replaced by the checkpoint's. They are compared the same way; an allowed change is put
+back onto the restored optimizer (mgmlora.training.optim.reapply), so it takes effect from the first resumed step.
+The schedule's shape (warmup, decay, total steps) is rebuilt from the config on every start and needs no check.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ RUN_KEY = "mgmlora_run_math"
 KEYS = {"lora_dropout": "model.lora.lora_dropout", "accumulate_grad_batches": "trainer.accumulate_grad_batches",
         "batch_size": "data.init_args.batch_size", "max_tokens": "data.init_args.max_tokens",
         "window_samples": "data.init_args.window_samples",
-        "world_size": "trainer.devices x trainer.num_nodes (ranks)", "precision": "trainer.precision"}
+        "world_size": "trainer.devices x trainer.num_nodes (ranks)", "precision": "trainer.precision",
+        "lr": "model.optim.lr", "betas": "model.optim.betas", "eps": "model.optim.eps",
+        "weight_decay": "model.optim.weight_decay"}
 
 
 def run_math(trainer: Any, lora_dropout: float | None) -> dict:
@@ -33,6 +41,31 @@ def run_math(trainer: Any, lora_dropout: float | None) -> dict:
               "window_samples": hp.get("window_samples"), "world_size": trainer.world_size,
               "precision": str(trainer.precision)}
     return {k: v for k, v in values.items() if v is not None or k in ("max_tokens", "window_samples")}
+
+
+def saved_optimizer_settings(checkpoint: dict) -> dict:
+    """The peak lr, betas, eps and weight decay a checkpoint's optimizer ran with, as far as its states tell.
+
+    The peak lr is the schedule's base lr (a plain and a DeepSpeed checkpoint both keep the schedule); betas, eps and
+    the weight decay of the decayed group (the largest; the other group has none) come from the optimizer state,
+    which DeepSpeed keeps in its own files instead.
+    """
+    settings: dict = {}
+    schedulers = checkpoint.get("lr_schedulers") or []
+    if schedulers and schedulers[0].get("base_lrs"):
+        settings["lr"] = float(schedulers[0]["base_lrs"][0])
+    optimizers = checkpoint.get("optimizer_states") or []
+    groups = optimizers[0].get("param_groups") if optimizers and isinstance(optimizers[0], dict) else None
+    if groups:
+        settings["betas"] = [float(b) for b in groups[0]["betas"]]
+        settings["eps"] = float(groups[0]["eps"])
+        settings["weight_decay"] = max(float(g.get("weight_decay", 0.0)) for g in groups)
+    return settings
+
+
+def optimizer_settings(lr: float, betas, eps: float, weight_decay: float) -> dict:
+    """The running fit's counterpart of `saved_optimizer_settings` (weight_decay: 0 when no group decays)."""
+    return {"lr": float(lr), "betas": [float(b) for b in betas], "eps": float(eps), "weight_decay": float(weight_decay)}
 
 
 def resume_differences(saved: dict | None, current: dict) -> list[str]:
@@ -56,4 +89,5 @@ def check_resume_math(saved: dict | None, current: dict, allow: bool, log) -> No
                      "model.allow_resume_changes: true to continue with the new ones on purpose.")
 
 
-__all__ = ["RUN_KEY", "check_resume_math", "resume_differences", "run_math"]
+__all__ = ["RUN_KEY", "check_resume_math", "optimizer_settings", "resume_differences", "run_math",
+           "saved_optimizer_settings"]

@@ -105,6 +105,7 @@ def _parsed_model_path(cli_class, ckpt, monkeypatch):
     return parsed.value.args[0]["fit"]["model"]["model"]["model_path"]
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_mgmcli_keeps_a_checkpoint_files_hyperparameters_out_of_the_config_that_lightning_cli_merges(tmp_path,
                                                                                                     monkeypatch):
     # MgmCLI overrides LightningCLI's private _parse_ckpt_path (its only hook before instantiation) with a no-op.

@@ -162,6 +162,7 @@ def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_q
     assert predicted == records  # nothing dropped, reordered or changed
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_a_resumed_sampled_leaderboard_equals_the_unbroken_run(tmp_path, trained_qwen, monkeypatch):
     """Sampling with a seed is repeatable across an interruption: the resumed run keeps each batch's seed."""
     path, records = _leaderboard_file(tmp_path)

@@ -240,6 +240,7 @@ def test_estimate_cli_gives_a_verdict_and_the_cheapest_fix(in_repo_root, capsys)
     assert lora["fits"] is True and lora["trainable_per_component"]["lora adapters"][0] > 0
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_a_config_training_refuses_gets_the_refusal_not_a_figure(in_repo_root):
     """An NF4 MoE base without checkpointing stops at start in training (fastpath.py): the estimate says why."""
     qlora = ["--config", "configs/qwen3-30b-a3b_qlora_chameleons.yaml"]
@@ -389,6 +390,7 @@ def test_4bit_expert_lora_dequantises_one_layer_and_peft_also_merges_it(expert_l
     assert items["dequantised weights (one layer, transient)"] * GIB == pytest.approx(copies * one_layer, rel=1e-9)
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_a_4bit_moe_run_is_never_told_to_use_deepspeed(in_repo_root, capsys):
     # configs/qwen3-30b-a3b_qlora_chameleons.yaml with expert LoRA r8: 28.6 GiB estimated (27.6 measured on an H200).
     # Without the 4-bit base the cheapest fix would be optimizer offload, which DeepSpeed cannot run on 4-bit experts.

@@ -183,6 +183,7 @@ def test_an_unmeasured_config_keeps_its_own_setting_first_then_the_rule(in_repo_
             assert over.total_gib > 80 - HEADROOM_GIB
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_the_4bit_base_joins_only_when_the_bf16_base_does_not_fit(in_repo_root):
     """Qwen3-30B-A3B's bf16 recipe on one 24 GB card: the shipped QLoRA recipe's setting, not more GPUs."""
     for devices in ("1", "8"):
@@ -196,6 +197,7 @@ def test_the_4bit_base_joins_only_when_the_bf16_base_does_not_fit(in_repo_root):
     assert not any(s.quantized for s in candidates(*_run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"]), 80))
 
 
+@pytest.mark.integration  # over 1 s: keeps the fast tier under CI's 2 minutes
 def test_expert_lora_on_the_4bit_moe_base_is_planned_with_checkpointing_only(in_repo_root):
     run = _run(["configs/qwen3-30b-a3b_lora_chameleons.yaml"], [
         "--trainer.devices", "1", "--model.lora.target_experts", "true", "--model.lora.r", "8"])

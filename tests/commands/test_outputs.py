@@ -87,3 +87,7 @@ def test_compare_with_overwrite_replaces_the_whole_report_and_refuses_a_file(tmp
         with pytest.raises(OutputPathError, match="is or holds the run"):
             compare.main([str(run), "--output", str(output), "--overwrite"])
     assert any(run.iterdir())  # its event file is still there
+    (report / "notes.txt").write_text("the user's")  # replaced whole, it would go: only a comparison may
+    with pytest.raises(UsageError, match=r"holds files compare did not write \(notes.txt\)"):
+        compare.main([str(run), "--output", str(report), "--overwrite"])
+    assert (report / "notes.txt").read_text() == "the user's" and (report / "comparison.md").is_file()

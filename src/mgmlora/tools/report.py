@@ -34,6 +34,11 @@ class RunSummary:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # tag -> [(x, value)]
 
 
+# every file `compare` writes into its output directory (a directory of these only may be replaced by --overwrite)
+REPORT_FILES = frozenset({"comparison.md", "train_loss_vs_step.png", "train_loss_vs_tokens.png", "val_loss.png",
+                          "peak_memory.png"})
+
+
 def _scalars(run_dir: Path) -> tuple[dict[str, list], float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -213,3 +213,20 @@ def test_a_fit_without_logger_is_refused_where_its_default_root_dir_holds_a_conf
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step=2.ckpt").mkdir()
     check_new_run(tmp_path, [None], tmp_path / "checkpoints" / "step=2.ckpt", logger_off=True)  # that run going on
+
+
+def test_without_logger_a_resume_from_the_fits_own_checkpoint_directory_elsewhere_goes_on(tmp_path):
+    run, ckpt = tmp_path / "runs" / "a", tmp_path / "scratch" / "ck"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    (ckpt / "step=2.ckpt").mkdir(parents=True)
+    check_new_run(run, [ckpt], ckpt / "step=2.ckpt", logger_off=True)  # the same run going on: its checkpoints
+    with pytest.raises(UsageError, match="trainer.logger off"):  # another run's checkpoint: would replace this one
+        check_new_run(run, [None], ckpt / "step=2.ckpt", logger_off=True)
+
+
+def test_without_logger_last_is_looked_up_in_default_root_dir_and_refused_where_a_run_has_none(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed_everything: 0\n")  # a preempted run: no `last` among its checkpoints
+    (tmp_path / "checkpoints" / "interrupted-step=000002.ckpt").mkdir(parents=True)
+    with pytest.raises(UsageError, match="interrupted-step=000002.ckpt"):
+        check_last_found(tmp_path, [(None, True)], picked_version=False)

@@ -52,7 +52,8 @@ class OptimArgs:
 
 def decays_matrices(model: nn.Module) -> bool:
     """Whether `build_optimizer`'s first group (the one with weight decay) exists: some trainable matrix."""
-    return any(p.ndim >= 2 for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 partitions leave 1-D placeholders; `ds_shape` is DeepSpeed's record of the full shape
+    return any(len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters() if p.requires_grad)
 
 
 def reapply(optimizer: torch.optim.Optimizer, scheduler, args: OptimArgs, decays: bool) -> None:
@@ -66,10 +67,11 @@ def reapply(optimizer: torch.optim.Optimizer, scheduler, args: OptimArgs, decays
         group["betas"], group["eps"] = tuple(args.betas), args.eps
         group["weight_decay"] = args.weight_decay if decays and i == 0 else 0.0
         group["initial_lr"] = args.lr
+    factors = getattr(scheduler, "lr_lambdas", None)  # build_optimizer's schedules are LambdaLRs
     if scheduler is not None:
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = args.lr * factor(scheduler.last_epoch)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = args.lr * (factors[i](scheduler.last_epoch) if factors else 1.0)
 
 
 def build_optimizer(model: nn.Module, args: OptimArgs, total_steps: int) -> dict:

@@ -85,10 +85,11 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._trainer = trainer
         self._take(signal.SIGTERM)
-        if trainer.ckpt_path is not None:
+        if trainer.ckpt_path is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # The checkpoint this fit resumes is its step's save. Without this, ModelCheckpoint (which does not
             # remember its last saved step) saves that step again after the first resumed micro-batch: inside the
-            # window, and over the resumed file itself when it lies in the same directory.
+            # window, and over the resumed file itself when it lies in the same directory. Not at an epoch's end: there
+            # the resumed loop finishes the epoch at once, and its epoch-end save is due.
             resumed_checkpoint_saved(trainer)
 
     def _take(self, signum: int) -> None:

@@ -85,15 +85,17 @@ def check_new_run(log_dir: str | Path | None, checkpoint_dirs: Iterable[str | Pa
     def continuing(folder: Path) -> bool:
         return resumed is not None and folder.resolve() in resumed.parents
 
+    # without a logger the run directory is fixed: a resume from the fit's own checkpoint directory goes on there
+    own = logger_off and any(d is not None and continuing(Path(d)) for d in checkpoint_dirs)
     if log_dir is not None:
         folder = Path(log_dir)
         held = _holds(folder)
-        if held and not continuing(folder) and logger_off:
+        if held and not continuing(folder) and not own and logger_off:  # (own: only ever without a logger)
             raise UsageError(f"{folder} already holds {', '.join(held)}; with trainer.logger off this fit writes its "
                              "config.yaml, checkpoints and adapter there and would replace them. Set "
                              "trainer.default_root_dir to a new directory, turn a logger on, or resume that run with "
                              "--ckpt_path <a checkpoint inside it>.")
-        if held and not continuing(folder):
+        if held and not continuing(folder) and not own:
             raise UsageError(f"{folder} already holds a run ({', '.join(held)}); this fit would replace its adapter "
                              "and config. Remove trainer.logger.init_args.version (a new version_N is picked), name "
                              "another one, or resume that run with --ckpt_path <a checkpoint inside it>.")
@@ -128,7 +130,8 @@ def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str |
     checkpoint of any name found there or in the logger's other versions, to pass instead.
 
     Args:
-        log_dir: the first logger's run directory (`trainer.log_dir`), None without a logger.
+        log_dir: the first logger's run directory (`trainer.log_dir`); without a logger `trainer.default_root_dir`,
+            where Lightning then writes (None: no such directory).
         callbacks: each ModelCheckpoint's (`dirpath`, `save_last`); a None dirpath writes to `<log_dir>/checkpoints`.
         picked_version: whether the first logger picks a new version for this fit (TensorBoard's or CSV's logger
             without a `version`).

@@ -94,6 +94,7 @@ def test_every_tool_and_config_named_exists(page):
     assert not missing, f"{page.name} names files that do not exist: {missing}"
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_flag_passed_to_a_tool_is_accepted_by_it(page, in_repo_root):
     commands = _commands(page)

@@ -275,6 +275,7 @@ def test_dora_on_mgmloras_quantised_layers_is_refused():
         apply_trainability(loaded, LoraArgs(preset="balanced", use_dora=True), Trainability())
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 @pytest.mark.parametrize("backward", [False, True])
 def test_the_dequantising_expert_operator_is_a_well_formed_op_and_computes_each_experts_product(backward):
     from mgmlora.models.experts import fp8_dequantized_grouped_linear

@@ -107,6 +107,7 @@ def test_checkpoint_is_adapter_only_and_loads_with_plain_peft(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_resume_with_dropout_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     # Dropout draws random numbers: the checkpoint must carry them. Validation every 2 steps and the DataLoader's
     # iterator creation draw from the same generators between training steps, differently in the two runs.

@@ -170,10 +170,10 @@ def generate(settings: GenerateSettings):
         unset = [flag for flag, value in (("--ablation", settings.ablation), ("--prompt_role", settings.prompt_role),
                                           ("--max_length", settings.max_length)) if value is None]
         if saved.data is None and unset:  # the defaults would silently replace the prompts the run trained on
-            raise UsageError(f"{settings.checkpoint}: no data settings of the run found beside it (no "
-                             "training_config.yaml inside it, no config.yaml of its run above it), so the prompts it "
-                             f"trained on are unknown; pass {', '.join(unset)} (the run's data.init_args), or use an "
-                             "adapter exported with bin/export.py, which carries them.")
+            raise UsageError(f"{settings.checkpoint}: no data settings of the run found beside it (neither a "
+                             "training_config.yaml inside it nor a config.yaml with a data section above it), so the "
+                             f"prompts it trained on are unknown; pass {', '.join(unset)} (the run's data.init_args), "
+                             "or use an adapter exported with bin/export.py, which carries them.")
         data = {**_defaults(ChameleonsDataModule), **data}  # the training defaults where the run names no such key
         ablation = settings.ablation or data["ablation"]
         prompt_role = settings.prompt_role or data["prompt_role"]

@@ -69,8 +69,10 @@ class FiniteGuard:
         if not bad:
             norm = values.get("train/grad_norm")
             if norm is not None:  # already on the host: float() above synchronised it
-                zero = float(norm) == 0.0
-                self.zero_since = (step if self.zero_since is None else self.zero_since) if zero else None
+                if float(norm) != 0.0:
+                    self.zero_since = None
+                elif self.zero_since is None:
+                    self.zero_since = step
                 self.last_step = step
             return False
         if can_skip and self.skipped < self.max_skipped:

@@ -63,14 +63,13 @@ def reapply(optimizer: torch.optim.Optimizer, scheduler, args: OptimArgs, decays
     `build_optimizer`'s, in its order (`decays`: the first one decays); each group's lr becomes the new peak times the
     schedule's factor at its current step, as the schedule would have set it.
     """
-    for i, group in enumerate(optimizer.param_groups):
-        group["betas"], group["eps"] = tuple(args.betas), args.eps
-        group["weight_decay"] = args.weight_decay if decays and i == 0 else 0.0
-        group["initial_lr"] = args.lr
     factors = getattr(scheduler, "lr_lambdas", None)  # build_optimizer's schedules are LambdaLRs
     if scheduler is not None:
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
     for i, group in enumerate(optimizer.param_groups):
+        group["betas"], group["eps"] = tuple(args.betas), args.eps
+        group["weight_decay"] = args.weight_decay if decays and i == 0 else 0.0
+        group["initial_lr"] = args.lr
         group["lr"] = args.lr * (factors[i](scheduler.last_epoch) if factors else 1.0)
 
 

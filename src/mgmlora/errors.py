@@ -65,6 +65,13 @@ class UsageError(MgmloraError):
     exit_code = USAGE
 
 
+class SettingsError(UsageError, ValueError):
+    """A typed setting out of its range, found when its dataclass is built (`__post_init__`): the config is rejected.
+
+    Also a ValueError, what a dataclass's own checks raise, for callers that build settings in code.
+    """
+
+
 class DiskFullError(MgmloraError):
     """The disk filled up while an output was written; the writer removed what it had written of it."""
 

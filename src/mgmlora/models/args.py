@@ -10,6 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
+from mgmlora.errors import SettingsError
 from mgmlora.models.dtypes import DtypeName
 from mgmlora.models.quantization import QuantizationArgs
 
@@ -54,9 +55,10 @@ class ModelArgs:
         if isinstance(self.quantization, dict):  # from a run's saved settings or a parsed config tree
             self.quantization = QuantizationArgs(**self.quantization)
         if self.preset is None and self.model_path is None:
-            raise ValueError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face directory).")
+            raise SettingsError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face "
+                                "directory).")
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ValueError(
+            raise SettingsError(
                 "model.attn_implementation=flash_attention_2 needs the flash-attn package "
                 "(pip install 'mgmlora[flash]' --no-build-isolation); use `sdpa` otherwise, which runs PyTorch's "
                 "own flash kernels."

@@ -19,6 +19,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from mgmlora.errors import SettingsError
+
 # End-of-turn markers of the chat templates mgmlora trains with (Qwen's, Gemma's); generation stops at any of them.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|endoftext|>")
 T = TypeVar("T")
@@ -55,14 +57,14 @@ class GenerationArgs:
                   "num_return_sequences": self.num_return_sequences}
         bad = {k: v for k, v in counts.items() if v < 1}
         if bad:
-            raise ValueError(f"generation settings {bad} must be >= 1.")
+            raise SettingsError(f"generation settings {bad} must be >= 1.")
         if self.top_k < 0 or not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
-            raise ValueError(f"generation settings out of range (top_k={self.top_k} must be >= 0, temperature="
-                             f"{self.temperature} > 0, top_p={self.top_p} in (0, 1], repetition_penalty="
-                             f"{self.repetition_penalty} > 0).")
+            raise SettingsError(f"generation settings out of range (top_k={self.top_k} must be >= 0, temperature="
+                                f"{self.temperature} > 0, top_p={self.top_p} in (0, 1], repetition_penalty="
+                                f"{self.repetition_penalty} > 0).")
         if not self.do_sample and self.num_return_sequences > 1:
-            raise ValueError(f"greedy decoding (do_sample false) gives one reply per prompt, not "
-                             f"{self.num_return_sequences}: set do_sample true for several replies (or ask for 1).")
+            raise SettingsError(f"greedy decoding (do_sample false) gives one reply per prompt, not "
+                                f"{self.num_return_sequences}: set do_sample true for several replies (or ask for 1).")
 
     def kwargs(self) -> dict:
         """Keyword arguments for `generate`."""

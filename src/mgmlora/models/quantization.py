@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mgmlora.errors import UsageError
+from mgmlora.errors import SettingsError, UsageError
 from mgmlora.models import fp8
 from mgmlora.models.dtypes import DTYPES, DtypeName
 from mgmlora.models.nf4 import Backend, Nf4Tensor, bitsandbytes_available, dequantize, quantize
@@ -97,14 +97,14 @@ class QuantizationArgs:
         if self.bits is None:
             self.bits = width
         elif self.bits != width:
-            raise ValueError(f"model.model.quantization: bits={self.bits} does not match quant_type={self.quant_type} "
-                             f"({width} bits); set bits: {width}, or drop it.")
+            raise SettingsError(f"model.model.quantization: bits={self.bits} does not match "
+                                f"quant_type={self.quant_type} ({width} bits); set bits: {width}, or drop it.")
         if self.quant_type == "nf4" and self.expert_products == "fp8":
-            raise ValueError("model.model.quantization: expert_products=fp8 needs quant_type=fp8 (NF4 experts are "
-                             "dequantised); drop expert_products or set quant_type: fp8.")
+            raise SettingsError("model.model.quantization: expert_products=fp8 needs quant_type=fp8 (NF4 experts are "
+                                "dequantised); drop expert_products or set quant_type: fp8.")
         if self.quant_type == "fp8" and self.backend == "bitsandbytes":
-            raise ValueError("model.model.quantization: backend=bitsandbytes stores NF4 only; with quant_type=fp8 set "
-                             "backend: auto.")
+            raise SettingsError("model.model.quantization: backend=bitsandbytes stores NF4 only; with "
+                                "quant_type=fp8 set backend: auto.")
 
     def resolved_backend(self, device: torch.device) -> Backend:
         """The NF4 backend that runs on `device` (`torch` for FP8, which has its own: mgmlora.models.fp8)."""

@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from torch import nn
 
+from mgmlora.errors import SettingsError
 from mgmlora.models.registry import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 
 PresetName = Literal["conservative", "balanced", "aggressive", "chameleons"]
@@ -94,7 +95,7 @@ class LoraArgs:
         if not resolved["target_modules"]:
             problems.append("lora.target_modules is empty")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SettingsError("; ".join(problems))
 
     def resolved(self) -> dict:
         """The effective values: the preset, overridden by every non-null field."""

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mgmlora.batch import IGNORE_INDEX
+from mgmlora.errors import SettingsError
 from mgmlora.models.expert_recompute import KeptOutputs
 from mgmlora.models.transfer import queue_to
 
@@ -82,10 +83,10 @@ class SpeedArgs:
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:
-            raise ValueError(f"speed.loss_chunk_size must be >= 1 (got {self.loss_chunk_size}).")
+            raise SettingsError(f"model.speed.loss_chunk_size must be >= 1 (got {self.loss_chunk_size}).")
         if self.pad_to_multiple < 0 or (self.pad_to_multiple > 1 and not self.packing):
-            raise ValueError(f"speed.pad_to_multiple={self.pad_to_multiple}: must be >= 0 and needs speed.packing: "
-                             "true (the padding is a segment of the packed row).")
+            raise SettingsError(f"model.speed.pad_to_multiple={self.pad_to_multiple}: must be >= 0 and needs "
+                                "model.speed.packing: true (the padding is a segment of the packed row).")
 
 
 def check_available(speed: SpeedArgs) -> None:
@@ -95,8 +96,8 @@ def check_available(speed: SpeedArgs) -> None:
     Liger config on a machine without Liger.
     """
     if speed.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        raise ValueError("speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
-                         "use `chunked` otherwise (same result, pure PyTorch).")
+        raise SettingsError("model.speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
+                            "use `chunked` otherwise (same result, pure PyTorch).")
 
 
 @dataclass

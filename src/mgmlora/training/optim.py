@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from mgmlora.errors import SettingsError
+
 
 @dataclass
 class OptimArgs:
@@ -44,10 +46,10 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1 (got lr={self.lr}, "
-                             f"warmup_ratio={self.warmup_ratio}, min_lr_ratio={self.min_lr_ratio})")
+            raise SettingsError(f"model.optim: need lr > 0, 0 <= warmup_ratio < 1, 0 <= min_lr_ratio <= 1 (got "
+                                f"lr={self.lr}, warmup_ratio={self.warmup_ratio}, min_lr_ratio={self.min_lr_ratio})")
         if self.skip_nonfinite_steps < 0:
-            raise ValueError(f"optim.skip_nonfinite_steps must be >= 0 (got {self.skip_nonfinite_steps})")
+            raise SettingsError(f"model.optim.skip_nonfinite_steps must be >= 0 (got {self.skip_nonfinite_steps})")
 
 
 def decays_matrices(model: nn.Module) -> bool:

@@ -187,17 +187,12 @@ def test_a_finished_run_closes_the_process_group_it_left_open(tmp_path):
     assert exit_.value.code == 0 and not dist.is_initialized()
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--model.optim.lr", "0", "error: model.optim: need lr > 0"),
-    ("--model.speed.loss_chunk_size", "0", "error: model.speed.loss_chunk_size must be >= 1 (got 0)."),
-])
-def test_a_setting_out_of_range_is_a_rejected_config_before_the_model_loads(flag, value, message, capsys, monkeypatch,
-                                                                            in_repo_root):
+def test_a_setting_out_of_range_is_a_rejected_config_before_the_model_loads(capsys, monkeypatch, in_repo_root):
     import mgmlora.training.module as module
     from mgmlora.cli import main
 
     monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    code, out, err = _run(lambda: main(run=False), ["--config", "configs/demo_chat.yaml", flag, value], capsys,
-                          monkeypatch)
+    code, out, err = _run(lambda: main(run=False), ["--config", "configs/demo_chat.yaml", "--model.optim.lr", "0"],
+                          capsys, monkeypatch)
     assert code == USAGE
-    assert len(err.strip().splitlines()) == 1 and err.startswith(message)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: model.optim: need lr > 0")

@@ -116,3 +116,14 @@ def test_gradient_clipping_clips_the_update(fused, precision, tmp_path):
         p.grad = g.clone()
     torch.optim.AdamW(unclipped, lr=capture.lr, eps=1.0, weight_decay=0.0).step()
     assert any(not torch.allclose(got, u.detach(), rtol=1e-3) for got, u in zip(capture.after, unclipped))
+
+
+def test_settings_out_of_range_are_rejected_configs():
+    """SettingsError: a UsageError (exit 2) that is also the ValueError a dataclass check raises."""
+    from mgmlora.errors import USAGE, SettingsError, classify
+    from mgmlora.training.loss import SpeedArgs
+
+    for build in (lambda: OptimArgs(lr=0.0), lambda: SpeedArgs(loss_chunk_size=0)):
+        with pytest.raises(SettingsError) as refused:
+            build()
+        assert isinstance(refused.value, ValueError) and classify(refused.value) == ("user", USAGE)

@@ -368,7 +368,10 @@ class LoraLitModule(L.LightningModule):
         if trainer is not None and trainer.state.fn == "fit":  # after the LoRA shape check: that one names more
             a = self.optim_args
             now = optimizer_settings(a.lr, a.betas, a.eps, a.weight_decay if decays_matrices(self.model) else 0.0)
-            saved_optim = saved_optimizer_settings(checkpoint)
+            # under DeepSpeed the engine restored its optimizer from its own files before this hook (Lightning's
+            # restore_checkpoint_after_setup); its param groups are the checkpoint's then
+            restored = trainer.optimizers[0].param_groups if is_deepspeed(trainer) and trainer.optimizers else None
+            saved_optim = saved_optimizer_settings(checkpoint, restored)
             saved = {**(checkpoint.get(RESUME_KEY) or {}), **saved_optim}
             check_resume_math(saved, {**run_math(trainer, self._dropout()), **now}, self.allow_resume_changes,
                               rank_zero_info)

@@ -127,20 +127,21 @@ class MgmCLI(LightningCLI):
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
 
     def before_instantiate_classes(self) -> None:
-        """`validate` and `test` of a checkpoint log into the checkpoint's run (mgmlora.training.run_dir).
+        """A `--ckpt_path` that does not exist is refused; `validate` and `test` of a checkpoint log into its run.
 
-        The logger (each logger with `save_dir`, `name` and `version`, as TensorBoard's and CSV's have) is pointed at
-        the run's directory instead of a new `version_N` beside it; the config is saved there as
+        The refusal comes before the model loads or a log directory is made (fit, validate and test). For validate and
+        test, the logger (each logger with `save_dir`, `name` and `version`, as TensorBoard's and CSV's have) is
+        pointed at the run's directory instead of a new `version_N` beside it; the config is saved there as
         `<subcommand>_config.yaml`, beside the run's own config.yaml, which stays as fit wrote it.
         """
+        config = self.config[self.subcommand]
+        ckpt = checkpoint_file(config.get("ckpt_path"))
+        if ckpt is not None and not ckpt.exists():  # fit's resume too
+            raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
+                             "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         if self.subcommand not in ("validate", "test"):
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
-        config = self.config[self.subcommand]
-        ckpt = checkpoint_file(config.get("ckpt_path"))
-        if ckpt is not None and not ckpt.exists():
-            raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
-                             "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         run = checkpoint_run(ckpt)
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:

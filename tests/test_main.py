@@ -73,11 +73,12 @@ def test_debug_before_the_command_and_the_scripts_underscore_names_reach_the_com
     assert seen == [("mgmlora.commands.show_samples", ["--debug", "--n", "1"])]
 
 
-def test_validate_of_a_checkpoint_that_does_not_exist_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch,
-                                                                                      in_repo_root):
+@pytest.mark.parametrize("subcommand", ["validate", "fit"])
+def test_a_checkpoint_that_does_not_exist_is_one_line_before_anything_loads(subcommand, tmp_path, capsys, monkeypatch,
+                                                                            in_repo_root):
     monkeypatch.delenv("MGMLORA_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", "configs/demo_chat.yaml", "--ckpt_path", str(tmp_path / "no.ckpt"),
+        main([subcommand, "--config", "configs/demo_chat.yaml", "--ckpt_path", str(tmp_path / "no.ckpt"),
               "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
     assert exit_info.value.code == USAGE
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --ckpt_path '{tmp_path / 'no.ckpt'}' "

@@ -26,6 +26,7 @@ from mgmlora import offline
 from mgmlora.errors import USAGE, UsageError, one_line
 from mgmlora.training.callbacks import RunSummary, StepLabels
 from mgmlora.training.checkpoint import AdapterCheckpointIO, recover_checkpoint_dirs
+from mgmlora.training.lightning_private import claim_new_version
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.outcome import RunOutcome
 from mgmlora.training.preemption import PreemptionCheckpoint
@@ -97,6 +98,9 @@ class MgmCLI(LightningCLI):
     def before_fit(self) -> None:
         """Refuses a log or checkpoint directory holding another run; puts back a `last` an interrupted save moved.
 
+        A logger that picks its own `version_N` gets one this fit creates first, so that fits started together never
+        share one (mgmlora.training.lightning_private.claim_new_version); a refusal here gives it back.
+
         With `--ckpt_path last`, a fit whose checkpoint directory then holds no `last` is refused
         (mgmlora.training.run_dir.check_last_found): Lightning would warn and train from scratch.
 
@@ -106,6 +110,16 @@ class MgmCLI(LightningCLI):
         (mgmlora.training.checkpoint.recover).
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        # two fits started together under one logger directory must not pick the same version_N (lightning_private)
+        claimed = claim_new_version(self.trainer.loggers[0], self.trainer.global_rank) if self.trainer.loggers else None
+        try:
+            self._check_run_dirs(ckpt_path, claimed)
+        except BaseException:
+            if claimed is not None and not any(claimed.iterdir()):
+                claimed.rmdir()  # refused before the fit began: the version it claimed goes back
+            raise
+
+    def _check_run_dirs(self, ckpt_path: str | None, claimed: Path | None) -> None:
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
         # Without a logger, config.yaml, checkpoints/ and adapter/ go into trainer.default_root_dir (the working
         # directory unless set): that directory is the run's, and a run (or a user's config.yaml) there is refused too.
@@ -114,6 +128,7 @@ class MgmCLI(LightningCLI):
                       logger_off=not self.trainer.loggers)
         fresh = {Path(d) for d in (getattr(lg, "log_dir", None) for lg in self.trainer.loggers)
                  if d is not None and not Path(d).exists()}  # the log directories this fit makes
+        fresh |= {claimed} if claimed is not None else set()
         for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
             outcome.fresh_dirs = fresh
         if ckpt_path == "last":
@@ -127,20 +142,21 @@ class MgmCLI(LightningCLI):
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
 
     def before_instantiate_classes(self) -> None:
-        """`validate` and `test` of a checkpoint log into the checkpoint's run (mgmlora.training.run_dir).
+        """A `--ckpt_path` that does not exist is refused; `validate` and `test` of a checkpoint log into its run.
 
-        The logger (each logger with `save_dir`, `name` and `version`, as TensorBoard's and CSV's have) is pointed at
-        the run's directory instead of a new `version_N` beside it; the config is saved there as
+        The refusal comes before the model loads or a log directory is made (fit, validate and test). For validate and
+        test, the logger (each logger with `save_dir`, `name` and `version`, as TensorBoard's and CSV's have) is
+        pointed at the run's directory instead of a new `version_N` beside it; the config is saved there as
         `<subcommand>_config.yaml`, beside the run's own config.yaml, which stays as fit wrote it.
         """
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        ckpt = checkpoint_file(config.get("ckpt_path"))
+        if ckpt is not None and not ckpt.exists():  # fit's resume too
+            raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
+                             "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         if self.subcommand not in ("validate", "test"):
             return
         self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
-        config = self.config[self.subcommand]
-        ckpt = checkpoint_file(config.get("ckpt_path"))
-        if ckpt is not None and not ckpt.exists():
-            raise UsageError(f"--ckpt_path {str(ckpt)!r} does not exist: pass a checkpoint of the run, e.g. "
-                             "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         run = checkpoint_run(ckpt)
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:

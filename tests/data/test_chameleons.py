@@ -138,6 +138,13 @@ def test_bad_files(tmp_path, text, message):
         load_records(path)
 
 
+def test_a_missing_file_and_a_directory_are_told_apart(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'.*gone.json' does not exist\.$"):
+        load_records(tmp_path / "gone.json")
+    with pytest.raises(FileNotFoundError, match=r"is a directory; pass the JSON file inside it\.$"):
+        load_records(tmp_path)
+
+
 def test_leaderboard_items_without_continuation_are_accepted_when_not_required():
     from mgmlora.data.chameleons import iter_items
 

@@ -8,10 +8,12 @@ and learning rate of every optimizer step, and the classes ZeRO-3 treats as leaf
 STAGE 0 runs plain Lightning (no DeepSpeed) for comparison. Environment: MGM_TEST_RANKS (CPU processes, default 1),
 MGM_TEST_ACCEL (`cpu`, the default, with gloo; or `gpu`: one CUDA device, bf16-mixed), MGM_TEST_ACCUM (accumulated
 micro-batches per optimizer step, default 2), MGM_TEST_STEPS (optimizer steps before the resume, default 2),
-MGM_TEST_RESUME_TO (optimizer steps of the run resumed from step 2, default STEPS + 2) and MGM_TEST_DROPOUT (LoRA
-dropout, default 0). Both runs train on the same file, so with RESUME_TO == STEPS the resumed run's losses can be
-compared with the first run's. MGM_TEST_QUANT=1 trains on the 4-bit base (QLoRA, mgmlora's PyTorch NF4 backend).
---resume_from only resumes from CHECKPOINT (errors propagate: exit status 1).
+MGM_TEST_RESUME_TO (optimizer steps of the run resumed from step 2, default STEPS + 2), MGM_TEST_DROPOUT (LoRA
+dropout, default 0), MGM_TEST_BETAS (Adam's betas, `b1,b2`) and MGM_TEST_ALLOW=1 (model.allow_resume_changes). Both
+runs train on the same file, so with RESUME_TO == STEPS the resumed run's losses can be compared with the first
+run's. MGM_TEST_QUANT=1 trains on the 4-bit base (QLoRA, mgmlora's PyTorch NF4 backend).
+--resume_from only resumes from CHECKPOINT (errors propagate: exit status 1) and prints the param groups' betas, eps
+and weight decay of its first optimizer step.
 """
 
 import contextlib
@@ -46,6 +48,13 @@ class Record(L.Callback):
     def __init__(self):
         self.losses, self.lrs, self.grad_norms = [], [], []
         self.by_step = {}  # global step -> train/loss of the optimizer step that reached it
+        self.groups = None  # betas, eps and weight decay of each param group at the first optimizer step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.groups is None:
+            self.groups = [{k: list(v) if k == "betas" else v for k, v in g.items() if k in ("betas", "eps",
+                                                                                            "weight_decay")}
+                           for g in optimizer.param_groups]
 
     def on_train_start(self, trainer, pl_module):
         params = [p for n, p in pl_module.model.named_parameters() if "lora_B" in n]
@@ -81,6 +90,8 @@ STAGE = int(sys.argv[2]) if len(sys.argv) > 2 else 0
 RESUME_TO = int(os.environ.get("MGM_TEST_RESUME_TO", str(STEPS + 2)))
 DROPOUT = float(os.environ.get("MGM_TEST_DROPOUT", "0"))
 QUANT = os.environ.get("MGM_TEST_QUANT") == "1"
+BETAS = tuple(float(b) for b in os.environ.get("MGM_TEST_BETAS", "0.9,0.999").split(","))
+ALLOW = os.environ.get("MGM_TEST_ALLOW") == "1"
 
 
 def base_dir(out: Path, preset: str) -> Path:
@@ -100,7 +111,7 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
                       quantization=QuantizationArgs(compute_dtype="bfloat16" if GPU else "float32", backend="torch")
                       if QUANT else None)
     lora = LoraArgs(preset="aggressive", lora_dropout=DROPOUT, target_experts=preset.endswith("moe"))
-    module = LoraLitModule(model, lora, OptimArgs(lr=1e-2, warmup_ratio=0.25))
+    module = LoraLitModule(model, lora, OptimArgs(lr=1e-2, warmup_ratio=0.25, betas=BETAS), allow_resume_changes=ALLOW)
     train = out / "train.jsonl"
     rows = (ROOT / "tests/assets/persona_chat_train.jsonl").read_text().splitlines(True)
     n = 2 * ACCUM * (max(STEPS, RESUME_TO) if "--resume" in sys.argv else steps)  # the same file for both runs
@@ -132,7 +143,8 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
 def main():
     out, stage, preset = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     if "--resume_from" in sys.argv:
-        fit(out, stage, preset, STEPS, ckpt=sys.argv[sys.argv.index("--resume_from") + 1])
+        _, record = fit(out, stage, preset, STEPS, ckpt=sys.argv[sys.argv.index("--resume_from") + 1])
+        print(json.dumps({"groups": record.groups}))
         return
     trainer, record = fit(out, stage, preset, STEPS)
     leaves = []

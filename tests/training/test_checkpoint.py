@@ -198,7 +198,7 @@ def test_fit_ckpt_path_last_finds_the_checkpoint_a_killed_save_renamed_away(tmp_
     recover_checkpoint_dirs([ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint()], io.recovered)
     assert last.is_dir() and _step(io, last) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    assert "recover_checkpoint_dirs" in MgmCLI.before_fit.__code__.co_names  # wired where `last` is resolved
+    assert "recover_checkpoint_dirs" in MgmCLI._check_run_dirs.__code__.co_names  # wired where `last` is resolved
 
     # Once per run: the saver's first save does not clean the directory the CLI cleaned (it passed the saver's set;
     # with a fresh set each call, this save deleted the directory below as debris again).

@@ -109,3 +109,25 @@ def test_resumed_checkpoint_saved_reaches_modelcheckpoints_skip_of_the_saved_ste
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step=1.ckpt", "step=2.ckpt"]  # the duplicate
     fit(tmp_path / "c", 2, AtStart(), ckpt_path=tmp_path / "a" / "step=1.ckpt")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["step=2.ckpt"]
+
+
+def test_claim_new_version_takes_the_next_free_version_when_another_fit_made_the_listed_one(tmp_path, monkeypatch):
+    """Two fits listed the same free version_N: the one whose mkdir loses takes N+1 (and rank 1 follows rank 0's)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from mgmlora.training.lightning_private import VERSION_ENV, claim_new_version
+
+    monkeypatch.delenv(VERSION_ENV, raising=False)
+    for cls in (TensorBoardLogger, CSVLogger):
+        logger = cls(save_dir=tmp_path / cls.__name__, name="run")
+        listed = logger._get_next_version()  # what both fits saw: 0
+        (tmp_path / cls.__name__ / "run" / f"version_{listed}").mkdir(parents=True)  # the other fit won the mkdir
+        real, stale = logger._get_next_version, [listed]  # this fit's stale listing first, then the real one
+        monkeypatch.setattr(logger, "_get_next_version", lambda: stale.pop() if stale else real())
+        claimed = claim_new_version(logger, rank=0)
+        assert claimed == tmp_path / cls.__name__ / "run" / "version_1" and claimed.is_dir()
+        assert logger.version == 1 and logger.log_dir.endswith("version_1")
+        follower = cls(save_dir=tmp_path / cls.__name__, name="run")  # rank 1, started by Lightning after rank 0
+        assert claim_new_version(follower, rank=1) is None and follower.version == 1
+    pinned = TensorBoardLogger(save_dir=tmp_path, name="pinned", version=7)  # a version the config names
+    assert claim_new_version(pinned, rank=0) is None and not (tmp_path / "pinned").exists()

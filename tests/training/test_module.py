@@ -204,6 +204,16 @@ def _fit_mgm(tmp_path, projector, max_steps, ckpt_path=None, fn="fit"):
     getattr(trainer, fn)(module, data, ckpt_path=ckpt_path)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_a_checkpoint_that_lost_its_trainables_file_says_so(tmp_path):
+    _fit_mgm(tmp_path, "full", max_steps=1)
+    ckpt = tmp_path / "ckpt" / "step=1.ckpt"
+    (ckpt / "non_lora_trainables.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"the checkpoint holds no non-LoRA trainables, but model.trainable trains "
+                                         r"\d+ tensors here .*its non_lora_trainables.safetensors is missing"):
+        _fit_mgm(tmp_path, "full", max_steps=1, ckpt_path=ckpt, fn="validate")
+
+
 def test_resume_with_other_trainable_settings_names_the_keys_that_differ(tmp_path):
     _fit_mgm(tmp_path, "full", max_steps=1)
     ckpt = tmp_path / "ckpt" / "step=1.ckpt"

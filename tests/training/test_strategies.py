@@ -103,6 +103,25 @@ def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(t
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights
 
 
+def test_deepspeed_resume_compares_and_applies_the_optimizer_settings_it_restored_itself(tmp_path, stage=2):
+    # DeepSpeed keeps the optimizer state (betas, eps, weight decay) in its own files, not in Lightning's checkpoint
+    # dict; its engine restores them before on_load_checkpoint, which compares the restored groups (before the fix a
+    # changed betas resumed silently with the checkpoint's)
+    fit_summary(tmp_path, stage, "tiny-qwen3")  # 2 steps, a checkpoint at step 2
+    ckpt = tmp_path / "ckpt" / "step=2.ckpt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MGM_TEST_STEPS="3", MGM_TEST_BETAS="0.8,0.95")
+    script = [sys.executable, str(ROOT / "tests/scripts/ds_fit_resume.py"), str(tmp_path), str(stage), "tiny-qwen3",
+              "--resume_from", str(ckpt)]
+    refused = subprocess.run(script, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "model.optim.betas: checkpoint [0.9, 0.999] vs now [0.8, 0.95]" in refused.stderr, refused.stderr[-3000:]
+    allowed = subprocess.run(script, capture_output=True, text=True, env={**env, "MGM_TEST_ALLOW": "1"}, timeout=600,
+                             cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    groups = json.loads(allowed.stdout.strip().splitlines()[-1])["groups"]
+    assert groups and all(g["betas"] == [0.8, 0.95] for g in groups)
+
+
 def test_drop_frozen_removes_tied_weights_under_every_name():
     import torch
 

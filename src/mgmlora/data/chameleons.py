@@ -67,13 +67,14 @@ def load_records(path: str | Path) -> list[dict]:
     """Reads a Chameleons JSON file (a top-level array of records).
 
     Raises:
-        FileNotFoundError: when `path` does not exist.
+        FileNotFoundError: when `path` does not exist or is a directory.
         ChameleonsFormatError: for bytes that are not UTF-8, invalid JSON, an empty file, or a top level that is not
             a non-empty array.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Chameleons file {str(path)!r} does not exist.")
+        what = "is a directory; pass the JSON file inside it" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"Chameleons file {str(path)!r} {what}.")
     text = read_utf8(path, ChameleonsFormatError)
     if not text.strip():
         raise ChameleonsFormatError(f"{path}: the file is empty; expected a JSON array of records.")

@@ -6,7 +6,13 @@ when an upstream release renames or removes it, so an upgrade breaks loudly here
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+VERSION_ENV = "MGMLORA_LOG_VERSION"  # the version rank 0 claimed, for the processes Lightning launches after it
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
@@ -38,6 +44,35 @@ def resumed_checkpoint_saved(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if hasattr(callback, "_last_global_step_saved"):
             callback._last_global_step_saved = trainer.global_step
+
+
+def claim_new_version(logger, rank: int) -> Path | None:
+    """Creates the next free `version_N` directory of a TensorBoard or CSV logger that picks its own, and pins it.
+
+    These loggers pick `version_N` by listing the directories that exist, and create it only when they first write:
+    two fits started together under one `save_dir`/`name` picked the same N and wrote one run (config.yaml,
+    checkpoints, adapter) over each other. Creating the directory is atomic, so the fit that loses the race takes the
+    next N. Rank 0 claims and puts the number in the environment, which the processes Lightning starts for the other
+    ranks inherit; they pin the same version. Returns the directory created (None: nothing claimed). Private:
+    `_version` (where the loggers keep the version once picked) and `_get_next_version` (how they pick it).
+    """
+    if not isinstance(logger, TensorBoardLogger | CSVLogger) or logger._version is not None:
+        return None
+    if rank != 0:
+        if VERSION_ENV in os.environ:
+            logger._version = int(os.environ[VERSION_ENV])
+        return None
+    root = Path(logger.root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        version = logger._get_next_version()
+        try:
+            (root / f"version_{version}").mkdir()
+        except FileExistsError:  # another fit made it between the listing and here
+            continue
+        logger._version = version
+        os.environ[VERSION_ENV] = str(version)
+        return root / f"version_{version}"
 
 
 def format_summary_table(total_parameters: int, trainable_parameters: int, model_size: float,

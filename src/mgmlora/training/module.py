@@ -368,7 +368,10 @@ class LoraLitModule(L.LightningModule):
         if trainer is not None and trainer.state.fn == "fit":  # after the LoRA shape check: that one names more
             a = self.optim_args
             now = optimizer_settings(a.lr, a.betas, a.eps, a.weight_decay if decays_matrices(self.model) else 0.0)
-            saved_optim = saved_optimizer_settings(checkpoint)
+            # under DeepSpeed the engine restored its optimizer from its own files before this hook (Lightning's
+            # restore_checkpoint_after_setup); its param groups are the checkpoint's then
+            restored = trainer.optimizers[0].param_groups if is_deepspeed(trainer) and trainer.optimizers else None
+            saved_optim = saved_optimizer_settings(checkpoint, restored)
             saved = {**(checkpoint.get(RESUME_KEY) or {}), **saved_optim}
             check_resume_math(saved, {**run_math(trainer, self._dropout()), **now}, self.allow_resume_changes,
                               rank_zero_info)
@@ -380,7 +383,7 @@ class LoraLitModule(L.LightningModule):
         return self.model.peft_config["default"].lora_dropout if self.plan is not None else None
 
     def _load_checkpoint_tensors(self, checkpoint: dict) -> None:
-        self._load_trainables(checkpoint.get("trainables") or {})
+        self._load_trainables(checkpoint.get("trainables"))
         peft = checkpoint.get("peft")
         if self.plan is None:
             if peft is not None:
@@ -399,9 +402,14 @@ class LoraLitModule(L.LightningModule):
                               save_embedding_layers=False), peft["adapter"])
         set_peft_model_state_dict(self.model, peft["adapter"])
 
-    def _load_trainables(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = [k for k in self.non_lora_trainables() if k not in tensors]
+    def _load_trainables(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        missing = [k for k in self.non_lora_trainables() if k not in (tensors or {})]
+        if missing and tensors is None:  # mgmlora.training.checkpoint reads them from non_lora_trainables.safetensors
+            raise ValueError(f"the checkpoint holds no non-LoRA trainables, but model.trainable trains {len(missing)} "
+                             f"tensors here ({missing[0]}, ...): its non_lora_trainables.safetensors is missing (copy "
+                             "it from the run), or the run trained with other model.trainable.* settings (set them "
+                             "back).")
         if missing:
             raise ValueError(f"checkpoint trainables do not match the configured model: missing {missing[:5]} "
                              "(check trainable.* against the run that saved it).")
-        load_trainables(self.loaded.model, tensors, "checkpoint")
+        load_trainables(self.loaded.model, tensors or {}, "checkpoint")

@@ -43,19 +43,20 @@ def run_math(trainer: Any, lora_dropout: float | None) -> dict:
     return {k: v for k, v in values.items() if v is not None or k in ("max_tokens", "window_samples")}
 
 
-def saved_optimizer_settings(checkpoint: dict) -> dict:
+def saved_optimizer_settings(checkpoint: dict, restored_groups: list[dict] | None = None) -> dict:
     """The peak lr, betas, eps and weight decay a checkpoint's optimizer ran with, as far as its states tell.
 
     The peak lr is the schedule's base lr (a plain and a DeepSpeed checkpoint both keep the schedule); betas, eps and
-    the weight decay of the decayed group (the largest; the other group has none) come from the optimizer state,
-    which DeepSpeed keeps in its own files instead.
+    the weight decay of the decayed group (the largest; the other group has none) come from the optimizer state.
+    DeepSpeed keeps that state in its own files, out of Lightning's checkpoint dict, and its engine has restored it
+    before `on_load_checkpoint` runs: `restored_groups` (the engine optimizer's param groups) stand in for it then.
     """
     settings: dict = {}
     schedulers = checkpoint.get("lr_schedulers") or []
     if schedulers and schedulers[0].get("base_lrs"):
         settings["lr"] = float(schedulers[0]["base_lrs"][0])
     optimizers = checkpoint.get("optimizer_states") or []
-    groups = optimizers[0].get("param_groups") if optimizers and isinstance(optimizers[0], dict) else None
+    groups = optimizers[0].get("param_groups") if optimizers and isinstance(optimizers[0], dict) else restored_groups
     if groups:
         settings["betas"] = [float(b) for b in groups[0]["betas"]]
         settings["eps"] = float(groups[0]["eps"])

@@ -93,3 +93,24 @@ def test_rounds_stop_after_round_one_when_a_side_has_no_setting(tmp_path, monkey
     assert [(r["round"], r["side"]) for r in result["runs"]] == [(1, "ours"), (1, "peer")]  # no rounds 2 and 3
     assert result["stopped"] == "after round 1: ours: every setting failed: fail: CheckpointError: x"
     assert result["rounds"][0]["peer_tokens_per_s"] == 10.0 and result["rounds_complete"] == 0
+
+
+def test_an_old_tree_peer_runs_with_its_own_pythonpath(tmp_path, monkeypatch):
+    """--peer old: the peer's runs see --peer_pythonpath (the earlier tree's src), ours keep this process's."""
+    rounds = _peers("rounds")
+    side = tmp_path / "side.py"  # reports its PYTHONPATH's length as tokens/s, so the rounds show which one it saw
+    side.write_text("import json, os, sys\n"
+                    "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                    "rec = {'tokens_per_s': float(len(os.environ.get('PYTHONPATH', ''))), 'peak_alloc_gib': None,\n"
+                    "       'step_s_median': 1.0, 'samples_per_step': 4}\n"
+                    "json.dump({'variants': {sys.argv[1]: rec}}, open(out, 'w'))\n")
+    monkeypatch.setenv("PYTHONPATH", "ab")
+    out = tmp_path / "rounds.json"
+    monkeypatch.setattr(sys, "argv", ["rounds.py", "--model", "m", "--budget_gib", "80", "--targets", "attention",
+                                      "--peer", "old", "--peer_pythonpath", "abcd", "--ours", f"{side} {{sweep}}",
+                                      "--ours_sweep", "x", "--peer_cmd", f"{side} {{sweep}}", "--peer_sweep", "x",
+                                      "--rounds", "2", "--out", str(out)])
+    rounds.main()
+    result = json.loads(out.read_text())
+    assert [(r["ours_tokens_per_s"], r["peer_tokens_per_s"]) for r in result["rounds"]] == [(2.0, 4.0)] * 2
+    assert result["ratio_median"] == 0.5 and result["peer"] == "old" and result["peer_pythonpath"] == "abcd"

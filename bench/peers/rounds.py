@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -57,12 +58,16 @@ def why_none(record: dict, budget_gib: float) -> str:
     return f"no setting within {budget_gib} GiB{failed}"
 
 
-def run_side(command: str, sweep: str, out: Path, timeout: float) -> dict:
-    """Runs one side's command (`{sweep}` filled in) with `--out`, returns its JSON (or the failure)."""
+def run_side(command: str, sweep: str, out: Path, timeout: float, pythonpath: str | None = None) -> dict:
+    """Runs one side's command (`{sweep}` filled in) with `--out`, returns its JSON (or the failure).
+
+    `pythonpath` replaces PYTHONPATH for this side (`--peer old`: the earlier tree's src).
+    """
     argv = [sys.executable] + shlex.split(command.replace("{sweep}", sweep)) + ["--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath is not None else None
     start = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "argv": argv}
     wall = time.perf_counter() - start
@@ -94,11 +99,13 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the result's model name (qwen3-30b-a3b, mgm-2b)")
     parser.add_argument("--budget_gib", type=float, required=True)
     parser.add_argument("--targets", choices=["attention", "experts"], required=True)
-    parser.add_argument("--peer", choices=["trl", "plain"], required=True)
+    parser.add_argument("--peer", choices=["trl", "plain", "old"], required=True,
+                        help="old: mgmlora's earlier tree (an A/B of one change; --peer_pythonpath its src)")
     parser.add_argument("--ours", required=True, help="ours' command after `python` ({sweep}: the variants)")
     parser.add_argument("--ours_sweep", required=True)
     parser.add_argument("--peer_cmd", required=True, help="the peer's command after `python` ({sweep}: its sizes)")
     parser.add_argument("--peer_sweep", required=True)
+    parser.add_argument("--peer_pythonpath", help="PYTHONPATH for the peer's runs (default: this process's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=480, help="seconds per run")
     parser.add_argument("--out", type=Path, required=True)
@@ -108,6 +115,7 @@ def main() -> None:
     result = {
         "command": "python bench/peers/rounds.py " + shlex.join(sys.argv[1:]),
         "model": args.model, "budget_gib": args.budget_gib, "targets": args.targets, "peer": args.peer,
+        "peer_pythonpath": args.peer_pythonpath,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "rounds": [], "runs": [],
     }
@@ -117,7 +125,8 @@ def main() -> None:
     for i in range(args.rounds):
         entry: dict = {"round": i + 1}
         for side in ("ours", "peer"):
-            record = run_side(command[side], sweep[side], tmp / f"{side}{i}.json", args.timeout)
+            record = run_side(command[side], sweep[side], tmp / f"{side}{i}.json", args.timeout,
+                              args.peer_pythonpath if side == "peer" else None)
             result["runs"].append({"round": i + 1, "side": side, **record})
             best = best_within(record, args.budget_gib, torch.cuda.is_available()) if "variants" in record else None
             if best is None:

@@ -38,9 +38,9 @@
 #   peer_qwen / peer_qwen_experts / peer_mgm  (1 GPU each, under 10 minutes) ours against the peer a user would pick
 #          instead, in interleaved rounds (bench/peers/rounds.py): TRL's SFTTrainer tuned for speed on Qwen3-30B-A3B
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
-#   routing_ab  (1 GPU) this tree against an earlier one in ./.ab_old (`git archive <rev> src bench`, untracked, so it
-#          travels with the working tree): Qwen3-30B-A3B attention LoRA on the FP8 base, compiled, x80, interleaved
-#          rounds (bench/peers/rounds.py --peer old); an A/B of one change to the step
+#   ab     (1 GPU) this tree against another in ./.ab_old (`git archive <rev> src bench`, untracked, so it travels with
+#          the working tree): Qwen3-30B-A3B attention LoRA on the FP8 base, compiled, x80 (VARIANT), interleaved rounds
+#          (bench/peers/rounds.py --peer old); the A/B of one change to the step, AB names it in the result file
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
 #   keep_experts  (1 GPU) Qwen3-30B-A3B attention LoRA, compiled, keeping the frozen expert GEMMs' outputs under
@@ -629,10 +629,10 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       vs_best "$out/$day-mgm2b_lora_packed_fp8_loop_24gib_acc$acc-$gpu.json" "$best"
     done
     ;;
-  routing_ab)
-    # the A/B of one change to the Qwen3-30B-A3B step (first: the MoE permutation as gathers, mgmlora.models.routing)
-    # against the tree in .ab_old, both sides the FP8 x80 compiled step that 2026-12-05's profile2 ran
-    [ -f .ab_old/bench/train_step.py ] || { echo "routing_ab: no .ab_old; first: git archive <rev> src bench | (mkdir -p .ab_old && tar -x -C .ab_old)"; exit 2; }
+  ab)
+    # the A/B of one change to the Qwen3-30B-A3B step against the tree in .ab_old, both sides the FP8 x80 compiled
+    # step that 2026-12-05's profile2 ran
+    [ -f .ab_old/bench/train_step.py ] || { echo "ab: no .ab_old; first: git archive <rev> src bench | (mkdir -p .ab_old && tar -x -C .ab_old)"; exit 2; }
     v=${VARIANT:-liger+packing+nocast+fused+fastexperts+compilex80}
     timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets attention \
       --peer old --peer_pythonpath "${PYTHONPATH/$PWD\/src/$PWD/.ab_old/src}" --rounds ${ROUNDS:-2} \
@@ -640,7 +640,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --ours "bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 --variants {sweep}" \
       --ours_sweep "$v" \
       --peer_cmd ".ab_old/bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 --variants {sweep}" \
-      --peer_sweep "$v" --out "$out/$day-ab_${AB:-routing}-qwen3-30b-a3b-fp8-$gpu.json" 2>&1 | tail -n 6
+      --peer_sweep "$v" --out "$out/$day-ab_${AB:-change}-qwen3-30b-a3b-fp8-$gpu.json" 2>&1 | tail -n 6
     ;;
   recipe_mgm_window)
     # the recipe's 128 samples per optimizer step grouped into fewer, balanced packed micro-batches

@@ -31,7 +31,13 @@ from mgmlora.training.module import LoraLitModule
 from mgmlora.training.outcome import RunOutcome
 from mgmlora.training.preemption import PreemptionCheckpoint
 from mgmlora.training.progress import progress_callback
-from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_file, checkpoint_run
+from mgmlora.training.run_dir import (
+    check_eval_checkpoint,
+    check_last_found,
+    check_new_run,
+    checkpoint_file,
+    checkpoint_run,
+)
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 
 # exit_on_error=False: a parse error is raised as argparse.ArgumentError instead of printed under the parser's usage
@@ -140,6 +146,20 @@ class MgmCLI(LightningCLI):
                              [(getattr(c, "dirpath", None), bool(getattr(c, "save_last", False)))
                               for c in self.trainer.checkpoint_callbacks],
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
+
+    def before_validate(self) -> None:
+        """`validate --ckpt_path last|best` with no such checkpoint is refused (run_dir.check_eval_checkpoint)."""
+        self._check_eval_checkpoint()
+
+    def before_test(self) -> None:
+        """As `before_validate`."""
+        self._check_eval_checkpoint()
+
+    def _check_eval_checkpoint(self) -> None:
+        trainer = self.trainer  # built, its model not loaded yet (LoraLitModule.configure_model)
+        check_eval_checkpoint(self.subcommand, self.config[self.subcommand].get("ckpt_path"),
+                              trainer.log_dir if trainer.loggers else trainer.default_root_dir,
+                              [getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks])
 
     def before_instantiate_classes(self) -> None:
         """A `--ckpt_path` that does not exist is refused; `validate` and `test` of a checkpoint log into its run.

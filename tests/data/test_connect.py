@@ -62,9 +62,11 @@ def test_counts_no_loader_can_run_are_refused_by_key_before_any_file_is_read(tmp
 
     from mgmlora.errors import UsageError
 
-    dm = connect_data(ChatDataModule(str(tmp_path / "not_read.jsonl"), batch_size=0, eval_batch_size=0, num_workers=-1))
+    dm = connect_data(ChatDataModule(str(tmp_path / "not_read.jsonl"), batch_size=0, eval_batch_size=0, num_workers=-1,
+                                     max_length=0))  # 0 was read as unset: the model's default length
     said = (r"^data.init_args.batch_size must be >= 1 \(got 0\); "
             r"data.init_args.eval_batch_size must be >= 1 \(got 0\); "
+            r"data.init_args.max_length must be >= 1 \(got 0\); "
             r"data.init_args.num_workers must be >= 0 \(got -1\)\.$")
     with pytest.raises(UsageError, match=said):
         dm.setup("fit")

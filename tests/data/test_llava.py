@@ -90,11 +90,22 @@ def test_preprocessing_pads_non_square_and_greyscale_images_with_the_mean_colour
     ({"id": "g", "image": "a.png", "conversations": [{"from": "human", "value": "Q?"},
                                                      {"from": "gpt", "value": "<image> A."}]},
      r"the <image> tag is in a gpt turn \(conversations\[1\]\)"),
+    ({"id": "h", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."},
+                                   {"from": "gpt", "value": "B."}, {"from": "human", "value": "C?"}]},
+     r"bad.json: record 0 \(id='h'\): conversations\[2\] is a gpt turn where a human turn belongs"),
 ])
 def test_bad_records_are_named(tmp_path, record, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([record]))
     with pytest.raises(LlavaFormatError, match=message):
+        read_llava_json(path)
+
+
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([good, good, "", good[:-1], good]) + "\n")  # line 4 is cut short
+    with pytest.raises(LlavaFormatError, match=r"bad.jsonl: not valid JSON at line 4 "):
         read_llava_json(path)
 
 

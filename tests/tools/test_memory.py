@@ -27,6 +27,19 @@ def run_from_config(paths, overrides=None):
     """The estimate's inputs as bin/estimate.py gets them: the CLI's parser, then the library."""
     return run_from_tree(parse_files(paths, overrides))
 
+
+@pytest.mark.parametrize("override,message", [
+    (["--data.init_args.batch_size", "0"], r"^data.init_args.batch_size must be >= 1 \(got 0\)\.$"),
+    (["--trainer.accumulate_grad_batches", "0"], r"^trainer.accumulate_grad_batches must be >= 1 \(got 0\)\.$"),
+    (["--data.init_args.max_tokens", "0"], r"^data.init_args.max_tokens must be >= 1 \(got 0\)\.$"),
+    (["--data.init_args.max_length", "0"], r"^data.init_args.max_length must be >= 1 \(got 0\)\.$"),
+])
+def test_counts_fit_refuses_are_refused_not_estimated_as_fitting(override, message):
+    # before: batch_size 0 was "total 0.00 GiB ... verdict: fits", accumulate 0 silently estimated as 1
+    with pytest.raises(UsageError, match=message):
+        run_from_config([ROOT / "configs" / "demo.yaml"], override)
+
+
 RESULTS = ROOT / "bench" / "results"
 
 

@@ -138,3 +138,15 @@ def test_an_intact_adapter_passes_every_check_and_exports(checkpoint, tmp_path):
     out = export_adapter(run, tmp_path / "exported")
     again = read_run_adapter(out)
     assert again.adapter.keys() == run.adapter.keys()
+
+
+def test_evaluation_with_another_lora_config_names_the_keys_and_the_fix(checkpoint, tmp_path):
+    module = _module(r=8)  # the checkpoint's adapter is r16 (balanced)
+    data = ChatDataModule(_subset(tmp_path, 4), val_path=_subset(tmp_path, 4), batch_size=2, shuffle=False)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, plugins=[AdapterCheckpointIO()])
+    with pytest.raises(ValueError, match=r"configured LoRA \(model\.lora\.r: checkpoint 16 vs config 8.*\): set "
+                                         r"these keys to the checkpoint's values") as refused:
+        trainer.validate(module, datamodule=data, ckpt_path=checkpoint)
+    _one_line_user_error(refused.value)

@@ -131,3 +131,5 @@ def test_claim_new_version_takes_the_next_free_version_when_another_fit_made_the
         assert claim_new_version(follower, rank=1) is None and follower.version == 1
     pinned = TensorBoardLogger(save_dir=tmp_path, name="pinned", version=7)  # a version the config names
     assert claim_new_version(pinned, rank=0) is None and not (tmp_path / "pinned").exists()
+    remote = TensorBoardLogger(save_dir="memory://logs", name="run")  # fsspec: no local directory is made for it
+    assert claim_new_version(remote, rank=0) is None

@@ -37,7 +37,7 @@ class _SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS, lora_dropout=0.0):
+def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS, lora_dropout=0.0, limit_train_batches=1.0):
     """Tiny Qwen3 LoRA (no dropout unless asked), 2 samples x 2 accumulated per step; returns the adapter."""
     torch.manual_seed(0)
     module = _module(lora_dropout=lora_dropout)
@@ -46,7 +46,8 @@ def _fit(root, *callbacks, ckpt_path=None, max_steps=STEPS, lora_dropout=0.0):
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=ACCUMULATE,
                         logger=L.pytorch.loggers.TensorBoardLogger(root, "run"), enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
-                        plugins=[AdapterCheckpointIO()], callbacks=[  # the signal first: noted after that micro-batch
+                        limit_train_batches=limit_train_batches, plugins=[AdapterCheckpointIO()],
+                        callbacks=[  # the signal first: noted after that micro-batch
                             *callbacks, ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
                                                         every_n_train_steps=2, save_top_k=-1),
                             AdapterExport(), PreemptionCheckpoint()])
@@ -77,6 +78,21 @@ def test_sigterm_mid_window_saves_the_window_start_and_resuming_it_equals_an_uni
     resumed, trainer = _fit(tmp_path / "b", ckpt_path=ckpt)
     assert trainer.global_step == STEPS
     for name, value in reference.items():  # step 3 saw both micro-batches of its window, as without the signal
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigterm_at_an_epochs_last_micro_batch_resumes_into_the_next_epoch_as_an_uninterrupted_run(tmp_path):
+    # epochs of 2 windows: the signal after the first epoch's last micro-batch is raised by Lightning only after the
+    # fit loop counted that epoch complete; the checkpoint must describe the second epoch's start, not make the
+    # resumed run take the second epoch for finished too and train the third epoch's samples in its place
+    epoch = 2 * ACCUMULATE
+    reference, unbroken = _fit(tmp_path / "ref", limit_train_batches=epoch)
+    with pytest.raises(SystemExit):
+        _fit(tmp_path / "a", _SignalAt(signal.SIGTERM, at=epoch - 1), limit_train_batches=epoch)
+    ckpt = tmp_path / "a" / "ckpt" / "interrupted-step=000002.ckpt"
+    resumed, trainer = _fit(tmp_path / "b", ckpt_path=ckpt, limit_train_batches=epoch)
+    assert (trainer.global_step, trainer.current_epoch) == (STEPS, unbroken.current_epoch)
+    for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
 
 

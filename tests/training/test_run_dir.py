@@ -10,7 +10,13 @@ import time
 import pytest
 
 from mgmlora.errors import USAGE, UsageError, classify
-from mgmlora.training.run_dir import check_last_found, check_new_run, checkpoint_run, discard_failed_fit
+from mgmlora.training.run_dir import (
+    check_eval_checkpoint,
+    check_last_found,
+    check_new_run,
+    checkpoint_run,
+    discard_failed_fit,
+)
 from tests.conftest import ROOT
 
 
@@ -230,3 +236,45 @@ def test_without_logger_last_is_looked_up_in_default_root_dir_and_refused_where_
     (tmp_path / "checkpoints" / "interrupted-step=000002.ckpt").mkdir(parents=True)
     with pytest.raises(UsageError, match="interrupted-step=000002.ckpt"):
         check_last_found(tmp_path, [(None, True)], picked_version=False)
+
+
+def test_validate_or_test_of_last_or_best_without_such_a_checkpoint_is_refused(tmp_path):
+    # Lightning only warns "No checkpoint will be loaded" and evaluates the untrained adapter (exit 0), or raises a
+    # ValueError for `best`, which a fresh process never has
+    new_version = tmp_path / "version_3"
+    for subcommand in ("validate", "test"):
+        with pytest.raises(UsageError, match=rf"^{subcommand} --ckpt_path last: no last checkpoint in "
+                                             rf".*version_3.checkpoints, so the untrained adapter") as refused:
+            check_eval_checkpoint(subcommand, "last", new_version, [None])
+        assert classify(refused.value) == ("user", USAGE) and "\n" not in str(refused.value)
+    with pytest.raises(UsageError, match=r"no checkpoint directory \(no ModelCheckpoint\)"):
+        check_eval_checkpoint("validate", "last", new_version, [])
+    with pytest.raises(UsageError, match=r"^validate --ckpt_path best: only a fit in the same process"):
+        check_eval_checkpoint("validate", "best", new_version, [None])
+
+
+def test_validate_of_last_in_a_named_run_or_of_a_path_passes(tmp_path):
+    run = tmp_path / "version_0"
+    (run / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    check_eval_checkpoint("validate", "last", run, [None])
+    check_eval_checkpoint("test", "last", None, [run / "checkpoints"])  # a ModelCheckpoint dirpath, no logger
+    check_eval_checkpoint("validate", str(tmp_path / "step=2.ckpt"), tmp_path / "version_1", [None])
+    check_eval_checkpoint("validate", None, tmp_path / "version_1", [None])
+
+
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_main_validate_with_last_in_a_new_version_is_one_line_exit_2_before_the_model_loads(tmp_path, capsys,
+                                                                                         monkeypatch, in_repo_root):
+    from mgmlora.cli import main
+    from mgmlora.errors import run
+
+    monkeypatch.delenv("MGMLORA_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["bin/main.py"])  # errors.run puts the arguments there
+    monkeypatch.setattr("mgmlora.training.module.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, ["validate", "--config", "configs/demo_chat.yaml", "--ckpt_path", "last",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert exit_info.value.code == USAGE
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: validate --ckpt_path last: no last checkpoint in "), last
+    assert not (tmp_path / "logs").exists()

@@ -220,7 +220,7 @@ class TokenizedDataModule(L.LightningDataModule):
         hp = self.hparams
         bad = [f"data.init_args.{key} must be >= {low} (got {hp.get(key)})"
                for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("max_tokens", 1), ("window_samples", 1),
-                                ("num_workers", 0))
+                                ("max_length", 1), ("num_workers", 0))
                if hp.get(key) is not None and hp.get(key) < low]
         trainer = self.trainer  # None outside a fit (the tools)
         if trainer is not None and trainer.accumulate_grad_batches < 1:

@@ -48,11 +48,21 @@ def read_llava_json(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"LLaVA data file {str(path)!r} does not exist.")
     text = read_utf8(path, LlavaFormatError)
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
-                                                                          if x.strip()]
-    except json.JSONDecodeError as err:
-        raise LlavaFormatError(f"{path}: not valid JSON at line {err.lineno} ({err.msg}).") from err
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LlavaFormatError(f"{path}: not valid JSON at line {err.lineno} ({err.msg}).") from err
+    else:  # JSONL: each line parsed alone, so an error's line number is the line's in the file, not 1
+        records = []
+        for line_no, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise LlavaFormatError(f"{path}: not valid JSON at line {line_no} ({err.msg}); write one JSON "
+                                       "record per line, or one JSON list.") from err
     if not records:
         raise LlavaFormatError(f"{path}: no records.")
     for i, record in enumerate(records):
@@ -67,7 +77,19 @@ def read_llava_json(path: str | Path) -> list[dict]:
                 raise LlavaFormatError(f"{where}: conversations[{k}] must be {{\"from\": \"human\"|\"gpt\", \"value\": "
                                        f"str}}, got {turn!r:.80}.")
         _check_image_tags(record, where)
+        _check_alternation(record, where)
     return records
+
+
+def _check_alternation(record: dict, where: str) -> None:
+    """Each (question, answer) pair `rounds` reads is a human then a gpt turn (a leading gpt turn is dropped)."""
+    turns = record["conversations"]
+    first = 1 if turns and turns[0]["from"] == "gpt" else 0
+    for k in range(first, len(turns) - (len(turns) - first) % 2):
+        expected = "human" if (k - first) % 2 == 0 else "gpt"
+        if turns[k]["from"] != expected:
+            raise LlavaFormatError(f"{where}: conversations[{k}] is a {turns[k]['from']} turn where a {expected} turn "
+                                   "belongs; turns must alternate human/gpt (merge or remove the extra turn).")
 
 
 def _check_image_tags(record: dict, where: str) -> None:

@@ -56,7 +56,8 @@ def claim_new_version(logger, rank: int) -> Path | None:
     ranks inherit; they pin the same version. Returns the directory created (None: nothing claimed). Private:
     `_version` (where the loggers keep the version once picked) and `_get_next_version` (how they pick it).
     """
-    if not isinstance(logger, TensorBoardLogger | CSVLogger) or logger._version is not None:
+    if not isinstance(logger, TensorBoardLogger | CSVLogger) or logger._version is not None \
+            or "://" in str(logger.root_dir):  # a remote save_dir (fsspec URL): left to the logger
         return None
     if rank != 0:
         if VERSION_ENV in os.environ:

@@ -393,10 +393,11 @@ class LoraLitModule(L.LightningModule):
             raise ValueError("this checkpoint has no adapter (it was not written by mgmlora's AdapterCheckpointIO).")
         saved, current = peft["config"], self.model.peft_config["default"]
         saved = lora_config_from(saved, "the checkpoint's adapter_config")  # fields mgmlora does not implement
-        diffs = [f"{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
+        diffs = [f"model.lora.{k}: checkpoint {_norm(getattr(saved, k))!r} vs config {_norm(getattr(current, k))!r}"
                  for k in LORA_MATH if _norm(getattr(saved, k)) != _norm(getattr(current, k))]
         if diffs:
-            raise ValueError("the checkpoint's adapter does not match the configured LoRA: " + "; ".join(diffs))
+            raise ValueError("the checkpoint's adapter does not match the configured LoRA (" + "; ".join(diffs) +
+                             "): set these keys to the checkpoint's values (its run's config.yaml holds them).")
         # missing, extra, base-weight, mis-shaped or non-float tensors are refused before any is applied
         check_adapter_tensors("the checkpoint's adapter", get_peft_model_state_dict(self.model,
                               save_embedding_layers=False), peft["adapter"])

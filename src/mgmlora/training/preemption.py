@@ -53,6 +53,30 @@ def _rewind(checkpoint: dict[str, Any], micro_batches: int) -> None:
             state["batches_consumed"] -= micro_batches
 
 
+def _after_epoch_end(trainer: L.Trainer) -> bool:
+    """Whether the fit loop has already closed the epoch whose last micro-batch just ran.
+
+    A stop requested at an epoch's last micro-batch is raised by Lightning only after the fit loop counted the epoch
+    complete (`FitLoop.on_advance_end`), while the epoch loop's counters still describe the finished epoch's last
+    batch. Saved as they are, a resumed run takes the (already new) epoch for finished too and skips it.
+    """
+    epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress
+    last = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches  # (limit_train_batches)
+    return last and batches.current.ready > 0 and epochs.ready == epochs.started == epochs.processed == epochs.completed
+
+
+def _to_next_epoch_start(checkpoint: dict[str, Any]) -> None:
+    """Makes a checkpoint saved after an epoch's end describe the start of the next epoch (`_after_epoch_end`)."""
+    loop = checkpoint["loops"]["fit_loop"]
+    batches = loop["epoch_loop.batch_progress"]
+    for key in ("ready", "started", "processed", "completed"):
+        batches["current"][key] = 0
+    batches["is_last_batch"] = False
+    for state in loop["state_dict"].get("combined_loader", []):
+        if isinstance(state, dict) and "batches_consumed" in state:
+            state["batches_consumed"] = 0
+
+
 class PreemptionCheckpoint(L.Callback):
     """Stops on SIGTERM/SIGINT/SIGHUP at a micro-batch boundary with a resumable checkpoint and the adapter.
 
@@ -132,6 +156,8 @@ class PreemptionCheckpoint(L.Callback):
             partial = window_offset(trainer)
             if partial:
                 _rewind(checkpoint, partial)
+            elif _after_epoch_end(trainer):
+                _to_next_epoch_start(checkpoint)
 
     # ---- the stop itself ---------------------------------------------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102

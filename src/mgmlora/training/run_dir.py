@@ -159,6 +159,33 @@ def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str |
     raise UsageError(f"--ckpt_path last: no last checkpoint to resume, {why}; {hint}.")
 
 
+def check_eval_checkpoint(subcommand: str, ckpt_path: str | Path | None, log_dir: str | Path | None,
+                          checkpoint_dirs: Iterable[str | Path | None]) -> None:
+    """Refuses `validate`/`test --ckpt_path last|best` where Lightning would find no such checkpoint.
+
+    Lightning then only warns ("No checkpoint will be loaded") and evaluates the untrained adapter, or, for `best`
+    (which only a fit in the same process can name), fails with a traceback.
+
+    Args:
+        subcommand: `validate` or `test`.
+        ckpt_path: the `--ckpt_path` value.
+        log_dir: the first logger's run directory (`trainer.log_dir`); without a logger `trainer.default_root_dir`.
+        checkpoint_dirs: the ModelCheckpoint callbacks' `dirpath`s (None: `<log_dir>/checkpoints`).
+    """
+    if ckpt_path is None or str(ckpt_path) not in ("last", "best"):
+        return
+    if str(ckpt_path) == "best":
+        raise UsageError(f"{subcommand} --ckpt_path best: only a fit in the same process knows its best checkpoint; "
+                         "pass the checkpoint to evaluate as --ckpt_path <run>/checkpoints/<name>.ckpt.")
+    dirs = [Path(d) if d else Path(log_dir) / "checkpoints" for d in checkpoint_dirs if d or log_dir is not None]
+    if any(_is_last(p) for d in dirs for p in _checkpoints(d)):
+        return
+    where = ", ".join(str(d) for d in dirs) if dirs else "no checkpoint directory (no ModelCheckpoint)"
+    raise UsageError(f"{subcommand} --ckpt_path last: no last checkpoint in {where}, so the untrained adapter would be "
+                     f"evaluated; name the run's version (--trainer.logger.init_args.version) or pass the checkpoint "
+                     "as --ckpt_path <run>/checkpoints/<name>.ckpt.")
+
+
 def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) -> list[Path]:
     """Removes what a fit that failed before training started wrote into `log_dir`; the directory if that empties it.
 
@@ -192,5 +219,5 @@ def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) ->
     return removed
 
 
-__all__ = ["LIGHTNING_CKPT_NAMES", "check_last_found", "check_new_run", "checkpoint_file", "checkpoint_run",
-           "discard_failed_fit"]
+__all__ = ["LIGHTNING_CKPT_NAMES", "check_eval_checkpoint", "check_last_found", "check_new_run", "checkpoint_file",
+           "checkpoint_run", "discard_failed_fit"]

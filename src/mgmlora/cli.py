@@ -117,7 +117,7 @@ class MgmCLI(LightningCLI):
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         # two fits started together under one logger directory must not pick the same version_N (lightning_private)
-        claimed = claim_new_version(self.trainer.loggers[0], self.trainer.global_rank) if self.trainer.loggers else None
+        claimed = claim_new_version(self.trainer.loggers, self.trainer.global_rank)
         try:
             self._check_run_dirs(ckpt_path, claimed)
         except BaseException:

@@ -278,3 +278,35 @@ def test_main_validate_with_last_in_a_new_version_is_one_line_exit_2_before_the_
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: validate --ckpt_path last: no last checkpoint in "), last
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("save_dir", [None, "mlruns"])
+def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
+    # a logger other than TensorBoard's or CSV's (MLflow, W&B, ...): trainer.log_dir is its bare save_dir (or None),
+    # while ModelCheckpoint saves and finds `last` in <save_dir or default_root_dir>/<name>/<version>/checkpoints
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import Logger
+
+    from mgmlora.cli import MgmCLI
+
+    class Remote(Logger):
+        name, version = "proj", "run7"
+
+        @property
+        def save_dir(self):
+            return save_dir
+
+        def log_metrics(self, *args, **kwargs):
+            pass
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    callback = ModelCheckpoint(save_last=True)
+    trainer = L.Trainer(logger=Remote(), callbacks=[callback], default_root_dir=".", enable_progress_bar=False)
+    (tmp_path / (save_dir or ".") / "proj" / "run7" / "checkpoints" / "last.ckpt").mkdir(parents=True)  # Lightning's
+    cli = MgmCLI.__new__(MgmCLI)  # the hook alone, on a built trainer
+    cli.trainer, cli.subcommand, cli.config = trainer, "validate", {"validate": {"ckpt_path": "last"}}
+    cli._check_eval_checkpoint()  # before: "no last checkpoint in no checkpoint directory (no ModelCheckpoint)"

@@ -142,7 +142,8 @@ class MgmCLI(LightningCLI):
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
-            check_last_found(run_dir,
+            # where a ModelCheckpoint without a dirpath keeps `last`, for any logger (not always trainer.log_dir)
+            check_last_found(_default_checkpoint_dir(self.trainer).parent,
                              [(getattr(c, "dirpath", None), bool(getattr(c, "save_last", False)))
                               for c in self.trainer.checkpoint_callbacks],
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))

@@ -310,3 +310,43 @@ def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_
     cli = MgmCLI.__new__(MgmCLI)  # the hook alone, on a built trainer
     cli.trainer, cli.subcommand, cli.config = trainer, "validate", {"validate": {"ckpt_path": "last"}}
     cli._check_eval_checkpoint()  # before: "no last checkpoint in no checkpoint directory (no ModelCheckpoint)"
+
+
+@pytest.mark.parametrize("save_dir", [None, "mlruns"])
+def test_fit_resume_from_last_looks_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
+    # as the validate case above: an MLflow/W&B-style logger keeps its checkpoints in
+    # <root>/<name>/<version>/checkpoints, where Lightning looks `last` up; the check looked in trainer.log_dir (the
+    # bare save_dir), so a run there without a `last` went unnoticed and the fit would have started over on it
+    import lightning as L
+    from jsonargparse import Namespace
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import Logger
+
+    from mgmlora.cli import MgmCLI
+
+    class Remote(Logger):
+        name, version = "proj", "run7"
+
+        @property
+        def save_dir(self):
+            return save_dir
+
+        def log_metrics(self, *args, **kwargs):
+            pass
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    trainer = L.Trainer(logger=Remote(), callbacks=[ModelCheckpoint(save_last=True)], default_root_dir=".",
+                        enable_progress_bar=False)
+    checkpoints = tmp_path / (save_dir or ".") / "proj" / "run7" / "checkpoints"
+    (checkpoints / "step=1.ckpt").mkdir(parents=True)  # a run without a `last`: Lightning would start over on it
+    cli = MgmCLI.__new__(MgmCLI)  # the hook alone, on a built trainer
+    cli.trainer, cli.subcommand = trainer, "fit"
+    logger = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger")  # names its runs itself
+    cli.config = {"fit": Namespace(ckpt_path="last", trainer=Namespace(logger=logger))}
+    with pytest.raises(UsageError, match=r"holds a run but none.*resume with --ckpt_path .*step=1\.ckpt"):
+        cli._check_run_dirs("last", None)  # before: allowed (it looked in <save_dir>/checkpoints, found no run)
+    (checkpoints / "last.ckpt").mkdir()
+    cli._check_run_dirs("last", None)

@@ -163,3 +163,26 @@ def test_claim_new_version_gives_loggers_sharing_the_directory_one_version_and_n
 
     remote = TensorBoardLogger("memory://bucket/logs", name="run")
     assert claim_new_version([remote], rank=0) is None and not Path("memory:").exists()
+
+
+def test_estimated_stepping_batches_leaves_no_training_loader_built(tmp_path):
+    """Under max_epochs Lightning builds the training loader to count the steps; the fenced helper drops it again."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mgmlora.training.lightning_private import estimated_stepping_batches
+
+    seen = {}
+
+    class Counting(BoringModel):
+        def configure_optimizers(self):
+            loop = self.trainer.fit_loop
+            seen["attributes"] = hasattr(loop, "_combined_loader") and hasattr(loop, "_data_fetcher")
+            seen["total"] = estimated_stepping_batches(self.trainer)
+            seen["left"] = (loop._combined_loader, loop._data_fetcher)
+            return super().configure_optimizers()
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(Counting())
+    assert seen == {"attributes": True, "total": 6, "left": (None, None)} and trainer.global_step == 6

@@ -85,6 +85,27 @@ def claim_new_version(loggers: Sequence, rank: int) -> Path | None:
     return root / f"version_{version}"
 
 
+def estimated_stepping_batches(trainer: L.Trainer) -> int | float:
+    """`trainer.estimated_stepping_batches`, without building the training loader before a checkpoint is restored.
+
+    With `max_epochs` bounding the run, Lightning counts the epoch's micro-batches by setting up the training loader
+    (`fit_loop.setup_data`, which starts its iterator and prefetches a batch). Asked from `configure_optimizers`, that
+    happens before `restore_training_state`, so the loader position a resumed fit saved was never applied: the fit
+    re-trained the epoch's first micro-batches (of the permutation of epoch 0) under the indices of the ones it had
+    left. The loader this call built is dropped (private: `fit_loop._combined_loader`, `fit_loop._data_fetcher`), so
+    the fit loop builds it again after the restore, as it does when `max_steps` bounds the run.
+    """
+    loop = trainer.fit_loop
+    built = loop._combined_loader is not None
+    total = trainer.estimated_stepping_batches
+    if not built and loop._combined_loader is not None:
+        if loop._data_fetcher is not None:
+            loop._data_fetcher.teardown()
+            loop._data_fetcher = None
+        loop._combined_loader = None
+    return total
+
+
 def format_summary_table(total_parameters: int, trainable_parameters: int, model_size: float,
                          total_training_modes: dict[str, int], total_flops: int, *summary_data) -> str:
     """The text table Lightning's ModelSummary logs at fit start.
@@ -109,6 +130,6 @@ def logging_step(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-__all__ = ["attached_trainer", "format_summary_table", "logging_step", "request_graceful_stop",
-           "resumed_checkpoint_saved"]
+__all__ = ["attached_trainer", "estimated_stepping_batches", "format_summary_table", "logging_step",
+           "request_graceful_stop", "resumed_checkpoint_saved"]
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -280,17 +281,19 @@ def test_main_validate_with_last_in_a_new_version_is_one_line_exit_2_before_the_
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("save_dir", [None, "mlruns"])
-def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
-    # a logger other than TensorBoard's or CSV's (MLflow, W&B, ...): trainer.log_dir is its bare save_dir (or None),
-    # while ModelCheckpoint saves and finds `last` in <save_dir or default_root_dir>/<name>/<version>/checkpoints
+def _cli_with_run_logger(save_dir, subcommand, config):
+    """MgmCLI's hooks alone, on a built Trainer whose logger is neither TensorBoard's nor CSV's (MLflow, W&B, ...).
+
+    Its run directory is <save_dir or default_root_dir>/proj/run7, where ModelCheckpoint keeps checkpoints; returns the
+    CLI and that checkpoint directory.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import Logger
 
     from mgmlora.cli import MgmCLI
 
-    class Remote(Logger):
+    class RunLogger(Logger):
         name, version = "proj", "run7"
 
         @property
@@ -303,49 +306,34 @@ def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_
         def log_hyperparams(self, *args, **kwargs):
             pass
 
+    trainer = L.Trainer(logger=RunLogger(), callbacks=[ModelCheckpoint(save_last=True)], default_root_dir=".",
+                        enable_progress_bar=False)
+    cli = MgmCLI.__new__(MgmCLI)
+    cli.trainer, cli.subcommand, cli.config = trainer, subcommand, {subcommand: config}
+    return cli, Path(save_dir or ".") / "proj" / "run7" / "checkpoints"
+
+
+@pytest.mark.parametrize("save_dir", [None, "mlruns"])
+def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
+    # for these loggers trainer.log_dir is the bare save_dir (or None), while ModelCheckpoint saves and finds `last` in
+    # <save_dir or default_root_dir>/<name>/<version>/checkpoints
     monkeypatch.chdir(tmp_path)
-    callback = ModelCheckpoint(save_last=True)
-    trainer = L.Trainer(logger=Remote(), callbacks=[callback], default_root_dir=".", enable_progress_bar=False)
-    (tmp_path / (save_dir or ".") / "proj" / "run7" / "checkpoints" / "last.ckpt").mkdir(parents=True)  # Lightning's
-    cli = MgmCLI.__new__(MgmCLI)  # the hook alone, on a built trainer
-    cli.trainer, cli.subcommand, cli.config = trainer, "validate", {"validate": {"ckpt_path": "last"}}
+    cli, checkpoints = _cli_with_run_logger(save_dir, "validate", {"ckpt_path": "last"})
+    (checkpoints / "last.ckpt").mkdir(parents=True)
     cli._check_eval_checkpoint()  # before: "no last checkpoint in no checkpoint directory (no ModelCheckpoint)"
 
 
 @pytest.mark.parametrize("save_dir", [None, "mlruns"])
 def test_fit_resume_from_last_looks_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
-    # as the validate case above: an MLflow/W&B-style logger keeps its checkpoints in
-    # <root>/<name>/<version>/checkpoints, where Lightning looks `last` up; the check looked in trainer.log_dir (the
-    # bare save_dir), so a run there without a `last` went unnoticed and the fit would have started over on it
-    import lightning as L
+    # the check looked in trainer.log_dir, so a run there without a `last` went unnoticed and the fit would have
+    # started over on it
     from jsonargparse import Namespace
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import Logger
-
-    from mgmlora.cli import MgmCLI
-
-    class Remote(Logger):
-        name, version = "proj", "run7"
-
-        @property
-        def save_dir(self):
-            return save_dir
-
-        def log_metrics(self, *args, **kwargs):
-            pass
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
 
     monkeypatch.chdir(tmp_path)
-    trainer = L.Trainer(logger=Remote(), callbacks=[ModelCheckpoint(save_last=True)], default_root_dir=".",
-                        enable_progress_bar=False)
-    checkpoints = tmp_path / (save_dir or ".") / "proj" / "run7" / "checkpoints"
-    (checkpoints / "step=1.ckpt").mkdir(parents=True)  # a run without a `last`: Lightning would start over on it
-    cli = MgmCLI.__new__(MgmCLI)  # the hook alone, on a built trainer
-    cli.trainer, cli.subcommand = trainer, "fit"
     logger = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger")  # names its runs itself
-    cli.config = {"fit": Namespace(ckpt_path="last", trainer=Namespace(logger=logger))}
+    config = Namespace(ckpt_path="last", trainer=Namespace(logger=logger))
+    cli, checkpoints = _cli_with_run_logger(save_dir, "fit", config)
+    (checkpoints / "step=1.ckpt").mkdir(parents=True)  # a run without a `last`: Lightning would start over on it
     with pytest.raises(UsageError, match=r"holds a run but none.*resume with --ckpt_path .*step=1\.ckpt"):
         cli._check_run_dirs("last", None)  # before: allowed (it looked in <save_dir>/checkpoints, found no run)
     (checkpoints / "last.ckpt").mkdir()

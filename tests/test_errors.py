@@ -4,9 +4,11 @@ import argparse
 import ast
 import sys
 
+import lightning as L
 import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from mgmlora.errors import USAGE, MgmloraError, UsageError, classify, run
+from mgmlora.errors import USAGE, MgmloraError, UsageError, classify, one_line, run
 from tests.conftest import ROOT, load_script
 
 ENTRY_POINTS = sorted((ROOT / "bin").glob("*.py")) + [ROOT / "bench" / "sweep.py"]
@@ -196,3 +198,15 @@ def test_a_setting_out_of_range_is_a_rejected_config_before_the_model_loads(caps
                           capsys, monkeypatch)
     assert code == USAGE
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: model.optim: need lr > 0")
+
+
+def test_a_validation_interval_longer_than_the_epoch_is_a_one_line_usage_error(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, val_check_interval=1000, check_val_every_n_epoch=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="val_check_interval") as error:
+        trainer.fit(BoringModel())
+    assert classify(error.value) == ("user", USAGE)
+    message = one_line(error.value)
+    assert "\n" not in message and "(1000)" in message and "trainer.check_val_every_n_epoch: null" in message
+    assert classify(ValueError("`val_check_interval` named by a bug elsewhere")) == ("bug", 1)  # no Lightning raise

@@ -117,7 +117,7 @@ class MgmCLI(LightningCLI):
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         # two fits started together under one logger directory must not pick the same version_N (lightning_private)
-        claimed = claim_new_version(self.trainer.loggers[0], self.trainer.global_rank) if self.trainer.loggers else None
+        claimed = claim_new_version(self.trainer.loggers, self.trainer.global_rank)
         try:
             self._check_run_dirs(ckpt_path, claimed)
         except BaseException:
@@ -142,7 +142,8 @@ class MgmCLI(LightningCLI):
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
             done = saver.recovered if isinstance(saver, MgmDeepSpeedStrategy | AdapterCheckpointIO) else set()
             recover_checkpoint_dirs(self.trainer.checkpoint_callbacks, done)  # the saver then skips these
-            check_last_found(run_dir,
+            # where a ModelCheckpoint without a dirpath keeps `last`, for any logger (not always trainer.log_dir)
+            check_last_found(_default_checkpoint_dir(self.trainer).parent,
                              [(getattr(c, "dirpath", None), bool(getattr(c, "save_last", False)))
                               for c in self.trainer.checkpoint_callbacks],
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
@@ -157,9 +158,9 @@ class MgmCLI(LightningCLI):
 
     def _check_eval_checkpoint(self) -> None:
         trainer = self.trainer  # built, its model not loaded yet (LoraLitModule.configure_model)
-        check_eval_checkpoint(self.subcommand, self.config[self.subcommand].get("ckpt_path"),
-                              trainer.log_dir if trainer.loggers else trainer.default_root_dir,
-                              [getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks])
+        default = _default_checkpoint_dir(trainer)
+        check_eval_checkpoint(self.subcommand, self.config[self.subcommand].get("ckpt_path"), default.parent,
+                              [getattr(c, "dirpath", None) or default for c in trainer.checkpoint_callbacks])
 
     def before_instantiate_classes(self) -> None:
         """A `--ckpt_path` that does not exist is refused; `validate` and `test` of a checkpoint log into its run.
@@ -232,6 +233,20 @@ class MgmCLI(LightningCLI):
         if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport
             trainer.callbacks.insert(0, RunOutcome())
         return trainer
+
+
+def _default_checkpoint_dir(trainer: L.Trainer) -> Path:
+    """Where a ModelCheckpoint without a `dirpath` saves and looks `last` up, as Lightning resolves it.
+
+    That is `<save_dir>/<name>/<version>/checkpoints` of the first logger (the Trainer's `default_root_dir` for a
+    logger without a local `save_dir`, as MLflow's or W&B's may be), `<default_root_dir>/checkpoints` without one. Not
+    `trainer.log_dir`: for loggers other than TensorBoard's and CSV's that is the bare `save_dir`.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir) / "checkpoints"
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version, "checkpoints")
 
 
 def _add_unless_named(kwargs: dict, trainer_config, kind: type, make) -> None:

@@ -16,7 +16,9 @@ through `run()`. What it does with an exception that reaches it:
   - `OSError` about a file (it has a `filename`: missing, not a directory, no permission, ...), wherever raised;
   - `torch.OutOfMemoryError`, with the hint to run `bin/estimate.py`;
   - Lightning's `MisconfigurationException` (a GPU accelerator or strategy on a machine without one, settings that
-    exclude each other): Lightning raises it only for settings, so it exits 2 like a rejected config.
+    exclude each other): Lightning raises it only for settings, so it exits 2 like a rejected config; so does the
+    ValueError its fit loop raises for a `trainer.val_check_interval` longer than the epoch (known only once the
+    training loader is built).
 - anything else is a bug (ours or a library's): its full traceback is printed, as Python would, then one line
   saying so, exit 1. A bug is never hidden behind one line.
 - `--debug` anywhere on the command line (removed before `main` sees it) or `MGMLORA_DEBUG=1` prints the full
@@ -140,7 +142,7 @@ def classify(error: BaseException) -> tuple[Literal["user", "bug"], int]:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
         return "user", RUNTIME
-    if _lightning_misconfiguration(error):
+    if _lightning_misconfiguration(error) or _lightning_validation_interval(error):
         return "user", USAGE
     return "bug", RUNTIME
 
@@ -148,6 +150,15 @@ def classify(error: BaseException) -> tuple[Literal["user", "bug"], int]:
 def _lightning_misconfiguration(error: BaseException) -> bool:
     return any(cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
                for cls in type(error).__mro__)
+
+
+def _lightning_validation_interval(error: BaseException) -> bool:
+    """Lightning's `val_check_interval (N) must be less than or equal to the number of the training batches`."""
+    if not isinstance(error, ValueError) or "`val_check_interval`" not in str(error) or error.__traceback__ is None:
+        return False
+    *_, innermost = traceback.extract_tb(error.__traceback__)
+    explicit = (innermost.line or "").strip().startswith("raise ")
+    return explicit and "lightning" in Path(innermost.filename).parts
 
 
 def one_line(error: BaseException) -> str:
@@ -163,6 +174,9 @@ def one_line(error: BaseException) -> str:
         return type(error).__name__
     if _lightning_misconfiguration(error) and ("gpu backend" in text or "accelerator is not available" in text):
         text += " Set trainer.accelerator: cpu (or auto) on a machine without that device."
+    if _lightning_validation_interval(error):
+        text += (" In a config: trainer.check_val_every_n_epoch: null (as mgmlora's configs set) validates every "
+                 "trainer.val_check_interval micro-batches across epochs.")
     # multi-line messages (jsonargparse's "Parser key ...:\n  Expected ...") joined, so it stays one line
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 

@@ -111,3 +111,36 @@ def test_rank_batches_are_slices_of_the_seeded_global_batches():
         sampler.set_epoch(epoch)
         expected = [order[g + rank * bs : g + (rank + 1) * bs] for g in range(0, len(order), world * bs)]
         assert [[i for i, _ in b] for b in _batches(sampler)] == expected
+
+
+class _Indices:
+    """A dataset that returns each key's sample index."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return key.index
+
+
+def test_a_resumed_loader_with_workers_continues_the_checkpoints_epoch():
+    """Lightning starts the resumed epoch's iterator before `set_epoch`; with workers it draws indices at once.
+
+    Without the checkpoint's epoch set on load, the resumed epoch 1 ran epoch 0's permutation from its start.
+    """
+    from mgmlora.data.datamodule import _ResumableLoader
+    from mgmlora.data.sampling import WindowBatchSampler
+
+    def loader():
+        sampler = WindowBatchSampler([1] * 12, batch_size=2, accumulate=2, shuffle=True, seed=0)
+        return _ResumableLoader(_Indices(), batch_sampler=sampler, collate_fn=list, num_workers=1,
+                                position_fn=lambda: {})
+
+    expected = loader()
+    expected.batch_sampler.set_epoch(1)
+    expected = list(expected)[2:]  # epoch 1 after its first two micro-batches
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 1, "batches_consumed": 2})
+    iterator = iter(resumed)  # as Lightning's fit loop does on a restart: the iterator first ...
+    resumed.batch_sampler.set_epoch(1)  # ... then the epoch
+    assert list(iterator) == expected

@@ -47,6 +47,26 @@ def test_without_a_saved_config_the_checkpoints_record_is_the_model_section(tmp_
         run_settings(_run(tmp_path)).model_args()
 
 
+def test_a_tool_run_from_another_directory_names_the_tokenizer_again(tmp_path, monkeypatch):
+    """The demos record a relative tokenizer_path; from elsewhere --tokenizer_path replaces it (the three tools)."""
+    import dataclasses
+
+    from mgmlora.commands.export import ExportSettings
+    from mgmlora.commands.generate import GenerateSettings
+    from mgmlora.commands.score import ScoreSettings
+    from mgmlora.models.causal_lm import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)  # not the repository root: tests/assets/tokenizer is not here
+    settings = run_settings(_run(tmp_path, _recipe()))
+    with pytest.raises(FileNotFoundError, match="tokenizer directory 'tests/assets/tokenizer' does not exist.*"
+                                                "--tokenizer_path"):
+        load_tokenizer(settings.model_args())
+    args = settings.model_args(tokenizer_path=str(ROOT / "tests" / "assets" / "tokenizer"))
+    assert load_tokenizer(args) is not None and args.preset == _recipe()["model"]["model"]["preset"]
+    for tool in (ExportSettings, GenerateSettings, ScoreSettings):
+        assert "tokenizer_path" in {f.name for f in dataclasses.fields(tool)}, tool
+
+
 def test_trust_remote_code_never_comes_from_the_run(tmp_path):
     recipe = _recipe()
     recipe["model"]["model"]["trust_remote_code"] = True

@@ -22,7 +22,7 @@ from mgmlora.training.generation_eval import GenerationEval
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
-from tests.conftest import ASSETS, TOKENIZER, TRAIN
+from tests.conftest import ASSETS, TOKENIZER, TRAIN, VAL
 from tests.training.test_outcome import _fit as _outcome_fit
 
 
@@ -268,3 +268,31 @@ def test_a_validation_outside_fit_is_labelled_with_its_checkpoints_step(tmp_path
     evaluator.validate(module, _llava_data(module), ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
     steps = _steps_by_tag(tmp_path / "eval" / "version_0")
     assert steps["val/loss"] == steps["val_gen/exact_match"] == steps["val_gen/samples/text_summary"] == {2}
+
+
+def test_a_validation_inside_a_window_carries_the_steps_done(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:8]))
+    data = ChatDataModule(str(train), val_path=str(VAL), tokenizer_path=str(TOKENIZER), batch_size=2,
+                          eval_batch_size=8, shuffle=False)
+    module = LoraLitModule(ModelArgs(preset="tiny-qwen3", tokenizer_path=str(TOKENIZER), dtype="float32",
+                                     gradient_checkpointing=False), LoraArgs(preset="conservative"),
+                           OptimArgs(warmup_ratio=0.0))
+    data.connect(module.tokenizer, module.info)
+    logger = _Recorder()
+    seen = []
+
+    class Steps(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen.append(trainer.global_step)
+
+    # 4 micro-batches, accumulate 2: validation after micro-batch 3, i.e. after optimizer step 1, inside window 2
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, val_check_interval=3,
+                        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0, logger=logger,
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, use_distributed_sampler=False, plugins=[AdapterCheckpointIO()],
+                        callbacks=[StepLabels(), Steps()], default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert seen == [1]
+    assert [step for step, metrics in logger.rows if "val/loss" in metrics] == [1]
+    assert [step for step, metrics in logger.rows if "train/loss" in metrics] == [1, 2]

@@ -3,6 +3,8 @@
 An upgrade of Lightning that renames or removes one fails here, not somewhere in a training run.
 """
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -124,12 +126,63 @@ def test_claim_new_version_takes_the_next_free_version_when_another_fit_made_the
         (tmp_path / cls.__name__ / "run" / f"version_{listed}").mkdir(parents=True)  # the other fit won the mkdir
         real, stale = logger._get_next_version, [listed]  # this fit's stale listing first, then the real one
         monkeypatch.setattr(logger, "_get_next_version", lambda: stale.pop() if stale else real())
-        claimed = claim_new_version(logger, rank=0)
+        claimed = claim_new_version([logger], rank=0)
         assert claimed == tmp_path / cls.__name__ / "run" / "version_1" and claimed.is_dir()
         assert logger.version == 1 and logger.log_dir.endswith("version_1")
         follower = cls(save_dir=tmp_path / cls.__name__, name="run")  # rank 1, started by Lightning after rank 0
-        assert claim_new_version(follower, rank=1) is None and follower.version == 1
+        assert claim_new_version([follower], rank=1) is None and follower.version == 1
     pinned = TensorBoardLogger(save_dir=tmp_path, name="pinned", version=7)  # a version the config names
-    assert claim_new_version(pinned, rank=0) is None and not (tmp_path / "pinned").exists()
-    remote = TensorBoardLogger(save_dir="memory://logs", name="run")  # fsspec: no local directory is made for it
-    assert claim_new_version(remote, rank=0) is None
+    assert claim_new_version([pinned], rank=0) is None and not (tmp_path / "pinned").exists()
+
+
+def test_claim_new_version_gives_loggers_sharing_the_directory_one_version_and_never_loops(tmp_path, monkeypatch):
+    """A CSV logger beside the TensorBoard one shares its version_N (it listed the claimed one and took N+1);
+    an entry the listing skips (a dead link) is stepped over; a remote directory makes no local one."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from mgmlora.training.lightning_private import VERSION_ENV, claim_new_version
+
+    monkeypatch.delenv(VERSION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    tb, csv, other = TensorBoardLogger("logs"), CSVLogger("logs"), CSVLogger("logs", name="other")
+    assert claim_new_version([tb, csv, other], rank=0) == Path("logs/lightning_logs/version_0")
+    assert tb.log_dir == csv.log_dir == str(Path("logs/lightning_logs/version_0"))
+    assert other._version is None  # another directory: its own listing
+
+    (tmp_path / "logs" / "lightning_logs" / "version_1").symlink_to(tmp_path / "gone")  # not a directory to list
+    logger, calls = TensorBoardLogger("logs"), []
+    real = logger._get_next_version
+
+    def listing():  # before the fix: the listing said 1 again and again, mkdir failed, forever
+        calls.append(1)
+        assert len(calls) < 5, "claim_new_version loops"
+        return real()
+
+    monkeypatch.setattr(logger, "_get_next_version", listing)
+    assert claim_new_version([logger], rank=0) == Path("logs/lightning_logs/version_2") and logger.version == 2
+
+    remote = TensorBoardLogger("memory://bucket/logs", name="run")
+    assert claim_new_version([remote], rank=0) is None and not Path("memory:").exists()
+
+
+def test_estimated_stepping_batches_leaves_no_training_loader_built(tmp_path):
+    """Under max_epochs Lightning builds the training loader to count the steps; the fenced helper drops it again."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mgmlora.training.lightning_private import estimated_stepping_batches
+
+    seen = {}
+
+    class Counting(BoringModel):
+        def configure_optimizers(self):
+            loop = self.trainer.fit_loop
+            seen["attributes"] = hasattr(loop, "_combined_loader") and hasattr(loop, "_data_fetcher")
+            seen["total"] = estimated_stepping_batches(self.trainer)
+            seen["left"] = (loop._combined_loader, loop._data_fetcher)
+            return super().configure_optimizers()
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(Counting())
+    assert seen == {"attributes": True, "total": 6, "left": (None, None)} and trainer.global_step == 6

@@ -127,3 +127,12 @@ def test_settings_out_of_range_are_rejected_configs():
         with pytest.raises(SettingsError) as refused:
             build()
         assert isinstance(refused.value, ValueError) and classify(refused.value) == ("user", USAGE)
+
+
+def test_lora_settings_out_of_range_name_the_full_config_key():
+    """As model.optim and model.speed do: the key a user passes is --model.lora.r, not --lora.r."""
+    from mgmlora.errors import SettingsError
+    from mgmlora.training.lora import LoraArgs
+
+    with pytest.raises(SettingsError, match=r"^model\.lora\.r must be >= 1 \(got 0\); model\.lora\.target_modules is"):
+        LoraArgs(r=0, target_modules=[])

@@ -14,6 +14,7 @@ from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
 from mgmlora.training.resume import resume_differences
+from tests.training.test_callbacks import _fit_tiny
 from tests.training.test_module import _module, _subset
 
 
@@ -89,3 +90,18 @@ def test_an_allowed_optimizer_change_on_resume_takes_effect_from_the_first_resum
     (decayed,) = seen.groups  # LoRA's matrices only: no 1-D trainables here, so no undecayed group
     assert decayed["lr"] == pytest.approx(1e-3 * factor) and decayed["initial_lr"] == 1e-3
     assert decayed["betas"] == (0.8, 0.95) and decayed["eps"] == 1e-6 and decayed["weight_decay"] == 0.1
+
+
+def _losses(tmp_path, name: str, ckpt_path=None) -> list[float]:
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / name, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    logger = _fit_tiny(tmp_path, 12, [checkpoints], max_epochs=2, max_steps=-1, enable_checkpointing=True,
+                       ckpt_path=ckpt_path)[1]
+    return [m["train/loss"] for _, m in logger.rows if "train/loss" in m]
+
+
+def test_a_mid_epoch_resume_under_max_epochs_equals_the_unbroken_run(tmp_path):
+    # 12 samples, 2 per micro-batch, accumulate 2: 6 micro-batches = 3 optimizer steps per epoch, 2 epochs
+    whole = _losses(tmp_path, "whole")
+    assert len(whole) == 6
+    for step in (1, 4):  # mid-epoch in the first epoch, and in the second
+        assert _losses(tmp_path, f"from{step}", str(tmp_path / "whole" / f"step={step}.ckpt")) == whole[step:], step

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +279,62 @@ def test_main_validate_with_last_in_a_new_version_is_one_line_exit_2_before_the_
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: validate --ckpt_path last: no last checkpoint in "), last
     assert not (tmp_path / "logs").exists()
+
+
+def _cli_with_run_logger(save_dir, subcommand, config):
+    """MgmCLI's hooks alone, on a built Trainer whose logger is neither TensorBoard's nor CSV's (MLflow, W&B, ...).
+
+    Its run directory is <save_dir or default_root_dir>/proj/run7, where ModelCheckpoint keeps checkpoints; returns the
+    CLI and that checkpoint directory.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import Logger
+
+    from mgmlora.cli import MgmCLI
+
+    class RunLogger(Logger):
+        name, version = "proj", "run7"
+
+        @property
+        def save_dir(self):
+            return save_dir
+
+        def log_metrics(self, *args, **kwargs):
+            pass
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    trainer = L.Trainer(logger=RunLogger(), callbacks=[ModelCheckpoint(save_last=True)], default_root_dir=".",
+                        enable_progress_bar=False)
+    cli = MgmCLI.__new__(MgmCLI)
+    cli.trainer, cli.subcommand, cli.config = trainer, subcommand, {subcommand: config}
+    return cli, Path(save_dir or ".") / "proj" / "run7" / "checkpoints"
+
+
+@pytest.mark.parametrize("save_dir", [None, "mlruns"])
+def test_validate_last_is_looked_up_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
+    # for these loggers trainer.log_dir is the bare save_dir (or None), while ModelCheckpoint saves and finds `last` in
+    # <save_dir or default_root_dir>/<name>/<version>/checkpoints
+    monkeypatch.chdir(tmp_path)
+    cli, checkpoints = _cli_with_run_logger(save_dir, "validate", {"ckpt_path": "last"})
+    (checkpoints / "last.ckpt").mkdir(parents=True)
+    cli._check_eval_checkpoint()  # before: "no last checkpoint in no checkpoint directory (no ModelCheckpoint)"
+
+
+@pytest.mark.parametrize("save_dir", [None, "mlruns"])
+def test_fit_resume_from_last_looks_where_lightning_saves_it_for_any_logger(tmp_path, monkeypatch, save_dir):
+    # the check looked in trainer.log_dir, so a run there without a `last` went unnoticed and the fit would have
+    # started over on it
+    from jsonargparse import Namespace
+
+    monkeypatch.chdir(tmp_path)
+    logger = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger")  # names its runs itself
+    config = Namespace(ckpt_path="last", trainer=Namespace(logger=logger))
+    cli, checkpoints = _cli_with_run_logger(save_dir, "fit", config)
+    (checkpoints / "step=1.ckpt").mkdir(parents=True)  # a run without a `last`: Lightning would start over on it
+    with pytest.raises(UsageError, match=r"holds a run but none.*resume with --ckpt_path .*step=1\.ckpt"):
+        cli._check_run_dirs("last", None)  # before: allowed (it looked in <save_dir>/checkpoints, found no run)
+    (checkpoints / "last.ckpt").mkdir()
+    cli._check_run_dirs("last", None)

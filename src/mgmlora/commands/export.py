@@ -45,6 +45,8 @@ class ExportSettings:
     """allow Python code inside the base model directory to run (never taken from a checkpoint)"""
     preset: PresetName | None = None
     """registry preset of the base (random-init runs)"""
+    tokenizer_path: str | None = None
+    """tokenizer directory (overrides the run's, e.g. a relative one from another directory)"""
     max_shard_gib: PositiveFloat = 5.0
     """largest safetensors shard of a merged model, GiB"""
     overwrite: bool = False
@@ -61,10 +63,10 @@ def export(settings: ExportSettings) -> Path:
         print(f"mgmlora: adapter exported to {out}")
         return out
     model_args = run_settings(run).model_args(settings.model_path, settings.preset, settings.dtype,
-                                              settings.trust_remote_code)
+                                              settings.trust_remote_code, settings.tokenizer_path)
     # the run's own base too, not only --model_path: the merge must never write into the weights it reads
     refuse_overwrite({"--output": settings.output}, folders={"--model_path": model_args.model_path,
-                                                             "tokenizer_path": model_args.tokenizer_path})
+                                                             "--tokenizer_path": model_args.tokenizer_path})
     out = merge_and_save(run, model_args, settings.output, int(settings.max_shard_gib * 2**30), settings.overwrite)
     print(f"mgmlora: merged model written to {out}")
     return out

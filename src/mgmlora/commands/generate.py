@@ -64,6 +64,8 @@ class GenerateSettings:
     """allow Python code inside the base model directory to run (never taken from a checkpoint)"""
     preset: PresetName | None = None
     """registry preset of the base (random-init runs)"""
+    tokenizer_path: str | None = None
+    """tokenizer directory (overrides the run's, e.g. a relative one from another directory)"""
     dtype: DtypeName | None = None
     """dtype of the base (default: the run's model.dtype)"""
     device: str | None = None
@@ -155,7 +157,8 @@ def generate(settings: GenerateSettings):
 
     run = read_run_adapter(settings.checkpoint)
     saved = run_settings(run)
-    model_args = saved.model_args(settings.model_path, settings.preset, settings.dtype, settings.trust_remote_code)
+    model_args = saved.model_args(settings.model_path, settings.preset, settings.dtype, settings.trust_remote_code,
+                                  settings.tokenizer_path)
     info = model_info(model_args)  # from config files: what the model takes, before its weights load
     if settings.image is not None and not info.takes_images:
         raise UsageError(f"--image needs an image-text model; {model_args.model_path or model_args.preset} is text "

@@ -54,6 +54,8 @@ class ScoreSettings:
     """local base model directory (overrides the run's)"""
     preset: PresetName | None = None
     """registry preset of the base (random-init runs)"""
+    tokenizer_path: str | None = None
+    """tokenizer directory (overrides the run's, e.g. a relative one from another directory)"""
     dtype: DtypeName | None = None
     """dtype of the base (default: the run's model.dtype)"""
     trust_remote_code: bool = False
@@ -97,7 +99,8 @@ def score(settings: ScoreSettings) -> dict:
                               gen, kind)
     read_entries(output_files(settings.output)["progress file"], recorded)  # a mismatch is refused before loading
 
-    model_args = saved.model_args(settings.model_path, settings.preset, settings.dtype, settings.trust_remote_code)
+    model_args = saved.model_args(settings.model_path, settings.preset, settings.dtype, settings.trust_remote_code,
+                                  settings.tokenizer_path)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = build_trained_model(run_adapter, model_args, device=device)
     loaded.model.to(device).eval()

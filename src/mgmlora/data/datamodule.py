@@ -118,7 +118,12 @@ class _ResumableLoader(DataLoader):
         return self._position_fn()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Makes the sampler skip the batches the checkpointed run already trained on."""
+        """Makes the sampler skip the batches the checkpointed run already trained on, in the checkpoint's epoch.
+
+        The epoch is set here too: Lightning starts the resumed epoch's iterator before it calls `set_epoch`, and with
+        `num_workers > 0` the iterator draws its first indices at once, from the sampler's epoch at that moment (0).
+        """
+        self.batch_sampler.set_epoch(state["epoch"])
         self.batch_sampler.resume_from(state["epoch"], state["batches_consumed"])
 
 

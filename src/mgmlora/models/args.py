@@ -55,11 +55,11 @@ class ModelArgs:
         if isinstance(self.quantization, dict):  # from a run's saved settings or a parsed config tree
             self.quantization = QuantizationArgs(**self.quantization)
         if self.preset is None and self.model_path is None:
-            raise SettingsError("model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging Face "
-                                "directory).")
+            raise SettingsError("model.model: set `preset` (e.g. tiny-qwen3) or `model_path` (a local Hugging "
+                                "Face directory).")
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise SettingsError(
-                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "model.model.attn_implementation=flash_attention_2 needs the flash-attn package "
                 "(pip install 'mgmlora[flash]' --no-build-isolation); use `sdpa` otherwise, which runs PyTorch's "
                 "own flash kernels."
             )

@@ -133,7 +133,8 @@ def load_tokenizer_dir(path: str | Path, key: str, trust_remote_code: bool = Fal
     where = Path(path)
     if not where.is_dir():
         raise FileNotFoundError(f"{key}: tokenizer directory {str(path)!r} does not exist; set {key} to a local "
-                                "directory with tokenizer.json (mgmlora never downloads).")
+                                "directory with tokenizer.json (generate, score and export: --tokenizer_path; "
+                                "mgmlora never downloads).")
     if not any((where / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{key}: {str(path)!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); set {key} "
                                 "to the directory the model's tokenizer was saved in.")

@@ -48,8 +48,11 @@ class RunSettings:
     data: dict | None
 
     def model_args(self, model_path: str | None = None, preset: str | None = None, dtype: str | None = None,
-                   trust_remote_code: bool = False) -> ModelArgs:
+                   trust_remote_code: bool = False, tokenizer_path: str | None = None) -> ModelArgs:
         """The run's base model (`model.model`) with a tool's overrides (e.g. local weights on another machine).
+
+        `tokenizer_path` replaces the run's (a relative one, as the demos record, resolves against the current
+        directory: from elsewhere the tool names it again).
 
         `trust_remote_code` comes from the caller (the user's command line) only, never from the run's settings: a
         checkpoint must not be able to make a model directory's Python code run. A run trained with it on is refused
@@ -63,7 +66,7 @@ class RunSettings:
             raise ValueError(f"{self.source}: this run was trained with model.trust_remote_code: true; settings read "
                              "from a checkpoint never switch it on. Pass --trust_remote_code if you trust the code in "
                              f"{model_path or saved.get('model_path')}.")
-        overrides = {"model_path": model_path, "preset": preset, "dtype": dtype}
+        overrides = {"model_path": model_path, "preset": preset, "dtype": dtype, "tokenizer_path": tokenizer_path}
         saved.update({k: v for k, v in overrides.items() if v is not None})
         saved.update(trust_remote_code=trust_remote_code, gradient_checkpointing=False)
         if not saved.get("model_path") and not saved.get("preset"):

@@ -218,7 +218,11 @@ class StepLabels(L.Callback):
         if step is None or step != logging_step(trainer):
             return step  # explicit: kept
         if trainer.state.fn == "fit":
-            return step + 1 if self._training else step
+            if not self._training:
+                return step
+            # a validation inside a window (val_check_interval not a multiple of accumulate_grad_batches, or after an
+            # epoch's short last window) comes when Lightning's count already equals the optimizer steps done
+            return trainer.global_step if trainer.validating else step + 1
         return run_step(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102

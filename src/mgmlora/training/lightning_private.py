@@ -7,6 +7,7 @@ when an upstream release renames or removes it, so an upgrade breaks loudly here
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -46,34 +47,63 @@ def resumed_checkpoint_saved(trainer: L.Trainer) -> None:
             callback._last_global_step_saved = trainer.global_step
 
 
-def claim_new_version(logger, rank: int) -> Path | None:
+def claim_new_version(loggers: Sequence, rank: int) -> Path | None:
     """Creates the next free `version_N` directory of a TensorBoard or CSV logger that picks its own, and pins it.
 
     These loggers pick `version_N` by listing the directories that exist, and create it only when they first write:
     two fits started together under one `save_dir`/`name` picked the same N and wrote one run (config.yaml,
     checkpoints, adapter) over each other. Creating the directory is atomic, so the fit that loses the race takes the
-    next N. Rank 0 claims and puts the number in the environment, which the processes Lightning starts for the other
-    ranks inherit; they pin the same version. Returns the directory created (None: nothing claimed). Private:
-    `_version` (where the loggers keep the version once picked) and `_get_next_version` (how they pick it).
+    next N. The first logger claims; the fit's other TensorBoard/CSV loggers under the same directory get the same N
+    (else they would list the claimed directory and take N+1). Rank 0 claims and puts the number in the environment,
+    which the processes Lightning starts for the other ranks inherit; they pin the same version. A remote (fsspec
+    URL) directory is left to the logger: a local mkdir there would make a directory named after the URL. Returns
+    the directory created (None: nothing claimed). Private: `_version` (where the loggers keep the version once
+    picked) and `_get_next_version` (how they pick it).
     """
-    if not isinstance(logger, TensorBoardLogger | CSVLogger) or logger._version is not None \
-            or "://" in str(logger.root_dir):  # a remote save_dir (fsspec URL): left to the logger
+    first = loggers[0] if loggers else None
+    if not isinstance(first, TensorBoardLogger | CSVLogger) or first._version is not None \
+            or "://" in str(first.root_dir):  # a remote save_dir (fsspec URL): left to the logger
         return None
+    root = Path(first.root_dir)
+    same_root = [lg for lg in loggers if isinstance(lg, TensorBoardLogger | CSVLogger) and lg._version is None
+                 and Path(lg.root_dir).absolute() == root.absolute()]
     if rank != 0:
-        if VERSION_ENV in os.environ:
+        for logger in same_root if VERSION_ENV in os.environ else ():
             logger._version = int(os.environ[VERSION_ENV])
         return None
-    root = Path(logger.root_dir)
     root.mkdir(parents=True, exist_ok=True)
+    version = first._get_next_version()
     while True:
-        version = logger._get_next_version()
         try:
             (root / f"version_{version}").mkdir()
-        except FileExistsError:  # another fit made it between the listing and here
-            continue
+            break
+        except FileExistsError:  # another fit made it since the listing, or a file (or dead link) the listing skips
+            version = max(version + 1, first._get_next_version())
+    for logger in same_root:
         logger._version = version
-        os.environ[VERSION_ENV] = str(version)
-        return root / f"version_{version}"
+    os.environ[VERSION_ENV] = str(version)
+    return root / f"version_{version}"
+
+
+def estimated_stepping_batches(trainer: L.Trainer) -> int | float:
+    """`trainer.estimated_stepping_batches`, without building the training loader before a checkpoint is restored.
+
+    With `max_epochs` bounding the run, Lightning counts the epoch's micro-batches by setting up the training loader
+    (`fit_loop.setup_data`, which starts its iterator and prefetches a batch). Asked from `configure_optimizers`, that
+    happens before `restore_training_state`, so the loader position a resumed fit saved was never applied: the fit
+    re-trained the epoch's first micro-batches (of the permutation of epoch 0) under the indices of the ones it had
+    left. The loader this call built is dropped (private: `fit_loop._combined_loader`, `fit_loop._data_fetcher`), so
+    the fit loop builds it again after the restore, as it does when `max_steps` bounds the run.
+    """
+    loop = trainer.fit_loop
+    built = loop._combined_loader is not None
+    total = trainer.estimated_stepping_batches
+    if not built and loop._combined_loader is not None:
+        if loop._data_fetcher is not None:
+            loop._data_fetcher.teardown()
+            loop._data_fetcher = None
+        loop._combined_loader = None
+    return total
 
 
 def format_summary_table(total_parameters: int, trainable_parameters: int, model_size: float,
@@ -100,6 +130,6 @@ def logging_step(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-__all__ = ["attached_trainer", "format_summary_table", "logging_step", "request_graceful_stop",
-           "resumed_checkpoint_saved"]
+__all__ = ["attached_trainer", "estimated_stepping_batches", "format_summary_table", "logging_step",
+           "request_graceful_stop", "resumed_checkpoint_saved"]
 

@@ -89,11 +89,11 @@ class LoraArgs:
         resolved = self.resolved()
         problems = []
         if resolved["r"] < 1:
-            problems.append(f"lora.r must be >= 1 (got {resolved['r']})")
+            problems.append(f"model.lora.r must be >= 1 (got {resolved['r']})")
         if not 0.0 <= resolved["lora_dropout"] < 1.0:
-            problems.append(f"lora.lora_dropout must be in [0, 1) (got {resolved['lora_dropout']})")
+            problems.append(f"model.lora.lora_dropout must be in [0, 1) (got {resolved['lora_dropout']})")
         if not resolved["target_modules"]:
-            problems.append("lora.target_modules is empty")
+            problems.append("model.lora.target_modules is empty")
         if problems:
             raise SettingsError("; ".join(problems))
 

@@ -32,7 +32,7 @@ from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import CompileWatch, apply_fast_path
 from mgmlora.training.finite import FiniteGuard, drop_gradients
-from mgmlora.training.lightning_private import attached_trainer
+from mgmlora.training.lightning_private import attached_trainer, estimated_stepping_batches
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
 from mgmlora.training.optim import OptimArgs, build_optimizer, decays_matrices, reapply
@@ -285,7 +285,7 @@ class LoraLitModule(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         """AdamW over trainable parameters with warmup + decay over the run's optimizer steps."""
-        total = self.trainer.estimated_stepping_batches
+        total = estimated_stepping_batches(self.trainer)  # leaves a resumed fit's loader to be built after the restore
         total = int(total) if math.isfinite(total) else 1
         if self.optim_args.fused and scales_loss(self.trainer) and self.trainer.gradient_clip_val:
             raise ValueError("optim.fused: true with gradient clipping under 16-mixed: the fused optimizer unscales "

@@ -21,6 +21,7 @@ def _gib(pattern: str, text: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_the_tools_pages_estimate_figures_are_what_bin_estimate_prints(capsys, in_repo_root):
     readme = (ROOT / "docs" / "tools.md").read_text()
     fits = re.search(r"^python bin/estimate\.py (?P<args>[^\n#]+?)\s+# fits: ~?(?P<total>[\d.]+) GiB$", readme, re.M)

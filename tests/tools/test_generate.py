@@ -115,6 +115,7 @@ def _interrupted_after(monkeypatch, batches):
     monkeypatch.setattr(leaderboard, "generate_batch", generate)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_leaderboard_answers_every_item_in_order_and_resumes(tmp_path, trained_qwen, monkeypatch):
     path, records = _leaderboard_file(tmp_path)
     model, tokenizer, encoder = _leaderboard_model(trained_qwen)

@@ -271,6 +271,7 @@ def test_every_config_can_be_estimated(path, in_repo_root):
     assert est.total_gib > 0 and all(v >= 0 for v in est.items.values())
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_kept_expert_outputs_are_counted_per_moe_layer_and_routed_row(in_repo_root):
     from mgmlora.models.transformers_private import checkpoint_inside_forward
 
@@ -317,6 +318,7 @@ def test_largest_batch_size_is_the_last_one_that_fits(in_repo_root):
     assert largest_batch_size(*run, 10) == 0  # 57 GiB of frozen weights never fit 10 GiB
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_config_overrides_accept_lightning_cli_short_forms(in_repo_root):
     short = run_from_config(["configs/mgm2b_lora.yaml", "configs/strategy/zero2.yaml"], [
         "--data.max_length", "512", "--data.batch_size", "4", "--trainer.strategy.stage", "3", "--trainer.devices",

@@ -205,6 +205,7 @@ def test_expert_lora_on_the_4bit_moe_base_is_planned_with_checkpointing_only(in_
     assert plan and all(s.quantized and s.gradient_checkpointing for s in plan)  # training refuses it off
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_a_window_setting_training_refuses_is_not_offered(in_repo_root):
     """An NF4 MoE base without checkpointing stops at start (fastpath.py): its window is not planned as fitting."""
     from mgmlora.tools.memory import checkpointing_refusal

@@ -268,6 +268,7 @@ def test_apply_fast_path_splits_before_it_compiles():
         assert f"compiled (torch.compile): {compiled}" in done
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_pefts_fallback_inside_a_compiled_split_layer_runs_eagerly():
     # two adapters active at once: the split wrapper hands the call to PEFT's forward, whose per-call parametrization
     # would recompile on every call inside a compiled layer (and, checkpointed, raise CheckpointError); it runs eagerly

@@ -185,6 +185,7 @@ def test_checkpointed_layers_compile_whole(preset, family):
     assert len(layers) >= 2
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_layers_with_expert_lora_compile_around_the_experts_and_match_eager_under_checkpointing():
     # PEFT's expert LoRA re-registers a parametrization (a new module class) on every call: compiled, each call
     # recompiled until dynamo's recompile_limit sent the rest eager, and a layer whose forward ran compiled but whose

@@ -58,7 +58,8 @@ def moe_runs(tmp_path_factory):
     runs = {}
     for stage in (0, 2, 3):
         out = tmp_path_factory.mktemp(f"stage{stage}")
-        runs[stage] = {**fit_summary(out, stage, "tiny-qwen3-moe", accum=4, base=base / "model"), "out": out}
+        runs[stage] = {**fit_summary(out, stage, "tiny-qwen3-moe", accum=4, base=base / "model"), "out": out,
+                       "base": base / "model"}
     return runs
 
 
@@ -103,14 +104,16 @@ def test_deepspeed_fit_starts_from_a_no_op_adapter_saves_lora_only_and_resumes(t
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]  # no frozen base weights
 
 
-def test_deepspeed_resume_compares_and_applies_the_optimizer_settings_it_restored_itself(tmp_path, stage=2):
+def test_deepspeed_resume_compares_and_applies_the_optimizer_settings_it_restored_itself(moe_runs, tmp_path):
     # DeepSpeed keeps the optimizer state (betas, eps, weight decay) in its own files, not in Lightning's checkpoint
     # dict; its engine restores them before on_load_checkpoint, which compares the restored groups (before the fix a
-    # changed betas resumed silently with the checkpoint's)
-    fit_summary(tmp_path, stage, "tiny-qwen3")  # 2 steps, a checkpoint at step 2
-    ckpt = tmp_path / "ckpt" / "step=2.ckpt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MGM_TEST_STEPS="3", MGM_TEST_BETAS="0.8,0.95")
-    script = [sys.executable, str(ROOT / "tests/scripts/ds_fit_resume.py"), str(tmp_path), str(stage), "tiny-qwen3",
+    # changed betas resumed silently with the checkpoint's). From a copy of the ZeRO-2 run's step-2 checkpoint.
+    import shutil
+
+    ckpt = shutil.copytree(moe_runs[2]["out"] / "ckpt" / "step=2.ckpt", tmp_path / "step=2.ckpt")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MGM_TEST_STEPS="3", MGM_TEST_ACCUM="4", MGM_TEST_BETAS="0.8,0.95",
+               MGM_TEST_BASE=str(moe_runs[2]["base"]))
+    script = [sys.executable, str(ROOT / "tests/scripts/ds_fit_resume.py"), str(tmp_path), "2", "tiny-qwen3-moe",
               "--resume_from", str(ckpt)]
     refused = subprocess.run(script, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert refused.returncode != 0

@@ -159,6 +159,20 @@ def _collate(items: list[tuple[TokenizedSample, WindowKey | None]], pad_id: int)
     return pad_collate([s for s, _ in items], pad_id, window=items[0][1])
 
 
+def count_refusals(init_args, accumulate_grad_batches: int | None) -> list[str]:
+    """Why no loader can run with these data counts (`data.init_args`) and accumulation, one entry per key; [] if none.
+
+    One rule for `fit` (the DataModule's setup) and `bin/estimate.py`, which refuses what fit would.
+    """
+    bad = [f"data.init_args.{key} must be >= {low} (got {init_args.get(key)})"
+           for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("max_tokens", 1), ("window_samples", 1),
+                            ("max_length", 1), ("num_workers", 0))
+           if init_args.get(key) is not None and init_args.get(key) < low]
+    if accumulate_grad_batches is not None and accumulate_grad_batches < 1:
+        bad.append(f"trainer.accumulate_grad_batches must be >= 1 (got {accumulate_grad_batches})")
+    return bad
+
+
 class TokenizedDataModule(L.LightningDataModule):
     """Loader machinery shared by mgmlora's data sources (see the module docstring).
 
@@ -222,14 +236,8 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _check_counts(self) -> None:
         """Refuses counts that no loader can run with, naming the key, before any file is read."""
-        hp = self.hparams
-        bad = [f"data.init_args.{key} must be >= {low} (got {hp.get(key)})"
-               for key, low in (("batch_size", 1), ("eval_batch_size", 1), ("max_tokens", 1), ("window_samples", 1),
-                                ("max_length", 1), ("num_workers", 0))
-               if hp.get(key) is not None and hp.get(key) < low]
         trainer = self.trainer  # None outside a fit (the tools)
-        if trainer is not None and trainer.accumulate_grad_batches < 1:
-            bad.append(f"trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")
+        bad = count_refusals(self.hparams, trainer.accumulate_grad_batches if trainer is not None else None)
         if bad:
             raise UsageError("; ".join(bad) + ".")
 

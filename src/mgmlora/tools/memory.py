@@ -45,6 +45,7 @@ from typing import Literal
 
 import torch
 
+from mgmlora.data.datamodule import count_refusals
 from mgmlora.errors import UsageError
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
@@ -436,12 +437,8 @@ def run_from_tree(tree: dict) -> tuple[ModelArgs, LoraArgs, Trainability, SpeedA
         is_ds = True
         init = {"stage": int(strategy.split("_")[2]) if strategy.count("_") >= 2 else 2,
                 "offload_optimizer": "offload" in strategy, "offload_parameters": strategy.endswith("3_offload")}
-    # the counts `fit` refuses (TokenizedDataModule._check_counts): an estimate of them would be of no run at all
-    bad = [f"data.init_args.{key} must be >= 1 (got {data[key]})"
-           for key in ("batch_size", "max_tokens", "window_samples", "max_length")
-           if data.get(key) is not None and data[key] < 1]
-    if trainer.get("accumulate_grad_batches") is not None and trainer["accumulate_grad_batches"] < 1:
-        bad.append(f"trainer.accumulate_grad_batches must be >= 1 (got {trainer['accumulate_grad_batches']})")
+    # the counts `fit` refuses: an estimate of them would be of no run at all
+    bad = count_refusals(data, trainer.get("accumulate_grad_batches"))
     if bad:
         raise UsageError("; ".join(bad) + ".")
     seq = data.get("max_length") or model_info(model_args).max_length or 2048

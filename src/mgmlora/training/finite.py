@@ -88,7 +88,6 @@ class FiniteGuard:
             "Lower model.optim.lr, set trainer.gradient_clip_val, check the data, or set "
             "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
 
-
     def stalled(self) -> str | None:
         """Why the fit stopped learning (its last steps' gradient norms are exactly 0), or None."""
         if self.zero_since is None or self.last_step - self.zero_since < 1:

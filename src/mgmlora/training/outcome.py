@@ -63,6 +63,11 @@ def short_window(epoch_batches: int | float, accumulate: int) -> str | None:
             "or give an epoch more micro-batches (more data, or a higher trainer.limit_train_batches).")
 
 
+def _written_adapters(trainer: L.Trainer) -> list:
+    """The adapter directories this fit's callbacks wrote (AdapterExport's `written`, once written)."""
+    return [c.written for c in trainer.callbacks if getattr(c, "written", None) is not None]
+
+
 class RunOutcome(L.Callback):
     """Fails a fit that made no optimizer step and ends a successful one with a summary line (module docstring)."""
 
@@ -113,7 +118,7 @@ class RunOutcome(L.Callback):
         guard = getattr(pl_module, "finite", None)  # LoraLitModule's FiniteGuard (mgmlora.training.finite)
         why = guard.stalled() if guard is not None else None
         if why:
-            written = [str(c.written) for c in trainer.callbacks if getattr(c, "written", None) is not None]
+            written = _written_adapters(trainer)
             kept = f"the adapter in {written[0]} is that run's" if written else "no adapter was written"
             raise StalledError(f"{why}; {kept}. Lower model.optim.lr (or set trainer.gradient_clip_val) and train "
                                "again from the start.")
@@ -127,11 +132,7 @@ class RunOutcome(L.Callback):
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals, reduce_op="sum")
         samples, tokens = (int(v) for v in totals.tolist())
-        where = []
-        for callback in trainer.callbacks:
-            written = getattr(callback, "written", None)  # AdapterExport's directory, once written
-            if written is not None:
-                where.append(f"adapter {written}")
+        where = [f"adapter {written}" for written in _written_adapters(trainer)]
         newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
             getattr(trainer.checkpoint_callback, "best_model_path", "")
         if newest:

@@ -119,6 +119,11 @@ def _is_last(path: Path) -> bool:
     return path.name.startswith("last")  # as Lightning names them: last.ckpt, last-v1.ckpt, ...
 
 
+def _checkpoint_dirs(log_dir: str | Path | None, dirpaths: Iterable[str | Path | None]) -> list[Path]:
+    """Where each ModelCheckpoint writes: its `dirpath`, else `<log_dir>/checkpoints` (neither: left out)."""
+    return [Path(d) if d else Path(log_dir) / "checkpoints" for d in dirpaths if d or log_dir is not None]
+
+
 def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str | Path | None, bool]],
                      picked_version: bool) -> None:
     """Refuses `--ckpt_path last` wherever Lightning would find no `last` and train from scratch (module docstring).
@@ -137,7 +142,7 @@ def check_last_found(log_dir: str | Path | None, callbacks: Iterable[tuple[str |
             without a `version`).
     """
     callbacks = list(callbacks)
-    dirs = [Path(d) if d else Path(log_dir) / "checkpoints" for d, _ in callbacks if d or log_dir is not None]
+    dirs = _checkpoint_dirs(log_dir, (d for d, _ in callbacks))
     if any(_is_last(p) for d in dirs for p in _checkpoints(d)):
         return
     new_version = log_dir is not None and picked_version and bool(callbacks) and not any(d for d, _ in callbacks)
@@ -177,7 +182,7 @@ def check_eval_checkpoint(subcommand: str, ckpt_path: str | Path | None, log_dir
     if str(ckpt_path) == "best":
         raise UsageError(f"{subcommand} --ckpt_path best: only a fit in the same process knows its best checkpoint; "
                          "pass the checkpoint to evaluate as --ckpt_path <run>/checkpoints/<name>.ckpt.")
-    dirs = [Path(d) if d else Path(log_dir) / "checkpoints" for d in checkpoint_dirs if d or log_dir is not None]
+    dirs = _checkpoint_dirs(log_dir, checkpoint_dirs)
     if any(_is_last(p) for d in dirs for p in _checkpoints(d)):
         return
     where = ", ".join(str(d) for d in dirs) if dirs else "no checkpoint directory (no ModelCheckpoint)"

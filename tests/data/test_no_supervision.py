@@ -25,6 +25,18 @@ def test_llava_records_without_answers_or_room_are_an_error_with_counts_per_reas
     assert "3 records without an answer" in message and "2 records whose answers do not fit max_length=200" in message
 
 
+def test_llava_records_left_without_room_are_a_warning_naming_file_count_and_key(tmp_path):
+    records = read_llava_json(LLAVA / "llava_demo.json")[:5]
+    for record in records[3:]:  # a long question pushes the answer past max_length; the other three fit
+        record["conversations"][0]["value"] += " word" * 400
+    with pytest.warns(UserWarning) as caught:
+        dm = _datamodule(tmp_path, records, max_length=200)
+    assert dm.stats["train:samples"] == 3
+    line = next(str(w.message) for w in caught if "supervised token" in str(w.message))
+    assert str(tmp_path / "train.json") in line and "skipped 2 record(s)" in line
+    assert "200 positions" in line and "data.init_args.max_length" in line
+
+
 def test_chameleons_targets_all_too_long_is_an_error_before_training():
     dm = connect_data(ChameleonsDataModule(str(DEMO), tokenizer_path=str(TOKENIZER), max_length=8))
     with pytest.raises(NoTrainingSampleError, match=rf"{DEMO}: .* samples whose target and bare prompt exceed "

@@ -155,7 +155,8 @@ class LlavaDataModule(TokenizedDataModule):
                            f"(data.init_args.skip_bad_images): {'; '.join(skipped[:5])}"
                            f"{f'; and {len(skipped) - 5} more' if len(skipped) > 5 else ''}.")
         if too_long:
-            rank_zero_warn(f"LLaVA {split}: {too_long} record(s) skipped (see the line above).")
+            rank_zero_warn(f"LLaVA {split} {path}: skipped {too_long} record(s) with no supervised token left after "
+                           f"truncation to {max_length} positions; raise data.init_args.max_length to keep them.")
 
     def _build_splits(self, stage: str) -> None:
         self.processor = self.processor or self._model_processor()

@@ -182,3 +182,31 @@ def test_a_compiled_checkpointed_moe_fit_with_split_expert_lora_compiles_its_lay
     assert "expert LoRA split (frozen expert GEMM + LoRA GEMMs) in 2 MoE layers" in out, out[-3000:]
     assert "compiled (torch.compile): 2 decoder layers\n" in out, out[-3000:]  # whole: no experts left eager
     assert "compiled nothing" not in out and "graph break" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["fit", "--config", "x.yaml"], False), (["fit", "--print_config"], False), (["--hel"], False),
+    (["fit", "--help"], True), (["-h"], True), (["fit", "--data.help", "ChameleonsDataModule"], True),
+    (["fit", "--print_config=comments"], True), (["fit", "--print_config", "skip_null,comments"], True)])
+def test_asks_for_help_by_hand(args, expected):
+    from mgmlora.cli import asks_for_help
+
+    assert asks_for_help(args) is expected
+
+
+def test_a_run_reads_no_attribute_docstrings_and_help_still_shows_them(capsys, monkeypatch, in_repo_root):
+    import docstring_parser.parser as parser
+
+    from mgmlora.cli import main
+
+    calls = []
+    real = parser.add_attribute_docstrings
+    monkeypatch.setattr(parser, "add_attribute_docstrings", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/demo_chat.yaml", "--print_config"])
+    assert calls == []  # the source of every class in the parser is not parsed for a run
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert calls and "torch.compile the family's regions" in out  # SpeedSettings.compile's attribute docstring

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from argparse import ArgumentError
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -47,19 +47,27 @@ from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 PARSER_KWARGS = {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False}
 
 
-def prepare_process() -> None:
+def prepare_process(args: Sequence[str] | None = None) -> None:
     """What every command sets before it parses or loads anything; called by the entry points, never at import.
 
     Offline mode (mgmlora.offline); `DS_ACCELERATOR=cpu` on a machine without CUDA (else `import deepspeed`, which a
     config naming a DeepSpeed strategy triggers while parsing, prints a [WARNING] line to stdout and corrupts
     `--print_config > file.yaml`); no tokenizer thread pools forked into data workers; dataclass attribute docstrings
-    as `--help` text.
+    as help text, read only when the command line (`args`, else sys.argv) asks for help: reading them parses the
+    source of every class in the parser, which a run never shows.
     """
     offline.enforce()
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=asks_for_help(sys.argv[1:] if args is None else args))
+
+
+def asks_for_help(args: Sequence[str]) -> bool:
+    """Whether a command line shows help text: `-h`, `--help`, `--<key>.help CLASS`, `--print_config=comments`."""
+    printed = any(a.startswith("--print_config") for a in args)
+    return any(a == "-h" or (a.startswith("--") and a.split("=", 1)[0].endswith("help"))
+               or (printed and "comments" in a) for a in args)
 
 
 def _picks_version(logger) -> bool:
@@ -310,7 +318,7 @@ def parse_config(args: list[str], extra_arguments: Callable[[ArgumentParser], No
     tool's own flags to that parser (`mgmlora estimate --gpu_memory_gib 24 --config ...`): one parser refuses unknown
     and abbreviated flags of both kinds, and their values come back in the same dict.
     """
-    prepare_process()
+    prepare_process(args)
     parse_only = type("_ToolParse", (_ParseOnly,), {"extra_arguments": staticmethod(extra_arguments)})
     cli = parse_only(LoraLitModule, L.LightningDataModule, subclass_mode_data=True, parser_kwargs=PARSER_KWARGS,
                      args=args, run=False)
@@ -333,7 +341,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MgmCLI:
     usage text; `--help` has it. Everything after parsing raises; `bin/main.py` runs this through
     `mgmlora.errors.run`, which prints user errors as one line.
     """
-    prepare_process()
+    prepare_process(args)
     try:
         return MgmCLI(
             LoraLitModule,

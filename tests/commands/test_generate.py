@@ -68,3 +68,27 @@ def test_an_existing_output_is_not_overwritten_without_overwrite(tmp_path, no_lo
     assert output.read_text() == "the user's own predictions"
     with pytest.raises(ReadTheCheckpoint):  # with --overwrite the command goes on to the run
         generate.main([*argv, "--overwrite"])
+
+
+def test_a_prompt_longer_than_the_runs_length_is_refused_before_the_model_loads(tiny_checkpoint, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TOKENIZER
+
+    class Loaded(Exception):
+        """The command went on to load the model."""
+
+    def load(*_, **__):
+        raise Loaded
+
+    monkeypatch.setattr(generate, "build_trained_model", load)
+    prompt = "tell me about it " * 10
+    chat = [{"role": "user", "content": prompt}]
+    n = len(AutoTokenizer.from_pretrained(TOKENIZER).apply_chat_template(  # the template's count, not mgmlora's
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt", prompt, "--max_new_tokens", "8"]
+    with pytest.raises(UsageError, match=rf"^--prompt takes {n} positions .*--max_new_tokens 8 that passes the "
+                                         rf"run's max_length {n + 7}: shorten"):
+        generate.main([*args, "--max_length", str(n + 7)])
+    with pytest.raises(Loaded):  # exactly fits
+        generate.main([*args, "--max_length", str(n + 8)])

@@ -192,10 +192,11 @@ def generate(settings: GenerateSettings):
 
     import torch
 
+    tokenizer = load_tokenizer(model_args)
+    question = None if settings.chameleons else _question(settings, tokenizer, info, data, gen.max_new_tokens)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = build_trained_model(run, model_args, device=device)
     model, info = loaded.model.to(device).eval(), loaded.info
-    tokenizer = load_tokenizer(model_args)
 
     if settings.chameleons:
         from mgmlora.data.chameleons_datamodule import PersonaEncoder
@@ -215,23 +216,45 @@ def generate(settings: GenerateSettings):
         print(json.dumps(summary, indent=2))
         return summary
 
+    rows, inputs = question
     if info.takes_images:
-        from mgmlora.data.llava import generation_prompt
-        from mgmlora.data.llava_datamodule import LlavaDataModule
-
-        aspect = settings.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
-        inputs = info.processor.image_inputs(load_image(settings.image, "--image") if settings.image else None, aspect)
-        rows = [generation_prompt(tokenizer, info.processor, settings.prompt, has_image=settings.image is not None)]
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
         replies = generate_batch(target, tokenizer, rows, gen, {k: v[None] for k, v in inputs.items()})[0]  # (1, ...)
     else:
-        from mgmlora.data.chat import question_prompt
-
-        rows = [question_prompt(tokenizer, settings.prompt)]
         replies = generate_batch(model, tokenizer, rows, gen)[0]
     print(json.dumps({"prompt": settings.prompt, "image": settings.image, "replies": replies}, ensure_ascii=False,
                      indent=2))
     return replies
+
+
+def _question(settings: GenerateSettings, tokenizer, info, data: dict, max_new_tokens: int
+              ) -> tuple[list[list[int]], dict]:
+    """--prompt's token row (and --image's model inputs) in the training template, checked against the run's length.
+
+    Like validation's generation, prompt + `max_new_tokens` must fit the run's max_length (after the image's
+    expansion), the longest sequence it trained on; a longer question is refused rather than cut.
+    """
+    if info.takes_images:
+        from mgmlora.data.llava import generation_prompt
+        from mgmlora.data.llava_datamodule import LlavaDataModule
+
+        processor = info.processor
+        aspect = settings.image_aspect_ratio or {**_defaults(LlavaDataModule), **data}["image_aspect_ratio"]
+        inputs = processor.image_inputs(load_image(settings.image, "--image") if settings.image else None, aspect)
+        rows = [generation_prompt(tokenizer, processor, settings.prompt, has_image=settings.image is not None)]
+        positions = len(rows[0]) + (processor.image_tokens - 1 if settings.image else 0)
+        limit = settings.max_length or data.get("max_length") or processor.max_length
+    else:
+        from mgmlora.data.chat import question_prompt
+
+        inputs, rows = {}, [question_prompt(tokenizer, settings.prompt)]
+        positions, limit = len(rows[0]), settings.max_length or data.get("max_length")
+    if limit and positions + max_new_tokens > limit:
+        raise UsageError(f"--prompt takes {positions} positions in the training template"
+                         f"{' (with the image)' if settings.image else ''}; with --max_new_tokens {max_new_tokens} "
+                         f"that passes the run's max_length {limit}: shorten the prompt, lower --max_new_tokens, or "
+                         "pass a larger --max_length.")
+    return rows, inputs
 
 
 def main(argv: list[str] | None = None):

@@ -143,3 +143,29 @@ def test_stalled_names_the_stretch_of_exactly_zero_gradient_norms_that_runs_to_t
     for step, norm in enumerate(norms, start=1):
         assert guard.check(step, {"train/loss": 2.0, "train/grad_norm": torch.tensor(norm)}) is False
     assert guard.stalled() is None if stalled is None else stalled in guard.stalled()
+
+
+@pytest.mark.parametrize(("steps", "stalled"), [
+    ([(1.0, True), (0.0, False), (0.0, False)], None),  # text-only windows of an image-path-only run
+    ([(1.0, True), (0.0, True), (0.0, False), (0.0, True)], "from step 2 to the last, step 4"),  # skipped, not reset
+    ([(0.0, True), (0.3, False), (0.0, True)], None),  # a nonzero norm still resets, reached or not
+])
+def test_a_window_that_reached_no_trainable_parameter_is_left_out_of_a_stall(steps, stalled):
+    guard = FiniteGuard()
+    for step, (norm, reached) in enumerate(steps, start=1):
+        assert guard.check(step, {"train/grad_norm": torch.tensor(norm)}, reached=reached) is False
+    assert guard.stalled() is None if stalled is None else stalled in guard.stalled()
+
+
+def test_ranks_agree_whether_any_window_reached_a_trainable_parameter():
+    asked, other_rank = [], [False, True] * 2  # per step: its loss and norm are finite; its window reached one
+
+    def agree(local):
+        asked.append(local)
+        return local or other_rank[len(asked) - 1]
+
+    guard = FiniteGuard()
+    for step in (1, 2):
+        guard.check(step, {"train/grad_norm": torch.tensor(0.0)}, agree, reached=False)
+    assert asked == [False, False, False, False]  # the non-finite vote, then the reach vote, at each step
+    assert "from step 1 to the last, step 2" in guard.stalled()

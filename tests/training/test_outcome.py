@@ -174,3 +174,37 @@ def test_a_fit_whose_gradients_stay_exactly_zero_to_the_end_fails_and_writes_no_
     assert not (tmp_path / "stalled" / "run" / "version_0" / "adapter").exists()
     trainer, _ = _fit(tmp_path / "last", extra=[_ZeroGradientsFrom(4)])  # one zero step at the end: not a stall
     assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize("images", [4, 0])
+def test_a_stage_1_run_whose_last_windows_are_text_only_is_no_stall(tmp_path, images):
+    # Only the projector trains; text-only windows leave its gradient exactly zero. Windows with images first, then
+    # text-only ones: that is a finished run, not a stalled one; with no image at all the run trained nothing.
+    import json
+
+    from mgmlora.data.llava_datamodule import LlavaDataModule
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.module import LoraLitModule
+    from mgmlora.training.optim import OptimArgs
+    from mgmlora.training.trainable import Trainability
+    from tests.conftest import ASSETS
+    from tests.training.test_trainable import TINY_MGM
+
+    records = json.loads((ASSETS / "llava" / "llava_demo.json").read_text())
+    picked = [r for r in records if "image" in r][:images] + [r for r in records if "image" not in r][:8 - images]
+    (tmp_path / "train.json").write_text(json.dumps(picked))
+    torch.manual_seed(0)
+    module = LoraLitModule(TINY_MGM, LoraArgs(), OptimArgs(lr=1e-3, warmup_ratio=0),
+                           Trainability(llm="frozen", projector="full"))
+    data = LlavaDataModule(str(tmp_path / "train.json"), image_folder=str(ASSETS / "llava"), batch_size=2,
+                           shuffle=False)
+    data.connect(module.tokenizer, module.info)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
+                        callbacks=[RunOutcome()], default_root_dir=tmp_path)
+    if images:
+        trainer.fit(module, data)
+        assert module.finite.counted == 2 and module.finite.unreached == 2 and module.finite.stalled() is None
+    else:
+        with pytest.raises(NothingTrainedError, match="none of its 4 optimizer step"):
+            trainer.fit(module, data)

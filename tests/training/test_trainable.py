@@ -15,7 +15,7 @@ from mgmlora.training.checkpoint import AdapterCheckpointIO
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.module import LoraLitModule
 from mgmlora.training.optim import OptimArgs
-from mgmlora.training.trainable import Trainability, apply_trainability, load_trainables
+from mgmlora.training.trainable import Trainability, apply_trainability, load_trainables, trains_language_model
 from tests.conftest import ASSETS
 
 TINY_MGM = ModelArgs(preset="tiny-mgm", tokenizer_path=str(ASSETS / "gemma_tokenizer"), dtype="float32",
@@ -39,6 +39,39 @@ def test_trainability_per_component(llm, projector, expected):
     assert _trainable_groups(model) == expected
     assert (plan is not None) == (llm == "lora")
     assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+
+
+@pytest.mark.parametrize("llm,projector", [("lora", "full"), ("lora", "frozen"), ("frozen", "full"),
+                                           ("full", "frozen")])
+def test_trains_language_model_unless_the_llm_is_frozen(llm, projector):
+    loaded = load_model(TINY_MGM)
+    model, _ = apply_trainability(loaded, LoraArgs(), Trainability(llm=llm, projector=projector))
+    assert trains_language_model(model, loaded.components) is (llm != "frozen")
+    text = load_model(ModelArgs(preset="tiny-qwen3", dtype="float32"))
+    assert trains_language_model(apply_trainability(text, LoraArgs(), Trainability())[0], text.components)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_only_a_batch_with_an_image_reaches_the_projector_of_a_stage_1_run(with_image):
+    # autograd is the second method: a text-only batch leaves the projector's gradients exactly zero
+    from mgmlora.batch import IGNORE_INDEX as X
+    from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
+
+    torch.manual_seed(0)
+    loaded = load_model(TINY_MGM)
+    model, _ = apply_trainability(loaded, LoraArgs(), Trainability(llm="frozen", projector="full"))
+    g = torch.Generator().manual_seed(1)
+    ids = [[2, 5, IMAGE_TOKEN_INDEX if with_image else 6, 7, 8, 9], [2, 5, 6, 7, 8, 9]]
+    batch = Batch(torch.tensor(ids), torch.ones(2, 6, dtype=torch.long), torch.tensor([[X, X, X, 7, 8, 9]] * 2),
+                  model_inputs={"images": torch.randn(2, 3, 48, 48, generator=g),
+                                "images_aux": torch.randn(2, 3, 96, 96, generator=g)})
+    fwd = loaded.forward_hidden(batch, packed=False)
+    fwd.head(fwd.hidden).float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert any(bool(g.any()) for g in grads) is with_image
+    assert loaded.reaches_components(batch) is with_image
+    assert loaded.reaches_components(batch.to("meta")) is with_image  # from the CPU copy, as on a GPU
 
 
 def test_nothing_to_train_is_an_error():

@@ -16,7 +16,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from mgmlora.batch import Batch
+from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
 from mgmlora.models.attention import varlen_kwargs
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
@@ -94,6 +94,14 @@ class LoadedModel(ABC):
         carries its CPU copy (`Batch.on_host`), the labels on the CPU: data-dependent shapes are read there, so the
         forward and the loss queue their work without waiting for the GPU.
         """
+
+    def reaches_components(self, batch: Batch) -> bool:
+        """Whether `batch` sends a gradient to the components besides the language model (`components`).
+
+        A batch that does not leaves their gradients exactly zero: for a run that trains only those, no sign that
+        the run stopped learning (mgmlora.training.finite). Every batch does, unless a family says otherwise.
+        """
+        return True
 
     def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
                  model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:
@@ -254,6 +262,14 @@ class LoadedMgm(LoadedModel):
                          packed=packed, pad_to=pad_to, hidden_only=True, host=batch.on_host(),
                          **batch.model_inputs)  # images, images_aux
         return Forward(out.hidden_states, out.labels, output_head(self.model.llm), out.host_labels)
+
+    def reaches_components(self, batch: Batch) -> bool:
+        """Only a batch with an image reaches the towers, mining and projector.
+
+        Text-only rows keep the projector in the graph at zero weight. Read from the batch's CPU copy where it has one.
+        """
+        host = batch.on_host()
+        return bool(((host if host is not None else batch).input_ids == IMAGE_TOKEN_INDEX).any())
 
     def generate(self, tokenizer, rows: list[list[int]], args: GenerationArgs,
                  model_inputs: dict[str, torch.Tensor] | None = None) -> list[list[str]]:

@@ -16,7 +16,8 @@ A run can also stop learning without a NaN: a learning rate far too high saturat
 after which every gradient is exactly zero and the loss stays flat, and the fit would end with exit 0 and an adapter
 that does nothing useful. `FiniteGuard` notes where the gradient norm became exactly 0 and stayed there;
 `stalled()` names that stretch when it runs to the fit's end (at least two steps), and RunOutcome then fails the
-fit (`StalledError`, exit 1). The gradient norm is a global quantity, the same on every rank.
+fit (`StalledError`, exit 1). The gradient norm is a global quantity, the same on every rank. A window that could not
+reach any trainable parameter (text-only samples when only MGM's image path trains) is left out of that stretch.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ class FiniteGuard:
         self.skipped = 0
         self.zero_since: int | None = None  # first step of the current run of exactly-zero gradient norms
         self.last_step = 0
+        self.counted = 0  # optimizer steps whose norm was read and whose window reached a trainable parameter
+        self.unreached = 0  # optimizer steps whose window reached no trainable parameter on any rank
 
     def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
-              can_skip: bool = True, newest: str | None = None, applied: bool = False) -> bool:
+              can_skip: bool = True, newest: str | None = None, applied: bool = False, reached: bool = True) -> bool:
         """Whether to skip this optimizer step; raises NonFiniteError when the run must stop.
 
         Args:
@@ -62,6 +65,9 @@ class FiniteGuard:
             can_skip: False where the gradients cannot be dropped (DeepSpeed, or after the optimizer stepped).
             newest: the newest checkpoint on disk, named in the message so the user knows where to resume from.
             applied: the optimizer has already stepped (DeepSpeed's norm is known only then); no checkpoint follows.
+            reached: this rank's window could send a gradient to a trainable parameter (False: a window of text-only
+                samples for a run that trains only MGM's image path). A zero norm of a window that no rank's window
+                reached says nothing about learning: such a step neither starts nor extends a stall.
         """
         first = next((f"{name} = {float(v)}" for name, v in values.items()
                       if v is not None and not math.isfinite(float(v))), None)
@@ -69,11 +75,15 @@ class FiniteGuard:
         if not bad:
             norm = values.get("train/grad_norm")
             if norm is not None:  # already on the host: float() above synchronised it
+                if float(norm) == 0.0 and not (agree(reached) if agree is not None else reached):
+                    self.unreached += 1  # the norm is global: every rank takes this branch and joins the agreement
+                    return False
                 if float(norm) != 0.0:
                     self.zero_since = None
                 elif self.zero_since is None:
                     self.zero_since = step
                 self.last_step = step
+                self.counted += 1
             return False
         if can_skip and self.skipped < self.max_skipped:
             self.skipped += 1
@@ -87,6 +97,14 @@ class FiniteGuard:
             f"{allowance}{where}; no adapter was written. "
             "Lower model.optim.lr, set trainer.gradient_clip_val, check the data, or set "
             "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
+
+    def untrained(self) -> str | None:
+        """Why the fit trained nothing although it stepped: no step's window reached a trainable parameter, or None."""
+        if not self.unreached or self.counted:
+            return None
+        return (f"none of its {self.unreached} optimizer step(s) had a sample that reaches a trainable parameter "
+                "(only components besides the language model train, model.trainable, and no sample had what they "
+                "take, such as an image)")
 
     def stalled(self) -> str | None:
         """Why the fit stopped learning (its last steps' gradient norms are exactly 0), or None."""

@@ -50,7 +50,14 @@ from mgmlora.training.strategies import (
     steps_itself,
     zero3_build,
 )
-from mgmlora.training.trainable import Trainability, apply_trainability, check_resume, component_report, load_trainables
+from mgmlora.training.trainable import (
+    Trainability,
+    apply_trainability,
+    check_resume,
+    component_report,
+    load_trainables,
+    trains_language_model,
+)
 from mgmlora.training.window import AccumulationWindow, window_offset
 
 # LoRA settings that change what a saved adapter computes: a checkpoint and the config must agree on all of them
@@ -106,6 +113,8 @@ class LoraLitModule(L.LightningModule):
         self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
         self.compile_watch: CompileWatch | None = None  # with speed.compile, read after the first micro-batch
         self._reapply_optim = False  # a resumed fit's allowed optimizer change, applied in on_train_start
+        self._trains_text: bool | None = None  # a trainable parameter in the language model (set at the first step)
+        self._reached = False  # this window could send a gradient to a trainable parameter (FiniteGuard's stall check)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -184,6 +193,9 @@ class LoraLitModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One micro-batch, scaled for its accumulation window (mgmlora.training.window)."""
         out = self._loss_sum(batch)
+        if self._trains_text is None:
+            self._trains_text = trains_language_model(self.model, self.loaded.components)
+        self._reached = self._reached or self._trains_text or self.loaded.reaches_components(batch)
         trainer = self.trainer
         loss = self.window.scaled(batch, out.loss_sum, out.n_tokens, batch_idx, trainer.accumulate_grad_batches,
                                   trainer.world_size, trainer.num_training_batches)
@@ -213,7 +225,8 @@ class LoraLitModule(L.LightningModule):
         scaled = scales_loss(self.trainer)  # 16-mixed: the loss scaler skips overflowing gradients itself
         checked = {"train/loss": loss, "train/grad_norm": None if scaled else norm}
         step = self.trainer.global_step + 1
-        if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled):
+        if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled,
+                              reached=self._reached):
             drop_gradients(optimizer)
             rank_zero_info(f"mgmlora: optimizer step {step} skipped (non-finite loss or "
                            f"gradient norm; {self.finite.skipped} of optim.skip_nonfinite_steps="
@@ -223,13 +236,14 @@ class LoraLitModule(L.LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
 
-    def _check_finite(self, step: int, values: dict, can_skip: bool, applied: bool = False) -> bool:
+    def _check_finite(self, step: int, values: dict, can_skip: bool, applied: bool = False,
+                      reached: bool = True) -> bool:
         trainer = self.trainer
         newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
             getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         agree = (lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)) if trainer.world_size > 1 \
             else None
-        return self.finite.check(step, values, agree, can_skip, newest, applied)
+        return self.finite.check(step, values, agree, can_skip, newest, applied, reached)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Says whether `speed.compile` compiled anything; under DeepSpeed, checks and logs the gradient norm.
@@ -242,12 +256,16 @@ class LoraLitModule(L.LightningModule):
             self.compile_watch = None
             if line:
                 (rank_zero_info if compiled else rank_zero_warn)(f"mgmlora: {line}")
-        if not steps_itself(self.trainer) or not self.window.ended:
-            return  # not DeepSpeed, or mid-window
+        if not self.window.ended:
+            return
+        reached, self._reached = self._reached, False  # the next micro-batch starts a window
+        if not steps_itself(self.trainer):
+            return  # not DeepSpeed: checked in on_before_optimizer_step
         norm = engine_grad_norm(self.trainer)
         if norm is not None:
             # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
-            self._check_finite(self.trainer.global_step, {"train/grad_norm": norm}, can_skip=False, applied=True)
+            self._check_finite(self.trainer.global_step, {"train/grad_norm": norm}, can_skip=False, applied=True,
+                               reached=reached)
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
 
     # -- evaluation --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 would then write the untrained (or resumed) adapter as if it were a result. `RunOutcome` (added to every
 `bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
-`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, `StalledError` (exit 1) when the
+`NothingTrainedError` (exit 1, one line with the reason) when there were no steps or none whose window reached a
+trainable parameter (an image-path-only run on text-only samples), `StalledError` (exit 1) when the
 gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one final
 line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
 training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails before
@@ -116,10 +117,14 @@ class RunOutcome(L.Callback):
         if self.steps == 0:
             raise NothingTrainedError(f"the run trained nothing: {_reason(trainer)}; no adapter was written.")
         guard = getattr(pl_module, "finite", None)  # LoraLitModule's FiniteGuard (mgmlora.training.finite)
+        untrained = guard.untrained() if guard is not None else None
         why = guard.stalled() if guard is not None else None
-        if why:
+        if untrained or why:
             written = _written_adapters(trainer)
             kept = f"the adapter in {written[0]} is that run's" if written else "no adapter was written"
+            if untrained:
+                raise NothingTrainedError(f"the run trained nothing: {untrained}; {kept}. Check model.trainable "
+                                          "against the data.")
             raise StalledError(f"{why}; {kept}. Lower model.optim.lr (or set trainer.gradient_clip_val) and train "
                                "again from the start.")
         self._ok = True

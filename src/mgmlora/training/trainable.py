@@ -116,6 +116,13 @@ def component_counts(model: nn.Module, components: dict[str, tuple[str, ...]]) -
     return {k: (t, n) for k, (t, n) in groups.items()}
 
 
+def trains_language_model(model: nn.Module, components: dict[str, tuple[str, ...]]) -> bool:
+    """Whether any trainable parameter (LoRA's included) lies outside `components`, i.e. in the language model."""
+    prefixes = tuple(p for group in components.values() for p in group)
+    return any(param.requires_grad and not name.removeprefix("base_model.model.").startswith(prefixes)
+               for name, param in model.named_parameters())
+
+
 def component_report(model: nn.Module, components: dict[str, tuple[str, ...]]) -> str:
     """Trainable parameter counts per component, for the start-of-run report."""
     return "\n".join(f"  {k}: {t:,} trainable / {n:,}"

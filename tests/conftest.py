@@ -54,6 +54,19 @@ def launch_args(path: Path) -> list[str]:
 
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found():
+    """Each test leaves os.environ as it found it.
+
+    An in-process DeepSpeed or DDP fit sets MASTER_ADDR, MASTER_PORT, LOCAL_RANK and NODE_RANK; processes a later test
+    launches inherit them and their ranks wait on that stale rendezvous until the test's timeout.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def in_repo_root(monkeypatch):
     """Configs use paths relative to the repository root, as the README's commands do."""

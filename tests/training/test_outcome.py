@@ -176,10 +176,8 @@ def test_a_fit_whose_gradients_stay_exactly_zero_to_the_end_fails_and_writes_no_
     assert trainer.global_step == 4
 
 
-@pytest.mark.parametrize("images", [4, 0])
-def test_a_stage_1_run_whose_last_windows_are_text_only_is_no_stall(tmp_path, images):
-    # Only the projector trains; text-only windows leave its gradient exactly zero. Windows with images first, then
-    # text-only ones: that is a finished run, not a stalled one; with no image at all the run trained nothing.
+def _stage_1(root, images, max_steps, ckpt_path=None):
+    """A tiny-MGM fit training only the projector (trainable.llm frozen) on 8 records, those with an image first."""
     import json
 
     from mgmlora.data.llava_datamodule import LlavaDataModule
@@ -192,19 +190,33 @@ def test_a_stage_1_run_whose_last_windows_are_text_only_is_no_stall(tmp_path, im
 
     records = json.loads((ASSETS / "llava" / "llava_demo.json").read_text())
     picked = [r for r in records if "image" in r][:images] + [r for r in records if "image" not in r][:8 - images]
-    (tmp_path / "train.json").write_text(json.dumps(picked))
+    (root / "train.json").write_text(json.dumps(picked))
     torch.manual_seed(0)
     module = LoraLitModule(TINY_MGM, LoraArgs(), OptimArgs(lr=1e-3, warmup_ratio=0),
                            Trainability(llm="frozen", projector="full"))
-    data = LlavaDataModule(str(tmp_path / "train.json"), image_folder=str(ASSETS / "llava"), batch_size=2,
-                           shuffle=False)
+    data = LlavaDataModule(str(root / "train.json"), image_folder=str(ASSETS / "llava"), batch_size=2, shuffle=False)
     data.connect(module.tokenizer, module.info)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, use_distributed_sampler=False, limit_val_batches=0,
-                        callbacks=[RunOutcome()], default_root_dir=tmp_path)
+                        callbacks=[RunOutcome()], default_root_dir=root, plugins=[AdapterCheckpointIO()])
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.parametrize("images", [4, 0])
+def test_a_stage_1_run_whose_last_windows_are_text_only_is_no_stall(tmp_path, images):
+    # Only the projector trains; text-only windows leave its gradient exactly zero. Windows with images first, then
+    # text-only ones: that is a finished run, not a stalled one; with no image at all the run trained nothing.
     if images:
-        trainer.fit(module, data)
+        _, module = _stage_1(tmp_path, images, max_steps=4)
         assert module.finite.counted == 2 and module.finite.unreached == 2 and module.finite.stalled() is None
     else:
         with pytest.raises(NothingTrainedError, match="none of its 4 optimizer step"):
-            trainer.fit(module, data)
+            _stage_1(tmp_path, images, max_steps=4)
+
+
+def test_a_resumed_stage_1_run_whose_remaining_windows_are_text_only_trained_before_its_checkpoint(tmp_path):
+    trainer, _ = _stage_1(tmp_path, 4, max_steps=2)  # the two windows with images
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    _, module = _stage_1(tmp_path, 4, max_steps=4, ckpt_path=tmp_path / "step2.ckpt")
+    assert module.finite.counted == 0 and module.finite.unreached == 2  # this fit's windows reached nothing

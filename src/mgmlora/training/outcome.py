@@ -117,7 +117,9 @@ class RunOutcome(L.Callback):
         if self.steps == 0:
             raise NothingTrainedError(f"the run trained nothing: {_reason(trainer)}; no adapter was written.")
         guard = getattr(pl_module, "finite", None)  # LoraLitModule's FiniteGuard (mgmlora.training.finite)
-        untrained = guard.untrained() if guard is not None else None
+        # a resumed fit's earlier steps (before its checkpoint) may have trained: FiniteGuard counts this fit only
+        resumed = bool(getattr(pl_module, "checkpoint_step", None))
+        untrained = guard.untrained() if guard is not None and not resumed else None
         why = guard.stalled() if guard is not None else None
         if untrained or why:
             written = _written_adapters(trainer)

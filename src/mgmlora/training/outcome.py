@@ -5,12 +5,12 @@
 would then write the untrained (or resumed) adapter as if it were a result. `RunOutcome` (added to every
 `bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
-`NothingTrainedError` (exit 1, one line with the reason) when there were no steps or none whose window reached a
-trainable parameter (an image-path-only run on text-only samples), `StalledError` (exit 1) when the
-gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one final
-line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the start of
-training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails before
-training starts takes what it wrote into its log directory away (`run_dir.discard_failed_fit`).
+`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, or, in a fit that did not resume,
+none whose window reached a trainable parameter (an image-path-only run on text-only samples), `StalledError` (exit
+1) when the gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one
+final line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the
+start of training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails
+before training starts takes what it wrote into its log directory away (`run_dir.discard_failed_fit`).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class LoraLitModule(L.LightningModule):
         self.finite = FiniteGuard(optim.skip_nonfinite_steps)  # NaN/inf stops the run (mgmlora.training.finite)
         self.compile_watch: CompileWatch | None = None  # with speed.compile, read after the first micro-batch
         self._reapply_optim = False  # a resumed fit's allowed optimizer change, applied in on_train_start
-        self._trains_text: bool | None = None  # a trainable parameter in the language model (set at the first step)
+        self._trains_text = True  # a trainable parameter lies in the language model (set in configure_model)
         self._reached = False  # this window could send a gradient to a trainable parameter (FiniteGuard's stall check)
 
     # -- model -------------------------------------------------------------------------------------------------
@@ -131,6 +131,7 @@ class LoraLitModule(L.LightningModule):
             check_vocab(loaded.language_model(), self.tokenizer, "model")
             with peft_context():
                 self.model, self.plan = apply_trainability(loaded, self.lora_args, self.trainable)
+            self._trains_text = trains_language_model(self.model, loaded.components)
             mark_moe_leaves(self.model, trainer)  # before deepspeed.initialize installs its fetch hooks
         self.loaded = loaded
         self.base_id = base_fingerprint(self.model_args)  # recorded with every save, compared on every load
@@ -193,8 +194,6 @@ class LoraLitModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """One micro-batch, scaled for its accumulation window (mgmlora.training.window)."""
         out = self._loss_sum(batch)
-        if self._trains_text is None:
-            self._trains_text = trains_language_model(self.model, self.loaded.components)
         self._reached = self._reached or self._trains_text or self.loaded.reaches_components(batch)
         trainer = self.trainer
         loss = self.window.scaled(batch, out.loss_sum, out.n_tokens, batch_idx, trainer.accumulate_grad_batches,

@@ -103,12 +103,17 @@ def check_resume(saved: dict | None, current: Trainability, components: Iterable
                          "with the new ones.")
 
 
+def component_of(name: str, components: dict[str, tuple[str, ...]]) -> str | None:
+    """The component (`components`' key) that owns the parameter `name` (PEFT-wrapped or not); None: the LLM's."""
+    name = name.removeprefix("base_model.model.")
+    return next((c for c, prefixes in components.items() if name.startswith(prefixes)), None)
+
+
 def component_counts(model: nn.Module, components: dict[str, tuple[str, ...]]) -> dict[str, tuple[int, int]]:
     """(trainable, total) parameter counts per component: LLM, LoRA adapters, and `components` (LoadedModel's)."""
     groups: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
-        name = name.removeprefix("base_model.model.")
-        owner = next((c for c, prefixes in components.items() if name.startswith(prefixes)), None)
+        owner = component_of(name, components)
         key = "lora adapters" if "lora_" in name else LABELS.get(owner, owner) if owner else "language model"
         counts = groups.setdefault(key, [0, 0])
         counts[0] += param.numel() if param.requires_grad else 0
@@ -118,8 +123,7 @@ def component_counts(model: nn.Module, components: dict[str, tuple[str, ...]]) -
 
 def trains_language_model(model: nn.Module, components: dict[str, tuple[str, ...]]) -> bool:
     """Whether any trainable parameter (LoRA's included) lies outside `components`, i.e. in the language model."""
-    prefixes = tuple(p for group in components.values() for p in group)
-    return any(param.requires_grad and not name.removeprefix("base_model.model.").startswith(prefixes)
+    return any(param.requires_grad and component_of(name, components) is None
                for name, param in model.named_parameters())
 
 

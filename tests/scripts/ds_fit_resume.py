@@ -9,7 +9,8 @@ STAGE 0 runs plain Lightning (no DeepSpeed) for comparison. Environment: MGM_TES
 MGM_TEST_ACCEL (`cpu`, the default, with gloo; or `gpu`: one CUDA device, bf16-mixed), MGM_TEST_ACCUM (accumulated
 micro-batches per optimizer step, default 2), MGM_TEST_STEPS (optimizer steps before the resume, default 2),
 MGM_TEST_RESUME_TO (optimizer steps of the run resumed from step 2, default STEPS + 2), MGM_TEST_DROPOUT (LoRA
-dropout, default 0), MGM_TEST_BETAS (Adam's betas, `b1,b2`) and MGM_TEST_ALLOW=1 (model.allow_resume_changes). Both
+dropout, default 0), MGM_TEST_BETAS (Adam's betas, `b1,b2`), MGM_TEST_ALLOW=1 (model.allow_resume_changes) and
+MGM_TEST_POISON (an optimizer step, 1-based, whose gradients turn NaN while its loss stays finite). Both
 runs train on the same file, so with RESUME_TO == STEPS the resumed run's losses can be compared with the first
 run's. MGM_TEST_QUANT=1 trains on the 4-bit base (QLoRA, mgmlora's PyTorch NF4 backend).
 --resume_from only resumes from CHECKPOINT (errors propagate: exit status 1) and prints the param groups' betas, eps
@@ -75,6 +76,23 @@ class Record(L.Callback):
             self.grad_norms.append(trainer.callback_metrics.get("train/grad_norm", torch.tensor(float("nan"))).item())
 
 
+class PoisonGrad(L.Callback):
+    """Turns every gradient of one LoRA weight NaN during the window of optimizer step `step` (1-based).
+
+    A tensor hook, so the NaN reaches DeepSpeed's own gradient buffers; the loss stays finite.
+    """
+
+    def __init__(self, step):
+        self.step, self.now = step, False
+
+    def on_train_start(self, trainer, pl_module):
+        p = next(p for n, p in pl_module.model.named_parameters() if "lora_B" in n)
+        p.register_hook(lambda g: torch.full_like(g, float("nan")) if self.now else g)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.now = trainer.global_step + 1 == self.step
+
+
 class CpuDeepSpeed(MgmDeepSpeedStrategy):
     def setup_environment(self):
         DDPStrategy.setup_environment(self)  # skip DeepSpeed's "CUDA only" check
@@ -92,6 +110,7 @@ DROPOUT = float(os.environ.get("MGM_TEST_DROPOUT", "0"))
 QUANT = os.environ.get("MGM_TEST_QUANT") == "1"
 BETAS = tuple(float(b) for b in os.environ.get("MGM_TEST_BETAS", "0.9,0.999").split(","))
 ALLOW = os.environ.get("MGM_TEST_ALLOW") == "1"
+POISON = int(os.environ.get("MGM_TEST_POISON", "0"))
 
 
 def base_dir(out: Path, preset: str) -> Path:
@@ -132,7 +151,8 @@ def fit(out: Path, stage: int, preset: str, steps: int, ckpt=None):
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=ACCUM, logger=False, gradient_clip_val=clip,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=2,
-                                                   save_top_k=-1), record := Record(), AdapterExport()],
+                                                   save_top_k=-1), record := Record(), AdapterExport(),
+                                   *([PoisonGrad(POISON)] if POISON else [])],
                         plugins=[] if stage else [AdapterCheckpointIO()], default_root_dir=out, **kwargs)
     data = ChatDataModule(str(train), batch_size=2)
     data.connect(module.tokenizer, module.info)

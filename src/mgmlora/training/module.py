@@ -212,7 +212,7 @@ class LoraLitModule(L.LightningModule):
         `optim.skip_nonfinite_steps` allows (mgmlora.training.finite). Under DeepSpeed, Lightning calls the optimizer
         step after every micro-batch and DeepSpeed's engine steps only at the window's end, so this hook returns until
         the window has ended. DeepSpeed keeps the gradients in its own (partitioned) buffers, so its norm is read from
-        the engine after the step (`on_train_batch_end`), and only the loss is checked here.
+        the engine after the step (`optimizer_step`), and only the loss is checked here.
         """
         if not self.window.ended:
             return
@@ -244,28 +244,33 @@ class LoraLitModule(L.LightningModule):
             else None
         return self.finite.check(step, values, agree, can_skip, newest, applied, reached)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Says whether `speed.compile` compiled anything; under DeepSpeed, checks and logs the gradient norm.
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Steps as Lightning does; under DeepSpeed, then checks and logs the gradient norm of the step that just ran.
 
-        The compile check runs once, after the first micro-batch; the norm is the engine's pre-clipping one, of the
-        optimizer step that just ran.
+        DeepSpeed's norm (the engine's pre-clipping one) is known only after its engine stepped. It is checked here,
+        inside the step, because every callback's `on_train_batch_end` (ModelCheckpoint's periodic save, a preemption
+        save) runs before this module's: checked there, a non-finite step would already be in a checkpoint, which the
+        error would then name as the one to resume from.
         """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not (self.window.ended and steps_itself(self.trainer)):
+            return  # not DeepSpeed: checked in on_before_optimizer_step
+        norm = engine_grad_norm(self.trainer)
+        if norm is not None:
+            # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
+            self._check_finite(self.trainer.global_step + 1, {"train/grad_norm": norm}, can_skip=False, applied=True,
+                               reached=self._reached)
+            self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Says, after the first micro-batch, whether `speed.compile` compiled anything; a window's end resets reach."""
         if self.compile_watch is not None:
             compiled, line = self.compile_watch.outcome()
             self.compile_watch = None
             if line:
                 (rank_zero_info if compiled else rank_zero_warn)(f"mgmlora: {line}")
-        if not self.window.ended:
-            return
-        reached, self._reached = self._reached, False  # the next micro-batch starts a window
-        if not steps_itself(self.trainer):
-            return  # not DeepSpeed: checked in on_before_optimizer_step
-        norm = engine_grad_norm(self.trainer)
-        if norm is not None:
-            # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
-            self._check_finite(self.trainer.global_step, {"train/grad_norm": norm}, can_skip=False, applied=True,
-                               reached=reached)
-            self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
+        if self.window.ended:
+            self._reached = False  # the next micro-batch starts a window
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch) -> None:

@@ -45,7 +45,7 @@ class _PoisonLoss(L.Callback):
             self.handle = norm.register_forward_hook(lambda module, args, out: out * float("inf"))
 
 
-def _fit(root, *callbacks, module=None, max_steps=4):
+def _fit(root, *callbacks, module=None, max_steps=4, ckpt_path=None):
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     module = module or _module()
@@ -57,7 +57,7 @@ def _fit(root, *callbacks, module=None, max_steps=4):
                         plugins=[AdapterCheckpointIO()], callbacks=[
                             *callbacks, ModelCheckpoint(dirpath=root / "ckpt", filename="{step}",
                                                         every_n_train_steps=1, save_top_k=-1), AdapterExport()])
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
 
 
@@ -109,6 +109,35 @@ def test_skip_nonfinite_steps_drops_that_many_updates_and_stops_at_the_next(tmp_
 
     with pytest.raises(NonFiniteError, match=r"^optimizer step 4: .*1 non-finite step\(s\) already skipped"):
         _fit(tmp_path / "two", _PoisonGrad([2, 4]), module=module(1))
+
+
+def test_a_resumed_fit_has_only_the_skips_its_checkpoint_had_left(tmp_path):
+    # skip_nonfinite_steps counts over the run: an unbroken run that skipped step 1 stops at step 3; so does a fit
+    # resumed from step 2 (before the guard's counters were saved, the resumed fit had its whole allowance again)
+    def module():
+        return LoraLitModule(_module().model_args, LoraArgs(preset="balanced", init_lora_weights="gaussian",
+                                                            lora_dropout=0.0),
+                             OptimArgs(lr=1e-2, warmup_ratio=0.0, skip_nonfinite_steps=1))
+
+    first, _ = _fit(tmp_path, _PoisonGrad([1]), module=module(), max_steps=2)
+    assert first.finite.skipped == 1
+    with pytest.raises(NonFiniteError, match=r"^optimizer step 3: .*1 non-finite step\(s\) already skipped"):
+        _fit(tmp_path, _PoisonGrad([3]), module=module(), ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+
+
+def test_the_guard_state_round_trips_and_a_checkpoint_without_it_gives_no_nothing_trained_verdict():
+    guard = FiniteGuard(max_skipped=3)
+    for step, (norm, reached) in enumerate([(math.inf, True), (1.0, True), (0.0, True), (0.0, False)], start=1):
+        guard.check(step, {"train/grad_norm": torch.tensor(norm)}, reached=reached)
+    state = guard.state_dict()
+    assert state == {"skipped": 1, "zero_since": 3, "last_step": 3, "counted": 2, "unreached": 1}  # by hand
+    resumed = FiniteGuard(max_skipped=3)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    old = FiniteGuard()  # a checkpoint written before the counters were saved: this fit's counts only
+    old.load_state_dict(None)
+    old.check(3, {"train/grad_norm": torch.tensor(0.0)}, reached=False)
+    assert old.unreached == 1 and old.counted == 0 and old.untrained() is None
 
 
 def test_the_guard_decides_from_the_first_non_finite_value_and_the_agreement_of_all_ranks():

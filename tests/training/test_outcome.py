@@ -219,4 +219,12 @@ def test_a_resumed_stage_1_run_whose_remaining_windows_are_text_only_trained_bef
     trainer, _ = _stage_1(tmp_path, 4, max_steps=2)  # the two windows with images
     trainer.save_checkpoint(tmp_path / "step2.ckpt")
     _, module = _stage_1(tmp_path, 4, max_steps=4, ckpt_path=tmp_path / "step2.ckpt")
-    assert module.finite.counted == 0 and module.finite.unreached == 2  # this fit's windows reached nothing
+    # the checkpoint carries the two counted image windows; this fit's two windows reached nothing
+    assert module.finite.counted == 2 and module.finite.unreached == 2 and not module.finite.partial
+
+
+def test_a_stall_that_began_before_the_resumed_checkpoint_is_named_from_its_first_step(tmp_path):
+    # zero gradients from step 2: the first fit ends at step 2 (one zero step is no stall), the resumed one at step 4
+    _fit(tmp_path, extra=[_ZeroGradientsFrom(2)], max_steps=2)
+    with pytest.raises(StalledError, match="from step 2 to the last, step 4"):  # "from step 3" counting this fit only
+        _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt", extra=[_ZeroGradientsFrom(2)])

@@ -18,6 +18,9 @@ that does nothing useful. `FiniteGuard` notes where the gradient norm became exa
 `stalled()` names that stretch when it runs to the fit's end (at least two steps), and RunOutcome then fails the
 fit (`StalledError`, exit 1). The gradient norm is a global quantity, the same on every rank. A window that could not
 reach any trainable parameter (text-only samples when only MGM's image path trains) is left out of that stretch.
+
+The guard's counters are part of every checkpoint (`state_dict`), so a resumed fit goes on with the skips already
+used, a stall that began before the checkpoint, and the steps that trained before it, as an unbroken fit would.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import math
 import torch
 
 from mgmlora.errors import MgmloraError
+
+FINITE_KEY = "mgmlora_finite_guard"  # the checkpoint entry holding FiniteGuard.state_dict()
+_COUNTERS = ("skipped", "zero_since", "last_step", "counted", "unreached")
 
 
 class NonFiniteError(MgmloraError):
@@ -41,7 +47,8 @@ class FiniteGuard:
     """Counts skipped non-finite steps and decides, per optimizer step, between go on, skip and stop.
 
     Args:
-        max_skipped: how many non-finite steps may be skipped in one fit before the next one stops it (0: none).
+        max_skipped: how many non-finite steps may be skipped in the run (a resumed fit counts its checkpoint's skips)
+            before the next one stops it (0: none).
     """
 
     def __init__(self, max_skipped: int = 0) -> None:
@@ -53,6 +60,23 @@ class FiniteGuard:
         self.last_step = 0
         self.counted = 0  # optimizer steps whose norm was read and whose window reached a trainable parameter
         self.unreached = 0  # optimizer steps whose window reached no trainable parameter on any rank
+        self.partial = False  # resumed from a checkpoint without these counters: they cover this fit's steps only
+
+    def state_dict(self) -> dict[str, int | None]:
+        """The counters, for a checkpoint (the same on every rank: each decision is agreed by all of them)."""
+        return {name: getattr(self, name) for name in _COUNTERS}
+
+    def load_state_dict(self, state: dict[str, int | None] | None) -> None:
+        """Continues from a checkpoint's counters.
+
+        None (a checkpoint written before they were saved) marks the counts as this fit's only: `untrained()` then
+        gives no verdict on them.
+        """
+        if state is None:
+            self.partial = True
+            return
+        for name in _COUNTERS:
+            setattr(self, name, state[name])
 
     def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
               can_skip: bool = True, newest: str | None = None, applied: bool = False, reached: bool = True) -> bool:
@@ -100,7 +124,7 @@ class FiniteGuard:
 
     def untrained(self) -> str | None:
         """Why the fit trained nothing although it stepped: no step's window reached a trainable parameter, or None."""
-        if not self.unreached or self.counted:
+        if not self.unreached or self.counted or self.partial:
             return None
         return (f"none of its {self.unreached} optimizer step(s) had a sample that reaches a trainable parameter "
                 "(only components besides the language model train, model.trainable, and no sample had what they "
@@ -125,4 +149,4 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-__all__ = ["FiniteGuard", "NonFiniteError", "StalledError", "drop_gradients"]
+__all__ = ["FINITE_KEY", "FiniteGuard", "NonFiniteError", "StalledError", "drop_gradients"]

@@ -31,7 +31,7 @@ from mgmlora.models.loaded import Forward
 from mgmlora.models.quantization import DEEPSPEED_MOE_REFUSAL
 from mgmlora.training.adapter_check import check_adapter_tensors, lora_config_from
 from mgmlora.training.fastpath import CompileWatch, apply_fast_path
-from mgmlora.training.finite import FiniteGuard, drop_gradients
+from mgmlora.training.finite import FINITE_KEY, FiniteGuard, drop_gradients
 from mgmlora.training.lightning_private import attached_trainer, estimated_stepping_batches
 from mgmlora.training.lora import LoraArgs, LoraPlan, count_parameters, lora_report
 from mgmlora.training.loss import LossOut, SpeedArgs, check_available, lm_loss
@@ -358,6 +358,7 @@ class LoraLitModule(L.LightningModule):
         # window describes the window's start (mgmlora.training.preemption), its random-number state too
         checkpoint[RNG_KEY] = self._rng.save(at_window_start=mid_window)
         checkpoint[BASE_KEY] = self.base_id
+        checkpoint[FINITE_KEY] = self.finite.state_dict()  # changes only at optimizer steps: also the window start's
         if trainer is not None:
             checkpoint[RESUME_KEY] = run_math(trainer, self._dropout())
         adapter, checkpoint["trainables"] = self.trained_on_host()
@@ -380,6 +381,8 @@ class LoraLitModule(L.LightningModule):
             check_resume((checkpoint.get("hyper_parameters") or {}).get("trainable"), self.trainable,
                          self.loaded.components)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is not None and trainer.state.fn == "fit":
+            self.finite.load_state_dict(checkpoint.get(FINITE_KEY))
         why_not = self._rng.load(checkpoint.get(RNG_KEY), rank, world)
         if why_not is not None:
             rank_zero_info(f"mgmlora: {why_not}; dropout continues from fresh random numbers, so the resumed run is "

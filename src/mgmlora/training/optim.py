@@ -30,7 +30,8 @@ class OptimArgs:
             itself; under bf16 there is no loss scaler, so LoraLitModule clips the gradients directly then. Not
             with `16-mixed` (its scaler would leave clipping on scaled gradients).
         skip_nonfinite_steps: how many optimizer steps with a NaN/inf loss or gradient norm may be skipped (their
-            update dropped) before the next one stops the run; 0 stops at the first (mgmlora.training.finite).
+            update dropped) before the next one stops the run, counted over the whole run (a resumed fit goes on
+            from its checkpoint's count); 0 stops at the first (mgmlora.training.finite).
     """
 
     lr: float = 2e-4

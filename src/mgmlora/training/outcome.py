@@ -5,8 +5,9 @@
 would then write the untrained (or resumed) adapter as if it were a result. `RunOutcome` (added to every
 `bin/main.py fit` run, first among the callbacks so that its check runs before `AdapterExport` writes) counts the
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
-`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, or, in a fit that did not resume,
-none whose window reached a trainable parameter (an image-path-only run on text-only samples), `StalledError` (exit
+`NothingTrainedError` (exit 1, one line with the reason) when there were no steps, or when no step of the run
+(those before a resumed checkpoint included) had a window that reached a trainable parameter (an image-path-only
+run on text-only samples), `StalledError` (exit
 1) when the gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one
 final line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the
 start of training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails
@@ -117,9 +118,8 @@ class RunOutcome(L.Callback):
         if self.steps == 0:
             raise NothingTrainedError(f"the run trained nothing: {_reason(trainer)}; no adapter was written.")
         guard = getattr(pl_module, "finite", None)  # LoraLitModule's FiniteGuard (mgmlora.training.finite)
-        # a resumed fit's earlier steps (before its checkpoint) may have trained: FiniteGuard counts this fit only
-        resumed = bool(getattr(pl_module, "checkpoint_step", None))
-        untrained = guard.untrained() if guard is not None and not resumed else None
+        # a resumed fit's guard goes on from its checkpoint's counts: steps before the checkpoint count too
+        untrained = guard.untrained() if guard is not None else None
         why = guard.stalled() if guard is not None else None
         if untrained or why:
             written = _written_adapters(trainer)

@@ -140,11 +140,7 @@ class MgmCLI(LightningCLI):
         run_dir = log_dir if self.trainer.loggers else self.trainer.default_root_dir
         check_new_run(run_dir, [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks], ckpt_path,
                       logger_off=not self.trainer.loggers)
-        fresh = {Path(d) for d in (getattr(lg, "log_dir", None) for lg in self.trainer.loggers)
-                 if d is not None and not Path(d).exists()}  # the log directories this fit makes
-        fresh |= {claimed} if claimed is not None else set()
-        for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
-            outcome.fresh_dirs = fresh
+        self._note_fresh_dirs(claimed)
         if ckpt_path == "last":
             strategy = self.trainer.strategy
             saver = strategy if isinstance(strategy, MgmDeepSpeedStrategy) else strategy.checkpoint_io
@@ -156,13 +152,23 @@ class MgmCLI(LightningCLI):
                               for c in self.trainer.checkpoint_callbacks],
                              picked_version=_picks_version(self.config[self.subcommand].trainer.get("logger")))
 
+    def _note_fresh_dirs(self, claimed: Path | None = None) -> None:
+        """Tells RunOutcome which log directories this command makes (what it wrote there may go if it fails)."""
+        fresh = {Path(d) for d in (getattr(lg, "log_dir", None) for lg in self.trainer.loggers)
+                 if d is not None and not Path(d).exists()}
+        fresh |= {claimed} if claimed is not None else set()
+        for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
+            outcome.fresh_dirs = fresh
+
     def before_validate(self) -> None:
         """`validate --ckpt_path last|best` with no such checkpoint is refused (run_dir.check_eval_checkpoint)."""
         self._check_eval_checkpoint()
+        self._note_fresh_dirs()
 
     def before_test(self) -> None:
         """As `before_validate`."""
         self._check_eval_checkpoint()
+        self._note_fresh_dirs()
 
     def _check_eval_checkpoint(self) -> None:
         trainer = self.trainer  # built, its model not loaded yet (LoraLitModule.configure_model)

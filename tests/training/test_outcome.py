@@ -119,23 +119,33 @@ def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained
     assert list((tmp_path / "ok" / "run" / "version_0").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("fn,exception,removed", [
-    ("fit", ValueError("bad record"), True),
-    ("fit", SystemExit(143), False),  # Lightning's SIGTERMException: PreemptionCheckpoint saves into the run next
-    ("fit", KeyboardInterrupt(), False),
-    ("test", ValueError("bad record"), False),  # an evaluation logs into the checkpoint's run
+@pytest.mark.parametrize("fn,exception,fresh,left", [
+    ("fit", ValueError("bad record"), True, None),  # the directory it made goes, with all it wrote
+    ("fit", SystemExit(143), True, "all"),  # Lightning's SIGTERMException: PreemptionCheckpoint saves into the run next
+    ("fit", KeyboardInterrupt(), True, "all"),
+    ("test", ValueError("bad image"), True, None),  # an evaluation of no checkpoint, in a version_N it made
+    ("validate", ValueError("bad image"), False, {"config.yaml", "validate_config.yaml"}),  # in the checkpoint's run
 ])
-def test_only_a_fit_s_error_before_training_takes_its_files_away(tmp_path, fn, exception, removed):
+def test_a_failed_fit_before_training_or_failed_evaluation_takes_its_own_files_away(tmp_path, fn, exception, fresh,
+                                                                                   left):
     from types import SimpleNamespace
 
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, "run")
     outcome = RunOutcome()
     logger.experiment.flush()  # the event file the logger opens at setup
-    (Path(logger.log_dir) / "config.yaml").write_text("seed_everything: 0\n")
-    outcome.fresh_dirs = {Path(logger.log_dir)}
+    folder = Path(logger.log_dir)
+    written = {"config.yaml" if fn == "fit" else f"{fn}_config.yaml"}  # as MgmCLI saves it
+    written |= {"config.yaml"} if not fresh else set()  # a run's directory holds the fit's config
+    for name in written:
+        (folder / name).write_text("seed_everything: 0\n")
+    everything = {p.name for p in folder.iterdir()}
+    outcome.fresh_dirs = {folder} if fresh else set()
     trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_global_zero=True, loggers=[logger])
     outcome.on_exception(trainer, None, exception)
-    assert Path(logger.log_dir).exists() is not removed
+    if left is None:
+        assert not folder.exists()
+    else:
+        assert {p.name for p in folder.iterdir()} == (everything if left == "all" else left)
 
 
 def test_each_logger_s_directory_is_judged_by_itself(tmp_path):

@@ -16,7 +16,7 @@ from mgmlora.training.run_dir import (
     check_last_found,
     check_new_run,
     checkpoint_run,
-    discard_failed_fit,
+    discard_failed_run,
 )
 from tests.conftest import ROOT
 
@@ -167,6 +167,10 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
         main(["validate", *common, "--ckpt_path", str(ckpt)])
         main(["test", *common, "--ckpt_path", str(ckpt)])
         main(["validate", *common])  # no checkpoint: a new version, and the log says which
+        events = sorted(p.name for p in run.glob("events.out.tfevents.*"))
+        with pytest.raises(ValueError, match=r"model\.lora\.r: checkpoint 16 vs config 8"):
+            main(["validate", *common, "--ckpt_path", str(ckpt), "--model.lora.r", "8"])
+        assert sorted(p.name for p in run.glob("events.out.tfevents.*")) == events  # the failed one left none
     finally:
         logger.removeHandler(handler)
 
@@ -181,7 +185,7 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's
 
 
-def test_a_failed_fit_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):
+def test_a_failed_run_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):
     since = time.time()
     host, pid = socket.gethostname(), os.getpid()
 
@@ -194,7 +198,10 @@ def test_a_failed_fit_takes_only_what_it_wrote_and_the_directory_only_when_that_
     ours = f"events.out.tfevents.{int(since)}.{host}.{pid}.0"
     alone = tmp_path / "version_0"  # a directory the fit made: its event file, config and hparams all go
     written = made(alone, ours, "config.yaml", "hparams.yaml")
-    assert discard_failed_fit(alone, since, fresh=True) == [*written, alone] and not alone.exists()
+    assert discard_failed_run(alone, since, fresh=True) == [*written, alone] and not alone.exists()
+    evaluated = tmp_path / "version_2"  # a failed `test` of no checkpoint, in a version_N it made
+    written = made(evaluated, ours, "test_config.yaml")
+    assert discard_failed_run(evaluated, since, True, "test_config.yaml") == [*written, evaluated]
 
     shared = tmp_path / "version_1"  # a directory that held a run: only this process's new event file goes
     other_pid = f"events.out.tfevents.{int(since)}.{host}.{pid + 1}.0"
@@ -202,12 +209,12 @@ def test_a_failed_fit_takes_only_what_it_wrote_and_the_directory_only_when_that_
     old = f"events.out.tfevents.{int(since) - 7200}.{host}.{pid}.1"  # a reused pid, hours ago
     mine, *_ = made(shared, ours, other_pid, other_host, old, "config.yaml", "hparams.yaml")
     os.utime(shared / old, (since - 7200, since - 7200))
-    assert discard_failed_fit(shared, since, fresh=False) == [mine]
+    assert discard_failed_run(shared, since, fresh=False) == [mine]
     assert {p.name for p in shared.iterdir()} == {other_pid, other_host, old, "config.yaml", "hparams.yaml"}
-    assert discard_failed_fit(tmp_path / "missing", since, True) == [] and discard_failed_fit(None, since, True) == []
+    assert discard_failed_run(tmp_path / "missing", since, True) == [] and discard_failed_run(None, since, True) == []
     named = tmp_path / "keep"  # an empty directory the user made and named as the version: it stays
     mine, = made(named, ours)
-    assert discard_failed_fit(named, since, fresh=False) == [mine] and named.is_dir()
+    assert discard_failed_run(named, since, fresh=False) == [mine] and named.is_dir()
 
 
 def test_a_fit_without_logger_is_refused_where_its_default_root_dir_holds_a_config_or_a_run(tmp_path):

@@ -11,7 +11,8 @@ run on text-only samples), `StalledError` (exit
 1) when the gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one
 final line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the
 start of training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails
-before training starts takes what it wrote into its log directory away (`run_dir.discard_failed_fit`).
+before training starts, or a `validate` / `test` that fails, takes what it wrote into its log directory away
+(`run_dir.discard_failed_run`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
 from mgmlora.training.finite import StalledError
-from mgmlora.training.run_dir import discard_failed_fit
+from mgmlora.training.run_dir import discard_failed_run
 
 
 class NothingTrainedError(MgmloraError):
@@ -86,18 +87,21 @@ class RunOutcome(L.Callback):
         self._ok = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A fit that fails before training starts leaves no empty event file, nor a directory of its own files only.
+        """A fit that fails before training starts, or a failed evaluation, leaves no empty event file behind.
 
-        Only for an error (not SIGTERM or Ctrl+C, after which PreemptionCheckpoint saves into the run), in `fit`,
-        on rank zero (the rank that writes the logs), and for TensorBoard's logger (CSV's writes its file again
-        after this hook).
+        Nor a directory of its own files only. Only for an error (not SIGTERM or Ctrl+C, after which
+        PreemptionCheckpoint saves into the run), in `fit` (before training), `validate` or `test` (whose metrics are
+        logged at the epoch's end, so a failed one logged none), on rank zero (the rank that writes the logs), and for
+        TensorBoard's logger (CSV's writes its file again after this hook).
         """
-        if self._training or not isinstance(exception, Exception) or trainer.state.fn != "fit" \
+        fn = trainer.state.fn
+        if self._training or not isinstance(exception, Exception) or fn not in ("fit", "validate", "test") \
                 or not trainer.is_global_zero:
             return
+        config = "config.yaml" if fn == "fit" else f"{fn}_config.yaml"  # as MgmCLI saves it
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
-                discard_failed_fit(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs)
+                discard_failed_run(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs, config)
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._training = True

@@ -11,10 +11,11 @@ looks up; where it finds none it only warns and trains from scratch: always so i
 `dirpath` or logger `version` of its own), without `save_last`, and in a named directory whose run saved no `last`,
 whose adapter it would then replace. `check_last_found` refuses those cases, naming the newest checkpoint it finds.
 
-A fit that fails before training starts (a bad data record, a missing model file) leaves files in its log directory
-that hold nothing: an empty TensorBoard event file and, in a directory it made, config.yaml and hparams.yaml.
-`discard_failed_fit` removes them, and then the directory, so the next launch does not count a `version_N` holding
-nothing.
+A fit that fails before training starts (a bad data record, a missing model file), or a `validate` / `test` that
+fails, leaves files in its log directory that hold nothing: an empty TensorBoard event file and, in a directory it
+made, its saved config and hparams.yaml. `discard_failed_run` removes them, and then the directory, so the next
+launch does not count a `version_N` holding nothing, and a run's directory does not collect an empty event file per
+failed evaluation.
 
 `validate` and `test` of a checkpoint log into the run it comes from (`checkpoint_run`), not into a new `version_N`
 beside it: MgmCLI points the logger there and names the saved config `<subcommand>_config.yaml`, so the run's own
@@ -191,15 +192,17 @@ def check_eval_checkpoint(subcommand: str, ckpt_path: str | Path | None, log_dir
                      "as --ckpt_path <run>/checkpoints/<name>.ckpt.")
 
 
-def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) -> list[Path]:
-    """Removes what a fit that failed before training started wrote into `log_dir`; the directory if that empties it.
+def discard_failed_run(log_dir: str | Path | None, since: float, fresh: bool,
+                       config_name: str = "config.yaml") -> list[Path]:
+    """Removes what a command that failed before logging a metric wrote into `log_dir`; the directory if it empties.
 
-    What such a fit wrote there is a TensorBoard event file (a header, perhaps the hyperparameters, no metric) and,
-    past data setup, the saved config.yaml and the logger's hparams.yaml. Its event files are known by TensorBoard's
-    own name for them (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and a modification time from `since` (seconds
-    since the epoch) on. config.yaml, hparams.yaml and the directory itself (once empty) go only when the fit made
-    the directory (`fresh`): in one that existed they are a run's or the user's. Nothing else is touched. Returns
-    what it removed.
+    That command is a fit that failed before training started, or a `validate` / `test`. What it wrote there is a
+    TensorBoard event file (a header, perhaps the hyperparameters, no metric) and, past data setup, the saved config
+    (`config_name`: `config.yaml`, or `<subcommand>_config.yaml` for an evaluation) and the logger's hparams.yaml.
+    Its event files are known by TensorBoard's own name for them (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and
+    a modification time from `since` (seconds since the epoch) on. The config, hparams.yaml and the directory itself
+    (once empty) go only when the command made the directory (`fresh`): in one that existed they are a run's or the
+    user's. Nothing else is touched. Returns what it removed.
     """
     if log_dir is None or not Path(log_dir).is_dir():
         return []
@@ -214,7 +217,7 @@ def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) ->
         if len(parts) >= 7 and parts[-2] == pid and ".".join(parts[4:-2]) == host and ours(path):
             path.unlink()
             removed.append(path)
-    for name in ("config.yaml", "hparams.yaml") if fresh else ():
+    for name in (config_name, "hparams.yaml") if fresh else ():
         if ours(folder / name):
             (folder / name).unlink()
             removed.append(folder / name)
@@ -225,4 +228,4 @@ def discard_failed_fit(log_dir: str | Path | None, since: float, fresh: bool) ->
 
 
 __all__ = ["LIGHTNING_CKPT_NAMES", "check_eval_checkpoint", "check_last_found", "check_new_run", "checkpoint_file",
-           "checkpoint_run", "discard_failed_fit"]
+           "checkpoint_run", "discard_failed_run"]

@@ -55,6 +55,14 @@ def test_tiny_sweep_writes_the_comparison_table_and_valid_plots(tmp_path, in_rep
         assert abs(shown - whole) <= 0.5 + 1e-6 * whole, (name, shown, whole)
 
 
+def test_the_final_train_loss_is_the_mean_of_the_last_ten_logged_values():
+    from mgmlora.tools.report import final_train_loss
+
+    losses = [float(v) for v in range(1, 16)]  # 1 .. 15
+    assert final_train_loss(losses) == 10.5  # (6 + ... + 15) / 10, by hand
+    assert final_train_loss([4.0, 2.0]) == 3.0 and final_train_loss([]) is None
+
+
 def test_compare_rejects_a_directory_without_logs(tmp_path):
     from mgmlora.commands import compare as compare_cli
 

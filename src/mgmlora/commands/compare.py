@@ -3,9 +3,9 @@
     mgmlora compare lightning_logs/mgm2b_lora/version_0 lightning_logs/mgm2b_lora_r8/version_0 ... --output DIR
         [--names r16 r8 ...]
 
-Columns: preset, rank, targets, trainable parameters and %, peak GiB, tokens/s, wall time, final train loss, best
-validation loss and perplexity. Plots: train loss vs step and vs tokens, validation loss, peak memory. See
-mgmlora.tools.report.
+Columns: preset, rank, targets, trainable parameters and %, peak GiB, tokens/s, wall time, final train loss (the
+mean of the last 10 logged), best validation loss and perplexity. Plots: train loss vs step and vs tokens, validation
+loss, peak memory. See mgmlora.tools.report.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ LightningCLI saves beside them. Nothing is re-run: the report reads what the run
 tokens/s is a whole-run figure: all tokens the run trained on divided by the time it spent in optimizer steps
 (ThroughputMonitor's running totals perf/tokens_seen and perf/train_time_s; runs logged before train_time_s existed:
 the same ratio over the logged steps, tokens_per_s x step_time_s). It includes the first, warm-up step, and excludes
-validation and checkpointing. A chart no run has data for (peak memory of CPU runs) is left out, with a note in the
-report saying why.
+validation and checkpointing. "final train loss" is the mean of the last `FINAL_LOSS_POINTS` logged train/loss values
+(fewer in a shorter log): one optimizer step's loss depends on which samples its window held, so a single last value
+would rank runs by their last window's samples. A chart no run has data for (peak memory of CPU runs) is left out,
+with a note in the report saying why.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mgmlora.training.lora import LORA_PRESETS
 
 COLUMNS = ["run", "trainable.llm", "preset", "rank", "targets", "trainable params", "trainable %", "peak GiB",
            "tokens/s", "wall time s", "final train loss", "best val loss", "best val ppl"]
+FINAL_LOSS_POINTS = 10  # "final train loss" is the mean of the run's last this many logged train/loss values
 
 
 @dataclass
@@ -82,6 +85,12 @@ def whole_run_tokens_per_s(scalars: dict[str, list]) -> float | None:
     return sum(rate[s] * step_time[s] for s in steps) / total_time if total_time > 0 else None
 
 
+def final_train_loss(losses: list[float]) -> float | None:
+    """The mean of the last `FINAL_LOSS_POINTS` logged train losses (None without any)."""
+    tail = losses[-FINAL_LOSS_POINTS:]
+    return sum(tail) / len(tail) if tail else None
+
+
 def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
     """Reads one run directory."""
     run_dir = Path(run_dir)
@@ -109,7 +118,7 @@ def summarize(run_dir: str | Path, name: str | None = None) -> RunSummary:
         "peak GiB": max(values("perf/peak_mem_alloc_gib"), default=None),
         "tokens/s": whole_run_tokens_per_s(scalars),
         "wall time s": wall,
-        "final train loss": train[-1].value if train else None,
+        "final train loss": final_train_loss([e.value for e in train]),
         "best val loss": min(val, default=None),
         "best val ppl": math.exp(min(min(val), 50)) if val else None,
     }

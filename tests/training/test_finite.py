@@ -130,7 +130,8 @@ def test_the_guard_state_round_trips_and_a_checkpoint_without_it_gives_no_nothin
     for step, (norm, reached) in enumerate([(math.inf, True), (1.0, True), (0.0, True), (0.0, False)], start=1):
         guard.check(step, {"train/grad_norm": torch.tensor(norm)}, reached=reached)
     state = guard.state_dict()
-    assert state == {"skipped": 1, "zero_since": 3, "last_step": 3, "counted": 2, "unreached": 1}  # by hand
+    assert state == {"skipped": 1, "zero_since": 3, "last_step": 3, "counted": 2, "unreached": 1,
+                     "partial": False}  # by hand
     resumed = FiniteGuard(max_skipped=3)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
@@ -198,3 +199,12 @@ def test_ranks_agree_whether_any_window_reached_a_trainable_parameter():
         guard.check(step, {"train/grad_norm": torch.tensor(0.0)}, agree, reached=False)
     assert asked == [False, False, False, False]  # the non-finite vote, then the reach vote, at each step
     assert "from step 1 to the last, step 2" in guard.stalled()
+
+
+def test_the_stop_message_counts_the_skips_the_run_used_not_the_allowance():
+    # a resumed fit whose config allows fewer skips than its checkpoint used (2 used, the config now says 0)
+    guard = FiniteGuard(max_skipped=0)
+    guard.load_state_dict({"skipped": 2, "zero_since": None, "last_step": 10, "counted": 10, "unreached": 0})
+    with pytest.raises(NonFiniteError, match=r"^optimizer step 11: .*, 2 non-finite step\(s\) already skipped "
+                                             r"\(model\.optim\.skip_nonfinite_steps=0\)"):
+        guard.check(11, {"train/loss": torch.tensor(float("nan"))})

@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mgmlora.data.datamodule import ChatDataModule
 from mgmlora.errors import classify
@@ -124,6 +125,8 @@ def test_a_fit_failing_before_training_leaves_no_version_directory_and_a_trained
     ("fit", SystemExit(143), True, "all"),  # Lightning's SIGTERMException: PreemptionCheckpoint saves into the run next
     ("fit", KeyboardInterrupt(), True, "all"),
     ("test", ValueError("bad image"), True, None),  # an evaluation of no checkpoint, in a version_N it made
+    (TrainerFn.TESTING, ValueError("bad image"), True, None),  # as a Trainer gives it: str() is "TrainerFn.TESTING"
+    (TrainerFn.VALIDATING, ValueError("bad image"), True, None),
     ("validate", ValueError("bad image"), False, {"config.yaml", "validate_config.yaml"}),  # in the checkpoint's run
 ])
 def test_a_failed_fit_before_training_or_failed_evaluation_takes_its_own_files_away(tmp_path, fn, exception, fresh,
@@ -134,7 +137,7 @@ def test_a_failed_fit_before_training_or_failed_evaluation_takes_its_own_files_a
     outcome = RunOutcome()
     logger.experiment.flush()  # the event file the logger opens at setup
     folder = Path(logger.log_dir)
-    written = {"config.yaml" if fn == "fit" else f"{fn}_config.yaml"}  # as MgmCLI saves it
+    written = {"config.yaml" if fn == "fit" else f"{TrainerFn(fn).value}_config.yaml"}  # as MgmCLI saves it
     written |= {"config.yaml"} if not fresh else set()  # a run's directory holds the fit's config
     for name in written:
         (folder / name).write_text("seed_everything: 0\n")
@@ -238,3 +241,79 @@ def test_a_stall_that_began_before_the_resumed_checkpoint_is_named_from_its_firs
     _fit(tmp_path, extra=[_ZeroGradientsFrom(2)], max_steps=2)
     with pytest.raises(StalledError, match="from step 2 to the last, step 4"):  # "from step 3" counting this fit only
         _fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt", extra=[_ZeroGradientsFrom(2)])
+
+
+def test_counts_that_began_at_a_checkpoint_without_them_stay_partial_through_a_second_resume(tmp_path):
+    # steps 1-2 train (image windows), steps 3-4 reach nothing (text only); the step-2 checkpoint predates the saved
+    # counters. Resumed to step 3 and again to step 4, the run trained (steps 1-2): no "trained nothing" verdict.
+    from mgmlora.training.finite import FINITE_KEY
+
+    trainer, _ = _stage_1(tmp_path, 4, max_steps=2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    state = tmp_path / "step2.ckpt" / "trainer_state.pt"
+    checkpoint = torch.load(state, weights_only=True)
+    del checkpoint[FINITE_KEY]  # as a checkpoint written before the guard's counters were saved
+    torch.save(checkpoint, state)
+    trainer, module = _stage_1(tmp_path, 4, max_steps=3, ckpt_path=tmp_path / "step2.ckpt")
+    assert module.finite.partial and module.finite.counted == 0 and module.finite.unreached == 1
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    _, module = _stage_1(tmp_path, 4, max_steps=4, ckpt_path=tmp_path / "step3.ckpt")  # raised NothingTrainedError
+    assert module.finite.partial and module.finite.unreached == 2
+
+
+class _LoggingEval(L.LightningModule):
+    """Logs val/loss and test/loss at the epoch's end, as LoraLitModule does; `fail_test` makes test_step raise."""
+
+    def __init__(self, fail_test=False):
+        super().__init__()
+        self.layer, self.fail_test = torch.nn.Linear(2, 1), fail_test
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2)
+
+    test_dataloader = val_dataloader
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch).sum())
+
+    def test_step(self, batch, batch_idx):
+        if self.fail_test:
+            raise ValueError("bad image")
+        self.log("test/loss", self.layer(batch).sum())
+
+
+class _FailsAtEnd(L.Callback):
+    def on_validation_end(self, trainer, pl_module):
+        raise RuntimeError("the report failed")
+
+
+def _scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+    return tags
+
+
+def test_a_failed_evaluation_keeps_the_metrics_it_or_an_earlier_command_logged(tmp_path):
+    def trainer(root, *callbacks):
+        return L.Trainer(accelerator="cpu", logger=L.pytorch.loggers.TensorBoardLogger(root, "run", version="v"),
+                         callbacks=[RunOutcome(), *callbacks], enable_progress_bar=False, enable_model_summary=False)
+
+    # a callback failing after the evaluation logged its metrics: they stay (before the fix the event file went)
+    with pytest.raises(RuntimeError, match="the report failed"):
+        trainer(tmp_path / "late", _FailsAtEnd()).validate(_LoggingEval(), verbose=False)
+    assert "val/loss" in _scalars(tmp_path / "late" / "run" / "v")
+    # one Trainer: a validate that succeeded, then a test that fails; the validate's events stay
+    both = trainer(tmp_path / "both")
+    both.validate(_LoggingEval(), verbose=False)
+    with pytest.raises(ValueError, match="bad image"):
+        both.test(_LoggingEval(fail_test=True), verbose=False)
+    assert "val/loss" in _scalars(tmp_path / "both" / "run" / "v")
+    # a failure before any metric still takes its empty event file away
+    with pytest.raises(ValueError, match="bad image"):
+        trainer(tmp_path / "early").test(_LoggingEval(fail_test=True), verbose=False)
+    assert not list((tmp_path / "early" / "run" / "v").glob("events.out.tfevents.*"))

@@ -63,8 +63,11 @@ class FiniteGuard:
         self.partial = False  # resumed from a checkpoint without these counters: they cover this fit's steps only
 
     def state_dict(self) -> dict[str, int | None]:
-        """The counters, for a checkpoint (the same on every rank: each decision is agreed by all of them)."""
-        return {name: getattr(self, name) for name in _COUNTERS}
+        """The counters, for a checkpoint (the same on every rank: each decision is agreed by all of them).
+
+        `partial` goes with them: counts that began at a checkpoint without counters stay partial in every later one.
+        """
+        return {**{name: getattr(self, name) for name in _COUNTERS}, "partial": self.partial}
 
     def load_state_dict(self, state: dict[str, int | None] | None) -> None:
         """Continues from a checkpoint's counters.
@@ -77,6 +80,7 @@ class FiniteGuard:
             return
         for name in _COUNTERS:
             setattr(self, name, state[name])
+        self.partial = bool(state.get("partial", False))
 
     def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
               can_skip: bool = True, newest: str | None = None, applied: bool = False, reached: bool = True) -> bool:
@@ -114,8 +118,8 @@ class FiniteGuard:
             return True
         what = first or "a non-finite loss or gradient norm on another rank"
         where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written by this run"
-        allowance = (f"{self.max_skipped} non-finite step(s) already skipped (model.optim.skip_nonfinite_steps); "
-                     if self.skipped else "")
+        allowance = (f"{self.skipped} non-finite step(s) already skipped (model.optim.skip_nonfinite_steps="
+                     f"{self.max_skipped}); " if self.skipped else "")
         raise NonFiniteError(
             f"optimizer step {step}: {what}; stopped {'after' if applied else 'before'} applying it, "
             f"{allowance}{where}; no adapter was written. "

@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
@@ -78,8 +79,20 @@ class RunOutcome(L.Callback):
         self.steps = self.samples = 0
         self.tokens: torch.Tensor | int = 0  # supervised tokens, a device tensor once training ran
         self._ok = False
-        self._since, self._training = time.time(), False  # for `on_exception`: what this process may remove
+        # for `on_exception`: what this process may remove, until it trained or an evaluation logged its metrics
+        self._since, self._training, self._logged = time.time(), False, False
         self.fresh_dirs: set[Path] = set()  # MgmCLI: the log directories this fit makes (what it writes there may go)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """An evaluation outside fit has written its metrics to the loggers by now (RunOutcome's hook runs first).
+
+        From then on this callback removes nothing: its event file holds them, and a later command of the same
+        Trainer (the Python API) writes into the same directory, its files not told apart by their modification time.
+        """
+        self._logged = self._logged or trainer.state.fn != "fit"
+
+    def on_test_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self._logged = True
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: D102
         self.steps = self.samples = 0
@@ -90,15 +103,17 @@ class RunOutcome(L.Callback):
         """A fit that fails before training starts, or a failed evaluation, leaves no empty event file behind.
 
         Nor a directory of its own files only. Only for an error (not SIGTERM or Ctrl+C, after which
-        PreemptionCheckpoint saves into the run), in `fit` (before training), `validate` or `test` (whose metrics are
-        logged at the epoch's end, so a failed one logged none), on rank zero (the rank that writes the logs), and for
-        TensorBoard's logger (CSV's writes its file again after this hook).
+        PreemptionCheckpoint saves into the run), in `fit` (before training), `validate` or `test` (before its metrics
+        were logged, at the epoch's end: a callback failing in `on_validation_end` or `teardown` leaves them), on rank
+        zero (the rank that writes the logs), and for TensorBoard's logger (CSV's writes its file again after this
+        hook). Nothing once a command of this Trainer trained or logged evaluation metrics (`on_validation_end`).
         """
         fn = trainer.state.fn
-        if self._training or not isinstance(exception, Exception) or fn not in ("fit", "validate", "test") \
-                or not trainer.is_global_zero:
+        if self._training or self._logged or not isinstance(exception, Exception) \
+                or fn not in ("fit", "validate", "test") or not trainer.is_global_zero:
             return
-        config = "config.yaml" if fn == "fit" else f"{fn}_config.yaml"  # as MgmCLI saves it
+        # as MgmCLI saves it; `fn` is Lightning's TrainerFn, whose str() is "TrainerFn.VALIDATING", not its value
+        config = "config.yaml" if fn == "fit" else f"{TrainerFn(fn).value}_config.yaml"
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
                 discard_failed_run(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs, config)

@@ -215,7 +215,7 @@ def test_llava_cost_counts_the_expanded_image_positions():
     dm = _llava_datamodule(max_tokens=300)
     dm.trainer = L.Trainer(accelerator="cpu", logger=False, use_distributed_sampler=False)  # the sampler's settings
     samples, image_tokens = dm.splits["train"], dm.processor.image_tokens
-    costs = dm._costs(samples)
+    costs = dm.positions(samples)
     assert any(s.meta.get("image") for s in samples) and not all(s.meta.get("image") for s in samples)
     for sample, cost in zip(samples, costs):
         has_image = IMAGE_TOKEN_INDEX in sample.input_ids

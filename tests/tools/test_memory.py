@@ -109,7 +109,9 @@ def _fit_smoke_cases(held_out: bool):
 ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+nocast+fused+compilex8",
                  "2026-11-30-train_step_budget-mgm2b-h200.json:liger+packing+nocast+fused+compilex8",
                  "2026-12-05-train_step_fp8-mgm2b-h200.json:chunked+packing+nocast+fused+compile+nockptx3",
-                 "2026-12-05-train_step_fp8_best_x3-mgm2b-h100.json:chunked+packing+nocast+fused+compile+nockptx3"}
+                 "2026-12-05-train_step_fp8_best_x3-mgm2b-h100.json:chunked+packing+nocast+fused+compile+nockptx3",
+                 *(f"2026-12-06-train_step_fp8_best_x3_call{n}-mgm2b-h200.json:chunked+packing+nocast+fused+compile"
+                   "+nockptx3" for n in (1, 2, 3))}  # the same step, three calls of session 37
 
 # MGM-2B's 128 samples over 64 balanced micro-batches with the chunked loss ran out of memory at the 24 GiB cap with
 # 21.1 GiB allocated and 1.7 GiB reserved but free (fragmentation under varying row shapes, which the estimate does

@@ -93,6 +93,7 @@ def _run(configs, overrides=()):
 RECIPE_BUDGET_GIB = {
     "mgm2b_lora.yaml": (24, "header: one 24 GB card"),
     "mgm2b_lora_packed.yaml": (24, "header: one 24 GB card"),
+    "mgm2b_lora_packed_fp8.yaml": (24, "header: one 24 GB card"),
     "mgm2b_lora_r8.yaml": (24, "an overlay on mgm2b_lora.yaml: its hardware"),
     "mgm2b_lora_r32.yaml": (24, "an overlay on mgm2b_lora.yaml: its hardware"),
     "mgm2b_qlora.yaml": (8, "header: one 8 GB card"),

@@ -178,10 +178,10 @@ class TokenizedDataModule(L.LightningDataModule):
 
     Training batches come from a WindowBatchSampler, which shards data across ranks itself (set
     `trainer.use_distributed_sampler: false`) and tells the LightningModule each accumulation window's token count.
-    With `max_tokens` set, a TokenBudgetBatchSampler fills micro-batches up to that many positions instead (costs from
-    `_costs`); with `window_samples` set, a BalancedWindowBatchSampler fixes the samples per optimizer step and spreads
-    them over the window's micro-batches by position count. Subclasses call `save_hyperparameters()` with at least:
-    tokenizer_path, batch_size, eval_batch_size, num_workers, shuffle, seed, drop_last; and max_tokens /
+    With `max_tokens` set, a TokenBudgetBatchSampler fills micro-batches up to that many positions instead (costs
+    from `positions`); with `window_samples` set, a BalancedWindowBatchSampler fixes the samples per optimizer step and
+    spreads them over the window's micro-batches by position count. Subclasses call `save_hyperparameters()` with at
+    least: tokenizer_path, batch_size, eval_batch_size, num_workers, shuffle, seed, drop_last; and max_tokens /
     window_samples to offer those samplers.
     """
 
@@ -271,7 +271,7 @@ class TokenizedDataModule(L.LightningDataModule):
     def _dataset(self, samples: list[TokenizedSample]) -> Dataset:
         return _Samples(samples)
 
-    def _costs(self, samples: list[TokenizedSample]) -> list[int]:
+    def positions(self, samples: list[TokenizedSample]) -> list[int]:
         """Positions each sample occupies in the model, for the token budget; sources that expand tokens override it."""
         return [len(s.input_ids) for s in samples]
 
@@ -288,7 +288,7 @@ class TokenizedDataModule(L.LightningDataModule):
                 raise ValueError(f"data.window_samples={window_samples} with data.batch_size={hp.batch_size}: the "
                                  "window's samples are spread over trainer.accumulate_grad_batches micro-batches, so "
                                  "batch_size does not apply. Leave data.batch_size at 1.")
-            sampler = BalancedWindowBatchSampler(supervised, self._costs(samples), window_samples,
+            sampler = BalancedWindowBatchSampler(supervised, self.positions(samples), window_samples,
                                                  max_tokens=max_tokens, **common)
             sampler.limit(trainer.limit_train_batches)  # where Lightning stops each epoch
             sampler.check_budget(_planned_epochs(trainer, sampler.cap or len(sampler)))
@@ -300,7 +300,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if hp.batch_size == 1:
             rank_zero_warn(f"data.max_tokens={max_tokens} with data.batch_size=1: batch_size caps the samples per "
                            "micro-batch, so every micro-batch holds one sample. Raise data.batch_size.")
-        sampler = TokenBudgetBatchSampler(supervised, self._costs(samples), max_tokens, batch_size=hp.batch_size,
+        sampler = TokenBudgetBatchSampler(supervised, self.positions(samples), max_tokens, batch_size=hp.batch_size,
                                           **common)
         sampler.set_epoch(trainer.current_epoch)  # len() is the count of the epoch about to run
         sampler.limit(trainer.limit_train_batches)

@@ -200,7 +200,7 @@ class LlavaDataModule(TokenizedDataModule):
     def _collate_fn(self):
         return functools.partial(_collate_images, pad_id=self.tokenizer.pad_token_id)
 
-    def _costs(self, samples: list[TokenizedSample]) -> list[int]:
+    def positions(self, samples: list[TokenizedSample]) -> list[int]:
         """Positions after expansion: each `<image>` placeholder becomes `image_tokens` positions in the model."""
         extra = self.processor.image_tokens - 1
         return [len(s.input_ids) + extra * s.input_ids.count(IMAGE_TOKEN_INDEX) for s in samples]

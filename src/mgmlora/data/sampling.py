@@ -361,7 +361,7 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         return [batch for start in range(0, len(order), per_window)
                 for batch in balance_by_cost(order[start : start + per_window], self.costs, bins)]
 
-    def _largest(self, epochs: Sequence[int], accumulate: int) -> tuple[int, int]:
+    def largest(self, epochs: Sequence[int], accumulate: int) -> tuple[int, int]:
         """(positions of the largest micro-batch, its epoch) over `epochs` at `accumulate` micro-batches per window."""
         return max((sum(self.costs[i] for i in batch), epoch) for epoch in epochs
                    for batch in self._epoch_batches(epoch, accumulate))
@@ -375,13 +375,13 @@ class BalancedWindowBatchSampler(WindowBatchSampler):
         """
         if self.max_tokens is None or not epochs:
             return
-        largest_per_epoch = [self._largest([e], self.accumulate) for e in epochs]  # [(positions, epoch)]
+        largest_per_epoch = [self.largest([e], self.accumulate) for e in epochs]  # [(positions, epoch)]
         over = [e for largest, e in largest_per_epoch if largest > self.max_tokens]
         if not over:
             return
         largest, epoch = max(largest_per_epoch)
         fits = next((a for a in range(self.accumulate + 1, self.window_samples + 1)  # searched on the failing epochs
-                     if self._largest(over, a)[0] <= self.max_tokens), None)
+                     if self.largest(over, a)[0] <= self.max_tokens), None)
         fix = (f"set trainer.accumulate_grad_batches to {fits} or more" if fits else
                f"a single sample holds {max(self.costs)} positions: raise data.max_tokens to at least that")
         raise ValueError(f"data.max_tokens={self.max_tokens}: epoch {epoch} has a micro-batch of {largest} positions "

@@ -62,6 +62,8 @@ def test_each_row_states_its_files_figures_and_setting(row):
                     value("model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
             if row.loss_chunk_size is not None:
                 assert value("model.speed.loss_chunk_size") == str(row.loss_chunk_size)
+            if row.quantized:
+                assert value("model.model.quantization.quant_type") == row.quant_type
             if row.recipe is not None:  # the shipped overlay, launched over its base
                 assert files[-1] == row.recipe
         else:
@@ -73,8 +75,8 @@ def test_each_row_states_its_files_figures_and_setting(row):
 
 
 def test_no_two_rows_describe_the_same_setting():
-    keys = [(r.model, r.quantized, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing, r.batch_size,
-             r.max_length, r.window_samples, r.loss_chunk_size) for r in MEASURED]
+    keys = [(r.model, r.quantized, r.quant_type, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing,
+             r.batch_size, r.max_length, r.window_samples, r.loss_chunk_size) for r in MEASURED]
     assert len(keys) == len(set(keys))
 
 
@@ -274,3 +276,16 @@ def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whol
     assert any(not s.gradient_checkpointing for s in candidates(model_args, lora, trainable, speed, shape, 200))
     plan = candidates(model_args, lora, trainable, kept, shape, 200)  # 200 GiB: memory is not what decides
     assert plan and all(s.gradient_checkpointing for s in plan)  # training refuses kept outputs without it
+
+
+def test_a_measured_row_stands_only_for_its_own_base_format(in_repo_root):
+    # the FP8 window row answers for the FP8 overlay; the same settings on an NF4 or bf16 base were not measured
+    from mgmlora.tools.speed_plan import lookup
+
+    fp8 = ["configs/mgm2b_lora.yaml", "configs/mgm2b_lora_packed_fp8.yaml"]
+    for overrides, source in [((), "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json"),
+                              (("--model.model.quantization.quant_type", "nf4"), None),
+                              (("--model.model.quantization", "null"), None)]:
+        model_args, lora, trainable, speed, shape = _run(fp8, overrides)
+        row = lookup(model_args, lora, trainable, speed, shape.accumulate, shape.seq_len, shape.window_samples)
+        assert (row.source if row else None) == source, overrides

@@ -51,7 +51,7 @@ class Measured:
     """One measured setting: its key fields, tokens/s, peak allocated GiB, and where the figures come from."""
 
     model: str  # registry preset
-    quantized: bool  # 4-bit NF4 base (model.model.quantization)
+    quantized: bool  # a quantized base (model.model.quantization): NF4 unless `quant_type` says FP8
     trainable_llm: Literal["lora", "frozen", "full"]  # what the LLM trains (Trainability)
     target_experts: bool
     loss: Literal["full", "chunked", "liger"]
@@ -66,6 +66,7 @@ class Measured:
     window_samples: int | None = None  # data.window_samples of the run (`batch_size` is then the micro-batches)
     loss_chunk_size: int | None = None  # speed.loss_chunk_size where the row depends on it; None: any
     keep_expert_outputs: KeptOutputs = "none"  # speed.keep_expert_outputs: what the recompute skips
+    quant_type: Literal["nf4", "fp8"] = "nf4"  # the quantized base's format (model.model.quantization.quant_type)
 
     def cite(self) -> str:
         """The file, and the variant inside it, the figures come from."""
@@ -104,6 +105,13 @@ MEASURED: tuple[Measured, ...] = (
     Measured("mgm-2b", False, "lora", False, "chunked", False, 56, 2048, 21655.6, 22.64,
              "2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc56_chunked1024_imagecompile-h200.json",
              window_samples=128, loss_chunk_size=1024, recipe="configs/mgm2b_lora_packed.yaml"),
+    # the same overlay on the FP8 base in 48 micro-batches, given as overrides: what configs/mgm2b_lora_packed_fp8.yaml
+    # writes (the run's 6,144-position cap only checked: its largest micro-batch held 4,444,
+    # 2026-12-06-mgm2b_packed_largest_micro_batch-cpu.json); the slower of its two rounds
+    # (2026-12-06-mgm2b_lora_packed_fp8_loop_acc48_rounds-h200.json)
+    Measured("mgm-2b", True, "lora", False, "chunked", False, 48, 2048, 26042.0, 22.28,
+             "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json", window_samples=128,
+             loss_chunk_size=1024, quant_type="fp8"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 8, 1024, 6430.5, 60.13, _QWEN_BUDGET,
              "liger+packing+nocast+fused+fastexpertsx8"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 48, 1024, 10669.6, 70.26, _QWEN_BUDGET,
@@ -128,8 +136,8 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
     quant = model_args.quantization
     key = (model_args.preset, "dtype" if quant is None else quant.quant_type, trainable.llm, bool(lora.target_experts),
            speed.loss, model_args.gradient_checkpointing, batch_size, max_length, window_samples)
-    for row in MEASURED:  # every 4-bit row is NF4; no FP8 base was measured
-        base = "nf4" if row.quantized else "dtype"
+    for row in MEASURED:
+        base = row.quant_type if row.quantized else "dtype"
         if (row.model, base, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
                 row.batch_size, row.max_length, row.window_samples) == key and (
                 row.loss_chunk_size in (None, speed.loss_chunk_size)) and \
@@ -140,7 +148,8 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
 
 def shipped_4bit_recipe(preset: str | None) -> str | None:
     """The shipped config that trains `preset` on a 4-bit base, where one was measured."""
-    return next((row.recipe for row in MEASURED if row.model == preset and row.quantized and row.recipe), None)
+    return next((row.recipe for row in MEASURED if row.model == preset and row.quantized and row.quant_type == "nf4"
+                 and row.recipe), None)
 
 
 @dataclass

@@ -137,6 +137,7 @@ def test_validate_and_test_of_a_checkpoint_log_into_its_run_and_keep_its_config(
     checkpoint's step, and `<subcommand>_config.yaml`; the run's config.yaml is untouched; the log says where. The fit's
 model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     import logging
+    import shutil
 
     import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -171,6 +172,12 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
         with pytest.raises(ValueError, match=r"model\.lora\.r: checkpoint 16 vs config 8"):
             main(["validate", *common, "--ckpt_path", str(ckpt), "--model.lora.r", "8"])
         assert sorted(p.name for p in run.glob("events.out.tfevents.*")) == events  # the failed one left none
+        # a checkpoint outside a run's checkpoints/ names no run: its validate makes a version_N, which a failure
+        # takes away whole, its validate_config.yaml included (checked by the directory listing below)
+        copied = tmp_path / "copied" / "step=000002.ckpt"
+        shutil.copytree(ckpt, copied)
+        with pytest.raises(ValueError, match=r"model\.lora\.r: checkpoint 16 vs config 8"):
+            main(["validate", *common, "--ckpt_path", str(copied), "--model.lora.r", "8"])
     finally:
         logger.removeHandler(handler)
 
@@ -183,33 +190,6 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     events.Reload()
     assert [e.step for e in events.Scalars("test/loss")] == [2]
     assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's
-
-
-@pytest.mark.integration
-def test_a_failed_validate_in_a_version_it_made_takes_its_config_and_the_directory_away(tmp_path):
-    # a checkpoint outside a run's checkpoints/ names no run: its validate logs into a new version_N, which a failure
-    # takes away whole (before the fix its validate_config.yaml stayed, and the directory with it)
-    import shutil
-
-    import yaml
-
-    from mgmlora.cli import main
-    from tests.conftest import VAL
-
-    config = yaml.safe_load((ROOT / "configs" / "demo_chat.yaml").read_text())
-    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2  # the ModelCheckpoint
-    config["trainer"]["callbacks"][4]["init_args"].update(num_samples=2, max_new_tokens=4)  # GenerationEval
-    (tmp_path / "demo_chat.yaml").write_text(yaml.safe_dump(config))
-    common = ["--config", str(tmp_path / "demo_chat.yaml"), "--trainer.enable_progress_bar", "false",
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.limit_val_batches", "1",
-              "--data.init_args.val_path", str(VAL)]
-    main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "4"])
-    copied = tmp_path / "copied" / "step=000002.ckpt"
-    shutil.copytree(tmp_path / "runs" / "demo_chat" / "version_0" / "checkpoints" / "step=000002.ckpt", copied)
-    with pytest.raises(ValueError, match=r"model\.lora\.r: checkpoint 16 vs config 8"):
-        main(["validate", *common, "--ckpt_path", str(copied), "--model.lora.r", "8"])
-    version_1 = tmp_path / "runs" / "demo_chat" / "version_1"
-    assert not version_1.exists(), sorted(p.name for p in version_1.iterdir())
 
 
 def test_a_failed_run_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):

@@ -12,6 +12,7 @@ positions a measured run actually reached, and so which cap its measurement supp
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--accumulate", type=int, nargs="+", required=True)
     parser.add_argument("--epochs", type=int, default=1)
-    ours, _, fit_args = " ".join(sys.argv[1:]).partition(" -- ")
-    args = parser.parse_args(ours.split())
-    fit_args = fit_args.split() + ["--trainer.accelerator", "cpu", "--trainer.logger", "false",
-                                   "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # the list, not its text: values may hold spaces
+    args = parser.parse_args(argv[:split])
+    fit_args = argv[split + 1 :] + ["--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                                    "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
     cli = cli_main(fit_args, run=False)
     data = cli.datamodule
     data.trainer = cli.trainer
@@ -36,12 +38,15 @@ def main() -> None:
     samples = data.splits["train"]
     costs = data.positions(samples)  # positions per sample, image expansion included, as the sampler is given them
     hp = data.hparams
-    result = {"command": "python bench/micro_batches.py " + " ".join(sys.argv[1:]),
+    result = {"command": "python bench/micro_batches.py " + shlex.join(sys.argv[1:]),
               "samples": len(costs), "mean_positions": sum(costs) / len(costs), "longest_sample": max(costs),
               "window_samples": hp.window_samples, "max_tokens": hp.max_tokens, "largest_micro_batch": {}}
     for accumulate in args.accumulate:
+        # as DataModule._train_sampler builds it: every rank's micro-batches (largest() covers them all), the
+        # window of window_samples x world_size samples, and the last partial window dropped or wrapped like fit's
         sampler = BalancedWindowBatchSampler([s.num_supervised for s in samples], costs, hp.window_samples,
-                                             accumulate=accumulate, shuffle=hp.shuffle, seed=hp.seed)
+                                             accumulate=accumulate, shuffle=hp.shuffle, seed=hp.seed,
+                                             world_size=cli.trainer.world_size, drop_last=hp.drop_last)
         result["largest_micro_batch"][str(accumulate)] = [sampler.largest([e], accumulate)[0]
                                                           for e in range(args.epochs)]
     args.out.write_text(json.dumps(result, indent=1) + "\n")

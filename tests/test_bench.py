@@ -280,3 +280,30 @@ def test_profiles_leave_out_annotation_ranges_and_keep_operators():
             torch.ones(4, 4) @ torch.ones(4, 4)
     marked = {e.key: annotation(e) for e in prof.key_averages()}
     assert marked["Optimizer.step#AdamW.step"] and not marked["aten::mm"]
+
+
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+@pytest.mark.parametrize("extra", [[], ["--data.init_args.drop_last", "true"],
+                                   ["--trainer.devices", "2", "--trainer.strategy", "ddp"]])
+def test_micro_batches_reports_the_largest_micro_batch_of_fits_own_sampler(extra, tmp_path, monkeypatch, in_repo_root):
+    # bench/micro_batches.py says which positions a run's micro-batches reached: the ones fit's sampler forms, on every
+    # rank and with the run's drop_last, not those of a one-rank sampler that wraps the last window
+    from mgmlora.cli import main as cli_main
+
+    script = load_script(ROOT / "bench" / "micro_batches.py")
+    fit = ["--config", "configs/demo.yaml", "--data.init_args.batch_size", "1", "--data.init_args.window_samples", "12",
+           "--data.init_args.seed", "11", *extra]
+    out = tmp_path / "mb.json"
+    monkeypatch.setattr(sys, "argv", ["micro_batches.py", str(out), "--accumulate", "3", "5", "--", *fit])
+    script.main()
+    reported = json.loads(out.read_text())["largest_micro_batch"]
+    for accumulate in (3, 5):
+        cli = cli_main([*fit, "--trainer.accumulate_grad_batches", str(accumulate), "--trainer.accelerator", "cpu",
+                        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                        "--trainer.callbacks", "[]"], run=False)
+        data = cli.datamodule
+        data.trainer = cli.trainer
+        data.setup("fit")
+        sampler = data._train_sampler()  # the sampler fit iterates
+        formed = max(sum(sampler.costs[i] for i in batch) for batch in sampler._epoch_batches(0, accumulate))
+        assert reported[str(accumulate)] == [formed], (extra, accumulate)

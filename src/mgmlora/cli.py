@@ -37,6 +37,7 @@ from mgmlora.training.run_dir import (
     check_new_run,
     checkpoint_file,
     checkpoint_run,
+    saved_config_name,
 )
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
 
@@ -191,7 +192,7 @@ class MgmCLI(LightningCLI):
                              "<run>/checkpoints/step=N.ckpt.")  # before the model loads or a log file is written
         if self.subcommand not in ("validate", "test"):
             return
-        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": saved_config_name(self.subcommand)}
         run = checkpoint_run(ckpt)
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:

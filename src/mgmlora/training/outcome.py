@@ -7,12 +7,11 @@ would then write the untrained (or resumed) adapter as if it were a result. `Run
 optimizer steps, samples and supervised tokens this fit trained on this rank; at the end of fit it raises
 `NothingTrainedError` (exit 1, one line with the reason) when there were no steps, or when no step of the run
 (those before a resumed checkpoint included) had a window that reached a trainable parameter (an image-path-only
-run on text-only samples), `StalledError` (exit
-1) when the gradient norm was exactly 0 from some step to the end (mgmlora.training.finite), and otherwise prints one
-final line: steps, samples and tokens (summed over ranks), the adapter directory and the newest checkpoint. At the
-start of training it warns when an epoch is shorter than one accumulation window (`short_window`); a fit that fails
-before training starts, or a `validate` / `test` that fails, takes what it wrote into its log directory away
-(`run_dir.discard_failed_run`).
+run on text-only samples), `StalledError` (exit 1) when the gradient norm was exactly 0 from some step to the end
+(mgmlora.training.finite), and otherwise prints one final line: steps, samples and tokens (summed over ranks), the
+adapter directory and the newest checkpoint. At the start of training it warns when an epoch is shorter than one
+accumulation window (`short_window`); a fit that fails before training starts, or a `validate` / `test` that fails,
+takes what it wrote into its log directory away (`run_dir.discard_failed_run`).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
 from mgmlora.training.finite import StalledError
-from mgmlora.training.run_dir import discard_failed_run
+from mgmlora.training.run_dir import discard_failed_run, saved_config_name
 
 
 class NothingTrainedError(MgmloraError):
@@ -112,8 +111,8 @@ class RunOutcome(L.Callback):
         if self._training or self._logged or not isinstance(exception, Exception) \
                 or fn not in ("fit", "validate", "test") or not trainer.is_global_zero:
             return
-        # as MgmCLI saves it; `fn` is Lightning's TrainerFn, whose str() is "TrainerFn.VALIDATING", not its value
-        config = "config.yaml" if fn == "fit" else f"{TrainerFn(fn).value}_config.yaml"
+        # `fn` is Lightning's TrainerFn, whose str() is "TrainerFn.VALIDATING": its value is the subcommand
+        config = saved_config_name(TrainerFn(fn).value)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
                 discard_failed_run(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs, config)

@@ -192,13 +192,21 @@ def check_eval_checkpoint(subcommand: str, ckpt_path: str | Path | None, log_dir
                      "as --ckpt_path <run>/checkpoints/<name>.ckpt.")
 
 
+def saved_config_name(subcommand: str) -> str:
+    """The name a command's config is saved under in its log directory (MgmCLI saves it, a failed run removes it).
+
+    `config.yaml` for fit; `<subcommand>_config.yaml` for an evaluation, beside the run's own.
+    """
+    return "config.yaml" if subcommand == "fit" else f"{subcommand}_config.yaml"
+
+
 def discard_failed_run(log_dir: str | Path | None, since: float, fresh: bool,
                        config_name: str = "config.yaml") -> list[Path]:
     """Removes what a command that failed before logging a metric wrote into `log_dir`; the directory if it empties.
 
     That command is a fit that failed before training started, or a `validate` / `test`. What it wrote there is a
     TensorBoard event file (a header, perhaps the hyperparameters, no metric) and, past data setup, the saved config
-    (`config_name`: `config.yaml`, or `<subcommand>_config.yaml` for an evaluation) and the logger's hparams.yaml.
+    (`config_name`: `saved_config_name` of the subcommand) and the logger's hparams.yaml.
     Its event files are known by TensorBoard's own name for them (`events.out.tfevents.<time>.<host>.<pid>.<n>`) and
     a modification time from `since` (seconds since the epoch) on. The config, hparams.yaml and the directory itself
     (once empty) go only when the command made the directory (`fresh`): in one that existed they are a run's or the
@@ -228,4 +236,4 @@ def discard_failed_run(log_dir: str | Path | None, since: float, fresh: bool,
 
 
 __all__ = ["LIGHTNING_CKPT_NAMES", "check_eval_checkpoint", "check_last_found", "check_new_run", "checkpoint_file",
-           "checkpoint_run", "discard_failed_run"]
+           "checkpoint_run", "discard_failed_run", "saved_config_name"]

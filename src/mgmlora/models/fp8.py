@@ -74,7 +74,8 @@ def check_device(device: torch.device, dtype: torch.dtype, experts: bool) -> Non
     gpu = f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}"
     if capability < (8, 9):
         raise ValueError(f"model.model.quantization.quant_type=fp8 needs FP8 tensor cores (compute capability 8.9 or "
-                         f"later); {gpu}. Use quant_type: nf4, or model.model.quantization: null.")
+                         f"later); {gpu}. Use quant_type: nf4, or model.model.quantization: null (either changes the "
+                         f"memory the run needs: check it with bin/estimate.py --config ... --gpu_memory_gib N).")
     if experts and capability[0] not in GROUPED_MAJORS:
         raise ValueError(f"model.model.quantization.expert_products=fp8 needs PyTorch's grouped FP8 kernel, built for "
                          f"compute capability 9.x and 10.x only; {gpu}. Set model.model.quantization.expert_products: "

@@ -45,6 +45,7 @@ from mgmlora.models.quantization import (
     frozen_stored_weight,
     has_quantized_experts,
 )
+from mgmlora.models.routing import from_expert_order, route, to_expert_order
 
 FAST_EXPERTS = "mgmlora_grouped_mm"
 
@@ -200,7 +201,6 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
                              "(expert-parallel, biased, gate-less or post-normed experts)")
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     lora = lora or {}
-    num_tokens, hidden = hidden_states.shape
     k = top_k_index.shape[-1]
     transposed = getattr(self, "is_transposed", False)
     expert_ids, order = torch.sort(top_k_index.reshape(-1))  # (S,) S = T * k, grouped by expert
@@ -208,7 +208,8 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
     offsets = torch.cumsum(torch.histc(ids, bins=self.num_experts, min=0, max=self.num_experts - 1), 0,
                            dtype=torch.int32)  # (E,) end of each expert's rows
-    x = hidden_states[order // k]  # (S, H) each routed copy of a token, grouped by expert
+    path = route(order, k)
+    x = to_expert_order(hidden_states, path)  # (S, H) each routed copy of a token, grouped by expert
     gate_up = _expert_linear(self, "gate_up_proj", x, offsets, transposed)  # (S, 2I)
     if "gate_up_proj" in lora:
         gate_up = gate_up + lora["gate_up_proj"](x.to(gate_up.dtype), offsets)
@@ -222,8 +223,7 @@ def fast_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     out = _expert_linear(self, "down_proj", inter, offsets, transposed)  # (S, H)
     if "down_proj" in lora:
         out = out + lora["down_proj"](inter.to(out.dtype), offsets)
-    routed = torch.empty_like(out).index_copy_(0, order, out)  # (S, H) back to token-major order (t, k)
-    return routed.view(num_tokens, k, hidden).sum(1).to(hidden_states.dtype)  # (T, H)
+    return from_expert_order(out, path).to(hidden_states.dtype)  # (T, H)
 
 
 def register() -> None:

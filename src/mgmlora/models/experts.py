@@ -13,7 +13,10 @@ parallelism; the weighting is unchanged.
   transformers' implementation);
 - the routing weight multiplies the (S, intermediate) activation before the down projection instead of its
   (S, hidden) output: the projection is linear and bias-free, so the result is the same up to bf16 rounding, on a
-  smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward.
+  smaller tensor (768 instead of 2048 columns for Qwen3-30B-A3B), forward and backward;
+- the tokens' permutation into expert order and back runs as gathers in both directions (mgmlora.models.routing),
+  where indexing would make autograd scatter (an `index_copy` back to token order, an accumulating `index_put` for
+  the backward of the gather).
 Layouts it does not cover (biases, no gate, a post-expert norm) are handed back to transformers' `grouped_mm`.
 It is also the one experts forward that runs quantised experts (mgmlora.models.quantization): it reads each 4-bit
 fused weight, and an FP8 one PEFT's expert LoRA joins its delta to, through `expert_weight`, which dequantises it

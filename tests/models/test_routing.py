@@ -63,20 +63,21 @@ def test_gradcheck_both_directions():
 
 
 @pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
-def test_compiled_matches_eager():
-    """Under torch.compile (what speed.compile runs) the functions give the eager values and gradients."""
+@pytest.mark.parametrize(("backend", "dtype"), [("aot_eager", torch.float32), ("inductor", torch.bfloat16)])
+def test_compiled_matches_eager(backend, dtype):
+    """Under torch.compile (inductor is what speed.compile runs) the functions give the eager values and gradients."""
     order = _routing(9, 2, 4, seed=5)
     r = route(order, 2)
-    x = torch.randn(9, 4, requires_grad=True)
+    x = torch.randn(9, 4, dtype=dtype, requires_grad=True)
 
     def f(x, token, inverse):
         rows = to_expert_order(x, r._replace(token=token, inverse=inverse))
         return from_expert_order(rows.sin(), r._replace(token=token, inverse=inverse))
 
     eager = f(x, r.token, r.inverse)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, r.token, r.inverse)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)(x, r.token, r.inverse)
     torch.testing.assert_close(compiled, eager)
-    upstream = torch.randn(9, 4)
+    upstream = torch.randn(9, 4, dtype=dtype)
     (grad_compiled,) = torch.autograd.grad(compiled, x, upstream)
     (grad_eager,) = torch.autograd.grad(eager, x, upstream)
     torch.testing.assert_close(grad_compiled, grad_eager)

@@ -1,13 +1,14 @@
-"""An MoE layer's token permutation as gathers both ways: into expert order and back, without scatters.
+"""An MoE layer's token permutation as gathers both ways: into expert order and back, no scatters of rows.
 
 `mgmlora.models.experts.fast_experts_forward` sorts the T * k (token, slot) pairs of a layer by expert so that the
 grouped GEMMs see each expert's rows together, then brings the rows back and sums each token's k of them. Written
 with plain indexing, autograd turns that into scatters: the forward's way back is an `index_copy` into token order
 followed by the sum over k, and the backward of the first gather is an accumulating `index_put` (atomic adds, one per
-routed copy of a token). In the Qwen3-30B-A3B FP8 step profile the permutation around the grouped GEMMs is about a
-fifth of the device's busy time (configs/README.md, "Which compiled kernels").
+routed copy of a token). configs/README.md ("Which compiled kernels") has the share of the Qwen3-30B-A3B FP8 step's
+device time that the permutation around the grouped GEMMs takes.
 
-Both directions here are gathers of whole rows, and each is the other's backward:
+Both directions here are gathers of whole rows, and each is the other's backward (`route` scatters only the (S,)
+int64 positions, to invert the permutation):
 - `to_expert_order`: (T, H) -> (S, H), row s is token `token[s]`; its backward sums each token's k rows by gathering
   them through the inverse permutation (no atomics, a reduction inductor fuses with the gather);
 - `from_expert_order`: (S, H) -> (T, H), each token's k rows gathered through the inverse permutation and summed (no
@@ -23,7 +24,7 @@ import torch
 
 
 class Route(NamedTuple):
-    """Where each routed row goes: `order` (S,) the (token, slot) pair of each row in expert order, S = T * k."""
+    """Where each routed row goes, from `order` (S,): the (token, slot) pair of each row in expert order, S = T * k."""
 
     token: torch.Tensor  # (S,) the token of each row in expert order
     inverse: torch.Tensor  # (S,) the expert-order row of each (token, slot) pair, token-major

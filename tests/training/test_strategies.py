@@ -113,12 +113,38 @@ def test_a_nan_gradient_under_deepspeed_stops_the_run_before_a_checkpoint_holds_
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2", "tiny-qwen3"], capture_output=True,
                           text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
-    # DeepSpeed reports a NaN gradient's norm as inf
-    assert re.search(r"optimizer step 2: train/grad_norm = (nan|inf); stopped after applying it", proc.stderr), \
+    # DeepSpeed reports a NaN gradient's norm as inf and drops that step's update itself (was_step_applied is False),
+    # which the message says
+    assert re.search(r"optimizer step 2: train/grad_norm = inf; stopped before applying it", proc.stderr), \
         proc.stderr[-3000:]
     assert "no checkpoint was written by this run" in proc.stderr
     assert not (tmp_path / "ckpt" / "step=2.ckpt").exists()  # a checkpoint every 2 steps: none holds step 2
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(("fp16", "dynamic", "applied", "expected"), [
+    (True, True, False, None),  # fp16's dynamic scaler skipped an overflowing step: routine, not a divergence
+    (True, True, True, 1.5),
+    (True, False, False, float("inf")),  # a static scale is never lowered: the overflow stays and stops the run
+    (False, True, False, float("inf")),  # bf16 has no loss scaler: DeepSpeed dropped a non-finite step
+])
+def test_the_deepspeed_norm_leaves_out_only_a_step_the_fp16_loss_scaler_skipped(fp16, dynamic, applied, expected):
+    from types import SimpleNamespace
+
+    from mgmlora.training.strategies import engine_grad_norm, engine_step_applied
+
+    norm = float("inf") if not applied else 1.5  # what DeepSpeed 0.19.8 reports for a step it found overflowing
+    engine = SimpleNamespace(fp16_enabled=lambda: fp16, dynamic_loss_scale=lambda: dynamic,
+                             was_step_applied=lambda: applied, get_global_grad_norm=lambda: norm)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=engine))
+    assert engine_grad_norm(trainer) == expected
+    assert engine_step_applied(trainer) is applied
+
+
+def test_deepspeeds_engine_has_the_public_methods_the_norm_check_reads():
+    deepspeed = pytest.importorskip("deepspeed")
+    for name in ("fp16_enabled", "dynamic_loss_scale", "was_step_applied", "get_global_grad_norm"):
+        assert callable(getattr(deepspeed.DeepSpeedEngine, name, None)), name
 
 
 def test_deepspeed_resume_compares_and_applies_the_optimizer_settings_it_restored_itself(moe_runs, tmp_path):

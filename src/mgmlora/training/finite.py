@@ -9,7 +9,8 @@ finite checkpoint stays the newest), and the command exits 1 with one line namin
 `optim.skip_nonfinite_steps: N` allows up to N such steps to be skipped instead (the gradients are dropped, so the
 weights and the optimizer's moments stay as they were; the learning-rate schedule still advances); the N+1-th stops
 the run as above. Skipping needs the gradients in PyTorch's hands, so DeepSpeed runs (whose engine owns them) always
-stop. Under `16-mixed` the loss scaler already skips steps whose gradients overflow, so only the loss is checked.
+stop. Under `16-mixed` the loss scaler already skips steps whose gradients overflow, so only the loss is checked
+(DeepSpeed's dynamic fp16 scaler likewise: a step it skipped has no norm to check, `engine_grad_norm`).
 All ranks agree on the decision (one boolean all-reduce per optimizer step), so no rank waits on a stopped one.
 
 A run can also stop learning without a NaN: a learning rate far too high saturates the model within a few steps,

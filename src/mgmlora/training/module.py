@@ -41,6 +41,7 @@ from mgmlora.training.resume import check_resume_math, optimizer_settings, run_m
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
     engine_grad_norm,
+    engine_step_applied,
     gathered,
     holds_whole_gradients,
     input_cast_needed,
@@ -255,11 +256,11 @@ class LoraLitModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not (self.window.ended and steps_itself(self.trainer)):
             return  # not DeepSpeed: checked in on_before_optimizer_step
-        norm = engine_grad_norm(self.trainer)
+        norm = engine_grad_norm(self.trainer)  # None: a step DeepSpeed's fp16 loss scaler skipped
         if norm is not None:
             # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
-            self._check_finite(self.trainer.global_step + 1, {"train/grad_norm": norm}, can_skip=False, applied=True,
-                               reached=self._reached)
+            self._check_finite(self.trainer.global_step + 1, {"train/grad_norm": norm}, can_skip=False,
+                               applied=engine_step_applied(self.trainer), reached=self._reached)
             self.log("train/grad_norm", torch.as_tensor(norm, dtype=torch.float32), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -315,5 +315,20 @@ def scales_loss(trainer: Any) -> bool:
 
 
 def engine_grad_norm(trainer: Any) -> float | None:
-    """DeepSpeed's pre-clipping global gradient norm of the step that just ran (its gradients live in its buffers)."""
-    return trainer.strategy.deepspeed_engine.get_global_grad_norm()
+    """DeepSpeed's pre-clipping global gradient norm of the step that just ran (its gradients live in its buffers).
+
+    None for a step its fp16 dynamic loss scaler skipped: under fp16 an overflowing step is routine (above all in the
+    first steps, while the scale comes down); the engine drops its update, lowers the scale, raises once the scale is at
+    its minimum, and reports the step's norm as inf. Such a step is the scaler's, as under Lightning's own 16-mixed
+    scaler (`scales_loss`), not a divergence. With a static loss scale nothing lowers the scale, so an overflow keeps
+    its inf norm and stops the run.
+    """
+    engine = trainer.strategy.deepspeed_engine
+    if engine.fp16_enabled() and engine.dynamic_loss_scale() and not engine.was_step_applied():
+        return None
+    return engine.get_global_grad_norm()
+
+
+def engine_step_applied(trainer: Any) -> bool:
+    """Whether DeepSpeed's engine updated the weights in the step that just ran (it drops an overflowing step)."""
+    return bool(trainer.strategy.deepspeed_engine.was_step_applied())

@@ -131,7 +131,7 @@ def test_the_guard_state_round_trips_and_a_checkpoint_without_it_gives_no_nothin
         guard.check(step, {"train/grad_norm": torch.tensor(norm)}, reached=reached)
     state = guard.state_dict()
     assert state == {"skipped": 1, "zero_since": 3, "last_step": 3, "counted": 2, "unreached": 1,
-                     "partial": False}  # by hand
+                     "scaler_skipped": 0, "partial": False}  # by hand
     resumed = FiniteGuard(max_skipped=3)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
@@ -139,6 +139,26 @@ def test_the_guard_state_round_trips_and_a_checkpoint_without_it_gives_no_nothin
     old.load_state_dict(None)
     old.check(3, {"train/grad_norm": torch.tensor(0.0)}, reached=False)
     assert old.unreached == 1 and old.counted == 0 and old.untrained() is None
+
+
+def test_a_fit_whose_every_step_the_fp16_loss_scaler_skipped_trained_nothing():
+    # DeepSpeed's dynamic fp16 scaler drops an overflowing step's update itself (LoraLitModule.optimizer_step counts
+    # it); a fit of only such steps exits as having trained nothing, one applied step is enough to train
+    guard = FiniteGuard()
+    guard.scaler_skipped = 3
+    assert guard.untrained() == ("none of its 3 optimizer step(s) trained: DeepSpeed's fp16 loss scaler skipped 3 "
+                                 "optimizer step(s) for overflowing gradients (no update applied; trainer.precision "
+                                 "bf16-mixed avoids the scaler)")
+    guard.check(4, {"train/grad_norm": 2.0})
+    assert guard.counted == 1 and guard.untrained() is None
+    mixed = FiniteGuard()
+    mixed.scaler_skipped, mixed.unreached = 2, 1
+    assert mixed.untrained().startswith("none of its 3 optimizer step(s) trained: 1 optimizer step(s) had no sample")
+    # a checkpoint written before the scaler's count was saved (session 37's counters) loads it as 0
+    older = FiniteGuard()
+    older.load_state_dict({"skipped": 0, "zero_since": None, "last_step": 2, "counted": 2, "unreached": 0,
+                           "partial": False})
+    assert older.scaler_skipped == 0 and older.counted == 2
 
 
 def test_the_guard_decides_from_the_first_non_finite_value_and_the_agreement_of_all_ranks():

@@ -131,12 +131,13 @@ def test_a_nan_gradient_under_deepspeed_stops_the_run_before_a_checkpoint_holds_
 def test_the_deepspeed_norm_leaves_out_only_a_step_the_fp16_loss_scaler_skipped(fp16, dynamic, applied, expected):
     from types import SimpleNamespace
 
-    from mgmlora.training.strategies import engine_grad_norm, engine_step_applied
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy, engine_grad_norm, engine_step_applied
 
     norm = float("inf") if not applied else 1.5  # what DeepSpeed 0.19.8 reports for a step it found overflowing
-    engine = SimpleNamespace(fp16_enabled=lambda: fp16, dynamic_loss_scale=lambda: dynamic,
-                             was_step_applied=lambda: applied, get_global_grad_norm=lambda: norm)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=engine))
+    strategy = MgmDeepSpeedStrategy(stage=2)
+    strategy.model = SimpleNamespace(fp16_enabled=lambda: fp16, dynamic_loss_scale=lambda: dynamic,
+                                     was_step_applied=lambda: applied, get_global_grad_norm=lambda: norm)
+    trainer = SimpleNamespace(strategy=strategy)  # `strategy.deepspeed_engine` is its model
     assert engine_grad_norm(trainer) == expected
     assert engine_step_applied(trainer) is applied
 
@@ -239,6 +240,22 @@ def test_deepspeed_on_a_machine_without_cuda_is_one_line_naming_what_to_drop(tmp
                         logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(UsageError, match="DeepSpeed runs on CUDA GPUs only .* accelerator is cpu; drop the "
                                          "configs/strategy/ fragment"):
+        trainer.fit(BoringModel())
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
+def test_fp16_at_deepspeed_stage_0_is_refused_before_training(tmp_path, precision):
+    # stage 0's fp16 optimizers lower the scale to its minimum and then skip overflowing steps forever, so a diverged
+    # run would end with exit 0 (ZeRO-1/2/3 raise at the minimum scale)
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mgmlora.errors import UsageError
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=MgmDeepSpeedStrategy(stage=0), precision=precision,
+                        max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match=f"trainer.precision {precision} with DeepSpeed stage 0: .* Use stage 1, 2"):
         trainer.fit(BoringModel())
 
 

@@ -10,7 +10,8 @@ finite checkpoint stays the newest), and the command exits 1 with one line namin
 weights and the optimizer's moments stay as they were; the learning-rate schedule still advances); the N+1-th stops
 the run as above. Skipping needs the gradients in PyTorch's hands, so DeepSpeed runs (whose engine owns them) always
 stop. Under `16-mixed` the loss scaler already skips steps whose gradients overflow, so only the loss is checked
-(DeepSpeed's dynamic fp16 scaler likewise: a step it skipped has no norm to check, `engine_grad_norm`).
+(DeepSpeed's dynamic fp16 scaler likewise: a step it skipped has no norm to check, `engine_grad_norm`, and is
+counted, `scaler_skipped`; a fit of only such steps trained nothing).
 All ranks agree on the decision (one boolean all-reduce per optimizer step), so no rank waits on a stopped one.
 
 A run can also stop learning without a NaN: a learning rate far too high saturates the model within a few steps,
@@ -33,7 +34,7 @@ import torch
 from mgmlora.errors import MgmloraError
 
 FINITE_KEY = "mgmlora_finite_guard"  # the checkpoint entry holding FiniteGuard.state_dict()
-_COUNTERS = ("skipped", "zero_since", "last_step", "counted", "unreached")
+_COUNTERS = ("skipped", "zero_since", "last_step", "counted", "unreached", "scaler_skipped")
 
 
 class NonFiniteError(MgmloraError):
@@ -61,6 +62,7 @@ class FiniteGuard:
         self.last_step = 0
         self.counted = 0  # optimizer steps whose norm was read and whose window reached a trainable parameter
         self.unreached = 0  # optimizer steps whose window reached no trainable parameter on any rank
+        self.scaler_skipped = 0  # optimizer steps DeepSpeed's fp16 loss scaler skipped (overflow: no update applied)
         self.partial = False  # resumed from a checkpoint without these counters: they cover this fit's steps only
 
     def state_dict(self) -> dict[str, int | None]:
@@ -80,7 +82,7 @@ class FiniteGuard:
             self.partial = True
             return
         for name in _COUNTERS:
-            setattr(self, name, state[name])
+            setattr(self, name, state.get(name, 0) if name == "scaler_skipped" else state[name])  # newer than the rest
         self.partial = bool(state.get("partial", False))
 
     def check(self, step: int, values: dict[str, torch.Tensor | float | None], agree=None,
@@ -93,7 +95,8 @@ class FiniteGuard:
             agree: `f(local_bad) -> any rank bad` (the strategy's boolean all-reduce); None on a single process.
             can_skip: False where the gradients cannot be dropped (DeepSpeed, or after the optimizer stepped).
             newest: the newest checkpoint on disk, named in the message so the user knows where to resume from.
-            applied: the optimizer has already stepped (DeepSpeed's norm is known only then); no checkpoint follows.
+            applied: the step's update was applied (DeepSpeed's norm is known only after its engine stepped, which
+                drops a non-finite step itself, `engine_step_applied`); no checkpoint follows.
             reached: this rank's window could send a gradient to a trainable parameter (False: a window of text-only
                 samples for a run that trains only MGM's image path). A zero norm of a window that no rank's window
                 reached says nothing about learning: such a step neither starts nor extends a stall.
@@ -128,12 +131,21 @@ class FiniteGuard:
             "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
 
     def untrained(self) -> str | None:
-        """Why the fit trained nothing although it stepped: no step's window reached a trainable parameter, or None."""
-        if not self.unreached or self.counted or self.partial:
+        """Why the fit trained nothing although it stepped, or None.
+
+        No step's window reached a trainable parameter, or the loss scaler skipped every step that did.
+        """
+        if self.counted or self.partial or not (self.unreached or self.scaler_skipped):
             return None
-        return (f"none of its {self.unreached} optimizer step(s) had a sample that reaches a trainable parameter "
-                "(only components besides the language model train, model.trainable, and no sample had what they "
-                "take, such as an image)")
+        why = []
+        if self.unreached:
+            why.append(f"{self.unreached} optimizer step(s) had no sample that reaches a trainable parameter (only "
+                       "components besides the language model train, model.trainable, and no sample had what they "
+                       "take, such as an image)")
+        if self.scaler_skipped:
+            why.append(f"DeepSpeed's fp16 loss scaler skipped {self.scaler_skipped} optimizer step(s) for overflowing "
+                       "gradients (no update applied; trainer.precision bf16-mixed avoids the scaler)")
+        return f"none of its {self.unreached + self.scaler_skipped} optimizer step(s) trained: " + "; ".join(why)
 
     def stalled(self) -> str | None:
         """Why the fit stopped learning (its last steps' gradient norms are exactly 0), or None."""

@@ -40,6 +40,7 @@ from mgmlora.training.resume import RUN_KEY as RESUME_KEY
 from mgmlora.training.resume import check_resume_math, optimizer_settings, run_math, saved_optimizer_settings
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
+    deepspeed_scales_loss,
     engine_grad_norm,
     engine_step_applied,
     gathered,
@@ -222,7 +223,8 @@ class LoraLitModule(L.LightningModule):
         norm = None
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        scaled = scales_loss(self.trainer)  # 16-mixed: the loss scaler skips overflowing gradients itself
+        # 16-mixed (Lightning's scaler, or DeepSpeed's dynamic one): the scaler skips overflowing gradients itself
+        scaled = scales_loss(self.trainer) or deepspeed_scales_loss(self.trainer)
         checked = {"train/loss": loss, "train/grad_norm": None if scaled else norm}
         step = self.trainer.global_step + 1
         if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled,
@@ -257,6 +259,8 @@ class LoraLitModule(L.LightningModule):
         if not (self.window.ended and steps_itself(self.trainer)):
             return  # not DeepSpeed: checked in on_before_optimizer_step
         norm = engine_grad_norm(self.trainer)  # None: a step DeepSpeed's fp16 loss scaler skipped
+        if norm is None and deepspeed_scales_loss(self.trainer):
+            self.finite.scaler_skipped += 1  # the same on every rank: DeepSpeed agrees on an overflow across them
         if norm is not None:
             # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
             self._check_finite(self.trainer.global_step + 1, {"train/grad_norm": norm}, can_skip=False,

@@ -113,7 +113,14 @@ class MgmDeepSpeedStrategy(DeepSpeedStrategy):
         self.recovered: set[Path] = set()  # checkpoint directories this run has cleaned (checkpoint.recover_once)
 
     def setup_environment(self) -> None:
-        """Refuses a machine without CUDA in one line (Lightning's own check raises a RuntimeError there)."""
+        """Refuses fp16 at stage 0, and a machine without CUDA in one line (Lightning's own check raises there)."""
+        precision = str(getattr(self.precision_plugin, "precision", ""))
+        if self.config.get("zero_optimization", {}).get("stage") == 0 and precision.startswith("16"):
+            # stage 0's fp16 optimizers keep skipping overflowing steps at the minimum scale without ever stopping,
+            # so a diverged run would go on to its end; ZeRO-1/2/3 raise there (engine_grad_norm)
+            raise UsageError(f"trainer.precision {precision} with DeepSpeed stage 0: DeepSpeed's stage-0 fp16 loss "
+                             "scaler never stops a run whose gradients stay non-finite. Use stage 1, 2 or 3, "
+                             "trainer.precision bf16-mixed, or no DeepSpeed strategy (Lightning's own 16-mixed).")
         if self.accelerator is not None and not isinstance(self.accelerator, CUDAAccelerator):
             name = type(self.accelerator).__name__.removesuffix("Accelerator").lower()
             raise UsageError(f"trainer.strategy: DeepSpeed runs on CUDA GPUs only and this run's accelerator is "
@@ -314,19 +321,29 @@ def scales_loss(trainer: Any) -> bool:
     return str(trainer.precision) == "16-mixed" and not is_deepspeed(trainer)
 
 
+def deepspeed_scales_loss(trainer: Any) -> bool:
+    """Whether DeepSpeed runs a dynamic fp16 loss scaler, which skips overflowing steps itself (`engine_grad_norm`)."""
+    if not is_deepspeed(trainer):
+        return False
+    engine = trainer.strategy.deepspeed_engine
+    return bool(engine.fp16_enabled() and engine.dynamic_loss_scale())
+
+
 def engine_grad_norm(trainer: Any) -> float | None:
     """DeepSpeed's pre-clipping global gradient norm of the step that just ran (its gradients live in its buffers).
 
-    None for a step its fp16 dynamic loss scaler skipped: under fp16 an overflowing step is routine (above all in the
-    first steps, while the scale comes down); the engine drops its update, lowers the scale, raises once the scale is at
-    its minimum, and reports the step's norm as inf. Such a step is the scaler's, as under Lightning's own 16-mixed
-    scaler (`scales_loss`), not a divergence. With a static loss scale nothing lowers the scale, so an overflow keeps
-    its inf norm and stops the run.
+    None for a step its dynamic fp16 loss scaler skipped: under fp16 an overflowing step is routine (above all in the
+    first steps, while the scale comes down); the engine drops its update, lowers the scale (ZeRO-1/2/3, with its
+    hysteresis: after a second overflow in a row) and reports the step's norm as inf; once the scale is at its minimum,
+    the next lowering raises and stops the run (ZeRO-1/2/3 only: stage 0 never does, which is why
+    `MgmDeepSpeedStrategy` refuses fp16 at stage 0). Such a step is the scaler's, as under Lightning's own 16-mixed
+    scaler (`scales_loss`), not a divergence; FiniteGuard counts it (`scaler_skipped`), and a fit none of whose steps
+    was applied fails as having trained nothing. With a static loss scale nothing lowers the scale, so an overflow
+    keeps its inf norm and stops the run.
     """
-    engine = trainer.strategy.deepspeed_engine
-    if engine.fp16_enabled() and engine.dynamic_loss_scale() and not engine.was_step_applied():
+    if deepspeed_scales_loss(trainer) and not engine_step_applied(trainer):
         return None
-    return engine.get_global_grad_norm()
+    return trainer.strategy.deepspeed_engine.get_global_grad_norm()
 
 
 def engine_step_applied(trainer: Any) -> bool:

@@ -213,18 +213,18 @@ class LoraLitModule(L.LightningModule):
         A NaN/inf loss or gradient norm stops the run here, before the update, or drops this step's gradients when
         `optim.skip_nonfinite_steps` allows (mgmlora.training.finite). Under DeepSpeed, Lightning calls the optimizer
         step after every micro-batch and DeepSpeed's engine steps only at the window's end, so this hook returns until
-        the window has ended. DeepSpeed keeps the gradients in its own (partitioned) buffers, so its norm is read from
-        the engine after the step (`optimizer_step`), and only the loss is checked here.
+        the window has ended. DeepSpeed's gradient norm is read from its engine after the step (`optimizer_step`) and
+        only the loss is checked here: from ZeRO-2 on the gradients live in its own (partitioned) buffers, and at
+        stages 0 and 1 `p.grad` holds this rank's gradients before DeepSpeed reduces them (and, under fp16, scaled).
         """
         if not self.window.ended:
             return
         loss = self.window.close()
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         norm = None
-        if grads:
+        if grads and not steps_itself(self.trainer):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        # 16-mixed (Lightning's scaler, or DeepSpeed's dynamic one): the scaler skips overflowing gradients itself
-        scaled = scales_loss(self.trainer) or deepspeed_scales_loss(self.trainer)
+        scaled = scales_loss(self.trainer)  # 16-mixed: the loss scaler skips overflowing gradients itself
         checked = {"train/loss": loss, "train/grad_norm": None if scaled else norm}
         step = self.trainer.global_step + 1
         if self._check_finite(step, checked, can_skip=not steps_itself(self.trainer) and not scaled,

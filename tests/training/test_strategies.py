@@ -115,8 +115,8 @@ def test_a_nan_gradient_under_deepspeed_stops_the_run_before_a_checkpoint_holds_
                           text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0
     # DeepSpeed reports a NaN gradient's norm as inf and drops that step's update itself (was_step_applied is False),
-    # which the message says; at stage 1 too, where p.grad holds the rank's gradients unreduced and only the engine's
-    # norm is checked
+    # which the message says; at stage 1 too, where the gradients are also in p.grad and only the engine's norm is
+    # checked
     assert re.search(r"optimizer step 2: train/grad_norm = inf; stopped before applying it", proc.stderr), \
         proc.stderr[-3000:]
     assert "no checkpoint was written by this run" in proc.stderr

@@ -215,7 +215,7 @@ class LoraLitModule(L.LightningModule):
         step after every micro-batch and DeepSpeed's engine steps only at the window's end, so this hook returns until
         the window has ended. DeepSpeed's gradient norm is read from its engine after the step (`optimizer_step`) and
         only the loss is checked here: from ZeRO-2 on the gradients live in its own (partitioned) buffers, and at
-        stages 0 and 1 `p.grad` holds this rank's gradients before DeepSpeed reduces them (and, under fp16, scaled).
+        stages 0 and 1 `p.grad` holds gradients that DeepSpeed's step may still reduce or unscale (fp16).
         """
         if not self.window.ended:
             return

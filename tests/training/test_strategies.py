@@ -144,6 +144,23 @@ def test_the_deepspeed_norm_leaves_out_only_a_step_the_fp16_loss_scaler_skipped(
     assert engine_step_applied(trainer) is applied
 
 
+def test_a_step_counts_as_the_scalers_skip_only_when_the_engine_did_not_apply_it():
+    # ZeRO-1/2 with compute_grad_norm: false report no norm for applied steps too: before, a missing norm under fp16
+    # counted every applied step as skipped, and the fit failed as having trained nothing
+    from types import SimpleNamespace
+
+    from mgmlora.training.strategies import MgmDeepSpeedStrategy, engine_grad_norm, scaler_skipped_step
+
+    strategy = MgmDeepSpeedStrategy(stage=2)
+    trainer = SimpleNamespace(strategy=strategy)
+    for applied in (True, False):
+        strategy.model = SimpleNamespace(fp16_enabled=lambda: True, dynamic_loss_scale=lambda: True,
+                                         was_step_applied=lambda applied=applied: applied,
+                                         get_global_grad_norm=lambda: None)
+        assert engine_grad_norm(trainer) is None
+        assert scaler_skipped_step(trainer) is (not applied)
+
+
 def test_deepspeeds_engine_has_the_public_methods_the_norm_check_reads():
     deepspeed = pytest.importorskip("deepspeed")
     for name in ("fp16_enabled", "dynamic_loss_scale", "was_step_applied", "get_global_grad_norm"):

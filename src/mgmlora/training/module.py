@@ -40,7 +40,6 @@ from mgmlora.training.resume import RUN_KEY as RESUME_KEY
 from mgmlora.training.resume import check_resume_math, optimizer_settings, run_math, saved_optimizer_settings
 from mgmlora.training.rng import RNG_KEY, TrainingRng
 from mgmlora.training.strategies import (
-    deepspeed_scales_loss,
     engine_grad_norm,
     engine_step_applied,
     gathered,
@@ -48,6 +47,7 @@ from mgmlora.training.strategies import (
     input_cast_needed,
     is_deepspeed,
     mark_moe_leaves,
+    scaler_skipped_step,
     scales_loss,
     steps_itself,
     zero3_build,
@@ -258,9 +258,10 @@ class LoraLitModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if not (self.window.ended and steps_itself(self.trainer)):
             return  # not DeepSpeed: checked in on_before_optimizer_step
-        norm = engine_grad_norm(self.trainer)  # None: a step DeepSpeed's fp16 loss scaler skipped
-        if norm is None and deepspeed_scales_loss(self.trainer):
+        if scaler_skipped_step(self.trainer):
             self.finite.scaler_skipped += 1  # the same on every rank: DeepSpeed agrees on an overflow across them
+            return
+        norm = engine_grad_norm(self.trainer)
         if norm is not None:
             # the engine stepped already: a non-finite norm stops the run before any checkpoint or adapter holds it
             self._check_finite(self.trainer.global_step + 1, {"train/grad_norm": norm}, can_skip=False,

@@ -341,7 +341,7 @@ def engine_grad_norm(trainer: Any) -> float | None:
     was applied fails as having trained nothing. With a static loss scale nothing lowers the scale, so an overflow
     keeps its inf norm and stops the run.
     """
-    if deepspeed_scales_loss(trainer) and not engine_step_applied(trainer):
+    if scaler_skipped_step(trainer):
         return None
     return trainer.strategy.deepspeed_engine.get_global_grad_norm()
 
@@ -349,3 +349,12 @@ def engine_grad_norm(trainer: Any) -> float | None:
 def engine_step_applied(trainer: Any) -> bool:
     """Whether DeepSpeed's engine updated the weights in the step that just ran (it drops an overflowing step)."""
     return bool(trainer.strategy.deepspeed_engine.was_step_applied())
+
+
+def scaler_skipped_step(trainer: Any) -> bool:
+    """Whether DeepSpeed's dynamic fp16 loss scaler dropped the step that just ran (an overflow, `engine_grad_norm`).
+
+    Asked of the engine, not read off a missing norm: ZeRO-1/2 with `compute_grad_norm: false` report no norm for the
+    steps they apply too.
+    """
+    return deepspeed_scales_loss(trainer) and not engine_step_applied(trainer)

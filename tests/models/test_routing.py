@@ -81,3 +81,20 @@ def test_compiled_matches_eager(backend, dtype):
     (grad_compiled,) = torch.autograd.grad(compiled, x, upstream)
     (grad_eager,) = torch.autograd.grad(eager, x, upstream)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+@pytest.mark.integration  # compiles: kept out of the fast tier, as the test above
+def test_compiled_keeps_float64():
+    """Compiled, the sum adds float64 rows in float64 (a float32 accumulator rounded them): gradcheck's dtype."""
+    order = _routing(9, 4, 8, seed=7)
+    r = route(order, 4)
+    rows = torch.randn(36, 5, dtype=torch.float64)
+
+    def f(rows, token, inverse):
+        return from_expert_order(rows, r._replace(token=token, inverse=inverse))
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(rows, r.token, r.inverse)
+    torch._dynamo.reset()
+    assert compiled.dtype == torch.float64
+    # float64 tolerance well below float32's rounding (about 6e-8 relative), above float64's (about 1e-16)
+    torch.testing.assert_close(compiled, rows[r.inverse].view(9, 4, 5).sum(1), rtol=1e-12, atol=1e-12)

@@ -42,16 +42,18 @@ def _gather_sum(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tens
     """(S, H) rows in expert order -> (T, H): each token's k rows, gathered and summed.
 
     Compiled, the sum is written as k - 1 additions of (T, H) slices rather than a reduction over k: inductor makes the
-    reduction a kernel whose neighbouring threads read the k rows of one column (2 bytes from k places), which ran at
-    about a quarter of the H100's memory bandwidth, and the additions one element-wise kernel whose neighbouring
-    threads read along a row. Both add in float32 and round once.
+    reduction a kernel whose neighbouring threads read the k rows of one column (one element from each of k places),
+    which reads memory far below its bandwidth (the FP8 step profile, configs/README.md), and the additions one
+    element-wise kernel whose neighbouring threads read along a row. Both add in float32 (float64 inputs in float64)
+    and round once.
     """
     picked = rows[inverse].view(-1, k, rows.shape[-1])  # (T, k, H)
     if not torch.compiler.is_compiling():
         return picked.sum(1)  # (T, H)
-    total = picked[:, 0].float()  # (T, H)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)  # float64 stays float64, as in the eager sum
+    total = picked[:, 0].to(accumulate)  # (T, H)
     for j in range(1, k):
-        total = total + picked[:, j].float()
+        total = total + picked[:, j].to(accumulate)
     return total.to(rows.dtype)
 
 

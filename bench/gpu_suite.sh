@@ -40,7 +40,8 @@
 #          within 80 GiB (attention LoRA r64; expert LoRA r8), the plain transformers + PEFT path on MGM-2B within 24 GiB
 #   ab     (1 GPU) this tree against another in ./.ab_old (`git archive <rev> src bench`, untracked, so it travels with
 #          the working tree): Qwen3-30B-A3B attention LoRA on the FP8 base, compiled, x80 (VARIANT), interleaved rounds
-#          (bench/peers/rounds.py --peer old); the A/B of one change to the step, AB names it in the result file
+#          (bench/peers/rounds.py --peer old); the A/B of one change to the step, AB names it in the result file;
+#          OURS_VARIANT runs this tree's side with another variant (a setting's A/B: .ab_old = this tree)
 #   fp8_nockpt  (1 GPU) Qwen3-30B-A3B attention LoRA on the FP8 base without checkpointing (x16-x32) against the
 #          checkpointed x80, one process
 #   keep_experts  (1 GPU) Qwen3-30B-A3B attention LoRA, compiled, keeping the frozen expert GEMMs' outputs under
@@ -517,7 +518,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     ;;
   keep_experts)
     # Qwen3-30B-A3B attention LoRA r64, compiled: the checkpointed step keeping the frozen expert GEMMs' outputs
-    # (model.speed.keep_expert_outputs: +keepgateup / +keepexperts, mgmlora.models.expert_recompute) against whole-layer
+    # (model.speed.keep_expert_outputs: +keepgateup / +keepexperts, mgmlora.models.recompute) against whole-layer
     # recompute, one process. QUANT=fp8 runs it on the FP8 base (its own default sweep: more room for kept outputs,
     # and no checkpointing at all at x16, fp8_nockpt's smallest, for the same process's comparison)
     q="liger+packing+nocast+fused+fastexperts+compile"
@@ -638,7 +639,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --peer old --peer_pythonpath "${PYTHONPATH/$PWD\/src/$PWD/.ab_old/src}" --rounds ${ROUNDS:-2} \
       --timeout ${RUN_LIMIT:-200} \
       --ours "bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 --variants {sweep}" \
-      --ours_sweep "$v" \
+      --ours_sweep "${OURS_VARIANT:-$v}" \
       --peer_cmd ".ab_old/bench/train_step.py --model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 5 --variants {sweep}" \
       --peer_sweep "$v" --out "$out/$day-ab_${AB:-change}-qwen3-30b-a3b-fp8-$gpu.json" 2>&1 | tail -n 6
     ;;

@@ -30,7 +30,9 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   transformers + PEFT script.
 - `+keepgateup` / `+keepexperts`: under checkpointing, the forward keeps the frozen expert GEMMs' outputs (gate/up
   only, or down too) and the recompute reads them (`speed.keep_expert_outputs: gate_up` / `all`,
-  mgmlora.models.expert_recompute); HFU then counts the recompute without those GEMMs.
+  mgmlora.models.recompute); HFU then counts the recompute without those GEMMs.
+- `+keepattn`: under checkpointing, the forward keeps each layer's attention kernel output and the recompute reads it
+  (`speed.keep_attention_outputs: true`, mgmlora.models.recompute); HFU then counts the recompute without attention.
 
 `--quant nf4|fp8` (`--expert_products dequantized|fp8` with fp8) builds the model with its frozen decoder weights
 quantised (`model.model.quantization`, layer by
@@ -86,17 +88,17 @@ from mgmlora.models.causal_lm import (  # noqa: E402
     enable_gradient_checkpointing,
     gradient_checkpointing_on,
 )
-from mgmlora.models.expert_recompute import effective_keep, keep_expert_outputs  # noqa: E402
 from mgmlora.models.experts import FAST_EXPERTS  # noqa: E402
 from mgmlora.models.flops import FlopModel, measure_forward_flops  # noqa: E402
 from mgmlora.models.loaded import outer_param_wrappers  # noqa: E402
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, set_expert_backward  # noqa: E402
+from mgmlora.models.recompute import effective_keep, set_recompute  # noqa: E402
 from mgmlora.models.torch_private import dynamo_counts  # noqa: E402
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation  # noqa: E402
 from mgmlora.tools.memory import cpu_peak_bytes, resident_bytes  # noqa: E402
 from mgmlora.training.callbacks import batch_positions  # noqa: E402
 from mgmlora.training.expert_lora import set_expert_lora  # noqa: E402
-from mgmlora.training.fastpath import apply_keep_expert_outputs, set_peft_input_cast  # noqa: E402
+from mgmlora.training.fastpath import apply_recompute, set_peft_input_cast  # noqa: E402
 from mgmlora.training.lora import LoraArgs, count_parameters  # noqa: E402
 from mgmlora.training.loss import SpeedArgs, lm_loss  # noqa: E402
 from mgmlora.training.trainable import Trainability, apply_trainability  # noqa: E402
@@ -195,7 +197,8 @@ def image_flops(model, loaded, batches, device) -> float:
     return flops
 
 
-def step_flops(flop_model: FlopModel, batches, info, recompute: bool, kept: str = "none") -> tuple[float, float]:
+def step_flops(flop_model: FlopModel, batches, info, recompute: bool, kept: str = "none",
+               kept_attention: bool = False) -> tuple[float, float]:
     """Mean model and hardware FLOPs per step over `batches` (the counts of mgmlora.models.flops)."""
     model = hardware = 0.0
     for b in batches:
@@ -206,13 +209,13 @@ def step_flops(flop_model: FlopModel, batches, info, recompute: bool, kept: str 
             per_row = (b.input_ids == IMAGE_TOKEN_INDEX).sum(-1).tolist()
             lengths = [n + k * (info.image_tokens - 1) for n, k in zip(lengths, per_row)]
         supervised = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
-        f = flop_model.step(lengths, supervised, n_images, recompute, kept)
+        f = flop_model.step(lengths, supervised, n_images, recompute, kept, kept_attention)
         model, hardware = model + f.model, hardware + f.hardware
     return model / len(batches), hardware / len(batches)
 
 
 FLAGS = {"packing", "nocast", "fused", "compile", "nockpt", "eagerexperts", "fastexperts", "splitexperts", "flex",
-         "dense", "keepgateup", "keepexperts"}
+         "dense", "keepgateup", "keepexperts", "keepattn"}
 KEEP_FLAGS = {"keepgateup": "gate_up", "keepexperts": "all"}  # speed.keep_expert_outputs
 
 
@@ -231,9 +234,9 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     impl, flags = parts[0], set(parts[1:])
     if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
         raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
-    if len(flags & KEEP_FLAGS.keys()) > 1 or flags & KEEP_FLAGS.keys() and "nockpt" in flags:
-        raise SystemExit(f"variant {variant!r}: +keepgateup or +keepexperts choose what checkpointing recomputes (one "
-                         "of them, without +nockpt)")
+    if len(flags & KEEP_FLAGS.keys()) > 1 or flags & (KEEP_FLAGS.keys() | {"keepattn"}) and "nockpt" in flags:
+        raise SystemExit(f"variant {variant!r}: +keepgateup or +keepexperts (one of them) and +keepattn choose what "
+                         "checkpointing recomputes (without +nockpt)")
     if flags & {"flex", "dense"} and "packing" not in flags or {"flex", "dense"} <= flags:
         raise SystemExit(f"variant {variant!r}: +flex or +dense choose the attention of packed rows (one of them, "
                          "with +packing)")
@@ -290,10 +293,11 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
         if not split or kept:
             raise ValueError(f"+splitexperts: {split} expert modules split, {kept} not (needs --target_experts and "
                              f"mgmlora's experts, +fastexperts)")
-    if (keep := kept_outputs(flags)) != "none":  # after the split, before the compile
+    if (keep := kept_outputs(flags)) != "none" or "keepattn" in flags:  # after the split, before the compile
         # refuses a model without checkpointing, which stays so
-        apply_keep_expert_outputs(loaded, SpeedArgs(keep_expert_outputs=keep, compile="compile" in flags))
-        undo.append(lambda: keep_expert_outputs(llm, "none"))
+        apply_recompute(loaded, SpeedArgs(keep_expert_outputs=keep, keep_attention_outputs="keepattn" in flags,
+                                          compile="compile" in flags))
+        undo.append(lambda: set_recompute(llm, "none"))
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
         loaded.compile()
@@ -515,7 +519,8 @@ def main() -> None:
             flags = parse_variant(variant)[1]
             kept = effective_keep(kept_outputs(flags), "compile" in flags)
             rec["flops_per_step_model"], rec["flops_per_step_hardware"] = step_flops(flop_model, batches, info,
-                                                                                     "nockpt" not in flags, kept)
+                                                                                     "nockpt" not in flags, kept,
+                                                                                     "keepattn" in flags)
             cuda = device.type == "cuda"
             rec["mfu"] = rec["flops_per_step_model"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None
             rec["hfu"] = rec["flops_per_step_hardware"] / rec["step_s_median"] / (PEAK_TFLOPS * 1e12) if cuda else None

@@ -246,7 +246,7 @@ def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags(flag, skippe
     from mgmlora.models.args import ModelArgs
     from mgmlora.training.lora import LoraArgs
     from mgmlora.training.trainable import Trainability, apply_trainability
-    from tests.models.test_expert_recompute import _GroupedGemms
+    from tests.models.test_recompute import _GroupedGemms
 
     loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="float32"))
     model, _ = apply_trainability(loaded, LoraArgs(preset="balanced", lora_dropout=0.0), Trainability())

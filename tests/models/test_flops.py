@@ -86,6 +86,18 @@ def test_kept_expert_outputs_take_their_gemms_out_of_the_recompute_only():
     assert FlopModel.of(tiny_model("tiny-qwen3")).gate_up == 0  # dense: no experts
 
 
+def test_kept_attention_takes_the_attention_kernel_out_of_the_recompute_only():
+    model = tiny_model("tiny-qwen3")
+    cfg = model.config
+    flops = FlopModel.of(model)
+    full, kept = (flops.step([10, 6], supervised=12, kept_attention=on) for on in (False, True))
+    assert full.model == kept.model  # the math is the same
+    # by hand: QK^T and AV over each sample's causal pairs (10 x 11 / 2 + 6 x 7 / 2 = 76), 2 products x 2 FLOPs per
+    # multiply-add, per layer, query head and head dimension
+    per_pair = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+    assert full.hardware - kept.hardware == per_pair * 76
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp8"])
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
 def test_a_quantised_base_does_the_same_math_as_its_full_precision_twin(preset, quant_type):

@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mgmlora.models.torch_private import (
     allocation_events,
+    attention_ops,
     grouped_gemm_ops,
     scaled_grouped_mm,
     stack_config,
@@ -135,7 +136,7 @@ def test_the_fp8_products_keep_the_arguments_mgmlora_passes(op, arguments):
 
 
 def test_the_grouped_gemms_dispatch_to_the_operators_the_recompute_policy_names():
-    # mgmlora.models.expert_recompute keeps the outputs of these operators; grouped_mm must still reach the first
+    # mgmlora.models.recompute keeps the outputs of these operators; grouped_mm must still reach the first
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
@@ -157,3 +158,31 @@ def test_the_grouped_gemms_dispatch_to_the_operators_the_recompute_policy_names(
         scaled_grouped_mm(a, b, torch.empty(32, device="meta"), torch.empty(2, 16, device="meta"),
                           offsets.to("meta"), torch.bfloat16)
     assert scaled in seen.ops
+
+
+def test_attention_kernels_dispatch_to_the_operators_the_recompute_policy_names():
+    # mgmlora.models.recompute keeps the outputs of attention_ops(): SDPA's CPU kernel, and the varlen op that
+    # mgmlora's packed attention calls (PyTorch's private torch_attn._varlen_attn, here on meta tensors: no GPU)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    kept = set(attention_ops())
+    q = torch.randn(2, 4, 8, 16)  # (B, heads, T, D)
+    with Seen() as seen:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert kept & set(seen.ops), seen.ops
+    from mgmlora.models import attention
+
+    rows = torch.empty(12, 4, 64, device="meta", dtype=torch.bfloat16)  # (N, heads, D)
+    bounds = torch.tensor([0, 5, 12], dtype=torch.int32, device="meta")
+    with Seen() as seen:  # the call mgmlora's packed attention makes on the GPU
+        attention._varlen(rows, rows, rows, bounds, 7, 64**-0.5)
+    assert torch.ops.torch_attn._varlen_attn.default in seen.ops and torch.ops.torch_attn._varlen_attn.default in kept

@@ -310,6 +310,26 @@ def test_kept_expert_outputs_are_counted_per_moe_layer_and_routed_row(in_repo_ro
     assert compiled.items[key] == pytest.approx(gate_up if checkpoint_inside_forward() else gate_up + down)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_kept_attention_outputs_are_counted_per_layer_and_position(in_repo_root):
+    config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
+    off, on = (estimate(*run_from_config(config, ["--model.speed.keep_attention_outputs", flag]))
+               for flag in ("false", "true"))
+    shape = off.settings["shape"]
+    tokens = shape["batch_size"] * shape["seq_len"]
+    # Qwen3-30B-A3B (its config.json): 48 layers, 32 query heads of dimension 128; bf16 output, float32 log-sum-exp
+    kept = 48 * tokens * 32 * (128 * 2 + 4) / 2**30
+    key = "kept attention outputs (speed.keep_attention_outputs)"
+    assert key not in off.items and on.items[key] == pytest.approx(kept)
+    assert on.total_gib - off.total_gib == pytest.approx(kept)
+
+
+def test_kept_attention_outputs_training_refuses_get_the_refusal_not_a_figure(in_repo_root):
+    with pytest.raises(UsageError, match="keep_attention_outputs: true keeps the output of SDPA's attention kernel"):
+        estimate_cli.main(["--config", "configs/qwen3-8b_lora_chat.yaml", "--model.model.attn_implementation",
+                           "eager", "--model.speed.keep_attention_outputs", "true"])
+
+
 @pytest.mark.parametrize("overrides", [
     ["--config", "configs/qwen3-8b_lora_chat.yaml"],  # dense
     ["--config", "configs/qwen3-30b-a3b_lora_chameleons.yaml", "--model.model.gradient_checkpointing", "false"],

@@ -97,7 +97,7 @@ def enable_gradient_checkpointing(model: PreTrainedModel, context_fn: Callable |
     Non-reentrant checkpointing works with frozen inputs (the embeddings of a LoRA model are frozen), so no input
     require-grad hook is needed. transformers 5.23 renamed the method to `activation_checkpointing_enable`; older 5.x
     releases (the GPU image runs 5.17) only have `gradient_checkpointing_enable`. `context_fn` is
-    `torch.utils.checkpoint`'s: a selective-checkpointing policy (mgmlora.models.expert_recompute).
+    `torch.utils.checkpoint`'s: a selective-checkpointing policy (mgmlora.models.recompute).
     """
     kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
     if hasattr(model, "activation_checkpointing_enable"):

@@ -11,7 +11,8 @@ Model FLOPs count what one optimizer step of LoRA over a frozen base needs, what
   the positions before it, never across packed samples): forward, and a backward of twice the forward;
 - a multimodal model's frozen image encoding, forward only (measured once with `measure_forward_flops`).
 Hardware FLOPs add what gradient checkpointing recomputes: the decoder's forward once more, less the frozen expert
-GEMMs whose outputs the forward keeps (`speed.keep_expert_outputs`, mgmlora.models.expert_recompute). Compiled layers
+GEMMs whose outputs the forward keeps (`speed.keep_expert_outputs`, mgmlora.models.recompute), and less the attention
+kernel where its output is kept (`speed.keep_attention_outputs`). Compiled layers
 that hold their own checkpoint (transformers releases after 5.17) recompute less: the compiler skips what the
 backward does not read, such as the experts' down projection, which this count includes. Element-wise work (norms,
 activations, softmax, rotary) is in neither count, as is usual for MFU.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mgmlora.models.expert_recompute import KeptOutputs
+from mgmlora.models.recompute import KeptOutputs
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class FlopModel:
         return 4.0 * self.attention * pairs
 
     def step(self, lengths: Sequence[int], supervised: int, images: int = 0, recompute: bool = True,
-             kept: KeptOutputs = "none") -> StepFlops:
+             kept: KeptOutputs = "none", kept_attention: bool = False) -> StepFlops:
         """The FLOPs of one step over samples of `lengths` positions with `supervised` loss positions in all.
 
         Args:
@@ -111,10 +112,12 @@ class FlopModel:
             images: images encoded in the step.
             recompute: whether gradient checkpointing recomputes the decoder's forward (hardware FLOPs only).
             kept: which frozen expert GEMMs the recompute skips (`speed.keep_expert_outputs`).
+            kept_attention: whether the recompute skips the attention kernel (`speed.keep_attention_outputs`).
         """
         positions = sum(lengths)
         skipped = {"none": 0, "gate_up": self.gate_up, "all": self.gate_up + self.down}[kept]
-        decoder_forward = 2.0 * (self.frozen - skipped + self.lora) * positions + self.attention_forward(lengths)
+        attention = 0.0 if kept_attention else self.attention_forward(lengths)
+        decoder_forward = 2.0 * (self.frozen - skipped + self.lora) * positions + attention
         model = (4.0 * self.frozen + 6.0 * self.lora) * positions + 3 * self.attention_forward(lengths) \
             + 4.0 * self.head * supervised + self.image * images
         return StepFlops(model=model, hardware=model + (decoder_forward if recompute else 0.0))

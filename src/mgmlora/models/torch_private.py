@@ -6,6 +6,7 @@ one, so an upgrade breaks loudly here instead of silently in a benchmark or an e
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -90,11 +91,30 @@ def stack_config() -> torch._C._profiler._ExperimentalConfig:
 def grouped_gemm_ops() -> tuple[torch._ops.OpOverload, ...]:
     """The aten operators the grouped expert GEMMs dispatch to: `grouped_mm`'s and `_scaled_grouped_mm`'s.
 
-    A selective-checkpointing policy (mgmlora.models.expert_recompute) sees operators at the aten level, below
+    A selective-checkpointing policy (mgmlora.models.recompute) sees operators at the aten level, below
     `torch.nn.functional.grouped_mm`, whose implementation is `aten._grouped_mm`.
     """
     return torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_grouped_mm.default
 
 
-__all__ = ["allocation_events", "dynamo_counts", "grouped_gemm_ops", "scaled_grouped_mm", "scaled_mm", "stack_config",
-           "trace_through_checkpoint_side_effects", "uncompile"]
+def attention_ops() -> tuple[torch._ops.OpOverload, ...]:
+    """The operators one call of which is a whole attention kernel, as a selective-checkpointing policy sees them.
+
+    SDPA's fused kernels (`aten._scaled_dot_product_*`: flash, memory-efficient, cuDNN, and the CPU's flash) and the
+    variable-length op `torch.nn.attention.varlen.varlen_attn` dispatches to (`torch_attn._varlen_attn`, a private
+    custom op registered when that module is imported; mgmlora's packed attention calls it, mgmlora.models.attention).
+    SDPA's math fallback is many small operators and is not among them. mgmlora.models.recompute keeps their outputs.
+    """
+    aten = torch.ops.aten
+    ops = [aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+           aten._scaled_dot_product_cudnn_attention.default,
+           aten._scaled_dot_product_flash_attention_for_cpu.default]
+    try:
+        importlib.import_module("torch.nn.attention.varlen")  # registers torch_attn._varlen_attn (torch >= 2.10)
+    except ImportError:
+        return tuple(ops)
+    return (*ops, torch.ops.torch_attn._varlen_attn.default)
+
+
+__all__ = ["allocation_events", "attention_ops", "dynamo_counts", "grouped_gemm_ops", "scaled_grouped_mm", "scaled_mm",
+           "stack_config", "trace_through_checkpoint_side_effects", "uncompile"]

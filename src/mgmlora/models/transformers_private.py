@@ -6,7 +6,7 @@ getter: the benchmark reads them to restore a model after a variant. Random init
 (mgmlora.models.layerwise) calls the model's per-module initialiser, `_init_weights`: transformers' public
 `initialize_weights` walks the whole model at once, which is what a model larger than the device must avoid. Where a
 decoder layer's gradient checkpoint sits (around the layer's call or inside its `forward`) decides what a compiled
-layer recomputes (mgmlora.models.expert_recompute). tests/models/test_transformers_private.py fails when a release
+layer recomputes (mgmlora.models.recompute). tests/models/test_transformers_private.py fails when a release
 renames or moves them.
 """
 

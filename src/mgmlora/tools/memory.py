@@ -15,7 +15,8 @@ as in training, and each block of memory is computed from the parameter counts a
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
 - activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
   recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), plus with
-  `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token);
+  `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
+  `speed.keep_attention_outputs` every layer's attention output and log-sum-exp;
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
 - with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
@@ -51,9 +52,9 @@ from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.causal_lm import expert_width
 from mgmlora.models.dtypes import DTYPES
-from mgmlora.models.expert_recompute import effective_keep, keep_refusal
 from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
+from mgmlora.models.recompute import attention_refusal, effective_keep, keep_refusal
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -115,6 +116,8 @@ class _ModelFacts:
     largest_linear: int = 0  # the largest decoder linear (dequantised one matrix product at a time)
     top_k: int = 1  # experts per token (MoE)
     moe_layers: int = 0  # decoder layers with fused experts
+    query_heads: int = 1  # attention query heads per layer
+    head_dim: int = 0  # their dimension
 
 
 _FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
@@ -133,10 +136,11 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         top_k = getattr(cfg, "num_experts_per_tok", 1) if loaded.moe else 1
         mlp = expert_width(cfg) * top_k if loaded.moe else cfg.intermediate_size
         moe_layers = sum(any(p.ndim == 3 for p in layer.parameters()) for layer in loaded.quantizable_modules())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
                                   sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0),
-                                  top_k, moe_layers)
+                                  top_k, moe_layers, cfg.num_attention_heads, head_dim)
     return _FACTS[key]
 
 
@@ -180,14 +184,17 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
 
     Raises:
         UsageError: for a config training refuses: without gradient checkpointing (`checkpointing_refusal`), or with
-            expert outputs kept where there are none to keep (mgmlora.models.expert_recompute.keep_refusal).
+            expert outputs kept where there are none to keep, or attention outputs where nothing recomputes them
+            (mgmlora.models.recompute's `keep_refusal`, `attention_refusal`).
 
     A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
     as one packed row of `shape.window_positions` positions.
     """
     refusal = (checkpointing_refusal(model_args, lora, speed) if not model_args.gradient_checkpointing else None) or \
         keep_refusal(speed.keep_expert_outputs, uses_moe(model_args), model_args.gradient_checkpointing,
-                     model_args.experts_implementation, _peft_expert_lora(lora, speed))
+                     model_args.experts_implementation, _peft_expert_lora(lora, speed)) or \
+        attention_refusal(speed.keep_attention_outputs, model_args.gradient_checkpointing,
+                          model_args.attn_implementation)
     if refusal:
         raise UsageError(refusal)  # training refuses it: no figure for a run that cannot start
     if shape.window_samples is not None:
@@ -254,9 +261,14 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         # (effective_keep reads the transformers installed here: the estimate is of a run on this machine's stack)
         if (keep := effective_keep(speed.keep_expert_outputs, speed.compile)) != "none":
             # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down
-            # projection's (hidden) with `all`, kept from the forward to the backward (mgmlora.models.expert_recompute)
+            # projection's (hidden) with `all`, kept from the forward to the backward (mgmlora.models.recompute)
             width = 2 * mlp + (facts.top_k * hidden if keep == "all" else 0)
             items["kept expert outputs (speed.keep_expert_outputs)"] = facts.moe_layers * tokens * width * act_bytes
+        if speed.keep_attention_outputs:
+            # per token and layer, the attention kernel's output (query heads x head dimension, compute dtype) and its
+            # log-sum-exp (one float32 per query head), kept from the forward to the backward (mgmlora.models.recompute)
+            per_token = facts.query_heads * (facts.head_dim * act_bytes + 4)
+            items["kept attention outputs (speed.keep_attention_outputs)"] = layers * tokens * per_token
     else:
         items["activations"] = layers * per_layer
     if speed.packing and model_args.attn_implementation == "eager":

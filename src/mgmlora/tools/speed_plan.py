@@ -36,8 +36,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from mgmlora.models.args import ModelArgs
-from mgmlora.models.expert_recompute import KeptOutputs
 from mgmlora.models.quantization import QuantizationArgs
+from mgmlora.models.recompute import KeptOutputs
 from mgmlora.tools.memory import RunShape, checkpointing_refusal, estimate
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs

@@ -24,8 +24,8 @@ a comparable share.
   compile, which depends on it.
 - A quantised MoE base that needs gradient checkpointing is refused without it (`checkpointing_required`), and frozen
   FP8 experts learn whether they dequantise again in the backward (`set_expert_backward`).
-- `speed.keep_expert_outputs` sets what checkpointing recomputes in MoE layers (mgmlora.models.expert_recompute),
-  after the split and before the compile.
+- `speed.keep_expert_outputs` and `speed.keep_attention_outputs` set what checkpointing recomputes
+  (mgmlora.models.recompute), after the split and before the compile.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from torch import nn
 
 from mgmlora.errors import UsageError
 from mgmlora.models.causal_lm import gradient_checkpointing_on
-from mgmlora.models.expert_recompute import effective_keep, keep_expert_outputs, keep_refusal
 from mgmlora.models.experts import FAST_EXPERTS, supports_lora
 from mgmlora.models.loaded import LoadedModel, outer_param_wrappers
 from mgmlora.models.quantization import checkpointing_required, set_expert_backward
+from mgmlora.models.recompute import attention_refusal, effective_keep, keep_refusal, set_recompute
 from mgmlora.models.torch_private import dynamo_counts
-from mgmlora.models.transformers_private import experts_implementation
+from mgmlora.models.transformers_private import attn_implementation, experts_implementation
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
 from mgmlora.training.loss import SpeedArgs
 
@@ -66,7 +66,7 @@ def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
 
 
 def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: bool) -> list[str]:
-    """Applies `speed.peft_input_cast`, `speed.expert_lora`, `speed.keep_expert_outputs` and `speed.compile`.
+    """Applies `speed.peft_input_cast`, `speed.expert_lora`, what checkpointing keeps, and `speed.compile`.
 
     Args:
         loaded: the loaded model after LoRA was applied (PEFT injects its LoRA layers into `loaded.model` in place);
@@ -80,7 +80,8 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
 
     Raises:
         UsageError: a setting training refuses (a quantised MoE base without the checkpointing it needs, expert
-            outputs kept where there are none to keep), before any compute.
+            outputs kept where there are none to keep, attention kept where nothing recomputes it), before any
+            compute.
     """
     done = []
     if not speed.peft_input_cast and same_compute_dtype:
@@ -96,8 +97,8 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
                     "biases or a post-expert norm, not expert-parallel)")
     if loaded.quantized is not None and loaded.moe:
         _quantized_experts_backward(loaded, done)
-    if speed.keep_expert_outputs != "none":
-        done.append(apply_keep_expert_outputs(loaded, speed))
+    if speed.keep_expert_outputs != "none" or speed.keep_attention_outputs:
+        done.append(apply_recompute(loaded, speed))
     if speed.compile:
         done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
     return done
@@ -121,26 +122,34 @@ def _quantized_experts_backward(loaded: LoadedModel, done: list[str]) -> None:
         done.append("frozen FP8 experts dequantised again in the backward (no checkpointing)")
 
 
-def apply_keep_expert_outputs(loaded: LoadedModel, speed: SpeedArgs) -> str:
-    """Applies `speed.keep_expert_outputs` (not none) where there is something it keeps; returns the log line.
+def apply_recompute(loaded: LoadedModel, speed: SpeedArgs) -> str:
+    """Applies `speed.keep_expert_outputs` and `speed.keep_attention_outputs` (one of them on); returns the log line.
 
     After `speed.expert_lora` (the split is what makes the expert products frozen) and before the compile.
 
     Raises:
-        UsageError: `keep_refusal`'s cases, or experts that mgmlora's experts forward hands to transformers'.
+        UsageError: `keep_refusal`'s and `attention_refusal`'s cases, or experts that mgmlora's experts forward hands
+            to transformers'.
     """
     llm, keep = loaded.language_model(), speed.keep_expert_outputs
-    refusal = keep_refusal(keep, loaded.moe, gradient_checkpointing_on(llm), experts_implementation(llm.config),
-                           _peft_expert_lora(loaded))
+    checkpointing = gradient_checkpointing_on(llm)
+    refusal = keep_refusal(keep, loaded.moe, checkpointing, experts_implementation(llm.config),
+                           _peft_expert_lora(loaded)) or \
+        attention_refusal(speed.keep_attention_outputs, checkpointing, attn_implementation(llm.config))
     handed_back = [name for name, m in llm.named_modules() if hasattr(m, "gate_up_proj") and not supports_lora(m)]
-    if refusal or handed_back:
+    if refusal or (handed_back and keep != "none"):
         raise UsageError(refusal or f"model.speed.keep_expert_outputs: {keep} keeps the products of mgmlora's experts "
                          f"forward, which hands {handed_back[0]} (expert-parallel, biased, gate-less or post-normed) "
                          "to transformers': set it to none.")
     effective = effective_keep(keep, speed.compile)
-    keep_expert_outputs(llm, effective)
-    why = "" if effective == keep else " (gate_up in effect: the compiled layers never recompute the down projection)"
-    return f"expert GEMM outputs kept for the backward ({keep}{why}); the recompute reads them"
+    set_recompute(llm, effective, speed.keep_attention_outputs)
+    kept = []
+    if keep != "none":
+        why = "" if effective == keep else " (gate_up in effect: compiled layers never recompute the down projection)"
+        kept.append(f"expert GEMM outputs ({keep}{why})")
+    if speed.keep_attention_outputs:
+        kept.append("attention outputs")
+    return f"{' and '.join(kept)} kept for the backward; the recompute reads them"
 
 
 class CompileWatch:

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mgmlora.batch import IGNORE_INDEX
 from mgmlora.errors import SettingsError
-from mgmlora.models.expert_recompute import KeptOutputs
+from mgmlora.models.recompute import KeptOutputs
 from mgmlora.models.transfer import queue_to
 
 LossImpl = Literal["full", "chunked", "liger"]
@@ -69,7 +69,12 @@ class SpeedArgs:
             projection's too; compiled layers that hold their own checkpoint never recompute it, so `all` acts as
             `gate_up` there). Memory for FLOPs, same loss and gradients; needs a MoE model, checkpointing,
             mgmlora's experts forward and split expert LoRA where the experts carry LoRA
-            (mgmlora.models.expert_recompute).
+            (mgmlora.models.recompute).
+        keep_attention_outputs: under gradient checkpointing, the forward keeps each decoder layer's attention kernel
+            output (the attended values, (tokens, query heads, head dimension), and their float32 log-sum-exp) for the
+            backward, so the recompute computes queries, keys and values but not the attention again. Memory for
+            FLOPs, same loss and gradients; needs checkpointing and `model.model.attn_implementation: sdpa`
+            (mgmlora.models.recompute).
     """
 
     loss: LossImpl = "chunked"
@@ -80,6 +85,7 @@ class SpeedArgs:
     pad_to_multiple: int = 0
     expert_lora: Literal["peft", "split"] = "split"
     keep_expert_outputs: KeptOutputs = "none"
+    keep_attention_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:

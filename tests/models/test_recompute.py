@@ -1,4 +1,5 @@
-"""`speed.keep_expert_outputs`: the recompute skips the kept expert GEMMs and computes the same loss and gradients."""
+"""What checkpointing recomputes: with `speed.keep_expert_outputs` / `speed.keep_attention_outputs` the recompute
+skips the kept expert GEMMs / attention kernels and computes the same loss and gradients."""
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 from mgmlora.errors import UsageError
 from mgmlora.models import load_model
 from mgmlora.models.args import ModelArgs
-from mgmlora.models.expert_recompute import expert_output_policy
 from mgmlora.models.quantization import QuantizationArgs
-from mgmlora.models.torch_private import grouped_gemm_ops
+from mgmlora.models.recompute import recompute_policy
+from mgmlora.models.torch_private import attention_ops, grouped_gemm_ops
 from mgmlora.models.transformers_private import checkpoint_inside_forward
 from mgmlora.training.fastpath import apply_fast_path
 from mgmlora.training.lora import LoraArgs
@@ -19,26 +20,32 @@ from mgmlora.training.trainable import Trainability, apply_trainability
 
 
 class _GroupedGemms(TorchDispatchMode):
-    """Counts grouped GEMMs dispatched (a selective checkpoint's cached outputs are never dispatched again)."""
+    """Counts grouped GEMMs (and attention kernels: `attention`) dispatched (a selective checkpoint's cached outputs
+    are never dispatched again)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.attention = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func in grouped_gemm_ops()
+        self.attention += func in attention_ops()
         return func(*args, **(kwargs or {}))
 
 
+ATTENTION_PROFILED = ("aten::_scaled_dot_product_flash_attention_for_cpu",)  # the CPU kernel, as profiled
+
+
 def _step(keep="none", checkpointing=True, target_experts=True, dtype="float32", quantization=None, compiled=False,
-          **speed):
-    """(loss, gradients by name, grouped GEMMs in the backward pass, the fast path's log) of one step."""
+          preset="tiny-qwen3-moe", attention=False, attn="sdpa", **speed):
+    """(loss, gradients by name, grouped GEMMs in the backward pass, the fast path's log, attention kernels in the
+    backward pass) of one step; `attention` is `speed.keep_attention_outputs`."""
     torch.manual_seed(0)  # the same weights, LoRA initialisation and batch for every setting
-    loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype=dtype, gradient_checkpointing=checkpointing,
-                                  quantization=quantization))
+    loaded = load_model(ModelArgs(preset=preset, dtype=dtype, gradient_checkpointing=checkpointing,
+                                  quantization=quantization, attn_implementation=attn))
     model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", target_experts=target_experts,
                                                    lora_dropout=0.0), Trainability())
-    speed = SpeedArgs(keep_expert_outputs=keep, compile=compiled, **speed)
+    speed = SpeedArgs(keep_expert_outputs=keep, keep_attention_outputs=attention, compile=compiled, **speed)
     done = apply_fast_path(loaded, speed, same_compute_dtype=dtype == "float32")  # fp32 adapters, no autocast
     model.train()
     ids = torch.randint(0, 512, (2, 24))
@@ -49,13 +56,15 @@ def _step(keep="none", checkpointing=True, target_experts=True, dtype="float32",
     if compiled:  # compiled code calls the GEMMs as extern kernels: the profiler sees them, a dispatch mode not
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             loss.backward()
-        count = sum(e.count for e in prof.key_averages() if e.key in ("aten::_grouped_mm", "aten::_scaled_grouped_mm"))
+        events = prof.key_averages()
+        count = sum(e.count for e in events if e.key in ("aten::_grouped_mm", "aten::_scaled_grouped_mm"))
+        attention_count = sum(e.count for e in events if e.key in ATTENTION_PROFILED)
     else:
         with _GroupedGemms() as counted:
             loss.backward()
-        count = counted.count
+        count, attention_count = counted.count, counted.attention
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.detach().float(), grads, count, done
+    return loss.detach().float(), grads, count, done, attention_count
 
 
 def _assert_same(got, expected, exact=True):
@@ -79,7 +88,7 @@ def test_kept_expert_outputs_give_the_same_loss_and_gradients_with_fewer_gemms_r
     assert none[2] - gate_up[2] == layers and none[2] - kept_all[2] == 2 * layers
     # without checkpointing nothing is recomputed: per layer the two frozen GEMMs, and split LoRA's four (A, B)
     assert none[2] - plain[2] == (2 + (4 if target_experts else 0)) * layers
-    assert any("kept for the backward (gate_up)" in line for line in gate_up[3])
+    assert any("expert GEMM outputs (gate_up) kept for the backward" in line for line in gate_up[3])
 
 
 @pytest.mark.parametrize("expert_products", ["fp8", "dequantized"])
@@ -122,7 +131,7 @@ def test_families_whose_expert_width_is_intermediate_size_keep_their_products(mo
 
     from mgmlora.models import experts
     from mgmlora.models.causal_lm import enable_gradient_checkpointing
-    from mgmlora.models.expert_recompute import keep_expert_outputs
+    from mgmlora.models.recompute import set_recompute
 
     experts.register()
     cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
@@ -135,7 +144,7 @@ def test_families_whose_expert_width_is_intermediate_size_keep_their_products(mo
     ids = torch.randint(0, 64, (2, 8))
     counts = []
     for keep in ("none", "gate_up", "all"):  # no `moe_intermediate_size` in these configs
-        keep_expert_outputs(model, keep)
+        set_recompute(model, keep)
         loss = model(input_ids=ids, labels=ids).loss
         with _GroupedGemms() as counted:
             loss.backward()
@@ -146,7 +155,7 @@ def test_families_whose_expert_width_is_intermediate_size_keep_their_products(mo
 @pytest.mark.parametrize("keep", ["gate_up", "all"])
 def test_the_policy_tells_the_projections_apart_by_their_weight_even_where_widths_coincide(keep):
     hidden = width = 64  # expert width = hidden size: the input width alone cannot tell gate/up from down
-    policy = expert_output_policy(hidden, width, keep)
+    policy = recompute_policy(hidden, width, keep)
     grouped, scaled = grouped_gemm_ops()
     rows = torch.empty(8, hidden)
     gate_up, down = torch.empty(4, hidden, 2 * width), torch.empty(4, width, hidden)  # (E, in, out)
@@ -156,6 +165,46 @@ def test_the_policy_tells_the_projections_apart_by_their_weight_even_where_width
     assert (policy(None, grouped, rows, down) == saved) is (keep == "all")
     assert policy(None, grouped, rows, lora_factor) != saved
     assert policy(None, torch.ops.aten.mm.default, rows, gate_up[0]) != saved
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_kept_attention_outputs_give_the_same_loss_and_gradients_with_no_attention_recomputed(preset):
+    moe = preset.endswith("moe")
+    none, kept = (_step(preset=preset, target_experts=False, attention=on) for on in (False, True))
+    plain = _step(preset=preset, target_experts=False, checkpointing=False)
+    _assert_same(kept, none)  # the kept output is the value the recompute would compute
+    # two decoder layers: whole-layer recompute runs each layer's attention kernel once more, the kept output never;
+    # without checkpointing the backward runs no attention forward either
+    assert (none[4], kept[4], plain[4]) == (2, 0, 0)
+    assert kept[2] == none[2] and (kept[2] > 0) is moe  # the expert GEMMs are still recomputed
+    assert any("attention outputs kept for the backward" in line for line in kept[3])
+
+
+def test_kept_attention_and_expert_outputs_combine():
+    both = _step("gate_up", target_experts=False, attention=True)
+    experts_only, none = _step("gate_up", target_experts=False), _step(target_experts=False)
+    _assert_same(both, none)
+    assert both[4] == 0 and none[4] == 2 and both[2] == experts_only[2] == none[2] - 2
+    assert any("expert GEMM outputs (gate_up) and attention outputs kept" in line for line in both[3])
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"checkpointing": False}, "keep_attention_outputs: true chooses what gradient checkpointing recomputes"),
+    ({"attn": "eager"}, "the model runs eager: set model.model.attn_implementation: sdpa"),
+])
+def test_kept_attention_where_nothing_could_be_kept_is_refused(setting, message):
+    with pytest.raises(UsageError, match=message):
+        _step(preset="tiny-qwen3", target_experts=False, attention=True, **setting)
+
+
+def test_the_policy_keeps_attention_kernels_only_when_asked():
+    hidden, width = 32, 16
+    q = torch.empty(1, 2, 4, 8)
+    saved = CheckpointPolicy.MUST_SAVE
+    for op in attention_ops():
+        assert recompute_policy(hidden, width, "none", attention=True)(None, op, q, q, q) == saved
+        assert recompute_policy(hidden, width, "gate_up")(None, op, q, q, q) != saved
+    assert recompute_policy(hidden, width, "none", attention=True)(None, torch.ops.aten.bmm.default, q, q) != saved
 
 
 @pytest.mark.integration
@@ -216,3 +265,59 @@ def test_compiled_layers_on_the_gpu_launch_fewer_grouped_gemm_kernels_and_train_
     for other in (gate_up, kept_all):
         torch.testing.assert_close(other[0], none[0], rtol=1e-3, atol=1e-3)
         assert (other[1] - none[1]).norm() <= 1e-2 * none[1].norm()
+
+
+@pytest.mark.integration
+def test_compiled_layers_keep_attention_outputs_and_compute_the_same():
+    # bf16 per-layer regions as in training; the CPU's attention kernel is SDPA's flash kernel for the CPU
+    none, kept = (_step(target_experts=False, dtype="bfloat16", compiled=True, attention=on) for on in (False, True))
+    torch._dynamo.reset()
+    _assert_same(kept, none, exact=False)
+    if not checkpoint_inside_forward():  # the recompute runs in a dispatch mode, which the profiler counts through
+        pytest.skip("this transformers checkpoints around the compiled layer: the eager tests cover that layout")
+    assert (none[4], kept[4]) == (2, 0)  # two layers: the compiled recompute reads each kept attention output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_layers_on_the_gpu_launch_no_attention_forward_in_the_backward_and_train_alike(packed):
+    """Unpacked rows run SDPA's flash kernel, packed rows PyTorch's varlen op (mgmlora.models.attention): both kept."""
+    from mgmlora.batch import Batch
+    from mgmlora.models.torch_private import dynamo_counts
+    from mgmlora.training.loss import lm_loss
+
+    runs = {}
+    for attention in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            loaded = load_model(ModelArgs(preset="tiny-qwen3-moe", dtype="bfloat16"), packing=packed)
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+        model.to("cuda").train()
+        apply_fast_path(loaded, SpeedArgs(keep_attention_outputs=attention, compile=True, packing=packed),
+                        same_compute_dtype=False)
+        lengths = [40, 64, 17]
+        ids = torch.randint(3, 512, (3, 64), device="cuda")
+        mask = torch.tensor([[1] * n + [0] * (64 - n) for n in lengths], device="cuda")
+        batch = Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), model_inputs={})
+
+        def loss():
+            hidden, labels, head, _ = loaded.forward_hidden(batch, packed)
+            return lm_loss(hidden, labels, head, "chunked", 64).loss_sum
+
+        loss().backward()  # compiles
+        model.zero_grad()
+        value = loss()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            value.backward()
+            torch.cuda.synchronize()
+        forwards = sum(e.count for e in prof.key_averages() if "flash_fwd" in e.key)  # the recompute's attention
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        runs[attention] = (value.detach().float(), grads, forwards)
+        graphs, breaks = dynamo_counts()
+        assert graphs > 0 and not breaks, breaks
+    none, kept = runs[False], runs[True]
+    assert none[2] == 2, "whole-layer recompute should run each of the two layers' attention kernel once more"
+    assert kept[2] == 0
+    torch.testing.assert_close(kept[0], none[0], rtol=1e-3, atol=1e-3)
+    assert (kept[1] - none[1]).norm() <= 1e-2 * none[1].norm()

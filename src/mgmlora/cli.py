@@ -126,13 +126,31 @@ class MgmCLI(LightningCLI):
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         # two fits started together under one logger directory must not pick the same version_N (lightning_private)
-        claimed = claim_new_version(self.trainer.loggers, self.trainer.global_rank)
+        claimed = self._claim_version(self.trainer)
         try:
             self._check_run_dirs(ckpt_path, claimed)
         except BaseException:
-            if claimed is not None and not any(claimed.iterdir()):
-                claimed.rmdir()  # refused before the fit began: the version it claimed goes back
+            self._give_back(claimed)  # refused before the fit began: the version it claimed goes back
             raise
+
+    def _claim_version(self, trainer: L.Trainer) -> Path | None:
+        """`claim_new_version`, noting which of the log directory's parents it is about to create (`_give_back`)."""
+        root = Path(trainer.loggers[0].root_dir) if trainer.loggers and hasattr(trainer.loggers[0], "root_dir") \
+            else None
+        self._made_parents = []  # deepest first
+        while root is not None and not root.exists() and root != root.parent:
+            self._made_parents.append(root)
+            root = root.parent
+        return claim_new_version(trainer.loggers, trainer.global_rank)
+
+    def _give_back(self, claimed: Path | None) -> None:
+        """Removes a claimed `version_N` that is still empty, and the parents the claim created that are empty too."""
+        if claimed is None or any(claimed.iterdir()):
+            return
+        claimed.rmdir()
+        for folder in getattr(self, "_made_parents", []):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def _check_run_dirs(self, ckpt_path: str | None, claimed: Path | None) -> None:
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
@@ -162,14 +180,23 @@ class MgmCLI(LightningCLI):
             outcome.fresh_dirs = fresh
 
     def before_validate(self) -> None:
-        """`validate --ckpt_path last|best` with no such checkpoint is refused (run_dir.check_eval_checkpoint)."""
-        self._check_eval_checkpoint()
-        self._note_fresh_dirs()
+        """`validate --ckpt_path last|best` with no such checkpoint is refused (run_dir.check_eval_checkpoint).
+
+        An evaluation that logs into a new `version_N` (no checkpoint of a run) created it when its trainer was made,
+        as a fit does here (`claim_new_version`): two evaluations started together never share one; a refusal here
+        gives it back.
+        """
+        claimed = getattr(self, "claimed_version", None)
+        try:
+            self._check_eval_checkpoint()
+        except BaseException:
+            self._give_back(claimed)
+            raise
+        self._note_fresh_dirs(claimed)
 
     def before_test(self) -> None:
         """As `before_validate`."""
-        self._check_eval_checkpoint()
-        self._note_fresh_dirs()
+        self.before_validate()
 
     def _check_eval_checkpoint(self) -> None:
         trainer = self.trainer  # built, its model not loaded yet (LoraLitModule.configure_model)
@@ -242,6 +269,8 @@ class MgmCLI(LightningCLI):
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())
         if self.subcommand in ("validate", "test") and trainer.loggers:
+            # an evaluation into a new version_N creates it before anything reads the version (before_validate)
+            self.claimed_version = self._claim_version(trainer)
             rank_zero_info(f"mgmlora: {self.subcommand} logs to {trainer.log_dir}")
         if not any(isinstance(c, StepLabels) for c in trainer.callbacks):  # one step for all events of a step
             trainer.callbacks.append(StepLabels())

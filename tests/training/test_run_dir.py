@@ -192,6 +192,30 @@ model summary shows no FLOPs figure (Lightning's is 0: it counted none)."""
     assert sorted(e.step for e in events.Scalars("val/loss")) == [2, 2]  # fit's validation after step 2, validate's
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_an_evaluation_into_a_new_version_never_shares_one_another_evaluation_made_after_the_listing(tmp_path,
+                                                                                                       monkeypatch):
+    # two evaluations started together both list the logger's directory and pick the same next version_N; the
+    # other one's directory appears between this one's listing and its first write (simulated by a listing that
+    # still says version_0 is free)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mgmlora.cli import main
+    from tests.conftest import VAL
+
+    runs = tmp_path / "runs"
+    other = runs / "demo_chat" / "version_0"
+    other.mkdir(parents=True)
+    (other / "validate_config.yaml").write_text("# the other evaluation's\n")
+    monkeypatch.setattr(TensorBoardLogger, "_get_next_version", lambda self: 0)
+    main(["validate", "--config", str(ROOT / "configs" / "demo_chat.yaml"), "--trainer.enable_progress_bar", "false",
+          "--trainer.logger.init_args.save_dir", str(runs), "--trainer.limit_val_batches", "1",
+          "--data.init_args.val_path", str(VAL)])
+    assert [p.name for p in other.iterdir()] == ["validate_config.yaml"]  # untouched
+    assert (other / "validate_config.yaml").read_text() == "# the other evaluation's\n"
+    assert (runs / "demo_chat" / "version_1" / "validate_config.yaml").is_file()
+
+
 def test_a_failed_run_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):
     since = time.time()
     host, pid = socket.gethostname(), os.getpid()

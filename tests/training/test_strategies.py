@@ -333,3 +333,44 @@ def test_a_full_disk_during_a_deepspeed_save_is_one_error_and_keeps_the_previous
     other = _probe_strategy(monkeypatch, RuntimeError("not a disk matter"))
     with pytest.raises(RuntimeError, match="not a disk matter"):  # anything else passes through unchanged
         other.save_checkpoint({}, tmp_path / "checkpoints" / "step=3.ckpt")
+
+
+def test_deepspeeds_fp16_loss_scaler_giving_up_stops_the_fit_in_one_line_naming_the_step():
+    # DeepSpeed's dynamic loss scaler raises a bare Exception at an overflow with its scale at the minimum
+    # (DynamicLossScaler.update_scale): raised here by the installed DeepSpeed, so a changed message fails this test
+    from types import SimpleNamespace
+
+    from mgmlora.errors import RUNTIME, classify
+    from mgmlora.training.finite import NonFiniteError
+    from mgmlora.training.strategies import loss_scale_exhausted
+    from tests.training.test_module import _module
+
+    loss_scaler = pytest.importorskip("deepspeed.runtime.fp16.loss_scaler")
+    scaler = loss_scaler.DynamicLossScaler(init_scale=1, scale_window=1000, min_scale=1, delayed_shift=1,
+                                           consecutive_hysteresis=False, raise_error_at_min_scale=True)
+
+    class EngineOptimizer:  # what Lightning's DeepSpeed step reaches: the engine's step, which updates the scale
+        def step(self, closure=None):
+            scaler.update_scale(True)
+
+    with pytest.raises(Exception) as raised:
+        EngineOptimizer().step()
+    assert loss_scale_exhausted(raised.value) and not loss_scale_exhausted(Exception("something else"))
+    module = _module()
+    module.finite.scaler_skipped = 17
+    module._trainer = SimpleNamespace(global_step=4, checkpoint_callback=SimpleNamespace(last_model_path="ck/last"))
+    with pytest.raises(NonFiniteError) as stopped:
+        module.optimizer_step(0, 0, EngineOptimizer(), None)
+    message = str(stopped.value)
+    expected = ("optimizer step 5: its fp16 gradients overflowed with DeepSpeed's loss scale already at its minimum "
+                "(17 overflowing step(s) skipped before); stopped before applying it")
+    assert message.startswith(expected), message
+    assert "the newest checkpoint is ck/last" in message and "bf16-mixed" in message and "\n" not in message
+    assert classify(stopped.value) == ("user", RUNTIME)
+    with pytest.raises(ValueError, match="other"):  # any other error of the step is left as it is
+
+        class Broken:
+            def step(self, closure=None):
+                raise ValueError("other")
+
+        module.optimizer_step(0, 0, Broken(), None)

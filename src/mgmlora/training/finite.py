@@ -120,15 +120,26 @@ class FiniteGuard:
         if can_skip and self.skipped < self.max_skipped:
             self.skipped += 1
             return True
-        what = first or "a non-finite loss or gradient norm on another rank"
+        self.stop(step, first or "a non-finite loss or gradient norm on another rank", newest, applied)
+
+    def stop(self, step: int, what: str, newest: str | None, applied: bool, fix: str | None = None) -> None:
+        """Raises the one-line NonFiniteError that stops the fit at `step` because of `what`.
+
+        Args:
+            step: the optimizer step (1-based) that stops the fit.
+            what: what went wrong in it, for the message.
+            newest: the newest checkpoint this run wrote (the state to resume from), or None.
+            applied: whether the optimizer had already applied the step's update.
+            fix: what to change; by default the remedies for a diverging loss, skipping included.
+        """
         where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written by this run"
         allowance = (f"{self.skipped} non-finite step(s) already skipped (model.optim.skip_nonfinite_steps="
                      f"{self.max_skipped}); " if self.skipped else "")
         raise NonFiniteError(
             f"optimizer step {step}: {what}; stopped {'after' if applied else 'before'} applying it, "
-            f"{allowance}{where}; no adapter was written. "
-            "Lower model.optim.lr, set trainer.gradient_clip_val, check the data, or set "
-            "model.optim.skip_nonfinite_steps N to skip up to N such steps.")
+            f"{allowance}{where}; no adapter was written. " + (fix or (
+                "Lower model.optim.lr, set trainer.gradient_clip_val, check the data, or set "
+                "model.optim.skip_nonfinite_steps N to skip up to N such steps.")))
 
     def untrained(self) -> str | None:
         """Why the fit trained nothing although it stepped, or None.

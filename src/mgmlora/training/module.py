@@ -46,6 +46,7 @@ from mgmlora.training.strategies import (
     holds_whole_gradients,
     input_cast_needed,
     is_deepspeed,
+    loss_scale_exhausted,
     mark_moe_leaves,
     scaler_skipped_step,
     scales_loss,
@@ -238,14 +239,16 @@ class LoraLitModule(L.LightningModule):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
 
+    def _newest_checkpoint(self) -> str | None:
+        callback = self.trainer.checkpoint_callback
+        return getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or None
+
     def _check_finite(self, step: int, values: dict, can_skip: bool, applied: bool = False,
                       reached: bool = True) -> bool:
         trainer = self.trainer
-        newest = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
-            getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         agree = (lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)) if trainer.world_size > 1 \
             else None
-        return self.finite.check(step, values, agree, can_skip, newest, applied, reached)
+        return self.finite.check(step, values, agree, can_skip, self._newest_checkpoint(), applied, reached)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Steps as Lightning does; under DeepSpeed, then checks and logs the gradient norm of the step that just ran.
@@ -254,8 +257,22 @@ class LoraLitModule(L.LightningModule):
         inside the step, because every callback's `on_train_batch_end` (ModelCheckpoint's periodic save, a preemption
         save) runs before this module's: checked there, a non-finite step would already be in a checkpoint, which the
         error would then name as the one to resume from.
+
+        DeepSpeed's fp16 loss scaler, once its scale is at the minimum, raises a bare exception at the next overflow
+        (`loss_scale_exhausted`): that stops the fit as a divergence does, in one line naming the step and the newest
+        checkpoint, with the update not applied.
         """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except Exception as error:
+            if not loss_scale_exhausted(error):
+                raise
+            skipped = f" ({self.finite.scaler_skipped} overflowing step(s) skipped before)" \
+                if self.finite.scaler_skipped else ""
+            self.finite.stop(self.trainer.global_step + 1, "its fp16 gradients overflowed with DeepSpeed's loss "
+                             f"scale already at its minimum{skipped}", self._newest_checkpoint(), applied=False,
+                             fix="Train in bf16 (trainer.precision: bf16-mixed) where the GPU supports it, or lower "
+                                 "model.optim.lr, set trainer.gradient_clip_val, or check the data.")
         if not (self.window.ended and steps_itself(self.trainer)):
             return  # not DeepSpeed: checked in on_before_optimizer_step
         if scaler_skipped_step(self.trainer):

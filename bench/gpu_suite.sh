@@ -568,17 +568,21 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
   recipe_qwen)
     # configs/qwen3-30b-a3b_lora_chameleons.yaml on one GPU with speed.compile on, in the real fit loop (global batch
     # 64 as 64 packed samples x accumulate 1; DeepSpeed ZeRO-2 as written), then the compiled step under torch.profiler
-    # (bench/train_step.py --profile: top device operators of a step after the compiled warm-up)
+    # (bench/train_step.py --profile: top device operators of a step after the compiled warm-up). RECIPE_ARGS adds
+    # to the fit's arguments and STEP_ARGS to the step's (the FP8 base: RECIPE_ARGS="--model.model.quantization.quant_type
+    # fp8 --trainer.strategy auto" STEP_ARGS="--quant fp8"; a quantised MoE base runs without DeepSpeed), TAG names both
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile 300 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
+    smoke qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile${TAG:+_$TAG} 300 fit \
+      --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
       --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer \
       --data.init_args.train_path /tmp/chameleons_big.json --trainer.devices 1 --trainer.max_steps 6 \
       --data.init_args.batch_size 64 --trainer.accumulate_grad_batches 1 --model.speed.compile true \
-      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common
-    timeout 240 python3 bench/train_step.py --model qwen3-30b-a3b --warmup 3 --steps 3 --profile \
+      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common ${RECIPE_ARGS:-}
+    # shellcheck disable=SC2086
+    timeout 240 python3 bench/train_step.py --model qwen3-30b-a3b --warmup 3 --steps 3 --profile ${STEP_ARGS:-} \
       --variants liger+packing+nocast+fused+fastexperts+compilex64 \
-      --out "$out/$day-train_step_profile_compiled-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+      --out "$out/$day-train_step_profile_compiled${TAG:+_$TAG}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_split)
     # expert LoRA split beside the frozen experts (model.speed.expert_lora: split, +splitexperts) against PEFT's path

@@ -180,6 +180,31 @@ def test_kept_attention_outputs_give_the_same_loss_and_gradients_with_no_attenti
     assert any("attention outputs kept for the backward" in line for line in kept[3])
 
 
+def test_packed_rows_keep_each_samples_attention_output_too():
+    # on the CPU a packed row runs one causal SDPA call per sample (mgmlora.models.attention): each is kept
+    from mgmlora.batch import Batch
+    from mgmlora.training.loss import lm_loss
+
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        loaded = load_model(ModelArgs(preset="tiny-qwen3", dtype="float32", gradient_checkpointing=True), packing=True)
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+        apply_fast_path(loaded, SpeedArgs(keep_attention_outputs=on, packing=True), same_compute_dtype=True)
+        lengths = [20, 24, 9]
+        ids = torch.randint(3, 500, (3, 24), generator=torch.Generator().manual_seed(1))
+        mask = torch.tensor([[1] * n + [0] * (24 - n) for n in lengths])
+        batch = Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), model_inputs={})
+        hidden, labels, head, _ = loaded.forward_hidden(batch, True)
+        loss = lm_loss(hidden, labels, head, "chunked", 16).loss_sum
+        with _GroupedGemms() as counted:
+            loss.backward()
+        runs[on] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, 0, [],
+                    counted.attention)
+    _assert_same(runs[True], runs[False])
+    assert (runs[False][4], runs[True][4]) == (2 * 3, 0)  # two layers x three samples, recomputed or kept
+
+
 def test_kept_attention_and_expert_outputs_combine():
     both = _step("gate_up", target_experts=False, attention=True)
     experts_only, none = _step("gate_up", target_experts=False), _step(target_experts=False)
@@ -281,7 +306,7 @@ def test_compiled_layers_keep_attention_outputs_and_compute_the_same():
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
 def test_compiled_layers_on_the_gpu_launch_no_attention_forward_in_the_backward_and_train_alike(packed):
-    """Unpacked rows run SDPA's flash kernel, packed rows PyTorch's varlen op (mgmlora.models.attention): both kept."""
+    """Unpadded rows run SDPA's flash kernel, packed rows PyTorch's varlen op (mgmlora.models.attention): both kept."""
     from mgmlora.batch import Batch
     from mgmlora.models.torch_private import dynamo_counts
     from mgmlora.training.loss import lm_loss
@@ -296,7 +321,8 @@ def test_compiled_layers_on_the_gpu_launch_no_attention_forward_in_the_backward_
         model.to("cuda").train()
         apply_fast_path(loaded, SpeedArgs(keep_attention_outputs=attention, compile=True, packing=packed),
                         same_compute_dtype=False)
-        lengths = [40, 64, 17]
+        # unpacked rows without padding: a padding mask would send SDPA to its memory-efficient kernel, not flash
+        lengths = [40, 64, 17] if packed else [64, 64, 64]
         ids = torch.randint(3, 512, (3, 64), device="cuda")
         mask = torch.tensor([[1] * n + [0] * (64 - n) for n in lengths], device="cuda")
         batch = Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), model_inputs={})

@@ -125,9 +125,11 @@ def _per_sample(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[
     n_rep = q.shape[1] // k.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs = q[start:end].transpose(0, 1)  # (Hq, n, D)
-        ks, vs = (_repeat_kv(t[start:end], n_rep).transpose(0, 1) for t in (k, v))  # (Hq, n, D)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        # 4-D, a batch of one: SDPA's fused kernels take only 4-D inputs (3-D ones run its many-operator math path,
+        # whose output a selective checkpoint cannot keep, mgmlora.models.recompute)
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
+        ks, vs = (_repeat_kv(t[start:end], n_rep).transpose(0, 1).unsqueeze(0) for t in (k, v))  # (1, Hq, n, D)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1))
     return torch.cat(outs)  # (N, Hq, D)
 
 

@@ -37,6 +37,7 @@ from mgmlora.training.run_dir import (
     check_new_run,
     checkpoint_file,
     checkpoint_run,
+    remove_empty_dirs,
     saved_config_name,
 )
 from mgmlora.training.strategies import MgmDeepSpeedStrategy, align_rank_zero
@@ -148,9 +149,7 @@ class MgmCLI(LightningCLI):
         if claimed is None or any(claimed.iterdir()):
             return
         claimed.rmdir()
-        for folder in getattr(self, "_made_parents", []):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_empty_dirs(getattr(self, "_made_parents", []))
 
     def _check_run_dirs(self, ckpt_path: str | None, claimed: Path | None) -> None:
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
@@ -178,21 +177,24 @@ class MgmCLI(LightningCLI):
         fresh |= {claimed} if claimed is not None else set()
         for outcome in (c for c in self.trainer.callbacks if isinstance(c, RunOutcome)):
             outcome.fresh_dirs = fresh
+            outcome.made_parents = list(getattr(self, "_made_parents", [])) if claimed is not None else []
 
     def before_validate(self) -> None:
         """`validate --ckpt_path last|best` with no such checkpoint is refused (run_dir.check_eval_checkpoint).
 
-        An evaluation that logs into a new `version_N` (no checkpoint of a run) created it when its trainer was made,
-        as a fit does here (`claim_new_version`): two evaluations started together never share one; a refusal here
-        gives it back.
+        An evaluation that logs into a new `version_N` (no checkpoint of a run) creates it first, as a fit does
+        (`claim_new_version`): two evaluations started together never share one; a refusal here gives it back. Nothing
+        before this hook reads the logger's version (the log line saying where the evaluation logs comes after it).
         """
-        claimed = getattr(self, "claimed_version", None)
+        claimed = self._claim_version(self.trainer)
         try:
             self._check_eval_checkpoint()
         except BaseException:
             self._give_back(claimed)
             raise
         self._note_fresh_dirs(claimed)
+        if self.trainer.loggers:
+            rank_zero_info(f"mgmlora: {self.subcommand} logs to {self.trainer.log_dir}")
 
     def before_test(self) -> None:
         """As `before_validate`."""
@@ -268,10 +270,6 @@ class MgmCLI(LightningCLI):
         _check_sampler_setting(trainer, trainer_config)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):  # SIGTERM/INT/HUP: save, exit 128+n
             trainer.callbacks.append(PreemptionCheckpoint())
-        if self.subcommand in ("validate", "test") and trainer.loggers:
-            # an evaluation into a new version_N creates it before anything reads the version (before_validate)
-            self.claimed_version = self._claim_version(trainer)
-            rank_zero_info(f"mgmlora: {self.subcommand} logs to {trainer.log_dir}")
         if not any(isinstance(c, StepLabels) for c in trainer.callbacks):  # one step for all events of a step
             trainer.callbacks.append(StepLabels())
         if not any(isinstance(c, RunOutcome) for c in trainer.callbacks):  # first: its check precedes AdapterExport

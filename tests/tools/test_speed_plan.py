@@ -271,11 +271,12 @@ def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whol
     model_args, lora, trainable, speed, shape = _run(config, ["--trainer.devices", "1"])
     row = next(r for r in MEASURED if r.recipe == config[0])
     assert lookup(model_args, lora, trainable, speed, row.batch_size, row.max_length) == row
-    kept = replace(speed, keep_expert_outputs="gate_up")  # another recompute: other time and memory
-    assert lookup(model_args, lora, trainable, kept, row.batch_size, row.max_length) is None
     assert any(not s.gradient_checkpointing for s in candidates(model_args, lora, trainable, speed, shape, 200))
-    plan = candidates(model_args, lora, trainable, kept, shape, 200)  # 200 GiB: memory is not what decides
-    assert plan and all(s.gradient_checkpointing for s in plan)  # training refuses kept outputs without it
+    for kept in (replace(speed, keep_expert_outputs="gate_up"), replace(speed, keep_attention_outputs=True)):
+        # another recompute: other time and memory
+        assert lookup(model_args, lora, trainable, kept, row.batch_size, row.max_length) is None
+        plan = candidates(model_args, lora, trainable, kept, shape, 200)  # 200 GiB: memory is not what decides
+        assert plan and all(s.gradient_checkpointing for s in plan)  # training refuses kept outputs without it
 
 
 def test_a_measured_row_stands_only_for_its_own_base_format(in_repo_root):

@@ -135,6 +135,29 @@ def test_claim_new_version_takes_the_next_free_version_when_another_fit_made_the
     assert claim_new_version([pinned], rank=0) is None and not (tmp_path / "pinned").exists()
 
 
+def test_claim_new_version_makes_the_parents_again_when_a_refused_command_took_them_away(tmp_path, monkeypatch):
+    """Another command's give-back removed the (empty) log directory between this claim's mkdir and its listing."""
+    import shutil
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mgmlora.training.lightning_private import VERSION_ENV, claim_new_version
+
+    monkeypatch.delenv(VERSION_ENV, raising=False)
+    logger = TensorBoardLogger(save_dir=tmp_path / "runs", name="run")
+    real, calls = logger._get_next_version, []
+
+    def listing():
+        calls.append(1)
+        if len(calls) == 1:
+            shutil.rmtree(tmp_path / "runs")  # the other command's give-back, after this claim made the parents
+        return real()
+
+    monkeypatch.setattr(logger, "_get_next_version", listing)
+    claimed = claim_new_version([logger], rank=0)
+    assert claimed == tmp_path / "runs" / "run" / "version_0" and claimed.is_dir() and logger.version == 0
+
+
 def test_claim_new_version_gives_loggers_sharing_the_directory_one_version_and_never_loops(tmp_path, monkeypatch):
     """A CSV logger beside the TensorBoard one shares its version_N (it listed the claimed one and took N+1);
     an entry the listing skips (a dead link) is stepped over; a remote directory makes no local one."""

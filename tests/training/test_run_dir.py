@@ -216,6 +216,22 @@ def test_an_evaluation_into_a_new_version_never_shares_one_another_evaluation_ma
     assert (runs / "demo_chat" / "version_1" / "validate_config.yaml").is_file()
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+@pytest.mark.parametrize("overrides", [
+    ["--data.init_args.tokenizer_path", "missing_tokenizer"],  # refused while the data is connected to the model
+    ["--model.speed.keep_attention_outputs", "true", "--model.model.gradient_checkpointing", "false"],  # configuring
+], ids=["data", "model"])
+def test_a_refused_evaluation_into_a_new_version_leaves_no_directory_behind(tmp_path, overrides):
+    from mgmlora.cli import main
+    from tests.conftest import VAL
+
+    with pytest.raises(Exception):  # noqa: B017, PT011  (which error is the refusal's own test's concern)
+        main(["validate", "--config", str(ROOT / "configs" / "demo_chat.yaml"), "--trainer.enable_progress_bar",
+              "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "new" / "runs"),
+              "--trainer.limit_val_batches", "1", "--data.init_args.val_path", str(VAL), *overrides])
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_failed_run_takes_only_what_it_wrote_and_the_directory_only_when_that_empties_it(tmp_path):
     since = time.time()
     host, pid = socket.gethostname(), os.getpid()

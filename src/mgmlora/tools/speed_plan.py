@@ -3,7 +3,8 @@
 `bin/estimate.py --gpu_memory_gib N` prints it. The ranking rests on measurements, not on a model of the GPU:
 
 - Candidates: checkpointing off and on (a 4-bit mixture-of-experts base, PEFT's expert LoRA on an FP8 one, and a
-  config that keeps expert outputs (`speed.keep_expert_outputs`) train with checkpointing only), and every micro-batch
+  config that keeps expert or attention outputs (`speed.keep_expert_outputs`, `speed.keep_attention_outputs`) train
+  with checkpointing only), and every micro-batch
   that divides the run's samples per GPU per optimizer step (`data.batch_size` x `accumulate_grad_batches`), so the
   global batch and the GPU count stay as the user gave them. The base is the config's; when the bf16 base does not fit
   at one sample with checkpointing, the 4-bit NF4 base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
@@ -23,11 +24,11 @@
 beside it with the variant inside the file where the file holds several; tests/tools/test_speed_plan.py reads each
 file and checks the row's figures against it. A row describes a setting by what changes the step's work and memory:
 the model preset, the base (bf16, or NF4 or FP8: `quant_type`), what the LLM trains (`lora`, `frozen`, `full`),
-expert LoRA, the loss, gradient checkpointing and the expert outputs it keeps, samples per micro-batch and the row
-length (`max_length`, the longest sample). It does not record the LoRA rank or targets beyond expert LoRA, compile,
-fused AdamW, packing or the GPU count: a row stands for every config that matches it on the fields it records. Rows of
-one model may come from different runs (an isolated step in `bench/train_step.py`, or the real `fit` loop through
-`bench/fit_smoke.py`): the figure is the file's own tokens/s, so rows from the same run compare best.
+expert LoRA, the loss, gradient checkpointing and the expert and attention outputs it keeps, samples per micro-batch
+and the row length (`max_length`, the longest sample). It does not record the LoRA rank or targets beyond expert LoRA,
+compile, fused AdamW, packing or the GPU count: a row stands for every config that matches it on the fields it
+records. Rows of one model may come from different runs (an isolated step in `bench/train_step.py`, or the real `fit`
+loop through `bench/fit_smoke.py`): the figure is the file's own tokens/s, so rows from the same run compare best.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Measured:
     window_samples: int | None = None  # data.window_samples of the run (`batch_size` is then the micro-batches)
     loss_chunk_size: int | None = None  # speed.loss_chunk_size where the row depends on it; None: any
     keep_expert_outputs: KeptOutputs = "none"  # speed.keep_expert_outputs: what the recompute skips
+    keep_attention_outputs: bool = False  # speed.keep_attention_outputs
     quant_type: Literal["nf4", "fp8"] = "nf4"  # the quantized base's format (model.model.quantization.quant_type)
 
     def cite(self) -> str:
@@ -141,7 +143,8 @@ def lookup(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed
         if (row.model, base, row.trainable_llm, row.target_experts, row.loss, row.gradient_checkpointing,
                 row.batch_size, row.max_length, row.window_samples) == key and (
                 row.loss_chunk_size in (None, speed.loss_chunk_size)) and \
-                row.keep_expert_outputs == speed.keep_expert_outputs:
+                row.keep_expert_outputs == speed.keep_expert_outputs and \
+                row.keep_attention_outputs == speed.keep_attention_outputs:
             return row
     return None
 
@@ -214,8 +217,9 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     rule: list[Setting] = []
     for base, base_shape, change in bases:
         quantized = base.quantization is not None
-        # kept expert outputs choose what checkpointing recomputes: training refuses them without it
-        only_ckpt = checkpointing_refusal(base, lora, speed) or speed.keep_expert_outputs != "none"
+        # kept expert or attention outputs choose what checkpointing recomputes: training refuses them without it
+        only_ckpt = checkpointing_refusal(base, lora, speed) or speed.keep_expert_outputs != "none" or \
+            speed.keep_attention_outputs
         for ckpt in (True,) if only_ckpt else (False, True):
             args = replace(base, gradient_checkpointing=ckpt)
             fitting: list[Setting] = []

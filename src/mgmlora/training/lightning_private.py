@@ -79,6 +79,8 @@ def claim_new_version(loggers: Sequence, rank: int) -> Path | None:
             break
         except FileExistsError:  # another fit made it since the listing, or a file (or dead link) the listing skips
             version = max(version + 1, first._get_next_version())
+        except FileNotFoundError:  # a refused command took the parents it had made away meanwhile: make them again
+            root.mkdir(parents=True, exist_ok=True)
     for logger in same_root:
         logger._version = version
     os.environ[VERSION_ENV] = str(version)

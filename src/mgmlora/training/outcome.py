@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mgmlora.errors import MgmloraError
 from mgmlora.training.finite import StalledError
-from mgmlora.training.run_dir import discard_failed_run, saved_config_name
+from mgmlora.training.run_dir import discard_failed_run, remove_empty_dirs, saved_config_name
 
 
 class NothingTrainedError(MgmloraError):
@@ -81,6 +81,7 @@ class RunOutcome(L.Callback):
         # for `on_exception`: what this process may remove, until it trained or an evaluation logged its metrics
         self._since, self._training, self._logged = time.time(), False, False
         self.fresh_dirs: set[Path] = set()  # MgmCLI: the log directories this fit makes (what it writes there may go)
+        self.made_parents: list[Path] = []  # MgmCLI: the parents its version claim created, deepest first
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """An evaluation outside fit has written its metrics to the loggers by now (RunOutcome's hook runs first).
@@ -116,6 +117,7 @@ class RunOutcome(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
                 discard_failed_run(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs, config)
+        remove_empty_dirs(self.made_parents)  # the parents of a version directory the command made and took away
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
         self._training = True

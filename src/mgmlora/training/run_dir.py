@@ -235,5 +235,18 @@ def discard_failed_run(log_dir: str | Path | None, since: float, fresh: bool,
     return removed
 
 
+def remove_empty_dirs(folders: Iterable[Path]) -> None:
+    """Removes each of `folders` (deepest first) that is empty now; one another process has filled stays.
+
+    The parents a command's version claim created (mgmlora.cli): a refused or failed command leaves no empty
+    directories behind. Removing is tried, not checked first, so a directory that fills in between stays.
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another command's run), or already gone
+            pass
+
+
 __all__ = ["LIGHTNING_CKPT_NAMES", "check_eval_checkpoint", "check_last_found", "check_new_run", "checkpoint_file",
-           "checkpoint_run", "discard_failed_run", "saved_config_name"]
+           "checkpoint_run", "discard_failed_run", "remove_empty_dirs", "saved_config_name"]

@@ -235,17 +235,22 @@ def test_the_policy_keeps_attention_kernels_only_when_asked():
 @pytest.mark.integration
 def test_compiled_layers_keep_the_outputs_and_compute_the_same():
     # bf16: the CPU compiles grouped_mm for bf16 only (mgmlora.models.experts); per-layer regions as in training;
-    # no expert LoRA, so the grouped GEMMs counted are the frozen experts' only
+    # no expert LoRA, so the grouped GEMMs counted are the frozen experts' only; the CPU's attention kernel is SDPA's
+    # flash kernel for the CPU
     none, gate_up, kept_all = (_step(keep, target_experts=False, dtype="bfloat16", compiled=True)
                                for keep in ("none", "gate_up", "all"))
+    torch._dynamo.reset()  # compiled anew, as training compiles after setting the policy once
+    attention = _step(target_experts=False, dtype="bfloat16", compiled=True, attention=True)
     torch._dynamo.reset()
-    _assert_same(gate_up, none, exact=False)
-    _assert_same(kept_all, none, exact=False)
+    for kept in (gate_up, kept_all, attention):
+        _assert_same(kept, none, exact=False)
     if not checkpoint_inside_forward():  # the recompute runs in a dispatch mode, which the profiler counts through
         pytest.skip("this transformers checkpoints around the compiled layer: the eager tests cover that layout")
     # the compiled checkpoint recomputes what the backward reads: each layer's gate/up GEMM, never the down one
     assert none[2] - gate_up[2] == 2 and kept_all[2] == gate_up[2]
     assert any("gate_up in effect" in line for line in kept_all[3])
+    # and each layer's attention kernel once more, unless its output is kept
+    assert (none[4], attention[4]) == (2, 0) and attention[2] == none[2]
 
 
 @pytest.mark.gpu
@@ -290,17 +295,6 @@ def test_compiled_layers_on_the_gpu_launch_fewer_grouped_gemm_kernels_and_train_
     for other in (gate_up, kept_all):
         torch.testing.assert_close(other[0], none[0], rtol=1e-3, atol=1e-3)
         assert (other[1] - none[1]).norm() <= 1e-2 * none[1].norm()
-
-
-@pytest.mark.integration
-def test_compiled_layers_keep_attention_outputs_and_compute_the_same():
-    # bf16 per-layer regions as in training; the CPU's attention kernel is SDPA's flash kernel for the CPU
-    none, kept = (_step(target_experts=False, dtype="bfloat16", compiled=True, attention=on) for on in (False, True))
-    torch._dynamo.reset()
-    _assert_same(kept, none, exact=False)
-    if not checkpoint_inside_forward():  # the recompute runs in a dispatch mode, which the profiler counts through
-        pytest.skip("this transformers checkpoints around the compiled layer: the eager tests cover that layout")
-    assert (none[4], kept[4]) == (2, 0)  # two layers: the compiled recompute reads each kept attention output
 
 
 @pytest.mark.gpu

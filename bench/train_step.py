@@ -237,6 +237,8 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     if len(flags & KEEP_FLAGS.keys()) > 1 or flags & (KEEP_FLAGS.keys() | {"keepattn"}) and "nockpt" in flags:
         raise SystemExit(f"variant {variant!r}: +keepgateup or +keepexperts (one of them) and +keepattn choose what "
                          "checkpointing recomputes (without +nockpt)")
+    if {"keepattn", "flex"} <= flags:
+        raise SystemExit(f"variant {variant!r}: +keepattn keeps SDPA's attention kernel, and +flex runs FlexAttention")
     if flags & {"flex", "dense"} and "packing" not in flags or {"flex", "dense"} <= flags:
         raise SystemExit(f"variant {variant!r}: +flex or +dense choose the attention of packed rows (one of them, "
                          "with +packing)")

@@ -265,9 +265,11 @@ def test_kept_expert_outputs_switch_on_and_off_like_the_other_flags(flag, skippe
     assert backward_gemms() == before - 2 * skipped_per_layer  # two MoE layers' kept GEMMs are not recomputed
     bench.switch_off(undo)
     assert backward_gemms() == before  # whole-layer recompute again
-    for bad in ("chunked+keepexperts+nockpt", "chunked+keepgateup+keepexperts"):
+    for bad in ("chunked+keepexperts+nockpt", "chunked+keepgateup+keepexperts", "chunked+keepattn+nockpt"):
         with pytest.raises(SystemExit, match="keepgateup or \\+keepexperts"):
             bench.parse_variant(bad)
+    with pytest.raises(SystemExit, match="FlexAttention"):
+        bench.parse_variant("chunked+packing+flex+keepattn")
 
 
 def test_profiles_leave_out_annotation_ranges_and_keep_operators():

@@ -56,8 +56,8 @@ def keep_refusal(keep: KeptOutputs, moe: bool, checkpointing: bool, experts_impl
                  peft_expert_lora: bool) -> str | None:
     """Why training refuses `speed.keep_expert_outputs: keep` (the error message), or None where it applies.
 
-    The one rule for training (mgmlora.training.fastpath, which also checks each experts module's layout) and the
-    estimate (mgmlora.tools.memory): there must be frozen expert GEMMs whose recompute the setting skips.
+    Part of `recompute_refusal` (training also checks each experts module's layout, mgmlora.training.fastpath): there
+    must be frozen expert GEMMs whose recompute the setting skips.
     """
     if keep == "none":
         return None
@@ -84,8 +84,8 @@ def effective_keep(keep: KeptOutputs, compiled: bool) -> KeptOutputs:
 def attention_refusal(keep: bool, checkpointing: bool, attn_implementation: str | None) -> str | None:
     """Why training refuses `speed.keep_attention_outputs: true` (the error message), or None where it applies.
 
-    The one rule for training (mgmlora.training.fastpath) and the estimate (mgmlora.tools.memory): checkpointing
-    must recompute the attention, and its kernel must be one operator the policy can keep (`attention_ops`).
+    Part of `recompute_refusal`: checkpointing must recompute the attention, and its kernel must be one operator the
+    policy can keep (`attention_ops`).
     """
     if not keep:
         return None
@@ -97,6 +97,18 @@ def attention_refusal(keep: bool, checkpointing: bool, attn_implementation: str 
         return (f"{key} keeps the output of SDPA's attention kernel, and the model runs {attn_implementation}: set "
                 "model.model.attn_implementation: sdpa, or keep_attention_outputs: false.")
     return None
+
+
+def recompute_refusal(keep: KeptOutputs, attention: bool, moe: bool, checkpointing: bool,
+                      experts_implementation: str | None, attn_implementation: str | None,
+                      peft_expert_lora: bool) -> str | None:
+    """Why training refuses what `speed.keep_expert_outputs` / `speed.keep_attention_outputs` keep, or None.
+
+    The one rule training (mgmlora.training.fastpath) and the estimate (mgmlora.tools.memory) apply: `keep_refusal`'s,
+    then `attention_refusal`'s.
+    """
+    return keep_refusal(keep, moe, checkpointing, experts_implementation, peft_expert_lora) or \
+        attention_refusal(attention, checkpointing, attn_implementation)
 
 
 def recompute_policy(hidden_size: int, expert_width: int, keep: KeptOutputs,

@@ -54,7 +54,7 @@ from mgmlora.models.causal_lm import expert_width
 from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
-from mgmlora.models.recompute import attention_refusal, effective_keep, keep_refusal
+from mgmlora.models.recompute import effective_keep, recompute_refusal
 from mgmlora.models.torch_private import allocation_events
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
@@ -185,16 +185,15 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     Raises:
         UsageError: for a config training refuses: without gradient checkpointing (`checkpointing_refusal`), or with
             expert outputs kept where there are none to keep, or attention outputs where nothing recomputes them
-            (mgmlora.models.recompute's `keep_refusal`, `attention_refusal`).
+            (mgmlora.models.recompute.recompute_refusal).
 
     A config with `data.window_samples` runs micro-batches of balanced position counts: its micro-batch is estimated
     as one packed row of `shape.window_positions` positions.
     """
     refusal = (checkpointing_refusal(model_args, lora, speed) if not model_args.gradient_checkpointing else None) or \
-        keep_refusal(speed.keep_expert_outputs, uses_moe(model_args), model_args.gradient_checkpointing,
-                     model_args.experts_implementation, _peft_expert_lora(lora, speed)) or \
-        attention_refusal(speed.keep_attention_outputs, model_args.gradient_checkpointing,
-                          model_args.attn_implementation)
+        recompute_refusal(speed.keep_expert_outputs, speed.keep_attention_outputs, uses_moe(model_args),
+                          model_args.gradient_checkpointing, model_args.experts_implementation,
+                          model_args.attn_implementation, _peft_expert_lora(lora, speed))
     if refusal:
         raise UsageError(refusal)  # training refuses it: no figure for a run that cannot start
     if shape.window_samples is not None:

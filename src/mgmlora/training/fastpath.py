@@ -37,7 +37,7 @@ from mgmlora.models.causal_lm import gradient_checkpointing_on
 from mgmlora.models.experts import FAST_EXPERTS, supports_lora
 from mgmlora.models.loaded import LoadedModel, outer_param_wrappers
 from mgmlora.models.quantization import checkpointing_required, set_expert_backward
-from mgmlora.models.recompute import attention_refusal, effective_keep, keep_refusal, set_recompute
+from mgmlora.models.recompute import effective_keep, recompute_refusal, set_recompute
 from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
@@ -128,14 +128,13 @@ def apply_recompute(loaded: LoadedModel, speed: SpeedArgs) -> str:
     After `speed.expert_lora` (the split is what makes the expert products frozen) and before the compile.
 
     Raises:
-        UsageError: `keep_refusal`'s and `attention_refusal`'s cases, or experts that mgmlora's experts forward hands
+        UsageError: `recompute_refusal`'s cases, or experts that mgmlora's experts forward hands
             to transformers'.
     """
     llm, keep = loaded.language_model(), speed.keep_expert_outputs
-    checkpointing = gradient_checkpointing_on(llm)
-    refusal = keep_refusal(keep, loaded.moe, checkpointing, experts_implementation(llm.config),
-                           _peft_expert_lora(loaded)) or \
-        attention_refusal(speed.keep_attention_outputs, checkpointing, attn_implementation(llm.config))
+    refusal = recompute_refusal(keep, speed.keep_attention_outputs, loaded.moe, gradient_checkpointing_on(llm),
+                                experts_implementation(llm.config), attn_implementation(llm.config),
+                                _peft_expert_lora(loaded))
     handed_back = [name for name, m in llm.named_modules() if hasattr(m, "gate_up_proj") and not supports_lora(m)]
     if refusal or (handed_back and keep != "none"):
         raise UsageError(refusal or f"model.speed.keep_expert_outputs: {keep} keeps the products of mgmlora's experts "

@@ -302,7 +302,7 @@ def _switch_on(model, loaded, flags: set[str], undo: list) -> None:
         undo.append(lambda: set_recompute(llm, "none"))
     if "compile" in flags:
         undo.append(lambda: (loaded.uncompile(), torch.compiler.reset()))
-        loaded.compile()
+        loaded.compile(packed="packing" in flags)
 
 
 def switch_off(undo: list) -> None:

@@ -162,6 +162,44 @@ def test_varlen_kernel_matches_per_sample_sdpa_on_the_gpu():
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen3-moe"])
+def test_compiled_packed_layers_compute_the_eager_loss_and_gradients_on_the_gpu(preset):
+    """121 packed tokens x 16-wide heads: a head stride inductor would pad (it computed NaN so: bench/results)."""
+    from mgmlora.batch import Batch
+    from mgmlora.training.fastpath import apply_fast_path
+    from mgmlora.training.lora import LoraArgs
+    from mgmlora.training.loss import SpeedArgs
+    from mgmlora.training.trainable import Trainability, apply_trainability
+
+    lengths = [40, 64, 17]
+    ids = torch.randint(3, 512, (3, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    mask = torch.tensor([[1] * n + [0] * (64 - n) for n in lengths], device="cuda")
+    batch = Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, X), model_inputs={})
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            loaded = load_model(ModelArgs(preset=preset, dtype="bfloat16"), packing=True)
+        model, _ = apply_trainability(loaded, LoraArgs(preset="aggressive", lora_dropout=0.0), Trainability())
+        model.to("cuda").train()
+        apply_fast_path(loaded, SpeedArgs(compile=compiled, packing=True), same_compute_dtype=False)
+        steps = []
+        for _ in range(2):  # the first compiled call compiles, the second runs what it compiled
+            model.zero_grad()
+            hidden, labels, head, _ = loaded.forward_hidden(batch, True)
+            loss = lm_loss(hidden, labels, head, "chunked", 64).loss_sum
+            loss.backward()
+            steps.append((loss.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters()
+                                                            if p.grad is not None])))
+        runs[compiled] = steps
+    (eager, _), compiled = runs[False], runs[True]
+    for loss, grads in compiled:
+        torch.testing.assert_close(loss, eager[0], rtol=2e-3, atol=0.0)
+        assert (grads - eager[1]).norm() <= 2e-2 * eager[1].norm()
+
+
 @pytest.mark.parametrize("family,preset", [("causal_lm", "tiny-qwen3-moe"), ("mgm", "tiny-mgm")])
 def test_bucket_padding_changes_neither_loss_nor_gradients(family, preset):
     """Rows padded to a multiple of 16 positions by a trailing segment give the unpadded loss and gradients."""

@@ -14,6 +14,7 @@ from mgmlora.models.torch_private import (
     stack_config,
     trace_through_checkpoint_side_effects,
     uncompile,
+    unpadded_inductor_options,
 )
 
 
@@ -186,3 +187,11 @@ def test_attention_kernels_dispatch_to_the_operators_the_recompute_policy_names(
     with Seen() as seen:  # the call mgmlora's packed attention makes on the GPU
         attention._varlen(rows, rows, rows, bounds, 7, 64**-0.5)
     assert torch.ops.torch_attn._varlen_attn.default in seen.ops and torch.ops.torch_attn._varlen_attn.default in kept
+
+
+def test_the_unpadded_options_name_inductor_options_that_exist():
+    # torch.compile validates `options` only when it compiles: a renamed option would fail the first packed step
+    import torch._inductor
+
+    assert set(unpadded_inductor_options()) <= set(torch._inductor.list_options())
+    assert torch._inductor.config.comprehensive_padding is True  # the default the options turn off

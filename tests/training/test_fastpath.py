@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from peft.tuners.lora import ParamWrapper
+from torch import nn
 
 from mgmlora.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mgmlora.data.datamodule import ChatDataModule
@@ -148,6 +149,27 @@ def test_compiled_regions_compute_the_eager_loss_and_gradients(preset, family):
     if family == "mgm":
         assert loaded.model._compiled_image_tokens is None and loaded.model.vision_tower._compiled_call_impl is None
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("preset,head_dim", [("tiny-qwen3", 16), ("tiny-mgm", 16), ("qwen3-0.6b", 128)])
+def test_packed_layers_compile_without_stride_padding_where_a_head_stride_could_be_padded(preset, head_dim,
+                                                                                          monkeypatch):
+    # inductor pads a stride to 128 bytes; a bf16 head's stride over a packed row, tokens x head_dim x 2 bytes, can be
+    # unaligned only where head_dim x 2 is not a multiple of 128 (bench/results/*packed_compile_padding*)
+    with torch.device("meta" if preset == "qwen3-0.6b" else "cpu"):
+        loaded = load_model(ModelArgs(preset=preset, dtype="bfloat16"))
+    padded_somewhere = (head_dim * 2) % 128 != 0
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **kw: calls.append((self, kw)))
+    for packed in (False, True):
+        calls.clear()
+        loaded.compile(packed=packed, backend="aot_eager")
+        layers = list(loaded.model.get_submodule(loaded.decoder_layers))
+        assert [m for m, _ in calls if m in layers] == layers  # each decoder layer, with the same options
+        for module, kw in calls:
+            expected = {"comprehensive_padding": False} if packed and padded_somewhere and module in layers else None
+            assert kw.get("options") == expected, (packed, type(module).__name__)
+            assert kw["backend"] == "aot_eager"
 
 
 @pytest.mark.parametrize("preset,family", [("tiny-qwen3", "causal_lm"), ("tiny-qwen3-moe", "causal_lm"),

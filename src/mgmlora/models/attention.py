@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from mgmlora.errors import UsageError
+from mgmlora.models.torch_private import unpadded_inductor_options
 from mgmlora.models.transfer import queue_to
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,18 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out.unsqueeze(0), None  # (1, N, Hq, D)
 
 
+def packed_compile_options(head_dim: int) -> dict[str, bool]:
+    """Inductor options for decoder layers that take packed rows, their attention heads `head_dim` wide.
+
+    Inductor's stride padding made PyTorch's varlen op compute wrong values in compiled layers where a head's stride
+    over the packed row (tokens x head_dim x 2 bytes) was not a multiple of 128 bytes, which padding would make it
+    (`torch_private.unpadded_inductor_options`): such layers compile without padding. A head dimension that is a
+    multiple of 64 (Qwen3's 128, Gemma's 256) never gives that stride an unaligned size, so its compile is the
+    measured one.
+    """
+    return {} if head_dim % 64 == 0 else unpadded_inductor_options()
+
+
 def _is_packed_row(position_ids: torch.Tensor | None) -> bool:
     """Whether the position ids restart inside the row. Only checked on the CPU: on a GPU it would cost a sync."""
     if position_ids is None or position_ids.is_cuda or position_ids.shape[-1] < 2:
@@ -232,4 +245,4 @@ def describe_packed_attention(args) -> str:
 
 
 __all__ = ["PACKED_SDPA", "bucket_padding", "check_trains_on", "describe_packed_attention", "packed_attention",
-           "packed_sdpa_forward", "register", "varlen_kwargs"]
+           "packed_compile_options", "packed_sdpa_forward", "register", "varlen_kwargs"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
-from mgmlora.models.attention import varlen_kwargs
+from mgmlora.models.attention import packed_compile_options, varlen_kwargs
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
@@ -122,7 +122,7 @@ class LoadedModel(ABC):
         if not (out / INDEX).is_file():
             write_index(out)
 
-    def compile(self, backend: str = "inductor", **options) -> list[str]:
+    def compile(self, packed: bool = False, backend: str = "inductor", **options) -> list[str]:
         """Compiles the family's hot regions in place (`speed.compile`); returns what was compiled, for the run's log.
 
         Regional compilation, as PyTorch's tutorial on it recommends: each decoder layer on its own (the layers share
@@ -132,13 +132,23 @@ class LoadedModel(ABC):
         A layer whose MoE experts carry LoRA through PEFT's own path is compiled around them instead: its largest
         submodules without such experts (attention, norms, router) each on its own, the experts eager
         (`eager_regions`).
+
+        `packed`: the layers take packed rows (`speed.packing`), whose attention is PyTorch's varlen op on a GPU; they
+        compile with `packed_compile_options` (no stride padding where it would make that op compute wrong values).
+        `options` are torch.compile's keyword arguments.
         """
         layers = self._compiled_layers()
         trace_through_checkpoint_side_effects()  # else a checkpointed layer may compile nothing (torch_private)
         eager = eager_regions(layers)
+        layer_options = options
+        if packed:
+            cfg = self.language_model().config.get_text_config()
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            inductor = packed_compile_options(head_dim)
+            layer_options = {**options, "options": {**options.get("options", {}), **inductor}} if inductor else options
         for layer in layers:
             for region in compile_regions(layer, eager):
-                region.compile(backend=backend, **options)
+                region.compile(backend=backend, **layer_options)
         if eager:
             return [f"{len(layers)} decoder layers, around their {len(eager)} LoRA-adapted expert modules (eager)"]
         return [f"{len(layers)} decoder layers"]
@@ -287,9 +297,9 @@ class LoadedMgm(LoadedModel):
     def mining_dims(self) -> tuple[int, int] | None:  # noqa: D102
         return self.model.config.mm_hidden_size_aux, self.model.config.mm_hidden_size
 
-    def compile(self, backend: str = "inductor", **options) -> list[str]:
+    def compile(self, packed: bool = False, backend: str = "inductor", **options) -> list[str]:
         """Compiles the decoder layers and the image path (both frozen towers; upsampling, mining and projector)."""
-        done = super().compile(backend, **options)
+        done = super().compile(packed, backend, **options)
         self.model.compile_image_path(backend, **options)
         return done + ["the image path (CLIP and ConvNeXt towers; upsampling, mining and projector)"]
 

@@ -97,6 +97,19 @@ def grouped_gemm_ops() -> tuple[torch._ops.OpOverload, ...]:
     return torch.ops.aten._grouped_mm.default, torch.ops.aten._scaled_grouped_mm.default
 
 
+def unpadded_inductor_options() -> dict[str, bool]:
+    """Inductor options (torch.compile's `options`) that turn its comprehensive stride padding off.
+
+    Inductor pads the strides of buffers it lays out to a multiple of 128 bytes where a stride is large and unaligned
+    (`comprehensive_padding`). With that padding, PyTorch 2.11's varlen attention op (`torch_attn._varlen_attn`, which
+    mgmlora's packed attention calls) returned wrong values in compiled layers (NaN, or losses that changed between
+    identical calls) on packed rows whose per-head stride, tokens x head_dim x 2 bytes, is not a multiple of 128
+    bytes; without it, the compiled layers matched the eager ones (bench/results/
+    2026-12-06-packed_compile_padding-h100.json). Head dimensions that are multiples of 64 never pad that stride.
+    """
+    return {"comprehensive_padding": False}
+
+
 def attention_ops() -> tuple[torch._ops.OpOverload, ...]:
     """The operators one call of which is a whole attention kernel, as a selective-checkpointing policy sees them.
 
@@ -117,4 +130,4 @@ def attention_ops() -> tuple[torch._ops.OpOverload, ...]:
 
 
 __all__ = ["allocation_events", "attention_ops", "dynamo_counts", "grouped_gemm_ops", "scaled_grouped_mm", "scaled_mm",
-           "stack_config", "trace_through_checkpoint_side_effects", "uncompile"]
+           "stack_config", "trace_through_checkpoint_side_effects", "uncompile", "unpadded_inductor_options"]

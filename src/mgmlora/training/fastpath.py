@@ -100,7 +100,7 @@ def apply_fast_path(loaded: LoadedModel, speed: SpeedArgs, same_compute_dtype: b
     if speed.keep_expert_outputs != "none" or speed.keep_attention_outputs:
         done.append(apply_recompute(loaded, speed))
     if speed.compile:
-        done.append(f"compiled (torch.compile): {', '.join(loaded.compile())}")
+        done.append(f"compiled (torch.compile): {', '.join(loaded.compile(packed=speed.packing))}")
     return done
 
 

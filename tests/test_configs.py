@@ -183,6 +183,11 @@ VARIANTS = {
     "qwen3-30b-a3b_qlora_chameleons.yaml": ("qwen3-30b-a3b_lora_chameleons.yaml", {
         "model.model.quantization": QLORA, "trainer.devices": 1, "trainer.strategy": "auto",
         "trainer.accumulate_grad_batches": 8, "model.speed.compile": False, LOGGER: "qwen3-30b-a3b_qlora_chameleons"}),
+    "qwen3-30b-a3b_lora_chameleons_fp8.yaml": ("qwen3-30b-a3b_lora_chameleons.yaml", {
+        "model.model.quantization": {"quant_type": "fp8", "bits": None, "expert_products": "dequantized",
+                                     "double_quant": True, "compute_dtype": None, "backend": "auto"},
+        "trainer.devices": 1, "trainer.strategy": "auto", "data.init_args.batch_size": 64,
+        LOGGER: "qwen3-30b-a3b_lora_chameleons_fp8"}),
     "demo_moe.yaml": ("demo_chameleons.yaml", {
         "model.model.preset": "tiny-qwen3-moe", "model.lora.preset": "chameleons", "model.lora.target_experts": True,
         LOGGER: "demo_moe"}),

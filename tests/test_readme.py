@@ -27,7 +27,7 @@ README = ROOT / "README.md"
 # The pages the README sends readers to for the commands it no longer carries; their examples must run as well.
 PAGES = [README, *(ROOT / "docs" / name for name in ("usage.md", "recipes.md", "tools.md", "features.md"))]
 DEMO = "pip install -e . && python bin/main.py fit --config configs/demo.yaml"
-TESTS = 'pip install -e ".[dev]" && python -m pytest && python -m pytest -m integration'
+TESTS = 'pip install -e ".[dev]" && python -m pytest && python -m pytest -m integration -n 2 --dist loadfile'
 MAX_WORDS = 2500
 # `bin/<tool>.py` followed by its arguments, up to the end of the inline code, line or comment.
 COMMAND = re.compile(r"\b(bin/\w+\.py)\b([^`\n#|]*)")

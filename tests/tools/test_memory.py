@@ -234,8 +234,10 @@ def _estimate_bench_step(result, name, flags, rec):
                        else {}))
     command = shlex.split(result["command"])
     chunk = int(command[command.index("--chunk") + 1]) if "--chunk" in command else 2048  # train_step's default
+    keep = "all" if "keepexperts" in flags else "gate_up" if "keepgateup" in flags else "none"
     speed = SpeedArgs(loss="full" if name == "plain" else "chunked", packing="packing" in flags,
-                      expert_lora="split" if "splitexperts" in flags else "peft", loss_chunk_size=chunk)
+                      expert_lora="split" if "splitexperts" in flags else "peft", loss_chunk_size=chunk,
+                      compile="compile" in flags, keep_expert_outputs=keep, keep_attention_outputs="keepattn" in flags)
     if name == "liger":
         speed.loss = "liger"  # constructed directly: the liger package is not needed to estimate
     samples = rec["samples_per_step"]

@@ -66,6 +66,9 @@ def test_each_row_states_its_files_figures_and_setting(row):
                 assert value("model.model.quantization.quant_type") == row.quant_type
             if row.recipe is not None:  # the shipped overlay, launched over its base
                 assert files[-1] == row.recipe
+        elif row.recipe is None:  # a recipe's run on another base, given as overrides (the base's own row names it)
+            flag = "--model.model.quantization.quant_type"
+            assert row.quantized and args[args.index(flag) + 1] == row.quant_type
         else:
             assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
@@ -101,6 +104,7 @@ RECIPE_BUDGET_GIB = {
     "mgm2b_qlora.yaml": (8, "header: one 8 GB card"),
     "mgm2b_stage1.yaml": (24, "header: one GPU; MGM-2B's card is mgm2b_lora.yaml's 24 GB"),
     "qwen3-30b-a3b_lora_chameleons.yaml": (80, "8 GPUs of 80 GB (measured on H100 and H200 within 80 GiB)"),
+    "qwen3-30b-a3b_lora_chameleons_fp8.yaml": (80, "header: about 48 GiB free, measured on an H100 80GB"),
     "qwen3-30b-a3b_qlora_chameleons.yaml": (24, "header: ONE 24 GB GPU"),
     "qwen3-8b_lora_chameleons.yaml": (80, "header: one GPU, no size named; measured on 80 GB cards (H100, H200)"),
     "qwen3-8b_lora_chat.yaml": (80, "header: one GPU, no size named; as qwen3-8b_lora_chameleons.yaml"),
@@ -259,9 +263,14 @@ def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
     assert lookup(model_args, lora, trainable, speed, row.batch_size, row.max_length) == row  # NF4, measured
     fp8 = replace(model_args, quantization=replace(model_args.quantization, quant_type="fp8", bits=8))
     assert lookup(fp8, lora, trainable, speed, row.batch_size, row.max_length) is None
+    fp8_keys = {(r.gradient_checkpointing, r.batch_size, r.max_length) for r in MEASURED
+                if r.model == "qwen3-30b-a3b" and r.quant_type == "fp8"}
     for bf16_row in (r for r in MEASURED if r.model == "qwen3-30b-a3b" and not r.quantized):
         args = replace(fp8, gradient_checkpointing=bf16_row.gradient_checkpointing)
-        assert lookup(args, lora, trainable, speed, bf16_row.batch_size, bf16_row.max_length) is None
+        found = lookup(args, lora, trainable, speed, bf16_row.batch_size, bf16_row.max_length)
+        # where an FP8 run was measured at the same shape, its own row; never the bf16 one
+        assert found is None or (found.quant_type == "fp8" and (bf16_row.gradient_checkpointing, bf16_row.batch_size,
+                                                                 bf16_row.max_length) in fp8_keys), found
 
 
 def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whole_recompute_row(in_repo_root):

@@ -67,8 +67,12 @@ def test_each_row_states_its_files_figures_and_setting(row):
             if row.recipe is not None:  # the shipped overlay, launched over its base
                 assert files[-1] == row.recipe
         elif row.recipe is None:  # a recipe's run on another base, given as overrides (the base's own row names it)
+            launched = args[args.index("--config") + 1]
+            assert any(r.recipe == launched for r in MEASURED), launched
             flag = "--model.model.quantization.quant_type"
             assert row.quantized and args[args.index(flag) + 1] == row.quant_type
+            accumulate = args[args.index("--trainer.accumulate_grad_batches") + 1]
+            assert (args[args.index("--data.init_args.batch_size") + 1], accumulate) == (str(row.batch_size), "1")
         else:
             assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
@@ -104,7 +108,7 @@ RECIPE_BUDGET_GIB = {
     "mgm2b_qlora.yaml": (8, "header: one 8 GB card"),
     "mgm2b_stage1.yaml": (24, "header: one GPU; MGM-2B's card is mgm2b_lora.yaml's 24 GB"),
     "qwen3-30b-a3b_lora_chameleons.yaml": (80, "8 GPUs of 80 GB (measured on H100 and H200 within 80 GiB)"),
-    "qwen3-30b-a3b_lora_chameleons_fp8.yaml": (80, "header: about 48 GiB free, measured on an H100 80GB"),
+    "qwen3-30b-a3b_lora_chameleons_fp8.yaml": (80, "header: one 80 GB GPU"),
     "qwen3-30b-a3b_qlora_chameleons.yaml": (24, "header: ONE 24 GB GPU"),
     "qwen3-8b_lora_chameleons.yaml": (80, "header: one GPU, no size named; measured on 80 GB cards (H100, H200)"),
     "qwen3-8b_lora_chat.yaml": (80, "header: one GPU, no size named; as qwen3-8b_lora_chameleons.yaml"),

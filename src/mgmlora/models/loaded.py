@@ -141,11 +141,14 @@ class LoadedModel(ABC):
         trace_through_checkpoint_side_effects()  # else a checkpointed layer may compile nothing (torch_private)
         eager = eager_regions(layers)
         layer_options = options
-        if packed:
+        if packed and backend == "inductor":  # the padding is inductor's; other backends take no such options
             cfg = self.language_model().config.get_text_config()
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            inductor = packed_compile_options(head_dim)
-            layer_options = {**options, "options": {**options.get("options", {}), **inductor}} if inductor else options
+            if inductor := packed_compile_options(head_dim):
+                if "mode" in options:  # torch.compile takes `mode` or `options`, not both
+                    raise ValueError(f"packed layers with {head_dim}-wide heads compile with inductor options "
+                                     f"{inductor}, which torch.compile refuses beside mode={options['mode']!r}")
+                layer_options = {**options, "options": {**options.get("options", {}), **inductor}}
         for layer in layers:
             for region in compile_regions(layer, eager):
                 region.compile(backend=backend, **layer_options)

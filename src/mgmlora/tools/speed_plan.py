@@ -20,15 +20,16 @@
   each base and checkpointing choice, the largest fitting micro-batch that was not measured, without checkpointing
   before with it (it recomputes each layer's forward). Ties go to the smaller estimate.
 
-`MEASURED`: each row is one committed measurement under `bench/results/` (one H200, random init at real shapes), named
-beside it with the variant inside the file where the file holds several; tests/tools/test_speed_plan.py reads each
-file and checks the row's figures against it. A row describes a setting by what changes the step's work and memory:
-the model preset, the base (bf16, or NF4 or FP8: `quant_type`), what the LLM trains (`lora`, `frozen`, `full`),
-expert LoRA, the loss, gradient checkpointing and the expert and attention outputs it keeps, samples per micro-batch
-and the row length (`max_length`, the longest sample). It does not record the LoRA rank or targets beyond expert LoRA,
-compile, fused AdamW, packing or the GPU count: a row stands for every config that matches it on the fields it
-records. Rows of one model may come from different runs (an isolated step in `bench/train_step.py`, or the real `fit`
-loop through `bench/fit_smoke.py`): the figure is the file's own tokens/s, so rows from the same run compare best.
+`MEASURED`: each row is one committed measurement under `bench/results/` (one H200, or one H100 where its file name says
+so; random init at real shapes), named beside it with the variant inside the file where the file holds several;
+tests/tools/test_speed_plan.py reads each file and checks the row's figures against it. A row describes a setting by
+what changes the step's work and memory: the model preset, the base (bf16, or NF4 or FP8: `quant_type`), what the LLM
+trains (`lora`, `frozen`, `full`), expert LoRA, the loss, gradient checkpointing and the expert and attention outputs it
+keeps, samples per micro-batch and the row length (`max_length`, the longest sample). It does not record the LoRA rank
+or targets beyond expert LoRA, compile, fused AdamW, packing or the GPU count: a row stands for every config that
+matches it on the fields it records. Rows of one model may come from different runs (an isolated step in
+`bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the figure is the file's own tokens/s, so
+rows from the same run compare best.
 """
 
 from __future__ import annotations

@@ -505,3 +505,32 @@ def test_a_compiled_fp8_moe_layer_trains_as_the_eager_one_on_the_gpu(expert_prod
     # (12.5% apart) or a token across experts: the gradients agree in direction, not to a few percent
     assert torch.isfinite(grads[1]).all()
     assert torch.nn.functional.cosine_similarity(grads[1], grads[0], dim=0) > 0.95
+
+
+@pytest.mark.parametrize("expert_products", ["dequantized", "fp8"])
+def test_an_fp8_base_generates_with_its_kv_cache_what_its_full_forward_predicts(expert_products):
+    # what validation's greedy replies (GenerationEval, mgmlora.models.generation) run on an FP8 base: a left-padded
+    # batch, the KV cache and one-token steps through the FP8 products (one scale per token row, so a token's product
+    # does not depend on its neighbours); each new token must be the argmax of a full forward without cache
+    from mgmlora.models.generation import left_pad
+
+    torch.manual_seed(0)
+    loaded = load_model(_args("tiny-qwen3-moe", expert_products=expert_products))
+    model, _ = apply_trainability(loaded, LoraArgs(preset="chameleons", lora_dropout=0.0), Trainability())
+    for name, p in model.named_parameters():  # LoRA B away from zero: the adapter takes part in every product
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    prompts = [[5, 17, 33, 48, 9, 70, 11, 12], [3, 44, 21]]
+    ids, mask = left_pad(prompts, 0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, max_new_tokens=5, do_sample=False,
+                             eos_token_id=[], pad_token_id=0)
+    for prompt, new in zip(prompts, out[:, ids.shape[1]:].tolist()):
+        assert len(new) == 5
+        row = list(prompt)
+        for token in new:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([row])).logits[0, -1]
+            assert token == int(logits.argmax()), (prompt, row, token)
+            row.append(token)

@@ -195,3 +195,5 @@ def test_the_unpadded_options_name_inductor_options_that_exist():
 
     assert set(unpadded_inductor_options()) <= set(torch._inductor.list_options())
     assert torch._inductor.config.comprehensive_padding is True  # the default the options turn off
+    # mgmlora.models.attention.packed_compile_options leaves 64-multiple head dims padded: 128 bytes of bf16 is 64
+    assert torch._inductor.config.padding_alignment_bytes == 128

@@ -183,6 +183,7 @@ def test_the_held_out_measurements_are_most_of_the_committed_ones():
     assert runs[1] >= 15 and steps[1] >= 30, (runs, steps)  # 19 runs and 34 steps held out, 13 and 42 calibrate
 
 
+@pytest.mark.integration  # dozens of cases, 0.1-1 s each: together ~20 s of the fast tier's 2 minutes on CI
 @pytest.mark.parametrize("name,result", list(_fit_smoke_cases(held_out=True)))
 def test_estimate_predicts_held_out_training_runs(name, result, in_repo_root):
     _check_training_run(name, result)
@@ -215,6 +216,7 @@ def _check_training_run(name, result):
     assert abs(est.total_gib / measured - 1) <= TOLERANCE, (est.total_gib, measured, est.items)
 
 
+@pytest.mark.integration  # dozens of cases, 0.1-1 s each: together ~20 s of the fast tier's 2 minutes on CI
 @pytest.mark.parametrize("result,variant,rec", list(_train_step_cases(held_out=True)))
 def test_estimate_predicts_held_out_benchmark_steps(result, variant, rec):
     _check_bench_step(result, variant, rec)
@@ -283,6 +285,7 @@ def test_a_config_training_refuses_gets_the_refusal_not_a_figure(in_repo_root):
     assert fp8["total_gib"] > 0  # frozen FP8 experts train without it
 
 
+@pytest.mark.integration  # dozens of cases, 0.1-1 s each: together ~20 s of the fast tier's 2 minutes on CI
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_can_be_estimated(path, in_repo_root):
     est = estimate(*run_from_config([str(f) for f in launch_files(path)]))

@@ -49,6 +49,11 @@ def expert_width(config) -> int:
     return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
 
 
+def head_dim(config) -> int:
+    """One attention head's width: `head_dim` where the config sets it (Qwen3, Gemma), else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def build_config(args: ModelArgs):
     """The transformers config of the model, without loading any weights."""
     offline.enforce()  # every loader is offline whoever calls it (mgmlora.offline)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mgmlora.models.causal_lm import head_dim
 from mgmlora.models.recompute import KeptOutputs
 
 
@@ -92,9 +93,8 @@ class FlopModel:
                     frozen += size * share
                     if share != 1.0 and p.ndim == 3 and param_name in experts:
                         experts[param_name] += size * share
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(frozen=int(frozen), lora=int(lora), head=cfg.hidden_size * cfg.vocab_size,
-                   attention=cfg.num_hidden_layers * cfg.num_attention_heads * head_dim, image=image_flops,
+                   attention=cfg.num_hidden_layers * cfg.num_attention_heads * head_dim(cfg), image=image_flops,
                    gate_up=int(experts["gate_up_proj"]), down=int(experts["down_proj"]))
 
     def attention_forward(self, lengths: Sequence[int], causal: bool = True) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 
 from mgmlora.batch import IMAGE_TOKEN_INDEX, Batch
 from mgmlora.models.attention import packed_compile_options, varlen_kwargs
+from mgmlora.models.causal_lm import head_dim
 from mgmlora.models.generation import GenerationArgs, generate_batch
 from mgmlora.models.head import output_head
 from mgmlora.models.packing import pack_padded
@@ -142,11 +143,10 @@ class LoadedModel(ABC):
         eager = eager_regions(layers)
         layer_options = options
         if packed and backend == "inductor":  # the padding is inductor's; other backends take no such options
-            cfg = self.language_model().config.get_text_config()
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            if inductor := packed_compile_options(head_dim):
+            width = head_dim(self.language_model().config.get_text_config())
+            if inductor := packed_compile_options(width):
                 if "mode" in options:  # torch.compile takes `mode` or `options`, not both
-                    raise ValueError(f"packed layers with {head_dim}-wide heads compile with inductor options "
+                    raise ValueError(f"packed layers with {width}-wide heads compile with inductor options "
                                      f"{inductor}, which torch.compile refuses beside mode={options['mode']!r}")
                 layer_options = {**options, "options": {**options.get("options", {}), **inductor}}
         for layer in layers:

@@ -50,7 +50,7 @@ from mgmlora.data.datamodule import count_refusals
 from mgmlora.errors import UsageError
 from mgmlora.models import build_on_meta, model_info, uses_moe
 from mgmlora.models.args import ModelArgs
-from mgmlora.models.causal_lm import expert_width
+from mgmlora.models.causal_lm import expert_width, head_dim
 from mgmlora.models.dtypes import DTYPES
 from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
@@ -136,11 +136,10 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         top_k = getattr(cfg, "num_experts_per_tok", 1) if loaded.moe else 1
         mlp = expert_width(cfg) * top_k if loaded.moe else cfg.intermediate_size
         moe_layers = sum(any(p.ndim == 3 for p in layer.parameters()) for layer in loaded.quantizable_modules())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
                                   sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0),
-                                  top_k, moe_layers, cfg.num_attention_heads, head_dim)
+                                  top_k, moe_layers, cfg.num_attention_heads, head_dim(cfg))
     return _FACTS[key]
 
 

@@ -581,7 +581,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common ${RECIPE_ARGS:-}
     # shellcheck disable=SC2086
     timeout 240 python3 bench/train_step.py --model qwen3-30b-a3b --warmup 3 --steps 3 --profile ${STEP_ARGS:-} \
-      --variants liger+packing+nocast+fused+fastexperts+compilex64 \
+      --variants ${STEP_VARIANT:-liger+packing+nocast+fused+fastexperts+compilex64} \
       --out "$out/$day-train_step_profile_compiled${TAG:+_$TAG}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_split)

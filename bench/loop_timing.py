@@ -191,13 +191,14 @@ class LoopProfile(L.Callback):
     """torch.profiler over `micro_batches` consecutive micro-batches of the real loop, after `skip_steps` steps.
 
     `summary()` gives the device's busy time and idle share over the profiled span with its largest idle gaps
-    (`busy_and_gaps`, over kernels and copies: `annotation` ranges left out), and per micro-batch the host calls that
-    wait for the device (`HOST_WAITS`: count and host milliseconds), in total and by the function of mgmlora's code
-    they come from (`name @ file(line): function`, the line where that function starts; the innermost frame of
-    mgmlora's own code, so a wait inside a library is named by the mgmlora function that called into it) and, for a
-    wait inside a library, by that library's frame too (`name in file(line): function`): the places where the host
-    cannot queue work ahead of the GPU. With `trace` set, the Chrome trace is written there too (chrome://tracing or
-    Perfetto).
+    (`busy_and_gaps`, over kernels and copies: `annotation` ranges left out), the device time per kernel kind
+    (`device_breakdown`'s `kinds`, to set beside bench/train_step.py's profile of the isolated step), and per
+    micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host milliseconds), in total and by
+    the function of mgmlora's code they come from (`name @ file(line): function`, the line where that function starts;
+    the innermost frame of mgmlora's own code, so a wait inside a library is named by the mgmlora function that called
+    into it) and, for a wait inside a library, by that library's frame too (`name in file(line): function`): the
+    places where the host cannot queue work ahead of the GPU. With `trace` set, the Chrome trace is written there too
+    (chrome://tracing or Perfetto).
     """
 
     def __init__(self, skip_steps: int = 2, micro_batches: int = 4, trace: str | None = None):
@@ -244,7 +245,7 @@ class LoopProfile(L.Callback):
                     w["host_ms"] += (e.time_range.end - e.time_range.start) / 1e3
         per = max(self._seen, 1)
         self._summary = {"profiled_micro_batches": self._seen, "skipped_optimizer_steps": self.skip_steps,
-                         **busy_and_gaps(device),
+                         **busy_and_gaps(device), "kinds": device_breakdown(device)["kinds"],
                          "host_waits_per_micro_batch": {k: {"count": round(v["count"] / per, 2),
                                                             "host_ms": round(v["host_ms"] / per, 3)}
                                                         for k, v in sorted(waits.items())}}

@@ -186,6 +186,7 @@ VARIANTS = {
     "qwen3-30b-a3b_lora_chameleons_fp8.yaml": ("qwen3-30b-a3b_lora_chameleons.yaml", {
         "model.model.quantization": {"quant_type": "fp8", "bits": None, "expert_products": "dequantized",
                                      "double_quant": True, "compute_dtype": None, "backend": "auto"},
+        "model.speed.keep_attention_outputs": True,
         "trainer.devices": 1, "trainer.strategy": "auto", "data.init_args.batch_size": 64,
         LOGGER: "qwen3-30b-a3b_lora_chameleons_fp8"}),
     "demo_moe.yaml": ("demo_chameleons.yaml", {

@@ -48,16 +48,22 @@ def test_each_row_states_its_files_figures_and_setting(row):
         tokens, peak = rec["tokens_per_s"], rec["peak_alloc_gib"]
     else:  # a real fit of a shipped config through bench/fit_smoke.py
         args = shlex.split(result["command"])
-        if row.window_samples is not None:  # a window: the config files the run named, then its overrides
-            files = [os.path.normpath(args[i + 1]) for i, a in enumerate(args) if a == "--config"]
-            config = functools.reduce(_merge, (yaml.safe_load((ROOT / f).read_text()) for f in files), {})
+        # the config files the run named, then its overrides
+        files = [os.path.normpath(args[i + 1]) for i, a in enumerate(args) if a == "--config"]
+        config = functools.reduce(_merge, (yaml.safe_load((ROOT / f).read_text()) for f in files), {})
 
-            def value(key):
-                flag = f"--{key}"
-                if flag in args:
-                    return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
+        def value(key, default=None):
+            flag = f"--{key}"
+            if flag in args:
+                return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
+            try:
                 return str(functools.reduce(lambda node, part: node[part], key.split("."), config))
+            except KeyError:
+                return default
 
+        # the kept outputs as the run set them (the files as they are now: these keys came after the older runs)
+        assert value("model.speed.keep_attention_outputs", "False").lower() == str(row.keep_attention_outputs).lower()
+        if row.window_samples is not None:  # a window
             assert (value("data.init_args.window_samples"), value("trainer.accumulate_grad_batches"),
                     value("model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
             if row.loss_chunk_size is not None:
@@ -73,8 +79,8 @@ def test_each_row_states_its_files_figures_and_setting(row):
             assert row.quantized and args[args.index(flag) + 1] == row.quant_type
             accumulate = args[args.index("--trainer.accumulate_grad_batches") + 1]
             assert (args[args.index("--data.init_args.batch_size") + 1], accumulate) == (str(row.batch_size), "1")
-        else:
-            assert row.recipe == args[args.index("--config") + 1], "the run launched the row's recipe"
+        else:  # the row's recipe is the last config the run named (an overlay after its base)
+            assert files[-1] == row.recipe, "the run launched the row's recipe"
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
         assert not result["oom"] and result["world_size"] == 1
     assert row.tokens_per_s == pytest.approx(tokens, abs=0.051)
@@ -83,7 +89,8 @@ def test_each_row_states_its_files_figures_and_setting(row):
 
 def test_no_two_rows_describe_the_same_setting():
     keys = [(r.model, r.quantized, r.quant_type, r.trainable_llm, r.target_experts, r.loss, r.gradient_checkpointing,
-             r.batch_size, r.max_length, r.window_samples, r.loss_chunk_size) for r in MEASURED]
+             r.batch_size, r.max_length, r.window_samples, r.loss_chunk_size, r.keep_expert_outputs,
+             r.keep_attention_outputs) for r in MEASURED]
     assert len(keys) == len(set(keys))
 
 

@@ -569,9 +569,10 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     # configs/qwen3-30b-a3b_lora_chameleons.yaml on one GPU with speed.compile on, in the real fit loop (global batch
     # 64 as 64 packed samples x accumulate 1; DeepSpeed ZeRO-2 as written), then the compiled step under torch.profiler
     # (bench/train_step.py --profile: top device operators of a step after the compiled warm-up). RECIPE_ARGS adds
-    # to the fit's arguments and STEP_ARGS to the step's (the FP8 base: RECIPE_ARGS="--model.model.quantization.quant_type
-    # fp8 --trainer.strategy auto" STEP_ARGS="--quant fp8"; a quantised MoE base runs without DeepSpeed), STEP_VARIANT
-    # replaces the step's variant (the default is the recipe's settings without kept outputs), TAG names both
+    # to the fit's arguments and STEP_ARGS to the step's, STEP_VARIANT replaces the step's variant (the default is the
+    # base recipe's settings, without kept outputs), TAG names both. The FP8 overlay, whose step keeps the attention
+    # outputs: RECIPE_ARGS="--config configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml" STEP_ARGS="--quant fp8"
+    # STEP_VARIANT=liger+packing+nocast+fused+fastexperts+compile+keepattnx64
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
     smoke qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile${TAG:+_$TAG} 300 fit \

@@ -191,8 +191,9 @@ class LoopProfile(L.Callback):
     """torch.profiler over `micro_batches` consecutive micro-batches of the real loop, after `skip_steps` steps.
 
     `summary()` gives the device's busy time and idle share over the profiled span with its largest idle gaps
-    (`busy_and_gaps`, over kernels and copies: `annotation` ranges left out), the device time per kernel kind
-    (`device_breakdown`'s `kinds`, to set beside bench/train_step.py's profile of the isolated step), and per
+    (`busy_and_gaps`, over kernels and copies: `annotation` ranges left out), the device time per kernel kind over
+    the whole profiled span (`device_breakdown`'s `kinds`; with one micro-batch per optimizer step and
+    `micro_batches=1`, one step, to set beside bench/train_step.py's profile of the isolated step), and per
     micro-batch the host calls that wait for the device (`HOST_WAITS`: count and host milliseconds), in total and by
     the function of mgmlora's code they come from (`name @ file(line): function`, the line where that function starts;
     the innermost frame of mgmlora's own code, so a wait inside a library is named by the mgmlora function that called

@@ -94,7 +94,9 @@ def _fit_smoke_cases(held_out: bool):
         if not result.get("peak_mem_alloc_gib"):  # a CPU run (a loop profile): no GPU memory to predict
             continue
         if (path.name not in CALIBRATION) == held_out:
-            gap = pytest.mark.xfail(strict=True, reason="known estimate gap") if path.name in RUN_GAPS else ()
+            gap = pytest.mark.xfail(strict=True, reason="known estimate gap") if path.name in RUN_GAPS else \
+                pytest.mark.xfail(strict=True, reason="the run's packs were far below the worst case the estimate "
+                                  "sizes") if path.name in BELOW_WORST_CASE else ()
             yield pytest.param(path.name, result, id=path.name, marks=gap)
 
 
@@ -120,14 +122,16 @@ ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+n
 # at the largest micro-batch it could reach (5,182 positions, 5,248 padded) is 22.4 GiB; its 48-micro-batch runs
 # measure 22.28 GiB against an estimate of 20.34 (9% under, inside the 15% bar). The estimate misses about 2 GiB of
 # the FP8 packed loop (not yet found which term; the bf16 packed loop's estimate is within 1% of its measurement).
-# The Chameleons FP8 overlay with kept attention outputs (64 samples packed into one micro-batch): the estimate sizes
-# the pack at the config's worst case, 64 x 1,024 positions, and says 71.3 GiB, 26% over the measured 56.4; the run's
-# synthetic packs held about 36,200 positions a step (its median tokens/s x step time), and the kept attention outputs
-# (24.4 GiB of the estimate) scale with positions. The estimate has no input for a run's actual pack sizes without
-# data.window_samples; the same overlay without kept outputs lands within 15% (9% over) all the same.
 RUN_GAPS = {"2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc64_chunked-h200.json",
-            "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc40-h200.json",
-            "2026-12-06-qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile_fp8_keepattn-h100.json"}
+            "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc40-h200.json"}
+# Runs whose packs held far fewer positions than the config's worst case, which the estimate sizes: the Chameleons FP8
+# overlay with kept attention outputs packs 64 samples into one micro-batch; the estimate takes 64 x 1,024 positions
+# and says 71.3 GiB, 26% over the measured 56.4, while the run's synthetic packs held about 36,200 positions a step
+# (median tokens/s x step time). Its two position-proportional terms (checkpointed activations 14.5 GiB, kept attention
+# outputs 24.4 GiB) scaled to ~36,200 positions give about 53.9 GiB, within 15% (about 4% under). Without
+# data.window_samples the estimate has no input for a run's actual pack sizes; the same overlay without kept outputs
+# lands within 15% (9% over) all the same.
+BELOW_WORST_CASE = {"2026-12-06-qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile_fp8_keepattn-h100.json"}
 
 
 def _train_step_cases(held_out: bool):
@@ -186,7 +190,7 @@ def test_the_held_out_measurements_are_most_of_the_committed_ones():
     assert all((RESULTS / name).is_file() for name in CALIBRATION)  # the list names real files
     runs = [len(list(_fit_smoke_cases(held_out))) for held_out in (False, True)]
     steps = [len(list(_train_step_cases(held_out))) for held_out in (False, True)]
-    assert runs[1] >= 15 and steps[1] >= 30, (runs, steps)  # 19 runs and 34 steps held out, 13 and 42 calibrate
+    assert runs[1] >= 40 and steps[1] >= 60, (runs, steps)  # 44 runs and 69 steps held out, 13 and 42 calibrate
 
 
 @pytest.mark.integration  # dozens of cases, 0.1-1 s each: together ~20 s of the fast tier's 2 minutes on CI

@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from mgmlora.cli import parse_files
+from mgmlora.cli import parse_config, parse_files
 from mgmlora.tools.memory import cheapest_fix, estimate, run_from_tree
-from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, shipped_4bit_recipe
+from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, lookup, shipped_4bit_recipe
 from tests.conftest import ROOT, launch_args, launch_files, load_script
 from tests.test_configs import _merge
 
@@ -48,30 +48,22 @@ def test_each_row_states_its_files_figures_and_setting(row):
         tokens, peak = rec["tokens_per_s"], rec["peak_alloc_gib"]
     else:  # a real fit of a shipped config through bench/fit_smoke.py
         args = shlex.split(result["command"])
-        # the config files the run named, then its overrides
         files = [os.path.normpath(args[i + 1]) for i, a in enumerate(args) if a == "--config"]
-        config = functools.reduce(_merge, (yaml.safe_load((ROOT / f).read_text()) for f in files), {})
+        if row.window_samples is not None:  # a window: the config files the run named, then its overrides
+            config = functools.reduce(_merge, (yaml.safe_load((ROOT / f).read_text()) for f in files), {})
 
-        def value(key, default=None):
-            flag = f"--{key}"
-            if flag in args:
-                return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
-            try:
+            def value(key):
+                flag = f"--{key}"
+                if flag in args:
+                    return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins
                 return str(functools.reduce(lambda node, part: node[part], key.split("."), config))
-            except KeyError:
-                return default
 
-        # the kept outputs as the run set them (the files as they are now: these keys came after the older runs)
-        assert value("model.speed.keep_attention_outputs", "False").lower() == str(row.keep_attention_outputs).lower()
-        if row.window_samples is not None:  # a window
             assert (value("data.init_args.window_samples"), value("trainer.accumulate_grad_batches"),
                     value("model.speed.loss")) == (str(row.window_samples), str(row.batch_size), row.loss)
             if row.loss_chunk_size is not None:
                 assert value("model.speed.loss_chunk_size") == str(row.loss_chunk_size)
             if row.quantized:
                 assert value("model.model.quantization.quant_type") == row.quant_type
-            if row.recipe is not None:  # the shipped overlay, launched over its base
-                assert files[-1] == row.recipe
         elif row.recipe is None:  # a recipe's run on another base, given as overrides (the base's own row names it)
             launched = args[args.index("--config") + 1]
             assert any(r.recipe == launched for r in MEASURED), launched
@@ -79,8 +71,13 @@ def test_each_row_states_its_files_figures_and_setting(row):
             assert row.quantized and args[args.index(flag) + 1] == row.quant_type
             accumulate = args[args.index("--trainer.accumulate_grad_batches") + 1]
             assert (args[args.index("--data.init_args.batch_size") + 1], accumulate) == (str(row.batch_size), "1")
-        else:  # the row's recipe is the last config the run named (an overlay after its base)
-            assert files[-1] == row.recipe, "the run launched the row's recipe"
+        if row.recipe is not None:  # the run launched the row's recipe as its header says: an overlay after its base
+            assert files == [str(f.relative_to(ROOT)) for f in launch_files(ROOT / row.recipe)], files
+        # the run's own arguments, in their order, composed as `fit` composes them: the row is what the speed
+        # plan finds for that setting (every key the lookup matches on, the kept outputs included)
+        model_args, lora, trainable, speed, shape = run_from_tree(parse_config(args[args.index("fit") + 1:]))
+        micro = shape.accumulate if shape.window_samples else shape.batch_size
+        assert lookup(model_args, lora, trainable, speed, micro, shape.seq_len, shape.window_samples) == row
         tokens, peak = result["tokens_per_s_median"], result["peak_mem_alloc_gib"]
         assert not result["oom"] and result["world_size"] == 1
     assert row.tokens_per_s == pytest.approx(tokens, abs=0.051)
@@ -267,7 +264,6 @@ def test_the_4bit_base_is_never_offered_to_a_full_fine_tune(in_repo_root):
 
 
 def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
-    from mgmlora.tools.speed_plan import lookup
 
     model_args, lora, trainable, speed, shape = _run(["configs/qwen3-30b-a3b_qlora_chameleons.yaml"])
     row = next(r for r in MEASURED if r.recipe == "configs/qwen3-30b-a3b_qlora_chameleons.yaml")
@@ -285,7 +281,6 @@ def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
 
 
 def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whole_recompute_row(in_repo_root):
-    from mgmlora.tools.speed_plan import lookup
 
     config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
     model_args, lora, trainable, speed, shape = _run(config, ["--trainer.devices", "1"])
@@ -301,7 +296,6 @@ def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whol
 
 def test_a_measured_row_stands_only_for_its_own_base_format(in_repo_root):
     # the FP8 window row answers for the FP8 overlay; the same settings on an NF4 or bf16 base were not measured
-    from mgmlora.tools.speed_plan import lookup
 
     fp8 = ["configs/mgm2b_lora.yaml", "configs/mgm2b_lora_packed_fp8.yaml"]
     for overrides, source in [((), "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json"),

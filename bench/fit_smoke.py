@@ -6,7 +6,9 @@ Not a speed comparison against plain transformers + PEFT (that is bench/train_st
 loop as users run it, for the configs/README.md table. Tokens/s and step time are medians over the steps after the first
 two (warm-up); peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
 loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
-the first two optimizer steps, and the tokens/s inside them. With LOOP_PROFILE=N in the environment, `loop_profile` is
+the first two optimizer steps, and the tokens/s inside them. `positions_per_micro_batch` is the count, largest and
+median of every micro-batch's non-padding positions (warm-up included): the largest is what peak memory follows, for
+comparing a run with the memory estimate. With LOOP_PROFILE=N in the environment, `loop_profile` is
 bench/loop_timing.py's LoopProfile over N micro-batches after two optimizer steps (device idle share, its largest gaps,
 host calls that wait for the device); LOOP_TRACE=path also writes that stretch's Chrome trace. The profiler and its
 event processing run inside the measured steps, so a profiled run reports no tokens/s, step time or loop overhead: they
@@ -139,6 +141,7 @@ def main() -> None:
         "adapter_nonzero_lora_B": sum(bool(v.any()) for k, v in live.items() if "lora_B" in k),
         "checkpoint_adapter_identical": identical,
         "loop_timing": _TIMING[-1].summary(_TIMING[-1].tokens) if _TIMING else None,
+        "positions_per_micro_batch": _TIMING[-1].positions() if _TIMING else None,
         "loop_profile": _PROFILE[-1].summary() if _PROFILE else None,
         "generation": _generation_cost(scalars),
     }
@@ -182,17 +185,31 @@ def _generation_cost(scalars: dict[str, list[float]]) -> dict | None:
 
 
 class _CountingTiming(MicroBatchTiming):
-    """MicroBatchTiming that also sums the positions of the micro-batches it measures (on the GPU, read at the end)."""
+    """MicroBatchTiming that also sums the positions of the micro-batches it measures (on the GPU, read at the end).
+
+    It keeps every micro-batch's positions too, warm-up included, for `positions()`: peak memory follows the largest
+    micro-batch, not the mean.
+    """
 
     def __init__(self):
         super().__init__(skip_steps=2)
         self._tokens = 0
+        self._each: list[torch.Tensor] = []  # 0-d, one per micro-batch
         _TIMING.append(self)  # built by the CLI from its class path; main() reads it back here
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        positions = batch_positions(batch, pl_module.info.image_tokens)
+        self._each.append(positions)
         if self._start is not None:
-            self._tokens = self._tokens + batch_positions(batch, pl_module.info.image_tokens)
+            self._tokens = self._tokens + positions
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def positions(self) -> dict | None:
+        """Non-padding positions per micro-batch over the whole run: count, largest, median (None before any)."""
+        if not self._each:
+            return None
+        each = [int(p) for p in torch.stack(self._each).tolist()]
+        return {"micro_batches": len(each), "max": max(each), "median": statistics.median(each)}
 
     @property
     def tokens(self) -> float | None:

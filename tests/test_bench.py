@@ -143,6 +143,22 @@ def test_fit_smoke_records_generation_cost_against_training_time():
     assert cost["scores"] == {"val_gen/rougeL": [0.1, 0.2]}
 
 
+def test_fit_smoke_records_every_micro_batchs_positions_and_its_largest():
+    """Peak memory follows the largest micro-batch: fit_smoke keeps each one's positions, warm-up steps included."""
+    from types import SimpleNamespace
+
+    import torch
+
+    timing = _fit_smoke()._CountingTiming()
+    assert timing.positions() is None
+    text_only = SimpleNamespace(info=SimpleNamespace(image_tokens=0))
+    # by hand: attention masks of 5, 2 and 7 real positions (padding 0) -> 3 micro-batches, largest 7, median 5
+    for mask in ([1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]):
+        batch = SimpleNamespace(attention_mask=torch.tensor([mask]))
+        timing.on_train_batch_end(None, text_only, None, batch, 0)
+    assert timing.positions() == {"micro_batches": 3, "max": 7, "median": 5}
+
+
 def test_busy_time_counts_overlaps_once_and_names_the_largest_gaps():
     busy_and_gaps = _bench_module("loop_timing").busy_and_gaps
     # by hand: a and b overlap -> busy [0, 12]; c and d touch -> busy [20, 31]; e -> [40, 50];

@@ -7,13 +7,14 @@ loop as users run it, for the configs/README.md table. Tokens/s and step time ar
 two (warm-up); peak memory is the maximum of `torch.cuda.max_memory_allocated` per optimizer step. `loop_timing` is the
 loop-overhead figure of bench/loop_timing.py: the share of the loop's GPU-clock time spent between micro-batches after
 the first two optimizer steps, and the tokens/s inside them. `positions_per_micro_batch` is the count, largest and
-median of every micro-batch's non-padding positions (warm-up included): the largest is what peak memory follows, for
-comparing a run with the memory estimate. With LOOP_PROFILE=N in the environment, `loop_profile` is
-bench/loop_timing.py's LoopProfile over N micro-batches after two optimizer steps (device idle share, its largest gaps,
-host calls that wait for the device); LOOP_TRACE=path also writes that stretch's Chrome trace. The profiler and its
-event processing run inside the measured steps, so a profiled run reports no tokens/s, step time or loop overhead: they
-move under `timing_with_profiler`, for reference only (`_withhold_profiled_timing`). `generation` is
-validation generation's cost against training time (GenerationEval's `val_gen/time_s`), when the run generated.
+median of every micro-batch's positions as the model computes them (`batch_positions`: non-padding tokens, images
+expanded; warm-up included): the largest is what peak memory follows, for comparing a run with the memory estimate.
+With LOOP_PROFILE=N in the environment, `loop_profile` is bench/loop_timing.py's LoopProfile over N micro-batches after
+two optimizer steps (device idle share, its largest gaps, host calls that wait for the device); LOOP_TRACE=path also
+writes that stretch's Chrome trace. The profiler and its event processing run inside the measured steps, so a profiled
+run reports no tokens/s, step time or loop overhead: they move under `timing_with_profiler`, for reference only
+(`_withhold_profiled_timing`). `generation` is validation generation's cost against training time (GenerationEval's
+`val_gen/time_s`), when the run generated.
 
 `--memory_cap_gib N` caps this process's CUDA allocator at N GiB (`torch.cuda.set_per_process_memory_fraction`), to
 prove a config fits an N GiB card on a bigger one. A run that runs out of memory is recorded as such (`"oom": true`,

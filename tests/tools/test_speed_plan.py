@@ -33,7 +33,7 @@ def _train_step():
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r.source}:{r.variant or r.recipe}")
-def test_each_row_states_its_files_figures_and_setting(row):
+def test_each_row_states_its_files_figures_and_setting(row, in_repo_root):
     result = json.loads((RESULTS / row.source).read_text())
     if row.variant is not None:  # one variant of bench/train_step.py
         rec = result["variants"][row.variant]
@@ -263,8 +263,7 @@ def test_the_4bit_base_is_never_offered_to_a_full_fine_tune(in_repo_root):
     assert not any(s.quantized for s in candidates(model_args, lora, trainable, speed, shape, 24))
 
 
-def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
-
+def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base(in_repo_root):
     model_args, lora, trainable, speed, shape = _run(["configs/qwen3-30b-a3b_qlora_chameleons.yaml"])
     row = next(r for r in MEASURED if r.recipe == "configs/qwen3-30b-a3b_qlora_chameleons.yaml")
     assert lookup(model_args, lora, trainable, speed, row.batch_size, row.max_length) == row  # NF4, measured
@@ -281,7 +280,6 @@ def test_an_fp8_base_is_never_ranked_by_a_row_measured_on_another_base():
 
 
 def test_kept_expert_outputs_are_planned_checkpointed_and_never_ranked_by_a_whole_recompute_row(in_repo_root):
-
     config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]
     model_args, lora, trainable, speed, shape = _run(config, ["--trainer.devices", "1"])
     row = next(r for r in MEASURED if r.recipe == config[0])

@@ -64,6 +64,10 @@
 #          of 2 optimizer steps) and the Qwen3-30B-A3B Chameleons recipe on one GPU (global batch 64 as 8 packed x
 #          accumulate 8, a validation every 3 of 6 steps); random init never stops early, so every reply runs to
 #          64 tokens (worst case)
+#   loopgap_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml's fit loop, which ran 0.90x its isolated
+#          step: the loop as shipped, with LoRA dropout 0 (the bench step's and the TRL runner's), and one optimizer
+#          step profiled (LOOP_PROFILE=1); then the isolated step at the pack's worst case, 64 x 1,024 positions, for
+#          its peak memory
 # Results land in OUT_DIR (default bench/results/new) as JSON, one file per run, each holding its exact command.
 set -uo pipefail
 part=${1:?part: tests|mgm|mgm_full|qwen|speed|parity|profile|qlora_qwen|qlora_qwen_experts|qlora_mgm|qlora_parity}
@@ -585,6 +589,24 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
     timeout 240 python3 bench/train_step.py --model qwen3-30b-a3b --warmup 3 --steps 3 --profile ${STEP_ARGS:-} \
       --variants ${STEP_VARIANT:-liger+packing+nocast+fused+fastexperts+compilex64} \
       --out "$out/$day-train_step_profile_compiled${TAG:+_$TAG}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+    ;;
+  loopgap_qwen)
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    fp8="fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml --config configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml
+         --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
+         --data.init_args.train_path /tmp/chameleons_big.json --trainer.log_every_n_steps 1
+         --trainer.num_sanity_val_steps 0 $common"
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop 150 $fp8 --trainer.max_steps 6
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0 150 $fp8 --trainer.max_steps 6 --model.lora.lora_dropout 0.0
+    export LOOP_PROFILE=1
+    # shellcheck disable=SC2086
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_profile 150 $fp8 --trainer.max_steps 3
+    unset LOOP_PROFILE
+    timeout 120 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --lengths fixed --seq 1024 --warmup 2 \
+      --steps 2 --variants liger+packing+nocast+fused+fastexperts+compile+keepattnx64 \
+      --out "$out/$day-train_step_fp8_keepattn_worstcase_x64-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_split)
     # expert LoRA split beside the frozen experts (model.speed.expert_lora: split, +splitexperts) against PEFT's path

@@ -128,9 +128,8 @@ RUN_GAPS = {"2026-12-04-mgm2b_lora_recipe_loop_24gib_window128_acc64_chunked-h20
 # overlay with kept attention outputs packs 64 samples into one micro-batch; the estimate takes 64 x 1,024 positions
 # and says 71.3 GiB, 26% over the measured 56.4, while the run's synthetic packs held about 36,200 positions a step
 # (median tokens/s x step time). At 64 samples of 566 positions (~36,200) the estimate says 53.42 GiB, within 15%
-# (5% under). Without
-# data.window_samples the estimate has no input for a run's actual pack sizes; the same overlay without kept outputs
-# lands within 15% (9% over) all the same.
+# (5% under). Without data.window_samples the estimate has no input for a run's actual pack sizes; the same overlay
+# without kept outputs lands within 15% (9% over) all the same.
 BELOW_WORST_CASE = {"2026-12-06-qwen3-30b-a3b_lora_chameleons_1gpu_x64_compile_fp8_keepattn-h100.json"}
 
 

@@ -8,6 +8,7 @@ models (RECOMPUTE_LIVE was set on them, and their allocator peak varies with the
 import json
 import os
 import shlex
+from dataclasses import replace
 
 import pytest
 
@@ -217,7 +218,13 @@ def _check_training_run(name, result):
         overrides += ["--model.speed.loss", "full"]
     overrides += [o for prefix, formed in FORMED_MAX_TOKENS.items() if name.startswith(prefix)
                   for o in ("--data.init_args.max_tokens", str(formed))]
-    est = estimate(*run_from_config(configs, overrides))
+    model, lora, trainability, speed, shape = run_from_config(configs, overrides)
+    formed = result.get("positions_per_micro_batch")
+    if formed and speed.packing and shape.window_samples is None:
+        # a packed run that recorded its packs (bench/fit_smoke.py): sized at its largest, not at the config's worst
+        # case (batch_size x max_length), which the run's data never reached
+        shape = replace(shape, seq_len=-(-formed["max"] // shape.batch_size))
+    est = estimate(model, lora, trainability, speed, shape)
     if result.get("oom"):  # the run asked for more than its cap: the estimate must not say it fits
         assert est.total_gib > result["memory_cap_gib"], est.items
         return

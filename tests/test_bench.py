@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, load_script
 
@@ -325,3 +326,12 @@ def test_micro_batches_reports_the_largest_micro_batch_of_fits_own_sampler(extra
         sampler = data._train_sampler()  # the sampler fit iterates
         formed = max(sum(sampler.costs[i] for i in batch) for batch in sampler._epoch_batches(0, accumulate))
         assert reported[str(accumulate)] == [formed], (extra, accumulate)
+
+
+def test_grouped_gemm_routes_every_row_to_one_expert():
+    """bench/grouped_gemm.py's offsets: one end per expert, non-decreasing, positions x top_k rows in all."""
+    routing = _bench_module("grouped_gemm")._routing
+    offsets = routing(positions=100, top_k=8, experts=16, seed=0, device=torch.device("cpu"))
+    assert offsets.shape == (16,) and offsets.dtype == torch.int32
+    assert int(offsets[-1]) == 800 and bool((offsets[1:] >= offsets[:-1]).all())
+    assert torch.equal(offsets, routing(100, 8, 16, 0, torch.device("cpu")))  # seeded: the same rows per run

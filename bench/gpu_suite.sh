@@ -66,8 +66,8 @@
 #          64 tokens (worst case)
 #   experts_fp8_qwen  (1 GPU) one MoE layer's frozen expert products at Qwen3-30B-A3B's shapes, FP8 grouped GEMM
 #          against dequantise + bf16 grouped GEMM, eager and compiled (bench/grouped_gemm.py); then the FP8 overlay's
-#          isolated x64 kept-attention step with each expert_products setting, and its fit loop at LoRA dropout 0,
-#          all in one call (the loop-vs-step ratio at equal dropout, same session)
+#          isolated x64 kept-attention step and its fit loop at LoRA dropout 0 (the loop-vs-step ratio at equal
+#          dropout, same call), then the step with expert_products fp8 where the products alone ran faster
 #   loopgap_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml's fit loop, which ran 0.90x its isolated
 #          step: the loop as shipped, with LoRA dropout 0 (the bench step's and the TRL runner's), and one optimizer
 #          step profiled (LOOP_PROFILE=1); then the isolated step at the pack's worst case, 64 x 1,024 positions, for
@@ -595,13 +595,13 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_profile_compiled${TAG:+_$TAG}-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
     ;;
   experts_fp8_qwen)
-    timeout 150 python3 bench/grouped_gemm.py --out "$out/$day-grouped_gemm_fp8_vs_bf16-qwen3-30b-a3b-$gpu.json" 2>&1 \
-      | tail -n 12
-    for products in dequantized fp8; do
-      timeout 150 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --expert_products $products \
-        --warmup 3 --steps 4 --variants liger+packing+nocast+fused+fastexperts+compile+keepattnx64 \
-        --out "$out/$day-train_step_fp8_keepattn_x64_experts_$products-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 2
-    done
+    gg="$out/$day-grouped_gemm_fp8_vs_bf16-qwen3-30b-a3b-$gpu.json"
+    timeout 150 python3 bench/grouped_gemm.py --out "$gg" 2>&1 | tail -n 12
+    step="--model qwen3-30b-a3b --quant fp8 --warmup 3 --steps 4
+          --variants liger+packing+nocast+fused+fastexperts+compile+keepattnx64"
+    # shellcheck disable=SC2086
+    timeout 150 python3 bench/train_step.py $step --expert_products dequantized \
+      --out "$out/$day-train_step_fp8_keepattn_x64_experts_dequantized-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 2
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
     smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0_b 150 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
@@ -609,6 +609,13 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --model.model.tokenizer_path tests/assets/tokenizer --data.init_args.train_path /tmp/chameleons_big.json \
       --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.max_steps 6 \
       --model.lora.lora_dropout 0.0
+    # the whole step with FP8 expert products only where the products alone ran faster (compiled, forward + backward)
+    if python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['results']
+sys.exit(0 if r['gate_up_proj/fp8_speedup/compiled/forward_backward'] > 1 else 1)" "$gg"; then
+      # shellcheck disable=SC2086
+      timeout 150 python3 bench/train_step.py $step --expert_products fp8 \
+        --out "$out/$day-train_step_fp8_keepattn_x64_experts_fp8-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 2
+    fi
     ;;
   loopgap_qwen)
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12

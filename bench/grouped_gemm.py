@@ -7,9 +7,12 @@ configs/README.md's "FP8 base" section inferred "about half the bf16 kernel's ra
 at different batch sizes; this measures the two products alone at the same rows.
 
 Rows per expert follow a routing drawn from a Dirichlet-weighted multinomial (seeded), `--positions` x `--top_k`
-rows over `--experts` experts. Each timing is the median of `--iters` CUDA-event-timed calls after `--warmup`.
+rows over `--experts` experts. Each timing is the median of `--iters` calls, each between its own pair of CUDA
+events, launched back to back after `--warmup` calls (no host sync between them, so the host's launch work hides
+behind the device's as it does in a training step). The JSON is rewritten after each result, so a run cut short
+keeps what it measured; `graph_breaks` counts dynamo's graph breaks per compiled entry.
 
-    python bench/grouped_gemm.py --out bench/results/<date>-grouped_gemm_fp8_vs_bf16-qwen3-30b-a3b-h100.json
+    PYTHONPATH=src python bench/grouped_gemm.py --out bench/results/<date>-grouped_gemm-qwen3-30b-a3b-h100.json
 """
 
 from __future__ import annotations
@@ -22,31 +25,30 @@ from pathlib import Path
 
 import torch
 
-from mgmlora.models import fp8
+from mgmlora.models import fp8, torch_private
 
 
 def _routing(positions: int, top_k: int, experts: int, seed: int, device: torch.device) -> torch.Tensor:
     """(E,) int32 offsets: the end of each expert's rows, for positions x top_k routed rows."""
     gen = torch.Generator().manual_seed(seed)
     # Dirichlet(8): Gamma(8) draws (sums of 8 exponentials) normalised, a mildly uneven load
-    share = -torch.rand(experts, 8, generator=gen).log().sum(1)
+    share = -torch.rand(experts, 8, generator=gen).clamp(min=1e-12).log().sum(1)
     counts = torch.multinomial(share, positions * top_k, replacement=True, generator=gen).bincount(minlength=experts)
     return torch.cumsum(counts, 0).to(torch.int32).to(device)
 
 
 def _time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
+    """Milliseconds of each of `iters` back-to-back calls of fn, after `warmup` calls."""
+    for _ in range(max(warmup, 1)):  # at least one: compilation stays out of the timings
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def _dequantized(weight: fp8.Fp8Weight, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -77,16 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = int(offsets[-1])
     shapes = {"gate_up_proj": (2 * args.intermediate, args.hidden), "down_proj": (args.hidden, args.intermediate)}
     results: dict[str, dict] = {}
+    payload = {
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__},
+        "shapes": {"rows": rows, "experts": args.experts, "positions": args.positions, "top_k": args.top_k,
+                   "products": {k: list(v) for k, v in shapes.items()}},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, (out_f, in_f) in shapes.items():
         master = torch.randn(args.experts, out_f, in_f, device=device, dtype=torch.bfloat16) * in_f ** -0.5
         weight = fp8.Fp8Weight(master, torch.bfloat16).to(device)
-        del master
         x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(rows, out_f, device=device, dtype=torch.bfloat16)
         flops = 2 * rows * out_f * in_f  # one product; the backward's input gradient is another
         ref = _dequantized(weight, x.detach(), offsets).float()
         for mode in ("eager", "compiled"):
             for products, fn in (("dequantized", _dequantized), ("fp8", _fp8)):
+                breaks = sum(torch_private.dynamo_counts()[1].values())
                 f = torch.compile(fn, dynamic=False) if mode == "compiled" else fn
                 out = f(weight, x, offsets)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -108,24 +119,23 @@ def main(argv: list[str] | None = None) -> int:
                     "forward_tflops": flops / statistics.median(t_f) / 1e9,
                     "forward_backward_tflops": 2 * flops / statistics.median(t_fb) / 1e9,
                     "relative_error_vs_dequantized_eager": err,
+                    "graph_breaks": sum(torch_private.dynamo_counts()[1].values()) - breaks,
                 }
                 print(key, {k: round(v, 4) for k, v in results[key].items()}, flush=True)
+                args.out.write_text(json.dumps(payload, indent=1))
         torch.cuda.empty_cache()
-    for name in shapes:
-        for mode in ("eager", "compiled"):
+    for mode in ("eager", "compiled"):
+        # per step under checkpointing each product runs forward twice (the forward, the recompute) and the input
+        # gradient once: forward + forward_backward, over both weights
+        per_step = {p: sum(results[f"{n}/{p}/{mode}"][f"{part}_ms_median"] for n in shapes
+                           for part in ("forward", "forward_backward")) for p in ("dequantized", "fp8")}
+        results[f"checkpointed_step_ms/{mode}"] = per_step
+        results[f"fp8_speedup/{mode}/checkpointed_step"] = per_step["dequantized"] / per_step["fp8"]
+        for name in shapes:
             for part in ("forward", "forward_backward"):
                 d = results[f"{name}/dequantized/{mode}"][f"{part}_ms_median"]
                 q = results[f"{name}/fp8/{mode}"][f"{part}_ms_median"]
                 results[f"{name}/fp8_speedup/{mode}/{part}"] = d / q
-    payload = {
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__},
-        "shapes": {"rows": rows, "experts": args.experts, "positions": args.positions, "top_k": args.top_k,
-                   "products": {k: list(v) for k, v in shapes.items()}},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     return 0
 

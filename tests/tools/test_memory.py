@@ -349,6 +349,20 @@ def test_kept_attention_outputs_are_counted_per_layer_and_position(in_repo_root)
     assert on.total_gib - off.total_gib == pytest.approx(kept)
 
 
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_lora_dropout_counts_each_adapters_dropped_input_in_the_recomputed_layer(in_repo_root):
+    config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]  # the chameleons preset: dropout 0.05
+    on, off = (estimate(*run_from_config(config, overrides)) for overrides in ([], ["--model.lora.lora_dropout", "0.0"]))
+    shape = on.settings["shape"]
+    tokens = shape["batch_size"] * shape["seq_len"]
+    # Qwen3-30B-A3B (its config.json): LoRA on q, k, v (input 2,048 each) and o (input 32 heads x 128 = 4,096); a bf16
+    # dropped copy and a one-byte mask each, one layer's under checkpointing
+    dropped = tokens * (3 * 2048 + 4096) * (2 + 1) / 2**30
+    key = "LoRA dropout (dropped inputs and masks)"
+    assert key not in off.items and on.items[key] == pytest.approx(dropped)
+    assert on.total_gib - off.total_gib == pytest.approx(dropped)
+
+
 def test_kept_attention_outputs_training_refuses_get_the_refusal_not_a_figure(in_repo_root):
     with pytest.raises(UsageError, match="keep_attention_outputs: true keeps the output of SDPA's attention kernel"):
         estimate_cli.main(["--config", "configs/qwen3-8b_lora_chat.yaml", "--model.model.attn_implementation",

@@ -17,6 +17,8 @@ as in training, and each block of memory is computed from the parameter counts a
   recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), plus with
   `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
   `speed.keep_attention_outputs` every layer's attention output and log-sum-exp;
+  with LoRA dropout under checkpointing, each adapter's dropped copy of its input and its mask in the recomputed
+  layer;
   without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
   top_k x the expert width);
 - with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
@@ -118,6 +120,7 @@ class _ModelFacts:
     moe_layers: int = 0  # decoder layers with fused experts
     query_heads: int = 1  # attention query heads per layer
     head_dim: int = 0  # their dimension
+    dropout_inputs: int = 0  # the most input features a decoder layer's LoRA layers with dropout take, summed
 
 
 _FACTS: dict[str, _ModelFacts] = {}  # one meta build per (model, LoRA, trainability): the searches below re-estimate
@@ -132,6 +135,7 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         linears, experts, rows = _quantizable(loaded.quantizable_modules(), fp8_only)  # before PEFT wraps them
         with torch.device("meta"):
             model, _ = apply_trainability(loaded, lora, trainable)
+        dropout_inputs = max((_dropout_inputs(layer) for layer in loaded.quantizable_modules()), default=0)
         cfg = loaded.language_model().config
         top_k = getattr(cfg, "num_experts_per_tok", 1) if loaded.moe else 1
         mlp = expert_width(cfg) * top_k if loaded.moe else cfg.intermediate_size
@@ -139,8 +143,19 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
         _FACTS[key] = _ModelFacts(loaded.info, component_counts(model, loaded.components), cfg.hidden_size,
                                   cfg.num_hidden_layers, cfg.vocab_size, mlp, loaded.mining_dims(),
                                   sum(linears) + sum(experts), rows, max(experts, default=0), max(linears, default=0),
-                                  top_k, moe_layers, cfg.num_attention_heads, head_dim(cfg))
+                                  top_k, moe_layers, cfg.num_attention_heads, head_dim(cfg), dropout_inputs)
     return _FACTS[key]
+
+
+def _dropout_inputs(layer: torch.nn.Module) -> int:
+    """Input features of a decoder layer's LoRA layers whose dropout is on, summed.
+
+    PEFT's `lora_dropout` holds a `Dropout` instead of an `Identity` per adapter then: each such layer multiplies its
+    own dropped copy of its input.
+    """
+    return sum(module.in_features for module in layer.modules()
+               if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict)
+               and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()))
 
 
 def _quantizable(layers: torch.nn.Module, fp8_only: bool) -> tuple[list[int], list[int], int]:
@@ -269,6 +284,12 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
             items["kept attention outputs (speed.keep_attention_outputs)"] = layers * tokens * per_token
     else:
         items["activations"] = layers * per_layer
+    if facts.dropout_inputs and model_args.gradient_checkpointing:
+        # LoRA dropout under checkpointing: per token, each adapter's dropped copy of its input (compute dtype) and
+        # the mask its backward keeps (one byte), for the layer being recomputed (docs/design/memory.md). Runs without
+        # checkpointing (MGM-2B's, compiled, dropout 0.05) are within 15% of the estimate without such a term, and
+        # what their compiled backward keeps of the dropout is not measured apart, so none is counted there
+        items["LoRA dropout (dropped inputs and masks)"] = tokens * facts.dropout_inputs * (act_bytes + 1)
     if speed.packing and model_args.attn_implementation == "eager":
         # one row of all the micro-batch's samples: under `eager` transformers builds a (T, T) boolean block-diagonal
         # mask and an additive copy of it in the compute dtype. `sdpa` runs mgmlora's packed attention and

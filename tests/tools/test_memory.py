@@ -352,7 +352,7 @@ def test_kept_attention_outputs_are_counted_per_layer_and_position(in_repo_root)
 @pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
 def test_lora_dropout_counts_each_adapters_dropped_input_in_the_recomputed_layer(in_repo_root):
     config = ["configs/qwen3-30b-a3b_lora_chameleons.yaml"]  # the chameleons preset: dropout 0.05
-    on, off = (estimate(*run_from_config(config, overrides)) for overrides in ([], ["--model.lora.lora_dropout", "0.0"]))
+    on, off = (estimate(*run_from_config(config, extra)) for extra in ([], ["--model.lora.lora_dropout", "0.0"]))
     shape = on.settings["shape"]
     tokens = shape["batch_size"] * shape["seq_len"]
     # Qwen3-30B-A3B (its config.json): LoRA on q, k, v (input 2,048 each) and o (input 32 heads x 128 = 4,096); a bf16

@@ -361,6 +361,24 @@ def test_lora_dropout_counts_each_adapters_dropped_input_in_the_recomputed_layer
     key = "LoRA dropout (dropped inputs and masks)"
     assert key not in off.items and on.items[key] == pytest.approx(dropped)
     assert on.total_gib - off.total_gib == pytest.approx(dropped)
+    # against the measurement: the FP8 overlay's loop with and without dropout, one call, the same packs; the term at
+    # their largest pack is within 20% of the difference of their peaks (it is 15% over)
+    runs = [json.loads((RESULTS / f"2026-12-06-qwen3-30b-a3b_lora_chameleons_fp8_loop{tag}-h100.json").read_text())
+            for tag in ("", "_dropout0")]
+    assert runs[0]["positions_per_micro_batch"] == runs[1]["positions_per_micro_batch"]
+    measured = runs[0]["peak_mem_alloc_gib"] - runs[1]["peak_mem_alloc_gib"]
+    counted = runs[0]["positions_per_micro_batch"]["max"] * (3 * 2048 + 4096) * (2 + 1) / 2**30
+    assert abs(counted / measured - 1) <= 0.2, (counted, measured)
+
+
+@pytest.mark.integration  # about 1 s or more: keeps the fast tier under CI's 2 minutes
+def test_lora_dropout_is_not_counted_without_checkpointing(in_repo_root):
+    """MGM-2B's recipe (dropout 0.1, no checkpointing): its measured runs sit within 15% without a dropout term."""
+    est = estimate(*run_from_config(["configs/mgm2b_lora.yaml"]))
+    assert not est.settings["model"]["gradient_checkpointing"]
+    assert "LoRA dropout (dropped inputs and masks)" not in est.items
+    ckpt = estimate(*run_from_config(["configs/mgm2b_lora.yaml"], ["--model.model.gradient_checkpointing", "true"]))
+    assert "LoRA dropout (dropped inputs and masks)" in ckpt.items  # the same recipe checkpointed: counted
 
 
 def test_kept_attention_outputs_training_refuses_get_the_refusal_not_a_figure(in_repo_root):

@@ -16,11 +16,9 @@ as in training, and each block of memory is computed from the parameter counts a
 - activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
   recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), plus with
   `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
-  `speed.keep_attention_outputs` every layer's attention output and log-sum-exp;
-  with LoRA dropout under checkpointing, each adapter's dropped copy of its input and its mask in the recomputed
-  layer;
-  without it every layer's internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use
-  top_k x the expert width);
+  `speed.keep_attention_outputs` every layer's attention output and log-sum-exp, plus with LoRA dropout each
+  adapter's dropped copy of its input and its mask in the recomputed layer; without checkpointing every layer's
+  internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use top_k x the expert width);
 - with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
   and FlexAttention);
 - the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
@@ -58,6 +56,7 @@ from mgmlora.models.fp8 import supports as fp8_supports
 from mgmlora.models.quantization import QuantizationArgs, checkpointing_required, quantized_bytes
 from mgmlora.models.recompute import effective_keep, recompute_refusal
 from mgmlora.models.torch_private import allocation_events
+from mgmlora.training.fastpath import has_dropout, lora_layers
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability, apply_trainability, component_counts
@@ -148,14 +147,8 @@ def _model_facts(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability)
 
 
 def _dropout_inputs(layer: torch.nn.Module) -> int:
-    """Input features of a decoder layer's LoRA layers whose dropout is on, summed.
-
-    PEFT's `lora_dropout` holds a `Dropout` instead of an `Identity` per adapter then: each such layer multiplies its
-    own dropped copy of its input.
-    """
-    return sum(module.in_features for module in layer.modules()
-               if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict)
-               and any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()))
+    """Input features of a decoder layer's LoRA layers with dropout, summed: each multiplies its own dropped copy."""
+    return sum(module.in_features for module in lora_layers(layer) if has_dropout(module))
 
 
 def _quantizable(layers: torch.nn.Module, fp8_only: bool) -> tuple[list[int], list[int], int]:
@@ -287,8 +280,8 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if facts.dropout_inputs and model_args.gradient_checkpointing:
         # LoRA dropout under checkpointing: per token, each adapter's dropped copy of its input (compute dtype) and
         # the mask its backward keeps (one byte), for the layer being recomputed (docs/design/memory.md). Runs without
-        # checkpointing (MGM-2B's, compiled, dropout 0.05) are within 15% of the estimate without such a term, and
-        # what their compiled backward keeps of the dropout is not measured apart, so none is counted there
+        # checkpointing (MGM-2B's, dropout 0.1) are within 15% of the estimate without such a term, and what their
+        # backward keeps of the dropout is not measured apart, so none is counted there (docs/design/memory.md)
         items["LoRA dropout (dropped inputs and masks)"] = tokens * facts.dropout_inputs * (act_bytes + 1)
     if speed.packing and model_args.attn_implementation == "eager":
         # one row of all the micro-batch's samples: under `eager` transformers builds a (T, T) boolean block-diagonal

@@ -49,7 +49,8 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
 
 
-def _has_dropout(layer: nn.Module) -> bool:
+def has_dropout(layer: nn.Module) -> bool:
+    """Whether a PEFT LoRA layer applies dropout to its input (a `Dropout` of p > 0 instead of an `Identity`)."""
     dropouts = getattr(layer, "lora_dropout", {})
     return any(isinstance(d, nn.Dropout) and d.p > 0 for d in dropouts.values())
 
@@ -59,7 +60,7 @@ def set_peft_input_cast(model: nn.Module, enabled: bool) -> int:
 
     Turning it off skips layers with LoRA dropout (see the module docstring): the cast keeps their result exact.
     """
-    layers = [m for m in lora_layers(model) if enabled or not _has_dropout(m)]
+    layers = [m for m in lora_layers(model) if enabled or not has_dropout(m)]
     for layer in layers:
         layer.cast_input_dtype_enabled = enabled
     return len(layers)

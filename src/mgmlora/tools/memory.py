@@ -279,9 +279,9 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         items["activations"] = layers * per_layer
     if facts.dropout_inputs and model_args.gradient_checkpointing:
         # LoRA dropout under checkpointing: per token, each adapter's dropped copy of its input (compute dtype) and
-        # the mask its backward keeps (one byte), for the layer being recomputed (docs/design/memory.md). Runs without
-        # checkpointing (MGM-2B's, dropout 0.1) are within 15% of the estimate without such a term, and what their
-        # backward keeps of the dropout is not measured apart, so none is counted there (docs/design/memory.md)
+        # the mask its backward keeps (one byte), for the layer being recomputed. Runs without checkpointing (MGM-2B's,
+        # dropout 0.1) are within 15% of the estimate without such a term, and what their backward keeps of the
+        # dropout is not measured apart, so none is counted there (docs/design/memory.md)
         items["LoRA dropout (dropped inputs and masks)"] = tokens * facts.dropout_inputs * (act_bytes + 1)
     if speed.packing and model_args.attn_implementation == "eager":
         # one row of all the micro-batch's samples: under `eager` transformers builds a (T, T) boolean block-diagonal

@@ -26,10 +26,12 @@ tests/tools/test_speed_plan.py reads each file and checks the row's figures agai
 what changes the step's work and memory: the model preset, the base (bf16, or NF4 or FP8: `quant_type`), what the LLM
 trains (`lora`, `frozen`, `full`), expert LoRA, the loss, gradient checkpointing and the expert and attention outputs it
 keeps, samples per micro-batch and the row length (`max_length`, the longest sample). It does not record the LoRA rank
-or targets beyond expert LoRA, compile, fused AdamW, packing or the GPU count: a row stands for every config that
-matches it on the fields it records. Rows of one model may come from different runs (an isolated step in
-`bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the figure is the file's own tokens/s, so
-rows from the same run compare best.
+or targets beyond expert LoRA, LoRA dropout, compile, fused AdamW, packing or the GPU count: a row stands for every
+config that matches it on the fields it records. bench/train_step.py's rows ran at LoRA dropout 0, while the recipes
+train with 0.05 or 0.1, which costs time and memory such a row does not show (configs/README.md measures it on the FP8
+Chameleons overlay's loop; the memory estimate counts it under checkpointing). Rows of one model may come from
+different runs (an isolated step in `bench/train_step.py`, or the real `fit` loop through `bench/fit_smoke.py`): the
+figure is the file's own tokens/s, so rows from the same run compare best.
 """
 
 from __future__ import annotations

@@ -101,6 +101,11 @@ smoke() {  # NAME LIMIT_S ARGS...: one bench/fit_smoke.py run, killed after LIMI
 }
 z2="--config configs/strategy/zero2.yaml"  # configs/mgm2b_lora.yaml runs without DeepSpeed since 2026-11-30
 common="--trainer.limit_val_batches 0 --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir /tmp/tb"
+# configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml's fit on bench/make_chameleons.py's /tmp/chameleons_big.json
+qwen_fp8_fit="fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml --config configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml
+     --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
+     --data.init_args.train_path /tmp/chameleons_big.json --trainer.log_every_n_steps 1
+     --trainer.num_sanity_val_steps 0 $common"
 mgm="--model.model.model_path null --model.model.tokenizer_path tests/assets/gemma_tokenizer
      --data.init_args.train_path /tmp/mgm_real.json --data.init_args.image_folder tests/assets/llava
      --data.init_args.num_workers 4 $common"
@@ -604,10 +609,7 @@ chunked+nocast+fused+compile,chunked+nocast+fused+compile+nockpt,liger+nocast+fu
       --out "$out/$day-train_step_fp8_keepattn_x64_experts_dequantized-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 2
     timeout 30 python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
     # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0_b 130 fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml \
-      --config configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml --model.model.model_path null \
-      --model.model.tokenizer_path tests/assets/tokenizer --data.init_args.train_path /tmp/chameleons_big.json \
-      --trainer.log_every_n_steps 1 --trainer.num_sanity_val_steps 0 $common --trainer.max_steps 6 \
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0_b 130 $qwen_fp8_fit --trainer.max_steps 6 \
       --model.lora.lora_dropout 0.0
     # the whole step with FP8 expert products only where the products alone ran faster per checkpointed step
     # (compiled: forward twice, input gradient once, both weights), and only in the time left of a 560 s call
@@ -624,17 +626,13 @@ sys.exit(0 if json.load(open(sys.argv[1]))['results']['fp8_speedup/compiled/chec
     ;;
   loopgap_qwen)
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
-    fp8="fit --config configs/qwen3-30b-a3b_lora_chameleons.yaml --config configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml
-         --model.model.model_path null --model.model.tokenizer_path tests/assets/tokenizer
-         --data.init_args.train_path /tmp/chameleons_big.json --trainer.log_every_n_steps 1
-         --trainer.num_sanity_val_steps 0 $common"
     # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop 150 $fp8 --trainer.max_steps 6
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop 150 $qwen_fp8_fit --trainer.max_steps 6
     # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0 150 $fp8 --trainer.max_steps 6 --model.lora.lora_dropout 0.0
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_dropout0 150 $qwen_fp8_fit --trainer.max_steps 6 --model.lora.lora_dropout 0.0
     export LOOP_PROFILE=1
     # shellcheck disable=SC2086
-    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_profile 150 $fp8 --trainer.max_steps 3
+    smoke qwen3-30b-a3b_lora_chameleons_fp8_loop_profile 150 $qwen_fp8_fit --trainer.max_steps 3
     unset LOOP_PROFILE
     timeout 120 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --lengths fixed --seq 1024 --warmup 2 \
       --steps 2 --variants liger+packing+nocast+fused+fastexperts+compile+keepattnx64 \

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, (out_f, in_f) in shapes.items():
         master = torch.randn(args.experts, out_f, in_f, device=device, dtype=torch.bfloat16) * in_f ** -0.5
-        weight = fp8.Fp8Weight(master, torch.bfloat16).to(device)
+        weight = fp8.Fp8Weight(master, torch.bfloat16)  # its codes and scales on master's device
         x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(rows, out_f, device=device, dtype=torch.bfloat16)
         flops = 2 * rows * out_f * in_f  # one product; the backward's input gradient is another

@@ -148,8 +148,6 @@ def test_fit_smoke_records_every_micro_batchs_positions_and_its_largest():
     """Peak memory follows the largest micro-batch: fit_smoke keeps each one's positions, warm-up steps included."""
     from types import SimpleNamespace
 
-    import torch
-
     timing = _fit_smoke()._CountingTiming()
     assert timing.positions() is None
     text_only = SimpleNamespace(info=SimpleNamespace(image_tokens=0))

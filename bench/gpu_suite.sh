@@ -68,6 +68,9 @@
 #          against dequantise + bf16 grouped GEMM, eager and compiled (bench/grouped_gemm.py); then the FP8 overlay's
 #          isolated x64 kept-attention step and its fit loop at LoRA dropout 0 (the loop-vs-step ratio at equal
 #          dropout, same call), then the step with expert_products fp8 where the products alone ran faster
+#   dropout_rng  (1 GPU) LoRA dropout's masks in a compiled layer's input side: inductor's, ATen's, none
+#   peer_loop_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml as shipped in the fit loop against TRL's
+#          SFTTrainer at the recipe's LoRA dropout, interleaved rounds (bench/peers/loop.py as ours' side)
 #   loopgap_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml's fit loop, which ran 0.90x its isolated
 #          step: the loop as shipped, with LoRA dropout 0 (the bench step's and the TRL runner's), and one optimizer
 #          step profiled (LOOP_PROFILE=1); then the isolated step at the pack's worst case, 64 x 1,024 positions, for
@@ -637,6 +640,22 @@ sys.exit(0 if json.load(open(sys.argv[1]))['results']['fp8_speedup/compiled/chec
     timeout 120 python3 bench/train_step.py --model qwen3-30b-a3b --quant fp8 --lengths fixed --seq 1024 --warmup 2 \
       --steps 2 --variants liger+packing+nocast+fused+fastexperts+compile+keepattnx64 \
       --out "$out/$day-train_step_fp8_keepattn_worstcase_x64-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 3
+    ;;
+  dropout_rng)
+    # LoRA dropout's random masks in a compiled layer's input side at the FP8 overlay's pack (bench/dropout_rng.py)
+    timeout ${LIMIT:-300} python3 bench/dropout_rng.py --out "$out/$day-dropout_rng-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
+    ;;
+  peer_loop_qwen)
+    # the shipped recipe in the real fit loop against TRL at the same LoRA config, interleaved rounds in this session:
+    # configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml as shipped (LoRA dropout 0.05, 64 samples per step, 6 optimizer
+    # steps, bench/peers/loop.py) against TRL's SFTTrainer tuned for speed at LoRA dropout 0.05 (the chameleons
+    # preset's), round 1 sweeping TRL's micro-batch (PEER_SWEEP); later rounds rerun TRL's best
+    python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
+    timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets attention \
+      --peer trl --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-200} \
+      --ours "bench/peers/loop.py $qwen_fp8_fit --trainer.max_steps 6" --ours_sweep loop \
+      --peer_cmd "bench/peers/trl_sft.py --model qwen3-30b-a3b --lora_dropout 0.05 --warmup 3 --steps 5 --batch_sizes {sweep}" \
+      --peer_sweep "${PEER_SWEEP:-64,80}" --out "$out/$day-peer_trl_loop-qwen3-30b-a3b-attention-fp8-$gpu.json" 2>&1 | tail -n 8
     ;;
   experts_split)
     # expert LoRA split beside the frozen experts (model.speed.expert_lora: split, +splitexperts) against PEFT's path

@@ -114,3 +114,30 @@ def test_an_old_tree_peer_runs_with_its_own_pythonpath(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert [(r["ours_tokens_per_s"], r["peer_tokens_per_s"]) for r in result["rounds"]] == [(2.0, 4.0)] * 2
     assert result["ratio_median"] == 0.5 and result["peer"] == "old" and result["peer_pythonpath"] == "abcd"
+
+
+def test_the_loop_side_reports_a_fit_run_as_one_setting_rounds_can_read(tmp_path, monkeypatch):
+    """bench/peers/loop.py: fit_smoke's record becomes rounds.py's `loop` setting; an OOM run or one without timed
+    steps becomes an error that why_none reports, not a figure."""
+    loop, rounds = _peers("loop"), _peers("rounds")
+    fit = {"tokens_per_s_median": 18000.0, "peak_mem_alloc_gib": 56.4, "step_time_s_median": 2.0,
+           "train_loss": [12.32, 12.31], "optimizer_steps": 6, "device": "cpu", "versions": {"torch": "x"}}
+    stub = tmp_path / "fit_smoke.py"  # a stand-in for bench/fit_smoke.py: writes `fit` to its first argument
+    stub.write_text(f"import json, sys\njson.dump({fit!r}, open(sys.argv[1], 'w'))\n"
+                    "sys.exit(3 if '--fail' in sys.argv else 0)\n")
+    monkeypatch.setattr(loop, "FIT_SMOKE", stub)
+    out = tmp_path / "ours.json"
+    monkeypatch.setattr(sys, "argv", ["loop.py", "fit", "--config", "c.yaml", "--out", str(out)])
+    assert loop.main() == 0
+    record = json.loads(out.read_text())
+    assert record["variants"]["loop"] == {"tokens_per_s": 18000.0, "peak_alloc_gib": 56.4, "step_s_median": 2.0,
+                                          "loss_first_step": 12.32, "mfu": None, "hfu": None,
+                                          "positions_per_micro_batch": None}
+    assert record["fit"] == fit and rounds.best_within(record, 80, cuda=True)[0] == "loop"
+    assert rounds.best_within(record, 50, cuda=True) is None  # 56.4 GiB is over a 50 GiB budget
+    monkeypatch.setattr(sys, "argv", ["loop.py", "fit", "--fail", "--out", str(out)])
+    assert loop.main() == 3  # the fit's exit status passes through
+    oom = loop.as_setting({**fit, "oom": True})
+    assert oom == {"error": "out of memory at 56.4 GiB allocated"}
+    assert rounds.why_none({"variants": {"loop": oom}}, 80) == "every setting failed: loop: " + oom["error"]
+    assert "error" in loop.as_setting({**fit, "tokens_per_s_median": 0})

@@ -14,8 +14,9 @@ kernel stays off MoE experts (it computes weight gradients of the frozen experts
 MoE load-balancing loss is off (`router_aux_loss_coef=0.0`), as in mgmlora's loss: the same function is trained.
 
 Same as bench/train_step.py: the base model (mgmlora's random init at the real shapes, same seed, so the same
-weights), the LoRA config (`plan_lora` with the same preset, rank and targets; dropout 0), the samples (its
-generator, in its order), and the FLOPs per step (mgmlora.models.flops). The experts run transformers' own default
+weights), the LoRA config (`plan_lora` with the same preset, rank and targets; dropout 0, or `--lora_dropout`
+to match a recipe's), the samples (its generator, in its order), and the FLOPs per step (mgmlora.models.flops).
+The experts run transformers' own default
 (`grouped_mm`), the peer's path. Each step is timed from the trainer's `on_step_begin` to `on_step_end` with CUDA
 synchronised (forward, backward, optimizer step; data loading outside, as in train_step.py); tokens/s counts the
 positions of the collated batch of that step. Writes one JSON in train_step.py's record layout.
@@ -91,7 +92,7 @@ def run(args, batch_size: int, device: torch.device) -> dict:
         raise SystemExit(f"{args.model}: TRL's SFTTrainer has no MGM model class; the plain path is MGM's peer")
     preset = args.lora_preset or train_step.DEFAULTS[args.model][0]
     rank = {"r": args.r, "lora_alpha": 2 * args.r} if args.r else {}
-    lora = LoraArgs(preset=preset, lora_dropout=0.0, target_experts=args.target_experts, **rank)
+    lora = LoraArgs(preset=preset, lora_dropout=args.lora_dropout, target_experts=args.target_experts, **rank)
     plan = plan_lora(loaded.model, lora, loaded.decoder_layers, loaded.moe)
 
     n_steps = args.warmup + args.steps
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--lora_preset", default=None)
     parser.add_argument("--target_experts", action="store_true")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank override (lora_alpha = 2r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="a recipe's LoRA dropout (PEFT's, eager)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -208,7 +210,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "trl": trl.__version__, "python": platform.python_version()},
-        "model": args.model, "lora": {"preset": args.lora_preset, "target_experts": args.target_experts, "r": args.r},
+        "model": args.model, "lora": {"preset": args.lora_preset, "target_experts": args.target_experts, "r": args.r,
+                                      "lora_dropout": args.lora_dropout},
         "peak_tflops_assumed": train_step.PEAK_TFLOPS, "warmup": args.warmup, "steps": args.steps,
         "variants": records,
     }

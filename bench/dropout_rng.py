@@ -10,7 +10,10 @@ shape of work alone, forward and backward, compiled, at a real step's positions:
 - `inductor`: `torch.nn.functional.dropout` as PEFT calls it, compiled by inductor (what runs today);
 - `fallback_random`: the same with inductor's `fallback_random` option (random tensors from ATen's generator);
 - `aten_mask`: the keep-mask drawn by ATen's `bernoulli_` (four draws per Philox call) in an opaque custom op, and the
-  multiply fused by inductor.
+  multiply fused by inductor;
+- `triton_mask`: the same with a Triton kernel drawing eight 16-bit draws per Philox call (p rounded to a multiple of
+  1/65536), written because inductor's and ATen's masks cost what they do; checked on the CPU with Triton's
+  interpreter (keep rate, same seed same mask), not yet timed on a GPU.
 
 The modelled work, per layer: RMSNorm of the residual stream, its FP8 row-wise quantisation (the frozen q/k/v
 projections' input), three LoRA `A`/`B` pairs on independently dropped copies of the normed input (q, k, v), and one
@@ -48,11 +51,61 @@ def _(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
+try:  # the GPU image's torch brings Triton; the CPU install has none (the variant then records its error)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, n, seed, threshold, BLOCK: tl.constexpr):
+        """Eight mask bytes per Philox call: each 32-bit output gives two 16-bit draws, kept if at least `threshold`.
+
+        A program's 8 x BLOCK elements are eight runs of BLOCK (coalesced stores).
+        """
+        pid = tl.program_id(0)
+        lane = tl.arange(0, BLOCK)
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + lane)
+        base = pid * BLOCK * 8 + lane
+        tl.store(out_ptr + base, (r0 & 0xFFFF) >= threshold, mask=base < n)
+        tl.store(out_ptr + base + BLOCK, (r0 >> 16) >= threshold, mask=base + BLOCK < n)
+        tl.store(out_ptr + base + 2 * BLOCK, (r1 & 0xFFFF) >= threshold, mask=base + 2 * BLOCK < n)
+        tl.store(out_ptr + base + 3 * BLOCK, (r1 >> 16) >= threshold, mask=base + 3 * BLOCK < n)
+        tl.store(out_ptr + base + 4 * BLOCK, (r2 & 0xFFFF) >= threshold, mask=base + 4 * BLOCK < n)
+        tl.store(out_ptr + base + 5 * BLOCK, (r2 >> 16) >= threshold, mask=base + 5 * BLOCK < n)
+        tl.store(out_ptr + base + 6 * BLOCK, (r3 & 0xFFFF) >= threshold, mask=base + 6 * BLOCK < n)
+        tl.store(out_ptr + base + 7 * BLOCK, (r3 >> 16) >= threshold, mask=base + 7 * BLOCK < n)
+except ImportError:
+    triton = None
+
+
+@torch.library.custom_op("mgmlora_bench::keep_mask_triton", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def keep_mask_triton(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool mask shaped as `x`, True with probability 1 - round(65536 p) / 65536, eight draws per Philox call.
+
+    The seed comes from the CPU generator (restored by checkpointing's RNG bookkeeping, so a recompute redraws the
+    same mask).
+    """
+    if triton is None or not x.is_cuda:
+        raise RuntimeError("keep_mask_triton needs Triton and a CUDA tensor")
+    out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    n, block = out.numel(), 1024
+    seed = int(torch.randint(2**31 - 1, ()))
+    _keep_mask_kernel[(triton.cdiv(n, 8 * block),)](out, n, seed, round(p * 65536), BLOCK=block)
+    return out
+
+
+@keep_mask_triton.register_fake
+def _(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
+
+
 def _drop(x: torch.Tensor, p: float, how: str) -> torch.Tensor:
     if how == "none" or p == 0:
         return x
     if how == "aten_mask":
         return x * keep_mask(x.detach(), p) * (1.0 / (1.0 - p))
+    if how == "triton_mask":
+        return x * keep_mask_triton(x.detach(), p) * (65536 / (65536 - round(p * 65536)))
     return F.dropout(x, p, training=True)
 
 
@@ -97,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=48, help="scales the per-call time to a step (x2: recompute)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--variants", default="none,inductor,fallback_random,aten_mask")
+    parser.add_argument("--variants", default="none,inductor,fallback_random,aten_mask,triton_mask")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -68,7 +68,9 @@
 #          against dequantise + bf16 grouped GEMM, eager and compiled (bench/grouped_gemm.py); then the FP8 overlay's
 #          isolated x64 kept-attention step and its fit loop at LoRA dropout 0 (the loop-vs-step ratio at equal
 #          dropout, same call), then the step with expert_products fp8 where the products alone ran faster
-#   dropout_rng  (1 GPU) LoRA dropout's masks in a compiled layer's input side: inductor's, ATen's, none
+#   dropout_rng  (1 GPU) LoRA dropout's masks in a compiled layer's input side: inductor's, ATen's, a Triton kernel's,
+#          none
+#   profile_mgm_fp8  (1 GPU) MGM-2B's best isolated step within 24 GiB (FP8 x3) with one steady-state step profiled
 #   peer_loop_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml as shipped in the fit loop against TRL's
 #          SFTTrainer at the recipe's LoRA dropout, interleaved rounds (bench/peers/loop.py as ours' side)
 #   loopgap_qwen  (1 GPU) configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml's fit loop, which ran 0.90x its isolated
@@ -644,6 +646,14 @@ sys.exit(0 if json.load(open(sys.argv[1]))['results']['fp8_speedup/compiled/chec
   dropout_rng)
     # LoRA dropout's random masks in a compiled layer's input side at the FP8 overlay's pack (bench/dropout_rng.py)
     timeout ${LIMIT:-300} python3 bench/dropout_rng.py --out "$out/$day-dropout_rng-qwen3-30b-a3b-$gpu.json" 2>&1 | tail -n 6
+    ;;
+  profile_mgm_fp8)
+    # the best isolated MGM-2B step within 24 GiB (FP8 base, 3 packed rows, the 2.09x rounds' setting) with one step
+    # profiled after compilation: where its time goes against the 45% MFU target (the 2026-12-05 x2 profile spans
+    # 8.2 s with the device 93% idle against a 0.13 s step: not a steady-state step)
+    timeout ${LIMIT:-200} python3 bench/train_step.py --model mgm-2b --steps 5 --chunk 1024 --quant fp8 \
+      --variants chunked+packing+nocast+fused+compile+nockptx3 --profile \
+      --out "$out/$day-train_step_profile_fp8_x3-mgm2b-$gpu.json" 2>&1 | tail -n 4
     ;;
   peer_loop_qwen)
     # the shipped recipe in the real fit loop against TRL at the same LoRA config, interleaved rounds in this session:

@@ -333,3 +333,18 @@ def test_grouped_gemm_routes_every_row_to_one_expert():
     assert offsets.shape == (16,) and offsets.dtype == torch.int32
     assert int(offsets[-1]) == 800 and bool((offsets[1:] >= offsets[:-1]).all())
     assert torch.equal(offsets, routing(100, 8, 16, 0, torch.device("cpu")))  # seeded: the same rows per run
+
+
+def test_dropout_rng_runs_every_variant_and_records_what_it_cannot_run(tmp_path):
+    """bench/dropout_rng.py on the CPU: each variant's uncompiled dropout keeps about 1 - p (binomial bounds), the
+    no-dropout variant keeps everything, and the Triton variant (GPU only) records its error instead of stopping."""
+    out = tmp_path / "d.json"
+    assert _bench_module("dropout_rng").main(["--out", str(out), "--positions", "256", "--hidden", "64",
+                                              "--attn_width", "64", "--r", "4", "--p", "0.25"]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    assert variants["none"]["keep_rate"] == 1.0
+    sd = (0.25 * 0.75 / (256 * 64)) ** 0.5
+    for name in ("inductor", "fallback_random", "aten_mask"):
+        assert abs(variants[name]["keep_rate"] - 0.75) < 5 * sd, name
+        assert variants[name]["ran"] is True
+    assert "error" in variants["triton_mask"]

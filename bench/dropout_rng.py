@@ -1,10 +1,11 @@
 """Times LoRA dropout inside a compiled decoder layer's input side: how much of a step its random masks cost, and how.
 
-The question it answers: the FP8 Chameleons overlay's loop runs about 5% slower at LoRA dropout 0.05 than at 0
-(bench/results/2026-12-06-qwen3-30b-a3b_lora_chameleons_fp8_loop*), and its profile puts the difference in the
-compiled kernels that fuse the RMSNorm, the FP8 input quantisation and the dropout masks. Inductor draws each
-mask element with its own Philox call (`tl.rand`: four 32-bit outputs computed, one used). This measures the same
-shape of work alone, forward and backward, compiled, at a real step's positions:
+The question it answers: what LoRA dropout costs a checkpointed, compiled step, and whether another way of drawing its
+masks costs less. The FP8 Chameleons overlay's loop is slower at the recipe's dropout than at 0, and its profile puts
+the difference in the compiled kernels that fuse the RMSNorm, the FP8 input quantisation and the dropout masks
+(configs/README.md). Inductor draws each mask element with its own Philox call (`tl.rand`: four 32-bit outputs
+computed, one used). This measures the same shape of work alone, forward and backward, compiled, at a real step's
+positions:
 
 - `none`: no dropout (the lower bound);
 - `inductor`: `torch.nn.functional.dropout` as PEFT calls it, compiled by inductor (what runs today);
@@ -12,8 +13,10 @@ shape of work alone, forward and backward, compiled, at a real step's positions:
 - `aten_mask`: the keep-mask drawn by ATen's `bernoulli_` (four draws per Philox call) in an opaque custom op, and the
   multiply fused by inductor;
 - `triton_mask`: the same with a Triton kernel drawing eight 16-bit draws per Philox call (p rounded to a multiple of
-  1/65536), written because inductor's and ATen's masks cost what they do; checked on the CPU with Triton's
-  interpreter (keep rate, same seed same mask), not yet timed on a GPU.
+  1/65536); it runs on a GPU only.
+
+Each opaque mask op takes a per-call `salt`: compiled for training, AOTAutograd merges calls of an opaque op with
+equal arguments, and q, k and v pass the same input (tests/test_bench.py checks the compiled masks differ).
 
 The modelled work, per layer: RMSNorm of the residual stream, its FP8 row-wise quantisation (the frozen q/k/v
 projections' input), three LoRA `A`/`B` pairs on independently dropped copies of the normed input (q, k, v), and one
@@ -22,7 +25,7 @@ to fp32 first when dropout is on). Each timing is the median of `--iters` forwar
 pair of CUDA events after `--warmup` calls, and the forward alone likewise; `step_ms` scales them to a checkpointed
 step (`--layers` x (forward + forward and backward): the recompute runs the forward again). The JSON is rewritten after
 each result; each variant also records the keep rate of its uncompiled function (a check that it drops what it
-should).
+should; the compiled masks are checked by the test named above).
 
     PYTHONPATH=src python bench/dropout_rng.py --out bench/results/<date>-dropout_rng-qwen3-30b-a3b-h100.json
 """
@@ -41,13 +44,17 @@ import torch.nn.functional as F
 
 
 @torch.library.custom_op("mgmlora_bench::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool mask shaped as `x`, True with probability 1 - p, drawn by ATen's `bernoulli_`."""
+def keep_mask(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    """A bool mask shaped as `x`, True with probability 1 - p, drawn by ATen's `bernoulli_`.
+
+    `salt` differs per call site: AOTAutograd merges calls of an opaque op whose arguments are equal (its tag does
+    not stop that), and q, k and v pass the same input.
+    """
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
 
 
 @keep_mask.register_fake
-def _(x: torch.Tensor, p: float) -> torch.Tensor:
+def _(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
@@ -79,11 +86,11 @@ except ImportError:
 
 @torch.library.custom_op("mgmlora_bench::keep_mask_triton", mutates_args=(),
                          tags=(torch.Tag.nondeterministic_seeded,))
-def keep_mask_triton(x: torch.Tensor, p: float) -> torch.Tensor:
+def keep_mask_triton(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
     """A bool mask shaped as `x`, True with probability 1 - round(65536 p) / 65536, eight draws per Philox call.
 
     The seed comes from the CPU generator (restored by checkpointing's RNG bookkeeping, so a recompute redraws the
-    same mask).
+    same mask); `salt` as for `keep_mask`.
     """
     if triton is None or not x.is_cuda:
         raise RuntimeError("keep_mask_triton needs Triton and a CUDA tensor")
@@ -95,17 +102,17 @@ def keep_mask_triton(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 @keep_mask_triton.register_fake
-def _(x: torch.Tensor, p: float) -> torch.Tensor:
+def _(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
-def _drop(x: torch.Tensor, p: float, how: str) -> torch.Tensor:
+def _drop(x: torch.Tensor, p: float, how: str, salt: int = 0) -> torch.Tensor:
     if how == "none" or p == 0:
         return x
     if how == "aten_mask":
-        return x * keep_mask(x.detach(), p) * (1.0 / (1.0 - p))
+        return x * keep_mask(x.detach(), p, salt) * (1.0 / (1.0 - p))
     if how == "triton_mask":
-        return x * keep_mask_triton(x.detach(), p) * (65536 / (65536 - round(p * 65536)))
+        return x * keep_mask_triton(x.detach(), p, salt) * (65536 / (65536 - round(p * 65536)))
     return F.dropout(x, p, training=True)
 
 
@@ -122,7 +129,7 @@ def layer_inputs(h: torch.Tensor, attn: torch.Tensor, norm_w: torch.Tensor, adap
     for i, (a, b) in enumerate(adapters):
         src = x if i < 3 else attn
         with torch.autocast("cuda", torch.bfloat16, enabled=src.is_cuda):
-            deltas.append(F.linear(F.linear(_drop(src.float(), p, how), a), b) * scaling)  # (T, out)
+            deltas.append(F.linear(F.linear(_drop(src.float(), p, how, salt=i), a), b) * scaling)  # (T, out)
     return codes, scale, deltas
 
 
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with torch.no_grad():  # the keep rate: a dropped input's zeros (none of h is exactly zero)
                 x = h.float()
-                rec["keep_rate"] = float((_drop(x, args.p, how) != 0).float().mean())
+                rec["keep_rate"] = int(torch.count_nonzero(_drop(x, args.p, how))) / x.numel()
             if cuda:
                 fwd = _time(forward, args.warmup, args.iters)
                 both = _time(step, args.warmup, args.iters)

@@ -649,8 +649,8 @@ sys.exit(0 if json.load(open(sys.argv[1]))['results']['fp8_speedup/compiled/chec
     ;;
   profile_mgm_fp8)
     # the best isolated MGM-2B step within 24 GiB (FP8 base, 3 packed rows, the 2.09x rounds' setting) with one step
-    # profiled after compilation: where its time goes against the 45% MFU target (the 2026-12-05 x2 profile spans
-    # 8.2 s with the device 93% idle against a 0.13 s step: not a steady-state step)
+    # profiled after compilation, the steady state (the committed x2 profile of 2026-12-05 is not: its profiled
+    # stretch is mostly device idle): where its time goes against the 45% MFU target
     timeout ${LIMIT:-200} python3 bench/train_step.py --model mgm-2b --steps 5 --chunk 1024 --quant fp8 \
       --variants chunked+packing+nocast+fused+compile+nockptx3 --profile \
       --out "$out/$day-train_step_profile_fp8_x3-mgm2b-$gpu.json" 2>&1 | tail -n 4
@@ -659,13 +659,15 @@ sys.exit(0 if json.load(open(sys.argv[1]))['results']['fp8_speedup/compiled/chec
     # the shipped recipe in the real fit loop against TRL at the same LoRA config, interleaved rounds in this session:
     # configs/qwen3-30b-a3b_lora_chameleons_fp8.yaml as shipped (LoRA dropout 0.05, 64 samples per step, 6 optimizer
     # steps, bench/peers/loop.py) against TRL's SFTTrainer tuned for speed at LoRA dropout 0.05 (the chameleons
-    # preset's), round 1 sweeping TRL's micro-batch (PEER_SWEEP); later rounds rerun TRL's best
+    # preset's), at PEER_SWEEP (default x80, its best in the dropout-0 sweeps; a sweep of several sizes runs them in one
+    # process, where a later size has run out of memory that fits alone). Two rounds fit one call: run the part in
+    # two calls on one machine and join their complete rounds with bench/peers/merge_rounds.py
     python3 bench/make_chameleons.py /tmp/chameleons_big.json --users 256 --items 12
-    timeout ${LIMIT:-580} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets attention \
-      --peer trl --rounds ${ROUNDS:-3} --timeout ${RUN_LIMIT:-200} \
+    timeout ${LIMIT:-560} python3 bench/peers/rounds.py --model qwen3-30b-a3b --budget_gib 80 --targets attention \
+      --peer trl --rounds ${ROUNDS:-2} --timeout ${RUN_LIMIT:-200} \
       --ours "bench/peers/loop.py $qwen_fp8_fit --trainer.max_steps 6" --ours_sweep loop \
       --peer_cmd "bench/peers/trl_sft.py --model qwen3-30b-a3b --lora_dropout 0.05 --warmup 3 --steps 5 --batch_sizes {sweep}" \
-      --peer_sweep "${PEER_SWEEP:-64,80}" --out "$out/$day-peer_trl_loop-qwen3-30b-a3b-attention-fp8-$gpu.json" 2>&1 | tail -n 8
+      --peer_sweep "${PEER_SWEEP:-80}" --out "$out/$day-peer_trl_loop-qwen3-30b-a3b-attention-fp8${TAG:+_$TAG}-$gpu.json" 2>&1 | tail -n 8
     ;;
   experts_split)
     # expert LoRA split beside the frozen experts (model.speed.expert_lora: split, +splitexperts) against PEFT's path

@@ -348,3 +348,24 @@ def test_dropout_rng_runs_every_variant_and_records_what_it_cannot_run(tmp_path)
         assert abs(variants[name]["keep_rate"] - 0.75) < 5 * sd, name
         assert variants[name]["ran"] is True
     assert "error" in variants["triton_mask"]
+    x = torch.randn(512, 64) + 10  # no zeros: a zero out is a dropped element
+    for how in ("inductor", "aten_mask"):  # kept elements are rescaled by 1 / (1 - p)
+        y = _bench_module("dropout_rng")._drop(x, 0.25, how, salt=1)
+        kept = y != 0
+        assert torch.allclose(y[kept], x[kept] / 0.75), how
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["inductor", "aten_mask"])
+def test_dropout_rng_draws_an_own_mask_per_adapter_when_compiled(how):
+    """Compiled (inductor on the CPU), q, k and v each draw their own mask from the same normed input: with three
+    identical adapters their outputs still differ. Inductor may merge identical calls of an opaque op; the compiled
+    function must not."""
+    bench = _bench_module("dropout_rng")
+    torch.manual_seed(0)
+    h, attn = torch.randn(64, 16, requires_grad=True), torch.randn(64, 32, requires_grad=True)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    adapters = [(a, b)] * 3 + [(torch.randn(4, 32), torch.randn(16, 4))]
+    fn = torch.compile(bench.layer_inputs, fullgraph=True)  # a training graph: the one a step runs
+    _, _, (q, k, v, _) = fn(h, attn, torch.ones(16), adapters, 0.5, how, 1.0)
+    assert not torch.equal(q, k) and not torch.equal(k, v) and not torch.equal(q, v)

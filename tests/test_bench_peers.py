@@ -123,7 +123,7 @@ def test_the_loop_side_reports_a_fit_run_as_one_setting_rounds_can_read(tmp_path
     fit = {"tokens_per_s_median": 18000.0, "peak_mem_alloc_gib": 56.4, "step_time_s_median": 2.0,
            "train_loss": [12.32, 12.31], "optimizer_steps": 6, "device": "cpu", "versions": {"torch": "x"}}
     stub = tmp_path / "fit_smoke.py"  # a stand-in for bench/fit_smoke.py: writes `fit` to its first argument
-    stub.write_text(f"import json, sys\njson.dump({fit!r}, open(sys.argv[1], 'w'))\n"
+    stub.write_text(f"import json, sys\njson.dump({{**{fit!r}, 'argv': sys.argv[2:]}}, open(sys.argv[1], 'w'))\n"
                     "sys.exit(3 if '--fail' in sys.argv else 0)\n")
     monkeypatch.setattr(loop, "FIT_SMOKE", stub)
     out = tmp_path / "ours.json"
@@ -133,7 +133,8 @@ def test_the_loop_side_reports_a_fit_run_as_one_setting_rounds_can_read(tmp_path
     assert record["variants"]["loop"] == {"tokens_per_s": 18000.0, "peak_alloc_gib": 56.4, "step_s_median": 2.0,
                                           "loss_first_step": 12.32, "mfu": None, "hfu": None,
                                           "positions_per_micro_batch": None}
-    assert record["fit"] == fit and rounds.best_within(record, 80, cuda=True)[0] == "loop"
+    assert record["fit"] == {**fit, "argv": ["fit", "--config", "c.yaml"]}  # --out is the side's, not the fit's
+    assert rounds.best_within(record, 80, cuda=True)[0] == "loop"
     assert rounds.best_within(record, 50, cuda=True) is None  # 56.4 GiB is over a 50 GiB budget
     monkeypatch.setattr(sys, "argv", ["loop.py", "fit", "--fail", "--out", str(out)])
     assert loop.main() == 3  # the fit's exit status passes through
@@ -141,3 +142,63 @@ def test_the_loop_side_reports_a_fit_run_as_one_setting_rounds_can_read(tmp_path
     assert oom == {"error": "out of memory at 56.4 GiB allocated"}
     assert rounds.why_none({"variants": {"loop": oom}}, 80) == "every setting failed: loop: " + oom["error"]
     assert "error" in loop.as_setting({**fit, "tokens_per_s_median": 0})
+    assert "error" in loop.as_setting({**fit, "optimizer_steps": 2})  # only warm-up steps: nothing timed
+
+
+def test_a_timed_out_side_is_killed_with_the_processes_it_started(tmp_path):
+    """rounds.py's timeout ends the side's whole process group: a child it started (loop.py's fit) does not keep
+    running into the other side's run."""
+    import os
+    import time
+
+    rounds = _peers("rounds")
+    pid_file = tmp_path / "child.pid"
+    side = tmp_path / "side.py"  # starts a child that would outlive it, then waits past the timeout
+    side.write_text("import subprocess, sys, time\n"
+                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+                    "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                    f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+                    "time.sleep(60)\n")
+    record = rounds.run_side(str(side), "x", tmp_path / "out.json", timeout=3)
+    assert record["error"] == "timed out after 3 s"
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is asynchronous: give the kernel a moment to reap it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the side's child {child} is still running")
+
+
+def _rounds_file(ours, peer, setting="trlx80", model="qwen3-30b-a3b"):
+    rounds = [{"round": i + 1, "ours_setting": "loop", "peer_setting": setting, "ours_tokens_per_s": o,
+               "peer_tokens_per_s": p, **({"ratio": o / p} if p else {"peer_error": "timed out"})}
+              for i, (o, p) in enumerate(zip(ours, peer))]
+    return {"command": f"rounds {ours}", "model": model, "budget_gib": 80.0, "targets": "attention", "peer": "trl",
+            "device": "H100", "rounds": rounds, "runs": [{"round": r["round"], "side": "ours"} for r in rounds]}
+
+
+def test_merged_rounds_keep_complete_rounds_in_order_and_summarise_them_all():
+    merge = _peers("merge_rounds").merge
+    merged = merge({"a.json": _rounds_file([20, 21, 22], [10, 10, None]), "c.json": _rounds_file([18, 30], [10, 10])})
+    assert [(r["round"], r["source"], r["source_round"]) for r in merged["rounds"]] == [
+        (1, "a.json", 1), (2, "a.json", 2), (3, "c.json", 1), (4, "c.json", 2)]  # a.json's third had no peer run
+    # ratios 2.0, 2.1, 1.8, 3.0: median of four is the mean of the middle two
+    assert merged["rounds_complete"] == 4 and abs(merged["ratio_median"] - 2.05) < 1e-12
+    assert (merged["ratio_min"], merged["ratio_max"]) == (1.8, 3.0)
+    assert merged["sources"] == {"a.json": "rounds [20, 21, 22]", "c.json": "rounds [18, 30]"}
+    assert len(merged["runs"]) == 5 and merged["model"] == "qwen3-30b-a3b"
+
+
+def test_rounds_of_different_comparisons_are_not_merged():
+    import pytest
+
+    merge = _peers("merge_rounds").merge
+    with pytest.raises(ValueError, match="different settings: \\['trlx64', 'trlx80'\\]"):
+        merge({"a.json": _rounds_file([20], [10]), "b.json": _rounds_file([20], [9], setting="trlx64")})
+    with pytest.raises(ValueError, match="b.json: model is 'mgm-2b'"):
+        merge({"a.json": _rounds_file([20], [10]), "b.json": _rounds_file([20], [10], model="mgm-2b")})
+    with pytest.raises(ValueError, match="no complete round"):
+        merge({"a.json": _rounds_file([20], [None])})

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,13 +67,19 @@ def run_side(command: str, sweep: str, out: Path, timeout: float, pythonpath: st
     argv = [sys.executable] + shlex.split(command.replace("{sweep}", sweep)) + ["--out", str(out)]
     env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath is not None else None
     start = time.perf_counter()
+    # its own process group: a side that starts processes of its own (bench/peers/loop.py runs fit_smoke) is killed
+    # whole on a timeout, so nothing of it keeps the GPU while the other side runs
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"error": f"timed out after {timeout:.0f} s", "argv": argv}
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
-        return {"error": f"exit {proc.returncode}", "argv": argv, "stderr_tail": proc.stderr[-3000:]}
+        return {"error": f"exit {proc.returncode}", "argv": argv, "stderr_tail": stderr[-3000:]}
     record = json.loads(out.read_text())
     record["wall_s"] = round(wall, 1)
     return record

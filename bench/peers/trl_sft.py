@@ -202,9 +202,8 @@ def main() -> None:
             records[name] = run(args, batch_size, device)
         except torch.cuda.OutOfMemoryError as error:
             records[name] = {"samples_per_step": batch_size, "oom": str(error).splitlines()[0]}
-        # the next size builds its own model: free this one's first. Reference cycles (the trainer, its callbacks) can
-        # keep tensors alive until a collection: x80 after x64 in one process ran out of memory on an H100 (session
-        # 43, 78.2 GiB allocated where x80 alone peaks at 76.5); whether this collection is enough is not yet rerun
+        # the next size builds its own model: free what this one's reference cycles (the trainer, its callbacks, a
+        # caught error's traceback) still hold before it does
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

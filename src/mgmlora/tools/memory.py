@@ -14,8 +14,9 @@ as in training, and each block of memory is computed from the parameter counts a
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
 - activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
-  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), plus with
-  `speed.keep_expert_outputs` every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
+  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), and for an MoE model that
+  layer's routed hidden-size rows and their gradient (top_k per token), plus with `speed.keep_expert_outputs`
+  every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
   `speed.keep_attention_outputs` every layer's attention output and log-sum-exp, plus with LoRA dropout each
   adapter's dropped copy of its input and its mask in the recomputed layer; without checkpointing every layer's
   internals (per token: about 8 hidden-size and 4 MLP-width bf16 tensors; MoE layers use top_k x the expert width);
@@ -264,6 +265,10 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     if model_args.gradient_checkpointing:
         # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
+        if facts.moe_layers:
+            # the MoE layer being recomputed also holds its routed rows of the hidden size (top_k per token): the
+            # expert outputs its routing weights' gradient reads, and their gradient (docs/design/memory.md)
+            items["MoE routed rows (one layer, backward)"] = tokens * 2 * facts.top_k * hidden * act_bytes
         # (effective_keep reads the transformers installed here: the estimate is of a run on this machine's stack)
         if (keep := effective_keep(speed.keep_expert_outputs, speed.compile)) != "none":
             # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down

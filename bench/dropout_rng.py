@@ -42,6 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: grouped_gemm's CUDA-event timing
+from grouped_gemm import time_cuda  # noqa: E402
+
 
 @torch.library.custom_op("mgmlora_bench::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def keep_mask(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
@@ -133,18 +136,6 @@ def layer_inputs(h: torch.Tensor, attn: torch.Tensor, norm_w: torch.Tensor, adap
     return codes, scale, deltas
 
 
-def _time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs each variant and writes the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -192,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 x = h.float()
                 rec["keep_rate"] = int(torch.count_nonzero(_drop(x, args.p, how))) / x.numel()
             if cuda:
-                fwd = _time(forward, args.warmup, args.iters)
-                both = _time(step, args.warmup, args.iters)
+                fwd = time_cuda(forward, args.warmup, args.iters)
+                both = time_cuda(step, args.warmup, args.iters)
                 rec.update(fwd_ms_median=statistics.median(fwd), ms_median=statistics.median(both),
                            ms_min=min(both), ms_max=max(both))
                 # a checkpointed step runs each layer's forward twice (forward, recompute) and its backward once

@@ -37,7 +37,7 @@ def _routing(positions: int, top_k: int, experts: int, seed: int, device: torch.
     return torch.cumsum(counts, 0).to(torch.int32).to(device)
 
 
-def _time(fn, warmup: int, iters: int) -> list[float]:
+def time_cuda(fn, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of `iters` back-to-back calls of fn, after `warmup` calls."""
     for _ in range(max(warmup, 1)):  # at least one: compilation stays out of the timings
         fn()
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     x.grad = None
                     f(weight, x, offsets).backward(grad)
 
-                t_f = _time(fwd, args.warmup, args.iters)
-                t_fb = _time(fwd_bwd, args.warmup, args.iters)
+                t_f = time_cuda(fwd, args.warmup, args.iters)
+                t_fb = time_cuda(fwd_bwd, args.warmup, args.iters)
                 key = f"{name}/{products}/{mode}"
                 results[key] = {
                     "forward_ms_median": statistics.median(t_f), "forward_ms_min": min(t_f),

@@ -14,8 +14,8 @@ as in training, and each block of memory is computed from the parameter counts a
   keeps an fp32 master copy plus two fp32 states per trainable parameter (12 bytes, partitioned over ranks from ZeRO-1
   on, on the CPU with optimizer offload), bf16 gradients (partitioned from ZeRO-2 on) and a reduce bucket;
 - activations: with gradient checkpointing the input of every decoder layer (in the weights' dtype) plus one layer's
-  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), and for an MoE model that
-  layer's routed hidden-size rows and their gradient (top_k per token), plus with `speed.keep_expert_outputs`
+  recomputed internals, counted at half (an empirical factor, see `RECOMPUTE_LIVE`), and for an MoE model a fitted
+  allowance per routed row (`MOE_BACKWARD_ROWS`), plus with `speed.keep_expert_outputs`
   every MoE layer's kept expert GEMM outputs (top_k rows per token), and with
   `speed.keep_attention_outputs` every layer's attention output and log-sum-exp, plus with LoRA dropout each
   adapter's dropped copy of its input and its mask in the recomputed layer; without checkpointing every layer's
@@ -66,6 +66,7 @@ GIB = 2**30
 # Where each constant comes from, with the measurements behind it: docs/design/memory.md.
 ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
 RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (fitted)
+MOE_BACKWARD_ROWS = 2  # hidden-size values per routed row more at a checkpointed MoE layer's backward peak (fitted)
 WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
 
 
@@ -266,9 +267,9 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
         # every layer's input, plus one layer's recomputed internals at RECOMPUTE_LIVE (docs/design/memory.md)
         items["activations (checkpointed)"] = layers * tokens * hidden * resid_bytes + per_layer * RECOMPUTE_LIVE
         if facts.moe_layers:
-            # the MoE layer being recomputed also holds its routed rows of the hidden size (top_k per token): the
-            # expert outputs its routing weights' gradient reads, and their gradient (docs/design/memory.md)
-            items["MoE routed rows (one layer, backward)"] = tokens * 2 * facts.top_k * hidden * act_bytes
+            # what the measured peaks of a checkpointed MoE model grow by beyond the terms above, per routed row:
+            # fitted, not attributed to particular tensors (docs/design/memory.md)
+            items["MoE layer's backward (fitted)"] = tokens * MOE_BACKWARD_ROWS * facts.top_k * hidden * act_bytes
         # (effective_keep reads the transformers installed here: the estimate is of a run on this machine's stack)
         if (keep := effective_keep(speed.keep_expert_outputs, speed.compile)) != "none":
             # per token and MoE layer, top_k rows of the gate/up output (2 x expert width), and of the down

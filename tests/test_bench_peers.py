@@ -176,7 +176,8 @@ def _rounds_file(ours, peer, setting="trlx80", model="qwen3-30b-a3b"):
     rounds = [{"round": i + 1, "ours_setting": "loop", "peer_setting": setting, "ours_tokens_per_s": o,
                "peer_tokens_per_s": p, **({"ratio": o / p} if p else {"peer_error": "timed out"})}
               for i, (o, p) in enumerate(zip(ours, peer))]
-    return {"command": f"rounds {ours}", "model": model, "budget_gib": 80.0, "targets": "attention", "peer": "trl",
+    return {"command": f"rounds --ours 'loop.py fit' --peer_cmd 'trl_sft.py' --rounds {len(ours)}", "model": model,
+            "budget_gib": 80.0, "targets": "attention", "peer": "trl",
             "device": "H100", "rounds": rounds, "runs": [{"round": r["round"], "side": "ours"} for r in rounds]}
 
 
@@ -188,8 +189,8 @@ def test_merged_rounds_keep_complete_rounds_in_order_and_summarise_them_all():
     # ratios 2.0, 2.1, 1.8, 3.0: median of four is the mean of the middle two
     assert merged["rounds_complete"] == 4 and abs(merged["ratio_median"] - 2.05) < 1e-12
     assert (merged["ratio_min"], merged["ratio_max"]) == (1.8, 3.0)
-    assert merged["sources"] == {"a.json": "rounds [20, 21, 22]", "c.json": "rounds [18, 30]"}
-    assert len(merged["runs"]) == 5 and merged["model"] == "qwen3-30b-a3b"
+    assert list(merged["sources"]) == ["a.json", "c.json"] and merged["model"] == "qwen3-30b-a3b"
+    assert [(r["round"], r["source_round"]) for r in merged["runs"]] == [(1, 1), (2, 2), (None, 3), (3, 1), (4, 2)]
 
 
 def test_rounds_of_different_comparisons_are_not_merged():
@@ -200,5 +201,45 @@ def test_rounds_of_different_comparisons_are_not_merged():
         merge({"a.json": _rounds_file([20], [10]), "b.json": _rounds_file([20], [9], setting="trlx64")})
     with pytest.raises(ValueError, match="b.json: model is 'mgm-2b'"):
         merge({"a.json": _rounds_file([20], [10]), "b.json": _rounds_file([20], [10], model="mgm-2b")})
+    other = _rounds_file([20], [10])
+    other["command"] = other["command"].replace("loop.py fit", "loop.py fit --model.lora.lora_dropout 0.0")
+    with pytest.raises(ValueError, match="b.json: --ours differs"):
+        merge({"a.json": _rounds_file([20], [10]), "b.json": other})
     with pytest.raises(ValueError, match="no complete round"):
         merge({"a.json": _rounds_file([20], [None])})
+
+
+def test_stopping_the_rounds_stops_the_running_side_and_what_it_started(tmp_path):
+    """A SIGTERM to rounds.py (the suite's `timeout`) ends the side it is running, children included."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    side = tmp_path / "side.py"
+    side.write_text("import subprocess, sys, time\n"
+                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+                    "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                    f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+                    "time.sleep(60)\n")
+    rounds = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peers" / "rounds.py"), "--model", "m",
+                               "--budget_gib", "80", "--targets", "attention", "--peer", "plain", "--ours",
+                               f"{side} {{sweep}}", "--ours_sweep", "x", "--peer_cmd", f"{side} {{sweep}}",
+                               "--peer_sweep", "x", "--out", str(tmp_path / "r.json")])
+    for _ in range(100):  # until the side has started its child
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    rounds.send_signal(signal.SIGTERM)
+    assert rounds.wait(timeout=20) == 128 + signal.SIGTERM
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError(f"the side's child {child} outlived the rounds")

@@ -6,8 +6,9 @@ A rounds run must fit one GPU call; where a comparison's rounds take longer than
 the same machine and each call writes its own file. This puts their complete rounds in one file, renumbered in the
 order given (each keeps its `source` file and `source_round`), with every run's record, each source's command, and the
 summary (median, min and max ratio, MFU, HFU) recomputed over all of them by rounds.py's own `summarise`. The runs
-must compare the same thing: the same model, budget, targets and peer, every complete round with the same setting on
-each side, on the same device; otherwise it stops with the difference.
+must compare the same thing: the same model, budget, targets, peer (and its PYTHONPATH) and device, the same
+commands on each side (`--ours`, `--peer_cmd`), and every complete round with the same setting on each side;
+otherwise it stops with the difference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers/, this s
 
 from rounds import summarise  # noqa: E402
 
-SAME = ("model", "budget_gib", "targets", "peer", "device")
+SAME = ("model", "budget_gib", "targets", "peer", "peer_pythonpath", "device")
+SAME_ARGUMENTS = ("--ours", "--peer_cmd")  # of each source's rounds.py command: what each side ran
+
+
+def _arguments(command: str) -> dict[str, str | None]:
+    argv = shlex.split(command or "")
+    return {flag: argv[argv.index(flag) + 1] if flag in argv[:-1] else None for flag in SAME_ARGUMENTS}
 
 
 def merge(records: dict[str, dict]) -> dict:
@@ -32,13 +39,19 @@ def merge(records: dict[str, dict]) -> dict:
         for key in SAME:
             if record.get(key) != first.get(key):
                 raise ValueError(f"{name}: {key} is {record.get(key)!r}, {first_name} has {first.get(key)!r}")
-    rounds, runs = [], []
+        for flag, value in _arguments(record.get("command")).items():
+            if value != _arguments(first.get("command"))[flag]:
+                raise ValueError(f"{name}: {flag} differs from {first_name}'s ({value!r})")
+    rounds, runs, number = [], [], {}
     for name, record in records.items():
         for entry in record["rounds"]:
             if not entry.get("ratio"):
                 continue  # an incomplete round (one side cut or failed): no ratio to merge
+            number[name, entry["round"]] = len(rounds) + 1
             rounds.append({**entry, "round": len(rounds) + 1, "source": name, "source_round": entry["round"]})
-        runs += [{**run, "source": name} for run in record["runs"]]
+        # a run keeps its source's round as source_round; `round` is its merged round's (None: an incomplete round)
+        runs += [{**run, "round": number.get((name, run["round"])), "source": name, "source_round": run["round"]}
+                 for run in record["runs"]]
     if not rounds:
         raise ValueError("no complete round in " + ", ".join(records))
     for side in ("ours", "peer"):

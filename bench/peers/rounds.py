@@ -73,10 +73,12 @@ def run_side(command: str, sweep: str, out: Path, timeout: float, pythonpath: st
                             start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as stop:  # the side's timeout, or this process told to stop (SIGTERM, Ctrl-C): the side too
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return {"error": f"timed out after {timeout:.0f} s", "argv": argv}
+        if isinstance(stop, subprocess.TimeoutExpired):
+            return {"error": f"timed out after {timeout:.0f} s", "argv": argv}
+        raise
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         return {"error": f"exit {proc.returncode}", "argv": argv, "stderr_tail": stderr[-3000:]}
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=480, help="seconds per run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    # a SIGTERM (the caller's `timeout`) unwinds like Ctrl-C, so the running side's process group is killed with it
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     import torch
 
     result = {

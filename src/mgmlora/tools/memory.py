@@ -66,6 +66,7 @@ GIB = 2**30
 # Where each constant comes from, with the measurements behind it: docs/design/memory.md.
 ACT_HIDDEN, ACT_MLP = 8, 4  # bf16 tensors per token per decoder layer kept for backward (hidden-size, MLP-width)
 RECOMPUTE_LIVE = 0.5  # share of one checkpointed layer's internals counted at the backward peak (fitted)
+HEADROOM_GIB = 1.0  # kept free below a budget for what max_memory_allocated does not count (CUDA context, fragments)
 MOE_BACKWARD_ROWS = 2  # hidden-size values per routed row more at a checkpointed MoE layer's backward peak (fitted)
 WORKSPACE_GIB = 0.35  # cuBLAS/cuDNN workspaces and allocator rounding, seen as the floor of small runs
 
@@ -98,8 +99,11 @@ class Estimate:
     settings: dict = field(default_factory=dict)
 
     def fits(self, budget_gib: float) -> bool:
-        """Whether the estimate stays within `budget_gib`."""
-        return self.total_gib <= budget_gib
+        """Whether the estimate stays `HEADROOM_GIB` below `budget_gib`.
+
+        The verdict, the largest micro-batch and the speed plan all judge by it.
+        """
+        return self.total_gib <= budget_gib - HEADROOM_GIB
 
 
 @dataclass
@@ -423,7 +427,8 @@ def format_estimate(est: Estimate, budget_gib: float | None = None) -> str:
     lines += [f"  {k}: {t:,} trainable / {n:,}" for k, (t, n) in est.trainable.items()]
     if budget_gib is not None:
         verdict = "fits" if est.fits(budget_gib) else "does NOT fit"
-        lines.append(f"verdict: {verdict} in {budget_gib:g} GiB")
+        lines.append(f"verdict: {verdict} in {budget_gib:g} GiB (with {HEADROOM_GIB:g} GiB kept free for the CUDA "
+                     "context and fragmentation)")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@
   at one sample with checkpointing, the 4-bit NF4 base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
 - Fit: a setting fits when its memory estimate (mgmlora.tools.memory) and, where it was measured, its measured peak
   stay `HEADROOM_GIB` below the budget (the CUDA context and the allocator's fragmentation are not in
-  `torch.cuda.max_memory_allocated`).
+  `torch.cuda.max_memory_allocated`), as the estimate's own verdict judges (`Estimate.fits`).
 - A config that spreads a fixed number of samples per step over balanced micro-batches (`data.window_samples`)
   keeps that setting first: its figure is a real `fit` loop at real lengths (a `MEASURED` row with
   `window_samples`), which no isolated-step figure of a fixed micro-batch compares with. The fixed micro-batches
@@ -42,12 +42,10 @@ from typing import Literal
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.models.recompute import KeptOutputs
-from mgmlora.tools.memory import RunShape, checkpointing_refusal, estimate
+from mgmlora.tools.memory import HEADROOM_GIB, RunShape, checkpointing_refusal, estimate
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability
-
-HEADROOM_GIB = 1.0  # kept free below the budget for what max_memory_allocated does not count
 
 
 @dataclass(frozen=True)

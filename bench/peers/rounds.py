@@ -74,7 +74,10 @@ def run_side(command: str, sweep: str, out: Path, timeout: float, pythonpath: st
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except BaseException as stop:  # the side's timeout, or this process told to stop (SIGTERM, Ctrl-C): the side too
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group ended on its own meanwhile
+            pass
         proc.communicate()
         if isinstance(stop, subprocess.TimeoutExpired):
             return {"error": f"timed out after {timeout:.0f} s", "argv": argv}

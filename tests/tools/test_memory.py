@@ -593,3 +593,14 @@ def test_a_dense_fp8_model_counts_the_transposed_codes_whatever_its_expert_setti
     largest = max(m.e4m3.numel() for m in load_model(args).model.modules() if isinstance(m, Fp8Linear))
     assert "dequantised weights (one layer, transient)" not in items
     assert items["FP8 codes read transposed (one layer, transient)"] * GIB == largest
+
+
+def test_a_budget_keeps_the_headroom_free():
+    """The verdict (and the largest micro-batch, the cheapest fix and the speed plan through it) keeps HEADROOM_GIB of
+    the budget free: 79.5 GiB of allocations do not fit an 80 GiB card, whose CUDA context and fragments need room."""
+    from mgmlora.tools.memory import HEADROOM_GIB, Estimate, format_estimate
+
+    assert HEADROOM_GIB == 1.0
+    est = Estimate(items={"weights": 79.5}, total_gib=79.5, trainable={})
+    assert not est.fits(80) and est.fits(80.5)
+    assert "verdict: does NOT fit in 80 GiB (with 1 GiB kept free" in format_estimate(est, 80)

@@ -145,31 +145,41 @@ def test_the_loop_side_reports_a_fit_run_as_one_setting_rounds_can_read(tmp_path
     assert "error" in loop.as_setting({**fit, "optimizer_steps": 2})  # only warm-up steps: nothing timed
 
 
-def test_a_timed_out_side_is_killed_with_the_processes_it_started(tmp_path):
-    """rounds.py's timeout ends the side's whole process group: a child it started (loop.py's fit) does not keep
-    running into the other side's run."""
-    import os
-    import time
-
-    rounds = _peers("rounds")
-    pid_file = tmp_path / "child.pid"
-    side = tmp_path / "side.py"  # starts a child that would outlive it, then waits past the timeout
+def _side_starting_a_child(tmp_path):
+    """A stand-in side that starts a child which would outlive it, writes the child's pid, then waits a minute."""
+    pid_file, side = tmp_path / "child.pid", tmp_path / "side.py"
     side.write_text("import subprocess, sys, time\n"
                     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
                     "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
                     f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
                     "time.sleep(60)\n")
-    record = rounds.run_side(str(side), "x", tmp_path / "out.json", timeout=3)
-    assert record["error"] == "timed out after 3 s"
+    return side, pid_file
+
+
+def _assert_ended(pid_file):
+    """The child named in pid_file is gone within 5 s (SIGKILL is asynchronous); killed here if not."""
+    import os
+    import signal
+    import time
+
     child = int(pid_file.read_text())
-    for _ in range(50):  # SIGKILL is asynchronous: give the kernel a moment to reap it
+    for _ in range(50):
         try:
             os.kill(child, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.1)
-    else:
-        raise AssertionError(f"the side's child {child} is still running")
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError(f"the side's child {child} outlived the side")
+
+
+def test_a_timed_out_side_is_killed_with_the_processes_it_started(tmp_path):
+    """rounds.py's timeout ends the side's whole process group: a child it started (loop.py's fit) does not keep
+    running into the other side's run."""
+    side, pid_file = _side_starting_a_child(tmp_path)
+    record = _peers("rounds").run_side(str(side), "x", tmp_path / "out.json", timeout=3)
+    assert record["error"] == "timed out after 3 s"
+    _assert_ended(pid_file)
 
 
 def _rounds_file(ours, peer, setting="trlx80", model="qwen3-30b-a3b"):
@@ -211,18 +221,11 @@ def test_rounds_of_different_comparisons_are_not_merged():
 
 def test_stopping_the_rounds_stops_the_running_side_and_what_it_started(tmp_path):
     """A SIGTERM to rounds.py (the suite's `timeout`) ends the side it is running, children included."""
-    import os
     import signal
     import subprocess
     import time
 
-    pid_file = tmp_path / "child.pid"
-    side = tmp_path / "side.py"
-    side.write_text("import subprocess, sys, time\n"
-                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
-                    "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-                    f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-                    "time.sleep(60)\n")
+    side, pid_file = _side_starting_a_child(tmp_path)
     rounds = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peers" / "rounds.py"), "--model", "m",
                                "--budget_gib", "80", "--targets", "attention", "--peer", "plain", "--ours",
                                f"{side} {{sweep}}", "--ours_sweep", "x", "--peer_cmd", f"{side} {{sweep}}",
@@ -233,13 +236,4 @@ def test_stopping_the_rounds_stops_the_running_side_and_what_it_started(tmp_path
         time.sleep(0.1)
     rounds.send_signal(signal.SIGTERM)
     assert rounds.wait(timeout=20) == 128 + signal.SIGTERM
-    child = int(pid_file.read_text())
-    for _ in range(50):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        raise AssertionError(f"the side's child {child} outlived the rounds")
+    _assert_ended(pid_file)

@@ -237,3 +237,15 @@ def test_stopping_the_rounds_stops_the_running_side_and_what_it_started(tmp_path
     rounds.send_signal(signal.SIGTERM)
     assert rounds.wait(timeout=20) == 128 + signal.SIGTERM
     _assert_ended(pid_file)
+
+
+def test_a_failed_side_keeps_what_it_recorded(tmp_path):
+    """A side that wrote its record and then exited non-zero (a fit that crashed after its steps) is an error that
+    carries the record, not only the stderr tail."""
+    side = tmp_path / "side.py"
+    side.write_text("import json, sys\n"
+                    "json.dump({'fit': {'optimizer_steps': 2}}, open(sys.argv[sys.argv.index('--out') + 1], 'w'))\n"
+                    "sys.exit('crashed after step 2')\n")
+    record = _peers("rounds").run_side(str(side), "x", tmp_path / "out.json", timeout=30)
+    assert record["error"] == "exit 1" and record["record"] == {"fit": {"optimizer_steps": 2}}
+    assert "crashed after step 2" in record["stderr_tail"]

@@ -84,7 +84,13 @@ def run_side(command: str, sweep: str, out: Path, timeout: float, pythonpath: st
         raise
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
-        return {"error": f"exit {proc.returncode}", "argv": argv, "stderr_tail": stderr[-3000:]}
+        failed = {"error": f"exit {proc.returncode}", "argv": argv, "stderr_tail": stderr[-3000:]}
+        if out.exists():  # what the side recorded before it failed (bench/peers/loop.py: the fit's own record)
+            try:
+                failed["record"] = json.loads(out.read_text())
+            except json.JSONDecodeError:
+                failed["record_unreadable"] = True
+        return failed
     record = json.loads(out.read_text())
     record["wall_s"] = round(wall, 1)
     return record

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from mgmlora.cli import parse_config, parse_files
-from mgmlora.tools.memory import cheapest_fix, estimate, run_from_tree
-from mgmlora.tools.speed_plan import HEADROOM_GIB, MEASURED, candidates, lookup, shipped_4bit_recipe
+from mgmlora.tools.memory import HEADROOM_GIB, cheapest_fix, estimate, run_from_tree
+from mgmlora.tools.speed_plan import MEASURED, candidates, lookup, shipped_4bit_recipe
 from tests.conftest import ROOT, launch_args, launch_files, load_script
 from tests.test_configs import _merge
 

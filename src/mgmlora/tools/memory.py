@@ -99,11 +99,16 @@ class Estimate:
     settings: dict = field(default_factory=dict)
 
     def fits(self, budget_gib: float) -> bool:
-        """Whether the estimate stays `HEADROOM_GIB` below `budget_gib`.
+        """Whether the estimate is within `budget_gib` (`within_budget`)."""
+        return within_budget(self.total_gib, budget_gib)
 
-        The verdict, the largest micro-batch and the speed plan all judge by it.
-        """
-        return self.total_gib <= budget_gib - HEADROOM_GIB
+
+def within_budget(gib: float, budget_gib: float) -> bool:
+    """Whether `gib` of allocations (estimated or measured) stay `HEADROOM_GIB` below `budget_gib`.
+
+    The one rule every fit judgement uses: the verdict, the largest micro-batch, the cheapest fix and the speed plan.
+    """
+    return gib <= budget_gib - HEADROOM_GIB
 
 
 @dataclass

@@ -10,7 +10,7 @@
   at one sample with checkpointing, the 4-bit NF4 base (QLoRA, no DeepSpeed) joins the candidates on the same GPUs.
 - Fit: a setting fits when its memory estimate (mgmlora.tools.memory) and, where it was measured, its measured peak
   stay `HEADROOM_GIB` below the budget (the CUDA context and the allocator's fragmentation are not in
-  `torch.cuda.max_memory_allocated`), as the estimate's own verdict judges (`Estimate.fits`).
+  `torch.cuda.max_memory_allocated`): `mgmlora.tools.memory.within_budget`, the estimate's own verdict's rule.
 - A config that spreads a fixed number of samples per step over balanced micro-batches (`data.window_samples`)
   keeps that setting first: its figure is a real `fit` loop at real lengths (a `MEASURED` row with
   `window_samples`), which no isolated-step figure of a fixed micro-batch compares with. The fixed micro-batches
@@ -42,7 +42,7 @@ from typing import Literal
 from mgmlora.models.args import ModelArgs
 from mgmlora.models.quantization import QuantizationArgs
 from mgmlora.models.recompute import KeptOutputs
-from mgmlora.tools.memory import HEADROOM_GIB, RunShape, checkpointing_refusal, estimate
+from mgmlora.tools.memory import RunShape, checkpointing_refusal, estimate, within_budget
 from mgmlora.training.lora import LoraArgs
 from mgmlora.training.loss import SpeedArgs
 from mgmlora.training.trainable import Trainability
@@ -204,8 +204,7 @@ def _divisors(n: int) -> list[int]:
 def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs, shape: RunShape,
                budget_gib: float) -> list[Setting]:
     """Every kept setting that fits `budget_gib`, in the order of the module docstring (best first)."""
-    limit = budget_gib - HEADROOM_GIB
-    windowed = _window_setting(model_args, lora, trainable, speed, shape, limit)
+    windowed = _window_setting(model_args, lora, trainable, speed, shape, budget_gib)
     per_gpu = shape.window_samples or shape.batch_size * max(shape.accumulate, 1)
     own = (model_args.quantization is not None, model_args.gradient_checkpointing, shape.batch_size)
     if shape.window_samples is not None:
@@ -215,7 +214,7 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
     smallest = estimate(replace(model_args, gradient_checkpointing=True), lora, trainable, speed,
                         replace(shape, batch_size=1))
     # the bf16 base fits no setting: the 4-bit base, which trains the language model through LoRA only
-    if model_args.quantization is None and trainable.llm == "lora" and smallest.total_gib > limit:
+    if model_args.quantization is None and trainable.llm == "lora" and not smallest.fits(budget_gib):
         shipped = shipped_4bit_recipe(model_args.preset)
         change = ("4-bit NF4 base (model.model.quantization, trainer.strategy auto"
                   + (f"; shipped as {shipped})" if shipped else ")"))
@@ -235,7 +234,7 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
             for batch in _divisors(per_gpu):
                 total = estimate(args, lora, trainable, speed, replace(base_shape, batch_size=batch)).total_gib
                 row = lookup(args, lora, trainable, speed, batch, shape.seq_len)
-                if max(total, row.peak_gib if row else 0.0) > limit:
+                if not within_budget(max(total, row.peak_gib if row else 0.0), budget_gib):
                     break  # memory grows with the micro-batch: no larger one fits either
                 fitting.append(_setting(quantized, ckpt, batch, per_gpu // batch, total, row, change,
                                         own=(quantized, ckpt, batch) == own))
@@ -249,14 +248,14 @@ def candidates(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, s
 
 
 def _window_setting(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, speed: SpeedArgs,
-                    shape: RunShape, limit: float) -> list[Setting]:
+                    shape: RunShape, budget_gib: float) -> list[Setting]:
     """The config's window setting (data.window_samples), when it has one and it fits; else nothing."""
     if shape.window_samples is None or checkpointing_refusal(model_args, lora, speed) and \
             not model_args.gradient_checkpointing:
         return []  # training refuses it
     total = estimate(model_args, lora, trainable, speed, shape).total_gib
     row = lookup(model_args, lora, trainable, speed, shape.accumulate, shape.seq_len, shape.window_samples)
-    if max(total, row.peak_gib if row else 0.0) > limit:
+    if not within_budget(max(total, row.peak_gib if row else 0.0), budget_gib):
         return []
     source = (row.cite() if row else "the config as written (nothing measured compares with a window of balanced "
               "micro-batches)")

@@ -151,6 +151,22 @@ def test_a_failed_fit_before_training_or_failed_evaluation_takes_its_own_files_a
         assert {p.name for p in folder.iterdir()} == (everything if left == "all" else left)
 
 
+def test_an_event_file_with_unwritten_events_does_not_come_back_after_lightning_closes_the_logger(tmp_path):
+    # TensorBoard's writer appends by file name: one removed while events were still buffered came back when
+    # Lightning's `_interrupt` closed the logger right after `on_exception` (an intermittent CI failure)
+    from types import SimpleNamespace
+
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, "run")
+    outcome = RunOutcome()
+    outcome.fresh_dirs = {Path(logger.log_dir)}
+    for step in range(3):
+        logger.experiment.add_scalar("x", float(step), step)  # buffered, not flushed
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="validate"), is_global_zero=True, loggers=[logger])
+    outcome.on_exception(trainer, None, ValueError("bad image"))
+    logger.finalize("failed")  # what lightning.pytorch.trainer.call._interrupt does next
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
 def test_each_logger_s_directory_is_judged_by_itself(tmp_path):
     from types import SimpleNamespace
 

@@ -116,6 +116,10 @@ class RunOutcome(L.Callback):
         config = saved_config_name(TrainerFn(fn).value)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger.log_dir is not None:
+                # closed first: TensorBoard's writer appends by file name, so a file removed while events were
+                # still buffered would come back when Lightning closes the logger after this hook (closing twice
+                # is a no-op)
+                logger.finalize("failed")
                 discard_failed_run(logger.log_dir, self._since, Path(logger.log_dir) in self.fresh_dirs, config)
         remove_empty_dirs(self.made_parents)  # the parents of a version directory the command made and took away
 

@@ -11,6 +11,7 @@ LoRA from the preset the configs use) and every variant trains that same PEFT mo
   on every position and transformers' loss over fp32-upcast full-vocabulary logits (for MGM, the original's
   cross-entropy over its full logits), padded micro-batches.
 - `chunked`: mgmlora's loss (`speed.loss: chunked`): head + cross-entropy only on supervised positions, chunked.
+- `compiled`: `chunked` with each chunk's head + cross-entropy compiled (`speed.loss: compiled`).
 - `liger`: the same with Liger-Kernel's fused linear cross-entropy (CUDA, when liger-kernel is installed).
 - `chunked+packing`: plus `speed.packing: true` (no padding compute inside the micro-batch), with the attention a
   packed run loads (`sdpa` becomes mgmlora's packed SDPA: per-sample attention, PyTorch's varlen flash kernel on CUDA;
@@ -232,8 +233,9 @@ def parse_variant(variant: str) -> tuple[str, set[str], int | None]:
     if match:
         parts[-1], per_batch = match[1], int(match[2])
     impl, flags = parts[0], set(parts[1:])
-    if impl not in ("plain", "full", "chunked", "liger") or flags - FLAGS:
-        raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|liger, flags {sorted(FLAGS)}, xN")
+    if impl not in ("plain", "full", "chunked", "compiled", "liger") or flags - FLAGS:
+        raise SystemExit(f"unknown variant {variant!r}: impl plain|full|chunked|compiled|liger, flags {sorted(FLAGS)}, "
+                         "xN")
     if len(flags & KEEP_FLAGS.keys()) > 1 or flags & (KEEP_FLAGS.keys() | {"keepattn"}) and "nockpt" in flags:
         raise SystemExit(f"variant {variant!r}: +keepgateup or +keepexperts (one of them) and +keepattn choose what "
                          "checkpointing recomputes (without +nockpt)")

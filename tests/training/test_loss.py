@@ -241,6 +241,32 @@ def test_chunked_loss_is_the_plain_cross_entropy(chunk):
     torch.testing.assert_close(grad, h_ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.integration),  # compiles: ~30 s cold
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_compiled_chunk_loss_is_the_plain_cross_entropy_with_a_ragged_last_chunk(device):
+    # chunks of 4 supervised positions: full ones, then a last one of 3 (compiled again for its size)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    h, labels, head = _random_lm_problem(device=device)
+    h.requires_grad_(True)
+    torch.compiler.reset()
+    out = lm_loss(h, labels, head, "compiled", 4)
+    (grad,) = torch.autograd.grad(out.loss_sum, h)
+    h_ref = h.detach().clone().requires_grad_(True)
+    expected = _reference_sum(h_ref, labels, head)
+    expected.backward()
+    assert out.n_tokens == 19
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    from mgmlora.models.head import PostProcessedHead
+
+    softcapped = PostProcessedHead(head, 1.0, 2.0)  # Gemma-2's soft cap: the compiled chunk applies the head whole
+    sums = [lm_loss(h.detach().clone().requires_grad_(True), labels, softcapped, impl, 4).loss_sum
+            for impl in ("compiled", "chunked")]  # with a gradient: evaluation's no-grad chunks run eagerly
+    torch.testing.assert_close(sums[0], sums[1])
+    assert not torch.allclose(sums[0], out.loss_sum, rtol=1e-2)  # the cap changed the loss
+
+
 def test_liger_refuses_a_head_that_transforms_its_logits_before_loading_liger():
     """Asserted on every machine: the check runs before Liger is imported."""
     from mgmlora.models.head import PostProcessedHead

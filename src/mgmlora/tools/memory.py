@@ -317,9 +317,9 @@ def estimate(model_args: ModelArgs, lora: LoraArgs, trainable: Trainability, spe
     supervisable = shape.batch_size * max(shape.seq_len - info.image_tokens, 1)  # image positions carry no loss
     if speed.loss == "full":
         items[f"LM head + loss (full logits, vocab {vocab:,})"] = tokens * vocab * head_bytes
-    elif speed.loss == "chunked":
+    elif speed.loss in ("chunked", "compiled"):  # compiled: bounded by the eager chunk's copies, not measured apart
         rows = min(supervisable, speed.loss_chunk_size)
-        items[f"LM head + loss (chunked, vocab {vocab:,})"] = rows * vocab * head_bytes
+        items[f"LM head + loss ({speed.loss}, vocab {vocab:,})"] = rows * vocab * head_bytes
     else:
         items["LM head + loss (liger)"] = tokens * hidden * 4 * 2
     if shape.device == "cuda":

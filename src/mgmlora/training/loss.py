@@ -6,9 +6,12 @@ Two costs of the plain transformers path that do not change what is learned:
   and 2048 positions that is 2 GiB of fp32 logits plus their gradient, the largest single block of LoRA peak memory
   (docs/design/gpu.md), while only the supervised answer positions carry a loss. `loss: chunked` selects the
   supervised positions first and runs head + cross-entropy over them in chunks whose logits are recomputed in the
-  backward pass (activation checkpointing per chunk), so at most `chunk x V` logits exist at once. `loss: liger` does
-  the same with Liger-Kernel's fused Triton kernel (CUDA, optional extra). `loss: full` is the plain path, kept as the
-  reference the tests compare against. All three give the same sum up to float summation order.
+  backward pass (activation checkpointing per chunk), so at most `chunk x V` logits exist at once. `loss: compiled`
+  is `chunked` with each chunk's head + cross-entropy compiled by torch.compile: the fp32 upcast, log-softmax and
+  target pick become fused reductions over the logits instead of full-size fp32 copies and passes, forward and
+  backward (compiled in the first steps; a last chunk of another size compiles once more). `loss: liger` does the same
+  with Liger-Kernel's fused Triton kernel (CUDA, optional extra). `loss: full` is the plain path, kept as the
+  reference the tests compare against. All four give the same sum up to float summation order.
 - Padding. A micro-batch of B samples padded to the longest computes attention and MLPs on pad positions.
   `packing: true` removes the padding on the GPU: the B rows become one row of their real tokens, with position ids
   restarting at each sample, which transformers turns into a block-diagonal (per-sample) causal mask. The window
@@ -20,7 +23,9 @@ Written here rather than taken from a library where no library fits: transformer
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +39,7 @@ from mgmlora.errors import SettingsError
 from mgmlora.models.recompute import KeptOutputs
 from mgmlora.models.transfer import queue_to
 
-LossImpl = Literal["full", "chunked", "liger"]
+LossImpl = Literal["full", "chunked", "compiled", "liger"]
 
 
 @dataclass
@@ -43,9 +48,11 @@ class SpeedArgs:
 
     Attributes:
         loss: `chunked` (LM head + cross-entropy only on supervised positions, in checkpointed chunks; the default),
+            `compiled` (the same, each chunk compiled by torch.compile: fused reductions instead of fp32 copies of
+            the logits; needs what torch.compile needs, a C++ compiler on the CPU, Triton on CUDA),
             `liger` (Liger-Kernel's fused linear cross-entropy; CUDA and the `liger` extra) or `full` (the plain path:
             full-vocabulary logits at every position).
-        loss_chunk_size: supervised positions per chunk for `chunked`; the logits of one chunk are
+        loss_chunk_size: supervised positions per chunk for `chunked` and `compiled`; the logits of one chunk are
             `loss_chunk_size x vocab` floats.
         packing: drop padding inside each micro-batch (one row per micro-batch, per-sample attention through
             position ids). Raise `data.batch_size` with it: padding no longer costs compute.
@@ -121,6 +128,12 @@ def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+@functools.cache
+def _compiled_chunk_loss() -> Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]:
+    """`_chunk_loss` compiled (`loss: compiled`), made on first use: importing torch.compile's machinery costs time."""
+    return torch.compile(_chunk_loss)
+
+
 def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: LossImpl, chunk_size: int,
             with_preds: bool = False, host_labels: torch.Tensor | None = None) -> LossOut:
     """Next-token cross-entropy summed over supervised positions.
@@ -129,8 +142,8 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         hidden: final hidden states (B, T, H), before the LM head.
         labels: (B, T) token ids, IGNORE_INDEX where nothing is supervised. Position t predicts labels[t + 1].
         head: the LM head module (called as a module so DeepSpeed ZeRO-3 gathers its weight, also in recomputation).
-        impl: `full`, `chunked` or `liger` (see SpeedArgs).
-        chunk_size: supervised positions per chunk (`chunked`).
+        impl: `full`, `chunked`, `compiled` or `liger` (see SpeedArgs).
+        chunk_size: supervised positions per chunk (`chunked`, `compiled`).
         with_preds: also return argmax predictions at the supervised positions (evaluation).
         host_labels: `labels` on the CPU, where the forward knows them (`Forward.host_labels`): `chunked` and `liger`
             then select the supervised positions from them, so the number of positions is known without a device
@@ -163,11 +176,12 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
             if with_preds else None
         return LossOut(loss_sum, n, preds, y if with_preds else None)
     parts, preds = [], []
+    chunk_loss = _compiled_chunk_loss() if impl == "compiled" else _chunk_loss
     for s in range(0, h.shape[0], chunk_size):
         h_c, y_c = h[s:s + chunk_size], y[s:s + chunk_size]
         if torch.is_grad_enabled() and h_c.requires_grad:
             # Recompute this chunk's logits in backward instead of keeping them: memory chunk x V, not N x V.
-            parts.append(checkpoint(_chunk_loss, h_c, head, y_c, use_reentrant=False))
+            parts.append(checkpoint(chunk_loss, h_c, head, y_c, use_reentrant=False))
         else:
             logits = head(h_c)  # (n, V)
             parts.append(F.cross_entropy(logits.float(), y_c, reduction="sum"))

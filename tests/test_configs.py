@@ -176,7 +176,7 @@ VARIANTS = {
         "model.model.quantization": {"quant_type": "fp8", "bits": None, "expert_products": "dequantized",
                                      "double_quant": True, "compute_dtype": None, "backend": "auto"},
         "data.init_args.window_samples": 128, "data.init_args.max_tokens": 4480, "trainer.accumulate_grad_batches": 48,
-        "model.speed.loss_chunk_size": 1024, LOGGER: "mgm2b_lora_packed_fp8"}),
+        "model.speed.loss": "compiled", "model.speed.loss_chunk_size": 1024, LOGGER: "mgm2b_lora_packed_fp8"}),
     "mgm2b_qlora.yaml": ("mgm2b_lora.yaml", {
         "model.model.quantization": QLORA, "model.model.gradient_checkpointing": True, "model.speed.compile": False,
         "model.speed.loss": "liger", LOGGER: "mgm2b_qlora"}),

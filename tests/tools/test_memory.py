@@ -117,8 +117,11 @@ ESTIMATE_GAPS = {"2026-11-30-train_step_budget-mgm2b-h200.json:chunked+packing+n
                  "2026-12-05-train_step_fp8_best_x3-mgm2b-h100.json:chunked+packing+nocast+fused+compile+nockptx3",
                  *(f"2026-12-06-train_step_fp8_best_x3_call{n}-mgm2b-h200.json:chunked+packing+nocast+fused+compile"
                    "+nockptx3" for n in (1, 2, 3)),  # the same step, three calls of session 37
-                 # and profiled on an H100 in session 44 (1.17x)
-                 "2026-12-06-train_step_profile_fp8_x3-mgm2b-h100.json:chunked+packing+nocast+fused+compile+nockptx3"}
+                 # and profiled on an H100 in session 44 (1.17x), and beside the compiled loss in session 44's A/B,
+                 # which holds less still (1.28x: the estimate bounds `compiled` by the eager chunk's fp32 copies)
+                 "2026-12-06-train_step_profile_fp8_x3-mgm2b-h100.json:chunked+packing+nocast+fused+compile+nockptx3",
+                 *(f"2026-12-06-train_step_fp8_x3_compiled_loss_ab{n}-mgm2b-h200.json:{loss}+packing+nocast+fused"
+                   "+compile+nockptx3" for n in (1, 2) for loss in ("chunked", "compiled"))}
 
 # MGM-2B's 128 samples over 64 balanced micro-batches with the chunked loss ran out of memory at the 24 GiB cap with
 # 21.1 GiB allocated and 1.7 GiB reserved but free (fragmentation under varying row shapes, which the estimate does

@@ -299,7 +299,9 @@ def test_a_measured_row_stands_only_for_its_own_base_format(in_repo_root):
     # the FP8 window row answers for the FP8 overlay; the same settings on an NF4 or bf16 base were not measured
 
     fp8 = ["configs/mgm2b_lora.yaml", "configs/mgm2b_lora_packed_fp8.yaml"]
-    for overrides, source in [((), "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json"),
+    for overrides, source in [((), "2026-12-06-mgm2b_lora_packed_fp8_compiled_loss_loop-h200.json"),
+                              (("--model.speed.loss", "chunked"),
+                               "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json"),
                               (("--model.model.quantization.quant_type", "nf4"), None),
                               (("--model.model.quantization", "null"), None)]:
         model_args, lora, trainable, speed, shape = _run(fp8, overrides)

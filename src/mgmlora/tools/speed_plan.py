@@ -56,7 +56,7 @@ class Measured:
     quantized: bool  # a quantized base (model.model.quantization): NF4 unless `quant_type` says FP8
     trainable_llm: Literal["lora", "frozen", "full"]  # what the LLM trains (Trainability)
     target_experts: bool
-    loss: Literal["full", "chunked", "liger"]
+    loss: Literal["full", "chunked", "compiled", "liger"]
     gradient_checkpointing: bool
     batch_size: int  # samples per micro-batch
     max_length: int
@@ -115,6 +115,12 @@ MEASURED: tuple[Measured, ...] = (
     Measured("mgm-2b", True, "lora", False, "chunked", False, 48, 2048, 26042.0, 22.28,
              "2026-12-06-mgm2b_lora_packed_fp8_loop_24gib_acc48_round2-h200.json", window_samples=128,
              loss_chunk_size=1024, quant_type="fp8"),
+    # that overlay as shipped since session 44, with the compiled chunk loss (speed.loss: compiled): the slower of the
+    # two rounds interleaved with two of the row above's settings on one H200
+    # (2026-12-06-mgm2b_lora_packed_fp8_{compiled,chunked}_loss_loop{,_b}-h200.json)
+    Measured("mgm-2b", True, "lora", False, "compiled", False, 48, 2048, 28813.2, 20.41,
+             "2026-12-06-mgm2b_lora_packed_fp8_compiled_loss_loop-h200.json", window_samples=128,
+             loss_chunk_size=1024, quant_type="fp8", recipe="configs/mgm2b_lora_packed_fp8.yaml"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 8, 1024, 6430.5, 60.13, _QWEN_BUDGET,
              "liger+packing+nocast+fused+fastexpertsx8"),
     Measured("qwen3-30b-a3b", False, "lora", False, "liger", True, 48, 1024, 10669.6, 70.26, _QWEN_BUDGET,

@@ -319,3 +319,24 @@ def test_compile_watch_says_whether_anything_compiled(body, compiled, says):
         torch._dynamo.reset()
     assert got_compiled is compiled
     assert line == says if says is None else says in line
+
+
+def test_compile_watch_leaves_the_compiled_loss_out():
+    # speed.loss: compiled compiles in the same step as the layers: a model whose layers compiled nothing says so still
+    from mgmlora.training.loss import CompiledChunkLoss
+
+    layer = torch.nn.Linear(4, 4)
+    layer.forward = torch.compiler.disable(layer.forward)
+    head = torch.nn.Linear(4, 6)
+    torch._dynamo.reset()
+    watch = CompileWatch()
+    try:
+        hidden = layer(torch.ones(3, 4))
+        loss = CompiledChunkLoss(backend="eager")
+        before = CompiledChunkLoss.graphs
+        loss(hidden, head, torch.tensor([0, 5, 2]))
+        assert CompiledChunkLoss.graphs == before + 1  # the loss did compile
+        got_compiled, line = watch.outcome()
+    finally:
+        torch._dynamo.reset()
+    assert not got_compiled and "compiled nothing in the first step" in line

@@ -241,7 +241,7 @@ def test_chunked_loss_is_the_plain_cross_entropy(chunk):
     torch.testing.assert_close(grad, h_ref.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.integration),  # compiles: ~30 s cold
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.integration),  # compiles on a cold cache
                                     pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_the_compiled_chunk_loss_is_the_plain_cross_entropy_with_a_ragged_last_chunk(device):
     # chunks of 4 supervised positions: full ones, then a last one of 3 (compiled again for its size)
@@ -250,7 +250,11 @@ def test_the_compiled_chunk_loss_is_the_plain_cross_entropy_with_a_ragged_last_c
     h, labels, head = _random_lm_problem(device=device)
     h.requires_grad_(True)
     torch.compiler.reset()
+    from mgmlora.training.loss import CompiledChunkLoss
+
+    graphs = CompiledChunkLoss.graphs
     out = lm_loss(h, labels, head, "compiled", 4)
+    assert CompiledChunkLoss.graphs > graphs  # it compiled, not only ran the eager chunk
     (grad,) = torch.autograd.grad(out.loss_sum, h)
     h_ref = h.detach().clone().requires_grad_(True)
     expected = _reference_sum(h_ref, labels, head)
@@ -265,6 +269,27 @@ def test_the_compiled_chunk_loss_is_the_plain_cross_entropy_with_a_ragged_last_c
             for impl in ("compiled", "chunked")]  # with a gradient: evaluation's no-grad chunks run eagerly
     torch.testing.assert_close(sums[0], sums[1])
     assert not torch.allclose(sums[0], out.loss_sum, rtol=1e-2)  # the cap changed the loss
+    # bf16 logits, as on the GPU recipes: the upcast the compiled chunk fuses, against the eager chunk's
+    h16, head16 = h.detach().bfloat16(), head.bfloat16()
+    pairs = []
+    for impl in ("compiled", "chunked"):
+        x = h16.clone().requires_grad_(True)
+        total = lm_loss(x, labels, head16, impl, 4).loss_sum
+        pairs.append((total, torch.autograd.grad(total, x)[0]))
+    assert pairs[0][0].dtype == torch.float32
+    torch.testing.assert_close(pairs[0][0], pairs[1][0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(pairs[0][1].float(), pairs[1][1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_compiled_loss_without_a_compiler_is_refused_in_one_line_when_the_run_starts(monkeypatch):
+    import mgmlora.training.loss as loss
+
+    monkeypatch.setattr(loss.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(loss.SettingsError, match=r"loss=compiled needs .*no-such-compiler-here.*use `chunked`"):
+        loss.check_available(SpeedArgs(loss="compiled"))
+    monkeypatch.setenv("CXX", "sh")  # any program on PATH stands for a compiler here
+    loss.check_available(SpeedArgs(loss="compiled"))
 
 
 def test_liger_refuses_a_head_that_transforms_its_logits_before_loading_liger():

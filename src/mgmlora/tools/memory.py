@@ -23,8 +23,8 @@ as in training, and each block of memory is computed from the parameter counts a
 - with packing under `eager` attention, the (T, T) mask of the packed row (none for mgmlora's packed SDPA, flash-attn
   and FlexAttention);
 - the LM head and loss (Gemma's 256k vocabulary makes this its own line): `full` holds bf16 logits, their fp32 copy
-  and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions; `liger` almost
-  nothing;
+  and the fp32 gradient for every position; `chunked` the same for one chunk of supervised positions, and `compiled`
+  as `chunked` (a bound: its fused kernels hold less, not modelled apart); `liger` almost nothing;
 - a fixed allowance for CUDA workspaces and allocator rounding (GPU only).
 
 Activations and logits are counted in the compute dtype: bf16/fp16 under mixed or half precision, the model's dtype

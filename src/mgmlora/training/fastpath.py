@@ -41,7 +41,7 @@ from mgmlora.models.recompute import effective_keep, recompute_refusal, set_reco
 from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
-from mgmlora.training.loss import SpeedArgs
+from mgmlora.training.loss import SpeedArgs, compiled_loss_counts
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -161,11 +161,18 @@ class CompileWatch:
     """
 
     def __init__(self) -> None:
-        self.graphs, self.breaks = dynamo_counts()
+        self.graphs, self.breaks = self._counts()
+
+    @staticmethod
+    def _counts() -> tuple[int, dict[str, int]]:
+        """Dynamo's process-wide counts less the compiled chunk loss's (`speed.loss: compiled` is not a region)."""
+        graphs, breaks = dynamo_counts()
+        loss_graphs, loss_breaks = compiled_loss_counts()
+        return graphs - loss_graphs, {k: n - loss_breaks.get(k, 0) for k, n in breaks.items()}
 
     def outcome(self) -> tuple[bool, str | None]:
         """(whether anything compiled, a line for the log: why not, or the graph breaks that split what did)."""
-        graphs, breaks = dynamo_counts()
+        graphs, breaks = self._counts()
         new = {reason: n - self.breaks.get(reason, 0) for reason, n in breaks.items() if n > self.breaks.get(reason, 0)}
         first = next(iter(new), "").strip().splitlines()
         why = f"; {sum(new.values())} graph break(s), first: {first[0]}" if first else ""

@@ -9,7 +9,8 @@ Two costs of the plain transformers path that do not change what is learned:
   backward pass (activation checkpointing per chunk), so at most `chunk x V` logits exist at once. `loss: compiled`
   is `chunked` with each chunk's head + cross-entropy compiled by torch.compile: the fp32 upcast, log-softmax and
   target pick become fused reductions over the logits instead of full-size fp32 copies and passes, forward and
-  backward (compiled in the first steps; a last chunk of another size compiles once more). `loss: liger` does the same
+  backward (compiled in the first steps: after a chunk of a second size dynamo compiles one graph for any size, and a
+  one-position chunk apart; evaluation, without gradients, runs the chunks uncompiled). `loss: liger` does the same
   with Liger-Kernel's fused Triton kernel (CUDA, optional extra). `loss: full` is the plain path, kept as the
   reference the tests compare against. All four give the same sum up to float summation order.
 - Padding. A micro-batch of B samples padded to the longest computes attention and MLPs on pad positions.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+import os
+import shutil
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from mgmlora.batch import IGNORE_INDEX
 from mgmlora.errors import SettingsError
 from mgmlora.models.recompute import KeptOutputs
+from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.models.transfer import queue_to
 
 LossImpl = Literal["full", "chunked", "compiled", "liger"]
@@ -111,6 +115,18 @@ def check_available(speed: SpeedArgs) -> None:
     if speed.loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
         raise SettingsError("model.speed.loss=liger needs Liger-Kernel (pip install 'mgmlora[liger]', CUDA only); "
                             "use `chunked` otherwise (same result, pure PyTorch).")
+    if speed.loss == "compiled" and not compile_backend_found():
+        compiler = os.environ.get("CXX", "g++")
+        raise SettingsError("model.speed.loss=compiled needs torch.compile's inductor backend: Triton on CUDA, a C++ "
+                            f"compiler on the CPU ({compiler}, or $CXX), and none was found; use `chunked` (same "
+                            "result, not compiled).")
+
+
+def compile_backend_found() -> bool:
+    """Whether inductor can generate code here: Triton where CUDA is available, else a C++ compiler (`$CXX`, g++)."""
+    if torch.cuda.is_available():
+        return importlib.util.find_spec("triton") is not None
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 @dataclass
@@ -128,10 +144,41 @@ def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) ->
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+class CompiledChunkLoss:
+    """`_chunk_loss` compiled (`loss: compiled`), counting the graphs and graph breaks its compiles add.
+
+    The counts (of every instance, `compiled_loss_counts`) let `speed.compile`'s check
+    (mgmlora.training.fastpath.CompileWatch), which reads dynamo's process-wide counters, leave the loss's graphs out:
+    a model whose layers compiled nothing still says so.
+    """
+
+    graphs = 0  # class-wide: what every instance's compiles added
+    breaks: Counter[str] = Counter()
+
+    def __init__(self, backend: str = "inductor") -> None:
+        self.fn = torch.compile(_chunk_loss, backend=backend)
+
+    def __call__(self, hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        """`_chunk_loss(hidden, head, targets)`, compiled; adds what this call compiled to the class-wide counts."""
+        graphs, breaks = dynamo_counts()
+        try:
+            return self.fn(hidden, head, targets)
+        finally:
+            graphs_now, breaks_now = dynamo_counts()
+            CompiledChunkLoss.graphs += graphs_now - graphs
+            CompiledChunkLoss.breaks.update({k: n - breaks.get(k, 0) for k, n in breaks_now.items()
+                                             if n > breaks.get(k, 0)})
+
+
 @functools.cache
-def _compiled_chunk_loss() -> Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]:
-    """`_chunk_loss` compiled (`loss: compiled`), made on first use: importing torch.compile's machinery costs time."""
-    return torch.compile(_chunk_loss)
+def compiled_chunk_loss() -> CompiledChunkLoss:
+    """The process's compiled chunk loss, made on first use: importing torch.compile's machinery costs time."""
+    return CompiledChunkLoss()
+
+
+def compiled_loss_counts() -> tuple[int, dict[str, int]]:
+    """(graphs, graph-break reasons with their counts) that compiled chunk losses added to dynamo's counters so far."""
+    return CompiledChunkLoss.graphs, dict(CompiledChunkLoss.breaks)
 
 
 def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: LossImpl, chunk_size: int,
@@ -148,7 +195,7 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
         host_labels: `labels` on the CPU, where the forward knows them (`Forward.host_labels`): `chunked` and `liger`
             then select the supervised positions from them, so the number of positions is known without a device
             sync and the host keeps queueing work while the GPU computes (Liger's kernel still reads its own count
-            of targets once).
+            of targets once); `compiled` likewise.
     """
     targets = labels[:, 1:]  # (B, T-1)
     if impl == "full":
@@ -176,7 +223,7 @@ def lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, impl: L
             if with_preds else None
         return LossOut(loss_sum, n, preds, y if with_preds else None)
     parts, preds = [], []
-    chunk_loss = _compiled_chunk_loss() if impl == "compiled" else _chunk_loss
+    chunk_loss = compiled_chunk_loss() if impl == "compiled" else _chunk_loss
     for s in range(0, h.shape[0], chunk_size):
         h_c, y_c = h[s:s + chunk_size], y[s:s + chunk_size]
         if torch.is_grad_enabled() and h_c.requires_grad:

@@ -53,7 +53,8 @@ class SpeedArgs:
     Attributes:
         loss: `chunked` (LM head + cross-entropy only on supervised positions, in checkpointed chunks; the default),
             `compiled` (the same, each chunk compiled by torch.compile: fused reductions instead of fp32 copies of
-            the logits; needs what torch.compile needs, a C++ compiler on the CPU, Triton on CUDA),
+            the logits; needs what torch.compile needs, a C++ compiler on the CPU, Triton on CUDA; under DeepSpeed
+            ZeRO-3 the head's parameter hooks split the compiled graph: the same result, its speed not measured),
             `liger` (Liger-Kernel's fused linear cross-entropy; CUDA and the `liger` extra) or `full` (the plain path:
             full-vocabulary logits at every position).
         loss_chunk_size: supervised positions per chunk for `chunked` and `compiled`; the logits of one chunk are

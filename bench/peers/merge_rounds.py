@@ -35,12 +35,13 @@ def _arguments(command: str) -> dict[str, str | None]:
 def merge(records: dict[str, dict]) -> dict:
     """The rounds files (name -> parsed JSON) as one record; ValueError names what differs between them."""
     first_name, first = next(iter(records.items()))
+    first_arguments = _arguments(first.get("command"))
     for name, record in records.items():
         for key in SAME:
             if record.get(key) != first.get(key):
                 raise ValueError(f"{name}: {key} is {record.get(key)!r}, {first_name} has {first.get(key)!r}")
         for flag, value in _arguments(record.get("command")).items():
-            if value != _arguments(first.get("command"))[flag]:
+            if value != first_arguments[flag]:
                 raise ValueError(f"{name}: {flag} differs from {first_name}'s ({value!r})")
     rounds, runs, number = [], [], {}
     for name, record in records.items():

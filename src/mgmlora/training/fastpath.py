@@ -41,7 +41,7 @@ from mgmlora.models.recompute import effective_keep, recompute_refusal, set_reco
 from mgmlora.models.torch_private import dynamo_counts
 from mgmlora.models.transformers_private import attn_implementation, experts_implementation
 from mgmlora.training.expert_lora import SplitLoraExperts, set_expert_lora
-from mgmlora.training.loss import SpeedArgs, compiled_loss_counts
+from mgmlora.training.loss import SpeedArgs, compiled_loss_counts, dynamo_counts_added
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
@@ -172,12 +172,11 @@ class CompileWatch:
 
     def outcome(self) -> tuple[bool, str | None]:
         """(whether anything compiled, a line for the log: why not, or the graph breaks that split what did)."""
-        graphs, breaks = self._counts()
-        new = {reason: n - self.breaks.get(reason, 0) for reason, n in breaks.items() if n > self.breaks.get(reason, 0)}
+        added, new = dynamo_counts_added((self.graphs, self.breaks), self._counts())
         first = next(iter(new), "").strip().splitlines()
         why = f"; {sum(new.values())} graph break(s), first: {first[0]}" if first else ""
-        if graphs == self.graphs:
+        if added == 0:
             return False, (f"speed.compile is on, but torch.compile compiled nothing in the first step{why}: the model "
                            "runs eagerly. Set model.speed.compile: false, or run with TORCH_LOGS=graph_breaks to see "
                            "where tracing stops.")
-        return True, f"speed.compile: {graphs - self.graphs} graph(s) compiled{why}" if why else None
+        return True, f"speed.compile: {added} graph(s) compiled{why}" if why else None

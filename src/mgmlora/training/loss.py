@@ -161,14 +161,20 @@ class CompiledChunkLoss:
 
     def __call__(self, hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
         """`_chunk_loss(hidden, head, targets)`, compiled; adds what this call compiled to the class-wide counts."""
-        graphs, breaks = dynamo_counts()
+        before = dynamo_counts()
         try:
             return self.fn(hidden, head, targets)
         finally:
-            graphs_now, breaks_now = dynamo_counts()
-            CompiledChunkLoss.graphs += graphs_now - graphs
-            CompiledChunkLoss.breaks.update({k: n - breaks.get(k, 0) for k, n in breaks_now.items()
-                                             if n > breaks.get(k, 0)})
+            graphs, breaks = dynamo_counts_added(before, dynamo_counts())
+            CompiledChunkLoss.graphs += graphs
+            CompiledChunkLoss.breaks.update(breaks)
+
+
+def dynamo_counts_added(before: tuple[int, dict[str, int]], after: tuple[int, dict[str, int]]
+                        ) -> tuple[int, dict[str, int]]:
+    """What dynamo compiled between two `dynamo_counts()`: graphs added, and each break reason seen more often."""
+    breaks = {reason: n - before[1].get(reason, 0) for reason, n in after[1].items() if n > before[1].get(reason, 0)}
+    return after[0] - before[0], breaks
 
 
 @functools.cache
